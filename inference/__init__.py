@@ -1,0 +1,1 @@
+"""Model, selective scan, preprocessing, training and evaluation (usable without the node)."""

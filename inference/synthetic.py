@@ -1,0 +1,293 @@
+"""Synthetic mammograms: a breast phantom with optional lesions, in real vendors' header dialects.
+
+Used by the tests, the benchmarks and ``mammo-node synth``. Nothing here is patient data.
+
+Header dialects (``dialect=``):
+
+* ``"standard"``: ImageLaterality + ViewPosition + ViewCodeSequence (SNOMED CT codes);
+* ``"code-only"``: ViewPosition empty, only ViewCodeSequence (as some vendors do);
+* ``"srt"``: ViewCodeSequence with the legacy SNOMED-RT ("SRT") codes, no ViewPosition;
+* ``"legacy"``: Laterality (0020,0060) instead of ImageLaterality, ViewPosition only.
+
+``photometric="MONOCHROME1"`` stores inverted pixel values. ``transfer_syntax`` may be any
+syntax pydicom can encode here: uncompressed, deflated, RLE, JPEG-LS lossless, JPEG 2000
+lossless.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    PYDICOM_IMPLEMENTATION_UID,
+    generate_uid,
+)
+
+MAMMO_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
+MAMMO_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
+
+_VIEW_SCT = {"CC": ("399162004", "cranio-caudal"), "MLO": ("399368009", "medio-lateral oblique"),
+             "ML": ("399260004", "medial-lateral"), "XCCL": ("399192008",
+                                                          "cranio-caudal exaggerated laterally")}
+_VIEW_SRT = {"CC": ("R-10242", "cranio-caudal"), "MLO": ("R-10226", "medio-lateral oblique"),
+             "ML": ("R-10224", "medio-lateral"), "XCCL": ("R-1024A",
+                                                         "cranio-caudal exaggerated laterally")}
+_MODIFIERS = {"spot": ("399055006", "spot compression"), "mag": ("399163009", "magnification"),
+              "implant-displaced": ("399209000", "implant displaced")}
+
+UID_ROOT = "1.2.826.0.1.3680043.10.1234."  # synthetic data only
+
+
+@dataclass
+class Lesion:
+    """A synthetic finding: position as fractions of the breast's extent."""
+
+    kind: str = "mass"  # mass | spiculated | calcifications
+    x: float = 0.5      # 0 = chest wall, 1 = nipple
+    y: float = 0.5      # 0 = top, 1 = bottom
+    radius: float = 0.06  # fraction of the image height
+    contrast: float = 0.35
+
+
+def _upsample(grid: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Bilinear upsampling of a small grid to (rows, cols)."""
+    gr, gc = grid.shape
+    ry = np.linspace(0, gr - 1, rows)
+    rx = np.linspace(0, gc - 1, cols)
+    y0 = np.floor(ry).astype(int).clip(0, gr - 2)
+    x0 = np.floor(rx).astype(int).clip(0, gc - 2)
+    fy = (ry - y0)[:, None].astype(np.float32)
+    fx = (rx - x0)[None, :].astype(np.float32)
+    top = grid[y0][:, x0] * (1 - fx) + grid[y0][:, x0 + 1] * fx
+    bot = grid[y0 + 1][:, x0] * (1 - fx) + grid[y0 + 1][:, x0 + 1] * fx
+    return (top * (1 - fy) + bot * fy).astype(np.float32)
+
+
+def phantom(rows: int, cols: int, view: str, rng: np.random.Generator,
+            lesions: list[Lesion] | tuple[Lesion, ...] = ()) -> np.ndarray:
+    """A breast phantom, chest wall at column 0, as float32 in [0, 1] (1 = dense)."""
+    yy = np.linspace(-1.0, 1.0, rows, dtype=np.float32)[:, None]
+    xx = np.linspace(0.0, 1.0, cols, dtype=np.float32)[None, :]
+    depth = rng.uniform(0.62, 0.85)           # how far the breast reaches toward the nipple
+    half = rng.uniform(0.70, 0.92)            # half height
+    cy = rng.uniform(-0.08, 0.08)
+    r = np.sqrt((xx / depth) ** 2 + ((yy - cy) / half) ** 2)
+    breast = np.clip((1.0 - r) * 12.0, 0.0, 1.0)  # soft skin edge
+    thickness = np.sqrt(np.clip(1.0 - r ** 2, 0.0, 1.0))
+
+    texture = np.zeros((rows, cols), np.float32)
+    for cells, weight in ((6, 0.5), (14, 0.3), (34, 0.2)):
+        g = rng.standard_normal((cells, max(2, int(cells * cols / rows)))).astype(np.float32)
+        texture += weight * _upsample(g, rows, cols)
+    density = rng.uniform(0.25, 0.6)
+    img = breast * (0.25 + 0.35 * thickness + density * 0.25 * np.tanh(texture))
+
+    if view == "MLO":  # pectoral muscle: a bright triangle at the top of the chest wall
+        pw = rng.uniform(0.18, 0.3)
+        ph = rng.uniform(0.45, 0.7)
+        tri = (xx / pw + (yy + 1.0) / (2 * ph)) < 1.0
+        img = np.where(tri & (breast > 0), np.maximum(img, 0.75), img)
+
+    for les in lesions:
+        ly = (les.y * 2.0 - 1.0) * half + cy
+        lx = les.x * depth
+        rad = les.radius * 2.0
+        d = np.sqrt(((xx - lx) * cols / rows) ** 2 + (yy - ly) ** 2) / max(rad, 1e-3)
+        if les.kind == "calcifications":
+            spots = np.zeros_like(img)
+            for _ in range(12):
+                sx = lx + rng.normal(0, rad * 0.4) * rows / cols
+                sy = ly + rng.normal(0, rad * 0.4)
+                ds = np.sqrt(((xx - sx) * cols / rows) ** 2 + (yy - sy) ** 2)
+                spots = np.maximum(spots, np.exp(-(ds / 0.008) ** 2))
+            img = img + les.contrast * 1.5 * spots * breast
+        else:
+            blob = np.exp(-d ** 4) if les.kind == "mass" else np.exp(-d ** 2)
+            if les.kind == "spiculated":
+                ang = np.arctan2(yy - ly, (xx - lx) * cols / rows)
+                spikes = np.clip(np.cos(ang * 9 + rng.uniform(0, 6.28)), 0, 1) ** 8
+                blob = np.maximum(blob, spikes * np.exp(-d * 0.9) * (d < 2.5))
+            img = img + les.contrast * blob * breast
+    noise = rng.normal(0.0, 0.01, size=img.shape).astype(np.float32)
+    return np.clip(img + noise * breast, 0.0, 1.0).astype(np.float32)
+
+
+def make_mammogram(
+    laterality: str,
+    view: str,
+    *,
+    rows: int = 512,
+    cols: int = 416,
+    seed: int = 0,
+    lesions: list[Lesion] | tuple[Lesion, ...] = (),
+    dialect: str = "standard",
+    photometric: str = "MONOCHROME2",
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    for_processing: bool = False,
+    modifier: str | None = None,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+    patient_id: str = "SYNTH-0001",
+    patient_name: str = "Phantom^Synthetic",
+    accession: str = "ACC0001",
+    acquisition: dt.datetime | None = None,
+    bits_stored: int = 12,
+    pixels: np.ndarray | None = None,
+) -> Dataset:
+    """One synthetic Digital Mammography X-Ray image as a pydicom Dataset (with file meta).
+
+    ``laterality`` is "L" or "R" (or "" to leave it out); ``view`` "CC", "MLO", "ML",
+    "XCCL" (or "" to leave it out). Left breasts face right (chest wall at column 0), right
+    breasts face left, as they hang on a viewer.
+    """
+    rng = np.random.default_rng(seed)
+    if pixels is None:
+        img = phantom(rows, cols, view or "CC", rng, lesions)
+    else:
+        img = np.asarray(pixels, dtype=np.float32)
+        rows, cols = img.shape
+    if laterality == "R":
+        img = img[:, ::-1]
+    maxval = (1 << bits_stored) - 1
+    values = np.round(img * (maxval * 0.9) + maxval * 0.02).astype(np.uint16)
+    if photometric == "MONOCHROME1":
+        values = (maxval - values).astype(np.uint16)
+
+    acquisition = acquisition or dt.datetime(2026, 1, 15, 9, 30, 0)
+    sop_class = MAMMO_FOR_PROCESSING if for_processing else MAMMO_FOR_PRESENTATION
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid(prefix=UID_ROOT)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", ""]
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyDate = acquisition.strftime("%Y%m%d")
+    ds.StudyTime = "090000"
+    ds.ContentDate = ds.AcquisitionDate = acquisition.strftime("%Y%m%d")
+    ds.ContentTime = ds.AcquisitionTime = acquisition.strftime("%H%M%S.%f")
+    ds.AccessionNumber = accession
+    ds.Modality = "MG"
+    ds.PresentationIntentType = "FOR PROCESSING" if for_processing else "FOR PRESENTATION"
+    ds.Manufacturer = "mammo-node synthetic"
+    ds.ManufacturerModelName = f"phantom-{dialect}"
+    ds.ReferringPhysicianName = ""
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = "19650101"
+    ds.PatientSex = "F"
+    ds.BodyPartExamined = "BREAST"
+    region = Dataset()
+    region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = (
+        "76752008", "SCT", "Breast")
+    ds.AnatomicRegionSequence = [region]
+    ds.OrganExposed = "BREAST"
+    ds.PositionerType = "MAMMOGRAPHIC"
+    ds.AcquisitionContextSequence = []
+    ds.PixelIntensityRelationship = "LOG"
+    ds.PixelIntensityRelationshipSign = 1
+    ds.PresentationLUTShape = "INVERSE" if photometric == "MONOCHROME1" else "IDENTITY"
+    ds.LossyImageCompression = "00"
+    ds.StudyInstanceUID = study_uid or generate_uid(prefix=UID_ROOT)
+    ds.SeriesInstanceUID = series_uid or generate_uid(prefix=UID_ROOT)
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.PatientOrientation = (["A", "R"] if laterality != "R" else ["P", "L"]) if view == "CC" \
+        else (["A", "FR"] if laterality != "R" else ["P", "FL"])
+    ds.BurnedInAnnotation = "NO"
+    ds.DetectorType = "DIRECT"
+    ds.ImagerPixelSpacing = [0.1, 0.1]
+    ds.PixelSpacing = [0.1, 0.1]
+
+    if dialect == "legacy":
+        if laterality:
+            ds.Laterality = laterality
+    elif laterality:
+        ds.ImageLaterality = laterality
+    codes = _VIEW_SRT if dialect == "srt" else _VIEW_SCT
+    if dialect in ("standard", "legacy"):
+        ds.ViewPosition = view
+    elif dialect == "code-only":
+        ds.ViewPosition = ""
+    if dialect != "legacy" and view in codes:
+        item = Dataset()
+        item.CodeValue, item.CodeMeaning = codes[view]
+        item.CodingSchemeDesignator = "SRT" if dialect == "srt" else "SCT"
+        mods = []
+        if modifier:
+            m = Dataset()
+            m.CodeValue, m.CodeMeaning = _MODIFIERS[modifier]
+            m.CodingSchemeDesignator = "SCT"
+            mods.append(m)
+        item.ViewModifierCodeSequence = mods
+        ds.ViewCodeSequence = [item]
+    elif modifier:
+        ds.ViewPosition = f"{view} {'ID' if modifier == 'implant-displaced' else 'M'}"
+
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    ds.RescaleType = "US"
+    ds.WindowCenter = int(maxval * 0.5)
+    ds.WindowWidth = int(maxval * 0.9)
+    ds.VOILUTFunction = "LINEAR"
+    ds.PixelData = values.tobytes()
+    set_transfer_syntax(ds, transfer_syntax)
+    return ds
+
+
+def set_transfer_syntax(ds: Dataset, transfer_syntax: str) -> Dataset:
+    """Encode ``ds`` (in place) in ``transfer_syntax``."""
+    if transfer_syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                           DeflatedExplicitVRLittleEndian):
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
+    else:
+        ds.compress(transfer_syntax)
+    return ds
+
+
+def write(ds: Dataset, path: str | Path) -> Path:
+    """Write a dataset as a DICOM Part 10 file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def make_exam(*, seed: int = 0, rows: int = 512, cols: int = 416,
+              views: tuple[str, ...] = ("L-CC", "L-MLO", "R-CC", "R-MLO"),
+              lesions: dict[str, list[Lesion]] | None = None,
+              study_uid: str | None = None, accession: str | None = None,
+              patient_id: str | None = None, **kwargs) -> list[Dataset]:
+    """A synthetic screening exam: one image per requested slot, sharing one study."""
+    study_uid = study_uid or generate_uid(prefix=UID_ROOT)
+    series_uid = generate_uid(prefix=UID_ROOT)
+    out = []
+    for i, slot in enumerate(views):
+        lat, view = slot.split("-")
+        out.append(make_mammogram(
+            lat, view, rows=rows, cols=cols, seed=seed * 10 + i,
+            lesions=(lesions or {}).get(lat, []), study_uid=study_uid, series_uid=series_uid,
+            accession=accession or f"A{seed:07d}", patient_id=patient_id or f"SYN{seed:06d}",
+            **kwargs))
+        out[-1].InstanceNumber = i + 1
+    return out

@@ -1,0 +1,176 @@
+"""The ``mammo-node`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from node import __version__
+from node.config import Config, ConfigError, load_config
+
+EXIT_NOT_RUNNING = 3  # as LSB "status": program is not running
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="PATH", default=None,
+                   help="configuration file (default: ./config.toml)")
+
+
+def _load(args: argparse.Namespace) -> Config:
+    try:
+        return load_config(args.config)
+    except ConfigError as exc:
+        print(f"mammo-node: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from node.daemon import run, setup_logging
+
+    cfg = _load(args)
+    setup_logging(args.log_level)
+    return run(cfg)
+
+
+def _open_store(cfg: Config):
+    from storage.db import Database
+    from storage.state import ExamStore
+
+    if cfg.database_url.startswith("sqlite:///"):
+        db_file = cfg.database_url[len("sqlite:///"):]
+        from pathlib import Path
+
+        if not Path(db_file).exists():
+            return None
+    return ExamStore(Database(cfg.database_url))
+
+
+def cmd_exams(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    store = _open_store(cfg)
+    exams = [e.as_dict() for e in store.list_exams()] if store else []
+    if args.state:
+        exams = [e for e in exams if e["state"] == args.state]
+    if args.json:
+        print(json.dumps(exams, indent=2))
+        return 0
+    if not exams:
+        print("no exams")
+        return 0
+    from storage.models import SLOTS
+
+    header = ["STUDY INSTANCE UID", "ACCESSION", "STATE", "VER", *SLOTS, "MISSING / REASON"]
+    rows = []
+    for e in exams:
+        why = ", ".join(e["missing"]) if e["missing"] else ""
+        if e["reason"]:
+            why = f"{why} | {e['reason']}" if why else e["reason"]
+        rows.append([e["study_instance_uid"], e["accession_number"] or "", e["state"],
+                     str(e["version"]), *("yes" if e["views"][s] else "-" for s in SLOTS),
+                     why])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    for r in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from node.daemon import read_pidfile
+
+    cfg = _load(args)
+    info = read_pidfile(cfg)
+    echo = None
+    if info:
+        echo = _echo(cfg, info)
+    store = _open_store(cfg)
+    counts = store.counts_by_state() if store else {}
+    instances = store.instance_count() if store else 0
+    out = {
+        "running": info is not None,
+        "pid": info.get("pid") if info else None,
+        "ae_title": cfg.node.ae_title,
+        "port": info.get("port") if info else cfg.node.port,
+        "echo": echo,
+        "data_dir": str(cfg.data_dir),
+        "exams": counts,
+        "instances": instances,
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        if info:
+            print(f"mammo-node is running: pid {info['pid']}, {cfg.node.ae_title} on port "
+                  f"{info.get('port')}, C-ECHO {'ok' if echo else 'FAILED'}")
+        else:
+            print("mammo-node is not running")
+        print(f"data: {cfg.data_dir} ({instances} instance(s))")
+        print("exams: " + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none"))
+    return 0 if info else EXIT_NOT_RUNNING
+
+
+def _echo(cfg: Config, info: dict) -> bool:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    calling = (cfg.security.allowed_calling_aets or ["MAMMO_STATUS"])[0]
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 5
+    host = cfg.node.host if cfg.node.host not in ("0.0.0.0", "", "::") else "127.0.0.1"
+    assoc = ae.associate(host, int(info.get("port") or cfg.node.port), ae_title=cfg.node.ae_title)
+    if not assoc.is_established:
+        return False
+    try:
+        status = assoc.send_c_echo()
+        return bool(status) and status.Status == 0
+    finally:
+        assoc.release()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mammo-node",
+        description="DICOM-native AI node for screening mammography.")
+    parser.add_argument("--version", action="version", version=f"mammo-node {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("start", help="run the node in the foreground (Ctrl-C / SIGTERM stops)")
+    _add_config(p)
+    p.add_argument("--log-level", default="INFO",
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(func=cmd_start)
+
+    p = sub.add_parser("exams", help="list exams: state, views received, what is missing")
+    _add_config(p)
+    p.add_argument("--json", action="store_true", help="JSON array instead of a table")
+    p.add_argument("--state", choices=["receiving", "ready", "processing", "done", "failed"],
+                   help="only exams in this state")
+    p.set_defaults(func=cmd_exams)
+
+    p = sub.add_parser("status", help="is a node running; exams by state")
+    _add_config(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    try:
+        from inference.cli import register as register_inference
+    except ImportError:  # pragma: no cover - inference package not built yet
+        register_inference = None
+    if register_inference is not None:
+        register_inference(sub, _add_config, _load)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The ``mammo-node start`` daemon: a foreground process, systemd-friendly.
+
+Logs go to stderr. SIGTERM / SIGINT stop it cleanly: the listener closes at once, in-flight
+associations get ``SHUTDOWN_GRACE_SECONDS`` to finish, and only then are the rest aborted
+(an aborted dataset leaves nothing behind; everything acknowledged is on disk).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from pynetdicom import _config as pynetdicom_config
+
+from node.config import Config
+from node.scp import StorageSCP, make_ae
+from storage.db import Database
+from storage.files import FileStore
+from storage.state import ExamStore
+
+log = logging.getLogger("mammo_node")
+
+SHUTDOWN_GRACE_SECONDS = 30.0
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pynetdicom logs every PDU at DEBUG and each association at INFO; keep it quieter.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def pidfile_path(cfg: Config) -> Path:
+    return cfg.data_dir / "mammo-node.pid"
+
+
+def read_pidfile(cfg: Config) -> dict | None:
+    """The running node's pid file contents, or None when no live node owns it."""
+    p = pidfile_path(cfg)
+    try:
+        info = json.loads(p.read_text())
+        os.kill(int(info["pid"]), 0)
+        return info
+    except (FileNotFoundError, ValueError, KeyError, TypeError, ProcessLookupError):
+        return None
+    except PermissionError:
+        return info  # alive, owned by another user
+
+
+class Node:
+    """The running node: storage, the DICOM listener and the grouping timer."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.stop_event = threading.Event()
+        self.files = FileStore(cfg.data_dir, fsync=cfg.storage.fsync)
+        self.db = Database(cfg.database_url)
+        self.exams = ExamStore(self.db)
+        self.scp = StorageSCP(cfg, self.files, self.exams)
+        self.server = None
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        cfg = self.cfg
+        running = read_pidfile(cfg)
+        if running and running.get("pid") != os.getpid():
+            raise RuntimeError(f"another mammo-node (pid {running['pid']}) is running on "
+                               f"data_dir {cfg.data_dir}")
+        removed = self.files.clean_incoming()
+        if removed:
+            log.warning("removed %d partial dataset(s) left by an earlier run", removed)
+        recovered = self.exams.recover()
+        if recovered:
+            log.warning("%d exam(s) interrupted during processing queued again", recovered)
+
+        # Stream incoming datasets to data_dir/incoming (same file system as the store, so
+        # that placing a file is a rename, never a copy).
+        pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
+        tempfile.tempdir = str(self.files.incoming)
+
+        ae = make_ae(cfg)
+        self.server = ae.start_server((cfg.node.host, cfg.node.port), block=False,
+                                      evt_handlers=self.scp.handlers())
+        port = self.server.server_address[1]
+        pidfile_path(cfg).write_text(json.dumps({
+            "pid": os.getpid(), "ae_title": cfg.node.ae_title, "host": cfg.node.host,
+            "port": port, "started": time.time()}))
+        t = threading.Thread(target=self._grouping_loop, name="grouping", daemon=True)
+        t.start()
+        self._threads.append(t)
+        log.info("mammo-node listening as %s on %s:%d; data in %s; %d destination(s)",
+                 cfg.node.ae_title, cfg.node.host, port, cfg.data_dir, len(cfg.destinations))
+
+    def _grouping_loop(self) -> None:
+        interval = max(0.2, min(2.0, self.cfg.grouping.stable_seconds / 4))
+        while not self.stop_event.wait(interval):
+            try:
+                for uid in self.exams.promote_stable(self.cfg.grouping.stable_seconds):
+                    log.info("exam %s ready (stable for %g s)", uid,
+                             self.cfg.grouping.stable_seconds)
+            except Exception:
+                log.exception("grouping timer failed; retrying")
+
+    def stop(self) -> None:
+        """Close the listener, let associations finish, then release everything."""
+        self.stop_event.set()
+        if self.server is not None:
+            ae = self.server.ae
+            self.server.shutdown()
+            deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
+            while ae.active_associations and time.monotonic() < deadline:
+                time.sleep(0.1)
+            for assoc in ae.active_associations:
+                log.warning("aborting association with %s at shutdown",
+                            assoc.requestor.ae_title)
+                assoc.abort()
+            self.server = None
+        for t in self._threads:
+            t.join(timeout=5)
+        self.db.close()
+        try:
+            info = json.loads(pidfile_path(self.cfg).read_text())
+            if info.get("pid") == os.getpid():
+                pidfile_path(self.cfg).unlink()
+        except (FileNotFoundError, ValueError):
+            pass
+        log.info("mammo-node stopped")
+
+
+def run(cfg: Config) -> int:
+    """Run the node in the foreground until SIGTERM or SIGINT."""
+    node = Node(cfg)
+
+    def _signal(signum, _frame) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        node.stop_event.set()
+
+    signal.signal(signal.SIGTERM, _signal)
+    signal.signal(signal.SIGINT, _signal)
+    try:
+        node.start()
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", cfg.node.host, cfg.node.port, exc)
+        node.db.close()
+        return 1
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        node.db.close()
+        return 1
+    while not node.stop_event.wait(1.0):
+        pass
+    node.stop()
+    return 0

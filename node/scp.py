@@ -1,0 +1,290 @@
+"""DICOM services of the node: C-ECHO and C-STORE SCP (pynetdicom event handlers).
+
+pynetdicom streams each incoming dataset to a file under ``data_dir/incoming`` while it
+arrives (``STORE_RECV_CHUNKED_DATASET``), so a 30 MB mammogram is never held whole in
+memory. The C-STORE handler then reads the header only, classifies the view, moves the file
+into the store and records its row in one transaction, and only then answers success.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+
+from node.config import Config
+from node.views import acquisition_key, assign_slots, classify
+from storage.files import FileStore, InvalidUID
+from storage.state import ExamStore
+
+log = logging.getLogger("mammo_node.scp")
+
+# C-STORE statuses (PS3.4 B.2.3 and pynetdicom's conventions).
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC210
+PROCESSING_FAILURE = 0xC211
+
+#: Transfer syntaxes accepted for storage: uncompressed, deflated, and the compressed ones
+#: mammography archives use. Files are stored as received.
+TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2.1",      # Explicit VR Little Endian
+    "1.2.840.10008.1.2",        # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",   # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",      # Explicit VR Big Endian (retired, still sent by old systems)
+    "1.2.840.10008.1.2.4.70",   # JPEG Lossless, SV1
+    "1.2.840.10008.1.2.4.57",   # JPEG Lossless
+    "1.2.840.10008.1.2.4.80",   # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",   # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",   # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",   # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+    "1.2.840.10008.1.2.5",      # RLE Lossless
+    "1.2.840.10008.1.2.4.50",   # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",   # JPEG Extended
+]
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class StoreError(Exception):
+    """A dataset that is refused, with the C-STORE status to answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _str(ds: Dataset, keyword: str, limit: int | None = None) -> str | None:
+    value = ds.get(keyword, None)
+    if value is None or value == "":
+        return None
+    text = str(value).strip()
+    return text[:limit] if limit else text
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword, None)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def read_header(path: Path) -> Dataset:
+    """Parse a received file's header without loading pixel data; check it is complete.
+
+    Large values are deferred (read lazily from the file, never loaded here); the pixel data
+    element must lie whole inside the file, so a truncated dataset is refused.
+    """
+    size = path.stat().st_size
+    try:
+        ds = dcmread(path, defer_size=4096)
+        pixel = ds.get_item("PixelData") if "PixelData" in ds else None
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError,
+            NotImplementedError, AttributeError, IndexError) as exc:
+        if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+            raise
+        raise StoreError(CANNOT_UNDERSTAND, f"cannot parse dataset: {exc}") from exc
+    if len(ds) == 0:
+        raise StoreError(CANNOT_UNDERSTAND, "empty dataset")
+    if pixel is not None:
+        tell = getattr(pixel, "value_tell", None)
+        length = getattr(pixel, "length", None)
+        if tell is not None and length not in (None, 0xFFFFFFFF) and tell + length > size:
+            raise StoreError(CANNOT_UNDERSTAND,
+                             f"truncated dataset: pixel data needs {length} bytes, "
+                             f"{max(size - tell, 0)} present")
+    return ds
+
+
+def instance_record(ds: Dataset, store: FileStore, calling_aet: str,
+                    cmd_sop_class: str, cmd_sop_instance: str,
+                    transfer_syntax: str, size: int) -> dict[str, Any]:
+    """Validate identity attributes and build the instance row's values."""
+    sop_class = _str(ds, "SOPClassUID")
+    sop_instance = _str(ds, "SOPInstanceUID")
+    if sop_class != cmd_sop_class:
+        raise StoreError(DATASET_MISMATCH,
+                         f"SOPClassUID {sop_class!r} differs from the request's "
+                         f"Affected SOP Class {cmd_sop_class!r}")
+    if sop_instance != cmd_sop_instance:
+        raise StoreError(DATASET_MISMATCH,
+                         f"SOPInstanceUID {sop_instance!r} differs from the request's "
+                         f"Affected SOP Instance {cmd_sop_instance!r}")
+    study, series = _str(ds, "StudyInstanceUID"), _str(ds, "SeriesInstanceUID")
+    for name, value in (("StudyInstanceUID", study), ("SeriesInstanceUID", series)):
+        if not value:
+            raise StoreError(DATASET_MISMATCH, f"{name} (required) is missing")
+    try:
+        relpath = store.instance_relpath(study, series, sop_instance)  # type: ignore[arg-type]
+    except InvalidUID as exc:
+        raise StoreError(DATASET_MISMATCH, str(exc)) from exc
+    view = classify(ds)
+    return {
+        "sop_instance_uid": sop_instance,
+        "sop_class_uid": sop_class,
+        "study_instance_uid": study,
+        "series_instance_uid": series,
+        "transfer_syntax_uid": transfer_syntax,
+        "path": relpath,
+        "size_bytes": size,
+        "calling_aet": calling_aet[:16] if calling_aet else None,
+        "patient_id": _str(ds, "PatientID", 64),
+        "patient_name": _str(ds, "PatientName", 324),
+        "accession_number": _str(ds, "AccessionNumber", 16),
+        "study_date": _str(ds, "StudyDate", 8),
+        "study_time": _str(ds, "StudyTime", 16),
+        "modality": _str(ds, "Modality", 16),
+        "series_number": _int(ds, "SeriesNumber"),
+        "instance_number": _int(ds, "InstanceNumber"),
+        "laterality": view.laterality[:1] if view.laterality else None,
+        "view": view.view,
+        "view_modifiers": ",".join(view.modifiers) or None,
+        "for_processing": view.for_processing,
+        "acquisition_key": acquisition_key(ds) or None,
+        "role": view.role,
+        "slot": view.slot,
+        "note": view.note,
+    }
+
+
+class StorageSCP:
+    """The C-ECHO / C-STORE service provider bound to one store."""
+
+    def __init__(self, cfg: Config, files: FileStore, exams: ExamStore) -> None:
+        self.cfg = cfg
+        self.files = files
+        self.exams = exams
+        self.min_free = int(cfg.storage.min_free_mb * 1024 * 1024)
+
+    # -- handlers ------------------------------------------------------------------------
+    def handlers(self) -> list[tuple]:
+        return [
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_CONN_CLOSE, self.on_conn_close),
+            (evt.EVT_ACCEPTED, self.on_accepted),
+            (evt.EVT_ABORTED, self.on_aborted),
+        ]
+
+    def on_echo(self, event: evt.Event) -> int:
+        return SUCCESS
+
+    def on_accepted(self, event: evt.Event) -> None:
+        a = event.assoc
+        log.info("association accepted from %s (%s:%s)", a.requestor.ae_title,
+                 a.requestor.address, a.requestor.port)
+
+    def on_aborted(self, event: evt.Event) -> None:
+        log.warning("association with %s aborted", event.assoc.requestor.ae_title)
+
+    def on_conn_close(self, event: evt.Event) -> None:
+        """Remove the partial file of a dataset whose transfer was interrupted."""
+        msg = getattr(event.assoc.dimse, "message", None)
+        f = getattr(msg, "_data_set_file", None) if msg is not None else None
+        if f is not None:
+            try:
+                f.close()
+                Path(f.name).unlink(missing_ok=True)
+                log.warning("connection closed mid-dataset: partial data discarded")
+            except OSError:
+                log.exception("could not remove partial dataset %s", f.name)
+
+    def on_store(self, event: evt.Event) -> int | Dataset:
+        t0 = time.perf_counter()
+        req = event.request
+        calling = event.assoc.requestor.ae_title
+        try:
+            path = Path(event.dataset_path)
+        except (AttributeError, TypeError):
+            return self._fail(CANNOT_UNDERSTAND, "C-STORE request without a dataset", None)
+        record: dict[str, Any] | None = None
+        try:
+            if self.min_free and self.files.free_bytes() < self.min_free:
+                raise StoreError(OUT_OF_RESOURCES,
+                                 f"disk almost full: less than {self.cfg.storage.min_free_mb:g}"
+                                 f" MB free in {self.files.root}")
+            ds = read_header(path)
+            record = instance_record(
+                ds, self.files, calling, str(req.AffectedSOPClassUID),
+                str(req.AffectedSOPInstanceUID), str(event.context.transfer_syntax),
+                path.stat().st_size)
+            result = self.exams.add_instance(
+                record, assign_slots, place=lambda: self.files.place(path, record["path"]))
+        except StoreError as exc:
+            return self._fail(exc.status, str(exc), path, req)
+        except OSError as exc:
+            self._discard(path, record["path"] if record else None)
+            if exc.errno in _DISK_ERRNOS:
+                return self._fail(OUT_OF_RESOURCES, f"disk full: {exc}", None, req)
+            log.exception("C-STORE %s: I/O error", req.AffectedSOPInstanceUID)
+            return PROCESSING_FAILURE
+        except Exception:
+            self._discard(path, record["path"] if record else None)
+            log.exception("C-STORE %s: unexpected error", req.AffectedSOPInstanceUID)
+            return PROCESSING_FAILURE
+
+        ms = (time.perf_counter() - t0) * 1000
+        assert record is not None
+        if result.duplicate:
+            path.unlink(missing_ok=True)
+            log.info("C-STORE %s from %s: already stored, kept the first copy",
+                     record["sop_instance_uid"], calling)
+            return SUCCESS
+        where = record["slot"] or record["role"]
+        if result.exam_study_uid:
+            log.info("stored %s (%s) from %s in %.0f ms; exam %s v%d %s%s",
+                     record["sop_instance_uid"], where, calling, ms, result.exam_study_uid,
+                     result.exam_version, result.exam_state,
+                     " (reopened)" if result.reopened else "")
+        else:
+            log.info("stored %s (%s, not part of an exam) from %s in %.0f ms",
+                     record["sop_instance_uid"], record["modality"] or "?", calling, ms)
+        return SUCCESS
+
+    # -- helpers -------------------------------------------------------------------------
+    def _discard(self, path: Path, record_path: str | None = None) -> None:
+        path.unlink(missing_ok=True)
+        if record_path:
+            # The file may already have been moved when the commit failed.
+            placed = self.files.abspath(record_path)
+            if placed.exists() and not self.exams.has_instance(placed.stem):
+                placed.unlink(missing_ok=True)
+
+    def _fail(self, status: int, message: str, path: Path | None, req: Any = None) -> Dataset:
+        if path is not None:
+            self._discard(path)
+        uid = getattr(req, "AffectedSOPInstanceUID", None) if req is not None else None
+        log.warning("C-STORE %s refused (0x%04X): %s", uid, status, message)
+        rsp = Dataset()
+        rsp.Status = status
+        rsp.ErrorComment = message[:64]
+        return rsp
+
+
+def make_ae(cfg: Config) -> AE:
+    """An AE with the node's presentation contexts and limits."""
+    ae = AE(ae_title=cfg.node.ae_title)
+    ae.maximum_pdu_size = cfg.node.max_pdu_size
+    ae.maximum_associations = cfg.node.max_associations
+    ae.network_timeout = cfg.node.network_timeout_seconds
+    ae.acse_timeout = 30
+    ae.dimse_timeout = cfg.node.network_timeout_seconds
+    ae.add_supported_context(Verification)
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+    if cfg.security.allowed_calling_aets:
+        ae.require_calling_aet = list(cfg.security.allowed_calling_aets)
+    return ae

@@ -1,0 +1,127 @@
+"""ORM tables. One row per received instance; one row per exam (one exam per study)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+from sqlalchemy import DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+#: The four slots of a screening exam, in display order.
+SLOTS: tuple[str, ...] = ("L-CC", "L-MLO", "R-CC", "R-MLO")
+#: Exam states; only :mod:`storage.state` changes them.
+EXAM_STATES: tuple[str, ...] = ("receiving", "ready", "processing", "done", "failed")
+
+_SLOT_COLUMNS = {"L-CC": "l_cc", "L-MLO": "l_mlo", "R-CC": "r_cc", "R-MLO": "r_mlo"}
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC timestamp (SQLite keeps no time zone)."""
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Instance(Base):
+    """A stored SOP instance (any storage SOP class)."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(400))  # relative to data_dir
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    calling_aet: Mapped[str | None] = mapped_column(String(16), nullable=True)
+
+    # Header attributes the node queries on (patient data stays in the DB, never in INFO logs).
+    patient_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    patient_name: Mapped[str | None] = mapped_column(String(324), nullable=True)
+    accession_number: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    study_date: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    study_time: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    modality: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+    # View classification (filled by node.views).
+    laterality: Mapped[str | None] = mapped_column(String(1), nullable=True)
+    view: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    view_modifiers: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    for_processing: Mapped[bool] = mapped_column(default=False)
+    acquisition_key: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    #: "candidate" (may fill ``slot``), "extra" (mammography view that fills no slot),
+    #: "other" (not a 2-D mammogram), "unclassified" (laterality or view missing).
+    role: Mapped[str] = mapped_column(String(16))
+    slot: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    exam_id: Mapped[int | None] = mapped_column(ForeignKey("exams.id"), nullable=True,
+                                                index=True)
+
+
+class Exam(Base):
+    """One screening exam per StudyInstanceUID with four view slots."""
+
+    __tablename__ = "exams"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    accession_number: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+    #: Incremented whenever an instance arrives after the exam left ``receiving``.
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    l_cc: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    l_mlo: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    r_cc: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    r_mlo: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    notes_json: Mapped[str] = mapped_column(Text, default="[]")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    state_changed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    def get_slot(self, slot: str) -> str | None:
+        return getattr(self, _SLOT_COLUMNS[slot])
+
+    def set_slot(self, slot: str, sop_uid: str | None) -> None:
+        setattr(self, _SLOT_COLUMNS[slot], sop_uid)
+
+    @property
+    def views(self) -> dict[str, str | None]:
+        return {s: self.get_slot(s) for s in SLOTS}
+
+    @property
+    def missing(self) -> list[str]:
+        return [s for s in SLOTS if self.get_slot(s) is None]
+
+    @property
+    def notes(self) -> list[str]:
+        return list(json.loads(self.notes_json or "[]"))
+
+    def add_note(self, text: str) -> None:
+        notes = self.notes
+        notes.append(text)
+        self.notes_json = json.dumps(notes[-50:])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "study_instance_uid": self.study_instance_uid,
+            "accession_number": self.accession_number,
+            "state": self.state,
+            "version": self.version,
+            "views": self.views,
+            "missing": self.missing,
+            "reason": self.reason,
+            "notes": self.notes,
+            "last_received_at": self.last_received_at.isoformat() + "Z",
+            "state_changed_at": self.state_changed_at.isoformat() + "Z",
+        }

@@ -1,0 +1,216 @@
+"""The one module that changes exam state.
+
+Transitions::
+
+    receiving -> ready -> processing -> done | failed
+    any state -> receiving | ready   when a new instance changes the slots
+                                     (from processing/done/failed: a new version)
+
+Every transition runs inside :meth:`storage.db.Database.write` (process lock + transaction,
+``SELECT ... FOR UPDATE`` on databases that have it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select
+
+from storage.db import Database
+from storage.models import EXAM_STATES, SLOTS, Exam, Instance, utcnow
+
+log = logging.getLogger("mammo_node.storage")
+
+
+@dataclass
+class SlotAssignment:
+    """What the exam-assembly policy decided for one exam."""
+
+    slots: dict[str, str | None]
+    #: Why each slot holds what it holds when there was a choice (e.g. a repeated view).
+    notes: list[str] = field(default_factory=list)
+    #: Problems worth an administrator's attention (missing laterality, unknown view, ...).
+    problems: list[str] = field(default_factory=list)
+
+
+AssignFn = Callable[[list[Instance]], SlotAssignment]
+
+
+@dataclass
+class AddResult:
+    duplicate: bool
+    instance_id: int | None = None
+    exam_study_uid: str | None = None
+    exam_state: str | None = None
+    exam_version: int | None = None
+    reopened: bool = False
+
+
+class ExamStore:
+    """Instance and exam rows, and every state transition of an exam."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -- ingest -------------------------------------------------------------------------
+    def has_instance(self, sop_instance_uid: str) -> bool:
+        with self.db.session() as s:
+            return s.scalar(select(Instance.id).where(
+                Instance.sop_instance_uid == sop_instance_uid)) is not None
+
+    def add_instance(self, record: dict[str, Any], assign: AssignFn,
+                     place: Callable[[], None]) -> AddResult:
+        """Record one received instance and update its exam, atomically.
+
+        ``place`` moves the file into the store; it runs after the duplicate check and
+        before the commit, so a row never exists without its file. If it or the commit
+        fails, nothing is recorded and the exception propagates (the caller removes the
+        file). A SOPInstanceUID already stored is a no-op (``duplicate=True``); ``place``
+        is not called.
+        """
+        with self.db.write() as s:
+            if s.scalar(select(Instance.id).where(
+                    Instance.sop_instance_uid == record["sop_instance_uid"])) is not None:
+                return AddResult(duplicate=True)
+            place()
+            inst = Instance(**record)
+            s.add(inst)
+            result = AddResult(duplicate=False)
+            if inst.role != "other":
+                self._update_exam(s, inst, assign, result)
+            s.flush()
+            result.instance_id = inst.id
+            return result
+
+    def _update_exam(self, s, inst: Instance, assign: AssignFn, result: AddResult) -> None:
+        now = utcnow()
+        exam = s.scalar(select(Exam).where(
+            Exam.study_instance_uid == inst.study_instance_uid).with_for_update())
+        if exam is None:
+            exam = Exam(study_instance_uid=inst.study_instance_uid,
+                        accession_number=inst.accession_number, patient_id=inst.patient_id,
+                        state="receiving", version=1, created_at=now, last_received_at=now,
+                        state_changed_at=now, notes_json="[]")
+            s.add(exam)
+            s.flush()
+        inst.exam_id = exam.id
+        s.flush()
+        members = list(s.scalars(select(Instance).where(Instance.exam_id == exam.id)
+                                 .order_by(Instance.id)))
+        assignment = assign(members)
+        before = exam.views
+        changed = assignment.slots != before
+        for slot in SLOTS:
+            exam.set_slot(slot, assignment.slots.get(slot))
+        for note in assignment.notes:
+            if note not in exam.notes:
+                exam.add_note(note)
+        exam.last_received_at = now
+        if exam.accession_number is None and inst.accession_number:
+            exam.accession_number = inst.accession_number
+        complete = not exam.missing
+        if changed:
+            if exam.state in ("processing", "done", "failed"):
+                exam.version += 1
+                exam.add_note(f"reopened as version {exam.version}: instance "
+                              f"{inst.sop_instance_uid} arrived after the exam was "
+                              f"{exam.state}")
+                result.reopened = True
+            self._set_state(exam, "ready" if complete else "receiving", now)
+        elif exam.state in ("processing", "done", "failed"):
+            exam.add_note(f"instance {inst.sop_instance_uid} ({inst.role}) arrived after the "
+                          f"exam was {exam.state}; it changes no slot, the reading stands")
+        exam.reason = "; ".join(assignment.problems) or None
+        result.exam_study_uid = exam.study_instance_uid
+        result.exam_state = exam.state
+        result.exam_version = exam.version
+
+    @staticmethod
+    def _set_state(exam: Exam, state: str, now: dt.datetime) -> None:
+        assert state in EXAM_STATES, state
+        if exam.state != state:
+            log.info("exam %s v%d: %s -> %s", exam.study_instance_uid, exam.version,
+                     exam.state, state)
+            exam.state = state
+            exam.state_changed_at = now
+
+    # -- grouping timer -----------------------------------------------------------------
+    def promote_stable(self, stable_seconds: float) -> list[str]:
+        """Move exams that received nothing for ``stable_seconds`` to ``ready``."""
+        now = utcnow()
+        cutoff = now - dt.timedelta(seconds=stable_seconds)
+        promoted: list[str] = []
+        with self.db.write() as s:
+            for exam in s.scalars(select(Exam).where(
+                    Exam.state == "receiving", Exam.last_received_at <= cutoff)
+                    .with_for_update()):
+                missing = exam.missing
+                if missing:
+                    msg = (f"partial exam: missing {', '.join(missing)} after "
+                           f"{stable_seconds:g} s without new images")
+                    exam.reason = f"{exam.reason}; {msg}" if exam.reason else msg
+                self._set_state(exam, "ready", now)
+                promoted.append(exam.study_instance_uid)
+        return promoted
+
+    # -- worker side (used by the results pipeline) ---------------------------------------
+    def claim_next_ready(self) -> tuple[int, int] | None:
+        """Claim the oldest ``ready`` exam: ``(exam_id, version)`` or None."""
+        with self.db.write() as s:
+            exam = s.scalar(select(Exam).where(Exam.state == "ready")
+                            .order_by(Exam.state_changed_at, Exam.id).limit(1)
+                            .with_for_update(skip_locked=True))
+            if exam is None:
+                return None
+            self._set_state(exam, "processing", utcnow())
+            return exam.id, exam.version
+
+    def finish(self, exam_id: int, version: int, ok: bool, reason: str | None = None) -> bool:
+        """End processing of ``version``; False when the exam was reopened meanwhile."""
+        with self.db.write() as s:
+            exam = s.get(Exam, exam_id, with_for_update=True)
+            if exam is None or exam.version != version or exam.state != "processing":
+                return False
+            self._set_state(exam, "done" if ok else "failed", utcnow())
+            if not ok:
+                exam.reason = reason or "processing failed"
+            return True
+
+    def recover(self) -> int:
+        """At start-up: exams left in ``processing`` by a crash go back to ``ready``."""
+        n = 0
+        with self.db.write() as s:
+            for exam in s.scalars(select(Exam).where(Exam.state == "processing")):
+                exam.add_note("processing interrupted (node restarted); queued again")
+                self._set_state(exam, "ready", utcnow())
+                n += 1
+        return n
+
+    # -- queries --------------------------------------------------------------------------
+    def list_exams(self) -> list[Exam]:
+        with self.db.session() as s:
+            return list(s.scalars(select(Exam).order_by(Exam.created_at, Exam.id)))
+
+    def get_exam(self, study_uid: str) -> Exam | None:
+        with self.db.session() as s:
+            return s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid))
+
+    def instances_of_study(self, study_uid: str) -> list[Instance]:
+        with self.db.session() as s:
+            return list(s.scalars(select(Instance).where(
+                Instance.study_instance_uid == study_uid).order_by(Instance.id)))
+
+    def counts_by_state(self) -> dict[str, int]:
+        counts = {state: 0 for state in EXAM_STATES}
+        with self.db.session() as s:
+            for state, n in s.execute(select(Exam.state, func.count()).group_by(Exam.state)):
+                counts[state] = n
+        return counts
+
+    def instance_count(self) -> int:
+        with self.db.session() as s:
+            return s.scalar(select(func.count()).select_from(Instance)) or 0
