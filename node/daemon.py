@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 from pynetdicom import _config as pynetdicom_config
+from pynetdicom import dimse_messages
 
 from node.config import Config
-from node.scp import StorageSCP, make_ae
+from node.scp import IncomingFile, StorageSCP, make_ae
 from storage.db import Database
 from storage.files import FileStore
 from storage.state import ExamStore
@@ -87,6 +88,7 @@ class Node:
         # that placing a file is a rename, never a copy).
         pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(self.files.incoming)
+        dimse_messages.NamedTemporaryFile = IncomingFile  # type: ignore[attr-defined]
 
         ae = make_ae(cfg)
         self.server = ae.start_server((cfg.node.host, cfg.node.port), block=False,

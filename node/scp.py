@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,55 @@ TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.4.51",   # JPEG Extended
 ]
 
+DEFLATED = "1.2.840.10008.1.2.1.99"
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class IncomingFile:
+    """The file pynetdicom streams a dataset into, made safe against a full disk.
+
+    pynetdicom writes each P-DATA fragment as it arrives; an ``ENOSPC`` there would kill
+    the association. This wrapper records the first write error, truncates the partial file
+    to give the space back, swallows the rest of the dataset, and lets the C-STORE handler
+    answer "out of resources" (0xA700) instead.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("dir", tempfile.gettempdir())
+        kwargs.setdefault("prefix", "rx-")
+        self._f = tempfile.NamedTemporaryFile(*args, **kwargs)
+        self.name = self._f.name
+        self.error: OSError | None = None
+        self.file = self  # pynetdicom calls ``.file.flush()``
+
+    def write(self, data: bytes) -> int:
+        if self.error is None:
+            try:
+                return self._f.write(data)
+            except OSError as exc:
+                self.error = exc
+                try:
+                    self._f.truncate(0)
+                except OSError:
+                    pass
+        return len(data)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self._f.flush()
+            except OSError as exc:
+                self.error = exc
+                try:
+                    self._f.truncate(0)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        try:
+            self._f.close()
+        except OSError as exc:
+            self.error = self.error or exc
 
 
 class StoreError(Exception):
@@ -91,7 +140,9 @@ def read_header(path: Path) -> Dataset:
     size = path.stat().st_size
     try:
         ds = dcmread(path, defer_size=4096)
-        pixel = ds.get_item("PixelData") if "PixelData" in ds else None
+        # The raw (still deferred) element: its offset and length, without reading it.
+        # Dataset.get_item() would read the value, so look in the element dict itself.
+        pixel = getattr(ds, "_dict", {}).get(0x7FE00010)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError,
             NotImplementedError, AttributeError, IndexError) as exc:
         if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
@@ -102,7 +153,15 @@ def read_header(path: Path) -> Dataset:
     if pixel is not None:
         tell = getattr(pixel, "value_tell", None)
         length = getattr(pixel, "length", None)
-        if tell is not None and length not in (None, 0xFFFFFFFF) and tell + length > size:
+        deflated = str(ds.file_meta.get("TransferSyntaxUID", "")) == DEFLATED
+        if deflated:
+            # Offsets refer to the inflated stream: compare with the bytes actually read.
+            value = ds.get_item("PixelData").value
+            if length not in (None, 0xFFFFFFFF) and len(value or b"") < length:
+                raise StoreError(CANNOT_UNDERSTAND,
+                                 f"truncated dataset: pixel data needs {length} bytes, "
+                                 f"{len(value or b'')} present")
+        elif tell is not None and length not in (None, 0xFFFFFFFF) and tell + length > size:
             raise StoreError(CANNOT_UNDERSTAND,
                              f"truncated dataset: pixel data needs {length} bytes, "
                              f"{max(size - tell, 0)} present")
@@ -211,6 +270,10 @@ class StorageSCP:
         except (AttributeError, TypeError):
             return self._fail(CANNOT_UNDERSTAND, "C-STORE request without a dataset", None)
         record: dict[str, Any] | None = None
+        rx_error = getattr(getattr(req, "_dataset_file", None), "error", None)
+        if rx_error is not None:
+            return self._fail(OUT_OF_RESOURCES, f"cannot write incoming data: {rx_error}",
+                              path, req)
         try:
             if self.min_free and self.files.free_bytes() < self.min_free:
                 raise StoreError(OUT_OF_RESOURCES,
@@ -231,8 +294,10 @@ class StorageSCP:
                 return self._fail(OUT_OF_RESOURCES, f"disk full: {exc}", None, req)
             log.exception("C-STORE %s: I/O error", req.AffectedSOPInstanceUID)
             return PROCESSING_FAILURE
-        except Exception:
+        except Exception as exc:
             self._discard(path, record["path"] if record else None)
+            if "disk is full" in str(exc) or "No space left" in str(exc):  # database full
+                return self._fail(OUT_OF_RESOURCES, f"database disk full: {exc}", None, req)
             log.exception("C-STORE %s: unexpected error", req.AffectedSOPInstanceUID)
             return PROCESSING_FAILURE
 
