@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""Ingest benchmark: DCMTK storescu -> mammo-node vs. DCMTK storescp, one association each.
+
+Generates 24 full-size synthetic mammograms (3328 x 2560, 16-bit: 6 exams x 4 views), sends
+them with /usr/bin/storescu to a freshly started node and, in the same run, to
+/usr/bin/storescp, and prints MB/s of both, their ratio (target: node >= 0.8x storescp) and
+the node's peak resident memory during the run (target: < 300 MB).
+
+    python benchmarks/ingest.py [--images 24] [--repeats 3] [--no-fsync]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+from pydicom.uid import generate_uid
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from inference.synthetic import UID_ROOT, make_mammogram, phantom, write  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def make_images(folder: Path, n: int, rows: int, cols: int) -> list[Path]:
+    rng = np.random.default_rng(0)
+    bases = {v: phantom(rows, cols, v, rng) for v in ("CC", "MLO")}
+    files = []
+    for i in range(n):
+        if i % 4 == 0:
+            study = generate_uid(prefix=UID_ROOT)
+        lat, view = [("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")][i % 4]
+        ds = make_mammogram(lat, view, pixels=bases[view], study_uid=study,
+                            accession=f"BENCH{i // 4:04d}", bits_stored=14)
+        files.append(write(ds, folder / f"img{i:03d}.dcm"))
+    return files
+
+
+class PeakRSS(threading.Thread):
+    """Samples a process's resident memory every 10 ms."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(0.01)
+
+
+def send(files: list[Path], aec: str, port: int) -> float:
+    t0 = time.perf_counter()
+    r = subprocess.run(["/usr/bin/storescu", "-aec", aec, "-pdu", "131072", "127.0.0.1",
+                        str(port), *map(str, files)], capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"storescu failed: {r.stderr}")
+    return dt
+
+
+def run_storescp(files: list[Path], work: Path) -> float:
+    out = work / "storescp-out"
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen(["/usr/bin/storescp", "-aet", "STORESCP", "-pdu", "131072",
+                             "-od", str(out), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        dt = send(files, "STORESCP", port)
+        assert len(list(out.iterdir())) == len(files), "storescp did not store every file"
+        return dt
+    finally:
+        proc.terminate()
+        proc.wait()
+        shutil.rmtree(out)
+
+
+def run_node(files: list[Path], work: Path, fsync: bool) -> tuple[float, int]:
+    data = work / "node-data"
+    port = free_port()
+    cfg = work / "config.toml"
+    cfg.write_text(f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{data}"\n'
+                   f'[storage]\nfsync = {"true" if fsync else "false"}\nmin_free_mb = 0\n')
+    proc = subprocess.Popen([sys.executable, "-m", "node", "start", "--config", str(cfg),
+                             "--log-level", "WARNING"], cwd=ROOT)
+    try:
+        wait_port(port)
+        time.sleep(0.5)
+        sampler = PeakRSS(proc.pid)
+        sampler.start()
+        dt = send(files, "MAMMO_NODE", port)
+        sampler.stop.set()
+        sampler.join()
+        stored = list((data / "instances").rglob("*.dcm"))
+        assert len(stored) == len(files), f"node stored {len(stored)} of {len(files)}"
+        return dt, sampler.peak
+    finally:
+        proc.terminate()
+        proc.wait()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap.add_argument("--images", type=int, default=24)
+    ap.add_argument("--rows", type=int, default=3328)
+    ap.add_argument("--cols", type=int, default=2560)
+    ap.add_argument("--repeats", type=int, default=3, help="alternating runs of each")
+    ap.add_argument("--no-fsync", action="store_true", help="node with [storage] fsync=false")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    for tool in ("/usr/bin/storescu", "/usr/bin/storescp"):
+        if not Path(tool).exists():
+            sys.exit(f"{tool} missing: apt-get install dcmtk")
+
+    with tempfile.TemporaryDirectory(prefix="mammo-ingest-") as tmp:
+        work = Path(tmp)
+        print(f"generating {args.images} images {args.rows}x{args.cols} ...", flush=True)
+        files = make_images(work / "images", args.images, args.rows, args.cols)
+        total_mb = sum(f.stat().st_size for f in files) / 1e6
+        scp_times, node_times, peaks = [], [], []
+        for i in range(args.repeats):
+            scp_times.append(run_storescp(files, work))
+            t, peak = run_node(files, work, fsync=not args.no_fsync)
+            node_times.append(t)
+            peaks.append(peak)
+            print(f"run {i + 1}: storescp {total_mb / scp_times[-1]:7.1f} MB/s   "
+                  f"mammo-node {total_mb / node_times[-1]:7.1f} MB/s   "
+                  f"node peak RSS {peak / 2**20:5.0f} MB", flush=True)
+    scp = total_mb / statistics.median(scp_times)
+    node = total_mb / statistics.median(node_times)
+    result = {
+        "images": args.images, "megabytes": round(total_mb, 1),
+        "storescp_mb_s": round(scp, 1), "node_mb_s": round(node, 1),
+        "ratio": round(node / scp, 3), "node_peak_rss_mb": round(max(peaks) / 2**20, 1),
+        "fsync": not args.no_fsync,
+    }
+    print(f"\n{args.images} images, {total_mb:.0f} MB, median of {args.repeats}:")
+    print(f"  DCMTK storescp : {scp:7.1f} MB/s")
+    print(f"  mammo-node     : {node:7.1f} MB/s  (fsync {'on' if result['fsync'] else 'off'})")
+    print(f"  ratio          : {result['ratio']:.2f}x   (target >= 0.80x)")
+    print(f"  node peak RSS  : {result['node_peak_rss_mb']:.0f} MB   (target < 300 MB)")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
