@@ -15,8 +15,13 @@ import numba as nb
 import torch
 
 
+@nb.njit(fastmath=True, cache=True, inline="always")
+def _softplus(x):  # pragma: no cover - compiled
+    return x if x > 20.0 else math.log1p(math.exp(x))
+
+
 @nb.njit(parallel=True, fastmath=True, cache=True)
-def _forward(u, delta, A, B, C, gsize, y):  # pragma: no cover - compiled
+def _forward(u, delta, A, B, C, bias, softplus, gsize, y):  # pragma: no cover - compiled
     b, d, l = u.shape
     n = A.shape[1]
     for idx in nb.prange(b * d):
@@ -26,7 +31,9 @@ def _forward(u, delta, A, B, C, gsize, y):  # pragma: no cover - compiled
         h = np.zeros(n, np.float32)
         a = A[di]
         for t in range(l):
-            dt = delta[bi, di, t]
+            dt = delta[bi, di, t] + bias[di]
+            if softplus:
+                dt = _softplus(dt)
             du = dt * u[bi, di, t]
             acc = np.float32(0.0)
             for k in range(n):
@@ -36,7 +43,8 @@ def _forward(u, delta, A, B, C, gsize, y):  # pragma: no cover - compiled
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True)
-def _backward(u, delta, A, B, C, gsize, gy, gu, gdelta, gA_part, gB, gC):  # pragma: no cover
+def _backward(u, delta, A, B, C, bias, softplus, gsize, gy, gu, gdelta, gA_part, gbias_part,
+              gB, gC):  # pragma: no cover - compiled
     b, d, l = u.shape
     n = A.shape[1]
     G = B.shape[1]
@@ -49,7 +57,9 @@ def _backward(u, delta, A, B, C, gsize, gy, gu, gdelta, gA_part, gB, gC):  # pra
             a = A[di]
             h = np.zeros(n, np.float32)
             for t in range(l):  # recompute the states
-                dt = delta[bi, di, t]
+                dt = delta[bi, di, t] + bias[di]
+                if softplus:
+                    dt = _softplus(dt)
                 du = dt * u[bi, di, t]
                 for k in range(n):
                     h[k] = math.exp(dt * a[k]) * h[k] + du * B[bi, g, t, k]
@@ -57,7 +67,8 @@ def _backward(u, delta, A, B, C, gsize, gy, gu, gdelta, gA_part, gB, gC):  # pra
             for k in range(n):
                 gh[k] = 0.0
             for t in range(l - 1, -1, -1):
-                dt = delta[bi, di, t]
+                raw = delta[bi, di, t] + bias[di]
+                dt = _softplus(raw) if softplus else raw
                 ut = u[bi, di, t]
                 gyt = gy[bi, di, t]
                 gdt = np.float32(0.0)
@@ -74,7 +85,10 @@ def _backward(u, delta, A, B, C, gsize, gy, gu, gdelta, gA_part, gB, gC):  # pra
                     gut += gh[k] * dt * bk
                     gB[bi, g, t, k] += gh[k] * dt * ut
                     gh[k] *= ea
+                if softplus:  # d softplus(x) / dx = sigmoid(x)
+                    gdt = gdt / (1.0 + math.exp(-raw))
                 gdelta[bi, di, t] = gdt
+                gbias_part[bi, di] += gdt
                 gu[bi, di, t] = gut
 
 
@@ -92,35 +106,43 @@ def _layout(u, delta, A, B, C):
 
 
 class NumbaScan(torch.autograd.Function):
-    """y = scan(u, delta, A, B, C) without D, z, bias or softplus (done around it in torch)."""
+    """y = scan(u, softplus?(delta + bias), A, B, C); D and z are applied around it in torch."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C):
+    def forward(ctx, u, delta, A, B, C, bias, softplus):
         un, dn, An, Bn, Cn, gsize = _layout(u, delta, A, B, C)
+        bn = bias.detach().float().contiguous().numpy()
         y = np.empty_like(un)
-        _forward(un, dn, An, Bn, Cn, gsize, y)
-        ctx.save_for_backward(u, delta, A, B, C)
+        _forward(un, dn, An, Bn, Cn, bn, bool(softplus), gsize, y)
+        ctx.save_for_backward(u, delta, A, B, C, bias)
+        ctx.softplus = bool(softplus)
         return torch.from_numpy(y)
 
     @staticmethod
     def backward(ctx, gy):
-        u, delta, A, B, C = ctx.saved_tensors
+        u, delta, A, B, C, bias = ctx.saved_tensors
         un, dn, An, Bn, Cn, gsize = _layout(u, delta, A, B, C)
+        bn = bias.detach().float().contiguous().numpy()
         gyn = gy.detach().float().contiguous().numpy()
         gu = np.empty_like(un)
         gdelta = np.empty_like(dn)
         gA_part = np.zeros((un.shape[0], *An.shape), np.float32)
+        gbias_part = np.zeros((un.shape[0], un.shape[1]), np.float32)
         gB = np.zeros_like(Bn)
         gC = np.zeros_like(Cn)
-        _backward(un, dn, An, Bn, Cn, gsize, gyn, gu, gdelta, gA_part, gB, gC)
+        _backward(un, dn, An, Bn, Cn, bn, ctx.softplus, gsize, gyn, gu, gdelta, gA_part,
+                  gbias_part, gB, gC)
         gB_t = torch.from_numpy(gB).transpose(2, 3)
         gC_t = torch.from_numpy(gC).transpose(2, 3)
         if B.dim() == 3:
             gB_t, gC_t = gB_t[:, 0], gC_t[:, 0]
         return (torch.from_numpy(gu), torch.from_numpy(gdelta),
-                torch.from_numpy(gA_part.sum(0)), gB_t.contiguous(), gC_t.contiguous())
+                torch.from_numpy(gA_part.sum(0)), gB_t.contiguous(), gC_t.contiguous(),
+                torch.from_numpy(gbias_part.sum(0)), None)
 
 
-def scan_numba(u, delta, A, B, C):
+def scan_numba(u, delta, A, B, C, bias=None, softplus=False):
     """Core scan on CPU tensors; differentiable through :class:`NumbaScan`."""
-    return NumbaScan.apply(u, delta, A, B, C)
+    if bias is None:
+        bias = torch.zeros(u.shape[1], dtype=torch.float32)
+    return NumbaScan.apply(u, delta, A, B, C, bias, softplus)

@@ -1,0 +1,369 @@
+"""HybridCnnVssm: the four-view, multi-task mammography model (arXiv 2507.16955), timm style.
+
+One file: a config dataclass, the building blocks, the model and a factory.
+
+Per view, an encoder turns a (1, H, W) mammogram into a feature map:
+
+* ``hybrid`` (default): convolutional stem and residual stages for local texture, then
+  Visual State Space (VSS) stages whose SS2D layer scans the feature map in four directions
+  (row-major, column-major, both reversed) with a selective scan, patch merging in between
+  (VMamba's design);
+* ``cnn``: every stage convolutional (the CNN-only baseline, same widths);
+* ``vssm``: patch embedding, then VSS stages only (the VSSM-only baseline).
+
+A learned spatial attention pooling turns each feature map into a view embedding and gives
+the per-view attention map. A gated attention fusion (``tanh(V h) * sigmoid(U h)``, one
+scoring head per breast, softmax over the views present) weighs the four views, with learned
+view and laterality embeddings; missing views are masked out before the softmax. Heads per
+breast: BI-RADS for the chosen task and, optionally, diagnosis (normal / benign / malignant).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from inference.scan import selective_scan
+
+#: Slot order of the four inputs.
+VIEWS: tuple[str, ...] = ("L-CC", "L-MLO", "R-CC", "R-MLO")
+BREASTS: tuple[str, ...] = ("L", "R")
+BIRADS_TASKS: dict[str, list[str]] = {
+    "birads-1v5": ["BI-RADS 1", "BI-RADS 5"],
+    "birads-3class": ["BI-RADS 1", "BI-RADS 2-3", "BI-RADS 4-5"],
+    "birads-5class": [f"BI-RADS {i}" for i in range(1, 6)],
+}
+DIAGNOSIS_CLASSES: list[str] = ["normal", "benign", "malignant"]
+ARCHS = ("hybrid", "cnn", "vssm")
+
+
+def birads_to_class(task: str, birads: int | None) -> int:
+    """Class index of a BI-RADS category (1-5) for ``task``; -1 when it has none."""
+    if birads is None or not 1 <= int(birads) <= 5:
+        return -1
+    b = int(birads)
+    if task == "birads-1v5":
+        return {1: 0, 5: 1}.get(b, -1)
+    if task == "birads-3class":
+        return 0 if b == 1 else (1 if b <= 3 else 2)
+    if task == "birads-5class":
+        return b - 1
+    raise ValueError(f"unknown task {task!r} (known: {', '.join(BIRADS_TASKS)})")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild the model (stored in every checkpoint)."""
+
+    arch: str = "hybrid"
+    dims: tuple[int, ...] = (24, 48, 96, 192)
+    depths: tuple[int, ...] = (1, 1, 2, 1)
+    conv_stages: int = 2          # hybrid: how many leading stages are convolutional
+    d_state: int = 4             # VMamba v2 runs with 1; 4 keeps hybrid <= 2x cnn on CPU
+    ssm_ratio: float = 1.0
+    mlp_ratio: float = 2.0
+    weights: str = "shared"       # "shared" encoder for all views, or "separate" per view type
+    image_size: tuple[int, int] = (512, 256)  # (H, W) of each view after preprocessing
+    task: str = "birads-5class"
+    diagnosis: bool = True        # multi-task: also a diagnosis head
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"birads": 1.0,
+                                                                     "diagnosis": 1.0})
+    attn_dim: int = 96
+    dropout: float = 0.1
+    scan_backend: str = "auto"
+
+    def validate(self) -> "ModelConfig":
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.weights not in ("shared", "separate"):
+            raise ValueError(f"weights must be 'shared' or 'separate', got {self.weights!r}")
+        if self.task not in BIRADS_TASKS:
+            raise ValueError(f"task must be one of {list(BIRADS_TASKS)}, got {self.task!r}")
+        if len(self.dims) != len(self.depths):
+            raise ValueError("dims and depths must have the same length")
+        h, w = self.image_size
+        if h % 32 or w % 32:
+            raise ValueError(f"image_size must be multiples of 32, got {h}x{w}")
+        return self
+
+    @property
+    def birads_classes(self) -> list[str]:
+        return BIRADS_TASKS[self.task]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dims"], d["depths"] = list(self.dims), list(self.depths)
+        d["image_size"] = list(self.image_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        d = dict(d)
+        for k in ("dims", "depths", "image_size"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d).validate()
+
+
+# --------------------------------------------------------------------------- blocks
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over channels of a (B, C, H, W) tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ResBlock(nn.Module):
+    """ResNet basic block."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(dim, dim, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(dim)
+        self.conv2 = nn.Conv2d(dim, dim, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        return F.relu(x + self.bn2(self.conv2(y)), inplace=True)
+
+
+class SS2D(nn.Module):
+    """VMamba's 2-D selective scan: four directional scans of the feature map, merged.
+
+    Works on channels-last tensors (B, H, W, C).
+    """
+
+    K = 4
+
+    def __init__(self, dim: int, d_state: int = 4, ssm_ratio: float = 1.0,
+                 scan_backend: str = "auto") -> None:
+        super().__init__()
+        di = int(ssm_ratio * dim)
+        self.di, self.n, self.r = di, d_state, math.ceil(dim / 16)
+        self.scan_backend = scan_backend
+        self.in_proj = nn.Linear(dim, 2 * di, bias=False)
+        self.conv = nn.Conv2d(di, di, 3, padding=1, groups=di)
+        self.x_proj_weight = nn.Parameter(torch.randn(self.K, self.r + 2 * d_state, di)
+                                          * di ** -0.5)
+        self.dt_projs_weight = nn.Parameter(torch.empty(self.K, di, self.r)
+                                            .uniform_(-self.r ** -0.5, self.r ** -0.5))
+        # dt initialised log-uniformly in [1e-3, 1e-1], as Mamba does (inverse softplus).
+        dt = torch.exp(torch.rand(self.K, di) * (math.log(0.1) - math.log(1e-3))
+                       + math.log(1e-3)).clamp(min=1e-4)
+        self.dt_projs_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(self.K * di, 1)
+        self.A_logs = nn.Parameter(torch.log(A))            # (K*di, N)
+        self.Ds = nn.Parameter(torch.ones(self.K * di))
+        self.out_norm = nn.LayerNorm(di)
+        self.out_proj = nn.Linear(di, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = x.shape
+        x, z = self.in_proj(x).chunk(2, dim=-1)                       # (B, H, W, di) each
+        x = F.silu(self.conv(x.permute(0, 3, 1, 2)))                  # (B, di, H, W)
+        L = h * w
+        x_hw = x.flatten(2)                                           # row-major (B, di, L)
+        x_wh = x.transpose(2, 3).flatten(2)                           # column-major
+        xs = torch.stack([x_hw, x_wh, x_hw.flip(-1), x_wh.flip(-1)], dim=1)  # (B, K, di, L)
+        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)      # (B, K, R+2N, L)
+        dts, Bs, Cs = torch.split(x_dbl, [self.r, self.n, self.n], dim=2)
+        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)     # (B, K, di, L)
+        y = selective_scan(
+            xs.reshape(b, -1, L), dts.reshape(b, -1, L), -torch.exp(self.A_logs.float()),
+            Bs.contiguous(), Cs.contiguous(), self.Ds.float(), z=None,
+            delta_bias=self.dt_projs_bias.reshape(-1).float(), delta_softplus=True,
+            backend=self.scan_backend,
+        ).view(b, self.K, self.di, L)
+        y_hw = y[:, 0] + y[:, 2].flip(-1)
+        y_wh = (y[:, 1] + y[:, 3].flip(-1)).view(b, self.di, w, h).transpose(2, 3)
+        y = (y_hw.view(b, self.di, h, w) + y_wh).permute(0, 2, 3, 1)  # (B, H, W, di)
+        y = self.out_norm(y.to(z.dtype)) * F.silu(z)
+        return self.out_proj(y)
+
+
+class VSSBlock(nn.Module):
+    """x + SS2D(LN(x)), then x + MLP(LN(x)); channels-first in and out."""
+
+    def __init__(self, dim: int, d_state: int, ssm_ratio: float, mlp_ratio: float,
+                 scan_backend: str) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.ssm = SS2D(dim, d_state, ssm_ratio, scan_backend)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)                                      # (B, H, W, C)
+        x = x + self.ssm(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return x.permute(0, 3, 1, 2)
+
+
+def _downsample(cin: int, cout: int, conv: bool) -> nn.Module:
+    if conv:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
+                             nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    # VMamba-style patch merging: 2x2 patches -> linear projection, then LayerNorm.
+    return nn.Sequential(nn.Conv2d(cin, cout, 2, stride=2), LayerNorm2d(cout))
+
+
+class ViewEncoder(nn.Module):
+    """(B, 1, H, W) -> (B, C, H/32, W/32) feature map."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.dims
+        n_conv = {"hybrid": cfg.conv_stages, "cnn": len(d), "vssm": 0}[cfg.arch]
+        if n_conv > 0:
+            self.stem = nn.Sequential(
+                nn.Conv2d(1, d[0] // 2, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(d[0] // 2), nn.ReLU(inplace=True),
+                nn.Conv2d(d[0] // 2, d[0], 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(d[0]), nn.ReLU(inplace=True))             # /4
+        else:
+            self.stem = nn.Sequential(nn.Conv2d(1, d[0], 4, stride=4), LayerNorm2d(d[0]))
+        stages = []
+        for i, (dim, depth) in enumerate(zip(d, cfg.depths)):
+            conv = i < n_conv
+            layers: list[nn.Module] = []
+            if i > 0:
+                layers.append(_downsample(d[i - 1], dim, conv))          # /2 per stage
+            for _ in range(depth):
+                layers.append(ResBlock(dim) if conv else VSSBlock(
+                    dim, cfg.d_state, cfg.ssm_ratio, cfg.mlp_ratio, cfg.scan_backend))
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.Sequential(*stages)
+        self.norm = LayerNorm2d(d[-1])
+        # Learned spatial attention pooling: where the evidence for this view lies.
+        self.attn = nn.Conv2d(d[-1], 1, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.norm(self.stages(self.stem(x)))                        # (B, C, h, w)
+        logits = self.attn(f).flatten(1)                                 # (B, h*w)
+        a = torch.softmax(logits.float(), dim=1).to(f.dtype)
+        pooled = torch.einsum("bcl,bl->bc", f.flatten(2), a)             # (B, C)
+        return pooled, a.view(f.shape[0], *f.shape[2:])
+
+
+class GatedViewFusion(nn.Module):
+    """Gated attention over the four views, one scoring head per breast."""
+
+    def __init__(self, dim: int, attn_dim: int) -> None:
+        super().__init__()
+        self.view_emb = nn.Parameter(torch.zeros(2, dim))       # CC, MLO
+        self.lat_emb = nn.Parameter(torch.zeros(2, dim))        # L, R
+        nn.init.normal_(self.view_emb, std=0.02)
+        nn.init.normal_(self.lat_emb, std=0.02)
+        self.V = nn.Linear(dim, attn_dim)
+        self.U = nn.Linear(dim, attn_dim)
+        self.w = nn.Linear(attn_dim, len(BREASTS))
+        # Learned prior of each breast head for each slot: own views first.
+        prior = torch.tensor([[2.0, 2.0, -2.0, -2.0], [-2.0, -2.0, 2.0, 2.0]])
+        self.slot_bias = nn.Parameter(prior)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # h: (B, 4, C) in VIEWS order; mask: (B, 4) bool, True = view present.
+        view_idx = torch.tensor([0, 1, 0, 1], device=h.device)
+        lat_idx = torch.tensor([0, 0, 1, 1], device=h.device)
+        h = h + self.view_emb[view_idx] + self.lat_emb[lat_idx]
+        scores = self.w(torch.tanh(self.V(h)) * torch.sigmoid(self.U(h)))  # (B, 4, 2)
+        scores = scores.transpose(1, 2).float() + self.slot_bias            # (B, 2, 4)
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+        weights = torch.softmax(scores, dim=-1)                             # (B, 2, 4)
+        weights = torch.nan_to_num(weights, nan=0.0).to(h.dtype)            # no view at all
+        return torch.einsum("bjv,bvc->bjc", weights, h), weights
+
+
+class HybridCnnVssm(nn.Module):
+    """Four views in, per-breast BI-RADS (and diagnosis) logits out."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg.validate()
+        if cfg.weights == "shared":
+            self.encoders = nn.ModuleDict({"all": ViewEncoder(cfg)})
+        else:
+            self.encoders = nn.ModuleDict({"CC": ViewEncoder(cfg), "MLO": ViewEncoder(cfg)})
+        dim = cfg.dims[-1]
+        self.fusion = GatedViewFusion(dim, cfg.attn_dim)
+        self.head_norm = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.birads_head = nn.Linear(dim, len(cfg.birads_classes))
+        self.diagnosis_head = nn.Linear(dim, len(DIAGNOSIS_CLASSES)) if cfg.diagnosis else None
+
+    def _encoder_for(self, view_index: int) -> nn.Module:
+        if "all" in self.encoders:
+            return self.encoders["all"]
+        return self.encoders["CC" if view_index % 2 == 0 else "MLO"]
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """images: (B, 4, 1, H, W) in VIEWS order; mask: (B, 4) bool (view present).
+
+        Returns a dict with ``birads_logits`` (B, 2, classes), ``diagnosis_logits``
+        (B, 2, 3) when the model has that head, ``fusion_weights`` (B, 2, 4) (per breast,
+        over the views), ``attention`` (B, 4, h, w) spatial attention per view (zeros for a
+        missing view) and ``breast_present`` (B, 2) (the breast has at least one view).
+        """
+        b = images.shape[0]
+        mask = mask.bool()
+        dim = self.cfg.dims[-1]
+        emb = images.new_zeros(b, 4, dim)
+        h, w = images.shape[-2] // 32, images.shape[-1] // 32
+        attn = images.new_zeros(b, 4, h, w)
+        groups = ([(0, 1, 2, 3)] if "all" in self.encoders else [(0, 2), (1, 3)])
+        for views in groups:
+            sel = mask[:, list(views)]                                    # (B, len(views))
+            bi, vi = sel.nonzero(as_tuple=True)
+            if bi.numel() == 0:
+                continue
+            v = torch.tensor(views, device=images.device)[vi]
+            x = images[bi, v]                                             # (n, 1, H, W)
+            pooled, a = self._encoder_for(views[0])(x)
+            emb = emb.index_put((bi, v), pooled.to(emb.dtype))
+            attn = attn.index_put((bi, v), a.to(attn.dtype))
+        fused, weights = self.fusion(emb, mask)                           # (B, 2, C)
+        z = self.drop(self.head_norm(fused))
+        out = {
+            "birads_logits": self.birads_head(z),
+            "fusion_weights": weights,
+            "attention": attn,
+            "breast_present": torch.stack([mask[:, :2].any(1), mask[:, 2:].any(1)], dim=1),
+        }
+        if self.diagnosis_head is not None:
+            out["diagnosis_logits"] = self.diagnosis_head(z)
+        return out
+
+    def loss(self, out: dict[str, torch.Tensor], birads: torch.Tensor,
+             diagnosis: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Weighted multi-task cross-entropy; labels (B, 2) with -1 = unknown."""
+        lw = self.cfg.loss_weights
+        parts: dict[str, torch.Tensor] = {}
+        logits = out["birads_logits"].float()
+        if (birads >= 0).any():
+            parts["birads"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                              birads.reshape(-1), ignore_index=-1)
+        if diagnosis is not None and "diagnosis_logits" in out and (diagnosis >= 0).any():
+            dl = out["diagnosis_logits"].float()
+            parts["diagnosis"] = F.cross_entropy(dl.reshape(-1, dl.shape[-1]),
+                                                 diagnosis.reshape(-1), ignore_index=-1)
+        if not parts:
+            total = logits.sum() * 0.0
+        else:
+            total = sum(lw.get(k, 1.0) * v for k, v in parts.items())
+        return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def create_model(arch: str = "hybrid", **kwargs: Any) -> HybridCnnVssm:
+    """Factory: ``create_model("hybrid", weights="separate", task="birads-1v5")``."""
+    return HybridCnnVssm(ModelConfig(arch=arch, **kwargs))
