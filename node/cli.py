@@ -154,12 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
-    try:
-        from inference.cli import register as register_inference
-    except ImportError:  # pragma: no cover - inference package not built yet
-        register_inference = None
-    if register_inference is not None:
-        register_inference(sub, _add_config, _load)
+    from inference.cli import register as register_inference
+
+    register_inference(sub, _add_config, _load)
     return parser
 
 

@@ -1,0 +1,139 @@
+"""Python API: one exam in, one reading out.
+
+>>> from inference.api import MammoModel
+>>> model = MammoModel()                     # the bundled demo checkpoint, device "auto"
+>>> reading = model.predict_exam(["lcc.dcm", "lmlo.dcm", "rcc.dcm", "rmlo.dcm"])
+>>> reading.breasts["L"].birads, reading.breasts["L"].birads_probabilities
+>>> reading.fusion_weights["R"], reading.attention_maps["R-MLO"].shape
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydicom.dataset import Dataset
+
+from inference.checkpoint import CheckpointInfo, load_checkpoint
+from inference.model import BREASTS, DIAGNOSIS_CLASSES, VIEWS
+from inference.preprocess import Geometry, guess_slot, load, map_to_original, preprocess
+from inference.train import resolve_device
+
+
+@dataclass
+class BreastReading:
+    present: bool                                   # the breast had at least one view
+    birads: str | None                              # predicted category, e.g. "BI-RADS 4-5"
+    birads_probabilities: dict[str, float]
+    diagnosis: str | None = None
+    diagnosis_probabilities: dict[str, float] | None = None
+
+
+@dataclass
+class ExamReading:
+    breasts: dict[str, BreastReading]
+    #: per breast, the weight of each view in its fused representation (missing views: 0)
+    fusion_weights: dict[str, dict[str, float]]
+    #: per present view, the spatial attention map at the original image's resolution
+    attention_maps: dict[str, np.ndarray]
+    #: the same maps at the model's input resolution (chest wall left)
+    attention_maps_model: dict[str, np.ndarray]
+    missing_views: list[str]
+    geometry: dict[str, Geometry]
+    model: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class MammoModel:
+    """A loaded checkpoint on a device, ready to read exams."""
+
+    def __init__(self, checkpoint: str | Path | None = None, device: str = "auto") -> None:
+        self.device = resolve_device(device)
+        self.model, self.info = load_checkpoint(checkpoint, device=self.device)
+
+    @property
+    def checkpoint(self) -> CheckpointInfo:
+        return self.info
+
+    def _slots(self, views) -> dict[str, Dataset | str | Path]:
+        if isinstance(views, Mapping):
+            bad = [k for k in views if k not in VIEWS]
+            if bad:
+                raise ValueError(f"unknown view slot(s) {bad}; use {list(VIEWS)}")
+            return dict(views)
+        slots: dict[str, Dataset | str | Path] = {}
+        for item in views:
+            ds = load(item)
+            slot = guess_slot(ds)
+            if slot is None:
+                raise ValueError(f"cannot tell the view of {item if not isinstance(item, Dataset) else ds.get('SOPInstanceUID')}: "
+                                 "laterality or view missing; pass a mapping slot -> image")
+            if slot in slots:
+                raise ValueError(f"two images for {slot}; pass a mapping slot -> image")
+            slots[slot] = ds
+        return slots
+
+    @torch.no_grad()
+    def predict_exam(self, views: Mapping[str, Dataset | str | Path]
+                     | Sequence[Dataset | str | Path]) -> ExamReading:
+        """Read one exam of up to four views (datasets or paths; a list or slot mapping)."""
+        t0 = time.perf_counter()
+        slots = self._slots(views)
+        if not slots:
+            raise ValueError("an exam needs at least one view")
+        H, W = self.info.input_size
+        images = torch.zeros(1, 4, 1, H, W)
+        mask = torch.zeros(1, 4, dtype=torch.bool)
+        geoms: dict[str, Geometry] = {}
+        for k, slot in enumerate(VIEWS):
+            if slot in slots:
+                images[0, k], geoms[slot] = preprocess(slots[slot], (H, W))
+                mask[0, k] = True
+        t1 = time.perf_counter()
+        out = self.model(images.to(self.device), mask.to(self.device))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        cfg = self.info.config
+        bp = torch.softmax(out["birads_logits"][0].float(), -1).cpu().numpy()
+        dp = (torch.softmax(out["diagnosis_logits"][0].float(), -1).cpu().numpy()
+              if "diagnosis_logits" in out else None)
+        present = out["breast_present"][0].cpu().numpy()
+        weights = out["fusion_weights"][0].float().cpu().numpy()
+        breasts = {}
+        for j, b in enumerate(BREASTS):
+            probs = {c: float(p) for c, p in zip(cfg.birads_classes, bp[j])}
+            r = BreastReading(present=bool(present[j]),
+                              birads=cfg.birads_classes[int(bp[j].argmax())] if present[j]
+                              else None, birads_probabilities=probs)
+            if dp is not None:
+                r.diagnosis_probabilities = {c: float(p) for c, p in
+                                             zip(DIAGNOSIS_CLASSES, dp[j])}
+                r.diagnosis = DIAGNOSIS_CLASSES[int(dp[j].argmax())] if present[j] else None
+            breasts[b] = r
+        attn = out["attention"][0].float().cpu().numpy()
+        maps_model, maps = {}, {}
+        for k, slot in enumerate(VIEWS):
+            if slot in geoms:
+                a = attn[k] / max(float(attn[k].max()), 1e-12)
+                t = torch.from_numpy(a)[None, None]
+                maps_model[slot] = torch.nn.functional.interpolate(
+                    t, size=(H, W), mode="bilinear", align_corners=False)[0, 0].numpy()
+                maps[slot] = map_to_original(a, geoms[slot])
+        return ExamReading(
+            breasts=breasts,
+            fusion_weights={b: {v: float(weights[j, k]) for k, v in enumerate(VIEWS)}
+                            for j, b in enumerate(BREASTS)},
+            attention_maps=maps, attention_maps_model=maps_model,
+            missing_views=[v for v in VIEWS if v not in slots], geometry=geoms,
+            model={"sha256": self.info.sha256, "name": "HybridCnnVssm",
+                   "arch": cfg.arch, "task": cfg.task,
+                   "version": self.info.metadata.get("version"),
+                   "intended_use": self.info.metadata.get("intended_use")},
+            seconds={"preprocess": t1 - t0, "inference": t2 - t1,
+                     "total": time.perf_counter() - t0})

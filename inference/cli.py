@@ -1,0 +1,154 @@
+"""``mammo-node synth | train | evaluate | model-info`` (registered by node.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW such as 512x256, got {text!r}")
+    if h <= 0 or w <= 0 or h % 32 or w % 32:
+        raise argparse.ArgumentTypeError(f"image size must be positive multiples of 32, "
+                                         f"got {text!r}")
+    return h, w
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from inference.synth import write_synthetic_dataset
+
+    rows, cols = args.size
+    csv_path = write_synthetic_dataset(args.out, args.exams, seed=args.seed, rows=rows,
+                                       cols=cols, progress=not args.quiet)
+    print(f"wrote {args.exams} synthetic exams to {args.out} ({csv_path.name})")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from inference.train import TrainArgs, train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    intended = args.intended_use
+    if args.synthetic_demo:
+        from inference.checkpoint import NOT_CLINICAL
+
+        intended = NOT_CLINICAL
+    res = train(TrainArgs(
+        data=args.data, out=args.out, fmt=args.format, task=args.task, arch=args.arch,
+        weights=args.weights, diagnosis=not args.no_diagnosis, epochs=args.epochs,
+        image_size=args.image_size, batch_size=args.batch_size, lr=args.lr,
+        device=args.device, seed=args.seed, workers=args.workers, resume=args.resume,
+        birads_weight=args.birads_weight, diagnosis_weight=args.diagnosis_weight,
+        training_data=args.training_data, intended_use=intended, progress=not args.quiet))
+    print(f"checkpoint written: {res['checkpoint']}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from inference.train import evaluate, format_table
+
+    res = evaluate(args.data, args.checkpoint, fmt=args.format, split=args.split,
+                   device=args.device, batch_size=args.batch_size, workers=args.workers,
+                   progress=not (args.json or args.quiet))
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(format_table(res, f"split {args.split} of {args.data}"))
+    return 0
+
+
+def cmd_model_info(args: argparse.Namespace, load_config) -> int:
+    from inference.checkpoint import CheckpointError, read_info
+
+    from inference.checkpoint import DEMO_CHECKPOINT
+
+    ckpt = args.checkpoint or load_config(args).inference.checkpoint or DEMO_CHECKPOINT
+    try:
+        info = read_info(ckpt)
+    except CheckpointError as exc:
+        print(f"mammo-node: {exc}", file=sys.stderr)
+        return 2
+    d = info.as_dict()
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    meta = d["metadata"]
+    print(f"checkpoint : {d['path']}")
+    print(f"sha256     : {d['sha256']}")
+    print(f"task       : {meta.get('task')}  classes {meta.get('birads_classes')}")
+    print(f"diagnosis  : {meta.get('diagnosis_classes') or 'no'}")
+    print(f"input size : {meta.get('input_size')}")
+    print(f"trained on : {meta.get('training_data')}")
+    print(f"use        : {meta.get('intended_use')}")
+    print(f"version    : {meta.get('version')}  created {meta.get('created')}")
+    print("config     : " + json.dumps(meta.get("model_config"), sort_keys=True))
+    for k in sorted(set(meta) - {"task", "birads_classes", "diagnosis_classes", "input_size",
+                                 "training_data", "intended_use", "version", "created",
+                                 "model_config", "format", "format_version"}):
+        print(f"{k:<11}: {meta[k]}")
+    return 0
+
+
+def register(sub, add_config, load_config) -> None:
+    from inference.model import ARCHS, BIRADS_TASKS
+
+    p = sub.add_parser("synth", help="write synthetic phantom exams (VinDr layout)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--exams", type=int, required=True, help="number of exams")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=_size, default=(1024, 832), metavar="HxW",
+                   help="image size in pixels (default 1024x832)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("train", help="train a model on a data folder")
+    p.add_argument("--data", required=True)
+    p.add_argument("--format", choices=["vindr", "csv"], default="vindr")
+    p.add_argument("--task", choices=list(BIRADS_TASKS), default="birads-5class")
+    p.add_argument("--arch", choices=list(ARCHS), default="hybrid")
+    p.add_argument("--weights", choices=["shared", "separate"], default="shared",
+                   help="one encoder for all views or one per view type")
+    p.add_argument("--no-diagnosis", action="store_true", help="single-task: BI-RADS only")
+    p.add_argument("--birads-weight", type=float, default=1.0)
+    p.add_argument("--diagnosis-weight", type=float, default=1.0)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
+    p.add_argument("--image-size", type=_size, default=(512, 256), metavar="HxW")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="decoding worker processes")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.resume.pt")
+    p.add_argument("--training-data", help="description stored in the checkpoint")
+    p.add_argument("--intended-use", default="research")
+    p.add_argument("--synthetic-demo", action="store_true",
+                   help="mark the checkpoint as trained on synthetic data, not for clinical use")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics of a checkpoint on a data folder")
+    p.add_argument("--data", required=True)
+    p.add_argument("--format", choices=["vindr", "csv"], default="vindr")
+    p.add_argument("--checkpoint", default=None, help="default: the bundled demo")
+    p.add_argument("--split", default="test")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("model-info", help="config, tasks, metadata and SHA-256 of the "
+                                          "active checkpoint")
+    add_config(p)
+    p.add_argument("--checkpoint", default=None,
+                   help="default: [inference] checkpoint of the config, else the demo")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=lambda a: cmd_model_info(a, load_config))

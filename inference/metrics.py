@@ -1,0 +1,91 @@
+"""Metrics in the paper's form: AUC (one-vs-rest macro beyond two classes), macro F1,
+accuracy and n, per task. Coarser BI-RADS tasks are derived from a finer head's
+probabilities (5-class -> 3-class -> 1 vs 5), so one checkpoint fills the whole table."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from inference.model import BIRADS_TASKS, birads_to_class
+
+
+def roc_auc(y: np.ndarray, score: np.ndarray) -> float | None:
+    """Binary ROC AUC by the rank-sum (Mann-Whitney) formula, ties averaged."""
+    y = np.asarray(y).astype(bool)
+    pos, neg = int(y.sum()), int((~y).sum())
+    if pos == 0 or neg == 0:
+        return None
+    order = np.argsort(score, kind="mergesort")
+    s = np.asarray(score)[order]
+    ranks = np.empty(len(s), dtype=np.float64)
+    i = 0
+    while i < len(s):
+        j = i
+        while j + 1 < len(s) and s[j + 1] == s[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return float((ranks[y].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
+
+
+def macro_f1(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
+    f1s = []
+    for c in range(n_classes):
+        tp = int(((pred == c) & (y == c)).sum())
+        fp = int(((pred == c) & (y != c)).sum())
+        fn = int(((pred != c) & (y == c)).sum())
+        if tp + fp + fn == 0:
+            continue  # class absent from labels and predictions
+        f1s.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(f1s)) if f1s else 0.0
+
+
+def classification_metrics(y: np.ndarray, probs: np.ndarray) -> dict:
+    """AUC / macro F1 / accuracy / n for labels y (n,) and probabilities (n, classes)."""
+    n_classes = probs.shape[1]
+    pred = probs.argmax(1)
+    if n_classes == 2:
+        auc = roc_auc(y == 1, probs[:, 1])
+    else:
+        aucs = [roc_auc(y == c, probs[:, c]) for c in range(n_classes)]
+        aucs = [a for a in aucs if a is not None]
+        auc = float(np.mean(aucs)) if aucs else None
+    return {"auc": auc, "f1": macro_f1(y, pred, n_classes),
+            "accuracy": float((pred == y).mean()) if len(y) else 0.0, "n": int(len(y))}
+
+
+def _derive(probs: np.ndarray, src: str, dst: str) -> np.ndarray:
+    if src == dst:
+        return probs
+    if src == "birads-5class" and dst == "birads-3class":
+        return np.stack([probs[:, 0], probs[:, 1] + probs[:, 2], probs[:, 3] + probs[:, 4]], 1)
+    if dst == "birads-1v5":
+        lo, hi = probs[:, 0], probs[:, -1]
+        s = np.clip(lo + hi, 1e-12, None)
+        return np.stack([lo / s, hi / s], 1)
+    raise ValueError(f"cannot derive {dst} from {src}")
+
+
+def evaluate_predictions(preds: dict[str, np.ndarray], task: str) -> dict[str, dict]:
+    """Per-task metrics from :func:`inference.train.predict_records` output."""
+    order = ["birads-1v5", "birads-3class", "birads-5class"]
+    derivable = order[: order.index(task) + 1] if task != "birads-1v5" else ["birads-1v5"]
+    if task == "birads-3class":
+        derivable = ["birads-1v5", "birads-3class"]
+    results: dict[str, dict] = {}
+    present = preds["present"].astype(bool)
+    raw = preds["birads_raw"]
+    for t in derivable:
+        y = np.array([birads_to_class(t, int(b)) if b else -1 for b in raw])
+        keep = present & (y >= 0)
+        if keep.sum() == 0:
+            continue
+        probs = _derive(preds["birads_probs"][keep], task, t)
+        assert probs.shape[1] == len(BIRADS_TASKS[t])
+        results[t] = classification_metrics(y[keep], probs)
+    if "diagnosis_probs" in preds:
+        y = preds["diagnosis"]
+        keep = present & (y >= 0)
+        if keep.sum():
+            results["diagnosis"] = classification_metrics(y[keep], preds["diagnosis_probs"][keep])
+    return results

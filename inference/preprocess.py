@@ -1,0 +1,183 @@
+"""From a DICOM mammogram to the model's input tensor, and back for attention maps.
+
+Steps: decode pixels (compressed syntaxes through the pylibjpeg / pyjpegls plugins), Modality
+LUT, VOI LUT or window (LINEAR, LINEAR_EXACT, SIGMOID), MONOCHROME1 inversion, mirroring so
+that every breast has its chest wall on the left, cropping to the breast, aspect-preserving
+resize into the checkpoint's input size (padding right / bottom-centre), normalisation.
+:class:`Geometry` remembers the transform so that a map computed at the model's resolution can
+be drawn on the original image (:func:`map_to_original`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+MEAN, STD = 0.5, 0.5  # input normalisation: [0, 1] -> [-1, 1]
+
+_CC_CODES = {"399162004", "R-10242"}
+_MLO_CODES = {"399368009", "R-10226"}
+
+
+class PreprocessError(ValueError):
+    """An image that cannot be turned into a model input (the message says why)."""
+
+
+@dataclass
+class Geometry:
+    """How the original image maps to the model input."""
+
+    original_shape: tuple[int, int]        # rows, cols of the DICOM image
+    flipped: bool                          # mirrored left-right before cropping
+    crop: tuple[int, int, int, int]        # r0, r1, c0, c1 (in the possibly mirrored image)
+    scale: float                           # crop -> resized
+    offset: tuple[int, int]                # top, left padding in the model input
+    input_shape: tuple[int, int]           # H, W of the model input
+
+
+def load(ds_or_path: Dataset | str | Path) -> Dataset:
+    if isinstance(ds_or_path, Dataset):
+        return ds_or_path
+    return dcmread(ds_or_path)
+
+
+def guess_slot(ds: Dataset) -> str | None:
+    """"L-CC", "L-MLO", "R-CC" or "R-MLO" from the header, or None (for the Python API)."""
+    lat = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "") or "").strip().upper()
+    view = str(ds.get("ViewPosition", "") or "").strip().upper()
+    for item in ds.get("ViewCodeSequence", None) or []:
+        code = str(item.get("CodeValue", "")).strip()
+        if code in _CC_CODES:
+            view = "CC"
+        elif code in _MLO_CODES:
+            view = "MLO"
+    if lat in ("L", "R") and view in ("CC", "MLO"):
+        return f"{lat}-{view}"
+    return None
+
+
+def _first(value) -> float:
+    """First value of a possibly multi-valued DS."""
+    if isinstance(value, (MultiValue, list, tuple)):
+        return float(value[0])
+    return float(value)
+
+
+def _window(arr: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """Apply the first VOI LUT or window of the dataset; [0, 1] or None when there is none."""
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+        from pydicom.pixels import apply_voi_lut
+
+        out = apply_voi_lut(arr, ds, index=0).astype(np.float32)
+        item = ds.VOILUTSequence[0]
+        bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
+        return np.clip(out / float((1 << bits) - 1), 0.0, 1.0)
+    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+        return None
+    c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    if w <= 0:
+        return None
+    fn = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+    if fn == "SIGMOID":
+        return (1.0 / (1.0 + np.exp(-4.0 * (arr - c) / w))).astype(np.float32)
+    if fn == "LINEAR_EXACT":
+        return np.clip((arr - c) / w + 0.5, 0.0, 1.0).astype(np.float32)
+    if w <= 1:
+        return (arr > c - 0.5).astype(np.float32)
+    return np.clip((arr - (c - 0.5)) / (w - 1) + 0.5, 0.0, 1.0).astype(np.float32)
+
+
+def to_display(ds: Dataset) -> np.ndarray:
+    """Decoded, windowed image in [0, 1] where brighter means denser (MONOCHROME2 sense)."""
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # missing plugin, corrupt stream, no pixel data
+        raise PreprocessError(f"cannot decode pixel data "
+                              f"({ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}") from exc
+    if arr.ndim == 3:  # multi-frame: the first frame; colour is not a mammogram
+        if int(ds.get("SamplesPerPixel", 1)) != 1:
+            raise PreprocessError("colour image: not a mammogram")
+        arr = arr[0]
+    if arr.ndim != 2:
+        raise PreprocessError(f"unexpected pixel array shape {arr.shape}")
+    arr = arr.astype(np.float32)
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    arr = arr * slope + intercept
+    out = _window(arr, ds)
+    if out is None or float(out.max() - out.min()) < 1e-6:
+        lo, hi = np.percentile(arr, [0.5, 99.8])
+        if hi <= lo:
+            hi = lo + 1.0
+        out = np.clip((arr - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
+        out = 1.0 - out
+    return out
+
+
+def _bbox(mask: np.ndarray, min_frac: float = 0.01) -> tuple[int, int, int, int]:
+    rows = np.flatnonzero(mask.mean(axis=1) > min_frac)
+    cols = np.flatnonzero(mask.mean(axis=0) > min_frac)
+    if rows.size == 0 or cols.size == 0:
+        return 0, mask.shape[0], 0, mask.shape[1]
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def preprocess_array(img: np.ndarray, size: tuple[int, int]) -> tuple[torch.Tensor, Geometry]:
+    """Display image in [0, 1] -> normalised (1, H, W) tensor and its geometry."""
+    rows, cols = img.shape
+    # Background (air) is the darkest part; the breast is what stands out of it.
+    thr = max(0.05, float(np.percentile(img, 5)) + 0.05)
+    mask = img > thr
+    half = cols // 2
+    flipped = bool(mask[:, half:].sum() > mask[:, :half].sum())  # chest wall goes left
+    if flipped:
+        img, mask = img[:, ::-1], mask[:, ::-1]
+    r0, r1, c0, c1 = _bbox(mask)
+    pad_r, pad_c = int(0.02 * (r1 - r0)), int(0.02 * (c1 - c0))
+    r0, r1 = max(0, r0 - pad_r), min(rows, r1 + pad_r)
+    c0, c1 = 0, min(cols, c1 + pad_c)  # keep the chest wall edge
+    crop = np.ascontiguousarray(img[r0:r1, c0:c1])
+    H, W = size
+    scale = min(H / crop.shape[0], W / crop.shape[1])
+    nh, nw = max(1, round(crop.shape[0] * scale)), max(1, round(crop.shape[1] * scale))
+    t = torch.from_numpy(crop)[None, None]
+    t = F.interpolate(t, size=(nh, nw), mode="bilinear", align_corners=False,
+                      antialias=scale < 1)[0, 0]
+    out = torch.zeros(H, W)
+    top = (H - nh) // 2
+    out[top:top + nh, :nw] = t
+    out = (out - MEAN) / STD
+    geom = Geometry((rows, cols), flipped, (r0, r1, c0, c1), scale, (top, 0), (H, W))
+    return out[None], geom
+
+
+def preprocess(ds_or_path: Dataset | str | Path,
+               size: tuple[int, int]) -> tuple[torch.Tensor, Geometry]:
+    """A DICOM mammogram -> (1, H, W) float tensor for the model, and its geometry."""
+    ds = load(ds_or_path)
+    return preprocess_array(to_display(ds), size)
+
+
+def map_to_original(amap: np.ndarray | torch.Tensor, geom: Geometry) -> np.ndarray:
+    """A map over the model input (any resolution) -> a map over the original image."""
+    m = torch.as_tensor(np.asarray(amap, dtype=np.float32))[None, None]
+    H, W = geom.input_shape
+    m = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False)[0, 0]
+    r0, r1, c0, c1 = geom.crop
+    top, left = geom.offset
+    nh, nw = max(1, round((r1 - r0) * geom.scale)), max(1, round((c1 - c0) * geom.scale))
+    region = m[top:top + nh, left:left + nw][None, None]
+    region = F.interpolate(region, size=(r1 - r0, c1 - c0), mode="bilinear",
+                           align_corners=False)[0, 0]
+    full = torch.zeros(geom.original_shape)
+    full[r0:r1, c0:c1] = region
+    out = full.numpy()
+    return out[:, ::-1].copy() if geom.flipped else out

@@ -1,0 +1,101 @@
+"""``mammo-node synth``: synthetic phantom exams in the VinDr-Mammo layout.
+
+Each breast draws a BI-RADS category; its lesions follow from it, so a model can learn:
+
+=========  ===========================================  =========
+BI-RADS    finding (in both views of the breast)        diagnosis
+=========  ===========================================  =========
+1          none                                         normal
+2          faint, small, round mass                     benign
+3          round mass, medium contrast                  benign
+4          irregular mass with faint spicules           malignant
+5          large spiculated mass with calcifications    malignant
+=========  ===========================================  =========
+
+Header dialects, MONOCHROME1 and compressed transfer syntaxes vary between exams, and a few
+exams miss a view, as real archives do.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+from pydicom.uid import JPEGLSLossless, generate_uid
+
+from inference.synthetic import UID_ROOT, Lesion, make_mammogram, write
+
+BIRADS_P = [0.4, 0.15, 0.15, 0.15, 0.15]
+DIAGNOSIS = {1: "normal", 2: "benign", 3: "benign", 4: "malignant", 5: "malignant"}
+FIELDS = ["study_id", "series_id", "image_id", "laterality", "view_position", "height",
+          "width", "breast_birads", "breast_density", "split", "breast_diagnosis"]
+
+
+def lesions_for(birads: int, rng: np.random.Generator) -> list[tuple[Lesion, float]]:
+    """Lesions of one breast (with the vertical position of each in MLO)."""
+    x, y = rng.uniform(0.3, 0.75), rng.uniform(0.25, 0.75)
+    y_mlo = float(np.clip(y + rng.normal(0, 0.08), 0.15, 0.85))
+    if birads == 1:
+        return []
+    if birads == 2:
+        les = [Lesion("mass", x, y, rng.uniform(0.02, 0.03), rng.uniform(0.10, 0.15))]
+    elif birads == 3:
+        les = [Lesion("mass", x, y, rng.uniform(0.035, 0.05), rng.uniform(0.18, 0.25))]
+    elif birads == 4:
+        les = [Lesion("spiculated", x, y, rng.uniform(0.035, 0.05), rng.uniform(0.2, 0.28))]
+    else:
+        les = [Lesion("spiculated", x, y, rng.uniform(0.055, 0.08), rng.uniform(0.3, 0.4)),
+               Lesion("calcifications", x, y, 0.05, 0.3)]
+    return [(le, y_mlo) for le in les]
+
+
+def write_synthetic_dataset(out: str | Path, exams: int, seed: int = 0, rows: int = 1024,
+                            cols: int = 832, test_fraction: float = 0.2,
+                            progress: bool = True) -> Path:
+    """Write ``exams`` synthetic exams under ``out`` (VinDr layout); returns the CSV path."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows_out = []
+    it = range(exams)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="synth", unit="exam")
+    for e in it:
+        study = generate_uid(prefix=UID_ROOT)
+        series = generate_uid(prefix=UID_ROOT)
+        split = "test" if rng.random() < test_fraction else "training"
+        dialect = str(rng.choice(["standard", "code-only", "srt", "legacy"]))
+        photometric = "MONOCHROME1" if rng.random() < 0.15 else "MONOCHROME2"
+        ts = JPEGLSLossless if rng.random() < 0.1 else None
+        drop = str(rng.choice(["L-CC", "L-MLO", "R-CC", "R-MLO"])) if rng.random() < 0.05 else ""
+        density = str(rng.choice(["A", "B", "C", "D"]))
+        for lat in ("L", "R"):
+            birads = int(rng.choice([1, 2, 3, 4, 5], p=BIRADS_P))
+            lesions = lesions_for(birads, rng)
+            for view in ("CC", "MLO"):
+                if f"{lat}-{view}" == drop:
+                    continue
+                les = [Lesion(le.kind, le.x, y_mlo if view == "MLO" else le.y, le.radius,
+                              le.contrast) for le, y_mlo in lesions]
+                kw = dict(transfer_syntax=ts) if ts else {}
+                ds = make_mammogram(
+                    lat, view, rows=rows, cols=cols, seed=int(rng.integers(1 << 31)),
+                    lesions=les, dialect=dialect, photometric=photometric, study_uid=study,
+                    series_uid=series, patient_id=f"SYN{seed:03d}{e:06d}",
+                    accession=f"S{seed % 1000:03d}{e:06d}", **kw)
+                image_id = ds.SOPInstanceUID
+                write(ds, out / "images" / study / f"{image_id}.dicom")
+                rows_out.append({
+                    "study_id": study, "series_id": series, "image_id": image_id,
+                    "laterality": lat, "view_position": view, "height": rows, "width": cols,
+                    "breast_birads": f"BI-RADS {birads}", "breast_density": f"DENSITY {density}",
+                    "split": split, "breast_diagnosis": DIAGNOSIS[birads]})
+    csv_path = out / "breast-level_annotations.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(rows_out)
+    return csv_path
