@@ -14,10 +14,11 @@ forward and backward kernels) when numba imports, and to :func:`selective_scan_c
 The chunked scan: within a chunk of T steps the decay from step s to step t is
 ``exp(A * (Delta[t] - Delta[s]))`` with ``Delta`` the running sum of ``delta``, so
 
-    h[t] = E[t] * (h0 + cumsum_s(x[s] / E[s])),   E[t] = exp(A * Delta[t])
+    h[t] = E[t] * (h_in + cumsum_s(x[s] / E[s])),   E[t] = exp(A * (Delta[t] - Delta[0]))
 
 which is a few vectorised passes (one exp, one cumsum) instead of T dependent steps; only the
-chunk-to-chunk carry is sequential (L / T small steps on (batch, channel, state)). The chunk
+chunk-to-chunk carry is sequential (L / T small steps on (batch, channel, state)); ``h_in`` is
+the carried state decayed by the chunk's first step. The chunk
 length is chosen per call so that ``|A| * Delta`` stays below ``_MAX_LOG_RANGE`` inside every
 chunk: ``1 / E`` cannot overflow in float32 however large the learned decays become (in the
 limit, chunks of one step are the sequential scan).
@@ -160,18 +161,24 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     dl = delta_.view(b, d, nc, T)
     Bc = B_.view(B_.shape[0], B_.shape[1], n, nc, T).permute(0, 1, 3, 4, 2)
     Cc = C_.view(C_.shape[0], C_.shape[1], n, nc, T).permute(0, 1, 3, 4, 2)
-    cum = torch.cumsum(dl, dim=-1)                                   # (b, d, nc, T)
-    logE = cum[..., None] * A[None, :, None, None, :]                # (b, d, nc, T, n) <= 0
+    # Decays relative to each chunk's first step (<= 0, and 0 at the first step), so that
+    # a chunk of one step never divides by anything: chunk length 1 is exactly sequential.
+    cum = torch.cumsum(dl, dim=-1)
+    rel = cum - dl[..., :1]                                          # (b, d, nc, T)
+    logE = rel[..., None] * A[None, :, None, None, :]                # (b, d, nc, T, n) <= 0
     E = torch.exp(logE)
     x = (dl * u_.view(b, d, nc, T))[..., None] * Bc                  # (b, d, nc, T, n)
     S = torch.cumsum(x * torch.exp(-logE), dim=3)                    # (b, d, nc, T, n)
-    # Carry between chunks: h at the end of chunk c = E_last * (h0 + S_last).
+    # Carry between chunks: entering chunk c the state decays by its first step, then
+    # h_end = E_last * (h_in + S_last).
+    first = torch.exp(dl[..., 0, None] * A[None, :, None, :])        # (b, d, nc, n)
     E_last, S_last = E[:, :, :, -1], S[:, :, :, -1]                  # (b, d, nc, n)
     h = u.new_zeros(b, d, n)
     starts = []
     for c in range(nc):
-        starts.append(h)
-        h = E_last[:, :, c] * (h + S_last[:, :, c])
+        h_in = h * first[:, :, c]
+        starts.append(h_in)
+        h = E_last[:, :, c] * (h_in + S_last[:, :, c])
     H0 = torch.stack(starts, dim=2)[:, :, :, None]                   # (b, d, nc, 1, n)
     y = ((S + H0) * E * Cc).sum(-1).reshape(b, d, nc * T)[..., :l]   # (b, d, l)
     return _finish(y, u, D, z, dtype_in)
