@@ -1,0 +1,128 @@
+"""Checkpoints (metadata checks, identity) and the one-exam Python API."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from inference.api import MammoModel
+from inference.checkpoint import (
+    DEMO_CHECKPOINT,
+    CheckpointError,
+    load_checkpoint,
+    read_info,
+    save_checkpoint,
+    sha256_file,
+)
+from inference.model import create_model
+from inference.synthetic import make_exam
+
+SIZE = (128, 64)
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    torch.manual_seed(1)
+    m = create_model("hybrid", image_size=SIZE, task="birads-3class")
+    path = tmp_path / "m.safetensors"
+    sha = save_checkpoint(m, path, training_data="unit test", metrics={"x": 1})
+    return m, path, sha
+
+
+def test_round_trip_and_identity(ckpt):
+    m, path, sha = ckpt
+    assert sha == sha256_file(path) and len(sha) == 64
+    m2, info = load_checkpoint(path)
+    assert info.sha256 == sha and info.config == m.cfg
+    assert info.metadata["training_data"] == "unit test"
+    assert info.metadata["input_size"] == "128x64"
+    assert json.loads(info.metadata["birads_classes"]) == ["BI-RADS 1", "BI-RADS 2-3",
+                                                           "BI-RADS 4-5"]
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k]), k
+
+
+def _rewrite(path, tensors=None, **meta_changes):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    meta.update(meta_changes)
+    save_file(tensors if tensors is not None else load_file(str(path)), str(path), metadata=meta)
+
+
+def test_mismatches_fail_with_clear_messages(ckpt, tmp_path):
+    _, path, _ = ckpt
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(path.read_bytes())
+    _rewrite(bad, format="something-else")
+    with pytest.raises(CheckpointError, match="not a mammo-node checkpoint"):
+        load_checkpoint(bad)
+    bad.write_bytes(path.read_bytes())
+    _rewrite(bad, format_version="99")
+    with pytest.raises(CheckpointError, match="format version '99'"):
+        load_checkpoint(bad)
+    bad.write_bytes(path.read_bytes())
+    _rewrite(bad, task="birads-1v5")
+    with pytest.raises(CheckpointError, match="task"):
+        load_checkpoint(bad)
+    bad.write_bytes(path.read_bytes())
+    _rewrite(bad, input_size="512x256")
+    with pytest.raises(CheckpointError, match="input_size"):
+        load_checkpoint(bad)
+    t = load_file(str(path))
+    k = next(k for k in t if k.endswith("birads_head.weight"))
+    t[k] = torch.zeros(7, t[k].shape[1])
+    bad.write_bytes(path.read_bytes())
+    _rewrite(bad, tensors=t)
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        load_checkpoint(bad)
+    del t[k]
+    _rewrite(bad, tensors=t)
+    with pytest.raises(CheckpointError, match="missing 1 tensor"):
+        load_checkpoint(bad)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        read_info(tmp_path / "junk.safetensors")
+    with pytest.raises(CheckpointError, match="not found"):
+        read_info(tmp_path / "nope.safetensors")
+
+
+def test_predict_exam_list_mapping_and_missing_views(ckpt):
+    _, path, sha = ckpt
+    model = MammoModel(path, device="cpu")
+    exam = make_exam(seed=4, rows=300, cols=240)
+    r = model.predict_exam(exam)  # an unordered list: slots from the headers
+    assert r.model["sha256"] == sha
+    for b in ("L", "R"):
+        br = r.breasts[b]
+        assert br.present and br.birads in br.birads_probabilities
+        assert abs(sum(br.birads_probabilities.values()) - 1) < 1e-5
+        assert abs(sum(br.diagnosis_probabilities.values()) - 1) < 1e-5
+        assert abs(sum(r.fusion_weights[b].values()) - 1) < 1e-5
+    assert set(r.attention_maps) == {"L-CC", "L-MLO", "R-CC", "R-MLO"}
+    assert all(m.shape == (300, 240) for m in r.attention_maps.values())
+    assert all(m.shape == SIZE for m in r.attention_maps_model.values())
+    # Only the right breast: the left is not present and gets no category.
+    r2 = model.predict_exam({"R-CC": exam[2], "R-MLO": exam[3]})
+    assert r2.missing_views == ["L-CC", "L-MLO"]
+    assert not r2.breasts["L"].present and r2.breasts["L"].birads is None
+    assert r2.fusion_weights["R"]["L-CC"] == 0.0 and r2.fusion_weights["R"]["L-MLO"] == 0.0
+    with pytest.raises(ValueError, match="unknown view slot"):
+        model.predict_exam({"X-CC": exam[0]})
+    with pytest.raises(ValueError, match="two images for"):
+        model.predict_exam([exam[0], exam[0]])
+
+
+def test_demo_checkpoint_is_bundled_and_marked():
+    info = read_info(DEMO_CHECKPOINT)
+    assert DEMO_CHECKPOINT.stat().st_size < 25 * 1024 * 1024
+    assert "NOT FOR CLINICAL USE" in info.metadata["intended_use"]
+    assert "synthetic" in info.metadata["training_data"]
+    assert info.is_demo
+    model = MammoModel(device="cpu")  # no checkpoint given: the demo
+    assert model.info.sha256 == info.sha256
