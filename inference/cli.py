@@ -45,7 +45,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         image_size=args.image_size, batch_size=args.batch_size, lr=args.lr,
         device=args.device, seed=args.seed, workers=args.workers, resume=args.resume,
         birads_weight=args.birads_weight, diagnosis_weight=args.diagnosis_weight,
-        training_data=args.training_data, intended_use=intended, progress=not args.quiet))
+        training_data=args.training_data, intended_use=intended, progress=not args.quiet,
+        stop_after_epoch=args.stop_after_epoch))
     print(f"checkpoint written: {res['checkpoint']}")
     return 0
 
@@ -126,6 +127,8 @@ def register(sub, add_config, load_config) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="decoding worker processes")
     p.add_argument("--resume", action="store_true", help="continue from OUT.resume.pt")
+    p.add_argument("--stop-after-epoch", type=int, metavar="N",
+                   help="stop after epoch N (a time-boxed run); --resume continues it")
     p.add_argument("--training-data", help="description stored in the checkpoint")
     p.add_argument("--intended-use", default="research")
     p.add_argument("--synthetic-demo", action="store_true",

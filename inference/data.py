@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,11 +151,12 @@ class ExamDataset(Dataset):
         f = self.cache_dir / f"{key}.npy"
         if f.exists():
             return torch.from_numpy(np.load(f).astype(np.float32))
-        t = preprocess(path, self.size)[0]
-        tmp = f.with_suffix(f".{np.random.randint(1 << 30)}.tmp.npy")
-        np.save(tmp, t.numpy().astype(np.float16))
+        arr = preprocess(path, self.size)[0].numpy().astype(np.float16)
+        tmp = f.with_name(f"{f.stem}.{os.getpid()}.tmp.npy")
+        np.save(tmp, arr)
         tmp.replace(f)
-        return t
+        # The cached (float16) values, so that a cold and a warm cache give the same input.
+        return torch.from_numpy(arr.astype(np.float32))
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         rec = self.records[i]

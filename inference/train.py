@@ -71,6 +71,7 @@ class TrainArgs:
     training_data: str | None = None
     intended_use: str = "research"
     progress: bool = True
+    stop_after_epoch: int | None = None  # stop early (time-boxed runs); --resume continues
 
 
 def _loader(ds: ExamDataset, batch: int, shuffle: bool, workers: int, seed: int) -> DataLoader:
@@ -160,6 +161,9 @@ def train(a: TrainArgs) -> dict[str, Any]:
                     "scheduler": sched.state_dict(), "epoch": epoch + 1,
                     "rng": torch.get_rng_state(), "loader_rng": loader.generator.get_state(),
                     "config": cfg.to_dict()}, state_path)
+        if a.stop_after_epoch is not None and epoch + 1 >= a.stop_after_epoch:
+            log.info("stopping after epoch %d as asked; --resume continues", epoch + 1)
+            break
     return {"checkpoint": str(out), "history": history}
 
 

@@ -61,7 +61,7 @@ def test_train_is_deterministic_and_resumable(tiny_data, tmp_path):
     b = _train(tiny_data, tmp_path / "b.safetensors", "--epochs", "2")
     for k in a:
         assert torch.equal(a[k], b[k]), f"same seed, different weights: {k}"
-    _train(tiny_data, tmp_path / "c.safetensors", "--epochs", "1")
+    _train(tiny_data, tmp_path / "c.safetensors", "--epochs", "2", "--stop-after-epoch", "1")
     c = _train(tiny_data, tmp_path / "c.safetensors", "--epochs", "2", "--resume")
     for k in a:
         torch.testing.assert_close(a[k], c[k], rtol=1e-5, atol=1e-6)
