@@ -77,16 +77,19 @@ class IncomingFile:
         self.error: OSError | None = None
         self.file = self  # pynetdicom calls ``.file.flush()``
 
+    def _failed(self, exc: OSError) -> None:
+        self.error = exc
+        try:
+            self._f.truncate(0)  # give the space back at once
+        except OSError:
+            pass
+
     def write(self, data: bytes) -> int:
         if self.error is None:
             try:
                 return self._f.write(data)
             except OSError as exc:
-                self.error = exc
-                try:
-                    self._f.truncate(0)
-                except OSError:
-                    pass
+                self._failed(exc)
         return len(data)
 
     def flush(self) -> None:
@@ -94,11 +97,7 @@ class IncomingFile:
             try:
                 self._f.flush()
             except OSError as exc:
-                self.error = exc
-                try:
-                    self._f.truncate(0)
-                except OSError:
-                    pass
+                self._failed(exc)
 
     def close(self) -> None:
         try:
