@@ -3,7 +3,8 @@
 One task per (batch, channel) in the forward pass and per (batch, group) in the backward
 pass, each a loop over time with the state vector in registers: no (batch, channel, length,
 state) tensor is ever materialised, which is what makes it fast on a 2-core machine.
-Kernels are compiled on first use and cached on disk by numba.
+Kernels are compiled on first use and cached on disk by numba; they release the GIL, so the
+node's network threads keep running during a scan.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def _softplus(x):  # pragma: no cover - compiled
     return x if x > 20.0 else math.log1p(math.exp(x))
 
 
-@nb.njit(parallel=True, fastmath=True, cache=True)
+@nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _forward(u, delta, A, B, C, bias, softplus, gsize, y):  # pragma: no cover - compiled
     b, d, l = u.shape
     n = A.shape[1]
@@ -42,7 +43,7 @@ def _forward(u, delta, A, B, C, bias, softplus, gsize, y):  # pragma: no cover -
             y[bi, di, t] = acc
 
 
-@nb.njit(parallel=True, fastmath=True, cache=True)
+@nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _backward(u, delta, A, B, C, bias, softplus, gsize, gy, gu, gdelta, gA_part, gbias_part,
               gB, gC):  # pragma: no cover - compiled
     b, d, l = u.shape
