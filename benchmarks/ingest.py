@@ -110,11 +110,12 @@ def run_storescp(files: list[Path], work: Path) -> float:
         shutil.rmtree(out)
 
 
-def run_node(files: list[Path], work: Path, fsync: bool) -> tuple[float, int]:
+def run_node(files: list[Path], work: Path, fsync: bool, max_pdu: int) -> tuple[float, int]:
     data = work / "node-data"
     port = free_port()
     cfg = work / "config.toml"
     cfg.write_text(f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{data}"\n'
+                   f'max_pdu_size = {max_pdu}\n'
                    f'[storage]\nfsync = {"true" if fsync else "false"}\nmin_free_mb = 0\n')
     proc = subprocess.Popen([sys.executable, "-m", "node", "start", "--config", str(cfg),
                              "--log-level", "WARNING"], cwd=ROOT)
@@ -142,6 +143,9 @@ def main() -> int:
     ap.add_argument("--cols", type=int, default=2560)
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs of each")
     ap.add_argument("--no-fsync", action="store_true", help="node with [storage] fsync=false")
+    ap.add_argument("--node-max-pdu", type=int, default=4 * 1024 * 1024,
+                    help="the node's [node] max_pdu_size (storescp runs with 131072, its "
+                         "maximum)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     for tool in ("/usr/bin/storescu", "/usr/bin/storescp"):
@@ -156,7 +160,8 @@ def main() -> int:
         scp_times, node_times, peaks = [], [], []
         for i in range(args.repeats):
             scp_times.append(run_storescp(files, work))
-            t, peak = run_node(files, work, fsync=not args.no_fsync)
+            t, peak = run_node(files, work, fsync=not args.no_fsync,
+                               max_pdu=args.node_max_pdu)
             node_times.append(t)
             peaks.append(peak)
             print(f"run {i + 1}: storescp {total_mb / scp_times[-1]:7.1f} MB/s   "

@@ -97,7 +97,7 @@ def cmd_model_info(args: argparse.Namespace, load_config) -> int:
 
 
 def register(sub, add_config, load_config) -> None:
-    from inference.model import ARCHS, BIRADS_TASKS
+    from inference.tasks import ARCHS, BIRADS_TASKS
 
     p = sub.add_parser("synth", help="write synthetic phantom exams (VinDr layout)")
     p.add_argument("--out", required=True, help="output folder")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import subprocess
+import sys
 import time
 
 import pytest
@@ -245,3 +246,11 @@ def test_no_patient_name_in_info_logs(node):
     assert send(node.port, exam) == [0] * 4
     time.sleep(0.2)
     assert "Secret" not in node.log.read_text()
+
+
+def test_daemon_does_not_load_torch():
+    """The receiving process stays small (ingest benchmark: < 300 MB): no torch in it."""
+    code = ("import sys, node.cli, node.daemon, node.scp; node.cli.build_parser(); "
+            "print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "False"
