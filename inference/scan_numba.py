@@ -21,7 +21,7 @@ def _softplus(x):  # pragma: no cover - compiled
     return x if x > 20.0 else math.log1p(math.exp(x))
 
 
-@nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+@nb.njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
 def _forward(u, delta, A, B, C, bias, softplus, gsize, y):  # pragma: no cover - compiled
     b, d, l = u.shape
     n = A.shape[1]
@@ -30,17 +30,23 @@ def _forward(u, delta, A, B, C, bias, softplus, gsize, y):  # pragma: no cover -
         di = idx % d
         g = di // gsize
         h = np.zeros(n, np.float32)
+        e = np.empty(n, np.float32)
         a = A[di]
+        Bg, Cg = B[bi, g], C[bi, g]
+        ub, db, yb = u[bi, di], delta[bi, di], y[bi, di]
         for t in range(l):
-            dt = delta[bi, di, t] + bias[di]
+            dt = db[t] + bias[di]
             if softplus:
                 dt = _softplus(dt)
-            du = dt * u[bi, di, t]
+            du = dt * ub[t]
+            for k in range(n):  # the decays first: a loop of exps alone
+                e[k] = np.exp(dt * a[k])
+            bt, ct = Bg[t], Cg[t]
             acc = np.float32(0.0)
             for k in range(n):
-                h[k] = math.exp(dt * a[k]) * h[k] + du * B[bi, g, t, k]
-                acc += h[k] * C[bi, g, t, k]
-            y[bi, di, t] = acc
+                h[k] = e[k] * h[k] + du * bt[k]
+                acc += h[k] * ct[k]
+            yb[t] = acc
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
