@@ -1,0 +1,216 @@
+"""Result objects for one exam reading: attention-map Secondary Captures and SR documents.
+
+Every UID is derived from the exam (StudyInstanceUID), its version and the object's role, so a
+retry or a restart rebuilds byte-for-byte the same identities and the PACS never receives a
+second copy; a new version of a reading gets new UIDs and references the one it replaces.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+MANUFACTURER = "mammo-node"
+SC_SERIES_NUMBER = 9901
+SR_SERIES_NUMBER = 9902
+SC_MAX_ROWS = 1536  # attention-map images are for review, not diagnosis: keep them light
+
+
+def result_uid(study_uid: str, version: int, role: str) -> str:
+    """A deterministic UID (2.25.<int>) for ``role`` of version ``version`` of an exam."""
+    return generate_uid(prefix=None, entropy_srcs=["mammo-node", study_uid, str(version), role])
+
+
+@dataclass
+class ReadingSummary:
+    """What the builders need from a model reading (plain data, no torch)."""
+
+    breasts: dict[str, dict[str, Any]]          # "L"/"R" -> present, birads, probabilities...
+    fusion_weights: dict[str, dict[str, float]]  # breast -> slot -> weight
+    missing_views: list[str]
+    model_name: str
+    model_version: str
+    model_sha256: str
+    not_for_clinical_use: bool
+
+
+# --------------------------------------------------------------------------- colour map
+def _heat(m: np.ndarray) -> np.ndarray:
+    """A blue-cyan-yellow-red ramp for values in [0, 1] -> uint8 RGB."""
+    m = np.clip(m, 0.0, 1.0)
+    r = np.clip(1.5 * m * 2 - 1.0, 0, 1)
+    g = np.clip(1.5 - np.abs(m * 4 - 2.0), 0, 1)
+    b = np.clip(1.0 - m * 2.5, 0, 1) * 0.9 + 0.1 * (m < 0.4)
+    return (np.stack([r, g, b], -1) * 255).astype(np.uint8)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def render_overlay(display: np.ndarray, attention: np.ndarray, lines: list[str],
+                   max_rows: int = SC_MAX_ROWS) -> np.ndarray:
+    """Mammogram (in [0, 1]) with the attention map blended in, a legend and text burned in."""
+    rows, cols = display.shape
+    scale = min(1.0, max_rows / rows)
+    size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
+    gray = Image.fromarray((np.clip(display, 0, 1) * 255).astype(np.uint8)).resize(
+        size, Image.BILINEAR)
+    amap = Image.fromarray((np.clip(attention, 0, 1) * 255).astype(np.uint8)).resize(
+        size, Image.BILINEAR)
+    g = np.asarray(gray, dtype=np.float32)[..., None].repeat(3, -1)
+    a = np.asarray(amap, dtype=np.float32) / 255.0
+    alpha = (0.55 * a)[..., None]
+    rgb = (g * (1 - alpha) + _heat(a).astype(np.float32) * alpha).astype(np.uint8)
+    img = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(img)
+    fs = max(12, size[1] // 60)
+    font = _font(fs)
+    y = fs // 2
+    for line in lines:
+        draw.text((fs // 2 + 1, y + 1), line, fill=(0, 0, 0), font=font)
+        draw.text((fs // 2, y), line, fill=(255, 255, 255), font=font)
+        y += int(fs * 1.3)
+    # Legend: a colour bar from low to high attention, bottom left.
+    bw, bh = max(60, size[0] // 4), max(8, fs // 2)
+    x0, y0 = fs // 2, size[1] - bh - 2 * fs
+    bar = _heat(np.linspace(0, 1, bw)[None, :].repeat(bh, 0))
+    img.paste(Image.fromarray(bar), (x0, y0))
+    draw.text((x0, y0 + bh + 2), "attention: low", fill=(255, 255, 255), font=font)
+    draw.text((x0 + bw - fs * 2, y0 - fs - 2), "high", fill=(255, 255, 255), font=font)
+    return np.asarray(img)
+
+
+def build_sc(source: Dataset, slot: str, display: np.ndarray, attention: np.ndarray,
+             reading: ReadingSummary, study_uid: str, version: int,
+             instance_number: int) -> Dataset:
+    """One attention-map Secondary Capture for one view, in the source study."""
+    lat = slot[0]
+    b = reading.breasts.get(lat, {})
+    lines = [
+        f"{slot}  {reading.model_name} {reading.model_version}  -  NOT FOR DIAGNOSIS",
+        f"{lat} breast: {b.get('birads') or 'n/a'}"
+        + (f" (p={b['birads_probabilities'][b['birads']]:.2f})" if b.get("birads") else "")
+        + f"   weight of this view: {reading.fusion_weights.get(lat, {}).get(slot, 0.0):.2f}",
+    ]
+    if reading.not_for_clinical_use:
+        lines.append("Demo model trained on synthetic phantoms: NOT FOR CLINICAL USE")
+    rgb = render_overlay(display, attention, lines)
+    orientation = source.get("PatientOrientation", None)
+    # highdicom takes one direction letter per axis: "FR" (foot-right) becomes "F".
+    po = tuple(str(v)[:1] for v in orientation) if orientation and len(orientation) == 2 \
+        and all(str(v)[:1] in "APLRHF" and str(v) for v in orientation) \
+        else ("A", "R") if lat == "L" else ("P", "L")
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=rgb,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=result_uid(study_uid, version, "sc-series"),
+        series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=result_uid(study_uid, version, f"sc-{slot}"),
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        patient_orientation=po,
+        laterality=lat,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
+    sc.BurnedInAnnotation = "YES"
+    sc.SeriesDescription = "AI attention maps (not for diagnosis)"
+    sc.ImageComments = (f"Attention map of {reading.model_name} {reading.model_version} "
+                        f"(sha256 {reading.model_sha256[:16]}); not for diagnosis")[:10240]
+    sc.DerivationDescription = "Attention map overlay of the source mammogram"
+    src = Dataset()
+    src.ReferencedSOPClassUID = source.SOPClassUID
+    src.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    sc.SourceImageSequence = [src]
+    _stamp(sc)
+    return sc
+
+
+def _stamp(ds: Dataset) -> None:
+    now = dt.datetime.now()
+    ds.ContentDate = now.strftime("%Y%m%d")
+    ds.ContentTime = now.strftime("%H%M%S")
+    ds.SoftwareVersions = "mammo-node"
+
+
+# --------------------------------------------------------------------------- TID 1500 SR
+def build_tid1500(sources: dict[str, Dataset], reading: ReadingSummary, study_uid: str,
+                  version: int, replaces: Dataset | None = None) -> Dataset:
+    """A Comprehensive SR (TID 1500 measurement report) with the per-breast reading."""
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=result_uid("observer", 0, reading.model_sha256),
+            name=reading.model_name, manufacturer_name=MANUFACTURER,
+            model_name=f"{reading.model_name} {reading.model_version}"))
+    context = hd.sr.ObservationContext(observer_device_context=observer)
+    groups = []
+    any_source = next(iter(sources.values()))
+    for lat in ("L", "R"):
+        b = reading.breasts.get(lat, {})
+        if not b.get("present"):
+            continue
+        views = [s for s in sources if s.startswith(lat)]
+        evals = [hd.sr.QualitativeEvaluation(
+            name=hd.sr.CodedConcept("111037", "DCM", "Overall Assessment"),
+            value=hd.sr.CodedConcept(b["birads"].replace(" ", "-"), "99MAMMONODE",
+                                     f"AI {b['birads']}"))]
+        if b.get("diagnosis"):
+            evals.append(hd.sr.QualitativeEvaluation(
+                name=hd.sr.CodedConcept("DIAGNOSIS", "99MAMMONODE", "AI diagnosis"),
+                value=hd.sr.CodedConcept(b["diagnosis"].upper(), "99MAMMONODE",
+                                         b["diagnosis"])))
+        measurements = [
+            hd.sr.Measurement(
+                name=hd.sr.CodedConcept(f"P-{cls.replace(' ', '')}", "99MAMMONODE",
+                                        f"Probability of {cls}"),
+                value=float(p), unit=codes.UCUM.NoUnits)
+            for cls, p in b["birads_probabilities"].items()]
+        for slot, w in reading.fusion_weights.get(lat, {}).items():
+            measurements.append(hd.sr.Measurement(
+                name=hd.sr.CodedConcept(f"W-{slot}", "99MAMMONODE", f"Fusion weight {slot}"),
+                value=float(w), unit=codes.UCUM.NoUnits))
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=result_uid(study_uid, version, f"tracking-{lat}"),
+                identifier=f"{'Left' if lat == 'L' else 'Right'} breast"),
+            finding_type=codes.SCT.Breast,
+            finding_sites=[hd.sr.FindingSite(
+                anatomic_location=codes.SCT.Breast,
+                laterality=codes.SCT.Left if lat == "L" else codes.SCT.Right)],
+            measurements=measurements, qualitative_evaluations=evals,
+            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(
+                sources[v]) for v in views]))
+    report = hd.sr.MeasurementReport(
+        observation_context=context,
+        procedure_reported=hd.sr.CodedConcept("71651007", "SCT", "Mammography"),
+        imaging_measurements=groups,
+        title=codes.DCM.ImagingMeasurementReport)
+    sr = hd.sr.ComprehensiveSR(
+        evidence=list(sources.values()),
+        content=report[0],
+        series_instance_uid=result_uid(study_uid, version, "sr1500-series"),
+        series_number=SR_SERIES_NUMBER + 1,
+        sop_instance_uid=result_uid(study_uid, version, "sr-tid1500"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        previous_versions=[replaces] if replaces is not None else None,
+    )
+    sr.SeriesDescription = "AI reading (TID 1500)"
+    _ = any_source
+    return sr
