@@ -118,7 +118,7 @@ def run_node(files: list[Path], work: Path, fsync: bool, max_pdu: int) -> tuple[
                    f'max_pdu_size = {max_pdu}\n'
                    f'[storage]\nfsync = {"true" if fsync else "false"}\nmin_free_mb = 0\n')
     proc = subprocess.Popen([sys.executable, "-m", "node", "start", "--config", str(cfg),
-                             "--log-level", "WARNING"], cwd=ROOT)
+                             "--log-level", "WARNING", "--no-worker"], cwd=ROOT)
     try:
         wait_port(port)
         time.sleep(0.5)

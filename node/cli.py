@@ -31,7 +31,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     setup_logging(args.log_level)
-    return run(cfg)
+    return run(cfg, run_worker=not args.no_worker)
 
 
 def _open_store(cfg: Config):
@@ -51,6 +51,9 @@ def cmd_exams(args: argparse.Namespace) -> int:
     cfg = _load(args)
     store = _open_store(cfg)
     exams = [e.as_dict() for e in store.list_exams()] if store else []
+    delivery = store.delivery_summary() if store else {}
+    for e in exams:
+        e["delivery"] = delivery.get(e["study_instance_uid"], {})
     if args.state:
         exams = [e for e in exams if e["state"] == args.state]
     if args.json:
@@ -61,7 +64,8 @@ def cmd_exams(args: argparse.Namespace) -> int:
         return 0
     from storage.models import SLOTS
 
-    header = ["STUDY INSTANCE UID", "ACCESSION", "STATE", "VER", *SLOTS, "MISSING / REASON"]
+    header = ["STUDY INSTANCE UID", "ACCESSION", "STATE", "VER", *SLOTS, "DELIVERY",
+              "MISSING / REASON"]
     rows = []
     for e in exams:
         why = ", ".join(e["missing"]) if e["missing"] else ""
@@ -69,10 +73,23 @@ def cmd_exams(args: argparse.Namespace) -> int:
             why = f"{why} | {e['reason']}" if why else e["reason"]
         rows.append([e["study_instance_uid"], e["accession_number"] or "", e["state"],
                      str(e["version"]), *("yes" if e["views"][s] else "-" for s in SLOTS),
+                     " ".join(f"{d}:" + ",".join(f"{n} {st}" for st, n in sorted(c.items()))
+                              for d, c in e["delivery"].items()) or "-",
                      why])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
     for r in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    return 0
+
+
+def cmd_resend(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    store = _open_store(cfg)
+    n = store.requeue_study(args.study_uid) if store else 0
+    if n == 0:
+        print(f"mammo-node: no results to resend for study {args.study_uid}", file=sys.stderr)
+        return 1
+    print(f"queued {n} delivery(ies) of study {args.study_uid} again")
     return 0
 
 
@@ -140,7 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--no-worker", action="store_true",
+                   help="receive and group only: no inference, no export (a receive-only node)")
     p.set_defaults(func=cmd_start)
+
+    p = sub.add_parser("resend", help="queue a study's results for every destination again")
+    _add_config(p)
+    p.add_argument("study_uid", metavar="STUDY_UID")
+    p.set_defaults(func=cmd_resend)
 
     p = sub.add_parser("exams", help="list exams: state, views received, what is missing")
     _add_config(p)

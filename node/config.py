@@ -108,6 +108,22 @@ class StorageConfig:
     min_free_mb: float = 512.0
 
 
+SR_KINDS = ("tid1500",)  # "mammo-cad" (TID 4000) comes with the results issue's next step
+
+
+@dataclass
+class ResultsConfig:
+    sr: list[str] = field(default_factory=lambda: ["tid1500"])
+    attention_maps: bool = True
+
+
+@dataclass
+class ExportConfig:
+    max_attempts: int = 10
+    initial_delay_seconds: float = 5.0
+    max_delay_seconds: float = 600.0
+
+
 @dataclass
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
@@ -116,6 +132,8 @@ class Config:
     destinations: list[Destination] = field(default_factory=list)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    results: ResultsConfig = field(default_factory=ResultsConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     path: Path | None = None
 
     @property
@@ -233,6 +251,25 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
     cfg.storage.fsync = _check_bool(t.get("fsync", cfg.storage.fsync), "[storage] fsync")
     cfg.storage.min_free_mb = _check_number(t.get("min_free_mb", cfg.storage.min_free_mb),
                                             "[storage] min_free_mb")
+
+    t = _table(raw, "results")
+    _known("results", t, ResultsConfig)
+    sr = t.get("sr", cfg.results.sr)
+    if not isinstance(sr, list) or any(k not in SR_KINDS for k in sr):
+        raise ConfigError(f"[results] sr must be a list drawn from {list(SR_KINDS)}, got {sr!r}")
+    cfg.results.sr = list(sr)
+    cfg.results.attention_maps = _check_bool(t.get("attention_maps", True),
+                                             "[results] attention_maps")
+
+    t = _table(raw, "export")
+    _known("export", t, ExportConfig)
+    e = cfg.export
+    e.max_attempts = int(_check_number(t.get("max_attempts", e.max_attempts),
+                                       "[export] max_attempts", 1))
+    e.initial_delay_seconds = _check_number(
+        t.get("initial_delay_seconds", e.initial_delay_seconds), "[export] initial_delay_seconds")
+    e.max_delay_seconds = _check_number(t.get("max_delay_seconds", e.max_delay_seconds),
+                                        "[export] max_delay_seconds")
     return cfg
 
 

@@ -61,8 +61,9 @@ def read_pidfile(cfg: Config) -> dict | None:
 class Node:
     """The running node: storage, the DICOM listener and the grouping timer."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, run_worker: bool = True) -> None:
         self.cfg = cfg
+        self.run_worker = run_worker
         self.stop_event = threading.Event()
         self.files = FileStore(cfg.data_dir, fsync=cfg.storage.fsync)
         self.db = Database(cfg.database_url)
@@ -100,6 +101,14 @@ class Node:
         t = threading.Thread(target=self._grouping_loop, name="grouping", daemon=True)
         t.start()
         self._threads.append(t)
+        if self.run_worker:
+            from node.export import Exporter
+            from node.worker import Worker
+
+            for t in (Worker(cfg, self.files, self.exams, self.stop_event),
+                      Exporter(cfg, self.files, self.exams, self.stop_event)):
+                t.start()
+                self._threads.append(t)
         log.info("mammo-node listening as %s on %s:%d; data in %s; %d destination(s)",
                  cfg.node.ae_title, cfg.node.host, port, cfg.data_dir, len(cfg.destinations))
 
@@ -128,7 +137,7 @@ class Node:
                 assoc.abort()
             self.server = None
         for t in self._threads:
-            t.join(timeout=5)
+            t.join(timeout=15)
         self.db.close()
         try:
             info = json.loads(pidfile_path(self.cfg).read_text())
@@ -139,9 +148,9 @@ class Node:
         log.info("mammo-node stopped")
 
 
-def run(cfg: Config) -> int:
+def run(cfg: Config, run_worker: bool = True) -> int:
     """Run the node in the foreground until SIGTERM or SIGINT."""
-    node = Node(cfg)
+    node = Node(cfg, run_worker=run_worker)
 
     def _signal(signum, _frame) -> None:
         log.info("received %s, shutting down", signal.Signals(signum).name)

@@ -6,7 +6,7 @@ default, PostgreSQL when several nodes share one state).
 
 from storage.db import Database
 from storage.files import FileStore, InvalidUID, is_valid_uid
-from storage.models import EXAM_STATES, SLOTS, Exam, Instance
+from storage.models import EXAM_STATES, OUTBOUND_STATES, SLOTS, Exam, Instance, Outbound, Result
 
 __all__ = ["Database", "FileStore", "InvalidUID", "is_valid_uid", "Exam", "Instance",
-           "EXAM_STATES", "SLOTS"]
+           "Result", "Outbound", "EXAM_STATES", "OUTBOUND_STATES", "SLOTS"]

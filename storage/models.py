@@ -6,13 +6,15 @@ import datetime as dt
 import json
 from typing import Any
 
-from sqlalchemy import DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy import DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 #: The four slots of a screening exam, in display order.
 SLOTS: tuple[str, ...] = ("L-CC", "L-MLO", "R-CC", "R-MLO")
 #: Exam states; only :mod:`storage.state` changes them.
 EXAM_STATES: tuple[str, ...] = ("receiving", "ready", "processing", "done", "failed")
+#: Delivery states of one result object to one destination.
+OUTBOUND_STATES: tuple[str, ...] = ("pending", "retrying", "sent", "gave_up")
 
 _SLOT_COLUMNS = {"L-CC": "l_cc", "L-MLO": "l_mlo", "R-CC": "r_cc", "R-MLO": "r_mlo"}
 
@@ -125,3 +127,35 @@ class Exam(Base):
             "last_received_at": self.last_received_at.isoformat() + "Z",
             "state_changed_at": self.state_changed_at.isoformat() + "Z",
         }
+
+
+class Result(Base):
+    """A produced object (SR or SC) of one version of an exam's reading."""
+
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    exam_id: Mapped[int] = mapped_column(ForeignKey("exams.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(32))  # sc | sr-tid1500 | sr-mammo-cad
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(400))  # relative to data_dir
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Outbound(Base):
+    """Delivery of one result to one destination (persisted, resumed after restart)."""
+
+    __tablename__ = "outbound"
+    __table_args__ = (UniqueConstraint("result_id", "destination"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)

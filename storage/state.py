@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from storage.db import Database
-from storage.models import EXAM_STATES, SLOTS, Exam, Instance, utcnow
+from storage.models import EXAM_STATES, SLOTS, Exam, Instance, Outbound, Result, utcnow
 
 log = logging.getLogger("mammo_node.storage")
 
@@ -179,6 +179,113 @@ class ExamStore:
             if not ok:
                 exam.reason = reason or "processing failed"
             return True
+
+    def complete(self, exam_id: int, version: int, results: list[dict[str, Any]],
+                 destinations: list[str]) -> bool:
+        """Record a reading's result objects, queue them for every destination and mark
+        the exam ``done``, in one transaction. False (nothing recorded) when the exam was
+        reopened meanwhile. Results already recorded (a retry) are reused, never doubled."""
+        with self.db.write() as s:
+            exam = s.get(Exam, exam_id, with_for_update=True)
+            if exam is None or exam.version != version or exam.state != "processing":
+                return False
+            for r in results:
+                row = s.scalar(select(Result).where(
+                    Result.sop_instance_uid == r["sop_instance_uid"]))
+                if row is None:
+                    row = Result(exam_id=exam_id, version=version, **r)
+                    s.add(row)
+                    s.flush()
+                for dest in destinations:
+                    if s.scalar(select(Outbound.id).where(
+                            Outbound.result_id == row.id,
+                            Outbound.destination == dest)) is None:
+                        s.add(Outbound(result_id=row.id, destination=dest, state="pending",
+                                       attempts=0, next_attempt_at=utcnow()))
+            self._set_state(exam, "done", utcnow())
+            return True
+
+    def claim_instance_paths(self, exam_id: int) -> tuple[str, int, dict[str, str]]:
+        """(study UID, version, slot -> relative path) of an exam's slot images."""
+        with self.db.session() as s:
+            exam = s.get(Exam, exam_id)
+            paths = {}
+            for slot, uid in exam.views.items():
+                if uid:
+                    paths[slot] = s.scalar(select(Instance.path).where(
+                        Instance.sop_instance_uid == uid))
+            return exam.study_instance_uid, exam.version, paths
+
+    # -- export ----------------------------------------------------------------------------
+    def due_transfers(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Deliveries whose time has come, oldest first."""
+        now = utcnow()
+        with self.db.session() as s:
+            rows = s.execute(
+                select(Outbound.id, Outbound.destination, Outbound.attempts, Result.path,
+                       Result.sop_instance_uid)
+                .join(Result, Result.id == Outbound.result_id)
+                .where(Outbound.state.in_(("pending", "retrying")),
+                       Outbound.next_attempt_at <= now)
+                .order_by(Outbound.next_attempt_at, Outbound.id).limit(limit)).all()
+        return [dict(id=r[0], destination=r[1], attempts=r[2], path=r[3], sop_instance_uid=r[4])
+                for r in rows]
+
+    def mark_sent(self, outbound_id: int) -> None:
+        with self.db.write() as s:
+            row = s.get(Outbound, outbound_id)
+            row.state, row.sent_at, row.last_error = "sent", utcnow(), None
+            row.attempts += 1
+
+    def mark_failed(self, outbound_id: int, error: str, max_attempts: int,
+                    initial_delay: float, max_delay: float) -> str:
+        """Schedule a retry with exponential backoff, or give up; returns the new state."""
+        with self.db.write() as s:
+            row = s.get(Outbound, outbound_id)
+            row.attempts += 1
+            row.last_error = error[:2000]
+            if row.attempts >= max_attempts:
+                row.state = "gave_up"
+            else:
+                delay = min(max_delay, initial_delay * 2 ** (row.attempts - 1))
+                row.state = "retrying"
+                row.next_attempt_at = utcnow() + dt.timedelta(seconds=delay)
+            return row.state
+
+    def requeue_study(self, study_uid: str) -> int:
+        """Queue every result of the study's latest version again (``mammo-node resend``)."""
+        with self.db.write() as s:
+            exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid))
+            if exam is None:
+                return 0
+            n = 0
+            for row in s.scalars(select(Outbound).join(Result, Result.id == Outbound.result_id)
+                                 .where(Result.exam_id == exam.id,
+                                        Result.version == exam.version)):
+                row.state, row.attempts, row.next_attempt_at = "pending", 0, utcnow()
+                row.last_error = None
+                n += 1
+            return n
+
+    def delivery_summary(self) -> dict[str, dict[str, dict[str, int]]]:
+        """study UID -> destination -> state -> count (latest version of each exam)."""
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        with self.db.session() as s:
+            q = (select(Exam.study_instance_uid, Outbound.destination, Outbound.state,
+                        func.count())
+                 .join(Result, Result.exam_id == Exam.id)
+                 .join(Outbound, Outbound.result_id == Result.id)
+                 .where(Result.version == Exam.version)
+                 .group_by(Exam.study_instance_uid, Outbound.destination, Outbound.state))
+            for study, dest, state, n in s.execute(q):
+                out.setdefault(study, {}).setdefault(dest, {})[state] = n
+        return out
+
+    def results_of(self, study_uid: str) -> list[Result]:
+        with self.db.session() as s:
+            return list(s.scalars(select(Result).join(Exam, Exam.id == Result.exam_id)
+                                  .where(Exam.study_instance_uid == study_uid)
+                                  .order_by(Result.version, Result.id)))
 
     def recover(self) -> int:
         """At start-up: exams left in ``processing`` by a crash go back to ``ready``."""

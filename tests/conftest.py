@@ -39,8 +39,10 @@ def toml_value(v) -> str:
 class NodeProcess:
     """A ``mammo-node start`` process with its own config and data directory."""
 
-    def __init__(self, tmp: Path, settings: dict | None = None, data_dir: Path | None = None):
+    def __init__(self, tmp: Path, settings: dict | None = None, data_dir: Path | None = None,
+                 worker: bool = False):
         self.tmp = tmp
+        self.worker = worker
         self.port = free_port()
         self.ae_title = "MAMMO_NODE"
         self.data_dir = data_dir or tmp / "data"
@@ -51,18 +53,25 @@ class NodeProcess:
             "storage": {"min_free_mb": 0, "fsync": True},
         }
         for section, values in (settings or {}).items():
-            sections.setdefault(section, {}).update(values)
+            if section == "destinations":
+                sections[section] = values  # type: ignore[assignment]
+            else:
+                sections.setdefault(section, {}).update(values)
+        dests = sections.pop("destinations", [])
         self.config = tmp / "config.toml"
         self.config.write_text("\n".join(
             f"[{name}]\n" + "\n".join(f"{k} = {toml_value(v)}" for k, v in values.items())
-            for name, values in sections.items()) + "\n")
+            for name, values in sections.items()) + "\n" + "".join(
+            "[[destinations]]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in d.items())
+            for d in dests))
         self.log = tmp / "node.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30.0) -> "NodeProcess":
         self._logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node", "start", "--config", str(self.config)],
+            [sys.executable, "-m", "node", "start", "--config", str(self.config),
+             *([] if self.worker else ["--no-worker"])],
             cwd=self.tmp, stdout=self._logf, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -172,10 +181,10 @@ def node_factory(tmp_path):
     started: list[NodeProcess] = []
 
     def make(settings: dict | None = None, sub: str = "n", start: bool = True,
-             data_dir: Path | None = None) -> NodeProcess:
+             data_dir: Path | None = None, worker: bool = False) -> NodeProcess:
         d = tmp_path / f"{sub}{len(started)}"
         d.mkdir()
-        n = NodeProcess(d, settings, data_dir=data_dir)
+        n = NodeProcess(d, settings, data_dir=data_dir, worker=worker)
         started.append(n)
         return n.start() if start else n
 
@@ -200,3 +209,71 @@ os.environ.setdefault("PYTHONUNBUFFERED", "1")
 # File paths given to send() go out as they are on disk (raw, not re-encoded): this is how
 # the bad-input tests deliver truncated or garbage datasets.
 _config.STORE_SEND_CHUNKED_DATASET = True
+
+
+class StoreSCP:
+    """DCMTK storescp as the PACS peer: stores what it receives in a folder."""
+
+    def __init__(self, folder: Path, port: int | None = None, ae_title: str = "PACS"):
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.ae_title = ae_title
+        self.proc: subprocess.Popen | None = None
+        self.log = folder.parent / f"storescp-{self.port}.log"
+
+    def start(self) -> "StoreSCP":
+        self._logf = open(self.log, "ab")
+        self.proc = subprocess.Popen([dcmtk("storescp"), "-aet", self.ae_title, "-od",
+                                      str(self.folder), "-v", str(self.port)],
+                                     stdout=self._logf, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.1)
+        raise RuntimeError("storescp did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self._logf.close()
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.folder.iterdir() if p.is_file())
+
+    def received(self) -> int:
+        """How many C-STORE requests it has answered (duplicates count twice)."""
+        return self.log.read_text(errors="replace").count("Received Store Request") \
+            if self.log.exists() else 0
+
+
+@pytest.fixture
+def storescp_factory(tmp_path):
+    made: list[StoreSCP] = []
+
+    def make(port: int | None = None, start: bool = True) -> StoreSCP:
+        s = StoreSCP(tmp_path / f"pacs{len(made)}", port)
+        made.append(s)
+        return s.start() if start else s
+
+    yield make
+    for s in made:
+        s.stop()
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.25, what: str = ""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    r = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True)
+    return [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("Error")]

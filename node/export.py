@@ -1,0 +1,93 @@
+"""Export: persisted outbound rows sent with C-STORE, retried with exponential backoff."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+
+from pydicom import dcmread
+from pynetdicom import AE, build_context
+
+from node.config import Config, Destination
+from storage.files import FileStore
+from storage.state import ExamStore
+
+log = logging.getLogger("mammo_node.export")
+
+_OK = {0x0000, 0xB000, 0xB007, 0xB006}  # success and the storage warnings
+
+
+class Exporter(threading.Thread):
+    """Sends due deliveries, one association per destination and batch."""
+
+    def __init__(self, cfg: Config, files: FileStore, exams: ExamStore,
+                 stop: threading.Event, poll_seconds: float = 1.0) -> None:
+        super().__init__(name="export", daemon=True)
+        self.cfg, self.files, self.exams, self.stop = cfg, files, exams, stop
+        self.poll = poll_seconds
+        self.destinations = {d.name: d for d in cfg.destinations}
+
+    def run(self) -> None:
+        while not self.stop.wait(self.poll):
+            try:
+                self.send_due()
+            except Exception:
+                log.exception("export loop failed; retrying")
+
+    def send_due(self) -> None:
+        by_dest: dict[str, list[dict]] = defaultdict(list)
+        for row in self.exams.due_transfers():
+            by_dest[row["destination"]].append(row)
+        for name, rows in by_dest.items():
+            dest = self.destinations.get(name)
+            if dest is None:
+                for r in rows:
+                    self._failed(r, f"destination {name!r} is no longer configured")
+                continue
+            self._send(dest, rows)
+
+    def _failed(self, row: dict, error: str) -> None:
+        e = self.cfg.export
+        state = self.exams.mark_failed(row["id"], error, e.max_attempts,
+                                       e.initial_delay_seconds, e.max_delay_seconds)
+        log.log(logging.ERROR if state == "gave_up" else logging.WARNING,
+                "delivery of %s to %s failed (attempt %d): %s%s", row["sop_instance_uid"],
+                row["destination"], row["attempts"] + 1, error,
+                "; giving up" if state == "gave_up" else "; will retry")
+
+    def _send(self, dest: Destination, rows: list[dict]) -> None:
+        datasets = []
+        for r in rows:
+            try:
+                datasets.append((r, dcmread(self.files.abspath(r["path"]))))
+            except Exception as exc:
+                self._failed(r, f"cannot read result file: {exc}")
+        if not datasets:
+            return
+        ae = AE(ae_title=self.cfg.node.ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+                    for _, ds in datasets}
+        ae.requested_contexts = [build_context(a, [t]) for a, t in sorted(contexts)]
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        if not assoc.is_established:
+            for r, _ in datasets:
+                self._failed(r, f"association with {dest.ae_title}@{dest.host}:{dest.port} "
+                                "failed")
+            return
+        try:
+            for r, ds in datasets:
+                if not assoc.is_established:
+                    self._failed(r, "association lost")
+                    continue
+                status = assoc.send_c_store(ds)
+                code = int(status.Status) if status and "Status" in status else None
+                if code in _OK:
+                    self.exams.mark_sent(r["id"])
+                    log.info("sent %s to %s", r["sop_instance_uid"], dest.name)
+                else:
+                    self._failed(r, "no response" if code is None else f"status 0x{code:04X}")
+        finally:
+            if assoc.is_established:
+                assoc.release()

@@ -1,0 +1,168 @@
+"""The worker: claims ready exams, reads them with the model in its own process, and records
+the result objects for export.
+
+Inference runs in a separate process (one, spawned at start, holding the model): torch and the
+scan never compete with the network threads for the GIL, a model crash cannot take the daemon
+down, and the daemon itself stays small. One exam's failure marks it ``failed`` with the
+reason and the worker moves on; an exam left ``processing`` by a crash goes back to ``ready``
+at the next start (storage.state.ExamStore.recover).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+from node.config import Config
+from storage.files import FileStore
+from storage.state import ExamStore
+
+log = logging.getLogger("mammo_node.worker")
+
+EXAM_TIMEOUT_SECONDS = 900
+
+_MODEL = None  # in the inference process
+
+
+def _init_model(checkpoint: str, device: str) -> None:
+    global _MODEL
+    from inference.api import MammoModel
+
+    _MODEL = MammoModel(checkpoint or None, device=device)
+
+
+def _model_info() -> dict[str, Any]:
+    info = _MODEL.info
+    return {"sha256": info.sha256, "arch": info.config.arch, "task": info.config.task,
+            "demo": info.is_demo}
+
+
+def _save(ds, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    ds.save_as(tmp, enforce_file_format=True)
+    tmp.replace(path)
+
+
+def process_exam(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """Runs in the inference process: read the exam, write its result objects."""
+    from pydicom import dcmread
+
+    from inference.preprocess import to_display
+    from node.results import ReadingSummary, build_sc, build_tid1500
+
+    root = Path(job["data_dir"])
+    sources = {slot: dcmread(root / rel) for slot, rel in job["paths"].items()}
+    reading = _MODEL.predict_exam(sources)
+    info = _MODEL.info
+    summary = ReadingSummary(
+        breasts={b: {"present": r.present, "birads": r.birads,
+                     "birads_probabilities": r.birads_probabilities,
+                     "diagnosis": r.diagnosis,
+                     "diagnosis_probabilities": r.diagnosis_probabilities}
+                 for b, r in reading.breasts.items()},
+        fusion_weights=reading.fusion_weights, missing_views=reading.missing_views,
+        model_name="HybridCnnVssm", model_version=str(info.metadata.get("version", "?")),
+        model_sha256=info.sha256, not_for_clinical_use=info.is_demo)
+    study, version = job["study_uid"], job["version"]
+    out_dir = Path("results") / study / f"v{version}"
+    produced = []
+
+    def add(ds, kind: str) -> None:
+        rel = out_dir / f"{ds.SOPInstanceUID}.dcm"
+        _save(ds, root / rel)
+        produced.append({"kind": kind, "sop_class_uid": str(ds.SOPClassUID),
+                         "sop_instance_uid": str(ds.SOPInstanceUID),
+                         "series_instance_uid": str(ds.SeriesInstanceUID), "path": str(rel)})
+
+    if job.get("attention_maps", True):
+        for i, (slot, ds) in enumerate(sorted(sources.items())):
+            add(build_sc(ds, slot, to_display(ds), reading.attention_maps[slot], summary,
+                         study, version, i + 1), "sc")
+    if "tid1500" in job.get("sr", []):
+        prev = job.get("previous_sr")
+        replaces = dcmread(root / prev) if prev and (root / prev).exists() else None
+        add(build_tid1500(sources, summary, study, version, replaces=replaces), "sr-tid1500")
+    return produced
+
+
+class Worker(threading.Thread):
+    """Claims ``ready`` exams oldest first and processes them one at a time."""
+
+    def __init__(self, cfg: Config, files: FileStore, exams: ExamStore,
+                 stop: threading.Event) -> None:
+        super().__init__(name="worker", daemon=True)
+        self.cfg, self.files, self.exams, self.stop = cfg, files, exams, stop
+        self.pool: ProcessPoolExecutor | None = None
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"),
+                                   initializer=_init_model,
+                                   initargs=(self.cfg.inference.checkpoint,
+                                             self.cfg.inference.device))
+
+    def run(self) -> None:
+        self.pool = self._new_pool()
+        try:
+            info = self.pool.submit(_model_info).result(timeout=300)
+            log.info("model loaded in the inference process: %s %s, sha256 %s%s",
+                     info["arch"], info["task"], info["sha256"][:16],
+                     " (demo checkpoint: NOT FOR CLINICAL USE)" if info["demo"] else "")
+        except Exception as exc:
+            log.error("cannot load the model (%s); exams stay ready until it loads", exc)
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+        while not self.stop.is_set():
+            if self.pool is None:
+                self.stop.wait(10)
+                if self.stop.is_set():
+                    break
+                self.pool = self._new_pool()
+                continue
+            claim = self.exams.claim_next_ready()
+            if claim is None:
+                self.stop.wait(0.3)
+                continue
+            self._process(*claim)
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _process(self, exam_id: int, version: int) -> None:
+        study, version, paths = self.exams.claim_instance_paths(exam_id)
+        if not paths:
+            self.exams.finish(exam_id, version, ok=False,
+                              reason="no image fills any of the four view slots")
+            log.warning("exam %s v%d failed: no usable view", study, version)
+            return
+        prev = [r.path for r in self.exams.results_of(study)
+                if r.kind == "sr-tid1500" and r.version == version - 1]
+        job = {"data_dir": str(self.files.root), "study_uid": study, "version": version,
+               "paths": paths, "sr": self.cfg.results.sr,
+               "attention_maps": self.cfg.results.attention_maps,
+               "previous_sr": prev[0] if prev else None}
+        t0 = time.perf_counter()
+        try:
+            produced = self.pool.submit(process_exam, job).result(timeout=EXAM_TIMEOUT_SECONDS)
+        except BrokenProcessPool as exc:
+            log.error("inference process died on exam %s v%d; restarting it", study, version)
+            self.pool = self._new_pool()
+            self.exams.finish(exam_id, version, ok=False, reason=f"inference process died: {exc}")
+            return
+        except Exception as exc:  # model or builder error: this exam fails, others go on
+            log.exception("exam %s v%d failed", study, version)
+            self.exams.finish(exam_id, version, ok=False,
+                              reason=f"{type(exc).__name__}: {exc}"[:500])
+            return
+        dests = [d.name for d in self.cfg.destinations]
+        if self.exams.complete(exam_id, version, produced, dests):
+            log.info("exam %s v%d done in %.1f s: %d object(s) queued for %d destination(s)",
+                     study, version, time.perf_counter() - t0, len(produced), len(dests))
+        else:
+            log.info("exam %s v%d was reopened while processing; its new version follows",
+                     study, version)

@@ -1,0 +1,89 @@
+"""The whole pipeline with real processes: node (worker + export) -> DCMTK storescp as PACS."""
+
+from __future__ import annotations
+
+import json
+
+from pydicom import dcmread
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEGLSLossless
+
+from inference.synthetic import Lesion, make_exam
+from tests.conftest import dciodvfy_errors, send, wait_for
+
+SIZE = dict(rows=640, cols=512)
+FAST_EXPORT = {"max_attempts": 20, "initial_delay_seconds": 0.5, "max_delay_seconds": 1.0}
+
+
+def _node(node_factory, pacs_port: int, **extra):
+    settings = {"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
+                                  "port": pacs_port}],
+                "export": FAST_EXPORT, "grouping": {"stable_seconds": 2}}
+    settings.update(extra)
+    return node_factory(settings, worker=True)
+
+
+def _delivery(node, study):
+    return node.exam(study).get("delivery", {}).get("pacs", {})
+
+
+def test_exam_reading_arrives_in_the_pacs_and_validates(node_factory, storescp_factory):
+    pacs = storescp_factory()
+    node = _node(node_factory, pacs.port)
+    exam = make_exam(seed=11, lesions={"L": [Lesion("spiculated", 0.5, 0.5, 0.07, 0.35)]},
+                     **SIZE)
+    study = exam[0].StudyInstanceUID
+    assert send(node.port, exam) == [0] * 4
+    node.wait_exam(study, "done", timeout=180)
+    wait_for(lambda: _delivery(node, study).get("sent") == 5, 60, what="5 objects sent")
+    files = pacs.files()
+    assert len(files) == 5
+    objs = [dcmread(f) for f in files]
+    scs = [o for o in objs if o.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"]
+    srs = [o for o in objs if o.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"]
+    assert len(scs) == 4 and len(srs) == 1
+    for o in objs:
+        assert o.StudyInstanceUID == study                     # into the source study
+        assert o.PatientID == exam[0].PatientID
+        assert o.SeriesInstanceUID not in {ds.SeriesInstanceUID for ds in exam}  # new series
+    for f in files:
+        assert dciodvfy_errors(f) == [], f
+    for sc in scs:
+        assert sc.BurnedInAnnotation == "YES" and sc.PhotometricInterpretation == "RGB"
+        assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID in {
+            ds.SOPInstanceUID for ds in exam}
+    text = json.dumps(srs[0].to_json_dict())
+    assert "BI-RADS 5" in text  # the left breast's spiculated lesion
+    table = node.cli("exams").stdout
+    assert "pacs:5 sent" in table
+
+
+def test_destination_down_then_back_and_resend(node_factory, storescp_factory):
+    pacs = storescp_factory(start=False)            # not listening yet
+    node = _node(node_factory, pacs.port)
+    exam = make_exam(seed=12, **SIZE)
+    study = exam[0].StudyInstanceUID
+    assert send(node.port, exam) == [0] * 4
+    node.wait_exam(study, "done", timeout=180)
+    wait_for(lambda: _delivery(node, study).get("retrying") == 5, 30, what="retrying")
+    pacs.start()
+    wait_for(lambda: _delivery(node, study).get("sent") == 5, 60, what="delivered after outage")
+    assert len(pacs.files()) == 5 and pacs.received() == 5
+    r = node.cli("resend", study)
+    assert "queued 5" in r.stdout
+    wait_for(lambda: pacs.received() == 10, 60, what="resent")
+    assert len(pacs.files()) == 5  # same deterministic SOP Instance UIDs: no second copy
+
+
+def test_one_bad_exam_fails_with_reason_and_the_next_is_done(node_factory, storescp_factory):
+    pacs = storescp_factory()
+    node = _node(node_factory, pacs.port)
+    bad = make_exam(seed=13, transfer_syntax=JPEGLSLossless, **SIZE)
+    for ds in bad:  # a valid header around a JPEG-LS stream that cannot be decoded
+        ds.PixelData = encapsulate([b"\xff\xd8" + b"\x00" * 64 + b"\xff\xd9"])
+    good = make_exam(seed=14, **SIZE)
+    assert send(node.port, bad) == [0] * 4
+    assert send(node.port, good) == [0] * 4
+    e = node.wait_exam(bad[0].StudyInstanceUID, "failed", timeout=180)
+    assert e["reason"] and "decode" in e["reason"].lower()
+    node.wait_exam(good[0].StudyInstanceUID, "done", timeout=180)
