@@ -30,8 +30,31 @@ EXAM_TIMEOUT_SECONDS = 900
 _MODEL = None  # in the inference process
 
 
+def _die_with_parent() -> None:
+    """The inference process must not outlive the daemon (SIGKILL included)."""
+    import ctypes
+    import os
+    import signal
+
+    parent = os.getppid()
+    try:  # Linux: the kernel sends us SIGKILL when the parent dies
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:  # elsewhere: poll for re-parenting
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def _init_model(checkpoint: str, device: str) -> None:
     global _MODEL
+    _die_with_parent()
     from inference.api import MammoModel
 
     _MODEL = MammoModel(checkpoint or None, device=device)

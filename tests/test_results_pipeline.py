@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import psutil
+
 from pydicom import dcmread
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLSLossless
@@ -87,3 +89,45 @@ def test_one_bad_exam_fails_with_reason_and_the_next_is_done(node_factory, store
     e = node.wait_exam(bad[0].StudyInstanceUID, "failed", timeout=180)
     assert e["reason"] and "decode" in e["reason"].lower()
     node.wait_exam(good[0].StudyInstanceUID, "done", timeout=180)
+
+
+def test_sigkill_during_inference_then_restart_delivers_exactly_once(node_factory,
+                                                                      storescp_factory):
+    import signal
+
+    pacs = storescp_factory()
+    node = _node(node_factory, pacs.port)
+    exam = make_exam(seed=15, rows=2400, cols=1900)  # larger: inference takes a moment
+    study = exam[0].StudyInstanceUID
+    assert send(node.port, exam) == [0] * 4
+    wait_for(lambda: node.exam(study)["state"] == "processing", 60, interval=0.05,
+             what="processing")
+    children = psutil.Process(node.proc.pid).children(recursive=True)
+    assert children, "inference runs in a child process"
+    node.stop(signal.SIGKILL)
+    assert node.exam(study)["state"] == "processing"
+    # The inference process does not outlive the daemon.
+    wait_for(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE
+                             for c in children), 10, what="orphans gone")
+    node.start()
+    node.wait_exam(study, "done", timeout=180)
+    wait_for(lambda: _delivery(node, study).get("sent") == 5, 60, what="sent after restart")
+    assert any("interrupted" in n for n in node.exam(study)["notes"])
+    assert pacs.received() == 5 and len(pacs.files()) == 5
+
+
+def test_sigkill_with_deliveries_pending_then_restart(node_factory, storescp_factory):
+    import signal
+
+    pacs = storescp_factory(start=False)
+    node = _node(node_factory, pacs.port)
+    exam = make_exam(seed=16, **SIZE)
+    study = exam[0].StudyInstanceUID
+    assert send(node.port, exam) == [0] * 4
+    node.wait_exam(study, "done", timeout=180)
+    wait_for(lambda: _delivery(node, study).get("retrying") == 5, 30, what="retrying")
+    node.stop(signal.SIGKILL)
+    pacs.start()
+    node.start()
+    wait_for(lambda: _delivery(node, study).get("sent") == 5, 60, what="resumed deliveries")
+    assert pacs.received() == 5 and len(pacs.files()) == 5
