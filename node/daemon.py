@@ -92,8 +92,11 @@ class Node:
         dimse_messages.NamedTemporaryFile = IncomingFile  # type: ignore[attr-defined]
 
         ae = make_ae(cfg)
+        from node.qr import QueryRetrieveSCP
+
+        qr = QueryRetrieveSCP(cfg, self.files, self.exams)
         self.server = ae.start_server((cfg.node.host, cfg.node.port), block=False,
-                                      evt_handlers=self.scp.handlers())
+                                      evt_handlers=self.scp.handlers() + qr.handlers())
         port = self.server.server_address[1]
         pidfile_path(cfg).write_text(json.dumps({
             "pid": os.getpid(), "ae_title": cfg.node.ae_title, "host": cfg.node.host,

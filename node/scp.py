@@ -347,8 +347,14 @@ def make_ae(cfg: Config) -> AE:
     ae.acse_timeout = 30
     ae.dimse_timeout = cfg.node.network_timeout_seconds
     ae.add_supported_context(Verification)
+    # Storage: as SCP (C-STORE in) and, when a C-GET requestor asks for it, as SCU.
     for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES, scu_role=True,
+                                 scp_role=True)
+    from node.qr import QR_CONTEXTS
+
+    for sop_class in QR_CONTEXTS:
+        ae.add_supported_context(sop_class, TRANSFER_SYNTAXES[:3])
     if cfg.security.allowed_calling_aets:
         ae.require_calling_aet = list(cfg.security.allowed_calling_aets)
     return ae

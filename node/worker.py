@@ -102,7 +102,11 @@ def process_exam(job: dict[str, Any]) -> list[dict[str, Any]]:
         _save(ds, root / rel)
         produced.append({"kind": kind, "sop_class_uid": str(ds.SOPClassUID),
                          "sop_instance_uid": str(ds.SOPInstanceUID),
-                         "series_instance_uid": str(ds.SeriesInstanceUID), "path": str(rel)})
+                         "series_instance_uid": str(ds.SeriesInstanceUID), "path": str(rel),
+                         "modality": str(ds.get("Modality", "") or "") or None,
+                         "series_number": int(ds.get("SeriesNumber", 0) or 0),
+                         "instance_number": int(ds.get("InstanceNumber", 0) or 0),
+                         "size_bytes": (root / rel).stat().st_size})
 
     if job.get("attention_maps", True):
         for i, (slot, ds) in enumerate(sorted(sources.items())):

@@ -189,13 +189,18 @@ class ExamStore:
             exam = s.get(Exam, exam_id, with_for_update=True)
             if exam is None or exam.version != version or exam.state != "processing":
                 return False
+            source = s.scalar(select(Instance).where(Instance.exam_id == exam_id)
+                              .order_by(Instance.id).limit(1))
             for r in results:
                 row = s.scalar(select(Result).where(
                     Result.sop_instance_uid == r["sop_instance_uid"]))
                 if row is None:
-                    row = Result(exam_id=exam_id, version=version, **r)
+                    row = Result(exam_id=exam_id, version=version,
+                                 **{k: r[k] for k in ("kind", "sop_class_uid", "sop_instance_uid",
+                                                      "series_instance_uid", "path")})
                     s.add(row)
                     s.flush()
+                    self._add_result_instance(s, r, exam, source)
                 for dest in destinations:
                     if s.scalar(select(Outbound.id).where(
                             Outbound.result_id == row.id,
@@ -204,6 +209,27 @@ class ExamStore:
                                        attempts=0, next_attempt_at=utcnow()))
             self._set_state(exam, "done", utcnow())
             return True
+
+    @staticmethod
+    def _add_result_instance(s, r: dict[str, Any], exam: Exam, source: Instance | None) -> None:
+        """A produced object is also an instance the node holds (found by C-FIND, sent by
+        C-MOVE / C-GET), with the patient and study attributes of its source images."""
+        if s.scalar(select(Instance.id).where(
+                Instance.sop_instance_uid == r["sop_instance_uid"])) is not None:
+            return
+        s.add(Instance(
+            sop_instance_uid=r["sop_instance_uid"], sop_class_uid=r["sop_class_uid"],
+            study_instance_uid=exam.study_instance_uid,
+            series_instance_uid=r["series_instance_uid"],
+            transfer_syntax_uid="1.2.840.10008.1.2.1", path=r["path"],
+            size_bytes=int(r.get("size_bytes") or 0), calling_aet=None,
+            patient_id=source.patient_id if source else exam.patient_id,
+            patient_name=source.patient_name if source else None,
+            accession_number=exam.accession_number,
+            study_date=source.study_date if source else None,
+            study_time=source.study_time if source else None,
+            modality=r.get("modality"), series_number=r.get("series_number"),
+            instance_number=r.get("instance_number"), role="result", exam_id=None))
 
     def claim_instance_paths(self, exam_id: int) -> tuple[str, int, dict[str, str]]:
         """(study UID, version, slot -> relative path) of an exam's slot images."""
@@ -317,6 +343,24 @@ class ExamStore:
             for state, n in s.execute(select(Exam.state, func.count()).group_by(Exam.state)):
                 counts[state] = n
         return counts
+
+    def find_instances(self, study_uids: list[str] | None = None,
+                       series_uids: list[str] | None = None,
+                       sop_uids: list[str] | None = None,
+                       patient_id: str | None = None) -> list[Instance]:
+        """Instances (received and produced), narrowed by exact UIDs / patient ID when given;
+        the caller applies the rest of the DICOM matching."""
+        q = select(Instance)
+        if study_uids:
+            q = q.where(Instance.study_instance_uid.in_(study_uids))
+        if series_uids:
+            q = q.where(Instance.series_instance_uid.in_(series_uids))
+        if sop_uids:
+            q = q.where(Instance.sop_instance_uid.in_(sop_uids))
+        if patient_id is not None:
+            q = q.where(Instance.patient_id == patient_id)
+        with self.db.session() as s:
+            return list(s.scalars(q.order_by(Instance.id)))
 
     def instance_count(self) -> int:
         with self.db.session() as s:
