@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import psutil
 
@@ -11,7 +12,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLSLossless
 
 from inference.synthetic import Lesion, make_exam
-from tests.conftest import dciodvfy_errors, send, wait_for
+from tests.conftest import dciodvfy_errors, dcmtk, send, wait_for
 
 SIZE = dict(rows=640, cols=512)
 FAST_EXPORT = {"max_attempts": 20, "initial_delay_seconds": 0.5, "max_delay_seconds": 1.0}
@@ -58,6 +59,15 @@ def test_exam_reading_arrives_in_the_pacs_and_validates(node_factory, storescp_f
     assert "BI-RADS 5" in text  # the left breast's spiculated lesion
     table = node.cli("exams").stdout
     assert "pacs:5 sent" in table
+    sr_file = next(f for f, o in zip(files, objs) if o.SOPClassUID.endswith(".88.33"))
+    dump = subprocess.run([dcmtk("dsrdump"), str(sr_file)], capture_output=True, text=True)
+    assert dump.returncode == 0 and "Imaging Measurement Report" in dump.stdout
+    # The node answers C-FIND for what it produced, too.
+    r = subprocess.run([dcmtk("findscu"), "-S", "-aec", node.ae_title, "127.0.0.1",
+                        str(node.port), "-k", "QueryRetrieveLevel=SERIES",
+                        "-k", f"StudyInstanceUID={study}", "-k", "SeriesInstanceUID",
+                        "-k", "Modality=SR"], capture_output=True, text=True)
+    assert srs[0].SeriesInstanceUID in r.stdout + r.stderr
 
 
 def test_destination_down_then_back_and_resend(node_factory, storescp_factory):
