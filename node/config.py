@@ -108,12 +108,12 @@ class StorageConfig:
     min_free_mb: float = 512.0
 
 
-SR_KINDS = ("tid1500",)  # "mammo-cad" (TID 4000) comes with the results issue's next step
+SR_KINDS = ("mammo-cad", "tid1500")
 
 
 @dataclass
 class ResultsConfig:
-    sr: list[str] = field(default_factory=lambda: ["tid1500"])
+    sr: list[str] = field(default_factory=lambda: ["mammo-cad", "tid1500"])
     attention_maps: bool = True
 
 

@@ -214,3 +214,167 @@ def build_tid1500(sources: dict[str, Dataset], reading: ReadingSummary, study_ui
     sr.SeriesDescription = "AI reading (TID 1500)"
     _ = any_source
     return sr
+
+
+# --------------------------------------------------------------------------- TID 4000 SR
+MAMMO_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
+_PRIVATE = "99MAMMONODE"
+
+
+class MammographyCADSR(hd.sr.sop._SR):  # highdicom has no Mammography CAD SR class
+    """Mammography CAD SR document (SOP class 1.2.840.10008.5.1.4.1.1.88.50)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(sop_class_uid=MAMMO_CAD_SR, **kwargs)
+
+
+def _c(value: str, scheme: str, meaning: str) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(value, scheme, meaning)
+
+
+def _rel(name: str) -> hd.sr.RelationshipTypeValues:
+    return getattr(hd.sr.RelationshipTypeValues, name)
+
+
+def _num(name: hd.sr.CodedConcept, value: float, unit: hd.sr.CodedConcept,
+         rel: str = "CONTAINS") -> hd.sr.NumContentItem:
+    return hd.sr.NumContentItem(name=name, value=round(float(value), 6), unit=unit,
+                                relationship_type=_rel(rel))
+
+
+def build_mammo_cad(sources: dict[str, Dataset], reading: ReadingSummary, study_uid: str,
+                    version: int, replaces: Dataset | None = None) -> Dataset:
+    """A Mammography CAD SR (TID 4000 structure) with the per-breast reading.
+
+    Image Library of every source image (laterality and view as acquisition context);
+    CAD Processing and Findings Summary with one Individual Impression/Recommendation per
+    breast read (BI-RADS category and probabilities, probability of cancer when the model
+    has a diagnosis head, view fusion weights, missing views); Summary of Detections (not
+    attempted: this model classifies, it does not mark lesions) and Summary of Analyses with
+    the algorithm identification (name, version, checkpoint SHA-256).
+    """
+    one = _c("1", "UCUM", "no units")
+    library = hd.sr.ContainerContentItem(name=_c("111028", "DCM", "Image Library"),
+                                         relationship_type=_rel("CONTAINS"))
+    entries = []
+    for slot, ds in sorted(sources.items()):
+        img = hd.sr.ImageContentItem(
+            name=_c("111040", "DCM", "Original Source"),
+            referenced_sop_class_uid=ds.SOPClassUID,
+            referenced_sop_instance_uid=ds.SOPInstanceUID,
+            relationship_type=_rel("CONTAINS"))
+        lat, view = slot.split("-")
+        img.ContentSequence = hd.sr.ContentSequence([
+            hd.sr.CodeContentItem(
+                name=_c("111027", "DCM", "Image Laterality"),
+                value=_c("7771000", "SCT", "Left") if lat == "L" else _c("24028007", "SCT",
+                                                                          "Right"),
+                relationship_type=_rel("HAS_ACQ_CONTEXT")),
+            hd.sr.CodeContentItem(
+                name=_c("111031", "DCM", "Image View"),
+                value=_c("399162004", "SCT", "cranio-caudal") if view == "CC"
+                else _c("399368009", "SCT", "medio-lateral oblique"),
+                relationship_type=_rel("HAS_ACQ_CONTEXT")),
+        ])
+        entries.append(img)
+    library.ContentSequence = hd.sr.ContentSequence(entries)
+
+    impressions = []
+    findings = False
+    for lat in ("L", "R"):
+        b = reading.breasts.get(lat, {})
+        if not b.get("present"):
+            continue
+        side = "Left" if lat == "L" else "Right"
+        imp = hd.sr.ContainerContentItem(
+            name=_c("111034", "DCM", "Individual Impression/Recommendation"),
+            relationship_type=_rel("INFERRED_FROM"))
+        items: list = [
+            hd.sr.CodeContentItem(name=_c("111056", "DCM", "Rendering Intent"),
+                                  value=_c("111150", "DCM", "Presentation Required: Rendering "
+                                                            "device is expected to present"),
+                                  relationship_type=_rel("HAS_CONCEPT_MOD")),
+            hd.sr.CodeContentItem(name=_c("BREAST", _PRIVATE, "Breast"),
+                                  value=_c("7771000", "SCT", "Left") if lat == "L"
+                                  else _c("24028007", "SCT", "Right"),
+                                  relationship_type=_rel("HAS_CONCEPT_MOD")),
+            hd.sr.CodeContentItem(
+                name=_c("AI-BIRADS", _PRIVATE, "AI BI-RADS category"),
+                value=_c(b["birads"].replace(" ", "-"), _PRIVATE, f"AI {b['birads']}"),
+                relationship_type=_rel("CONTAINS")),
+        ]
+        for cls, p in b["birads_probabilities"].items():
+            items.append(_num(_c(f"P-{cls.replace(' ', '')}", _PRIVATE,
+                                 f"Probability of {cls}"), p, one))
+        dprobs = b.get("diagnosis_probabilities") or {}
+        if "malignant" in dprobs:
+            items.append(_num(_c("111047", "DCM", "Probability of cancer"),
+                              100.0 * dprobs["malignant"], _c("%", "UCUM", "percent")))
+        if b.get("diagnosis"):
+            items.append(hd.sr.CodeContentItem(
+                name=_c("AI-DIAGNOSIS", _PRIVATE, "AI diagnosis"),
+                value=_c(b["diagnosis"].upper(), _PRIVATE, b["diagnosis"]),
+                relationship_type=_rel("CONTAINS")))
+        for slot, w in reading.fusion_weights.get(lat, {}).items():
+            items.append(_num(_c(f"W-{slot}", _PRIVATE, f"Fusion weight of {slot}"), w, one))
+        missing = [v for v in reading.missing_views]
+        items.append(hd.sr.TextContentItem(
+            name=_c("MISSING-VIEWS", _PRIVATE, "Missing views"),
+            value=", ".join(missing) if missing else "none",
+            relationship_type=_rel("CONTAINS")))
+        if reading.not_for_clinical_use:
+            items.append(hd.sr.TextContentItem(
+                name=_c("DISCLAIMER", _PRIVATE, "Disclaimer"),
+                value="Demo model trained on synthetic phantoms. NOT FOR CLINICAL USE.",
+                relationship_type=_rel("CONTAINS")))
+        imp.ContentSequence = hd.sr.ContentSequence(items)
+        impressions.append(imp)
+        findings = findings or b["birads"] not in ("BI-RADS 1",)
+        _ = side
+    summary = hd.sr.CodeContentItem(
+        name=_c("111017", "DCM", "CAD Processing and Findings Summary"),
+        value=_c("111242", "DCM", "All algorithms succeeded; with findings") if findings
+        else _c("111241", "DCM", "All algorithms succeeded; without findings"),
+        relationship_type=_rel("CONTAINS"))
+    summary.ContentSequence = hd.sr.ContentSequence(impressions)
+
+    detections = hd.sr.CodeContentItem(
+        name=_c("111064", "DCM", "Summary of Detections"),
+        value=_c("111225", "DCM", "Not Attempted"), relationship_type=_rel("CONTAINS"))
+    analyses = hd.sr.CodeContentItem(
+        name=_c("111065", "DCM", "Summary of Analyses"),
+        value=_c("111222", "DCM", "Succeeded"), relationship_type=_rel("CONTAINS"))
+    ok = hd.sr.ContainerContentItem(name=_c("111062", "DCM", "Successful Analyses"),
+                                    relationship_type=_rel("INFERRED_FROM"))
+    performed = hd.sr.CodeContentItem(
+        name=_c("111004", "DCM", "Analysis Performed"),
+        value=_c("FOUR-VIEW-BIRADS", _PRIVATE, "Four-view BI-RADS analysis"),
+        relationship_type=_rel("CONTAINS"))
+    performed.ContentSequence = hd.sr.ContentSequence([
+        hd.sr.TextContentItem(name=_c("111001", "DCM", "Algorithm Name"),
+                              value=reading.model_name, relationship_type=_rel("HAS_PROPERTIES")),
+        hd.sr.TextContentItem(name=_c("111003", "DCM", "Algorithm Version"),
+                              value=reading.model_version,
+                              relationship_type=_rel("HAS_PROPERTIES")),
+        hd.sr.TextContentItem(name=_c("111002", "DCM", "Algorithm Parameters"),
+                              value=f"checkpoint sha256 {reading.model_sha256}",
+                              relationship_type=_rel("HAS_PROPERTIES")),
+    ])
+    ok.ContentSequence = hd.sr.ContentSequence([performed])
+    analyses.ContentSequence = hd.sr.ContentSequence([ok])
+
+    root = hd.sr.ContainerContentItem(name=_c("111036", "DCM", "Mammography CAD Report"),
+                                      template_id="4000")
+    root.ContentSequence = hd.sr.ContentSequence([
+        *hd.sr.LanguageOfContentItemAndDescendants(language=_c("en-US", "RFC5646",
+                                                               "English (United States)")),
+        library, summary, detections, analyses])
+    sr = MammographyCADSR(
+        evidence=list(sources.values()), content=root,
+        series_instance_uid=result_uid(study_uid, version, "srcad-series"),
+        series_number=SR_SERIES_NUMBER, sop_instance_uid=result_uid(study_uid, version,
+                                                                      "sr-mammo-cad"),
+        instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
+        previous_versions=[replaces] if replaces is not None else None)
+    sr.SeriesDescription = "AI reading (Mammography CAD SR)"
+    return sr

@@ -78,7 +78,7 @@ def process_exam(job: dict[str, Any]) -> list[dict[str, Any]]:
     from pydicom import dcmread
 
     from inference.preprocess import to_display
-    from node.results import ReadingSummary, build_sc, build_tid1500
+    from node.results import ReadingSummary, build_mammo_cad, build_sc, build_tid1500
 
     root = Path(job["data_dir"])
     sources = {slot: dcmread(root / rel) for slot, rel in job["paths"].items()}
@@ -112,10 +112,11 @@ def process_exam(job: dict[str, Any]) -> list[dict[str, Any]]:
         for i, (slot, ds) in enumerate(sorted(sources.items())):
             add(build_sc(ds, slot, to_display(ds), reading.attention_maps[slot], summary,
                          study, version, i + 1), "sc")
-    if "tid1500" in job.get("sr", []):
-        prev = job.get("previous_sr")
+    builders = {"mammo-cad": build_mammo_cad, "tid1500": build_tid1500}
+    for kind in job.get("sr", []):
+        prev = (job.get("previous") or {}).get(f"sr-{kind}")
         replaces = dcmread(root / prev) if prev and (root / prev).exists() else None
-        add(build_tid1500(sources, summary, study, version, replaces=replaces), "sr-tid1500")
+        add(builders[kind](sources, summary, study, version, replaces=replaces), f"sr-{kind}")
     return produced
 
 
@@ -167,12 +168,12 @@ class Worker(threading.Thread):
                               reason="no image fills any of the four view slots")
             log.warning("exam %s v%d failed: no usable view", study, version)
             return
-        prev = [r.path for r in self.exams.results_of(study)
-                if r.kind == "sr-tid1500" and r.version == version - 1]
+        # The SRs of the version this one replaces (referenced as predecessor documents).
+        previous = {r.kind: r.path for r in self.exams.results_of(study)
+                    if r.kind.startswith("sr-") and r.version < version}
         job = {"data_dir": str(self.files.root), "study_uid": study, "version": version,
                "paths": paths, "sr": self.cfg.results.sr,
-               "attention_maps": self.cfg.results.attention_maps,
-               "previous_sr": prev[0] if prev else None}
+               "attention_maps": self.cfg.results.attention_maps, "previous": previous}
         t0 = time.perf_counter()
         try:
             produced = self.pool.submit(process_exam, job).result(timeout=EXAM_TIMEOUT_SECONDS)

@@ -38,13 +38,14 @@ def test_exam_reading_arrives_in_the_pacs_and_validates(node_factory, storescp_f
     study = exam[0].StudyInstanceUID
     assert send(node.port, exam) == [0] * 4
     node.wait_exam(study, "done", timeout=180)
-    wait_for(lambda: _delivery(node, study).get("sent") == 5, 60, what="5 objects sent")
+    wait_for(lambda: _delivery(node, study).get("sent") == 6, 60, what="6 objects sent")
     files = pacs.files()
-    assert len(files) == 5
+    assert len(files) == 6
     objs = [dcmread(f) for f in files]
     scs = [o for o in objs if o.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"]
     srs = [o for o in objs if o.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"]
-    assert len(scs) == 4 and len(srs) == 1
+    cads = [o for o in objs if o.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.50"]
+    assert len(scs) == 4 and len(srs) == 1 and len(cads) == 1
     for o in objs:
         assert o.StudyInstanceUID == study                     # into the source study
         assert o.PatientID == exam[0].PatientID
@@ -57,11 +58,18 @@ def test_exam_reading_arrives_in_the_pacs_and_validates(node_factory, storescp_f
             ds.SOPInstanceUID for ds in exam}
     text = json.dumps(srs[0].to_json_dict())
     assert "BI-RADS 5" in text  # the left breast's spiculated lesion
+    cad = json.dumps(cads[0].to_json_dict())
+    for needle in ("Mammography CAD Report", "Image Library", "AI BI-RADS 5",
+                   "Probability of cancer", "Algorithm Name", "HybridCnnVssm",
+                   "NOT FOR CLINICAL USE", "Summary of Analyses"):
+        assert needle in cad, needle
     table = node.cli("exams").stdout
-    assert "pacs:5 sent" in table
-    sr_file = next(f for f, o in zip(files, objs) if o.SOPClassUID.endswith(".88.33"))
-    dump = subprocess.run([dcmtk("dsrdump"), str(sr_file)], capture_output=True, text=True)
-    assert dump.returncode == 0 and "Imaging Measurement Report" in dump.stdout
+    assert "pacs:6 sent" in table
+    for suffix, title in ((".88.33", "Imaging Measurement Report"),
+                          (".88.50", "Mammography CAD Report")):
+        sr_file = next(f for f, o in zip(files, objs) if o.SOPClassUID.endswith(suffix))
+        dump = subprocess.run([dcmtk("dsrdump"), str(sr_file)], capture_output=True, text=True)
+        assert dump.returncode == 0 and title in dump.stdout
     # The node answers C-FIND for what it produced, too.
     r = subprocess.run([dcmtk("findscu"), "-S", "-aec", node.ae_title, "127.0.0.1",
                         str(node.port), "-k", "QueryRetrieveLevel=SERIES",
@@ -77,14 +85,14 @@ def test_destination_down_then_back_and_resend(node_factory, storescp_factory):
     study = exam[0].StudyInstanceUID
     assert send(node.port, exam) == [0] * 4
     node.wait_exam(study, "done", timeout=180)
-    wait_for(lambda: _delivery(node, study).get("retrying") == 5, 30, what="retrying")
+    wait_for(lambda: _delivery(node, study).get("retrying") == 6, 30, what="retrying")
     pacs.start()
-    wait_for(lambda: _delivery(node, study).get("sent") == 5, 60, what="delivered after outage")
-    assert len(pacs.files()) == 5 and pacs.received() == 5
+    wait_for(lambda: _delivery(node, study).get("sent") == 6, 60, what="delivered after outage")
+    assert len(pacs.files()) == 6 and pacs.received() == 6
     r = node.cli("resend", study)
-    assert "queued 5" in r.stdout
-    wait_for(lambda: pacs.received() == 10, 60, what="resent")
-    assert len(pacs.files()) == 5  # same deterministic SOP Instance UIDs: no second copy
+    assert "queued 6" in r.stdout
+    wait_for(lambda: pacs.received() == 12, 60, what="resent")
+    assert len(pacs.files()) == 6  # same deterministic SOP Instance UIDs: no second copy
 
 
 def test_one_bad_exam_fails_with_reason_and_the_next_is_done(node_factory, storescp_factory):
@@ -121,9 +129,9 @@ def test_sigkill_during_inference_then_restart_delivers_exactly_once(node_factor
                              for c in children), 10, what="orphans gone")
     node.start()
     node.wait_exam(study, "done", timeout=180)
-    wait_for(lambda: _delivery(node, study).get("sent") == 5, 60, what="sent after restart")
+    wait_for(lambda: _delivery(node, study).get("sent") == 6, 60, what="sent after restart")
     assert any("interrupted" in n for n in node.exam(study)["notes"])
-    assert pacs.received() == 5 and len(pacs.files()) == 5
+    assert pacs.received() == 6 and len(pacs.files()) == 6
 
 
 def test_sigkill_with_deliveries_pending_then_restart(node_factory, storescp_factory):
@@ -135,9 +143,9 @@ def test_sigkill_with_deliveries_pending_then_restart(node_factory, storescp_fac
     study = exam[0].StudyInstanceUID
     assert send(node.port, exam) == [0] * 4
     node.wait_exam(study, "done", timeout=180)
-    wait_for(lambda: _delivery(node, study).get("retrying") == 5, 30, what="retrying")
+    wait_for(lambda: _delivery(node, study).get("retrying") == 6, 30, what="retrying")
     node.stop(signal.SIGKILL)
     pacs.start()
     node.start()
-    wait_for(lambda: _delivery(node, study).get("sent") == 5, 60, what="resumed deliveries")
-    assert pacs.received() == 5 and len(pacs.files()) == 5
+    wait_for(lambda: _delivery(node, study).get("sent") == 6, 60, what="resumed deliveries")
+    assert pacs.received() == 6 and len(pacs.files()) == 6
