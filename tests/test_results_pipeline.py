@@ -39,6 +39,7 @@ def test_exam_reading_arrives_in_the_pacs_and_validates(node_factory, storescp_f
     assert send(node.port, exam) == [0] * 4
     node.wait_exam(study, "done", timeout=180)
     wait_for(lambda: _delivery(node, study).get("sent") == 6, 60, what="6 objects sent")
+    wait_for(lambda: len(pacs.files()) == 6, 10, what="storescp wrote every file")
     files = pacs.files()
     assert len(files) == 6
     objs = [dcmread(f) for f in files]
@@ -149,3 +150,35 @@ def test_sigkill_with_deliveries_pending_then_restart(node_factory, storescp_fac
     node.start()
     wait_for(lambda: _delivery(node, study).get("sent") == 6, 60, what="resumed deliveries")
     assert pacs.received() == 6 and len(pacs.files()) == 6
+
+
+def test_reopened_exam_gets_a_new_version_that_references_the_old(node_factory,
+                                                                    storescp_factory):
+    import datetime as dt
+
+    from inference.synthetic import make_mammogram
+
+    pacs = storescp_factory()
+    node = _node(node_factory, pacs.port)
+    exam = make_exam(seed=17, **SIZE)
+    study = exam[0].StudyInstanceUID
+    assert send(node.port, exam) == [0] * 4
+    node.wait_exam(study, "done", timeout=180)
+    wait_for(lambda: pacs.received() == 6, 60, what="v1 delivered")
+    retake = make_mammogram("L", "CC", study_uid=study, seed=99, **SIZE,
+                            acquisition=dt.datetime(2026, 1, 15, 12, 0))
+    assert send(node.port, [retake]) == [0]
+    wait_for(lambda: node.exam(study)["version"] == 2 and node.exam(study)["state"] == "done",
+             180, what="version 2 done")
+    wait_for(lambda: pacs.received() == 12, 60, what="v2 delivered")
+    wait_for(lambda: len(pacs.files()) == 12, 10, what="storescp wrote every file")
+    objs = [dcmread(f) for f in pacs.files()]
+    assert len(objs) == 12  # new UIDs for the new version, the old ones stay
+    v1 = {o.SOPInstanceUID for o in objs if o.SOPClassUID.endswith(".88.50")}
+    assert len(v1) == 2
+    newest = [o for o in objs if o.SOPClassUID.endswith(".88.50")
+              and "PredecessorDocumentsSequence" in o]
+    assert len(newest) == 1
+    ref = newest[0].PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0] \
+        .ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    assert ref in v1 and ref != newest[0].SOPInstanceUID
