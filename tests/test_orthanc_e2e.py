@@ -1,0 +1,106 @@
+"""End to end against a real PACS: Orthanc sends a study to the node, the reading comes back."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from inference.synthetic import Lesion, make_exam, write
+from tests.conftest import dciodvfy_errors, free_port, wait_for
+
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+
+
+class Orthanc:
+    def __init__(self, folder: Path, node_port: int):
+        self.folder = folder
+        self.http = free_port()
+        self.dicom = free_port()
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps({
+            "Name": "mammo-node-test", "StorageDirectory": str(folder / "db"),
+            "IndexDirectory": str(folder / "db"), "HttpPort": self.http,
+            "DicomPort": self.dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "Plugins": [], "DicomCheckCalledAet": False,
+            "DicomModalities": {"mammo": ["MAMMO_NODE", "127.0.0.1", node_port]}}))
+        self.log = open(folder / "orthanc.log", "wb")
+        self.proc = subprocess.Popen([ORTHANC, str(folder / "config.json")],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for(self._up, 30, what="Orthanc")
+
+    def _up(self) -> bool:
+        try:
+            self.get("/system")
+            return True
+        except OSError:
+            return False
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.http}{path}"
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url(path), timeout=10) as r:
+            body = r.read()
+        return json.loads(body) if body[:1] in (b"{", b"[") else body
+
+    def post(self, path: str, data: bytes, ctype: str = "application/json"):
+        req = urllib.request.Request(self.url(path), data=data, method="POST",
+                                     headers={"Content-Type": ctype})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read() or b"null")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.mark.skipif(not Path(ORTHANC).exists(), reason="Orthanc is installed by .ci/run")
+def test_orthanc_routes_a_study_and_receives_the_reading(node_factory, tmp_path):
+    node = node_factory(start=False, worker=True)  # ports first: Orthanc must know the node
+    orthanc = Orthanc(tmp_path / "orthanc", node.port)
+    try:
+        cfg = node.config.read_text() + (
+            "[[destinations]]\nname = \"orthanc\"\nae_title = \"ORTHANC\"\n"
+            f"host = \"127.0.0.1\"\nport = {orthanc.dicom}\n"
+            "[export]\ninitial_delay_seconds = 0.5\nmax_delay_seconds = 1.0\n")
+        node.config.write_text(cfg)
+        node.start()
+        exam = make_exam(seed=21, rows=640, cols=512,
+                         lesions={"R": [Lesion("spiculated", 0.5, 0.5, 0.07, 0.35)]})
+        study_uid = exam[0].StudyInstanceUID
+        for i, ds in enumerate(exam):
+            orthanc.post("/instances", write(ds, tmp_path / f"in{i}.dcm").read_bytes(),
+                         "application/dicom")
+        study_id = orthanc.post("/tools/lookup", study_uid.encode(), "text/plain")[0]["ID"]
+        assert len(orthanc.get(f"/studies/{study_id}/instances")) == 4
+        job = orthanc.post("/modalities/mammo/store", json.dumps(study_id).encode())
+        assert job is not None
+        node.wait_exam(study_uid, "done", timeout=180)
+        wait_for(lambda: len(orthanc.get(f"/studies/{study_id}/instances")) == 10, 90,
+                 what="SR and SC in the Orthanc study")
+        series = orthanc.get(f"/studies/{study_id}/series")
+        modalities = sorted(s["MainDicomTags"].get("Modality", "") for s in series)
+        assert modalities.count("SR") == 2 and "MG" in modalities
+        for inst in orthanc.get(f"/studies/{study_id}/instances"):
+            tags = orthanc.get(f"/instances/{inst['ID']}/simplified-tags")
+            if tags.get("Modality") == "MG":
+                continue
+            f = tmp_path / f"{inst['ID']}.dcm"
+            f.write_bytes(orthanc.get(f"/instances/{inst['ID']}/file"))
+            assert dciodvfy_errors(f) == [], f
+            ds = dcmread(f)
+            assert ds.StudyInstanceUID == study_uid and ds.PatientID == exam[0].PatientID
+    finally:
+        node.stop()
+        orthanc.stop()
