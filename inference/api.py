@@ -21,7 +21,14 @@ from pydicom.dataset import Dataset
 
 from inference.checkpoint import CheckpointInfo, load_checkpoint
 from inference.model import BREASTS, DIAGNOSIS_CLASSES, VIEWS
-from inference.preprocess import Geometry, guess_slot, load, map_to_original, preprocess
+from inference.preprocess import (
+    Geometry,
+    guess_slot,
+    load,
+    map_to_original,
+    preprocess_array,
+    to_display,
+)
 from inference.train import resolve_device
 
 
@@ -47,6 +54,8 @@ class ExamReading:
     geometry: dict[str, Geometry]
     model: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    #: the windowed images in [0, 1] (original orientation), when asked for with keep_display
+    displays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class MammoModel:
@@ -80,8 +89,11 @@ class MammoModel:
 
     @torch.no_grad()
     def predict_exam(self, views: Mapping[str, Dataset | str | Path]
-                     | Sequence[Dataset | str | Path]) -> ExamReading:
-        """Read one exam of up to four views (datasets or paths; a list or slot mapping)."""
+                     | Sequence[Dataset | str | Path], keep_display: bool = False) -> ExamReading:
+        """Read one exam of up to four views (datasets or paths; a list or slot mapping).
+
+        ``keep_display=True`` also returns each view's windowed image (for drawing maps on
+        it without decoding the pixels twice)."""
         t0 = time.perf_counter()
         slots = self._slots(views)
         if not slots:
@@ -90,10 +102,14 @@ class MammoModel:
         images = torch.zeros(1, 4, 1, H, W)
         mask = torch.zeros(1, 4, dtype=torch.bool)
         geoms: dict[str, Geometry] = {}
+        displays: dict[str, np.ndarray] = {}
         for k, slot in enumerate(VIEWS):
             if slot in slots:
-                images[0, k], geoms[slot] = preprocess(slots[slot], (H, W))
+                disp = to_display(load(slots[slot]))
+                images[0, k], geoms[slot] = preprocess_array(disp, (H, W))
                 mask[0, k] = True
+                if keep_display:
+                    displays[slot] = disp
         t1 = time.perf_counter()
         out = self.model(images.to(self.device), mask.to(self.device))
         if self.device.type == "cuda":
@@ -136,4 +152,5 @@ class MammoModel:
                    "version": self.info.metadata.get("version"),
                    "intended_use": self.info.metadata.get("intended_use")},
             seconds={"preprocess": t1 - t0, "inference": t2 - t1,
-                     "total": time.perf_counter() - t0})
+                     "total": time.perf_counter() - t0},
+            displays=displays)

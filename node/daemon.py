@@ -68,7 +68,9 @@ class Node:
         self.files = FileStore(cfg.data_dir, fsync=cfg.storage.fsync)
         self.db = Database(cfg.database_url)
         self.exams = ExamStore(self.db)
-        self.scp = StorageSCP(cfg, self.files, self.exams)
+        self.exam_ready = threading.Event()   # wakes the worker
+        self.results_queued = threading.Event()  # wakes the exporter
+        self.scp = StorageSCP(cfg, self.files, self.exams, exam_ready=self.exam_ready)
         self.server = None
         self._threads: list[threading.Thread] = []
 
@@ -108,8 +110,10 @@ class Node:
             from node.export import Exporter
             from node.worker import Worker
 
-            for t in (Worker(cfg, self.files, self.exams, self.stop_event),
-                      Exporter(cfg, self.files, self.exams, self.stop_event)):
+            for t in (Worker(cfg, self.files, self.exams, self.stop_event,
+                             wake=self.exam_ready, on_results=self.results_queued),
+                      Exporter(cfg, self.files, self.exams, self.stop_event,
+                               wake=self.results_queued)):
                 t.start()
                 self._threads.append(t)
         log.info("mammo-node listening as %s on %s:%d; data in %s; %d destination(s)",
@@ -122,12 +126,15 @@ class Node:
                 for uid in self.exams.promote_stable(self.cfg.grouping.stable_seconds):
                     log.info("exam %s ready (stable for %g s)", uid,
                              self.cfg.grouping.stable_seconds)
+                    self.exam_ready.set()
             except Exception:
                 log.exception("grouping timer failed; retrying")
 
     def stop(self) -> None:
         """Close the listener, let associations finish, then release everything."""
         self.stop_event.set()
+        self.exam_ready.set()
+        self.results_queued.set()
         if self.server is not None:
             ae = self.server.ae
             self.server.shutdown()

@@ -22,14 +22,20 @@ class Exporter(threading.Thread):
     """Sends due deliveries, one association per destination and batch."""
 
     def __init__(self, cfg: Config, files: FileStore, exams: ExamStore,
-                 stop: threading.Event, poll_seconds: float = 1.0) -> None:
+                 stop: threading.Event, wake: threading.Event | None = None,
+                 poll_seconds: float = 1.0) -> None:
         super().__init__(name="export", daemon=True)
         self.cfg, self.files, self.exams, self.stop = cfg, files, exams, stop
+        self.wake = wake or threading.Event()  # set when new results are queued
         self.poll = poll_seconds
         self.destinations = {d.name: d for d in cfg.destinations}
 
     def run(self) -> None:
-        while not self.stop.wait(self.poll):
+        while not self.stop.is_set():
+            self.wake.wait(self.poll)
+            self.wake.clear()
+            if self.stop.is_set():
+                break
             try:
                 self.send_due()
             except Exception:

@@ -8,6 +8,7 @@ second copy; a new version of a reading gets new UIDs and references the one it 
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 
 MANUFACTURER = "mammo-node"
 SC_SERIES_NUMBER = 9901
@@ -24,9 +25,14 @@ SR_SERIES_NUMBER = 9902
 SC_MAX_ROWS = 1536  # attention-map images are for review, not diagnosis: keep them light
 
 
+_UID_NAMESPACE = uuid.UUID("6f1c7c0e-3d4b-5a8e-9b61-6d616d6d6f00")
+
+
 def result_uid(study_uid: str, version: int, role: str) -> str:
-    """A deterministic UID (2.25.<int>) for ``role`` of version ``version`` of an exam."""
-    return generate_uid(prefix=None, entropy_srcs=["mammo-node", study_uid, str(version), role])
+    """A deterministic UID for ``role`` of version ``version`` of an exam: the 2.25 form of a
+    name-based (SHA-1, version 5) UUID, as PS3.5 B.2 allows. The same inputs give the same
+    UID in any process, so a retry or a restart never mints a second identity."""
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, f'{study_uid}|{version}|{role}').int}"
 
 
 @dataclass
@@ -43,13 +49,20 @@ class ReadingSummary:
 
 
 # --------------------------------------------------------------------------- colour map
-def _heat(m: np.ndarray) -> np.ndarray:
+def _heat_float(m: np.ndarray) -> np.ndarray:
     """A blue-cyan-yellow-red ramp for values in [0, 1] -> uint8 RGB."""
     m = np.clip(m, 0.0, 1.0)
     r = np.clip(1.5 * m * 2 - 1.0, 0, 1)
     g = np.clip(1.5 - np.abs(m * 4 - 2.0), 0, 1)
     b = np.clip(1.0 - m * 2.5, 0, 1) * 0.9 + 0.1 * (m < 0.4)
     return (np.stack([r, g, b], -1) * 255).astype(np.uint8)
+
+
+_HEAT_LUT = _heat_float(np.linspace(0.0, 1.0, 256))  # (256, 3): index with a uint8 map
+
+
+def _heat(m: np.ndarray) -> np.ndarray:
+    return _HEAT_LUT[(np.clip(m, 0.0, 1.0) * 255).astype(np.uint8)]
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -65,14 +78,16 @@ def render_overlay(display: np.ndarray, attention: np.ndarray, lines: list[str],
     rows, cols = display.shape
     scale = min(1.0, max_rows / rows)
     size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
-    gray = Image.fromarray((np.clip(display, 0, 1) * 255).astype(np.uint8)).resize(
-        size, Image.BILINEAR)
-    amap = Image.fromarray((np.clip(attention, 0, 1) * 255).astype(np.uint8)).resize(
-        size, Image.BILINEAR)
-    g = np.asarray(gray, dtype=np.float32)[..., None].repeat(3, -1)
-    a = np.asarray(amap, dtype=np.float32) / 255.0
-    alpha = (0.55 * a)[..., None]
-    rgb = (g * (1 - alpha) + _heat(a).astype(np.float32) * alpha).astype(np.uint8)
+    step = max(1, int(1 / scale))  # decimate first: resizing 8 Mpx images is slow
+    gray = Image.fromarray((np.clip(display[::step, ::step], 0, 1) * 255).astype(np.uint8)
+                           ).resize(size, Image.BILINEAR)
+    amap = Image.fromarray((np.clip(attention[::step, ::step], 0, 1) * 255).astype(np.uint8)
+                           ).resize(size, Image.BILINEAR)
+    a8 = np.asarray(amap)
+    alpha = ((a8.astype(np.uint16) * 140) >> 8)[..., None]          # 0 .. 0.55 * 255
+    g = np.asarray(gray).astype(np.uint16)[..., None]
+    rgb = ((g * (255 - alpha) + _HEAT_LUT[a8].astype(np.uint16) * alpha) // 255
+           ).astype(np.uint8)
     img = Image.fromarray(rgb)
     draw = ImageDraw.Draw(img)
     fs = max(12, size[1] // 60)

@@ -221,10 +221,12 @@ def instance_record(ds: Dataset, store: FileStore, calling_aet: str,
 class StorageSCP:
     """The C-ECHO / C-STORE service provider bound to one store."""
 
-    def __init__(self, cfg: Config, files: FileStore, exams: ExamStore) -> None:
+    def __init__(self, cfg: Config, files: FileStore, exams: ExamStore,
+                 exam_ready: Any = None) -> None:
         self.cfg = cfg
         self.files = files
         self.exams = exams
+        self.exam_ready = exam_ready  # a threading.Event set when an exam becomes ready
         self.min_free = int(cfg.storage.min_free_mb * 1024 * 1024)
 
     # -- handlers ------------------------------------------------------------------------
@@ -307,6 +309,8 @@ class StorageSCP:
             log.info("C-STORE %s from %s: already stored, kept the first copy",
                      record["sop_instance_uid"], calling)
             return SUCCESS
+        if result.exam_state == "ready" and self.exam_ready is not None:
+            self.exam_ready.set()
         where = record["slot"] or record["role"]
         if result.exam_study_uid:
             log.info("stored %s (%s) from %s in %.0f ms; exam %s v%d %s%s",

@@ -77,12 +77,11 @@ def process_exam(job: dict[str, Any]) -> list[dict[str, Any]]:
     """Runs in the inference process: read the exam, write its result objects."""
     from pydicom import dcmread
 
-    from inference.preprocess import to_display
     from node.results import ReadingSummary, build_mammo_cad, build_sc, build_tid1500
 
     root = Path(job["data_dir"])
     sources = {slot: dcmread(root / rel) for slot, rel in job["paths"].items()}
-    reading = _MODEL.predict_exam(sources)
+    reading = _MODEL.predict_exam(sources, keep_display=True)
     info = _MODEL.info
     summary = ReadingSummary(
         breasts={b: {"present": r.present, "birads": r.birads,
@@ -108,15 +107,15 @@ def process_exam(job: dict[str, Any]) -> list[dict[str, Any]]:
                          "instance_number": int(ds.get("InstanceNumber", 0) or 0),
                          "size_bytes": (root / rel).stat().st_size})
 
-    if job.get("attention_maps", True):
-        for i, (slot, ds) in enumerate(sorted(sources.items())):
-            add(build_sc(ds, slot, to_display(ds), reading.attention_maps[slot], summary,
-                         study, version, i + 1), "sc")
     builders = {"mammo-cad": build_mammo_cad, "tid1500": build_tid1500}
-    for kind in job.get("sr", []):
+    for kind in job.get("sr", []):  # the SRs first: they are what a reader waits for
         prev = (job.get("previous") or {}).get(f"sr-{kind}")
         replaces = dcmread(root / prev) if prev and (root / prev).exists() else None
         add(builders[kind](sources, summary, study, version, replaces=replaces), f"sr-{kind}")
+    if job.get("attention_maps", True):
+        for i, (slot, ds) in enumerate(sorted(sources.items())):
+            add(build_sc(ds, slot, reading.displays[slot], reading.attention_maps[slot],
+                         summary, study, version, i + 1), "sc")
     return produced
 
 
@@ -124,9 +123,12 @@ class Worker(threading.Thread):
     """Claims ``ready`` exams oldest first and processes them one at a time."""
 
     def __init__(self, cfg: Config, files: FileStore, exams: ExamStore,
-                 stop: threading.Event) -> None:
+                 stop: threading.Event, wake: threading.Event | None = None,
+                 on_results: threading.Event | None = None) -> None:
         super().__init__(name="worker", daemon=True)
         self.cfg, self.files, self.exams, self.stop = cfg, files, exams, stop
+        self.wake = wake or threading.Event()          # set when an exam becomes ready
+        self.on_results = on_results or threading.Event()  # set when results are queued
         self.pool: ProcessPoolExecutor | None = None
 
     def _new_pool(self) -> ProcessPoolExecutor:
@@ -153,9 +155,10 @@ class Worker(threading.Thread):
                     break
                 self.pool = self._new_pool()
                 continue
+            self.wake.clear()
             claim = self.exams.claim_next_ready()
             if claim is None:
-                self.stop.wait(0.3)
+                self.wake.wait(1.0)
                 continue
             self._process(*claim)
         if self.pool is not None:
@@ -189,6 +192,7 @@ class Worker(threading.Thread):
             return
         dests = [d.name for d in self.cfg.destinations]
         if self.exams.complete(exam_id, version, produced, dests):
+            self.on_results.set()
             log.info("exam %s v%d done in %.1f s: %d object(s) queued for %d destination(s)",
                      study, version, time.perf_counter() - t0, len(produced), len(dests))
         else:

@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""Result latency: last image's C-STORE response -> the Mammography CAD SR at DCMTK storescp.
+
+1. Latency, median over ``--exams`` exams sent one after another (full-size 3328 x 2560
+   images), with the model's own time for the same exam (preprocessing + inference through
+   the Python API, measured in this process) beside it: the node's overhead is the rest
+   (target <= 1 s).
+2. Throughput with 4 exams sent at once.
+3. Ingest while the worker is busy: storescu MB/s of the ingest benchmark's 24 images while 4
+   exams are being processed, against the same node idle (target >= 0.7x).
+
+    python benchmarks/latency.py [--exams 10] [--rows 3328 --cols 2560]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from pydicom.uid import generate_uid
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from ingest import free_port, make_images, send as storescu_send, wait_port  # noqa: E402
+
+from inference.synthetic import UID_ROOT, make_mammogram, phantom  # noqa: E402
+from node.results import result_uid  # noqa: E402
+
+
+def exams(n: int, rows: int, cols: int) -> list[list]:
+    rng = np.random.default_rng(1)
+    bases = {v: phantom(rows, cols, v, rng) for v in ("CC", "MLO")}
+    out = []
+    for e in range(n):
+        study, series = generate_uid(prefix=UID_ROOT), generate_uid(prefix=UID_ROOT)
+        out.append([make_mammogram(s[0], s[2:], pixels=bases[s[2:]], study_uid=study,
+                                   series_uid=series, accession=f"LAT{e:05d}")
+                    for s in ("L-CC", "L-MLO", "R-CC", "R-MLO")])
+    return out
+
+
+def send_exam(port: int, exam: list) -> float:
+    """C-STORE one exam over one association; the time of the last response."""
+    from pynetdicom import AE, build_context
+
+    ae = AE(ae_title="LATENCY")
+    ae.requested_contexts = [build_context(exam[0].SOPClassUID, ["1.2.840.10008.1.2.1"])]
+    assoc = ae.associate("127.0.0.1", port, ae_title="MAMMO_NODE")
+    assert assoc.is_established
+    for ds in exam:
+        st = assoc.send_c_store(ds)
+        assert st.Status == 0, hex(st.Status)
+    t = time.perf_counter()
+    assoc.release()
+    return t
+
+
+def wait_sr(folder: Path, exam: list, timeout: float = 300) -> float:
+    uid = result_uid(exam[0].StudyInstanceUID, 1, "sr-mammo-cad")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.name.endswith(uid) for p in folder.iterdir()):
+            return time.perf_counter()
+        time.sleep(0.005)
+    raise RuntimeError(f"SR {uid} never arrived; {folder} holds "
+                       f"{sorted(p.name for p in folder.iterdir())[:8]}")
+
+
+class Setup:
+    def __init__(self, work: Path):
+        self.pacs_dir = work / "pacs"
+        self.pacs_dir.mkdir()
+        self.pacs_port, self.port = free_port(), free_port()
+        self.pacs = subprocess.Popen(["/usr/bin/storescp", "-aet", "PACS", "-od",
+                                      str(self.pacs_dir), str(self.pacs_port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cfg = work / "config.toml"
+        cfg.write_text(f'[node]\nhost = "127.0.0.1"\nport = {self.port}\n'
+                       f'data_dir = "{work / "data"}"\n[storage]\nmin_free_mb = 0\n'
+                       f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\n'
+                       f'host = "127.0.0.1"\nport = {self.pacs_port}\n'
+                       f'[export]\ninitial_delay_seconds = 0.2\n')
+        self.log = open(work / "node.log", "wb")
+        self.node = subprocess.Popen([sys.executable, "-m", "node", "start", "--config",
+                                      str(cfg), "--log-level", "INFO"], cwd=ROOT,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        wait_port(self.port)
+        wait_port(self.pacs_port)
+        # The worker's model is loaded once the log says so.
+        deadline = time.monotonic() + 120
+        while b"model loaded" not in (work / "node.log").read_bytes():
+            if time.monotonic() > deadline:
+                raise RuntimeError("model did not load")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        for p in (self.node, self.pacs):
+            p.terminate()
+            p.wait()
+        self.log.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--exams", type=int, default=10)
+    ap.add_argument("--rows", type=int, default=3328)
+    ap.add_argument("--cols", type=int, default=2560)
+    args = ap.parse_args()
+    from inference.api import MammoModel
+
+    with tempfile.TemporaryDirectory(prefix="mammo-latency-") as tmp:
+        work = Path(tmp)
+        print(f"generating {args.exams + 8} exams of {args.rows}x{args.cols} ...", flush=True)
+        all_exams = exams(args.exams + 8, args.rows, args.cols)
+        model = MammoModel(device="cpu")
+        model.predict_exam(all_exams[0])
+        own = [model.predict_exam(all_exams[i % len(all_exams)]).seconds["total"]
+               for i in range(3)]
+        model_s = statistics.median(own)
+        del model
+        s = Setup(work)
+        try:
+            lat = []
+            for i, ex in enumerate(all_exams[:args.exams]):
+                t0 = send_exam(s.port, ex)
+                lat.append(wait_sr(s.pacs_dir, ex) - t0)
+                print(f"exam {i + 1}: {lat[-1]:.2f} s", flush=True)
+            med = statistics.median(lat)
+            print(f"\nlatency (last C-STORE response -> Mammography CAD SR at storescp), "
+                  f"median of {len(lat)}: {med:.2f} s")
+            print(f"model's own time for one exam (preprocess + inference, API): "
+                  f"{model_s:.2f} s")
+            print(f"node overhead (latency - model): {med - model_s:.2f} s  (target <= 1 s)")
+
+            batch = all_exams[args.exams:args.exams + 4]
+            t0 = time.perf_counter()
+            threads = [threading.Thread(target=send_exam, args=(s.port, ex)) for ex in batch]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            t_end = max(wait_sr(s.pacs_dir, ex) for ex in batch)
+            print(f"throughput, 4 exams sent at once: {t_end - t0:.1f} s for 4 "
+                  f"({4 * 60 / (t_end - t0):.1f} exams/min)")
+
+            files = make_images(work / "ingest", 24, args.rows, args.cols)
+            mb = sum(f.stat().st_size for f in files) / 1e6
+            storescu_send(files, "MAMMO_NODE", s.port)  # warm-up: files in the page cache
+            idle = mb / storescu_send(files, "MAMMO_NODE", s.port)
+            load = all_exams[args.exams + 4:args.exams + 8]
+            for ex in load:
+                send_exam(s.port, ex)
+            busy = mb / storescu_send(files, "MAMMO_NODE", s.port)
+            print(f"ingest idle {idle:.0f} MB/s, while 4 exams are processed {busy:.0f} MB/s: "
+                  f"{busy / idle:.2f}x  (target >= 0.7x)")
+        except Exception:
+            print((work / "node.log").read_text()[-3000:], file=sys.stderr)
+            raise
+        finally:
+            s.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
