@@ -127,3 +127,41 @@ def test_movescu_and_getscu(loaded, tmp_path):
                         "-k", f"StudyInstanceUID={a[0].StudyInstanceUID}"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "MoveDestinationUnknown" in r.stdout + r.stderr
+
+
+def test_c_cancel_stops_a_long_c_find(node_factory):
+    from pydicom.uid import generate_uid
+
+    node = node_factory({"storage": {"fsync": False}})  # 400 quick stores
+    from inference.synthetic import UID_ROOT, make_mammogram
+
+    study = generate_uid(prefix=UID_ROOT)
+    series = generate_uid(prefix=UID_ROOT)
+    many = []
+    for i in range(400):  # Secondary Captures: stored outside exams, quick to take in
+        ds = make_mammogram("L", "CC", rows=8, cols=8, study_uid=study, series_uid=series,
+                            seed=i)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+        many.append(ds)
+    assert set(send(node.port, many)) == {0}
+    ae = AE(ae_title="QRCANCEL")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    try:
+        q = Dataset()
+        q.QueryRetrieveLevel = "IMAGE"
+        q.StudyInstanceUID = study
+        q.SeriesInstanceUID = series
+        q.SOPInstanceUID = ""
+        statuses = []
+        for i, (st, _) in enumerate(assoc.send_c_find(
+                q, StudyRootQueryRetrieveInformationModelFind, msg_id=7)):
+            statuses.append(int(st.Status))
+            if i == 0:
+                assoc.send_c_cancel(7, query_model=StudyRootQueryRetrieveInformationModelFind)
+    finally:
+        assoc.release()
+    assert statuses[-1] == 0xFE00  # Cancel
+    assert statuses.count(0xFF00) < 400
+    assert "C-FIND cancelled" in node.log.read_text()
