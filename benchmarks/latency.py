@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import statistics
 import subprocess
 import sys
@@ -56,6 +57,8 @@ def send_exam(port: int, exam: list) -> float:
     ae.requested_contexts = [build_context(exam[0].SOPClassUID, ["1.2.840.10008.1.2.1"])]
     assoc = ae.associate("127.0.0.1", port, ae_title="MAMMO_NODE")
     assert assoc.is_established
+    # As DCMTK's SCUs do: no Nagle stalls between the command and data PDUs.
+    assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for ds in exam:
         st = assoc.send_c_store(ds)
         assert st.Status == 0, hex(st.Status)

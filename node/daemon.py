@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -58,6 +59,21 @@ def read_pidfile(cfg: Config) -> dict | None:
         return info  # alive, owned by another user
 
 
+def _accept_with_nodelay(server) -> None:
+    """Accepted sockets get TCP_NODELAY (responses and C-GET/C-FIND PDUs go out at once)."""
+    accept = server.get_request
+
+    def get_request():
+        sock, addr = accept()
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        return sock, addr
+
+    server.get_request = get_request
+
+
 class Node:
     """The running node: storage, the DICOM listener and the grouping timer."""
 
@@ -99,6 +115,7 @@ class Node:
         qr = QueryRetrieveSCP(cfg, self.files, self.exams)
         self.server = ae.start_server((cfg.node.host, cfg.node.port), block=False,
                                       evt_handlers=self.scp.handlers() + qr.handlers())
+        _accept_with_nodelay(self.server)
         port = self.server.server_address[1]
         pidfile_path(cfg).write_text(json.dumps({
             "pid": os.getpid(), "ae_title": cfg.node.ae_title, "host": cfg.node.host,

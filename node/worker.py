@@ -73,12 +73,18 @@ def _save(ds, path: Path) -> None:
     tmp.replace(path)
 
 
-def process_exam(job: dict[str, Any]) -> list[dict[str, Any]]:
-    """Runs in the inference process: read the exam, write its result objects."""
+_CACHE: dict[tuple[str, int], tuple] = {}  # (study, version) -> reading between the phases
+
+
+def _read(job: dict[str, Any]) -> tuple:
+    """The exam's sources, model reading and summary (cached for the second phase)."""
     from pydicom import dcmread
 
-    from node.results import ReadingSummary, build_mammo_cad, build_sc, build_tid1500
+    from node.results import ReadingSummary
 
+    key = (job["study_uid"], job["version"])
+    if key in _CACHE:
+        return _CACHE[key]
     root = Path(job["data_dir"])
     sources = {slot: dcmread(root / rel) for slot, rel in job["paths"].items()}
     reading = _MODEL.predict_exam(sources, keep_display=True)
@@ -92,9 +98,14 @@ def process_exam(job: dict[str, Any]) -> list[dict[str, Any]]:
         fusion_weights=reading.fusion_weights, missing_views=reading.missing_views,
         model_name="HybridCnnVssm", model_version=str(info.metadata.get("version", "?")),
         model_sha256=info.sha256, not_for_clinical_use=info.is_demo)
-    study, version = job["study_uid"], job["version"]
-    out_dir = Path("results") / study / f"v{version}"
-    produced = []
+    _CACHE.clear()  # one exam at a time
+    _CACHE[key] = (sources, reading, summary)
+    return _CACHE[key]
+
+
+def _adder(job: dict[str, Any], produced: list[dict[str, Any]]):
+    root = Path(job["data_dir"])
+    out_dir = Path("results") / job["study_uid"] / f"v{job['version']}"
 
     def add(ds, kind: str) -> None:
         rel = out_dir / f"{ds.SOPInstanceUID}.dcm"
@@ -106,17 +117,46 @@ def process_exam(job: dict[str, Any]) -> list[dict[str, Any]]:
                          "series_number": int(ds.get("SeriesNumber", 0) or 0),
                          "instance_number": int(ds.get("InstanceNumber", 0) or 0),
                          "size_bytes": (root / rel).stat().st_size})
+    return add
 
+
+def process_exam_srs(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """Phase 1, in the inference process: read the exam, write its SR documents."""
+    from pydicom import dcmread
+
+    from node.results import build_mammo_cad, build_tid1500
+
+    sources, _, summary = _read(job)
+    root = Path(job["data_dir"])
+    produced: list[dict[str, Any]] = []
+    add = _adder(job, produced)
     builders = {"mammo-cad": build_mammo_cad, "tid1500": build_tid1500}
-    for kind in job.get("sr", []):  # the SRs first: they are what a reader waits for
+    for kind in job.get("sr", []):
         prev = (job.get("previous") or {}).get(f"sr-{kind}")
         replaces = dcmread(root / prev) if prev and (root / prev).exists() else None
-        add(builders[kind](sources, summary, study, version, replaces=replaces), f"sr-{kind}")
+        add(builders[kind](sources, summary, job["study_uid"], job["version"],
+                           replaces=replaces), f"sr-{kind}")
+    return produced
+
+
+def process_exam_scs(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """Phase 2: the attention-map Secondary Captures (from the cached reading)."""
+    from node.results import build_sc
+
+    produced: list[dict[str, Any]] = []
     if job.get("attention_maps", True):
+        sources, reading, summary = _read(job)
+        add = _adder(job, produced)
         for i, (slot, ds) in enumerate(sorted(sources.items())):
             add(build_sc(ds, slot, reading.displays[slot], reading.attention_maps[slot],
-                         summary, study, version, i + 1), "sc")
+                         summary, job["study_uid"], job["version"], i + 1), "sc")
+    _CACHE.clear()
     return produced
+
+
+def process_exam(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """Both phases in one call (for tools and tests)."""
+    return process_exam_srs(job) + process_exam_scs(job)
 
 
 class Worker(threading.Thread):
@@ -178,8 +218,17 @@ class Worker(threading.Thread):
                "paths": paths, "sr": self.cfg.results.sr,
                "attention_maps": self.cfg.results.attention_maps, "previous": previous}
         t0 = time.perf_counter()
+        dests = [d.name for d in self.cfg.destinations]
         try:
-            produced = self.pool.submit(process_exam, job).result(timeout=EXAM_TIMEOUT_SECONDS)
+            # The SRs first, queued for export at once; then the Secondary Captures.
+            srs = self.pool.submit(process_exam_srs, job).result(timeout=EXAM_TIMEOUT_SECONDS)
+            if not self.exams.complete(exam_id, version, srs, dests, finish=False):
+                log.info("exam %s v%d was reopened while processing; its new version follows",
+                         study, version)
+                return
+            self.on_results.set()
+            produced = self.pool.submit(process_exam_scs, job).result(
+                timeout=EXAM_TIMEOUT_SECONDS)
         except BrokenProcessPool as exc:
             log.error("inference process died on exam %s v%d; restarting it", study, version)
             self.pool = self._new_pool()
@@ -190,11 +239,11 @@ class Worker(threading.Thread):
             self.exams.finish(exam_id, version, ok=False,
                               reason=f"{type(exc).__name__}: {exc}"[:500])
             return
-        dests = [d.name for d in self.cfg.destinations]
         if self.exams.complete(exam_id, version, produced, dests):
             self.on_results.set()
             log.info("exam %s v%d done in %.1f s: %d object(s) queued for %d destination(s)",
-                     study, version, time.perf_counter() - t0, len(produced), len(dests))
+                     study, version, time.perf_counter() - t0, len(srs) + len(produced),
+                     len(dests))
         else:
             log.info("exam %s v%d was reopened while processing; its new version follows",
                      study, version)

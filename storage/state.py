@@ -181,10 +181,12 @@ class ExamStore:
             return True
 
     def complete(self, exam_id: int, version: int, results: list[dict[str, Any]],
-                 destinations: list[str]) -> bool:
-        """Record a reading's result objects, queue them for every destination and mark
-        the exam ``done``, in one transaction. False (nothing recorded) when the exam was
-        reopened meanwhile. Results already recorded (a retry) are reused, never doubled."""
+                 destinations: list[str], finish: bool = True) -> bool:
+        """Record a reading's result objects, queue them for every destination and (with
+        ``finish``) mark the exam ``done``, in one transaction. ``finish=False`` queues a
+        first part (the SRs) while the rest is still being built. False (nothing recorded)
+        when the exam was reopened meanwhile. Results already recorded (a retry) are reused,
+        never doubled."""
         with self.db.write() as s:
             exam = s.get(Exam, exam_id, with_for_update=True)
             if exam is None or exam.version != version or exam.state != "processing":
@@ -207,7 +209,8 @@ class ExamStore:
                             Outbound.destination == dest)) is None:
                         s.add(Outbound(result_id=row.id, destination=dest, state="pending",
                                        attempts=0, next_attempt_at=utcnow()))
-            self._set_state(exam, "done", utcnow())
+            if finish:
+                self._set_state(exam, "done", utcnow())
             return True
 
     @staticmethod

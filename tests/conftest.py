@@ -166,6 +166,7 @@ def send(port: int, items: list, called: str = "MAMMO_NODE", calling: str = "PYN
     ae.maximum_pdu_size = max_pdu
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
     assert assoc.is_established, "association rejected"
+    assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     statuses = []
     try:
         for item in items:
