@@ -215,7 +215,9 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 class StoreSCP:
     """DCMTK storescp as the PACS peer: stores what it receives in a folder."""
 
-    def __init__(self, folder: Path, port: int | None = None, ae_title: str = "PACS"):
+    def __init__(self, folder: Path, port: int | None = None, ae_title: str = "PACS",
+                 extra: list[str] | None = None):
+        self.extra = extra or []
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -226,7 +228,7 @@ class StoreSCP:
     def start(self) -> "StoreSCP":
         self._logf = open(self.log, "ab")
         self.proc = subprocess.Popen([dcmtk("storescp"), "-aet", self.ae_title, "-od",
-                                      str(self.folder), "-v", str(self.port)],
+                                      str(self.folder), "-v", *self.extra, str(self.port)],
                                      stdout=self._logf, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -255,8 +257,9 @@ class StoreSCP:
 def storescp_factory(tmp_path):
     made: list[StoreSCP] = []
 
-    def make(port: int | None = None, start: bool = True) -> StoreSCP:
-        s = StoreSCP(tmp_path / f"pacs{len(made)}", port)
+    def make(port: int | None = None, start: bool = True,
+             extra: list[str] | None = None) -> StoreSCP:
+        s = StoreSCP(tmp_path / f"pacs{len(made)}", port, extra=extra)
         made.append(s)
         return s.start() if start else s
 

@@ -182,3 +182,26 @@ def test_reopened_exam_gets_a_new_version_that_references_the_old(node_factory,
     ref = newest[0].PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0] \
         .ReferencedSOPSequence[0].ReferencedSOPInstanceUID
     assert ref in v1 and ref != newest[0].SOPInstanceUID
+
+
+def test_sigkill_in_the_middle_of_an_export(node_factory, storescp_factory):
+    """Killed while a slow PACS is receiving: after the restart every object is there once
+    (an object in flight at the kill may be sent again; its fixed SOP Instance UID makes the
+    second copy the same instance, so the PACS holds one)."""
+    import signal
+
+    pacs = storescp_factory(extra=["--sleep-after", "1"])  # each store takes >= 1 s
+    node = _node(node_factory, pacs.port)
+    exam = make_exam(seed=18, **SIZE)
+    study = exam[0].StudyInstanceUID
+    assert send(node.port, exam) == [0] * 4
+    wait_for(lambda: pacs.received() >= 2, 120, interval=0.05, what="export under way")
+    node.stop(signal.SIGKILL)
+    assert pacs.received() < 6
+    node.start()
+    wait_for(lambda: _delivery(node, study).get("sent") == 6, 120, what="all delivered")
+    wait_for(lambda: len(pacs.files()) == 6, 20, what="six objects at the PACS")
+    uids = [dcmread(f).SOPInstanceUID for f in pacs.files()]
+    assert len(set(uids)) == 6
+    assert pacs.received() <= 7
+    assert node.exam(study)["state"] == "done"
