@@ -162,6 +162,24 @@ def _stamp(ds: Dataset) -> None:
     ds.SoftwareVersions = "mammo-node"
 
 
+def overall_impression(reading: ReadingSummary) -> str:
+    """One line for the whole exam, e.g. "AI reading: left BI-RADS 5 (p=1.00); right ..."."""
+    parts = []
+    for lat, side in (("L", "left"), ("R", "right")):
+        b = reading.breasts.get(lat, {})
+        if b.get("present"):
+            p = b["birads_probabilities"][b["birads"]]
+            parts.append(f"{side} {b['birads']} (p={p:.2f})")
+        else:
+            parts.append(f"{side} not imaged")
+    text = "AI reading: " + "; ".join(parts)
+    if reading.missing_views:
+        text += f". Missing views: {', '.join(reading.missing_views)}"
+    if reading.not_for_clinical_use:
+        text += ". NOT FOR CLINICAL USE (demo model trained on synthetic phantoms)"
+    return text + "."
+
+
 # --------------------------------------------------------------------------- TID 1500 SR
 def build_tid1500(sources: dict[str, Dataset], reading: ReadingSummary, study_uid: str,
                   version: int, replaces: Dataset | None = None) -> Dataset:
@@ -195,6 +213,11 @@ def build_tid1500(sources: dict[str, Dataset], reading: ReadingSummary, study_ui
                                         f"Probability of {cls}"),
                 value=float(p), unit=codes.UCUM.NoUnits)
             for cls, p in b["birads_probabilities"].items()]
+        for cls, p in (b.get("diagnosis_probabilities") or {}).items():
+            measurements.append(hd.sr.Measurement(
+                name=hd.sr.CodedConcept(f"P-{cls.upper()}", "99MAMMONODE",
+                                        f"Probability of {cls}"),
+                value=float(p), unit=codes.UCUM.NoUnits))
         for slot, w in reading.fusion_weights.get(lat, {}).items():
             measurements.append(hd.sr.Measurement(
                 name=hd.sr.CodedConcept(f"W-{slot}", "99MAMMONODE", f"Fusion weight {slot}"),
@@ -325,6 +348,9 @@ def build_mammo_cad(sources: dict[str, Dataset], reading: ReadingSummary, study_
         if "malignant" in dprobs:
             items.append(_num(_c("111047", "DCM", "Probability of cancer"),
                               100.0 * dprobs["malignant"], _c("%", "UCUM", "percent")))
+        for cls, p in dprobs.items():
+            items.append(_num(_c(f"P-{cls.upper()}", _PRIVATE, f"Probability of {cls}"), p,
+                              one))
         if b.get("diagnosis"):
             items.append(hd.sr.CodeContentItem(
                 name=_c("AI-DIAGNOSIS", _PRIVATE, "AI diagnosis"),
@@ -351,7 +377,10 @@ def build_mammo_cad(sources: dict[str, Dataset], reading: ReadingSummary, study_
         value=_c("111242", "DCM", "All algorithms succeeded; with findings") if findings
         else _c("111241", "DCM", "All algorithms succeeded; without findings"),
         relationship_type=_rel("CONTAINS"))
-    summary.ContentSequence = hd.sr.ContentSequence(impressions)
+    overall = hd.sr.TextContentItem(
+        name=_c("121073", "DCM", "Impression"), value=overall_impression(reading),
+        relationship_type=_rel("INFERRED_FROM"))
+    summary.ContentSequence = hd.sr.ContentSequence([overall, *impressions])
 
     detections = hd.sr.CodeContentItem(
         name=_c("111064", "DCM", "Summary of Detections"),

@@ -61,8 +61,9 @@ def test_exam_reading_arrives_in_the_pacs_and_validates(node_factory, storescp_f
     assert "BI-RADS 5" in text  # the left breast's spiculated lesion
     cad = json.dumps(cads[0].to_json_dict())
     for needle in ("Mammography CAD Report", "Image Library", "AI BI-RADS 5",
-                   "Probability of cancer", "Algorithm Name", "HybridCnnVssm",
-                   "NOT FOR CLINICAL USE", "Summary of Analyses"):
+                   "Probability of cancer", "Probability of benign", "Algorithm Name",
+                   "HybridCnnVssm", "NOT FOR CLINICAL USE", "Summary of Analyses",
+                   "AI reading: left BI-RADS 5", "Fusion weight of L-MLO", "Missing views"):
         assert needle in cad, needle
     table = node.cli("exams").stdout
     assert "pacs:6 sent" in table
