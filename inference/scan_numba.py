@@ -18,7 +18,8 @@ import torch
 
 @nb.njit(fastmath=True, cache=True, inline="always")
 def _softplus(x):  # pragma: no cover - compiled
-    return x if x > 20.0 else math.log1p(math.exp(x))
+    # float32 in, float32 out: a float64 here would make every exp in the kernel float64
+    return x if x > np.float32(20.0) else np.float32(math.log1p(math.exp(x)))
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
@@ -35,12 +36,12 @@ def _forward(u, delta, A, B, C, bias, softplus, gsize, y):  # pragma: no cover -
         Bg, Cg = B[bi, g], C[bi, g]
         ub, db, yb = u[bi, di], delta[bi, di], y[bi, di]
         for t in range(l):
-            dt = db[t] + bias[di]
+            dt = np.float32(db[t] + bias[di])
             if softplus:
                 dt = _softplus(dt)
             du = dt * ub[t]
             for k in range(n):  # the decays first: a loop of exps alone
-                e[k] = np.exp(dt * a[k])
+                e[k] = np.exp(np.float32(dt * a[k]))
             bt, ct = Bg[t], Cg[t]
             acc = np.float32(0.0)
             for k in range(n):

@@ -289,6 +289,15 @@ def load_config(path: str | Path | None = None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
     try:
-        return parse_config(raw, p.resolve())
+        cfg = parse_config(raw, p.resolve())
+        ckpt = cfg.inference.checkpoint
+        if ckpt:
+            path = Path(ckpt).expanduser()
+            if not path.is_absolute():
+                path = p.resolve().parent / path  # relative to the config file, as data_dir
+            if not path.is_file():
+                raise ConfigError(f"[inference] checkpoint: file not found: {path}")
+            cfg.inference.checkpoint = str(path)
+        return cfg
     except ConfigError as exc:
         raise ConfigError(f"{p}: {exc}") from None

@@ -156,6 +156,12 @@ def test_config_errors_name_the_key(tmp_path):
         parse_config({"inference": {"device": "tpu"}})
     cfg = parse_config({})
     assert cfg.node.port == 11112 and cfg.node.ae_title == "MAMMO_NODE"
+    from node.config import load_config
+
+    missing = tmp_path / "missing.toml"
+    missing.write_text('[inference]\ncheckpoint = "models/none.safetensors"\n')
+    with pytest.raises(ConfigError, match=r"\[inference\] checkpoint: file not found"):
+        load_config(missing)
     bad = tmp_path / "bad.toml"
     bad.write_text('[node]\nport = 70000\n')
     r = subprocess.run([sys.executable, "-m", "node", "start", "--config", str(bad)],
