@@ -263,52 +263,73 @@ class StorageSCP:
                 log.exception("could not remove partial dataset %s", f.name)
 
     def on_store(self, event: evt.Event) -> int | Dataset:
-        t0 = time.perf_counter()
         req = event.request
-        calling = event.assoc.requestor.ae_title
         try:
             path = Path(event.dataset_path)
         except (AttributeError, TypeError):
             return self._fail(CANNOT_UNDERSTAND, "C-STORE request without a dataset", None)
-        record: dict[str, Any] | None = None
         rx_error = getattr(getattr(req, "_dataset_file", None), "error", None)
         if rx_error is not None:
             return self._fail(OUT_OF_RESOURCES, f"cannot write incoming data: {rx_error}",
                               path, req)
+        status, message = self.ingest(path, event.assoc.requestor.ae_title,
+                                      str(req.AffectedSOPClassUID),
+                                      str(req.AffectedSOPInstanceUID),
+                                      str(event.context.transfer_syntax))
+        if status == SUCCESS:
+            return SUCCESS
+        if status == PROCESSING_FAILURE:
+            return PROCESSING_FAILURE
+        return self._fail(status, message, None, req)
+
+    def ingest(self, path: Path, calling: str, sop_class: str | None = None,
+               sop_instance: str | None = None,
+               transfer_syntax: str | None = None) -> tuple[int, str]:
+        """Validate, place and record one received file (C-STORE and STOW-RS alike).
+
+        ``sop_class`` / ``sop_instance`` are what the request announced (None: take the
+        file's own meta information). Returns (DICOM status, message); on any failure the
+        file is removed and nothing is recorded.
+        """
+        t0 = time.perf_counter()
+        record: dict[str, Any] | None = None
         try:
             if self.min_free and self.files.free_bytes() < self.min_free:
                 raise StoreError(OUT_OF_RESOURCES,
                                  f"disk almost full: less than {self.cfg.storage.min_free_mb:g}"
                                  f" MB free in {self.files.root}")
             ds = read_header(path)
+            meta = ds.file_meta
             record = instance_record(
-                ds, self.files, calling, str(req.AffectedSOPClassUID),
-                str(req.AffectedSOPInstanceUID), str(event.context.transfer_syntax),
+                ds, self.files, calling,
+                sop_class or str(meta.get("MediaStorageSOPClassUID", "")),
+                sop_instance or str(meta.get("MediaStorageSOPInstanceUID", "")),
+                transfer_syntax or str(meta.get("TransferSyntaxUID", "")),
                 path.stat().st_size)
             result = self.exams.add_instance(
                 record, assign_slots, place=lambda: self.files.place(path, record["path"]))
         except StoreError as exc:
-            return self._fail(exc.status, str(exc), path, req)
+            self._discard(path)
+            return exc.status, str(exc)
         except OSError as exc:
             self._discard(path, record["path"] if record else None)
             if exc.errno in _DISK_ERRNOS:
-                return self._fail(OUT_OF_RESOURCES, f"disk full: {exc}", None, req)
-            log.exception("C-STORE %s: I/O error", req.AffectedSOPInstanceUID)
-            return PROCESSING_FAILURE
+                return OUT_OF_RESOURCES, f"disk full: {exc}"
+            log.exception("store %s: I/O error", sop_instance)
+            return PROCESSING_FAILURE, f"I/O error: {exc}"
         except Exception as exc:
             self._discard(path, record["path"] if record else None)
             if "disk is full" in str(exc) or "No space left" in str(exc):  # database full
-                return self._fail(OUT_OF_RESOURCES, f"database disk full: {exc}", None, req)
-            log.exception("C-STORE %s: unexpected error", req.AffectedSOPInstanceUID)
-            return PROCESSING_FAILURE
+                return OUT_OF_RESOURCES, f"database disk full: {exc}"
+            log.exception("store %s: unexpected error", sop_instance)
+            return PROCESSING_FAILURE, f"internal error: {type(exc).__name__}"
 
         ms = (time.perf_counter() - t0) * 1000
-        assert record is not None
         if result.duplicate:
             path.unlink(missing_ok=True)
-            log.info("C-STORE %s from %s: already stored, kept the first copy",
+            log.info("%s from %s: already stored, kept the first copy",
                      record["sop_instance_uid"], calling)
-            return SUCCESS
+            return SUCCESS, "already stored"
         if result.exam_state == "ready" and self.exam_ready is not None:
             self.exam_ready.set()
         where = record["slot"] or record["role"]
@@ -320,7 +341,7 @@ class StorageSCP:
         else:
             log.info("stored %s (%s, not part of an exam) from %s in %.0f ms",
                      record["sop_instance_uid"], record["modality"] or "?", calling, ms)
-        return SUCCESS
+        return SUCCESS, "stored"
 
     # -- helpers -------------------------------------------------------------------------
     def _discard(self, path: Path, record_path: str | None = None) -> None:
