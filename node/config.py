@@ -125,6 +125,15 @@ class ExportConfig:
 
 
 @dataclass
+class DicomWebConfig:
+    enabled: bool = False
+    host: str = "0.0.0.0"
+    port: int = 8080
+    root: str = "/dicomweb"
+    token: str = ""
+
+
+@dataclass
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     grouping: GroupingConfig = field(default_factory=GroupingConfig)
@@ -134,6 +143,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     results: ResultsConfig = field(default_factory=ResultsConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    dicomweb: DicomWebConfig = field(default_factory=DicomWebConfig)
     path: Path | None = None
 
     @property
@@ -270,6 +280,17 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
         t.get("initial_delay_seconds", e.initial_delay_seconds), "[export] initial_delay_seconds")
     e.max_delay_seconds = _check_number(t.get("max_delay_seconds", e.max_delay_seconds),
                                         "[export] max_delay_seconds")
+
+    t = _table(raw, "dicomweb")
+    _known("dicomweb", t, DicomWebConfig)
+    w = cfg.dicomweb
+    w.enabled = _check_bool(t.get("enabled", w.enabled), "[dicomweb] enabled")
+    w.host = _check_str(t.get("host", w.host), "[dicomweb] host")
+    w.port = _check_port(t.get("port", w.port), "[dicomweb] port")
+    w.root = _check_str(t.get("root", w.root), "[dicomweb] root")
+    if not w.root.startswith("/"):
+        raise ConfigError(f"[dicomweb] root must start with '/', got {w.root!r}")
+    w.token = _check_str(t.get("token", w.token), "[dicomweb] token")
     return cfg
 
 

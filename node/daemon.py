@@ -88,6 +88,7 @@ class Node:
         self.results_queued = threading.Event()  # wakes the exporter
         self.scp = StorageSCP(cfg, self.files, self.exams, exam_ready=self.exam_ready)
         self.server = None
+        self.web = None
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -133,6 +134,14 @@ class Node:
                                wake=self.results_queued)):
                 t.start()
                 self._threads.append(t)
+        if cfg.dicomweb.enabled:
+            from node.dicomweb import DicomWeb, DicomWebServer
+
+            self.web = DicomWebServer(DicomWeb(cfg, self.files, self.exams, self.scp),
+                                      cfg.dicomweb.host, cfg.dicomweb.port)
+            self.web.start()
+            log.info("DICOMweb on http://%s:%d%s%s", cfg.dicomweb.host, cfg.dicomweb.port,
+                     cfg.dicomweb.root, " (bearer token required)" if cfg.dicomweb.token else "")
         log.info("mammo-node listening as %s on %s:%d; data in %s; %d destination(s)",
                  cfg.node.ae_title, cfg.node.host, port, cfg.data_dir, len(cfg.destinations))
 
@@ -152,6 +161,8 @@ class Node:
         self.stop_event.set()
         self.exam_ready.set()
         self.results_queued.set()
+        if self.web is not None:
+            self.web.stop()
         if self.server is not None:
             ae = self.server.ae
             self.server.shutdown()
@@ -194,6 +205,10 @@ def run(cfg: Config, run_worker: bool = True) -> int:
     except RuntimeError as exc:
         log.error("%s", exc)
         node.db.close()
+        return 1
+    except Exception:
+        log.exception("start-up failed")
+        node.stop()
         return 1
     while not node.stop_event.wait(1.0):
         pass
