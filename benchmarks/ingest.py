@@ -110,21 +110,52 @@ def run_storescp(files: list[Path], work: Path) -> float:
         shutil.rmtree(out)
 
 
-def run_node(files: list[Path], work: Path, fsync: bool, max_pdu: int) -> tuple[float, int]:
+def stow(files: list[Path], port: int) -> float:
+    """One STOW-RS request with every file, the body streamed from disk."""
+    import requests
+
+    boundary = "mammo-node-bench-boundary"
+
+    def body():
+        for f in files:
+            yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            with open(f, "rb") as fh:
+                while block := fh.read(4 << 20):
+                    yield block
+            yield b"\r\n"
+        yield f"--{boundary}--\r\n".encode()
+
+    t0 = time.perf_counter()
+    r = requests.post(f"http://127.0.0.1:{port}/dicomweb/studies", data=body(), timeout=600,
+                      headers={"Content-Type": f'multipart/related; type="application/dicom"; '
+                                               f"boundary={boundary}"})
+    dt = time.perf_counter() - t0
+    if r.status_code != 200:
+        raise RuntimeError(f"STOW-RS answered {r.status_code}: {r.text[:300]}")
+    return dt
+
+
+def run_node(files: list[Path], work: Path, fsync: bool, max_pdu: int,
+             web_port: int | None = None) -> tuple[float, int]:
     data = work / "node-data"
     port = free_port()
     cfg = work / "config.toml"
+    web = (f'[dicomweb]\nenabled = true\nhost = "127.0.0.1"\nport = {web_port}\n'
+           if web_port else "")
     cfg.write_text(f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{data}"\n'
                    f'max_pdu_size = {max_pdu}\n'
-                   f'[storage]\nfsync = {"true" if fsync else "false"}\nmin_free_mb = 0\n')
+                   f'[storage]\nfsync = {"true" if fsync else "false"}\nmin_free_mb = 0\n'
+                   + web)
     proc = subprocess.Popen([sys.executable, "-m", "node", "start", "--config", str(cfg),
                              "--log-level", "WARNING", "--no-worker"], cwd=ROOT)
     try:
         wait_port(port)
         time.sleep(0.5)
+        if web_port:
+            wait_port(web_port)
         sampler = PeakRSS(proc.pid)
         sampler.start()
-        dt = send(files, "MAMMO_NODE", port)
+        dt = stow(files, web_port) if web_port else send(files, "MAMMO_NODE", port)
         sampler.stop.set()
         sampler.join()
         stored = list((data / "instances").rglob("*.dcm"))
@@ -146,6 +177,8 @@ def main() -> int:
     ap.add_argument("--node-max-pdu", type=int, default=4 * 1024 * 1024,
                     help="the node's [node] max_pdu_size (storescp runs with 131072, its "
                          "maximum)")
+    ap.add_argument("--stow", action="store_true",
+                    help="also send the same images with one STOW-RS request")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     for tool in ("/usr/bin/storescu", "/usr/bin/storescp"):
@@ -157,8 +190,13 @@ def main() -> int:
         print(f"generating {args.images} images {args.rows}x{args.cols} ...", flush=True)
         files = make_images(work / "images", args.images, args.rows, args.cols)
         total_mb = sum(f.stat().st_size for f in files) / 1e6
-        scp_times, node_times, peaks = [], [], []
+        scp_times, node_times, peaks, stow_times, stow_peaks = [], [], [], [], []
         for i in range(args.repeats):
+            if args.stow:
+                t, peak = run_node(files, work, fsync=not args.no_fsync,
+                                   max_pdu=args.node_max_pdu, web_port=free_port())
+                stow_times.append(t)
+                stow_peaks.append(peak)
             scp_times.append(run_storescp(files, work))
             t, peak = run_node(files, work, fsync=not args.no_fsync,
                                max_pdu=args.node_max_pdu)
@@ -180,6 +218,11 @@ def main() -> int:
     print(f"  mammo-node     : {node:7.1f} MB/s  (fsync {'on' if result['fsync'] else 'off'})")
     print(f"  ratio          : {result['ratio']:.2f}x   (target >= 0.80x)")
     print(f"  node peak RSS  : {result['node_peak_rss_mb']:.0f} MB   (target < 300 MB)")
+    if stow_times:
+        sw = total_mb / statistics.median(stow_times)
+        result.update(stow_mb_s=round(sw, 1), stow_peak_rss_mb=round(max(stow_peaks) / 2**20, 1))
+        print(f"  STOW-RS        : {sw:7.1f} MB/s   ({sw / node:.2f}x the node's C-STORE, "
+              f"peak RSS {result['stow_peak_rss_mb']:.0f} MB)")
     if args.json:
         print(json.dumps(result))
     return 0

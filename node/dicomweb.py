@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import mmap
 import re
 import tempfile
 import threading
@@ -19,6 +20,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
@@ -52,31 +54,61 @@ def _keyword(name: str) -> str | None:
     return name if name in ATTRS else None
 
 
-def parse_multipart(body: bytes, content_type: str) -> list[tuple[str, bytes]]:
-    """Split a multipart/related body into (content type, bytes) parts."""
+def split_multipart(path: Path, content_type: str) -> list[tuple[str, int, int]]:
+    """Parts of a multipart/related body spooled to ``path``: (content type, offset, length).
+
+    Works on the file through mmap, so a 400 MB STOW request is never held in memory.
+    """
     m = re.search(r'boundary="?([^";]+)"?', content_type)
     if not m:
         raise ValueError("multipart/related without a boundary parameter")
     boundary = b"--" + m.group(1).encode()
-    if boundary not in body:
-        raise ValueError("the boundary of the Content-Type never appears in the body")
-    parts = []
-    for chunk in body.split(boundary)[1:]:
-        if chunk.startswith(b"--"):
-            break  # closing delimiter
-        chunk = chunk[2:] if chunk.startswith(b"\r\n") else chunk
-        head, sep, data = chunk.partition(b"\r\n\r\n")
-        if not sep:
-            raise ValueError("a part without headers")
-        if data.endswith(b"\r\n"):
-            data = data[:-2]
-        ctype = "application/octet-stream"
-        for line in head.decode("latin-1").split("\r\n"):
-            k, _, v = line.partition(":")
-            if k.strip().lower() == "content-type":
-                ctype = v.strip().lower()
-        parts.append((ctype, data))
-    return parts
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError("empty body")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        pos = mm.find(boundary)
+        if pos < 0:
+            raise ValueError("the boundary of the Content-Type never appears in the body")
+        parts = []
+        while True:
+            start = pos + len(boundary)
+            if mm[start:start + 2] == b"--":
+                break  # closing delimiter
+            if mm[start:start + 2] == b"\r\n":
+                start += 2
+            head_end = mm.find(b"\r\n\r\n", start)
+            if head_end < 0:
+                raise ValueError("a part without the blank line that ends its headers")
+            ctype = "application/octet-stream"
+            for line in mm[start:head_end].decode("latin-1").split("\r\n"):
+                k, _, v = line.partition(":")
+                if k.strip().lower() == "content-type":
+                    ctype = v.strip().lower()
+            data = head_end + 4
+            nxt = mm.find(b"\r\n" + boundary, data)
+            if nxt < 0:
+                raise ValueError("a part without a closing boundary (truncated body?)")
+            parts.append((ctype, data, nxt - data))
+            pos = nxt + 2
+        return parts
+
+
+def _copy_range(src: Path, offset: int, length: int, dst) -> bytes:
+    """Copy a byte range of ``src`` to the open file ``dst``; returns its first 132 bytes."""
+    head = b""
+    with open(src, "rb") as f:
+        f.seek(offset)
+        left = length
+        while left:
+            block = f.read(min(left, 4 << 20))
+            if not block:
+                break
+            if len(head) < 132:
+                head += block[:132 - len(head)]
+            dst.write(block)
+            left -= len(block)
+    return head
 
 
 def _to_part10(path: Path) -> None:
@@ -152,19 +184,34 @@ class DicomWeb:
                 "application/dicom" not in ctype.lower()):
             return _error(415, 'STOW-RS takes multipart/related; type="application/dicom", '
                                f"got {ctype or 'no Content-Type'}")
-        body = await request.body()
-        if len(body) > _STOW_MAX_BYTES:
-            return _error(413, "request larger than 2 GiB")
+        spool = tempfile.NamedTemporaryFile(dir=self.files.incoming, prefix="stow-",
+                                            suffix=".body", delete=False)
         try:
-            parts = parse_multipart(body, ctype)
-        except ValueError as exc:
-            return _error(400, f"malformed multipart body: {exc}")
-        if not parts:
-            return _error(400, "multipart body without any part")
+            total = 0
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > _STOW_MAX_BYTES:
+                    return _error(413, "request larger than 2 GiB")
+                spool.write(chunk)
+            spool.close()
+            try:
+                parts = split_multipart(Path(spool.name), ctype)
+            except ValueError as exc:
+                return _error(400, f"malformed multipart body: {exc}")
+            if not parts:
+                return _error(400, "multipart body without any part")
+            # Storing fsyncs and writes the database: off the event loop.
+            return await run_in_threadpool(self._store_parts, request, Path(spool.name), parts)
+        finally:
+            spool.close()
+            Path(spool.name).unlink(missing_ok=True)
+
+    def _store_parts(self, request: Request, body: Path,
+                     parts: list[tuple[str, int, int]]) -> Response:
         study_in_url = request.path_params.get("study")
         calling = f"STOW:{request.client.host if request.client else '?'}"[:16]
         ok, failed = [], []
-        for ptype, data in parts:
+        for ptype, offset, length in parts:
             item = Dataset()
             if not ptype.startswith("application/dicom"):
                 item.FailureReason = 0xA900
@@ -172,10 +219,10 @@ class DicomWeb:
                 continue
             with tempfile.NamedTemporaryFile(dir=self.files.incoming, suffix=".dcm",
                                              delete=False) as tmp:
-                tmp.write(data)
+                head = _copy_range(body, offset, length, tmp)
             path = Path(tmp.name)
             try:
-                if data[128:132] != b"DICM":
+                if head[128:132] != b"DICM":
                     _to_part10(path)
                 head = dcmread(path, stop_before_pixels=True)
                 sop_class = str(head.get("SOPClassUID", ""))
