@@ -51,7 +51,7 @@ def _keyword(name: str) -> str | None:
         from pydicom.datadict import keyword_for_tag
 
         name = keyword_for_tag(int(name, 16)) or name
-    return name if name in ATTRS else None
+    return name if name in ATTRS or name == "ModalitiesInStudy" else None
 
 
 def split_multipart(path: Path, content_type: str) -> list[tuple[str, int, int]]:
@@ -296,7 +296,7 @@ class DicomWeb:
             if LEVELS.index(ATTRS[kw][0]) <= LEVELS.index(level):
                 setattr(ident, kw, keys.get(kw, ""))
         if level in ("STUDY",):
-            ident.ModalitiesInStudy = ""
+            ident.ModalitiesInStudy = keys.get("ModalitiesInStudy", "")
             ident.NumberOfStudyRelatedSeries = None
             ident.NumberOfStudyRelatedInstances = None
         if level == "SERIES":

@@ -145,13 +145,26 @@ class QueryRetrieveSCP:
             raise QueryError(IDENTIFIER_MISMATCH, "PATIENT level needs the Patient Root model")
         keys = {}
         for elem in identifier:
-            if elem.keyword in ATTRS and not elem.VR == "SQ":
+            if (elem.keyword in ATTRS or elem.keyword == "ModalitiesInStudy") \
+                    and not elem.VR == "SQ":
                 keys[elem.keyword] = "" if elem.value is None else (
                     "\\".join(str(v) for v in elem.value) if elem.VM > 1 else str(elem.value))
         return level, keys
 
     def match(self, level: str, keys: dict[str, str]) -> list[Instance]:
-        """Instances matching every key at or above ``level``."""
+        """Instances matching every key at or above ``level``; ``ModalitiesInStudy`` keeps
+        the studies holding at least one instance of a listed modality."""
+        modalities = keys.get("ModalitiesInStudy", "").strip()
+        rows = self._match(level, {k: v for k, v in keys.items() if k in ATTRS})
+        if modalities and modalities != "*" and LEVELS.index(level) >= 1:
+            wanted = {m.strip().upper() for m in modalities.split("\\")}
+            studies = {r.study_instance_uid for r in self.exams.find_instances(
+                study_uids=sorted({r.study_instance_uid for r in rows}) or ["-"])
+                if (r.modality or "").upper() in wanted}
+            rows = [r for r in rows if r.study_instance_uid in studies]
+        return rows
+
+    def _match(self, level: str, keys: dict[str, str]) -> list[Instance]:
         def uid_list(k: str) -> list[str] | None:
             v = keys.get(k, "").strip()
             return [u.strip() for u in v.split("\\")] if v and "*" not in v and "?" not in v \

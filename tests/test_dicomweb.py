@@ -62,6 +62,11 @@ def test_stow_study_ends_with_an_sr_found_by_qido(node_factory):
     assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
     limited = client.search_for_instances(study, search_filters={"limit": 3})
     assert len(limited) == 3
+    assert len(client.search_for_studies(search_filters={"ModalitiesInStudy": "SR"})) == 1
+    assert client.search_for_studies(search_filters={"ModalitiesInStudy": "CT"}) == []
+    dated = client.search_for_studies(search_filters={"StudyDate": "20260101-20261231"})
+    assert [s["0020000D"]["Value"][0] for s in dated] == [study]
+    assert client.search_for_studies(search_filters={"StudyDate": "-20251231"}) == []
 
 
 def test_bad_requests_get_the_standard_status_and_a_reason(node_factory, tmp_path):

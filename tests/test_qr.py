@@ -59,6 +59,10 @@ def test_findscu_study_level_matching(loaded):
     assert n == 2
     n, _ = findscu(node, "QueryRetrieveLevel=STUDY", "StudyInstanceUID", "AccessionNumber")
     assert n == 2  # universal matching
+    n, _ = findscu(node, "QueryRetrieveLevel=STUDY", "StudyInstanceUID", "ModalitiesInStudy=MG")
+    assert n == 2
+    n, _ = findscu(node, "QueryRetrieveLevel=STUDY", "StudyInstanceUID", "ModalitiesInStudy=CT")
+    assert n == 0
     n, out = findscu(node, "QueryRetrieveLevel=PATIENT", "PatientID=PAT-?", "PatientName",
                      "NumberOfPatientRelatedStudies", model="-P")
     assert n == 2 and "Alpha^Ann" in out and "Beta^Bea" in out
