@@ -28,6 +28,40 @@ def nodelay(assoc) -> None:
         pass
 
 
+def _find_instance(ae_title: str, dest: Destination, study_uid: str, sop_uid: str) -> bool | None:
+    """Ask the destination (C-FIND, Study Root, IMAGE level) whether it holds an instance;
+    None when it cannot tell (no C-FIND there)."""
+    from pydicom.dataset import Dataset
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    ae = AE(ae_title=ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    if not assoc.is_established:
+        return None
+    try:
+        q = Dataset()
+        q.QueryRetrieveLevel = "IMAGE"
+        q.StudyInstanceUID = study_uid
+        q.SeriesInstanceUID = ""
+        q.SOPInstanceUID = sop_uid
+        found, final = False, None
+        for status, ident in assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind):
+            if not status:
+                return None
+            final = int(status.Status)
+            if final in (0xFF00, 0xFF01) and ident is not None and \
+                    str(ident.get("SOPInstanceUID", "")) == sop_uid:
+                found = True
+        return found if final == 0x0000 else None
+    except (ValueError, RuntimeError):  # no accepted C-FIND context
+        return None
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
 class Exporter(threading.Thread):
     """Sends due deliveries, one association per destination and batch."""
 
@@ -72,6 +106,12 @@ class Exporter(threading.Thread):
                 row["destination"], row["attempts"] + 1, error,
                 "; giving up" if state == "gave_up" else "; will retry")
 
+    def _already_there(self, dest: Destination, row: dict) -> bool:
+        """For a delivery whose previous attempt was cut off: is it at the destination?"""
+        found = _find_instance(self.cfg.node.ae_title, dest, row["study_instance_uid"],
+                               row["sop_instance_uid"])
+        return bool(found)
+
     def _send(self, dest: Destination, rows: list[dict]) -> None:
         datasets = []
         for r in rows:
@@ -99,6 +139,12 @@ class Exporter(threading.Thread):
                 if not assoc.is_established:
                     self._failed(r, "association lost")
                     continue
+                if r.get("interrupted") and self._already_there(dest, r):
+                    self.exams.mark_sent(r["id"])
+                    log.info("%s was already at %s (a send interrupted by a restart had "
+                             "reached it): not sent again", r["sop_instance_uid"], dest.name)
+                    continue
+                self.exams.mark_in_flight(r["id"])
                 status = assoc.send_c_store(ds)
                 code = int(status.Status) if status and "Status" in status else None
                 if code in _OK:

@@ -159,3 +159,5 @@ class Outbound(Base):
     next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    #: Set while a C-STORE is under way; still set after a crash = the outcome is unknown.
+    in_flight_since: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)

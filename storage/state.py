@@ -252,18 +252,26 @@ class ExamStore:
         with self.db.session() as s:
             rows = s.execute(
                 select(Outbound.id, Outbound.destination, Outbound.attempts, Result.path,
-                       Result.sop_instance_uid)
+                       Result.sop_instance_uid, Outbound.in_flight_since, Result.sop_class_uid,
+                       Exam.study_instance_uid)
                 .join(Result, Result.id == Outbound.result_id)
+                .join(Exam, Exam.id == Result.exam_id)
                 .where(Outbound.state.in_(("pending", "retrying")),
                        Outbound.next_attempt_at <= now)
                 .order_by(Outbound.next_attempt_at, Outbound.id).limit(limit)).all()
-        return [dict(id=r[0], destination=r[1], attempts=r[2], path=r[3], sop_instance_uid=r[4])
+        return [dict(id=r[0], destination=r[1], attempts=r[2], path=r[3], sop_instance_uid=r[4],
+                     interrupted=r[5] is not None, sop_class_uid=r[6], study_instance_uid=r[7])
                 for r in rows]
+
+    def mark_in_flight(self, outbound_id: int) -> None:
+        with self.db.write() as s:
+            s.get(Outbound, outbound_id).in_flight_since = utcnow()
 
     def mark_sent(self, outbound_id: int) -> None:
         with self.db.write() as s:
             row = s.get(Outbound, outbound_id)
             row.state, row.sent_at, row.last_error = "sent", utcnow(), None
+            row.in_flight_since = None
             row.attempts += 1
 
     def mark_failed(self, outbound_id: int, error: str, max_attempts: int,
@@ -272,6 +280,7 @@ class ExamStore:
         with self.db.write() as s:
             row = s.get(Outbound, outbound_id)
             row.attempts += 1
+            row.in_flight_since = None
             row.last_error = error[:2000]
             if row.attempts >= max_attempts:
                 row.state = "gave_up"

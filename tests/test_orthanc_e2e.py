@@ -104,3 +104,47 @@ def test_orthanc_routes_a_study_and_receives_the_reading(node_factory, tmp_path)
     finally:
         node.stop()
         orthanc.stop()
+
+
+@pytest.mark.skipif(not Path(ORTHANC).exists(), reason="Orthanc is installed by .ci/run")
+def test_send_cut_off_by_a_crash_is_confirmed_not_repeated(node_factory, tmp_path):
+    """A C-STORE whose answer was lost in a crash: at restart the node asks the PACS (C-FIND)
+    and, finding the object there, records it as sent without sending it a second time."""
+    import datetime as dt
+    import sqlite3
+
+    node = node_factory(start=False, worker=True)
+    orthanc = Orthanc(tmp_path / "orthanc", node.port)
+    try:
+        node.config.write_text(node.config.read_text() + (
+            "[[destinations]]\nname = \"orthanc\"\nae_title = \"ORTHANC\"\n"
+            f"host = \"127.0.0.1\"\nport = {orthanc.dicom}\n"
+            "[export]\ninitial_delay_seconds = 0.5\nmax_delay_seconds = 1.0\n"))
+        node.start()
+        exam = make_exam(seed=22, rows=256, cols=208)
+        study_uid = exam[0].StudyInstanceUID
+        from tests.conftest import send
+
+        assert send(node.port, exam) == [0] * 4
+        wait_for(lambda: node.exam(study_uid).get("delivery", {}).get("orthanc", {})
+                 .get("sent") == 6, 120, what="delivered")
+        assert node.stop() == 0
+        db = sqlite3.connect(node.data_dir / "mammo-node.db")
+        row_id, sop = db.execute(
+            "SELECT o.id, r.sop_instance_uid FROM outbound o JOIN results r "
+            "ON r.id = o.result_id ORDER BY o.id LIMIT 1").fetchone()
+        now = dt.datetime.utcnow().isoformat(sep=" ")
+        db.execute("UPDATE outbound SET state='retrying', in_flight_since=?, next_attempt_at=? "
+                   "WHERE id=?", (now, now, row_id))
+        db.commit()
+        db.close()
+        before = node.log.read_text()
+        node.start()
+        wait_for(lambda: node.exam(study_uid)["delivery"]["orthanc"].get("sent") == 6, 60,
+                 what="confirmed")
+        after = node.log.read_text()[len(before):]
+        assert f"{sop} was already at orthanc" in after
+        assert f"sent {sop} to orthanc" not in after
+    finally:
+        node.stop()
+        orthanc.stop()
