@@ -192,7 +192,6 @@ def build_tid1500(sources: dict[str, Dataset], reading: ReadingSummary, study_ui
             model_name=f"{reading.model_name} {reading.model_version}"))
     context = hd.sr.ObservationContext(observer_device_context=observer)
     groups = []
-    any_source = next(iter(sources.values()))
     for lat in ("L", "R"):
         b = reading.breasts.get(lat, {})
         if not b.get("present"):
@@ -250,7 +249,6 @@ def build_tid1500(sources: dict[str, Dataset], reading: ReadingSummary, study_ui
         previous_versions=[replaces] if replaces is not None else None,
     )
     sr.SeriesDescription = "AI reading (TID 1500)"
-    _ = any_source
     return sr
 
 
@@ -323,7 +321,6 @@ def build_mammo_cad(sources: dict[str, Dataset], reading: ReadingSummary, study_
         b = reading.breasts.get(lat, {})
         if not b.get("present"):
             continue
-        side = "Left" if lat == "L" else "Right"
         imp = hd.sr.ContainerContentItem(
             name=_c("111034", "DCM", "Individual Impression/Recommendation"),
             relationship_type=_rel("INFERRED_FROM"))
@@ -358,10 +355,9 @@ def build_mammo_cad(sources: dict[str, Dataset], reading: ReadingSummary, study_
                 relationship_type=_rel("CONTAINS")))
         for slot, w in reading.fusion_weights.get(lat, {}).items():
             items.append(_num(_c(f"W-{slot}", _PRIVATE, f"Fusion weight of {slot}"), w, one))
-        missing = [v for v in reading.missing_views]
         items.append(hd.sr.TextContentItem(
             name=_c("MISSING-VIEWS", _PRIVATE, "Missing views"),
-            value=", ".join(missing) if missing else "none",
+            value=", ".join(reading.missing_views) or "none",
             relationship_type=_rel("CONTAINS")))
         if reading.not_for_clinical_use:
             items.append(hd.sr.TextContentItem(
@@ -371,7 +367,6 @@ def build_mammo_cad(sources: dict[str, Dataset], reading: ReadingSummary, study_
         imp.ContentSequence = hd.sr.ContentSequence(items)
         impressions.append(imp)
         findings = findings or b["birads"] not in ("BI-RADS 1",)
-        _ = side
     summary = hd.sr.CodeContentItem(
         name=_c("111017", "DCM", "CAD Processing and Findings Summary"),
         value=_c("111242", "DCM", "All algorithms succeeded; with findings") if findings

@@ -154,11 +154,6 @@ def process_exam_scs(job: dict[str, Any]) -> list[dict[str, Any]]:
     return produced
 
 
-def process_exam(job: dict[str, Any]) -> list[dict[str, Any]]:
-    """Both phases in one call (for tools and tests)."""
-    return process_exam_srs(job) + process_exam_scs(job)
-
-
 class Worker(threading.Thread):
     """Claims ``ready`` exams oldest first and processes them one at a time."""
 
@@ -205,7 +200,7 @@ class Worker(threading.Thread):
             self.pool.shutdown(wait=False, cancel_futures=True)
 
     def _process(self, exam_id: int, version: int) -> None:
-        study, version, paths = self.exams.claim_instance_paths(exam_id)
+        study, version, paths = self.exams.slot_paths(exam_id)
         if not paths:
             self.exams.finish(exam_id, version, ok=False,
                               reason="no image fills any of the four view slots")

@@ -234,7 +234,7 @@ class ExamStore:
             modality=r.get("modality"), series_number=r.get("series_number"),
             instance_number=r.get("instance_number"), role="result", exam_id=None))
 
-    def claim_instance_paths(self, exam_id: int) -> tuple[str, int, dict[str, str]]:
+    def slot_paths(self, exam_id: int) -> tuple[str, int, dict[str, str]]:
         """(study UID, version, slot -> relative path) of an exam's slot images."""
         with self.db.session() as s:
             exam = s.get(Exam, exam_id)
