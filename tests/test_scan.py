@@ -60,14 +60,38 @@ def test_equals_sequential_reference_values_and_gradients(impl, shape):
         assert _close(g[k], g_ref[k]), (k, float((g[k] - g_ref[k]).abs().max()))
 
 
-def test_chunked_stays_finite_with_huge_decays():
-    """Large |A| * delta would overflow a naive exp(-cumsum); the chunk guard prevents it."""
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda f: f.__name__)
+def test_stays_finite_with_huge_decays(impl):
+    """Large |A| * delta would overflow a naive exp(-cumsum) (the chunk guard prevents it) and
+    leaves the range of the numba kernel's exponent bits (it clamps)."""
     inp = _inputs(2, 4, 300, 8, None, decay=400.0)
     inp["delta"] = inp["delta"].abs() + 1.0
     y_ref = selective_scan_ref(**inp)
-    y = selective_scan_chunked(**inp)
+    y = impl(**inp)
     assert torch.isfinite(y).all()
     assert _close(y, y_ref)
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba is not importable here")
+def test_numba_exp_accurate_over_the_whole_range():
+    """Two steps with B = C = 1: y[0] = 1 and y[1] = exp(A) for decays from 1e-38 to 1 and
+    growth up to 1e30; the relative error stays within that of rounding A to float32 itself
+    (|A| * 2^-24) plus a couple of ulps."""
+    z = torch.linspace(-87.0, 69.0, 4001)  # exp's float32 range, both signs
+    d = z.numel()
+    u = torch.zeros(1, d, 2)
+    u[0, :, 0] = 1.0
+    delta = torch.ones(1, d, 2)
+    A = torch.zeros(d, 1)
+    A[:, 0] = z
+    B = torch.ones(1, 1, 2)
+    C = torch.ones(1, 1, 2)
+    y = selective_scan_numba(u, delta, A, B, C)
+    want = torch.exp(z.double())
+    rel = (y[0, :, 1].double() - want).abs() / want
+    bound = 2.5e-7 + z.double().abs() * 1.2e-7
+    assert bool((rel <= bound).all()), float((rel / bound).max())
+    assert torch.equal(y[0, :, 0], torch.ones(d))
 
 
 def test_explicit_chunk_lengths_agree():
