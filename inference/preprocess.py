@@ -70,15 +70,38 @@ def _first(value) -> float:
     return float(value)
 
 
+def _lut_range(item: Dataset) -> tuple[float, float]:
+    """Output range of a VOI LUT: its smallest and largest entries.
+
+    Not ``2^bits - 1`` from the LUT Descriptor: several vendors declare 16 bits per entry and
+    fill the table with 12-bit values, which would leave the image almost black.
+    """
+    bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
+    data = item.get("LUTData", None)
+    if data is None:
+        return 0.0, float((1 << bits) - 1)
+    if isinstance(data, (bytes, bytearray)):
+        entries = np.frombuffer(data, dtype="<u2" if bits > 8 and len(data) % 2 == 0 else "u1")
+    else:
+        entries = np.asarray(data if isinstance(data, (list, tuple, MultiValue)) else [data],
+                             dtype=np.float64)
+    if entries.size == 0:
+        return 0.0, float((1 << bits) - 1)
+    return float(entries.min()), float(entries.max())
+
+
 def _window(arr: np.ndarray, ds: Dataset) -> np.ndarray | None:
     """Apply the first VOI LUT or window of the dataset; [0, 1] or None when there is none."""
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
         from pydicom.pixels import apply_voi_lut
 
-        out = apply_voi_lut(arr, ds, index=0).astype(np.float32)
-        item = ds.VOILUTSequence[0]
-        bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
-        return np.clip(out / float((1 << bits) - 1), 0.0, 1.0)
+        # The LUT is indexed by (integer) modality values; pydicom warns on float input.
+        lut_in = np.rint(arr).astype(np.int64) if np.issubdtype(arr.dtype, np.floating) else arr
+        out = apply_voi_lut(lut_in, ds, index=0).astype(np.float32)
+        lo, hi = _lut_range(ds.VOILUTSequence[0])
+        if hi <= lo:
+            return None
+        return np.clip((out - lo) / (hi - lo), 0.0, 1.0)
     if "WindowCenter" not in ds or "WindowWidth" not in ds:
         return None
     c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)

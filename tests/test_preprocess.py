@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import numpy as np
 import pytest
 import torch
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from inference.preprocess import guess_slot, map_to_original, preprocess, to_display
-from inference.synthetic import Lesion, make_mammogram
+from inference.synthetic import Lesion, make_mammogram, write
 
 SIZE = (256, 128)
 LESION = [Lesion("spiculated", 0.5, 0.4, 0.08, 0.4)]
@@ -81,3 +85,69 @@ def test_guess_slot():
     assert guess_slot(_img("R", dialect="code-only")) == "R-CC"
     assert guess_slot(make_mammogram("L", "MLO", rows=64, cols=64, dialect="srt")) == "L-MLO"
     assert guess_slot(make_mammogram("", "MLO", rows=64, cols=64)) is None
+
+
+def _dcmtk_encoded(ds, tool: str, args: list[str], tmp_path):
+    """``ds`` compressed by a DCMTK encoder (a second, independent implementation)."""
+    src, dst = tmp_path / "in.dcm", tmp_path / "out.dcm"
+    write(ds, src)
+    subprocess.run([f"/usr/bin/{tool}", *args, str(src), str(dst)], check=True,
+                   capture_output=True)
+    return dcmread(dst)
+
+
+@pytest.mark.parametrize("tool,args,syntax", [
+    ("dcmcjpeg", [], "1.2.840.10008.1.2.4.70"),           # JPEG Lossless SV1
+    ("dcmcjpeg", ["+el"], "1.2.840.10008.1.2.4.57"),      # JPEG Lossless, any predictor
+    ("dcmcjpeg", ["+ee"], "1.2.840.10008.1.2.4.51"),      # JPEG Extended 12-bit (lossy)
+    ("dcmcjpls", [], "1.2.840.10008.1.2.4.80"),           # JPEG-LS Lossless
+    ("dcmcjpls", ["+en"], "1.2.840.10008.1.2.4.81"),      # JPEG-LS Near-Lossless
+    ("dcmcrle", [], "1.2.840.10008.1.2.5"),               # RLE Lossless
+], ids=lambda v: v if isinstance(v, str) and not v.startswith("1.") else None)
+def test_dcmtk_compressed_variants_equal_reference(tool, args, syntax, tmp_path):
+    ref, _ = preprocess(_img(), SIZE)
+    ds = _dcmtk_encoded(_img(), tool, args, tmp_path)
+    assert ds.file_meta.TransferSyntaxUID == syntax
+    t, _ = preprocess(ds, SIZE)
+    assert float((t - ref).abs().mean()) < 0.01
+
+
+def _as_voi_lut(ds, entry_bits: int = 16):
+    """Replace the window by the equivalent VOI LUT Sequence (12-bit entries, but declared
+    ``entry_bits`` wide, as some vendors do)."""
+    c, w = float(ds.WindowCenter), float(ds.WindowWidth)
+    first = int(c - w / 2)
+    n = int(w)
+    entries = np.clip(np.round((np.arange(first, first + n) - (c - 0.5)) / (w - 1) * 4095
+                               + 2047.5), 0, 4095).astype(np.uint16)
+    item = Dataset()
+    item.LUTDescriptor = [n, first, entry_bits]
+    item.LUTData = entries.tolist()
+    item["LUTData"].VR = "US"
+    ds.VOILUTSequence = [item]
+    del ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction
+    return ds
+
+
+@pytest.mark.parametrize("entry_bits", [12, 16])
+def test_voi_lut_sequence_equals_window(entry_bits):
+    ref = to_display(_img())
+    out = to_display(_as_voi_lut(_img(), entry_bits))
+    assert float(np.abs(out - ref).mean()) < 0.01
+
+
+def test_8_bit_and_signed_pixels_equal_reference():
+    ref, _ = preprocess(_img(), SIZE)
+    ds8 = _img()
+    ds8.PixelData = (ds8.pixel_array >> 4).astype(np.uint8).tobytes()
+    ds8.BitsAllocated = ds8.BitsStored = 8
+    ds8.HighBit = 7
+    ds8.WindowCenter, ds8.WindowWidth = int(ds8.WindowCenter) // 16, int(ds8.WindowWidth) // 16
+    t8, _ = preprocess(ds8, SIZE)
+    assert float((t8 - ref).abs().mean()) < 0.02
+    signed = _img()
+    signed.PixelData = (signed.pixel_array.astype(np.int32) - 2048).astype(np.int16).tobytes()
+    signed.PixelRepresentation = 1
+    signed.RescaleIntercept = 2048  # same stored-to-modality mapping as the reference
+    ts, _ = preprocess(signed, SIZE)
+    assert float((ts - ref).abs().mean()) < 0.01
