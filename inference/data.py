@@ -7,15 +7,24 @@ synthetic data writes it).
 
 Generic CSV: one row per image with ``path`` (relative to the CSV's folder or absolute),
 ``exam_id`` (or ``study_id``), ``laterality`` (L/R), ``view`` (CC/MLO), and optional
-``birads`` (1-5), ``diagnosis`` (normal/benign/malignant) and ``split``.
+``birads`` (1-5), ``diagnosis`` (normal/benign/malignant) and ``split``. Header names are
+matched without regard to case, spaces or hyphens, and common other names are understood
+(``file``, ``file_path``, ``image_path``, ``filename`` for the path; ``side`` or
+``image_laterality`` for the laterality; ``view_position`` for the view; ``breast_birads``,
+``bi_rads``; ``pathology``, ``breast_diagnosis``; ``StudyInstanceUID``, ``accession``).
+A view value may carry the laterality ("RCC", "L-MLO") and the laterality may be spelled
+out ("LEFT").
 
-Exams with missing views are kept: the model masks what is missing.
+Exams with missing views are kept: the model masks what is missing. Rows whose file does not
+exist are dropped with one warning that counts them; an image that fails to decode during
+training is masked out (warned once per file) instead of ending a long run.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -27,6 +36,8 @@ from torch.utils.data import Dataset
 
 from inference.model import BREASTS, DIAGNOSIS_CLASSES, VIEWS, birads_to_class
 from inference.preprocess import preprocess
+
+log = logging.getLogger("mammo_node.data")
 
 TRAIN_SPLITS = {"training", "train"}
 TEST_SPLITS = {"test", "testing"}
@@ -52,59 +63,176 @@ def parse_birads(value: str | None) -> int | None:
     return b if 1 <= b <= 5 else None
 
 
+_DIAGNOSIS_ALIASES = {"negative": "normal", "healthy": "normal", "no finding": "normal",
+                      "benign_without_callback": "benign", "malignancy": "malignant",
+                      "cancer": "malignant", "0": "normal", "1": "benign", "2": "malignant"}
+
+
 def parse_diagnosis(value: str | None) -> int | None:
+    """"normal" / "benign" / "malignant" (and a few usual synonyms) -> class index."""
     v = (value or "").strip().lower()
+    v = _DIAGNOSIS_ALIASES.get(v, v)
     return DIAGNOSIS_CLASSES.index(v) if v in DIAGNOSIS_CLASSES else None
 
 
+def parse_laterality(value: str | None) -> str | None:
+    """"L", "left", "R ", "RIGHT" -> "L" / "R"; anything else -> None."""
+    v = (value or "").strip().upper()
+    if v in ("L", "LEFT", "LT"):
+        return "L"
+    if v in ("R", "RIGHT", "RT"):
+        return "R"
+    return None
+
+
+def parse_view(value: str | None) -> tuple[str | None, str | None]:
+    """"CC" -> (None, "CC"); "RMLO", "L-CC", "l_mlo" -> ("R", "MLO"), ("L", "CC"), ...
+
+    Only CC and MLO are screening views; ML, XCCL etc. give (lat, None).
+    """
+    v = re.sub(r"[\s\-_/]+", "", (value or "").strip().upper())
+    lat = None
+    if v[:1] in ("L", "R") and v[1:] in ("CC", "MLO", "ML", "XCCL", "LM", "LMO", "XCCM"):
+        lat, v = v[0], v[1:]
+    elif v[-1:] in ("L", "R") and v[:-1] in ("CC", "MLO"):  # "CCL", "MLOR"
+        lat, v = v[-1], v[:-1]
+    return lat, v if v in ("CC", "MLO") else None
+
+
 def _add(records: dict[str, ExamRecord], exam_id: str, lat: str, view: str, path: Path,
-         birads: int | None, diagnosis: int | None, split: str) -> None:
-    lat, view = lat.strip().upper()[:1], view.strip().upper()
+         birads: int | None, diagnosis: int | None, split: str) -> bool:
+    """Add one image row; False when its laterality/view are not one of the four slots."""
+    vlat, v = parse_view(view)
+    lat_ = parse_laterality(lat) or vlat
     rec = records.setdefault(exam_id, ExamRecord(exam_id=exam_id, split=split.strip().lower()))
-    if lat in BREASTS:
+    if lat_ in BREASTS:
         if birads is not None:
-            rec.birads[lat] = max(birads, rec.birads.get(lat) or 0)
+            rec.birads[lat_] = max(birads, rec.birads.get(lat_) or 0)
         if diagnosis is not None:
-            rec.diagnosis[lat] = max(diagnosis, rec.diagnosis.get(lat) or 0)
-    slot = f"{lat}-{view}"
-    if slot in VIEWS and slot not in rec.paths:
-        rec.paths[slot] = path
+            rec.diagnosis[lat_] = max(diagnosis, rec.diagnosis.get(lat_) or 0)
+    slot = f"{lat_}-{v}"
+    if slot in VIEWS:
+        rec.paths.setdefault(slot, path)
+        return True
+    return False
+
+
+def _existing(path: Path) -> Path | None:
+    """``path``, or the same name with the other usual DICOM suffix, if it exists."""
+    if path.exists():
+        return path
+    for alt in (path.with_suffix(".dcm"), path.with_suffix(".dicom"), path.with_suffix("")):
+        if alt != path and alt.is_file():
+            return alt
+    return None
+
+
+def _check_files(records: dict[str, ExamRecord], source: Path, skipped_views: int
+                 ) -> list[ExamRecord]:
+    """Drop rows whose file is missing (warned once, counted); drop exams left empty."""
+    missing: list[Path] = []
+    for rec in records.values():
+        for slot, path in list(rec.paths.items()):
+            found = _existing(path)
+            if found is None:
+                missing.append(path)
+                del rec.paths[slot]
+            else:
+                rec.paths[slot] = found
+    if missing:
+        log.warning("%s: %d image file(s) listed but not found (first: %s); those views are "
+                    "treated as missing", source, len(missing), missing[0])
+    if skipped_views:
+        log.info("%s: %d row(s) are not CC/MLO views of L/R (extra views, unknown values): "
+                 "not used", source, skipped_views)
+    out = [r for r in records.values() if r.paths]
+    if len(out) < len(records):
+        log.warning("%s: %d exam(s) without any usable image dropped", source,
+                    len(records) - len(out))
+    return out
+def _norm(name: str) -> str:
+    return re.sub(r"[\s\-]+", "_", name.strip().lower())
+
+
+_ALIASES = {  # canonical -> accepted (normalised) header names, in order of preference
+    "path": ("path", "file", "file_path", "filepath", "image_path", "image", "filename",
+             "file_name", "dicom_path"),
+    "exam_id": ("exam_id", "study_id", "studyinstanceuid", "study_instance_uid", "study_uid",
+                "accession", "accession_number", "exam"),
+    "laterality": ("laterality", "side", "image_laterality", "imagelaterality", "breast"),
+    "view": ("view", "view_position", "viewposition", "projection"),
+    "birads": ("birads", "bi_rads", "breast_birads", "assessment"),
+    "diagnosis": ("diagnosis", "breast_diagnosis", "pathology"),
+    "split": ("split", "subset", "set", "fold_name"),
+}
+
+
+def _column_map(fieldnames: list[str] | None, csv_path: Path, required: tuple[str, ...]
+                ) -> dict[str, str]:
+    """canonical name -> the file's own header name."""
+    present = {_norm(f): f for f in fieldnames or []}
+    out = {}
+    for canon, names in _ALIASES.items():
+        for n in names:
+            if n in present:
+                out[canon] = present[n]
+                break
+    for key in required:
+        if key not in out:
+            raise ValueError(f"{csv_path}: column {key!r} missing (accepted names: "
+                             f"{', '.join(_ALIASES[key])}; found: {', '.join(fieldnames or [])})")
+    return out
 
 
 def read_vindr(root: str | Path) -> list[ExamRecord]:
+    """The VinDr-Mammo layout under ``root``."""
     root = Path(root)
     csv_path = root / "breast-level_annotations.csv"
     if not csv_path.exists():
-        raise FileNotFoundError(f"{csv_path} not found: not a VinDr-Mammo layout")
+        raise FileNotFoundError(f"{csv_path} not found: not a VinDr-Mammo layout "
+                                f"(use --format csv for a generic CSV)")
     records: dict[str, ExamRecord] = {}
-    with open(csv_path, newline="") as f:
-        for row in csv.DictReader(f):
-            path = root / "images" / row["study_id"] / f"{row['image_id']}.dicom"
-            _add(records, row["study_id"], row["laterality"], row["view_position"], path,
-                 parse_birads(row.get("breast_birads")),
-                 parse_diagnosis(row.get("breast_diagnosis")), row.get("split", ""))
-    return list(records.values())
+    skipped = 0
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ("study_id", "image_id", "laterality", "view_position")
+                   if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{csv_path}: column(s) {', '.join(missing)} missing")
+        for row in reader:
+            path = root / "images" / row["study_id"].strip() / f"{row['image_id'].strip()}.dicom"
+            ok = _add(records, row["study_id"].strip(), row["laterality"], row["view_position"],
+                      path, parse_birads(row.get("breast_birads")),
+                      parse_diagnosis(row.get("breast_diagnosis")), row.get("split") or "")
+            skipped += not ok
+    return _check_files(records, csv_path, skipped)
 
 
 def read_csv(csv_path: str | Path) -> list[ExamRecord]:
+    """A generic CSV (or a folder holding ``labels.csv``); see the module docstring."""
     csv_path = Path(csv_path)
     if csv_path.is_dir():
         csv_path = csv_path / "labels.csv"
+    if not csv_path.exists():
+        raise FileNotFoundError(f"{csv_path} not found")
     records: dict[str, ExamRecord] = {}
-    with open(csv_path, newline="") as f:
-        for i, row in enumerate(csv.DictReader(f)):
-            for key in ("path", "laterality", "view"):
-                if key not in row:
-                    raise ValueError(f"{csv_path}: column {key!r} missing")
-            exam_id = row.get("exam_id") or row.get("study_id")
-            if not exam_id:
-                raise ValueError(f"{csv_path}: row {i + 2}: exam_id (or study_id) missing")
-            p = Path(row["path"])
-            _add(records, exam_id, row["laterality"], row["view"],
-                 p if p.is_absolute() else csv_path.parent / p,
-                 parse_birads(row.get("birads")), parse_diagnosis(row.get("diagnosis")),
-                 row.get("split", ""))
-    return list(records.values())
+    skipped = 0
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        cols = _column_map(reader.fieldnames, csv_path, ("path", "laterality", "view"))
+        get = lambda row, key: (row.get(cols[key]) or "").strip() if key in cols else ""  # noqa: E731
+        for i, row in enumerate(reader):
+            p = Path(get(row, "path"))
+            if not get(row, "path"):
+                raise ValueError(f"{csv_path}: row {i + 2}: empty path")
+            # Without an exam column, images of one folder are one exam.
+            exam_id = get(row, "exam_id") or str(p.parent)
+            ok = _add(records, exam_id, get(row, "laterality"), get(row, "view"),
+                      p if p.is_absolute() else csv_path.parent / p,
+                      parse_birads(get(row, "birads")), parse_diagnosis(get(row, "diagnosis")),
+                      get(row, "split"))
+            skipped += not ok
+    return _check_files(records, csv_path, skipped)
 
 
 def read_dataset(data: str | Path, fmt: str = "vindr") -> list[ExamRecord]:
@@ -136,13 +264,24 @@ class ExamDataset(Dataset):
         self.size = tuple(image_size)
         self.task = task
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._bad: set[Path] = set()
         if self.cache_dir:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def _view(self, path: Path) -> torch.Tensor:
+    def _view(self, path: Path) -> torch.Tensor | None:
+        """The preprocessed view, or None (warned once) when it cannot be read."""
+        try:
+            return self._load(path)
+        except Exception as exc:  # a corrupt or undecodable file must not end a long run
+            if path not in self._bad:
+                self._bad.add(path)
+                log.warning("%s: cannot be read (%s); treated as a missing view", path, exc)
+            return None
+
+    def _load(self, path: Path) -> torch.Tensor:
         if self.cache_dir is None:
             return preprocess(path, self.size)[0]
         st = path.stat()
@@ -165,8 +304,10 @@ class ExamDataset(Dataset):
         mask = torch.zeros(len(VIEWS), dtype=torch.bool)
         for k, slot in enumerate(VIEWS):
             if slot in rec.paths:
-                images[k] = self._view(rec.paths[slot])
-                mask[k] = True
+                view = self._view(rec.paths[slot])
+                if view is not None:
+                    images[k] = view
+                    mask[k] = True
         birads = torch.tensor([birads_to_class(self.task, rec.birads.get(b)) for b in BREASTS])
         diag = torch.tensor([rec.diagnosis.get(b) if rec.diagnosis.get(b) is not None else -1
                              for b in BREASTS])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from inference.data import read_csv, read_vindr
+from inference.data import ExamDataset, read_csv, read_vindr
 
 
 def cli(*args, cwd=None) -> subprocess.CompletedProcess:
@@ -54,6 +54,49 @@ def test_generic_csv_reader(tiny_data, tmp_path):
     recs = read_csv(tmp_path)
     assert len(recs) == 1 and recs[0].paths == rec.paths and recs[0].birads == rec.birads
     assert recs[0].diagnosis == {"L": 2, "R": 2}
+
+
+def test_csv_reader_other_header_conventions(tiny_data, tmp_path, caplog):
+    """Other people's CSVs: header spelling, laterality inside the view, LEFT/RIGHT, a BOM,
+    an extra (ML) view, a listed file that does not exist."""
+    rec = read_vindr(tiny_data)[0]
+    lines = ["\ufeffFile Path,StudyInstanceUID,Side,Projection,BI-RADS,Pathology"]
+    for slot, p in rec.paths.items():
+        lat, view = slot.split("-")
+        side = {"L": "LEFT", "R": "right"}[lat]
+        lines.append(f"{p},1.2.3,{side},{lat}-{view},BI-RADS {rec.birads[lat]},Benign")
+    lines.append(f"{tmp_path / 'gone.dcm'},1.2.3,L,ML,BI-RADS 2,benign")      # an extra view
+    lines.append(f"{tmp_path / 'gone.dcm'},9.9.9,R,CC,BI-RADS 2,benign")      # file missing
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with caplog.at_level("INFO", logger="mammo_node.data"):
+        recs = read_csv(tmp_path / "labels.csv")
+    assert len(recs) == 1, [r.exam_id for r in recs]  # the exam whose only file is gone left
+    assert recs[0].exam_id == "1.2.3" and recs[0].paths == rec.paths
+    assert recs[0].birads == rec.birads and recs[0].diagnosis == {"L": 1, "R": 1}
+    assert "1 image file(s) listed but not found" in caplog.text
+    assert "not CC/MLO views" in caplog.text
+    (tmp_path / "bad.csv").write_text("image,lat\nx.dcm,L\n")
+    with pytest.raises(ValueError, match="column 'laterality' missing"):
+        read_csv(tmp_path / "bad.csv")
+
+
+def test_vindr_reader_takes_dcm_suffix_and_survives_a_corrupt_file(tiny_data, tmp_path,
+                                                                   caplog):
+    import shutil
+
+    root = tmp_path / "vindr"
+    shutil.copytree(tiny_data, root)
+    rec = read_vindr(root)[0]
+    renamed = rec.paths["L-CC"].rename(rec.paths["L-CC"].with_suffix(".dcm"))
+    rec.paths["R-MLO"].write_bytes(b"DICM? no: garbage")
+    again = {r.exam_id: r for r in read_vindr(root)}[rec.exam_id]
+    assert again.paths["L-CC"] == renamed
+    ds = ExamDataset([again], (64, 32), "birads-1v5")
+    with caplog.at_level("WARNING", logger="mammo_node.data"):
+        item = ds[0]
+    mask = dict(zip(("L-CC", "L-MLO", "R-CC", "R-MLO"), item["mask"].tolist()))
+    assert mask["L-CC"] and not mask["R-MLO"]
+    assert "cannot be read" in caplog.text
 
 
 def test_train_is_deterministic_and_resumable(tiny_data, tmp_path):
