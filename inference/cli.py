@@ -20,6 +20,21 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
+def _clean_errors(name: str, fn):
+    """Run a command; a user error (missing file, bad value, checkpoint mismatch, no CUDA)
+    is one line on stderr and exit status 2, not a traceback."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except (OSError, ValueError) as exc:  # CheckpointError, PreprocessError are ValueErrors
+            print(f"mammo-node {name}: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"mammo-node {name}: interrupted", file=sys.stderr)
+            return 130
+    return run
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from inference.synth import write_synthetic_dataset
 
@@ -99,54 +114,72 @@ def cmd_model_info(args: argparse.Namespace, load_config) -> int:
 def register(sub, add_config, load_config) -> None:
     from inference.tasks import ARCHS, BIRADS_TASKS
 
-    p = sub.add_parser("synth", help="write synthetic phantom exams (VinDr layout)")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("synth", help="write synthetic phantom exams (VinDr layout)",
+                       formatter_class=fmt,
+                       description="Synthetic phantom exams in the VinDr-Mammo layout, with "
+                                   "BI-RADS and diagnosis labels tied to synthetic lesions.")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--exams", type=int, required=True, help="number of exams")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same data)")
     p.add_argument("--size", type=_size, default=(1024, 832), metavar="HxW",
-                   help="image size in pixels (default 1024x832)")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_synth)
+                   help="image size in pixels")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_clean_errors("synth", cmd_synth))
 
-    p = sub.add_parser("train", help="train a model on a data folder")
-    p.add_argument("--data", required=True)
-    p.add_argument("--format", choices=["vindr", "csv"], default="vindr")
-    p.add_argument("--task", choices=list(BIRADS_TASKS), default="birads-5class")
-    p.add_argument("--arch", choices=list(ARCHS), default="hybrid")
+    p = sub.add_parser("train", help="train a model on a data folder", formatter_class=fmt,
+                       description="Train the hybrid CNN-VSSM (or a baseline) on a data set "
+                                   "and write a checked safetensors checkpoint.")
+    p.add_argument("--data", required=True,
+                   help="data folder (VinDr layout) or CSV file / folder with labels.csv")
+    p.add_argument("--format", choices=["vindr", "csv"], default="vindr",
+                   help="data layout")
+    p.add_argument("--task", choices=list(BIRADS_TASKS), default="birads-5class",
+                   help="BI-RADS task")
+    p.add_argument("--arch", choices=list(ARCHS), default="hybrid",
+                   help="encoder: CNN + VSS stages, CNN only, or VSS only")
     p.add_argument("--weights", choices=["shared", "separate"], default="shared",
                    help="one encoder for all views or one per view type")
     p.add_argument("--no-diagnosis", action="store_true", help="single-task: BI-RADS only")
-    p.add_argument("--birads-weight", type=float, default=1.0)
-    p.add_argument("--diagnosis-weight", type=float, default=1.0)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--birads-weight", type=float, default=1.0, help="BI-RADS loss weight")
+    p.add_argument("--diagnosis-weight", type=float, default=1.0,
+                   help="diagnosis loss weight")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training split")
     p.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
-    p.add_argument("--image-size", type=_size, default=(512, 256), metavar="HxW")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=_size, default=(512, 256), metavar="HxW",
+                   help="model input size per view (e.g. 1024x512)")
+    p.add_argument("--batch-size", type=int, default=4, help="exams per batch")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--seed", type=int, default=0, help="seed (runs are deterministic)")
     p.add_argument("--workers", type=int, default=0, help="decoding worker processes")
     p.add_argument("--resume", action="store_true", help="continue from OUT.resume.pt")
     p.add_argument("--stop-after-epoch", type=int, metavar="N",
                    help="stop after epoch N (a time-boxed run); --resume continues it")
-    p.add_argument("--training-data", help="description stored in the checkpoint")
-    p.add_argument("--intended-use", default="research")
+    p.add_argument("--training-data", help="description stored in the checkpoint "
+                                           "(default: the data folder and format)")
+    p.add_argument("--intended-use", default="research",
+                   help="intended use stored in the checkpoint")
     p.add_argument("--synthetic-demo", action="store_true",
                    help="mark the checkpoint as trained on synthetic data, not for clinical use")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_train)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_clean_errors("train", cmd_train))
 
-    p = sub.add_parser("evaluate", help="metrics of a checkpoint on a data folder")
-    p.add_argument("--data", required=True)
-    p.add_argument("--format", choices=["vindr", "csv"], default="vindr")
-    p.add_argument("--checkpoint", default=None, help="default: the bundled demo")
-    p.add_argument("--split", default="test")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("evaluate", help="metrics of a checkpoint on a data folder",
+                       formatter_class=fmt,
+                       description="AUC, macro F1, accuracy and n per task, in the paper's "
+                                   "table form (or JSON keyed by task name).")
+    p.add_argument("--data", required=True,
+                   help="data folder (VinDr layout) or CSV file / folder with labels.csv")
+    p.add_argument("--format", choices=["vindr", "csv"], default="vindr", help="data layout")
+    p.add_argument("--checkpoint", default=None, help="checkpoint (default: the bundled demo)")
+    p.add_argument("--split", default="test", help="split to evaluate: test, training, all")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--batch-size", type=int, default=4, help="exams per batch")
+    p.add_argument("--workers", type=int, default=0, help="decoding worker processes")
+    p.add_argument("--json", action="store_true", help="print JSON keyed by task name")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_clean_errors("evaluate", cmd_evaluate))
 
     p = sub.add_parser("model-info", help="config, tasks, metadata and SHA-256 of the "
                                           "active checkpoint")
@@ -154,4 +187,4 @@ def register(sub, add_config, load_config) -> None:
     p.add_argument("--checkpoint", default=None,
                    help="default: [inference] checkpoint of the config, else the demo")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=lambda a: cmd_model_info(a, load_config))
+    p.set_defaults(func=_clean_errors("model-info", lambda a: cmd_model_info(a, load_config)))

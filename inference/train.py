@@ -29,7 +29,8 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available here")
+        raise ValueError(f"device {device!r} requested but CUDA is not available here "
+                         f"(use --device cpu or auto)")
     return torch.device(device)
 
 

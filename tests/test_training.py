@@ -138,3 +138,20 @@ def test_demo_checkpoint_separates_birads_1_from_5_on_unseen_data(tmp_path):
                          "--json").stdout)
     assert res["birads-1v5"]["n"] >= 10
     assert res["birads-1v5"]["auc"] >= 0.9, res
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--data", "{tmp}/nothing", "--out", "{tmp}/m.safetensors"],
+     "breast-level_annotations.csv not found"),
+    (["train", "--data", "{tmp}", "--format", "csv", "--out", "{tmp}/m.safetensors"],
+     "labels.csv not found"),
+    (["evaluate", "--data", "{tmp}", "--checkpoint", "{tmp}/junk.safetensors"],
+     "not a safetensors file"),
+    (["model-info", "--checkpoint", "{tmp}/absent.safetensors"], "absent.safetensors"),
+])
+def test_cli_user_errors_are_one_line_and_exit_2(args, message, tmp_path):
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    r = subprocess.run([sys.executable, "-m", "node", *[a.format(tmp=tmp_path) for a in args]],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
