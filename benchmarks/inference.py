@@ -6,7 +6,7 @@ For one four-view exam at the default input size (512x256 per view): median infe
 memory; then one training step (forward + backward) on a batch of 4 exams and its peak memory
 (target: < 8 GB). Each measurement runs in its own process so peak memory is its own.
 
-    python benchmarks/inference.py [--size 512x256] [--repeats 5] [--device cpu]
+    python benchmarks/inference.py [--size 512x256] [--repeats 5] [--device cpu] [--d-state N]
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def child(arch: str, mode: str, size: tuple[int, int], repeats: int, device: str) -> dict:
+def child(arch: str, mode: str, size: tuple[int, int], repeats: int, device: str,
+          d_state: int | None = None) -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
 
@@ -32,7 +33,8 @@ def child(arch: str, mode: str, size: tuple[int, int], repeats: int, device: str
     torch.manual_seed(0)
     dev = torch.device(device)
     batch = 1 if mode == "infer" else 4
-    model = create_model(arch, image_size=size).to(dev)
+    extra = {"d_state": d_state} if d_state else {}
+    model = create_model(arch, image_size=size, **extra).to(dev)
     x = torch.randn(batch, 4, 1, *size, device=dev)
     mask = torch.ones(batch, 4, dtype=torch.bool, device=dev)
     times = []
@@ -66,9 +68,11 @@ def child(arch: str, mode: str, size: tuple[int, int], repeats: int, device: str
             "params": sum(p.numel() for p in model.parameters())}
 
 
-def run(arch: str, mode: str, size: str, repeats: int, device: str) -> dict:
+def run(arch: str, mode: str, size: str, repeats: int, device: str,
+        d_state: int | None = None) -> dict:
+    extra = ["--d-state", str(d_state)] if d_state else []
     r = subprocess.run([sys.executable, __file__, "--child", arch, mode, "--size", size,
-                        "--repeats", str(repeats), "--device", device],
+                        "--repeats", str(repeats), "--device", device, *extra],
                        capture_output=True, text=True, check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -78,15 +82,18 @@ def main() -> int:
     ap.add_argument("--size", default="512x256")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--d-state", type=int, default=None,
+                    help="SSM state size (default: the model's default)")
     ap.add_argument("--child", nargs=2, metavar=("ARCH", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     size = tuple(int(v) for v in args.size.split("x"))
     if args.child:
         print(json.dumps(child(args.child[0], args.child[1], size, args.repeats,
-                               args.device)))
+                               args.device, args.d_state)))
         return 0
-    print(f"one four-view exam, {args.size} per view, device {args.device}")
-    res = {a: run(a, "infer", args.size, args.repeats, args.device)
+    print(f"one four-view exam, {args.size} per view, device {args.device}"
+          f"{f', d_state {args.d_state}' if args.d_state else ''}")
+    res = {a: run(a, "infer", args.size, args.repeats, args.device, args.d_state)
            for a in ("hybrid", "cnn", "vssm")}
     for a, r in res.items():
         gpu = f", GPU peak {r['gpu_peak_mb']:.0f} MB" if r["gpu_peak_mb"] else ""
@@ -94,7 +101,7 @@ def main() -> int:
               f"{gpu}   {r['params'] / 1e6:.2f} M params")
     ratio = res["hybrid"]["seconds"] / res["cnn"]["seconds"]
     print(f"  hybrid / cnn = {ratio:.2f}x   (target <= 2x)")
-    tr = run("hybrid", "train", args.size, args.repeats, args.device)
+    tr = run("hybrid", "train", args.size, args.repeats, args.device, args.d_state)
     print(f"training step, batch of 4 exams (16 views), hybrid: {tr['seconds']:.2f} s, "
           f"peak RSS {tr['peak_rss_mb']:.0f} MB (target < 8192 MB)")
     print(json.dumps({"hybrid_ms": res["hybrid"]["seconds"] * 1e3,
