@@ -69,6 +69,21 @@ class MammoModel:
     def checkpoint(self) -> CheckpointInfo:
         return self.info
 
+    @torch.no_grad()
+    def warm_up(self) -> float:
+        """One forward pass on a blank four-view exam; returns its seconds.
+
+        The first call compiles (or loads from numba's cache) the CPU scan kernels and sets up
+        the backend's kernels, so a daemon calls this at start rather than charging it to the
+        first exam it reads."""
+        t = time.perf_counter()
+        H, W = self.info.input_size
+        self.model(torch.zeros(1, 4, 1, H, W, device=self.device),
+                   torch.ones(1, 4, dtype=torch.bool, device=self.device))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
     def _slots(self, views) -> dict[str, Dataset | str | Path]:
         if isinstance(views, Mapping):
             bad = [k for k in views if k not in VIEWS]

@@ -58,6 +58,7 @@ def _init_model(checkpoint: str, device: str) -> None:
     from inference.api import MammoModel
 
     _MODEL = MammoModel(checkpoint or None, device=device)
+    _MODEL.warm_up()  # compile / load the scan kernels now, not during the first exam
 
 
 def _model_info() -> dict[str, Any]:

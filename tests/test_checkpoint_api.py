@@ -95,6 +95,7 @@ def test_mismatches_fail_with_clear_messages(ckpt, tmp_path):
 def test_predict_exam_list_mapping_and_missing_views(ckpt):
     _, path, sha = ckpt
     model = MammoModel(path, device="cpu")
+    assert model.warm_up() > 0.0
     exam = make_exam(seed=4, rows=300, cols=240)
     r = model.predict_exam(exam)  # an unordered list: slots from the headers
     assert r.model["sha256"] == sha
