@@ -10,9 +10,17 @@ node's network threads keep running during a scan.
 from __future__ import annotations
 
 
+import threading
+
 import numpy as np
 import numba as nb
 import torch
+
+# numba's "workqueue" threading layer (used where OpenMP and TBB are missing) terminates the
+# process when two threads launch parallel kernels at once; each kernel already uses every
+# core, so serialising the launches costs nothing and makes the scan safe to call from
+# several threads (a web service around MammoModel, say).
+_LAUNCH = threading.Lock()
 
 
 # exp(x) = 2^z with z = x * log2(e), split as 2^floor(z) * 2^frac(z): the power of two is
@@ -148,7 +156,8 @@ class NumbaScan(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C):
         un, dn, An, Bn, Cn, gsize = _layout(u, delta, A, B, C)
         y = np.empty_like(un)
-        _forward(un, dn, An, Bn, Cn, gsize, y)
+        with _LAUNCH:
+            _forward(un, dn, An, Bn, Cn, gsize, y)
         ctx.save_for_backward(u, delta, A, B, C)
         return torch.from_numpy(y)
 
@@ -162,7 +171,8 @@ class NumbaScan(torch.autograd.Function):
         gA_part = np.zeros((un.shape[0], *An.shape), np.float32)
         gB = np.zeros_like(Bn)
         gC = np.zeros_like(Cn)
-        _backward(un, dn, An, Bn, Cn, gsize, gyn, gu, gdelta, gA_part, gB, gC)
+        with _LAUNCH:
+            _backward(un, dn, An, Bn, Cn, gsize, gyn, gu, gdelta, gA_part, gB, gC)
         gB_t = torch.from_numpy(gB).transpose(2, 3)
         gC_t = torch.from_numpy(gC).transpose(2, 3)
         if B.dim() == 3:

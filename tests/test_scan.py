@@ -120,3 +120,35 @@ def test_mamba_kernel_matches_pytorch_scan():  # pragma: no cover - GPU only
     y_m = selective_scan(**inp, delta_softplus=True, backend="mamba")
     y_c = selective_scan(**inp, delta_softplus=True, backend="chunked")
     assert float((y_m - y_c).abs().max()) <= 1e-3
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba is not importable here")
+def test_numba_scan_from_several_threads_at_once():
+    """numba's workqueue layer (where OpenMP/TBB are missing) kills the process on concurrent
+    kernel launches; the scan serialises them. Run under that layer in a child process."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import threading, torch
+        from inference.scan import selective_scan_numba, selective_scan_ref
+        b, d, l, n = 2, 32, 512, 8
+        args = (torch.randn(b, d, l), torch.rand(b, d, l) * 0.1, -torch.rand(d, n),
+                torch.randn(b, n, l), torch.randn(b, n, l))
+        want = selective_scan_ref(*args)
+        bad = []
+        def work():
+            for _ in range(20):
+                y = selective_scan_numba(*args)
+                if float((y - want).abs().max()) > 1e-4:
+                    bad.append(1)
+        ts = [threading.Thread(target=work) for _ in range(4)]
+        [t.start() for t in ts]; [t.join() for t in ts]
+        print("ok" if not bad else "wrong values")
+    """)
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr[-2000:]
