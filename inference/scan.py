@@ -26,13 +26,14 @@ limit, chunks of one step are the sequential scan).
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_numba",
-           "selective_scan_ref", "mamba_available", "numba_available"]
+           "selective_scan_ref", "mamba_available", "numba_available", "backend_name"]
 
 _MAX_LOG_RANGE = 60.0  # exp(60) ~ 1e26, far from float32's 3e38
 _CHUNKS = (64, 32, 16, 8, 4, 2, 1)
@@ -43,10 +44,28 @@ except Exception:  # ImportError, or a CUDA extension that fails to load
     _mamba_scan = None
 
 
+_numba_error = ""
 try:
     from inference.scan_numba import scan_numba as _numba_scan
-except Exception:  # numba missing or unusable on this platform
+except Exception as _exc:  # numba missing or unusable on this platform (e.g. no cache dir)
     _numba_scan = None
+    _numba_error = f"{type(_exc).__name__}: {_exc}"
+    logging.getLogger("mammo_node.scan").warning(
+        "the compiled CPU scan is unavailable (%s); using the PyTorch chunked scan, which is "
+        "several times slower (if numba cannot write its cache, set NUMBA_CACHE_DIR)",
+        _numba_error)
+
+
+def backend_name(device: torch.device | str = "cpu") -> str:
+    """The scan implementation :func:`selective_scan` uses for tensors on ``device``."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return "mamba-ssm (CUDA)" if _mamba_scan is not None else "chunked PyTorch (CUDA)"
+    if _numba_scan is not None:
+        import numba
+
+        return f"numba (CPU, {numba.get_num_threads()} threads)"
+    return "chunked PyTorch (CPU)"
 
 
 def numba_available() -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -62,9 +63,12 @@ def _init_model(checkpoint: str, device: str) -> None:
 
 
 def _model_info() -> dict[str, Any]:
+    from inference.scan import backend_name
+
     info = _MODEL.info
     return {"sha256": info.sha256, "arch": info.config.arch, "task": info.config.task,
-            "demo": info.is_demo}
+            "demo": info.is_demo, "device": str(_MODEL.device),
+            "scan": backend_name(_MODEL.device)}
 
 
 def _save(ds, path: Path) -> None:
@@ -168,6 +172,9 @@ class Worker(threading.Thread):
         self.pool: ProcessPoolExecutor | None = None
 
     def _new_pool(self) -> ProcessPoolExecutor:
+        # The compiled scan kernels are cached on disk by numba; beside the package is often
+        # read-only for a service account, so default the cache to the node's data folder.
+        os.environ.setdefault("NUMBA_CACHE_DIR", str(self.cfg.data_dir / "cache" / "numba"))
         return ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"),
                                    initializer=_init_model,
                                    initargs=(self.cfg.inference.checkpoint,
@@ -177,8 +184,9 @@ class Worker(threading.Thread):
         self.pool = self._new_pool()
         try:
             info = self.pool.submit(_model_info).result(timeout=300)
-            log.info("model loaded in the inference process: %s %s, sha256 %s%s",
-                     info["arch"], info["task"], info["sha256"][:16],
+            log.info("model loaded in the inference process: %s %s on %s (scan: %s), "
+                     "sha256 %s%s", info["arch"], info["task"], info["device"], info["scan"],
+                     info["sha256"][:16],
                      " (demo checkpoint: NOT FOR CLINICAL USE)" if info["demo"] else "")
         except Exception as exc:
             log.error("cannot load the model (%s); exams stay ready until it loads", exc)

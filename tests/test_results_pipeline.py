@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import psutil
@@ -11,6 +12,7 @@ from pydicom import dcmread
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLSLossless
 
+from inference.scan import numba_available
 from inference.synthetic import Lesion, make_exam
 from tests.conftest import dciodvfy_errors, dcmtk, send, wait_for
 
@@ -40,6 +42,10 @@ def test_exam_reading_arrives_in_the_pacs_and_validates(node_factory, storescp_f
     node.wait_exam(study, "done", timeout=180)
     wait_for(lambda: _delivery(node, study).get("sent") == 6, 60, what="6 objects sent")
     wait_for(lambda: len(pacs.files()) == 6, 10, what="storescp wrote every file")
+    if numba_available():  # the compiled scan runs, its kernels cached in the data folder
+        assert "(scan: numba (CPU" in node.log.read_text()
+        if "NUMBA_CACHE_DIR" not in os.environ:
+            assert any((node.data_dir / "cache" / "numba").rglob("*.nbi"))
     files = pacs.files()
     assert len(files) == 6
     objs = [dcmread(f) for f in files]
