@@ -20,6 +20,8 @@ SHAPES = [  # (batch, channels, length, state, groups or None)
     (3, 4, 129, 16, 2),
     (2, 12, 255, 8, 4),
     (1, 3, 64, 1, None),
+    (1, 70, 33, 5, None),   # two full 32-channel blocks of the numba kernel and a partial one
+    (2, 96, 40, 4, 2),      # groups of 48 channels: each a full block and a partial one
 ]
 
 
