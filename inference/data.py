@@ -65,7 +65,9 @@ def parse_birads(value: str | None) -> int | None:
 
 _DIAGNOSIS_ALIASES = {"negative": "normal", "healthy": "normal", "no finding": "normal",
                       "benign_without_callback": "benign", "malignancy": "malignant",
-                      "cancer": "malignant", "0": "normal", "1": "benign", "2": "malignant"}
+                      "cancer": "malignant"}
+# No numeric codes: "1" means benign in one data set and cancer in another (RSNA's 0/1), and
+# a silently wrong label is worse than an unlabelled breast.
 
 
 def parse_diagnosis(value: str | None) -> int | None:

@@ -44,16 +44,14 @@ except Exception:  # ImportError, or a CUDA extension that fails to load
     _mamba_scan = None
 
 
-_numba_error = ""
 try:
     from inference.scan_numba import scan_numba as _numba_scan
 except Exception as _exc:  # numba missing or unusable on this platform (e.g. no cache dir)
     _numba_scan = None
-    _numba_error = f"{type(_exc).__name__}: {_exc}"
     logging.getLogger("mammo_node.scan").warning(
-        "the compiled CPU scan is unavailable (%s); using the PyTorch chunked scan, which is "
-        "several times slower (if numba cannot write its cache, set NUMBA_CACHE_DIR)",
-        _numba_error)
+        "the compiled CPU scan is unavailable (%s: %s); using the PyTorch chunked scan, which "
+        "is several times slower (if numba cannot write its cache, set NUMBA_CACHE_DIR)",
+        type(_exc).__name__, _exc)
 
 
 def backend_name(device: torch.device | str = "cpu") -> str:

@@ -34,7 +34,6 @@ _MODEL = None  # in the inference process
 def _die_with_parent() -> None:
     """The inference process must not outlive the daemon (SIGKILL included)."""
     import ctypes
-    import os
     import signal
 
     parent = os.getppid()
@@ -53,9 +52,13 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def _init_model(checkpoint: str, device: str) -> None:
+def _init_model(checkpoint: str, device: str, numba_cache: str) -> None:
     global _MODEL
     _die_with_parent()
+    # numba caches the compiled scan kernels on disk; beside the package is often read-only
+    # for a service account, so the cache defaults to the node's data folder (read by numba
+    # when it is first imported, just below).
+    os.environ.setdefault("NUMBA_CACHE_DIR", numba_cache)
     from inference.api import MammoModel
 
     _MODEL = MammoModel(checkpoint or None, device=device)
@@ -172,13 +175,11 @@ class Worker(threading.Thread):
         self.pool: ProcessPoolExecutor | None = None
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        # The compiled scan kernels are cached on disk by numba; beside the package is often
-        # read-only for a service account, so default the cache to the node's data folder.
-        os.environ.setdefault("NUMBA_CACHE_DIR", str(self.cfg.data_dir / "cache" / "numba"))
         return ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"),
                                    initializer=_init_model,
                                    initargs=(self.cfg.inference.checkpoint,
-                                             self.cfg.inference.device))
+                                             self.cfg.inference.device,
+                                             str(self.cfg.data_dir / "cache" / "numba")))
 
     def run(self) -> None:
         self.pool = self._new_pool()
