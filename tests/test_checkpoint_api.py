@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -58,22 +57,14 @@ def _rewrite(path, tensors=None, **meta_changes):
 def test_mismatches_fail_with_clear_messages(ckpt, tmp_path):
     _, path, _ = ckpt
     bad = tmp_path / "bad.safetensors"
-    bad.write_bytes(path.read_bytes())
-    _rewrite(bad, format="something-else")
-    with pytest.raises(CheckpointError, match="not a mammo-node checkpoint"):
-        load_checkpoint(bad)
-    bad.write_bytes(path.read_bytes())
-    _rewrite(bad, format_version="99")
-    with pytest.raises(CheckpointError, match="format version '99'"):
-        load_checkpoint(bad)
-    bad.write_bytes(path.read_bytes())
-    _rewrite(bad, task="birads-1v5")
-    with pytest.raises(CheckpointError, match="task"):
-        load_checkpoint(bad)
-    bad.write_bytes(path.read_bytes())
-    _rewrite(bad, input_size="512x256")
-    with pytest.raises(CheckpointError, match="input_size"):
-        load_checkpoint(bad)
+    for change, message in ((dict(format="something-else"), "not a mammo-node checkpoint"),
+                            (dict(format_version="99"), "format version '99'"),
+                            (dict(task="birads-1v5"), "task"),
+                            (dict(input_size="512x256"), "input_size")):
+        bad.write_bytes(path.read_bytes())
+        _rewrite(bad, **change)
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(bad)
     t = load_file(str(path))
     k = next(k for k in t if k.endswith("birads_head.weight"))
     t[k] = torch.zeros(7, t[k].shape[1])

@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from pydicom.uid import generate_uid
 
-from inference.synthetic import UID_ROOT, make_exam, make_mammogram, write
+from inference.synthetic import make_exam, make_mammogram, write
 from node.config import ConfigError, parse_config
 from tests.conftest import dcmtk, echo, send
 

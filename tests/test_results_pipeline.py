@@ -32,6 +32,18 @@ def _delivery(node, study):
     return node.exam(study).get("delivery", {}).get("pacs", {})
 
 
+def _read_while_pacs_is_down(node_factory, storescp_factory, seed: int):
+    """An exam read while the PACS is not listening: its 6 objects end up retrying."""
+    pacs = storescp_factory(start=False)
+    node = _node(node_factory, pacs.port)
+    exam = make_exam(seed=seed, **SIZE)
+    study = exam[0].StudyInstanceUID
+    assert send(node.port, exam) == [0] * 4
+    node.wait_exam(study, "done", timeout=180)
+    wait_for(lambda: _delivery(node, study).get("retrying") == 6, 30, what="retrying")
+    return pacs, node, study
+
+
 def test_exam_reading_arrives_in_the_pacs_and_validates(node_factory, storescp_factory):
     pacs = storescp_factory()
     node = _node(node_factory, pacs.port)
@@ -87,13 +99,7 @@ def test_exam_reading_arrives_in_the_pacs_and_validates(node_factory, storescp_f
 
 
 def test_destination_down_then_back_and_resend(node_factory, storescp_factory):
-    pacs = storescp_factory(start=False)            # not listening yet
-    node = _node(node_factory, pacs.port)
-    exam = make_exam(seed=12, **SIZE)
-    study = exam[0].StudyInstanceUID
-    assert send(node.port, exam) == [0] * 4
-    node.wait_exam(study, "done", timeout=180)
-    wait_for(lambda: _delivery(node, study).get("retrying") == 6, 30, what="retrying")
+    pacs, node, study = _read_while_pacs_is_down(node_factory, storescp_factory, seed=12)
     pacs.start()
     wait_for(lambda: _delivery(node, study).get("sent") == 6, 60, what="delivered after outage")
     assert len(pacs.files()) == 6 and pacs.received() == 6
@@ -145,13 +151,7 @@ def test_sigkill_during_inference_then_restart_delivers_exactly_once(node_factor
 def test_sigkill_with_deliveries_pending_then_restart(node_factory, storescp_factory):
     import signal
 
-    pacs = storescp_factory(start=False)
-    node = _node(node_factory, pacs.port)
-    exam = make_exam(seed=16, **SIZE)
-    study = exam[0].StudyInstanceUID
-    assert send(node.port, exam) == [0] * 4
-    node.wait_exam(study, "done", timeout=180)
-    wait_for(lambda: _delivery(node, study).get("retrying") == 6, 30, what="retrying")
+    pacs, node, study = _read_while_pacs_is_down(node_factory, storescp_factory, seed=16)
     node.stop(signal.SIGKILL)
     pacs.start()
     node.start()
