@@ -8,6 +8,7 @@ to a default.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -22,6 +23,10 @@ __all__ = [
     "Destination",
     "SecurityConfig",
     "StorageConfig",
+    "Peer",
+    "TLSConfig",
+    "AuditConfig",
+    "WebToken",
     "Config",
     "load_config",
 ]
@@ -76,6 +81,12 @@ class NodeConfig:
     max_pdu_size: int = 4 * 1024 * 1024
     max_associations: int = 10
     network_timeout_seconds: float = 60.0
+    #: The DIMSE listener speaks the DICOM TLS profile (certificates from ``[tls]``).
+    tls: bool = False
+    #: Largest dataset accepted, as received and (Deflated) after inflation, in MB.
+    max_dataset_mb: float = 2048.0
+    #: Most C-FIND responses to one query (the rest are not sent; the log says so).
+    max_query_results: int = 1000
 
 
 @dataclass
@@ -95,6 +106,60 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    #: Export over TLS, verifying the PACS's certificate against ``[tls] ca_certificates``.
+    tls: bool = False
+
+
+#: DIMSE services a peer can be granted.
+PEER_SERVICES = ("echo", "store", "find", "get", "move")
+#: DICOMweb services a token can be granted.
+WEB_SERVICES = ("stow", "qido", "wado")
+
+
+@dataclass
+class Peer:
+    """A remote application entity and what it may do (``[[peers]]``)."""
+
+    ae_title: str
+    #: IP networks it may connect from; empty = any address.
+    hosts: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(default_factory=list)
+    services: tuple[str, ...] = ("echo", "store")
+
+    def matches(self, ae_title: str, address: str) -> bool:
+        if ae_title.strip() != self.ae_title:
+            return False
+        if not self.hosts:
+            return True
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip.version == net.version and ip in net for net in self.hosts)
+
+
+@dataclass
+class WebToken:
+    """A DICOMweb bearer token, stored as its SHA-256 (``[[dicomweb.tokens]]``)."""
+
+    name: str
+    sha256: str
+    services: tuple[str, ...] = WEB_SERVICES
+
+
+@dataclass
+class TLSConfig:
+    certificate: str = ""
+    private_key: str = ""
+    ca_certificates: str = ""
+    require_client_certificate: bool = False
+
+
+@dataclass
+class AuditConfig:
+    path: str = ""        # empty = <data_dir>/audit.jsonl
+    syslog: str = ""      # "" | udp://host:port | tcp://host:port
 
 
 @dataclass
@@ -127,10 +192,19 @@ class ExportConfig:
 @dataclass
 class DicomWebConfig:
     enabled: bool = False
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = 8080
     root: str = "/dicomweb"
     token: str = ""
+    tokens: list[WebToken] = field(default_factory=list)
+    tls: bool = False
+    max_results: int = 1000
+    max_request_mb: float = 2048.0
+    max_concurrent_requests: int = 16
+
+    @property
+    def is_loopback(self) -> bool:
+        return is_loopback(self.host)
 
 
 @dataclass
@@ -144,7 +218,29 @@ class Config:
     results: ResultsConfig = field(default_factory=ResultsConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     dicomweb: DicomWebConfig = field(default_factory=DicomWebConfig)
+    peers: list[Peer] = field(default_factory=list)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     path: Path | None = None
+
+    @property
+    def audit_path(self) -> Path:
+        if self.audit.path:
+            p = Path(self.audit.path).expanduser()
+            if not p.is_absolute() and self.path is not None:
+                p = self.path.parent / p
+            return p
+        return self.data_dir / "audit.jsonl"
+
+    def check_startable(self) -> None:
+        """Refusals that only matter for a running daemon (secure defaults)."""
+        w = self.dicomweb
+        if w.enabled and not w.is_loopback and not (w.token or w.tokens):
+            raise ConfigError(
+                f"[dicomweb] host = {w.host!r} is not a loopback address and no token is set: "
+                "anyone who reaches the port could read and upload patient images. Set "
+                "[dicomweb] token, or add [[dicomweb.tokens]] entries (name, sha256, services), "
+                "or bind [dicomweb] host = \"127.0.0.1\"")
 
     @property
     def data_dir(self) -> Path:
@@ -160,6 +256,34 @@ class Config:
         if self.node.database_url:
             return self.node.database_url
         return f"sqlite:///{self.data_dir / 'mammo-node.db'}"
+
+
+def is_loopback(host: str) -> bool:
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip()).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_services(value: Any, key: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or any(v not in allowed for v in value):
+        raise ConfigError(f"{key} must be a non-empty list drawn from {list(allowed)}, "
+                          f"got {value!r}")
+    return tuple(dict.fromkeys(value))
+
+
+def _check_file(value: Any, key: str, base: Path | None) -> str:
+    text = _check_str(value, key)
+    if not text:
+        return ""
+    p = Path(text).expanduser()
+    if not p.is_absolute() and base is not None:
+        p = base / p
+    if not p.is_file():
+        raise ConfigError(f"{key}: file not found: {p}")
+    return str(p)
 
 
 def _known(section: str, table: dict[str, Any], cls: type) -> None:
@@ -181,7 +305,7 @@ def _table(raw: dict[str, Any], name: str) -> dict[str, Any]:
 def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
     """Validate a parsed TOML document and build a :class:`Config`."""
     sections = {"node", "grouping", "inference", "destinations", "security", "storage",
-                "results", "export", "dicomweb"}
+                "results", "export", "dicomweb", "peers", "tls", "audit"}
     for key in raw:
         if key not in sections:
             raise ConfigError(f"[{key}]: unknown section (known: {', '.join(sorted(sections))})")
@@ -210,6 +334,11 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
     n.network_timeout_seconds = _check_number(
         t.get("network_timeout_seconds", n.network_timeout_seconds),
         "[node] network_timeout_seconds", 1)
+    n.tls = _check_bool(t.get("tls", n.tls), "[node] tls")
+    n.max_dataset_mb = _check_number(t.get("max_dataset_mb", n.max_dataset_mb),
+                                     "[node] max_dataset_mb", 1)
+    n.max_query_results = int(_check_number(t.get("max_query_results", n.max_query_results),
+                                            "[node] max_query_results", 1))
 
     t = _table(raw, "grouping")
     _known("grouping", t, GroupingConfig)
@@ -245,7 +374,34 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
             ae_title=_check_ae(d["ae_title"], f"{where} ae_title"),
             host=_check_str(d["host"], f"{where} host"),
             port=_check_port(d["port"], f"{where} port"),
+            tls=_check_bool(d.get("tls", False), f"{where} tls"),
         ))
+
+    peers = raw.get("peers", [])
+    if not isinstance(peers, list):
+        raise ConfigError("[[peers]] must be an array of tables")
+    for i, d in enumerate(peers):
+        where = f"[[peers]] #{i + 1}"
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where} must be a table")
+        _known(f"peers #{i + 1}", d, Peer)
+        if "ae_title" not in d:
+            raise ConfigError(f"{where} ae_title: missing")
+        hosts = d.get("hosts", [])
+        if not isinstance(hosts, list):
+            raise ConfigError(f"{where} hosts must be a list of IP addresses or CIDR blocks")
+        nets = []
+        for h in hosts:
+            try:
+                nets.append(ipaddress.ip_network(_check_str(h, f"{where} hosts").strip(),
+                                                 strict=False))
+            except ValueError:
+                raise ConfigError(f"{where} hosts: {h!r} is not an IP address or CIDR block "
+                                  "(host names are not accepted: they can be spoofed)") from None
+        cfg.peers.append(Peer(
+            ae_title=_check_ae(d["ae_title"], f"{where} ae_title"), hosts=nets,
+            services=_check_services(d.get("services", ["echo", "store"]), f"{where} services",
+                                     PEER_SERVICES)))
 
     t = _table(raw, "security")
     _known("security", t, SecurityConfig)
@@ -255,6 +411,11 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
     cfg.security.allowed_calling_aets = [
         _check_ae(a, f"[security] allowed_calling_aets[{i}]") for i, a in enumerate(aets)
     ]
+    # The older key keeps working: each AE title becomes a store-only peer (any address).
+    known = {p.ae_title for p in cfg.peers}
+    for a in cfg.security.allowed_calling_aets:
+        if a not in known:
+            cfg.peers.append(Peer(ae_title=a, hosts=[], services=("echo", "store")))
 
     t = _table(raw, "storage")
     _known("storage", t, StorageConfig)
@@ -291,6 +452,62 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
     if not w.root.startswith("/"):
         raise ConfigError(f"[dicomweb] root must start with '/', got {w.root!r}")
     w.token = _check_str(t.get("token", w.token), "[dicomweb] token")
+    w.tls = _check_bool(t.get("tls", w.tls), "[dicomweb] tls")
+    w.max_results = int(_check_number(t.get("max_results", w.max_results),
+                                      "[dicomweb] max_results", 1))
+    w.max_request_mb = _check_number(t.get("max_request_mb", w.max_request_mb),
+                                     "[dicomweb] max_request_mb", 1)
+    w.max_concurrent_requests = int(_check_number(
+        t.get("max_concurrent_requests", w.max_concurrent_requests),
+        "[dicomweb] max_concurrent_requests", 1))
+    tokens = t.get("tokens", [])
+    if not isinstance(tokens, list):
+        raise ConfigError("[[dicomweb.tokens]] must be an array of tables")
+    names: set[str] = set()
+    for i, d in enumerate(tokens):
+        where = f"[[dicomweb.tokens]] #{i + 1}"
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where} must be a table")
+        _known(f"dicomweb.tokens #{i + 1}", d, WebToken)
+        if "token" in d:
+            raise ConfigError(f"{where}: write the token's SHA-256 as sha256, never the token")
+        name = _check_str(d.get("name", ""), f"{where} name")
+        if not name or name in names:
+            raise ConfigError(f"{where} name must be non-empty and unique, got {name!r}")
+        names.add(name)
+        digest = _check_str(d.get("sha256", ""), f"{where} sha256").strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ConfigError(f"{where} sha256 must be 64 hex digits (the SHA-256 of the "
+                              "token: printf %s TOKEN | sha256sum)")
+        w.tokens.append(WebToken(name=name, sha256=digest, services=_check_services(
+            d.get("services", list(WEB_SERVICES)), f"{where} services", WEB_SERVICES)))
+
+    base = path.parent if path is not None else None
+    t = _table(raw, "tls")
+    _known("tls", t, TLSConfig)
+    c = cfg.tls
+    c.certificate = _check_file(t.get("certificate", ""), "[tls] certificate", base)
+    c.private_key = _check_file(t.get("private_key", ""), "[tls] private_key", base)
+    c.ca_certificates = _check_file(t.get("ca_certificates", ""), "[tls] ca_certificates", base)
+    c.require_client_certificate = _check_bool(
+        t.get("require_client_certificate", False), "[tls] require_client_certificate")
+    if (n.tls or w.tls) and not (c.certificate and c.private_key):
+        raise ConfigError("[node] tls / [dicomweb] tls need [tls] certificate and "
+                          "[tls] private_key")
+    if c.require_client_certificate and not c.ca_certificates:
+        raise ConfigError("[tls] require_client_certificate needs [tls] ca_certificates "
+                          "(the CA that signs the peers' certificates)")
+    if any(d.tls for d in cfg.destinations) and not c.ca_certificates:
+        raise ConfigError("[[destinations]] tls = true needs [tls] ca_certificates to verify "
+                          "the PACS's certificate")
+
+    t = _table(raw, "audit")
+    _known("audit", t, AuditConfig)
+    cfg.audit.path = _check_str(t.get("path", ""), "[audit] path")
+    cfg.audit.syslog = _check_str(t.get("syslog", ""), "[audit] syslog").strip()
+    if cfg.audit.syslog and not re.fullmatch(r"(udp|tcp)://[^:/\s]+:\d{1,5}", cfg.audit.syslog):
+        raise ConfigError(f"[audit] syslog must be udp://host:port or tcp://host:port, "
+                          f"got {cfg.audit.syslog!r}")
     return cfg
 
 

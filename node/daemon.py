@@ -21,8 +21,11 @@ from pathlib import Path
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom import dimse_messages
 
+from node import audit as A
+from node import __version__
 from node.config import Config
 from node.scp import IncomingFile, StorageSCP, make_ae
+from node.security import AccessControl
 from storage.db import Database
 from storage.files import FileStore
 from storage.state import ExamStore
@@ -81,12 +84,19 @@ class Node:
         self.cfg = cfg
         self.run_worker = run_worker
         self.stop_event = threading.Event()
+        # Everything the node writes (images, database, audit log) is for the service
+        # account only: 0700 folders, 0600 files.
+        os.umask(0o077)
         self.files = FileStore(cfg.data_dir, fsync=cfg.storage.fsync)
+        os.chmod(cfg.data_dir, 0o700)
         self.db = Database(cfg.database_url)
         self.exams = ExamStore(self.db)
+        self.audit = A.AuditLog(cfg.audit_path, cfg.node.ae_title, cfg.audit.syslog)
         self.exam_ready = threading.Event()   # wakes the worker
         self.results_queued = threading.Event()  # wakes the exporter
-        self.scp = StorageSCP(cfg, self.files, self.exams, exam_ready=self.exam_ready)
+        self.scp = StorageSCP(cfg, self.files, self.exams, exam_ready=self.exam_ready,
+                              audit=self.audit)
+        self.access: AccessControl = self.scp.access
         self.server = None
         self.web = None
         self._threads: list[threading.Thread] = []
@@ -108,14 +118,23 @@ class Node:
         # that placing a file is a rename, never a copy).
         pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(self.files.incoming)
+        IncomingFile.limit_bytes = int(cfg.node.max_dataset_mb * 1024 * 1024)
+        IncomingFile.disk_ok = staticmethod(self.scp.disk_ok)
         dimse_messages.NamedTemporaryFile = IncomingFile  # type: ignore[attr-defined]
 
         ae = make_ae(cfg)
         from node.qr import QueryRetrieveSCP
 
-        qr = QueryRetrieveSCP(cfg, self.files, self.exams)
+        qr = QueryRetrieveSCP(cfg, self.files, self.exams, access=self.access,
+                              audit=self.audit)
+        ssl_context = None
+        if cfg.node.tls:
+            from node.security import server_context
+
+            ssl_context = server_context(cfg)
         self.server = ae.start_server((cfg.node.host, cfg.node.port), block=False,
-                                      evt_handlers=self.scp.handlers() + qr.handlers())
+                                      evt_handlers=self.scp.handlers() + qr.handlers(),
+                                      ssl_context=ssl_context)
         _accept_with_nodelay(self.server)
         port = self.server.server_address[1]
         pidfile_path(cfg).write_text(json.dumps({
@@ -131,19 +150,29 @@ class Node:
             for t in (Worker(cfg, self.files, self.exams, self.stop_event,
                              wake=self.exam_ready, on_results=self.results_queued),
                       Exporter(cfg, self.files, self.exams, self.stop_event,
-                               wake=self.results_queued)):
+                               wake=self.results_queued, audit=self.audit)):
                 t.start()
                 self._threads.append(t)
         if cfg.dicomweb.enabled:
             from node.dicomweb import DicomWeb, DicomWebServer
 
-            self.web = DicomWebServer(DicomWeb(cfg, self.files, self.exams, self.scp),
-                                      cfg.dicomweb.host, cfg.dicomweb.port)
+            web = DicomWeb(cfg, self.files, self.exams, self.scp, audit=self.audit)
+            self.web = DicomWebServer(web, cfg)
             self.web.start()
-            log.info("DICOMweb on http://%s:%d%s%s", cfg.dicomweb.host, cfg.dicomweb.port,
-                     cfg.dicomweb.root, " (bearer token required)" if cfg.dicomweb.token else "")
-        log.info("mammo-node listening as %s on %s:%d; data in %s; %d destination(s)",
-                 cfg.node.ae_title, cfg.node.host, port, cfg.data_dir, len(cfg.destinations))
+            w = cfg.dicomweb
+            log.info("DICOMweb on %s://%s:%d%s (%s)", "https" if w.tls else "http", w.host,
+                     w.port, w.root, "bearer token required" if web.tokens.required
+                     else "no token: loopback only")
+            if web.tokens.required and not w.tls and not w.is_loopback:
+                log.warning("DICOMweb bearer tokens and patient data travel in clear on %s: "
+                            "set [dicomweb] tls = true", w.host)
+        log.info("mammo-node listening as %s on %s:%d%s; data in %s; %d destination(s); "
+                 "%s", cfg.node.ae_title, cfg.node.host, port, " (TLS)" if cfg.node.tls else "",
+                 cfg.data_dir, len(cfg.destinations),
+                 f"{len(cfg.peers)} peer(s)" if cfg.peers else
+                 "no [[peers]]: echo/store from anyone, query/retrieve refused")
+        self.audit.event(A.APPLICATION_ACTIVITY, A.SUCCESS, action="start",
+                         version=__version__, pid=os.getpid(), port=port, tls=cfg.node.tls)
 
     def _grouping_loop(self) -> None:
         interval = max(0.2, min(2.0, self.cfg.grouping.stable_seconds / 4))
@@ -177,6 +206,8 @@ class Node:
         for t in self._threads:
             t.join(timeout=15)
         self.db.close()
+        self.audit.event(A.APPLICATION_ACTIVITY, A.SUCCESS, action="stop", pid=os.getpid())
+        self.audit.close()
         try:
             info = json.loads(pidfile_path(self.cfg).read_text())
             if info.get("pid") == os.getpid():
@@ -188,6 +219,11 @@ class Node:
 
 def run(cfg: Config, run_worker: bool = True) -> int:
     """Run the node in the foreground until SIGTERM or SIGINT."""
+    try:
+        cfg.check_startable()
+    except Exception as exc:
+        log.error("refusing to start: %s", exc)
+        return 2
     node = Node(cfg, run_worker=run_worker)
 
     def _signal(signum, _frame) -> None:
@@ -205,6 +241,7 @@ def run(cfg: Config, run_worker: bool = True) -> int:
     except RuntimeError as exc:
         log.error("%s", exc)
         node.db.close()
+        node.audit.close()
         return 1
     except Exception:
         log.exception("start-up failed")

@@ -8,6 +8,7 @@ or JPEG images of single-frame objects (the attention maps) for browsers.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import mmap
@@ -27,9 +28,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from node import audit as A
 from node.config import Config
 from node.qr import ATTRS, LEVELS, QueryRetrieveSCP
-from node.scp import SUCCESS, StorageSCP
+from node.scp import OUT_OF_RESOURCES, SUCCESS, StorageSCP
+from node.security import TokenAuth
 from storage.files import FileStore
 from storage.models import Instance
 from storage.state import ExamStore
@@ -38,7 +41,14 @@ log = logging.getLogger("mammo_node.dicomweb")
 
 DICOM_JSON = "application/dicom+json"
 _TAG_RE = re.compile(r"^[0-9A-Fa-f]{8}$")
-_STOW_MAX_BYTES = 2 * 1024 ** 3
+_PATH_RE = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][\w.\-+~@%]+){2,}[/\\]?")
+#: Free space is checked again every this many bytes of a STOW body.
+_STOW_CHECK_EVERY = 16 * 1024 * 1024
+
+
+def public_message(message: str) -> str:
+    """A refusal reason fit for a client: no server paths (they say where data lives)."""
+    return _PATH_RE.sub("<path>", message)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -144,9 +154,13 @@ def _multipart(files: list[Path]) -> Response:
 class DicomWeb:
     """The DICOMweb application bound to the node's store."""
 
-    def __init__(self, cfg: Config, files: FileStore, exams: ExamStore, scp: StorageSCP):
+    def __init__(self, cfg: Config, files: FileStore, exams: ExamStore, scp: StorageSCP,
+                 audit=None):
         self.cfg, self.files, self.exams, self.scp = cfg, files, exams, scp
-        self.qr = QueryRetrieveSCP(cfg, files, exams)
+        self.audit = audit or A.NullAudit()
+        self.qr = QueryRetrieveSCP(cfg, files, exams, access=scp.access, audit=self.audit)
+        self.tokens = TokenAuth(cfg)
+        self._slots = asyncio.Semaphore(cfg.dicomweb.max_concurrent_requests)
         self.root = cfg.dicomweb.root.rstrip("/")
         r = self.root
         self.app = Starlette(middleware=[Middleware(BaseHTTPMiddleware, dispatch=self._auth)],
@@ -171,11 +185,47 @@ class DicomWeb:
                   self.rendered, methods=["GET"]),
         ])
 
+    @staticmethod
+    def service_of(request: Request) -> str:
+        """The DICOMweb service a request uses: ``stow``, ``qido`` or ``wado``."""
+        if request.method == "POST":
+            return "stow"
+        path = request.url.path.rstrip("/")
+        if path.endswith(("/studies", "/series", "/instances")):
+            return "qido"
+        return "wado"
+
+    def _who(self, request: Request, token: str | None = None) -> dict:
+        return {"address": request.client.host if request.client else None,
+                "token": token, "tls": self.cfg.dicomweb.tls}
+
     async def _auth(self, request: Request, call_next):
-        token = self.cfg.dicomweb.token
-        if token and request.headers.get("authorization", "") != f"Bearer {token}":
-            return _error(401, "missing or wrong bearer token")
-        return await call_next(request)
+        service = self.service_of(request)
+        name = None
+        if self.tokens.required:
+            found = self.tokens.authenticate(request.headers.get("authorization", ""))
+            if found is None:
+                who = self._who(request)
+                log.warning("DICOMweb %s %s from %s: missing or wrong bearer token",
+                            request.method, request.url.path, who["address"])
+                self.audit.event(A.USER_AUTHENTICATION, A.MINOR_FAILURE, action="dicomweb",
+                                 peer=who, reason="missing or wrong bearer token")
+                self.audit.event(A.SECURITY_ALERT, A.MINOR_FAILURE, alert="authentication "
+                                 "failure", peer=who, service=service)
+                return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401,
+                                    headers={"WWW-Authenticate": 'Bearer realm="mammo-node"'})
+            name, services = found
+            if service not in services:
+                who = self._who(request, name)
+                self.audit.event(A.SECURITY_ALERT, A.MINOR_FAILURE, alert="unauthorized "
+                                 "request", peer=who, service=service)
+                return _error(403, f"token {name!r} is not granted {service!r}")
+        request.state.who = self._who(request, name)
+        if self._slots.locked():
+            return JSONResponse({"error": "too many concurrent requests; retry shortly"},
+                                status_code=503, headers={"Retry-After": "1"})
+        async with self._slots:
+            return await call_next(request)
 
     # -- STOW-RS ---------------------------------------------------------------------------
     async def stow(self, request: Request) -> Response:
@@ -184,15 +234,34 @@ class DicomWeb:
                 "application/dicom" not in ctype.lower()):
             return _error(415, 'STOW-RS takes multipart/related; type="application/dicom", '
                                f"got {ctype or 'no Content-Type'}")
+        limit = int(self.cfg.dicomweb.max_request_mb * 1024 * 1024)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return _error(413, f"request larger than [dicomweb] max_request_mb "
+                               f"({self.cfg.dicomweb.max_request_mb:g} MB)")
+        if not self.scp.disk_ok():
+            return JSONResponse({"error": "disk below the free-space reserve; retry later"},
+                                status_code=503, headers={"Retry-After": "60"})
         spool = tempfile.NamedTemporaryFile(dir=self.files.incoming, prefix="stow-",
                                             suffix=".body", delete=False)
         try:
-            total = 0
+            total, next_check = 0, _STOW_CHECK_EVERY
             async for chunk in request.stream():
                 total += len(chunk)
-                if total > _STOW_MAX_BYTES:
-                    return _error(413, "request larger than 2 GiB")
-                spool.write(chunk)
+                if total > limit:
+                    return _error(413, f"request larger than [dicomweb] max_request_mb "
+                                       f"({self.cfg.dicomweb.max_request_mb:g} MB)")
+                if total >= next_check:
+                    next_check += _STOW_CHECK_EVERY
+                    if not self.scp.disk_ok():
+                        return JSONResponse(
+                            {"error": "disk below the free-space reserve; retry later"},
+                            status_code=503, headers={"Retry-After": "60"})
+                try:
+                    spool.write(chunk)
+                except OSError:
+                    return JSONResponse({"error": "disk full; retry later"}, status_code=503,
+                                        headers={"Retry-After": "60"})
             spool.close()
             try:
                 parts = split_multipart(Path(spool.name), ctype)
@@ -240,7 +309,8 @@ class DicomWeb:
                 item.FailureReason = 0xA900
                 failed.append((item, f"StudyInstanceUID {study} is not the study of the URL"))
                 continue
-            status, message = self.scp.ingest(path, calling)
+            who = dict(getattr(request.state, "who", {}) or {}, ae_title=calling)
+            status, message = self.scp.ingest(path, calling, peer=who)
             if status == SUCCESS:
                 item.RetrieveURL = (f"{request.base_url}{self.root.lstrip('/')}/studies/"
                                     f"{study}/series/{head.get('SeriesInstanceUID', '')}"
@@ -261,8 +331,11 @@ class DicomWeb:
                 log.warning("STOW-RS part refused: %s", m)
             # Why, in words: the Warning header DICOMweb uses (the body stays standard).
             headers["Warning"] = ", ".join(
-                f'299 mammo-node: "{m.replace(chr(34), chr(39))[:200]}"' for _, m in failed)
+                f'299 mammo-node: "{public_message(m).replace(chr(34), chr(39))[:200]}"'
+                for _, m in failed)
         code = 200 if not failed else (202 if ok else 409)
+        if failed and not ok and all(i.FailureReason == OUT_OF_RESOURCES for i, _ in failed):
+            code = 503
         return JSONResponse(js, status_code=code, media_type=DICOM_JSON, headers=headers)
 
     # -- QIDO-RS ---------------------------------------------------------------------------
@@ -272,12 +345,16 @@ class DicomWeb:
         level = ("IMAGE" if path.endswith("/instances") else
                  "SERIES" if path.endswith("/series") else "STUDY")
         keys: dict[str, str] = {}
-        limit, offset = None, 0
+        cap = self.cfg.dicomweb.max_results
+        limit, offset = cap, 0
         for name, value in request.query_params.multi_items():
-            if name == "limit":
-                limit = int(value)
-            elif name == "offset":
-                offset = int(value)
+            if name in ("limit", "offset"):
+                if not value.strip().isdigit():
+                    return _error(400, f"{name} must be a non-negative integer, got {value!r}")
+                if name == "limit":
+                    limit = min(int(value), cap) if int(value) > 0 else cap
+                else:
+                    offset = int(value)
             elif name in ("includefield", "fuzzymatching"):
                 continue
             else:
@@ -301,14 +378,23 @@ class DicomWeb:
             ident.NumberOfStudyRelatedInstances = None
         if level == "SERIES":
             ident.NumberOfSeriesRelatedInstances = None
-        rows = self.qr.match(level, keys)
+        rows, more = await run_in_threadpool(self.qr.match, level, keys, limit, offset)
         answers = list(self.qr._answers(level, keys, ident, rows))
-        answers = answers[offset:offset + limit if limit else None]
         body = []
         for a in answers:
             del a.QueryRetrieveLevel
             body.append(a.to_json_dict())
-        return JSONResponse(body, media_type=DICOM_JSON)
+        self.audit.event(A.QUERY, A.SUCCESS, peer=getattr(request.state, "who", None),
+                         service="QIDO-RS", level=level,
+                         matched_studies=len({r.study_instance_uid for r in rows}),
+                         capped=more or None)
+        headers = {}
+        if more:
+            # PS3.18 8.3.4.2: tell the client that more results exist.
+            headers["Warning"] = ('299 mammo-node: "The number of results exceeded the maximum '
+                                  'supported by the server. Additional results can be '
+                                  'requested."')
+        return JSONResponse(body, media_type=DICOM_JSON, headers=headers)
 
     # -- WADO-RS ---------------------------------------------------------------------------
     def _rows(self, p: dict[str, str]) -> list[Instance]:
@@ -320,6 +406,10 @@ class DicomWeb:
         rows = self._rows(request.path_params)
         if not rows:
             return _error(404, "no such study, series or instance")
+        self.audit.event(A.BEGIN_TRANSFER, A.SUCCESS, service="WADO-RS",
+                         peer=getattr(request.state, "who", None),
+                         studies=sorted({r.study_instance_uid for r in rows}),
+                         instances=len(rows))
         return _multipart([self.files.abspath(r.path) for r in rows])
 
     async def metadata(self, request: Request) -> Response:
@@ -355,14 +445,25 @@ class DicomWeb:
 
 
 class DicomWebServer(threading.Thread):
-    """uvicorn serving :class:`DicomWeb` in a thread of the daemon."""
+    """uvicorn serving :class:`DicomWeb` in a thread of the daemon (HTTPS with ``tls``)."""
 
-    def __init__(self, web: DicomWeb, host: str, port: int) -> None:
+    def __init__(self, web: DicomWeb, cfg: Config) -> None:
         super().__init__(name="dicomweb", daemon=True)
+        import ssl
+
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(web.app, host=host, port=port,
-                                                    log_level="warning", lifespan="off"))
+        w, t = cfg.dicomweb, cfg.tls
+        kwargs: dict = {}
+        if w.tls:
+            kwargs = {"ssl_certfile": t.certificate, "ssl_keyfile": t.private_key}
+            if t.ca_certificates:
+                kwargs["ssl_ca_certs"] = t.ca_certificates
+                kwargs["ssl_cert_reqs"] = (ssl.CERT_REQUIRED if t.require_client_certificate
+                                           else ssl.CERT_OPTIONAL)
+        self.server = uvicorn.Server(uvicorn.Config(
+            web.app, host=w.host, port=w.port, log_level="warning", lifespan="off",
+            limit_concurrency=w.max_concurrent_requests * 2 + 8, **kwargs))
         self.server.install_signal_handlers = lambda: None  # the daemon owns the signals
 
     def run(self) -> None:

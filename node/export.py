@@ -10,6 +10,7 @@ from collections import defaultdict
 from pydicom import dcmread
 from pynetdicom import AE, build_context
 
+from node import audit as A
 from node.config import Config, Destination
 from storage.files import FileStore
 from storage.state import ExamStore
@@ -28,7 +29,18 @@ def nodelay(assoc) -> None:
         pass
 
 
-def _find_instance(ae_title: str, dest: Destination, study_uid: str, sop_uid: str) -> bool | None:
+def tls_args(cfg: Config, dest: Destination) -> dict:
+    """``ae.associate`` keyword for a destination with ``tls = true``: the PACS's certificate
+    is verified against ``[tls] ca_certificates`` and its host name."""
+    if not dest.tls:
+        return {}
+    from node.security import client_context
+
+    return {"tls_args": (client_context(cfg), dest.host)}
+
+
+def _find_instance(ae_title: str, dest: Destination, study_uid: str, sop_uid: str,
+                   tls: dict | None = None) -> bool | None:
     """Ask the destination (C-FIND, Study Root, IMAGE level) whether it holds an instance;
     None when it cannot tell (no C-FIND there)."""
     from pydicom.dataset import Dataset
@@ -37,7 +49,7 @@ def _find_instance(ae_title: str, dest: Destination, study_uid: str, sop_uid: st
     ae = AE(ae_title=ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, **(tls or {}))
     if not assoc.is_established:
         return None
     try:
@@ -67,8 +79,9 @@ class Exporter(threading.Thread):
 
     def __init__(self, cfg: Config, files: FileStore, exams: ExamStore,
                  stop: threading.Event, wake: threading.Event | None = None,
-                 poll_seconds: float = 1.0) -> None:
+                 poll_seconds: float = 1.0, audit=None) -> None:
         super().__init__(name="export", daemon=True)
+        self.audit = audit or A.NullAudit()
         self.cfg, self.files, self.exams, self.stop = cfg, files, exams, stop
         self.wake = wake or threading.Event()  # set when new results are queued
         self.poll = poll_seconds
@@ -109,7 +122,7 @@ class Exporter(threading.Thread):
     def _already_there(self, dest: Destination, row: dict) -> bool:
         """For a delivery whose previous attempt was cut off: is it at the destination?"""
         found = _find_instance(self.cfg.node.ae_title, dest, row["study_instance_uid"],
-                               row["sop_instance_uid"])
+                               row["sop_instance_uid"], tls_args(self.cfg, dest))
         return bool(found)
 
     def _send(self, dest: Destination, rows: list[dict]) -> None:
@@ -126,14 +139,26 @@ class Exporter(threading.Thread):
         contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
                     for _, ds in datasets}
         ae.requested_contexts = [build_context(a, [t]) for a, t in sorted(contexts)]
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        try:
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                                 **tls_args(self.cfg, dest))
+        except (OSError, ValueError) as exc:  # TLS set-up (certificate files) failed
+            for r, _ in datasets:
+                self._failed(r, f"cannot open TLS to {dest.name}: {exc}")
+            return
         if assoc.is_established:
             nodelay(assoc)
         if not assoc.is_established:
             for r, _ in datasets:
                 self._failed(r, f"association with {dest.ae_title}@{dest.host}:{dest.port} "
-                                "failed")
+                                f"failed{' (TLS)' if dest.tls else ''}")
             return
+        to = {"name": dest.name, "ae_title": dest.ae_title, "host": dest.host,
+              "port": dest.port, "tls": dest.tls}
+        studies = sorted({r["study_instance_uid"] for r, _ in datasets})
+        self.audit.event(A.BEGIN_TRANSFER, A.SUCCESS, service="export", to=to, studies=studies,
+                         instances=len(datasets))
+        sent = failed = 0
         try:
             for r, ds in datasets:
                 if not assoc.is_established:
@@ -149,9 +174,14 @@ class Exporter(threading.Thread):
                 code = int(status.Status) if status and "Status" in status else None
                 if code in _OK:
                     self.exams.mark_sent(r["id"])
+                    sent += 1
                     log.info("sent %s to %s", r["sop_instance_uid"], dest.name)
                 else:
+                    failed += 1
                     self._failed(r, "no response" if code is None else f"status 0x{code:04X}")
         finally:
             if assoc.is_established:
                 assoc.release()
+            self.audit.event(A.INSTANCES_TRANSFERRED, A.SUCCESS if not failed else
+                             A.MINOR_FAILURE, service="export", to=to, studies=studies,
+                             sent=sent, failed=failed or None)

@@ -9,7 +9,6 @@ date/time ranges (``A-B``, ``-B``, ``A-``), UID lists (``\\``-separated), univer
 from __future__ import annotations
 
 import logging
-import re
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
@@ -27,9 +26,12 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from node import audit as A
 from node.config import Config
+from node.security import NOT_AUTHORIZED, AccessControl
 from storage.files import FileStore
 from storage.models import Instance
+from storage.query import Match
 from storage.state import ExamStore
 
 log = logging.getLogger("mammo_node.qr")
@@ -86,39 +88,55 @@ class QueryError(Exception):
         self.status = status
 
 
-def _wildcard(pattern: str, value: str, fold: bool) -> bool:
-    rx = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    return re.fullmatch(rx, value, re.IGNORECASE if fold else 0) is not None
+def wildcard_match(pattern: str, value: str, fold: bool = False) -> bool:
+    """DICOM ``*`` / ``?`` matching in O(len(pattern) x len(value)) at worst, never
+    exponential (the greedy two-pointer algorithm: backtrack only to the last ``*``)."""
+    if fold:
+        pattern, value = pattern.lower(), value.lower()
+    p = v = 0
+    star, mark = -1, 0
+    while v < len(value):
+        if p < len(pattern) and (pattern[p] == "?" or pattern[p] == value[v]):
+            p += 1
+            v += 1
+        elif p < len(pattern) and pattern[p] == "*":
+            star, mark = p, v
+            p += 1
+        elif star >= 0:
+            p = star + 1
+            mark += 1
+            v = mark
+        else:
+            return False
+    while p < len(pattern) and pattern[p] == "*":
+        p += 1
+    return p == len(pattern)
 
 
-def match_value(query: str, value: Any, vr: str) -> bool:
-    """One attribute against one stored value, by the rules of its VR."""
+def key_match(keyword: str, query: str) -> Match | None:
+    """One query key as a database condition by the rules of its VR (PS3.4 C.2.2.2);
+    None for universal matching."""
+    _, column, vr = ATTRS[keyword]
     q = str(query).strip()
     if q == "" or q == "*":
-        return True
-    v = "" if value is None else str(value).strip()
+        return None
     if vr == "UI":
-        return v in {u.strip() for u in q.split("\\")}
+        return Match(column, "in", [u.strip() for u in q.split("\\") if u.strip()])
     if vr in ("DA", "TM") and "-" in q:
-        lo, _, hi = q.partition("-")
-        if vr == "TM":  # compare as zero-padded HHMMSS.ffffff strings
-            v, lo, hi = (x.replace(":", "")[:13] for x in (v, lo, hi))
+        lo, _, hi = (x.strip() for x in q.partition("-"))
+        if vr == "TM":
+            lo, hi = lo.replace(":", ""), hi.replace(":", "")
             hi = hi.ljust(6, "9") if hi else hi
-        if not v:
-            return False
-        return (not lo or v >= lo) and (not hi or v <= hi)
-    if vr == "TM" and v:
-        return v.replace(":", "").startswith(q.replace(":", ""))
+        return Match(column, "range", (lo, hi), strip_colons=vr == "TM")
+    if vr == "TM":
+        return Match(column, "prefix", q.replace(":", ""))
     if "*" in q or "?" in q:
-        return _wildcard(q, v, fold=vr == "PN")
+        return Match(column, "like_ci" if vr == "PN" else "like", q)
     if vr == "PN":
-        return q.lower() == v.lower()
+        return Match(column, "eq_ci", q)
     if vr == "IS":
-        try:
-            return int(q) == int(v)
-        except ValueError:
-            return False
-    return q == v
+        return Match(column, "int", q)
+    return Match(column, "eq", q)
 
 
 def _text(value: Any) -> str:
@@ -128,8 +146,11 @@ def _text(value: Any) -> str:
 class QueryRetrieveSCP:
     """C-FIND / C-MOVE / C-GET handlers over the node's store."""
 
-    def __init__(self, cfg: Config, files: FileStore, exams: ExamStore) -> None:
+    def __init__(self, cfg: Config, files: FileStore, exams: ExamStore,
+                 access: AccessControl | None = None, audit=None) -> None:
         self.cfg, self.files, self.exams = cfg, files, exams
+        self.audit = audit or A.NullAudit()
+        self.access = access or AccessControl(cfg, self.audit)
 
     def handlers(self) -> list[tuple]:
         return [(evt.EVT_C_FIND, self.on_find), (evt.EVT_C_MOVE, self.on_move),
@@ -151,35 +172,23 @@ class QueryRetrieveSCP:
                     "\\".join(str(v) for v in elem.value) if elem.VM > 1 else str(elem.value))
         return level, keys
 
-    def match(self, level: str, keys: dict[str, str]) -> list[Instance]:
-        """Instances matching every key at or above ``level``; ``ModalitiesInStudy`` keeps
-        the studies holding at least one instance of a listed modality."""
-        modalities = keys.get("ModalitiesInStudy", "").strip()
-        rows = self._match(level, {k: v for k, v in keys.items() if k in ATTRS})
-        if modalities and modalities != "*" and LEVELS.index(level) >= 1:
-            wanted = {m.strip().upper() for m in modalities.split("\\")}
-            studies = {r.study_instance_uid for r in self.exams.find_instances(
-                study_uids=sorted({r.study_instance_uid for r in rows}) or ["-"])
-                if (r.modality or "").upper() in wanted}
-            rows = [r for r in rows if r.study_instance_uid in studies]
-        return rows
-
-    def _match(self, level: str, keys: dict[str, str]) -> list[Instance]:
-        def uid_list(k: str) -> list[str] | None:
-            v = keys.get(k, "").strip()
-            return [u.strip() for u in v.split("\\")] if v and "*" not in v and "?" not in v \
-                else None
-
-        pid = keys.get("PatientID", "").strip()
-        rows = self.exams.find_instances(
-            study_uids=uid_list("StudyInstanceUID"), series_uids=uid_list("SeriesInstanceUID"),
-            sop_uids=uid_list("SOPInstanceUID"),
-            patient_id=pid if pid and "*" not in pid and "?" not in pid else None)
+    def match(self, level: str, keys: dict[str, str], limit: int | None = None,
+              offset: int = 0) -> tuple[list[Instance], bool]:
+        """Instances of the entities at ``level`` matching every key at or above it (in the
+        database, capped there); and whether more entities matched than ``limit``.
+        ``ModalitiesInStudy`` keeps the studies holding an instance of a listed modality."""
         depth = LEVELS.index(level)
-        active = [(k, q) for k, q in keys.items()
-                  if q.strip() not in ("", "*") and LEVELS.index(ATTRS[k][0]) <= depth]
-        return [r for r in rows
-                if all(match_value(q, getattr(r, ATTRS[k][1]), ATTRS[k][2]) for k, q in active)]
+        matches = []
+        for k, q in keys.items():
+            if k in ATTRS and LEVELS.index(ATTRS[k][0]) <= depth:
+                m = key_match(k, q)
+                if m is not None:
+                    matches.append(m)
+        modalities = keys.get("ModalitiesInStudy", "").strip()
+        if modalities and modalities != "*" and depth >= 1:
+            matches.append(Match("study_instance_uid", "modalities",
+                                 [m.strip() for m in modalities.split("\\") if m.strip()]))
+        return self.exams.query(level, matches, limit, offset)
 
     def _answers(self, level: str, keys: dict[str, str], identifier: Dataset,
                  rows: list[Instance]) -> Iterator[Dataset]:
@@ -226,13 +235,27 @@ class QueryRetrieveSCP:
 
     # -- handlers ------------------------------------------------------------------------
     def on_find(self, event: evt.Event):
+        if not self.access.allowed(event, "find"):
+            yield NOT_AUTHORIZED, None
+            return
+        who = self.access.who(event)
+        cap = self.cfg.node.max_query_results
         try:
             level, keys = self._parse(event.identifier, str(event.request.AffectedSOPClassUID))
-            rows = self.match(level, keys)
+            rows, more = self.match(level, keys, limit=cap)
         except QueryError as exc:
             log.warning("C-FIND refused: %s", exc)
+            self.audit.event(A.QUERY, A.MINOR_FAILURE, peer=who, reason=str(exc))
             yield exc.status, None
             return
+        studies = sorted({r.study_instance_uid for r in rows})
+        self.audit.event(A.QUERY, A.SUCCESS, peer=who, service="C-FIND", level=level,
+                         keys={k: v for k, v in keys.items() if ATTRS.get(k, ("",))[0]
+                               not in ("PATIENT",) and v},
+                         matched_studies=len(studies), capped=more or None)
+        if more:
+            log.warning("C-FIND from %s matched more than [node] max_query_results (%d): "
+                        "only the first %d are answered", who["ae_title"], cap, cap)
         n = 0
         for ds in self._answers(level, keys, event.identifier, rows):
             if event.is_cancelled:
@@ -245,12 +268,23 @@ class QueryRetrieveSCP:
                  event.assoc.requestor.ae_title, n)
 
     def _retrieve_rows(self, event: evt.Event) -> list[Instance]:
-        level, keys = self._parse(event.identifier, str(event.request.AffectedSOPClassUID))
-        if not any(keys.get(UNIQUE_KEY[lv], "").strip()
-                   for lv in LEVELS[:LEVELS.index(level) + 1]):
-            raise QueryError(IDENTIFIER_MISMATCH, f"a retrieve at {level} level needs a unique "
-                                                  "key")
-        return self.match(level, keys)
+        """Rows of a C-MOVE / C-GET. Its unique keys must be single values or UID lists
+        (PS3.4 C.4.2.2.1): universal matching or wildcards there are refused, so that no
+        ``PatientID=*`` retrieves the whole archive."""
+        model = str(event.request.AffectedSOPClassUID)
+        level, keys = self._parse(event.identifier, model)
+        top = 0 if model in PATIENT_ROOT else 1
+        for lv in LEVELS[top:LEVELS.index(level) + 1]:
+            k = UNIQUE_KEY[lv]
+            v = keys.get(k, "").strip()
+            if "*" in v or "?" in v:
+                raise QueryError(IDENTIFIER_MISMATCH, f"wildcards are not allowed in the unique "
+                                                      f"key {k} of a retrieve")
+            if lv == level and not v:
+                raise QueryError(IDENTIFIER_MISMATCH, f"a retrieve at {level} level needs "
+                                                      f"{k} (universal matching is refused)")
+        rows, _ = self.match(level, keys)
+        return rows
 
     def _datasets(self, rows: list[Instance], event: evt.Event):
         for r in rows:
@@ -263,7 +297,17 @@ class QueryRetrieveSCP:
                 log.error("cannot read %s for retrieve: %s", r.sop_instance_uid, exc)
                 yield PENDING, None  # counted as a failed sub-operation
 
+    def _audit_retrieve(self, event: evt.Event, service: str, rows: list[Instance],
+                        to: str) -> None:
+        self.audit.event(A.BEGIN_TRANSFER, A.SUCCESS, service=service,
+                         peer=self.access.who(event), to=to,
+                         studies=sorted({r.study_instance_uid for r in rows}),
+                         instances=len(rows))
+
     def on_move(self, event: evt.Event):
+        if not self.access.allowed(event, "move"):
+            yield None, None  # pynetdicom then answers "move destination unknown"
+            return
         dest_ae = str(event.move_destination).strip()
         dest = next((d for d in self.cfg.destinations if d.ae_title == dest_ae), None)
         if dest is None:
@@ -273,21 +317,34 @@ class QueryRetrieveSCP:
         try:
             rows = self._retrieve_rows(event)
         except QueryError as exc:
+            log.warning("C-MOVE refused: %s", exc)
             yield dest.host, dest.port
             yield exc.status, None
             return
-        yield dest.host, dest.port, {"contexts": _contexts(rows), "ae_title": dest.ae_title}
+        kwargs = {"contexts": _contexts(rows), "ae_title": dest.ae_title}
+        if dest.tls:
+            from node.security import client_context
+
+            kwargs["tls_args"] = (client_context(self.cfg), dest.host)
+        yield dest.host, dest.port, kwargs
         yield len(rows)
         log.info("C-MOVE of %d instance(s) to %s", len(rows), dest_ae)
+        self._audit_retrieve(event, "C-MOVE", rows, dest_ae)
         yield from self._datasets(rows, event)
 
     def on_get(self, event: evt.Event):
+        if not self.access.allowed(event, "get"):
+            yield 0
+            yield NOT_AUTHORIZED, None
+            return
         try:
             rows = self._retrieve_rows(event)
         except QueryError as exc:
+            log.warning("C-GET refused: %s", exc)
             yield 0
             yield exc.status, None
             return
         yield len(rows)
         log.info("C-GET of %d instance(s) by %s", len(rows), event.assoc.requestor.ae_title)
+        self._audit_retrieve(event, "C-GET", rows, str(event.assoc.requestor.ae_title).strip())
         yield from self._datasets(rows, event)

@@ -21,7 +21,9 @@ from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
+from node import audit as A
 from node.config import Config
+from node.security import NOT_AUTHORIZED, AccessControl
 from node.views import acquisition_key, assign_slots, classify
 from storage.files import FileStore, InvalidUID
 from storage.state import ExamStore
@@ -60,14 +62,30 @@ DEFLATED = "1.2.840.10008.1.2.1.99"
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
+class RxRefused(OSError):
+    """Why an incoming dataset stopped being written, with the C-STORE status to answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class IncomingFile:
     """The file pynetdicom streams a dataset into, made safe against a full disk.
 
     pynetdicom writes each P-DATA fragment as it arrives; an ``ENOSPC`` there would kill
     the association. This wrapper records the first write error, truncates the partial file
     to give the space back, swallows the rest of the dataset, and lets the C-STORE handler
-    answer "out of resources" (0xA700) instead.
+    answer "out of resources" (0xA700) instead. The same happens, before the disk is full,
+    when the dataset grows past ``limit_bytes`` (``[node] max_dataset_mb``) or free space
+    falls below the reserve while it arrives (checked every ``CHECK_EVERY`` bytes).
     """
+
+    #: Set by the daemon from the configuration (class attributes: pynetdicom creates the
+    #: instances itself, with tempfile's arguments only).
+    limit_bytes: int = 0
+    disk_ok: Any = None
+    CHECK_EVERY = 16 * 1024 * 1024
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("dir", tempfile.gettempdir())
@@ -76,6 +94,8 @@ class IncomingFile:
         self.name = self._f.name
         self.error: OSError | None = None
         self.file = self  # pynetdicom calls ``.file.flush()``
+        self.written = 0
+        self._next_check = self.CHECK_EVERY
 
     def _failed(self, exc: OSError) -> None:
         self.error = exc
@@ -86,6 +106,17 @@ class IncomingFile:
 
     def write(self, data: bytes) -> int:
         if self.error is None:
+            self.written += len(data)
+            if self.limit_bytes and self.written > self.limit_bytes:
+                self._failed(RxRefused(OUT_OF_RESOURCES, "dataset larger than [node] "
+                                       f"max_dataset_mb ({self.limit_bytes >> 20} MB)"))
+                return len(data)
+            if self.written >= self._next_check:
+                self._next_check += self.CHECK_EVERY
+                if self.disk_ok is not None and not self.disk_ok():
+                    self._failed(RxRefused(OUT_OF_RESOURCES, "free space fell below the "
+                                           "reserve while the dataset arrived"))
+                    return len(data)
             try:
                 return self._f.write(data)
             except OSError as exc:
@@ -222,16 +253,24 @@ class StorageSCP:
     """The C-ECHO / C-STORE service provider bound to one store."""
 
     def __init__(self, cfg: Config, files: FileStore, exams: ExamStore,
-                 exam_ready: Any = None) -> None:
+                 exam_ready: Any = None, access: AccessControl | None = None,
+                 audit: Any = None) -> None:
         self.cfg = cfg
         self.files = files
         self.exams = exams
         self.exam_ready = exam_ready  # a threading.Event set when an exam becomes ready
         self.min_free = int(cfg.storage.min_free_mb * 1024 * 1024)
+        self.audit = audit or A.NullAudit()
+        self.access = access or AccessControl(cfg, self.audit, self.disk_ok)
+
+    def disk_ok(self) -> bool:
+        """Free space above the reserve (checked at association and while data arrives)."""
+        return not self.min_free or self.files.free_bytes() >= self.min_free
 
     # -- handlers ------------------------------------------------------------------------
     def handlers(self) -> list[tuple]:
         return [
+            *self.access.handlers(),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
             (evt.EVT_CONN_CLOSE, self.on_conn_close),
@@ -240,7 +279,7 @@ class StorageSCP:
         ]
 
     def on_echo(self, event: evt.Event) -> int:
-        return SUCCESS
+        return SUCCESS if self.access.allowed(event, "echo") else NOT_AUTHORIZED
 
     def on_accepted(self, event: evt.Event) -> None:
         a = event.assoc
@@ -268,14 +307,17 @@ class StorageSCP:
             path = Path(event.dataset_path)
         except (AttributeError, TypeError):
             return self._fail(CANNOT_UNDERSTAND, "C-STORE request without a dataset", None)
+        if not self.access.allowed(event, "store"):
+            return self._fail(NOT_AUTHORIZED, "peer not granted store", path, req)
         rx_error = getattr(getattr(req, "_dataset_file", None), "error", None)
         if rx_error is not None:
-            return self._fail(OUT_OF_RESOURCES, f"cannot write incoming data: {rx_error}",
-                              path, req)
+            status = getattr(rx_error, "status", OUT_OF_RESOURCES)
+            return self._fail(status, f"cannot take incoming data: {rx_error}", path, req)
+        who = self.access.who(event)
         status, message = self.ingest(path, event.assoc.requestor.ae_title,
                                       str(req.AffectedSOPClassUID),
                                       str(req.AffectedSOPInstanceUID),
-                                      str(event.context.transfer_syntax))
+                                      str(event.context.transfer_syntax), peer=who)
         if status == SUCCESS:
             return SUCCESS
         if status == PROCESSING_FAILURE:
@@ -284,7 +326,21 @@ class StorageSCP:
 
     def ingest(self, path: Path, calling: str, sop_class: str | None = None,
                sop_instance: str | None = None,
-               transfer_syntax: str | None = None) -> tuple[int, str]:
+               transfer_syntax: str | None = None,
+               peer: dict | None = None) -> tuple[int, str]:
+        """Validate, place and record one received file (C-STORE and STOW-RS alike); a
+        refusal is an audit line too (a successful store is audited by :meth:`_ingest`)."""
+        status, message = self._ingest(path, calling, sop_class, sop_instance,
+                                       transfer_syntax, peer)
+        if status != SUCCESS:
+            self.audit.event(A.INSTANCES_TRANSFERRED, A.MINOR_FAILURE, action="store",
+                             peer=peer or {"ae_title": calling}, instance=sop_instance,
+                             status=f"0x{status:04X}", reason=message[:200])
+        return status, message
+
+    def _ingest(self, path: Path, calling: str, sop_class: str | None,
+                sop_instance: str | None, transfer_syntax: str | None,
+                peer: dict | None) -> tuple[int, str]:
         """Validate, place and record one received file (C-STORE and STOW-RS alike).
 
         ``sop_class`` / ``sop_instance`` are what the request announced (None: take the
@@ -325,6 +381,10 @@ class StorageSCP:
             return PROCESSING_FAILURE, f"internal error: {type(exc).__name__}"
 
         ms = (time.perf_counter() - t0) * 1000
+        self.audit.event(A.INSTANCES_TRANSFERRED, A.SUCCESS, action="store",
+                         peer=peer or {"ae_title": calling}, study=record["study_instance_uid"],
+                         accession=record["accession_number"],
+                         instance=record["sop_instance_uid"], duplicate=result.duplicate or None)
         if result.duplicate:
             path.unlink(missing_ok=True)
             log.info("%s from %s: already stored, kept the first copy",
@@ -380,6 +440,6 @@ def make_ae(cfg: Config) -> AE:
 
     for sop_class in QR_CONTEXTS:
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES[:3])
-    if cfg.security.allowed_calling_aets:
-        ae.require_calling_aet = list(cfg.security.allowed_calling_aets)
+    # Calling / called AE titles and addresses are checked by node.security.AccessControl
+    # (EVT_REQUESTED), which knows each peer's hosts and services.
     return ae

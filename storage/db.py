@@ -62,4 +62,7 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=30000")
+    # DICOM matching is case-sensitive except for PN (which node.qr folds itself), as LIKE
+    # is on PostgreSQL; SQLite's LIKE folds ASCII case unless told otherwise.
+    cur.execute("PRAGMA case_sensitive_like=ON")
     cur.close()

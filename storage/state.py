@@ -374,6 +374,14 @@ class ExamStore:
         with self.db.session() as s:
             return list(s.scalars(q.order_by(Instance.id)))
 
+    def query(self, level: str, matches: list, limit: int | None = None,
+              offset: int = 0) -> tuple[list[Instance], bool]:
+        """C-FIND / QIDO matching in the database (see :mod:`storage.query`)."""
+        from storage.query import query_instances
+
+        with self.db.session() as s:
+            return query_instances(s, level, matches, limit, offset)
+
     def instance_count(self) -> int:
         with self.db.session() as s:
             return s.scalar(select(func.count()).select_from(Instance)) or 0

@@ -36,6 +36,23 @@ def toml_value(v) -> str:
     return json.dumps(str(v))
 
 
+def toml_document(sections: dict[str, dict], arrays: dict[str, list[dict]]) -> str:
+    """A TOML file from tables and arrays of tables (dotted names allowed for both)."""
+    out = []
+    for name, values in sections.items():
+        out.append(f"[{name}]")
+        out.extend(f"{k} = {toml_value(v)}" for k, v in values.items())
+    for name, items in arrays.items():
+        for d in items:
+            out.append(f"[[{name}]]")
+            out.extend(f"{k} = {toml_value(v)}" for k, v in d.items())
+    return "\n".join(out) + "\n"
+
+
+#: A peer that may do everything: what the query/retrieve tests connect as.
+QR_PEER = {"ae_title": "QRSCU", "services": ["echo", "store", "find", "get", "move"]}
+
+
 class NodeProcess:
     """A ``mammo-node start`` process with its own config and data directory."""
 
@@ -52,18 +69,15 @@ class NodeProcess:
             "grouping": {"stable_seconds": 60},
             "storage": {"min_free_mb": 0, "fsync": True},
         }
+        arrays: dict[str, list[dict]] = {}
         for section, values in (settings or {}).items():
-            if section == "destinations":
-                sections[section] = values  # type: ignore[assignment]
+            if isinstance(values, list):  # an array of tables: [[destinations]], [[peers]]
+                arrays[section] = values
             else:
                 sections.setdefault(section, {}).update(values)
-        dests = sections.pop("destinations", [])
+        self.peers = arrays.get("peers", [])
         self.config = tmp / "config.toml"
-        self.config.write_text("\n".join(
-            f"[{name}]\n" + "\n".join(f"{k} = {toml_value(v)}" for k, v in values.items())
-            for name, values in sections.items()) + "\n" + "".join(
-            "[[destinations]]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in d.items())
-            for d in dests))
+        self.config.write_text(toml_document(sections, arrays))
         self.log = tmp / "node.log"
         self.proc: subprocess.Popen | None = None
 
@@ -77,18 +91,26 @@ class NodeProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"node exited early:\n{self.log.read_text()}")
-            if echo(self.port, self.ae_title, calling="PROBE" if not self._allowed() else
-                    self._allowed()[0]):
+            if self.probe():
                 return self
             time.sleep(0.2)
         raise RuntimeError(f"node did not answer C-ECHO:\n{self.log.read_text()}")
 
-    def _allowed(self) -> list[str]:
+    def probe(self) -> bool:
+        """C-ECHO as a peer that may echo (the node's own start-up check)."""
+        calling = "PROBE"
+        for p in self.peers:
+            if "echo" in p.get("services", ["echo", "store"]) and not p.get("hosts"):
+                calling = p["ae_title"]
+                break
         text = self.config.read_text()
         for line in text.splitlines():
             if line.startswith("allowed_calling_aets"):
-                return json.loads(line.split("=", 1)[1].strip())
-        return []
+                calling = json.loads(line.split("=", 1)[1].strip())[0]
+        if "tls = true" in text.split("[node]", 1)[-1].split("\n[", 1)[0]:
+            with socket.socket() as s:  # a TLS listener: an open port is enough here
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+        return echo(self.port, self.ae_title, calling=calling)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 40.0) -> int:
         if self.proc is None or self.proc.poll() is not None:

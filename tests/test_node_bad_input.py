@@ -79,12 +79,18 @@ def test_calling_ae_not_allowed_is_rejected(node_factory, tmp_path):
     _assert_nothing_left(node)
 
 
-def test_disk_reserve_answers_out_of_resources(node_factory):
+def test_disk_reserve_rejects_storage_associations(node_factory, tmp_path):
+    """Below the reserve a storage association is rejected (transient) at its start, before
+    any data travels; C-ECHO still answers so monitoring sees a live node."""
     node = node_factory({"storage": {"min_free_mb": 10_000_000}})  # more than any disk
-    statuses = send(node.port, make_exam(seed=1, rows=64, cols=64)[:2])
-    assert all(0xA700 <= s <= 0xA7FF for s in statuses), statuses
+    assert echo(node.port, node.ae_title)
+    f = write(make_mammogram("L", "CC", rows=64, cols=64), tmp_path / "a.dcm")
+    r = subprocess.run([dcmtk("storescu"), "-aec", node.ae_title, "127.0.0.1", str(node.port),
+                        str(f)], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "Local Limit Exceeded" in r.stdout + r.stderr  # result transient, reason 2
     _assert_nothing_left(node)
-    assert "disk almost full" in node.log.read_text()
+    assert "disk below the free-space reserve" in node.log.read_text()
 
 
 def test_real_full_disk_answers_out_of_resources(node_factory, tmp_path):

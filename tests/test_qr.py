@@ -16,14 +16,17 @@ from pynetdicom.sop_class import (
 )
 
 from inference.synthetic import make_exam
-from tests.conftest import dcmtk, send
+from tests.conftest import QR_PEER, dcmtk, send
+
+PEERS = [QR_PEER, {"ae_title": "PYNETDICOM", "services": ["echo", "store"]}]
 
 
 @pytest.fixture
 def loaded(node_factory, storescp_factory):
     pacs = storescp_factory()
     node = node_factory({"destinations": [{"name": "pacs", "ae_title": "PACS",
-                                           "host": "127.0.0.1", "port": pacs.port}]})
+                                           "host": "127.0.0.1", "port": pacs.port}],
+                         "peers": PEERS})
     a = make_exam(seed=41, rows=64, cols=64, patient_id="PAT-A", patient_name="Alpha^Ann",
                   accession="ACC-A", acquisition=dt.datetime(2026, 3, 1, 9, 0))
     b = make_exam(seed=42, rows=64, cols=64, patient_id="PAT-B", patient_name="Beta^Bea",
@@ -33,7 +36,7 @@ def loaded(node_factory, storescp_factory):
 
 
 def findscu(node, *keys, model="-S"):
-    r = subprocess.run([dcmtk("findscu"), model, "-aec", node.ae_title, "127.0.0.1",
+    r = subprocess.run([dcmtk("findscu"), model, "-aet", "QRSCU", "-aec", node.ae_title, "127.0.0.1",
                         str(node.port), *[x for k in keys for x in ("-k", k)]],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -70,7 +73,7 @@ def test_findscu_study_level_matching(loaded):
 
 def test_pynetdicom_series_and_image_levels(loaded):
     node, _, a, _ = loaded
-    ae = AE(ae_title="QRTEST")
+    ae = AE(ae_title="QRSCU")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     ae.add_requested_context(PatientRootQueryRetrieveInformationModelFind)
     assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
@@ -109,7 +112,7 @@ def test_pynetdicom_series_and_image_levels(loaded):
 
 def test_movescu_and_getscu(loaded, tmp_path):
     node, pacs, a, _ = loaded
-    r = subprocess.run([dcmtk("movescu"), "-S", "-aec", node.ae_title, "-aem", "PACS",
+    r = subprocess.run([dcmtk("movescu"), "-S", "-aet", "QRSCU", "-aec", node.ae_title, "-aem", "PACS",
                         "127.0.0.1", str(node.port), "-k", "QueryRetrieveLevel=STUDY",
                         "-k", f"StudyInstanceUID={a[0].StudyInstanceUID}"],
                        capture_output=True, text=True, timeout=120)
@@ -118,7 +121,7 @@ def test_movescu_and_getscu(loaded, tmp_path):
     assert got == sorted(ds.SOPInstanceUID for ds in a)
     out = tmp_path / "get"
     out.mkdir()
-    r = subprocess.run([dcmtk("getscu"), "-S", "-aec", node.ae_title, "-od", str(out),
+    r = subprocess.run([dcmtk("getscu"), "-S", "-aet", "QRSCU", "-aec", node.ae_title, "-od", str(out),
                         "127.0.0.1", str(node.port), "-k", "QueryRetrieveLevel=SERIES",
                         "-k", f"StudyInstanceUID={a[0].StudyInstanceUID}",
                         "-k", f"SeriesInstanceUID={a[0].SeriesInstanceUID}"],
@@ -126,7 +129,7 @@ def test_movescu_and_getscu(loaded, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert sorted(dcmread(f).SOPInstanceUID for f in out.iterdir()) == sorted(
         ds.SOPInstanceUID for ds in a)
-    r = subprocess.run([dcmtk("movescu"), "-S", "-aec", node.ae_title, "-aem", "NOWHERE",
+    r = subprocess.run([dcmtk("movescu"), "-S", "-aet", "QRSCU", "-aec", node.ae_title, "-aem", "NOWHERE",
                         "127.0.0.1", str(node.port), "-k", "QueryRetrieveLevel=STUDY",
                         "-k", f"StudyInstanceUID={a[0].StudyInstanceUID}"],
                        capture_output=True, text=True, timeout=60)
@@ -136,7 +139,7 @@ def test_movescu_and_getscu(loaded, tmp_path):
 def test_c_cancel_stops_a_long_c_find(node_factory):
     from pydicom.uid import generate_uid
 
-    node = node_factory({"storage": {"fsync": False}})  # 400 quick stores
+    node = node_factory({"storage": {"fsync": False}, "peers": PEERS})  # 400 quick stores
     from inference.synthetic import UID_ROOT, make_mammogram
 
     study = generate_uid(prefix=UID_ROOT)
@@ -148,7 +151,7 @@ def test_c_cancel_stops_a_long_c_find(node_factory):
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
         many.append(ds)
     assert set(send(node.port, many)) == {0}
-    ae = AE(ae_title="QRCANCEL")
+    ae = AE(ae_title="QRSCU")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
     assert assoc.is_established

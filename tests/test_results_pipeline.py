@@ -14,7 +14,7 @@ from pydicom.uid import JPEGLSLossless
 
 from inference.scan import numba_available
 from inference.synthetic import Lesion, make_exam
-from tests.conftest import dciodvfy_errors, dcmtk, send, wait_for
+from tests.conftest import QR_PEER, dciodvfy_errors, dcmtk, send, wait_for
 
 SIZE = dict(rows=640, cols=512)
 FAST_EXPORT = {"max_attempts": 20, "initial_delay_seconds": 0.5, "max_delay_seconds": 1.0}
@@ -23,7 +23,8 @@ FAST_EXPORT = {"max_attempts": 20, "initial_delay_seconds": 0.5, "max_delay_seco
 def _node(node_factory, pacs_port: int, **extra):
     settings = {"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
                                   "port": pacs_port}],
-                "export": FAST_EXPORT, "grouping": {"stable_seconds": 2}}
+                "export": FAST_EXPORT, "grouping": {"stable_seconds": 2},
+                "peers": [QR_PEER, {"ae_title": "PYNETDICOM", "services": ["echo", "store"]}]}
     settings.update(extra)
     return node_factory(settings, worker=True)
 
@@ -91,7 +92,8 @@ def test_exam_reading_arrives_in_the_pacs_and_validates(node_factory, storescp_f
         dump = subprocess.run([dcmtk("dsrdump"), str(sr_file)], capture_output=True, text=True)
         assert dump.returncode == 0 and title in dump.stdout
     # The node answers C-FIND for what it produced, too.
-    r = subprocess.run([dcmtk("findscu"), "-S", "-aec", node.ae_title, "127.0.0.1",
+    r = subprocess.run([dcmtk("findscu"), "-S", "-aet", "QRSCU", "-aec", node.ae_title,
+                        "127.0.0.1",
                         str(node.port), "-k", "QueryRetrieveLevel=SERIES",
                         "-k", f"StudyInstanceUID={study}", "-k", "SeriesInstanceUID",
                         "-k", "Modality=SR"], capture_output=True, text=True)
