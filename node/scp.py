@@ -24,6 +24,7 @@ from pynetdicom.sop_class import Verification
 from node import audit as A
 from node.config import Config
 from node.security import NOT_AUTHORIZED, AccessControl
+from node.validate import DatasetInvalid, check_dataset, check_image_pixel_module
 from node.views import acquisition_key, assign_slots, classify
 from storage.files import FileStore, InvalidUID
 from storage.state import ExamStore
@@ -58,7 +59,6 @@ TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.4.51",   # JPEG Extended
 ]
 
-DEFLATED = "1.2.840.10008.1.2.1.99"
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
@@ -161,40 +161,38 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def read_header(path: Path) -> Dataset:
-    """Parse a received file's header without loading pixel data; check it is complete.
-
-    Large values are deferred (read lazily from the file, never loaded here); the pixel data
-    element must lie whole inside the file, so a truncated dataset is refused.
-    """
-    size = path.stat().st_size
+def read_header(path: Path, max_bytes: int = 0, scratch: Path | None = None) -> Dataset:
+    """Validate a received file whole (:func:`node.validate.check_dataset`: every element's
+    length honoured, pixel data complete, Deflated inflation bounded) and parse its header
+    without loading pixel data (large values are deferred, read lazily from the file)."""
     try:
-        ds = dcmread(path, defer_size=4096)
-        # The raw (still deferred) element: its offset and length, without reading it.
-        # Dataset.get_item() would read the value, so look in the element dict itself.
-        pixel = getattr(ds, "_dict", {}).get(0x7FE00010)
+        inflated = check_dataset(path, max_bytes, scratch=scratch)
+    except DatasetInvalid as exc:
+        raise StoreError(exc.status, str(exc)) from exc
+    try:
+        if inflated is not None:  # Deflated: the header from the inflated copy, not memory
+            from pydicom.filereader import read_dataset, read_file_meta_info
+
+            with open(inflated, "rb") as f:
+                ds = read_dataset(f, is_implicit_VR=False, is_little_endian=True,
+                                  defer_size=4096)
+            ds.file_meta = read_file_meta_info(path)
+        else:
+            ds = dcmread(path, defer_size=4096)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError,
-            NotImplementedError, AttributeError, IndexError) as exc:
+            NotImplementedError, AttributeError, IndexError, RecursionError) as exc:
         if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
             raise
         raise StoreError(CANNOT_UNDERSTAND, f"cannot parse dataset: {exc}") from exc
+    finally:
+        if inflated is not None:
+            inflated.unlink(missing_ok=True)
     if len(ds) == 0:
         raise StoreError(CANNOT_UNDERSTAND, "empty dataset")
-    if pixel is not None:
-        tell = getattr(pixel, "value_tell", None)
-        length = getattr(pixel, "length", None)
-        deflated = str(ds.file_meta.get("TransferSyntaxUID", "")) == DEFLATED
-        if deflated:
-            # Offsets refer to the inflated stream: compare with the bytes actually read.
-            value = ds.get_item("PixelData").value
-            if length not in (None, 0xFFFFFFFF) and len(value or b"") < length:
-                raise StoreError(CANNOT_UNDERSTAND,
-                                 f"truncated dataset: pixel data needs {length} bytes, "
-                                 f"{len(value or b'')} present")
-        elif tell is not None and length not in (None, 0xFFFFFFFF) and tell + length > size:
-            raise StoreError(CANNOT_UNDERSTAND,
-                             f"truncated dataset: pixel data needs {length} bytes, "
-                             f"{max(size - tell, 0)} present")
+    try:
+        check_image_pixel_module(ds)
+    except DatasetInvalid as exc:
+        raise StoreError(exc.status, str(exc)) from exc
     return ds
 
 
@@ -354,7 +352,8 @@ class StorageSCP:
                 raise StoreError(OUT_OF_RESOURCES,
                                  f"disk almost full: less than {self.cfg.storage.min_free_mb:g}"
                                  f" MB free in {self.files.root}")
-            ds = read_header(path)
+            ds = read_header(path, int(self.cfg.node.max_dataset_mb * 1024 * 1024),
+                             self.files.incoming)
             meta = ds.file_meta
             record = instance_record(
                 ds, self.files, calling,
