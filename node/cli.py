@@ -146,6 +146,43 @@ def _echo(cfg: Config, info: dict) -> bool:
         assoc.release()
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from node.audit import read_events
+
+    cfg = _load(args)
+    since = None
+    if args.since:
+        try:
+            since = dt.datetime.fromisoformat(args.since.replace("Z", "+00:00"))
+        except ValueError:
+            print(f"mammo-node: --since {args.since!r} is not an ISO 8601 date/time",
+                  file=sys.stderr)
+            return 2
+        if since.tzinfo is None:
+            since = since.replace(tzinfo=dt.timezone.utc)
+    n = 0
+    for rec in read_events(cfg.audit_path, since=since, study=args.study, event=args.event):
+        n += 1
+        if args.json:
+            print(json.dumps(rec, separators=(",", ":")))
+            continue
+        peer = rec.get("peer") or rec.get("to") or {}
+        who = peer if isinstance(peer, str) else " ".join(
+            str(peer.get(k)) for k in ("ae_title", "name", "token", "address")
+            if peer.get(k))
+        detail = {k: v for k, v in rec.items()
+                  if k not in ("time", "event", "outcome", "node", "peer", "to")}
+        outcome = {0: "ok", 4: "FAILED", 8: "FAILED (serious)"}.get(rec.get("outcome"), "?")
+        print(f"{rec.get('time', '')}  {rec.get('event', ''):<36} {outcome:<7} {who:<30} "
+              + json.dumps(detail, separators=(",", ":")))
+    if n == 0 and not args.json:
+        print(f"no audit events in {cfg.audit_path}" + (" matching" if
+              (since or args.study or args.event) else ""), file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mammo-node",
@@ -172,6 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", choices=["receiving", "ready", "processing", "done", "failed"],
                    help="only exams in this state")
     p.set_defaults(func=cmd_exams)
+
+    p = sub.add_parser("audit", help="print the audit trail (associations, queries, "
+                                     "retrieves, stores, exports, security alerts)")
+    _add_config(p)
+    p.add_argument("--since", metavar="ISO", help="only events at or after this time "
+                                                  "(e.g. 2026-11-29T08:00:00Z)")
+    p.add_argument("--study", metavar="UID", help="only events that concern this study")
+    p.add_argument("--event", metavar="NAME", help="only this event, e.g. \"Security Alert\"")
+    p.add_argument("--json", action="store_true", help="JSON lines as stored")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("status", help="is a node running; exams by state")
     _add_config(p)

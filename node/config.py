@@ -468,9 +468,9 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
         where = f"[[dicomweb.tokens]] #{i + 1}"
         if not isinstance(d, dict):
             raise ConfigError(f"{where} must be a table")
-        _known(f"dicomweb.tokens #{i + 1}", d, WebToken)
         if "token" in d:
             raise ConfigError(f"{where}: write the token's SHA-256 as sha256, never the token")
+        _known(f"dicomweb.tokens #{i + 1}", d, WebToken)
         name = _check_str(d.get("name", ""), f"{where} name")
         if not name or name in names:
             raise ConfigError(f"{where} name must be non-empty and unique, got {name!r}")

@@ -319,6 +319,7 @@ class QueryRetrieveSCP:
         except QueryError as exc:
             log.warning("C-MOVE refused: %s", exc)
             yield dest.host, dest.port
+            yield 1  # one failing sub-operation: zero would be answered as an empty success
             yield exc.status, None
             return
         kwargs = {"contexts": _contexts(rows), "ae_title": dest.ae_title}
@@ -333,15 +334,17 @@ class QueryRetrieveSCP:
         yield from self._datasets(rows, event)
 
     def on_get(self, event: evt.Event):
+        # A refusal is announced as one sub-operation that fails: with zero, pynetdicom
+        # would answer an empty success.
         if not self.access.allowed(event, "get"):
-            yield 0
+            yield 1
             yield NOT_AUTHORIZED, None
             return
         try:
             rows = self._retrieve_rows(event)
         except QueryError as exc:
             log.warning("C-GET refused: %s", exc)
-            yield 0
+            yield 1
             yield exc.status, None
             return
         yield len(rows)
