@@ -146,6 +146,28 @@ def _echo(cfg: Config, info: dict) -> bool:
         assoc.release()
 
 
+def cmd_resolve(args: argparse.Namespace) -> int:
+    from node.views import assign_slots
+
+    cfg = _load(args)
+    store = _open_store(cfg)
+    if store is None:
+        print(f"mammo-node: no database in {cfg.data_dir}", file=sys.stderr)
+        return 1
+    try:
+        detached, state, version = store.resolve_patient(args.study_uid, args.patient_id,
+                                                         assign_slots, issuer=args.issuer)
+    except KeyError:
+        print(f"mammo-node: no exam for study {args.study_uid}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"mammo-node: {exc}", file=sys.stderr)
+        return 1
+    print(f"study {args.study_uid}: {detached} instance(s) of other patients left the exam; "
+          f"version {version} is {state}")
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     import datetime as dt
 
@@ -206,9 +228,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("exams", help="list exams: state, views received, what is missing")
     _add_config(p)
     p.add_argument("--json", action="store_true", help="JSON array instead of a table")
-    p.add_argument("--state", choices=["receiving", "ready", "processing", "done", "failed"],
+    p.add_argument("--state", choices=["receiving", "ready", "processing", "done", "failed",
+                                            "conflict"],
                    help="only exams in this state")
     p.set_defaults(func=cmd_exams)
+
+    p = sub.add_parser("resolve", help="end a patient conflict: keep one patient's images "
+                                       "in the exam and read it again")
+    _add_config(p)
+    p.add_argument("study_uid", metavar="STUDY_UID")
+    p.add_argument("--patient-id", required=True, metavar="ID",
+                   help="the Patient ID whose images the exam keeps (the others stay stored, "
+                        "outside the exam)")
+    p.add_argument("--issuer", metavar="ISSUER", default=None,
+                   help="Issuer of Patient ID, where two issuers use the same IDs")
+    p.set_defaults(func=cmd_resolve)
 
     p = sub.add_parser("audit", help="print the audit trail (associations, queries, "
                                      "retrieves, stores, exports, security alerts)")

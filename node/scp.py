@@ -229,6 +229,7 @@ def instance_record(ds: Dataset, store: FileStore, calling_aet: str,
         "size_bytes": size,
         "calling_aet": calling_aet[:16] if calling_aet else None,
         "patient_id": _str(ds, "PatientID", 64),
+        "issuer_of_patient_id": _str(ds, "IssuerOfPatientID", 64),
         "patient_name": _str(ds, "PatientName", 324),
         "accession_number": _str(ds, "AccessionNumber", 16),
         "study_date": _str(ds, "StudyDate", 8),
@@ -391,6 +392,14 @@ class StorageSCP:
             return SUCCESS, "already stored"
         if result.exam_state == "ready" and self.exam_ready is not None:
             self.exam_ready.set()
+        if result.conflict:
+            log.warning("exam %s held: instance %s and the exam's images belong to different "
+                        "patients (Patient ID differs); no reading until resolved with "
+                        "'mammo-node resolve %s --patient-id ID'", result.exam_study_uid,
+                        record["sop_instance_uid"], result.exam_study_uid)
+            self.audit.event(A.SECURITY_ALERT, A.MINOR_FAILURE, alert="patient conflict",
+                             study=result.exam_study_uid, instance=record["sop_instance_uid"],
+                             peer=peer or {"ae_title": calling})
         where = record["slot"] or record["role"]
         if result.exam_study_uid:
             log.info("stored %s (%s) from %s in %.0f ms; exam %s v%d %s%s",

@@ -12,7 +12,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 #: The four slots of a screening exam, in display order.
 SLOTS: tuple[str, ...] = ("L-CC", "L-MLO", "R-CC", "R-MLO")
 #: Exam states; only :mod:`storage.state` changes them.
-EXAM_STATES: tuple[str, ...] = ("receiving", "ready", "processing", "done", "failed")
+#: ``conflict``: images of more than one patient share the study; held (no reading) until
+#: an administrator resolves it (``mammo-node resolve``).
+EXAM_STATES: tuple[str, ...] = ("receiving", "ready", "processing", "done", "failed",
+                                "conflict")
 #: Delivery states of one result object to one destination.
 OUTBOUND_STATES: tuple[str, ...] = ("pending", "retrying", "sent", "gave_up")
 
@@ -46,6 +49,7 @@ class Instance(Base):
 
     # Header attributes the node queries on (patient data stays in the DB, never in INFO logs).
     patient_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    issuer_of_patient_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     patient_name: Mapped[str | None] = mapped_column(String(324), nullable=True)
     accession_number: Mapped[str | None] = mapped_column(String(16), nullable=True)
     study_date: Mapped[str | None] = mapped_column(String(8), nullable=True)
@@ -78,6 +82,7 @@ class Exam(Base):
     study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     accession_number: Mapped[str | None] = mapped_column(String(16), nullable=True)
     patient_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    issuer_of_patient_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
     #: Incremented whenever an instance arrives after the exam left ``receiving``.
     version: Mapped[int] = mapped_column(Integer, default=1)

@@ -48,6 +48,17 @@ class AddResult:
     exam_state: str | None = None
     exam_version: int | None = None
     reopened: bool = False
+    #: The instance carries another patient than its exam: the exam is held.
+    conflict: bool = False
+
+
+def same_patient(a_id: str | None, a_issuer: str | None, b_id: str | None,
+                 b_issuer: str | None) -> bool:
+    """Whether two (PatientID, IssuerOfPatientID) pairs name one patient. The IDs must be
+    equal (a missing ID equals only a missing ID); issuers must be equal where both exist."""
+    if (a_id or "") != (b_id or ""):
+        return False
+    return not (a_issuer and b_issuer and a_issuer != b_issuer)
 
 
 class ExamStore:
@@ -93,6 +104,7 @@ class ExamStore:
         if exam is None:
             exam = Exam(study_instance_uid=inst.study_instance_uid,
                         accession_number=inst.accession_number, patient_id=inst.patient_id,
+                        issuer_of_patient_id=inst.issuer_of_patient_id,
                         state="receiving", version=1, created_at=now, last_received_at=now,
                         state_changed_at=now, notes_json="[]")
             s.add(exam)
@@ -101,6 +113,14 @@ class ExamStore:
         s.flush()
         members = list(s.scalars(select(Instance).where(Instance.exam_id == exam.id)
                                  .order_by(Instance.id)))
+        if exam.issuer_of_patient_id is None and inst.issuer_of_patient_id and \
+                same_patient(exam.patient_id, None, inst.patient_id, None):
+            exam.issuer_of_patient_id = inst.issuer_of_patient_id
+        others = [m for m in members if not same_patient(
+            exam.patient_id, exam.issuer_of_patient_id, m.patient_id, m.issuer_of_patient_id)]
+        if others or exam.state == "conflict":
+            self._hold(exam, inst, members, others, now, result)
+            return
         assignment = assign(members)
         before = exam.views
         changed = assignment.slots != before
@@ -128,6 +148,67 @@ class ExamStore:
         result.exam_study_uid = exam.study_instance_uid
         result.exam_state = exam.state
         result.exam_version = exam.version
+
+    def _hold(self, exam: Exam, inst: Instance, members: list[Instance],
+              others: list[Instance], now: dt.datetime, result: AddResult) -> None:
+        """Images of two patients in one study: keep them, read nothing, say so. The slots
+        stay as they were (no other patient's image ever fills one)."""
+        exam.last_received_at = now
+        if others:
+            if exam.state != "conflict":
+                exam.add_note(f"patient conflict: instance {inst.sop_instance_uid} and the "
+                              f"exam's images carry different patient IDs; the exam was "
+                              f"{exam.state}, it is held until resolved")
+            self._set_state(exam, "conflict", now)
+            exam.reason = (f"patient conflict: {len(others)} of {len(members)} instance(s) "
+                           f"belong to another patient than the exam's first image; no "
+                           f"reading until resolved (mammo-node resolve "
+                           f"{exam.study_instance_uid} --patient-id ID)")
+        result.conflict = True
+        result.exam_study_uid = exam.study_instance_uid
+        result.exam_state = exam.state
+        result.exam_version = exam.version
+
+    def resolve_patient(self, study_uid: str, patient_id: str, assign: AssignFn,
+                        issuer: str | None = None) -> tuple[int, str, int]:
+        """End a patient conflict: the exam keeps the instances of ``patient_id`` (and
+        ``issuer`` when given); the others stay stored but leave the exam. The exam is read
+        again (a new version when an earlier version was read). Returns (instances
+        detached, new state, version). KeyError: no such exam; ValueError: no instance of
+        that patient in it."""
+        now = utcnow()
+        with self.db.write() as s:
+            exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid)
+                            .with_for_update())
+            if exam is None:
+                raise KeyError(study_uid)
+            members = list(s.scalars(select(Instance).where(Instance.exam_id == exam.id)
+                                     .order_by(Instance.id)))
+            keep = [m for m in members if same_patient(patient_id, issuer, m.patient_id,
+                                                        m.issuer_of_patient_id)]
+            if not keep:
+                raise ValueError("no instance of that patient in this exam")
+            detached = [m for m in members if m not in keep]
+            for m in detached:
+                m.exam_id = None
+                m.note = ((m.note + "; ") if m.note else "") + (
+                    f"left exam {study_uid}: another patient (conflict resolved)")
+            exam.patient_id = patient_id
+            exam.issuer_of_patient_id = issuer or next(
+                (m.issuer_of_patient_id for m in keep if m.issuer_of_patient_id), None)
+            assignment = assign(keep)
+            for slot in SLOTS:
+                exam.set_slot(slot, assignment.slots.get(slot))
+            read_before = s.scalar(select(func.count()).select_from(Result).where(
+                Result.exam_id == exam.id, Result.version == exam.version)) or 0
+            if read_before:
+                exam.version += 1
+            exam.add_note(f"patient conflict resolved: {len(keep)} instance(s) kept, "
+                          f"{len(detached)} detached; read as version {exam.version}")
+            exam.reason = "; ".join(assignment.problems) or None
+            exam.last_received_at = now
+            self._set_state(exam, "receiving" if exam.missing else "ready", now)
+            return len(detached), exam.state, exam.version
 
     @staticmethod
     def _set_state(exam: Exam, state: str, now: dt.datetime) -> None:
