@@ -303,3 +303,11 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.25, what: str
 def dciodvfy_errors(path: Path) -> list[str]:
     r = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True)
     return [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    """A test CA with node, PACS, client, expired and unknown-CA certificates (openssl)."""
+    from tests.pki import make_pki
+
+    return make_pki(tmp_path_factory.mktemp("pki"))

@@ -138,9 +138,11 @@ def test_repeated_view_latest_acquisition_wins_and_duplicates(node):
     study = exam[0].StudyInstanceUID
     early = dt.datetime(2026, 1, 15, 8, 0, 0)
     late = dt.datetime(2026, 1, 15, 10, 0, 0)
-    retake_late = make_mammogram("R", "CC", study_uid=study, acquisition=late, rows=128,
+    retake_late = make_mammogram("R", "CC", study_uid=study, acquisition=late,
+                                 patient_id=exam[0].PatientID, rows=128,
                                  cols=104, seed=99)
-    retake_early = make_mammogram("R", "CC", study_uid=study, acquisition=early, rows=128,
+    retake_early = make_mammogram("R", "CC", study_uid=study, acquisition=early,
+                                  patient_id=exam[0].PatientID, rows=128,
                                   cols=104, seed=98)
     assert send(node.port, [*exam[:2], retake_late, exam[2], retake_early, exam[3]]) == [0] * 6
     e = node.exam(study)
@@ -167,6 +169,7 @@ def test_instance_after_done_reopens_exam(node):
     assert store.finish(exam_id, version, ok=True)
     assert node.exam(study)["state"] == "done"
     retake = make_mammogram("L", "MLO", study_uid=study, rows=128, cols=104, seed=77,
+                            patient_id=exam[0].PatientID,
                             acquisition=dt.datetime(2026, 1, 15, 11, 0))
     assert send(node.port, [retake]) == [0]
     e = node.exam(study)

@@ -175,6 +175,7 @@ def test_reopened_exam_gets_a_new_version_that_references_the_old(node_factory,
     node.wait_exam(study, "done", timeout=180)
     wait_for(lambda: pacs.received() == 6, 60, what="v1 delivered")
     retake = make_mammogram("L", "CC", study_uid=study, seed=99, **SIZE,
+                            patient_id=exam[0].PatientID,
                             acquisition=dt.datetime(2026, 1, 15, 12, 0))
     assert send(node.port, [retake]) == [0]
     wait_for(lambda: node.exam(study)["version"] == 2 and node.exam(study)["state"] == "done",
