@@ -463,7 +463,7 @@ class DicomWebServer(threading.Thread):
                                            else ssl.CERT_OPTIONAL)
         self.server = uvicorn.Server(uvicorn.Config(
             web.app, host=w.host, port=w.port, log_level="warning", lifespan="off",
-            limit_concurrency=w.max_concurrent_requests * 2 + 8, **kwargs))
+            limit_concurrency=max(64, w.max_concurrent_requests * 4), **kwargs))
         self.server.install_signal_handlers = lambda: None  # the daemon owns the signals
 
     def run(self) -> None:

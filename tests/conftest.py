@@ -74,7 +74,11 @@ class NodeProcess:
             if isinstance(values, list):  # an array of tables: [[destinations]], [[peers]]
                 arrays[section] = values
             else:
-                sections.setdefault(section, {}).update(values)
+                for k, v in values.items():
+                    if isinstance(v, list) and v and isinstance(v[0], dict):
+                        arrays[f"{section}.{k}"] = v  # e.g. [[dicomweb.tokens]]
+                    else:
+                        sections.setdefault(section, {})[k] = v
         self.peers = arrays.get("peers", [])
         self.config = tmp / "config.toml"
         self.config.write_text(toml_document(sections, arrays))
