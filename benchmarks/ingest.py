@@ -6,7 +6,11 @@ them with /usr/bin/storescu to a freshly started node and, in the same run, to
 /usr/bin/storescp, and prints MB/s of both, their ratio (target: node >= 0.8x storescp) and
 the node's peak resident memory during the run (target: < 300 MB).
 
-    python benchmarks/ingest.py [--images 24] [--repeats 3] [--no-fsync]
+    python benchmarks/ingest.py [--images 24] [--repeats 3] [--no-fsync] [--stow] [--tls]
+
+``--tls`` adds the same transfer over DICOM TLS (storescu +tls with a client certificate) to
+the node (``[node] tls = true``) and to ``storescp +tls``, and prints TLS / plain and
+node-TLS / storescp-TLS ratios. Certificates are made with openssl for the run.
 """
 
 from __future__ import annotations
@@ -82,26 +86,35 @@ class PeakRSS(threading.Thread):
             time.sleep(0.01)
 
 
-def send(files: list[Path], aec: str, port: int) -> float:
+def _tls_args(tls) -> list[str]:
+    """storescu / storescp TLS options for a (key, certificate, CA) triple."""
+    if tls is None:
+        return []
+    key, crt, ca = tls
+    return ["+tls", str(key), str(crt), "+cf", str(ca)]
+
+
+def send(files: list[Path], aec: str, port: int, tls=None) -> float:
     t0 = time.perf_counter()
-    r = subprocess.run(["/usr/bin/storescu", "-aec", aec, "-pdu", "131072", "127.0.0.1",
-                        str(port), *map(str, files)], capture_output=True, text=True)
+    r = subprocess.run(["/usr/bin/storescu", "-aec", aec, "-pdu", "131072", *_tls_args(tls),
+                        "127.0.0.1", str(port), *map(str, files)], capture_output=True,
+                       text=True)
     dt = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(f"storescu failed: {r.stderr}")
     return dt
 
 
-def run_storescp(files: list[Path], work: Path) -> float:
+def run_storescp(files: list[Path], work: Path, tls=None, client_tls=None) -> float:
     out = work / "storescp-out"
     out.mkdir()
     port = free_port()
     proc = subprocess.Popen(["/usr/bin/storescp", "-aet", "STORESCP", "-pdu", "131072",
-                             "-od", str(out), str(port)],
+                             *_tls_args(tls), "-od", str(out), str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
-        dt = send(files, "STORESCP", port)
+        dt = send(files, "STORESCP", port, tls=client_tls)
         assert len(list(out.iterdir())) == len(files), "storescp did not store every file"
         return dt
     finally:
@@ -136,16 +149,21 @@ def stow(files: list[Path], port: int) -> float:
 
 
 def run_node(files: list[Path], work: Path, fsync: bool, max_pdu: int,
-             web_port: int | None = None) -> tuple[float, int]:
+             web_port: int | None = None, tls=None, client_tls=None) -> tuple[float, int]:
     data = work / "node-data"
     port = free_port()
     cfg = work / "config.toml"
     web = (f'[dicomweb]\nenabled = true\nhost = "127.0.0.1"\nport = {web_port}\n'
            if web_port else "")
+    tls_cfg = ""
+    if tls is not None:
+        key, crt, ca = tls
+        tls_cfg = (f'[tls]\ncertificate = "{crt}"\nprivate_key = "{key}"\n'
+                   f'ca_certificates = "{ca}"\nrequire_client_certificate = true\n')
     cfg.write_text(f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{data}"\n'
-                   f'max_pdu_size = {max_pdu}\n'
+                   f'max_pdu_size = {max_pdu}\ntls = {"true" if tls else "false"}\n'
                    f'[storage]\nfsync = {"true" if fsync else "false"}\nmin_free_mb = 0\n'
-                   + web)
+                   + web + tls_cfg)
     proc = subprocess.Popen([sys.executable, "-m", "node", "start", "--config", str(cfg),
                              "--log-level", "WARNING", "--no-worker"], cwd=ROOT)
     try:
@@ -155,7 +173,8 @@ def run_node(files: list[Path], work: Path, fsync: bool, max_pdu: int,
             wait_port(web_port)
         sampler = PeakRSS(proc.pid)
         sampler.start()
-        dt = stow(files, web_port) if web_port else send(files, "MAMMO_NODE", port)
+        dt = stow(files, web_port) if web_port else send(files, "MAMMO_NODE", port,
+                                                         tls=client_tls)
         sampler.stop.set()
         sampler.join()
         stored = list((data / "instances").rglob("*.dcm"))
@@ -179,6 +198,8 @@ def main() -> int:
                          "maximum)")
     ap.add_argument("--stow", action="store_true",
                     help="also send the same images with one STOW-RS request")
+    ap.add_argument("--tls", action="store_true",
+                    help="also over DICOM TLS: node and storescp, each with TLS")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     for tool in ("/usr/bin/storescu", "/usr/bin/storescp"):
@@ -191,7 +212,22 @@ def main() -> int:
         files = make_images(work / "images", args.images, args.rows, args.cols)
         total_mb = sum(f.stat().st_size for f in files) / 1e6
         scp_times, node_times, peaks, stow_times, stow_peaks = [], [], [], [], []
+        tls_scp_times, tls_node_times = [], []
+        server = client = None
+        if args.tls:
+            from tests.pki import make_pki
+
+            pki = make_pki(work / "pki")
+            server = (*pki.pair("node"), pki.ca)
+            client = (*pki.pair("client"), pki.ca)
         for i in range(args.repeats):
+            if args.tls:
+                tls_scp_times.append(run_storescp(files, work, tls=server, client_tls=client))
+                t, _ = run_node(files, work, fsync=not args.no_fsync,
+                                max_pdu=args.node_max_pdu, tls=server, client_tls=client)
+                tls_node_times.append(t)
+                print(f"run {i + 1}: storescp +tls {total_mb / tls_scp_times[-1]:7.1f} MB/s   "
+                      f"mammo-node TLS {total_mb / t:7.1f} MB/s", flush=True)
             if args.stow:
                 t, peak = run_node(files, work, fsync=not args.no_fsync,
                                    max_pdu=args.node_max_pdu, web_port=free_port())
@@ -223,6 +259,15 @@ def main() -> int:
         result.update(stow_mb_s=round(sw, 1), stow_peak_rss_mb=round(max(stow_peaks) / 2**20, 1))
         print(f"  STOW-RS        : {sw:7.1f} MB/s   ({sw / node:.2f}x the node's C-STORE, "
               f"peak RSS {result['stow_peak_rss_mb']:.0f} MB)")
+    if tls_node_times:
+        tscp = total_mb / statistics.median(tls_scp_times)
+        tnode = total_mb / statistics.median(tls_node_times)
+        result.update(tls_storescp_mb_s=round(tscp, 1), tls_node_mb_s=round(tnode, 1),
+                      tls_over_plain=round(tnode / node, 3),
+                      tls_node_over_storescp=round(tnode / tscp, 3))
+        print(f"  storescp +tls  : {tscp:7.1f} MB/s   ({tscp / scp:.2f}x storescp plain)")
+        print(f"  mammo-node TLS : {tnode:7.1f} MB/s   ({result['tls_over_plain']:.2f}x the "
+              f"node plain, {result['tls_node_over_storescp']:.2f}x storescp +tls)")
     if args.json:
         print(json.dumps(result))
     return 0

@@ -131,12 +131,29 @@ def _echo(cfg: Config, info: dict) -> bool:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
-    calling = (cfg.security.allowed_calling_aets or ["MAMMO_STATUS"])[0]
+    host = cfg.node.host if cfg.node.host not in ("0.0.0.0", "", "::") else "127.0.0.1"
+    # With [[peers]], echo as a peer granted it from this host (or any host).
+    calling = "MAMMO_STATUS"
+    for p in cfg.peers:
+        if "echo" in p.services and p.matches(p.ae_title, host):
+            calling = p.ae_title
+            break
     ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 5
-    host = cfg.node.host if cfg.node.host not in ("0.0.0.0", "", "::") else "127.0.0.1"
-    assoc = ae.associate(host, int(info.get("port") or cfg.node.port), ae_title=cfg.node.ae_title)
+    kwargs = {}
+    if cfg.node.tls:
+        import ssl
+
+        from node.security import client_context
+
+        ctx = client_context(cfg)
+        ctx.check_hostname = False  # our own listener, by address
+        if not cfg.tls.ca_certificates:
+            ctx.verify_mode = ssl.CERT_NONE
+        kwargs["tls_args"] = (ctx, None)
+    assoc = ae.associate(host, int(info.get("port") or cfg.node.port), ae_title=cfg.node.ae_title,
+                         **kwargs)
     if not assoc.is_established:
         return False
     try:

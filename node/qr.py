@@ -27,6 +27,7 @@ from pynetdicom.sop_class import (
 )
 
 from node import audit as A
+from node.compat import wait_until_sent
 from node.config import Config
 from node.security import NOT_AUTHORIZED, AccessControl
 from storage.files import FileStore
@@ -258,6 +259,8 @@ class QueryRetrieveSCP:
                         "only the first %d are answered", who["ae_title"], cap, cap)
         n = 0
         for ds in self._answers(level, keys, event.identifier, rows):
+            if n % 16 == 0 and n:
+                wait_until_sent(event.assoc)  # so that a C-CANCEL can be read (node.compat)
             if event.is_cancelled:
                 log.info("C-FIND cancelled after %d match(es)", n)
                 yield CANCELLED, None

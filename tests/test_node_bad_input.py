@@ -106,7 +106,8 @@ def test_real_full_disk_answers_out_of_resources(node_factory, tmp_path):
         node = node_factory({"storage": {"min_free_mb": 0}}, data_dir=mnt / "data")
         small = make_exam(seed=2, rows=128, cols=104)
         assert send(node.port, small[:1]) == [0]
-        big = make_mammogram("L", "MLO", rows=2600, cols=2560, study_uid=small[0].StudyInstanceUID)
+        big = make_mammogram("L", "MLO", rows=2600, cols=2560, study_uid=small[0].StudyInstanceUID,
+                             patient_id=small[0].PatientID)
         st = send(node.port, [big])
         assert 0xA700 <= st[0] <= 0xA7FF, hex(st[0])
         assert [p.stem for p in node.stored_files()] == [small[0].SOPInstanceUID]
@@ -118,10 +119,38 @@ def test_real_full_disk_answers_out_of_resources(node_factory, tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+def test_reserve_crossed_while_a_dataset_arrives(node_factory, tmp_path):
+    """Free space is checked while a dataset streams in, not only once it is whole: on a
+    64 MB tmpfs with a 40 MB reserve, a 40 MB image is refused (0xA700) when the reserve is
+    crossed, its partial file is removed, and a small image still goes in."""
+    import numpy as np
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, f"root but cannot mount a tmpfs: {r.stderr.strip()}"
+    try:
+        node = node_factory({"storage": {"min_free_mb": 40}}, data_dir=mnt / "data")
+        big = make_mammogram("L", "CC", rows=5120, cols=4096, seed=4,
+                             pixels=np.zeros((5120, 4096), np.float32))
+        small = make_mammogram("L", "MLO", rows=64, cols=64, seed=4)
+        assert send(node.port, [big, small]) == [0xA700, 0]
+        assert [p.stem for p in node.stored_files()] == [small.SOPInstanceUID]
+        assert node.incoming_files() == []
+        assert "free space fell below the reserve" in node.log.read_text()
+        node.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 def test_peer_killed_mid_association_keeps_acknowledged_only(node, tmp_path):
     small = make_exam(seed=3, rows=128, cols=104)
     files = [write(ds, tmp_path / f"s{i}.dcm") for i, ds in enumerate(small[:2])]
-    big = make_mammogram("R", "CC", rows=3328, cols=2560, study_uid=small[0].StudyInstanceUID)
+    big = make_mammogram("R", "CC", rows=3328, cols=2560, study_uid=small[0].StudyInstanceUID,
+                         patient_id=small[0].PatientID)
     files.append(write(big, tmp_path / "big.dcm"))
     # A slow sender: small PDUs so the big dataset takes a while to stream.
     proc = subprocess.Popen([dcmtk("storescu"), "-aec", node.ae_title, "-pdu", "4096",
