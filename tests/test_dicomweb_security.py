@@ -163,14 +163,13 @@ def test_stow_request_size_and_concurrency_are_bounded(node_factory):
     t = threading.Thread(target=slow)
     t.start()
     try:
-        seen: list[requests.Response] = []
-
-        def refused() -> bool:
-            r = requests.get(f"{base}/studies", timeout=10)
-            seen.append(r)
-            return r.status_code == 503
-        wait_for(refused, 30, interval=0.05, what="a 503 while the only slot is taken")
-        assert seen[-1].headers["Retry-After"] == "1"
+        # The STOW holds the slot once its spool file exists (nothing else may poll before:
+        # a poll could take the only slot and the STOW would be the one refused).
+        wait_for(lambda: list((node.data_dir / "incoming").glob("stow-*.body")), 30,
+                 interval=0.02, what="the slow STOW under way")
+        r = requests.get(f"{base}/studies", timeout=10)
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text
+        assert "too many concurrent requests" in r.json()["error"]
     finally:
         release.set()
         t.join(60)
