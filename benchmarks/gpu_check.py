@@ -9,7 +9,8 @@
 Prepare mamba-ssm first (it only builds where CUDA is):
     MAMBA_SKIP_CUDA_BUILD=TRUE pip download --no-deps --no-build-isolation mamba-ssm -d .sdist
     # on the device machine:
-    MAMBA_FORCE_BUILD=TRUE TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 pip install --no-build-isolation .sdist/mamba_ssm-*.tar.gz
+    MAMBA_FORCE_BUILD=TRUE TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
+        pip install --no-build-isolation .sdist/mamba_ssm-*.tar.gz
     python benchmarks/gpu_check.py
 """
 

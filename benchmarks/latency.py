@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from ingest import free_port, make_images, send as storescu_send, wait_port  # noqa: E402
+from ingest import free_port, make_images, wait_port  # noqa: E402
+from ingest import send as storescu_send
 
 from inference.synthetic import UID_ROOT, make_mammogram, phantom  # noqa: E402
 from node.results import result_uid  # noqa: E402

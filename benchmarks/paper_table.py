@@ -60,7 +60,7 @@ def main() -> int:
                                     device=args.device, seed=args.seed, progress=False))
                     res = evaluate(args.data, str(ckpt), fmt=args.format, split="test",
                                    device=args.device, progress=False)
-                    g = lambda t, k: res.get(t, {}).get(k)  # noqa: E731
+                    g = lambda t, k: res.get(t, {}).get(k)  # noqa: E731, B023
                     row = {"config": name, "birads-1v5 AUC": g("birads-1v5", "auc"),
                            "birads-1v5 F1": g("birads-1v5", "f1"),
                            "birads-3class F1": g("birads-3class", "f1"),

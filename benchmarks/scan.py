@@ -65,12 +65,13 @@ def main() -> int:
         args_ = (u, delta, A, B, C, D)
         ctx = torch.enable_grad() if req else torch.no_grad()
         with ctx:
-            t_ref = timeit(lambda: selective_scan_ref(*args_), max(1, args.repeats // 2), req)
-            t_chk = timeit(lambda: selective_scan_chunked(*args_), args.repeats, req)
+            t_ref = timeit(lambda: selective_scan_ref(*args_),  # noqa: B023
+                           max(1, args.repeats // 2), req)
+            t_chk = timeit(lambda: selective_scan_chunked(*args_), args.repeats, req)  # noqa: B023
             y_ref = selective_scan_ref(*args_)
             diff = float((selective_scan_chunked(*args_) - y_ref).abs().max())
             if numba_available():
-                t_nb = timeit(lambda: selective_scan_numba(*args_), args.repeats, req)
+                t_nb = timeit(lambda: selective_scan_numba(*args_), args.repeats, req)  # noqa: B023
                 diff = max(diff, float((selective_scan_numba(*args_) - y_ref).abs().max()))
                 nb = f"{t_nb * 1e3:8.1f}ms {t_ref / t_nb:6.1f}x"
             else:

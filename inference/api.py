@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from pydicom.dataset import Dataset
 
-from inference.checkpoint import CheckpointInfo, load_checkpoint
+from inference.checkpoint import load_checkpoint
+from inference.device import resolve_device
 from inference.model import BREASTS, DIAGNOSIS_CLASSES, VIEWS
 from inference.preprocess import (
     Geometry,
@@ -29,7 +30,6 @@ from inference.preprocess import (
     preprocess_array,
     to_display,
 )
-from inference.train import resolve_device
 
 
 @dataclass
@@ -65,10 +65,6 @@ class MammoModel:
         self.device = resolve_device(device)
         self.model, self.info = load_checkpoint(checkpoint, device=self.device)
 
-    @property
-    def checkpoint(self) -> CheckpointInfo:
-        return self.info
-
     @torch.no_grad()
     def warm_up(self) -> float:
         """One forward pass on a blank four-view exam; returns its seconds.
@@ -95,7 +91,8 @@ class MammoModel:
             ds = load(item)
             slot = guess_slot(ds)
             if slot is None:
-                raise ValueError(f"cannot tell the view of {item if not isinstance(item, Dataset) else ds.get('SOPInstanceUID')}: "
+                what = item if not isinstance(item, Dataset) else ds.get("SOPInstanceUID")
+                raise ValueError(f"cannot tell the view of {what}: "
                                  "laterality or view missing; pass a mapping slot -> image")
             if slot in slots:
                 raise ValueError(f"two images for {slot}; pass a mapping slot -> image")

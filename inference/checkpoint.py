@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from safetensors import safe_open
 
 from inference.model import DIAGNOSIS_CLASSES, HybridCnnVssm, ModelConfig
 
@@ -93,7 +92,7 @@ def save_checkpoint(model: HybridCnnVssm, path: str | Path, *, training_data: st
         "input_size": f"{cfg.image_size[0]}x{cfg.image_size[1]}",
         "training_data": training_data,
         "version": _package_version(),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "intended_use": intended_use,
         "metrics": json.dumps(metrics or {}),
         **(extra or {}),

@@ -12,7 +12,8 @@ def _size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(x) for x in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW such as 512x256, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected HxW such as 512x256, got {text!r}") from None
     if h <= 0 or w <= 0 or h % 32 or w % 32:
         raise argparse.ArgumentTypeError(f"image size must be positive multiples of 32, "
                                          f"got {text!r}")
@@ -35,7 +36,7 @@ def _clean_errors(name: str, fn):
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from inference.synth import write_synthetic_dataset
+    from inference.synthetic_dataset import write_synthetic_dataset
 
     rows, cols = args.size
     csv_path = write_synthetic_dataset(args.out, args.exams, seed=args.seed, rows=rows,
@@ -79,9 +80,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_model_info(args: argparse.Namespace, load_config) -> int:
-    from inference.checkpoint import CheckpointError, read_info
-
-    from inference.checkpoint import DEMO_CHECKPOINT
+    from inference.checkpoint import DEMO_CHECKPOINT, CheckpointError, read_info
 
     ckpt = args.checkpoint or load_config(args).inference.checkpoint or DEMO_CHECKPOINT
     try:

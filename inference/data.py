@@ -221,7 +221,8 @@ def read_csv(csv_path: str | Path) -> list[ExamRecord]:
     skipped = 0
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        cols = _column_map(reader.fieldnames, csv_path, ("path", "laterality", "view"))
+        cols = _column_map(list(reader.fieldnames or []), csv_path,
+                           ("path", "laterality", "view"))
         get = lambda row, key: (row.get(cols[key]) or "").strip() if key in cols else ""  # noqa: E731
         for i, row in enumerate(reader):
             p = Path(get(row, "path"))
@@ -263,7 +264,7 @@ class ExamDataset(Dataset):
     def __init__(self, records: list[ExamRecord], image_size: tuple[int, int], task: str,
                  cache_dir: str | Path | None = None) -> None:
         self.records = records
-        self.size = tuple(image_size)
+        self.size: tuple[int, int] = (int(image_size[0]), int(image_size[1]))
         self.task = task
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._bad: set[Path] = set()

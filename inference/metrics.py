@@ -48,8 +48,8 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray) -> dict:
         auc = roc_auc(y == 1, probs[:, 1])
     else:
         aucs = [roc_auc(y == c, probs[:, c]) for c in range(n_classes)]
-        aucs = [a for a in aucs if a is not None]
-        auc = float(np.mean(aucs)) if aucs else None
+        known = [a for a in aucs if a is not None]
+        auc = float(np.mean(known)) if known else None
     return {"auc": auc, "f1": macro_f1(y, pred, n_classes),
             "accuracy": float((pred == y).mean()) if len(y) else 0.0, "n": int(len(y))}
 

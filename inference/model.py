@@ -29,7 +29,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from inference.scan import selective_scan
-
 from inference.tasks import (  # noqa: E402,F401  (re-exported)
     ARCHS,
     BIRADS_TASKS,
@@ -61,7 +60,7 @@ class ModelConfig:
     dropout: float = 0.1
     scan_backend: str = "auto"
 
-    def validate(self) -> "ModelConfig":
+    def validate(self) -> ModelConfig:
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         if self.weights not in ("shared", "separate"):
@@ -86,7 +85,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
@@ -344,7 +343,7 @@ class HybridCnnVssm(nn.Module):
         if not parts:
             total = logits.sum() * 0.0
         else:
-            total = sum(lw.get(k, 1.0) * v for k, v in parts.items())
+            total = torch.stack([lw.get(k, 1.0) * v for k, v in parts.items()]).sum()
         return total, {k: float(v.detach()) for k, v in parts.items()}
 
 

@@ -47,7 +47,7 @@ except Exception:  # ImportError, or a CUDA extension that fails to load
 try:
     from inference.scan_numba import scan_numba as _numba_scan
 except Exception as _exc:  # numba missing or unusable on this platform (e.g. no cache dir)
-    _numba_scan = None
+    _numba_scan = None  # type: ignore[assignment]
     logging.getLogger("mammo_node.scan").warning(
         "the compiled CPU scan is unavailable (%s: %s); using the PyTorch chunked scan, which "
         "is several times slower (if numba cannot write its cache, set NUMBA_CACHE_DIR)",

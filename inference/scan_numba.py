@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import threading
 
-import numpy as np
 import numba as nb
+import numpy as np
 import torch
 
 # numba's "workqueue" threading layer (used where OpenMP and TBB are missing) terminates the

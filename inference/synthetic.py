@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    PYDICOM_IMPLEMENTATION_UID,
     generate_uid,
 )
 
@@ -162,11 +163,11 @@ def make_mammogram(
         values = (maxval - values).astype(np.uint16)
 
     acquisition = acquisition or dt.datetime(2026, 1, 15, 9, 30, 0)
-    sop_class = MAMMO_FOR_PROCESSING if for_processing else MAMMO_FOR_PRESENTATION
+    sop_class = UID(MAMMO_FOR_PROCESSING if for_processing else MAMMO_FOR_PRESENTATION)
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid(prefix=UID_ROOT)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid or generate_uid(prefix=UID_ROOT))
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
 
@@ -259,7 +260,7 @@ def set_transfer_syntax(ds: Dataset, transfer_syntax: str) -> Dataset:
     """Encode ``ds`` (in place) in ``transfer_syntax``."""
     if transfer_syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian,
                            DeflatedExplicitVRLittleEndian):
-        ds.file_meta.TransferSyntaxUID = transfer_syntax
+        ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
     else:
         ds.compress(transfer_syntax)
     return ds

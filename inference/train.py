@@ -19,19 +19,11 @@ from tqdm import tqdm
 
 from inference.checkpoint import load_checkpoint, save_checkpoint
 from inference.data import ExamDataset, read_dataset, select_split
+from inference.device import resolve_device
 from inference.metrics import evaluate_predictions
 from inference.model import HybridCnnVssm, ModelConfig
 
 log = logging.getLogger("mammo_node.train")
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available here "
-                         f"(use --device cpu or auto)")
-    return torch.device(device)
 
 
 def seed_everything(seed: int) -> None:
@@ -92,7 +84,7 @@ def train(a: TrainArgs) -> dict[str, Any]:
     if not train_recs:
         raise ValueError(f"no exams found in {a.data}")
     cfg = ModelConfig(arch=a.arch, weights=a.weights, task=a.task, diagnosis=a.diagnosis,
-                      image_size=tuple(a.image_size),
+                      image_size=(int(a.image_size[0]), int(a.image_size[1])),
                       loss_weights={"birads": a.birads_weight, "diagnosis": a.diagnosis_weight})
     model = HybridCnnVssm(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)

@@ -141,7 +141,7 @@ def _echo(cfg: Config, info: dict) -> bool:
     ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 5
-    kwargs = {}
+    kwargs: dict = {}
     if cfg.node.tls:
         import ssl
 
@@ -200,7 +200,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         if since.tzinfo is None:
-            since = since.replace(tzinfo=dt.timezone.utc)
+            since = since.replace(tzinfo=dt.UTC)
     n = 0
     for rec in read_events(cfg.audit_path, since=since, study=args.study, event=args.event):
         n += 1
@@ -213,7 +213,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
             if peer.get(k))
         detail = {k: v for k, v in rec.items()
                   if k not in ("time", "event", "outcome", "node", "peer", "to")}
-        outcome = {0: "ok", 4: "FAILED", 8: "FAILED (serious)"}.get(rec.get("outcome"), "?")
+        outcome = {0: "ok", 4: "FAILED", 8: "FAILED (serious)"}.get(
+            int(rec.get("outcome") or 0), "?")
         print(f"{rec.get('time', '')}  {rec.get('event', ''):<36} {outcome:<7} {who:<30} "
               + json.dumps(detail, separators=(",", ":")))
     if n == 0 and not args.json:

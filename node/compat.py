@@ -26,3 +26,48 @@ def wait_until_sent(assoc, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not q.empty() and assoc.is_established and time.monotonic() < deadline:
         time.sleep(0.0005)
+
+
+def stream_incoming_datasets(file_class) -> None:
+    """Have pynetdicom write each received C-STORE dataset straight into a file of
+    ``file_class`` (our :class:`node.scp.IncomingFile`) instead of memory.
+
+    Why: ``_config.STORE_RECV_CHUNKED_DATASET`` makes pynetdicom stream the P-DATA fragments
+    of a dataset to a ``tempfile.NamedTemporaryFile`` that ``pynetdicom.dimse_messages``
+    imports by name; replacing that name is the only way to choose where the file goes and
+    to survive a full disk without killing the association. Checked with pynetdicom 2.1 and
+    3.0.4 (``dimse_messages.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")``).
+    """
+    from pynetdicom import _config, dimse_messages
+
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    dimse_messages.NamedTemporaryFile = file_class  # type: ignore[attr-defined]
+
+
+def receiving_file(request):
+    """The file a C-STORE request's dataset was streamed into (None when held in memory).
+
+    Why: pynetdicom keeps it as ``C_STORE._dataset_file`` (3.0.x; the public
+    ``event.dataset_path`` gives only its name, and we need our wrapper's write error)."""
+    return getattr(request, "_dataset_file", None)
+
+
+def partial_dataset_file(assoc):
+    """The file of a dataset still arriving when the connection closed, or None.
+
+    Why: a dataset cut off mid-transfer is never handed to a handler; pynetdicom leaves its
+    half-written file as ``DIMSEMessage._data_set_file`` of ``assoc.dimse.message``
+    (pynetdicom 2.1, 3.0.4). Removing it is our job."""
+    msg = getattr(getattr(assoc, "dimse", None), "message", None)
+    return getattr(msg, "_data_set_file", None) if msg is not None else None
+
+
+def highdicom_sr_base():
+    """highdicom's base class of its SR documents, for SR SOP classes it does not provide
+    (the Mammography CAD SR). Why: ``highdicom.sr.sop._SR`` builds the SR General and
+    Document modules, content, evidence and predecessor references correctly and is the
+    base of its own Comprehensive / Enhanced SR classes; it is private (checked with
+    highdicom 0.23 and 0.28.2)."""
+    import highdicom as hd
+
+    return hd.sr.sop._SR

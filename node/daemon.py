@@ -13,19 +13,22 @@ import os
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pynetdicom import _config as pynetdicom_config
-from pynetdicom import dimse_messages
-
-from node import audit as A
 from node import __version__
+from node import audit as A
+from node.compat import stream_incoming_datasets
 from node.config import Config
 from node.scp import IncomingFile, StorageSCP, make_ae
 from node.security import AccessControl
+
+if TYPE_CHECKING:
+    from pynetdicom.transport import ThreadedAssociationServer
+
+    from node.dicomweb import DicomWebServer
 from storage.db import Database
 from storage.files import FileStore
 from storage.state import ExamStore
@@ -97,8 +100,8 @@ class Node:
         self.scp = StorageSCP(cfg, self.files, self.exams, exam_ready=self.exam_ready,
                               audit=self.audit)
         self.access: AccessControl = self.scp.access
-        self.server = None
-        self.web = None
+        self.server: ThreadedAssociationServer | None = None
+        self.web: DicomWebServer | None = None
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -116,11 +119,10 @@ class Node:
 
         # Stream incoming datasets to data_dir/incoming (same file system as the store, so
         # that placing a file is a rename, never a copy).
-        pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
-        tempfile.tempdir = str(self.files.incoming)
+        IncomingFile.directory = str(self.files.incoming)
         IncomingFile.limit_bytes = int(cfg.node.max_dataset_mb * 1024 * 1024)
         IncomingFile.disk_ok = staticmethod(self.scp.disk_ok)
-        dimse_messages.NamedTemporaryFile = IncomingFile  # type: ignore[attr-defined]
+        stream_incoming_datasets(IncomingFile)
 
         ae = make_ae(cfg)
         from node.qr import QueryRetrieveSCP
@@ -132,11 +134,13 @@ class Node:
             from node.security import server_context
 
             ssl_context = server_context(cfg)
-        self.server = ae.start_server((cfg.node.host, cfg.node.port), block=False,
-                                      evt_handlers=self.scp.handlers() + qr.handlers(),
-                                      ssl_context=ssl_context)
-        _accept_with_nodelay(self.server)
-        port = self.server.server_address[1]
+        server = ae.start_server((cfg.node.host, cfg.node.port), block=False,
+                                 evt_handlers=self.scp.handlers() + qr.handlers(),
+                                 ssl_context=ssl_context)
+        assert server is not None  # block=False returns the server
+        self.server = server
+        _accept_with_nodelay(server)
+        port = server.server_address[1]
         pidfile_path(cfg).write_text(json.dumps({
             "pid": os.getpid(), "ae_title": cfg.node.ae_title, "host": cfg.node.host,
             "port": port, "started": time.time()}))

@@ -293,10 +293,10 @@ class DicomWeb:
             try:
                 if head[128:132] != b"DICM":
                     _to_part10(path)
-                head = dcmread(path, stop_before_pixels=True)
-                sop_class = str(head.get("SOPClassUID", ""))
-                sop_uid = str(head.get("SOPInstanceUID", ""))
-                study = str(head.get("StudyInstanceUID", ""))
+                header = dcmread(path, stop_before_pixels=True)
+                sop_class = str(header.get("SOPClassUID", ""))
+                sop_uid = str(header.get("SOPInstanceUID", ""))
+                study = str(header.get("StudyInstanceUID", ""))
             except Exception as exc:
                 path.unlink(missing_ok=True)
                 item.FailureReason = 0xC210
@@ -313,7 +313,7 @@ class DicomWeb:
             status, message = self.scp.ingest(path, calling, peer=who)
             if status == SUCCESS:
                 item.RetrieveURL = (f"{request.base_url}{self.root.lstrip('/')}/studies/"
-                                    f"{study}/series/{head.get('SeriesInstanceUID', '')}"
+                                    f"{study}/series/{header.get('SeriesInstanceUID', '')}"
                                     f"/instances/{sop_uid}")
                 ok.append(item)
             else:
@@ -464,7 +464,8 @@ class DicomWebServer(threading.Thread):
         self.server = uvicorn.Server(uvicorn.Config(
             web.app, host=w.host, port=w.port, log_level="warning", lifespan="off",
             limit_concurrency=max(64, w.max_concurrent_requests * 4), **kwargs))
-        self.server.install_signal_handlers = lambda: None  # the daemon owns the signals
+        # The daemon owns the signals (uvicorn would install its own in Server.run).
+        self.server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
 
     def run(self) -> None:
         self.server.run()

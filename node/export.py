@@ -13,6 +13,7 @@ from pynetdicom import AE, build_context
 from node import audit as A
 from node.config import Config, Destination
 from storage.files import FileStore
+from storage.records import Delivery
 from storage.state import ExamStore
 
 log = logging.getLogger("mammo_node.export")
@@ -99,9 +100,9 @@ class Exporter(threading.Thread):
                 log.exception("export loop failed; retrying")
 
     def send_due(self) -> None:
-        by_dest: dict[str, list[dict]] = defaultdict(list)
+        by_dest: dict[str, list[Delivery]] = defaultdict(list)
         for row in self.exams.due_transfers():
-            by_dest[row["destination"]].append(row)
+            by_dest[row.destination].append(row)
         for name, rows in by_dest.items():
             dest = self.destinations.get(name)
             if dest is None:
@@ -110,26 +111,26 @@ class Exporter(threading.Thread):
                 continue
             self._send(dest, rows)
 
-    def _failed(self, row: dict, error: str) -> None:
+    def _failed(self, row: Delivery, error: str) -> None:
         e = self.cfg.export
-        state = self.exams.mark_failed(row["id"], error, e.max_attempts,
+        state = self.exams.mark_failed(row.id, error, e.max_attempts,
                                        e.initial_delay_seconds, e.max_delay_seconds)
         log.log(logging.ERROR if state == "gave_up" else logging.WARNING,
-                "delivery of %s to %s failed (attempt %d): %s%s", row["sop_instance_uid"],
-                row["destination"], row["attempts"] + 1, error,
+                "delivery of %s to %s failed (attempt %d): %s%s", row.sop_instance_uid,
+                row.destination, row.attempts + 1, error,
                 "; giving up" if state == "gave_up" else "; will retry")
 
-    def _already_there(self, dest: Destination, row: dict) -> bool:
+    def _already_there(self, dest: Destination, row: Delivery) -> bool:
         """For a delivery whose previous attempt was cut off: is it at the destination?"""
-        found = _find_instance(self.cfg.node.ae_title, dest, row["study_instance_uid"],
-                               row["sop_instance_uid"], tls_args(self.cfg, dest))
+        found = _find_instance(self.cfg.node.ae_title, dest, row.study_instance_uid,
+                               row.sop_instance_uid, tls_args(self.cfg, dest))
         return bool(found)
 
-    def _send(self, dest: Destination, rows: list[dict]) -> None:
+    def _send(self, dest: Destination, rows: list[Delivery]) -> None:
         datasets = []
         for r in rows:
             try:
-                datasets.append((r, dcmread(self.files.abspath(r["path"]))))
+                datasets.append((r, dcmread(self.files.abspath(r.path))))
             except Exception as exc:
                 self._failed(r, f"cannot read result file: {exc}")
         if not datasets:
@@ -155,7 +156,7 @@ class Exporter(threading.Thread):
             return
         to = {"name": dest.name, "ae_title": dest.ae_title, "host": dest.host,
               "port": dest.port, "tls": dest.tls}
-        studies = sorted({r["study_instance_uid"] for r, _ in datasets})
+        studies = sorted({r.study_instance_uid for r, _ in datasets})
         self.audit.event(A.BEGIN_TRANSFER, A.SUCCESS, service="export", to=to, studies=studies,
                          instances=len(datasets))
         sent = failed = 0
@@ -164,18 +165,18 @@ class Exporter(threading.Thread):
                 if not assoc.is_established:
                     self._failed(r, "association lost")
                     continue
-                if r.get("interrupted") and self._already_there(dest, r):
-                    self.exams.mark_sent(r["id"])
+                if r.interrupted and self._already_there(dest, r):
+                    self.exams.mark_sent(r.id)
                     log.info("%s was already at %s (a send interrupted by a restart had "
-                             "reached it): not sent again", r["sop_instance_uid"], dest.name)
+                             "reached it): not sent again", r.sop_instance_uid, dest.name)
                     continue
-                self.exams.mark_in_flight(r["id"])
+                self.exams.mark_in_flight(r.id)
                 status = assoc.send_c_store(ds)
                 code = int(status.Status) if status and "Status" in status else None
                 if code in _OK:
-                    self.exams.mark_sent(r["id"])
+                    self.exams.mark_sent(r.id)
                     sent += 1
-                    log.info("sent %s to %s", r["sop_instance_uid"], dest.name)
+                    log.info("sent %s to %s", r.sop_instance_uid, dest.name)
                 else:
                     failed += 1
                     self._failed(r, "no response" if code is None else f"status 0x{code:04X}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import highdicom as hd
@@ -18,6 +18,9 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
+
+from node import __version__
+from node.compat import highdicom_sr_base
 
 MANUFACTURER = "mammo-node"
 SC_SERIES_NUMBER = 9901
@@ -36,10 +39,24 @@ def result_uid(study_uid: str, version: int, role: str) -> str:
 
 
 @dataclass
+class BreastSummary:
+    """The model's reading of one breast (plain data, no torch)."""
+
+    present: bool = False
+    birads: str | None = None                   # a class name, e.g. "BI-RADS 5"
+    birads_probabilities: dict[str, float] = field(default_factory=dict)
+    diagnosis: str | None = None                # "normal" / "benign" / "malignant"
+    diagnosis_probabilities: dict[str, float] = field(default_factory=dict)
+
+
+_ABSENT = BreastSummary()
+
+
+@dataclass
 class ReadingSummary:
     """What the builders need from a model reading (plain data, no torch)."""
 
-    breasts: dict[str, dict[str, Any]]          # "L"/"R" -> present, birads, probabilities...
+    breasts: dict[str, BreastSummary]           # "L" / "R"
     fusion_weights: dict[str, dict[str, float]]  # breast -> slot -> weight
     missing_views: list[str]
     model_name: str
@@ -65,7 +82,7 @@ def _heat(m: np.ndarray) -> np.ndarray:
     return _HEAT_LUT[(np.clip(m, 0.0, 1.0) * 255).astype(np.uint8)]
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1
@@ -80,9 +97,9 @@ def render_overlay(display: np.ndarray, attention: np.ndarray, lines: list[str],
     size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
     step = max(1, int(1 / scale))  # decimate first: resizing 8 Mpx images is slow
     gray = Image.fromarray((np.clip(display[::step, ::step], 0, 1) * 255).astype(np.uint8)
-                           ).resize(size, Image.BILINEAR)
+                           ).resize(size, Image.Resampling.BILINEAR)
     amap = Image.fromarray((np.clip(attention[::step, ::step], 0, 1) * 255).astype(np.uint8)
-                           ).resize(size, Image.BILINEAR)
+                           ).resize(size, Image.Resampling.BILINEAR)
     a8 = np.asarray(amap)
     alpha = ((a8.astype(np.uint16) * 140) >> 8)[..., None]          # 0 .. 0.55 * 255
     g = np.asarray(gray).astype(np.uint16)[..., None]
@@ -112,11 +129,11 @@ def build_sc(source: Dataset, slot: str, display: np.ndarray, attention: np.ndar
              instance_number: int) -> Dataset:
     """One attention-map Secondary Capture for one view, in the source study."""
     lat = slot[0]
-    b = reading.breasts.get(lat, {})
+    b = reading.breasts.get(lat, _ABSENT)
     lines = [
         f"{slot}  {reading.model_name} {reading.model_version}  -  NOT FOR DIAGNOSIS",
-        f"{lat} breast: {b.get('birads') or 'n/a'}"
-        + (f" (p={b['birads_probabilities'][b['birads']]:.2f})" if b.get("birads") else "")
+        f"{lat} breast: {b.birads or 'n/a'}"
+        + (f" (p={b.birads_probabilities[b.birads]:.2f})" if b.birads else "")
         + f"   weight of this view: {reading.fusion_weights.get(lat, {}).get(slot, 0.0):.2f}",
     ]
     if reading.not_for_clinical_use:
@@ -124,7 +141,8 @@ def build_sc(source: Dataset, slot: str, display: np.ndarray, attention: np.ndar
     rgb = render_overlay(display, attention, lines)
     orientation = source.get("PatientOrientation", None)
     # highdicom takes one direction letter per axis: "FR" (foot-right) becomes "F".
-    po = tuple(str(v)[:1] for v in orientation) if orientation and len(orientation) == 2 \
+    po: tuple[str, str] = (str(orientation[0])[:1], str(orientation[1])[:1]) \
+        if orientation and len(orientation) == 2 \
         and all(str(v)[:1] in "APLRHF" and str(v) for v in orientation) \
         else ("A", "R") if lat == "L" else ("P", "L")
     sc = hd.sc.SCImage.from_ref_dataset(
@@ -159,17 +177,17 @@ def _stamp(ds: Dataset) -> None:
     now = dt.datetime.now()
     ds.ContentDate = now.strftime("%Y%m%d")
     ds.ContentTime = now.strftime("%H%M%S")
-    ds.SoftwareVersions = "mammo-node"
+    ds.SoftwareVersions = f"mammo-node {__version__}"
 
 
 def overall_impression(reading: ReadingSummary) -> str:
     """One line for the whole exam, e.g. "AI reading: left BI-RADS 5 (p=1.00); right ..."."""
     parts = []
     for lat, side in (("L", "left"), ("R", "right")):
-        b = reading.breasts.get(lat, {})
-        if b.get("present"):
-            p = b["birads_probabilities"][b["birads"]]
-            parts.append(f"{side} {b['birads']} (p={p:.2f})")
+        b = reading.breasts.get(lat, _ABSENT)
+        if b.present and b.birads:
+            p = b.birads_probabilities[b.birads]
+            parts.append(f"{side} {b.birads} (p={p:.2f})")
         else:
             parts.append(f"{side} not imaged")
     text = "AI reading: " + "; ".join(parts)
@@ -193,26 +211,26 @@ def build_tid1500(sources: dict[str, Dataset], reading: ReadingSummary, study_ui
     context = hd.sr.ObservationContext(observer_device_context=observer)
     groups = []
     for lat in ("L", "R"):
-        b = reading.breasts.get(lat, {})
-        if not b.get("present"):
+        b = reading.breasts.get(lat, _ABSENT)
+        if not b.present or not b.birads:
             continue
         views = [s for s in sources if s.startswith(lat)]
         evals = [hd.sr.QualitativeEvaluation(
             name=hd.sr.CodedConcept("111037", "DCM", "Overall Assessment"),
-            value=hd.sr.CodedConcept(b["birads"].replace(" ", "-"), "99MAMMONODE",
-                                     f"AI {b['birads']}"))]
-        if b.get("diagnosis"):
+            value=hd.sr.CodedConcept(b.birads.replace(" ", "-"), "99MAMMONODE",
+                                     f"AI {b.birads}"))]
+        if b.diagnosis:
             evals.append(hd.sr.QualitativeEvaluation(
                 name=hd.sr.CodedConcept("DIAGNOSIS", "99MAMMONODE", "AI diagnosis"),
-                value=hd.sr.CodedConcept(b["diagnosis"].upper(), "99MAMMONODE",
-                                         b["diagnosis"])))
+                value=hd.sr.CodedConcept(b.diagnosis.upper(), "99MAMMONODE",
+                                         b.diagnosis)))
         measurements = [
             hd.sr.Measurement(
                 name=hd.sr.CodedConcept(f"P-{cls.replace(' ', '')}", "99MAMMONODE",
                                         f"Probability of {cls}"),
                 value=float(p), unit=codes.UCUM.NoUnits)
-            for cls, p in b["birads_probabilities"].items()]
-        for cls, p in (b.get("diagnosis_probabilities") or {}).items():
+            for cls, p in b.birads_probabilities.items()]
+        for cls, p in b.diagnosis_probabilities.items():
             measurements.append(hd.sr.Measurement(
                 name=hd.sr.CodedConcept(f"P-{cls.upper()}", "99MAMMONODE",
                                         f"Probability of {cls}"),
@@ -257,7 +275,7 @@ MAMMO_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
 _PRIVATE = "99MAMMONODE"
 
 
-class MammographyCADSR(hd.sr.sop._SR):  # highdicom has no Mammography CAD SR class
+class MammographyCADSR(highdicom_sr_base()):  # type: ignore[misc]  # none in highdicom
     """Mammography CAD SR document (SOP class 1.2.840.10008.5.1.4.1.1.88.50)."""
 
     def __init__(self, **kwargs: Any) -> None:
@@ -318,8 +336,8 @@ def build_mammo_cad(sources: dict[str, Dataset], reading: ReadingSummary, study_
     impressions = []
     findings = False
     for lat in ("L", "R"):
-        b = reading.breasts.get(lat, {})
-        if not b.get("present"):
+        b = reading.breasts.get(lat, _ABSENT)
+        if not b.present or not b.birads:
             continue
         imp = hd.sr.ContainerContentItem(
             name=_c("111034", "DCM", "Individual Impression/Recommendation"),
@@ -335,23 +353,23 @@ def build_mammo_cad(sources: dict[str, Dataset], reading: ReadingSummary, study_
                                   relationship_type=_rel("HAS_CONCEPT_MOD")),
             hd.sr.CodeContentItem(
                 name=_c("AI-BIRADS", _PRIVATE, "AI BI-RADS category"),
-                value=_c(b["birads"].replace(" ", "-"), _PRIVATE, f"AI {b['birads']}"),
+                value=_c(b.birads.replace(" ", "-"), _PRIVATE, f"AI {b.birads}"),
                 relationship_type=_rel("CONTAINS")),
         ]
-        for cls, p in b["birads_probabilities"].items():
+        for cls, p in b.birads_probabilities.items():
             items.append(_num(_c(f"P-{cls.replace(' ', '')}", _PRIVATE,
                                  f"Probability of {cls}"), p, one))
-        dprobs = b.get("diagnosis_probabilities") or {}
+        dprobs = b.diagnosis_probabilities
         if "malignant" in dprobs:
             items.append(_num(_c("111047", "DCM", "Probability of cancer"),
                               100.0 * dprobs["malignant"], _c("%", "UCUM", "percent")))
         for cls, p in dprobs.items():
             items.append(_num(_c(f"P-{cls.upper()}", _PRIVATE, f"Probability of {cls}"), p,
                               one))
-        if b.get("diagnosis"):
+        if b.diagnosis:
             items.append(hd.sr.CodeContentItem(
                 name=_c("AI-DIAGNOSIS", _PRIVATE, "AI diagnosis"),
-                value=_c(b["diagnosis"].upper(), _PRIVATE, b["diagnosis"]),
+                value=_c(b.diagnosis.upper(), _PRIVATE, b.diagnosis),
                 relationship_type=_rel("CONTAINS")))
         for slot, w in reading.fusion_weights.get(lat, {}).items():
             items.append(_num(_c(f"W-{slot}", _PRIVATE, f"Fusion weight of {slot}"), w, one))
@@ -366,7 +384,7 @@ def build_mammo_cad(sources: dict[str, Dataset], reading: ReadingSummary, study_
                 relationship_type=_rel("CONTAINS")))
         imp.ContentSequence = hd.sr.ContentSequence(items)
         impressions.append(imp)
-        findings = findings or b["birads"] not in ("BI-RADS 1",)
+        findings = findings or b.birads not in ("BI-RADS 1",)
     summary = hd.sr.CodeContentItem(
         name=_c("111017", "DCM", "CAD Processing and Findings Summary"),
         value=_c("111242", "DCM", "All algorithms succeeded; with findings") if findings

@@ -22,11 +22,14 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
 from node import audit as A
+from node.compat import partial_dataset_file, receiving_file
 from node.config import Config
 from node.security import NOT_AUTHORIZED, AccessControl
 from node.validate import DatasetInvalid, check_dataset, check_image_pixel_module
 from node.views import acquisition_key, assign_slots, classify
+from storage.db import is_disk_full
 from storage.files import FileStore, InvalidUID
+from storage.records import InstanceRecord
 from storage.state import ExamStore
 
 log = logging.getLogger("mammo_node.scp")
@@ -83,12 +86,13 @@ class IncomingFile:
 
     #: Set by the daemon from the configuration (class attributes: pynetdicom creates the
     #: instances itself, with tempfile's arguments only).
+    directory: str | None = None   # data_dir/incoming: same file system as the store
     limit_bytes: int = 0
     disk_ok: Any = None
     CHECK_EVERY = 16 * 1024 * 1024
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("dir", tempfile.gettempdir())
+        kwargs.setdefault("dir", self.directory)
         kwargs.setdefault("prefix", "rx-")
         self._f = tempfile.NamedTemporaryFile(*args, **kwargs)
         self.name = self._f.name
@@ -198,7 +202,7 @@ def read_header(path: Path, max_bytes: int = 0, scratch: Path | None = None) -> 
 
 def instance_record(ds: Dataset, store: FileStore, calling_aet: str,
                     cmd_sop_class: str, cmd_sop_instance: str,
-                    transfer_syntax: str, size: int) -> dict[str, Any]:
+                    transfer_syntax: str, size: int) -> InstanceRecord:
     """Validate identity attributes and build the instance row's values."""
     sop_class = _str(ds, "SOPClassUID")
     sop_instance = _str(ds, "SOPInstanceUID")
@@ -219,33 +223,34 @@ def instance_record(ds: Dataset, store: FileStore, calling_aet: str,
     except InvalidUID as exc:
         raise StoreError(DATASET_MISMATCH, str(exc)) from exc
     view = classify(ds)
-    return {
-        "sop_instance_uid": sop_instance,
-        "sop_class_uid": sop_class,
-        "study_instance_uid": study,
-        "series_instance_uid": series,
-        "transfer_syntax_uid": transfer_syntax,
-        "path": relpath,
-        "size_bytes": size,
-        "calling_aet": calling_aet[:16] if calling_aet else None,
-        "patient_id": _str(ds, "PatientID", 64),
-        "issuer_of_patient_id": _str(ds, "IssuerOfPatientID", 64),
-        "patient_name": _str(ds, "PatientName", 324),
-        "accession_number": _str(ds, "AccessionNumber", 16),
-        "study_date": _str(ds, "StudyDate", 8),
-        "study_time": _str(ds, "StudyTime", 16),
-        "modality": _str(ds, "Modality", 16),
-        "series_number": _int(ds, "SeriesNumber"),
-        "instance_number": _int(ds, "InstanceNumber"),
-        "laterality": view.laterality[:1] if view.laterality else None,
-        "view": view.view,
-        "view_modifiers": ",".join(view.modifiers) or None,
-        "for_processing": view.for_processing,
-        "acquisition_key": acquisition_key(ds) or None,
-        "role": view.role,
-        "slot": view.slot,
-        "note": view.note,
-    }
+    assert sop_instance and sop_class and study and series  # checked above
+    return InstanceRecord(
+        sop_instance_uid=sop_instance,
+        sop_class_uid=sop_class,
+        study_instance_uid=study,
+        series_instance_uid=series,
+        transfer_syntax_uid=transfer_syntax,
+        path=relpath,
+        size_bytes=size,
+        calling_aet=calling_aet[:16] if calling_aet else None,
+        patient_id=_str(ds, "PatientID", 64),
+        issuer_of_patient_id=_str(ds, "IssuerOfPatientID", 64),
+        patient_name=_str(ds, "PatientName", 324),
+        accession_number=_str(ds, "AccessionNumber", 16),
+        study_date=_str(ds, "StudyDate", 8),
+        study_time=_str(ds, "StudyTime", 16),
+        modality=_str(ds, "Modality", 16),
+        series_number=_int(ds, "SeriesNumber"),
+        instance_number=_int(ds, "InstanceNumber"),
+        laterality=view.laterality[:1] if view.laterality else None,
+        view=view.view,
+        view_modifiers=",".join(view.modifiers) or None,
+        for_processing=view.for_processing,
+        acquisition_key=acquisition_key(ds) or None,
+        role=view.role,
+        slot=view.slot,
+        note=view.note,
+    )
 
 
 class StorageSCP:
@@ -290,8 +295,7 @@ class StorageSCP:
 
     def on_conn_close(self, event: evt.Event) -> None:
         """Remove the partial file of a dataset whose transfer was interrupted."""
-        msg = getattr(event.assoc.dimse, "message", None)
-        f = getattr(msg, "_data_set_file", None) if msg is not None else None
+        f = partial_dataset_file(event.assoc)
         if f is not None:
             try:
                 f.close()
@@ -308,14 +312,14 @@ class StorageSCP:
             return self._fail(CANNOT_UNDERSTAND, "C-STORE request without a dataset", None)
         if not self.access.allowed(event, "store"):
             return self._fail(NOT_AUTHORIZED, "peer not granted store", path, req)
-        rx_error = getattr(getattr(req, "_dataset_file", None), "error", None)
+        rx_error = getattr(receiving_file(req), "error", None)
         if rx_error is not None:
             status = getattr(rx_error, "status", OUT_OF_RESOURCES)
             return self._fail(status, f"cannot take incoming data: {rx_error}", path, req)
         who = self.access.who(event)
         status, message = self.ingest(path, event.assoc.requestor.ae_title,
-                                      str(req.AffectedSOPClassUID),
-                                      str(req.AffectedSOPInstanceUID),
+                                      str(getattr(req, "AffectedSOPClassUID", "")),
+                                      str(getattr(req, "AffectedSOPInstanceUID", "")),
                                       str(event.context.transfer_syntax), peer=who)
         if status == SUCCESS:
             return SUCCESS
@@ -347,7 +351,7 @@ class StorageSCP:
         file is removed and nothing is recorded.
         """
         t0 = time.perf_counter()
-        record: dict[str, Any] | None = None
+        record: InstanceRecord | None = None
         try:
             if self.min_free and self.files.free_bytes() < self.min_free:
                 raise StoreError(OUT_OF_RESOURCES,
@@ -362,33 +366,34 @@ class StorageSCP:
                 sop_instance or str(meta.get("MediaStorageSOPInstanceUID", "")),
                 transfer_syntax or str(meta.get("TransferSyntaxUID", "")),
                 path.stat().st_size)
+            rel = record.path
             result = self.exams.add_instance(
-                record, assign_slots, place=lambda: self.files.place(path, record["path"]))
+                record, assign_slots, place=lambda: self.files.place(path, rel))
         except StoreError as exc:
             self._discard(path)
             return exc.status, str(exc)
         except OSError as exc:
-            self._discard(path, record["path"] if record else None)
+            self._discard(path, record.path if record else None)
             if exc.errno in _DISK_ERRNOS:
                 return OUT_OF_RESOURCES, f"disk full: {exc}"
             log.exception("store %s: I/O error", sop_instance)
             return PROCESSING_FAILURE, f"I/O error: {exc}"
         except Exception as exc:
-            self._discard(path, record["path"] if record else None)
-            if "disk is full" in str(exc) or "No space left" in str(exc):  # database full
+            self._discard(path, record.path if record else None)
+            if is_disk_full(exc):  # the database's disk
                 return OUT_OF_RESOURCES, f"database disk full: {exc}"
             log.exception("store %s: unexpected error", sop_instance)
             return PROCESSING_FAILURE, f"internal error: {type(exc).__name__}"
 
         ms = (time.perf_counter() - t0) * 1000
         self.audit.event(A.INSTANCES_TRANSFERRED, A.SUCCESS, action="store",
-                         peer=peer or {"ae_title": calling}, study=record["study_instance_uid"],
-                         accession=record["accession_number"],
-                         instance=record["sop_instance_uid"], duplicate=result.duplicate or None)
+                         peer=peer or {"ae_title": calling}, study=record.study_instance_uid,
+                         accession=record.accession_number,
+                         instance=record.sop_instance_uid, duplicate=result.duplicate or None)
         if result.duplicate:
             path.unlink(missing_ok=True)
             log.info("%s from %s: already stored, kept the first copy",
-                     record["sop_instance_uid"], calling)
+                     record.sop_instance_uid, calling)
             return SUCCESS, "already stored"
         if result.exam_state == "ready" and self.exam_ready is not None:
             self.exam_ready.set()
@@ -396,19 +401,19 @@ class StorageSCP:
             log.warning("exam %s held: instance %s and the exam's images belong to different "
                         "patients (Patient ID differs); no reading until resolved with "
                         "'mammo-node resolve %s --patient-id ID'", result.exam_study_uid,
-                        record["sop_instance_uid"], result.exam_study_uid)
+                        record.sop_instance_uid, result.exam_study_uid)
             self.audit.event(A.SECURITY_ALERT, A.MINOR_FAILURE, alert="patient conflict",
-                             study=result.exam_study_uid, instance=record["sop_instance_uid"],
+                             study=result.exam_study_uid, instance=record.sop_instance_uid,
                              peer=peer or {"ae_title": calling})
-        where = record["slot"] or record["role"]
+        where = record.slot or record.role
         if result.exam_study_uid:
             log.info("stored %s (%s) from %s in %.0f ms; exam %s v%d %s%s",
-                     record["sop_instance_uid"], where, calling, ms, result.exam_study_uid,
+                     record.sop_instance_uid, where, calling, ms, result.exam_study_uid,
                      result.exam_version, result.exam_state,
                      " (reopened)" if result.reopened else "")
         else:
             log.info("stored %s (%s, not part of an exam) from %s in %.0f ms",
-                     record["sop_instance_uid"], record["modality"] or "?", calling, ms)
+                     record.sop_instance_uid, record.modality or "?", calling, ms)
         return SUCCESS, "stored"
 
     # -- helpers -------------------------------------------------------------------------
@@ -442,7 +447,7 @@ def make_ae(cfg: Config) -> AE:
     ae.add_supported_context(Verification)
     # Storage: as SCP (C-STORE in) and, when a C-GET requestor asks for it, as SCU.
     for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES, scu_role=True,
+        ae.add_supported_context(str(cx.abstract_syntax), TRANSFER_SYNTAXES, scu_role=True,
                                  scp_role=True)
     from node.qr import QR_CONTEXTS
 

@@ -104,8 +104,10 @@ class AccessControl:
         """EVT_REQUESTED: accept or reject before any negotiation happens."""
         assoc = event.assoc
         rq = assoc.requestor
-        calling, address = str(rq.primitive.calling_ae_title).strip(), str(rq.address)
-        called = str(rq.primitive.called_ae_title).strip()
+        primitive = rq.primitive
+        assert primitive is not None  # EVT_REQUESTED fires once the A-ASSOCIATE-RQ arrived
+        calling, address = str(primitive.calling_ae_title).strip(), str(rq.address)
+        called = str(primitive.called_ae_title).strip()
         services = self.services_for(calling, address)
         if services is None:
             self._reject(assoc, REJECT_CALLING_AE,
@@ -117,7 +119,7 @@ class AccessControl:
             return
         proposes_storage = any(
             str(cx.abstract_syntax).startswith(_STORAGE_PREFIX)
-            for cx in (rq.primitive.presentation_context_definition_list or []))
+            for cx in (primitive.presentation_context_definition_list or []))
         if proposes_storage and "store" in services and not self.disk_ok():
             self._reject(assoc, REJECT_NO_SPACE, "disk below the free-space reserve "
                                                  "([storage] min_free_mb)")

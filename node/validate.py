@@ -29,7 +29,7 @@ import struct
 import tempfile
 import zlib
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from pydicom.datadict import dictionary_VR
 
@@ -254,7 +254,7 @@ def _read_meta(f: BinaryIO, size: int) -> tuple[str, int]:
     return syntax, f.tell()
 
 
-def inflate(src: BinaryIO, dst: BinaryIO, max_bytes: int) -> int:
+def inflate(src: BinaryIO, dst: IO[bytes], max_bytes: int) -> int:
     """Inflate a raw deflate stream to ``dst`` in blocks; refuse past ``max_bytes``."""
     d = zlib.decompressobj(-zlib.MAX_WBITS)
     total = 0

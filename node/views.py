@@ -145,7 +145,8 @@ def classify(ds: Dataset) -> ViewInfo:
         if view:
             break
     for item in vcs or []:
-        modifiers += [MODIFIER_CODES.get(c, c) for c in _codes(item.get("ViewModifierCodeSequence"))]
+        modifiers += [MODIFIER_CODES.get(c, c)
+                      for c in _codes(item.get("ViewModifierCodeSequence"))]
     modifiers += [MODIFIER_CODES.get(c, c) for c in _codes(ds.get("ViewModifierCodeSequence"))]
     vp_lat, vp_view, vp_mods = _parse_view_position(_text(ds, "ViewPosition"))
     if view is None:

@@ -17,18 +17,61 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from node.config import Config
 from storage.files import FileStore
+from storage.records import ProducedObject
 from storage.state import ExamStore
 
 log = logging.getLogger("mammo_node.worker")
 
 EXAM_TIMEOUT_SECONDS = 900
 
-_MODEL = None  # in the inference process
+
+@dataclass(frozen=True)
+class ExamJob:
+    """What the inference process needs to read one exam version (picklable)."""
+
+    data_dir: str
+    study_uid: str
+    version: int
+    paths: dict[str, str]                  # slot -> path relative to data_dir
+    sr: tuple[str, ...] = ("mammo-cad", "tid1500")
+    attention_maps: bool = True
+    previous: dict[str, str] = field(default_factory=dict)  # kind -> path of the SR replaced
+
+
+class _InferenceState:
+    """Everything the inference process holds between calls: the model, and the reading of
+    the exam in hand, which the SR phase makes and the SC phase reuses (one exam at a
+    time: the worker submits the two phases of one exam back to back)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self._key: tuple[str, int] | None = None
+        self._reading: tuple | None = None
+
+    def reading(self, job: ExamJob) -> tuple:
+        key = (job.study_uid, job.version)
+        if self._key != key or self._reading is None:
+            self._reading = _read(self.model, job)
+            self._key = key
+        return self._reading
+
+    def forget(self) -> None:
+        self._key = self._reading = None
+
+
+_STATE: _InferenceState | None = None  # set in the inference process by _init_model
+
+
+def _state() -> _InferenceState:
+    if _STATE is None:
+        raise RuntimeError("the inference process has no model (initialiser did not run)")
+    return _STATE
 
 
 def _die_with_parent() -> None:
@@ -53,7 +96,7 @@ def _die_with_parent() -> None:
 
 
 def _init_model(checkpoint: str, device: str, numba_cache: str) -> None:
-    global _MODEL
+    global _STATE
     _die_with_parent()
     # numba caches the compiled scan kernels on disk; beside the package is often read-only
     # for a service account, so the cache defaults to the node's data folder (read by numba
@@ -61,17 +104,19 @@ def _init_model(checkpoint: str, device: str, numba_cache: str) -> None:
     os.environ.setdefault("NUMBA_CACHE_DIR", numba_cache)
     from inference.api import MammoModel
 
-    _MODEL = MammoModel(checkpoint or None, device=device)
-    _MODEL.warm_up()  # compile / load the scan kernels now, not during the first exam
+    model = MammoModel(checkpoint or None, device=device)
+    model.warm_up()  # compile / load the scan kernels now, not during the first exam
+    _STATE = _InferenceState(model)
 
 
 def _model_info() -> dict[str, Any]:
     from inference.scan import backend_name
 
-    info = _MODEL.info
+    model = _state().model
+    info = model.info
     return {"sha256": info.sha256, "arch": info.config.arch, "task": info.config.task,
-            "demo": info.is_demo, "device": str(_MODEL.device),
-            "scan": backend_name(_MODEL.device)}
+            "demo": info.is_demo, "device": str(model.device),
+            "scan": backend_name(model.device)}
 
 
 def _save(ds, path: Path) -> None:
@@ -81,84 +126,80 @@ def _save(ds, path: Path) -> None:
     tmp.replace(path)
 
 
-_CACHE: dict[tuple[str, int], tuple] = {}  # (study, version) -> reading between the phases
-
-
-def _read(job: dict[str, Any]) -> tuple:
-    """The exam's sources, model reading and summary (cached for the second phase)."""
+def _read(model, job: ExamJob) -> tuple:
+    """The exam's sources, the model's reading and its plain-data summary."""
     from pydicom import dcmread
 
-    from node.results import ReadingSummary
+    from node.results import BreastSummary, ReadingSummary
 
-    key = (job["study_uid"], job["version"])
-    if key in _CACHE:
-        return _CACHE[key]
-    root = Path(job["data_dir"])
-    sources = {slot: dcmread(root / rel) for slot, rel in job["paths"].items()}
-    reading = _MODEL.predict_exam(sources, keep_display=True)
-    info = _MODEL.info
+    root = Path(job.data_dir)
+    sources = {slot: dcmread(root / rel) for slot, rel in job.paths.items()}
+    reading = model.predict_exam(sources, keep_display=True)
+    info = model.info
     summary = ReadingSummary(
-        breasts={b: {"present": r.present, "birads": r.birads,
-                     "birads_probabilities": r.birads_probabilities,
-                     "diagnosis": r.diagnosis,
-                     "diagnosis_probabilities": r.diagnosis_probabilities}
+        breasts={b: BreastSummary(present=r.present, birads=r.birads,
+                                  birads_probabilities=dict(r.birads_probabilities or {}),
+                                  diagnosis=r.diagnosis,
+                                  diagnosis_probabilities=dict(r.diagnosis_probabilities or {}))
                  for b, r in reading.breasts.items()},
         fusion_weights=reading.fusion_weights, missing_views=reading.missing_views,
         model_name="HybridCnnVssm", model_version=str(info.metadata.get("version", "?")),
         model_sha256=info.sha256, not_for_clinical_use=info.is_demo)
-    _CACHE.clear()  # one exam at a time
-    _CACHE[key] = (sources, reading, summary)
-    return _CACHE[key]
+    return sources, reading, summary
 
 
-def _adder(job: dict[str, Any], produced: list[dict[str, Any]]):
-    root = Path(job["data_dir"])
-    out_dir = Path("results") / job["study_uid"] / f"v{job['version']}"
+def _adder(job: ExamJob, produced: list[ProducedObject]):
+    root = Path(job.data_dir)
+    out_dir = Path("results") / job.study_uid / f"v{job.version}"
 
     def add(ds, kind: str) -> None:
         rel = out_dir / f"{ds.SOPInstanceUID}.dcm"
         _save(ds, root / rel)
-        produced.append({"kind": kind, "sop_class_uid": str(ds.SOPClassUID),
-                         "sop_instance_uid": str(ds.SOPInstanceUID),
-                         "series_instance_uid": str(ds.SeriesInstanceUID), "path": str(rel),
-                         "modality": str(ds.get("Modality", "") or "") or None,
-                         "series_number": int(ds.get("SeriesNumber", 0) or 0),
-                         "instance_number": int(ds.get("InstanceNumber", 0) or 0),
-                         "size_bytes": (root / rel).stat().st_size})
+        produced.append(ProducedObject(
+            kind=kind, sop_class_uid=str(ds.SOPClassUID),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            series_instance_uid=str(ds.SeriesInstanceUID), path=str(rel),
+            modality=str(ds.get("Modality", "") or "") or None,
+            series_number=int(ds.get("SeriesNumber", 0) or 0),
+            instance_number=int(ds.get("InstanceNumber", 0) or 0),
+            size_bytes=(root / rel).stat().st_size))
     return add
 
 
-def process_exam_srs(job: dict[str, Any]) -> list[dict[str, Any]]:
+def process_exam_srs(job: ExamJob) -> list[ProducedObject]:
     """Phase 1, in the inference process: read the exam, write its SR documents."""
     from pydicom import dcmread
 
     from node.results import build_mammo_cad, build_tid1500
 
-    sources, _, summary = _read(job)
-    root = Path(job["data_dir"])
-    produced: list[dict[str, Any]] = []
+    sources, _, summary = _state().reading(job)
+    root = Path(job.data_dir)
+    produced: list[ProducedObject] = []
     add = _adder(job, produced)
     builders = {"mammo-cad": build_mammo_cad, "tid1500": build_tid1500}
-    for kind in job.get("sr", []):
-        prev = (job.get("previous") or {}).get(f"sr-{kind}")
+    for kind in job.sr:
+        prev = job.previous.get(f"sr-{kind}")
         replaces = dcmread(root / prev) if prev and (root / prev).exists() else None
-        add(builders[kind](sources, summary, job["study_uid"], job["version"],
+        add(builders[kind](sources, summary, job.study_uid, job.version,
                            replaces=replaces), f"sr-{kind}")
     return produced
 
 
-def process_exam_scs(job: dict[str, Any]) -> list[dict[str, Any]]:
-    """Phase 2: the attention-map Secondary Captures (from the cached reading)."""
+def process_exam_scs(job: ExamJob) -> list[ProducedObject]:
+    """Phase 2: the attention-map Secondary Captures (from the same reading)."""
     from node.results import build_sc
 
-    produced: list[dict[str, Any]] = []
-    if job.get("attention_maps", True):
-        sources, reading, summary = _read(job)
-        add = _adder(job, produced)
-        for i, (slot, ds) in enumerate(sorted(sources.items())):
-            add(build_sc(ds, slot, reading.displays[slot], reading.attention_maps[slot],
-                         summary, job["study_uid"], job["version"], i + 1), "sc")
-    _CACHE.clear()
+    produced: list[ProducedObject] = []
+    state = _state()
+    try:
+        if job.attention_maps:
+            sources, reading, summary = state.reading(job)
+            add = _adder(job, produced)
+            for i, (slot, ds) in enumerate(sorted(sources.items())):
+                add(build_sc(ds, slot, reading.displays[slot], reading.attention_maps[slot],
+                             summary, job.study_uid, job.version, i + 1), "sc")
+    finally:
+        state.forget()
     return produced
 
 
@@ -219,20 +260,22 @@ class Worker(threading.Thread):
         # The SRs of the version this one replaces (referenced as predecessor documents).
         previous = {r.kind: r.path for r in self.exams.results_of(study)
                     if r.kind.startswith("sr-") and r.version < version}
-        job = {"data_dir": str(self.files.root), "study_uid": study, "version": version,
-               "paths": paths, "sr": self.cfg.results.sr,
-               "attention_maps": self.cfg.results.attention_maps, "previous": previous}
+        job = ExamJob(data_dir=str(self.files.root), study_uid=study, version=version,
+                      paths=paths, sr=tuple(self.cfg.results.sr),
+                      attention_maps=self.cfg.results.attention_maps, previous=previous)
+        pool = self.pool
+        assert pool is not None
         t0 = time.perf_counter()
         dests = [d.name for d in self.cfg.destinations]
         try:
             # The SRs first, queued for export at once; then the Secondary Captures.
-            srs = self.pool.submit(process_exam_srs, job).result(timeout=EXAM_TIMEOUT_SECONDS)
+            srs = pool.submit(process_exam_srs, job).result(timeout=EXAM_TIMEOUT_SECONDS)
             if not self.exams.complete(exam_id, version, srs, dests, finish=False):
                 log.info("exam %s v%d was reopened while processing; its new version follows",
                          study, version)
                 return
             self.on_results.set()
-            produced = self.pool.submit(process_exam_scs, job).result(
+            produced = pool.submit(process_exam_scs, job).result(
                 timeout=EXAM_TIMEOUT_SECONDS)
         except BrokenProcessPool as exc:
             log.error("inference process died on exam %s v%d; restarting it", study, version)

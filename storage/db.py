@@ -56,6 +56,17 @@ class Database:
         self.engine.dispose()
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether a database error means its disk is full: SQLite's SQLITE_FULL result code,
+    PostgreSQL's SQLSTATE 53100 (disk_full), by code rather than by message text."""
+    import sqlite3
+
+    orig = getattr(exc, "orig", exc)
+    if getattr(orig, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        return True
+    return (getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)) == "53100"
+
+
 def _add_missing_columns(engine: Engine) -> None:
     """Add nullable columns that a newer release defines to a database an older one
     created (``create_all`` only makes missing tables). Only additive, only nullable columns:

@@ -14,6 +14,7 @@ before a path is built, so no UID can climb out of ``data_dir``.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -83,7 +84,7 @@ class FileStore:
         try:
             os.replace(src, dst)
         except OSError as exc:
-            if exc.errno != 18:  # EXDEV: incoming dir on another file system
+            if exc.errno != errno.EXDEV:  # incoming dir on another file system
                 raise
             shutil.move(str(src), str(dst))
         if self.fsync:

@@ -24,7 +24,7 @@ _SLOT_COLUMNS = {"L-CC": "l_cc", "L-MLO": "l_mlo", "R-CC": "r_cc", "R-MLO": "r_m
 
 def utcnow() -> dt.datetime:
     """Naive UTC timestamp (SQLite keeps no time zone)."""
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 class Base(DeclarativeBase):

@@ -16,12 +16,13 @@ import datetime as dt
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeVar
 
 from sqlalchemy import func, select
 
 from storage.db import Database
 from storage.models import EXAM_STATES, SLOTS, Exam, Instance, Outbound, Result, utcnow
+from storage.records import Delivery, InstanceRecord, ProducedObject
 
 log = logging.getLogger("mammo_node.storage")
 
@@ -38,6 +39,16 @@ class SlotAssignment:
 
 
 AssignFn = Callable[[list[Instance]], SlotAssignment]
+
+_Row = TypeVar("_Row")
+
+
+def _get(s, cls: type[_Row], key: int) -> _Row:
+    """A row that must exist (its id came from this database); KeyError otherwise."""
+    row = s.get(cls, key)
+    if row is None:
+        raise KeyError(f"{cls.__name__} {key} not found")
+    return row
 
 
 @dataclass
@@ -73,8 +84,8 @@ class ExamStore:
             return s.scalar(select(Instance.id).where(
                 Instance.sop_instance_uid == sop_instance_uid)) is not None
 
-    def add_instance(self, record: dict[str, Any], assign: AssignFn,
-                     place: Callable[[], None]) -> AddResult:
+    def add_instance(self, record: InstanceRecord, assign: AssignFn,
+                     place: Callable[[], object]) -> AddResult:
         """Record one received instance and update its exam, atomically.
 
         ``place`` moves the file into the store; it runs after the duplicate check and
@@ -85,10 +96,10 @@ class ExamStore:
         """
         with self.db.write() as s:
             if s.scalar(select(Instance.id).where(
-                    Instance.sop_instance_uid == record["sop_instance_uid"])) is not None:
+                    Instance.sop_instance_uid == record.sop_instance_uid)) is not None:
                 return AddResult(duplicate=True)
             place()
-            inst = Instance(**record)
+            inst = Instance(**record.columns())
             s.add(inst)
             result = AddResult(duplicate=False)
             if inst.role != "other":
@@ -261,7 +272,7 @@ class ExamStore:
                 exam.reason = reason or "processing failed"
             return True
 
-    def complete(self, exam_id: int, version: int, results: list[dict[str, Any]],
+    def complete(self, exam_id: int, version: int, results: list[ProducedObject],
                  destinations: list[str], finish: bool = True) -> bool:
         """Record a reading's result objects, queue them for every destination and (with
         ``finish``) mark the exam ``done``, in one transaction. ``finish=False`` queues a
@@ -276,11 +287,12 @@ class ExamStore:
                               .order_by(Instance.id).limit(1))
             for r in results:
                 row = s.scalar(select(Result).where(
-                    Result.sop_instance_uid == r["sop_instance_uid"]))
+                    Result.sop_instance_uid == r.sop_instance_uid))
                 if row is None:
-                    row = Result(exam_id=exam_id, version=version,
-                                 **{k: r[k] for k in ("kind", "sop_class_uid", "sop_instance_uid",
-                                                      "series_instance_uid", "path")})
+                    row = Result(exam_id=exam_id, version=version, kind=r.kind,
+                                 sop_class_uid=r.sop_class_uid,
+                                 sop_instance_uid=r.sop_instance_uid,
+                                 series_instance_uid=r.series_instance_uid, path=r.path)
                     s.add(row)
                     s.flush()
                     self._add_result_instance(s, r, exam, source)
@@ -295,39 +307,42 @@ class ExamStore:
             return True
 
     @staticmethod
-    def _add_result_instance(s, r: dict[str, Any], exam: Exam, source: Instance | None) -> None:
+    def _add_result_instance(s, r: ProducedObject, exam: Exam,
+                             source: Instance | None) -> None:
         """A produced object is also an instance the node holds (found by C-FIND, sent by
         C-MOVE / C-GET), with the patient and study attributes of its source images."""
         if s.scalar(select(Instance.id).where(
-                Instance.sop_instance_uid == r["sop_instance_uid"])) is not None:
+                Instance.sop_instance_uid == r.sop_instance_uid)) is not None:
             return
         s.add(Instance(
-            sop_instance_uid=r["sop_instance_uid"], sop_class_uid=r["sop_class_uid"],
+            sop_instance_uid=r.sop_instance_uid, sop_class_uid=r.sop_class_uid,
             study_instance_uid=exam.study_instance_uid,
-            series_instance_uid=r["series_instance_uid"],
-            transfer_syntax_uid="1.2.840.10008.1.2.1", path=r["path"],
-            size_bytes=int(r.get("size_bytes") or 0), calling_aet=None,
+            series_instance_uid=r.series_instance_uid,
+            transfer_syntax_uid="1.2.840.10008.1.2.1", path=r.path,
+            size_bytes=r.size_bytes, calling_aet=None,
             patient_id=source.patient_id if source else exam.patient_id,
             patient_name=source.patient_name if source else None,
             accession_number=exam.accession_number,
             study_date=source.study_date if source else None,
             study_time=source.study_time if source else None,
-            modality=r.get("modality"), series_number=r.get("series_number"),
-            instance_number=r.get("instance_number"), role="result", exam_id=None))
+            modality=r.modality, series_number=r.series_number,
+            instance_number=r.instance_number, role="result", exam_id=None))
 
     def slot_paths(self, exam_id: int) -> tuple[str, int, dict[str, str]]:
         """(study UID, version, slot -> relative path) of an exam's slot images."""
         with self.db.session() as s:
-            exam = s.get(Exam, exam_id)
-            paths = {}
+            exam = _get(s, Exam, exam_id)
+            paths: dict[str, str] = {}
             for slot, uid in exam.views.items():
                 if uid:
-                    paths[slot] = s.scalar(select(Instance.path).where(
+                    path = s.scalar(select(Instance.path).where(
                         Instance.sop_instance_uid == uid))
+                    if path is not None:
+                        paths[slot] = path
             return exam.study_instance_uid, exam.version, paths
 
     # -- export ----------------------------------------------------------------------------
-    def due_transfers(self, limit: int = 100) -> list[dict[str, Any]]:
+    def due_transfers(self, limit: int = 100) -> list[Delivery]:
         """Deliveries whose time has come, oldest first."""
         now = utcnow()
         with self.db.session() as s:
@@ -340,17 +355,17 @@ class ExamStore:
                 .where(Outbound.state.in_(("pending", "retrying")),
                        Outbound.next_attempt_at <= now)
                 .order_by(Outbound.next_attempt_at, Outbound.id).limit(limit)).all()
-        return [dict(id=r[0], destination=r[1], attempts=r[2], path=r[3], sop_instance_uid=r[4],
-                     interrupted=r[5] is not None, sop_class_uid=r[6], study_instance_uid=r[7])
-                for r in rows]
+        return [Delivery(id=r[0], destination=r[1], attempts=r[2], path=r[3],
+                         sop_instance_uid=r[4], interrupted=r[5] is not None,
+                         sop_class_uid=r[6], study_instance_uid=r[7]) for r in rows]
 
     def mark_in_flight(self, outbound_id: int) -> None:
         with self.db.write() as s:
-            s.get(Outbound, outbound_id).in_flight_since = utcnow()
+            _get(s, Outbound, outbound_id).in_flight_since = utcnow()
 
     def mark_sent(self, outbound_id: int) -> None:
         with self.db.write() as s:
-            row = s.get(Outbound, outbound_id)
+            row = _get(s, Outbound, outbound_id)
             row.state, row.sent_at, row.last_error = "sent", utcnow(), None
             row.in_flight_since = None
             row.attempts += 1
@@ -359,7 +374,7 @@ class ExamStore:
                     initial_delay: float, max_delay: float) -> str:
         """Schedule a retry with exponential backoff, or give up; returns the new state."""
         with self.db.write() as s:
-            row = s.get(Outbound, outbound_id)
+            row = _get(s, Outbound, outbound_id)
             row.attempts += 1
             row.in_flight_since = None
             row.last_error = error[:2000]
@@ -420,15 +435,6 @@ class ExamStore:
     def list_exams(self) -> list[Exam]:
         with self.db.session() as s:
             return list(s.scalars(select(Exam).order_by(Exam.created_at, Exam.id)))
-
-    def get_exam(self, study_uid: str) -> Exam | None:
-        with self.db.session() as s:
-            return s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid))
-
-    def instances_of_study(self, study_uid: str) -> list[Instance]:
-        with self.db.session() as s:
-            return list(s.scalars(select(Instance).where(
-                Instance.study_instance_uid == study_uid).order_by(Instance.id)))
 
     def counts_by_state(self) -> dict[str, int]:
         counts = {state: 0 for state in EXAM_STATES}

@@ -6,7 +6,7 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 
 from inference.synthetic import Lesion, make_exam, write
-from tests.conftest import free_port, wait_for
+from tests.helpers import free_port, wait_for
 
 TOKEN = "s3cret-token"
 

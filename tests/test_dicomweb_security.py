@@ -19,7 +19,7 @@ from pydicom.filewriter import dcmwrite
 from inference.synthetic import make_mammogram
 from node.dicomweb import public_message
 from node.qr import wildcard_match
-from tests.conftest import NodeProcess, free_port, wait_for
+from tests.helpers import NodeProcess, free_port, wait_for
 
 VIEWER, UPLOADER = "viewer-secret", "uploader-secret"
 

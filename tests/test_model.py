@@ -81,4 +81,5 @@ def test_birads_class_mapping():
     assert [birads_to_class("birads-1v5", b) for b in range(1, 6)] == [0, -1, -1, -1, 1]
     assert [birads_to_class("birads-3class", b) for b in range(1, 6)] == [0, 1, 1, 2, 2]
     assert [birads_to_class("birads-5class", b) for b in range(1, 6)] == [0, 1, 2, 3, 4]
-    assert birads_to_class("birads-5class", None) == -1 and birads_to_class("birads-5class", 0) == -1
+    assert birads_to_class("birads-5class", None) == -1
+    assert birads_to_class("birads-5class", 0) == -1

@@ -13,7 +13,7 @@ import pytest
 
 from inference.synthetic import make_exam, make_mammogram, write
 from node.config import ConfigError, parse_config
-from tests.conftest import dcmtk, echo, send
+from tests.helpers import dcmtk, echo, send
 
 
 def _db_instances(node) -> int:

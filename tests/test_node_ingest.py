@@ -19,7 +19,7 @@ from pydicom.uid import (
 )
 
 from inference.synthetic import UID_ROOT, make_exam, make_mammogram, write
-from tests.conftest import dcmtk, send
+from tests.helpers import dcmtk, send
 
 SLOTS = ["L-CC", "L-MLO", "R-CC", "R-MLO"]
 

@@ -12,7 +12,7 @@ import pytest
 from pydicom import dcmread
 
 from inference.synthetic import Lesion, make_exam, write
-from tests.conftest import dciodvfy_errors, free_port, wait_for
+from tests.helpers import dciodvfy_errors, free_port, wait_for
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 
@@ -122,7 +122,7 @@ def test_send_cut_off_by_a_crash_is_confirmed_not_repeated(node_factory, tmp_pat
         node.start()
         exam = make_exam(seed=22, rows=256, cols=208)
         study_uid = exam[0].StudyInstanceUID
-        from tests.conftest import send
+        from tests.helpers import send
 
         assert send(node.port, exam) == [0] * 4
         wait_for(lambda: node.exam(study_uid).get("delivery", {}).get("orthanc", {})

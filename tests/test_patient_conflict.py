@@ -10,7 +10,7 @@ import json
 from pydicom import dcmread
 
 from inference.synthetic import make_exam, make_mammogram
-from tests.conftest import send, wait_for
+from tests.helpers import send, wait_for
 
 FAST_EXPORT = {"max_attempts": 20, "initial_delay_seconds": 0.5, "max_delay_seconds": 1.0}
 SIZE = dict(rows=320, cols=256)

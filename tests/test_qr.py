@@ -16,7 +16,7 @@ from pynetdicom.sop_class import (
 )
 
 from inference.synthetic import make_exam
-from tests.conftest import QR_PEER, dcmtk, send
+from tests.helpers import QR_PEER, dcmtk, send
 
 PEERS = [QR_PEER, {"ae_title": "PYNETDICOM", "services": ["echo", "store"]}]
 
@@ -36,7 +36,8 @@ def loaded(node_factory, storescp_factory):
 
 
 def findscu(node, *keys, model="-S"):
-    r = subprocess.run([dcmtk("findscu"), model, "-aet", "QRSCU", "-aec", node.ae_title, "127.0.0.1",
+    r = subprocess.run([dcmtk("findscu"), model, "-aet", "QRSCU", "-aec", node.ae_title,
+                        "127.0.0.1",
                         str(node.port), *[x for k in keys for x in ("-k", k)]],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -112,7 +113,8 @@ def test_pynetdicom_series_and_image_levels(loaded):
 
 def test_movescu_and_getscu(loaded, tmp_path):
     node, pacs, a, _ = loaded
-    r = subprocess.run([dcmtk("movescu"), "-S", "-aet", "QRSCU", "-aec", node.ae_title, "-aem", "PACS",
+    r = subprocess.run([dcmtk("movescu"), "-S", "-aet", "QRSCU", "-aec", node.ae_title,
+                        "-aem", "PACS",
                         "127.0.0.1", str(node.port), "-k", "QueryRetrieveLevel=STUDY",
                         "-k", f"StudyInstanceUID={a[0].StudyInstanceUID}"],
                        capture_output=True, text=True, timeout=120)
@@ -121,7 +123,8 @@ def test_movescu_and_getscu(loaded, tmp_path):
     assert got == sorted(ds.SOPInstanceUID for ds in a)
     out = tmp_path / "get"
     out.mkdir()
-    r = subprocess.run([dcmtk("getscu"), "-S", "-aet", "QRSCU", "-aec", node.ae_title, "-od", str(out),
+    r = subprocess.run([dcmtk("getscu"), "-S", "-aet", "QRSCU", "-aec", node.ae_title,
+                        "-od", str(out),
                         "127.0.0.1", str(node.port), "-k", "QueryRetrieveLevel=SERIES",
                         "-k", f"StudyInstanceUID={a[0].StudyInstanceUID}",
                         "-k", f"SeriesInstanceUID={a[0].SeriesInstanceUID}"],
@@ -129,7 +132,8 @@ def test_movescu_and_getscu(loaded, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert sorted(dcmread(f).SOPInstanceUID for f in out.iterdir()) == sorted(
         ds.SOPInstanceUID for ds in a)
-    r = subprocess.run([dcmtk("movescu"), "-S", "-aet", "QRSCU", "-aec", node.ae_title, "-aem", "NOWHERE",
+    r = subprocess.run([dcmtk("movescu"), "-S", "-aet", "QRSCU", "-aec", node.ae_title,
+                        "-aem", "NOWHERE",
                         "127.0.0.1", str(node.port), "-k", "QueryRetrieveLevel=STUDY",
                         "-k", f"StudyInstanceUID={a[0].StudyInstanceUID}"],
                        capture_output=True, text=True, timeout=60)

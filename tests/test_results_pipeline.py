@@ -7,14 +7,13 @@ import os
 import subprocess
 
 import psutil
-
 from pydicom import dcmread
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLSLossless
 
 from inference.scan import numba_available
 from inference.synthetic import Lesion, make_exam
-from tests.conftest import QR_PEER, dciodvfy_errors, dcmtk, send, wait_for
+from tests.helpers import QR_PEER, dciodvfy_errors, dcmtk, send, wait_for
 
 SIZE = dict(rows=640, cols=512)
 FAST_EXPORT = {"max_attempts": 20, "initial_delay_seconds": 0.5, "max_delay_seconds": 1.0}

@@ -28,7 +28,7 @@ from pynetdicom.sop_class import (
 
 from inference.synthetic import UID_ROOT, make_exam, make_mammogram, write
 from node.validate import _read_meta
-from tests.conftest import dcmtk, echo, send
+from tests.helpers import dcmtk, echo, send
 
 MG = str(DigitalMammographyXRayImageStorageForPresentation)
 NOT_AUTHORIZED = 0x0124

@@ -10,7 +10,7 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 
 from inference.synthetic import make_exam, make_mammogram, write
-from tests.conftest import dcmtk, free_port, wait_for
+from tests.helpers import dcmtk, free_port, wait_for
 
 
 def _tls(pki, require: bool = True) -> dict:
@@ -74,7 +74,7 @@ def test_export_over_tls_verifies_the_pacs(node_factory, storescp_factory, pki):
         "tls": _tls(pki, require=False),
         "export": {"max_attempts": 20, "initial_delay_seconds": 0.5, "max_delay_seconds": 1},
         "grouping": {"stable_seconds": 2}}, worker=True)
-    from tests.conftest import send
+    from tests.helpers import send
 
     exam = make_exam(seed=82, rows=320, cols=256)
     study = exam[0].StudyInstanceUID

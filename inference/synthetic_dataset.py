@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.uid import JPEGLSLossless, generate_uid
@@ -80,7 +81,7 @@ def write_synthetic_dataset(out: str | Path, exams: int, seed: int = 0, rows: in
                     continue
                 les = [Lesion(le.kind, le.x, y_mlo if view == "MLO" else le.y, le.radius,
                               le.contrast) for le, y_mlo in lesions]
-                kw = dict(transfer_syntax=ts) if ts else {}
+                kw: dict[str, Any] = dict(transfer_syntax=ts) if ts else {}
                 ds = make_mammogram(
                     lat, view, rows=rows, cols=cols, seed=int(rng.integers(1 << 31)),
                     lesions=les, dialect=dialect, photometric=photometric, study_uid=study,

@@ -1,0 +1,272 @@
+"""Test helpers: the node as a real process on a free loopback port, DICOM senders, DCMTK
+peers. Fixtures that use them live in ``conftest.py``; tests import helpers from here."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, _config, build_context
+from pynetdicom.sop_class import Verification
+
+ROOT = Path(__file__).resolve().parent.parent
+DCMTK = Path("/usr/bin")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))
+
+
+def toml_document(sections: dict[str, dict], arrays: dict[str, list[dict]]) -> str:
+    """A TOML file from tables and arrays of tables (dotted names allowed for both)."""
+    out = []
+    for name, values in sections.items():
+        out.append(f"[{name}]")
+        out.extend(f"{k} = {toml_value(v)}" for k, v in values.items())
+    for name, items in arrays.items():
+        for d in items:
+            out.append(f"[[{name}]]")
+            out.extend(f"{k} = {toml_value(v)}" for k, v in d.items())
+    return "\n".join(out) + "\n"
+
+
+#: A peer that may do everything: what the query/retrieve tests connect as.
+QR_PEER = {"ae_title": "QRSCU", "services": ["echo", "store", "find", "get", "move"]}
+
+
+class NodeProcess:
+    """A ``mammo-node start`` process with its own config and data directory."""
+
+    def __init__(self, tmp: Path, settings: dict | None = None, data_dir: Path | None = None,
+                 worker: bool = False):
+        self.tmp = tmp
+        self.worker = worker
+        self.port = free_port()
+        self.ae_title = "MAMMO_NODE"
+        self.data_dir = data_dir or tmp / "data"
+        sections: dict[str, dict] = {
+            "node": {"ae_title": self.ae_title, "host": "127.0.0.1", "port": self.port,
+                     "data_dir": str(self.data_dir)},
+            "grouping": {"stable_seconds": 60},
+            "storage": {"min_free_mb": 0, "fsync": True},
+        }
+        arrays: dict[str, list[dict]] = {}
+        for section, values in (settings or {}).items():
+            if isinstance(values, list):  # an array of tables: [[destinations]], [[peers]]
+                arrays[section] = values
+            else:
+                for k, v in values.items():
+                    if isinstance(v, list) and v and isinstance(v[0], dict):
+                        arrays[f"{section}.{k}"] = v  # e.g. [[dicomweb.tokens]]
+                    else:
+                        sections.setdefault(section, {})[k] = v
+        self.peers = arrays.get("peers", [])
+        self.config = tmp / "config.toml"
+        self.config.write_text(toml_document(sections, arrays))
+        self.log = tmp / "node.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> NodeProcess:
+        self._logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "node", "start", "--config", str(self.config),
+             *([] if self.worker else ["--no-worker"])],
+            cwd=self.tmp, stdout=self._logf, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node exited early:\n{self.log.read_text()}")
+            if self.probe():
+                return self
+            time.sleep(0.2)
+        raise RuntimeError(f"node did not answer C-ECHO:\n{self.log.read_text()}")
+
+    def probe(self) -> bool:
+        """C-ECHO as a peer that may echo (the node's own start-up check)."""
+        calling = "PROBE"
+        for p in self.peers:
+            if "echo" in p.get("services", ["echo", "store"]) and not p.get("hosts"):
+                calling = p["ae_title"]
+                break
+        text = self.config.read_text()
+        for line in text.splitlines():
+            if line.startswith("allowed_calling_aets"):
+                calling = json.loads(line.split("=", 1)[1].strip())[0]
+        if "tls = true" in text.split("[node]", 1)[-1].split("\n[", 1)[0]:
+            with socket.socket() as s:  # a TLS listener: an open port is enough here
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+        return echo(self.port, self.ae_title, calling=calling)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self._logf.close()
+        return rc
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "node", *args, "--config", str(self.config)],
+                              cwd=self.tmp, capture_output=True, text=True, check=check,
+                              timeout=120)
+
+    def exams(self) -> list[dict]:
+        return json.loads(self.cli("exams", "--json").stdout)
+
+    def exam(self, study_uid: str) -> dict:
+        for e in self.exams():
+            if e["study_instance_uid"] == study_uid:
+                return e
+        raise KeyError(study_uid)
+
+    def wait_exam(self, study_uid: str, state: str, timeout: float = 30.0) -> dict:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                last = self.exam(study_uid)
+                if last["state"] == state:
+                    return last
+            except KeyError:
+                pass
+            time.sleep(0.25)
+        raise AssertionError(f"exam {study_uid} not {state} after {timeout}s: {last}")
+
+    def stored_files(self) -> list[Path]:
+        return sorted((self.data_dir / "instances").rglob("*.dcm"))
+
+    def incoming_files(self) -> list[Path]:
+        d = self.data_dir / "incoming"
+        return sorted(d.iterdir()) if d.exists() else []
+
+
+def echo(port: int, called: str, calling: str = "PROBE") -> bool:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 5
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if not assoc.is_established:
+        return False
+    try:
+        st = assoc.send_c_echo()
+        return bool(st) and st.Status == 0
+    finally:
+        assoc.release()
+
+
+def send(port: int, items: list, called: str = "MAMMO_NODE", calling: str = "PYNETDICOM",
+         max_pdu: int = 0) -> list[int]:
+    """C-STORE datasets (or file paths) over one pynetdicom association; the statuses."""
+    from pydicom import dcmread
+
+    contexts: dict[tuple[str, str], None] = {}
+    for item in items:
+        ds = item if isinstance(item, Dataset) else dcmread(item, stop_before_pixels=True)
+        contexts[(str(ds.file_meta.MediaStorageSOPClassUID),
+                  str(ds.file_meta.TransferSyntaxUID))] = None
+    ae = AE(ae_title=calling)
+    ae.requested_contexts = [build_context(a, [t]) for a, t in contexts]
+    ae.maximum_pdu_size = max_pdu
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assert assoc.is_established, "association rejected"
+    assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    statuses = []
+    try:
+        for item in items:
+            st = assoc.send_c_store(item)
+            statuses.append(int(st.Status) if st and "Status" in st else -1)
+    finally:
+        assoc.release()
+    return statuses
+
+
+def dcmtk(tool: str) -> str:
+    path = DCMTK / tool
+    if not path.exists():
+        raise RuntimeError(f"{path} missing: install the Debian package dcmtk")
+    return str(path)
+
+
+os.environ.setdefault("PYTHONUNBUFFERED", "1")
+# File paths given to send() go out as they are on disk (raw, not re-encoded): this is how
+# the bad-input tests deliver truncated or garbage datasets.
+_config.STORE_SEND_CHUNKED_DATASET = True
+
+
+class StoreSCP:
+    """DCMTK storescp as the PACS peer: stores what it receives in a folder."""
+
+    def __init__(self, folder: Path, port: int | None = None, ae_title: str = "PACS",
+                 extra: list[str] | None = None):
+        self.extra = extra or []
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.ae_title = ae_title
+        self.proc: subprocess.Popen | None = None
+        self.log = folder.parent / f"storescp-{self.port}.log"
+
+    def start(self) -> StoreSCP:
+        self._logf = open(self.log, "ab")
+        self.proc = subprocess.Popen([dcmtk("storescp"), "-aet", self.ae_title, "-od",
+                                      str(self.folder), "-v", *self.extra, str(self.port)],
+                                     stdout=self._logf, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.1)
+        raise RuntimeError("storescp did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self._logf.close()
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.folder.iterdir() if p.is_file())
+
+    def received(self) -> int:
+        """How many C-STORE requests it has answered (duplicates count twice)."""
+        return self.log.read_text(errors="replace").count("Received Store Request") \
+            if self.log.exists() else 0
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.25, what: str = ""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    r = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True)
+    return [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("Error")]
