@@ -224,6 +224,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from storage.state import ExamState
+
     parser = argparse.ArgumentParser(
         prog="mammo-node",
         description="DICOM-native AI node for screening mammography.")
@@ -246,8 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("exams", help="list exams: state, views received, what is missing")
     _add_config(p)
     p.add_argument("--json", action="store_true", help="JSON array instead of a table")
-    p.add_argument("--state", choices=["receiving", "ready", "processing", "done", "failed",
-                                            "conflict"],
+    p.add_argument("--state", choices=[s.value for s in ExamState],
                    help="only exams in this state")
     p.set_defaults(func=cmd_exams)
 

@@ -31,8 +31,9 @@ from starlette.routing import Route
 from node import audit as A
 from node.config import Config
 from node.qr import ATTRS, LEVELS, QueryRetrieveSCP
-from node.scp import OUT_OF_RESOURCES, SUCCESS, StorageSCP
+from node.scp import StorageSCP
 from node.security import TokenAuth
+from node.status import CANNOT_UNDERSTAND, DATASET_MISMATCH, OUT_OF_RESOURCES, SUCCESS
 from storage.files import FileStore
 from storage.models import Instance
 from storage.state import ExamStore
@@ -283,7 +284,7 @@ class DicomWeb:
         for ptype, offset, length in parts:
             item = Dataset()
             if not ptype.startswith("application/dicom"):
-                item.FailureReason = 0xA900
+                item.FailureReason = DATASET_MISMATCH
                 failed.append((item, f"part of type {ptype} is not application/dicom"))
                 continue
             with tempfile.NamedTemporaryFile(dir=self.files.incoming, suffix=".dcm",
@@ -299,14 +300,14 @@ class DicomWeb:
                 study = str(header.get("StudyInstanceUID", ""))
             except Exception as exc:
                 path.unlink(missing_ok=True)
-                item.FailureReason = 0xC210
+                item.FailureReason = CANNOT_UNDERSTAND
                 failed.append((item, f"not a DICOM file: {exc}"))
                 continue
             item.ReferencedSOPClassUID = sop_class
             item.ReferencedSOPInstanceUID = sop_uid
             if study_in_url and study != study_in_url:
                 path.unlink(missing_ok=True)
-                item.FailureReason = 0xA900
+                item.FailureReason = DATASET_MISMATCH
                 failed.append((item, f"StudyInstanceUID {study} is not the study of the URL"))
                 continue
             who = dict(getattr(request.state, "who", {}) or {}, ae_title=calling)

@@ -12,13 +12,13 @@ from pynetdicom import AE, build_context
 
 from node import audit as A
 from node.config import Config, Destination
+from node.status import PENDING, PENDING_WARNING, STORED, SUCCESS
 from storage.files import FileStore
 from storage.records import Delivery
 from storage.state import ExamStore
 
 log = logging.getLogger("mammo_node.export")
 
-_OK = {0x0000, 0xB000, 0xB007, 0xB006}  # success and the storage warnings
 
 
 def nodelay(assoc) -> None:
@@ -64,10 +64,10 @@ def _find_instance(ae_title: str, dest: Destination, study_uid: str, sop_uid: st
             if not status:
                 return None
             final = int(status.Status)
-            if final in (0xFF00, 0xFF01) and ident is not None and \
+            if final in (PENDING, PENDING_WARNING) and ident is not None and \
                     str(ident.get("SOPInstanceUID", "")) == sop_uid:
                 found = True
-        return found if final == 0x0000 else None
+        return found if final == SUCCESS else None
     except (ValueError, RuntimeError):  # no accepted C-FIND context
         return None
     finally:
@@ -173,7 +173,7 @@ class Exporter(threading.Thread):
                 self.exams.mark_in_flight(r.id)
                 status = assoc.send_c_store(ds)
                 code = int(status.Status) if status and "Status" in status else None
-                if code in _OK:
+                if code in STORED:
                     self.exams.mark_sent(r.id)
                     sent += 1
                     log.info("sent %s to %s", r.sop_instance_uid, dest.name)

@@ -29,7 +29,8 @@ from pynetdicom.sop_class import (
 from node import audit as A
 from node.compat import wait_until_sent
 from node.config import Config
-from node.security import NOT_AUTHORIZED, AccessControl
+from node.security import AccessControl
+from node.status import CANCELLED, IDENTIFIER_MISMATCH, NOT_AUTHORIZED, PENDING
 from storage.files import FileStore
 from storage.models import Instance
 from storage.query import Match
@@ -46,11 +47,6 @@ PATIENT_ROOT = {str(PatientRootQueryRetrieveInformationModelFind),
                 str(PatientRootQueryRetrieveInformationModelMove),
                 str(PatientRootQueryRetrieveInformationModelGet)}
 
-PENDING = 0xFF00
-CANCELLED = 0xFE00
-IDENTIFIER_MISMATCH = 0xA900
-UNABLE = 0xC000
-MOVE_DEST_UNKNOWN = 0xA801
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 # keyword -> (level, Instance column, VR kind)

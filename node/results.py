@@ -23,6 +23,7 @@ from node import __version__
 from node.compat import highdicom_sr_base
 
 MANUFACTURER = "mammo-node"
+SOFTWARE_VERSION = f"mammo-node {__version__}"
 SC_SERIES_NUMBER = 9901
 SR_SERIES_NUMBER = 9902
 SC_MAX_ROWS = 1536  # attention-map images are for review, not diagnosis: keep them light
@@ -177,7 +178,7 @@ def _stamp(ds: Dataset) -> None:
     now = dt.datetime.now()
     ds.ContentDate = now.strftime("%Y%m%d")
     ds.ContentTime = now.strftime("%H%M%S")
-    ds.SoftwareVersions = f"mammo-node {__version__}"
+    ds.SoftwareVersions = SOFTWARE_VERSION
 
 
 def overall_impression(reading: ReadingSummary) -> str:
@@ -267,6 +268,7 @@ def build_tid1500(sources: dict[str, Dataset], reading: ReadingSummary, study_ui
         previous_versions=[replaces] if replaces is not None else None,
     )
     sr.SeriesDescription = "AI reading (TID 1500)"
+    sr.SoftwareVersions = SOFTWARE_VERSION
     return sr
 
 
@@ -434,4 +436,5 @@ def build_mammo_cad(sources: dict[str, Dataset], reading: ReadingSummary, study_
         instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
         previous_versions=[replaces] if replaces is not None else None)
     sr.SeriesDescription = "AI reading (Mammography CAD SR)"
+    sr.SoftwareVersions = SOFTWARE_VERSION
     return sr

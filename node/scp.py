@@ -24,7 +24,15 @@ from pynetdicom.sop_class import Verification
 from node import audit as A
 from node.compat import partial_dataset_file, receiving_file
 from node.config import Config
-from node.security import NOT_AUTHORIZED, AccessControl
+from node.security import AccessControl
+from node.status import (
+    CANNOT_UNDERSTAND,
+    DATASET_MISMATCH,
+    NOT_AUTHORIZED,
+    OUT_OF_RESOURCES,
+    PROCESSING_FAILURE,
+    SUCCESS,
+)
 from node.validate import DatasetInvalid, check_dataset, check_image_pixel_module
 from node.views import acquisition_key, assign_slots, classify
 from storage.db import is_disk_full
@@ -34,12 +42,6 @@ from storage.state import ExamStore
 
 log = logging.getLogger("mammo_node.scp")
 
-# C-STORE statuses (PS3.4 B.2.3 and pynetdicom's conventions).
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DATASET_MISMATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC210
-PROCESSING_FAILURE = 0xC211
 
 #: Transfer syntaxes accepted for storage: uncompressed, deflated, and the compressed ones
 #: mammography archives use. Files are stored as received.

@@ -31,8 +31,6 @@ from node.config import Config, Peer
 
 log = logging.getLogger("mammo_node.security")
 
-#: General status (PS3.7 C.5): the peer is not authorised for this request.
-NOT_AUTHORIZED = 0x0124
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)   # permanent, service user, calling AE not recognised

@@ -33,8 +33,7 @@ from typing import IO, BinaryIO
 
 from pydicom.datadict import dictionary_VR
 
-CANNOT_UNDERSTAND = 0xC210
-OUT_OF_RESOURCES = 0xA700
+from node.status import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
 IMPLICIT_LE = "1.2.840.10008.1.2"

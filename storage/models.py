@@ -11,13 +11,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 #: The four slots of a screening exam, in display order.
 SLOTS: tuple[str, ...] = ("L-CC", "L-MLO", "R-CC", "R-MLO")
-#: Exam states; only :mod:`storage.state` changes them.
-#: ``conflict``: images of more than one patient share the study; held (no reading) until
-#: an administrator resolves it (``mammo-node resolve``).
-EXAM_STATES: tuple[str, ...] = ("receiving", "ready", "processing", "done", "failed",
-                                "conflict")
-#: Delivery states of one result object to one destination.
-OUTBOUND_STATES: tuple[str, ...] = ("pending", "retrying", "sent", "gave_up")
+# Exam and delivery states are storage.state.ExamState / OutboundState; only that module
+# changes them, through its transition table.
 
 _SLOT_COLUMNS = {"L-CC": "l_cc", "L-MLO": "l_mlo", "R-CC": "r_cc", "R-MLO": "r_mlo"}
 

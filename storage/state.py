@@ -1,10 +1,20 @@
-"""The one module that changes exam state.
+"""The one module that changes exam and delivery state, through one transition table.
 
-Transitions::
+Exams::
 
     receiving -> ready -> processing -> done | failed
     any state -> receiving | ready   when a new instance changes the slots
                                      (from processing/done/failed: a new version)
+    any state -> conflict            images of two patients in one study (held)
+    conflict  -> receiving | ready   resolved (mammo-node resolve)
+    processing -> ready              recovered after a crash
+
+Deliveries (one result object to one destination)::
+
+    pending | retrying -> sent | retrying | gave_up
+    sent | gave_up | retrying -> pending               queued again (mammo-node resend)
+
+An illegal change raises :class:`IllegalTransition`.
 
 Every transition runs inside :meth:`storage.db.Database.write` (process lock + transaction,
 ``SELECT ... FOR UPDATE`` on databases that have it).
@@ -16,15 +26,71 @@ import datetime as dt
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TypeVar
 
 from sqlalchemy import func, select
 
 from storage.db import Database
-from storage.models import EXAM_STATES, SLOTS, Exam, Instance, Outbound, Result, utcnow
+from storage.models import SLOTS, Exam, Instance, Outbound, Result, utcnow
 from storage.records import Delivery, InstanceRecord, ProducedObject
 
 log = logging.getLogger("mammo_node.storage")
+
+
+class ExamState(StrEnum):
+    RECEIVING = "receiving"
+    READY = "ready"
+    PROCESSING = "processing"
+    DONE = "done"
+    FAILED = "failed"
+    #: Images of more than one patient share the study: held, nothing is read until an
+    #: administrator resolves it (``mammo-node resolve``).
+    CONFLICT = "conflict"
+
+
+class OutboundState(StrEnum):
+    PENDING = "pending"
+    RETRYING = "retrying"
+    SENT = "sent"
+    GAVE_UP = "gave_up"
+
+
+_E, _O = ExamState, OutboundState
+EXAM_TRANSITIONS: dict[ExamState, frozenset[ExamState]] = {
+    _E.RECEIVING: frozenset({_E.READY, _E.CONFLICT}),
+    _E.READY: frozenset({_E.PROCESSING, _E.RECEIVING, _E.CONFLICT}),
+    _E.PROCESSING: frozenset({_E.DONE, _E.FAILED, _E.READY, _E.RECEIVING, _E.CONFLICT}),
+    _E.DONE: frozenset({_E.READY, _E.RECEIVING, _E.CONFLICT}),
+    _E.FAILED: frozenset({_E.READY, _E.RECEIVING, _E.CONFLICT}),
+    _E.CONFLICT: frozenset({_E.READY, _E.RECEIVING}),
+}
+OUTBOUND_TRANSITIONS: dict[OutboundState, frozenset[OutboundState]] = {
+    _O.PENDING: frozenset({_O.SENT, _O.RETRYING, _O.GAVE_UP}),
+    _O.RETRYING: frozenset({_O.SENT, _O.RETRYING, _O.GAVE_UP, _O.PENDING}),
+    _O.SENT: frozenset({_O.PENDING}),
+    _O.GAVE_UP: frozenset({_O.PENDING}),
+}
+
+
+#: States in which an exam has been (or is being) read: a slot change makes a new version.
+_READ = (ExamState.PROCESSING, ExamState.DONE, ExamState.FAILED)
+
+
+class IllegalTransition(RuntimeError):
+    """A state change the transition table does not allow (a bug, never user input)."""
+
+
+def check_transition(old: str, new: str, table: dict) -> None:
+    """Raise :class:`IllegalTransition` unless ``old -> new`` is in ``table`` (staying in a
+    state is always allowed)."""
+    kind = ExamState if table is EXAM_TRANSITIONS else OutboundState
+    try:
+        o, n = kind(old), kind(new)
+    except ValueError:
+        raise IllegalTransition(f"unknown {kind.__name__} in {old!r} -> {new!r}") from None
+    if o != n and n not in table[o]:
+        raise IllegalTransition(f"{kind.__name__}: {o.value} -> {n.value} is not allowed")
 
 
 @dataclass
@@ -72,6 +138,11 @@ def same_patient(a_id: str | None, a_issuer: str | None, b_id: str | None,
     return not (a_issuer and b_issuer and a_issuer != b_issuer)
 
 
+def _set_outbound(row: Outbound, state: OutboundState) -> None:
+    check_transition(row.state, state, OUTBOUND_TRANSITIONS)
+    row.state = state.value
+
+
 class ExamStore:
     """Instance and exam rows, and every state transition of an exam."""
 
@@ -116,7 +187,8 @@ class ExamStore:
             exam = Exam(study_instance_uid=inst.study_instance_uid,
                         accession_number=inst.accession_number, patient_id=inst.patient_id,
                         issuer_of_patient_id=inst.issuer_of_patient_id,
-                        state="receiving", version=1, created_at=now, last_received_at=now,
+                        state=ExamState.RECEIVING.value, version=1, created_at=now,
+                        last_received_at=now,
                         state_changed_at=now, notes_json="[]")
             s.add(exam)
             s.flush()
@@ -129,7 +201,7 @@ class ExamStore:
             exam.issuer_of_patient_id = inst.issuer_of_patient_id
         others = [m for m in members if not same_patient(
             exam.patient_id, exam.issuer_of_patient_id, m.patient_id, m.issuer_of_patient_id)]
-        if others or exam.state == "conflict":
+        if others or exam.state == ExamState.CONFLICT:
             self._hold(exam, inst, members, others, now, result)
             return
         assignment = assign(members)
@@ -145,14 +217,14 @@ class ExamStore:
             exam.accession_number = inst.accession_number
         complete = not exam.missing
         if changed:
-            if exam.state in ("processing", "done", "failed"):
+            if exam.state in _READ:
                 exam.version += 1
                 exam.add_note(f"reopened as version {exam.version}: instance "
                               f"{inst.sop_instance_uid} arrived after the exam was "
                               f"{exam.state}")
                 result.reopened = True
-            self._set_state(exam, "ready" if complete else "receiving", now)
-        elif exam.state in ("processing", "done", "failed"):
+            self._set_state(exam, ExamState.READY if complete else ExamState.RECEIVING, now)
+        elif exam.state in _READ:
             exam.add_note(f"instance {inst.sop_instance_uid} ({inst.role}) arrived after the "
                           f"exam was {exam.state}; it changes no slot, the reading stands")
         exam.reason = "; ".join(assignment.problems) or None
@@ -166,11 +238,11 @@ class ExamStore:
         stay as they were (no other patient's image ever fills one)."""
         exam.last_received_at = now
         if others:
-            if exam.state != "conflict":
+            if exam.state != ExamState.CONFLICT:
                 exam.add_note(f"patient conflict: instance {inst.sop_instance_uid} and the "
                               f"exam's images carry different patient IDs; the exam was "
                               f"{exam.state}, it is held until resolved")
-            self._set_state(exam, "conflict", now)
+            self._set_state(exam, ExamState.CONFLICT, now)
             exam.reason = (f"patient conflict: {len(others)} of {len(members)} instance(s) "
                            f"belong to another patient than the exam's first image; no "
                            f"reading until resolved (mammo-node resolve "
@@ -218,16 +290,16 @@ class ExamStore:
                           f"{len(detached)} detached; read as version {exam.version}")
             exam.reason = "; ".join(assignment.problems) or None
             exam.last_received_at = now
-            self._set_state(exam, "receiving" if exam.missing else "ready", now)
+            self._set_state(exam, ExamState.RECEIVING if exam.missing else ExamState.READY, now)
             return len(detached), exam.state, exam.version
 
     @staticmethod
-    def _set_state(exam: Exam, state: str, now: dt.datetime) -> None:
-        assert state in EXAM_STATES, state
+    def _set_state(exam: Exam, state: ExamState, now: dt.datetime) -> None:
+        check_transition(exam.state, state, EXAM_TRANSITIONS)
         if exam.state != state:
             log.info("exam %s v%d: %s -> %s", exam.study_instance_uid, exam.version,
                      exam.state, state)
-            exam.state = state
+            exam.state = state.value
             exam.state_changed_at = now
 
     # -- grouping timer -----------------------------------------------------------------
@@ -238,14 +310,14 @@ class ExamStore:
         promoted: list[str] = []
         with self.db.write() as s:
             for exam in s.scalars(select(Exam).where(
-                    Exam.state == "receiving", Exam.last_received_at <= cutoff)
+                    Exam.state == ExamState.RECEIVING.value, Exam.last_received_at <= cutoff)
                     .with_for_update()):
                 missing = exam.missing
                 if missing:
                     msg = (f"partial exam: missing {', '.join(missing)} after "
                            f"{stable_seconds:g} s without new images")
                     exam.reason = f"{exam.reason}; {msg}" if exam.reason else msg
-                self._set_state(exam, "ready", now)
+                self._set_state(exam, ExamState.READY, now)
                 promoted.append(exam.study_instance_uid)
         return promoted
 
@@ -253,21 +325,21 @@ class ExamStore:
     def claim_next_ready(self) -> tuple[int, int] | None:
         """Claim the oldest ``ready`` exam: ``(exam_id, version)`` or None."""
         with self.db.write() as s:
-            exam = s.scalar(select(Exam).where(Exam.state == "ready")
+            exam = s.scalar(select(Exam).where(Exam.state == ExamState.READY.value)
                             .order_by(Exam.state_changed_at, Exam.id).limit(1)
                             .with_for_update(skip_locked=True))
             if exam is None:
                 return None
-            self._set_state(exam, "processing", utcnow())
+            self._set_state(exam, ExamState.PROCESSING, utcnow())
             return exam.id, exam.version
 
     def finish(self, exam_id: int, version: int, ok: bool, reason: str | None = None) -> bool:
         """End processing of ``version``; False when the exam was reopened meanwhile."""
         with self.db.write() as s:
             exam = s.get(Exam, exam_id, with_for_update=True)
-            if exam is None or exam.version != version or exam.state != "processing":
+            if exam is None or exam.version != version or exam.state != ExamState.PROCESSING:
                 return False
-            self._set_state(exam, "done" if ok else "failed", utcnow())
+            self._set_state(exam, ExamState.DONE if ok else ExamState.FAILED, utcnow())
             if not ok:
                 exam.reason = reason or "processing failed"
             return True
@@ -281,7 +353,7 @@ class ExamStore:
         never doubled."""
         with self.db.write() as s:
             exam = s.get(Exam, exam_id, with_for_update=True)
-            if exam is None or exam.version != version or exam.state != "processing":
+            if exam is None or exam.version != version or exam.state != ExamState.PROCESSING:
                 return False
             source = s.scalar(select(Instance).where(Instance.exam_id == exam_id)
                               .order_by(Instance.id).limit(1))
@@ -300,10 +372,11 @@ class ExamStore:
                     if s.scalar(select(Outbound.id).where(
                             Outbound.result_id == row.id,
                             Outbound.destination == dest)) is None:
-                        s.add(Outbound(result_id=row.id, destination=dest, state="pending",
-                                       attempts=0, next_attempt_at=utcnow()))
+                        s.add(Outbound(result_id=row.id, destination=dest,
+                                       state=OutboundState.PENDING.value, attempts=0,
+                                       next_attempt_at=utcnow()))
             if finish:
-                self._set_state(exam, "done", utcnow())
+                self._set_state(exam, ExamState.DONE, utcnow())
             return True
 
     @staticmethod
@@ -352,7 +425,8 @@ class ExamStore:
                        Exam.study_instance_uid)
                 .join(Result, Result.id == Outbound.result_id)
                 .join(Exam, Exam.id == Result.exam_id)
-                .where(Outbound.state.in_(("pending", "retrying")),
+                .where(Outbound.state.in_((OutboundState.PENDING.value,
+                                           OutboundState.RETRYING.value)),
                        Outbound.next_attempt_at <= now)
                 .order_by(Outbound.next_attempt_at, Outbound.id).limit(limit)).all()
         return [Delivery(id=r[0], destination=r[1], attempts=r[2], path=r[3],
@@ -366,7 +440,8 @@ class ExamStore:
     def mark_sent(self, outbound_id: int) -> None:
         with self.db.write() as s:
             row = _get(s, Outbound, outbound_id)
-            row.state, row.sent_at, row.last_error = "sent", utcnow(), None
+            _set_outbound(row, OutboundState.SENT)
+            row.sent_at, row.last_error = utcnow(), None
             row.in_flight_since = None
             row.attempts += 1
 
@@ -379,10 +454,10 @@ class ExamStore:
             row.in_flight_since = None
             row.last_error = error[:2000]
             if row.attempts >= max_attempts:
-                row.state = "gave_up"
+                _set_outbound(row, OutboundState.GAVE_UP)
             else:
                 delay = min(max_delay, initial_delay * 2 ** (row.attempts - 1))
-                row.state = "retrying"
+                _set_outbound(row, OutboundState.RETRYING)
                 row.next_attempt_at = utcnow() + dt.timedelta(seconds=delay)
             return row.state
 
@@ -396,7 +471,8 @@ class ExamStore:
             for row in s.scalars(select(Outbound).join(Result, Result.id == Outbound.result_id)
                                  .where(Result.exam_id == exam.id,
                                         Result.version == exam.version)):
-                row.state, row.attempts, row.next_attempt_at = "pending", 0, utcnow()
+                _set_outbound(row, OutboundState.PENDING)
+                row.attempts, row.next_attempt_at = 0, utcnow()
                 row.last_error = None
                 n += 1
             return n
@@ -425,9 +501,9 @@ class ExamStore:
         """At start-up: exams left in ``processing`` by a crash go back to ``ready``."""
         n = 0
         with self.db.write() as s:
-            for exam in s.scalars(select(Exam).where(Exam.state == "processing")):
+            for exam in s.scalars(select(Exam).where(Exam.state == ExamState.PROCESSING.value)):
                 exam.add_note("processing interrupted (node restarted); queued again")
-                self._set_state(exam, "ready", utcnow())
+                self._set_state(exam, ExamState.READY, utcnow())
                 n += 1
         return n
 
@@ -437,7 +513,7 @@ class ExamStore:
             return list(s.scalars(select(Exam).order_by(Exam.created_at, Exam.id)))
 
     def counts_by_state(self) -> dict[str, int]:
-        counts = {state: 0 for state in EXAM_STATES}
+        counts = {state.value: 0 for state in ExamState}
         with self.db.session() as s:
             for state, n in s.execute(select(Exam.state, func.count()).group_by(Exam.state)):
                 counts[state] = n

@@ -20,6 +20,8 @@ from inference.checkpoint import (
 from inference.model import create_model
 from inference.synthetic import make_exam
 
+pytestmark = pytest.mark.unit  # fast: the unit layer (python -m pytest -m unit)
+
 SIZE = (128, 64)
 
 

@@ -73,6 +73,7 @@ def test_start_refused_on_a_public_address_without_a_token(tmp_path):
     assert "127.0.0.1" in r.stderr
 
 
+@pytest.mark.unit
 def test_shipped_config_serves_dicomweb_on_loopback_only():
     from node.config import load_config
 
@@ -189,6 +190,7 @@ def test_stow_warning_header_never_carries_server_paths(node_factory):
         "cannot parse <path>: bad"
 
 
+@pytest.mark.unit
 def test_wildcard_match_agrees_with_a_reference_and_stays_linear():
     rng = random.Random(7)
     alphabet = "ab*?"
@@ -202,6 +204,7 @@ def test_wildcard_match_agrees_with_a_reference_and_stays_linear():
     assert not wildcard_match("*a" * 40 + "b", "a" * 4000)  # quadratic at worst, not 2^n
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("value", ["127.0.0.1", "::1", "localhost"])
 def test_loopback_addresses(value):
     from node.config import is_loopback

@@ -7,6 +7,8 @@ import torch
 
 from inference.model import ModelConfig, birads_to_class, create_model
 
+pytestmark = pytest.mark.unit  # fast: the unit layer (python -m pytest -m unit)
+
 SIZE = (128, 64)
 
 

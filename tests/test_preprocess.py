@@ -14,6 +14,8 @@ from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 from inference.preprocess import guess_slot, map_to_original, preprocess, to_display
 from inference.synthetic import Lesion, make_mammogram, write
 
+pytestmark = pytest.mark.unit  # fast: the unit layer (python -m pytest -m unit)
+
 SIZE = (256, 128)
 LESION = [Lesion("spiculated", 0.5, 0.4, 0.08, 0.4)]
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from storage.files import is_valid_uid
+
+pytestmark = pytest.mark.unit  # fast: the unit layer (python -m pytest -m unit)
 
 
 def test_result_uids_are_deterministic_across_processes_and_valid():

@@ -14,6 +14,8 @@ from inference.scan import (
     selective_scan_ref,
 )
 
+pytestmark = pytest.mark.unit  # fast: the unit layer (python -m pytest -m unit)
+
 SHAPES = [  # (batch, channels, length, state, groups or None)
     (2, 8, 37, 4, None),
     (1, 6, 1, 3, 2),

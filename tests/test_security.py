@@ -400,6 +400,7 @@ def test_syslog_forwarding_rfc5424_over_tcp(node_factory):
     assert "Security Alert" in text and "STRANGER" in text
 
 
+@pytest.mark.unit
 def test_config_errors_name_the_keys():
     from node.config import ConfigError, parse_config
 

@@ -1,0 +1,162 @@
+"""Unit layer: SR / SC builders from a plain reading, the whole-dataset validator, config,
+tokens and the audit reader. No processes, no network (pytest -m unit)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from inference.synthetic import make_exam, make_mammogram, write
+from node.results import (
+    BreastSummary,
+    ReadingSummary,
+    build_mammo_cad,
+    build_sc,
+    build_tid1500,
+    result_uid,
+)
+from node.validate import DatasetInvalid, check_dataset
+
+pytestmark = pytest.mark.unit
+
+CLASSES = ["BI-RADS 1", "BI-RADS 2", "BI-RADS 3", "BI-RADS 4", "BI-RADS 5"]
+
+
+def _reading(demo: bool = True) -> ReadingSummary:
+    def probs(top: int) -> dict[str, float]:
+        return {c: (0.8 if i == top else 0.05) for i, c in enumerate(CLASSES)}
+    return ReadingSummary(
+        breasts={"L": BreastSummary(True, "BI-RADS 5", probs(4), "malignant",
+                                    {"normal": 0.05, "benign": 0.1, "malignant": 0.85}),
+                 "R": BreastSummary(True, "BI-RADS 1", probs(0), "normal",
+                                    {"normal": 0.9, "benign": 0.05, "malignant": 0.05})},
+        fusion_weights={"L": {"L-CC": 0.6, "L-MLO": 0.4}, "R": {"R-CC": 0.5, "R-MLO": 0.5}},
+        missing_views=[], model_name="HybridCnnVssm", model_version="1.0",
+        model_sha256="ab" * 32, not_for_clinical_use=demo)
+
+
+@pytest.fixture(scope="module")
+def sources():
+    exam = make_exam(seed=7, rows=64, cols=48)
+    return {f"{ds.ImageLaterality}-{ds.ViewPosition}": ds for ds in exam}
+
+
+def test_mammo_cad_sr_from_a_reading(sources):
+    study = next(iter(sources.values())).StudyInstanceUID
+    sr = build_mammo_cad(sources, _reading(), study, 1)
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.50"
+    assert sr.StudyInstanceUID == study and sr.SOPInstanceUID == result_uid(
+        study, 1, "sr-mammo-cad")
+    text = json.dumps(sr.to_json_dict(), default=str)
+    for needle in ("Image Library", "AI BI-RADS 5", "NOT FOR CLINICAL USE", "HybridCnnVssm",
+                   "Fusion weight of L-CC"):
+        assert needle in text, needle
+    assert all(ds.SOPInstanceUID in text for ds in sources.values())
+    assert sr.SoftwareVersions.startswith("mammo-node ")
+    v2 = build_mammo_cad(sources, _reading(demo=False), study, 2, replaces=sr)
+    assert "NOT FOR CLINICAL USE" not in json.dumps(v2.to_json_dict(), default=str)
+    assert v2.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0] \
+        .ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sr.SOPInstanceUID
+
+
+def test_tid1500_and_secondary_capture(sources):
+    study = next(iter(sources.values())).StudyInstanceUID
+    sr = build_tid1500(sources, _reading(), study, 1)
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"
+    assert "BI-RADS 5" in json.dumps(sr.to_json_dict(), default=str)
+    src = sources["L-CC"]
+    display = np.linspace(0, 1, src.Rows * src.Columns).reshape(src.Rows, src.Columns)
+    attention = np.zeros_like(display)
+    attention[10:20, 10:20] = 1.0
+    sc = build_sc(src, "L-CC", display, attention, _reading(), study, 1, 1)
+    assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and sc.BurnedInAnnotation == "YES"
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
+
+
+# -- the whole-dataset validator --------------------------------------------------------
+def test_validator_accepts_whole_files_and_refuses_cut_ones(tmp_path):
+    f = write(make_mammogram("L", "CC", rows=64, cols=64), tmp_path / "a.dcm")
+    assert check_dataset(f, 1 << 30) is None
+    data = f.read_bytes()
+    for cut in (200, len(data) // 2, len(data) - 1):
+        p = tmp_path / f"cut{cut}.dcm"
+        p.write_bytes(data[:cut])
+        with pytest.raises(DatasetInvalid) as e:
+            check_dataset(p, 1 << 30)
+        assert e.value.status == 0xC210
+    p = tmp_path / "trailing.dcm"
+    p.write_bytes(data + b"\x00\x01\x02")
+    with pytest.raises(DatasetInvalid):
+        check_dataset(p, 1 << 30)
+
+
+def test_validator_encapsulated_and_deflated(tmp_path):
+    from pydicom.uid import RLELossless
+
+    f = write(make_mammogram("L", "CC", rows=64, cols=64, transfer_syntax=RLELossless),
+              tmp_path / "rle.dcm")
+    assert check_dataset(f, 1 << 30) is None
+    d = write(make_mammogram("L", "CC", rows=64, cols=64,
+                             transfer_syntax=DeflatedExplicitVRLittleEndian),
+              tmp_path / "deflated.dcm")
+    inflated = check_dataset(d, 1 << 30, scratch=tmp_path)
+    assert inflated is not None and inflated.stat().st_size > 64 * 64 * 2
+    inflated.unlink()
+    with pytest.raises(DatasetInvalid) as e:
+        check_dataset(d, 4096, scratch=tmp_path)  # inflates beyond the cap
+    assert e.value.status == 0xA700
+    assert not list(tmp_path.glob("inflated-*"))  # the scratch copy is removed
+    raw = d.read_bytes()
+    bad = tmp_path / "bad-deflate.dcm"
+    bad.write_bytes(raw[:-10])  # the deflate stream cut short
+    with pytest.raises(DatasetInvalid, match="deflate"):
+        check_dataset(bad, 1 << 30, scratch=tmp_path)
+
+
+# -- configuration, tokens, audit ---------------------------------------------------------
+def test_peers_match_hosts_and_cidr():
+    from node.config import parse_config
+
+    cfg = parse_config({"peers": [
+        {"ae_title": "PACS", "hosts": ["10.1.2.0/24", "192.168.0.7"],
+         "services": ["store", "find"]}]})
+    p = cfg.peers[0]
+    assert p.matches("PACS", "10.1.2.99") and p.matches("PACS", "192.168.0.7")
+    assert p.matches("PACS", "::ffff:10.1.2.3")  # IPv4-mapped IPv6
+    assert not p.matches("PACS", "10.1.3.1") and not p.matches("OTHER", "10.1.2.1")
+
+
+def test_tokens_by_hash_with_services():
+    from node.config import parse_config
+    from node.security import TokenAuth
+
+    digest = hashlib.sha256(b"viewer-token").hexdigest()
+    auth = TokenAuth(parse_config({"dicomweb": {
+        "token": "admin", "tokens": [{"name": "viewer", "sha256": digest,
+                                      "services": ["qido", "wado"]}]}}))
+    assert auth.authenticate("Bearer viewer-token") == ("viewer", frozenset({"qido", "wado"}))
+    assert auth.authenticate("Bearer admin")[0] == "token"
+    for bad in ("", "Bearer", "Bearer nope", "Basic dmlld2VyLXRva2Vu", "viewer-token"):
+        assert auth.authenticate(bad) is None
+
+
+def test_audit_log_lines_and_filters(tmp_path):
+    import datetime as dt
+
+    from node.audit import AuditLog, read_events
+
+    log = AuditLog(tmp_path / "audit.jsonl", "NODE")
+    log.event("Query", 0, peer={"ae_title": "A"}, studies=["1.2.3"])
+    log.event("Security Alert", 4, peer={"ae_title": "B"})
+    log.event("DICOM Instances Transferred", 0, study="1.2.4")
+    log.close()
+    assert oct((tmp_path / "audit.jsonl").stat().st_mode & 0o777) == "0o600"
+    assert [e["event"] for e in read_events(tmp_path / "audit.jsonl", study="1.2.3")] == ["Query"]
+    assert len(list(read_events(tmp_path / "audit.jsonl", event="security alert"))) == 1
+    future = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    assert list(read_events(tmp_path / "audit.jsonl", since=future)) == []

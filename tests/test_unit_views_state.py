@@ -1,0 +1,188 @@
+"""Unit layer: view classification, slot assignment, the state machine and the exam store on
+a real SQLite file, C-FIND matching in SQL. No processes, no network (pytest -m unit)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+
+from inference.synthetic import make_exam, make_mammogram
+from node.qr import QueryRetrieveSCP, key_match
+from node.scp import instance_record
+from node.views import assign_slots, classify
+from storage.db import Database
+from storage.files import FileStore
+from storage.state import (
+    EXAM_TRANSITIONS,
+    OUTBOUND_TRANSITIONS,
+    ExamState,
+    ExamStore,
+    IllegalTransition,
+    OutboundState,
+    check_transition,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def _item(code: str, scheme: str = "SCT") -> Dataset:
+    it = Dataset()
+    it.CodeValue, it.CodingSchemeDesignator, it.CodeMeaning = code, scheme, code
+    return it
+
+
+@pytest.mark.parametrize("setup, expected", [
+    (dict(ImageLaterality="L", ViewPosition="CC"), "L-CC"),
+    (dict(Laterality="R", ViewPosition="MLO"), "R-MLO"),
+    (dict(ViewPosition="RCC"), "R-CC"),
+    (dict(ViewPosition="L MLO"), "L-MLO"),
+    (dict(ImageLaterality="R", ViewCodeSequence=[_item("399162004")]), "R-CC"),
+    (dict(ImageLaterality="L", ViewCodeSequence=[_item("R-10226", "SRT")]), "L-MLO"),
+])
+def test_classify_slots_from_every_header_convention(setup, expected):
+    ds = make_mammogram("", "", rows=8, cols=8)
+    for k in ("ImageLaterality", "Laterality", "ViewPosition", "ViewCodeSequence"):
+        if k in ds:
+            delattr(ds, k)
+    for k, v in setup.items():
+        setattr(ds, k, v)
+    info = classify(ds)
+    assert info.role == "candidate" and info.slot == expected
+
+
+@pytest.mark.parametrize("view, modifier, role", [
+    ("XCCL", None, "extra"), ("ML", None, "extra"), ("CC", "spot", "extra"),
+    ("MLO", "implant-displaced", "extra"), ("", None, "unclassified")])
+def test_classify_extras_and_unclassified(view, modifier, role):
+    ds = make_mammogram("L", view, rows=8, cols=8, modifier=modifier)
+    assert classify(ds).role == role
+
+
+def test_classify_other_sop_classes():
+    ds = make_mammogram("L", "CC", rows=8, cols=8)
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    assert classify(ds).role == "other"
+
+
+def _records(store: FileStore, datasets) -> list:
+    return [instance_record(ds, store, "UNIT", str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                            "1.2.840.10008.1.2.1", 100) for ds in datasets]
+
+
+@pytest.fixture
+def exams(tmp_path: Path):
+    db = Database(f"sqlite:///{tmp_path / 'unit.db'}")
+    yield ExamStore(db), FileStore(tmp_path / "data", fsync=False)
+    db.close()
+
+
+def _add(store: ExamStore, files: FileStore, datasets):
+    return [store.add_instance(r, assign_slots, place=lambda: None)
+            for r in _records(files, datasets)]
+
+
+def test_exam_assembly_repeat_views_and_reopening(exams):
+    store, files = exams
+    exam = make_exam(seed=1, rows=8, cols=8, acquisition=dt.datetime(2026, 1, 1, 9))
+    results = _add(store, files, exam)
+    assert [r.exam_state for r in results] == ["receiving"] * 3 + ["ready"]
+    claimed = store.claim_next_ready()
+    assert claimed is not None
+    assert store.finish(*claimed, ok=True)
+    retake = make_mammogram("L", "CC", rows=8, cols=8, study_uid=exam[0].StudyInstanceUID,
+                            patient_id=exam[0].PatientID,
+                            acquisition=dt.datetime(2026, 1, 1, 10))
+    (r,) = _add(store, files, [retake])
+    assert r.reopened and r.exam_version == 2 and r.exam_state == "ready"
+    older = make_mammogram("L", "CC", rows=8, cols=8, study_uid=exam[0].StudyInstanceUID,
+                           patient_id=exam[0].PatientID, acquisition=dt.datetime(2026, 1, 1, 8))
+    (r,) = _add(store, files, [older])
+    assert not r.reopened and r.exam_version == 2  # an older repeat changes no slot
+    (dup,) = _add(store, files, [exam[1]])
+    assert dup.duplicate
+
+
+def test_patient_conflict_holds_and_resolve_reads_again(exams):
+    store, files = exams
+    exam = make_exam(seed=2, rows=8, cols=8, patient_id="P-1")
+    _add(store, files, exam)
+    other = make_mammogram("R", "CC", rows=8, cols=8, study_uid=exam[0].StudyInstanceUID,
+                           patient_id="P-2", acquisition=dt.datetime(2030, 1, 1))
+    (r,) = _add(store, files, [other])
+    assert r.conflict and r.exam_state == "conflict"
+    assert store.claim_next_ready() is None  # held: nothing to read
+    with pytest.raises(ValueError):
+        store.resolve_patient(exam[0].StudyInstanceUID, "P-3", assign_slots)
+    detached, state, version = store.resolve_patient(exam[0].StudyInstanceUID, "P-1",
+                                                     assign_slots)
+    assert (detached, state, version) == (1, "ready", 1)
+
+
+def test_issuer_of_patient_id_separates_equal_ids(exams):
+    store, files = exams
+    exam = make_exam(seed=3, rows=8, cols=8, patient_id="123")
+    for ds in exam:
+        ds.IssuerOfPatientID = "HOSPITAL-A"
+    _add(store, files, exam[:3])
+    other = exam[3]
+    other.IssuerOfPatientID = "HOSPITAL-B"
+    (r,) = _add(store, files, [other])
+    assert r.conflict
+
+
+def test_transition_table_is_the_only_way():
+    for old, allowed in EXAM_TRANSITIONS.items():
+        for new in ExamState:
+            if new == old or new in allowed:
+                check_transition(old, new, EXAM_TRANSITIONS)
+            else:
+                with pytest.raises(IllegalTransition):
+                    check_transition(old, new, EXAM_TRANSITIONS)
+    with pytest.raises(IllegalTransition):
+        check_transition("sent", "gave_up", OUTBOUND_TRANSITIONS)
+    with pytest.raises(IllegalTransition):
+        check_transition("bogus", "ready", EXAM_TRANSITIONS)
+    assert OutboundState.PENDING in OUTBOUND_TRANSITIONS[OutboundState.GAVE_UP]
+
+
+def test_finish_refuses_an_exam_that_was_never_claimed(exams):
+    store, files = exams
+    exam = make_exam(seed=4, rows=8, cols=8)
+    _add(store, files, exam)
+    # ready -> done skips processing: refused (and nothing changes).
+    assert store.finish(1, 1, ok=True) is False
+    assert store.counts_by_state()["ready"] == 1
+
+
+@pytest.mark.parametrize("key, query, n", [
+    ("PatientName", "alpha*", 1), ("PatientName", "ALPHA^ANN", 1), ("PatientName", "*a*a*", 2),
+    ("PatientID", "PAT-?", 2), ("PatientID", "pat-a", 0),  # LO: case-sensitive
+    ("StudyDate", "20260401-", 1), ("StudyDate", "-20260101", 0), ("AccessionNumber", "", 2),
+    ("AccessionNumber", "ACC_A", 0),  # SQL wildcards are data
+])
+def test_study_matching_in_sql(exams, key, query, n):
+    store, files = exams
+    a = make_exam(seed=5, rows=8, cols=8, patient_id="PAT-A", patient_name="Alpha^Ann",
+                  accession="ACC-A", acquisition=dt.datetime(2026, 3, 1))
+    b = make_exam(seed=6, rows=8, cols=8, patient_id="PAT-B", patient_name="Beta^Bea",
+                  accession="ACC-B", acquisition=dt.datetime(2026, 5, 20))
+    _add(store, files, a + b)
+    from node.config import Config
+
+    qr = QueryRetrieveSCP(Config(), files, store)
+    rows, more = qr.match("STUDY", {key: query})
+    assert len({r.study_instance_uid for r in rows}) == n and not more
+    rows, more = qr.match("IMAGE", {}, limit=3)
+    assert len(rows) == 3 and more
+
+
+def test_key_match_by_vr():
+    assert key_match("StudyInstanceUID", "1.2\\1.3").op == "in"
+    assert key_match("StudyDate", "20260101-20261231").op == "range"
+    assert key_match("StudyTime", "10").op == "prefix"
+    assert key_match("PatientName", "a*").op == "like_ci"
+    assert key_match("SeriesNumber", "3").op == "int"
+    assert key_match("PatientID", "*") is None
