@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pynetdicom import evt
+from pynetdicom import AllStoragePresentationContexts, evt
 
 from node import audit as A
 from node.config import Config, Peer
@@ -39,7 +39,8 @@ REJECT_NO_SPACE = (0x02, 0x03, 0x02)     # transient, provider (presentation), l
 
 DEFAULT_SERVICES = ("echo", "store")
 
-_STORAGE_PREFIX = "1.2.840.10008.5.1.4.1.1."
+#: Every storage SOP class the node accepts (a storage association needs free space).
+_STORAGE_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ class AccessControl:
                          f"called AE {called!r} is not this node ({self.cfg.node.ae_title})")
             return
         proposes_storage = any(
-            str(cx.abstract_syntax).startswith(_STORAGE_PREFIX)
+            str(cx.abstract_syntax) in _STORAGE_CLASSES
             for cx in (primitive.presentation_context_definition_list or []))
         if proposes_storage and "store" in services and not self.disk_ok():
             self._reject(assoc, REJECT_NO_SPACE, "disk below the free-space reserve "
