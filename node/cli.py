@@ -163,6 +163,29 @@ def _echo(cfg: Config, info: dict) -> bool:
         assoc.release()
 
 
+def _exam_action(args: argparse.Namespace, action: str) -> int:
+    cfg = _load(args)
+    store = _open_store(cfg)
+    if store is None:
+        print(f"mammo-node: no database in {cfg.data_dir}", file=sys.stderr)
+        return 1
+    try:
+        if action == "reprocess":
+            version, state = store.reprocess(args.study_uid)
+            print(f"study {args.study_uid}: version {version} is {state} (read again)")
+        else:
+            missing, state = store.complete_now(args.study_uid)
+            print(f"study {args.study_uid} is {state}"
+                  + (f" with {', '.join(missing)} missing" if missing else ""))
+    except KeyError:
+        print(f"mammo-node: no exam for study {args.study_uid}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"mammo-node: {args.study_uid}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_resolve(args: argparse.Namespace) -> int:
     from node.views import assign_slots
 
@@ -251,6 +274,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", choices=[s.value for s in ExamState],
                    help="only exams in this state")
     p.set_defaults(func=cmd_exams)
+
+    p = sub.add_parser("reprocess", help="read an exam again, as a new version (its results "
+                                         "replace the earlier ones)")
+    _add_config(p)
+    p.add_argument("study_uid", metavar="STUDY_UID")
+    p.set_defaults(func=lambda a: _exam_action(a, "reprocess"))
+
+    p = sub.add_parser("complete", help="process a partial exam now instead of waiting "
+                                        "[grouping] stable_seconds")
+    _add_config(p)
+    p.add_argument("study_uid", metavar="STUDY_UID")
+    p.set_defaults(func=lambda a: _exam_action(a, "complete"))
 
     p = sub.add_parser("resolve", help="end a patient conflict: keep one patient's images "
                                        "in the exam and read it again")

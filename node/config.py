@@ -98,6 +98,12 @@ class GroupingConfig:
 class InferenceConfig:
     device: str = "auto"
     checkpoint: str = ""
+    #: Seconds one exam may take in the inference process before it is killed and restarted.
+    timeout_seconds: float = 900.0
+    #: Attempts of an exam whose reading failed for a transient reason (timeout, the
+    #: inference process died, I/O), with the delay doubling from retry_delay_seconds.
+    max_attempts: int = 3
+    retry_delay_seconds: float = 30.0
 
 
 @dataclass
@@ -352,6 +358,13 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
         raise ConfigError(f"[inference] device must be auto, cpu, cuda or cuda:N, got {dev!r}")
     cfg.inference.device = dev
     cfg.inference.checkpoint = _check_str(t.get("checkpoint", ""), "[inference] checkpoint")
+    inf = cfg.inference
+    inf.timeout_seconds = _check_number(t.get("timeout_seconds", inf.timeout_seconds),
+                                        "[inference] timeout_seconds", 0.1)
+    inf.max_attempts = int(_check_number(t.get("max_attempts", inf.max_attempts),
+                                         "[inference] max_attempts", 1))
+    inf.retry_delay_seconds = _check_number(
+        t.get("retry_delay_seconds", inf.retry_delay_seconds), "[inference] retry_delay_seconds")
 
     dests = raw.get("destinations", [])
     if not isinstance(dests, list):

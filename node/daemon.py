@@ -22,6 +22,7 @@ from node import __version__
 from node import audit as A
 from node.compat import stream_incoming_datasets
 from node.config import Config
+from node.health import Health
 from node.scp import IncomingFile, StorageSCP, make_ae
 from node.security import AccessControl
 
@@ -95,6 +96,7 @@ class Node:
         self.db = Database(cfg.database_url)
         self.exams = ExamStore(self.db)
         self.audit = A.AuditLog(cfg.audit_path, cfg.node.ae_title, cfg.audit.syslog)
+        self.health = Health()
         self.exam_ready = threading.Event()   # wakes the worker
         self.results_queued = threading.Event()  # wakes the exporter
         self.scp = StorageSCP(cfg, self.files, self.exams, exam_ready=self.exam_ready,
@@ -152,7 +154,8 @@ class Node:
             from node.worker import Worker
 
             for t in (Worker(cfg, self.files, self.exams, self.stop_event,
-                             wake=self.exam_ready, on_results=self.results_queued),
+                             wake=self.exam_ready, on_results=self.results_queued,
+                             health=self.health),
                       Exporter(cfg, self.files, self.exams, self.stop_event,
                                wake=self.results_queued, audit=self.audit)):
                 t.start()

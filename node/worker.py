@@ -16,19 +16,23 @@ import os
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node.compat import kill_pool_processes
 from node.config import Config
+from node.health import Health
 from storage.files import FileStore
 from storage.records import ProducedObject
 from storage.state import ExamStore
 
 log = logging.getLogger("mammo_node.worker")
 
-EXAM_TIMEOUT_SECONDS = 900
+#: A model that could not load is tried again this often.
+MODEL_RETRY_SECONDS = 10
 
 
 @dataclass(frozen=True)
@@ -74,30 +78,36 @@ def _state() -> _InferenceState:
     return _STATE
 
 
-def _die_with_parent() -> None:
-    """The inference process must not outlive the daemon (SIGKILL included)."""
+def _die_with_parent(parent: int) -> None:
+    """The inference process must not outlive the daemon (SIGKILL included).
+
+    ``parent`` is the daemon's pid as the daemon itself saw it: reading ``os.getppid()``
+    here instead would, if the daemon died while this process was still starting, give the
+    pid of init (or a subreaper) and watch that forever. PR_SET_PDEATHSIG is armed first, the
+    parent checked after it: a daemon that died before the arming is caught by the check, one
+    that dies after it by the kernel.
+    """
     import ctypes
     import signal
 
-    parent = os.getppid()
     try:  # Linux: the kernel sends us SIGKILL when the parent dies
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-
-    def watch() -> None:  # elsewhere: poll for re-parenting
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
     if os.getppid() != parent:
         os._exit(1)
 
+    def watch() -> None:  # where PR_SET_PDEATHSIG is missing: poll for re-parenting
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
 
-def _init_model(checkpoint: str, device: str, numba_cache: str) -> None:
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _init_model(parent: int, checkpoint: str, device: str, numba_cache: str) -> None:
     global _STATE
-    _die_with_parent()
+    _die_with_parent(parent)
     # numba caches the compiled scan kernels on disk; beside the package is often read-only
     # for a service account, so the cache defaults to the node's data folder (read by numba
     # when it is first imported, just below).
@@ -166,9 +176,25 @@ def _adder(job: ExamJob, produced: list[ProducedObject]):
     return add
 
 
+def _failpoint(job: ExamJob) -> None:
+    """Fault injection for the tests of the worker's healing (never set in production):
+    ``MAMMO_NODE_FAILPOINT=hang:<study>`` makes the inference of that study hang,
+    ``crash:<study>`` kills the inference process in the middle of it."""
+    spec = os.environ.get("MAMMO_NODE_FAILPOINT", "")
+    what, _, study = spec.partition(":")
+    if study != job.study_uid:
+        return
+    if what == "hang":
+        time.sleep(3600)
+    elif what == "crash":
+        os._exit(3)
+
+
 def process_exam_srs(job: ExamJob) -> list[ProducedObject]:
     """Phase 1, in the inference process: read the exam, write its SR documents."""
     from pydicom import dcmread
+
+    _failpoint(job)
 
     from node.results import build_mammo_cad, build_tid1500
 
@@ -203,43 +229,74 @@ def process_exam_scs(job: ExamJob) -> list[ProducedObject]:
     return produced
 
 
+#: Failures worth another attempt: the inference process died or hung, or a file could not
+#: be read (a network file system that hiccups). Anything else (a model or builder error on
+#: this exam's data) fails the exam at once.
+_TRANSIENT = (BrokenProcessPool, FutureTimeout, OSError)
+
+
 class Worker(threading.Thread):
-    """Claims ``ready`` exams oldest first and processes them one at a time."""
+    """Claims ``ready`` exams oldest first and processes them one at a time.
+
+    Heals itself: an exam that runs past ``[inference] timeout_seconds`` has its inference
+    process killed and replaced (the exams behind it go on); a transient failure puts the
+    exam back to ``ready`` with a growing delay, up to ``[inference] max_attempts``; a model
+    that cannot load leaves every exam ``ready``, says why (log, health) and is tried again.
+    """
 
     def __init__(self, cfg: Config, files: FileStore, exams: ExamStore,
                  stop: threading.Event, wake: threading.Event | None = None,
-                 on_results: threading.Event | None = None) -> None:
+                 on_results: threading.Event | None = None,
+                 health: Health | None = None) -> None:
         super().__init__(name="worker", daemon=True)
         self.cfg, self.files, self.exams, self.stop = cfg, files, exams, stop
         self.wake = wake or threading.Event()          # set when an exam becomes ready
         self.on_results = on_results or threading.Event()  # set when results are queued
+        self.health = health or Health()
         self.pool: ProcessPoolExecutor | None = None
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"),
                                    initializer=_init_model,
-                                   initargs=(self.cfg.inference.checkpoint,
+                                   initargs=(os.getpid(), self.cfg.inference.checkpoint,
                                              self.cfg.inference.device,
                                              str(self.cfg.data_dir / "cache" / "numba")))
 
-    def run(self) -> None:
+    def _start_model(self) -> bool:
+        """Start the inference process and load the model; False (said why) on failure."""
         self.pool = self._new_pool()
         try:
             info = self.pool.submit(_model_info).result(timeout=300)
-            log.info("model loaded in the inference process: %s %s on %s (scan: %s), "
-                     "sha256 %s%s", info["arch"], info["task"], info["device"], info["scan"],
-                     info["sha256"][:16],
-                     " (demo checkpoint: NOT FOR CLINICAL USE)" if info["demo"] else "")
         except Exception as exc:
-            log.error("cannot load the model (%s); exams stay ready until it loads", exc)
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            reason = f"{type(exc).__name__}: {exc}"[:500]
+            log.error("cannot load the model (%s); exams stay ready until it loads (next try "
+                      "in %d s)", reason, MODEL_RETRY_SECONDS)
+            self.health.model_failed(reason)
+            kill_pool_processes(self.pool)
             self.pool = None
+            return False
+        self.health.model_ok(info)
+        log.info("model loaded in the inference process: %s %s on %s (scan: %s), "
+                 "sha256 %s%s", info["arch"], info["task"], info["device"], info["scan"],
+                 info["sha256"][:16],
+                 " (demo checkpoint: NOT FOR CLINICAL USE)" if info["demo"] else "")
+        return True
+
+    def _restart(self, why: str) -> None:
+        log.warning("restarting the inference process: %s", why)
+        if self.pool is not None:
+            kill_pool_processes(self.pool)
+        self.pool = None
+        self.health.inference_restarts += 1
+        self._start_model()
+
+    def run(self) -> None:
+        self._start_model()
         while not self.stop.is_set():
             if self.pool is None:
-                self.stop.wait(10)
-                if self.stop.is_set():
+                if self.stop.wait(MODEL_RETRY_SECONDS):
                     break
-                self.pool = self._new_pool()
+                self._start_model()
                 continue
             self.wake.clear()
             claim = self.exams.claim_next_ready()
@@ -248,7 +305,7 @@ class Worker(threading.Thread):
                 continue
             self._process(*claim)
         if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            kill_pool_processes(self.pool)
 
     def _process(self, exam_id: int, version: int) -> None:
         study, version, paths = self.exams.slot_paths(exam_id)
@@ -265,22 +322,33 @@ class Worker(threading.Thread):
                       attention_maps=self.cfg.results.attention_maps, previous=previous)
         pool = self.pool
         assert pool is not None
+        timeout = self.cfg.inference.timeout_seconds
         t0 = time.perf_counter()
         dests = [d.name for d in self.cfg.destinations]
         try:
             # The SRs first, queued for export at once; then the Secondary Captures.
-            srs = pool.submit(process_exam_srs, job).result(timeout=EXAM_TIMEOUT_SECONDS)
+            srs = pool.submit(process_exam_srs, job).result(timeout=timeout)
             if not self.exams.complete(exam_id, version, srs, dests, finish=False):
                 log.info("exam %s v%d was reopened while processing; its new version follows",
                          study, version)
                 return
             self.on_results.set()
-            produced = pool.submit(process_exam_scs, job).result(
-                timeout=EXAM_TIMEOUT_SECONDS)
-        except BrokenProcessPool as exc:
-            log.error("inference process died on exam %s v%d; restarting it", study, version)
-            self.pool = self._new_pool()
-            self.exams.finish(exam_id, version, ok=False, reason=f"inference process died: {exc}")
+            produced = pool.submit(process_exam_scs, job).result(timeout=timeout)
+        except _TRANSIENT as exc:
+            if isinstance(exc, FutureTimeout):
+                reason = f"inference took longer than {timeout:g} s"
+                self._restart(f"exam {study} v{version}: {reason}")
+            elif isinstance(exc, BrokenProcessPool):
+                reason = "the inference process died"
+                self._restart(f"exam {study} v{version}: {reason}")
+            else:
+                reason = f"{type(exc).__name__}: {exc}"[:300]
+            state = self.exams.retry_later(exam_id, version, reason,
+                                           self.cfg.inference.max_attempts,
+                                           self.cfg.inference.retry_delay_seconds)
+            log.error("exam %s v%d: %s; %s", study, version, reason,
+                      "gave up (failed)" if state == "failed" else "will retry"
+                      if state == "ready" else "reopened meanwhile")
             return
         except Exception as exc:  # model or builder error: this exam fails, others go on
             log.exception("exam %s v%d failed", study, version)

@@ -90,6 +90,9 @@ class Exam(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     last_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     state_changed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    #: Readings of this version that failed for a transient reason, and when to try again.
+    attempts: Mapped[int | None] = mapped_column(Integer, nullable=True, default=0)
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
     def get_slot(self, slot: str) -> str | None:
         return getattr(self, _SLOT_COLUMNS[slot])

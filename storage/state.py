@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TypeVar
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 
 from storage.db import Database
 from storage.models import SLOTS, Exam, Instance, Outbound, Result, utcnow
@@ -219,6 +219,7 @@ class ExamStore:
         if changed:
             if exam.state in _READ:
                 exam.version += 1
+                exam.attempts, exam.next_attempt_at = 0, None
                 exam.add_note(f"reopened as version {exam.version}: instance "
                               f"{inst.sop_instance_uid} arrived after the exam was "
                               f"{exam.state}")
@@ -286,6 +287,7 @@ class ExamStore:
                 Result.exam_id == exam.id, Result.version == exam.version)) or 0
             if read_before:
                 exam.version += 1
+            exam.attempts, exam.next_attempt_at = 0, None
             exam.add_note(f"patient conflict resolved: {len(keep)} instance(s) kept, "
                           f"{len(detached)} detached; read as version {exam.version}")
             exam.reason = "; ".join(assignment.problems) or None
@@ -324,14 +326,77 @@ class ExamStore:
     # -- worker side (used by the results pipeline) ---------------------------------------
     def claim_next_ready(self) -> tuple[int, int] | None:
         """Claim the oldest ``ready`` exam: ``(exam_id, version)`` or None."""
+        now = utcnow()
         with self.db.write() as s:
-            exam = s.scalar(select(Exam).where(Exam.state == ExamState.READY.value)
-                            .order_by(Exam.state_changed_at, Exam.id).limit(1)
-                            .with_for_update(skip_locked=True))
+            exam = s.scalar(select(Exam).where(
+                Exam.state == ExamState.READY.value,
+                or_(Exam.next_attempt_at.is_(None), Exam.next_attempt_at <= now))
+                .order_by(Exam.state_changed_at, Exam.id).limit(1)
+                .with_for_update(skip_locked=True))
             if exam is None:
                 return None
-            self._set_state(exam, ExamState.PROCESSING, utcnow())
+            self._set_state(exam, ExamState.PROCESSING, now)
             return exam.id, exam.version
+
+    def retry_later(self, exam_id: int, version: int, reason: str, max_attempts: int,
+                    delay: float) -> str | None:
+        """A reading that failed for a transient reason: ``ready`` again after ``delay``
+        (doubling with each attempt), or ``failed`` once ``max_attempts`` are used. Returns
+        the new state, or None when the exam was reopened meanwhile."""
+        now = utcnow()
+        with self.db.write() as s:
+            exam = s.get(Exam, exam_id, with_for_update=True)
+            if exam is None or exam.version != version or exam.state != ExamState.PROCESSING:
+                return None
+            exam.attempts = (exam.attempts or 0) + 1
+            if exam.attempts >= max_attempts:
+                self._set_state(exam, ExamState.FAILED, now)
+                exam.reason = f"{reason} (gave up after {exam.attempts} attempts)"
+            else:
+                wait = delay * 2 ** (exam.attempts - 1)
+                exam.next_attempt_at = now + dt.timedelta(seconds=wait)
+                exam.add_note(f"attempt {exam.attempts} failed ({reason}); retrying in "
+                              f"{wait:g} s")
+                self._set_state(exam, ExamState.READY, now)
+            return exam.state
+
+    def reprocess(self, study_uid: str) -> tuple[int, str]:
+        """Read an exam again as a new version (``mammo-node reprocess``): (version, state).
+        KeyError: no such exam; ValueError: held by a patient conflict or no view."""
+        now = utcnow()
+        with self.db.write() as s:
+            exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid)
+                            .with_for_update())
+            if exam is None:
+                raise KeyError(study_uid)
+            if exam.state == ExamState.CONFLICT:
+                raise ValueError("the exam is held by a patient conflict: resolve it first")
+            if not any(exam.views.values()):
+                raise ValueError("no image fills any of the four view slots")
+            exam.version += 1
+            exam.attempts, exam.next_attempt_at = 0, None
+            exam.add_note(f"reprocess requested: read again as version {exam.version}")
+            self._set_state(exam, ExamState.READY, now)
+            return exam.version, exam.state
+
+    def complete_now(self, study_uid: str) -> tuple[list[str], str]:
+        """Process a partial exam now instead of waiting (``mammo-node complete``):
+        (missing views, state). KeyError / ValueError as :meth:`reprocess`."""
+        now = utcnow()
+        with self.db.write() as s:
+            exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid)
+                            .with_for_update())
+            if exam is None:
+                raise KeyError(study_uid)
+            if exam.state != ExamState.RECEIVING:
+                raise ValueError(f"the exam is {exam.state}, not receiving")
+            if not any(exam.views.values()):
+                raise ValueError("no image fills any of the four view slots")
+            missing = exam.missing
+            msg = f"completed by request with {', '.join(missing) or 'no view'} missing"
+            exam.reason = f"{exam.reason}; {msg}" if exam.reason else msg
+            self._set_state(exam, ExamState.READY, now)
+            return missing, exam.state
 
     def finish(self, exam_id: int, version: int, ok: bool, reason: str | None = None) -> bool:
         """End processing of ``version``; False when the exam was reopened meanwhile."""

@@ -15,10 +15,11 @@ def node_factory(tmp_path):
     started: list[NodeProcess] = []
 
     def make(settings: dict | None = None, sub: str = "n", start: bool = True,
-             data_dir: Path | None = None, worker: bool = False) -> NodeProcess:
+             data_dir: Path | None = None, worker: bool = False,
+             env: dict | None = None) -> NodeProcess:
         d = tmp_path / f"{sub}{len(started)}"
         d.mkdir()
-        n = NodeProcess(d, settings, data_dir=data_dir, worker=worker)
+        n = NodeProcess(d, settings, data_dir=data_dir, worker=worker, env=env)
         started.append(n)
         return n.start() if start else n
 

@@ -57,9 +57,10 @@ class NodeProcess:
     """A ``mammo-node start`` process with its own config and data directory."""
 
     def __init__(self, tmp: Path, settings: dict | None = None, data_dir: Path | None = None,
-                 worker: bool = False):
+                 worker: bool = False, env: dict | None = None):
         self.tmp = tmp
         self.worker = worker
+        self.env = {**os.environ, **(env or {})}
         self.port = free_port()
         self.ae_title = "MAMMO_NODE"
         self.data_dir = data_dir or tmp / "data"
@@ -85,12 +86,18 @@ class NodeProcess:
         self.log = tmp / "node.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 30.0) -> NodeProcess:
+    def launch(self) -> NodeProcess:
+        """Start the daemon without waiting for it to answer."""
         self._logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "node", "start", "--config", str(self.config),
              *([] if self.worker else ["--no-worker"])],
-            cwd=self.tmp, stdout=self._logf, stderr=subprocess.STDOUT)
+            cwd=self.tmp, stdout=self._logf, stderr=subprocess.STDOUT, env=self.env)
+        return self
+
+    def start(self, timeout: float = 30.0) -> NodeProcess:
+        self.launch()
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -1,0 +1,112 @@
+"""A worker that heals itself: a hung inference is killed and the exams behind it go on,
+transient failures are retried then failed with the reason, a model that cannot load leaves
+exams ready and says why, and no child process outlives a daemon killed at any moment."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+import uuid
+from pathlib import Path
+
+from inference.synthetic import make_exam
+from tests.helpers import send, wait_for
+
+SIZE = dict(rows=320, cols=256)
+
+
+def _node(node_factory, env=None, start=True, **inference):
+    settings = {"inference": {"timeout_seconds": 20, "max_attempts": 2,
+                              "retry_delay_seconds": 0.5, **inference},
+                "grouping": {"stable_seconds": 60}}
+    return node_factory(settings, worker=True, env=env, start=start)
+
+
+def test_hung_inference_is_killed_and_the_next_exam_goes_on(node_factory):
+    hung = make_exam(seed=91, **SIZE)
+    good = make_exam(seed=92, **SIZE)
+    study = hung[0].StudyInstanceUID
+    node = _node(node_factory, env={"MAMMO_NODE_FAILPOINT": f"hang:{study}"},
+                 timeout_seconds=3)
+    assert send(node.port, hung) == [0] * 4
+    assert send(node.port, good) == [0] * 4
+    e = node.wait_exam(study, "failed", timeout=120)
+    assert "longer than 3 s" in e["reason"] and "after 2 attempts" in e["reason"]
+    assert any("attempt 1 failed" in n for n in e["notes"])
+    node.wait_exam(good[0].StudyInstanceUID, "done", timeout=120)
+    log = node.log.read_text()
+    assert log.count("restarting the inference process") >= 2
+
+
+def test_crashing_inference_is_retried_then_failed_with_the_reason(node_factory):
+    exam = make_exam(seed=93, **SIZE)
+    study = exam[0].StudyInstanceUID
+    node = _node(node_factory, env={"MAMMO_NODE_FAILPOINT": f"crash:{study}"})
+    assert send(node.port, exam) == [0] * 4
+    e = node.wait_exam(study, "failed", timeout=120)
+    assert "the inference process died" in e["reason"]
+    # reprocess reads it again as a new version; without the fault it would succeed.
+    r = node.cli("reprocess", study)
+    assert "version 2 is ready" in r.stdout
+
+
+def test_model_that_cannot_load_leaves_exams_ready(node_factory, tmp_path):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    node = _node(node_factory, checkpoint=str(bad))
+    exam = make_exam(seed=94, **SIZE)
+    assert send(node.port, exam) == [0] * 4
+    wait_for(lambda: "cannot load the model" in node.log.read_text(), 120,
+             what="the model load failure in the log")
+    assert node.exam(exam[0].StudyInstanceUID)["state"] == "ready"
+
+
+def test_complete_processes_a_partial_exam_now(node_factory):
+    node = _node(node_factory)
+    exam = make_exam(seed=95, **SIZE)[:3]
+    study = exam[0].StudyInstanceUID
+    assert send(node.port, exam) == [0] * 3
+    assert node.exam(study)["state"] == "receiving"
+    r = node.cli("complete", study)
+    assert "ready with R-MLO missing" in r.stdout
+    e = node.wait_exam(study, "done", timeout=120)
+    assert "completed by request" in e["reason"]
+
+
+def _tagged(tag: str) -> list[int]:
+    """PIDs of live processes whose environment carries ``tag``."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = (d / "environ").read_bytes()
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        if f"MAMMO_NODE_TEST_TAG={tag}".encode() in env and ") Z " not in stat:
+            pids.append(int(d.name))
+    return pids
+
+
+def test_no_child_outlives_a_daemon_killed_at_any_moment(node_factory):
+    """SIGKILL the daemon at seeded random moments of its start-up and of its work, twelve
+    times, and count the processes of it that are left (the inference process included)."""
+    rng = random.Random(20261129)
+    exam = make_exam(seed=96, **SIZE)
+    for i in range(12):
+        tag = uuid.uuid4().hex
+        env = {"MAMMO_NODE_TEST_TAG": tag}
+        if i % 3 == 0:  # during start-up: before the listener answers
+            node = _node(node_factory, env=env, start=False).launch()
+        else:
+            node = _node(node_factory, env=env)
+            if i % 3 == 2:
+                send(node.port, exam)  # at work: an exam being read when it dies
+        time.sleep(rng.uniform(0.0, 4.0))
+        os.kill(node.proc.pid, signal.SIGKILL)
+        node.proc.wait()
+        wait_for(lambda tag=tag: not _tagged(tag), 15, interval=0.2,
+                 what=f"the children of killed daemon #{i + 1} to go")
