@@ -87,3 +87,22 @@ def kill_pool_processes(pool) -> None:
         except (OSError, AttributeError):
             pass
     pool.shutdown(wait=False, cancel_futures=True)
+
+
+def listener_alive(server) -> bool:
+    """Whether pynetdicom's association server still accepts connections, without opening
+    one (a bare TCP probe would hold an association slot until the ACSE timeout).
+
+    Why: ``AE.start_server(block=False)`` keeps no handle on the thread that runs
+    ``serve_forever``; pynetdicom 2.x / 3.0 name it ``AcceptorServer@<timestamp>``. The
+    listening socket is the server's public ``socket`` (socketserver.BaseServer).
+    """
+    import threading
+
+    try:
+        if server.socket.fileno() < 0:
+            return False
+    except (AttributeError, OSError):
+        return False
+    return any(t.name.startswith("AcceptorServer") and t.is_alive()
+               for t in threading.enumerate())

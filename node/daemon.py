@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING
 
 from node import __version__
 from node import audit as A
-from node.compat import stream_incoming_datasets
+from node.compat import listener_alive, stream_incoming_datasets
 from node.config import Config
 from node.health import Health
+from node.metrics import NodeMetrics
 from node.scp import IncomingFile, StorageSCP, make_ae
 from node.security import AccessControl
 
@@ -97,10 +98,12 @@ class Node:
         self.exams = ExamStore(self.db)
         self.audit = A.AuditLog(cfg.audit_path, cfg.node.ae_title, cfg.audit.syslog)
         self.health = Health()
+        self.metrics = NodeMetrics()
+        self.metrics.watch_state(self.state_snapshot)
         self.exam_ready = threading.Event()   # wakes the worker
         self.results_queued = threading.Event()  # wakes the exporter
         self.scp = StorageSCP(cfg, self.files, self.exams, exam_ready=self.exam_ready,
-                              audit=self.audit)
+                              audit=self.audit, metrics=self.metrics)
         self.access: AccessControl = self.scp.access
         self.server: ThreadedAssociationServer | None = None
         self.web: DicomWebServer | None = None
@@ -155,15 +158,17 @@ class Node:
 
             for t in (Worker(cfg, self.files, self.exams, self.stop_event,
                              wake=self.exam_ready, on_results=self.results_queued,
-                             health=self.health),
+                             health=self.health, metrics=self.metrics),
                       Exporter(cfg, self.files, self.exams, self.stop_event,
-                               wake=self.results_queued, audit=self.audit)):
+                               wake=self.results_queued, audit=self.audit,
+                               metrics=self.metrics)):
                 t.start()
                 self._threads.append(t)
         if cfg.dicomweb.enabled:
             from node.dicomweb import DicomWeb, DicomWebServer
 
-            web = DicomWeb(cfg, self.files, self.exams, self.scp, audit=self.audit)
+            web = DicomWeb(cfg, self.files, self.exams, self.scp, audit=self.audit,
+                           metrics=self.metrics, readiness=self.readiness)
             self.web = DicomWebServer(web, cfg)
             self.web.start()
             w = cfg.dicomweb
@@ -180,6 +185,29 @@ class Node:
                  "no [[peers]]: echo/store from anyone, query/retrieve refused")
         self.audit.event(A.APPLICATION_ACTIVITY, A.SUCCESS, action="start",
                          version=__version__, pid=os.getpid(), port=port, tls=cfg.node.tls)
+
+    def state_snapshot(self) -> dict:
+        """Stored state for the scrape-time gauges of /metrics."""
+        return {"exams": self.exams.counts_by_state(), "queue": self.exams.queue_depths(),
+                "free_bytes": self.files.free_bytes(),
+                "model": 1 if self.health.model_loaded else 0,
+                "uptime": time.time() - self.health.started_at}
+
+    def readiness(self) -> tuple[bool, dict]:
+        """``/readyz``: database reachable, model loaded (when this node reads exams), disk
+        above the reserve, DICOM listener accepting. (ready, checks with reasons)."""
+        checks: dict[str, dict] = {}
+        checks["database"] = {"ok": self.exams.ping()}
+        if self.run_worker:
+            h = self.health
+            checks["model"] = {"ok": bool(h.model_loaded),
+                               **({"error": h.model_error} if h.model_error else {}),
+                               **({"loading": True} if h.model_loaded is None else {})}
+        free = self.files.free_bytes()
+        checks["disk"] = {"ok": self.scp.disk_ok(), "free_bytes": free,
+                          "reserve_bytes": self.scp.min_free}
+        checks["listener"] = {"ok": self.server is not None and listener_alive(self.server)}
+        return all(c["ok"] for c in checks.values()), checks
 
     def _grouping_loop(self) -> None:
         interval = max(0.2, min(2.0, self.cfg.grouping.stable_seconds / 4))

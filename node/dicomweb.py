@@ -156,16 +156,21 @@ class DicomWeb:
     """The DICOMweb application bound to the node's store."""
 
     def __init__(self, cfg: Config, files: FileStore, exams: ExamStore, scp: StorageSCP,
-                 audit=None):
+                 audit=None, metrics=None, readiness=None):
         self.cfg, self.files, self.exams, self.scp = cfg, files, exams, scp
         self.audit = audit or A.NullAudit()
         self.qr = QueryRetrieveSCP(cfg, files, exams, access=scp.access, audit=self.audit)
         self.tokens = TokenAuth(cfg)
+        self.metrics = metrics      # node.metrics.NodeMetrics or None
+        self.readiness = readiness  # () -> (ready, checks) or None
         self._slots = asyncio.Semaphore(cfg.dicomweb.max_concurrent_requests)
         self.root = cfg.dicomweb.root.rstrip("/")
         r = self.root
         self.app = Starlette(middleware=[Middleware(BaseHTTPMiddleware, dispatch=self._auth)],
                              routes=[
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/readyz", self.readyz, methods=["GET"]),
+            Route("/metrics", self.metrics_page, methods=["GET"]),
             Route(f"{r}/studies", self.stow, methods=["POST"]),
             Route(f"{r}/studies/{{study}}", self.stow, methods=["POST"]),
             Route(f"{r}/studies", self.qido, methods=["GET"]),
@@ -188,7 +193,10 @@ class DicomWeb:
 
     @staticmethod
     def service_of(request: Request) -> str:
-        """The DICOMweb service a request uses: ``stow``, ``qido`` or ``wado``."""
+        """The service a request uses: ``stow``, ``qido``, ``wado`` (DICOMweb) or ``admin``
+        (/metrics: any valid token may read it)."""
+        if request.url.path == "/metrics":
+            return "admin"
         if request.method == "POST":
             return "stow"
         path = request.url.path.rstrip("/")
@@ -201,6 +209,8 @@ class DicomWeb:
                 "token": token, "tls": self.cfg.dicomweb.tls}
 
     async def _auth(self, request: Request, call_next):
+        if request.url.path in ("/healthz", "/readyz"):
+            return await call_next(request)  # probes: no patient data, no token
         service = self.service_of(request)
         name = None
         if self.tokens.required:
@@ -216,7 +226,7 @@ class DicomWeb:
                 return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401,
                                     headers={"WWW-Authenticate": 'Bearer realm="mammo-node"'})
             name, services = found
-            if service not in services:
+            if service != "admin" and service not in services:
                 who = self._who(request, name)
                 self.audit.event(A.SECURITY_ALERT, A.MINOR_FAILURE, alert="unauthorized "
                                  "request", peer=who, service=service)
@@ -227,6 +237,26 @@ class DicomWeb:
                                 status_code=503, headers={"Retry-After": "1"})
         async with self._slots:
             return await call_next(request)
+
+    # -- health and metrics -------------------------------------------------------------------
+    async def healthz(self, request: Request) -> Response:
+        """The process is alive and its HTTP server answers."""
+        return JSONResponse({"status": "alive"})
+
+    async def readyz(self, request: Request) -> Response:
+        if self.readiness is None:
+            return JSONResponse({"ready": True, "checks": {}})
+        ready, checks = await run_in_threadpool(self.readiness)
+        return JSONResponse({"ready": ready, "checks": checks},
+                            status_code=200 if ready else 503)
+
+    async def metrics_page(self, request: Request) -> Response:
+        if self.metrics is None:
+            return _error(404, "metrics are not enabled")
+        from node.metrics import CONTENT_TYPE
+
+        body = await run_in_threadpool(self.metrics.render)
+        return Response(body, media_type=CONTENT_TYPE)
 
     # -- STOW-RS ---------------------------------------------------------------------------
     async def stow(self, request: Request) -> Response:

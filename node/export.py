@@ -80,9 +80,10 @@ class Exporter(threading.Thread):
 
     def __init__(self, cfg: Config, files: FileStore, exams: ExamStore,
                  stop: threading.Event, wake: threading.Event | None = None,
-                 poll_seconds: float = 1.0, audit=None) -> None:
+                 poll_seconds: float = 1.0, audit=None, metrics=None) -> None:
         super().__init__(name="export", daemon=True)
         self.audit = audit or A.NullAudit()
+        self.metrics = metrics  # node.metrics.NodeMetrics or None
         self.cfg, self.files, self.exams, self.stop = cfg, files, exams, stop
         self.wake = wake or threading.Event()  # set when new results are queued
         self.poll = poll_seconds
@@ -171,6 +172,8 @@ class Exporter(threading.Thread):
                              "reached it): not sent again", r.sop_instance_uid, dest.name)
                     continue
                 self.exams.mark_in_flight(r.id)
+                if self.metrics is not None:
+                    self.metrics.export_attempts.labels(dest.name).inc()
                 status = assoc.send_c_store(ds)
                 code = int(status.Status) if status and "Status" in status else None
                 if code in STORED:
@@ -179,6 +182,8 @@ class Exporter(threading.Thread):
                     log.info("sent %s to %s", r.sop_instance_uid, dest.name)
                 else:
                     failed += 1
+                    if self.metrics is not None:
+                        self.metrics.export_failures.labels(dest.name).inc()
                     self._failed(r, "no response" if code is None else f"status 0x{code:04X}")
         finally:
             if assoc.is_established:
@@ -186,3 +191,8 @@ class Exporter(threading.Thread):
             self.audit.event(A.INSTANCES_TRANSFERRED, A.SUCCESS if not failed else
                              A.MINOR_FAILURE, service="export", to=to, studies=studies,
                              sent=sent, failed=failed or None)
+            if self.metrics is not None and sent:
+                for study in studies:
+                    latency = self.exams.delivered_latency(study)
+                    if latency is not None:
+                        self.metrics.latency.observe(latency)

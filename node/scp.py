@@ -260,13 +260,14 @@ class StorageSCP:
 
     def __init__(self, cfg: Config, files: FileStore, exams: ExamStore,
                  exam_ready: Any = None, access: AccessControl | None = None,
-                 audit: Any = None) -> None:
+                 audit: Any = None, metrics: Any = None) -> None:
         self.cfg = cfg
         self.files = files
         self.exams = exams
         self.exam_ready = exam_ready  # a threading.Event set when an exam becomes ready
         self.min_free = int(cfg.storage.min_free_mb * 1024 * 1024)
         self.audit = audit or A.NullAudit()
+        self.metrics = metrics  # node.metrics.NodeMetrics or None
         self.access = access or AccessControl(cfg, self.audit, self.disk_ok)
 
     def disk_ok(self) -> bool:
@@ -337,6 +338,8 @@ class StorageSCP:
         refusal is an audit line too (a successful store is audited by :meth:`_ingest`)."""
         status, message = self._ingest(path, calling, sop_class, sop_instance,
                                        transfer_syntax, peer)
+        if status != SUCCESS and self.metrics is not None:
+            self.metrics.refused.labels(f"0x{status:04X}").inc()
         if status != SUCCESS:
             self.audit.event(A.INSTANCES_TRANSFERRED, A.MINOR_FAILURE, action="store",
                              peer=peer or {"ae_title": calling}, instance=sop_instance,
@@ -392,6 +395,8 @@ class StorageSCP:
                          peer=peer or {"ae_title": calling}, study=record.study_instance_uid,
                          accession=record.accession_number,
                          instance=record.sop_instance_uid, duplicate=result.duplicate or None)
+        if self.metrics is not None and not result.duplicate:
+            self.metrics.stored(calling, record.size_bytes)
         if result.duplicate:
             path.unlink(missing_ok=True)
             log.info("%s from %s: already stored, kept the first copy",

@@ -247,12 +247,13 @@ class Worker(threading.Thread):
     def __init__(self, cfg: Config, files: FileStore, exams: ExamStore,
                  stop: threading.Event, wake: threading.Event | None = None,
                  on_results: threading.Event | None = None,
-                 health: Health | None = None) -> None:
+                 health: Health | None = None, metrics: Any = None) -> None:
         super().__init__(name="worker", daemon=True)
         self.cfg, self.files, self.exams, self.stop = cfg, files, exams, stop
         self.wake = wake or threading.Event()          # set when an exam becomes ready
         self.on_results = on_results or threading.Event()  # set when results are queued
         self.health = health or Health()
+        self.metrics = metrics  # node.metrics.NodeMetrics or None
         self.pool: ProcessPoolExecutor | None = None
 
     def _new_pool(self) -> ProcessPoolExecutor:
@@ -288,6 +289,8 @@ class Worker(threading.Thread):
             kill_pool_processes(self.pool)
         self.pool = None
         self.health.inference_restarts += 1
+        if self.metrics is not None:
+            self.metrics.inference_restarts.inc()
         self._start_model()
 
     def run(self) -> None:
@@ -328,13 +331,21 @@ class Worker(threading.Thread):
         try:
             # The SRs first, queued for export at once; then the Secondary Captures.
             srs = pool.submit(process_exam_srs, job).result(timeout=timeout)
+            t_sr = time.perf_counter() - t0
             if not self.exams.complete(exam_id, version, srs, dests, finish=False):
                 log.info("exam %s v%d was reopened while processing; its new version follows",
                          study, version)
                 return
             self.on_results.set()
             produced = pool.submit(process_exam_scs, job).result(timeout=timeout)
+            if self.metrics is not None:
+                self.metrics.inference.labels("read_and_sr").observe(t_sr)
+                self.metrics.inference.labels("secondary_captures").observe(
+                    time.perf_counter() - t0 - t_sr)
+                self.metrics.inference.labels("total").observe(time.perf_counter() - t0)
         except _TRANSIENT as exc:
+            if self.metrics is not None:
+                self.metrics.exam_failures.labels("transient").inc()
             if isinstance(exc, FutureTimeout):
                 reason = f"inference took longer than {timeout:g} s"
                 self._restart(f"exam {study} v{version}: {reason}")
@@ -351,6 +362,8 @@ class Worker(threading.Thread):
                       if state == "ready" else "reopened meanwhile")
             return
         except Exception as exc:  # model or builder error: this exam fails, others go on
+            if self.metrics is not None:
+                self.metrics.exam_failures.labels("error").inc()
             log.exception("exam %s v%d failed", study, version)
             self.exams.finish(exam_id, version, ok=False,
                               reason=f"{type(exc).__name__}: {exc}"[:500])

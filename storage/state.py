@@ -556,6 +556,40 @@ class ExamStore:
                 out.setdefault(study, {}).setdefault(dest, {})[state] = n
         return out
 
+    def queue_depths(self) -> dict[tuple[str, str], int]:
+        """(destination, state) -> result objects waiting (pending or retrying)."""
+        with self.db.session() as s:
+            rows = s.execute(select(Outbound.destination, Outbound.state, func.count())
+                             .where(Outbound.state.in_((OutboundState.PENDING.value,
+                                                        OutboundState.RETRYING.value)))
+                             .group_by(Outbound.destination, Outbound.state)).all()
+        return {(d, st): n for d, st, n in rows}
+
+    def delivered_latency(self, study_uid: str) -> float | None:
+        """Seconds from the exam's last image to its last result delivered, once every result
+        of its current version reached every destination; None before that."""
+        with self.db.session() as s:
+            exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid))
+            if exam is None:
+                return None
+            rows = s.execute(select(Outbound.state, Outbound.sent_at)
+                             .join(Result, Result.id == Outbound.result_id)
+                             .where(Result.exam_id == exam.id,
+                                    Result.version == exam.version)).all()
+            if not rows or any(st != OutboundState.SENT for st, _ in rows):
+                return None
+            last = max(t for _, t in rows if t is not None)
+            return max(0.0, (last - exam.last_received_at).total_seconds())
+
+    def ping(self) -> bool:
+        """The database answers (``/readyz``)."""
+        try:
+            with self.db.session() as s:
+                s.execute(select(1))
+            return True
+        except Exception:
+            return False
+
     def results_of(self, study_uid: str) -> list[Result]:
         with self.db.session() as s:
             return list(s.scalars(select(Result).join(Exam, Exam.id == Result.exam_id)
