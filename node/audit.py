@@ -36,6 +36,7 @@ QUERY = "Query"
 BEGIN_TRANSFER = "Begin Transferring DICOM Instances"
 INSTANCES_TRANSFERRED = "DICOM Instances Transferred"
 SECURITY_ALERT = "Security Alert"
+STUDY_DELETED = "DICOM Study Deleted"
 
 SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE = 0, 4, 8
 

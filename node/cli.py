@@ -208,6 +208,39 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    from storage.db import Database
+    from storage.files import FileStore
+    from storage.retention import Retention
+
+    cfg = _load(args)
+    store = _open_store(cfg)
+    if store is None:
+        print(f"mammo-node: no database in {cfg.data_dir}", file=sys.stderr)
+        return 1
+    keep = args.older_than if args.older_than is not None else \
+        cfg.retention.keep_images_days
+    if args.study and keep is None:
+        keep = 0.0  # a named study goes now, if it may go at all
+    ret = Retention(Database(cfg.database_url), FileStore(cfg.data_dir, fsync=False))
+    report = ret.run(keep, cfg.retention.keep_results_days if not args.study else None,
+                     None, study=args.study, dry_run=args.dry_run)
+    verb = "would purge" if args.dry_run else "purged"
+    print(f"{verb} {len(report.studies)} study(ies): {report.instances} image(s), "
+          f"{report.bytes / 1e6:.1f} MB" + (f"; {report.results} result object(s)"
+                                              if report.results else ""))
+    for study in report.studies:
+        print(f"  {study}")
+    for study, why in sorted(report.kept.items()):
+        if args.study is None or study == args.study:
+            print(f"  kept {study}: {why}")
+    if args.study and args.study not in report.studies:
+        why = report.kept.get(args.study, "not read yet, or already purged, or unknown")
+        print(f"mammo-node: study {args.study} is not purged: {why}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     import datetime as dt
 
@@ -297,6 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--issuer", metavar="ISSUER", default=None,
                    help="Issuer of Patient ID, where two issuers use the same IDs")
     p.set_defaults(func=cmd_resolve)
+
+    p = sub.add_parser("purge", help="delete received images (and old results) that "
+                                     "retention allows: exams done and delivered")
+    _add_config(p)
+    p.add_argument("--dry-run", action="store_true", help="list what would go, delete nothing")
+    p.add_argument("--older-than", type=float, metavar="DAYS", default=None,
+                   help="instead of [retention] keep_images_days")
+    p.add_argument("--study", metavar="UID", help="only this study (if it may go)")
+    p.set_defaults(func=cmd_purge)
 
     p = sub.add_parser("audit", help="print the audit trail (associations, queries, "
                                      "retrieves, stores, exports, security alerts)")

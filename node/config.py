@@ -65,6 +65,16 @@ def _check_number(value: Any, key: str, minimum: float = 0.0) -> float:
     return float(value)
 
 
+def _optional_number(t: dict[str, Any], key: str, default: float | None,
+                     section: str) -> float | None:
+    """A number >= 0, or "" (empty) for none; ``default`` when the key is absent."""
+    if key not in t:
+        return default
+    if t[key] == "":
+        return None
+    return _check_number(t[key], f"{section} {key}")
+
+
 def _check_bool(value: Any, key: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false, got {value!r}")
@@ -177,6 +187,18 @@ class SecurityConfig:
 class StorageConfig:
     fsync: bool = True
     min_free_mb: float = 512.0
+    #: Above this disk use, the oldest purgeable studies go first (None: never early).
+    purge_above_percent: float | None = 90.0
+
+
+@dataclass
+class RetentionConfig:
+    #: Received images go this long after their exam is done and delivered (None: never).
+    keep_images_days: float | None = 7.0
+    #: Produced objects go this long after delivery (None: never).
+    keep_results_days: float | None = None
+    #: How often the daemon applies the rules.
+    check_seconds: float = 300.0
 
 
 SR_KINDS = ("mammo-cad", "tid1500")
@@ -227,6 +249,7 @@ class Config:
     peers: list[Peer] = field(default_factory=list)
     tls: TLSConfig = field(default_factory=TLSConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     path: Path | None = None
 
     @property
@@ -311,7 +334,7 @@ def _table(raw: dict[str, Any], name: str) -> dict[str, Any]:
 def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
     """Validate a parsed TOML document and build a :class:`Config`."""
     sections = {"node", "grouping", "inference", "destinations", "security", "storage",
-                "results", "export", "dicomweb", "peers", "tls", "audit"}
+                "results", "export", "dicomweb", "peers", "tls", "audit", "retention"}
     for key in raw:
         if key not in sections:
             raise ConfigError(f"[{key}]: unknown section (known: {', '.join(sorted(sections))})")
@@ -435,6 +458,22 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
     cfg.storage.fsync = _check_bool(t.get("fsync", cfg.storage.fsync), "[storage] fsync")
     cfg.storage.min_free_mb = _check_number(t.get("min_free_mb", cfg.storage.min_free_mb),
                                             "[storage] min_free_mb")
+    cfg.storage.purge_above_percent = _optional_number(
+        t, "purge_above_percent", cfg.storage.purge_above_percent, "[storage]")
+    if cfg.storage.purge_above_percent is not None and \
+            not 1 <= cfg.storage.purge_above_percent <= 100:
+        raise ConfigError("[storage] purge_above_percent must be between 1 and 100 (or \"\" "
+                          f"for never), got {cfg.storage.purge_above_percent!r}")
+
+    t = _table(raw, "retention")
+    _known("retention", t, RetentionConfig)
+    r = cfg.retention
+    r.keep_images_days = _optional_number(t, "keep_images_days", r.keep_images_days,
+                                          "[retention]")
+    r.keep_results_days = _optional_number(t, "keep_results_days", r.keep_results_days,
+                                           "[retention]")
+    r.check_seconds = _check_number(t.get("check_seconds", r.check_seconds),
+                                    "[retention] check_seconds", 1)
 
     t = _table(raw, "results")
     _known("results", t, ResultsConfig)

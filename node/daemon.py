@@ -26,6 +26,7 @@ from node.health import Health
 from node.metrics import NodeMetrics
 from node.scp import IncomingFile, StorageSCP, make_ae
 from node.security import AccessControl
+from storage.retention import Retention
 
 if TYPE_CHECKING:
     from pynetdicom.transport import ThreadedAssociationServer
@@ -105,6 +106,9 @@ class Node:
         self.scp = StorageSCP(cfg, self.files, self.exams, exam_ready=self.exam_ready,
                               audit=self.audit, metrics=self.metrics)
         self.access: AccessControl = self.scp.access
+        self.retention = Retention(self.db, self.files)
+        self._retention_lock = threading.Lock()
+        self.scp.make_room = self.make_room
         self.server: ThreadedAssociationServer | None = None
         self.web: DicomWebServer | None = None
         self._threads: list[threading.Thread] = []
@@ -118,6 +122,9 @@ class Node:
         removed = self.files.clean_incoming()
         if removed:
             log.warning("removed %d partial dataset(s) left by an earlier run", removed)
+        finished = self.retention.finish_journal()
+        if finished:
+            log.warning("finished deleting %d file(s) of a purge cut short by a crash", finished)
         recovered = self.exams.recover()
         if recovered:
             log.warning("%d exam(s) interrupted during processing queued again", recovered)
@@ -150,6 +157,9 @@ class Node:
             "pid": os.getpid(), "ae_title": cfg.node.ae_title, "host": cfg.node.host,
             "port": port, "started": time.time()}))
         t = threading.Thread(target=self._grouping_loop, name="grouping", daemon=True)
+        t.start()
+        self._threads.append(t)
+        t = threading.Thread(target=self._retention_loop, name="retention", daemon=True)
         t.start()
         self._threads.append(t)
         if self.run_worker:
@@ -208,6 +218,40 @@ class Node:
                           "reserve_bytes": self.scp.min_free}
         checks["listener"] = {"ok": self.server is not None and listener_alive(self.server)}
         return all(c["ok"] for c in checks.values()), checks
+
+    def apply_retention(self, for_reserve: bool = False) -> None:
+        """The retention rules once; ``for_reserve``: also purge the oldest purgeable studies
+        until free space is above ``[storage] min_free_mb`` (data is about to be refused)."""
+        r, s = self.cfg.retention, self.cfg.storage
+        with self._retention_lock:
+            if for_reserve:
+                report = self.retention.run(
+                    r.keep_images_days, r.keep_results_days, 50.0,
+                    disk_use=lambda: 100.0 if self.files.free_bytes() < self.scp.min_free
+                    else 0.0)
+            else:
+                report = self.retention.run(r.keep_images_days, r.keep_results_days,
+                                            s.purge_above_percent)
+        if report.studies or report.results:
+            log.info("retention: %d study(ies) purged (%d image(s), %.1f MB), %d result "
+                     "object(s)", len(report.studies), report.instances, report.bytes / 1e6,
+                     report.results)
+            self.audit.event(A.STUDY_DELETED, A.SUCCESS, studies=report.studies,
+                             instances=report.instances, results=report.results)
+
+    def make_room(self) -> None:
+        """Called before data would be refused for want of space: purge what may go."""
+        try:
+            self.apply_retention(for_reserve=True)
+        except Exception:
+            log.exception("retention failed while making room")
+
+    def _retention_loop(self) -> None:
+        while not self.stop_event.wait(self.cfg.retention.check_seconds):
+            try:
+                self.apply_retention()
+            except Exception:
+                log.exception("retention failed; retrying at the next check")
 
     def _grouping_loop(self) -> None:
         interval = max(0.2, min(2.0, self.cfg.grouping.stable_seconds / 4))

@@ -268,11 +268,18 @@ class StorageSCP:
         self.min_free = int(cfg.storage.min_free_mb * 1024 * 1024)
         self.audit = audit or A.NullAudit()
         self.metrics = metrics  # node.metrics.NodeMetrics or None
+        self.make_room: Any = None  # set by the daemon: purge what retention allows
         self.access = access or AccessControl(cfg, self.audit, self.disk_ok)
 
     def disk_ok(self) -> bool:
-        """Free space above the reserve (checked at association and while data arrives)."""
-        return not self.min_free or self.files.free_bytes() >= self.min_free
+        """Free space above the reserve (checked at association and while data arrives).
+        Below it, retention first purges what may go (``make_room``) before data is refused."""
+        if not self.min_free or self.files.free_bytes() >= self.min_free:
+            return True
+        if self.make_room is not None:
+            self.make_room()
+            return self.files.free_bytes() >= self.min_free
+        return False
 
     # -- handlers ------------------------------------------------------------------------
     def handlers(self) -> list[tuple]:

@@ -93,6 +93,8 @@ class Exam(Base):
     #: Readings of this version that failed for a transient reason, and when to try again.
     attempts: Mapped[int | None] = mapped_column(Integer, nullable=True, default=0)
     next_attempt_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    #: When retention deleted the received images (the exam's history stays).
+    images_purged_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
     def get_slot(self, slot: str) -> str | None:
         return getattr(self, _SLOT_COLUMNS[slot])
@@ -128,6 +130,8 @@ class Exam(Base):
             "reason": self.reason,
             "notes": self.notes,
             "last_received_at": self.last_received_at.isoformat() + "Z",
+            "images_purged_at": (self.images_purged_at.isoformat() + "Z"
+                                 if self.images_purged_at else None),
             "state_changed_at": self.state_changed_at.isoformat() + "Z",
         }
 
@@ -144,6 +148,21 @@ class Result(Base):
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     series_instance_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(400))  # relative to data_dir; "" once purged
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    #: The file was deleted by retention (the row stays: the exam's history).
+    purged_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class PurgeJournal(Base):
+    """Files whose rows a purge removed and that are not deleted yet. Written in the same
+    transaction that removes the rows, emptied as the files go: a crash in between leaves
+    entries that the next start (or purge) finishes, so the database never points at a
+    missing file and no file is left behind."""
+
+    __tablename__ = "purge_journal"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
     path: Mapped[str] = mapped_column(String(400))  # relative to data_dir
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 

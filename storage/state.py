@@ -535,7 +535,8 @@ class ExamStore:
             n = 0
             for row in s.scalars(select(Outbound).join(Result, Result.id == Outbound.result_id)
                                  .where(Result.exam_id == exam.id,
-                                        Result.version == exam.version)):
+                                        Result.version == exam.version,
+                                        Result.purged_at.is_(None))):
                 _set_outbound(row, OutboundState.PENDING)
                 row.attempts, row.next_attempt_at = 0, utcnow()
                 row.last_error = None

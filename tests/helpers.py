@@ -68,7 +68,9 @@ class NodeProcess:
             "node": {"ae_title": self.ae_title, "host": "127.0.0.1", "port": self.port,
                      "data_dir": str(self.data_dir)},
             "grouping": {"stable_seconds": 60},
-            "storage": {"min_free_mb": 0, "fsync": True},
+            # No emergency purge unless a test asks: a nearly full test machine must not
+            # delete what a test is about to look at.
+            "storage": {"min_free_mb": 0, "fsync": True, "purge_above_percent": ""},
         }
         arrays: dict[str, list[dict]] = {}
         for section, values in (settings or {}).items():
