@@ -30,7 +30,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     from node.daemon import run, setup_logging
 
     cfg = _load(args)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level or cfg.logging.level, cfg.logging.format)
     return run(cfg, run_worker=not args.no_worker)
 
 
@@ -290,8 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("start", help="run the node in the foreground (Ctrl-C / SIGTERM stops)")
     _add_config(p)
-    p.add_argument("--log-level", default="INFO",
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="default: [logging] level")
     p.add_argument("--no-worker", action="store_true",
                    help="receive and group only: no inference, no export (a receive-only node)")
     p.set_defaults(func=cmd_start)

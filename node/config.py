@@ -192,6 +192,12 @@ class StorageConfig:
 
 
 @dataclass
+class LoggingConfig:
+    format: str = "text"   # text | json
+    level: str = "INFO"
+
+
+@dataclass
 class RetentionConfig:
     #: Received images go this long after their exam is done and delivered (None: never).
     keep_images_days: float | None = 7.0
@@ -250,6 +256,7 @@ class Config:
     tls: TLSConfig = field(default_factory=TLSConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     path: Path | None = None
 
     @property
@@ -334,7 +341,8 @@ def _table(raw: dict[str, Any], name: str) -> dict[str, Any]:
 def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
     """Validate a parsed TOML document and build a :class:`Config`."""
     sections = {"node", "grouping", "inference", "destinations", "security", "storage",
-                "results", "export", "dicomweb", "peers", "tls", "audit", "retention"}
+                "results", "export", "dicomweb", "peers", "tls", "audit", "retention",
+                "logging"}
     for key in raw:
         if key not in sections:
             raise ConfigError(f"[{key}]: unknown section (known: {', '.join(sorted(sections))})")
@@ -552,6 +560,17 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
     if any(d.tls for d in cfg.destinations) and not c.ca_certificates:
         raise ConfigError("[[destinations]] tls = true needs [tls] ca_certificates to verify "
                           "the PACS's certificate")
+
+    t = _table(raw, "logging")
+    _known("logging", t, LoggingConfig)
+    lg = cfg.logging
+    lg.format = _check_str(t.get("format", lg.format), "[logging] format")
+    if lg.format not in ("text", "json"):
+        raise ConfigError(f"[logging] format must be text or json, got {lg.format!r}")
+    lg.level = _check_str(t.get("level", lg.level), "[logging] level").upper()
+    if lg.level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"[logging] level must be DEBUG, INFO, WARNING or ERROR, "
+                          f"got {lg.level!r}")
 
     t = _table(raw, "audit")
     _known("audit", t, AuditConfig)

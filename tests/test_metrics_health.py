@@ -102,3 +102,14 @@ def test_metrics_need_a_token_when_tokens_are_set(node_factory):
     r = _get(f"{base}/metrics", headers={"Authorization": "Bearer metrics-token"})
     assert r.status_code == 200 and "mammo_node_uptime_seconds" in r.text
     assert _get(f"{base}/healthz").status_code == 200  # probes stay open
+
+
+def test_json_logs_for_collectors(node_factory):
+    import json
+
+    node = node_factory({"logging": {"format": "json"}})
+    assert send(node.port, make_exam(seed=102, rows=64, cols=64)[:1]) == [0]
+    node.stop()
+    lines = [json.loads(x) for x in node.log.read_text().splitlines() if x.startswith("{")]
+    assert lines and all({"time", "level", "logger", "message"} <= set(x) for x in lines)
+    assert any("stored" in x["message"] and x["logger"] == "mammo_node.scp" for x in lines)
