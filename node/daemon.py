@@ -192,7 +192,8 @@ class Node:
             from node.dicomweb import DicomWeb, DicomWebServer
 
             web = DicomWeb(cfg, self.files, self.exams, self.scp, audit=self.audit,
-                           metrics=self.metrics, readiness=self.readiness)
+                           metrics=self.metrics, readiness=self.readiness,
+                           health=self.health)
             self.web = DicomWebServer(web, cfg)
             self.web.start()
             w = cfg.dicomweb

@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from node import audit as A
@@ -156,7 +156,7 @@ class DicomWeb:
     """The DICOMweb application bound to the node's store."""
 
     def __init__(self, cfg: Config, files: FileStore, exams: ExamStore, scp: StorageSCP,
-                 audit=None, metrics=None, readiness=None):
+                 audit=None, metrics=None, readiness=None, health=None):
         self.cfg, self.files, self.exams, self.scp = cfg, files, exams, scp
         self.audit = audit or A.NullAudit()
         self.qr = QueryRetrieveSCP(cfg, files, exams, access=scp.access, audit=self.audit)
@@ -165,9 +165,14 @@ class DicomWeb:
         self.readiness = readiness  # () -> (ready, checks) or None
         self._slots = asyncio.Semaphore(cfg.dicomweb.max_concurrent_requests)
         self.root = cfg.dicomweb.root.rstrip("/")
+        from node.dashboard import Dashboard
+
+        self.dashboard = Dashboard(cfg, files, exams, self.root, health=health,
+                                   readiness=readiness, audit=self.audit)
         r = self.root
         self.app = Starlette(middleware=[Middleware(BaseHTTPMiddleware, dispatch=self._auth)],
                              routes=[
+            *self.dashboard.routes(),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
             Route("/metrics", self.metrics_page, methods=["GET"]),
@@ -197,6 +202,9 @@ class DicomWeb:
         (/metrics: any valid token may read it)."""
         if request.url.path == "/metrics":
             return "admin"
+        if request.url.path.startswith("/ui"):
+            return "ui-action" if request.method == "POST" and not \
+                request.url.path.endswith("/logout") else "ui"
         if request.method == "POST":
             return "stow"
         path = request.url.path.rstrip("/")
@@ -209,12 +217,23 @@ class DicomWeb:
                 "token": token, "tls": self.cfg.dicomweb.tls}
 
     async def _auth(self, request: Request, call_next):
-        if request.url.path in ("/healthz", "/readyz"):
-            return await call_next(request)  # probes: no patient data, no token
+        path = request.url.path
+        if path in ("/healthz", "/readyz", "/ui/login"):
+            return await call_next(request)  # probes and the sign-in form: no token
         service = self.service_of(request)
         name = None
         if self.tokens.required:
-            found = self.tokens.authenticate(request.headers.get("authorization", ""))
+            header = request.headers.get("authorization", "")
+            # The dashboard and the images it shows authenticate with the sign-in cookie
+            # (HttpOnly, SameSite=Strict); uploads never do.
+            from node.dashboard import COOKIE
+
+            if not header and COOKIE in request.cookies and (
+                    path.startswith("/ui") or request.method == "GET"):
+                header = f"Bearer {request.cookies[COOKIE]}"
+            found = self.tokens.authenticate(header)
+            if found is None and path.startswith("/ui") and request.method == "GET":
+                return RedirectResponse("/ui/login", status_code=303)
             if found is None:
                 who = self._who(request)
                 log.warning("DICOMweb %s %s from %s: missing or wrong bearer token",
@@ -226,7 +245,13 @@ class DicomWeb:
                 return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401,
                                     headers={"WWW-Authenticate": 'Bearer realm="mammo-node"'})
             name, services = found
-            if service != "admin" and service not in services:
+            if service == "ui" and not {"qido", "wado"} <= services:
+                return _error(403, f"token {name!r} needs the qido and wado services for "
+                                   "the dashboard")
+            if service == "ui-action" and services != {"stow", "qido", "wado"}:
+                return _error(403, f"token {name!r} needs every service for dashboard "
+                                   "actions")
+            if service not in ("admin", "ui", "ui-action") and service not in services:
                 who = self._who(request, name)
                 self.audit.event(A.SECURITY_ALERT, A.MINOR_FAILURE, alert="unauthorized "
                                  "request", peer=who, service=service)

@@ -102,7 +102,8 @@ class Exporter(threading.Thread):
 
     def send_due(self) -> None:
         by_dest: dict[str, list[Delivery]] = defaultdict(list)
-        for row in self.exams.due_transfers():
+        # Destinations paused by an administrator keep their queue until resumed.
+        for row in self.exams.due_transfers(exclude=self.exams.paused_destinations()):
             by_dest[row.destination].append(row)
         for name, rows in by_dest.items():
             dest = self.destinations.get(name)

@@ -190,8 +190,9 @@ def _failpoint(job: ExamJob) -> None:
         os._exit(3)
 
 
-def process_exam_srs(job: ExamJob) -> list[ProducedObject]:
-    """Phase 1, in the inference process: read the exam, write its SR documents."""
+def process_exam_srs(job: ExamJob) -> tuple[list[ProducedObject], dict]:
+    """Phase 1, in the inference process: read the exam, write its SR documents. Returns them
+    with the reading as plain data (kept with the exam for the dashboard)."""
     from pydicom import dcmread
 
     _failpoint(job)
@@ -208,7 +209,9 @@ def process_exam_srs(job: ExamJob) -> list[ProducedObject]:
         replaces = dcmread(root / prev) if prev and (root / prev).exists() else None
         add(builders[kind](sources, summary, job.study_uid, job.version,
                            replaces=replaces), f"sr-{kind}")
-    return produced
+    import dataclasses
+
+    return produced, dataclasses.asdict(summary)
 
 
 def process_exam_scs(job: ExamJob) -> list[ProducedObject]:
@@ -330,9 +333,10 @@ class Worker(threading.Thread):
         dests = [d.name for d in self.cfg.destinations]
         try:
             # The SRs first, queued for export at once; then the Secondary Captures.
-            srs = pool.submit(process_exam_srs, job).result(timeout=timeout)
+            srs, reading = pool.submit(process_exam_srs, job).result(timeout=timeout)
             t_sr = time.perf_counter() - t0
-            if not self.exams.complete(exam_id, version, srs, dests, finish=False):
+            if not self.exams.complete(exam_id, version, srs, dests, finish=False,
+                                       reading=reading):
                 log.info("exam %s v%d was reopened while processing; its new version follows",
                          study, version)
                 return

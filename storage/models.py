@@ -95,6 +95,9 @@ class Exam(Base):
     next_attempt_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     #: When retention deleted the received images (the exam's history stays).
     images_purged_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    #: The current version's reading in plain data (per-breast BI-RADS, probabilities,
+    #: fusion weights, model identity) for the dashboard; the SRs are the record.
+    reading_json: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     def get_slot(self, slot: str) -> str | None:
         return getattr(self, _SLOT_COLUMNS[slot])
@@ -152,6 +155,29 @@ class Result(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     #: The file was deleted by retention (the row stays: the exam's history).
     purged_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class ExamEvent(Base):
+    """One line of an exam's timeline: an image received, a state change, a delivery
+    attempt, an error."""
+
+    __tablename__ = "exam_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    exam_id: Mapped[int] = mapped_column(ForeignKey("exams.id"), index=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    kind: Mapped[str] = mapped_column(String(16))  # received | state | delivery | action
+    detail: Mapped[str] = mapped_column(Text)
+
+
+class DestinationSetting(Base):
+    """Administrator switches per destination (pause / resume)."""
+
+    __tablename__ = "destination_settings"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    paused: Mapped[bool] = mapped_column(default=False)
+    changed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class PurgeJournal(Base):

@@ -23,16 +23,27 @@ Every transition runs inside :meth:`storage.db.Database.write` (process lock + t
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, or_, select, true
+from sqlalchemy.orm import object_session
 
 from storage.db import Database
-from storage.models import SLOTS, Exam, Instance, Outbound, Result, utcnow
+from storage.models import (
+    SLOTS,
+    DestinationSetting,
+    Exam,
+    ExamEvent,
+    Instance,
+    Outbound,
+    Result,
+    utcnow,
+)
 from storage.records import Delivery, InstanceRecord, ProducedObject
 
 log = logging.getLogger("mammo_node.storage")
@@ -138,6 +149,16 @@ def same_patient(a_id: str | None, a_issuer: str | None, b_id: str | None,
     return not (a_issuer and b_issuer and a_issuer != b_issuer)
 
 
+def _event(exam: Exam, kind: str, detail: str, at: dt.datetime | None = None) -> None:
+    """Add a line to the exam's timeline, in the exam's own transaction."""
+    s = object_session(exam)
+    if s is None:
+        return
+    if exam.id is None:
+        s.flush()
+    s.add(ExamEvent(exam_id=exam.id, at=at or utcnow(), kind=kind, detail=detail[:2000]))
+
+
 def _set_outbound(row: Outbound, state: OutboundState) -> None:
     check_transition(row.state, state, OUTBOUND_TRANSITIONS)
     row.state = state.value
@@ -194,6 +215,8 @@ class ExamStore:
             s.flush()
         inst.exam_id = exam.id
         s.flush()
+        _event(exam, "received", f"{inst.sop_instance_uid} ({inst.slot or inst.role}) from "
+               f"{inst.calling_aet or '?'}", now)
         members = list(s.scalars(select(Instance).where(Instance.exam_id == exam.id)
                                  .order_by(Instance.id)))
         if exam.issuer_of_patient_id is None and inst.issuer_of_patient_id and \
@@ -296,9 +319,12 @@ class ExamStore:
             return len(detached), exam.state, exam.version
 
     @staticmethod
-    def _set_state(exam: Exam, state: ExamState, now: dt.datetime) -> None:
+    def _set_state(exam: Exam, state: ExamState, now: dt.datetime,
+                   detail: str | None = None) -> None:
         check_transition(exam.state, state, EXAM_TRANSITIONS)
         if exam.state != state:
+            _event(exam, "state", f"{exam.state} -> {state.value} (version {exam.version})"
+                   + (f": {detail}" if detail else ""), now)
             log.info("exam %s v%d: %s -> %s", exam.study_instance_uid, exam.version,
                      exam.state, state)
             exam.state = state.value
@@ -350,14 +376,14 @@ class ExamStore:
                 return None
             exam.attempts = (exam.attempts or 0) + 1
             if exam.attempts >= max_attempts:
-                self._set_state(exam, ExamState.FAILED, now)
+                self._set_state(exam, ExamState.FAILED, now, reason)
                 exam.reason = f"{reason} (gave up after {exam.attempts} attempts)"
             else:
                 wait = delay * 2 ** (exam.attempts - 1)
                 exam.next_attempt_at = now + dt.timedelta(seconds=wait)
                 exam.add_note(f"attempt {exam.attempts} failed ({reason}); retrying in "
                               f"{wait:g} s")
-                self._set_state(exam, ExamState.READY, now)
+                self._set_state(exam, ExamState.READY, now, f"retry: {reason}")
             return exam.state
 
     def reprocess(self, study_uid: str) -> tuple[int, str]:
@@ -404,13 +430,15 @@ class ExamStore:
             exam = s.get(Exam, exam_id, with_for_update=True)
             if exam is None or exam.version != version or exam.state != ExamState.PROCESSING:
                 return False
-            self._set_state(exam, ExamState.DONE if ok else ExamState.FAILED, utcnow())
+            self._set_state(exam, ExamState.DONE if ok else ExamState.FAILED, utcnow(),
+                            None if ok else reason)
             if not ok:
                 exam.reason = reason or "processing failed"
             return True
 
     def complete(self, exam_id: int, version: int, results: list[ProducedObject],
-                 destinations: list[str], finish: bool = True) -> bool:
+                 destinations: list[str], finish: bool = True,
+                 reading: dict | None = None) -> bool:
         """Record a reading's result objects, queue them for every destination and (with
         ``finish``) mark the exam ``done``, in one transaction. ``finish=False`` queues a
         first part (the SRs) while the rest is still being built. False (nothing recorded)
@@ -422,6 +450,8 @@ class ExamStore:
                 return False
             source = s.scalar(select(Instance).where(Instance.exam_id == exam_id)
                               .order_by(Instance.id).limit(1))
+            if reading is not None:
+                exam.reading_json = json.dumps(reading)
             for r in results:
                 row = s.scalar(select(Result).where(
                     Result.sop_instance_uid == r.sop_instance_uid))
@@ -480,7 +510,8 @@ class ExamStore:
             return exam.study_instance_uid, exam.version, paths
 
     # -- export ----------------------------------------------------------------------------
-    def due_transfers(self, limit: int = 100) -> list[Delivery]:
+    def due_transfers(self, limit: int = 100,
+                      exclude: set[str] | frozenset[str] = frozenset()) -> list[Delivery]:
         """Deliveries whose time has come, oldest first."""
         now = utcnow()
         with self.db.session() as s:
@@ -492,7 +523,8 @@ class ExamStore:
                 .join(Exam, Exam.id == Result.exam_id)
                 .where(Outbound.state.in_((OutboundState.PENDING.value,
                                            OutboundState.RETRYING.value)),
-                       Outbound.next_attempt_at <= now)
+                       Outbound.next_attempt_at <= now,
+                       Outbound.destination.not_in(list(exclude)) if exclude else true())
                 .order_by(Outbound.next_attempt_at, Outbound.id).limit(limit)).all()
         return [Delivery(id=r[0], destination=r[1], attempts=r[2], path=r[3],
                          sop_instance_uid=r[4], interrupted=r[5] is not None,
@@ -502,9 +534,17 @@ class ExamStore:
         with self.db.write() as s:
             _get(s, Outbound, outbound_id).in_flight_since = utcnow()
 
+    def _delivery_event(self, s, row: Outbound, text: str) -> None:
+        res = s.get(Result, row.result_id)
+        exam = s.get(Exam, res.exam_id) if res is not None else None
+        if exam is not None and res is not None:
+            _event(exam, "delivery", f"{res.kind} {res.sop_instance_uid} to {row.destination}: "
+                   f"{text}")
+
     def mark_sent(self, outbound_id: int) -> None:
         with self.db.write() as s:
             row = _get(s, Outbound, outbound_id)
+            self._delivery_event(s, row, f"sent (attempt {row.attempts + 1})")
             _set_outbound(row, OutboundState.SENT)
             row.sent_at, row.last_error = utcnow(), None
             row.in_flight_since = None
@@ -518,6 +558,7 @@ class ExamStore:
             row.attempts += 1
             row.in_flight_since = None
             row.last_error = error[:2000]
+            self._delivery_event(s, row, f"attempt {row.attempts} failed: {error[:300]}")
             if row.attempts >= max_attempts:
                 _set_outbound(row, OutboundState.GAVE_UP)
             else:
@@ -555,6 +596,128 @@ class ExamStore:
                  .group_by(Exam.study_instance_uid, Outbound.destination, Outbound.state))
             for study, dest, state, n in s.execute(q):
                 out.setdefault(study, {}).setdefault(dest, {})[state] = n
+        return out
+
+    def exam_page(self, state: str | None = None, accession: str | None = None,
+                  day: dt.date | None = None, offset: int = 0,
+                  limit: int = 100) -> tuple[list[dict[str, Any]], int]:
+        """One page of exams, newest first, with their deliveries and result latency (the
+        dashboard's list; everything in a few queries whatever the number of exams)."""
+        conds = []
+        if state:
+            conds.append(Exam.state == state)
+        if accession:
+            conds.append(Exam.accession_number.like(
+                "%" + accession.replace("\\", "\\\\").replace("%", "\\%")
+                .replace("_", "\\_") + "%", escape="\\"))
+        if day is not None:
+            start = dt.datetime.combine(day, dt.time())
+            conds.append(Exam.last_received_at >= start)
+            conds.append(Exam.last_received_at < start + dt.timedelta(days=1))
+        with self.db.session() as s:
+            total = s.scalar(select(func.count()).select_from(Exam).where(*conds)) or 0
+            exams = list(s.scalars(select(Exam).where(*conds)
+                                   .order_by(Exam.last_received_at.desc(), Exam.id.desc())
+                                   .offset(offset).limit(limit)))
+            ids = [e.id for e in exams]
+            delivery: dict[int, dict[str, dict[str, int]]] = {}
+            last_sent: dict[int, dt.datetime] = {}
+            if ids:
+                for exam_id, dest, st, n, sent in s.execute(
+                        select(Result.exam_id, Outbound.destination, Outbound.state,
+                               func.count(), func.max(Outbound.sent_at))
+                        .join(Outbound, Outbound.result_id == Result.id)
+                        .join(Exam, Exam.id == Result.exam_id)
+                        .where(Result.exam_id.in_(ids), Result.version == Exam.version)
+                        .group_by(Result.exam_id, Outbound.destination, Outbound.state)):
+                    delivery.setdefault(exam_id, {}).setdefault(dest, {})[st] = n
+                    if sent is not None:
+                        last_sent[exam_id] = max(sent, last_sent.get(exam_id, sent))
+        rows = []
+        for e in exams:
+            d = e.as_dict()
+            d["delivery"] = delivery.get(e.id, {})
+            complete = d["delivery"] and all(set(c) == {"sent"} for c in d["delivery"].values())
+            d["latency_seconds"] = ((last_sent[e.id] - e.last_received_at).total_seconds()
+                                    if complete and e.id in last_sent else None)
+            rows.append(d)
+        return rows, total
+
+    def exam_dict(self, study_uid: str) -> dict[str, Any] | None:
+        with self.db.session() as s:
+            exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid))
+            if exam is None:
+                return None
+            d = exam.as_dict()
+            d["reading_json"] = exam.reading_json
+            return d
+
+    def delivery_of(self, study_uid: str) -> dict[str, dict[str, int]]:
+        """destination -> state -> count for the study's current version."""
+        with self.db.session() as s:
+            rows = s.execute(select(Outbound.destination, Outbound.state, func.count())
+                             .join(Result, Result.id == Outbound.result_id)
+                             .join(Exam, Exam.id == Result.exam_id)
+                             .where(Exam.study_instance_uid == study_uid,
+                                    Result.version == Exam.version)
+                             .group_by(Outbound.destination, Outbound.state)).all()
+        out: dict[str, dict[str, int]] = {}
+        for dest, st, n in rows:
+            out.setdefault(dest, {})[st] = n
+        return out
+
+    def delivery_totals(self) -> dict[str, dict[str, int]]:
+        """destination -> state -> count over every result."""
+        with self.db.session() as s:
+            rows = s.execute(select(Outbound.destination, Outbound.state, func.count())
+                             .group_by(Outbound.destination, Outbound.state)).all()
+        out: dict[str, dict[str, int]] = {}
+        for dest, st, n in rows:
+            out.setdefault(dest, {})[st] = n
+        return out
+
+    def received_bytes_since(self, since: dt.datetime) -> int:
+        with self.db.session() as s:
+            return int(s.scalar(select(func.coalesce(func.sum(Instance.size_bytes), 0))
+                                .where(Instance.received_at >= since,
+                                       Instance.role != "result")) or 0)
+
+    def add_event(self, study_uid: str, kind: str, detail: str) -> None:
+        """A line in an exam's timeline from outside a transition (an administrator's
+        action)."""
+        with self.db.write() as s:
+            exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid))
+            if exam is not None:
+                _event(exam, kind, detail)
+
+    def events(self, study_uid: str) -> list[ExamEvent]:
+        with self.db.session() as s:
+            return list(s.scalars(select(ExamEvent).join(Exam, Exam.id == ExamEvent.exam_id)
+                                  .where(Exam.study_instance_uid == study_uid)
+                                  .order_by(ExamEvent.at, ExamEvent.id)))
+
+    def set_paused(self, destination: str, paused: bool) -> None:
+        with self.db.write() as s:
+            row = s.get(DestinationSetting, destination)
+            if row is None:
+                row = DestinationSetting(name=destination)
+                s.add(row)
+            row.paused, row.changed_at = paused, utcnow()
+
+    def paused_destinations(self) -> set[str]:
+        with self.db.session() as s:
+            return set(s.scalars(select(DestinationSetting.name)
+                                 .where(DestinationSetting.paused.is_(True))))
+
+    def last_errors(self) -> dict[str, tuple[dt.datetime | None, str]]:
+        """destination -> (when, error) of its most recent failed attempt still on record."""
+        out: dict[str, tuple[dt.datetime | None, str]] = {}
+        with self.db.session() as s:
+            for dest, at, err in s.execute(
+                    select(Outbound.destination, Outbound.next_attempt_at, Outbound.last_error)
+                    .where(Outbound.last_error.isnot(None))
+                    .order_by(Outbound.next_attempt_at)):
+                out[dest] = (at, err or "")
         return out
 
     def queue_depths(self) -> dict[tuple[str, str], int]:

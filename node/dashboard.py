@@ -1,0 +1,335 @@
+"""The administrator's dashboard at ``/ui``: server-rendered HTML (Jinja2), no JavaScript.
+
+Pages: the exams list (state, accession, views, delivery, last image -> results, filters;
+refreshes itself), one exam (its attention maps over the mammograms, the AI reading per
+breast, fusion weights, the timeline of every event, actions: resend, reprocess, complete
+now), the destinations (queue, last error, C-ECHO test, pause / resume) and the system (disk
+and the retention forecast, model identity, readiness, version, uptime).
+
+Authentication is DICOMweb's: without tokens the page is open (the HTTP server is then on
+loopback only); with tokens, ``/ui/login`` takes one and keeps it in an HttpOnly, SameSite
+Strict cookie (Secure under TLS) that the browser sends with the page and its images. Reading
+needs a token with ``qido`` and ``wado``; actions one with every service.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from node import __version__
+from node.config import Config
+from storage.files import FileStore
+from storage.models import SLOTS
+from storage.state import ExamState, ExamStore
+
+log = logging.getLogger("mammo_node.dashboard")
+
+COOKIE = "mammo_node_token"
+UI = "/ui"
+_TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+def _ago(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    if seconds < 172800:
+        return f"{seconds // 3600} h"
+    return f"{seconds // 86400} days"
+
+
+def _when(value: str | dt.datetime | None) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value.replace("T", " ").rstrip("Z")[:19]
+    return value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+class Dashboard:
+    def __init__(self, cfg: Config, files: FileStore, exams: ExamStore, dicomweb_root: str,
+                 health=None, readiness=None, audit=None) -> None:
+        self.cfg, self.files, self.exams = cfg, files, exams
+        self.root = dicomweb_root
+        self.health = health
+        self.readiness = readiness
+        self.audit = audit
+        self.env = Environment(loader=FileSystemLoader(str(_TEMPLATES)),
+                               autoescape=select_autoescape(["html"]))
+
+    def routes(self) -> list[Route]:
+        return [
+            Route(UI, self.exams_page, methods=["GET"]),
+            Route(f"{UI}/login", self.login_page, methods=["GET"]),
+            Route(f"{UI}/login", self.login, methods=["POST"]),
+            Route(f"{UI}/logout", self.logout, methods=["POST"]),
+            Route(f"{UI}/exams/{{study}}", self.exam_page, methods=["GET"]),
+            Route(f"{UI}/exams/{{study}}/{{action}}", self.exam_action, methods=["POST"]),
+            Route(f"{UI}/destinations", self.destinations_page, methods=["GET"]),
+            Route(f"{UI}/destinations/{{name}}/{{action}}", self.destination_action,
+                  methods=["POST"]),
+            Route(f"{UI}/system", self.system_page, methods=["GET"]),
+        ]
+
+    # -- rendering -----------------------------------------------------------------------------
+    def _render(self, request: Request, template: str, status: int = 200, **ctx: Any) -> Response:
+        h = self.health
+        demo = bool(h and h.model_identity.get("demo"))
+        base = {"ui": UI, "msg": request.query_params.get("msg", ""),
+                "logged_in": COOKIE in request.cookies, "not_for_clinical_use": demo,
+                "refresh": None}
+        html = self.env.get_template(template).render(**{**base, **ctx})
+        return HTMLResponse(html, status_code=status,
+                            headers={"Cache-Control": "no-store",
+                                     "Content-Security-Policy": "default-src 'self'; "
+                                     "style-src 'unsafe-inline'; img-src 'self'"})
+
+    def _back(self, where: str, msg: str) -> RedirectResponse:
+        return RedirectResponse(f"{where}?{urlencode({'msg': msg})}", status_code=303)
+
+    # -- sign in ---------------------------------------------------------------------------------
+    async def login_page(self, request: Request) -> Response:
+        return self._render(request, "login.html", title="Sign in", page="")
+
+    async def login(self, request: Request) -> Response:
+        form = await request.form()
+        token = str(form.get("token", ""))
+        from node.security import TokenAuth
+
+        if TokenAuth(self.cfg).authenticate(f"Bearer {token}") is None:
+            return self._render(request, "login.html", status=401, title="Sign in", page="",
+                                msg="That token is not valid.")
+        resp = RedirectResponse(UI, status_code=303)
+        resp.set_cookie(COOKIE, token, httponly=True, samesite="strict",
+                        secure=self.cfg.dicomweb.tls, path="/")
+        return resp
+
+    async def logout(self, request: Request) -> Response:
+        resp = RedirectResponse(f"{UI}/login", status_code=303)
+        resp.delete_cookie(COOKIE, path="/")
+        return resp
+
+    # -- exams ---------------------------------------------------------------------------------
+    async def exams_page(self, request: Request) -> Response:
+        q = request.query_params
+        state = q.get("state") or None
+        if state and state not in {s.value for s in ExamState}:
+            state = None
+        accession = (q.get("accession") or "").strip() or None
+        day = None
+        if q.get("date"):
+            try:
+                day = dt.date.fromisoformat(q["date"])
+            except ValueError:
+                day = None
+        try:
+            offset = max(0, int(q.get("offset", "0")))
+        except ValueError:
+            offset = 0
+        limit = 100
+        rows, total = await run_in_threadpool(self.exams.exam_page, state, accession, day,
+                                              offset, limit)
+        for r in rows:
+            r["present"] = [s for s in SLOTS if r["views"].get(s)]
+            r["latency"] = (f"{r['latency_seconds']:.1f} s"
+                            if r.get("latency_seconds") is not None else "")
+            r["last_received"] = _when(r["last_received_at"])
+        params = {k: v for k, v in (("state", state or ""), ("date", q.get("date", "")),
+                                    ("accession", accession or "")) if v}
+        return self._render(
+            request, "exams.html", title="Exams", page="exams", exams=rows, total=total,
+            count=len(rows), offset=offset, states=[s.value for s in ExamState],
+            f_state=state or "", f_date=q.get("date", ""), f_accession=accession or "",
+            refresh=15,
+            prev_link=f"{UI}?{urlencode({**params, 'offset': max(0, offset - limit)})}",
+            next_link=f"{UI}?{urlencode({**params, 'offset': offset + limit})}")
+
+    def _exam_context(self, study: str) -> dict | None:
+        exam = self.exams.exam_dict(study)
+        if exam is None:
+            return None
+        maps = []
+        for res in self.exams.results_of(study):
+            if res.kind == "sc" and res.version == exam["version"] and res.path:
+                maps.append({"label": res.sop_instance_uid,
+                             "src": f"{self.root}/studies/{study}/series/"
+                                    f"{res.series_instance_uid}/instances/"
+                                    f"{res.sop_instance_uid}/rendered"})
+        # The worker writes one SC per view in slot order (L-CC, L-MLO, R-CC, R-MLO).
+        for m, slot in zip(maps, [s for s in SLOTS if exam["views"].get(s)]):
+            m["label"] = slot
+        events = [{"at": _when(ev.at), "kind": ev.kind, "detail": ev.detail}
+                  for ev in self.exams.events(study)]
+        reading = json.loads(exam["reading_json"]) if exam.get("reading_json") else None
+        return {"e": exam, "maps": maps, "events": events, "reading": reading,
+                "present": [s for s in SLOTS if exam["views"].get(s)],
+                "delivery": self.exams.delivery_of(study),
+                "last_received": _when(exam["last_received_at"])}
+
+    async def exam_page(self, request: Request) -> Response:
+        study = request.path_params["study"]
+        ctx = await run_in_threadpool(self._exam_context, study)
+        if ctx is None:
+            return self._render(request, "exams.html", status=404, title="Not found",
+                                page="exams", exams=[], total=0, count=0, offset=0,
+                                states=[], f_state="", f_date="", f_accession="",
+                                msg=f"No exam for study {study}.")
+        return self._render(request, "exam.html", title="Exam", page="exams", **ctx)
+
+    async def exam_action(self, request: Request) -> Response:
+        study, action = request.path_params["study"], request.path_params["action"]
+        where = f"{UI}/exams/{study}"
+
+        def run() -> str:
+            if action == "resend":
+                n = self.exams.requeue_study(study)
+                return f"{n} delivery(ies) queued again" if n else "nothing to resend"
+            if action == "reprocess":
+                version, state = self.exams.reprocess(study)
+                return f"version {version} is {state}: it will be read again"
+            if action == "complete":
+                missing, state = self.exams.complete_now(study)
+                return f"processing now{' without ' + ', '.join(missing) if missing else ''}"
+            raise ValueError(f"unknown action {action!r}")
+
+        try:
+            msg = await run_in_threadpool(run)
+        except KeyError:
+            return self._back(UI, f"No exam for study {study}.")
+        except ValueError as exc:
+            return self._back(where, f"Not done: {exc}")
+        await run_in_threadpool(self.exams.add_event, study, "action",
+                                f"{action} from the dashboard: {msg}")
+        log.info("dashboard: %s of study %s: %s", action, study, msg)
+        return self._back(where, msg)
+
+    # -- destinations --------------------------------------------------------------------------
+    def _destinations(self) -> list[dict]:
+        depth = self.exams.queue_depths()
+        totals = self.exams.delivery_totals()
+        errors = self.exams.last_errors()
+        paused = self.exams.paused_destinations()
+        out = []
+        for d in self.cfg.destinations:
+            out.append({"name": d.name, "ae_title": d.ae_title, "host": d.host,
+                        "port": d.port, "tls": d.tls,
+                        "queue": sum(n for (dest, _), n in depth.items() if dest == d.name),
+                        "sent": totals.get(d.name, {}).get("sent", 0),
+                        "gave_up": totals.get(d.name, {}).get("gave_up", 0),
+                        "last_error": errors.get(d.name, (None, ""))[1],
+                        "paused": d.name in paused})
+        return out
+
+    async def destinations_page(self, request: Request) -> Response:
+        dests = await run_in_threadpool(self._destinations)
+        return self._render(request, "destinations.html", title="Destinations",
+                            page="destinations", dests=dests)
+
+    def _echo(self, name: str) -> str:
+        from pynetdicom import AE
+        from pynetdicom.sop_class import Verification
+
+        from node.export import tls_args
+
+        dest = next(d for d in self.cfg.destinations if d.name == name)
+        ae = AE(ae_title=self.cfg.node.ae_title)
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
+        t0 = time.perf_counter()
+        try:
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                                 **tls_args(self.cfg, dest))
+        except (OSError, ValueError) as exc:
+            return f"C-ECHO to {name} failed: {exc}"
+        if not assoc.is_established:
+            return f"C-ECHO to {name} failed: no association with {dest.ae_title}@" \
+                   f"{dest.host}:{dest.port}"
+        try:
+            status = assoc.send_c_echo()
+            ok = bool(status) and status.Status == 0
+        finally:
+            assoc.release()
+        ms = (time.perf_counter() - t0) * 1000
+        return f"C-ECHO to {name}: {'success' if ok else 'failed'} in {ms:.0f} ms"
+
+    async def destination_action(self, request: Request) -> Response:
+        name, action = request.path_params["name"], request.path_params["action"]
+        where = f"{UI}/destinations"
+        if name not in {d.name for d in self.cfg.destinations}:
+            return self._back(where, f"No destination {name!r}.")
+        if action == "echo":
+            msg = await run_in_threadpool(self._echo, name)
+        elif action in ("pause", "resume"):
+            await run_in_threadpool(self.exams.set_paused, name, action == "pause")
+            msg = f"{name} paused: results wait in its queue" if action == "pause" \
+                else f"{name} resumed"
+            log.info("dashboard: destination %s %sd", name, action)
+        else:
+            return self._back(where, f"Unknown action {action!r}.")
+        return self._back(where, msg)
+
+    # -- system --------------------------------------------------------------------------------
+    def _system(self) -> dict:
+        from storage.retention import Retention
+
+        usage = shutil.disk_usage(self.files.root)
+        ready, checks = self.readiness() if self.readiness else (True, {})
+        h = self.health
+        rate = self.exams.received_bytes_since(
+            dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(days=1))
+        cands = Retention(self.exams.db, self.files).candidates()
+        purgeable = sum(c.bytes for c in cands)
+        r, s = self.cfg.retention, self.cfg.storage
+        reserve = s.min_free_mb * 1024 * 1024
+        if rate > 0:
+            days = max(0.0, (usage.free - reserve) / rate)
+            forecast = (f"at the last 24 h's rate ({rate / 1e6:.0f} MB/day) the disk reaches "
+                        f"the reserve in {days:.0f} days"
+                        + (f"; retention frees images {r.keep_images_days:g} days after "
+                           "delivery, so use levels off" if r.keep_images_days is not None
+                           else "; nothing is ever deleted ([retention] keep_images_days "
+                                "is off)"))
+        else:
+            forecast = "nothing received in the last 24 h"
+        started = h.started_at if h else time.time()
+        return {
+            "version": __version__,
+            "started": dt.datetime.fromtimestamp(started, dt.UTC)
+            .strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "uptime": _ago(time.time() - started), "ae_title": self.cfg.node.ae_title,
+            "port": self.cfg.node.port, "tls": self.cfg.node.tls, "ready": ready,
+            "checks": checks, "model": h.model_identity if h and h.model_loaded else None,
+            "model_error": h.model_error if h else None,
+            "restarts": h.inference_restarts if h else 0,
+            "counts": self.exams.counts_by_state(), "data_dir": str(self.files.root),
+            "used_gb": f"{(usage.total - usage.free) / 1e9:.1f}",
+            "total_gb": f"{usage.total / 1e9:.1f}", "free_gb": f"{usage.free / 1e9:.1f}",
+            "use_percent": 100.0 * (usage.total - usage.free) / usage.total,
+            "reserve_mb": f"{s.min_free_mb:g}", "rate_mb": f"{rate / 1e6:.1f}",
+            "purgeable_studies": len(cands), "purgeable_mb": f"{purgeable / 1e6:.1f}",
+            "keep_images": (f"{r.keep_images_days:g} days after done and delivered"
+                            if r.keep_images_days is not None else "kept forever"),
+            "keep_results": (f"{r.keep_results_days:g} days after delivery"
+                             if r.keep_results_days is not None else "kept forever"),
+            "purge_above": (f"{s.purge_above_percent:g} % disk use"
+                            if s.purge_above_percent is not None else "never"),
+            "forecast": forecast}
+
+    async def system_page(self, request: Request) -> Response:
+        ctx = await run_in_threadpool(self._system)
+        return self._render(request, "system.html", title="System", page="system", **ctx)
