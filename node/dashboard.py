@@ -21,7 +21,7 @@ import shutil
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.concurrency import run_in_threadpool
@@ -107,8 +107,8 @@ class Dashboard:
         return self._render(request, "login.html", title="Sign in", page="")
 
     async def login(self, request: Request) -> Response:
-        form = await request.form()
-        token = str(form.get("token", ""))
+        body = (await request.body())[:4096]  # one urlencoded field: no form library
+        token = parse_qs(body.decode("utf-8", "replace")).get("token", [""])[0]
         from node.security import TokenAuth
 
         if TokenAuth(self.cfg).authenticate(f"Bearer {token}") is None:
@@ -317,9 +317,10 @@ class Dashboard:
             "model_error": h.model_error if h else None,
             "restarts": h.inference_restarts if h else 0,
             "counts": self.exams.counts_by_state(), "data_dir": str(self.files.root),
-            "used_gb": f"{(usage.total - usage.free) / 1e9:.1f}",
-            "total_gb": f"{usage.total / 1e9:.1f}", "free_gb": f"{usage.free / 1e9:.1f}",
-            "use_percent": 100.0 * (usage.total - usage.free) / usage.total,
+            "used_gb": f"{usage.used / 1e9:.1f}",
+            "total_gb": f"{(usage.used + usage.free) / 1e9:.1f}",
+            "free_gb": f"{usage.free / 1e9:.1f}",
+            "use_percent": 100.0 * usage.used / max(1, usage.used + usage.free),
             "reserve_mb": f"{s.min_free_mb:g}", "rate_mb": f"{rate / 1e6:.1f}",
             "purgeable_studies": len(cands), "purgeable_mb": f"{purgeable / 1e6:.1f}",
             "keep_images": (f"{r.keep_images_days:g} days after done and delivered"

@@ -165,8 +165,10 @@ class Retention:
         return len(entries)
 
     def disk_use_percent(self) -> float:
+        """Disk use as df shows it: used / (used + available to us). (``total - free``
+        overstates it where the file system reserves blocks or sits under a quota.)"""
         u = shutil.disk_usage(self.files.root)
-        return 100.0 * (u.total - u.free) / u.total if u.total else 0.0
+        return 100.0 * u.used / (u.used + u.free) if u.used + u.free else 0.0
 
     def run(self, keep_images_days: float | None, keep_results_days: float | None,
             purge_above_percent: float | None, study: str | None = None,
