@@ -69,32 +69,47 @@ class Retention:
         age; ``kept`` collects done exams that must keep theirs, with the reason."""
         out: list[Candidate] = []
         with self.db.session() as s:
-            for exam in s.scalars(select(Exam).where(Exam.state == "done",
-                                                     Exam.images_purged_at.is_(None))):
-                rows = s.execute(select(Outbound.state, Outbound.sent_at)
-                                 .join(Result, Result.id == Outbound.result_id)
-                                 .where(Result.exam_id == exam.id,
-                                        Result.version == exam.version)).all()
-                if any(st == "gave_up" for st, _ in rows):
+            exams = {e.id: e for e in s.scalars(select(Exam).where(
+                Exam.state == "done", Exam.images_purged_at.is_(None)))}
+            # Deliveries of each exam's current version, aggregated in one query.
+            deliveries: dict[int, list[tuple[str, int, dt.datetime | None]]] = {}
+            for exam_id, state, n, last in s.execute(
+                    select(Result.exam_id, Outbound.state, func.count(),
+                           func.max(Outbound.sent_at))
+                    .join(Outbound, Outbound.result_id == Result.id)
+                    .join(Exam, Exam.id == Result.exam_id)
+                    .where(Exam.state == "done", Exam.images_purged_at.is_(None),
+                           Result.version == Exam.version)
+                    .group_by(Result.exam_id, Outbound.state)):
+                deliveries.setdefault(exam_id, []).append((state, n, last))
+            sizes = {exam_id: (n, int(size)) for exam_id, n, size in s.execute(
+                select(Instance.exam_id, func.count(),
+                       func.coalesce(func.sum(Instance.size_bytes), 0))
+                .join(Exam, Exam.id == Instance.exam_id)
+                .where(Exam.state == "done", Exam.images_purged_at.is_(None))
+                .group_by(Instance.exam_id))}
+            for exam_id, exam in exams.items():
+                rows = deliveries.get(exam_id, [])
+                if any(st == "gave_up" for st, _, _ in rows):
                     if kept is not None:
                         kept[exam.study_instance_uid] = "a delivery gave up: images kept " \
                                                         "until it is resent"
                     continue
-                if any(st != "sent" for st, _ in rows):
+                if any(st != "sent" for st, _, _ in rows):
                     if kept is not None:
                         kept[exam.study_instance_uid] = "results not delivered yet"
                     continue
-                since = max([exam.state_changed_at, *(t for _, t in rows if t is not None)])
-                n, size = s.execute(select(func.count(), func.coalesce(func.sum(
-                    Instance.size_bytes), 0)).where(Instance.exam_id == exam.id)).one()
-                out.append(Candidate(exam.study_instance_uid, exam.id, since, n, int(size)))
+                since = max([exam.state_changed_at, *(t for _, _, t in rows if t is not None)])
+                n, size = sizes.get(exam_id, (0, 0))
+                out.append(Candidate(exam.study_instance_uid, exam_id, since, n, size))
             # Instances outside every exam (received, not results), grouped by study.
+            seen = {c.study_uid for c in out}
             for study, first, n, size in s.execute(
                     select(Instance.study_instance_uid, func.max(Instance.received_at),
                            func.count(), func.coalesce(func.sum(Instance.size_bytes), 0))
                     .where(Instance.exam_id.is_(None), Instance.role != "result")
                     .group_by(Instance.study_instance_uid)):
-                if not any(c.study_uid == study for c in out):
+                if study not in seen:
                     out.append(Candidate(study, None, first, n, int(size)))
         out.sort(key=lambda c: c.since)
         return out
