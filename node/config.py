@@ -235,6 +235,10 @@ class DicomWebConfig:
     max_results: int = 1000
     max_request_mb: float = 2048.0
     max_concurrent_requests: int = 16
+    #: Origins (scheme://host[:port]) whose browser pages may call DICOMweb (CORS).
+    cors_origins: list[str] = field(default_factory=list)
+    #: A static viewer build (e.g. OHIF's dist) served at /viewer, configured for this node.
+    viewer_dir: str = ""
 
     @property
     def is_loopback(self) -> bool:
@@ -520,6 +524,21 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
     w.max_concurrent_requests = int(_check_number(
         t.get("max_concurrent_requests", w.max_concurrent_requests),
         "[dicomweb] max_concurrent_requests", 1))
+    origins = t.get("cors_origins", [])
+    if not isinstance(origins, list) or any(
+            not isinstance(o, str) or not re.fullmatch(r"(https?://[^/\s]+|\*)", o)
+            for o in origins):
+        raise ConfigError("[dicomweb] cors_origins must be a list of origins such as "
+                          f"\"https://viewer.example:3000\" (or \"*\"), got {origins!r}")
+    w.cors_origins = list(origins)
+    w.viewer_dir = _check_str(t.get("viewer_dir", ""), "[dicomweb] viewer_dir")
+    if w.viewer_dir:
+        vd = Path(w.viewer_dir).expanduser()
+        if not vd.is_absolute() and path is not None:
+            vd = path.parent / vd
+        if not (vd / "index.html").is_file():
+            raise ConfigError(f"[dicomweb] viewer_dir: no index.html in {vd}")
+        w.viewer_dir = str(vd)
     tokens = t.get("tokens", [])
     if not isinstance(tokens, list):
         raise ConfigError("[[dicomweb.tokens]] must be an array of tables")

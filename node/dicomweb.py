@@ -9,7 +9,6 @@ or JPEG images of single-frame objects (the attention maps) for browsers.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import mmap
 import re
@@ -25,10 +24,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from node import audit as A
+from node import wado
 from node.config import Config
 from node.qr import ATTRS, LEVELS, QueryRetrieveSCP
 from node.scp import StorageSCP
@@ -140,18 +140,6 @@ def _to_part10(path: Path) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
-def _multipart(files: list[Path]) -> Response:
-    boundary = uuid.uuid4().hex
-    out = io.BytesIO()
-    for f in files:
-        out.write(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode())
-        out.write(f.read_bytes())
-        out.write(b"\r\n")
-    out.write(f"--{boundary}--\r\n".encode())
-    return Response(out.getvalue(), media_type=f'multipart/related; type="application/dicom"; '
-                                               f"boundary={boundary}")
-
-
 class DicomWeb:
     """The DICOMweb application bound to the node's store."""
 
@@ -170,8 +158,30 @@ class DicomWeb:
         self.dashboard = Dashboard(cfg, files, exams, self.root, health=health,
                                    readiness=readiness, audit=self.audit)
         r = self.root
-        self.app = Starlette(middleware=[Middleware(BaseHTTPMiddleware, dispatch=self._auth)],
+        self.viewer = None
+        viewer_routes = []
+        if cfg.dicomweb.viewer_dir:
+            from node.viewer import Viewer
+
+            self.viewer = Viewer(cfg.dicomweb.viewer_dir, self.root)
+            viewer_routes = [Route("/viewer", self.viewer.page, methods=["GET"]),
+                             Route("/viewer/{path:path}", self.viewer.page, methods=["GET"]),
+                             Route("/app-config.js", self.viewer.page, methods=["GET"])]
+        middleware = [Middleware(BaseHTTPMiddleware, dispatch=self._auth)]
+        if cfg.dicomweb.cors_origins:
+            from starlette.middleware.cors import CORSMiddleware
+
+            # Outermost: a preflight carries no token and must be answered before the
+            # authentication.
+            middleware.insert(0, Middleware(
+                CORSMiddleware, allow_origins=cfg.dicomweb.cors_origins,
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["Authorization", "Accept", "Content-Type"],
+                expose_headers=["Warning", "Content-Type", "Content-Length"],
+                allow_credentials="*" not in cfg.dicomweb.cors_origins, max_age=600))
+        self.app = Starlette(middleware=middleware,
                              routes=[
+            *viewer_routes,
             *self.dashboard.routes(),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
@@ -179,6 +189,21 @@ class DicomWeb:
             Route(f"{r}/studies", self.stow, methods=["POST"]),
             Route(f"{r}/studies/{{study}}", self.stow, methods=["POST"]),
             Route(f"{r}/studies", self.qido, methods=["GET"]),
+            Route(f"{r}/series", self.qido, methods=["GET"]),
+            Route(f"{r}/instances", self.qido, methods=["GET"]),
+            Route(f"{r}/studies/{{study}}/thumbnail", self.thumbnail, methods=["GET"]),
+            Route(f"{r}/studies/{{study}}/series/{{series}}/thumbnail", self.thumbnail,
+                  methods=["GET"]),
+            Route(f"{r}/studies/{{study}}/series/{{series}}/instances/{{instance}}/thumbnail",
+                  self.thumbnail, methods=["GET"]),
+            Route(f"{r}/studies/{{study}}/series/{{series}}/instances/{{instance}}/frames/"
+                  f"{{frames}}", self.frames, methods=["GET"]),
+            Route(f"{r}/studies/{{study}}/series/{{series}}/instances/{{instance}}/frames/"
+                  f"{{frames}}/rendered", self.rendered, methods=["GET"]),
+            Route(f"{r}/studies/{{study}}/series/{{series}}/instances/{{instance}}/bulkdata/"
+                  f"{{tag}}", self.bulkdata, methods=["GET"]),
+            Route("/wado", self.wado_uri, methods=["GET"]),
+            Route(f"{r}/wado", self.wado_uri, methods=["GET"]),
             Route(f"{r}/studies/{{study}}/series", self.qido, methods=["GET"]),
             Route(f"{r}/studies/{{study}}/instances", self.qido, methods=["GET"]),
             Route(f"{r}/studies/{{study}}/series/{{series}}/instances", self.qido,
@@ -194,6 +219,8 @@ class DicomWeb:
                   self.metadata, methods=["GET"]),
             Route(f"{r}/studies/{{study}}/series/{{series}}/instances/{{instance}}/rendered",
                   self.rendered, methods=["GET"]),
+            *([Route("/{path:path}", self.viewer.page, methods=["GET"])] if self.viewer
+              else []),
         ])
 
     @staticmethod
@@ -218,8 +245,10 @@ class DicomWeb:
 
     async def _auth(self, request: Request, call_next):
         path = request.url.path
-        if path in ("/healthz", "/readyz", "/ui/login"):
-            return await call_next(request)  # probes and the sign-in form: no token
+        if path in ("/healthz", "/readyz", "/ui/login") or (
+                self.viewer is not None and request.method == "GET"
+                and self.viewer.serves(path)):
+            return await call_next(request)  # probes, sign-in form, viewer files: no token
         service = self.service_of(request)
         name = None
         if self.tokens.required:
@@ -368,7 +397,7 @@ class DicomWeb:
             who = dict(getattr(request.state, "who", {}) or {}, ae_title=calling)
             status, message = self.scp.ingest(path, calling, peer=who)
             if status == SUCCESS:
-                item.RetrieveURL = (f"{request.base_url}{self.root.lstrip('/')}/studies/"
+                item.RetrieveURL = (f"{self.origin(request)}{self.root}/studies/"
                                     f"{study}/series/{header.get('SeriesInstanceUID', '')}"
                                     f"/instances/{sop_uid}")
                 ok.append(item)
@@ -423,11 +452,15 @@ class DicomWeb:
             keys["StudyInstanceUID"] = p["study"]
         if "series" in p:
             keys["SeriesInstanceUID"] = p["series"]
+        from pydicom.datadict import dictionary_VR, tag_for_keyword
+
         ident = Dataset()
         ident.QueryRetrieveLevel = level
         for kw in ATTRS:
             if LEVELS.index(ATTRS[kw][0]) <= LEVELS.index(level):
-                setattr(ident, kw, keys.get(kw, ""))
+                tag = tag_for_keyword(kw)
+                assert tag is not None
+                ident.add_new(tag, dictionary_VR(tag), keys.get(kw) or None)
         if level in ("STUDY",):
             ident.ModalitiesInStudy = keys.get("ModalitiesInStudy", "")
             ident.NumberOfStudyRelatedSeries = None
@@ -437,9 +470,17 @@ class DicomWeb:
         rows, more = await run_in_threadpool(self.qr.match, level, keys, limit, offset)
         answers = list(self.qr._answers(level, keys, ident, rows))
         body = []
+        base = f"{self.origin(request)}{self.root}"
         for a in answers:
             del a.QueryRetrieveLevel
-            body.append(a.to_json_dict())
+            js = a.to_json_dict()
+            url = f"{base}/studies/{a.StudyInstanceUID}"
+            if level in ("SERIES", "IMAGE"):
+                url += f"/series/{a.SeriesInstanceUID}"
+            if level == "IMAGE":
+                url += f"/instances/{a.SOPInstanceUID}"
+            js["00081190"] = {"vr": "UR", "Value": [url]}  # RetrieveURL (PS3.18 6.7.1.2)
+            body.append(js)
         self.audit.event(A.QUERY, A.SUCCESS, peer=getattr(request.state, "who", None),
                          service="QIDO-RS", level=level,
                          matched_studies=len({r.study_instance_uid for r in rows}),
@@ -458,46 +499,163 @@ class DicomWeb:
             study_uids=[p["study"]], series_uids=[p["series"]] if "series" in p else None,
             sop_uids=[p["instance"]] if "instance" in p else None)
 
-    async def wado(self, request: Request) -> Response:
-        rows = self._rows(request.path_params)
-        if not rows:
-            return _error(404, "no such study, series or instance")
-        self.audit.event(A.BEGIN_TRANSFER, A.SUCCESS, service="WADO-RS",
+    @staticmethod
+    def origin(request: Request) -> str:
+        """scheme://host:port the client reached us at. Some clients (dicomweb-client) send a
+        Host header without the port: the listening port is added back then."""
+        url = request.base_url
+        origin = f"{url.scheme}://{url.netloc}"
+        server = request.scope.get("server")
+        if url.port is None and server and server[1] not in (80, 443):
+            origin = f"{url.scheme}://{url.hostname}:{server[1]}"
+        return origin
+
+    def _instance_url(self, request: Request, r: Instance) -> str:
+        return (f"{self.origin(request)}{self.root}/studies/"
+                f"{r.study_instance_uid}/series/{r.series_instance_uid}/instances/"
+                f"{r.sop_instance_uid}")
+
+    def _audit_retrieve(self, request: Request, rows: list[Instance], service: str) -> None:
+        self.audit.event(A.BEGIN_TRANSFER, A.SUCCESS, service=service,
                          peer=getattr(request.state, "who", None),
                          studies=sorted({r.study_instance_uid for r in rows}),
                          instances=len(rows))
-        return _multipart([self.files.abspath(r.path) for r in rows])
 
-    async def metadata(self, request: Request) -> Response:
-        rows = self._rows(request.path_params)
+    async def wado(self, request: Request) -> Response:
+        rows = await run_in_threadpool(self._rows, request.path_params)
         if not rows:
             return _error(404, "no such study, series or instance")
-        out = []
-        for r in rows:
-            ds = dcmread(self.files.abspath(r.path), stop_before_pixels=True)
-            out.append(ds.to_json_dict(bulk_data_threshold=1 << 16,
-                                       bulk_data_element_handler=lambda e: ""))
-        return JSONResponse(out, media_type=DICOM_JSON)
+        accept = request.headers.get("accept", "")
+        if accept and not any(i.media in ("multipart/related", "*/*", "multipart/*")
+                              and (i.part in (None, "application/dicom"))
+                              for i in wado.parse_accept(accept)):
+            return _error(406, 'retrieve answers multipart/related; type="application/dicom"')
+        self._audit_retrieve(request, rows, "WADO-RS")
+        boundary = uuid.uuid4().hex
+        paths = [self.files.abspath(r.path) for r in rows]
+        # A sync generator: Starlette reads the files block by block in a worker thread.
+        return StreamingResponse(
+            wado.stream_files(paths, boundary),
+            media_type=f'multipart/related; type="application/dicom"; boundary={boundary}')
 
-    async def rendered(self, request: Request) -> Response:
-        rows = self._rows(request.path_params)
+    async def metadata(self, request: Request) -> Response:
+        rows = await run_in_threadpool(self._rows, request.path_params)
+        if not rows:
+            return _error(404, "no such study, series or instance")
+
+        def build() -> list[dict]:
+            return [wado.metadata_json(self.files.abspath(r.path), self._instance_url(request, r))
+                    for r in rows]
+        return JSONResponse(await run_in_threadpool(build), media_type=DICOM_JSON)
+
+    async def frames(self, request: Request) -> Response:
+        rows = await run_in_threadpool(self._rows, request.path_params)
         if not rows:
             return _error(404, "no such instance")
-        from PIL import Image
+        r = rows[0]
+        n_frames = r.number_of_frames or 1
+        try:
+            numbers = wado.parse_frame_list(request.path_params["frames"], n_frames)
+            choice = wado.choose_frames(request.headers.get("accept", ""),
+                                        r.transfer_syntax_uid, len(numbers))
+        except ValueError as exc:
+            return _error(400, str(exc))
+        except wado.NotAcceptable as exc:
+            return _error(406, str(exc))
+        try:
+            parts = await run_in_threadpool(wado.frames, self.files.abspath(r.path), numbers,
+                                            choice.passthrough)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        self._audit_retrieve(request, rows, "WADO-RS frames")
+        if not choice.multipart:
+            return Response(parts[0], media_type=choice.content_type)
+        body, ctype = wado.multipart_bytes(parts, choice.content_type)
+        return Response(body, media_type=ctype)
 
-        ds = dcmread(self.files.abspath(rows[0].path))
-        if "PixelData" not in ds:
-            return _error(400, "this instance has no image to render")
-        arr = ds.pixel_array
-        if ds.get("SamplesPerPixel", 1) == 1:
-            from inference.preprocess import to_display
+    async def bulkdata(self, request: Request) -> Response:
+        rows = await run_in_threadpool(self._rows, request.path_params)
+        tag = request.path_params["tag"]
+        if not rows or not _TAG_RE.match(tag):
+            return _error(404, "no such instance or bulk data element")
+        try:
+            value = await run_in_threadpool(wado.bulkdata, self.files.abspath(rows[0].path),
+                                            int(tag, 16))
+        except KeyError:
+            return _error(404, f"no binary element {tag} in this instance")
+        self._audit_retrieve(request, rows, "WADO-RS bulkdata")
+        accept = request.headers.get("accept", "")
+        if "multipart/related" in accept or not accept or "*/*" in accept:
+            body, ctype = wado.multipart_bytes([value], "application/octet-stream")
+            return Response(body, media_type=ctype)
+        return Response(value, media_type="application/octet-stream")
 
-            arr = (to_display(ds) * 255).astype("uint8")
-        accept = request.headers.get("accept", "image/png")
-        fmt, media = ("JPEG", "image/jpeg") if "image/jpeg" in accept else ("PNG", "image/png")
-        buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format=fmt)
-        return Response(buf.getvalue(), media_type=media)
+    async def rendered(self, request: Request) -> Response:
+        return await self._render(request, thumbnail=False)
+
+    async def thumbnail(self, request: Request) -> Response:
+        return await self._render(request, thumbnail=True)
+
+    async def _render(self, request: Request, thumbnail: bool) -> Response:
+        rows = await run_in_threadpool(self._rows, request.path_params)
+        images = [r for r in rows if r.rows]  # a study's or series' first image
+        images.sort(key=lambda r: (r.role == "result", r.series_number or 0,
+                                   r.instance_number or 0, r.id))
+        if not images:
+            return _error(404, "no such image")
+        q = request.query_params
+        frame = 1
+        if "frames" in request.path_params:
+            try:
+                frame = int(request.path_params["frames"].split(",")[0])
+            except ValueError:
+                return _error(400, "frame numbers must be integers")
+        try:
+            body, media = await run_in_threadpool(
+                wado.render, self.files.abspath(images[0].path),
+                request.headers.get("accept", "image/png" if not thumbnail else "image/jpeg"),
+                q.get("viewport"), q.get("quality"), q.get("window"), frame, thumbnail)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        self._audit_retrieve(request, images[:1], "WADO-RS rendered")
+        return Response(body, media_type=media)
+
+    async def wado_uri(self, request: Request) -> Response:
+        """WADO-URI (``?requestType=WADO&studyUID=&seriesUID=&objectUID=&contentType=``): the
+        links RIS and EHR systems embed."""
+        q = request.query_params
+        if q.get("requestType", "").upper() != "WADO":
+            return _error(400, "requestType=WADO is required")
+        try:
+            p = {"study": wado.check_uid(q.get("studyUID", "")),
+                 "series": wado.check_uid(q.get("seriesUID", "")),
+                 "instance": wado.check_uid(q.get("objectUID", ""))}
+        except ValueError as exc:
+            return _error(400, str(exc))
+        rows = await run_in_threadpool(self._rows, p)
+        if not rows:
+            return _error(404, "no such object")
+        ctype = (q.get("contentType") or "image/jpeg").split(",")[0].strip()
+        self._audit_retrieve(request, rows, "WADO-URI")
+        if ctype == "application/dicom":
+            path = self.files.abspath(rows[0].path)
+            return StreamingResponse(wado.stream_file(path), media_type="application/dicom")
+        if ctype not in ("image/jpeg", "image/png", "image/gif"):
+            return _error(406, f"contentType {ctype} is not offered (application/dicom, "
+                               "image/jpeg, image/png, image/gif)")
+        viewport = None
+        if q.get("rows") or q.get("columns"):
+            viewport = f"{q.get('columns') or q.get('rows')},{q.get('rows') or q.get('columns')}"
+        window = (f"{q['windowCenter']},{q['windowWidth']}"
+                  if q.get("windowCenter") and q.get("windowWidth") else None)
+        try:
+            frame = int(q.get("frameNumber", "1"))
+            body, media = await run_in_threadpool(
+                wado.render, self.files.abspath(rows[0].path), ctype, viewport,
+                q.get("imageQuality"), window, frame, False)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        return Response(body, media_type=media)
 
 
 class DicomWebServer(threading.Thread):
@@ -519,7 +677,8 @@ class DicomWebServer(threading.Thread):
                                            else ssl.CERT_OPTIONAL)
         self.server = uvicorn.Server(uvicorn.Config(
             web.app, host=w.host, port=w.port, log_level="warning", lifespan="off",
-            limit_concurrency=max(64, w.max_concurrent_requests * 4), **kwargs))
+            limit_concurrency=max(64, w.max_concurrent_requests * 4),
+            timeout_graceful_shutdown=3, **kwargs))
         # The daemon owns the signals (uvicorn would install its own in Server.run).
         self.server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
 

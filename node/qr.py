@@ -53,16 +53,26 @@ LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 ATTRS: dict[str, tuple[str, str, str]] = {
     "PatientID": ("PATIENT", "patient_id", "LO"),
     "PatientName": ("PATIENT", "patient_name", "PN"),
+    "PatientBirthDate": ("PATIENT", "patient_birth_date", "DA"),
+    "PatientSex": ("PATIENT", "patient_sex", "CS"),
     "StudyInstanceUID": ("STUDY", "study_instance_uid", "UI"),
     "StudyDate": ("STUDY", "study_date", "DA"),
     "StudyTime": ("STUDY", "study_time", "TM"),
     "AccessionNumber": ("STUDY", "accession_number", "SH"),
+    "StudyDescription": ("STUDY", "study_description", "LO"),
+    "StudyID": ("STUDY", "study_id", "SH"),
+    "ReferringPhysicianName": ("STUDY", "referring_physician_name", "PN"),
     "SeriesInstanceUID": ("SERIES", "series_instance_uid", "UI"),
     "Modality": ("SERIES", "modality", "CS"),
     "SeriesNumber": ("SERIES", "series_number", "IS"),
+    "SeriesDescription": ("SERIES", "series_description", "LO"),
     "SOPInstanceUID": ("IMAGE", "sop_instance_uid", "UI"),
     "SOPClassUID": ("IMAGE", "sop_class_uid", "UI"),
     "InstanceNumber": ("IMAGE", "instance_number", "IS"),
+    "Rows": ("IMAGE", "rows", "US"),
+    "Columns": ("IMAGE", "columns", "US"),
+    "BitsAllocated": ("IMAGE", "bits_allocated", "US"),
+    "NumberOfFrames": ("IMAGE", "number_of_frames", "IS"),
 }
 UNIQUE_KEY = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID",
               "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
@@ -131,7 +141,7 @@ def key_match(keyword: str, query: str) -> Match | None:
         return Match(column, "like_ci" if vr == "PN" else "like", q)
     if vr == "PN":
         return Match(column, "eq_ci", q)
-    if vr == "IS":
+    if vr in ("IS", "US"):
         return Match(column, "int", q)
     return Match(column, "eq", q)
 
@@ -204,8 +214,12 @@ class QueryRetrieveSCP:
                 kw = elem.keyword
                 if kw in ATTRS and LEVELS.index(ATTRS[kw][0]) <= LEVELS.index(level):
                     value = getattr(first, ATTRS[kw][1])
-                    setattr(ds, kw, _text(value) if ATTRS[kw][2] != "IS" or value is not None
-                            else "")
+                    vr = ATTRS[kw][2]
+                    if vr == "US":
+                        ds.add_new(elem.tag, "US", value)
+                    else:
+                        setattr(ds, kw, _text(value) if vr != "IS" or value is not None
+                                else "")
                 elif kw == "ModalitiesInStudy" and level in ("PATIENT", "STUDY"):
                     ds.ModalitiesInStudy = sorted({m.modality for m in members if m.modality})
                 elif kw == "NumberOfStudyRelatedSeries" and level == "STUDY":

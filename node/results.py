@@ -64,6 +64,11 @@ class ReadingSummary:
     model_version: str
     model_sha256: str
     not_for_clinical_use: bool
+    #: slot -> (x0, y0, x1, y1), pixel columns / rows of the source image: the box around the
+    #: view's hottest attention (above half its maximum). The TID 1500 SR anchors each
+    #: breast's measurements there, so viewers (OHIF) show where the model looked.
+    attention_regions: dict[str, tuple[float, float, float, float]] = field(
+        default_factory=dict)
 
 
 # --------------------------------------------------------------------------- colour map
@@ -240,14 +245,29 @@ def build_tid1500(sources: dict[str, Dataset], reading: ReadingSummary, study_ui
             measurements.append(hd.sr.Measurement(
                 name=hd.sr.CodedConcept(f"W-{slot}", "99MAMMONODE", f"Fusion weight {slot}"),
                 value=float(w), unit=codes.UCUM.NoUnits))
+        tracking = hd.sr.TrackingIdentifier(
+            uid=result_uid(study_uid, version, f"tracking-{lat}"),
+            identifier=f"{'Left' if lat == 'L' else 'Right'} breast")
+        sites = [hd.sr.FindingSite(anatomic_location=codes.SCT.Breast,
+                                   laterality=codes.SCT.Left if lat == "L" else codes.SCT.Right)]
+        # Anchored on the view the fusion weighed most, at its hottest attention (TID 1410).
+        weights = reading.fusion_weights.get(lat, {})
+        anchored = [v for v in views if v in reading.attention_regions]
+        if anchored:
+            slot = max(anchored, key=lambda v: weights.get(v, 0.0))
+            x0, y0, x1, y1 = reading.attention_regions[slot]
+            box = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=float)
+            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking,
+                referenced_region=hd.sr.ImageRegion(
+                    graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=box,
+                    source_image=hd.sr.SourceImageForRegion.from_source_image(
+                        sources[slot])),
+                finding_type=codes.SCT.Breast, finding_sites=sites,
+                measurements=measurements, qualitative_evaluations=evals))
+            continue
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=result_uid(study_uid, version, f"tracking-{lat}"),
-                identifier=f"{'Left' if lat == 'L' else 'Right'} breast"),
-            finding_type=codes.SCT.Breast,
-            finding_sites=[hd.sr.FindingSite(
-                anatomic_location=codes.SCT.Breast,
-                laterality=codes.SCT.Left if lat == "L" else codes.SCT.Right)],
+            tracking_identifier=tracking, finding_type=codes.SCT.Breast, finding_sites=sites,
             measurements=measurements, qualitative_evaluations=evals,
             source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(
                 sources[v]) for v in views]))

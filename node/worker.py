@@ -154,8 +154,21 @@ def _read(model, job: ExamJob) -> tuple:
                  for b, r in reading.breasts.items()},
         fusion_weights=reading.fusion_weights, missing_views=reading.missing_views,
         model_name="HybridCnnVssm", model_version=str(info.metadata.get("version", "?")),
-        model_sha256=info.sha256, not_for_clinical_use=info.is_demo)
+        model_sha256=info.sha256, not_for_clinical_use=info.is_demo,
+        attention_regions={slot: region for slot, m in reading.attention_maps.items()
+                           if (region := hottest_region(m)) is not None})
     return sources, reading, summary
+
+
+def hottest_region(amap) -> tuple[float, float, float, float] | None:
+    """(x0, y0, x1, y1) around the attention above half its maximum, in pixel coordinates."""
+    import numpy as np
+
+    m = np.asarray(amap, dtype=np.float32)
+    if m.size == 0 or not np.isfinite(m).all() or float(m.max()) <= 0:
+        return None
+    ys, xs = np.nonzero(m >= 0.5 * float(m.max()))
+    return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
 
 
 def _adder(job: ExamJob, produced: list[ProducedObject]):
@@ -172,7 +185,10 @@ def _adder(job: ExamJob, produced: list[ProducedObject]):
             modality=str(ds.get("Modality", "") or "") or None,
             series_number=int(ds.get("SeriesNumber", 0) or 0),
             instance_number=int(ds.get("InstanceNumber", 0) or 0),
-            size_bytes=(root / rel).stat().st_size))
+            size_bytes=(root / rel).stat().st_size,
+            series_description=str(ds.get("SeriesDescription", "") or "") or None,
+            rows=int(ds.Rows) if "Rows" in ds else None,
+            columns=int(ds.Columns) if "Columns" in ds else None))
     return add
 
 

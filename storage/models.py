@@ -52,6 +52,17 @@ class Instance(Base):
     modality: Mapped[str | None] = mapped_column(String(16), nullable=True)
     series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Default QIDO-RS return attributes (PS3.18 Table 6.7.1-2) a viewer's lists show.
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    patient_sex: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    study_description: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    study_id: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    referring_physician_name: Mapped[str | None] = mapped_column(String(324), nullable=True)
+    series_description: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    columns: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    bits_allocated: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    number_of_frames: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     # View classification (filled by node.views).
     laterality: Mapped[str | None] = mapped_column(String(1), nullable=True)

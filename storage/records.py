@@ -30,6 +30,16 @@ class InstanceRecord:
     modality: str | None = None
     series_number: int | None = None
     instance_number: int | None = None
+    patient_birth_date: str | None = None
+    patient_sex: str | None = None
+    study_description: str | None = None
+    study_id: str | None = None
+    referring_physician_name: str | None = None
+    series_description: str | None = None
+    rows: int | None = None
+    columns: int | None = None
+    bits_allocated: int | None = None
+    number_of_frames: int | None = None
     laterality: str | None = None
     view: str | None = None
     view_modifiers: str | None = None
@@ -38,7 +48,7 @@ class InstanceRecord:
     slot: str | None = None
     note: str | None = None
 
-    def columns(self) -> dict[str, Any]:
+    def as_row(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
@@ -55,6 +65,9 @@ class ProducedObject:
     series_number: int | None = None
     instance_number: int | None = None
     size_bytes: int = 0
+    series_description: str | None = None
+    rows: int | None = None
+    columns: int | None = None
 
 
 @dataclass(frozen=True)

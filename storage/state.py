@@ -191,7 +191,7 @@ class ExamStore:
                     Instance.sop_instance_uid == record.sop_instance_uid)) is not None:
                 return AddResult(duplicate=True)
             place()
-            inst = Instance(**record.columns())
+            inst = Instance(**record.as_row())
             s.add(inst)
             result = AddResult(duplicate=False)
             if inst.role != "other":
@@ -494,7 +494,13 @@ class ExamStore:
             study_date=source.study_date if source else None,
             study_time=source.study_time if source else None,
             modality=r.modality, series_number=r.series_number,
-            instance_number=r.instance_number, role="result", exam_id=None))
+            instance_number=r.instance_number, role="result", exam_id=None,
+            patient_birth_date=source.patient_birth_date if source else None,
+            patient_sex=source.patient_sex if source else None,
+            study_description=source.study_description if source else None,
+            study_id=source.study_id if source else None,
+            referring_physician_name=source.referring_physician_name if source else None,
+            series_description=r.series_description, rows=r.rows, columns=r.columns))
 
     def slot_paths(self, exam_id: int) -> tuple[str, int, dict[str, str]]:
         """(study UID, version, slot -> relative path) of an exam's slot images."""

@@ -18,7 +18,7 @@ ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 
 
 class Orthanc:
-    def __init__(self, folder: Path, node_port: int):
+    def __init__(self, folder: Path, node_port: int, extra: dict | None = None):
         self.folder = folder
         self.http = free_port()
         self.dicom = free_port()
@@ -28,7 +28,8 @@ class Orthanc:
             "IndexDirectory": str(folder / "db"), "HttpPort": self.http,
             "DicomPort": self.dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False, "Plugins": [], "DicomCheckCalledAet": False,
-            "DicomModalities": {"mammo": ["MAMMO_NODE", "127.0.0.1", node_port]}}))
+            "DicomModalities": {"mammo": ["MAMMO_NODE", "127.0.0.1", node_port]},
+            **(extra or {})}))
         self.log = open(folder / "orthanc.log", "wb")
         self.proc = subprocess.Popen([ORTHANC, str(folder / "config.json")],
                                      stdout=self.log, stderr=subprocess.STDOUT)
@@ -146,4 +147,38 @@ def test_send_cut_off_by_a_crash_is_confirmed_not_repeated(node_factory, tmp_pat
         assert f"sent {sop} to orthanc" not in after
     finally:
         node.stop()
+        orthanc.stop()
+
+
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+@pytest.mark.skipif(not Path(ORTHANC).exists(), reason="Orthanc is installed by .ci/run")
+def test_orthanc_dicomweb_plugin_retrieves_a_study_from_the_node(node_factory, tmp_path):
+    """Orthanc's DICOMweb plugin with the node as a remote server: a WADO-RS retrieve of a
+    whole study (the node streams it) lands in Orthanc."""
+    assert DICOMWEB_PLUGIN.exists(), "install Debian's orthanc-dicomweb (.ci/run does)"
+    from tests.helpers import send
+
+    web = free_port()
+    node = node_factory({"dicomweb": {"enabled": True, "host": "127.0.0.1", "port": web}})
+    exam = make_exam(seed=131, rows=320, cols=256)
+    study = exam[0].StudyInstanceUID
+    assert send(node.port, exam) == [0] * 4
+    orthanc = Orthanc(tmp_path / "orthanc", node.port, extra={
+        "Plugins": [str(DICOMWEB_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/",
+                     "Servers": {"node": [f"http://127.0.0.1:{web}/dicomweb/"]}}})
+    try:
+        found = orthanc.post("/dicom-web/servers/node/qido", json.dumps(
+            {"Uri": "/studies", "Arguments": {"StudyInstanceUID": study}}).encode())
+        assert len(found) == 1 and found[0]["0020000D"]["Value"] == study  # Orthanc simplifies
+        orthanc.post("/dicom-web/servers/node/retrieve",
+                     json.dumps({"Resources": [{"Study": study}]}).encode())
+        ids = wait_for(lambda: orthanc.get("/instances") if len(orthanc.get("/instances")) == 4
+                       else None, 60, what="the study in Orthanc")
+        got = sorted(orthanc.get(f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"]
+                     for i in ids)
+        assert got == sorted(ds.SOPInstanceUID for ds in exam)
+    finally:
         orthanc.stop()

@@ -160,3 +160,32 @@ def test_audit_log_lines_and_filters(tmp_path):
     assert len(list(read_events(tmp_path / "audit.jsonl", event="security alert"))) == 1
     future = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
     assert list(read_events(tmp_path / "audit.jsonl", since=future)) == []
+
+
+def test_tid1500_anchored_at_the_attention_hot_spot(sources, tmp_path):
+    import dataclasses
+    import subprocess
+
+    study = next(iter(sources.values())).StudyInstanceUID
+    reading = dataclasses.replace(_reading(), attention_regions={
+        "L-CC": (10.0, 12.0, 30.0, 40.0), "L-MLO": (5.0, 5.0, 9.0, 9.0),
+        "R-CC": (1.0, 2.0, 3.0, 4.0)})
+    sr = build_tid1500(sources, reading, study, 1)
+    text = json.dumps(sr.to_json_dict(), default=str)
+    assert "POLYLINE" in text and "Image Region" in text
+    # Left: the view the fusion weighed most (L-CC 0.6); right: the only view with a region.
+    assert sources["L-CC"].SOPInstanceUID in text and sources["R-CC"].SOPInstanceUID in text
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    r = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True)
+    assert not [x for x in (r.stdout + r.stderr).splitlines() if x.startswith("Error")]
+
+
+def test_hottest_region_is_the_box_above_half_the_maximum():
+    from node.worker import hottest_region
+
+    m = np.zeros((50, 40), np.float32)
+    m[10:20, 5:15] = 1.0
+    m[30, 30] = 0.4
+    assert hottest_region(m) == (5.0, 10.0, 15.0, 20.0)
+    assert hottest_region(np.zeros((4, 4))) is None
