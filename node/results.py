@@ -215,7 +215,8 @@ def build_tid1500(sources: dict[str, Dataset], reading: ReadingSummary, study_ui
             name=reading.model_name, manufacturer_name=MANUFACTURER,
             model_name=f"{reading.model_name} {reading.model_version}"))
     context = hd.sr.ObservationContext(observer_device_context=observer)
-    groups = []
+    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations
+                 | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
     for lat in ("L", "R"):
         b = reading.breasts.get(lat, _ABSENT)
         if not b.present or not b.birads:
