@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,14 +25,9 @@ sys.path.insert(0, str(ROOT))
 import requests  # noqa: E402
 from sqlalchemy import insert  # noqa: E402
 
+from benchmarks.common import free_port  # noqa: E402
 from storage.db import Database  # noqa: E402
 from storage.models import Exam, ExamEvent, Instance, Outbound, Result  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fill(db: Database, n: int) -> str:

@@ -28,14 +28,9 @@ sys.path.insert(0, str(ROOT))
 from pydicom import dcmread  # noqa: E402
 from pynetdicom import AE, _config, build_context  # noqa: E402
 
+from benchmarks.common import free_port  # noqa: E402
 from inference.synthetic import make_mammogram, write  # noqa: E402
 from node.validate import _read_meta  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def mutate(data: bytes, start: int, rng: random.Random, kind: int) -> bytes:

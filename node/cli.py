@@ -164,29 +164,7 @@ def _echo(cfg: Config, info: dict) -> bool:
 
 
 def _exam_action(args: argparse.Namespace, action: str) -> int:
-    cfg = _load(args)
-    store = _open_store(cfg)
-    if store is None:
-        print(f"mammo-node: no database in {cfg.data_dir}", file=sys.stderr)
-        return 1
-    try:
-        if action == "reprocess":
-            version, state = store.reprocess(args.study_uid)
-            print(f"study {args.study_uid}: version {version} is {state} (read again)")
-        else:
-            missing, state = store.complete_now(args.study_uid)
-            print(f"study {args.study_uid} is {state}"
-                  + (f" with {', '.join(missing)} missing" if missing else ""))
-    except KeyError:
-        print(f"mammo-node: no exam for study {args.study_uid}", file=sys.stderr)
-        return 1
-    except ValueError as exc:
-        print(f"mammo-node: {args.study_uid}: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def cmd_resolve(args: argparse.Namespace) -> int:
+    """``reprocess``, ``complete`` and ``resolve``: one exam, one transition, one line."""
     from node.views import assign_slots
 
     cfg = _load(args)
@@ -194,17 +172,26 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     if store is None:
         print(f"mammo-node: no database in {cfg.data_dir}", file=sys.stderr)
         return 1
+    study = args.study_uid
     try:
-        detached, state, version = store.resolve_patient(args.study_uid, args.patient_id,
-                                                         assign_slots, issuer=args.issuer)
+        if action == "reprocess":
+            version, state = store.reprocess(study)
+            print(f"study {study}: version {version} is {state} (read again)")
+        elif action == "complete":
+            missing, state = store.complete_now(study)
+            print(f"study {study} is {state}"
+                  + (f" with {', '.join(missing)} missing" if missing else ""))
+        else:
+            detached, state, version = store.resolve_patient(study, args.patient_id,
+                                                             assign_slots, issuer=args.issuer)
+            print(f"study {study}: {detached} instance(s) of other patients left the exam; "
+                  f"version {version} is {state}")
     except KeyError:
-        print(f"mammo-node: no exam for study {args.study_uid}", file=sys.stderr)
+        print(f"mammo-node: no exam for study {study}", file=sys.stderr)
         return 1
     except ValueError as exc:
-        print(f"mammo-node: {exc}", file=sys.stderr)
+        print(f"mammo-node: {study}: {exc}", file=sys.stderr)
         return 1
-    print(f"study {args.study_uid}: {detached} instance(s) of other patients left the exam; "
-          f"version {version} is {state}")
     return 0
 
 
@@ -329,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "outside the exam)")
     p.add_argument("--issuer", metavar="ISSUER", default=None,
                    help="Issuer of Patient ID, where two issuers use the same IDs")
-    p.set_defaults(func=cmd_resolve)
+    p.set_defaults(func=lambda a: _exam_action(a, "resolve"))
 
     p = sub.add_parser("purge", help="delete received images (and old results) that "
                                      "retention allows: exams done and delivered")

@@ -149,6 +149,14 @@ def same_patient(a_id: str | None, a_issuer: str | None, b_id: str | None,
     return not (a_issuer and b_issuer and a_issuer != b_issuer)
 
 
+def _exam_for_update(s, study_uid: str) -> Exam:
+    """The study's exam row, locked for this transaction; KeyError when there is none."""
+    exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid).with_for_update())
+    if exam is None:
+        raise KeyError(study_uid)
+    return exam
+
+
 def _event(exam: Exam, kind: str, detail: str, at: dt.datetime | None = None) -> None:
     """Add a line to the exam's timeline, in the exam's own transaction."""
     s = object_session(exam)
@@ -285,10 +293,7 @@ class ExamStore:
         that patient in it."""
         now = utcnow()
         with self.db.write() as s:
-            exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid)
-                            .with_for_update())
-            if exam is None:
-                raise KeyError(study_uid)
+            exam = _exam_for_update(s, study_uid)
             members = list(s.scalars(select(Instance).where(Instance.exam_id == exam.id)
                                      .order_by(Instance.id)))
             keep = [m for m in members if same_patient(patient_id, issuer, m.patient_id,
@@ -391,10 +396,7 @@ class ExamStore:
         KeyError: no such exam; ValueError: held by a patient conflict or no view."""
         now = utcnow()
         with self.db.write() as s:
-            exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid)
-                            .with_for_update())
-            if exam is None:
-                raise KeyError(study_uid)
+            exam = _exam_for_update(s, study_uid)
             if exam.state == ExamState.CONFLICT:
                 raise ValueError("the exam is held by a patient conflict: resolve it first")
             if not any(exam.views.values()):
@@ -410,10 +412,7 @@ class ExamStore:
         (missing views, state). KeyError / ValueError as :meth:`reprocess`."""
         now = utcnow()
         with self.db.write() as s:
-            exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid)
-                            .with_for_update())
-            if exam is None:
-                raise KeyError(study_uid)
+            exam = _exam_for_update(s, study_uid)
             if exam.state != ExamState.RECEIVING:
                 raise ValueError(f"the exam is {exam.state}, not receiving")
             if not any(exam.views.values()):
