@@ -214,6 +214,8 @@ SR_KINDS = ("mammo-cad", "tid1500")
 class ResultsConfig:
     sr: list[str] = field(default_factory=lambda: ["mammo-cad", "tid1500"])
     attention_maps: bool = True
+    #: The attention maps also as DICOM Parametric Maps (a viewer's own colour map, toggled).
+    parametric_maps: bool = True
 
 
 @dataclass
@@ -495,6 +497,8 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
     cfg.results.sr = list(sr)
     cfg.results.attention_maps = _check_bool(t.get("attention_maps", True),
                                              "[results] attention_maps")
+    cfg.results.parametric_maps = _check_bool(t.get("parametric_maps", True),
+                                              "[results] parametric_maps")
 
     t = _table(raw, "export")
     _known("export", t, ExportConfig)

@@ -45,6 +45,7 @@ class ExamJob:
     paths: dict[str, str]                  # slot -> path relative to data_dir
     sr: tuple[str, ...] = ("mammo-cad", "tid1500")
     attention_maps: bool = True
+    parametric_maps: bool = False
     previous: dict[str, str] = field(default_factory=dict)  # kind -> path of the SR replaced
 
 
@@ -232,17 +233,23 @@ def process_exam_srs(job: ExamJob) -> tuple[list[ProducedObject], dict]:
 
 def process_exam_scs(job: ExamJob) -> list[ProducedObject]:
     """Phase 2: the attention-map Secondary Captures (from the same reading)."""
-    from node.results import build_sc
+    from node.results import build_parametric_map, build_sc
 
     produced: list[ProducedObject] = []
     state = _state()
     try:
-        if job.attention_maps:
+        if job.attention_maps or job.parametric_maps:
             sources, reading, summary = state.reading(job)
             add = _adder(job, produced)
             for i, (slot, ds) in enumerate(sorted(sources.items())):
-                add(build_sc(ds, slot, reading.displays[slot], reading.attention_maps[slot],
-                             summary, job.study_uid, job.version, i + 1), "sc")
+                if job.attention_maps:
+                    add(build_sc(ds, slot, reading.displays[slot],
+                                 reading.attention_maps[slot], summary, job.study_uid,
+                                 job.version, i + 1), "sc")
+            if job.parametric_maps:
+                for i, (slot, ds) in enumerate(sorted(sources.items())):
+                    add(build_parametric_map(ds, slot, reading.attention_maps[slot], summary,
+                                             job.study_uid, job.version, i + 1), "pm")
     finally:
         state.forget()
     return produced
@@ -341,7 +348,8 @@ class Worker(threading.Thread):
                     if r.kind.startswith("sr-") and r.version < version}
         job = ExamJob(data_dir=str(self.files.root), study_uid=study, version=version,
                       paths=paths, sr=tuple(self.cfg.results.sr),
-                      attention_maps=self.cfg.results.attention_maps, previous=previous)
+                      attention_maps=self.cfg.results.attention_maps,
+                      parametric_maps=self.cfg.results.parametric_maps, previous=previous)
         pool = self.pool
         assert pool is not None
         timeout = self.cfg.inference.timeout_seconds

@@ -1,7 +1,8 @@
 """The OHIF viewer (@ohif/app 3.13.2, its prebuilt ``dist``) served by the node at /viewer,
 in Debian's chromium through playwright: the study list shows a mammography study with its
-results, every request the viewer makes succeeds, the viewport shows the mammogram, and the
-attention-map series opens. ``.ci/run`` fetches the build (``npm pack @ohif/app@3.13.2``) into
+results, every request the viewer makes succeeds, the viewport shows the mammogram, the
+attention-map series and the TID 1500 SR open, and the Parametric Map is laid over the
+mammogram. ``.ci/run`` fetches the build (``npm pack @ohif/app@3.13.2``) into
 ``.cache/ohif-3.13.2``; the test never reaches beyond loopback."""
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def _busy(png: bytes) -> float:
 def test_ohif_shows_the_study_its_mammograms_and_attention_maps(node_factory, browser):
     port = free_port()
     node = node_factory({"dicomweb": {"enabled": True, "host": "127.0.0.1", "port": port,
-                                      "viewer_dir": str(DIST)}}, worker=True)
+                                      "viewer_dir": str(DIST)},
+                         "results": {"parametric_maps": True}}, worker=True)
     exam = make_exam(seed=121, rows=640, cols=512, patient_name="Viewer^Test",
                      lesions={"L": [Lesion("spiculated", 0.5, 0.45, 0.08, 0.4)]})
     study = exam[0].StudyInstanceUID
@@ -118,6 +120,12 @@ def test_ohif_shows_the_study_its_mammograms_and_attention_maps(node_factory, br
             print("CONSOLE", m[:1500])
     assert page.locator("text=Something went wrong").count() == 0
     assert grey > 5
+
+    # The Parametric Map series: OHIF lays it over the mammogram in its own colour map.
+    page.locator("text=AI attention maps, parametric").first.dblclick()
+    wait_for(colour_shown, 60, interval=1, what="the parametric map over the mammogram")
+    _shot(page, "parametric-map")
+    assert page.locator("text=Something went wrong").count() == 0
     if os.environ.get("OHIF_DEBUG"):
         page.wait_for_timeout(3000)
         for m in console:

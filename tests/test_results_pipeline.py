@@ -45,26 +45,38 @@ def _read_while_pacs_is_down(node_factory, storescp_factory, seed: int):
 
 
 def test_exam_reading_arrives_in_the_pacs_and_validates(node_factory, storescp_factory):
+    """Both SRs, the attention-map Secondary Captures and Parametric Maps reach DCMTK's
+    storescp (which takes every one of them) and pass dciodvfy."""
     pacs = storescp_factory()
-    node = _node(node_factory, pacs.port)
+    node = _node(node_factory, pacs.port, results={"parametric_maps": True})
     exam = make_exam(seed=11, lesions={"L": [Lesion("spiculated", 0.5, 0.5, 0.07, 0.35)]},
                      **SIZE)
     study = exam[0].StudyInstanceUID
     assert send(node.port, exam) == [0] * 4
     node.wait_exam(study, "done", timeout=180)
-    wait_for(lambda: _delivery(node, study).get("sent") == 6, 60, what="6 objects sent")
-    wait_for(lambda: len(pacs.files()) == 6, 10, what="storescp wrote every file")
+    wait_for(lambda: _delivery(node, study).get("sent") == 10, 60, what="10 objects sent")
+    wait_for(lambda: len(pacs.files()) == 10, 10, what="storescp wrote every file")
     if numba_available():  # the compiled scan runs, its kernels cached in the data folder
         assert "(scan: numba (CPU" in node.log.read_text()
         if "NUMBA_CACHE_DIR" not in os.environ:
             assert any((node.data_dir / "cache" / "numba").rglob("*.nbi"))
     files = pacs.files()
-    assert len(files) == 6
+    assert len(files) == 10
     objs = [dcmread(f) for f in files]
     scs = [o for o in objs if o.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"]
     srs = [o for o in objs if o.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"]
     cads = [o for o in objs if o.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.50"]
-    assert len(scs) == 4 and len(srs) == 1 and len(cads) == 1
+    pms = [o for o in objs if o.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"]
+    assert len(scs) == 4 and len(srs) == 1 and len(cads) == 1 and len(pms) == 4
+    sources = {ds.SOPInstanceUID: ds for ds in exam}
+    for pm in pms:  # at the image's geometry, values mapped back to attention 0-1
+        ref = pm.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0] \
+            .SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert ref in sources and (pm.Rows, pm.Columns) == (sources[ref].Rows,
+                                                            sources[ref].Columns)
+        rwv = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+        assert float(rwv.RealWorldValueSlope) * pm.pixel_array.max() <= 1.0 + 1e-6
+        assert pm.Laterality == sources[ref].ImageLaterality
     for o in objs:
         assert o.StudyInstanceUID == study                     # into the source study
         assert o.PatientID == exam[0].PatientID
@@ -84,7 +96,7 @@ def test_exam_reading_arrives_in_the_pacs_and_validates(node_factory, storescp_f
                    "AI reading: left BI-RADS 5", "Fusion weight of L-MLO", "Missing views"):
         assert needle in cad, needle
     table = node.cli("exams").stdout
-    assert "pacs:6 sent" in table
+    assert "pacs:10 sent" in table
     for suffix, title in ((".88.33", "Imaging Measurement Report"),
                           (".88.50", "Mammography CAD Report")):
         sr_file = next(f for f, o in zip(files, objs) if o.SOPClassUID.endswith(suffix))
