@@ -92,11 +92,9 @@ def test_ohif_shows_the_study_its_mammograms_and_attention_maps(node_factory, br
     _shot(page, "viewer")
     grey = _busy(canvas.screenshot())
 
-    # The attention-map series: its Secondary Captures (colour) replace the mammogram.
     for tip in ("text=Skip all", "text=Confirm and hide"):
         if page.locator(tip).count():
             page.locator(tip).first.click()
-    page.locator("text=AI attention maps").first.dblclick()
 
     def colour_shown() -> bool:
         from PIL import Image
@@ -105,6 +103,16 @@ def test_ohif_shows_the_study_its_mammograms_and_attention_maps(node_factory, br
                          dtype=np.int16)
         chroma = np.abs(img[..., 0] - img[..., 1]) + np.abs(img[..., 1] - img[..., 2])
         return bool((chroma > 60).mean() > 0.01)
+
+    # The Parametric Map series: OHIF lays it over the mammogram in the viewport, in its
+    # own colour map.
+    page.locator("text=AI attention maps, parametric").first.dblclick()
+    wait_for(lambda: page.locator("text=Something went wrong").count() == 0
+             and colour_shown(), 60, interval=1, what="the parametric map over the mammogram")
+    _shot(page, "parametric-map")
+
+    # The attention-map series: its Secondary Captures (colour) replace the mammogram.
+    page.locator("text=AI attention maps (").first.dblclick()
     wait_for(colour_shown, 60, interval=1, what="the attention map in the viewport")
     _shot(page, "attention-map")
 
@@ -121,11 +129,6 @@ def test_ohif_shows_the_study_its_mammograms_and_attention_maps(node_factory, br
     assert page.locator("text=Something went wrong").count() == 0
     assert grey > 5
 
-    # The Parametric Map series: OHIF lays it over the mammogram in its own colour map.
-    page.locator("text=AI attention maps, parametric").first.dblclick()
-    wait_for(colour_shown, 60, interval=1, what="the parametric map over the mammogram")
-    _shot(page, "parametric-map")
-    assert page.locator("text=Something went wrong").count() == 0
     if os.environ.get("OHIF_DEBUG"):
         page.wait_for_timeout(3000)
         for m in console:
