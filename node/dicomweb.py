@@ -30,6 +30,7 @@ from starlette.routing import Route
 from node import audit as A
 from node import wado
 from node.config import Config
+from node.dashboard import COOKIE, Dashboard
 from node.qr import ATTRS, LEVELS, QueryRetrieveSCP
 from node.scp import StorageSCP
 from node.security import TokenAuth
@@ -153,8 +154,6 @@ class DicomWeb:
         self.readiness = readiness  # () -> (ready, checks) or None
         self._slots = asyncio.Semaphore(cfg.dicomweb.max_concurrent_requests)
         self.root = cfg.dicomweb.root.rstrip("/")
-        from node.dashboard import Dashboard
-
         self.dashboard = Dashboard(cfg, files, exams, self.root, health=health,
                                    readiness=readiness, audit=self.audit)
         r = self.root
@@ -255,8 +254,6 @@ class DicomWeb:
             header = request.headers.get("authorization", "")
             # The dashboard and the images it shows authenticate with the sign-in cookie
             # (HttpOnly, SameSite=Strict); uploads never do.
-            from node.dashboard import COOKIE
-
             if not header and COOKIE in request.cookies and (
                     path.startswith("/ui") or request.method == "GET"):
                 header = f"Bearer {request.cookies[COOKIE]}"
@@ -324,7 +321,7 @@ class DicomWeb:
         if declared.isdigit() and int(declared) > limit:
             return _error(413, f"request larger than [dicomweb] max_request_mb "
                                f"({self.cfg.dicomweb.max_request_mb:g} MB)")
-        if not self.scp.disk_ok():
+        if not await run_in_threadpool(self.scp.room_for_data):
             return JSONResponse({"error": "disk below the free-space reserve; retry later"},
                                 status_code=503, headers={"Retry-After": "60"})
         spool = tempfile.NamedTemporaryFile(dir=self.files.incoming, prefix="stow-",

@@ -95,31 +95,6 @@ class QueryError(Exception):
         self.status = status
 
 
-def wildcard_match(pattern: str, value: str, fold: bool = False) -> bool:
-    """DICOM ``*`` / ``?`` matching in O(len(pattern) x len(value)) at worst, never
-    exponential (the greedy two-pointer algorithm: backtrack only to the last ``*``)."""
-    if fold:
-        pattern, value = pattern.lower(), value.lower()
-    p = v = 0
-    star, mark = -1, 0
-    while v < len(value):
-        if p < len(pattern) and (pattern[p] == "?" or pattern[p] == value[v]):
-            p += 1
-            v += 1
-        elif p < len(pattern) and pattern[p] == "*":
-            star, mark = p, v
-            p += 1
-        elif star >= 0:
-            p = star + 1
-            mark += 1
-            v = mark
-        else:
-            return False
-    while p < len(pattern) and pattern[p] == "*":
-        p += 1
-    return p == len(pattern)
-
-
 def key_match(keyword: str, query: str) -> Match | None:
     """One query key as a database condition by the rules of its VR (PS3.4 C.2.2.2);
     None for universal matching."""

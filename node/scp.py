@@ -279,17 +279,22 @@ class StorageSCP:
         self.audit = audit or A.NullAudit()
         self.metrics = metrics  # node.metrics.NodeMetrics or None
         self.make_room: Any = None  # set by the daemon: purge what retention allows
-        self.access = access or AccessControl(cfg, self.audit, self.disk_ok)
+        self.access = access or AccessControl(cfg, self.audit, self.room_for_data)
 
     def disk_ok(self) -> bool:
-        """Free space above the reserve (checked at association and while data arrives).
-        Below it, retention first purges what may go (``make_room``) before data is refused."""
-        if not self.min_free or self.files.free_bytes() >= self.min_free:
+        """Free space above the reserve: a quick check, safe on a network thread (it runs
+        every 16 MB while a dataset arrives)."""
+        return not self.min_free or self.files.free_bytes() >= self.min_free
+
+    def room_for_data(self) -> bool:
+        """At the start of an association or a STOW request: below the reserve, retention
+        first purges what may go (``make_room``), then the space is checked again. Runs in
+        the association's own thread or a worker thread, never on the HTTP event loop."""
+        if self.disk_ok():
             return True
         if self.make_room is not None:
             self.make_room()
-            return self.files.free_bytes() >= self.min_free
-        return False
+        return self.disk_ok()
 
     # -- handlers ------------------------------------------------------------------------
     def handlers(self) -> list[tuple]:

@@ -130,9 +130,6 @@ class AccessControl:
     def on_end(self, event: evt.Event) -> None:
         self._grants.pop(event.assoc, None)
 
-    def grant(self, assoc) -> Grant | None:
-        return self._grants.get(assoc)
-
     def allowed(self, event: evt.Event, service: str) -> bool:
         """Whether the association of ``event`` may use ``service``; audits a refusal."""
         g = self._grants.get(event.assoc)

@@ -18,7 +18,7 @@ from pydicom.filewriter import dcmwrite
 
 from inference.synthetic import make_mammogram
 from node.dicomweb import public_message
-from node.qr import wildcard_match
+from storage.query import like_pattern
 from tests.helpers import NodeProcess, free_port, wait_for
 
 VIEWER, UPLOADER = "viewer-secret", "uploader-secret"
@@ -191,12 +191,25 @@ def test_stow_warning_header_never_carries_server_paths(node_factory):
 
 
 @pytest.mark.unit
-def test_wildcard_match_agrees_with_a_reference_and_stays_linear():
+def test_wildcard_matching_in_sql_agrees_with_a_reference_and_stays_fast():
+    """DICOM ``*`` / ``?`` as the database matches them (LIKE with escaping, case-sensitive
+    as the node sets SQLite up), against a regular-expression reference."""
+    import sqlite3
+
+    db = sqlite3.connect(":memory:")
+    db.execute("PRAGMA case_sensitive_like=ON")
+
+    def wildcard_match(pattern: str, value: str, fold: bool = False) -> bool:
+        if fold:
+            pattern, value = pattern.lower(), value.lower()
+        return bool(db.execute("SELECT ? LIKE ? ESCAPE '\\'",
+                               (value, like_pattern(pattern))).fetchone()[0])
+
     rng = random.Random(7)
-    alphabet = "ab*?"
+    alphabet = "ab*?%_"
     for _ in range(3000):
         pattern = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
-        value = "".join(rng.choice("ab") for _ in range(rng.randint(0, 10)))
+        value = "".join(rng.choice("ab%_") for _ in range(rng.randint(0, 10)))
         rx = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
         assert wildcard_match(pattern, value) == bool(re.fullmatch(rx, value, re.S)), \
             (pattern, value)
