@@ -30,8 +30,52 @@ def cmd_start(args: argparse.Namespace) -> int:
     from node.daemon import run, setup_logging
 
     cfg = _load(args)
+    if args.device:
+        from node.config import check_device
+
+        try:
+            cfg.inference.device = check_device(args.device, "--device")
+        except ConfigError as exc:
+            print(f"mammo-node: {exc}", file=sys.stderr)
+            return 2
     setup_logging(args.log_level or cfg.logging.level, cfg.logging.format)
-    return run(cfg, run_worker=not args.no_worker)
+    return run(cfg, run_worker=not args.no_worker, role=args.role)
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    """Schema version, migrations, and copying the whole database to another one."""
+    from storage import schema
+    from storage.db import Database
+
+    cfg = _load(args)
+    db = Database(cfg.database_url, check_schema=False)
+    try:
+        if args.db_command == "current":
+            have, want = schema.revision(db.engine), schema.head()
+            print(f"schema revision {have or '(empty database)'}; this release needs {want}"
+                  + ("" if have in (want, None) else ": run 'mammo-node db upgrade'"))
+            return 0 if have in (want, None) else 1
+        if args.db_command == "upgrade":
+            before, after = schema.upgrade(db.write_engine)
+            print(f"schema at revision {after}" + (
+                " (new database)" if before is None else
+                " (already current)" if before == after else f" (upgraded from {before})"))
+            return 0
+        if args.db_command == "copy":
+            from storage.copy import CopyError, copy_database
+
+            try:
+                counts = copy_database(db, args.to, progress=not args.quiet)
+            except CopyError as exc:
+                print(f"mammo-node db copy: {exc}", file=sys.stderr)
+                return 1
+            print("copied " + ", ".join(f"{n} {t}" for t, n in counts.items()))
+            print(f"now set [node] database_url to the new database ({args.to.split('@')[-1]})"
+                  " and start the node")
+            return 0
+    finally:
+        db.close()
+    return 2
 
 
 def _open_store(cfg: Config):
@@ -281,7 +325,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: [logging] level")
     p.add_argument("--no-worker", action="store_true",
                    help="receive and group only: no inference, no export (a receive-only node)")
+    p.add_argument("--role", default="all", choices=["all", "listener", "worker", "exporter"],
+                   help="what this process runs (default all). listener: DICOM + DICOMweb "
+                        "listeners and the grouping timer; worker: reads exams (one at a "
+                        "time, claimed in the database); exporter: sends results. Several "
+                        "processes share one database (PostgreSQL across hosts) and data_dir")
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="the worker's device: cpu, cuda, cuda:N (default [inference] device)")
     p.set_defaults(func=cmd_start)
+
+    p = sub.add_parser("db", help="database schema: current, upgrade; copy to another database")
+    _add_config(p)
+    dsub = p.add_subparsers(dest="db_command", metavar="DB_COMMAND", required=True)
+    q = dsub.add_parser("current", help="the schema revision and the one this release needs")
+    _add_config(q)
+    q = dsub.add_parser("upgrade", help="migrate the schema to this release's (back up first)")
+    _add_config(q)
+    q = dsub.add_parser("copy", help="copy every row to another, empty database (e.g. SQLite "
+                                     "to PostgreSQL); stop the node first")
+    _add_config(q)
+    q.add_argument("--to", required=True, metavar="URL",
+                   help="target SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@host/db")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_db)
 
     p = sub.add_parser("resend", help="queue a study's results for every destination again")
     _add_config(p)
@@ -354,7 +420,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    from storage.schema import SchemaOutdated
+
+    try:
+        return int(args.func(args) or 0)
+    except SchemaOutdated as exc:
+        print(f"mammo-node: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

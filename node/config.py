@@ -59,6 +59,12 @@ def _check_str(value: Any, key: str) -> str:
     return value
 
 
+def check_device(dev: str, key: str) -> str:
+    if dev not in ("auto", "cpu", "cuda") and not re.match(r"^cuda:\d+$", dev):
+        raise ConfigError(f"{key} must be auto, cpu, cuda or cuda:N, got {dev!r}")
+    return dev
+
+
 def _check_number(value: Any, key: str, minimum: float = 0.0) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
         raise ConfigError(f"{key} must be a number >= {minimum:g}, got {value!r}")
@@ -114,6 +120,9 @@ class InferenceConfig:
     #: inference process died, I/O), with the delay doubling from retry_delay_seconds.
     max_attempts: int = 3
     retry_delay_seconds: float = 30.0
+    #: A worker holds the exam it reads this long, renewed by its heartbeat (every third of
+    #: it); an exam whose worker died is taken over by another once it runs out.
+    lease_seconds: float = 60.0
 
 
 @dataclass
@@ -223,6 +232,8 @@ class ExportConfig:
     max_attempts: int = 10
     initial_delay_seconds: float = 5.0
     max_delay_seconds: float = 600.0
+    #: An exporter's claim on the deliveries it is sending (renewed while it works).
+    lease_seconds: float = 60.0
 
 
 @dataclass
@@ -390,10 +401,8 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
 
     t = _table(raw, "inference")
     _known("inference", t, InferenceConfig)
-    dev = _check_str(t.get("device", "auto"), "[inference] device")
-    if dev not in ("auto", "cpu", "cuda") and not re.match(r"^cuda:\d+$", dev):
-        raise ConfigError(f"[inference] device must be auto, cpu, cuda or cuda:N, got {dev!r}")
-    cfg.inference.device = dev
+    cfg.inference.device = check_device(_check_str(t.get("device", "auto"),
+                                                   "[inference] device"), "[inference] device")
     cfg.inference.checkpoint = _check_str(t.get("checkpoint", ""), "[inference] checkpoint")
     inf = cfg.inference
     inf.timeout_seconds = _check_number(t.get("timeout_seconds", inf.timeout_seconds),
@@ -402,6 +411,8 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
                                          "[inference] max_attempts", 1))
     inf.retry_delay_seconds = _check_number(
         t.get("retry_delay_seconds", inf.retry_delay_seconds), "[inference] retry_delay_seconds")
+    inf.lease_seconds = _check_number(t.get("lease_seconds", inf.lease_seconds),
+                                      "[inference] lease_seconds", 1)
 
     dests = raw.get("destinations", [])
     if not isinstance(dests, list):
@@ -509,6 +520,8 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
         t.get("initial_delay_seconds", e.initial_delay_seconds), "[export] initial_delay_seconds")
     e.max_delay_seconds = _check_number(t.get("max_delay_seconds", e.max_delay_seconds),
                                         "[export] max_delay_seconds")
+    e.lease_seconds = _check_number(t.get("lease_seconds", e.lease_seconds),
+                                    "[export] lease_seconds", 1)
 
     t = _table(raw, "dicomweb")
     _known("dicomweb", t, DicomWebConfig)

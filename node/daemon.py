@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from node.dicomweb import DicomWebServer
 from storage.db import Database
 from storage.files import FileStore
+from storage.schema import SchemaOutdated
 from storage.state import ExamStore
 
 log = logging.getLogger("mammo_node")
@@ -97,17 +98,28 @@ def _accept_with_nodelay(server) -> None:
     server.get_request = get_request
 
 
-class Node:
-    """The running node: storage, the DICOM listener and the grouping timer."""
+#: What each ``--role`` runs. ``all``: everything in one process (the default).
+ROLES = {"all": {"listener", "worker", "exporter"}, "listener": {"listener"},
+         "worker": {"worker"}, "exporter": {"exporter"}}
 
-    def __init__(self, cfg: Config, run_worker: bool = True) -> None:
+
+class Node:
+    """The running node: storage, the DICOM listener and the grouping timer, the worker and
+    the exporter, or the part of them its role names (several processes, on one host or many,
+    share one database and one ``data_dir``)."""
+
+    def __init__(self, cfg: Config, run_worker: bool = True, role: str = "all") -> None:
         self.cfg = cfg
-        self.run_worker = run_worker
+        self.role = role
+        self.parts = set(ROLES[role])
+        if not run_worker:
+            self.parts -= {"worker", "exporter"}
+        self.run_worker = "worker" in self.parts
         self.stop_event = threading.Event()
         # Everything the node writes (images, database, audit log) is for the service
         # account only: 0700 folders, 0600 files.
         os.umask(0o077)
-        self.files = FileStore(cfg.data_dir, fsync=cfg.storage.fsync)
+        self.files = FileStore(cfg.data_dir, fsync=cfg.storage.fsync, per_process=True)
         os.chmod(cfg.data_dir, 0o700)
         self.db = Database(cfg.database_url)
         self.exams = ExamStore(self.db)
@@ -129,19 +141,52 @@ class Node:
 
     def start(self) -> None:
         cfg = self.cfg
-        running = read_pidfile(cfg)
-        if running and running.get("pid") != os.getpid():
-            raise RuntimeError(f"another mammo-node (pid {running['pid']}) is running on "
-                               f"data_dir {cfg.data_dir}")
+        if self.role == "all":  # one process owns data_dir; split roles share it
+            running = read_pidfile(cfg)
+            if running and running.get("pid") != os.getpid():
+                raise RuntimeError(f"another mammo-node (pid {running['pid']}) is running on "
+                                   f"data_dir {cfg.data_dir}")
+        if "worker" in self.parts or "exporter" in self.parts:
+            recovered = self.exams.recover()
+            if recovered:
+                log.warning("%d exam(s) interrupted during processing queued again",
+                            recovered)
+        if "listener" in self.parts:
+            self._start_listener()
+        else:
+            self._start_background()
+            log.info("mammo-node %s started (pid %d); data in %s; database %s", self.role,
+                     os.getpid(), cfg.data_dir, self.db.engine.url.render_as_string(
+                         hide_password=True))
+            self.audit.event(A.APPLICATION_ACTIVITY, A.SUCCESS, action="start",
+                             version=__version__, pid=os.getpid(), role=self.role)
+
+    def _start_background(self) -> None:
+        """The worker and / or the exporter of this process."""
+        cfg = self.cfg
+        from node.export import Exporter
+        from node.worker import Worker
+
+        if "worker" in self.parts:
+            t: threading.Thread = Worker(cfg, self.files, self.exams, self.stop_event,
+                                         wake=self.exam_ready, on_results=self.results_queued,
+                                         health=self.health, metrics=self.metrics)
+            t.start()
+            self._threads.append(t)
+        if "exporter" in self.parts:
+            t = Exporter(cfg, self.files, self.exams, self.stop_event,
+                         wake=self.results_queued, audit=self.audit, metrics=self.metrics)
+            t.start()
+            self._threads.append(t)
+
+    def _start_listener(self) -> None:
+        cfg = self.cfg
         removed = self.files.clean_incoming()
         if removed:
             log.warning("removed %d partial dataset(s) left by an earlier run", removed)
         finished = self.retention.finish_journal()
         if finished:
             log.warning("finished deleting %d file(s) of a purge cut short by a crash", finished)
-        recovered = self.exams.recover()
-        if recovered:
-            log.warning("%d exam(s) interrupted during processing queued again", recovered)
 
         # Stream incoming datasets to data_dir/incoming (same file system as the store, so
         # that placing a file is a rename, never a copy).
@@ -167,27 +212,17 @@ class Node:
         self.server = server
         _accept_with_nodelay(server)
         port = server.server_address[1]
-        pidfile_path(cfg).write_text(json.dumps({
-            "pid": os.getpid(), "ae_title": cfg.node.ae_title, "host": cfg.node.host,
-            "port": port, "started": time.time()}))
+        if self.role == "all":
+            pidfile_path(cfg).write_text(json.dumps({
+                "pid": os.getpid(), "ae_title": cfg.node.ae_title, "host": cfg.node.host,
+                "port": port, "started": time.time()}))
         t = threading.Thread(target=self._grouping_loop, name="grouping", daemon=True)
         t.start()
         self._threads.append(t)
         t = threading.Thread(target=self._retention_loop, name="retention", daemon=True)
         t.start()
         self._threads.append(t)
-        if self.run_worker:
-            from node.export import Exporter
-            from node.worker import Worker
-
-            for t in (Worker(cfg, self.files, self.exams, self.stop_event,
-                             wake=self.exam_ready, on_results=self.results_queued,
-                             health=self.health, metrics=self.metrics),
-                      Exporter(cfg, self.files, self.exams, self.stop_event,
-                               wake=self.results_queued, audit=self.audit,
-                               metrics=self.metrics)):
-                t.start()
-                self._threads.append(t)
+        self._start_background()
         if cfg.dicomweb.enabled:
             from node.dicomweb import DicomWeb, DicomWebServer
 
@@ -203,8 +238,9 @@ class Node:
             if web.tokens.required and not w.tls and not w.is_loopback:
                 log.warning("DICOMweb bearer tokens and patient data travel in clear on %s: "
                             "set [dicomweb] tls = true", w.host)
-        log.info("mammo-node listening as %s on %s:%d%s; data in %s; %d destination(s); "
-                 "%s", cfg.node.ae_title, cfg.node.host, port, " (TLS)" if cfg.node.tls else "",
+        log.info("mammo-node%s listening as %s on %s:%d%s; data in %s; %d destination(s); "
+                 "%s", "" if self.role == "all" else f" {self.role}", cfg.node.ae_title,
+                 cfg.node.host, port, " (TLS)" if cfg.node.tls else "",
                  cfg.data_dir, len(cfg.destinations),
                  f"{len(cfg.peers)} peer(s)" if cfg.peers else
                  "no [[peers]]: echo/store from anyone, query/retrieve refused")
@@ -231,7 +267,9 @@ class Node:
         free = self.files.free_bytes()
         checks["disk"] = {"ok": self.scp.disk_ok(), "free_bytes": free,
                           "reserve_bytes": self.scp.min_free}
-        checks["listener"] = {"ok": self.server is not None and listener_alive(self.server)}
+        if "listener" in self.parts:
+            checks["listener"] = {"ok": self.server is not None
+                                  and listener_alive(self.server)}
         return all(c["ok"] for c in checks.values()), checks
 
     def apply_retention(self, for_reserve: bool = False) -> None:
@@ -311,14 +349,19 @@ class Node:
         log.info("mammo-node stopped")
 
 
-def run(cfg: Config, run_worker: bool = True) -> int:
-    """Run the node in the foreground until SIGTERM or SIGINT."""
+def run(cfg: Config, run_worker: bool = True, role: str = "all") -> int:
+    """Run the node (or the part its ``role`` names) in the foreground until SIGTERM or
+    SIGINT."""
     try:
         cfg.check_startable()
     except Exception as exc:
         log.error("refusing to start: %s", exc)
         return 2
-    node = Node(cfg, run_worker=run_worker)
+    try:
+        node = Node(cfg, run_worker=run_worker, role=role)
+    except SchemaOutdated as exc:
+        log.error("refusing to start: %s", exc)
+        return 2
 
     def _signal(signum, _frame) -> None:
         log.info("received %s, shutting down", signal.Signals(signum).name)

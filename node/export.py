@@ -96,22 +96,36 @@ class Exporter(threading.Thread):
             if self.stop.is_set():
                 break
             try:
-                self.send_due()
+                while self.send_due() and not self.stop.is_set():
+                    pass  # more were due than one claim takes
             except Exception:
                 log.exception("export loop failed; retrying")
+        try:
+            self.exams.release_transfers()
+        except Exception:
+            log.exception("could not release this exporter's claims")
 
-    def send_due(self) -> None:
+    def send_due(self) -> int:
+        """Claim due deliveries (other exporters skip them) and send them; how many."""
         by_dest: dict[str, list[Delivery]] = defaultdict(list)
+        lease = self.cfg.export.lease_seconds
         # Destinations paused by an administrator keep their queue until resumed.
-        for row in self.exams.due_transfers(exclude=self.exams.paused_destinations()):
+        claimed = self.exams.claim_transfers(lease_seconds=lease,
+                                             exclude=self.exams.paused_destinations())
+        for row in claimed:
             by_dest[row.destination].append(row)
-        for name, rows in by_dest.items():
-            dest = self.destinations.get(name)
-            if dest is None:
-                for r in rows:
-                    self._failed(r, f"destination {name!r} is no longer configured")
-                continue
-            self._send(dest, rows)
+        from node.worker import Heartbeat
+
+        with Heartbeat(lambda: self.exams.renew_transfer_leases(lease) >= 0, lease,
+                       "deliveries"):
+            for name, rows in by_dest.items():
+                dest = self.destinations.get(name)
+                if dest is None:
+                    for r in rows:
+                        self._failed(r, f"destination {name!r} is no longer configured")
+                    continue
+                self._send(dest, rows)
+        return len(claimed)
 
     def _failed(self, row: Delivery, error: str) -> None:
         e = self.cfg.export
@@ -172,7 +186,10 @@ class Exporter(threading.Thread):
                     log.info("%s was already at %s (a send interrupted by a restart had "
                              "reached it): not sent again", r.sop_instance_uid, dest.name)
                     continue
-                self.exams.mark_in_flight(r.id)
+                if not self.exams.mark_in_flight(r.id, self.cfg.export.lease_seconds):
+                    log.warning("%s to %s: taken over by another exporter; not sent here",
+                                r.sop_instance_uid, dest.name)
+                    continue
                 if self.metrics is not None:
                     self.metrics.export_attempts.labels(dest.name).inc()
                 status = assoc.send_c_store(ds)

@@ -10,11 +10,13 @@ at the next start (storage.state.ExamStore.recover).
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing as mp
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
@@ -255,6 +257,35 @@ def process_exam_scs(job: ExamJob) -> list[ProducedObject]:
     return produced
 
 
+class Heartbeat:
+    """Renews a claim (an exam's or deliveries' lease) every third of the lease while the
+    work in hand goes on, in a thread of its own: ``with Heartbeat(renew, lease, what):``."""
+
+    def __init__(self, renew: Callable[[], object], lease_seconds: float, what: str) -> None:
+        self.renew, self.interval, self.what = renew, max(0.2, lease_seconds / 3), what
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if not self.renew():
+                    log.warning("%s: the claim was lost (taken over by another process or "
+                                "changed); its outcome will not be recorded", self.what)
+                    return
+            except Exception:
+                log.exception("%s: heartbeat failed (database unreachable?); retrying",
+                              self.what)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 #: Failures worth another attempt: the inference process died or hung, or a file could not
 #: be read (a network file system that hiccups). Anything else (a model or builder error on
 #: this exam's data) fails the exam at once.
@@ -328,11 +359,21 @@ class Worker(threading.Thread):
                 self._start_model()
                 continue
             self.wake.clear()
-            claim = self.exams.claim_next_ready()
+            inf = self.cfg.inference
+            try:
+                claim = self.exams.claim_next_ready(inf.lease_seconds, inf.max_attempts)
+            except Exception:
+                log.exception("cannot claim an exam (database unreachable?); retrying")
+                self.stop.wait(MODEL_RETRY_SECONDS)
+                continue
             if claim is None:
                 self.wake.wait(1.0)
                 continue
-            self._process(*claim)
+            exam_id, version = claim
+            lease = inf.lease_seconds
+            with Heartbeat(functools.partial(self.exams.renew_lease, exam_id, version, lease),
+                           lease, f"exam id {exam_id} v{version}"):
+                self._process(exam_id, version)
         if self.pool is not None:
             kill_pool_processes(self.pool)
 

@@ -2,38 +2,53 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import create_engine, event, inspect, text
-from sqlalchemy.engine import Engine
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
-
-from storage.models import Base
 
 
 class Database:
-    """A database handle: engine, session factory and the write lock.
+    """A database handle: engine, session factories and the write discipline.
 
-    SQLite allows one writer at a time; the in-process ``write_lock`` serialises our own
-    writers so that they queue instead of failing with "database is locked". Row locks
-    (``SELECT ... FOR UPDATE``) protect the same transitions on PostgreSQL.
+    SQLite allows one writer at a time: a write transaction starts with ``BEGIN IMMEDIATE``
+    (it takes the write lock first, so two processes never deadlock upgrading read locks;
+    the other waits up to ``busy_timeout``), and the in-process ``write_lock`` queues our own
+    threads. On PostgreSQL writers run side by side; row locks (``SELECT ... FOR UPDATE``,
+    ``SKIP LOCKED`` for the claims of workers and exporters) order the transitions.
+
+    ``check_schema``: refuse a database whose schema is not this release's
+    (:class:`storage.schema.SchemaOutdated`); an empty one is created at the newest schema.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, check_schema: bool = True) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
+        self.dialect = make_url(url).get_backend_name()
         kwargs: dict = {}
         if self.is_sqlite:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        else:
+            # A server restart or a fail-over drops pooled connections: test each on checkout.
+            kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=20)
         self.engine: Engine = create_engine(url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
-        _add_missing_columns(self.engine)
+            event.listen(self.engine, "begin", _sqlite_begin)
+        # Write transactions: BEGIN IMMEDIATE on SQLite (see _sqlite_begin).
+        self.write_engine = self.engine.execution_options(sqlite_immediate=True)
+        if check_schema:
+            from storage.schema import ensure_current
+
+            ensure_current(self.write_engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self.write_lock = threading.RLock()
+        self.write_sessions = sessionmaker(self.write_engine, expire_on_commit=False)
+        self.write_lock: contextlib.AbstractContextManager = (
+            threading.RLock() if self.is_sqlite else contextlib.nullcontext())
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -44,7 +59,7 @@ class Database:
     @contextmanager
     def write(self) -> Iterator[Session]:
         """A write transaction: committed on success, rolled back on error."""
-        with self.write_lock, self.sessions() as s:
+        with self.write_lock, self.write_sessions() as s:
             try:
                 yield s
                 s.commit()
@@ -67,21 +82,10 @@ def is_disk_full(exc: BaseException) -> bool:
     return (getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)) == "53100"
 
 
-def _add_missing_columns(engine: Engine) -> None:
-    """Add nullable columns that a newer release defines to a database an older one
-    created (``create_all`` only makes missing tables). Only additive, only nullable columns:
-    anything else needs a real migration."""
-    insp = inspect(engine)
-    with engine.begin() as conn:
-        for table in Base.metadata.sorted_tables:
-            have = {c["name"] for c in insp.get_columns(table.name)}
-            for col in table.columns:
-                if col.name not in have and col.nullable:
-                    ddl = col.type.compile(dialect=engine.dialect)
-                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {ddl}'))
-
-
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    # Transactions are begun by _sqlite_begin, not by the sqlite3 module (which would begin
+    # one only before a data change, too late for a lock taken by an earlier SELECT).
+    dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     # FULL: a committed row survives power loss, as the C-STORE success promises.
@@ -92,3 +96,8 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     # is on PostgreSQL; SQLite's LIKE folds ASCII case unless told otherwise.
     cur.execute("PRAGMA case_sensitive_like=ON")
     cur.close()
+
+
+def _sqlite_begin(conn) -> None:
+    immediate = conn.get_execution_options().get("sqlite_immediate")
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

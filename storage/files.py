@@ -4,7 +4,8 @@
 
     data_dir/
       mammo-node.db            SQLite database (default URL)
-      incoming/                partial C-STORE datasets being received (cleaned at start)
+      incoming/<host>-<pid>/   partial datasets a listener process is receiving (each process
+                               its own folder: several may share data_dir; cleaned at start)
       instances/<study>/<series>/<sop>.dcm
       results/                 produced SR / SC objects (results issue)
 
@@ -18,6 +19,7 @@ import errno
 import os
 import re
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -46,13 +48,17 @@ def _check(uid: object, name: str) -> str:
 class FileStore:
     """Paths and atomic placement of files under ``data_dir``."""
 
-    def __init__(self, root: Path, fsync: bool = True) -> None:
+    def __init__(self, root: Path, fsync: bool = True, per_process: bool = False) -> None:
+        """``per_process``: this process receives data into a folder of its own under
+        ``incoming`` (the daemon: listeners on several hosts may share ``data_dir``)."""
         self.root = Path(root)
         self.fsync = fsync
-        self.incoming = self.root / "incoming"
+        self.incoming_root = self.root / "incoming"
+        self.incoming = (self.incoming_root / f"{socket.gethostname()}-{os.getpid()}"
+                         if per_process else self.incoming_root)
         self.instances = self.root / "instances"
         self.results = self.root / "results"
-        for d in (self.root, self.incoming, self.instances, self.results):
+        for d in (self.root, self.incoming_root, self.incoming, self.instances, self.results):
             d.mkdir(parents=True, exist_ok=True)
 
     def instance_relpath(self, study: str, series: str, sop: str) -> str:
@@ -74,6 +80,8 @@ class FileStore:
         it, so that a success answered afterwards survives a crash or power loss.
         """
         dst = self.root / relpath
+        if not src.exists() and dst.exists():
+            return dst  # placed by an earlier try of the same store (a retried transaction)
         dst.parent.mkdir(parents=True, exist_ok=True)
         if self.fsync:
             fd = os.open(src, os.O_RDONLY)
@@ -98,15 +106,41 @@ class FileStore:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
-    def clean_incoming(self, older_than_seconds: float = 0.0) -> int:
-        """Remove partial datasets left by aborted associations or a crash."""
+    def clean_incoming(self, older_than_seconds: float = 0.0,
+                       others_after_seconds: float = 86400.0) -> int:
+        """Remove partial datasets left by aborted associations or a crash: this process's
+        own, those of processes of this host that are gone, files of older releases (straight
+        under ``incoming``), and anything older than ``others_after_seconds`` (another host's
+        process that stopped for good)."""
         removed = 0
         now = time.time()
-        for p in self.incoming.iterdir():
+        host = socket.gethostname()
+        for p in list(self.incoming_root.iterdir()):
             try:
-                if now - p.stat().st_mtime >= older_than_seconds:
+                if p.is_dir():
+                    name_host, _, pid = p.name.rpartition("-")
+                    gone = p == self.incoming or (name_host == host and pid.isdigit()
+                                                  and not _alive(int(pid)))
+                    for f in list(p.iterdir()):
+                        age = now - f.stat().st_mtime
+                        if (gone and age >= older_than_seconds) or age >= others_after_seconds:
+                            f.unlink()
+                            removed += 1
+                    if gone and p != self.incoming and not any(p.iterdir()):
+                        p.rmdir()
+                elif now - p.stat().st_mtime >= older_than_seconds:
                     p.unlink()
                     removed += 1
             except FileNotFoundError:
                 pass
         return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -6,7 +6,7 @@ import datetime as dt
 import json
 from typing import Any
 
-from sqlalchemy import DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 #: The four slots of a screening exam, in display order.
@@ -40,25 +40,30 @@ class Instance(Base):
     path: Mapped[str] = mapped_column(String(400))  # relative to data_dir
     size_bytes: Mapped[int] = mapped_column(Integer)
     received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
-    calling_aet: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    calling_aet: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     # Header attributes the node queries on (patient data stays in the DB, never in INFO logs).
-    patient_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Wider than the VRs allow where vendors are known to overrun them (accession numbers,
+    # descriptions); anything longer still is cut to fit (storage.state.fit_row), since
+    # PostgreSQL enforces lengths.
+    # Indexed: the keys C-FIND / QIDO queries narrow by (PatientID, AccessionNumber,
+    # StudyDate ranges); benchmarks/queries.py measures them at 100,000 instances.
+    patient_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     issuer_of_patient_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     patient_name: Mapped[str | None] = mapped_column(String(324), nullable=True)
-    accession_number: Mapped[str | None] = mapped_column(String(16), nullable=True)
-    study_date: Mapped[str | None] = mapped_column(String(8), nullable=True)
-    study_time: Mapped[str | None] = mapped_column(String(16), nullable=True)
-    modality: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    accession_number: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    study_date: Mapped[str | None] = mapped_column(String(8), nullable=True, index=True)
+    study_time: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    modality: Mapped[str | None] = mapped_column(String(64), nullable=True)
     series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # Default QIDO-RS return attributes (PS3.18 Table 6.7.1-2) a viewer's lists show.
     patient_birth_date: Mapped[str | None] = mapped_column(String(8), nullable=True)
-    patient_sex: Mapped[str | None] = mapped_column(String(16), nullable=True)
-    study_description: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    study_id: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    patient_sex: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    study_description: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    study_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     referring_physician_name: Mapped[str | None] = mapped_column(String(324), nullable=True)
-    series_description: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    series_description: Mapped[str | None] = mapped_column(String(256), nullable=True)
     rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
     columns: Mapped[int | None] = mapped_column(Integer, nullable=True)
     bits_allocated: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -86,7 +91,7 @@ class Exam(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
-    accession_number: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    accession_number: Mapped[str | None] = mapped_column(String(64), nullable=True)
     patient_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     issuer_of_patient_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
@@ -99,8 +104,13 @@ class Exam(Base):
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     notes_json: Mapped[str] = mapped_column(Text, default="[]")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
-    last_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow,
+                                                          index=True)  # the exams list's order
     state_changed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    #: The worker reading this exam ("host:pid") and until when its claim holds: renewed by
+    #: its heartbeat; an exam whose lease ran out is taken over by another worker.
+    lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     #: Readings of this version that failed for a transient reason, and when to try again.
     attempts: Mapped[int | None] = mapped_column(Integer, nullable=True, default=0)
     next_attempt_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
@@ -208,7 +218,9 @@ class Outbound(Base):
     """Delivery of one result to one destination (persisted, resumed after restart)."""
 
     __tablename__ = "outbound"
-    __table_args__ = (UniqueConstraint("result_id", "destination"),)
+    __table_args__ = (UniqueConstraint("result_id", "destination"),
+                      # the exporters' claim: due deliveries, oldest first
+                      Index("ix_outbound_state_next_attempt_at", "state", "next_attempt_at"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
@@ -220,3 +232,6 @@ class Outbound(Base):
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     #: Set while a C-STORE is under way; still set after a crash = the outcome is unknown.
     in_flight_since: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    #: The exporter that claimed this delivery ("host:pid") and until when (heartbeat).
+    lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)

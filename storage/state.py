@@ -18,6 +18,12 @@ An illegal change raises :class:`IllegalTransition`.
 
 Every transition runs inside :meth:`storage.db.Database.write` (process lock + transaction,
 ``SELECT ... FOR UPDATE`` on databases that have it).
+
+Several processes may share the database (``mammo-node start --role``): a worker claims a
+``ready`` exam with ``SELECT ... FOR UPDATE SKIP LOCKED`` and holds it with a lease
+(``lease_owner`` = "host:pid", ``lease_until``) that its heartbeat renews; an exam whose lease
+ran out (its worker died) is taken over by the next claim. Exporters claim deliveries the
+same way. Only the lease holder may finish an exam or a delivery.
 """
 
 from __future__ import annotations
@@ -25,12 +31,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from sqlalchemy import func, or_, select, true
+from sqlalchemy import and_, func, or_, select, true, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import object_session
 
 from storage.db import Database
@@ -170,13 +179,53 @@ def _event(exam: Exam, kind: str, detail: str, at: dt.datetime | None = None) ->
 def _set_outbound(row: Outbound, state: OutboundState) -> None:
     check_transition(row.state, state, OUTBOUND_TRANSITIONS)
     row.state = state.value
+    row.lease_owner = row.lease_until = None
+
+
+def fit_row(model: type, row: dict[str, Any]) -> dict[str, Any]:
+    """Strings cut to their column's length (a header value longer than its VR allows must
+    not make PostgreSQL refuse the whole store)."""
+    cols = model.__table__.c  # type: ignore[attr-defined]
+    out = {}
+    for k, v in row.items():
+        length = getattr(cols[k].type, "length", None) if k in cols else None
+        out[k] = v[:length] if isinstance(v, str) and length and len(v) > length else v
+    return out
+
+
+def process_owner() -> str:
+    """This process as a lease holder: "host:pid"."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def owner_is_dead(owner: str | None) -> bool:
+    """Whether a lease holder is known to be gone, judged at a process's start (before it
+    claims anything): no owner, this very process id (an earlier incarnation: containers
+    reuse pids), or a process of this host that no longer runs. Another host's process is
+    judged by its lease running out."""
+    if not owner:
+        return True
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 class ExamStore:
     """Instance and exam rows, and every state transition of an exam."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, owner: str | None = None) -> None:
         self.db = db
+        #: This process as the holder of the exams and deliveries it claims.
+        self.owner = owner or process_owner()
 
     # -- ingest -------------------------------------------------------------------------
     def has_instance(self, sop_instance_uid: str) -> bool:
@@ -194,12 +243,26 @@ class ExamStore:
         file). A SOPInstanceUID already stored is a no-op (``duplicate=True``); ``place``
         is not called.
         """
+        for attempt in range(3):
+            try:
+                return self._add_instance(record, assign, place)
+            except IntegrityError:
+                # Another listener committed the same instance (or created the study's exam)
+                # between our check and our insert: look again.
+                if attempt == 2:
+                    raise
+                log.info("instance %s: concurrent insert by another process; checking again",
+                         record.sop_instance_uid)
+        raise AssertionError("unreachable")
+
+    def _add_instance(self, record: InstanceRecord, assign: AssignFn,
+                      place: Callable[[], object]) -> AddResult:
         with self.db.write() as s:
             if s.scalar(select(Instance.id).where(
                     Instance.sop_instance_uid == record.sop_instance_uid)) is not None:
                 return AddResult(duplicate=True)
             place()
-            inst = Instance(**record.as_row())
+            inst = Instance(**fit_row(Instance, record.as_row()))
             s.add(inst)
             result = AddResult(duplicate=False)
             if inst.role != "other":
@@ -327,6 +390,8 @@ class ExamStore:
     def _set_state(exam: Exam, state: ExamState, now: dt.datetime,
                    detail: str | None = None) -> None:
         check_transition(exam.state, state, EXAM_TRANSITIONS)
+        if state != ExamState.PROCESSING:
+            exam.lease_owner = exam.lease_until = None
         if exam.state != state:
             _event(exam, "state", f"{exam.state} -> {state.value} (version {exam.version})"
                    + (f": {detail}" if detail else ""), now)
@@ -342,9 +407,10 @@ class ExamStore:
         cutoff = now - dt.timedelta(seconds=stable_seconds)
         promoted: list[str] = []
         with self.db.write() as s:
+            # SKIP LOCKED: with several listeners, each partial exam is promoted by one.
             for exam in s.scalars(select(Exam).where(
                     Exam.state == ExamState.RECEIVING.value, Exam.last_received_at <= cutoff)
-                    .with_for_update()):
+                    .with_for_update(skip_locked=True)):
                 missing = exam.missing
                 if missing:
                     msg = (f"partial exam: missing {', '.join(missing)} after "
@@ -355,19 +421,52 @@ class ExamStore:
         return promoted
 
     # -- worker side (used by the results pipeline) ---------------------------------------
-    def claim_next_ready(self) -> tuple[int, int] | None:
-        """Claim the oldest ``ready`` exam: ``(exam_id, version)`` or None."""
+    def claim_next_ready(self, lease_seconds: float = 60.0,
+                         max_attempts: int = 3) -> tuple[int, int] | None:
+        """Claim the oldest ``ready`` exam, or a ``processing`` one whose worker's lease ran
+        out, for ``lease_seconds``: ``(exam_id, version)`` or None. An exam taken over counts
+        an attempt (an exam that keeps killing its workers ends ``failed``)."""
         now = utcnow()
         with self.db.write() as s:
-            exam = s.scalar(select(Exam).where(
-                Exam.state == ExamState.READY.value,
-                or_(Exam.next_attempt_at.is_(None), Exam.next_attempt_at <= now))
+            exam = s.scalar(select(Exam).where(or_(
+                and_(Exam.state == ExamState.READY.value,
+                     or_(Exam.next_attempt_at.is_(None), Exam.next_attempt_at <= now)),
+                and_(Exam.state == ExamState.PROCESSING.value,
+                     or_(Exam.lease_until.is_(None), Exam.lease_until < now))))
                 .order_by(Exam.state_changed_at, Exam.id).limit(1)
                 .with_for_update(skip_locked=True))
             if exam is None:
                 return None
+            if exam.state == ExamState.PROCESSING:
+                exam.attempts = (exam.attempts or 0) + 1
+                msg = (f"taken over from {exam.lease_owner or 'an unknown worker'} by "
+                       f"{self.owner}: its lease ran out (attempt {exam.attempts})")
+                log.warning("exam %s v%d %s", exam.study_instance_uid, exam.version, msg)
+                _event(exam, "state", msg, now)
+                if exam.attempts >= max_attempts:
+                    reason = (f"the worker reading it stopped {exam.attempts} times (lease "
+                              f"ran out)")
+                    self._set_state(exam, ExamState.FAILED, now, reason)
+                    exam.reason = reason
+                    return None
             self._set_state(exam, ExamState.PROCESSING, now)
+            exam.lease_owner = self.owner
+            exam.lease_until = now + dt.timedelta(seconds=lease_seconds)
             return exam.id, exam.version
+
+    def renew_lease(self, exam_id: int, version: int, lease_seconds: float) -> bool:
+        """The worker's heartbeat: extend its claim; False when it no longer holds it."""
+        with self.db.write() as s:
+            n = s.execute(update(Exam).where(  # type: ignore[attr-defined]
+                Exam.id == exam_id, Exam.version == version,
+                Exam.state == ExamState.PROCESSING.value, Exam.lease_owner == self.owner)
+                .values(lease_until=utcnow() + dt.timedelta(seconds=lease_seconds))).rowcount
+        return bool(n)
+
+    def _held(self, exam: Exam | None, version: int) -> bool:
+        """Whether ``exam`` is this version, processing, and claimed by this process."""
+        return (exam is not None and exam.version == version
+                and exam.state == ExamState.PROCESSING and exam.lease_owner == self.owner)
 
     def retry_later(self, exam_id: int, version: int, reason: str, max_attempts: int,
                     delay: float) -> str | None:
@@ -377,7 +476,7 @@ class ExamStore:
         now = utcnow()
         with self.db.write() as s:
             exam = s.get(Exam, exam_id, with_for_update=True)
-            if exam is None or exam.version != version or exam.state != ExamState.PROCESSING:
+            if exam is None or not self._held(exam, version):
                 return None
             exam.attempts = (exam.attempts or 0) + 1
             if exam.attempts >= max_attempts:
@@ -424,10 +523,11 @@ class ExamStore:
             return missing, exam.state
 
     def finish(self, exam_id: int, version: int, ok: bool, reason: str | None = None) -> bool:
-        """End processing of ``version``; False when the exam was reopened meanwhile."""
+        """End processing of ``version``; False when the exam was reopened meanwhile (or
+        another worker took it over)."""
         with self.db.write() as s:
             exam = s.get(Exam, exam_id, with_for_update=True)
-            if exam is None or exam.version != version or exam.state != ExamState.PROCESSING:
+            if exam is None or not self._held(exam, version):
                 return False
             self._set_state(exam, ExamState.DONE if ok else ExamState.FAILED, utcnow(),
                             None if ok else reason)
@@ -445,7 +545,7 @@ class ExamStore:
         never doubled."""
         with self.db.write() as s:
             exam = s.get(Exam, exam_id, with_for_update=True)
-            if exam is None or exam.version != version or exam.state != ExamState.PROCESSING:
+            if exam is None or not self._held(exam, version):
                 return False
             source = s.scalar(select(Instance).where(Instance.exam_id == exam_id)
                               .order_by(Instance.id).limit(1))
@@ -517,27 +617,71 @@ class ExamStore:
     # -- export ----------------------------------------------------------------------------
     def due_transfers(self, limit: int = 100,
                       exclude: set[str] | frozenset[str] = frozenset()) -> list[Delivery]:
-        """Deliveries whose time has come, oldest first."""
-        now = utcnow()
+        """Deliveries whose time has come, oldest first (a look, not a claim)."""
         with self.db.session() as s:
-            rows = s.execute(
-                select(Outbound.id, Outbound.destination, Outbound.attempts, Result.path,
-                       Result.sop_instance_uid, Outbound.in_flight_since, Result.sop_class_uid,
-                       Exam.study_instance_uid)
-                .join(Result, Result.id == Outbound.result_id)
-                .join(Exam, Exam.id == Result.exam_id)
-                .where(Outbound.state.in_((OutboundState.PENDING.value,
-                                           OutboundState.RETRYING.value)),
-                       Outbound.next_attempt_at <= now,
-                       Outbound.destination.not_in(list(exclude)) if exclude else true())
-                .order_by(Outbound.next_attempt_at, Outbound.id).limit(limit)).all()
+            return self._due(s, limit, exclude, claim=False)
+
+    def claim_transfers(self, limit: int = 20, lease_seconds: float = 60.0,
+                        exclude: set[str] | frozenset[str] = frozenset()) -> list[Delivery]:
+        """Claim due deliveries for this exporter (``FOR UPDATE SKIP LOCKED``, then a lease):
+        several exporters never send the same object; one that dies leaves its claims to
+        the others when the lease runs out."""
+        with self.db.write() as s:
+            rows = self._due(s, limit, exclude, claim=True)
+            if rows:
+                s.execute(update(Outbound).where(Outbound.id.in_([r.id for r in rows]))
+                          .values(lease_owner=self.owner, lease_until=utcnow()
+                                  + dt.timedelta(seconds=lease_seconds)))
+            return rows
+
+    def renew_transfer_leases(self, lease_seconds: float) -> int:
+        """The exporter's heartbeat: extend the claims it still holds."""
+        with self.db.write() as s:
+            return s.execute(update(Outbound).where(  # type: ignore[attr-defined]
+                Outbound.lease_owner == self.owner,
+                Outbound.state.in_((OutboundState.PENDING.value,
+                                    OutboundState.RETRYING.value)))
+                .values(lease_until=utcnow() + dt.timedelta(seconds=lease_seconds))).rowcount
+
+    def release_transfers(self) -> None:
+        """Give back this exporter's unsent claims (at shutdown)."""
+        with self.db.write() as s:
+            s.execute(update(Outbound).where(Outbound.lease_owner == self.owner)
+                      .values(lease_owner=None, lease_until=None))
+
+    @staticmethod
+    def _due(s, limit: int, exclude, claim: bool) -> list[Delivery]:
+        now = utcnow()
+        q = (select(Outbound.id, Outbound.destination, Outbound.attempts, Result.path,
+                    Result.sop_instance_uid, Outbound.in_flight_since, Result.sop_class_uid,
+                    Exam.study_instance_uid)
+             .join(Result, Result.id == Outbound.result_id)
+             .join(Exam, Exam.id == Result.exam_id)
+             .where(Outbound.state.in_((OutboundState.PENDING.value,
+                                        OutboundState.RETRYING.value)),
+                    Outbound.next_attempt_at <= now,
+                    or_(Outbound.lease_until.is_(None), Outbound.lease_until < now),
+                    Outbound.destination.not_in(list(exclude)) if exclude else true())
+             .order_by(Outbound.next_attempt_at, Outbound.id).limit(limit))
+        if claim:
+            q = q.with_for_update(skip_locked=True, of=Outbound)
         return [Delivery(id=r[0], destination=r[1], attempts=r[2], path=r[3],
                          sop_instance_uid=r[4], interrupted=r[5] is not None,
-                         sop_class_uid=r[6], study_instance_uid=r[7]) for r in rows]
+                         sop_class_uid=r[6], study_instance_uid=r[7])
+                for r in s.execute(q).all()]
 
-    def mark_in_flight(self, outbound_id: int) -> None:
+    def mark_in_flight(self, outbound_id: int, lease_seconds: float = 60.0) -> bool:
+        """A C-STORE of this delivery starts now (and the claim is extended). False when
+        another exporter holds it (this one's lease ran out and it was taken over)."""
         with self.db.write() as s:
-            _get(s, Outbound, outbound_id).in_flight_since = utcnow()
+            row = _get(s, Outbound, outbound_id)
+            if row.lease_owner not in (None, self.owner):
+                return False
+            now = utcnow()
+            row.in_flight_since = now
+            row.lease_owner, row.lease_until = self.owner, now + dt.timedelta(
+                seconds=lease_seconds)
+            return True
 
     def _delivery_event(self, s, row: Outbound, text: str) -> None:
         res = s.get(Result, row.result_id)
@@ -766,13 +910,23 @@ class ExamStore:
                                   .order_by(Result.version, Result.id)))
 
     def recover(self) -> int:
-        """At start-up: exams left in ``processing`` by a crash go back to ``ready``."""
+        """At a worker's start: exams left ``processing`` by a process of this host that is
+        gone (or by a release without leases) go back to ``ready`` at once; those of other
+        hosts' workers are taken over when their lease runs out."""
         n = 0
         with self.db.write() as s:
-            for exam in s.scalars(select(Exam).where(Exam.state == ExamState.PROCESSING.value)):
+            for exam in s.scalars(select(Exam).where(Exam.state == ExamState.PROCESSING.value)
+                                  .with_for_update(skip_locked=True)):
+                if not owner_is_dead(exam.lease_owner):
+                    continue
                 exam.add_note("processing interrupted (node restarted); queued again")
                 self._set_state(exam, ExamState.READY, utcnow())
                 n += 1
+            # Deliveries claimed by a dead exporter of this host: free them now.
+            for row in s.scalars(select(Outbound).where(Outbound.lease_owner.isnot(None))
+                                 .with_for_update(skip_locked=True)):
+                if owner_is_dead(row.lease_owner):
+                    row.lease_owner = row.lease_until = None
         return n
 
     # -- queries --------------------------------------------------------------------------

@@ -171,8 +171,9 @@ class NodeProcess:
         return sorted((self.data_dir / "instances").rglob("*.dcm"))
 
     def incoming_files(self) -> list[Path]:
+        """Partial datasets (each daemon process receives into incoming/<host>-<pid>/)."""
         d = self.data_dir / "incoming"
-        return sorted(d.iterdir()) if d.exists() else []
+        return sorted(p for p in d.rglob("*") if p.is_file()) if d.exists() else []
 
 
 def echo(port: int, called: str, calling: str = "PROBE") -> bool:

@@ -166,7 +166,7 @@ def test_stow_request_size_and_concurrency_are_bounded(node_factory):
     try:
         # The STOW holds the slot once its spool file exists (nothing else may poll before:
         # a poll could take the only slot and the STOW would be the one refused).
-        wait_for(lambda: list((node.data_dir / "incoming").glob("stow-*.body")), 30,
+        wait_for(lambda: list((node.data_dir / "incoming").rglob("stow-*.body")), 30,
                  interval=0.02, what="the slow STOW under way")
         r = requests.get(f"{base}/studies", timeout=10)
         assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text

@@ -25,8 +25,8 @@ DAY = dt.timedelta(days=1)
 
 
 @pytest.fixture
-def env(tmp_path):
-    db = Database(f"sqlite:///{tmp_path / 'r.db'}")
+def env(tmp_path, db_url):
+    db = Database(db_url)
     files = FileStore(tmp_path / "data", fsync=False)
     yield ExamStore(db), files, Retention(db, files), db
     db.close()
@@ -51,8 +51,8 @@ def _exam(store: ExamStore, files: FileStore, seed: int, deliver: str | None = "
         (files.root / rel).parent.mkdir(parents=True, exist_ok=True)
         (files.root / rel).write_bytes(b"result")
         produced.append(ProducedObject(kind="sc", sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
-                                       sop_instance_uid=f"{study}.9{i}",
-                                       series_instance_uid=f"{study}.99", path=rel,
+                                       sop_instance_uid=f"{study[:58]}.9{i}",
+                                       series_instance_uid=f"{study[:58]}.99", path=rel,
                                        modality="OT", size_bytes=6))
     assert store.complete(exam_id, version, produced, ["pacs"] if deliver else [])
     if deliver:

@@ -73,8 +73,8 @@ def _records(store: FileStore, datasets) -> list:
 
 
 @pytest.fixture
-def exams(tmp_path: Path):
-    db = Database(f"sqlite:///{tmp_path / 'unit.db'}")
+def exams(tmp_path: Path, db_url: str):
+    db = Database(db_url)
     yield ExamStore(db), FileStore(tmp_path / "data", fsync=False)
     db.close()
 
