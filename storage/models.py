@@ -157,6 +157,8 @@ class Exam(Base):
             "images_purged_at": (self.images_purged_at.isoformat() + "Z"
                                  if self.images_purged_at else None),
             "state_changed_at": self.state_changed_at.isoformat() + "Z",
+            # the worker reading it ("host:pid"), while it is processing
+            "worker": self.lease_owner,
         }
 
 

@@ -16,10 +16,10 @@ def node_factory(tmp_path):
 
     def make(settings: dict | None = None, sub: str = "n", start: bool = True,
              data_dir: Path | None = None, worker: bool = False,
-             env: dict | None = None) -> NodeProcess:
+             env: dict | None = None, role: str | None = None) -> NodeProcess:
         d = tmp_path / f"{sub}{len(started)}"
         d.mkdir()
-        n = NodeProcess(d, settings, data_dir=data_dir, worker=worker, env=env)
+        n = NodeProcess(d, settings, data_dir=data_dir, worker=worker, env=env, role=role)
         started.append(n)
         return n.start() if start else n
 

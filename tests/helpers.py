@@ -57,9 +57,10 @@ class NodeProcess:
     """A ``mammo-node start`` process with its own config and data directory."""
 
     def __init__(self, tmp: Path, settings: dict | None = None, data_dir: Path | None = None,
-                 worker: bool = False, env: dict | None = None):
+                 worker: bool = False, env: dict | None = None, role: str | None = None):
         self.tmp = tmp
         self.worker = worker
+        self.role = role  # --role; None: "all" (with --no-worker unless worker)
         self.env = {**os.environ, **(env or {})}
         self.port = free_port()
         self.ae_title = "MAMMO_NODE"
@@ -94,23 +95,34 @@ class NodeProcess:
     def launch(self) -> NodeProcess:
         """Start the daemon without waiting for it to answer."""
         self._logf = open(self.log, "ab")
+        if self.role:
+            mode = ["--role", self.role]
+        else:
+            mode = [] if self.worker else ["--no-worker"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node", "start", "--config", str(self.config),
-             *([] if self.worker else ["--no-worker"])],
+            [sys.executable, "-m", "node", "start", "--config", str(self.config), *mode],
             cwd=self.tmp, stdout=self._logf, stderr=subprocess.STDOUT, env=self.env)
         return self
+
+    #: The log line that says a process without a DICOM listener is at work.
+    READY_LOG = {"worker": "model loaded in the inference process",
+                 "exporter": "mammo-node exporter started"}
 
     def start(self, timeout: float = 30.0) -> NodeProcess:
         self.launch()
         assert self.proc is not None
+        marker = self.READY_LOG.get(self.role or "")
+        if marker:
+            timeout = max(timeout, 180.0)  # a worker loads torch and the model first
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"node exited early:\n{self.log.read_text()}")
-            if self.probe():
+            if (marker in self.log.read_text(errors="replace")) if marker else self.probe():
                 return self
             time.sleep(0.2)
-        raise RuntimeError(f"node did not answer C-ECHO:\n{self.log.read_text()}")
+        raise RuntimeError(f"node did not {'log ' + marker if marker else 'answer C-ECHO'}:"
+                           f"\n{self.log.read_text()}")
 
     def probe(self) -> bool:
         """C-ECHO as a peer that may echo (the node's own start-up check)."""

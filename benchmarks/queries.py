@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""C-FIND latency at archive scale, on SQLite and on PostgreSQL.
+
+Fills a fresh database with --instances rows (default 100,000: 25,000 four-view studies of
+10,000 patients over three years, one series per view), starts a listener on it
+(``mammo-node start --role listener``) and times C-FIND queries over one association, each
+--repeats times; the reference is a C-ECHO on the same association in the same run.
+
+    python benchmarks/queries.py [--instances 100000] [--repeats 15] [--engines sqlite,postgresql]
+
+PostgreSQL: a private server is started from Debian's postgresql binaries (as in the tests).
+Goal (issue 12): a study-level query by PatientID or by date range within 50 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pydicom.dataset import Dataset  # noqa: E402
+from pynetdicom import AE  # noqa: E402
+from pynetdicom.sop_class import (  # noqa: E402
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
+from sqlalchemy import insert  # noqa: E402
+
+from benchmarks.common import free_port, wait_port  # noqa: E402
+from storage.db import Database  # noqa: E402
+from storage.models import Instance  # noqa: E402
+from tests.helpers import toml_document  # noqa: E402
+
+MG = "1.2.840.10008.5.1.4.1.1.1.2"
+VIEWS = (("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO"))
+
+
+def fill(db: Database, n_instances: int, batch: int = 5000) -> dict:
+    """Rows only (C-FIND reads rows). Returns sample keys to query by."""
+    start = dt.date(2024, 1, 1)
+    n_studies = n_instances // 4
+    n_patients = max(1, n_studies * 2 // 5)
+    rows: list[dict] = []
+    sample: dict = {}
+    t0 = time.perf_counter()
+    for i in range(n_studies):
+        p = i % n_patients
+        study = f"1.2.826.0.1.3680043.10.7777.{i}"
+        day = start + dt.timedelta(days=(i * 1096) // n_studies)
+        for k, (lat, view) in enumerate(VIEWS):
+            rows.append(dict(
+                sop_instance_uid=f"{study}.{k + 1}.1", sop_class_uid=MG,
+                study_instance_uid=study, series_instance_uid=f"{study}.{k + 1}",
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                path=f"instances/{study}/{k}.dcm", size_bytes=17_000_000,
+                received_at=dt.datetime.combine(day, dt.time(9)), calling_aet="MODALITY",
+                patient_id=f"PAT{p:07d}", patient_name=f"Name{p}^Given",
+                accession_number=f"ACC{i:08d}", study_date=day.strftime("%Y%m%d"),
+                study_time="093000", modality="MG", series_number=k + 1, instance_number=1,
+                laterality=lat, view=view, role="candidate", for_processing=False,
+                slot=f"{lat}-{view}"))
+        if i == n_studies // 2:
+            sample = {"patient_id": f"PAT{p:07d}", "study": study,
+                      "series": f"{study}.1", "date": day.strftime("%Y%m%d")}
+        if len(rows) >= batch:
+            with db.write() as s:
+                s.execute(insert(Instance), rows)
+            rows = []
+    if rows:
+        with db.write() as s:
+            s.execute(insert(Instance), rows)
+    if db.dialect == "postgresql":
+        with db.engine.connect() as c:
+            c.exec_driver_sql("ANALYZE")
+    sample["fill_seconds"] = time.perf_counter() - t0
+    return sample
+
+
+def _query(level: str, **keys) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for k, v in {"StudyInstanceUID": "", "PatientID": "", "PatientName": "", "StudyDate": "",
+                 "AccessionNumber": "", "ModalitiesInStudy": ""}.items():
+        setattr(ds, k, v)
+    if level in ("SERIES", "IMAGE"):
+        ds.SeriesInstanceUID = ""
+        ds.Modality = ""
+        del ds.ModalitiesInStudy
+    if level == "IMAGE":
+        ds.SOPInstanceUID = ""
+    for k, v in keys.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def measure(port: int, sample: dict, repeats: int) -> list[tuple[str, float, int]]:
+    ae = AE(ae_title="QRSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MAMMO_NODE")
+    assert assoc.is_established, "association rejected"
+    d = dt.datetime.strptime(sample["date"], "%Y%m%d").date()
+    month = f"{d:%Y%m}01-{d:%Y%m}28"
+    queries = [
+        ("C-ECHO (reference)", None),
+        ("STUDY by PatientID", _query("STUDY", PatientID=sample["patient_id"])),
+        ("STUDY by date range (4 weeks)", _query("STUDY", StudyDate=month)),
+        ("STUDY by date (1 day)", _query("STUDY", StudyDate=sample["date"])),
+        ("STUDY by PatientName prefix", _query("STUDY", PatientName="Name1234*")),
+        ("SERIES of one study", _query("SERIES", StudyInstanceUID=sample["study"])),
+        ("IMAGE of one series", _query("IMAGE", StudyInstanceUID=sample["study"],
+                                       SeriesInstanceUID=sample["series"])),
+    ]
+    out = []
+    try:
+        for name, q in queries:
+            times, n = [], 0
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                if q is None:
+                    assoc.send_c_echo()
+                else:
+                    n = sum(1 for st, ident in assoc.send_c_find(
+                        q, StudyRootQueryRetrieveInformationModelFind)
+                        if st and st.Status in (0xFF00, 0xFF01))
+                times.append((time.perf_counter() - t0) * 1000)
+            out.append((name, statistics.median(times), n))
+    finally:
+        assoc.release()
+    return out
+
+
+def run_engine(engine: str, n: int, repeats: int, tmp: Path) -> None:
+    server = None
+    if engine == "sqlite":
+        url = f"sqlite:///{tmp / 'sqlite' / 'mammo-node.db'}"
+        (tmp / "sqlite").mkdir()
+    else:
+        from tests.pg import PostgresServer
+
+        server = PostgresServer().start()
+        url = server.new_database("bench")
+    try:
+        db = Database(url)
+        sample = fill(db, n)
+        db.close()
+        port = free_port()
+        data = tmp / f"data-{engine}"
+        config = tmp / f"{engine}.toml"
+        config.write_text(toml_document(
+            {"node": {"ae_title": "MAMMO_NODE", "host": "127.0.0.1", "port": port,
+                      "data_dir": str(data), "database_url": url, "max_query_results": 1000},
+             "storage": {"min_free_mb": 0, "purge_above_percent": ""}},
+            {"peers": [{"ae_title": "QRSCU", "services": ["echo", "find"]}]}))
+        log = open(tmp / f"{engine}.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "node", "start", "--config", str(config),
+                                 "--role", "listener"], cwd=tmp, stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            wait_port(port, 60)
+            rows = measure(port, sample, repeats)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        ref = rows[0][1]
+        print(f"\n{engine}: {n:,} instances (filled in {sample['fill_seconds']:.1f} s), "
+              f"median of {repeats}")
+        print(f"  {'query':34s} {'ms':>8s} {'x C-ECHO':>9s} {'matches':>8s}")
+        for name, ms, matches in rows:
+            print(f"  {name:34s} {ms:8.1f} {ms / ref:9.1f} {matches:8d}")
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--instances", type=int, default=100_000)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--engines", default="sqlite,postgresql")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        for engine in args.engines.split(","):
+            run_engine(engine.strip(), args.instances, args.repeats, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
