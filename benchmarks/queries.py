@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import socket
 import statistics
 import subprocess
 import sys
@@ -107,13 +108,18 @@ def measure(port: int, sample: dict, repeats: int) -> list[tuple[str, float, int
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", port, ae_title="MAMMO_NODE")
     assert assoc.is_established, "association rejected"
+    # As the node does on its side: without it, Nagle's algorithm holds the request's data
+    # PDU until the node's delayed ACK (~40 ms) and that is all one would measure.
+    assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     d = dt.datetime.strptime(sample["date"], "%Y%m%d").date()
     month = f"{d:%Y%m}01-{d:%Y%m}28"
+    week = f"{d:%Y%m%d}-{d + dt.timedelta(days=6):%Y%m%d}"
     queries = [
         ("C-ECHO (reference)", None),
         ("STUDY by PatientID", _query("STUDY", PatientID=sample["patient_id"])),
-        ("STUDY by date range (4 weeks)", _query("STUDY", StudyDate=month)),
         ("STUDY by date (1 day)", _query("STUDY", StudyDate=sample["date"])),
+        ("STUDY by date range (1 week)", _query("STUDY", StudyDate=week)),
+        ("STUDY by date range (4 weeks)", _query("STUDY", StudyDate=month)),
         ("STUDY by PatientName prefix", _query("STUDY", PatientName="Name1234*")),
         ("SERIES of one study", _query("SERIES", StudyInstanceUID=sample["study"])),
         ("IMAGE of one series", _query("IMAGE", StudyInstanceUID=sample["study"],
@@ -135,6 +141,62 @@ def measure(port: int, sample: dict, repeats: int) -> list[tuple[str, float, int
             out.append((name, statistics.median(times), n))
     finally:
         assoc.release()
+    return out
+
+
+def measure_dcmtk(port: int, sample: dict, repeats: int) -> list[tuple[str, float, int]]:
+    """The same study-level queries with DCMTK's findscu (and echoscu as the reference)."""
+    d = dt.datetime.strptime(sample["date"], "%Y%m%d").date()
+    base = ["-aet", "QRSCU", "-aec", "MAMMO_NODE", "127.0.0.1", str(port)]
+    study = ["-S", "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID",
+             "-k", "PatientName", "-k", "AccessionNumber"]
+    cases = [("echoscu (reference)", ["/usr/bin/echoscu", *base]),
+             ("findscu STUDY by PatientID", ["/usr/bin/findscu", *base, *study, "-k",
+                                             f"PatientID={sample['patient_id']}"]),
+             ("findscu STUDY by date (1 day)", ["/usr/bin/findscu", *base, *study, "-k",
+                                                f"StudyDate={sample['date']}"]),
+             ("findscu STUDY by date (1 week)", ["/usr/bin/findscu", *base, *study, "-k",
+                                                 f"StudyDate={d:%Y%m%d}-"
+                                                 f"{d + dt.timedelta(days=6):%Y%m%d}"]),
+             ("findscu STUDY by date (4 weeks)", ["/usr/bin/findscu", *base, *study, "-k",
+                                                  f"StudyDate={d:%Y%m}01-{d:%Y%m}28"])]
+    out = []
+    for name, cmd in cases:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True)
+            times.append((time.perf_counter() - t0) * 1000)
+        out.append((name, statistics.median(times), 0))
+    return out
+
+
+def measure_sql(url: str, sample: dict, repeats: int) -> dict[str, float]:
+    """The matching alone (storage.query through node.qr), without the DICOM exchange."""
+    from node.config import Config
+    from node.qr import QueryRetrieveSCP
+    from storage.files import FileStore
+    from storage.state import ExamStore
+
+    db = Database(url)
+    qr = QueryRetrieveSCP(Config(), FileStore(Path(tempfile.mkdtemp()), fsync=False),
+                          ExamStore(db))
+    d = dt.datetime.strptime(sample["date"], "%Y%m%d").date()
+    cases = {"STUDY by PatientID": ("STUDY", {"PatientID": sample["patient_id"]}),
+             "STUDY by date (1 day)": ("STUDY", {"StudyDate": sample["date"]}),
+             "STUDY by date range (1 week)": ("STUDY", {"StudyDate": f"{d:%Y%m%d}-"
+                                              f"{d + dt.timedelta(days=6):%Y%m%d}"}),
+             "STUDY by date range (4 weeks)": ("STUDY", {"StudyDate": f"{d:%Y%m}01-"
+                                               f"{d:%Y%m}28"})}
+    out = {}
+    for name, (level, keys) in cases.items():
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            qr.match(level, keys, limit=1000)
+            times.append((time.perf_counter() - t0) * 1000)
+        out[name] = statistics.median(times)
+    db.close()
     return out
 
 
@@ -167,15 +229,22 @@ def run_engine(engine: str, n: int, repeats: int, tmp: Path) -> None:
         try:
             wait_port(port, 60)
             rows = measure(port, sample, repeats)
+            dcmtk = measure_dcmtk(port, sample, repeats)
         finally:
             proc.terminate()
             proc.wait(30)
+        sql = measure_sql(url, sample, repeats)
         ref = rows[0][1]
         print(f"\n{engine}: {n:,} instances (filled in {sample['fill_seconds']:.1f} s), "
               f"median of {repeats}")
         print(f"  {'query':34s} {'ms':>8s} {'x C-ECHO':>9s} {'matches':>8s}")
         for name, ms, matches in rows:
-            print(f"  {name:34s} {ms:8.1f} {ms / ref:9.1f} {matches:8d}")
+            print(f"  {name:34s} {ms:8.1f} {ms / ref:9.1f} {matches:8d}"
+                  + (f"   (database: {sql[name]:.1f} ms)" if name in sql else ""))
+        print("  DCMTK findscu (a whole process each time; reference: echoscu the same way)")
+        dref = dcmtk[0][1]
+        for name, ms, _ in dcmtk:
+            print(f"  {name:34s} {ms:8.1f} {ms / dref:9.2f}")
     finally:
         if server is not None:
             server.stop()
