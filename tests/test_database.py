@@ -338,3 +338,12 @@ def test_two_listeners_store_one_study_at_once(tmp_path, db_url):
     store = ExamStore(db)
     assert store.counts_by_state()["ready"] == 8 and store.instance_count() == 32
     db.close()
+
+
+def test_start_options_are_checked(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text(toml_document({"node": {"data_dir": str(tmp_path / "d"), "port": 0}}, {}))
+    r = _cli(config, "start", "--role", "worker", "--device", "gpu0")
+    assert r.returncode == 2 and "--device must be auto, cpu, cuda or cuda:N" in r.stderr
+    r = _cli(config, "start", "--role", "janitor")
+    assert r.returncode == 2 and "invalid choice: 'janitor'" in r.stderr
