@@ -276,7 +276,11 @@ class Node:
         """The retention rules once; ``for_reserve``: also purge the oldest purgeable studies
         until free space is above ``[storage] min_free_mb`` (data is about to be refused)."""
         r, s = self.cfg.retention, self.cfg.storage
-        with self._retention_lock:
+        # One retention pass at a time across every listener sharing the database.
+        with self._retention_lock, self.db.exclusive("retention") as mine:
+            if not mine:
+                log.info("retention: another process is applying the rules now")
+                return
             if for_reserve:
                 report = self.retention.run(
                     r.keep_images_days, r.keep_results_days, 50.0,

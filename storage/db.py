@@ -67,6 +67,45 @@ class Database:
                 s.rollback()
                 raise
 
+    @contextmanager
+    def exclusive(self, name: str) -> Iterator[bool]:
+        """A lock across every process on this database, not waited for: yields whether it
+        was taken (work such as a retention pass runs in one process at a time).
+        PostgreSQL: a session advisory lock; SQLite: an flock beside the database file."""
+        import hashlib
+
+        if self.is_sqlite:
+            import fcntl
+
+            path = make_url(self.url).database
+            if not path or path == ":memory:":
+                yield True
+                return
+            with open(f"{path}.{name}.lock", "a") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    yield False
+                    return
+                try:
+                    yield True
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+            return
+        from sqlalchemy import text
+
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        with self.engine.connect() as conn:
+            got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key})
+                       .scalar())
+            conn.commit()
+            try:
+                yield got
+            finally:
+                if got:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    conn.commit()
+
     def close(self) -> None:
         self.engine.dispose()
 

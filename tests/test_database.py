@@ -347,3 +347,18 @@ def test_start_options_are_checked(tmp_path):
     assert r.returncode == 2 and "--device must be auto, cpu, cuda or cuda:N" in r.stderr
     r = _cli(config, "start", "--role", "janitor")
     assert r.returncode == 2 and "invalid choice: 'janitor'" in r.stderr
+
+
+def test_exclusive_work_runs_in_one_process_at_a_time(db_url):
+    """Retention passes of several listeners: one at a time, the others skip."""
+    a, b = Database(db_url), Database(db_url)
+    with a.exclusive("retention") as first:
+        assert first
+        with b.exclusive("retention") as second:
+            assert not second
+        with b.exclusive("other-work") as other:
+            assert other
+    with b.exclusive("retention") as again:
+        assert again
+    a.close()
+    b.close()
