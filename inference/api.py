@@ -150,9 +150,14 @@ class MammoModel:
             if slot in geoms:
                 a = attn[k] / max(float(attn[k].max()), 1e-12)
                 t = torch.from_numpy(a)[None, None]
-                maps_model[slot] = torch.nn.functional.interpolate(
+                mm = torch.nn.functional.interpolate(
                     t, size=(H, W), mode="bilinear", align_corners=False)[0, 0].numpy()
-                maps[slot] = map_to_original(a, geoms[slot])
+                g = geoms[slot]
+                if g.input_mask is not None:  # bounded by the breast, as the original-size map
+                    mm = mm * g.input_mask
+                maps_model[slot] = mm / max(float(mm.max()), 1e-12)
+                full = map_to_original(a, g)
+                maps[slot] = full / max(float(full.max()), 1e-12)
         return ExamReading(
             breasts=breasts,
             fusion_weights={b: {v: float(weights[j, k]) for k, v in enumerate(VIEWS)}

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from inference.model import BREASTS, DIAGNOSIS_CLASSES, VIEWS, birads_to_class
-from inference.preprocess import preprocess
+from inference.preprocess import PREPROCESS_VERSION, preprocess
 
 log = logging.getLogger("mammo_node.data")
 
@@ -90,15 +90,22 @@ def parse_laterality(value: str | None) -> str | None:
 def parse_view(value: str | None) -> tuple[str | None, str | None]:
     """"CC" -> (None, "CC"); "RMLO", "L-CC", "l_mlo" -> ("R", "MLO"), ("L", "CC"), ...
 
-    Only CC and MLO are screening views; ML, XCCL etc. give (lat, None).
+    The words the node's classifier reads in ViewPosition (:mod:`inference.views`), plus the
+    laterality-last spellings some CSVs use ("CCL", "MLOR"). Only CC and MLO are screening
+    views; ML, XCCL etc. give (lat, None).
     """
-    v = re.sub(r"[\s\-_/]+", "", (value or "").strip().upper())
-    lat = None
-    if v[:1] in ("L", "R") and v[1:] in ("CC", "MLO", "ML", "XCCL", "LM", "LMO", "XCCM"):
-        lat, v = v[0], v[1:]
-    elif v[-1:] in ("L", "R") and v[:-1] in ("CC", "MLO"):  # "CCL", "MLOR"
-        lat, v = v[-1], v[:-1]
-    return lat, v if v in ("CC", "MLO") else None
+    from inference.views import parse_view_position
+
+    v = (value or "").strip().upper()
+    lat, view, mods = parse_view_position(v)
+    if view is None:
+        compact = re.sub(r"[\s\-_/]+", "", v)
+        if compact[-1:] in ("L", "R") and compact[:-1] in ("CC", "MLO"):  # "CCL", "MLOR"
+            lat, view, mods = compact[-1], compact[:-1], []
+        else:
+            lat2, view, mods = parse_view_position(compact)
+            lat = lat or lat2
+    return lat, view if view in ("CC", "MLO") and not mods else None
 
 
 def _add(records: dict[str, ExamRecord], exam_id: str, lat: str, view: str, path: Path,
@@ -288,8 +295,8 @@ class ExamDataset(Dataset):
         if self.cache_dir is None:
             return preprocess(path, self.size)[0]
         st = path.stat()
-        key = hashlib.sha1(f"{path.resolve()}|{st.st_mtime_ns}|{st.st_size}|{self.size}"
-                           .encode()).hexdigest()
+        key = hashlib.sha1(f"{path.resolve()}|{st.st_mtime_ns}|{st.st_size}|{self.size}|"
+                           f"{PREPROCESS_VERSION}".encode()).hexdigest()
         f = self.cache_dir / f"{key}.npy"
         if f.exists():
             return torch.from_numpy(np.load(f).astype(np.float32))

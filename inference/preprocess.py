@@ -1,11 +1,13 @@
 """From a DICOM mammogram to the model's input tensor, and back for attention maps.
 
 Steps: decode pixels (compressed syntaxes through the pylibjpeg / pyjpegls plugins), Modality
-LUT, VOI LUT or window (LINEAR, LINEAR_EXACT, SIGMOID), MONOCHROME1 inversion, mirroring so
-that every breast has its chest wall on the left, cropping to the breast, aspect-preserving
-resize into the checkpoint's input size (padding right / bottom-centre), normalisation.
-:class:`Geometry` remembers the transform so that a map computed at the model's resolution can
-be drawn on the original image (:func:`map_to_original`).
+LUT, VOI LUT or window (LINEAR, LINEAR_EXACT, SIGMOID), MONOCHROME1 inversion, breast
+segmentation (:mod:`inference.segment`: labels, markers, rulers, film edges and collimator
+shadows blanked), mirroring so that every breast has its chest wall on the left, cropping to
+the breast, aspect-preserving resize into the checkpoint's input size (padding right /
+bottom-centre), normalisation. :class:`Geometry` remembers the transform and the breast mask so
+that a map computed at the model's resolution can be drawn on the original image, and only on
+the breast (:func:`map_to_original`).
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-MEAN, STD = 0.5, 0.5  # input normalisation: [0, 1] -> [-1, 1]
+from inference.segment import BreastMask, segment_breast
 
-_CC_CODES = {"399162004", "R-10242"}
-_MLO_CODES = {"399368009", "R-10226"}
+MEAN, STD = 0.5, 0.5  # input normalisation: [0, 1] -> [-1, 1]
+#: Changes whenever the model input made from an image changes (training caches key on it).
+PREPROCESS_VERSION = "2-segmented"
 
 
 class PreprocessError(ValueError):
@@ -40,6 +43,10 @@ class Geometry:
     scale: float                           # crop -> resized
     offset: tuple[int, int]                # top, left padding in the model input
     input_shape: tuple[int, int]           # H, W of the model input
+    #: The breast (original orientation); attention maps are bounded by it.
+    breast: BreastMask | None = None
+    #: The breast in the model input (bool H x W).
+    input_mask: np.ndarray | None = None
 
 
 def load(ds_or_path: Dataset | str | Path) -> Dataset:
@@ -49,18 +56,11 @@ def load(ds_or_path: Dataset | str | Path) -> Dataset:
 
 
 def guess_slot(ds: Dataset) -> str | None:
-    """"L-CC", "L-MLO", "R-CC" or "R-MLO" from the header, or None (for the Python API)."""
-    lat = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "") or "").strip().upper()
-    view = str(ds.get("ViewPosition", "") or "").strip().upper()
-    for item in ds.get("ViewCodeSequence", None) or []:
-        code = str(item.get("CodeValue", "")).strip()
-        if code in _CC_CODES:
-            view = "CC"
-        elif code in _MLO_CODES:
-            view = "MLO"
-    if lat in ("L", "R") and view in ("CC", "MLO"):
-        return f"{lat}-{view}"
-    return None
+    """"L-CC", "L-MLO", "R-CC" or "R-MLO" from the header, or None: the node's own
+    classifier (:func:`inference.views.classify`), whatever the SOP class."""
+    from inference.views import classify
+
+    return classify(ds, any_sop_class=True).slot
 
 
 def _first(value) -> float:
@@ -153,17 +153,31 @@ def _bbox(mask: np.ndarray, min_frac: float = 0.01) -> tuple[int, int, int, int]
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
-def preprocess_array(img: np.ndarray, size: tuple[int, int]) -> tuple[torch.Tensor, Geometry]:
-    """Display image in [0, 1] -> normalised (1, H, W) tensor and its geometry."""
+def preprocess_array(img: np.ndarray, size: tuple[int, int],
+                     segment: bool = True) -> tuple[torch.Tensor, Geometry]:
+    """Display image in [0, 1] -> normalised (1, H, W) tensor and its geometry.
+
+    ``segment``: keep only the breast (everything else blanked to background) before
+    cropping; off, the crop is "brighter than the background" as in release 0.1.0."""
     rows, cols = img.shape
-    # Background (air) is the darkest part; the breast is what stands out of it.
-    thr = max(0.05, float(np.percentile(img, 5)) + 0.05)
-    mask = img > thr
-    half = cols // 2
-    flipped = bool(mask[:, half:].sum() > mask[:, :half].sum())  # chest wall goes left
+    if segment:
+        breast = segment_breast(img)
+        keep = breast.full()
+        img = np.where(keep, img, np.float32(0.0)).astype(np.float32, copy=False)
+        flipped = not breast.chest_wall_left  # chest wall goes left
+        r0, r1, c0, c1 = breast.bbox()
+        if flipped:
+            c0, c1 = cols - c1, cols - c0
+    else:
+        breast = None
+        # Background (air) is the darkest part; the breast is what stands out of it.
+        thr = max(0.05, float(np.percentile(img, 5)) + 0.05)
+        keep = img > thr
+        half = cols // 2
+        flipped = bool(keep[:, half:].sum() > keep[:, :half].sum())
+        r0, r1, c0, c1 = _bbox(keep[:, ::-1] if flipped else keep)
     if flipped:
-        img, mask = img[:, ::-1], mask[:, ::-1]
-    r0, r1, c0, c1 = _bbox(mask)
+        img, keep = img[:, ::-1], keep[:, ::-1]
     pad_r, pad_c = int(0.02 * (r1 - r0)), int(0.02 * (c1 - c0))
     r0, r1 = max(0, r0 - pad_r), min(rows, r1 + pad_r)
     c0, c1 = 0, min(cols, c1 + pad_c)  # keep the chest wall edge
@@ -178,7 +192,12 @@ def preprocess_array(img: np.ndarray, size: tuple[int, int]) -> tuple[torch.Tens
     top = (H - nh) // 2
     out[top:top + nh, :nw] = t
     out = (out - MEAN) / STD
-    geom = Geometry((rows, cols), flipped, (r0, r1, c0, c1), scale, (top, 0), (H, W))
+    input_mask = np.zeros((H, W), bool)
+    m = torch.from_numpy(np.ascontiguousarray(keep[r0:r1, c0:c1], dtype=np.float32))
+    input_mask[top:top + nh, :nw] = F.interpolate(m[None, None], size=(nh, nw),
+                                                  mode="area")[0, 0].numpy() > 0.5
+    geom = Geometry((rows, cols), flipped, (r0, r1, c0, c1), scale, (top, 0), (H, W),
+                    breast=breast, input_mask=input_mask)
     return out[None], geom
 
 
@@ -203,4 +222,7 @@ def map_to_original(amap: np.ndarray | torch.Tensor, geom: Geometry) -> np.ndarr
     full = torch.zeros(geom.original_shape)
     full[r0:r1, c0:c1] = region
     out = full.numpy()
-    return out[:, ::-1].copy() if geom.flipped else out
+    out = out[:, ::-1].copy() if geom.flipped else out
+    if geom.breast is not None:  # attention lies on the breast only
+        out *= geom.breast.full()
+    return out

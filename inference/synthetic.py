@@ -120,6 +120,74 @@ def phantom(rows: int, cols: int, view: str, rng: np.random.Generator,
     return np.clip(img + noise * breast, 0.0, 1.0).astype(np.float32)
 
 
+#: 5x7 bitmaps of the letters burned-in view labels use.
+_FONT = {
+    "L": ["10000", "10000", "10000", "10000", "10000", "10000", "11111"],
+    "R": ["11110", "10001", "10001", "11110", "10100", "10010", "10001"],
+    "C": ["01111", "10000", "10000", "10000", "10000", "10000", "01111"],
+    "M": ["10001", "11011", "10101", "10101", "10001", "10001", "10001"],
+    "O": ["01110", "10001", "10001", "10001", "10001", "10001", "01110"],
+}
+#: What :func:`add_artifacts` can burn in.
+ARTIFACTS = ("label", "marker", "ruler", "film_edge", "collimator")
+
+
+def _text(img: np.ndarray, text: str, top: int, left: int, px: int, value: float) -> None:
+    for k, ch in enumerate(text):
+        for i, row in enumerate(_FONT[ch]):
+            for j, bit in enumerate(row):
+                if bit == "1":
+                    r, c = top + i * px, left + (k * 6 + j) * px
+                    img[r:r + px, c:c + px] = value
+
+
+def add_artifacts(img: np.ndarray, rng: np.random.Generator, kinds: tuple[str, ...] | list[str],
+                  label: str = "LCC") -> np.ndarray:
+    """Burn film / vendor artifacts into a phantom (chest wall at column 0), outside the
+    breast where the real ones are: a view label and a lead marker in the corners on the
+    nipple side, a ruler along the nipple-side edge, bright film edges along the top, bottom
+    and nipple side, collimator shadows (bright, unexposed bands) at the top and bottom."""
+    out = img.copy()
+    rows, cols = out.shape
+    tissue = out > 0.02
+    free_cols = np.flatnonzero(~tissue.any(axis=0))
+    x0 = int(free_cols[0]) if free_cols.size else int(cols * 0.85)  # where the breast ends
+    for kind in kinds:
+        if kind == "label":
+            px = max(2, rows // 90)
+            width = len(label) * 6 * px
+            left = max(x0 + px, cols - width - int(0.04 * cols) - 1)
+            top = int(rng.uniform(0.05, 0.12) * rows) if rng.random() < 0.5 else \
+                rows - int(rng.uniform(0.08, 0.15) * rows)
+            _text(out, label, top, left, px, float(rng.uniform(0.85, 1.0)))
+        elif kind == "marker":
+            rad = max(3, rows // 60)
+            cy = int(rng.uniform(0.75, 0.9) * rows)
+            cx = int(rng.uniform(max(x0 + 2 * rad, cols * 0.8), cols - 2 * rad))
+            yy, xx = np.ogrid[:rows, :cols]
+            out[(yy - cy) ** 2 + (xx - cx) ** 2 <= rad ** 2] = 1.0
+        elif kind == "ruler":
+            wd = max(3, cols // 60)
+            c0 = cols - int(0.06 * cols)
+            out[int(0.1 * rows):int(0.9 * rows), c0:c0 + wd] = 0.8
+            for r in range(int(0.1 * rows), int(0.9 * rows), max(4, rows // 40)):
+                out[r:r + 2, c0 - wd:c0] = 0.8
+        elif kind == "film_edge":
+            band = max(2, int(rng.uniform(0.01, 0.025) * min(rows, cols)))
+            value = float(rng.uniform(0.8, 0.95))
+            out[:band, :] = value
+            out[-band:, :] = value
+            out[:, -band:] = value
+        elif kind == "collimator":
+            band = int(rng.uniform(0.02, 0.05) * rows)
+            value = float(rng.uniform(0.45, 0.7))
+            out[:band, :] = value   # nothing under the collimator is imaged
+            out[-band:, :] = value
+        else:
+            raise ValueError(f"unknown artifact {kind!r}; one of {ARTIFACTS}")
+    return out
+
+
 def make_mammogram(
     laterality: str,
     view: str,
@@ -142,16 +210,21 @@ def make_mammogram(
     acquisition: dt.datetime | None = None,
     bits_stored: int = 12,
     pixels: np.ndarray | None = None,
+    artifacts: tuple[str, ...] | list[str] = (),
 ) -> Dataset:
     """One synthetic Digital Mammography X-Ray image as a pydicom Dataset (with file meta).
 
     ``laterality`` is "L" or "R" (or "" to leave it out); ``view`` "CC", "MLO", "ML",
     "XCCL" (or "" to leave it out). Left breasts face right (chest wall at column 0), right
-    breasts face left, as they hang on a viewer.
+    breasts face left, as they hang on a viewer. ``artifacts``: any of :data:`ARTIFACTS`
+    burned in (see :func:`add_artifacts`).
     """
     rng = np.random.default_rng(seed)
     if pixels is None:
         img = phantom(rows, cols, view or "CC", rng, lesions)
+        if artifacts:
+            img = add_artifacts(img, rng, artifacts, label=f"{laterality}{view}".strip()
+                                if laterality and view in ("CC", "MLO") else "LCC")
     else:
         img = np.asarray(pixels, dtype=np.float32)
         rows, cols = img.shape

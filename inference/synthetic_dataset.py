@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from pydicom.uid import JPEGLSLossless, generate_uid
 
-from inference.synthetic import UID_ROOT, Lesion, make_mammogram, write
+from inference.synthetic import ARTIFACTS, UID_ROOT, Lesion, make_mammogram, write
 
 BIRADS_P = [0.4, 0.15, 0.15, 0.15, 0.15]
 DIAGNOSIS = {1: "normal", 2: "benign", 3: "benign", 4: "malignant", 5: "malignant"}
@@ -53,11 +53,16 @@ def lesions_for(birads: int, rng: np.random.Generator) -> list[tuple[Lesion, flo
 
 def write_synthetic_dataset(out: str | Path, exams: int, seed: int = 0, rows: int = 1024,
                             cols: int = 832, test_fraction: float = 0.2,
-                            progress: bool = True) -> Path:
-    """Write ``exams`` synthetic exams under ``out`` (VinDr layout); returns the CSV path."""
+                            progress: bool = True, artifacts: float = 0.0) -> Path:
+    """Write ``exams`` synthetic exams under ``out`` (VinDr layout); returns the CSV path.
+
+    ``artifacts``: the share of images that carry film / vendor artifacts (view labels,
+    markers, rulers, film edges, collimator shadows; each kind with probability 1/2), drawn
+    from their own random stream so that the rest of the data set does not change."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    art_rng = np.random.default_rng([seed, 0xA27])
     rows_out = []
     it = range(exams)
     if progress:
@@ -82,6 +87,9 @@ def write_synthetic_dataset(out: str | Path, exams: int, seed: int = 0, rows: in
                 les = [Lesion(le.kind, le.x, y_mlo if view == "MLO" else le.y, le.radius,
                               le.contrast) for le, y_mlo in lesions]
                 kw: dict[str, Any] = dict(transfer_syntax=ts) if ts else {}
+                if artifacts and art_rng.random() < artifacts:
+                    kinds = [a for a in ARTIFACTS if art_rng.random() < 0.5]
+                    kw["artifacts"] = tuple(kinds or [str(art_rng.choice(ARTIFACTS))])
                 ds = make_mammogram(
                     lat, view, rows=rows, cols=cols, seed=int(rng.integers(1 << 31)),
                     lesions=les, dialect=dialect, photometric=photometric, study_uid=study,

@@ -32,6 +32,31 @@ SC_MAX_ROWS = 1536  # attention-map images are for review, not diagnosis: keep t
 _UID_NAMESPACE = uuid.UUID("6f1c7c0e-3d4b-5a8e-9b61-6d616d6d6f00")
 
 
+#: BI-RADS categories as DICOM's Mammography Assessment context group (CID 6026) codes them:
+#: SNOMED CT "Mammography assessment (Category N)". Code meanings are shortened to the 64
+#: characters a Code Meaning (LO) holds.
+BIRADS_SCT = {
+    "1": ("397140005", "Mammography assessment (Category 1) - Negative"),
+    "2": ("397141009", "Mammography assessment (Category 2) - Benign finding"),
+    "3": ("397143007", "Mammography assessment (Category 3) - Probably benign finding"),
+    "4": ("397144001", "Mammography assessment (Category 4) - Suspicious abnormality"),
+    "5": ("397145000", "Mammography assessment (Category 5) - Suggestive of malignancy"),
+}
+PRIVATE_SCHEME = "99MAMMONODE"
+
+
+def birads_code(category: str) -> hd.sr.CodedConcept:
+    """A model's BI-RADS class ("BI-RADS 4") as its standard SNOMED CT code. A grouped class
+    ("BI-RADS 4-5", of the 3-class tasks) has no single standard code: it keeps a private
+    code whose meaning says so."""
+    n = category.replace("BI-RADS", "").strip()
+    if n in BIRADS_SCT:
+        value, meaning = BIRADS_SCT[n]
+        return hd.sr.CodedConcept(value, "SCT", meaning)
+    return hd.sr.CodedConcept(category.replace(" ", "-"), PRIVATE_SCHEME,
+                              f"AI {category} (grouped; no single SNOMED code)"[:64])
+
+
 def result_uid(study_uid: str, version: int, role: str) -> str:
     """A deterministic UID for ``role`` of version ``version`` of an exam: the 2.25 form of a
     name-based (SHA-1, version 5) UUID, as PS3.5 B.2 allows. The same inputs give the same
@@ -297,8 +322,7 @@ def build_tid1500(sources: dict[str, Dataset], reading: ReadingSummary, study_ui
         views = [s for s in sources if s.startswith(lat)]
         evals = [hd.sr.QualitativeEvaluation(
             name=hd.sr.CodedConcept("111037", "DCM", "Overall Assessment"),
-            value=hd.sr.CodedConcept(b.birads.replace(" ", "-"), "99MAMMONODE",
-                                     f"AI {b.birads}"))]
+            value=birads_code(b.birads))]
         if b.diagnosis:
             evals.append(hd.sr.QualitativeEvaluation(
                 name=hd.sr.CodedConcept("DIAGNOSIS", "99MAMMONODE", "AI diagnosis"),
@@ -368,7 +392,7 @@ def build_tid1500(sources: dict[str, Dataset], reading: ReadingSummary, study_ui
 
 # --------------------------------------------------------------------------- TID 4000 SR
 MAMMO_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
-_PRIVATE = "99MAMMONODE"
+_PRIVATE = PRIVATE_SCHEME
 
 
 class MammographyCADSR(highdicom_sr_base()):  # type: ignore[misc]  # none in highdicom
@@ -449,7 +473,7 @@ def build_mammo_cad(sources: dict[str, Dataset], reading: ReadingSummary, study_
                                   relationship_type=_rel("HAS_CONCEPT_MOD")),
             hd.sr.CodeContentItem(
                 name=_c("AI-BIRADS", _PRIVATE, "AI BI-RADS category"),
-                value=_c(b.birads.replace(" ", "-"), _PRIVATE, f"AI {b.birads}"),
+                value=birads_code(b.birads),
                 relationship_type=_rel("CONTAINS")),
         ]
         for cls, p in b.birads_probabilities.items():

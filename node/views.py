@@ -1,187 +1,31 @@
 """View classification and the exam-assembly policy.
 
-Which slot (L-CC, L-MLO, R-CC, R-MLO) an instance may fill, from its header alone:
-
-* laterality: ImageLaterality (0020,0062), else Laterality (0020,0060), else a laterality
-  prefix inside ViewPosition ("RCC", "L MLO", as some older systems write it);
-* view: ViewCodeSequence (0054,0220) code (SNOMED CT or the legacy SNOMED-RT "SRT" codes),
-  else ViewPosition (0018,5101);
-* view modifiers (spot compression, magnification, implant displaced, ...) in
-  ViewModifierCodeSequence (inside the view code item or at top level) or as ViewPosition
-  suffixes make the image an *extra* view;
-* For Processing (by SOP class or PresentationIntentType) images fill a slot only when no
-  For Presentation image exists for it.
+Which slot (L-CC, L-MLO, R-CC, R-MLO) an instance may fill comes from its header alone, by
+:func:`inference.views.classify` (the classifier the Python API and the data readers use
+too). For Processing (by SOP class or PresentationIntentType) images fill a slot only when no
+For Presentation image exists for it.
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Any
 
 from pydicom.dataset import Dataset
 
+from inference.views import (  # noqa: F401  (re-exported: the node's view vocabulary)
+    BREAST_TOMOSYNTHESIS,
+    KNOWN_VIEWS,
+    MAMMO_FOR_PRESENTATION,
+    MAMMO_FOR_PROCESSING,
+    MAMMO_SOP_CLASSES,
+    MODIFIER_CODES,
+    VIEW_CODES,
+    ViewInfo,
+    classify,
+)
 from storage.models import SLOTS, Instance
 from storage.state import SlotAssignment
-
-MAMMO_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
-MAMMO_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
-BREAST_TOMOSYNTHESIS = "1.2.840.10008.5.1.4.1.1.13.1.3"
-MAMMO_SOP_CLASSES = (MAMMO_FOR_PRESENTATION, MAMMO_FOR_PROCESSING)
-
-# CID 4014 "View for Mammography": SNOMED CT and legacy SNOMED-RT codes -> abbreviation.
-VIEW_CODES: dict[str, str] = {
-    "399162004": "CC", "R-10242": "CC",
-    "399368009": "MLO", "R-10226": "MLO",
-    "399260004": "ML", "R-10224": "ML",
-    "399352003": "LM", "R-10228": "LM",
-    "399099002": "LMO", "R-10230": "LMO",
-    "399192008": "XCCL", "R-1024A": "XCCL",
-    "399101009": "XCCM", "R-1024B": "XCCM",
-    "399188001": "SIO", "R-102D0": "SIO",
-    "441555000": "ISO", "R-40AAA": "ISO",
-    "399196006": "FB", "R-10244": "FB",
-    "127457009": "SPECIMEN", "G-8310": "SPECIMEN",
-}
-# CID 4015 "View Modifier for Mammography".
-MODIFIER_CODES: dict[str, str] = {
-    "399055006": "S", "R-102D7": "S",            # spot compression
-    "399163009": "M", "R-102D6": "M",            # magnification
-    "399209000": "ID", "R-102D5": "ID",          # implant displaced
-    "399226006": "RM", "R-102D4": "RM",
-    "415670009": "RS", "R-102C9": "RS",
-    "399197002": "RL", "R-102D3": "RL",
-    "414493004": "RI", "R-102CA": "RI",
-    "399110001": "TAN", "R-102C2": "TAN",
-    "399011000": "AT", "R-102D1": "AT",
-    "399161006": "CV", "R-102D2": "CV",
-    "442581004": "NP", "R-40AB3": "NP",
-    "442580003": "AX", "R-40AB2": "AX",
-    "441752004": "AC", "P2-00161": "AC",
-    "442593008": "IMF", "R-40ABE": "IMF",
-}
-KNOWN_VIEWS = set(VIEW_CODES.values()) | {"AT", "CV"}
-
-
-@dataclass
-class ViewInfo:
-    """Classification of one instance."""
-
-    role: str  # candidate | extra | other | unclassified
-    laterality: str | None = None
-    view: str | None = None
-    modifiers: list[str] = field(default_factory=list)
-    for_processing: bool = False
-    note: str | None = None
-
-    @property
-    def slot(self) -> str | None:
-        if self.role == "candidate":
-            return f"{self.laterality}-{self.view}"
-        return None
-
-
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword, None)
-    if value is None:
-        return ""
-    return str(value).strip().upper()
-
-
-def _codes(seq: Any) -> list[str]:
-    out = []
-    for item in seq or []:
-        code = str(getattr(item, "CodeValue", "") or getattr(item, "LongCodeValue", "")).strip()
-        if code:
-            out.append(code)
-    return out
-
-
-def _split_view(token: str) -> tuple[str | None, str | None, list[str]]:
-    """"RMLO" -> (R, MLO, []), "CCID" -> (None, CC, [ID]), "XCCL" -> (None, XCCL, [])."""
-    if token in KNOWN_VIEWS:
-        return None, token, []
-    if token[:1] in ("L", "R") and token[1:] in KNOWN_VIEWS:
-        return token[0], token[1:], []
-    if token.endswith("ID"):
-        lat, view, mods = _split_view(token[:-2])
-        if view:
-            return lat, view, [*mods, "ID"]
-    return None, None, []
-
-
-def _parse_view_position(text: str) -> tuple[str | None, str | None, list[str]]:
-    """Split a ViewPosition such as "CC", "RMLO", "L CC", "CC ID" into its parts."""
-    tokens = [t for t in re.split(r"[\s\-_/]+", text.strip().upper()) if t]
-    if not tokens:
-        return None, None, []
-    lat = None
-    if tokens[0] in ("L", "R") and len(tokens) > 1:
-        lat, tokens = tokens[0], tokens[1:]
-    lat2, view, mods = _split_view(tokens[0])
-    if view is None:
-        return None, None, []
-    return lat or lat2, view, [*mods, *tokens[1:]]
-
-
-def classify(ds: Dataset) -> ViewInfo:
-    """Classify a dataset's header into a :class:`ViewInfo`. Never raises on bad values."""
-    sop_class = str(ds.get("SOPClassUID", "") or "")
-    if sop_class == BREAST_TOMOSYNTHESIS:
-        return ViewInfo(role="extra", note="breast tomosynthesis: not a 2-D input")
-    if sop_class not in MAMMO_SOP_CLASSES:
-        return ViewInfo(role="other")
-
-    for_processing = (sop_class == MAMMO_FOR_PROCESSING
-                      or _text(ds, "PresentationIntentType") == "FOR PROCESSING")
-
-    # View: the code first, then ViewPosition.
-    view = None
-    modifiers: list[str] = []
-    vcs = ds.get("ViewCodeSequence", None)
-    for code in _codes(vcs):
-        view = VIEW_CODES.get(code)
-        if view:
-            break
-    for item in vcs or []:
-        modifiers += [MODIFIER_CODES.get(c, c)
-                      for c in _codes(item.get("ViewModifierCodeSequence"))]
-    modifiers += [MODIFIER_CODES.get(c, c) for c in _codes(ds.get("ViewModifierCodeSequence"))]
-    vp_lat, vp_view, vp_mods = _parse_view_position(_text(ds, "ViewPosition"))
-    if view is None:
-        view = vp_view
-    modifiers += [m for m in vp_mods if m not in modifiers]
-
-    laterality = None
-    for keyword in ("ImageLaterality", "Laterality"):
-        value = _text(ds, keyword)
-        if value:
-            laterality = value
-            break
-    if laterality is None:
-        laterality = vp_lat
-
-    info = ViewInfo(role="candidate", laterality=laterality, view=view,
-                    modifiers=modifiers, for_processing=for_processing)
-    problems = []
-    if laterality not in ("L", "R"):
-        problems.append("laterality missing" if not laterality
-                        else f"laterality {laterality!r} is not L or R")
-    if view is None:
-        raw = _text(ds, "ViewPosition")
-        problems.append(f"unknown view (ViewPosition {raw!r})" if raw else "view missing")
-    if problems:
-        info.role = "unclassified"
-        info.note = ", ".join(problems)
-        return info
-    if view not in ("CC", "MLO"):
-        info.role = "extra"
-        info.note = f"{view} view: not one of the four screening views"
-    elif modifiers:
-        info.role = "extra"
-        info.note = f"{view} with modifier {'/'.join(modifiers)}: not a screening view"
-    return info
 
 
 def acquisition_key(ds: Dataset) -> str:

@@ -153,3 +153,37 @@ def test_8_bit_and_signed_pixels_equal_reference():
     signed.RescaleIntercept = 2048  # same stored-to-modality mapping as the reference
     ts, _ = preprocess(signed, SIZE)
     assert float((ts - ref).abs().mean()) < 0.01
+
+
+@pytest.mark.parametrize("setup, slot", [
+    (dict(ViewPosition="LCC"), "L-CC"), (dict(ViewPosition="R MLO"), "R-MLO"),
+    (dict(Laterality="L", ViewPosition="MLO"), "L-MLO"), (dict(ViewPosition="RCCID"), None),
+    (dict(ImageLaterality="R", ViewPosition="XCCL"), None), (dict(ViewPosition="CC"), None),
+])
+def test_one_view_classifier_for_node_api_and_readers(setup, slot):
+    """The Python API and the data readers classify a header as the node does."""
+    from inference.data import parse_view
+    from node.views import classify
+
+    ds = make_mammogram("", "", rows=64, cols=64)
+    for k, v in setup.items():
+        setattr(ds, k, v)
+    assert guess_slot(ds) == slot == classify(ds).slot
+    if "Laterality" not in setup and "ImageLaterality" not in setup:
+        lat, view = parse_view(setup["ViewPosition"])
+        assert (f"{lat}-{view}" if lat and view else None) == slot
+
+
+def test_the_api_reads_an_exam_labelled_only_in_view_position():
+    """ViewPosition "LCC" / "RMLO" without laterality attributes: release 0.1.0's API refused
+    what the node accepted."""
+    from inference.api import MammoModel
+
+    exam = []
+    for lat, view in (("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")):
+        ds = make_mammogram("", "", rows=128, cols=96, seed=len(exam))
+        ds.ViewPosition = f"{lat}{view}"
+        exam.append(ds)
+    reading = MammoModel(device="cpu").predict_exam(exam)
+    assert reading.missing_views == [] and set(reading.attention_maps) == {
+        "L-CC", "L-MLO", "R-CC", "R-MLO"}

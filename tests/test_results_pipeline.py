@@ -88,9 +88,9 @@ def test_exam_reading_arrives_in_the_pacs_and_validates(node_factory, storescp_f
         assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID in {
             ds.SOPInstanceUID for ds in exam}
     text = json.dumps(srs[0].to_json_dict())
-    assert "BI-RADS 5" in text  # the left breast's spiculated lesion
+    assert "397145000" in text  # the left breast's spiculated lesion: SNOMED BI-RADS 5
     cad = json.dumps(cads[0].to_json_dict())
-    for needle in ("Mammography CAD Report", "Image Library", "AI BI-RADS 5",
+    for needle in ("Mammography CAD Report", "Image Library", "397145000",
                    "Probability of cancer", "Probability of benign", "Algorithm Name",
                    "HybridCnnVssm", "NOT FOR CLINICAL USE", "Summary of Analyses",
                    "AI reading: left BI-RADS 5", "Fusion weight of L-MLO", "Missing views"):

@@ -52,8 +52,8 @@ def test_mammo_cad_sr_from_a_reading(sources):
     assert sr.StudyInstanceUID == study and sr.SOPInstanceUID == result_uid(
         study, 1, "sr-mammo-cad")
     text = json.dumps(sr.to_json_dict(), default=str)
-    for needle in ("Image Library", "AI BI-RADS 5", "NOT FOR CLINICAL USE", "HybridCnnVssm",
-                   "Fusion weight of L-CC"):
+    for needle in ("Image Library", "397145000", "Mammography assessment (Category 5)",
+                   "397140005", "NOT FOR CLINICAL USE", "HybridCnnVssm", "Fusion weight of L-CC"):
         assert needle in text, needle
     assert all(ds.SOPInstanceUID in text for ds in sources.values())
     assert sr.SoftwareVersions.startswith("mammo-node ")
@@ -67,7 +67,8 @@ def test_tid1500_and_secondary_capture(sources):
     study = next(iter(sources.values())).StudyInstanceUID
     sr = build_tid1500(sources, _reading(), study, 1)
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"
-    assert "BI-RADS 5" in json.dumps(sr.to_json_dict(), default=str)
+    text = json.dumps(sr.to_json_dict(), default=str)
+    assert "397145000" in text and "Mammography assessment (Category 5)" in text
     src = sources["L-CC"]
     display = np.linspace(0, 1, src.Rows * src.Columns).reshape(src.Rows, src.Columns)
     attention = np.zeros_like(display)
@@ -189,3 +190,14 @@ def test_hottest_region_is_the_box_above_half_the_maximum():
     m[30, 30] = 0.4
     assert hottest_region(m) == (5.0, 10.0, 15.0, 20.0)
     assert hottest_region(np.zeros((4, 4))) is None
+
+
+def test_birads_categories_use_the_standard_snomed_codes():
+    from node.results import birads_code
+
+    codes = {c: birads_code(f"BI-RADS {c}") for c in "12345"}
+    assert [codes[c].value for c in "12345"] == ["397140005", "397141009", "397143007",
+                                                 "397144001", "397145000"]
+    assert all(c.scheme_designator == "SCT" and len(c.meaning) <= 64 for c in codes.values())
+    grouped = birads_code("BI-RADS 4-5")  # a 3-class task's group: no single standard code
+    assert grouped.scheme_designator == "99MAMMONODE" and "grouped" in grouped.meaning
