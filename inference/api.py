@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 
 from inference.checkpoint import load_checkpoint
 from inference.device import resolve_device
-from inference.model import BREASTS, DIAGNOSIS_CLASSES, VIEWS
+from inference.model import BREASTS, DIAGNOSIS_CLASSES, VIEWS, algorithm_name
 from inference.preprocess import (
     Geometry,
     guess_slot,
@@ -111,6 +111,7 @@ class MammoModel:
         if not slots:
             raise ValueError("an exam needs at least one view")
         H, W = self.info.input_size
+        pp = self.info.preprocessing  # the normalisation the checkpoint was trained with
         images = torch.zeros(1, 4, 1, H, W)
         mask = torch.zeros(1, 4, dtype=torch.bool)
         geoms: dict[str, Geometry] = {}
@@ -118,7 +119,9 @@ class MammoModel:
         for k, slot in enumerate(VIEWS):
             if slot in slots:
                 disp = to_display(load(slots[slot]))
-                images[0, k], geoms[slot] = preprocess_array(disp, (H, W))
+                images[0, k], geoms[slot] = preprocess_array(
+                    disp, (H, W), segment=bool(pp["segment"]), mean=float(pp["mean"]),
+                    std=float(pp["std"]))
                 mask[0, k] = True
                 if keep_display:
                     displays[slot] = disp
@@ -164,7 +167,7 @@ class MammoModel:
                             for j, b in enumerate(BREASTS)},
             attention_maps=maps, attention_maps_model=maps_model,
             missing_views=[v for v in VIEWS if v not in slots], geometry=geoms,
-            model={"sha256": self.info.sha256, "name": "HybridCnnVssm",
+            model={"sha256": self.info.sha256, "name": algorithm_name(cfg.arch),
                    "arch": cfg.arch, "task": cfg.task,
                    "version": self.info.metadata.get("version"),
                    "intended_use": self.info.metadata.get("intended_use")},

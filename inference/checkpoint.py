@@ -3,7 +3,9 @@
 Metadata (all strings, as safetensors requires): ``format``, ``format_version``,
 ``model_config`` (JSON of :class:`ModelConfig`), ``task``, ``birads_classes``,
 ``diagnosis_classes``, ``input_size`` ("HxW"), ``training_data``, ``version``, ``created``,
-``intended_use``, ``metrics`` (JSON, optional). Loading checks every one of them against the
+``intended_use``, ``metrics`` (JSON, optional), ``preprocessing`` (JSON: the input
+normalisation ``mean`` / ``std``, breast ``segment``ation and the preprocessing ``version`` the
+weights were trained with; checkpoints without it used mean 0.5, std 0.5). Loading checks every one of them against the
 weights and fails with a message that says what does not match. The SHA-256 of the file is
 the model's identity in every result.
 """
@@ -22,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from inference.model import DIAGNOSIS_CLASSES, HybridCnnVssm, ModelConfig
+from inference.preprocess import MEAN, PREPROCESS_VERSION, STD
 
 FORMAT = "mammo-node-checkpoint"
 FORMAT_VERSION = "1"
@@ -46,12 +49,23 @@ class CheckpointInfo:
         return tuple(self.config.image_size)  # type: ignore[return-value]
 
     @property
+    def preprocessing(self) -> dict[str, Any]:
+        """How images become this model's input (what training used)."""
+        out: dict[str, Any] = {"mean": 0.5, "std": 0.5, "segment": True, "version": "1"}
+        try:
+            out.update(json.loads(self.metadata.get("preprocessing", "") or "{}"))
+        except ValueError:
+            pass
+        return out
+
+    @property
     def is_demo(self) -> bool:
         return "NOT FOR CLINICAL USE" in self.metadata.get("intended_use", "")
 
     def as_dict(self) -> dict[str, Any]:
         meta = dict(self.metadata)
-        for k in ("model_config", "birads_classes", "diagnosis_classes", "metrics"):
+        for k in ("model_config", "birads_classes", "diagnosis_classes", "metrics",
+                  "preprocessing"):
             if meta.get(k):
                 try:
                     meta[k] = json.loads(meta[k])
@@ -95,6 +109,8 @@ def save_checkpoint(model: HybridCnnVssm, path: str | Path, *, training_data: st
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "intended_use": intended_use,
         "metrics": json.dumps(metrics or {}),
+        "preprocessing": json.dumps({"mean": MEAN, "std": STD, "segment": True,
+                                     "version": PREPROCESS_VERSION}),
         **(extra or {}),
     }
     path = Path(path)

@@ -39,6 +39,15 @@ from inference.tasks import (  # noqa: E402,F401  (re-exported)
 )
 
 
+#: The algorithm a checkpoint's architecture is, as results name it (SR Algorithm Name,
+#: Secondary Capture captions, the API's ``model["name"]``).
+ALGORITHM_NAMES = {"hybrid": "HybridCnnVssm", "cnn": "CnnBaseline", "vssm": "VssmOnly"}
+
+
+def algorithm_name(arch: str) -> str:
+    return ALGORITHM_NAMES.get(arch, arch)
+
+
 @dataclass
 class ModelConfig:
     """Everything needed to rebuild the model (stored in every checkpoint)."""

@@ -153,12 +153,13 @@ def _bbox(mask: np.ndarray, min_frac: float = 0.01) -> tuple[int, int, int, int]
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
-def preprocess_array(img: np.ndarray, size: tuple[int, int],
-                     segment: bool = True) -> tuple[torch.Tensor, Geometry]:
+def preprocess_array(img: np.ndarray, size: tuple[int, int], segment: bool = True,
+                     mean: float = MEAN, std: float = STD) -> tuple[torch.Tensor, Geometry]:
     """Display image in [0, 1] -> normalised (1, H, W) tensor and its geometry.
 
     ``segment``: keep only the breast (everything else blanked to background) before
-    cropping; off, the crop is "brighter than the background" as in release 0.1.0."""
+    cropping; off, the crop is "brighter than the background" as in release 0.1.0.
+    ``mean`` / ``std``: the normalisation the checkpoint was trained with."""
     rows, cols = img.shape
     if segment:
         breast = segment_breast(img)
@@ -191,7 +192,7 @@ def preprocess_array(img: np.ndarray, size: tuple[int, int],
     out = torch.zeros(H, W)
     top = (H - nh) // 2
     out[top:top + nh, :nw] = t
-    out = (out - MEAN) / STD
+    out = (out - mean) / std
     input_mask = np.zeros((H, W), bool)
     m = torch.from_numpy(np.ascontiguousarray(keep[r0:r1, c0:c1], dtype=np.float32))
     input_mask[top:top + nh, :nw] = F.interpolate(m[None, None], size=(nh, nw),

@@ -156,7 +156,7 @@ def _read(model, job: ExamJob) -> tuple:
                                   diagnosis_probabilities=dict(r.diagnosis_probabilities or {}))
                  for b, r in reading.breasts.items()},
         fusion_weights=reading.fusion_weights, missing_views=reading.missing_views,
-        model_name="HybridCnnVssm", model_version=str(info.metadata.get("version", "?")),
+        model_name=reading.model["name"], model_version=str(info.metadata.get("version", "?")),
         model_sha256=info.sha256, not_for_clinical_use=info.is_demo,
         attention_regions={slot: region for slot, m in reading.attention_maps.items()
                            if (region := hottest_region(m)) is not None})

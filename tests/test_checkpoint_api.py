@@ -120,3 +120,39 @@ def test_demo_checkpoint_is_bundled_and_marked():
     assert info.is_demo
     model = MammoModel(device="cpu")  # no checkpoint given: the demo
     assert model.info.sha256 == info.sha256
+
+
+def test_the_algorithm_name_comes_from_the_checkpoint_architecture(tmp_path):
+    """A cnn checkpoint is reported as the CNN baseline, not as the hybrid."""
+    from inference.api import MammoModel
+    from inference.model import create_model
+    from inference.synthetic import make_exam
+
+    path = tmp_path / "cnn.safetensors"
+    save_checkpoint(create_model("cnn", image_size=(128, 64)), path, training_data="unit test")
+    reading = MammoModel(path, device="cpu").predict_exam(make_exam(seed=1, rows=128, cols=96))
+    assert reading.model["name"] == "CnnBaseline" and reading.model["arch"] == "cnn"
+    assert MammoModel(device="cpu").predict_exam(
+        make_exam(seed=1, rows=128, cols=96)).model["name"] == "HybridCnnVssm"
+
+
+def test_the_normalisation_travels_in_the_checkpoint(tmp_path):
+    import json as _json
+
+    from inference.api import MammoModel
+    from inference.model import create_model
+    from inference.synthetic import make_exam
+
+    torch.manual_seed(0)
+    m = create_model("cnn", image_size=(128, 64))
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_checkpoint(m, a, training_data="unit test")
+    save_checkpoint(m, b, training_data="unit test", extra={"preprocessing": _json.dumps(
+        {"mean": 0.2, "std": 0.1, "segment": True, "version": "2-segmented"})})
+    ma, mb = MammoModel(a, device="cpu"), MammoModel(b, device="cpu")
+    assert ma.info.preprocessing["mean"] == 0.5 and ma.info.preprocessing["segment"] is True
+    assert mb.info.preprocessing["std"] == 0.1
+    exam = make_exam(seed=2, rows=128, cols=96)
+    pa = ma.predict_exam(exam).breasts["L"].birads_probabilities
+    pb = mb.predict_exam(exam).breasts["L"].birads_probabilities
+    assert pa != pb  # the same weights read differently normalised inputs
