@@ -4,10 +4,10 @@ Metadata (all strings, as safetensors requires): ``format``, ``format_version``,
 ``model_config`` (JSON of :class:`ModelConfig`), ``task``, ``birads_classes``,
 ``diagnosis_classes``, ``input_size`` ("HxW"), ``training_data``, ``version``, ``created``,
 ``intended_use``, ``metrics`` (JSON, optional), ``preprocessing`` (JSON: the input
-normalisation ``mean`` / ``std``, breast ``segment``ation and the preprocessing ``version`` the
-weights were trained with; checkpoints without it used mean 0.5, std 0.5). Loading checks every one of them against the
-weights and fails with a message that says what does not match. The SHA-256 of the file is
-the model's identity in every result.
+normalisation ``mean`` / ``std``, breast ``segment``ation and the preprocessing ``version``
+the weights were trained with; checkpoints without it used mean 0.5, std 0.5). Loading
+checks every one of them against the weights and fails with a message that says what does
+not match. The SHA-256 of the file is the model's identity in every result.
 """
 
 from __future__ import annotations

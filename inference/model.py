@@ -38,7 +38,6 @@ from inference.tasks import (  # noqa: E402,F401  (re-exported)
     birads_to_class,
 )
 
-
 #: The algorithm a checkpoint's architecture is, as results name it (SR Algorithm Name,
 #: Secondary Capture captions, the API's ``model["name"]``).
 ALGORITHM_NAMES = {"hybrid": "HybridCnnVssm", "cnn": "CnnBaseline", "vssm": "VssmOnly"}

@@ -117,32 +117,55 @@ def _window(arr: np.ndarray, ds: Dataset) -> np.ndarray | None:
     return np.clip((arr - (c - 0.5)) / (w - 1) + 0.5, 0.0, 1.0).astype(np.float32)
 
 
-def to_display(ds: Dataset) -> np.ndarray:
-    """Decoded, windowed image in [0, 1] where brighter means denser (MONOCHROME2 sense)."""
+def decode(ds: Dataset) -> np.ndarray:
+    """The stored pixel values (compressed syntaxes through the fastest installed plugin:
+    pylibjpeg-rle for RLE, pylibjpeg-openjpeg / -libjpeg, pyjpegls)."""
     try:
-        arr = ds.pixel_array
+        return ds.pixel_array
     except Exception as exc:  # missing plugin, corrupt stream, no pixel data
         raise PreprocessError(f"cannot decode pixel data "
                               f"({ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}") from exc
+
+
+def to_display(ds: Dataset, arr: np.ndarray | None = None) -> np.ndarray:
+    """Decoded, windowed image in [0, 1] where brighter means denser (MONOCHROME2 sense).
+    ``arr``: the pixel values when already decoded (:func:`decode`)."""
+    if arr is None:
+        arr = decode(ds)
     if arr.ndim == 3:  # multi-frame: the first frame; colour is not a mammogram
         if int(ds.get("SamplesPerPixel", 1)) != 1:
             raise PreprocessError("colour image: not a mammogram")
         arr = arr[0]
     if arr.ndim != 2:
         raise PreprocessError(f"unexpected pixel array shape {arr.shape}")
+    if arr.dtype.kind in "ui" and arr.dtype.itemsize <= 2 and arr.size > (1 << 16):
+        # Integer pixels: the display is a function of the stored value alone, so it is
+        # computed once per possible value and looked up (one pass over the image instead
+        # of a handful of float passes); statistics come from a decimated sample.
+        lo = min(int(arr.min()), 0)
+        table = _display(np.arange(lo, int(arr.max()) + 1, dtype=np.float32), ds,
+                         arr[::4, ::4].astype(np.float32))
+        index = arr if lo == 0 else (arr.astype(np.int32) - lo)
+        return np.take(table, index)
     arr = arr.astype(np.float32)
+    return _display(arr, ds, arr[::4, ::4])
+
+
+def _display(values: np.ndarray, ds: Dataset, sample: np.ndarray) -> np.ndarray:
+    """Stored values -> display values in [0, 1] (Modality LUT, VOI, MONOCHROME1);
+    ``sample``: stored values the percentile fallback (no usable window) is computed on."""
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    arr = arr * slope + intercept
+    arr = values * np.float32(slope) + np.float32(intercept)
     out = _window(arr, ds)
     if out is None or float(out.max() - out.min()) < 1e-6:
-        lo, hi = np.percentile(arr, [0.5, 99.8])
+        lo, hi = np.percentile(sample * np.float32(slope) + np.float32(intercept), [0.5, 99.8])
         if hi <= lo:
             hi = lo + 1.0
         out = np.clip((arr - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
     if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
         out = 1.0 - out
-    return out
+    return out.astype(np.float32, copy=False)
 
 
 def _bbox(mask: np.ndarray, min_frac: float = 0.01) -> tuple[int, int, int, int]:
@@ -162,27 +185,36 @@ def preprocess_array(img: np.ndarray, size: tuple[int, int], segment: bool = Tru
     ``mean`` / ``std``: the normalisation the checkpoint was trained with."""
     rows, cols = img.shape
     if segment:
+        # Only the crop is touched at full resolution: blanked outside the breast, mirrored.
         breast = segment_breast(img)
-        keep = breast.full()
-        img = np.where(keep, img, np.float32(0.0)).astype(np.float32, copy=False)
         flipped = not breast.chest_wall_left  # chest wall goes left
-        r0, r1, c0, c1 = breast.bbox()
+        r0, r1, b0, b1 = breast.bbox()
+        pad_r, pad_c = int(0.02 * (r1 - r0)), int(0.02 * (b1 - b0))
+        r0, r1 = max(0, r0 - pad_r), min(rows, r1 + pad_r)
+        # keep the chest wall edge (column 0, or the last one before mirroring)
+        o0, o1 = (max(0, b0 - pad_c), cols) if flipped else (0, min(cols, b1 + pad_c))
+        keep = breast.region(r0, r1, o0, o1)
+        crop = np.where(keep, img[r0:r1, o0:o1], np.float32(0.0)).astype(np.float32,
+                                                                         copy=False)
         if flipped:
-            c0, c1 = cols - c1, cols - c0
+            crop, keep = crop[:, ::-1], keep[:, ::-1]
+        crop, keep = np.ascontiguousarray(crop), np.ascontiguousarray(keep)
+        c0, c1 = (cols - o1, cols - o0) if flipped else (o0, o1)
     else:
         breast = None
         # Background (air) is the darkest part; the breast is what stands out of it.
-        thr = max(0.05, float(np.percentile(img, 5)) + 0.05)
-        keep = img > thr
+        thr = max(0.05, float(np.percentile(img[::4, ::4], 5)) + 0.05)
+        mask = img > thr
         half = cols // 2
-        flipped = bool(keep[:, half:].sum() > keep[:, :half].sum())
-        r0, r1, c0, c1 = _bbox(keep[:, ::-1] if flipped else keep)
-    if flipped:
-        img, keep = img[:, ::-1], keep[:, ::-1]
-    pad_r, pad_c = int(0.02 * (r1 - r0)), int(0.02 * (c1 - c0))
-    r0, r1 = max(0, r0 - pad_r), min(rows, r1 + pad_r)
-    c0, c1 = 0, min(cols, c1 + pad_c)  # keep the chest wall edge
-    crop = np.ascontiguousarray(img[r0:r1, c0:c1])
+        flipped = bool(mask[:, half:].sum() > mask[:, :half].sum())
+        if flipped:
+            img, mask = img[:, ::-1], mask[:, ::-1]
+        r0, r1, c0, c1 = _bbox(mask)
+        pad_r, pad_c = int(0.02 * (r1 - r0)), int(0.02 * (c1 - c0))
+        r0, r1 = max(0, r0 - pad_r), min(rows, r1 + pad_r)
+        c0, c1 = 0, min(cols, c1 + pad_c)
+        crop = np.ascontiguousarray(img[r0:r1, c0:c1])
+        keep = np.ascontiguousarray(mask[r0:r1, c0:c1])
     H, W = size
     scale = min(H / crop.shape[0], W / crop.shape[1])
     nh, nw = max(1, round(crop.shape[0] * scale)), max(1, round(crop.shape[1] * scale))
@@ -194,7 +226,7 @@ def preprocess_array(img: np.ndarray, size: tuple[int, int], segment: bool = Tru
     out[top:top + nh, :nw] = t
     out = (out - mean) / std
     input_mask = np.zeros((H, W), bool)
-    m = torch.from_numpy(np.ascontiguousarray(keep[r0:r1, c0:c1], dtype=np.float32))
+    m = torch.from_numpy(keep.astype(np.float32))
     input_mask[top:top + nh, :nw] = F.interpolate(m[None, None], size=(nh, nw),
                                                   mode="area")[0, 0].numpy() > 0.5
     geom = Geometry((rows, cols), flipped, (r0, r1, c0, c1), scale, (top, 0), (H, W),
@@ -220,10 +252,13 @@ def map_to_original(amap: np.ndarray | torch.Tensor, geom: Geometry) -> np.ndarr
     region = m[top:top + nh, left:left + nw][None, None]
     region = F.interpolate(region, size=(r1 - r0, c1 - c0), mode="bilinear",
                            align_corners=False)[0, 0]
+    if geom.breast is not None:  # attention lies on the breast only
+        cols = geom.original_shape[1]
+        o0, o1 = (cols - c1, cols - c0) if geom.flipped else (c0, c1)
+        keep = geom.breast.region(r0, r1, o0, o1)
+        region = region * torch.from_numpy(np.ascontiguousarray(
+            keep[:, ::-1] if geom.flipped else keep))
     full = torch.zeros(geom.original_shape)
     full[r0:r1, c0:c1] = region
     out = full.numpy()
-    out = out[:, ::-1].copy() if geom.flipped else out
-    if geom.breast is not None:  # attention lies on the breast only
-        out *= geom.breast.full()
-    return out
+    return out[:, ::-1].copy() if geom.flipped else out

@@ -48,12 +48,16 @@ class BreastMask:
     def step(self) -> tuple[float, float]:
         return self.shape[0] / self.mask.shape[0], self.shape[1] / self.mask.shape[1]
 
-    def full(self, shape: tuple[int, int] | None = None) -> np.ndarray:
-        """The mask at ``shape`` (default: the image's), nearest neighbour."""
-        rows, cols = shape or self.shape
+    def full(self) -> np.ndarray:
+        """The mask at the image's size (nearest neighbour)."""
+        return self.region(0, self.shape[0], 0, self.shape[1])
+
+    def region(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """The mask over image rows r0:r1, columns c0:c1 (nearest neighbour)."""
+        rows, cols = self.shape
         h, w = self.mask.shape
-        ri = np.minimum((np.arange(rows) * h) // rows, h - 1)
-        ci = np.minimum((np.arange(cols) * w) // cols, w - 1)
+        ri = np.minimum((np.arange(r0, r1) * h) // rows, h - 1)
+        ci = np.minimum((np.arange(c0, c1) * w) // cols, w - 1)
         return self.mask[ri[:, None], ci[None, :]]
 
     def bbox(self) -> tuple[int, int, int, int]:

@@ -94,6 +94,9 @@ class ReadingSummary:
     #: breast's measurements there, so viewers (OHIF) show where the model looked.
     attention_regions: dict[str, tuple[float, float, float, float]] = field(
         default_factory=dict)
+    #: Seconds per stage of the reading (decode, preprocess, inference, maps; sr added
+    #: when the SRs are built): the worker's log line and the dashboard.
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- colour map

@@ -159,7 +159,8 @@ def _read(model, job: ExamJob) -> tuple:
         model_name=reading.model["name"], model_version=str(info.metadata.get("version", "?")),
         model_sha256=info.sha256, not_for_clinical_use=info.is_demo,
         attention_regions={slot: region for slot, m in reading.attention_maps.items()
-                           if (region := hottest_region(m)) is not None})
+                           if (region := hottest_region(m)) is not None},
+        seconds={k: round(v, 4) for k, v in reading.seconds.items()})
     return sources, reading, summary
 
 
@@ -219,6 +220,7 @@ def process_exam_srs(job: ExamJob) -> tuple[list[ProducedObject], dict]:
     from node.results import build_mammo_cad, build_tid1500
 
     sources, _, summary = _state().reading(job)
+    t0 = time.perf_counter()
     root = Path(job.data_dir)
     produced: list[ProducedObject] = []
     add = _adder(job, produced)
@@ -230,6 +232,7 @@ def process_exam_srs(job: ExamJob) -> tuple[list[ProducedObject], dict]:
                            replaces=replaces), f"sr-{kind}")
     import dataclasses
 
+    summary.seconds["sr"] = round(time.perf_counter() - t0, 4)
     return produced, dataclasses.asdict(summary)
 
 
@@ -439,9 +442,12 @@ class Worker(threading.Thread):
             return
         if self.exams.complete(exam_id, version, produced, dests):
             self.on_results.set()
-            log.info("exam %s v%d done in %.1f s: %d object(s) queued for %d destination(s)",
-                     study, version, time.perf_counter() - t0, len(srs) + len(produced),
-                     len(dests))
+            stages = dict(reading.get("seconds") or {})
+            stages["sc"] = time.perf_counter() - t0 - t_sr
+            log.info("exam %s v%d done in %.2f s (%s): %d object(s) queued for %d "
+                     "destination(s)", study, version, time.perf_counter() - t0,
+                     ", ".join(f"{k} {v:.2f}" for k, v in stages.items() if k != "total"),
+                     len(srs) + len(produced), len(dests))
         else:
             log.info("exam %s v%d was reopened while processing; its new version follows",
                      study, version)
