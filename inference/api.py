@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -31,6 +32,7 @@ from inference.preprocess import (
     load,
     map_to_original,
     preprocess_array,
+    reduced,
     to_display,
 )
 
@@ -59,6 +61,8 @@ class ExamReading:
     seconds: dict[str, float] = field(default_factory=dict)
     #: the windowed images in [0, 1] (original orientation), when asked for with keep_display
     displays: dict[str, np.ndarray] = field(default_factory=dict)
+    #: per view, how many times smaller than the image its attention map is (``map_side``)
+    map_factors: dict[str, int] = field(default_factory=dict)
 
 
 class MammoModel:
@@ -104,11 +108,14 @@ class MammoModel:
 
     @torch.no_grad()
     def predict_exam(self, views: Mapping[str, Dataset | str | Path]
-                     | Sequence[Dataset | str | Path], keep_display: bool = False) -> ExamReading:
+                     | Sequence[Dataset | str | Path], keep_display: bool = False,
+                     map_side: int | None = None) -> ExamReading:
         """Read one exam of up to four views (datasets or paths; a list or slot mapping).
 
         ``keep_display=True`` also returns each view's windowed image (for drawing maps on
-        it without decoding the pixels twice)."""
+        it without decoding the pixels twice). ``map_side``: attention maps at an integer
+        fraction of the image, at most this many pixels a side (``map_factors`` says which);
+        default: the image's own size."""
         t0 = time.perf_counter()
         slots = self._slots(views)
         if not slots:
@@ -166,6 +173,7 @@ class MammoModel:
         t3 = time.perf_counter()
         attn = out["attention"][0].float().cpu().numpy()
         maps_model, maps = {}, {}
+        factors: dict[str, int] = {}
         for k, slot in enumerate(VIEWS):
             if slot in geoms:
                 a = attn[k] / max(float(attn[k].max()), 1e-12)
@@ -176,7 +184,11 @@ class MammoModel:
                 if g.input_mask is not None:  # bounded by the breast, as the original-size map
                     mm = mm * g.input_mask
                 maps_model[slot] = mm / max(float(mm.max()), 1e-12)
-                full = map_to_original(a, g)
+                f = 1
+                if map_side:
+                    f = max(1, math.ceil(max(g.original_shape) / map_side))
+                factors[slot] = f
+                full = map_to_original(a, reduced(g, f))
                 maps[slot] = full / max(float(full.max()), 1e-12)
         return ExamReading(
             breasts=breasts,
@@ -190,4 +202,4 @@ class MammoModel:
                    "intended_use": self.info.metadata.get("intended_use")},
             seconds={"decode": t_dec - t0, "preprocess": t1 - t_dec, "inference": t2 - t1,
                      "maps": time.perf_counter() - t3, "total": time.perf_counter() - t0},
-            displays=displays)
+            displays=displays, map_factors=factors)

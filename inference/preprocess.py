@@ -241,6 +241,23 @@ def preprocess(ds_or_path: Dataset | str | Path,
     return preprocess_array(to_display(ds), size)
 
 
+def reduced(geom: Geometry, f: int) -> Geometry:
+    """The geometry of the same image ``f`` times smaller (rows // f, cols // f): maps drawn
+    with it land on the reduced image pixel for pixel (up to rounding at the edges)."""
+    if f <= 1:
+        return geom
+    rows, cols = geom.original_shape[0] // f, geom.original_shape[1] // f
+    r0, r1, c0, c1 = geom.crop
+    breast = None
+    if geom.breast is not None:
+        breast = BreastMask(geom.breast.mask, (rows, cols), geom.breast.chest_wall_left)
+    return Geometry((rows, cols), geom.flipped,
+                    (r0 // f, max(r0 // f + 1, min(rows, r1 // f)),
+                     c0 // f, max(c0 // f + 1, min(cols, c1 // f))),
+                    geom.scale * f, geom.offset, geom.input_shape, breast=breast,
+                    input_mask=geom.input_mask)
+
+
 def map_to_original(amap: np.ndarray | torch.Tensor, geom: Geometry) -> np.ndarray:
     """A map over the model input (any resolution) -> a map over the original image."""
     m = torch.as_tensor(np.asarray(amap, dtype=np.float32))[None, None]

@@ -132,7 +132,9 @@ def render_overlay(display: np.ndarray, attention: np.ndarray, lines: list[str],
     step = max(1, int(1 / scale))  # decimate first: resizing 8 Mpx images is slow
     gray = Image.fromarray((np.clip(display[::step, ::step], 0, 1) * 255).astype(np.uint8)
                            ).resize(size, Image.Resampling.BILINEAR)
-    amap = Image.fromarray((np.clip(attention[::step, ::step], 0, 1) * 255).astype(np.uint8)
+    if attention.shape == display.shape:
+        attention = attention[::step, ::step]  # else a reduced map: resized as it is
+    amap = Image.fromarray((np.clip(attention, 0, 1) * 255).astype(np.uint8)
                            ).resize(size, Image.Resampling.BILINEAR)
     a8 = np.asarray(amap)
     alpha = ((a8.astype(np.uint16) * 140) >> 8)[..., None]          # 0 .. 0.55 * 255
@@ -232,11 +234,12 @@ def build_parametric_map(source: Dataset, slot: str, attention: np.ndarray,
     rows, cols = int(source.Rows), int(source.Columns)
     f = max(1, math.ceil(max(rows, cols) / PM_MAX_SIDE))
     m = np.clip(np.nan_to_num(np.asarray(attention, dtype=np.float32)), 0.0, 1.0)
-    if m.shape != (rows, cols):
-        m = np.asarray(Image.fromarray(m).resize((cols, rows), Image.Resampling.BILINEAR))
-    if f > 1:
-        m = np.asarray(Image.fromarray(m).resize((cols // f, rows // f),
-                                                 Image.Resampling.BOX))
+    if m.shape != (rows // f, cols // f):  # else already at the map's size
+        if m.shape != (rows, cols):
+            m = np.asarray(Image.fromarray(m).resize((cols, rows), Image.Resampling.BILINEAR))
+        if f > 1:
+            m = np.asarray(Image.fromarray(m).resize((cols // f, rows // f),
+                                                     Image.Resampling.BOX))
     # 32-bit float values (Float Pixel Data): OHIF 3.13 overlays only those.
     values = np.ascontiguousarray(m, dtype=np.float32)
     spacing = [float(v) for v in (source.get("PixelSpacing") or

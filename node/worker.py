@@ -35,6 +35,8 @@ log = logging.getLogger("mammo_node.worker")
 
 #: A model that could not load is tried again this often.
 MODEL_RETRY_SECONDS = 10
+#: Attention maps are computed at most this many pixels a side (node.results.PM_MAX_SIDE).
+MAP_SIDE = 1024
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,9 @@ def _read(model, job: ExamJob) -> tuple:
 
     root = Path(job.data_dir)
     sources = {slot: dcmread(root / rel) for slot, rel in job.paths.items()}
-    reading = model.predict_exam(sources, keep_display=True)
+    # Attention maps at <= 1024 px a side: what the Secondary Captures draw and the
+    # Parametric Maps store; full-resolution maps of 13-megapixel views cost ~0.15 s each.
+    reading = model.predict_exam(sources, keep_display=True, map_side=MAP_SIDE)
     info = model.info
     summary = ReadingSummary(
         breasts={b: BreastSummary(present=r.present, birads=r.birads,
@@ -159,20 +163,23 @@ def _read(model, job: ExamJob) -> tuple:
         model_name=reading.model["name"], model_version=str(info.metadata.get("version", "?")),
         model_sha256=info.sha256, not_for_clinical_use=info.is_demo,
         attention_regions={slot: region for slot, m in reading.attention_maps.items()
-                           if (region := hottest_region(m)) is not None},
+                           if (region := hottest_region(m, reading.map_factors.get(slot, 1)))
+                           is not None},
         seconds={k: round(v, 4) for k, v in reading.seconds.items()})
     return sources, reading, summary
 
 
-def hottest_region(amap) -> tuple[float, float, float, float] | None:
-    """(x0, y0, x1, y1) around the attention above half its maximum, in pixel coordinates."""
+def hottest_region(amap, factor: int = 1) -> tuple[float, float, float, float] | None:
+    """(x0, y0, x1, y1) around the attention above half its maximum, in pixel coordinates of
+    the image (a map ``factor`` times smaller than the image is scaled up)."""
     import numpy as np
 
     m = np.asarray(amap, dtype=np.float32)
     if m.size == 0 or not np.isfinite(m).all() or float(m.max()) <= 0:
         return None
     ys, xs = np.nonzero(m >= 0.5 * float(m.max()))
-    return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
+    return (float(xs.min() * factor), float(ys.min() * factor),
+            float((xs.max() + 1) * factor), float((ys.max() + 1) * factor))
 
 
 def _adder(job: ExamJob, produced: list[ProducedObject]):

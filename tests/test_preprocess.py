@@ -187,3 +187,23 @@ def test_the_api_reads_an_exam_labelled_only_in_view_position():
     reading = MammoModel(device="cpu").predict_exam(exam)
     assert reading.missing_views == [] and set(reading.attention_maps) == {
         "L-CC", "L-MLO", "R-CC", "R-MLO"}
+
+
+def test_reduced_attention_maps_land_where_the_full_size_ones_do():
+    """``map_side``: maps at an integer fraction of the image (what the node draws and
+    stores), the hot spot where the full-resolution map has it, within a few pixels."""
+    from inference.api import MammoModel
+    from inference.synthetic import Lesion, make_exam
+    from node.worker import hottest_region
+
+    exam = make_exam(seed=11, rows=1200, cols=950,
+                     lesions={"L": [Lesion("spiculated", 0.5, 0.5, 0.07, 0.35)]})
+    model = MammoModel(device="cpu")
+    full, small = model.predict_exam(exam), model.predict_exam(exam, map_side=512)
+    for slot, amap in full.attention_maps.items():
+        f = small.map_factors[slot]
+        assert f == 3 and small.attention_maps[slot].shape == (400, 316)
+        a = hottest_region(amap)
+        b = hottest_region(small.attention_maps[slot], f)
+        assert a is not None and b is not None
+        assert max(abs(x - y) for x, y in zip(a, b)) <= 2 * f, (slot, a, b)
