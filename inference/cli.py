@@ -35,6 +35,9 @@ def _clean_errors(name: str, fn):
     return run
 
 
+FORMATS = ["vindr", "csv", "cbis-ddsm", "rsna", "cmmd", "inbreast"]
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from inference.synthetic_dataset import write_synthetic_dataset
 
@@ -134,7 +137,7 @@ def register(sub, add_config, load_config) -> None:
                                    "and write a checked safetensors checkpoint.")
     p.add_argument("--data", required=True,
                    help="data folder (VinDr layout) or CSV file / folder with labels.csv")
-    p.add_argument("--format", choices=["vindr", "csv"], default="vindr",
+    p.add_argument("--format", choices=FORMATS, default="vindr",
                    help="data layout")
     p.add_argument("--task", choices=list(BIRADS_TASKS), default="birads-5class",
                    help="BI-RADS task")
@@ -173,7 +176,7 @@ def register(sub, add_config, load_config) -> None:
                                    "table form (or JSON keyed by task name).")
     p.add_argument("--data", required=True,
                    help="data folder (VinDr layout) or CSV file / folder with labels.csv")
-    p.add_argument("--format", choices=["vindr", "csv"], default="vindr", help="data layout")
+    p.add_argument("--format", choices=FORMATS, default="vindr", help="data layout")
     p.add_argument("--checkpoint", default=None, help="checkpoint (default: the bundled demo)")
     p.add_argument("--split", default="test", help="split to evaluate: test, training, all")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")

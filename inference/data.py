@@ -246,11 +246,16 @@ def read_csv(csv_path: str | Path) -> list[ExamRecord]:
 
 
 def read_dataset(data: str | Path, fmt: str = "vindr") -> list[ExamRecord]:
-    if fmt == "vindr":
-        return read_vindr(data)
-    if fmt == "csv":
-        return read_csv(data)
-    raise ValueError(f"unknown data format {fmt!r} (vindr or csv)")
+    """Exams of a data set in one of the layouts (see :mod:`inference.readers` for the
+    public data sets' own)."""
+    from inference import readers
+
+    table = {"vindr": read_vindr, "csv": read_csv, "cbis-ddsm": readers.read_cbis_ddsm,
+             "rsna": readers.read_rsna, "cmmd": readers.read_cmmd,
+             "inbreast": readers.read_inbreast}
+    if fmt not in table:
+        raise ValueError(f"unknown data format {fmt!r} ({', '.join(table)})")
+    return table[fmt](data)
 
 
 def select_split(records: list[ExamRecord], split: str | None) -> list[ExamRecord]:
