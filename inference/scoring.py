@@ -169,6 +169,7 @@ def plot_roc(path: Path, y: np.ndarray, s: np.ndarray, operating_point: float | 
     img, d, xy = _canvas(f"ROC (exam score), AUC {auc:.3f}" if auc is not None else "ROC")
     d.line([xy(float(a), float(b)) for a, b in zip(fpr, tpr)], fill=(200, 30, 30), width=3)
     d.text(xy(0.55, 0.05), "1 - specificity", fill="black")
+    d.text(xy(0.02, 0.95), "sensitivity", fill="black")
     if operating_point is not None:
         c = confusion(y, s, operating_point)
         u = c["fp"] / max(1, c["fp"] + c["tn"])
@@ -182,6 +183,8 @@ def plot_roc(path: Path, y: np.ndarray, s: np.ndarray, operating_point: float | 
 
 def plot_calibration(path: Path, table: list[dict[str, Any]]) -> Path:
     img, d, xy = _canvas("Calibration (exam score / 100 vs observed cancer rate)")
+    d.text(xy(0.55, 0.05), "predicted (score / 100)", fill="black")
+    d.text(xy(0.02, 0.95), "observed", fill="black")
     pts = [xy(r["predicted"], r["observed"]) for r in table]
     if len(pts) > 1:
         d.line(pts, fill=(200, 30, 30), width=2)
