@@ -35,6 +35,7 @@ from inference.preprocess import (
     reduced,
     to_display,
 )
+from inference.scoring import breast_score, exam_score
 
 
 @dataclass
@@ -44,6 +45,8 @@ class BreastReading:
     birads_probabilities: dict[str, float]
     diagnosis: str | None = None
     diagnosis_probabilities: dict[str, float] | None = None
+    #: 0-100 suspicion of malignancy (inference.scoring), None when the breast is absent
+    score: float | None = None
 
 
 @dataclass
@@ -63,14 +66,24 @@ class ExamReading:
     displays: dict[str, np.ndarray] = field(default_factory=dict)
     #: per view, how many times smaller than the image its attention map is (``map_side``)
     map_factors: dict[str, int] = field(default_factory=dict)
+    #: the exam's 0-100 malignancy score (its most suspicious breast's)
+    score: float | None = None
+    #: the score above which the exam is called positive (checkpoint or override), if any
+    operating_point: float | None = None
+    above_operating_point: bool | None = None
 
 
 class MammoModel:
     """A loaded checkpoint on a device, ready to read exams."""
 
-    def __init__(self, checkpoint: str | Path | None = None, device: str = "auto") -> None:
+    def __init__(self, checkpoint: str | Path | None = None, device: str = "auto",
+                 operating_point: float | None = None) -> None:
+        """``operating_point``: the 0-100 exam score above which an exam is called positive,
+        instead of the checkpoint's own."""
         self.device = resolve_device(device)
         self.model, self.info = load_checkpoint(checkpoint, device=self.device)
+        self.operating_point = (operating_point if operating_point is not None
+                                else self.info.operating_point)
 
     @torch.no_grad()
     def warm_up(self) -> float:
@@ -169,6 +182,8 @@ class MammoModel:
                 r.diagnosis_probabilities = {c: float(p) for c, p in
                                              zip(DIAGNOSIS_CLASSES, dp[j])}
                 r.diagnosis = DIAGNOSIS_CLASSES[int(dp[j].argmax())] if present[j] else None
+            if present[j]:
+                r.score = breast_score(r.birads_probabilities, r.diagnosis_probabilities)
             breasts[b] = r
         t3 = time.perf_counter()
         attn = out["attention"][0].float().cpu().numpy()
@@ -190,6 +205,8 @@ class MammoModel:
                 factors[slot] = f
                 full = map_to_original(a, reduced(g, f))
                 maps[slot] = full / max(float(full.max()), 1e-12)
+        score = exam_score({b: r.score for b, r in breasts.items()})
+        op = self.operating_point
         return ExamReading(
             breasts=breasts,
             fusion_weights={b: {v: float(weights[j, k]) for k, v in enumerate(VIEWS)}
@@ -202,4 +219,5 @@ class MammoModel:
                    "intended_use": self.info.metadata.get("intended_use")},
             seconds={"decode": t_dec - t0, "preprocess": t1 - t_dec, "inference": t2 - t1,
                      "maps": time.perf_counter() - t3, "total": time.perf_counter() - t0},
-            displays=displays, map_factors=factors)
+            displays=displays, map_factors=factors, score=score, operating_point=op,
+            above_operating_point=None if op is None or score is None else score >= op)

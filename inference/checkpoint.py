@@ -3,7 +3,9 @@
 Metadata (all strings, as safetensors requires): ``format``, ``format_version``,
 ``model_config`` (JSON of :class:`ModelConfig`), ``task``, ``birads_classes``,
 ``diagnosis_classes``, ``input_size`` ("HxW"), ``training_data``, ``version``, ``created``,
-``intended_use``, ``metrics`` (JSON, optional), ``preprocessing`` (JSON: the input
+``intended_use``, ``metrics`` (JSON, optional), ``operating_point`` (JSON, optional: the exam
+score threshold chosen on validation data, with its specificity and sensitivity there),
+``preprocessing`` (JSON: the input
 normalisation ``mean`` / ``std``, breast ``segment``ation and the preprocessing ``version``
 the weights were trained with; checkpoints without it used mean 0.5, std 0.5). Loading
 checks every one of them against the weights and fails with a message that says what does
@@ -59,13 +61,23 @@ class CheckpointInfo:
         return out
 
     @property
+    def operating_point(self) -> float | None:
+        """The 0-100 exam score above which an exam is called positive, chosen on
+        validation data when the checkpoint was made (None: the checkpoint has none)."""
+        try:
+            op = json.loads(self.metadata.get("operating_point", "") or "null")
+        except ValueError:
+            return None
+        return float(op["score"]) if isinstance(op, dict) and "score" in op else None
+
+    @property
     def is_demo(self) -> bool:
         return "NOT FOR CLINICAL USE" in self.metadata.get("intended_use", "")
 
     def as_dict(self) -> dict[str, Any]:
         meta = dict(self.metadata)
         for k in ("model_config", "birads_classes", "diagnosis_classes", "metrics",
-                  "preprocessing"):
+                  "preprocessing", "operating_point"):
             if meta.get(k):
                 try:
                     meta[k] = json.loads(meta[k])

@@ -65,7 +65,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=args.device, seed=args.seed, workers=args.workers, resume=args.resume,
         birads_weight=args.birads_weight, diagnosis_weight=args.diagnosis_weight,
         training_data=args.training_data, intended_use=intended, progress=not args.quiet,
-        stop_after_epoch=args.stop_after_epoch))
+        stop_after_epoch=args.stop_after_epoch, val_fraction=args.val_fraction,
+        specificity=args.specificity))
     print(f"checkpoint written: {res['checkpoint']}")
     return 0
 
@@ -75,11 +76,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     res = evaluate(args.data, args.checkpoint, fmt=args.format, split=args.split,
                    device=args.device, batch_size=args.batch_size, workers=args.workers,
-                   progress=not (args.json or args.quiet))
+                   progress=not (args.json or args.quiet),
+                   operating_point=args.operating_point, bootstrap=args.bootstrap,
+                   plots=args.plots)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
         print(format_table(res, f"split {args.split} of {args.data}"))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from inference.train import calibrate
+
+    op = calibrate(args.data, args.checkpoint, args.out, fmt=args.format, split=args.split,
+                   specificity=args.specificity, device=args.device,
+                   batch_size=args.batch_size, progress=not args.quiet)
+    print(f"operating point: exam score {op['score']:g} (specificity {op['specificity']:.3f}, "
+          f"sensitivity {op['sensitivity']:.3f} on {op['n']} exams); written to {args.out}")
     return 0
 
 
@@ -167,6 +181,10 @@ def register(sub, add_config, load_config) -> None:
                    help="intended use stored in the checkpoint")
     p.add_argument("--synthetic-demo", action="store_true",
                    help="mark the checkpoint as trained on synthetic data, not for clinical use")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the training exams held out to choose the operating point")
+    p.add_argument("--specificity", type=float, default=0.9,
+                   help="specificity of the operating point on the held-out exams")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_clean_errors("train", cmd_train))
 
@@ -182,9 +200,32 @@ def register(sub, add_config, load_config) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--batch-size", type=int, default=4, help="exams per batch")
     p.add_argument("--workers", type=int, default=0, help="decoding worker processes")
+    p.add_argument("--operating-point", type=float, default=None, metavar="SCORE",
+                   help="exam score 0-100 to report the confusion matrix at (default: the "
+                        "checkpoint's)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples for the AUC's 95 %% confidence interval")
+    p.add_argument("--plots", metavar="DIR", default=None,
+                   help="write roc.png and calibration.png into DIR")
     p.add_argument("--json", action="store_true", help="print JSON keyed by task name")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_clean_errors("evaluate", cmd_evaluate))
+
+    p = sub.add_parser("calibrate", help="choose a checkpoint's operating point on data",
+                       formatter_class=fmt,
+                       description="The exam score threshold at a specificity, chosen on a "
+                                   "data split the model was not trained on, written into a "
+                                   "copy of the checkpoint (weights unchanged).")
+    p.add_argument("--data", required=True, help="data folder or CSV")
+    p.add_argument("--format", choices=FORMATS, default="vindr", help="data layout")
+    p.add_argument("--checkpoint", default=None, help="checkpoint (default: the bundled demo)")
+    p.add_argument("--split", default="training", help="split to choose it on")
+    p.add_argument("--specificity", type=float, default=0.9, help="target specificity")
+    p.add_argument("--out", required=True, help="checkpoint to write (may be the same file)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--batch-size", type=int, default=4, help="exams per batch")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_clean_errors("calibrate", cmd_calibrate))
 
     p = sub.add_parser("model-info", help="config, tasks, metadata and SHA-256 of the "
                                           "active checkpoint")

@@ -65,6 +65,10 @@ class TrainArgs:
     intended_use: str = "research"
     progress: bool = True
     stop_after_epoch: int | None = None  # stop early (time-boxed runs); --resume continues
+    #: Share of the training exams held out to choose the operating point on (0: none).
+    val_fraction: float = 0.1
+    #: The specificity the operating point is chosen at, on the held-out exams.
+    specificity: float = 0.9
 
 
 def _loader(ds: ExamDataset, batch: int, shuffle: bool, workers: int, seed: int) -> DataLoader:
@@ -83,6 +87,18 @@ def train(a: TrainArgs) -> dict[str, Any]:
     train_recs = select_split(records, "training") or records
     if not train_recs:
         raise ValueError(f"no exams found in {a.data}")
+    val_recs: list = []
+    if a.val_fraction > 0 and len(train_recs) >= 4:
+        # A fixed share of the exams (by a hash of the exam id and the seed) is held out:
+        # the operating point is chosen on exams the model did not learn from.
+        import hashlib
+
+        def held_out(r) -> bool:
+            h = hashlib.sha1(f"{a.seed}|{r.exam_id}".encode()).hexdigest()[:8]
+            return int(h, 16) / 0xFFFFFFFF < a.val_fraction
+
+        val_recs = [r for r in train_recs if held_out(r)]
+        train_recs = [r for r in train_recs if not held_out(r)]
     cfg = ModelConfig(arch=a.arch, weights=a.weights, task=a.task, diagnosis=a.diagnosis,
                       image_size=(int(a.image_size[0]), int(a.image_size[1])),
                       loss_weights={"birads": a.birads_weight, "diagnosis": a.diagnosis_weight})
@@ -147,9 +163,18 @@ def train(a: TrainArgs) -> dict[str, Any]:
         if a.progress:
             print(f"epoch {epoch + 1}/{a.epochs}: loss {total / max(n, 1):.4f} "
                   f"({history[-1]['seconds']:.0f} s)", flush=True)
+        extra = {"epochs": str(epoch + 1), "seed": str(a.seed)}
+        last = epoch + 1 == a.epochs or (a.stop_after_epoch is not None
+                                         and epoch + 1 >= a.stop_after_epoch)
+        if last and val_recs:
+            op = _operating_point(model, val_recs, device, a, cache, cfg.birads_classes)
+            if op is not None:
+                extra["operating_point"] = json.dumps(op)
+                log.info("operating point: exam score %.1f (specificity %.3f, sensitivity "
+                         "%.3f on %d held-out exams)", op["score"], op["specificity"],
+                         op["sensitivity"], op["n"])
         save_checkpoint(model, out, training_data=training_data,
-                        intended_use=a.intended_use,
-                        extra={"epochs": str(epoch + 1), "seed": str(a.seed)})
+                        intended_use=a.intended_use, extra=extra)
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "epoch": epoch + 1,
                     "rng": torch.get_rng_state(), "loader_rng": loader.generator.get_state(),
@@ -158,6 +183,31 @@ def train(a: TrainArgs) -> dict[str, Any]:
             log.info("stopping after epoch %d as asked; --resume continues", epoch + 1)
             break
     return {"checkpoint": str(out), "history": history}
+
+
+def _operating_point(model: HybridCnnVssm, records, device: torch.device, a: TrainArgs,
+                     cache: str, classes: list[str]) -> dict[str, Any] | None:
+    from inference.scoring import choose_operating_point
+
+    # The held-out pass must not move the random streams training goes on with (a run
+    # stopped after this epoch and resumed equals one that never stopped).
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    try:
+        preds = predict_records(model, records, device, a.batch_size, 0, cache_dir=cache,
+                                progress=False)
+    finally:
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
+    model.train()
+    y, s = exam_level(preds, classes)
+    op = choose_operating_point(y, s, a.specificity)
+    if op is None:
+        log.warning("no operating point: the %d held-out exams need positives and "
+                    "negatives", len(records))
+        return None
+    op["chosen_on"] = f"{len(y)} held-out training exams"
+    return op
 
 
 @torch.no_grad()
@@ -187,10 +237,43 @@ def predict_records(model: HybridCnnVssm, records, device: torch.device, batch_s
     return res
 
 
+def exam_level(preds: dict[str, np.ndarray], birads_classes: list[str]
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(exam is positive, exam score 0-100) from per-breast predictions (two rows per exam).
+
+    Positive: a breast whose diagnosis is malignant; where a data set has no diagnosis
+    labels, a breast of BI-RADS 4 or 5. The score is the most suspicious present breast's
+    (inference.scoring)."""
+    from inference.model import DIAGNOSIS_CLASSES
+    from inference.scoring import SUSPICIOUS
+
+    present = preds["present"].astype(bool)
+    if "diagnosis_probs" in preds:
+        breast = 100.0 * preds["diagnosis_probs"][:, DIAGNOSIS_CLASSES.index("malignant")]
+    else:
+        cols = [i for i, c in enumerate(birads_classes) if c in SUSPICIOUS]
+        breast = 100.0 * preds["birads_probs"][:, cols].sum(1)
+    breast = np.where(present, breast, -1.0)
+    diag = preds["diagnosis"]
+    malignant = diag == DIAGNOSIS_CLASSES.index("malignant")
+    suspicious = preds["birads_raw"] >= 4
+    positive = np.where(diag >= 0, malignant, suspicious) & present
+    labelled = ((diag >= 0) | (preds["birads_raw"] > 0)) & present
+    score = breast.reshape(-1, 2).max(1)
+    keep = labelled.reshape(-1, 2).any(1) & (score >= 0)
+    return positive.reshape(-1, 2).any(1)[keep], np.round(score[keep], 1)
+
+
 def evaluate(data: str, checkpoint: str | None, fmt: str = "vindr", split: str = "test",
              device: str = "auto", batch_size: int = 4, workers: int = 0,
-             progress: bool = True) -> dict[str, dict[str, float]]:
-    """Metrics per task on one split (see :func:`inference.metrics.evaluate_predictions`)."""
+             progress: bool = True, operating_point: float | None = None,
+             bootstrap: int = 1000, plots: str | None = None) -> dict[str, Any]:
+    """Metrics per task on one split (see :func:`inference.metrics.evaluate_predictions`)
+    and, under ``"exam"``, the exam score's statistics (:func:`inference.scoring
+    .exam_statistics`) at the checkpoint's operating point (or ``operating_point``);
+    ``plots``: a folder for roc.png and calibration.png."""
+    from inference.scoring import exam_statistics, plot_calibration, plot_roc
+
     dev = resolve_device(device)
     model, info = load_checkpoint(checkpoint, device=dev)
     records = select_split(read_dataset(data, fmt), split)
@@ -198,18 +281,89 @@ def evaluate(data: str, checkpoint: str | None, fmt: str = "vindr", split: str =
         raise ValueError(f"no exams in split {split!r} of {data}")
     preds = predict_records(model, records, dev, batch_size, workers,
                             cache_dir=str(Path(data) / ".mammo-cache"), progress=progress)
-    return evaluate_predictions(preds, info.config.task)
+    results: dict[str, Any] = dict(evaluate_predictions(preds, info.config.task))
+    y, s = exam_level(preds, info.config.birads_classes)
+    op = operating_point if operating_point is not None else info.operating_point
+    stats = exam_statistics(y, s, op, bootstrap=bootstrap)
+    results["exam"] = stats
+    if plots:
+        folder = Path(plots)
+        folder.mkdir(parents=True, exist_ok=True)
+        stats["plots"] = [str(plot_roc(folder / "roc.png", y, s, op, stats["auc"])),
+                          str(plot_calibration(folder / "calibration.png",
+                                               stats["calibration"]))]
+    return results
 
 
-def format_table(results: dict[str, dict[str, float]], title: str = "") -> str:
+def calibrate(data: str, checkpoint: str | None, out: str, fmt: str = "vindr",
+              split: str = "training", specificity: float = 0.9, device: str = "auto",
+              batch_size: int = 4, progress: bool = True) -> dict[str, Any]:
+    """Choose the operating point on ``split`` of ``data`` at ``specificity`` and write the
+    checkpoint again with it (the weights unchanged)."""
+    from safetensors.torch import load_file, save_file
+
+    from inference.checkpoint import DEMO_CHECKPOINT, read_info
+    from inference.scoring import choose_operating_point
+
+    dev = resolve_device(device)
+    model, info = load_checkpoint(checkpoint, device=dev)
+    records = select_split(read_dataset(data, fmt), split)
+    if not records:
+        raise ValueError(f"no exams in split {split!r} of {data}")
+    preds = predict_records(model, records, dev, batch_size, 0,
+                            cache_dir=str(Path(data) / ".mammo-cache"), progress=progress)
+    y, s = exam_level(preds, info.config.birads_classes)
+    op = choose_operating_point(y, s, specificity)
+    if op is None:
+        raise ValueError(f"split {split!r} of {data} needs positive and negative exams")
+    op["chosen_on"] = f"{len(y)} exams, split {split} of {data}"
+    src = Path(checkpoint or DEMO_CHECKPOINT)
+    meta = dict(read_info(src).metadata)
+    meta["operating_point"] = json.dumps(op)
+    tensors = load_file(str(src))
+    dst = Path(out)
+    tmp = dst.with_suffix(dst.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(dst)
+    return op
+
+
+def format_table(results: dict[str, Any], title: str = "") -> str:
     lines = []
     if title:
         lines.append(title)
     lines.append(f"{'Task':<16} {'AUC':>7} {'F1':>7} {'Acc':>7} {'n':>6}")
     lines.append("-" * 47)
     for task, m in results.items():
+        if task == "exam":
+            continue
         auc = "   n/a" if m["auc"] is None else f"{m['auc']:.4f}"
         lines.append(f"{task:<16} {auc:>7} {m['f1']:>7.4f} {m['accuracy']:>7.4f} {m['n']:>6d}")
+    e = results.get("exam")
+    if e:
+        lines.append("")
+        lines.append(f"Exam score (0-100): {e['n']} exams, {e['positives']} positive")
+        if e["auc"] is not None:
+            lo, hi = e["auc_ci95"]
+            lines.append(f"  ROC AUC {e['auc']:.4f}  (95 % bootstrap CI {lo:.4f}-{hi:.4f})")
+        for spec in (90, 95):
+            r = e.get(f"sensitivity_at_{spec}_specificity")
+            if r:
+                lines.append(f"  sensitivity at {spec} % specificity: {r['sensitivity']:.3f} "
+                             f"(score >= {r['threshold']:g})")
+        op = e.get("operating_point")
+        if op:
+            lines.append(f"  at the operating point {op['score']:g}: sensitivity "
+                         f"{op['sensitivity']:.3f}, specificity {op['specificity']:.3f}; "
+                         f"TP {op['tp']} FP {op['fp']} TN {op['tn']} FN {op['fn']}")
+        else:
+            lines.append("  no operating point (the checkpoint has none: mammo-node "
+                         "calibrate)")
+        lines.append("  calibration (score/100 vs observed): " + "; ".join(
+            f"{c['bin']}: {c['predicted']:.2f}/{c['observed']:.2f} (n={c['n']})"
+            for c in e["calibration"]))
+        for p in e.get("plots") or []:
+            lines.append(f"  plot: {p}")
     return "\n".join(lines)
 
 

@@ -123,6 +123,8 @@ class InferenceConfig:
     #: A worker holds the exam it reads this long, renewed by its heartbeat (every third of
     #: it); an exam whose worker died is taken over by another once it runs out.
     lease_seconds: float = 60.0
+    #: The 0-100 exam score above which an exam is called positive (None: the checkpoint's).
+    operating_point: float | None = None
 
 
 @dataclass
@@ -413,6 +415,10 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
         t.get("retry_delay_seconds", inf.retry_delay_seconds), "[inference] retry_delay_seconds")
     inf.lease_seconds = _check_number(t.get("lease_seconds", inf.lease_seconds),
                                       "[inference] lease_seconds", 1)
+    inf.operating_point = _optional_number(t, "operating_point", None, "[inference]")
+    if inf.operating_point is not None and inf.operating_point > 100:
+        raise ConfigError("[inference] operating_point is an exam score 0-100, got "
+                          f"{inf.operating_point:g}")
 
     dests = raw.get("destinations", [])
     if not isinstance(dests, list):

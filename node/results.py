@@ -73,6 +73,7 @@ class BreastSummary:
     birads_probabilities: dict[str, float] = field(default_factory=dict)
     diagnosis: str | None = None                # "normal" / "benign" / "malignant"
     diagnosis_probabilities: dict[str, float] = field(default_factory=dict)
+    score: float | None = None                  # 0-100 (inference.scoring)
 
 
 _ABSENT = BreastSummary()
@@ -97,6 +98,11 @@ class ReadingSummary:
     #: Seconds per stage of the reading (decode, preprocess, inference, maps; sr added
     #: when the SRs are built): the worker's log line and the dashboard.
     seconds: dict[str, float] = field(default_factory=dict)
+    #: The exam's 0-100 malignancy score, the operating point it is judged against (None:
+    #: the checkpoint has none and none is configured) and the verdict.
+    score: float | None = None
+    operating_point: float | None = None
+    above_operating_point: bool | None = None
 
 
 # --------------------------------------------------------------------------- colour map
@@ -171,6 +177,7 @@ def build_sc(source: Dataset, slot: str, display: np.ndarray, attention: np.ndar
         f"{lat} breast: {b.birads or 'n/a'}"
         + (f" (p={b.birads_probabilities[b.birads]:.2f})" if b.birads else "")
         + f"   weight of this view: {reading.fusion_weights.get(lat, {}).get(slot, 0.0):.2f}",
+        score_line(reading),
     ]
     if reading.not_for_clinical_use:
         lines.append("Demo model trained on synthetic phantoms: NOT FOR CLINICAL USE")
@@ -290,6 +297,21 @@ def _stamp(ds: Dataset) -> None:
     ds.SoftwareVersions = SOFTWARE_VERSION
 
 
+SCORE_UNIT = ("{score}", "UCUM", "score")
+_YES, _NO = ("373066001", "SCT", "Yes"), ("373067005", "SCT", "No")
+
+
+def score_line(reading: ReadingSummary) -> str:
+    """E.g. "Exam score 73/100, above the operating point (41)"."""
+    if reading.score is None:
+        return "Exam score n/a"
+    text = f"Exam score {reading.score:.0f}/100"
+    if reading.operating_point is None:
+        return text + " (no operating point)"
+    where = "above" if reading.above_operating_point else "below"
+    return f"{text}, {where} the operating point ({reading.operating_point:g})"
+
+
 def overall_impression(reading: ReadingSummary) -> str:
     """One line for the whole exam, e.g. "AI reading: left BI-RADS 5 (p=1.00); right ..."."""
     parts = []
@@ -300,7 +322,7 @@ def overall_impression(reading: ReadingSummary) -> str:
             parts.append(f"{side} {b.birads} (p={p:.2f})")
         else:
             parts.append(f"{side} not imaged")
-    text = "AI reading: " + "; ".join(parts)
+    text = "AI reading: " + "; ".join(parts) + ". " + score_line(reading)
     if reading.missing_views:
         text += f". Missing views: {', '.join(reading.missing_views)}"
     if reading.not_for_clinical_use:
@@ -309,6 +331,31 @@ def overall_impression(reading: ReadingSummary) -> str:
 
 
 # --------------------------------------------------------------------------- TID 1500 SR
+def _exam_score_group(sources: dict[str, Dataset], reading: ReadingSummary, study_uid: str,
+                      version: int) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The exam-level group: the 0-100 score, the operating point and the verdict."""
+    unit = hd.sr.CodedConcept(*SCORE_UNIT)
+    measurements = [hd.sr.Measurement(
+        name=hd.sr.CodedConcept("EXAM-SCORE", "99MAMMONODE", "AI exam malignancy score"),
+        value=float(reading.score or 0.0), unit=unit)]
+    evals = []
+    if reading.operating_point is not None:
+        measurements.append(hd.sr.Measurement(
+            name=hd.sr.CodedConcept("OPERATING-POINT", "99MAMMONODE", "Operating point"),
+            value=float(reading.operating_point), unit=unit))
+        evals.append(hd.sr.QualitativeEvaluation(
+            name=hd.sr.CodedConcept("ABOVE-OP", "99MAMMONODE",
+                                    "Exam score above the operating point"),
+            value=hd.sr.CodedConcept(*(_YES if reading.above_operating_point else _NO))))
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=result_uid(study_uid, version, "tracking-exam"), identifier="Exam"),
+        finding_type=codes.SCT.Breast, measurements=measurements,
+        qualitative_evaluations=evals or None,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds)
+                       for ds in sources.values()])
+
+
 def build_tid1500(sources: dict[str, Dataset], reading: ReadingSummary, study_uid: str,
                   version: int, replaces: Dataset | None = None) -> Dataset:
     """A Comprehensive SR (TID 1500 measurement report) with the per-breast reading."""
@@ -349,6 +396,11 @@ def build_tid1500(sources: dict[str, Dataset], reading: ReadingSummary, study_ui
             measurements.append(hd.sr.Measurement(
                 name=hd.sr.CodedConcept(f"W-{slot}", "99MAMMONODE", f"Fusion weight {slot}"),
                 value=float(w), unit=codes.UCUM.NoUnits))
+        if b.score is not None:
+            measurements.append(hd.sr.Measurement(
+                name=hd.sr.CodedConcept("BREAST-SCORE", "99MAMMONODE",
+                                        "AI breast malignancy score"),
+                value=float(b.score), unit=hd.sr.CodedConcept(*SCORE_UNIT)))
         tracking = hd.sr.TrackingIdentifier(
             uid=result_uid(study_uid, version, f"tracking-{lat}"),
             identifier=f"{'Left' if lat == 'L' else 'Right'} breast")
@@ -375,6 +427,8 @@ def build_tid1500(sources: dict[str, Dataset], reading: ReadingSummary, study_ui
             measurements=measurements, qualitative_evaluations=evals,
             source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(
                 sources[v]) for v in views]))
+    if reading.score is not None:
+        groups.append(_exam_score_group(sources, reading, study_uid, version))
     report = hd.sr.MeasurementReport(
         observation_context=context,
         procedure_reported=hd.sr.CodedConcept("71651007", "SCT", "Mammography"),
@@ -499,6 +553,9 @@ def build_mammo_cad(sources: dict[str, Dataset], reading: ReadingSummary, study_
                 relationship_type=_rel("CONTAINS")))
         for slot, w in reading.fusion_weights.get(lat, {}).items():
             items.append(_num(_c(f"W-{slot}", _PRIVATE, f"Fusion weight of {slot}"), w, one))
+        if b.score is not None:
+            items.append(_num(_c("BREAST-SCORE", _PRIVATE, "AI breast malignancy score"),
+                              b.score, _c(*SCORE_UNIT)))
         items.append(hd.sr.TextContentItem(
             name=_c("MISSING-VIEWS", _PRIVATE, "Missing views"),
             value=", ".join(reading.missing_views) or "none",
@@ -519,7 +576,19 @@ def build_mammo_cad(sources: dict[str, Dataset], reading: ReadingSummary, study_
     overall = hd.sr.TextContentItem(
         name=_c("121073", "DCM", "Impression"), value=overall_impression(reading),
         relationship_type=_rel("INFERRED_FROM"))
-    summary.ContentSequence = hd.sr.ContentSequence([overall, *impressions])
+    exam_items: list = []
+    if reading.score is not None:
+        exam_items.append(_num(_c("EXAM-SCORE", _PRIVATE, "AI exam malignancy score"),
+                               reading.score, _c(*SCORE_UNIT), rel="INFERRED_FROM"))
+        if reading.operating_point is not None:
+            exam_items.append(_num(_c("OPERATING-POINT", _PRIVATE, "Operating point"),
+                                   reading.operating_point, _c(*SCORE_UNIT),
+                                   rel="INFERRED_FROM"))
+            exam_items.append(hd.sr.CodeContentItem(
+                name=_c("ABOVE-OP", _PRIVATE, "Exam score above the operating point"),
+                value=_c(*(_YES if reading.above_operating_point else _NO)),
+                relationship_type=_rel("INFERRED_FROM")))
+    summary.ContentSequence = hd.sr.ContentSequence([overall, *exam_items, *impressions])
 
     detections = hd.sr.CodeContentItem(
         name=_c("111064", "DCM", "Summary of Detections"),

@@ -110,7 +110,8 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _init_model(parent: int, checkpoint: str, device: str, numba_cache: str) -> None:
+def _init_model(parent: int, checkpoint: str, device: str, numba_cache: str,
+                operating_point: float | None = None) -> None:
     global _STATE
     _die_with_parent(parent)
     # numba caches the compiled scan kernels on disk; beside the package is often read-only
@@ -119,7 +120,7 @@ def _init_model(parent: int, checkpoint: str, device: str, numba_cache: str) -> 
     os.environ.setdefault("NUMBA_CACHE_DIR", numba_cache)
     from inference.api import MammoModel
 
-    model = MammoModel(checkpoint or None, device=device)
+    model = MammoModel(checkpoint or None, device=device, operating_point=operating_point)
     model.warm_up()  # compile / load the scan kernels now, not during the first exam
     _STATE = _InferenceState(model)
 
@@ -157,7 +158,8 @@ def _read(model, job: ExamJob) -> tuple:
         breasts={b: BreastSummary(present=r.present, birads=r.birads,
                                   birads_probabilities=dict(r.birads_probabilities or {}),
                                   diagnosis=r.diagnosis,
-                                  diagnosis_probabilities=dict(r.diagnosis_probabilities or {}))
+                                  diagnosis_probabilities=dict(r.diagnosis_probabilities or {}),
+                                  score=r.score)
                  for b, r in reading.breasts.items()},
         fusion_weights=reading.fusion_weights, missing_views=reading.missing_views,
         model_name=reading.model["name"], model_version=str(info.metadata.get("version", "?")),
@@ -165,7 +167,9 @@ def _read(model, job: ExamJob) -> tuple:
         attention_regions={slot: region for slot, m in reading.attention_maps.items()
                            if (region := hottest_region(m, reading.map_factors.get(slot, 1)))
                            is not None},
-        seconds={k: round(v, 4) for k, v in reading.seconds.items()})
+        seconds={k: round(v, 4) for k, v in reading.seconds.items()},
+        score=reading.score, operating_point=reading.operating_point,
+        above_operating_point=reading.above_operating_point)
     return sources, reading, summary
 
 
@@ -328,7 +332,8 @@ class Worker(threading.Thread):
                                    initializer=_init_model,
                                    initargs=(os.getpid(), self.cfg.inference.checkpoint,
                                              self.cfg.inference.device,
-                                             str(self.cfg.data_dir / "cache" / "numba")))
+                                             str(self.cfg.data_dir / "cache" / "numba"),
+                                             self.cfg.inference.operating_point))
 
     def _start_model(self) -> bool:
         """Start the inference process and load the model; False (said why) on failure."""

@@ -159,7 +159,17 @@ class Exam(Base):
             "state_changed_at": self.state_changed_at.isoformat() + "Z",
             # the worker reading it ("host:pid"), while it is processing
             "worker": self.lease_owner,
+            **self._reading_score(),
         }
+
+    def _reading_score(self) -> dict[str, Any]:
+        """The current reading's 0-100 exam score and verdict, for lists and scripts."""
+        try:
+            r = json.loads(self.reading_json or "{}")
+        except ValueError:
+            r = {}
+        return {"score": r.get("score"), "operating_point": r.get("operating_point"),
+                "above_operating_point": r.get("above_operating_point")}
 
 
 class Result(Base):

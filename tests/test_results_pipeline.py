@@ -102,6 +102,8 @@ def test_exam_reading_arrives_in_the_pacs_and_validates(node_factory, storescp_f
         assert needle in cad, needle
     table = node.cli("exams").stdout
     assert "pacs:10 sent" in table
+    listed = node.exam(study)  # exams --json: the exam's 0-100 score
+    assert 0 <= listed["score"] <= 100 and listed["score"] >= 50  # the spiculated lesion
     for suffix, title in ((".88.33", "Imaging Measurement Report"),
                           (".88.50", "Mammography CAD Report")):
         sr_file = next(f for f, o in zip(files, objs) if o.SOPClassUID.endswith(suffix))

@@ -110,19 +110,50 @@ def test_train_is_deterministic_and_resumable(tiny_data, tmp_path):
         torch.testing.assert_close(a[k], c[k], rtol=1e-5, atol=1e-6)
 
 
+def test_train_chooses_an_operating_point_on_held_out_exams(tiny_data, tmp_path):
+    _train(tiny_data, tmp_path / "v.safetensors", "--epochs", "1", "--arch", "cnn",
+           "--val-fraction", "0.5")
+    info = json.loads(cli("model-info", "--checkpoint", str(tmp_path / "v.safetensors"),
+                          "--json").stdout)
+    op = info["metadata"]["operating_point"]
+    assert "held-out training exams" in op["chosen_on"] and 0 < op["n"] < 10
+    assert 0 <= op["score"] <= 100 and op["specificity"] >= 0.9
+
+
 def test_evaluate_json_and_table(tiny_data, tmp_path):
     _train(tiny_data, tmp_path / "m.safetensors", "--epochs", "1", "--arch", "cnn",
            "--task", "birads-5class")
     r = cli("evaluate", "--data", str(tiny_data), "--checkpoint", str(tmp_path / "m.safetensors"),
             "--split", "all", "--json")
     res = json.loads(r.stdout)
-    assert {"birads-5class", "birads-3class", "diagnosis"} <= set(res)
+    assert {"birads-5class", "birads-3class", "diagnosis", "exam"} <= set(res)
+    exam = res.pop("exam")
     for m in res.values():
         assert set(m) == {"auc", "f1", "accuracy", "n"} and m["n"] > 0
         assert 0 <= m["accuracy"] <= 1 and 0 <= m["f1"] <= 1
+    # The exam score's statistics: AUC with its bootstrap interval, sensitivity at 90 / 95 %
+    # specificity, calibration.
+    assert exam["n"] == 10 and 0 < exam["positives"] < 10
+    lo, hi = exam["auc_ci95"]
+    assert lo <= exam["auc"] <= hi
+    assert exam["sensitivity_at_90_specificity"] is not None and exam["calibration"]
+    # An operating point chosen on these exams (calibrate), then the confusion matrix at it
+    # and the plots.
+    r = cli("calibrate", "--data", str(tiny_data), "--checkpoint",
+            str(tmp_path / "m.safetensors"), "--split", "all", "--specificity", "0.8",
+            "--out", str(tmp_path / "m2.safetensors"), "--quiet")
+    assert "operating point: exam score" in r.stdout
+    info = json.loads(cli("model-info", "--checkpoint", str(tmp_path / "m2.safetensors"),
+                          "--json").stdout)
+    op = info["metadata"]["operating_point"]
+    assert op["target_specificity"] == 0.8 and op["specificity"] >= 0.8
     table = cli("evaluate", "--data", str(tiny_data), "--checkpoint",
-                str(tmp_path / "m.safetensors"), "--split", "all", "--quiet").stdout
+                str(tmp_path / "m2.safetensors"), "--split", "all", "--quiet", "--plots",
+                str(tmp_path / "plots")).stdout
     assert "AUC" in table and "birads-5class" in table
+    assert f"at the operating point {op['score']:g}" in table and "TP " in table
+    assert (tmp_path / "plots" / "roc.png").stat().st_size > 1000
+    assert (tmp_path / "plots" / "calibration.png").stat().st_size > 1000
     info = json.loads(cli("model-info", "--checkpoint", str(tmp_path / "m.safetensors"),
                           "--json").stdout)
     assert info["metadata"]["model_config"]["arch"] == "cnn"

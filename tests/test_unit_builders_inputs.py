@@ -31,12 +31,13 @@ def _reading(demo: bool = True) -> ReadingSummary:
         return {c: (0.8 if i == top else 0.05) for i, c in enumerate(CLASSES)}
     return ReadingSummary(
         breasts={"L": BreastSummary(True, "BI-RADS 5", probs(4), "malignant",
-                                    {"normal": 0.05, "benign": 0.1, "malignant": 0.85}),
+                                    {"normal": 0.05, "benign": 0.1, "malignant": 0.85}, 85.0),
                  "R": BreastSummary(True, "BI-RADS 1", probs(0), "normal",
-                                    {"normal": 0.9, "benign": 0.05, "malignant": 0.05})},
+                                    {"normal": 0.9, "benign": 0.05, "malignant": 0.05}, 5.0)},
         fusion_weights={"L": {"L-CC": 0.6, "L-MLO": 0.4}, "R": {"R-CC": 0.5, "R-MLO": 0.5}},
         missing_views=[], model_name="HybridCnnVssm", model_version="1.0",
-        model_sha256="ab" * 32, not_for_clinical_use=demo)
+        model_sha256="ab" * 32, not_for_clinical_use=demo, score=85.0, operating_point=40.0,
+        above_operating_point=True)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,10 @@ def test_mammo_cad_sr_from_a_reading(sources):
         study, 1, "sr-mammo-cad")
     text = json.dumps(sr.to_json_dict(), default=str)
     for needle in ("Image Library", "397145000", "Mammography assessment (Category 5)",
-                   "397140005", "NOT FOR CLINICAL USE", "HybridCnnVssm", "Fusion weight of L-CC"):
+                   "397140005", "NOT FOR CLINICAL USE", "HybridCnnVssm", "Fusion weight of L-CC",
+                   "AI exam malignancy score", "AI breast malignancy score", "Operating point",
+                   "Exam score above the operating point", "373066001",
+                   "Exam score 85/100, above the operating point (40)"):
         assert needle in text, needle
     assert all(ds.SOPInstanceUID in text for ds in sources.values())
     assert sr.SoftwareVersions.startswith("mammo-node ")
@@ -69,6 +73,8 @@ def test_tid1500_and_secondary_capture(sources):
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"
     text = json.dumps(sr.to_json_dict(), default=str)
     assert "397145000" in text and "Mammography assessment (Category 5)" in text
+    for needle in ("AI exam malignancy score", "{score}", "Operating point", "373066001"):
+        assert needle in text, needle
     src = sources["L-CC"]
     display = np.linspace(0, 1, src.Rows * src.Columns).reshape(src.Rows, src.Columns)
     attention = np.zeros_like(display)
