@@ -331,9 +331,11 @@ def overall_impression(reading: ReadingSummary) -> str:
 
 
 # --------------------------------------------------------------------------- TID 1500 SR
-def _exam_score_group(sources: dict[str, Dataset], reading: ReadingSummary, study_uid: str,
-                      version: int) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """The exam-level group: the 0-100 score, the operating point and the verdict."""
+def _exam_score_items(reading: ReadingSummary
+                      ) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:
+    """The exam-level score, operating point and verdict. They join the measurement group of
+    the exam's most suspicious breast (whose score the exam's is): a group without an image
+    region stops OHIF 3.13 from drawing any of the report."""
     unit = hd.sr.CodedConcept(*SCORE_UNIT)
     measurements = [hd.sr.Measurement(
         name=hd.sr.CodedConcept("EXAM-SCORE", "99MAMMONODE", "AI exam malignancy score"),
@@ -347,13 +349,7 @@ def _exam_score_group(sources: dict[str, Dataset], reading: ReadingSummary, stud
             name=hd.sr.CodedConcept("ABOVE-OP", "99MAMMONODE",
                                     "Exam score above the operating point"),
             value=hd.sr.CodedConcept(*(_YES if reading.above_operating_point else _NO))))
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=result_uid(study_uid, version, "tracking-exam"), identifier="Exam"),
-        finding_type=codes.SCT.Breast, measurements=measurements,
-        qualitative_evaluations=evals or None,
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds)
-                       for ds in sources.values()])
+    return measurements, evals
 
 
 def build_tid1500(sources: dict[str, Dataset], reading: ReadingSummary, study_uid: str,
@@ -368,6 +364,9 @@ def build_tid1500(sources: dict[str, Dataset], reading: ReadingSummary, study_ui
     context = hd.sr.ObservationContext(observer_device_context=observer)
     groups: list[hd.sr.MeasurementsAndQualitativeEvaluations
                  | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
+    scored = [lat for lat in ("L", "R") if reading.breasts.get(lat, _ABSENT).present
+              and reading.breasts.get(lat, _ABSENT).birads]
+    worst = max(scored, key=lambda lat: reading.breasts[lat].score or 0.0, default=None)
     for lat in ("L", "R"):
         b = reading.breasts.get(lat, _ABSENT)
         if not b.present or not b.birads:
@@ -401,6 +400,10 @@ def build_tid1500(sources: dict[str, Dataset], reading: ReadingSummary, study_ui
                 name=hd.sr.CodedConcept("BREAST-SCORE", "99MAMMONODE",
                                         "AI breast malignancy score"),
                 value=float(b.score), unit=hd.sr.CodedConcept(*SCORE_UNIT)))
+        if reading.score is not None and lat == worst:
+            exam_m, exam_e = _exam_score_items(reading)
+            measurements += exam_m
+            evals += exam_e
         tracking = hd.sr.TrackingIdentifier(
             uid=result_uid(study_uid, version, f"tracking-{lat}"),
             identifier=f"{'Left' if lat == 'L' else 'Right'} breast")
@@ -427,8 +430,6 @@ def build_tid1500(sources: dict[str, Dataset], reading: ReadingSummary, study_ui
             measurements=measurements, qualitative_evaluations=evals,
             source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(
                 sources[v]) for v in views]))
-    if reading.score is not None:
-        groups.append(_exam_score_group(sources, reading, study_uid, version))
     report = hd.sr.MeasurementReport(
         observation_context=context,
         procedure_reported=hd.sr.CodedConcept("71651007", "SCT", "Mammography"),
