@@ -70,8 +70,9 @@ def write_synthetic_dataset(out: str | Path, exams: int, seed: int = 0, rows: in
 
         it = tqdm(it, desc="synth", unit="exam")
     for e in it:
-        study = generate_uid(prefix=UID_ROOT)
-        series = generate_uid(prefix=UID_ROOT)
+        # UIDs from the seed too: the same seed writes the same data set, files and all.
+        study = generate_uid(prefix=UID_ROOT, entropy_srcs=[f"synth|{seed}|{e}|study"])
+        series = generate_uid(prefix=UID_ROOT, entropy_srcs=[f"synth|{seed}|{e}|series"])
         split = "test" if rng.random() < test_fraction else "training"
         dialect = str(rng.choice(["standard", "code-only", "srt", "legacy"]))
         photometric = "MONOCHROME1" if rng.random() < 0.15 else "MONOCHROME2"
@@ -92,6 +93,8 @@ def write_synthetic_dataset(out: str | Path, exams: int, seed: int = 0, rows: in
                     kw["artifacts"] = tuple(kinds or [str(art_rng.choice(ARTIFACTS))])
                 ds = make_mammogram(
                     lat, view, rows=rows, cols=cols, seed=int(rng.integers(1 << 31)),
+                    sop_uid=generate_uid(prefix=UID_ROOT,
+                                         entropy_srcs=[f"synth|{seed}|{e}|{lat}{view}"]),
                     lesions=les, dialect=dialect, photometric=photometric, study_uid=study,
                     series_uid=series, patient_id=f"SYN{seed:03d}{e:06d}",
                     accession=f"S{seed % 1000:03d}{e:06d}", **kw)
