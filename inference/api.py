@@ -28,6 +28,7 @@ from inference.model import BREASTS, DIAGNOSIS_CLASSES, VIEWS, algorithm_name
 from inference.preprocess import (
     Geometry,
     decode,
+    decode_reduced,
     guess_slot,
     load,
     map_to_original,
@@ -64,7 +65,9 @@ class ExamReading:
     seconds: dict[str, float] = field(default_factory=dict)
     #: the windowed images in [0, 1] (original orientation), when asked for with keep_display
     displays: dict[str, np.ndarray] = field(default_factory=dict)
-    #: per view, how many times smaller than the image its attention map is (``map_side``)
+    #: per view, how many times smaller than the image its attention map is (``map_side``;
+    #: with it, JPEG 2000 images are also decoded at a reduced resolution level, and then
+    #: ``geometry`` and ``displays`` are of the decoded size)
     map_factors: dict[str, int] = field(default_factory=dict)
     #: the exam's 0-100 malignancy score (its most suspicious breast's)
     score: float | None = None
@@ -144,7 +147,13 @@ class MammoModel:
         # release the GIL for the heavy parts).
         with ThreadPoolExecutor(max_workers=min(4, len(present), os.cpu_count() or 1)) as ex:
             datasets = list(ex.map(lambda s: load(slots[s]), present))
-            pixels = list(ex.map(decode, datasets))
+            if map_side:  # the node's path: JPEG 2000 decoded at a reduced resolution level
+                reduced_px = list(ex.map(lambda d: decode_reduced(d, map_side), datasets))
+                pixels = [p for p, _ in reduced_px]
+                decoded_f = [f for _, f in reduced_px]
+            else:
+                pixels = list(ex.map(decode, datasets))
+                decoded_f = [1] * len(datasets)
             t_dec = time.perf_counter()
 
             def prepare(i: int) -> tuple[np.ndarray, torch.Tensor, Geometry]:
@@ -155,6 +164,7 @@ class MammoModel:
 
             prepared = list(ex.map(prepare, range(len(present))))
         pixels.clear()  # the decoded arrays are not needed any more
+        decoded_factor = dict(zip(present, decoded_f))
         for slot, (disp, x, g) in zip(present, prepared):
             k = VIEWS.index(slot)
             images[0, k], geoms[slot] = x, g
@@ -202,7 +212,8 @@ class MammoModel:
                 f = 1
                 if map_side:
                     f = max(1, math.ceil(max(g.original_shape) / map_side))
-                factors[slot] = f
+                # Pixels of the image per map pixel (the image may have been decoded smaller).
+                factors[slot] = f * decoded_factor.get(slot, 1)
                 full = map_to_original(a, reduced(g, f))
                 maps[slot] = full / max(float(full.max()), 1e-12)
         score = exam_score({b: r.score for b, r in breasts.items()})

@@ -207,3 +207,51 @@ def test_reduced_attention_maps_land_where_the_full_size_ones_do():
         b = hottest_region(small.attention_maps[slot], f)
         assert a is not None and b is not None
         assert max(abs(x - y) for x, y in zip(a, b)) <= 2 * f, (slot, a, b)
+
+
+def test_jpeg2000_decoded_at_a_reduced_resolution_level():
+    """JPEG 2000 keeps halved resolutions: a large view is decoded 2^k times smaller (what the
+    model needs), with the values of the full decode averaged over the same blocks."""
+    from inference.preprocess import decode, decode_reduced
+
+    ds = make_mammogram("L", "CC", rows=1200, cols=960, seed=2,
+                        transfer_syntax="1.2.840.10008.1.2.4.90")
+    small, f = decode_reduced(ds, 256)
+    assert f == 4 and small.shape == (300, 240) and small.dtype == np.uint16
+    full = decode(ds).astype(np.float64)
+    blocks = full.reshape(300, 4, 240, 4).mean(axis=(1, 3))
+    assert np.abs(small - blocks).mean() < 0.01 * full.max()
+    same, f1 = decode_reduced(make_mammogram("L", "CC", rows=1200, cols=960, seed=2), 256)
+    assert f1 == 1 and same.shape == (1200, 960)  # uncompressed: no levels to use
+
+
+def test_jpeg_ls_through_charls_gives_the_stored_values():
+    from inference.preprocess import decode
+
+    ds = make_mammogram("R", "MLO", rows=256, cols=200, seed=3,
+                        transfer_syntax="1.2.840.10008.1.2.4.80")
+    plain = make_mammogram("R", "MLO", rows=256, cols=200, seed=3)
+    assert np.array_equal(decode(ds), plain.pixel_array)
+
+
+def test_a_jpeg2000_exam_reads_like_the_uncompressed_one():
+    from inference.api import MammoModel
+    from inference.synthetic import Lesion, make_exam
+    from node.worker import hottest_region
+
+    kw = dict(seed=11, rows=2400, cols=1900,
+              lesions={"L": [Lesion("spiculated", 0.5, 0.5, 0.07, 0.35)]})
+    plain = make_exam(**kw)
+    j2k = make_exam(**kw, transfer_syntax="1.2.840.10008.1.2.4.90")
+    for a, b in zip(plain, j2k):
+        b.StudyInstanceUID = a.StudyInstanceUID
+    model = MammoModel(device="cpu")
+    r1, r2 = (model.predict_exam(e, map_side=512) for e in (plain, j2k))
+    # 2400 rows: maps 5x smaller; decoded 4x smaller (2 levels), maps 2x smaller again
+    assert r1.map_factors["L-CC"] == 5 and r2.map_factors["L-CC"] == 8
+    assert r1.breasts["L"].birads == r2.breasts["L"].birads
+    assert abs(r1.score - r2.score) < 5
+    for slot in ("L-CC", "L-MLO"):  # the lesion's views (a normal breast's map is diffuse)
+        a = hottest_region(r1.attention_maps[slot], r1.map_factors[slot])
+        b = hottest_region(r2.attention_maps[slot], r2.map_factors[slot])
+        assert max(abs(x - y) for x, y in zip(a, b)) <= 40, (slot, a, b)
