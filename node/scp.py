@@ -151,12 +151,11 @@ class StoreError(Exception):
         self.status = status
 
 
-def _str(ds: Dataset, keyword: str, limit: int | None = None) -> str | None:
+def _str(ds: Dataset, keyword: str) -> str | None:
     value = ds.get(keyword, None)
     if value is None or value == "":
         return None
-    text = str(value).strip()
-    return text[:limit] if limit else text
+    return str(value).strip()
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
@@ -226,6 +225,8 @@ def instance_record(ds: Dataset, store: FileStore, calling_aet: str,
         raise StoreError(DATASET_MISMATCH, str(exc)) from exc
     view = classify(ds)
     assert sop_instance and sop_class and study and series  # checked above
+    # Values as the header has them: storage.state.fit_row cuts them to the columns (which
+    # are wider than the VRs where vendors overrun them), one place for the lengths.
     return InstanceRecord(
         sop_instance_uid=sop_instance,
         sop_class_uid=sop_class,
@@ -234,22 +235,22 @@ def instance_record(ds: Dataset, store: FileStore, calling_aet: str,
         transfer_syntax_uid=transfer_syntax,
         path=relpath,
         size_bytes=size,
-        calling_aet=calling_aet[:16] if calling_aet else None,
-        patient_id=_str(ds, "PatientID", 64),
-        issuer_of_patient_id=_str(ds, "IssuerOfPatientID", 64),
-        patient_name=_str(ds, "PatientName", 324),
-        accession_number=_str(ds, "AccessionNumber", 16),
-        study_date=_str(ds, "StudyDate", 8),
-        study_time=_str(ds, "StudyTime", 16),
-        modality=_str(ds, "Modality", 16),
+        calling_aet=calling_aet or None,
+        patient_id=_str(ds, "PatientID"),
+        issuer_of_patient_id=_str(ds, "IssuerOfPatientID"),
+        patient_name=_str(ds, "PatientName"),
+        accession_number=_str(ds, "AccessionNumber"),
+        study_date=_str(ds, "StudyDate"),
+        study_time=_str(ds, "StudyTime"),
+        modality=_str(ds, "Modality"),
         series_number=_int(ds, "SeriesNumber"),
         instance_number=_int(ds, "InstanceNumber"),
-        patient_birth_date=_str(ds, "PatientBirthDate", 8),
-        patient_sex=_str(ds, "PatientSex", 16),
-        study_description=_str(ds, "StudyDescription", 64),
-        study_id=_str(ds, "StudyID", 16),
-        referring_physician_name=_str(ds, "ReferringPhysicianName", 324),
-        series_description=_str(ds, "SeriesDescription", 64),
+        patient_birth_date=_str(ds, "PatientBirthDate"),
+        patient_sex=_str(ds, "PatientSex"),
+        study_description=_str(ds, "StudyDescription"),
+        study_id=_str(ds, "StudyID"),
+        referring_physician_name=_str(ds, "ReferringPhysicianName"),
+        series_description=_str(ds, "SeriesDescription"),
         rows=_int(ds, "Rows"),
         columns=_int(ds, "Columns"),
         bits_allocated=_int(ds, "BitsAllocated"),

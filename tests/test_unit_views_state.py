@@ -186,3 +186,22 @@ def test_key_match_by_vr():
     assert key_match("PatientName", "a*").op == "like_ci"
     assert key_match("SeriesNumber", "3").op == "int"
     assert key_match("PatientID", "*") is None
+
+
+def test_header_values_longer_than_their_vr_are_kept_to_the_column(exams):
+    """Vendors overrun AccessionNumber (SH 16) and the descriptions: stored whole up to the
+    (wider) columns and matched exactly, on SQLite and PostgreSQL alike; longer still is cut
+    to fit, the store never fails for it."""
+    store, files = exams
+    exam = make_exam(seed=9, rows=8, cols=8, accession="ACC-2026-000000012345")  # 21 chars
+    for ds in exam:
+        ds.StudyDescription = "Screening mammography, bilateral, " * 4           # 136 chars
+        ds.SeriesDescription = "x" * 300                                           # > 256
+    results = _add(store, files, exam)
+    assert [r.exam_state for r in results][-1] == "ready"
+    from node.config import Config
+
+    qr = QueryRetrieveSCP(Config(), files, store)
+    rows, _ = qr.match("STUDY", {"AccessionNumber": "ACC-2026-000000012345"})
+    assert rows and rows[0].study_description == exam[0].StudyDescription.strip()
+    assert len(rows[0].series_description) == 256
