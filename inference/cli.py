@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 
+from inference.datasets import FORMATS  # torch-free: the readers only
+
 
 def _size(text: str) -> tuple[int, int]:
     try:
@@ -35,7 +37,6 @@ def _clean_errors(name: str, fn):
     return run
 
 
-FORMATS = ["vindr", "csv", "cbis-ddsm", "rsna", "cmmd", "inbreast"]
 
 
 def cmd_synth(args: argparse.Namespace) -> int:

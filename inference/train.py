@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from inference.checkpoint import load_checkpoint, save_checkpoint
-from inference.data import ExamDataset, read_dataset, select_split
+from inference.datasets import read_dataset, select_split
+from inference.datasets.cache import ExamDataset
 from inference.device import resolve_device
 from inference.metrics import evaluate_predictions
 from inference.model import HybridCnnVssm, ModelConfig

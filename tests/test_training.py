@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from inference.data import ExamDataset, read_csv, read_vindr
+from inference.datasets import read_csv, read_vindr
+from inference.datasets.cache import ExamDataset
 
 
 def cli(*args, cwd=None) -> subprocess.CompletedProcess:
