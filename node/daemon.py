@@ -202,8 +202,11 @@ class Node:
             from node.security import server_context
 
             ssl_context = server_context(cfg)
+        from node.handlers import guard
+
         server = ae.start_server((cfg.node.host, cfg.node.port), block=False,
-                                 evt_handlers=self.scp.handlers() + qr.handlers(),
+                                 evt_handlers=guard(self.scp.handlers() + qr.handlers(),
+                                                    self.audit),
                                  ssl_context=ssl_context)
         assert server is not None  # block=False returns the server
         self.server = server
