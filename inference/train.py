@@ -132,13 +132,18 @@ def default_workers() -> int:
 
 
 def _loader(ds: ExamDataset, batch: int, sampler, workers: int, device: torch.device,
-            prefetch: int = 2) -> DataLoader:
+            prefetch: int = 2, seed: int = 0) -> DataLoader:
     kw: dict[str, Any] = {}
     if workers > 0:
         kw = {"prefetch_factor": max(1, prefetch), "persistent_workers": True}
+    # The loader's own generator: creating an iterator draws the workers' base seed from it,
+    # not from the global stream dropout uses (with persistent workers only the first epoch
+    # creates one, so a resumed run would otherwise draw once more than an uninterrupted one).
+    g = torch.Generator()
+    g.manual_seed(seed)
     return DataLoader(ds, batch_size=batch, sampler=sampler, shuffle=False,
                       num_workers=workers, worker_init_fn=_worker_init, drop_last=False,
-                      pin_memory=device.type == "cuda", **kw)
+                      pin_memory=device.type == "cuda", generator=g, **kw)
 
 
 def split_validation(train_recs: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -200,6 +205,11 @@ def _train(a: TrainArgs, ctx: DistContext) -> dict[str, Any]:
         model.run_every_encoder = True
     net: Any = model
     if ctx.distributed:
+        import warnings
+
+        # The 1x1 attention conv's gradient comes back in another memory layout than DDP's
+        # bucket; DDP copies it (correct; a copy of 192 floats per step), and warns each run.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
@@ -209,7 +219,8 @@ def _train(a: TrainArgs, ctx: DistContext) -> dict[str, Any]:
         ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=a.seed,
         drop_last=False)
     workers = default_workers() if a.workers < 0 else a.workers
-    loader = _loader(ds, a.batch_size, sampler, workers, device, a.prefetch)
+    loader = _loader(ds, a.batch_size, sampler, workers, device, a.prefetch,
+                     seed=a.seed + 7919 * ctx.rank)
     per_epoch = max(1, math.ceil(len(loader) / a.accumulate))  # optimizer steps
     steps_total = max(1, a.epochs * per_epoch)
     warmup = max(0, round(a.warmup_epochs * per_epoch))

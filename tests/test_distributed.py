@@ -130,3 +130,24 @@ def test_resume_under_torchrun_continues_the_same_run(one_and_two, data, tmp_pat
     wa, wc = load_file(str(two)), load_file(str(c))
     for k in wa:
         torch.testing.assert_close(wc[k], wa[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_paper_table_runs_each_configuration_under_torchrun(data, tmp_path):
+    """benchmarks/paper_table.py on the tiny set: one configuration, two gloo processes,
+    the table with bootstrap intervals beside the paper's figures."""
+    table, js = tmp_path / "table.md", tmp_path / "table.json"
+    r = subprocess.run([sys.executable, "benchmarks/paper_table.py", "--data", str(data),
+                        "--nproc", "2", "--epochs", "1", "--image-size", "64x64",
+                        "--batch-size", "2", "--archs", "cnn", "--weights", "shared",
+                        "--tasks", "multi", "--bootstrap", "50", "--out", str(table),
+                        "--json", str(js), "--train-args", "--val-fraction 0 --workers 0"],
+                       capture_output=True, text=True, timeout=600, env=_env(),
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = table.read_text()
+    assert "| cnn/shared/multi |" in text and "0.9967" in text and "0.4904" in text
+    row = json.loads(js.read_text())["rows"][0]
+    m = row["metrics"]["birads-5class"]
+    assert row["n_exams"] == 3 and 0.0 <= m["f1"] <= 1.0
+    lo, hi = m["f1_ci95"]
+    assert lo <= hi
