@@ -408,7 +408,7 @@ class ExamStore:
             setattr(stored, key, fit_row(Instance, {key: getattr(record, key)})[key])
         stored.note = ((stored.note + "; ") if stored.note else "") + (
             f"re-sent with another patient: {old.describe()} -> {new.describe()}")
-        exam = _get(s, Exam, stored.exam_id)
+        exam = _get(s, Exam, int(stored.exam_id or 0))
         members = list(s.scalars(select(Instance).where(Instance.exam_id == exam.id)
                                  .order_by(Instance.id)))
         exam.add_note(f"patient identity changed: instance {stored.sop_instance_uid} was "
