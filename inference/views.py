@@ -196,7 +196,7 @@ def classify(ds: Dataset, any_sop_class: bool = False) -> ViewInfo:
             laterality = value
             break
     if laterality is None:
-        laterality = vp_lat
+        laterality = vp_lat or frame_laterality(ds)
 
     info = ViewInfo(role="candidate", laterality=laterality, view=view,
                     modifiers=modifiers, for_processing=for_processing, kind=kind,
@@ -225,6 +225,18 @@ def classify(ds: Dataset, any_sop_class: bool = False) -> ViewInfo:
         info.role = "extra"
         info.note = f"{view} with modifier {'/'.join(modifiers)}: not a screening view"
     return info
+
+
+def frame_laterality(ds: Dataset) -> str | None:
+    """FrameLaterality of the shared (else the first per-frame) functional groups, where an
+    enhanced multi-frame image (a tomosynthesis volume) keeps its laterality."""
+    for seq in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        for item in (ds.get(seq, None) or [])[:1]:
+            for anat in item.get("FrameAnatomySequence", None) or []:
+                value = str(anat.get("FrameLaterality", "") or "").strip().upper()
+                if value in ("L", "R"):
+                    return value
+    return None
 
 
 def _private_texts(ds: Dataset) -> list[str]:

@@ -724,6 +724,22 @@ class ExamStore:
                         paths[slot] = path
             return exam.study_instance_uid, exam.version, paths
 
+    def reading_context(self, exam_id: int) -> dict[str, Any]:
+        """What a reading says about its images: slot -> image kind, implant, the
+        patient's priors (StudyDates) and the views that had only a volume."""
+        with self.db.session() as s:
+            exam = _get(s, Exam, exam_id)
+            study = exam.study_instance_uid
+            kinds = {k: v for k, v in exam.view_kinds.items() if v}
+            implant = bool(exam.implant)
+            volume_only = [n.split(":")[0] for n in exam.notes
+                           if "only a tomosynthesis volume; read with this view missing" in n]
+        priors = [d for _, d in self.priors_of(study)]
+        return {"kinds": kinds, "implant": implant,
+                "priors": [f"{d[:4]}-{d[4:6]}-{d[6:8]}" if d and len(d) == 8 else (d or "?")
+                           for d in priors],
+                "volume_only": sorted(set(volume_only))}
+
     # -- export ----------------------------------------------------------------------------
     def due_transfers(self, limit: int = 100,
                       exclude: set[str] | frozenset[str] = frozenset()) -> list[Delivery]:
