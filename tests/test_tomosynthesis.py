@@ -105,7 +105,7 @@ def test_vendor_conventions_read_the_right_images(node_factory, storescp_factory
 
     studies = {"combo": combo, "gen": gen, "named": named, "partial": partial,
                "implant": implant}
-    for name, exam in studies.items():
+    for exam in studies.values():
         node.wait_exam(exam[0].StudyInstanceUID, "done", timeout=300)
     assert node.exam(prior[0].StudyInstanceUID)["state"] == "prior"  # stored, not read
     wait_for(lambda: len(pacs.files()) == 6 * len(studies), 120, what="every result in the PACS")
@@ -129,7 +129,8 @@ def test_vendor_conventions_read_the_right_images(node_factory, storescp_factory
         content = _texts(cad, {})
         assert set(content["IMAGE"]) == uids, name
         for sr in (cad, tid):
-            evidence = {i.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
+            evidence = {i.ReferencedSOPInstanceUID
+                        for s in sr.CurrentRequestedProcedureEvidenceSequence
                         for se in s.ReferencedSeriesSequence
                         for i in se.ReferencedSOPSequence}
             assert evidence == uids, name
