@@ -70,7 +70,7 @@ class NodeProcess:
                      "data_dir": str(self.data_dir)},
             # Synthetic studies carry fixed dates (2026-01-15 by default) so that date-range
             # queries stay the same any day: the prior age rule is off unless a test sets it.
-            "grouping": {"stable_seconds": 60, "prior_after_days": ""},
+            "grouping": {"stable_seconds": 3600, "prior_after_days": ""},
             # No emergency purge unless a test asks: a nearly full test machine must not
             # delete what a test is about to look at.
             "storage": {"min_free_mb": 0, "fsync": True, "purge_above_percent": ""},
