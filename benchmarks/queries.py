@@ -172,15 +172,12 @@ def measure_dcmtk(port: int, sample: dict, repeats: int) -> list[tuple[str, floa
 
 
 def measure_sql(url: str, sample: dict, repeats: int) -> dict[str, float]:
-    """The matching alone (storage.query through node.qr), without the DICOM exchange."""
-    from node.config import Config
-    from node.qr import QueryRetrieveSCP
-    from storage.files import FileStore
+    """The matching alone (storage.query through node.query), without the DICOM exchange."""
+    from node.query import Query, QueryService
     from storage.state import ExamStore
 
     db = Database(url)
-    qr = QueryRetrieveSCP(Config(), FileStore(Path(tempfile.mkdtemp()), fsync=False),
-                          ExamStore(db))
+    queries = QueryService(ExamStore(db))
     d = dt.datetime.strptime(sample["date"], "%Y%m%d").date()
     cases = {"STUDY by PatientID": ("STUDY", {"PatientID": sample["patient_id"]}),
              "STUDY by date (1 day)": ("STUDY", {"StudyDate": sample["date"]}),
@@ -193,7 +190,7 @@ def measure_sql(url: str, sample: dict, repeats: int) -> dict[str, float]:
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            qr.match(level, keys, limit=1000)
+            queries.find(Query(level, keys), limit=1000)
             times.append((time.perf_counter() - t0) * 1000)
         out[name] = statistics.median(times)
     db.close()

@@ -959,13 +959,21 @@ class ExamStore:
         with self.db.session() as s:
             return list(s.scalars(q.order_by(Instance.id)))
 
-    def query(self, level: str, matches: list, limit: int | None = None,
-              offset: int = 0) -> tuple[list[Instance], bool]:
-        """C-FIND / QIDO matching in the database (see :mod:`storage.query`)."""
+    def find_entities(self, level: str, matches: list, limit: int | None = None,
+                      offset: int = 0, counts: frozenset = frozenset(),
+                      modalities: bool = False):
+        """C-FIND / QIDO matching in the database (see :func:`storage.query.find_entities`)."""
+        from storage.query import find_entities
+
+        with self.db.session() as s:
+            return find_entities(s, level, matches, limit, offset, counts, modalities)
+
+    def query_instances(self, level: str, matches: list) -> list[Instance]:
+        """Every instance of the matching entities (a retrieve's; :mod:`storage.query`)."""
         from storage.query import query_instances
 
         with self.db.session() as s:
-            return query_instances(s, level, matches, limit, offset)
+            return query_instances(s, level, matches)
 
     def instance_count(self) -> int:
         with self.db.session() as s:

@@ -10,7 +10,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from inference.synthetic import make_exam, make_mammogram
-from node.qr import QueryRetrieveSCP, key_match
+from node.query import Query, QueryError, QueryService, key_match
 from node.scp import instance_record
 from node.views import assign_slots, classify
 from storage.db import Database
@@ -170,13 +170,11 @@ def test_study_matching_in_sql(exams, key, query, n):
     b = make_exam(seed=6, rows=8, cols=8, patient_id="PAT-B", patient_name="Beta^Bea",
                   accession="ACC-B", acquisition=dt.datetime(2026, 5, 20))
     _add(store, files, a + b)
-    from node.config import Config
-
-    qr = QueryRetrieveSCP(Config(), files, store)
-    rows, more = qr.match("STUDY", {key: query})
-    assert len({r.study_instance_uid for r in rows}) == n and not more
-    rows, more = qr.match("IMAGE", {}, limit=3)
-    assert len(rows) == 3 and more
+    queries = QueryService(store)
+    found = queries.find(Query("STUDY", {key: query}))
+    assert len({r.study_instance_uid for r in found.rows}) == n and not found.more
+    found = queries.find(Query("IMAGE", {}), limit=3)
+    assert len(found.rows) == 3 and found.more
 
 
 def test_key_match_by_vr():
@@ -186,6 +184,12 @@ def test_key_match_by_vr():
     assert key_match("PatientName", "a*").op == "like_ci"
     assert key_match("SeriesNumber", "3").op == "int"
     assert key_match("PatientID", "*") is None
+    assert key_match("Modality", "MG\\SR").op == "in"
+    for key, bad in (("StudyDate", "2026-13"), ("SeriesNumber", "x"), ("Rows", "1*"),
+                     ("StudyInstanceUID", "1.2.*"), ("NumberOfStudyRelatedSeries", "1"),
+                     ("InstitutionName", "X")):
+        with pytest.raises(QueryError, match=key):
+            key_match(key, bad)
 
 
 def test_header_values_longer_than_their_vr_are_kept_to_the_column(exams):
@@ -199,9 +203,7 @@ def test_header_values_longer_than_their_vr_are_kept_to_the_column(exams):
         ds.SeriesDescription = "x" * 300                                           # > 256
     results = _add(store, files, exam)
     assert [r.exam_state for r in results][-1] == "ready"
-    from node.config import Config
-
-    qr = QueryRetrieveSCP(Config(), files, store)
-    rows, _ = qr.match("STUDY", {"AccessionNumber": "ACC-2026-000000012345"})
+    rows = QueryService(store).find(
+        Query("STUDY", {"AccessionNumber": "ACC-2026-000000012345"})).rows
     assert rows and rows[0].study_description == exam[0].StudyDescription.strip()
     assert len(rows[0].series_description) == 256
