@@ -163,7 +163,7 @@ def key_match(keyword: str, query: str) -> Match | None:
         def norm(v: str) -> str:
             v = v.replace(".", "") if vr == "DA" else v.replace(":", "")
             if v and not check.match(v):
-                raise QueryError(f"{keyword}: {v!r} is not a "
+                raise QueryError(f"{keyword}: {q!r}: {v!r} is not a "
                                  f"{'date (YYYYMMDD)' if vr == 'DA' else 'time (HHMMSS.FFFFFF)'}")
             return v
 
@@ -259,9 +259,13 @@ def from_identifier(identifier: Dataset) -> Query:
         if kw in NOT_KEYS:
             continue
         a = ATTRIBUTES.get(kw)
+        try:
+            value, empty = _value(elem) if elem.VR != "SQ" else "", _empty(elem)
+        except Exception as exc:  # a value pydicom cannot convert
+            raise QueryError(f"{kw or elem.tag}: unreadable value ({exc})") from exc
         if a is not None and a.matchable and elem.VR != "SQ":
-            q.keys[kw] = _value(elem)
-        elif not _empty(elem):
+            q.keys[kw] = value
+        elif not empty:
             raise QueryError(_unsupported(kw or f"({elem.tag.group:04X},{elem.tag.elem:04X})"))
         q.returned.append((int(elem.tag), elem.VR, kw))
     q.matches()  # every value checked before anything runs
