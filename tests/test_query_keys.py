@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import requests
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
-from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pynetdicom import AE
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
