@@ -490,6 +490,19 @@ class ExamStore:
                 self._set_state(exam, ExamState.READY, now, f"retry: {reason}")
             return exam.state
 
+    def release_claim(self, exam_id: int, version: int, reason: str) -> bool:
+        """Give a claimed exam back to ``ready`` at once, without counting an attempt: its
+        reading was cut off by something outside the exam (the database went away). False
+        when this process no longer holds it (taken over, or reopened meanwhile)."""
+        now = utcnow()
+        with self.db.write() as s:
+            exam = s.get(Exam, exam_id, with_for_update=True)
+            if exam is None or not self._held(exam, version):
+                return False
+            exam.add_note(f"reading interrupted ({reason}); queued again")
+            self._set_state(exam, ExamState.READY, now, f"interrupted: {reason}")
+            return True
+
     def reprocess(self, study_uid: str) -> tuple[int, str]:
         """Read an exam again as a new version (``mammo-node reprocess``): (version, state).
         KeyError: no such exam; ValueError: held by a patient conflict or no view."""
