@@ -24,7 +24,7 @@ from pynetdicom.sop_class import (
 )
 
 from node import audit as A
-from node.compat import wait_until_sent
+from node.compat import send_find_responses, wait_until_sent
 from node.config import Config
 from node.query import (
     ATTRIBUTES,
@@ -122,6 +122,22 @@ class QueryRetrieveSCP:
         if more:
             log.warning("C-FIND from %s matched more than [node] max_query_results (%d): "
                         "only the first %d are answered", who["ae_title"], cap, cap)
+        ts = str(event.context.transfer_syntax)
+        if ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            # The fast path (node.compat): answers encoded straight from the rows, several
+            # responses per P-DATA-TF PDU. Deflated contexts take pynetdicom's path below.
+            n, cancelled = send_find_responses(
+                event.assoc, event.context.context_id, int(event.request.MessageID or 0),
+                str(event.request.AffectedSOPClassUID),
+                self.queries.encoded_answers(query, found, ts == ExplicitVRLittleEndian),
+                lambda: event.is_cancelled)
+            if cancelled:
+                log.info("C-FIND cancelled after %d match(es)", n)
+                yield CANCELLED, None
+                return
+            log.info("C-FIND %s level from %s: %d match(es)", query.level,
+                     event.assoc.requestor.ae_title, n)
+            return
         n = 0
         for ds in self.queries.answers(query, found):
             if n % 16 == 0 and n:

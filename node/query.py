@@ -15,7 +15,8 @@ below the query's is matched relationally: an entity matches when one of its ins
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -349,6 +350,64 @@ class QueryService:
                 ds.SpecificCharacterSet = "ISO_IR 192"
             out.append(ds)
         return out
+
+
+    @staticmethod
+    def encoded_answers(query: Query, found: Found, explicit: bool) -> Iterator[bytes]:
+        """The same answers as :meth:`answers`, encoded straight from the rows (Little
+        Endian, explicit or implicit VR): what C-FIND sends, without building a pydicom
+        Dataset per answer (about 40 us an answer instead of 300; tests compare the two
+        byte for byte after decoding)."""
+        depth = query.depth
+        plan: dict[int, tuple[str, Attribute | None]] = {}
+        for tag, vr, kw in query.returned:
+            a = ATTRIBUTES.get(kw)
+            if a is not None and a.depth <= depth:
+                plan[tag] = (dictionary_VR(tag), a)
+            else:
+                plan[tag] = (vr, None)
+        for lv in LEVELS[1:depth + 1]:
+            unique = tag_for_keyword(UNIQUE_KEY[lv])
+            assert unique is not None
+            plan.setdefault(unique, ("UI", ATTRIBUTES[UNIQUE_KEY[lv]]))
+        head = _element(0x00080052, "CS", query.level.encode(), explicit)
+        order = sorted(plan.items())
+        charset = _element(0x00080005, "CS", b"ISO_IR 192", explicit)
+        for row in found.rows:
+            parts = []
+            utf8 = query.charset
+            for tag, (vr, a) in order:
+                value = None if a is None else _held(a, row, found)
+                if value is None or value == "" or value == []:
+                    data = b""
+                elif vr == "US":
+                    data = struct.pack("<H", int(value))
+                else:
+                    text = "\\".join(value) if isinstance(value, list) else str(value)
+                    if not text.isascii():
+                        utf8 = True
+                    data = text.encode("utf-8")
+                parts.append(_element(tag, vr, data, explicit) if tag != 0x00080052 else b"")
+            # (0008,0005) and (0008,0052) precede every key but none of the table's.
+            before = [p for (tag, _), p in zip(order, parts, strict=True) if tag < 0x00080052]
+            after = [p for (tag, _), p in zip(order, parts, strict=True) if tag > 0x00080052]
+            yield b"".join([charset if utf8 else b"", *before, head, *after])
+
+
+#: VRs whose explicit-VR element header has a 4-byte length (PS3.5 7.1.2).
+_LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT",
+                       "UV"})
+
+
+def _element(tag: int, vr: str, data: bytes, explicit: bool) -> bytes:
+    if len(data) % 2:
+        data += b"\0" if vr in ("UI", "OB", "UN") else b" "
+    group_elem = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+    if not explicit:
+        return group_elem + struct.pack("<I", len(data)) + data
+    if vr in _LONG_VRS:
+        return group_elem + vr.encode() + b"\0\0" + struct.pack("<I", len(data)) + data
+    return group_elem + vr.encode() + struct.pack("<H", len(data)) + data
 
 
 def _held(a: Attribute, row: Instance, found: Found) -> Any:

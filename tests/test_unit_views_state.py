@@ -210,3 +210,43 @@ def test_header_values_longer_than_their_vr_are_kept_to_the_column(exams):
         Query("STUDY", {"AccessionNumber": "ACC-2026-000000012345"})).rows
     assert rows and rows[0].study_description == exam[0].StudyDescription.strip()
     assert len(rows[0].series_description) == 256
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+def test_encoded_c_find_answers_are_the_datasets_answers_builds(exams, explicit):
+    """C-FIND's fast path (answers encoded straight from the rows) says exactly what the
+    pydicom datasets of QueryService.answers say, in either Little Endian syntax: every key
+    asked, unique keys added, empty where not held, and UTF-8 declared for a non-ASCII
+    name the query gave no character set for."""
+    from io import BytesIO
+
+    from pydicom.dataset import Dataset
+    from pynetdicom.dsutils import decode
+
+    from node.query import from_identifier
+
+    store, files = exams
+    a = make_exam(seed=7, rows=8, cols=8, patient_id="PAT-Ü", patient_name="Müller^Zoë",
+                  accession="ACC-U")
+    _add(store, files, a)
+    queries = QueryService(store)
+    for level in ("PATIENT", "STUDY", "SERIES", "IMAGE"):
+        q = Dataset()
+        q.QueryRetrieveLevel = level
+        for kw in ("PatientName", "PatientID", "StudyDate", "ModalitiesInStudy",
+                   "NumberOfStudyRelatedInstances", "SeriesNumber", "Rows", "InstitutionName",
+                   "NumberOfPatientRelatedStudies", "NumberOfFrames"):
+            setattr(q, kw, None)
+        query = from_identifier(q)
+        found = queries.find(query)
+        want = queries.answers(query, found)
+        got = [decode(BytesIO(b), not explicit, True, False)
+               for b in queries.encoded_answers(query, found, explicit)]
+        assert len(got) == len(want) > 0
+        for g, w in zip(got, want, strict=True):
+            w.SpecificCharacterSet = "ISO_IR 192"  # the name is not ASCII
+            assert [e.tag for e in g] == [e.tag for e in w]
+            for e in w:
+                got_v, want_v = (("" if v is None else str(v)) for v in (g[e.tag].value,
+                                                                         e.value))
+                assert got_v == want_v, (level, e.keyword)
