@@ -1,7 +1,7 @@
 """DICOMweb in the daemon (Starlette on uvicorn): STOW-RS, QIDO-RS, WADO-RS.
 
-STOW-RS goes through the same :meth:`node.scp.StorageSCP.ingest` as C-STORE (validation, file
-store, exam assembly); QIDO-RS uses the C-FIND matching of :mod:`node.qr`; WADO-RS serves the
+STOW-RS goes through the same :class:`node.ingest.Ingest` as C-STORE (streaming validation,
+file store, exam assembly); QIDO-RS uses the C-FIND matching of :mod:`node.qr`; WADO-RS serves the
 stored files (received images and produced results alike), their metadata, and rendered PNG
 or JPEG images of single-frame objects (the attention maps) for browsers.
 """
@@ -17,7 +17,6 @@ import threading
 import uuid
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -31,10 +30,11 @@ from node import audit as A
 from node import wado
 from node.config import Config
 from node.dashboard import COOKIE, Dashboard
+from node.ingest import Ingest, StoreError, part_to_file, public_message
 from node.qr import ATTRS, LEVELS, QueryRetrieveSCP
 from node.scp import StorageSCP
 from node.security import TokenAuth
-from node.status import CANNOT_UNDERSTAND, DATASET_MISMATCH, OUT_OF_RESOURCES, SUCCESS
+from node.status import DATASET_MISMATCH, OUT_OF_RESOURCES
 from storage.files import FileStore
 from storage.models import Instance
 from storage.state import ExamStore
@@ -43,14 +43,8 @@ log = logging.getLogger("mammo_node.dicomweb")
 
 DICOM_JSON = "application/dicom+json"
 _TAG_RE = re.compile(r"^[0-9A-Fa-f]{8}$")
-_PATH_RE = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][\w.\-+~@%]+){2,}[/\\]?")
 #: Free space is checked again every this many bytes of a STOW body.
 _STOW_CHECK_EVERY = 16 * 1024 * 1024
-
-
-def public_message(message: str) -> str:
-    """A refusal reason fit for a client: no server paths (they say where data lives)."""
-    return _PATH_RE.sub("<path>", message)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -106,47 +100,13 @@ def split_multipart(path: Path, content_type: str) -> list[tuple[str, int, int]]
         return parts
 
 
-def _copy_range(src: Path, offset: int, length: int, dst) -> bytes:
-    """Copy a byte range of ``src`` to the open file ``dst``; returns its first 132 bytes."""
-    head = b""
-    with open(src, "rb") as f:
-        f.seek(offset)
-        left = length
-        while left:
-            block = f.read(min(left, 4 << 20))
-            if not block:
-                break
-            if len(head) < 132:
-                head += block[:132 - len(head)]
-            dst.write(block)
-            left -= len(block)
-    return head
-
-
-def _to_part10(path: Path) -> None:
-    """Rewrite a part sent without preamble (as pydicom's dcmwrite does by default) as a
-    DICOM Part 10 file with complete file meta information."""
-    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
-    ds = dcmread(path, force=True)
-    if "SOPInstanceUID" not in ds or "SOPClassUID" not in ds:
-        raise ValueError("no SOP Class / SOP Instance UID: not a DICOM dataset")
-    meta = ds.file_meta
-    if "TransferSyntaxUID" not in meta:
-        implicit, little = getattr(ds, "original_encoding", (False, True))
-        meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
-                                  ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.save_as(path, enforce_file_format=True)
-
-
 class DicomWeb:
     """The DICOMweb application bound to the node's store."""
 
     def __init__(self, cfg: Config, files: FileStore, exams: ExamStore, scp: StorageSCP,
                  audit=None, metrics=None, readiness=None, health=None):
         self.cfg, self.files, self.exams, self.scp = cfg, files, exams, scp
+        self.ingest: Ingest = scp.ingest  # STOW-RS stores as C-STORE does, not through it
         self.audit = audit or A.NullAudit()
         self.qr = QueryRetrieveSCP(cfg, files, exams, access=scp.access, audit=self.audit)
         self.tokens = TokenAuth(cfg)
@@ -359,48 +319,38 @@ class DicomWeb:
 
     def _store_parts(self, request: Request, body: Path,
                      parts: list[tuple[str, int, int]]) -> Response:
+        """Each part through :class:`node.ingest.Ingest` (the same streaming validation as
+        C-STORE: nothing is parsed whole before it)."""
         study_in_url = request.path_params.get("study")
         calling = f"STOW:{request.client.host if request.client else '?'}"[:16]
+        who = dict(getattr(request.state, "who", {}) or {}, ae_title=calling)
         ok, failed = [], []
         for ptype, offset, length in parts:
             item = Dataset()
             if not ptype.startswith("application/dicom"):
-                item.FailureReason = DATASET_MISMATCH
-                failed.append((item, f"part of type {ptype} is not application/dicom"))
-                continue
-            with tempfile.NamedTemporaryFile(dir=self.files.incoming, suffix=".dcm",
-                                             delete=False) as tmp:
-                head = _copy_range(body, offset, length, tmp)
-            path = Path(tmp.name)
-            try:
-                if head[128:132] != b"DICM":
-                    _to_part10(path)
-                header = dcmread(path, stop_before_pixels=True)
-                sop_class = str(header.get("SOPClassUID", ""))
-                sop_uid = str(header.get("SOPInstanceUID", ""))
-                study = str(header.get("StudyInstanceUID", ""))
-            except Exception as exc:
-                path.unlink(missing_ok=True)
-                item.FailureReason = CANNOT_UNDERSTAND
-                failed.append((item, f"not a DICOM file: {exc}"))
-                continue
-            item.ReferencedSOPClassUID = sop_class
-            item.ReferencedSOPInstanceUID = sop_uid
-            if study_in_url and study != study_in_url:
-                path.unlink(missing_ok=True)
-                item.FailureReason = DATASET_MISMATCH
-                failed.append((item, f"StudyInstanceUID {study} is not the study of the URL"))
-                continue
-            who = dict(getattr(request.state, "who", {}) or {}, ae_title=calling)
-            status, message = self.scp.ingest(path, calling, peer=who)
-            if status == SUCCESS:
+                out = self.ingest.refuse(DATASET_MISMATCH, f"part of type {ptype} is not "
+                                         "application/dicom", calling, who)
+            else:
+                try:
+                    path = part_to_file(body, offset, length, self.files.incoming,
+                                        self.ingest.max_bytes)
+                except StoreError as exc:
+                    out = self.ingest.refuse(exc.status, str(exc), calling, who)
+                else:
+                    out = self.ingest.store(path, calling, peer=who, study=study_in_url)
+            if out.sop_class_uid:
+                item.ReferencedSOPClassUID = out.sop_class_uid
+            if out.sop_instance_uid:
+                item.ReferencedSOPInstanceUID = out.sop_instance_uid
+            if out.ok:
                 item.RetrieveURL = (f"{self.origin(request)}{self.root}/studies/"
-                                    f"{study}/series/{header.get('SeriesInstanceUID', '')}"
-                                    f"/instances/{sop_uid}")
+                                    f"{out.study_instance_uid}/series/"
+                                    f"{out.series_instance_uid}/instances/"
+                                    f"{out.sop_instance_uid}")
                 ok.append(item)
             else:
-                item.FailureReason = status
-                failed.append((item, message))
+                item.FailureReason = out.status
+                failed.append((item, out.message))
         resp = Dataset()
         if ok:
             resp.ReferencedSOPSequence = ok

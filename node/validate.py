@@ -310,6 +310,27 @@ def check_dataset(path: Path, max_bytes: int, max_depth: int = MAX_DEPTH,
     return None
 
 
+def raw_dataset_encoding(f: BinaryIO, size: int) -> tuple[bool, bool, bool]:
+    """For a dataset sent without the Part 10 preamble: (starts with file meta information,
+    implicit VR, little endian), from its first element header."""
+    f.seek(0)
+    head = f.read(8)
+    if len(head) < 8:
+        raise _bad("too short for a DICOM dataset")
+    if head[:2] == b"\x02\x00":
+        return True, False, True
+    little = struct.unpack("<H", head[:2])[0] <= struct.unpack(">H", head[:2])[0]
+    explicit = head[4:6] in _LONG_VRS or head[4:6] in _SHORT_VRS
+    return False, not explicit, little
+
+
+def walk_raw_dataset(f: BinaryIO, size: int, implicit: bool, little: bool,
+                     max_depth: int = MAX_DEPTH) -> None:
+    """Validate a dataset without preamble nor file meta (as :func:`check_dataset` does the
+    dataset of a Part 10 file), in a stream."""
+    _walk(f, 0, size, implicit, little, max_depth)
+
+
 def _walk(f: BinaryIO, start: int, end: int, implicit: bool, little: bool,
           max_depth: int) -> None:
     f.seek(start)

@@ -1,0 +1,66 @@
+"""Issue 18, sections 3-6: the node is hard to break (bad input from real clients, asserted
+with the exact status)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import requests
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import dcmwrite
+
+from inference.synthetic import make_mammogram
+from tests.helpers import free_port, wait_for
+from tests.test_dicomweb_security import _part10, _stow
+from tests.test_security import _deflated_bomb
+
+
+def _web(node_factory, sections: dict | None = None, **dicomweb):
+    """A node with DICOMweb on loopback (and the other ``sections`` of its config)."""
+    port = free_port()
+    settings = {"enabled": True, "host": "127.0.0.1", "port": port, "root": "/dicomweb",
+                **dicomweb}
+    node = node_factory({**(sections or {}), "dicomweb": settings})
+    base = f"http://127.0.0.1:{port}/dicomweb"
+
+    def up():
+        try:
+            requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+            return True
+        except requests.RequestException:
+            return False
+    wait_for(up, 30, what="DICOMweb up")
+    return node, base
+
+
+def _status_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(field)
+
+
+# -- 4. STOW parts through the streaming validation -------------------------------------------
+def test_stow_deflate_bomb_is_refused_at_the_cap_in_a_stream(node_factory, tmp_path):
+    """A ~200 KB Deflated part that inflates to 200 MB: refused 0xA700 at max_dataset_mb,
+    inflated in a stream (the node's peak RSS grows by far less than the inflated size);
+    the part beside it, and a part sent without preamble, are stored."""
+    node, base = _web(node_factory, {"node": {"max_dataset_mb": 50}}, max_request_mb=64)
+    bomb = _deflated_bomb(tmp_path / "bomb.dcm", 10240, 10240)  # 200 MiB of pixel data
+    assert bomb.stat().st_size < 400 * 1024
+    ok = _part10(make_mammogram("L", "CC", rows=64, cols=64, seed=21))
+    raw = DicomBytesIO()
+    dcmwrite(raw, make_mammogram("L", "MLO", rows=64, cols=64, seed=21))  # no preamble
+    assert raw.getvalue()[128:132] != b"DICM"
+    hwm_before = _status_kb(node.proc.pid, "VmHWM")
+    r = _stow(base, [bomb.read_bytes(), ok, raw.getvalue()])
+    assert r.status_code == 202, r.text
+    js = r.json()
+    failed = js["00081198"]["Value"]
+    assert [f["00081197"]["Value"][0] for f in failed] == [0xA700]
+    assert len(js["00081199"]["Value"]) == 2
+    assert "inflates beyond [node] max_dataset_mb" in r.headers["Warning"]
+    grown_mb = (_status_kb(node.proc.pid, "VmHWM") - hwm_before) / 1024
+    assert grown_mb < 100, f"peak RSS grew by {grown_mb:.0f} MB"
+    assert node.incoming_files() == []
+    assert requests.get(f"{base}/studies").status_code == 200
