@@ -20,7 +20,11 @@ from typing import TYPE_CHECKING
 
 from node import __version__
 from node import audit as A
-from node.compat import listener_alive, stream_incoming_datasets
+from node.compat import (
+    handshake_in_connection_thread,
+    listener_alive,
+    stream_incoming_datasets,
+)
 from node.config import Config
 from node.health import Health
 from node.ingest import Ingest
@@ -215,6 +219,9 @@ class Node:
         assert server is not None  # block=False returns the server
         self.server = server
         _accept_with_nodelay(server)
+        if ssl_context is not None:
+            handshake_in_connection_thread(server, cfg.node.network_timeout_seconds,
+                                           self._handshake_failed)
         port = server.server_address[1]
         if self.role == "all":
             pidfile_path(cfg).write_text(json.dumps({
@@ -250,6 +257,12 @@ class Node:
                  "no [[peers]]: echo/store from anyone, query/retrieve refused")
         self.audit.event(A.APPLICATION_ACTIVITY, A.SUCCESS, action="start",
                          version=__version__, pid=os.getpid(), port=port, tls=cfg.node.tls)
+
+    def _handshake_failed(self, address: tuple, exc: Exception) -> None:
+        log.warning("TLS handshake with %s:%s failed or timed out: %s", address[0],
+                    address[1], exc)
+        self.audit.event(A.SECURITY_ALERT, A.MINOR_FAILURE, alert="TLS handshake failed",
+                         peer={"address": address[0]}, reason=str(exc)[:200])
 
     def state_snapshot(self) -> dict:
         """Stored state for the scrape-time gauges of /metrics."""

@@ -64,3 +64,33 @@ def test_stow_deflate_bomb_is_refused_at_the_cap_in_a_stream(node_factory, tmp_p
     assert grown_mb < 100, f"peak RSS grew by {grown_mb:.0f} MB"
     assert node.incoming_files() == []
     assert requests.get(f"{base}/studies").status_code == 200
+
+
+# -- 4. TLS handshake off the accept thread, with a deadline ----------------------------------
+def test_idle_tcp_connection_does_not_block_tls_peers(node_factory, pki):
+    """A plain TCP connection to the TLS port that never sends a ClientHello: another peer's
+    TLS C-ECHO (DCMTK echoscu +tls) is answered meanwhile, and the idle connection is closed
+    at network_timeout_seconds."""
+    import socket
+    import subprocess
+    import time
+
+    from tests.helpers import dcmtk
+    from tests.test_tls import _tls
+
+    node = node_factory({"node": {"tls": True, "network_timeout_seconds": 3},
+                         "tls": _tls(pki)})
+    idle = socket.create_connection(("127.0.0.1", node.port), timeout=10)
+    try:
+        key, crt = pki.pair("client")
+        t0 = time.monotonic()
+        r = subprocess.run([dcmtk("echoscu"), "+tls", str(key), str(crt), "+cf", str(pki.ca),
+                            "-to", "5", "-aec", node.ae_title, "127.0.0.1", str(node.port)],
+                           capture_output=True, text=True, timeout=20)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert time.monotonic() - t0 < 2.5  # before the idle peer's deadline
+        assert idle.recv(1) == b""  # closed by the node at its deadline (not by our timeout)
+        assert time.monotonic() - t0 < 8
+    finally:
+        idle.close()
+    assert "TLS handshake with 127.0.0.1" in node.log.read_text()
