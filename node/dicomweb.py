@@ -9,6 +9,7 @@ or JPEG images of single-frame objects (the attention maps) for browsers.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import mmap
 import re
@@ -509,16 +510,19 @@ class DicomWeb:
             return _error(400, str(exc))
         except wado.NotAcceptable as exc:
             return _error(406, str(exc))
+        gen = wado.iter_frames(self.files.abspath(r.path), numbers, choice.passthrough)
         try:
-            parts = await run_in_threadpool(wado.frames, self.files.abspath(r.path), numbers,
-                                            choice.passthrough)
+            first = await run_in_threadpool(next, gen)
         except ValueError as exc:
             return _error(400, str(exc))
         self._audit_retrieve(request, rows, "WADO-RS frames")
         if not choice.multipart:
-            return Response(parts[0], media_type=choice.content_type)
-        body, ctype = wado.multipart_bytes(parts, choice.content_type)
-        return Response(body, media_type=ctype)
+            return Response(first, media_type=choice.content_type)
+        boundary = uuid.uuid4().hex
+        # Streamed: one frame in memory at a time, however many the list names.
+        return StreamingResponse(
+            wado.stream_parts(itertools.chain([first], gen), choice.content_type, boundary),
+            media_type=wado.multipart_content_type(choice.content_type, boundary))
 
     async def bulkdata(self, request: Request) -> Response:
         rows = await run_in_threadpool(self._rows, request.path_params)

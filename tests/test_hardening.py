@@ -94,3 +94,53 @@ def test_idle_tcp_connection_does_not_block_tls_peers(node_factory, pki):
     finally:
         idle.close()
     assert "TLS handshake with 127.0.0.1" in node.log.read_text()
+
+
+# -- 4. Unauthenticated bodies capped while they stream; frame lists -------------------------
+def test_sign_in_body_is_capped_while_it_streams(node_factory):
+    """POST /ui/login reads nothing past 4 KB: a declared 300 MB body and a chunked 8 MB
+    body without a length are both answered 413; the node's RSS does not grow with them."""
+    node, base = _web(node_factory, token="a-token")
+    url = base.replace("/dicomweb", "") + "/ui/login"
+    rss = _status_kb(node.proc.pid, "VmRSS")
+
+    def chunks(n_mb: int):
+        block = b"token=" + b"x" * (1 << 20)
+        for _ in range(n_mb):
+            yield block
+    r = requests.post(url, data=chunks(8), timeout=30,
+                      headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 413, r.status_code
+    r = requests.post(url, data=b"token=" + b"x" * 5000, timeout=30,
+                      headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 413
+    assert (_status_kb(node.proc.pid, "VmRSS") - rss) / 1024 < 30
+    r = requests.post(url, data={"token": "a-token"}, allow_redirects=False, timeout=30)
+    assert r.status_code == 303
+
+
+def test_frame_lists_are_bounded_and_multipart_frames_stream(node_factory):
+    """frames/1,1 -> 400 (a frame named twice); 2,000 numbers in the URL -> 400; a
+    multi-frame answer is streamed (chunked, no Content-Length)."""
+    from pydicom.uid import generate_uid
+
+    node, base = _web(node_factory)
+    ds = make_mammogram("R", "CC", rows=32, cols=32, seed=31)
+    ds.NumberOfFrames = 3
+    ds.PixelData = ds.PixelData * 3
+    ds.SOPInstanceUID = generate_uid()
+    assert _stow(base, [_part10(ds)]).status_code == 200
+    inst = (f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/"
+            f"{ds.SOPInstanceUID}")
+    accept = {"Accept": 'multipart/related; type="application/octet-stream"'}
+    r = requests.get(f"{inst}/frames/1,1", headers=accept, timeout=30)
+    assert r.status_code == 400 and "more than once" in r.json()["error"]
+    r = requests.get(f"{inst}/frames/" + ",".join(["1"] * 2000), headers=accept, timeout=30)
+    assert r.status_code == 400 and "at most" in r.json()["error"]
+    r = requests.get(f"{inst}/frames/3,1,2", headers=accept, timeout=30)
+    assert r.status_code == 200, r.text
+    assert "content-length" not in r.headers and r.headers["transfer-encoding"] == "chunked"
+    boundary = r.headers["content-type"].split("boundary=")[1].encode()
+    parts = [p.split(b"\r\n\r\n", 1)[1][:-2] for p in r.content.split(b"--" + boundary)[1:-1]]
+    size = 32 * 32 * 2
+    assert parts == [ds.PixelData[(n - 1) * size:n * size] for n in (3, 1, 2)]
