@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import mmap
 import re
 import tempfile
 import threading
@@ -44,8 +43,8 @@ log = logging.getLogger("mammo_node.dicomweb")
 
 DICOM_JSON = "application/dicom+json"
 _TAG_RE = re.compile(r"^[0-9A-Fa-f]{8}$")
-#: Free space is checked again every this many bytes of a STOW body.
-_STOW_CHECK_EVERY = 16 * 1024 * 1024
+#: A STOW body is written (and free space checked again) in blocks of this many bytes.
+_STOW_CHECK_EVERY = 4 * 1024 * 1024
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -61,10 +60,32 @@ def _keyword(name: str) -> str | None:
     return name if name in ATTRS or name == "ModalitiesInStudy" else None
 
 
+_SCAN_BLOCK = 4 << 20
+
+
+def _positions(f, needle: bytes, size: int) -> list[int]:
+    """Every offset of ``needle`` in the open file, read in blocks: the GIL is released
+    between blocks (a search of a whole 400 MB mmap holds it, stalling every thread)."""
+    found: set[int] = set()
+    pos, overlap = 0, len(needle) - 1
+    while pos < size:
+        f.seek(pos)
+        block = f.read(_SCAN_BLOCK)
+        i = block.find(needle)
+        while i >= 0:
+            found.add(pos + i)
+            i = block.find(needle, i + 1)
+        if len(block) < _SCAN_BLOCK:
+            break
+        pos += len(block) - overlap
+    return sorted(found)
+
+
 def split_multipart(path: Path, content_type: str) -> list[tuple[str, int, int]]:
     """Parts of a multipart/related body spooled to ``path``: (content type, offset, length).
 
-    Works on the file through mmap, so a 400 MB STOW request is never held in memory.
+    Reads the file in blocks, so a 400 MB STOW request is never held in memory (and, in a
+    worker thread, never holds the GIL for long).
     """
     m = re.search(r'boundary="?([^";]+)"?', content_type)
     if not m:
@@ -73,27 +94,35 @@ def split_multipart(path: Path, content_type: str) -> list[tuple[str, int, int]]
     size = path.stat().st_size
     if size == 0:
         raise ValueError("empty body")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        pos = mm.find(boundary)
-        if pos < 0:
+    with open(path, "rb") as f:
+        every = _positions(f, boundary, size)
+        if not every:
             raise ValueError("the boundary of the Content-Type never appears in the body")
+        delimiters = _positions(f, b"\r\n" + boundary, size)  # CRLF + boundary
+
+        def at(offset: int, n: int) -> bytes:
+            f.seek(offset)
+            return f.read(n)
+
         parts = []
+        pos = every[0]
         while True:
             start = pos + len(boundary)
-            if mm[start:start + 2] == b"--":
+            if at(start, 2) == b"--":
                 break  # closing delimiter
-            if mm[start:start + 2] == b"\r\n":
+            if at(start, 2) == b"\r\n":
                 start += 2
-            head_end = mm.find(b"\r\n\r\n", start)
+            head = at(start, 16384)
+            head_end = head.find(b"\r\n\r\n")
             if head_end < 0:
                 raise ValueError("a part without the blank line that ends its headers")
             ctype = "application/octet-stream"
-            for line in mm[start:head_end].decode("latin-1").split("\r\n"):
+            for line in head[:head_end].decode("latin-1").split("\r\n"):
                 k, _, v = line.partition(":")
                 if k.strip().lower() == "content-type":
                     ctype = v.strip().lower()
-            data = head_end + 4
-            nxt = mm.find(b"\r\n" + boundary, data)
+            data = start + head_end + 4
+            nxt = next((d for d in delimiters if d >= data), -1)
             if nxt < 0:
                 raise ValueError("a part without a closing boundary (truncated body?)")
             parts.append((ctype, data, nxt - data))
@@ -288,26 +317,26 @@ class DicomWeb:
         spool = tempfile.NamedTemporaryFile(dir=self.files.incoming, prefix="stow-",
                                             suffix=".body", delete=False)
         try:
-            total, next_check = 0, _STOW_CHECK_EVERY
+            # The body is gathered into blocks on the event loop and written, checked and
+            # scanned in worker threads: a large upload never stalls other requests.
+            total, buf = 0, bytearray()
             async for chunk in request.stream():
                 total += len(chunk)
                 if total > limit:
                     return _error(413, f"request larger than [dicomweb] max_request_mb "
                                        f"({self.cfg.dicomweb.max_request_mb:g} MB)")
-                if total >= next_check:
-                    next_check += _STOW_CHECK_EVERY
-                    if not self.scp.disk_ok():
-                        return JSONResponse(
-                            {"error": "disk below the free-space reserve; retry later"},
-                            status_code=503, headers={"Retry-After": "60"})
-                try:
-                    spool.write(chunk)
-                except OSError:
-                    return JSONResponse({"error": "disk full; retry later"}, status_code=503,
-                                        headers={"Retry-After": "60"})
+                buf += chunk
+                if len(buf) >= _STOW_CHECK_EVERY:
+                    refused = await run_in_threadpool(self._spool, spool, bytes(buf))
+                    buf.clear()
+                    if refused is not None:
+                        return refused
+            refused = await run_in_threadpool(self._spool, spool, bytes(buf))
+            if refused is not None:
+                return refused
             spool.close()
             try:
-                parts = split_multipart(Path(spool.name), ctype)
+                parts = await run_in_threadpool(split_multipart, Path(spool.name), ctype)
             except ValueError as exc:
                 return _error(400, f"malformed multipart body: {exc}")
             if not parts:
@@ -317,6 +346,19 @@ class DicomWeb:
         finally:
             spool.close()
             Path(spool.name).unlink(missing_ok=True)
+
+    def _spool(self, spool, block: bytes) -> Response | None:
+        """Write one block of a STOW body (worker thread); a refusal when the disk is below
+        the reserve or full."""
+        if block and not self.scp.disk_ok():
+            return JSONResponse({"error": "disk below the free-space reserve; retry later"},
+                                status_code=503, headers={"Retry-After": "60"})
+        try:
+            spool.write(block)
+        except OSError:
+            return JSONResponse({"error": "disk full; retry later"}, status_code=503,
+                                headers={"Retry-After": "60"})
+        return None
 
     def _store_parts(self, request: Request, body: Path,
                      parts: list[tuple[str, int, int]]) -> Response:
@@ -373,6 +415,10 @@ class DicomWeb:
 
     # -- QIDO-RS ---------------------------------------------------------------------------
     async def qido(self, request: Request) -> Response:
+        # Matching and building the answers in a worker thread, never on the event loop.
+        return await run_in_threadpool(self._qido, request)
+
+    def _qido(self, request: Request) -> Response:
         p = request.path_params
         path = request.url.path
         level = ("IMAGE" if path.endswith("/instances") else
@@ -415,7 +461,7 @@ class DicomWeb:
             ident.NumberOfStudyRelatedInstances = None
         if level == "SERIES":
             ident.NumberOfSeriesRelatedInstances = None
-        rows, more = await run_in_threadpool(self.qr.match, level, keys, limit, offset)
+        rows, more = self.qr.match(level, keys, limit, offset)
         answers = list(self.qr._answers(level, keys, ident, rows))
         body = []
         base = f"{self.origin(request)}{self.root}"

@@ -119,6 +119,9 @@ class _Walker:
             if (tag >> 16) == 0xFFFE:
                 raise _bad(f"unexpected delimiter ({tag >> 16:04X},{tag & 0xFFFF:04X}) at "
                            f"offset {self.f.tell() - 4}")
+            if (tag >> 16) == 0x0000:  # PS3.7: the command group never is in a dataset
+                raise _bad(f"command group element ({tag >> 16:04X},{tag & 0xFFFF:04X}) in "
+                           f"the dataset at offset {self.f.tell() - 4}")
             vr, length = self.header(tag)
             if depth == 0 and tag in _IMAGE_TAGS and 2 <= length <= 16 and vr != b"SQ":
                 pos = self.f.tell()

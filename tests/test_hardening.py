@@ -144,3 +144,122 @@ def test_frame_lists_are_bounded_and_multipart_frames_stream(node_factory):
     parts = [p.split(b"\r\n\r\n", 1)[1][:-2] for p in r.content.split(b"--" + boundary)[1:-1]]
     size = 32 * 32 * 2
     assert parts == [ds.PixelData[(n - 1) * size:n * size] for n in (3, 1, 2)]
+
+
+# -- 3. No slow work on network threads --------------------------------------------------------
+def _qido_latencies(base: str, n: int | None = None, until=None) -> list[float]:
+    import time
+
+    out = []
+    while (n is not None and len(out) < n) or (until is not None and not until()):
+        t0 = time.perf_counter()
+        r = requests.get(f"{base}/studies", timeout=30)
+        out.append(time.perf_counter() - t0)
+        assert r.status_code == 200
+    return out
+
+
+def test_qido_answers_while_a_400_mb_stow_is_received(node_factory):
+    """While a 400 MB STOW body streams in (and is scanned and refused), QIDO queries keep
+    answering: the slowest is within 200 ms over the slowest of an idle baseline."""
+    import statistics
+    import threading
+
+    node, base = _web(node_factory)
+    for seed in (41, 42):
+        assert _stow(base, [_part10(make_mammogram("L", "CC", rows=32, cols=32,
+                                                   seed=seed))]).status_code == 200
+    baseline = _qido_latencies(base, n=20)
+    boundary = b"big-boundary"
+    block = bytes(1 << 20)
+
+    def body():
+        yield b"--" + boundary + b"\r\nContent-Type: application/dicom\r\n\r\n"
+        for _ in range(400):
+            yield block
+        yield b"\r\n--" + boundary + b"--\r\n"
+    result: dict = {}
+    done = threading.Event()
+
+    def stow():
+        try:
+            result["r"] = requests.post(
+                f"{base}/studies", data=body(), timeout=300,
+                headers={"Content-Type": 'multipart/related; type="application/dicom"; '
+                                         f"boundary={boundary.decode()}"})
+        finally:
+            done.set()
+    t = threading.Thread(target=stow)
+    t.start()
+    wait_for(lambda: list((node.data_dir / "incoming").rglob("stow-*.body")), 30,
+             interval=0.01, what="the STOW under way")
+    during = _qido_latencies(base, until=done.is_set)
+    t.join(300)
+    assert result["r"].status_code == 409  # 400 MB of zeros is not a DICOM dataset
+    assert len(during) >= 5, "the STOW ended before it could be measured"
+    print(f"QIDO idle median {statistics.median(baseline) * 1000:.1f} ms, max "
+          f"{max(baseline) * 1000:.1f} ms; during the STOW max {max(during) * 1000:.1f} ms "
+          f"over {len(during)} queries")
+    assert max(during) < max(baseline) + 0.2
+
+
+def test_association_accepted_at_once_while_a_purge_runs(tmp_path):
+    """While a retention pass holds the purge lock: a storage association is accepted within
+    100 ms of an idle baseline; below the free-space reserve it is answered at once
+    (rejected, transient: retry) and the retention thread is woken, instead of a purge (or
+    a wait for the running one) on the accepting thread. An in-process node: the test holds
+    the very lock a running purge holds."""
+    import os
+    import time
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import DigitalMammographyXRayImageStorageForPresentation
+    from sqlalchemy.engine import make_url
+
+    from node.config import load_config
+    from node.daemon import Node
+    from tests.helpers import NodeProcess
+
+    spec = NodeProcess(tmp_path, {"retention": {"check_seconds": 3600}})
+    umask = os.umask(0o022)
+    os.umask(umask)
+    node = Node(load_config(spec.config), run_worker=False)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(DigitalMammographyXRayImageStorageForPresentation)
+    ae.acse_timeout = 10
+
+    def associate() -> tuple[float, bool, int | None]:
+        """(seconds to the answer, accepted, the rejection's result)."""
+        t0 = time.perf_counter()
+        assoc = ae.associate("127.0.0.1", spec.port, ae_title=spec.ae_title)
+        elapsed = time.perf_counter() - t0
+        accepted = assoc.is_established
+        result = assoc.acceptor.primitive.result if assoc.is_rejected else None
+        if accepted:
+            assoc.release()
+        return elapsed, accepted, result
+    try:
+        node.start()
+        baseline = []
+        for _ in range(3):
+            elapsed, accepted, _ = associate()
+            assert accepted
+            baseline.append(elapsed)
+        with node._retention_lock:  # a purge in progress
+            held = []
+            for _ in range(3):
+                elapsed, accepted, _ = associate()
+                assert accepted
+                held.append(elapsed)
+            assert max(held) < max(baseline) + 0.1, (baseline, held)
+            node.ingest.min_free = 1 << 62  # now below the reserve
+            elapsed, accepted, result = associate()
+            assert not accepted and result == 0x02
+            assert elapsed < max(baseline) + 1.0, elapsed  # pynetdicom's reject path
+            lock_file = Path(f"{make_url(node.db.url).database}.retention.lock")
+            assert not lock_file.exists()  # no retention pass yet (check_seconds = 3600)
+        # The woken retention thread runs its pass once the lock is free.
+        wait_for(lock_file.exists, 10, interval=0.02, what="the retention thread woken")
+    finally:
+        node.stop()
+        os.umask(umask)
