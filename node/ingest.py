@@ -45,7 +45,7 @@ from node.validate import (
     raw_dataset_encoding,
     walk_raw_dataset,
 )
-from node.views import acquisition_key, assign_slots, classify
+from node.views import acquisition_key, assign_policy, classify
 from storage.db import is_disk_full
 from storage.files import FileStore, InvalidUID
 from storage.records import InstanceRecord
@@ -181,6 +181,8 @@ def instance_record(ds: Dataset, store: FileStore, calling_aet: str,
         for_processing=view.for_processing,
         acquisition_key=acquisition_key(ds) or None,
         role=view.role,
+        image_kind=view.kind,
+        implant=view.implant,
         slot=view.slot,
         note=view.note,
     )
@@ -309,6 +311,7 @@ class Ingest:
         self.cfg = cfg
         self.files = files
         self.exams = exams
+        self.assign = assign_policy(cfg)  # [grouping] prefer / volume_2d
         self.exam_ready = exam_ready  # set when an exam becomes ready
         self.audit = audit or A.NullAudit()
         self.metrics = metrics  # node.metrics.NodeMetrics or None
@@ -374,7 +377,7 @@ class Ingest:
                 path.stat().st_size)
             rel = record.path
             result = self.exams.add_instance(
-                record, assign_slots, place=lambda: self.files.place(path, rel))
+                record, self.assign, place=lambda: self.files.place(path, rel))
         except StoreError as exc:
             self._discard(path)
             return self._outcome(exc.status, str(exc), ds)
@@ -409,12 +412,16 @@ class Ingest:
         if result.exam_state == "ready" and self.exam_ready is not None:
             self.exam_ready.set()
         if result.conflict:
-            log.warning("exam %s held: instance %s and the exam's images belong to different "
-                        "patients (Patient ID differs); no reading until resolved with "
+            why = ("was re-sent with another patient identity" if result.corrected_from
+                   else "and the exam's images belong to different patients")
+            log.warning("exam %s held: instance %s %s; no reading until resolved with "
                         "'mammo-node resolve %s --patient-id ID'", result.exam_study_uid,
-                        record.sop_instance_uid, result.exam_study_uid)
-            self.audit.event(A.SECURITY_ALERT, A.MINOR_FAILURE, alert="patient conflict",
+                        record.sop_instance_uid, why, result.exam_study_uid)
+            self.audit.event(A.SECURITY_ALERT, A.MINOR_FAILURE,
+                             alert=("patient identity changed" if result.corrected_from
+                                    else "patient conflict"),
                              study=result.exam_study_uid, instance=record.sop_instance_uid,
+                             previous=result.corrected_from, now=result.corrected_to,
                              peer=peer or {"ae_title": calling})
         where = record.slot or record.role
         if result.exam_study_uid:
