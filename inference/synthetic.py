@@ -71,14 +71,38 @@ def _upsample(grid: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return (top * (1 - fy) + bot * fy).astype(np.float32)
 
 
+def _outline(rng: np.random.Generator) -> tuple[float, float, float]:
+    """A phantom's first three draws: how far the breast reaches toward the nipple, its half
+    height and its vertical centre (``lesion_boxes`` replays them)."""
+    return rng.uniform(0.62, 0.85), rng.uniform(0.70, 0.92), rng.uniform(-0.08, 0.08)
+
+
+def lesion_boxes(laterality: str, rows: int, cols: int, seed: int,
+                 lesions: list[Lesion] | tuple[Lesion, ...]
+                 ) -> list[tuple[float, float, float, float, float, float]]:
+    """Where the lesions of ``make_mammogram(laterality, ..., seed=seed, lesions=...)`` lie,
+    in its pixel coordinates ((0, 0) the top-left corner of the top-left pixel): per lesion
+    (centre x, centre y, x0, y0, x1, y1), the box where its profile exceeds 1/e."""
+    depth, half, cy = _outline(np.random.default_rng(seed))
+    out = []
+    for les in lesions:
+        col = les.x * depth * (cols - 1)
+        row = ((les.y * 2.0 - 1.0) * half + cy + 1.0) / 2.0 * (rows - 1)
+        if laterality == "R":
+            col = cols - 1 - col
+        x, y = col + 0.5, row + 0.5
+        rx, ry = 2.0 * les.radius * rows, les.radius * rows   # d = 1 along each axis
+        out.append((x, y, max(0.0, x - rx), max(0.0, y - ry), min(float(cols), x + rx),
+                    min(float(rows), y + ry)))
+    return out
+
+
 def phantom(rows: int, cols: int, view: str, rng: np.random.Generator,
             lesions: list[Lesion] | tuple[Lesion, ...] = ()) -> np.ndarray:
     """A breast phantom, chest wall at column 0, as float32 in [0, 1] (1 = dense)."""
     yy = np.linspace(-1.0, 1.0, rows, dtype=np.float32)[:, None]
     xx = np.linspace(0.0, 1.0, cols, dtype=np.float32)[None, :]
-    depth = rng.uniform(0.62, 0.85)           # how far the breast reaches toward the nipple
-    half = rng.uniform(0.70, 0.92)            # half height
-    cy = rng.uniform(-0.08, 0.08)
+    depth, half, cy = _outline(rng)
     r = np.sqrt((xx / depth) ** 2 + ((yy - cy) / half) ** 2)
     breast = np.clip((1.0 - r) * 12.0, 0.0, 1.0)  # soft skin edge
     thickness = np.sqrt(np.clip(1.0 - r ** 2, 0.0, 1.0))

@@ -20,6 +20,7 @@ from node.results.identity import (
 )
 from node.results.mammo_cad import MAMMO_CAD_SR, MammographyCADSR, build_mammo_cad
 from node.results.parametric_map import PM_MAX_SIDE, build_parametric_map
+from node.results.presentation_state import GSPS, build_presentation_state
 from node.results.reading import (
     BreastSummary,
     Mark,
@@ -33,10 +34,11 @@ from node.results.tid1500 import build_tid1500
 from node.results.vocabulary import BIRADS_SCT, PRIVATE_SCHEME, SCORE_UNIT, birads_code
 
 __all__ = [
-    "BIRADS_SCT", "MAMMO_CAD_SR", "MANUFACTURER", "PM_MAX_SIDE", "PM_SERIES_NUMBER",
+    "BIRADS_SCT", "GSPS", "MAMMO_CAD_SR", "MANUFACTURER", "PM_MAX_SIDE", "PM_SERIES_NUMBER",
     "PRIVATE_SCHEME", "PR_SERIES_NUMBER", "SCORE_UNIT", "SC_MAX_ROWS", "SC_SERIES_NUMBER",
     "SOFTWARE_VERSION", "SR_SERIES_NUMBER", "BreastSummary", "Mark", "MammographyCADSR",
-    "ReadingSummary", "birads_code", "build_mammo_cad", "build_parametric_map", "build_sc",
+    "ReadingSummary", "birads_code", "build_mammo_cad", "build_parametric_map",
+    "build_presentation_state", "build_sc",
     "build_tid1500", "check_reading", "overall_impression", "render_overlay", "result_uid",
     "score_line",
 ]

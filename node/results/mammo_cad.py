@@ -85,7 +85,7 @@ def single_image_finding(mark: Mark, source: Dataset) -> hd.sr.CodeContentItem:
               else v.PRESENTATION_OPTIONAL, rel="HAS_CONCEPT_MOD"),
         _num(v.CERTAINTY_OF_FINDING, mark.score, v.PERCENT, rel="HAS_PROPERTIES"),
         _num(v.REGION_SCORE, mark.score, v.SCORE_UNIT, rel="HAS_PROPERTIES"),
-        _scoord(v.CENTER, "POINT", np.asarray(mark.center, dtype=float), source),
+        _scoord(v.CENTER, "POINT", np.asarray([mark.center], dtype=float), source),
         _scoord(v.OUTLINE, "POLYLINE", outline, source),
     ])
     return finding
