@@ -116,9 +116,6 @@ class Node:
             self.parts -= {"worker", "exporter"}
         self.run_worker = "worker" in self.parts
         self.stop_event = threading.Event()
-        # Everything the node writes (images, database, audit log) is for the service
-        # account only: 0700 folders, 0600 files.
-        os.umask(0o077)
         self.files = FileStore(cfg.data_dir, fsync=cfg.storage.fsync, per_process=True)
         os.chmod(cfg.data_dir, 0o700)
         self.db = Database(cfg.database_url)
@@ -205,8 +202,11 @@ class Node:
             from node.security import server_context
 
             ssl_context = server_context(cfg)
+        from node.handlers import guard
+
         server = ae.start_server((cfg.node.host, cfg.node.port), block=False,
-                                 evt_handlers=self.scp.handlers() + qr.handlers(),
+                                 evt_handlers=guard(self.scp.handlers() + qr.handlers(),
+                                                    self.audit),
                                  ssl_context=ssl_context)
         assert server is not None  # block=False returns the server
         self.server = server
@@ -356,8 +356,15 @@ class Node:
 def run(cfg: Config, run_worker: bool = True, role: str = "all") -> int:
     """Run the node (or the part its ``role`` names) in the foreground until SIGTERM or
     SIGINT."""
+    from node import preflight
+
+    # Everything the node writes (images, database, audit log) is for the service account
+    # only: 0700 folders, 0600 files (set before the checks create anything).
+    os.umask(0o077)
+    parts = set(ROLES[role]) - (set() if run_worker else {"worker", "exporter"})
     try:
         cfg.check_startable()
+        preflight.check(cfg, parts)
     except Exception as exc:
         log.error("refusing to start: %s", exc)
         return 2
@@ -365,6 +372,10 @@ def run(cfg: Config, run_worker: bool = True, role: str = "all") -> int:
         node = Node(cfg, run_worker=run_worker, role=role)
     except SchemaOutdated as exc:
         log.error("refusing to start: %s", exc)
+        return 2
+    except Exception as exc:  # what the checks could not foresee: one line, the trace at DEBUG
+        log.debug("start-up failed", exc_info=True)
+        log.error("refusing to start: %s", str(exc).splitlines()[0] if str(exc) else exc)
         return 2
 
     def _signal(signum, _frame) -> None:
@@ -376,9 +387,9 @@ def run(cfg: Config, run_worker: bool = True, role: str = "all") -> int:
     try:
         node.start()
     except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", cfg.node.host, cfg.node.port, exc)
+        log.error("refusing to start: %s", preflight.listen_error(cfg, exc))
         node.db.close()
-        return 1
+        return 2
     except RuntimeError as exc:
         log.error("%s", exc)
         node.db.close()

@@ -428,12 +428,16 @@ class StorageSCP:
         if result.exam_state == "ready" and self.exam_ready is not None:
             self.exam_ready.set()
         if result.conflict:
-            log.warning("exam %s held: instance %s and the exam's images belong to different "
-                        "patients (Patient ID differs); no reading until resolved with "
+            why = ("was re-sent with another patient identity" if result.corrected_from
+                   else "and the exam's images belong to different patients")
+            log.warning("exam %s held: instance %s %s; no reading until resolved with "
                         "'mammo-node resolve %s --patient-id ID'", result.exam_study_uid,
-                        record.sop_instance_uid, result.exam_study_uid)
-            self.audit.event(A.SECURITY_ALERT, A.MINOR_FAILURE, alert="patient conflict",
+                        record.sop_instance_uid, why, result.exam_study_uid)
+            self.audit.event(A.SECURITY_ALERT, A.MINOR_FAILURE,
+                             alert=("patient identity changed" if result.corrected_from
+                                    else "patient conflict"),
                              study=result.exam_study_uid, instance=record.sop_instance_uid,
+                             previous=result.corrected_from, now=result.corrected_to,
                              peer=peer or {"ae_title": calling})
         where = record.slot or record.role
         if result.exam_study_uid:

@@ -147,6 +147,10 @@ class AddResult:
     reopened: bool = False
     #: The instance carries another patient than its exam: the exam is held.
     conflict: bool = False
+    #: An instance already stored came again with another patient identity: the old and the
+    #: new identity (PatientID and issuer, never names), for the audit trail.
+    corrected_from: str | None = None
+    corrected_to: str | None = None
 
 
 def same_patient(a_id: str | None, a_issuer: str | None, b_id: str | None,
@@ -156,6 +160,63 @@ def same_patient(a_id: str | None, a_issuer: str | None, b_id: str | None,
     if (a_id or "") != (b_id or ""):
         return False
     return not (a_issuer and b_issuer and a_issuer != b_issuer)
+
+
+def person_name_key(name: str | None) -> str:
+    """A Person Name compared as a person: the alphabetic group, components trimmed, empty
+    trailing components dropped, case ignored (``Alpha^Ann^^`` is ``ALPHA^ANN``)."""
+    parts = [c.strip() for c in (name or "").split("=")[0].split("^")]
+    while parts and not parts[-1]:
+        parts.pop()
+    return "^".join(parts).upper()
+
+
+@dataclass(frozen=True)
+class PatientIdentity:
+    """Who an instance is of: PatientID with its issuer, and, for the instances that carry
+    no PatientID, the name and birth date."""
+
+    patient_id: str
+    issuer: str | None = None
+    name: str = ""
+    birth_date: str = ""
+
+    @classmethod
+    def of(cls, row: Any) -> PatientIdentity:
+        return cls((getattr(row, "patient_id", None) or "").strip(),
+                   getattr(row, "issuer_of_patient_id", None) or None,
+                   person_name_key(getattr(row, "patient_name", None)),
+                   (getattr(row, "patient_birth_date", None) or "").strip())
+
+    def same_person(self, other: PatientIdentity) -> bool:
+        """Both with a PatientID: the IDs (and issuers, where both have one) decide. An empty
+        PatientID on either side: the names must be equal, and the birth dates where both
+        carry one (two anonymous images of different names are two patients)."""
+        if self.patient_id and other.patient_id:
+            return same_patient(self.patient_id, self.issuer, other.patient_id, other.issuer)
+        if self.name != other.name:
+            return False
+        return not (self.birth_date and other.birth_date
+                    and self.birth_date != other.birth_date)
+
+    def describe(self) -> str:
+        """For notes and the audit trail (never for INFO logs): the ID, or that there is
+        none."""
+        if self.patient_id:
+            return f"PatientID '{self.patient_id}'" + (
+                f" (issuer '{self.issuer}')" if self.issuer else "")
+        return "no PatientID"
+
+
+def exam_identity(exam: Exam, members: list[Instance]) -> PatientIdentity:
+    """The exam's patient: its PatientID and issuer, with the name and birth date of its
+    first image of that patient (what an image without a PatientID is compared with)."""
+    ref = next((m for m in members if same_patient(exam.patient_id, exam.issuer_of_patient_id,
+                                                   m.patient_id, m.issuer_of_patient_id)),
+               members[0] if members else None)
+    base = PatientIdentity.of(ref) if ref is not None else PatientIdentity("")
+    return PatientIdentity((exam.patient_id or "").strip(), exam.issuer_of_patient_id,
+                           base.name, base.birth_date)
 
 
 def _exam_for_update(s, study_uid: str) -> Exam:
@@ -258,9 +319,15 @@ class ExamStore:
     def _add_instance(self, record: InstanceRecord, assign: AssignFn,
                       place: Callable[[], object]) -> AddResult:
         with self.db.write() as s:
-            if s.scalar(select(Instance.id).where(
-                    Instance.sop_instance_uid == record.sop_instance_uid)) is not None:
-                return AddResult(duplicate=True)
+            stored = s.scalar(select(Instance).where(
+                Instance.sop_instance_uid == record.sop_instance_uid).with_for_update())
+            if stored is not None:
+                new_identity = PatientIdentity.of(record)
+                old_identity = PatientIdentity.of(stored)
+                if stored.exam_id is None or new_identity.same_person(old_identity):
+                    return AddResult(duplicate=True)
+                return self._correct_identity(s, stored, record, old_identity, new_identity,
+                                              place)
             place()
             inst = Instance(**fit_row(Instance, record.as_row()))
             s.add(inst)
@@ -293,8 +360,8 @@ class ExamStore:
         if exam.issuer_of_patient_id is None and inst.issuer_of_patient_id and \
                 same_patient(exam.patient_id, None, inst.patient_id, None):
             exam.issuer_of_patient_id = inst.issuer_of_patient_id
-        others = [m for m in members if not same_patient(
-            exam.patient_id, exam.issuer_of_patient_id, m.patient_id, m.issuer_of_patient_id)]
+        ref = exam_identity(exam, members)
+        others = [m for m in members if not ref.same_person(PatientIdentity.of(m))]
         if others or exam.state == ExamState.CONFLICT:
             self._hold(exam, inst, members, others, now, result)
             return
@@ -327,6 +394,35 @@ class ExamStore:
         result.exam_state = exam.state
         result.exam_version = exam.version
 
+    def _correct_identity(self, s, stored: Instance, record: InstanceRecord,
+                          old: PatientIdentity, new: PatientIdentity,
+                          place: Callable[[], object]) -> AddResult:
+        """The same SOP Instance re-sent with another patient (a demographics correction, or
+        a mix-up): the new file and its identity replace the old ones, and the exam is held
+        as a conflict until an operator resolves it; both identities stay in its notes and
+        in the result (for the audit trail)."""
+        now = utcnow()
+        place()  # the corrected file takes the instance's place (a rename: atomic)
+        for key in ("patient_id", "issuer_of_patient_id", "patient_name", "patient_birth_date",
+                    "patient_sex", "size_bytes", "transfer_syntax_uid"):
+            setattr(stored, key, fit_row(Instance, {key: getattr(record, key)})[key])
+        stored.note = ((stored.note + "; ") if stored.note else "") + (
+            f"re-sent with another patient: {old.describe()} -> {new.describe()}")
+        exam = _get(s, Exam, int(stored.exam_id or 0))
+        members = list(s.scalars(select(Instance).where(Instance.exam_id == exam.id)
+                                 .order_by(Instance.id)))
+        exam.add_note(f"patient identity changed: instance {stored.sop_instance_uid} was "
+                      f"re-sent with {new.describe()} (it had {old.describe()}); the exam is "
+                      f"held until resolved")
+        _event(exam, "received", f"{stored.sop_instance_uid} re-sent with another patient "
+               f"identity from {record.calling_aet or '?'}", now)
+        result = AddResult(duplicate=False, instance_id=stored.id,
+                           corrected_from=old.describe(), corrected_to=new.describe())
+        others = [m for m in members if not exam_identity(exam, members).same_person(
+            PatientIdentity.of(m))]
+        self._hold(exam, stored, members, others or [stored], now, result)
+        return result
+
     def _hold(self, exam: Exam, inst: Instance, members: list[Instance],
               others: list[Instance], now: dt.datetime, result: AddResult) -> None:
         """Images of two patients in one study: keep them, read nothing, say so. The slots
@@ -335,7 +431,7 @@ class ExamStore:
         if others:
             if exam.state != ExamState.CONFLICT:
                 exam.add_note(f"patient conflict: instance {inst.sop_instance_uid} and the "
-                              f"exam's images carry different patient IDs; the exam was "
+                              f"exam's images carry different patients; the exam was "
                               f"{exam.state}, it is held until resolved")
             self._set_state(exam, ExamState.CONFLICT, now)
             exam.reason = (f"patient conflict: {len(others)} of {len(members)} instance(s) "
@@ -348,7 +444,8 @@ class ExamStore:
         result.exam_version = exam.version
 
     def resolve_patient(self, study_uid: str, patient_id: str, assign: AssignFn,
-                        issuer: str | None = None) -> tuple[int, str, int]:
+                        issuer: str | None = None,
+                        patient_name: str | None = None) -> tuple[int, str, int]:
         """End a patient conflict: the exam keeps the instances of ``patient_id`` (and
         ``issuer`` when given); the others stay stored but leave the exam. The exam is read
         again (a new version when an earlier version was read). Returns (instances
@@ -359,10 +456,16 @@ class ExamStore:
             exam = _exam_for_update(s, study_uid)
             members = list(s.scalars(select(Instance).where(Instance.exam_id == exam.id)
                                      .order_by(Instance.id)))
+            name = person_name_key(patient_name) if patient_name is not None else None
             keep = [m for m in members if same_patient(patient_id, issuer, m.patient_id,
-                                                        m.issuer_of_patient_id)]
+                                                        m.issuer_of_patient_id)
+                    and (name is None or person_name_key(m.patient_name) == name)]
             if not keep:
                 raise ValueError("no instance of that patient in this exam")
+            if not (patient_id or "").strip() and name is None and len(
+                    {PatientIdentity.of(m) for m in keep}) > 1:
+                raise ValueError("the images without a Patient ID belong to different "
+                                 "patients: say which with --patient-name")
             detached = [m for m in members if m not in keep]
             for m in detached:
                 m.exam_id = None

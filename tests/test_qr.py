@@ -138,6 +138,10 @@ def test_movescu_and_getscu(loaded, tmp_path):
                         "-k", f"StudyInstanceUID={a[0].StudyInstanceUID}"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "MoveDestinationUnknown" in r.stdout + r.stderr
+    # An expected refusal: the node's own WARNING, no ERROR line from pynetdicom.
+    log = node.log.read_text()
+    assert "C-MOVE to unknown destination 'NOWHERE' refused" in log
+    assert not [ln for ln in log.splitlines() if " ERROR " in ln], log
 
 
 def test_c_cancel_stops_a_long_c_find(node_factory):
