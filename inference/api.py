@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 from inference.checkpoint import load_checkpoint
 from inference.device import resolve_device
 from inference.marks import Mark, find_marks
-from inference.model import BREASTS, DIAGNOSIS_CLASSES, VIEWS, algorithm_name
+from inference.model import BREASTS, DENSITY_CLASSES, DIAGNOSIS_CLASSES, VIEWS, algorithm_name
 from inference.preprocess import (
     Geometry,
     decode,
@@ -49,6 +49,9 @@ class BreastReading:
     diagnosis_probabilities: dict[str, float] | None = None
     #: 0-100 suspicion of malignancy (inference.scoring), None when the breast is absent
     score: float | None = None
+    #: BI-RADS density "A".."D" (a checkpoint with a density head; else None)
+    density: str | None = None
+    density_probabilities: dict[str, float] | None = None
 
 
 @dataclass
@@ -78,6 +81,8 @@ class ExamReading:
     #: per view, the regions that drive its breast's malignancy output (``inference.marks``),
     #: at most ``max_marks`` per breast, in the source image's pixel coordinates
     marks: dict[str, list[Mark]] = field(default_factory=dict)
+    #: the exam's density: its denser breast's (None without a density head)
+    density: str | None = None
 
 
 class MammoModel:
@@ -185,6 +190,8 @@ class MammoModel:
         bp = torch.softmax(out["birads_logits"][0].float(), -1).cpu().numpy()
         dp = (torch.softmax(out["diagnosis_logits"][0].float(), -1).cpu().numpy()
               if "diagnosis_logits" in out else None)
+        densp = (torch.softmax(out["density_logits"][0].float(), -1).cpu().numpy()
+                 if "density_logits" in out else None)
         present = out["breast_present"][0].cpu().numpy()
         weights = out["fusion_weights"][0].float().cpu().numpy()
         breasts = {}
@@ -197,6 +204,10 @@ class MammoModel:
                 r.diagnosis_probabilities = {c: float(p) for c, p in
                                              zip(DIAGNOSIS_CLASSES, dp[j])}
                 r.diagnosis = DIAGNOSIS_CLASSES[int(dp[j].argmax())] if present[j] else None
+            if densp is not None:
+                r.density_probabilities = {c: float(p) for c, p in
+                                           zip(DENSITY_CLASSES, densp[j])}
+                r.density = DENSITY_CLASSES[int(densp[j].argmax())] if present[j] else None
             if present[j]:
                 r.score = breast_score(r.birads_probabilities, r.diagnosis_probabilities)
             breasts[b] = r
@@ -244,4 +255,5 @@ class MammoModel:
                      "maps": time.perf_counter() - t3, "total": time.perf_counter() - t0},
             displays=displays, map_factors=factors, score=score, operating_point=op,
             above_operating_point=None if op is None or score is None else score >= op,
-            marks=marks)
+            marks=marks,
+            density=max((r.density for r in breasts.values() if r.density), default=None))

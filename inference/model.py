@@ -33,6 +33,7 @@ from inference.tasks import (  # noqa: E402,F401  (re-exported)
     ARCHS,
     BIRADS_TASKS,
     BREASTS,
+    DENSITY_CLASSES,
     DIAGNOSIS_CLASSES,
     VIEWS,
     birads_to_class,
@@ -62,8 +63,11 @@ class ModelConfig:
     image_size: tuple[int, int] = (512, 256)  # (H, W) of each view after preprocessing
     task: str = "birads-5class"
     diagnosis: bool = True        # multi-task: also a diagnosis head
+    #: also a BI-RADS density (A-D) head per breast; checkpoints without the key have none
+    density: bool = False
     loss_weights: dict[str, float] = field(default_factory=lambda: {"birads": 1.0,
-                                                                     "diagnosis": 1.0})
+                                                                     "diagnosis": 1.0,
+                                                                     "density": 1.0})
     attn_dim: int = 96
     dropout: float = 0.1
     scan_backend: str = "auto"
@@ -298,6 +302,7 @@ class HybridCnnVssm(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.birads_head = nn.Linear(dim, len(cfg.birads_classes))
         self.diagnosis_head = nn.Linear(dim, len(DIAGNOSIS_CLASSES)) if cfg.diagnosis else None
+        self.density_head = nn.Linear(dim, len(DENSITY_CLASSES)) if cfg.density else None
 
     def _encoder_for(self, view_index: int) -> ViewEncoder:
         enc = self.encoders["all" if "all" in self.encoders
@@ -312,6 +317,8 @@ class HybridCnnVssm(nn.Module):
         out = {"birads_logits": self.birads_head(z)}
         if self.diagnosis_head is not None:
             out["diagnosis_logits"] = self.diagnosis_head(z)
+        if self.density_head is not None:
+            out["density_logits"] = self.density_head(z)
         return out, weights
 
     def suspicion_logit(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -398,7 +405,8 @@ class HybridCnnVssm(nn.Module):
         return out
 
     def loss(self, out: dict[str, torch.Tensor], birads: torch.Tensor,
-             diagnosis: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+             diagnosis: torch.Tensor | None = None, density: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, dict[str, float]]:
         """Weighted multi-task cross-entropy; labels (B, 2) with -1 = unknown."""
         lw = self.cfg.loss_weights
         parts: dict[str, torch.Tensor] = {}
@@ -410,6 +418,10 @@ class HybridCnnVssm(nn.Module):
             dl = out["diagnosis_logits"].float()
             parts["diagnosis"] = F.cross_entropy(dl.reshape(-1, dl.shape[-1]),
                                                  diagnosis.reshape(-1), ignore_index=-1)
+        if density is not None and "density_logits" in out and (density >= 0).any():
+            dl = out["density_logits"].float()   # only where a data set has density labels
+            parts["density"] = F.cross_entropy(dl.reshape(-1, dl.shape[-1]),
+                                               density.reshape(-1), ignore_index=-1)
         if not parts:
             total = logits.sum() * 0.0
         else:

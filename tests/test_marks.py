@@ -151,6 +151,13 @@ def test_mammo_cad_sr_has_a_single_image_finding_per_mark(exam_files, tmp_path):
     f = tmp_path / "cad.dcm"
     sr.save_as(f, enforce_file_format=True)
     assert dciodvfy_errors(f) == []
+    # DCMTK checks the Mammography CAD SR IOD's relationship constraints while it reads.
+    import subprocess
+
+    dump = subprocess.run(["/usr/bin/dsrdump", str(f)], capture_output=True, text=True)
+    assert dump.returncode == 0, dump.stderr
+    assert dump.stdout.count('<contains CODE:(,,"Single Image Finding")') == 2
+    assert "SCOORD:(,,\"Center\")=(POINT" in dump.stdout
     t = build_tid1500(views, _reading(_marks(les, seeds)), STUDY, 1)
     tt = json.dumps(t.to_json_dict(), default=str)
     assert tt.count("AI mark L-CC #") == 2 and "AI region score" in tt
@@ -194,3 +201,69 @@ def test_reading_inputs_are_checked_with_the_attribute_named(exam_files):
         build_presentation_state(views, _reading(bad), STUDY, 1)
     with pytest.raises(ValueError, match="sources: no image"):
         build_mammo_cad({}, _reading({}), STUDY, 1)
+
+
+# -- density ------------------------------------------------------------------------------
+def test_both_srs_carry_density_as_cid_6000(exam_files, tmp_path):
+    views, _, les, seeds = exam_files
+    r = _reading({})
+    r.breasts["L"].density, r.breasts["R"].density, r.density = "B", "C", "C"
+    for build in (build_mammo_cad, build_tid1500):
+        sr = build(views, r, STUDY, 1)
+        text = json.dumps(sr.to_json_dict(), default=str)
+        assert "129715009" in text                     # Breast composition
+        assert "129717001" in text and text.count("129718006") == 2  # L: B; R and exam: C
+        f = tmp_path / "d.dcm"
+        sr.save_as(f, enforce_file_format=True)
+        assert dciodvfy_errors(f) == []
+    r.breasts["L"].density = "E"
+    with pytest.raises(ValueError, match=r"reading.breasts\['L'\].density"):
+        build_tid1500(views, r, STUDY, 1)
+
+
+@pytest.mark.parametrize("raw,want", [("DENSITY A", 0), ("B", 1), ("3", 2), (4, 3),
+                                      ("ACR 2", 1), ("4.0", 3), ("", None), ("0", None),
+                                      ("nan", None), ("heterogeneously dense", 2)])
+def test_density_labels_of_each_data_set(raw, want):
+    from inference.data import parse_density
+
+    assert parse_density(raw) == want
+
+
+def test_density_metrics():
+    from inference.metrics import density_metrics
+
+    perfect = density_metrics(np.array([0, 1, 2, 3]), np.array([0, 1, 2, 3]))
+    assert perfect["accuracy"] == 1.0 and perfect["quadratic_weighted_kappa"] == 1.0
+    m = density_metrics(np.array([0, 0, 1, 3]), np.array([0, 1, 1, 0]))
+    assert m["confusion"][3][0] == 1 and m["accuracy"] == 0.5
+    assert m["quadratic_weighted_kappa"] < 0.5
+
+
+def test_synthetic_density_follows_the_label():
+    means = []
+    for d in "ABCD":
+        a = make_mammogram("L", "CC", rows=256, cols=208, seed=3, density=d).pixel_array
+        means.append(float(a[a > 300].mean()))
+    assert means == sorted(means) and means[-1] - means[0] > 200
+
+
+def test_density_head_trains_only_where_labels_exist():
+    import torch
+
+    from inference.model import create_model
+
+    m = create_model("cnn", density=True, image_size=(64, 32), dims=(8, 8, 8, 8))
+    out = m(torch.zeros(1, 4, 1, 64, 32), torch.ones(1, 4, dtype=torch.bool))
+    assert out["density_logits"].shape == (1, 2, 4)
+    _, parts = m.loss(out, torch.tensor([[0, 0]]), torch.tensor([[0, 0]]),
+                      torch.tensor([[-1, -1]]))
+    assert "density" not in parts
+    _, parts = m.loss(out, torch.tensor([[0, 0]]), torch.tensor([[0, 0]]),
+                      torch.tensor([[2, -1]]))
+    assert parts["density"] > 0
+    # Checkpoints without the key (every one before this head) build without it.
+    from inference.checkpoint import load_checkpoint
+
+    model, info = load_checkpoint(None)
+    assert info.config.density is False and model.density_head is None

@@ -77,7 +77,7 @@ def single_image_finding(mark: Mark, source: Dataset) -> hd.sr.CodeContentItem:
     Required above the operating point, Optional below), its Certainty of Finding (the
     region score, 0-100 %) and its centre (POINT) and outline (closed POLYLINE) on the image
     it was found on."""
-    finding = _code(v.SINGLE_IMAGE_FINDING, v.SELECTED_REGION, rel="INFERRED_FROM")
+    finding = _code(v.SINGLE_IMAGE_FINDING, v.SELECTED_REGION)  # CONTAINS (TID 4001)
     outline = np.asarray(mark.outline, dtype=float)
     outline = np.vstack([outline, outline[:1]])  # closed: the first point repeated
     finding.ContentSequence = hd.sr.ContentSequence([
