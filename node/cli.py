@@ -88,7 +88,9 @@ def _open_store(cfg: Config):
 
         if not Path(db_file).exists():
             return None
-    return ExamStore(Database(cfg.database_url))
+    return ExamStore(Database(cfg.database_url),
+                     prior_after_days=cfg.grouping.prior_after_days,
+                     prior_gap_days=cfg.grouping.prior_gap_days)
 
 
 def cmd_exams(args: argparse.Namespace) -> int:
@@ -209,7 +211,7 @@ def _echo(cfg: Config, info: dict) -> bool:
 
 def _exam_action(args: argparse.Namespace, action: str) -> int:
     """``reprocess``, ``complete`` and ``resolve``: one exam, one transition, one line."""
-    from node.views import assign_slots
+    from node.views import assign_policy
 
     cfg = _load(args)
     store = _open_store(cfg)
@@ -227,7 +229,7 @@ def _exam_action(args: argparse.Namespace, action: str) -> int:
                   + (f" with {', '.join(missing)} missing" if missing else ""))
         else:
             detached, state, version = store.resolve_patient(
-                study, args.patient_id, assign_slots, issuer=args.issuer,
+                study, args.patient_id, assign_policy(cfg), issuer=args.issuer,
                 patient_name=args.patient_name)
             print(f"study {study}: {detached} instance(s) of other patients left the exam; "
                   f"version {version} is {state}")

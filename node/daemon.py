@@ -119,7 +119,8 @@ class Node:
         self.files = FileStore(cfg.data_dir, fsync=cfg.storage.fsync, per_process=True)
         os.chmod(cfg.data_dir, 0o700)
         self.db = Database(cfg.database_url)
-        self.exams = ExamStore(self.db)
+        self.exams = ExamStore(self.db, prior_after_days=cfg.grouping.prior_after_days,
+                               prior_gap_days=cfg.grouping.prior_gap_days)
         self.audit = A.AuditLog(cfg.audit_path, cfg.node.ae_title, cfg.audit.syslog)
         self.health = Health()
         self.metrics = NodeMetrics()

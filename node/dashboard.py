@@ -179,6 +179,8 @@ class Dashboard:
         return {"e": exam, "maps": maps, "events": events, "reading": reading,
                 "present": [s for s in SLOTS if exam["views"].get(s)],
                 "delivery": self.exams.delivery_of(study),
+                "priors": [{"study": uid, "date": date} for uid, date
+                           in self.exams.priors_of(study) if uid != study],
                 "last_received": _when(exam["last_received_at"])}
 
     async def exam_page(self, request: Request) -> Response:

@@ -34,7 +34,7 @@ from node.status import (
     SUCCESS,
 )
 from node.validate import DatasetInvalid, check_dataset, check_image_pixel_module
-from node.views import acquisition_key, assign_slots, classify
+from node.views import acquisition_key, assign_policy, classify
 from storage.db import is_disk_full
 from storage.files import FileStore, InvalidUID
 from storage.records import InstanceRecord
@@ -261,6 +261,8 @@ def instance_record(ds: Dataset, store: FileStore, calling_aet: str,
         for_processing=view.for_processing,
         acquisition_key=acquisition_key(ds) or None,
         role=view.role,
+        image_kind=view.kind,
+        implant=view.implant,
         slot=view.slot,
         note=view.note,
     )
@@ -275,6 +277,7 @@ class StorageSCP:
         self.cfg = cfg
         self.files = files
         self.exams = exams
+        self.assign = assign_policy(cfg)  # [grouping] prefer / volume_2d
         self.exam_ready = exam_ready  # a threading.Event set when an exam becomes ready
         self.min_free = int(cfg.storage.min_free_mb * 1024 * 1024)
         self.audit = audit or A.NullAudit()
@@ -396,7 +399,7 @@ class StorageSCP:
                 path.stat().st_size)
             rel = record.path
             result = self.exams.add_instance(
-                record, assign_slots, place=lambda: self.files.place(path, rel))
+                record, self.assign, place=lambda: self.files.place(path, rel))
         except StoreError as exc:
             self._discard(path)
             return exc.status, str(exc)

@@ -8,6 +8,9 @@ Exams::
     any state -> conflict            images of two patients in one study (held)
     conflict  -> receiving | ready   resolved (mammo-node resolve)
     processing -> ready              recovered after a crash
+    receiving | ready -> prior       an old study ([grouping] prior_after_days), or one of a
+                                     patient with a much newer study (prior_gap_days): kept
+    prior -> ready | receiving       read on request (mammo-node complete)
 
 Deliveries (one result object to one destination)::
 
@@ -67,6 +70,10 @@ class ExamState(StrEnum):
     #: Images of more than one patient share the study: held, nothing is read until an
     #: administrator resolves it (``mammo-node resolve``).
     CONFLICT = "conflict"
+    #: An earlier study of the patient (old on arrival, or a much newer one is here): kept
+    #: for comparison and listed with the current exam, not read unless asked
+    #: (``mammo-node complete``).
+    PRIOR = "prior"
 
 
 class OutboundState(StrEnum):
@@ -78,12 +85,13 @@ class OutboundState(StrEnum):
 
 _E, _O = ExamState, OutboundState
 EXAM_TRANSITIONS: dict[ExamState, frozenset[ExamState]] = {
-    _E.RECEIVING: frozenset({_E.READY, _E.CONFLICT}),
-    _E.READY: frozenset({_E.PROCESSING, _E.RECEIVING, _E.CONFLICT}),
+    _E.RECEIVING: frozenset({_E.READY, _E.CONFLICT, _E.PRIOR}),
+    _E.READY: frozenset({_E.PROCESSING, _E.RECEIVING, _E.CONFLICT, _E.PRIOR}),
     _E.PROCESSING: frozenset({_E.DONE, _E.FAILED, _E.READY, _E.RECEIVING, _E.CONFLICT}),
     _E.DONE: frozenset({_E.READY, _E.RECEIVING, _E.CONFLICT}),
     _E.FAILED: frozenset({_E.READY, _E.RECEIVING, _E.CONFLICT}),
     _E.CONFLICT: frozenset({_E.READY, _E.RECEIVING}),
+    _E.PRIOR: frozenset({_E.READY, _E.RECEIVING, _E.CONFLICT}),
 }
 OUTBOUND_TRANSITIONS: dict[OutboundState, frozenset[OutboundState]] = {
     _O.PENDING: frozenset({_O.SENT, _O.RETRYING, _O.GAVE_UP}),
@@ -122,6 +130,10 @@ class SlotAssignment:
     notes: list[str] = field(default_factory=list)
     #: Problems worth an administrator's attention (missing laterality, unknown view, ...).
     problems: list[str] = field(default_factory=list)
+    #: slot -> image kind of the instance chosen ("computed": a 2D image from a volume).
+    kinds: dict[str, str] = field(default_factory=dict)
+    #: An image of the exam says a breast implant is present.
+    implant: bool = False
 
 
 AssignFn = Callable[[list[Instance]], SlotAssignment]
@@ -280,13 +292,27 @@ def owner_is_dead(owner: str | None) -> bool:
     return False
 
 
+def _date(value: str | None) -> dt.date | None:
+    """A DICOM DA value as a date (None when empty or malformed)."""
+    try:
+        return dt.datetime.strptime((value or "").strip()[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
 class ExamStore:
     """Instance and exam rows, and every state transition of an exam."""
 
-    def __init__(self, db: Database, owner: str | None = None) -> None:
+    def __init__(self, db: Database, owner: str | None = None,
+                 prior_after_days: float | None = None,
+                 prior_gap_days: float | None = None) -> None:
         self.db = db
         #: This process as the holder of the exams and deliveries it claims.
         self.owner = owner or process_owner()
+        #: [grouping] prior_after_days / prior_gap_days (None: that rule is off; the node
+        #: sets them from its configuration, a bare store has them off).
+        self.prior_after_days = prior_after_days
+        self.prior_gap_days = prior_gap_days
 
     # -- ingest -------------------------------------------------------------------------
     def has_instance(self, sop_instance_uid: str) -> bool:
@@ -342,10 +368,12 @@ class ExamStore:
         now = utcnow()
         exam = s.scalar(select(Exam).where(
             Exam.study_instance_uid == inst.study_instance_uid).with_for_update())
+        new_exam = exam is None
         if exam is None:
             exam = Exam(study_instance_uid=inst.study_instance_uid,
                         accession_number=inst.accession_number, patient_id=inst.patient_id,
                         issuer_of_patient_id=inst.issuer_of_patient_id,
+                        study_date=inst.study_date or None,
                         state=ExamState.RECEIVING.value, version=1, created_at=now,
                         last_received_at=now,
                         state_changed_at=now, notes_json="[]")
@@ -368,15 +396,25 @@ class ExamStore:
         assignment = assign(members)
         before = exam.views
         changed = assignment.slots != before
-        for slot in SLOTS:
-            exam.set_slot(slot, assignment.slots.get(slot))
-        for note in assignment.notes:
-            if note not in exam.notes:
-                exam.add_note(note)
+        self._apply(exam, assignment)
         exam.last_received_at = now
         if exam.accession_number is None and inst.accession_number:
             exam.accession_number = inst.accession_number
+        if exam.study_date is None and inst.study_date:
+            exam.study_date = inst.study_date
         complete = not exam.missing
+        why = self._prior_reason(s, exam) if new_exam else None
+        if why or exam.state == ExamState.PRIOR:
+            if why:
+                exam.add_note(why)
+                exam.reason = why
+                self._set_state(exam, ExamState.PRIOR, now, why)
+            result.exam_study_uid = exam.study_instance_uid
+            result.exam_state = exam.state
+            result.exam_version = exam.version
+            return
+        if new_exam:
+            self._demote_older(s, exam, now)
         if changed:
             if exam.state in _READ:
                 exam.version += 1
@@ -422,6 +460,75 @@ class ExamStore:
             PatientIdentity.of(m))]
         self._hold(exam, stored, members, others or [stored], now, result)
         return result
+
+    @staticmethod
+    def _apply(exam: Exam, assignment: SlotAssignment) -> None:
+        """The assembly policy's decision into the exam row (slots, kinds, notes)."""
+        for slot in SLOTS:
+            exam.set_slot(slot, assignment.slots.get(slot))
+        exam.kinds_json = json.dumps(assignment.kinds)
+        exam.implant = assignment.implant
+        for note in assignment.notes:
+            if note not in exam.notes:
+                exam.add_note(note)
+
+    def _same_patient_exams(self, s, exam: Exam) -> list[Exam]:
+        """Other exams of the exam's patient (a non-empty PatientID, issuers compatible)."""
+        if not exam.patient_id:
+            return []
+        return [e for e in s.scalars(select(Exam).where(
+            Exam.patient_id == exam.patient_id, Exam.id != exam.id))
+            if same_patient(exam.patient_id, exam.issuer_of_patient_id, e.patient_id,
+                            e.issuer_of_patient_id)]
+
+    def _prior_reason(self, s, exam: Exam) -> str | None:
+        """Why a study that just arrived is a prior (None: it is read)."""
+        date = _date(exam.study_date)
+        if date is None:
+            return None
+        if self.prior_after_days is not None:
+            age = (utcnow().date() - date).days
+            if age > self.prior_after_days:
+                return (f"prior: StudyDate {date.isoformat()} is {age} days old ([grouping] "
+                        f"prior_after_days = {self.prior_after_days:g}); stored, not read "
+                        f"(mammo-node complete {exam.study_instance_uid} reads it)")
+        if self.prior_gap_days is not None:
+            for other in self._same_patient_exams(s, exam):
+                d = _date(other.study_date)
+                if d is not None and (d - date).days >= self.prior_gap_days:
+                    return (f"prior: the node holds a study of the same patient from "
+                            f"{d.isoformat()}, {(d - date).days} days newer ([grouping] "
+                            f"prior_gap_days = {self.prior_gap_days:g}); stored, not read")
+        return None
+
+    def _demote_older(self, s, exam: Exam, now: dt.datetime) -> None:
+        """A new study of a patient: the patient's studies at least prior_gap_days older
+        that are not read yet become priors."""
+        date = _date(exam.study_date)
+        if date is None or self.prior_gap_days is None:
+            return
+        for other in self._same_patient_exams(s, exam):
+            d = _date(other.study_date)
+            if (d is None or other.state not in (ExamState.RECEIVING, ExamState.READY)
+                    or (date - d).days < self.prior_gap_days
+                    or any("read on request" in n for n in other.notes)):
+                continue
+            why = (f"prior: study {exam.study_instance_uid} of the same patient from "
+                   f"{date.isoformat()} arrived, {(date - d).days} days newer ([grouping] "
+                   f"prior_gap_days = {self.prior_gap_days:g}); stored, not read")
+            other.add_note(why)
+            other.reason = why
+            self._set_state(other, ExamState.PRIOR, now, why)
+
+    def priors_of(self, study_uid: str) -> list[tuple[str, str | None]]:
+        """(study UID, StudyDate) of the priors of the study's patient, oldest first."""
+        with self.db.session() as s:
+            exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid))
+            if exam is None:
+                return []
+            rows = [(e.study_instance_uid, e.study_date) for e in
+                    self._same_patient_exams(s, exam) if e.state == ExamState.PRIOR]
+        return sorted(rows, key=lambda r: r[1] or "")
 
     def _hold(self, exam: Exam, inst: Instance, members: list[Instance],
               others: list[Instance], now: dt.datetime, result: AddResult) -> None:
@@ -475,8 +582,7 @@ class ExamStore:
             exam.issuer_of_patient_id = issuer or next(
                 (m.issuer_of_patient_id for m in keep if m.issuer_of_patient_id), None)
             assignment = assign(keep)
-            for slot in SLOTS:
-                exam.set_slot(slot, assignment.slots.get(slot))
+            self._apply(exam, assignment)
             read_before = s.scalar(select(func.count()).select_from(Result).where(
                 Result.exam_id == exam.id, Result.version == exam.version)) or 0
             if read_before:
@@ -615,12 +721,16 @@ class ExamStore:
         now = utcnow()
         with self.db.write() as s:
             exam = _exam_for_update(s, study_uid)
-            if exam.state != ExamState.RECEIVING:
-                raise ValueError(f"the exam is {exam.state}, not receiving")
+            if exam.state not in (ExamState.RECEIVING, ExamState.PRIOR):
+                raise ValueError(f"the exam is {exam.state}, not receiving or prior")
             if not any(exam.views.values()):
                 raise ValueError("no image fills any of the four view slots")
             missing = exam.missing
             msg = f"completed by request with {', '.join(missing) or 'no view'} missing"
+            if exam.state == ExamState.PRIOR:
+                msg = f"prior read on request ({', '.join(missing) or 'no view'} missing)"
+                exam.add_note(msg)
+                exam.reason = None
             exam.reason = f"{exam.reason}; {msg}" if exam.reason else msg
             self._set_state(exam, ExamState.READY, now)
             return missing, exam.state
@@ -716,6 +826,22 @@ class ExamStore:
                     if path is not None:
                         paths[slot] = path
             return exam.study_instance_uid, exam.version, paths
+
+    def reading_context(self, exam_id: int) -> dict[str, Any]:
+        """What a reading says about its images: slot -> image kind, implant, the
+        patient's priors (StudyDates) and the views that had only a volume."""
+        with self.db.session() as s:
+            exam = _get(s, Exam, exam_id)
+            study = exam.study_instance_uid
+            kinds = {k: v for k, v in exam.view_kinds.items() if v}
+            implant = bool(exam.implant)
+            volume_only = [n.split(":")[0] for n in exam.notes
+                           if "only a tomosynthesis volume; read with this view missing" in n]
+        priors = [d for _, d in self.priors_of(study)]
+        return {"kinds": kinds, "implant": implant,
+                "priors": [f"{d[:4]}-{d[4:6]}-{d[6:8]}" if d and len(d) == 8 else (d or "?")
+                           for d in priors],
+                "volume_only": sorted(set(volume_only))}
 
     # -- export ----------------------------------------------------------------------------
     def due_transfers(self, limit: int = 100,

@@ -26,8 +26,10 @@ from node.results.reading import (
     Mark,
     ReadingSummary,
     check_reading,
+    kind_label,
     overall_impression,
     score_line,
+    views_read,
 )
 from node.results.sc import SC_MAX_ROWS, build_sc, render_overlay
 from node.results.tid1500 import build_tid1500
@@ -39,6 +41,6 @@ __all__ = [
     "SOFTWARE_VERSION", "SR_SERIES_NUMBER", "BreastSummary", "Mark", "MammographyCADSR",
     "ReadingSummary", "birads_code", "build_mammo_cad", "build_parametric_map",
     "build_presentation_state", "build_sc",
-    "build_tid1500", "check_reading", "overall_impression", "render_overlay", "result_uid",
-    "score_line",
+    "build_tid1500", "check_reading", "kind_label", "overall_impression", "render_overlay",
+    "result_uid", "score_line", "views_read",
 ]

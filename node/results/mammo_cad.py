@@ -21,7 +21,9 @@ from node.results.reading import (
     Mark,
     ReadingSummary,
     check_reading,
+    kind_label,
     overall_impression,
+    views_read,
 )
 from node.results.tid1500 import check_sources
 
@@ -91,7 +93,8 @@ def single_image_finding(mark: Mark, source: Dataset) -> hd.sr.CodeContentItem:
     return finding
 
 
-def _image_library(sources: dict[str, Dataset]) -> hd.sr.ContainerContentItem:
+def _image_library(sources: dict[str, Dataset], reading: ReadingSummary
+                   ) -> hd.sr.ContainerContentItem:
     library = hd.sr.ContainerContentItem(name=v.IMAGE_LIBRARY,
                                          relationship_type=_rel("CONTAINS"))
     entries = []
@@ -104,6 +107,7 @@ def _image_library(sources: dict[str, Dataset]) -> hd.sr.ContainerContentItem:
             _code(v.IMAGE_LATERALITY, v.LATERALITY[lat], rel="HAS_ACQ_CONTEXT"),
             _code(v.IMAGE_VIEW, v.VIEW.get(view, v.MEDIO_LATERAL_OBLIQUE),
                   rel="HAS_ACQ_CONTEXT"),
+            _text(v.IMAGE_KIND, kind_label(reading, slot), rel="HAS_ACQ_CONTEXT"),
         ])
         entries.append(img)
     library.ContentSequence = hd.sr.ContentSequence(entries)
@@ -173,7 +177,9 @@ def build_mammo_cad(sources: dict[str, Dataset], reading: ReadingSummary, study_
         findings = findings or b.birads not in ("BI-RADS 1",)
     summary = _code(v.CAD_SUMMARY, v.WITH_FINDINGS if findings else v.WITHOUT_FINDINGS)
     overall = _text(v.IMPRESSION, overall_impression(reading), rel="INFERRED_FROM")
-    exam_items: list = []
+    exam_items: list = [_text(v.VIEWS_READ, views_read(reading, sources), rel="INFERRED_FROM")]
+    if reading.implant:
+        exam_items.append(_code(v.IMPLANT, v.YES, rel="INFERRED_FROM"))
     if reading.score is not None:
         exam_items.append(_num(v.EXAM_SCORE, reading.score, v.SCORE_UNIT, rel="INFERRED_FROM"))
         if reading.operating_point is not None:
@@ -205,7 +211,7 @@ def build_mammo_cad(sources: dict[str, Dataset], reading: ReadingSummary, study_
     root = hd.sr.ContainerContentItem(name=v.MAMMOGRAPHY_CAD_REPORT, template_id="4000")
     root.ContentSequence = hd.sr.ContentSequence([
         *hd.sr.LanguageOfContentItemAndDescendants(language=v.ENGLISH_US),
-        _image_library(sources), summary, detections, analyses])
+        _image_library(sources, reading), summary, detections, analyses])
     sr = MammographyCADSR(
         evidence=list(sources.values()), content=root,
         series_instance_uid=result_uid(study_uid, version, "srcad-series"),

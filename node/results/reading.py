@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from node.results.vocabulary import DENSITY_CLASSES
 
@@ -66,6 +67,26 @@ class ReadingSummary:
     density: str | None = None
     #: slot -> the view's marks (``inference.marks``), by falling score.
     marks: dict[str, list[Mark]] = field(default_factory=dict)
+    #: slot -> image kind read (inference.views.IMAGE_KINDS; "computed": made from a volume).
+    view_kinds: dict[str, str] = field(default_factory=dict)
+    #: What the reader should know about the images read (another kind than the model was
+    #: trained on, a computed view, a view with only a volume, priors available).
+    notes: list[str] = field(default_factory=list)
+    #: An image of the exam says a breast implant is present.
+    implant: bool = False
+
+
+def kind_label(reading: ReadingSummary, slot: str) -> str:
+    """How a view's image kind is written in the results ("conventional 2D", ...)."""
+    from inference.views import KIND_LABELS
+
+    kind = reading.view_kinds.get(slot, "conventional")
+    return KIND_LABELS.get(kind, kind)
+
+
+def views_read(reading: ReadingSummary, slots: Any) -> str:
+    """The per-view statement: "L-CC conventional 2D, L-MLO synthesized 2D, ..."."""
+    return ", ".join(f"{slot} {kind_label(reading, slot)}" for slot in sorted(slots))
 
 
 def check_reading(reading: ReadingSummary) -> None:
@@ -129,6 +150,12 @@ def overall_impression(reading: ReadingSummary) -> str:
         text += f". Breast density {reading.density}"
     if reading.missing_views:
         text += f". Missing views: {', '.join(reading.missing_views)}"
+    if reading.view_kinds:
+        text += f". Views read from: {views_read(reading, reading.view_kinds)}"
+    if reading.implant:
+        text += ". Implant present"
+    for note in reading.notes:
+        text += f". {note}"
     if reading.not_for_clinical_use:
         text += ". NOT FOR CLINICAL USE (demo model trained on synthetic phantoms)"
     return text + "."

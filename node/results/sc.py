@@ -10,7 +10,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from node.results.identity import MANUFACTURER, SC_SERIES_NUMBER, result_uid, stamp
-from node.results.reading import ABSENT, ReadingSummary, check_reading, score_line
+from node.results.reading import ABSENT, ReadingSummary, check_reading, kind_label, score_line
 
 SC_MAX_ROWS = 1536  # attention-map images are for review, not diagnosis: keep them light
 
@@ -97,7 +97,9 @@ def caption_lines(slot: str, reading: ReadingSummary) -> list[str]:
     if b.density:
         line2 += f"   density {b.density}"
     lines = [f"{slot}  {reading.model_name} {reading.model_version}  -  NOT FOR DIAGNOSIS",
-             line2, score_line(reading)]
+             line2, score_line(reading),
+             f"read from: {kind_label(reading, slot)}" + ("   implant present"
+                                                          if reading.implant else "")]
     if reading.not_for_clinical_use:
         lines.append("Demo model trained on synthetic phantoms: NOT FOR CLINICAL USE")
     return lines

@@ -9,7 +9,13 @@ from pydicom.dataset import Dataset
 
 from node.results import vocabulary as v
 from node.results.identity import MANUFACTURER, SOFTWARE_VERSION, SR_SERIES_NUMBER, result_uid
-from node.results.reading import ABSENT, BreastSummary, ReadingSummary, check_reading
+from node.results.reading import (
+    ABSENT,
+    BreastSummary,
+    ReadingSummary,
+    check_reading,
+    kind_label,
+)
 
 
 def check_sources(sources: dict[str, Dataset]) -> None:
@@ -101,6 +107,13 @@ def build_tid1500(sources: dict[str, Dataset], reading: ReadingSummary, study_ui
             continue
         views = [s for s in sources if s.startswith(lat)]
         measurements, evals = _breast_items(b, lat, reading)
+        evals += [hd.sr.QualitativeEvaluation(
+            name=v.image_kind_of(s),
+            value=v.image_kind_code(reading.view_kinds.get(s, "conventional"),
+                                    kind_label(reading, s)))
+            for s in sorted(views)]
+        if reading.implant:
+            evals.append(hd.sr.QualitativeEvaluation(name=v.IMPLANT, value=v.YES))
         if reading.score is not None and lat == worst:
             exam_m, exam_e = exam_score_items(reading)
             measurements += exam_m

@@ -143,6 +143,9 @@ EXAM_SCORE = private("EXAM-SCORE", "AI exam malignancy score")
 OPERATING_POINT = private("OPERATING-POINT", "Operating point")
 ABOVE_OPERATING_POINT = private("ABOVE-OP", "Exam score above the operating point")
 REGION_SCORE = private("REGION-SCORE", "AI region score")
+IMPLANT = private("IMPLANT", "Implant present")
+IMAGE_KIND = private("IMAGE-KIND", "Image kind")
+VIEWS_READ = private("VIEWS-READ", "Views read")
 MISSING_VIEWS = private("MISSING-VIEWS", "Missing views")
 DISCLAIMER = private("DISCLAIMER", "Disclaimer")
 FOUR_VIEW_BIRADS = private("FOUR-VIEW-BIRADS", "Four-view BI-RADS analysis")
@@ -158,6 +161,16 @@ def probability_of(cls: str) -> hd.sr.CodedConcept:
     """The concept "Probability of <class>" of a BI-RADS or diagnosis class."""
     value = f"P-{cls.replace(' ', '')}" if cls.startswith("BI-RADS") else f"P-{cls.upper()}"
     return private(value, f"Probability of {cls}")
+
+
+def image_kind_of(slot: str) -> hd.sr.CodedConcept:
+    """The concept "Image kind of <view>" (conventional 2D, synthesized 2D, computed)."""
+    return private(f"KIND-{slot}", f"Image kind of {slot}")
+
+
+def image_kind_code(kind: str, label: str) -> hd.sr.CodedConcept:
+    """An image kind ("synthesized") as a private code whose meaning is its label."""
+    return private(kind.upper(), label)
 
 
 def fusion_weight_of(slot: str) -> hd.sr.CodedConcept:
