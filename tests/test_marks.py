@@ -267,3 +267,26 @@ def test_density_head_trains_only_where_labels_exist():
 
     model, info = load_checkpoint(None)
     assert info.config.density is False and model.density_head is None
+
+
+def test_presentation_state_of_a_real_reading(model, exam_files, tmp_path):
+    """The node's path (node.worker._read): the demo checkpoint's marks in the presentation
+    state, rendered by DCMTK (test-artifacts/gsps-model-*.png), each on the lesion's view."""
+    from node.worker import ExamJob, _read
+
+    views, paths, les, seeds = exam_files
+    root = next(iter(paths.values())).parent
+    job = ExamJob(data_dir=str(root), study_uid=STUDY, version=1,
+                  paths={slot: p.name for slot, p in paths.items()})
+    sources, _, summary = _read(model, job)
+    assert any(summary.marks.values())
+    pr = build_presentation_state(sources, summary, STUDY, 1)
+    f = tmp_path / "gsps.dcm"
+    pr.save_as(f, enforce_file_format=True)
+    assert dciodvfy_errors(f) == []
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for slot in ("L-CC", "L-MLO", "R-CC"):
+        parsed = render_png(f, paths[slot], ARTIFACTS / f"gsps-model-{slot}.png")
+        assert len(parsed.polylines) == len(summary.marks.get(slot, []))
+        for poly, mark in zip(parsed.polylines, summary.marks.get(slot, [])):
+            assert np.allclose(np.asarray(poly)[:-1], np.asarray(mark.outline), atol=0.01)
