@@ -68,6 +68,8 @@ class TrainArgs:
     arch: str = "hybrid"
     weights: str = "shared"
     diagnosis: bool = True
+    #: A BI-RADS density head: "auto" = where the training exams carry density labels.
+    density: str = "auto"
     epochs: int = 10
     image_size: tuple[int, int] = (512, 256)
     batch_size: int = 4           # per process
@@ -191,10 +193,16 @@ def _train(a: TrainArgs, ctx: DistContext) -> dict[str, Any]:
     if not train_recs:
         raise ValueError(f"no exams found in {a.data}")
     train_recs, val_recs = split_validation(train_recs, a.val_fraction, a.seed)
+    if a.density not in ("auto", "on", "off"):
+        raise ValueError(f"density must be auto, on or off, got {a.density!r}")
+    density = a.density == "on" or (a.density == "auto"
+                                    and any(r.density for r in train_recs))
     cfg = ModelConfig(arch=a.arch, weights=a.weights, task=a.task, diagnosis=a.diagnosis,
+                      density=density,
                       image_size=(int(a.image_size[0]), int(a.image_size[1])),
                       dropout=a.dropout,
-                      loss_weights={"birads": a.birads_weight, "diagnosis": a.diagnosis_weight})
+                      loss_weights={"birads": a.birads_weight, "diagnosis": a.diagnosis_weight,
+                                    "density": 1.0})
     model = HybridCnnVssm(cfg)  # same seed: the same initial weights on every rank
     sync_batchnorm(model, ctx)  # in place: the model's own BatchNorm2d children replaced
     model.to(device)
@@ -275,20 +283,23 @@ def _train(a: TrainArgs, ctx: DistContext) -> dict[str, Any]:
                 mask = batch["mask"].to(device, non_blocking=True)
                 birads = batch["birads"].to(device, non_blocking=True)
                 diag = batch["diagnosis"].to(device, non_blocking=True)
+                dens = batch["density"].to(device, non_blocking=True)
                 counts = None
                 if ctx.distributed:
                     # Labelled breasts over every rank, so that the averaged gradient is
                     # that of the whole global batch (ranks' labels need not be even).
-                    c = torch.stack([(birads >= 0).sum(), (diag >= 0).sum()]).float()
+                    c = torch.stack([(birads >= 0).sum(), (diag >= 0).sum(),
+                                     (dens >= 0).sum()]).float()
                     g = all_reduce_sum(c, ctx) / ctx.world_size
-                    counts = {"birads": float(g[0]), "diagnosis": float(g[1])}
+                    counts = {"birads": float(g[0]), "diagnosis": float(g[1]),
+                              "density": float(g[2])}
                 sync = net.no_sync() if ctx.distributed and not last_micro \
                     else contextlib.nullcontext()
                 with sync:
                     with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                         enabled=amp_dtype is not None):
                         outp = net(images, mask)
-                        loss, _ = model.loss(outp, birads, diag, counts)
+                        loss, _ = model.loss(outp, birads, diag, dens, counts=counts)
                     scaler.scale(loss / group).backward()
                 # The global batch's mean loss (the ranks' losses average to it).
                 bl = float(all_reduce_sum(loss.detach().float().reshape(1), ctx)[0]) \
@@ -494,19 +505,25 @@ def predict_records(model: HybridCnnVssm, records, device: torch.device, batch_s
     if not records:
         res = {"birads_probs": np.zeros((0, len(cfg.birads_classes)), np.float32),
                "birads_raw": np.zeros(0, np.int64), "diagnosis": np.zeros(0, np.int64),
-               "present": np.zeros(0, bool)}
+               "present": np.zeros(0, bool), "density": np.zeros(0, np.int64)}
         if cfg.diagnosis:
             res["diagnosis_probs"] = np.zeros((0, 3), np.float32)
+        if cfg.density:
+            res["density_probs"] = np.zeros((0, 4), np.float32)
         return res
     ds = ExamDataset(records, cfg.image_size, cfg.task, cache_dir=cache_dir)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
     probs, dprobs, braw, diag, present = [], [], [], [], []
+    densp, dens = [], []
     model.eval()
     for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not progress, leave=False):
         out = model(batch["images"].to(device), batch["mask"].to(device))
         probs.append(torch.softmax(out["birads_logits"].float(), -1).cpu())
         if "diagnosis_logits" in out:
             dprobs.append(torch.softmax(out["diagnosis_logits"].float(), -1).cpu())
+        if "density_logits" in out:
+            densp.append(torch.softmax(out["density_logits"].float(), -1).cpu())
+        dens.append(batch["density"])
         braw.append(batch["birads_raw"])
         diag.append(batch["diagnosis"])
         present.append(out["breast_present"].cpu())
@@ -516,6 +533,9 @@ def predict_records(model: HybridCnnVssm, records, device: torch.device, batch_s
            "present": torch.cat(present).reshape(-1).numpy()}
     if dprobs:
         res["diagnosis_probs"] = torch.cat(dprobs).reshape(-1, 3).numpy()
+    res["density"] = torch.cat(dens).reshape(-1).numpy()
+    if densp:
+        res["density_probs"] = torch.cat(densp).reshape(-1, 4).numpy()
     return res
 
 
@@ -564,6 +584,12 @@ def evaluate(data: str, checkpoint: str | None, fmt: str = "vindr", split: str =
     preds = predict_records(model, records, dev, batch_size, workers,
                             cache_dir=str(Path(data) / ".mammo-cache"), progress=progress)
     results: dict[str, Any] = dict(evaluate_predictions(preds, info.config.task))
+    if "density_probs" in preds:
+        from inference.metrics import density_metrics
+
+        keep = preds["present"].astype(bool) & (preds["density"] >= 0)
+        results["density"] = density_metrics(preds["density"][keep],
+                                             preds["density_probs"][keep].argmax(1))
     y, s = exam_level(preds, info.config.birads_classes)
     op = operating_point if operating_point is not None else info.operating_point
     stats = exam_statistics(y, s, op, bootstrap=bootstrap)

@@ -31,6 +31,7 @@ from inference.datasets.records import (
     TRAIN_SPLITS,
     ExamRecord,
     parse_birads,
+    parse_density,
     parse_diagnosis,
     parse_laterality,
     parse_view,
@@ -55,6 +56,6 @@ def read_dataset(data: str | Path, fmt: str = "vindr") -> list[ExamRecord]:
 
 
 __all__ = ["FORMATS", "READERS", "TEST_SPLITS", "TRAIN_SPLITS", "ExamRecord", "parse_birads",
-           "parse_diagnosis", "parse_laterality", "parse_view", "read_cbis_ddsm", "read_cmmd",
-           "read_csv", "read_dataset", "read_inbreast", "read_rsna", "read_vindr",
-           "select_split"]
+           "parse_density", "parse_diagnosis", "parse_laterality", "parse_view",
+           "read_cbis_ddsm", "read_cmmd", "read_csv", "read_dataset", "read_inbreast",
+           "read_rsna", "read_vindr", "select_split"]

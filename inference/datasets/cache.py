@@ -157,5 +157,7 @@ class ExamDataset(Dataset):
         diag = torch.tensor([rec.diagnosis.get(b) if rec.diagnosis.get(b) is not None else -1
                              for b in BREASTS])
         raw = torch.tensor([rec.birads.get(b) or 0 for b in BREASTS])
+        dens = torch.tensor([rec.density.get(b) if rec.density.get(b) is not None else -1
+                             for b in BREASTS])
         return {"images": images, "mask": mask, "birads": birads, "diagnosis": diag,
-                "birads_raw": raw}
+                "birads_raw": raw, "density": dens}

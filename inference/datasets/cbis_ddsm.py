@@ -21,6 +21,7 @@ from inference.datasets.records import (
     add_image,
     check_files,
     parse_birads,
+    parse_density,
     parse_diagnosis,
 )
 from inference.datasets.tables import get_field, rows_csv
@@ -93,8 +94,11 @@ def read_cbis_ddsm(root: str | Path) -> list[ExamRecord]:
                                         "benign" if pathology.startswith("BENIGN") else "")
             a = get_field(row, "assessment")
             birads = parse_birads(a) if a not in ("", "0") else None
+            # Density 1-4: "breast_density" in the mass CSVs, "breast density" in the calc
+            # ones (get_field folds underscores and spaces).
             skipped += not add_image(records, f"{pid}|{split}", lat, view, path, birads,
-                                     diagnosis, split)
+                                     diagnosis, split,
+                                     parse_density(get_field(row, "breast density")))
     if unresolved:
         log.warning("%s: %d image path(s) of the CSVs not found in the download tree "
                     "(matched by case folder and series UID)", root, unresolved)

@@ -20,6 +20,7 @@ from inference.datasets.records import (
     add_image,
     check_files,
     parse_birads,
+    parse_density,
     parse_diagnosis,
 )
 
@@ -37,6 +38,7 @@ _ALIASES = {  # canonical -> accepted (normalised) header names, in order of pre
     "view": ("view", "view_position", "viewposition", "projection"),
     "birads": ("birads", "bi_rads", "breast_birads", "assessment"),
     "diagnosis": ("diagnosis", "breast_diagnosis", "pathology"),
+    "density": ("density", "breast_density", "breast density", "acr", "composition"),
     "split": ("split", "subset", "set", "fold_name"),
 }
 
@@ -81,6 +83,7 @@ def read_csv(csv_path: str | Path) -> list[ExamRecord]:
             ok = add_image(records, exam_id, get(row, "laterality"), get(row, "view"),
                            p if p.is_absolute() else csv_path.parent / p,
                            parse_birads(get(row, "birads")),
-                           parse_diagnosis(get(row, "diagnosis")), get(row, "split"))
+                           parse_diagnosis(get(row, "diagnosis")), get(row, "split"),
+                           parse_density(get(row, "density")))
             skipped += not ok
     return check_files(records, csv_path, skipped)

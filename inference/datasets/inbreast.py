@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from inference.datasets.records import ExamRecord, add_image, check_files
+from inference.datasets.records import ExamRecord, add_image, check_files, parse_density
 from inference.datasets.tables import find_file, get_field, read_table
 
 _INBREAST_NAME = re.compile(r"^(\d+)_([0-9a-f]+)_MG_([LR])_(CC|MLO|ML)_ANON\.dcm$", re.I)
@@ -43,5 +43,5 @@ def read_inbreast(root: str | Path) -> list[ExamRecord]:
         exam = f"{patient}|{get_field(row, 'acquisition date')}"
         skipped += not add_image(records, exam, lat,
                                  "MLO" if view.upper() == "ML" else view, f, birads, diagnosis,
-                                 "training")
+                                 "training", parse_density(get_field(row, "acr")))  # ACR 1-4
     return check_files(records, table, skipped)

@@ -30,6 +30,7 @@ class ExamRecord:
     birads: dict[str, int | None] = field(default_factory=dict)  # "L"/"R" -> 1..5
     diagnosis: dict[str, int | None] = field(default_factory=dict)  # -> class index
     split: str = ""
+    density: dict[str, int | None] = field(default_factory=dict)  # -> 0..3 (A..D)
 
 
 def parse_birads(value: str | None) -> int | None:
@@ -55,6 +56,24 @@ def parse_diagnosis(value: str | None) -> int | None:
     v = (value or "").strip().lower()
     v = _DIAGNOSIS_ALIASES.get(v, v)
     return DIAGNOSIS_CLASSES.index(v) if v in DIAGNOSIS_CLASSES else None
+
+
+def parse_density(value: str | int | float | None) -> int | None:
+    """BI-RADS breast density as a class index 0-3 (A-D): "DENSITY C" (VinDr), "C" (RSNA),
+    "3" / 3 (CBIS-DDSM's 1-4, INbreast's ACR 1-4), "ACR 3", "heterogeneously dense";
+    anything else (empty, "0", "nan") -> None (no label: the density loss skips it)."""
+    if value is None:
+        return None
+    v = str(value).strip().upper()
+    words = {"FAT": 0, "SCATTERED": 1, "HETEROGENEOUS": 2, "EXTREMELY": 3}
+    for w, i in words.items():
+        if w in v:
+            return i
+    v = re.sub(r"^(DENSITY|ACR|BI-?RADS)[\s_:-]*", "", v).strip()
+    if v in ("A", "B", "C", "D"):
+        return "ABCD".index(v)
+    m = re.fullmatch(r"([1-4])(\.0+)?", v)
+    return int(m.group(1)) - 1 if m else None
 
 
 def parse_laterality(value: str | None) -> str | None:
@@ -89,7 +108,8 @@ def parse_view(value: str | None) -> tuple[str | None, str | None]:
 
 
 def add_image(records: dict[str, ExamRecord], exam_id: str, lat: str, view: str, path: Path,
-              birads: int | None, diagnosis: int | None, split: str) -> bool:
+              birads: int | None, diagnosis: int | None, split: str,
+              density: int | None = None) -> bool:
     """Add one image row; False when its laterality/view are not one of the four slots."""
     vlat, v = parse_view(view)
     lat_ = parse_laterality(lat) or vlat
@@ -99,6 +119,8 @@ def add_image(records: dict[str, ExamRecord], exam_id: str, lat: str, view: str,
             rec.birads[lat_] = max(birads, rec.birads.get(lat_) or 0)
         if diagnosis is not None:
             rec.diagnosis[lat_] = max(diagnosis, rec.diagnosis.get(lat_) or 0)
+        if density is not None:
+            rec.density[lat_] = max(density, rec.density.get(lat_) or 0)
     slot = f"{lat_}-{v}"
     if slot in VIEWS:
         rec.paths.setdefault(slot, path)

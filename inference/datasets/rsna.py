@@ -13,7 +13,13 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from inference.datasets.records import ExamRecord, add_image, check_files, parse_birads
+from inference.datasets.records import (
+    ExamRecord,
+    add_image,
+    check_files,
+    parse_birads,
+    parse_density,
+)
 from inference.datasets.tables import rows_csv
 
 
@@ -42,6 +48,8 @@ def read_rsna(root: str | Path) -> list[ExamRecord]:
         b = row.get("BIRADS", "")
         birads = 5 if cancer else parse_birads(b) if b in ("1", "2") else None
         path = base / "train_images" / pid / f"{row['image_id']}.dcm"
+        # RSNA's density: A-D (empty where unknown).
         skipped += not add_image(records, pid, row["laterality"], row["view"], path, birads,
-                                 diagnosis, _fixed_split(pid))
+                                 diagnosis, _fixed_split(pid),
+                                 parse_density(row.get("density")))
     return check_files(records, csv_path, skipped)

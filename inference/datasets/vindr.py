@@ -16,6 +16,7 @@ from inference.datasets.records import (
     add_image,
     check_files,
     parse_birads,
+    parse_density,
     parse_diagnosis,
 )
 
@@ -39,6 +40,7 @@ def read_vindr(root: str | Path) -> list[ExamRecord]:
             path = root / "images" / row["study_id"].strip() / f"{row['image_id'].strip()}.dicom"
             ok = add_image(records, row["study_id"].strip(), row["laterality"],
                            row["view_position"], path, parse_birads(row.get("breast_birads")),
-                           parse_diagnosis(row.get("breast_diagnosis")), row.get("split") or "")
+                           parse_diagnosis(row.get("breast_diagnosis")), row.get("split") or "",
+                           parse_density(row.get("breast_density")))
             skipped += not ok
     return check_files(records, csv_path, skipped)
