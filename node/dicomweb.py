@@ -9,8 +9,8 @@ or JPEG images of single-frame objects (the attention maps) for browsers.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-import mmap
 import re
 import tempfile
 import threading
@@ -66,10 +66,28 @@ def _keyword(name: str) -> str | None:
     return name if name in ATTRS or name == "ModalitiesInStudy" else None
 
 
+def _find(f, needle: bytes, start: int, size: int) -> int:
+    """Offset of ``needle`` in the open file between ``start`` and ``size``, -1 if absent; read in
+    blocks (never mapped or held whole: a 2 GB body costs one block of memory)."""
+    block = 8 << 20
+    pos = start
+    while pos < size:
+        f.seek(pos)
+        data = f.read(min(block + len(needle) - 1, size - pos))
+        i = data.find(needle)
+        if i >= 0:
+            return pos + i
+        if len(data) < len(needle):
+            return -1
+        pos += block
+    return -1
+
+
 def split_multipart(path: Path, content_type: str) -> list[tuple[str, int, int]]:
     """Parts of a multipart/related body spooled to ``path``: (content type, offset, length).
 
-    Works on the file through mmap, so a 400 MB STOW request is never held in memory.
+    Reads the file in blocks to find the boundaries, so a 2 GB STOW request is never held
+    in memory (nor mapped: mapped pages count in the daemon's resident size).
     """
     m = re.search(r'boundary="?([^";]+)"?', content_type)
     if not m:
@@ -78,27 +96,30 @@ def split_multipart(path: Path, content_type: str) -> list[tuple[str, int, int]]
     size = path.stat().st_size
     if size == 0:
         raise ValueError("empty body")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        pos = mm.find(boundary)
+    with open(path, "rb") as f:
+        pos = _find(f, boundary, 0, size)
         if pos < 0:
             raise ValueError("the boundary of the Content-Type never appears in the body")
         parts = []
         while True:
             start = pos + len(boundary)
-            if mm[start:start + 2] == b"--":
+            f.seek(start)
+            after = f.read(2)
+            if after == b"--":
                 break  # closing delimiter
-            if mm[start:start + 2] == b"\r\n":
+            if after == b"\r\n":
                 start += 2
-            head_end = mm.find(b"\r\n\r\n", start)
+            head_end = _find(f, b"\r\n\r\n", start, min(size, start + (64 << 10)))
             if head_end < 0:
                 raise ValueError("a part without the blank line that ends its headers")
+            f.seek(start)
             ctype = "application/octet-stream"
-            for line in mm[start:head_end].decode("latin-1").split("\r\n"):
+            for line in f.read(head_end - start).decode("latin-1").split("\r\n"):
                 k, _, v = line.partition(":")
                 if k.strip().lower() == "content-type":
                     ctype = v.strip().lower()
             data = head_end + 4
-            nxt = mm.find(b"\r\n" + boundary, data)
+            nxt = _find(f, b"\r\n" + boundary, data, size)
             if nxt < 0:
                 raise ValueError("a part without a closing boundary (truncated body?)")
             parts.append((ctype, data, nxt - data))
@@ -559,30 +580,45 @@ class DicomWeb:
             return _error(400, str(exc))
         except wado.NotAcceptable as exc:
             return _error(406, str(exc))
+        gen = wado.iter_frames(self.files.abspath(r.path), numbers, choice.passthrough)
         try:
-            parts = await run_in_threadpool(wado.frames, self.files.abspath(r.path), numbers,
-                                            choice.passthrough)
+            first = await run_in_threadpool(next, gen)
         except ValueError as exc:
             return _error(400, str(exc))
         self._audit_retrieve(request, rows, "WADO-RS frames")
         if not choice.multipart:
-            return Response(parts[0], media_type=choice.content_type)
-        body, ctype = wado.multipart_bytes(parts, choice.content_type)
-        return Response(body, media_type=ctype)
+            return Response(first, media_type=choice.content_type)
+        boundary = uuid.uuid4().hex
+        # Streamed: one frame in memory at a time, however many the list names.
+        return StreamingResponse(
+            wado.stream_parts(itertools.chain([first], gen), choice.content_type, boundary),
+            media_type=wado.multipart_content_type(choice.content_type, boundary))
 
     async def bulkdata(self, request: Request) -> Response:
         rows = await run_in_threadpool(self._rows, request.path_params)
         tag = request.path_params["tag"]
         if not rows or not _TAG_RE.match(tag):
             return _error(404, "no such instance or bulk data element")
+        path = self.files.abspath(rows[0].path)
+        accept = request.headers.get("accept", "")
+        multipart = "multipart/related" in accept or not accept or "*/*" in accept
+        if int(tag, 16) == 0x7FE00010:
+            # Native pixel data (a volume's: gigabytes) streams from the file.
+            span = await run_in_threadpool(wado.pixel_data_range, path)
+            if span is not None:
+                self._audit_retrieve(request, rows, "WADO-RS bulkdata")
+                boundary = uuid.uuid4().hex if multipart else None
+                octets = "application/octet-stream"
+                return StreamingResponse(
+                    wado.stream_range(path, span[0], span[1], octets, boundary),
+                    media_type=(wado.multipart_content_type(octets, boundary) if boundary
+                                else octets))
         try:
-            value = await run_in_threadpool(wado.bulkdata, self.files.abspath(rows[0].path),
-                                            int(tag, 16))
+            value = await run_in_threadpool(wado.bulkdata, path, int(tag, 16))
         except KeyError:
             return _error(404, f"no binary element {tag} in this instance")
         self._audit_retrieve(request, rows, "WADO-RS bulkdata")
-        accept = request.headers.get("accept", "")
-        if "multipart/related" in accept or not accept or "*/*" in accept:
+        if multipart:
             body, ctype = wado.multipart_bytes([value], "application/octet-stream")
             return Response(body, media_type=ctype)
         return Response(value, media_type="application/octet-stream")
