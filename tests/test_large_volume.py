@@ -211,3 +211,23 @@ def test_node_memory_stays_bounded_receiving_a_400_mb_volume(node_factory, tmp_p
     print(f"node RSS {baseline / 1024:.0f} MB; peak growth C-STORE {peak_cstore / 1024:.0f} MB,"
           f" with STOW-RS {peak / 1024:.0f} MB (volume {frames * rows * cols * 2 >> 20} MB)")
     assert peak < 100 * 1024, f"peak RSS grew by {peak / 1024:.0f} MB receiving 400 MB"
+
+
+def test_frames_of_compressed_volumes_are_read_one_by_one(tmp_path):
+    """Compressed volumes (RLE, JPEG-LS, JPEG 2000 lossless): pass-through frames are the
+    stored fragments of that frame; decoded frames are the volume's pixels."""
+    from pydicom.encaps import generate_frames
+
+    from inference.synthetic import make_tomo_volume, set_transfer_syntax, write
+    from node import wado
+
+    rows, cols, frames = 48, 40, 7
+    stack = np.stack([volume_frame(n, rows, cols) for n in range(1, frames + 1)])
+    for syntax in ("1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90"):
+        ds = set_transfer_syntax(make_tomo_volume("L", "CC", pixels=stack.copy()), syntax)
+        path = write(ds, tmp_path / f"{syntax}.dcm")
+        stored = list(generate_frames(dcmread(path).PixelData, number_of_frames=frames))
+        assert wado.frames(path, [7, 2], passthrough=True) == [stored[6], stored[1]]
+        decoded = wado.frames(path, [5, 1], passthrough=False)
+        assert np.array_equal(_frame(decoded[0], rows, cols), stack[4]), syntax
+        assert np.array_equal(_frame(decoded[1], rows, cols), stack[0]), syntax
