@@ -42,6 +42,29 @@ UI = "/ui"
 _TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
+#: The most bytes a dashboard form may send (the sign-in form is read before any
+#: authentication: a bigger body is refused while it streams, 413).
+MAX_FORM_BYTES = 4096
+
+
+class BodyTooLarge(Exception):
+    """A request body over its cap (answered 413)."""
+
+
+async def read_capped(request: Request, cap: int) -> bytes:
+    """The request body, refused (:class:`BodyTooLarge`) as soon as it passes ``cap`` bytes,
+    declared or streamed: never held whole past the cap."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap:
+        raise BodyTooLarge(f"request body over {cap} bytes")
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > cap:
+            raise BodyTooLarge(f"request body over {cap} bytes")
+    return bytes(buf)
+
+
 def _ago(seconds: float) -> str:
     seconds = int(seconds)
     if seconds < 120:
@@ -60,6 +83,9 @@ def _when(value: str | dt.datetime | None) -> str:
         return value.replace("T", " ").rstrip("Z")[:19]
     return value.strftime("%Y-%m-%d %H:%M:%S")
 
+
+#: Triage sorts at most this many of the newest exams matching the filter by score.
+TRIAGE_MAX = 1000
 
 class Dashboard:
     def __init__(self, cfg: Config, files: FileStore, exams: ExamStore, dicomweb_root: str,
@@ -107,7 +133,11 @@ class Dashboard:
         return self._render(request, "login.html", title="Sign in", page="")
 
     async def login(self, request: Request) -> Response:
-        body = (await request.body())[:4096]  # one urlencoded field: no form library
+        try:  # one urlencoded field: no form library
+            body = await read_capped(request, MAX_FORM_BYTES)
+        except BodyTooLarge as exc:
+            return self._render(request, "login.html", status=413, title="Sign in", page="",
+                                msg=f"Not signed in: {exc}.")
         token = parse_qs(body.decode("utf-8", "replace")).get("token", [""])[0]
         from node.security import TokenAuth
 
@@ -142,19 +172,30 @@ class Dashboard:
         except ValueError:
             offset = 0
         limit = 100
-        rows, total = await run_in_threadpool(self.exams.exam_page, state, accession, day,
-                                              offset, limit)
+        sort = "score" if q.get("sort") == "score" else "received"
+        if sort == "score":
+            # Triage: the most suspicious first. The score lives in the reading, not in a
+            # column: the newest TRIAGE_MAX exams matching the filter are sorted here.
+            rows, total = await run_in_threadpool(self.exams.exam_page, state, accession, day,
+                                                  0, TRIAGE_MAX)
+            rows.sort(key=lambda r: (r.get("score") is None, -(r.get("score") or 0.0)))
+            rows, total = rows[offset:offset + limit], min(total, TRIAGE_MAX)
+        else:
+            rows, total = await run_in_threadpool(self.exams.exam_page, state, accession, day,
+                                                  offset, limit)
         for r in rows:
             r["present"] = [s for s in SLOTS if r["views"].get(s)]
             r["latency"] = (f"{r['latency_seconds']:.1f} s"
                             if r.get("latency_seconds") is not None else "")
             r["last_received"] = _when(r["last_received_at"])
         params = {k: v for k, v in (("state", state or ""), ("date", q.get("date", "")),
-                                    ("accession", accession or "")) if v}
+                                    ("accession", accession or ""),
+                                    ("sort", "score" if sort == "score" else "")) if v}
         return self._render(
             request, "exams.html", title="Exams", page="exams", exams=rows, total=total,
             count=len(rows), offset=offset, states=[s.value for s in ExamState],
             f_state=state or "", f_date=q.get("date", ""), f_accession=accession or "",
+            f_sort=sort,
             refresh=15,
             prev_link=f"{UI}?{urlencode({**params, 'offset': max(0, offset - limit)})}",
             next_link=f"{UI}?{urlencode({**params, 'offset': offset + limit})}")

@@ -123,13 +123,31 @@ def choose_frames(accept: str, stored: str, n_frames: int) -> FrameChoice:
                         f"{', ' + MEDIA_OF_SYNTAX[stored] if stored in MEDIA_OF_SYNTAX else ''})")
 
 
+#: The most frame numbers one WADO-RS frames request may name.
+MAX_FRAME_LIST = 1024
+
+
 def parse_frame_list(text: str, n_frames: int) -> list[int]:
-    """"1,3,2" -> [1, 3, 2]; ValueError for anything else or a frame out of range."""
-    out = []
-    for part in text.split(","):
-        n = int(part.strip())
+    """"1,3,2" -> [1, 3, 2]; ValueError for anything else, a frame out of range, a frame
+    named twice (``1,1,1,...`` would answer one frame thousands of times) or a list longer
+    than :data:`MAX_FRAME_LIST`."""
+    items = text.split(",")
+    if len(items) > MAX_FRAME_LIST:
+        raise ValueError(f"at most {MAX_FRAME_LIST} frame numbers per request, got "
+                         f"{len(items)}")
+    out: list[int] = []
+    seen: set[int] = set()
+    for part in items:
+        try:
+            n = int(part.strip())
+        except ValueError:
+            raise ValueError(f"frame numbers must be integers, got {part.strip()[:20]!r}") \
+                from None
         if not 1 <= n <= n_frames:
             raise ValueError(f"frame {n} does not exist (the instance has {n_frames})")
+        if n in seen:
+            raise ValueError(f"frame {n} is named more than once")
+        seen.add(n)
         out.append(n)
     if not out:
         raise ValueError("no frame number")
