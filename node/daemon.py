@@ -211,6 +211,9 @@ class Node:
         assert server is not None  # block=False returns the server
         self.server = server
         _accept_with_nodelay(server)
+        from node.compat import fast_context_copies
+
+        fast_context_copies(server)
         port = server.server_address[1]
         if self.role == "all":
             pidfile_path(cfg).write_text(json.dumps({
