@@ -365,3 +365,86 @@ def make_exam(*, seed: int = 0, rows: int = 512, cols: int = 416,
             **kwargs))
         out[-1].InstanceNumber = i + 1
     return out
+
+
+BREAST_TOMOSYNTHESIS_SOP = "1.2.840.10008.5.1.4.1.1.13.1.3"
+
+
+def make_tomo_volume(laterality: str, view: str, *, frames: int = 8, rows: int = 64,
+                     cols: int = 52, seed: int = 0, study_uid: str | None = None,
+                     series_uid: str | None = None, patient_id: str = "SYNTH-0001",
+                     accession: str = "ACC0001", acquisition: dt.datetime | None = None,
+                     pixels: np.ndarray | None = None) -> Dataset:
+    """A synthetic Breast Tomosynthesis Image (enhanced multi-frame, 1.2.840.10008.5.1.4.1.1.
+    13.1.3) of one view: ``frames`` slices of a phantom (each with its own noise), shared
+    functional groups (pixel measures, frame anatomy with FrameLaterality, VOI LUT) and one
+    per-frame item (frame content, plane position) per slice, as DBT systems send them.
+    ``pixels`` (frames x rows x cols uint16) replaces the phantom (a large volume built
+    without computing one)."""
+    base = make_mammogram(laterality, view, rows=rows, cols=cols, seed=seed,
+                          study_uid=study_uid, series_uid=series_uid, patient_id=patient_id,
+                          accession=accession, acquisition=acquisition)
+    if pixels is None:
+        rng = np.random.default_rng(seed)
+        one = np.frombuffer(base.PixelData, dtype=np.uint16).reshape(rows, cols)
+        stack = np.stack([np.clip(one.astype(np.int32) + rng.integers(-40, 40, one.shape), 0,
+                                  4095).astype(np.uint16) for _ in range(frames)])
+    else:
+        stack = pixels
+        frames, rows, cols = stack.shape
+    ds = base
+    ds.file_meta.MediaStorageSOPClassUID = UID(BREAST_TOMOSYNTHESIS_SOP)
+    ds.SOPClassUID = UID(BREAST_TOMOSYNTHESIS_SOP)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "TOMOSYNTHESIS", "NONE"]
+    ds.SeriesDescription = f"{laterality}{view} Tomosynthesis Reconstruction"
+    ds.Modality = "MG"
+    for keyword in ("ImagerPixelSpacing", "PixelSpacing", "WindowCenter", "WindowWidth",
+                    "VOILUTFunction", "RescaleIntercept", "RescaleSlope", "RescaleType",
+                    "PatientOrientation", "ImageLaterality", "ViewPosition"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.ContentQualification = "PRODUCT"
+    ds.NumberOfFrames = frames
+    ds.Rows, ds.Columns = rows, cols
+    ds.VolumetricProperties = "VOLUME"
+    ds.VolumeBasedCalculationTechnique = "TOMOSYNTHESIS"
+    ds.AcquisitionDateTime = f"{ds.AcquisitionDate}{str(ds.AcquisitionTime).split('.')[0]}"
+    ds.PresentationLUTShape = "IDENTITY"
+    shared = Dataset()
+    pm = Dataset()
+    pm.PixelSpacing = [0.1, 0.1]
+    pm.SliceThickness = 1.0
+    shared.PixelMeasuresSequence = [pm]
+    anat = Dataset()
+    anat.FrameLaterality = laterality
+    region = Dataset()
+    region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = (
+        "76752008", "SCT", "Breast")
+    anat.AnatomicRegionSequence = [region]
+    shared.FrameAnatomySequence = [anat]
+    voi = Dataset()
+    voi.WindowCenter, voi.WindowWidth = 2048, 3686
+    shared.FrameVOILUTSequence = [voi]
+    po = Dataset()
+    po.ImageOrientationPatient = [0, 1, 0, 0, 0, -1] if view == "MLO" else [0, 1, 0, -1, 0, 0]
+    shared.PlaneOrientationSequence = [po]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    per_frame = []
+    for i in range(frames):
+        item = Dataset()
+        fc = Dataset()
+        fc.FrameAcquisitionNumber = 1
+        fc.DimensionIndexValues = [i + 1]
+        fc.FrameComments = f"slice {i + 1}"
+        item.FrameContentSequence = [fc]
+        pp = Dataset()
+        pp.ImagePositionPatient = [0.0, 0.0, float(i)]
+        item.PlanePositionSequence = [pp]
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    dim = Dataset()
+    dim.DimensionIndexPointer = 0x00200032
+    dim.FunctionalGroupPointer = 0x00209113
+    ds.DimensionIndexSequence = [dim]
+    ds.PixelData = np.ascontiguousarray(stack, dtype=np.uint16).tobytes()
+    return ds

@@ -9,7 +9,13 @@ data readers (:mod:`inference.data`) all use it.
   else ViewPosition (0018,5101);
 * view modifiers (spot compression, magnification, implant displaced, ...) in
   ViewModifierCodeSequence (inside the view code item or at top level) or as ViewPosition
-  suffixes make the image an *extra* view.
+  suffixes make the image an *extra* view;
+* image kind (:func:`image_kind`): conventional 2D, synthesized 2D (Image Type value
+  ``GENERATED_2D``, PS3.3 C.8.11.7.1.4; on systems older than that only the vendor's name in
+  SeriesDescription / ProtocolName / the vendor's private attributes: Hologic C-View and
+  Intelligent 2D, GE V-Preview, Siemens Insight 2D, Fujifilm S-View), tomosynthesis volume,
+  tomosynthesis projection, For Processing;
+* implant: BreastImplantPresent (0028,1300) YES, or an implant-displaced (ID) view.
 """
 
 from __future__ import annotations
@@ -19,11 +25,42 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 MAMMO_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 MAMMO_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
 BREAST_TOMOSYNTHESIS = "1.2.840.10008.5.1.4.1.1.13.1.3"
+BREAST_PROJECTION_PRESENTATION = "1.2.840.10008.5.1.4.1.1.13.1.4"
+BREAST_PROJECTION_PROCESSING = "1.2.840.10008.5.1.4.1.1.13.1.5"
 MAMMO_SOP_CLASSES = (MAMMO_FOR_PRESENTATION, MAMMO_FOR_PROCESSING)
+#: Breast image SOP classes the node classifies (a volume or a projection fills no slot
+#: itself; a volume may give a computed 2D image, [grouping] volume_2d).
+BREAST_SOP_CLASSES = (*MAMMO_SOP_CLASSES, BREAST_TOMOSYNTHESIS,
+                      BREAST_PROJECTION_PRESENTATION, BREAST_PROJECTION_PROCESSING)
+
+#: Image kinds, in the default reading preference ([grouping] prefer): a slot is filled by
+#: the first kind present; "computed" is a 2D image the node makes from a volume.
+IMAGE_KINDS = ("conventional", "synthesized", "for_processing", "volume", "projection",
+               "computed")
+#: Kinds that may fill a slot directly (a site may reorder them).
+SLOT_KINDS = ("conventional", "synthesized", "for_processing")
+KIND_LABELS = {"conventional": "conventional 2D", "synthesized": "synthesized 2D",
+               "for_processing": "For Processing 2D", "volume": "tomosynthesis volume",
+               "projection": "tomosynthesis projection",
+               "computed": "computed 2D from the tomosynthesis volume"}
+
+#: Vendor names of a synthesized 2D image (series names, protocol names, private
+#: attributes of systems older than GENERATED_2D): Hologic C-View / Intelligent 2D (I2D),
+#: GE V-Preview, Siemens Insight 2D, Fujifilm S-View; generic "synthesized / synthetic 2D".
+_SYNTH_NAME = re.compile(
+    r"(?<![A-Z0-9])(C[\s_-]?VIEW|INTELLIGENT[\s_-]?2D|I2D|V[\s_-]?PREVIEW|INSIGHT[\s_-]?2D"
+    r"|S[\s_-]?VIEW|SYNTHE(?:SI[SZ]ED|TIC)[\s_-]?2D|GENERATED[\s_-]?2D|2D[\s_-]?SYNTHE\w*)"
+    r"(?![A-Z0-9])")
+#: Header texts where a synthesized image's vendor name is found.
+_SYNTH_TEXTS = ("SeriesDescription", "ProtocolName", "AcquisitionDeviceProcessingDescription",
+                "DerivationDescription", "ImageComments", "PerformedProcedureStepDescription")
+#: Most private elements looked at (a header with thousands of them costs no time).
+_PRIVATE_SCAN = 400
 
 # CID 4014 "View for Mammography": SNOMED CT and legacy SNOMED-RT codes -> abbreviation.
 VIEW_CODES: dict[str, str] = {
@@ -69,6 +106,10 @@ class ViewInfo:
     modifiers: list[str] = field(default_factory=list)
     for_processing: bool = False
     note: str | None = None
+    #: One of :data:`IMAGE_KINDS` (None: not a breast image).
+    kind: str | None = None
+    #: BreastImplantPresent YES or an implant-displaced view.
+    implant: bool = False
 
     @property
     def slot(self) -> str | None:
@@ -126,13 +167,10 @@ def classify(ds: Dataset, any_sop_class: bool = False) -> ViewInfo:
     ``any_sop_class``: classify the header whatever its SOP class (the Python API reads
     whatever it is given); the node only takes 2-D mammography SOP classes."""
     sop_class = str(ds.get("SOPClassUID", "") or "")
-    if sop_class == BREAST_TOMOSYNTHESIS:
-        return ViewInfo(role="extra", note="breast tomosynthesis: not a 2-D input")
-    if sop_class not in MAMMO_SOP_CLASSES and not any_sop_class:
+    if sop_class not in BREAST_SOP_CLASSES and not any_sop_class:
         return ViewInfo(role="other")
-
-    for_processing = (sop_class == MAMMO_FOR_PROCESSING
-                      or _text(ds, "PresentationIntentType") == "FOR PROCESSING")
+    kind = image_kind(ds)
+    for_processing = kind == "for_processing"
 
     # View: the code first, then ViewPosition.
     view = None
@@ -158,10 +196,11 @@ def classify(ds: Dataset, any_sop_class: bool = False) -> ViewInfo:
             laterality = value
             break
     if laterality is None:
-        laterality = vp_lat
+        laterality = vp_lat or frame_laterality(ds)
 
     info = ViewInfo(role="candidate", laterality=laterality, view=view,
-                    modifiers=modifiers, for_processing=for_processing)
+                    modifiers=modifiers, for_processing=for_processing, kind=kind,
+                    implant=_text(ds, "BreastImplantPresent") == "YES" or "ID" in modifiers)
     problems = []
     if laterality not in ("L", "R"):
         problems.append("laterality missing" if not laterality
@@ -169,6 +208,12 @@ def classify(ds: Dataset, any_sop_class: bool = False) -> ViewInfo:
     if view is None:
         raw = _text(ds, "ViewPosition")
         problems.append(f"unknown view (ViewPosition {raw!r})" if raw else "view missing")
+    if kind in ("volume", "projection"):
+        # Not a 2-D input itself; a volume of a screening view may give a computed one.
+        info.role = "extra"
+        info.note = f"{KIND_LABELS[kind]}: not a 2-D input" + (
+            f" ({', '.join(problems)})" if problems else "")
+        return info
     if problems:
         info.role = "unclassified"
         info.note = ", ".join(problems)
@@ -180,3 +225,68 @@ def classify(ds: Dataset, any_sop_class: bool = False) -> ViewInfo:
         info.role = "extra"
         info.note = f"{view} with modifier {'/'.join(modifiers)}: not a screening view"
     return info
+
+
+def frame_laterality(ds: Dataset) -> str | None:
+    """FrameLaterality of the shared (else the first per-frame) functional groups, where an
+    enhanced multi-frame image (a tomosynthesis volume) keeps its laterality."""
+    for seq in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        for item in (ds.get(seq, None) or [])[:1]:
+            for anat in item.get("FrameAnatomySequence", None) or []:
+                value = str(anat.get("FrameLaterality", "") or "").strip().upper()
+                if value in ("L", "R"):
+                    return value
+    return None
+
+
+def _private_texts(ds: Dataset) -> list[str]:
+    """String values of the header's private elements (bounded), upper case."""
+    out: list[str] = []
+    for n, elem in enumerate(ds):
+        if n > 4 * _PRIVATE_SCAN:
+            break
+        if not elem.tag.is_private or elem.VR not in ("LO", "SH", "ST", "LT", "CS", "UT"):
+            continue
+        try:
+            value = elem.value
+        except Exception:  # a malformed private value is not worth a refusal
+            continue
+        values = value if isinstance(value, (list, tuple, MultiValue)) else [value]
+        out += [v.upper() for v in values if isinstance(v, str) and v][:4]
+        if len(out) >= _PRIVATE_SCAN:
+            break
+    return out
+
+
+def synthesized_reason(ds: Dataset) -> str | None:
+    """Why this 2D mammogram is a synthesized one (None: it is not): Image Type
+    GENERATED_2D, or a vendor's name in its series / protocol names or private data."""
+    raw = ds.get("ImageType", None) or []
+    image_type = [str(v).strip().upper() for v in (
+        [raw] if isinstance(raw, str) else raw)]
+    if "GENERATED_2D" in image_type:
+        return "Image Type GENERATED_2D"
+    for keyword in _SYNTH_TEXTS:
+        m = _SYNTH_NAME.search(_text(ds, keyword))
+        if m:
+            return f"{keyword} {m.group(0)!r}"
+    for text in _private_texts(ds):
+        m = _SYNTH_NAME.search(text)
+        if m:
+            return f"private attribute {m.group(0)!r}"
+    return None
+
+
+def image_kind(ds: Dataset) -> str:
+    """The image kind of a breast image's header (one of :data:`IMAGE_KINDS`)."""
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    if sop_class == BREAST_TOMOSYNTHESIS:
+        return "volume"
+    if sop_class in (BREAST_PROJECTION_PRESENTATION, BREAST_PROJECTION_PROCESSING):
+        return "projection"
+    if synthesized_reason(ds):
+        return "synthesized"
+    if sop_class == MAMMO_FOR_PROCESSING or _text(ds, "PresentationIntentType") == \
+            "FOR PROCESSING":
+        return "for_processing"
+    return "conventional"

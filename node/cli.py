@@ -88,7 +88,9 @@ def _open_store(cfg: Config):
 
         if not Path(db_file).exists():
             return None
-    return ExamStore(Database(cfg.database_url))
+    return ExamStore(Database(cfg.database_url),
+                     prior_after_days=cfg.grouping.prior_after_days,
+                     prior_gap_days=cfg.grouping.prior_gap_days)
 
 
 def cmd_exams(args: argparse.Namespace) -> int:
@@ -209,7 +211,7 @@ def _echo(cfg: Config, info: dict) -> bool:
 
 def _exam_action(args: argparse.Namespace, action: str) -> int:
     """``reprocess``, ``complete`` and ``resolve``: one exam, one transition, one line."""
-    from node.views import assign_slots
+    from node.views import assign_policy
 
     cfg = _load(args)
     store = _open_store(cfg)
@@ -226,8 +228,9 @@ def _exam_action(args: argparse.Namespace, action: str) -> int:
             print(f"study {study} is {state}"
                   + (f" with {', '.join(missing)} missing" if missing else ""))
         else:
-            detached, state, version = store.resolve_patient(study, args.patient_id,
-                                                             assign_slots, issuer=args.issuer)
+            detached, state, version = store.resolve_patient(
+                study, args.patient_id, assign_policy(cfg), issuer=args.issuer,
+                patient_name=args.patient_name)
             print(f"study {study}: {detached} instance(s) of other patients left the exam; "
                   f"version {version} is {state}")
     except KeyError:
@@ -382,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "outside the exam)")
     p.add_argument("--issuer", metavar="ISSUER", default=None,
                    help="Issuer of Patient ID, where two issuers use the same IDs")
+    p.add_argument("--patient-name", metavar="NAME", default=None,
+                   help="the patient's name as in the images (Family^Given), where the "
+                        "images carry no Patient ID (give --patient-id '')")
     p.set_defaults(func=lambda a: _exam_action(a, "resolve"))
 
     p = sub.add_parser("purge", help="delete received images (and old results) that "

@@ -234,3 +234,42 @@ def fast_context_copies(server) -> None:
     (pynetdicom 2.x, 3.0.4).
     """
     server.contexts = _CheapCopyContexts(server.contexts)
+
+
+def handshake_in_connection_thread(server, timeout: float, on_error=None) -> None:
+    """Run the TLS handshake of every accepted connection in that connection's own thread,
+    with a deadline, instead of in the accept thread.
+
+    Why: pynetdicom's ``AssociationServer.get_request`` (2.x, 3.0.x) wraps the accepted
+    socket with ``ssl_context.wrap_socket(..., server_side=True)`` in the thread that
+    accepts, on a blocking socket: one TCP connection that never sends a ClientHello stops
+    the DIMSE listener for every peer. Here the server's ``ssl_context`` is taken away (so
+    ``get_request`` returns the plain socket) and ``process_request_thread`` (the
+    per-connection thread of ``socketserver.ThreadingMixIn``) does the handshake under
+    ``timeout`` seconds first, then hands the TLS socket, blocking again as pynetdicom
+    expects, to the original. ``on_error(address, exc)`` is told of a failed handshake.
+    """
+    import ssl
+
+    ctx = server.ssl_context
+    if ctx is None:
+        return
+    server.ssl_context = None
+    original = server.process_request_thread
+
+    def process_request_thread(request, client_address) -> None:
+        try:
+            request.settimeout(timeout)
+            tls = ctx.wrap_socket(request, server_side=True)
+            tls.settimeout(None)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            if on_error is not None:
+                on_error(client_address, exc)
+            try:
+                request.close()
+            except OSError:
+                pass
+            return
+        original(tls, client_address)
+
+    server.process_request_thread = process_request_thread

@@ -108,6 +108,18 @@ class NodeConfig:
 @dataclass
 class GroupingConfig:
     stable_seconds: float = 60.0
+    #: Image kinds in the order a slot takes them (inference.views.SLOT_KINDS; kinds not
+    #: named follow in the default order).
+    prefer: list[str] = field(default_factory=lambda: ["conventional", "synthesized"])
+    #: A study whose StudyDate is more than this many days old on arrival is a prior
+    #: (stored, not read); None ("") turns the rule off.
+    prior_after_days: float | None = 30.0
+    #: A study not read yet becomes a prior when the node holds one of the same patient at
+    #: least this many days newer; None ("") turns the rule off.
+    prior_gap_days: float | None = 180.0
+    #: A view with only a tomosynthesis volume: "missing", or "mip" / "average": a 2D image
+    #: computed from the volume (slab maximum-intensity / average projection).
+    volume_2d: str = "missing"
 
 
 @dataclass
@@ -125,6 +137,8 @@ class InferenceConfig:
     lease_seconds: float = 60.0
     #: The 0-100 exam score above which an exam is called positive (None: the checkpoint's).
     operating_point: float | None = None
+    #: An exam with a breast implant: "read" (from the standard views, flagged) or "skip".
+    implants: str = "read"
 
 
 @dataclass
@@ -398,8 +412,24 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
 
     t = _table(raw, "grouping")
     _known("grouping", t, GroupingConfig)
-    cfg.grouping.stable_seconds = _check_number(
-        t.get("stable_seconds", cfg.grouping.stable_seconds), "[grouping] stable_seconds")
+    g = cfg.grouping
+    g.stable_seconds = _check_number(
+        t.get("stable_seconds", g.stable_seconds), "[grouping] stable_seconds")
+    from inference.views import SLOT_KINDS
+
+    prefer = t.get("prefer", g.prefer)
+    if (not isinstance(prefer, list) or any(k not in SLOT_KINDS for k in prefer)
+            or len(set(prefer)) != len(prefer)):
+        raise ConfigError(f"[grouping] prefer must be a list of distinct image kinds out of "
+                          f"{', '.join(SLOT_KINDS)}, got {prefer!r}")
+    g.prefer = list(prefer)
+    g.prior_after_days = _optional_number(t, "prior_after_days", g.prior_after_days,
+                                          "[grouping]")
+    g.prior_gap_days = _optional_number(t, "prior_gap_days", g.prior_gap_days, "[grouping]")
+    g.volume_2d = _check_str(t.get("volume_2d", g.volume_2d), "[grouping] volume_2d")
+    if g.volume_2d not in ("missing", "mip", "average"):
+        raise ConfigError(f"[grouping] volume_2d must be missing, mip or average, got "
+                          f"{g.volume_2d!r}")
 
     t = _table(raw, "inference")
     _known("inference", t, InferenceConfig)
@@ -416,6 +446,9 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
     inf.lease_seconds = _check_number(t.get("lease_seconds", inf.lease_seconds),
                                       "[inference] lease_seconds", 1)
     inf.operating_point = _optional_number(t, "operating_point", None, "[inference]")
+    inf.implants = _check_str(t.get("implants", inf.implants), "[inference] implants")
+    if inf.implants not in ("read", "skip"):
+        raise ConfigError(f"[inference] implants must be read or skip, got {inf.implants!r}")
     if inf.operating_point is not None and inf.operating_point > 100:
         raise ConfigError("[inference] operating_point is an exam score 0-100, got "
                           f"{inf.operating_point:g}")

@@ -20,9 +20,14 @@ from typing import TYPE_CHECKING
 
 from node import __version__
 from node import audit as A
-from node.compat import listener_alive, stream_incoming_datasets
+from node.compat import (
+    handshake_in_connection_thread,
+    listener_alive,
+    stream_incoming_datasets,
+)
 from node.config import Config
 from node.health import Health
+from node.ingest import Ingest
 from node.metrics import NodeMetrics
 from node.scp import IncomingFile, StorageSCP, make_ae
 from node.security import AccessControl
@@ -119,18 +124,22 @@ class Node:
         self.files = FileStore(cfg.data_dir, fsync=cfg.storage.fsync, per_process=True)
         os.chmod(cfg.data_dir, 0o700)
         self.db = Database(cfg.database_url)
-        self.exams = ExamStore(self.db)
+        self.exams = ExamStore(self.db, prior_after_days=cfg.grouping.prior_after_days,
+                               prior_gap_days=cfg.grouping.prior_gap_days)
         self.audit = A.AuditLog(cfg.audit_path, cfg.node.ae_title, cfg.audit.syslog)
         self.health = Health()
         self.metrics = NodeMetrics()
         self.metrics.watch_state(self.state_snapshot)
         self.exam_ready = threading.Event()   # wakes the worker
         self.results_queued = threading.Event()  # wakes the exporter
-        self.scp = StorageSCP(cfg, self.files, self.exams, exam_ready=self.exam_ready,
-                              audit=self.audit, metrics=self.metrics)
+        self.ingest = Ingest(cfg, self.files, self.exams, exam_ready=self.exam_ready,
+                             audit=self.audit, metrics=self.metrics)
+        self.scp = StorageSCP(cfg, self.files, self.exams, audit=self.audit,
+                              metrics=self.metrics, ingest=self.ingest)
         self.access: AccessControl = self.scp.access
         self.retention = Retention(self.db, self.files)
         self._retention_lock = threading.Lock()
+        self._room_wanted = threading.Event()  # wakes the retention thread (make_room)
         self.scp.make_room = self.make_room
         self.server: ThreadedAssociationServer | None = None
         self.web: DicomWebServer | None = None
@@ -214,6 +223,9 @@ class Node:
         from node.compat import fast_context_copies
 
         fast_context_copies(server)
+        if ssl_context is not None:
+            handshake_in_connection_thread(server, cfg.node.network_timeout_seconds,
+                                           self._handshake_failed)
         port = server.server_address[1]
         if self.role == "all":
             pidfile_path(cfg).write_text(json.dumps({
@@ -249,6 +261,12 @@ class Node:
                  "no [[peers]]: echo/store from anyone, query/retrieve refused")
         self.audit.event(A.APPLICATION_ACTIVITY, A.SUCCESS, action="start",
                          version=__version__, pid=os.getpid(), port=port, tls=cfg.node.tls)
+
+    def _handshake_failed(self, address: tuple, exc: Exception) -> None:
+        log.warning("TLS handshake with %s:%s failed or timed out: %s", address[0],
+                    address[1], exc)
+        self.audit.event(A.SECURITY_ALERT, A.MINOR_FAILURE, alert="TLS handshake failed",
+                         peer={"address": address[0]}, reason=str(exc)[:200])
 
     def state_snapshot(self) -> dict:
         """Stored state for the scrape-time gauges of /metrics."""
@@ -307,16 +325,19 @@ class Node:
                              instances=report.instances, results=report.results)
 
     def make_room(self) -> None:
-        """Called before data would be refused for want of space: purge what may go."""
-        try:
-            self.apply_retention(for_reserve=True)
-        except Exception:
-            log.exception("retention failed while making room")
+        """Called before data would be refused for want of space (an association being
+        accepted, a STOW request): wakes the retention thread to purge what may go, and
+        returns at once (a purge never runs while a peer waits for its answer)."""
+        self._room_wanted.set()
 
     def _retention_loop(self) -> None:
-        while not self.stop_event.wait(self.cfg.retention.check_seconds):
+        while not self.stop_event.is_set():
+            for_reserve = self._room_wanted.wait(self.cfg.retention.check_seconds)
+            if self.stop_event.is_set():
+                break
+            self._room_wanted.clear()
             try:
-                self.apply_retention()
+                self.apply_retention(for_reserve=for_reserve)
             except Exception:
                 log.exception("retention failed; retrying at the next check")
 
@@ -334,6 +355,7 @@ class Node:
     def stop(self) -> None:
         """Close the listener, let associations finish, then release everything."""
         self.stop_event.set()
+        self._room_wanted.set()  # the retention thread sees the stop at once
         self.exam_ready.set()
         self.results_queued.set()
         if self.web is not None:

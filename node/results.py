@@ -103,6 +103,26 @@ class ReadingSummary:
     score: float | None = None
     operating_point: float | None = None
     above_operating_point: bool | None = None
+    #: slot -> image kind read (inference.views.IMAGE_KINDS; "computed": made from a volume).
+    view_kinds: dict[str, str] = field(default_factory=dict)
+    #: What the reader should know about the images read (another kind than the model was
+    #: trained on, a computed view, a view with only a volume, priors available).
+    notes: list[str] = field(default_factory=list)
+    #: An image of the exam says a breast implant is present.
+    implant: bool = False
+
+
+def kind_label(reading: ReadingSummary, slot: str) -> str:
+    """How a view's image kind is written in the results ("conventional 2D", ...)."""
+    from inference.views import KIND_LABELS
+
+    kind = reading.view_kinds.get(slot, "conventional")
+    return KIND_LABELS.get(kind, kind)
+
+
+def views_read(reading: ReadingSummary, slots: Any) -> str:
+    """The per-view statement: "L-CC conventional 2D, L-MLO synthesized 2D, ..."."""
+    return ", ".join(f"{slot} {kind_label(reading, slot)}" for slot in sorted(slots))
 
 
 # --------------------------------------------------------------------------- colour map
@@ -178,6 +198,8 @@ def build_sc(source: Dataset, slot: str, display: np.ndarray, attention: np.ndar
         + (f" (p={b.birads_probabilities[b.birads]:.2f})" if b.birads else "")
         + f"   weight of this view: {reading.fusion_weights.get(lat, {}).get(slot, 0.0):.2f}",
         score_line(reading),
+        f"read from: {kind_label(reading, slot)}" + ("   implant present" if reading.implant
+                                                     else ""),
     ]
     if reading.not_for_clinical_use:
         lines.append("Demo model trained on synthetic phantoms: NOT FOR CLINICAL USE")
@@ -325,6 +347,12 @@ def overall_impression(reading: ReadingSummary) -> str:
     text = "AI reading: " + "; ".join(parts) + ". " + score_line(reading)
     if reading.missing_views:
         text += f". Missing views: {', '.join(reading.missing_views)}"
+    if reading.view_kinds:
+        text += f". Views read from: {views_read(reading, reading.view_kinds)}"
+    if reading.implant:
+        text += ". Implant present"
+    for note in reading.notes:
+        text += f". {note}"
     if reading.not_for_clinical_use:
         text += ". NOT FOR CLINICAL USE (demo model trained on synthetic phantoms)"
     return text + "."
@@ -400,6 +428,15 @@ def build_tid1500(sources: dict[str, Dataset], reading: ReadingSummary, study_ui
                 name=hd.sr.CodedConcept("BREAST-SCORE", "99MAMMONODE",
                                         "AI breast malignancy score"),
                 value=float(b.score), unit=hd.sr.CodedConcept(*SCORE_UNIT)))
+        evals += [hd.sr.QualitativeEvaluation(
+            name=hd.sr.CodedConcept(f"KIND-{v}", "99MAMMONODE", f"Image kind of {v}"),
+            value=hd.sr.CodedConcept(reading.view_kinds.get(v, "conventional").upper(),
+                                     "99MAMMONODE", kind_label(reading, v)))
+            for v in sorted(views)]
+        if reading.implant:
+            evals.append(hd.sr.QualitativeEvaluation(
+                name=hd.sr.CodedConcept("IMPLANT", "99MAMMONODE", "Implant present"),
+                value=hd.sr.CodedConcept(*_YES)))
         if reading.score is not None and lat == worst:
             exam_m, exam_e = _exam_score_items(reading)
             measurements += exam_m
@@ -510,6 +547,9 @@ def build_mammo_cad(sources: dict[str, Dataset], reading: ReadingSummary, study_
                 value=_c("399162004", "SCT", "cranio-caudal") if view == "CC"
                 else _c("399368009", "SCT", "medio-lateral oblique"),
                 relationship_type=_rel("HAS_ACQ_CONTEXT")),
+            hd.sr.TextContentItem(
+                name=_c("IMAGE-KIND", _PRIVATE, "Image kind"), value=kind_label(reading, slot),
+                relationship_type=_rel("HAS_ACQ_CONTEXT")),
         ])
         entries.append(img)
     library.ContentSequence = hd.sr.ContentSequence(entries)
@@ -577,7 +617,13 @@ def build_mammo_cad(sources: dict[str, Dataset], reading: ReadingSummary, study_
     overall = hd.sr.TextContentItem(
         name=_c("121073", "DCM", "Impression"), value=overall_impression(reading),
         relationship_type=_rel("INFERRED_FROM"))
-    exam_items: list = []
+    exam_items: list = [hd.sr.TextContentItem(
+        name=_c("VIEWS-READ", _PRIVATE, "Views read"), value=views_read(reading, sources),
+        relationship_type=_rel("INFERRED_FROM"))]
+    if reading.implant:
+        exam_items.append(hd.sr.CodeContentItem(
+            name=_c("IMPLANT", _PRIVATE, "Implant present"), value=_c(*_YES),
+            relationship_type=_rel("INFERRED_FROM")))
     if reading.score is not None:
         exam_items.append(_num(_c("EXAM-SCORE", _PRIVATE, "AI exam malignancy score"),
                                reading.score, _c(*SCORE_UNIT), rel="INFERRED_FROM"))

@@ -52,6 +52,10 @@ class ExamJob:
     attention_maps: bool = True
     parametric_maps: bool = False
     previous: dict[str, str] = field(default_factory=dict)  # kind -> path of the SR replaced
+    kinds: dict[str, str] = field(default_factory=dict)     # slot -> image kind
+    implant: bool = False
+    volume_2d: str = "missing"                 # how a "computed" slot is made from its volume
+    notes: tuple[str, ...] = ()                # said in the reading (priors, volume-only views)
 
 
 class _InferenceState:
@@ -182,10 +186,25 @@ def _read(model, job: ExamJob) -> tuple:
     """The exam's sources, the model's reading and its plain-data summary."""
     from pydicom import dcmread
 
+    from inference.views import KIND_LABELS
+    from inference.volume import computed_2d
     from node.results import BreastSummary, ReadingSummary
 
     root = Path(job.data_dir)
-    sources = {slot: dcmread(root / rel) for slot, rel in job.paths.items()}
+    computed = {slot for slot, kind in job.kinds.items() if kind == "computed"}
+    sources = {slot: computed_2d(root / rel, job.volume_2d) if slot in computed
+               else dcmread(root / rel) for slot, rel in job.paths.items()}
+    notes = list(job.notes)
+    for slot in sorted(computed & set(sources)):
+        notes.append(f"{slot} computed from the tomosynthesis volume "
+                     f"({sources[slot].DerivationDescription})")
+    trained = model.info.metadata.get("image_kinds")
+    if trained:
+        other = sorted({k for s, k in job.kinds.items() if s in sources and k not in trained})
+        if other:
+            notes.append(f"read from {', '.join(KIND_LABELS.get(k, k) for k in other)} "
+                         f"image(s); the model was trained on "
+                         f"{', '.join(KIND_LABELS.get(k, k) for k in trained)}")
     # Attention maps at <= 1024 px a side: what the Secondary Captures draw and the
     # Parametric Maps store; full-resolution maps of 13-megapixel views cost ~0.15 s each.
     reading = model.predict_exam(sources, keep_display=True, map_side=MAP_SIDE)
@@ -205,7 +224,9 @@ def _read(model, job: ExamJob) -> tuple:
                            is not None},
         seconds={k: round(v, 4) for k, v in reading.seconds.items()},
         score=reading.score, operating_point=reading.operating_point,
-        above_operating_point=reading.above_operating_point)
+        above_operating_point=reading.above_operating_point,
+        view_kinds={slot: job.kinds.get(slot, "conventional") for slot in sources},
+        notes=notes, implant=job.implant)
     return sources, reading, summary
 
 
@@ -482,13 +503,25 @@ class Worker(threading.Thread):
                               reason="no image fills any of the four view slots")
             log.warning("exam %s v%d failed: no usable view", study, version)
             return
+        context = self.exams.reading_context(exam_id)
+        if context["implant"] and self.cfg.inference.implants == "skip":
+            self.exams.finish(exam_id, version, ok=False,
+                              reason="not read: implant present ([inference] implants = skip)")
+            log.info("exam %s v%d not read: implant present", study, version)
+            return
+        notes = [f"{slot}: only a tomosynthesis volume, read with this view missing"
+                 for slot in context["volume_only"]]
+        if context["priors"]:
+            notes.append(f"priors available: {', '.join(context['priors'])}")
         # The SRs of the version this one replaces (referenced as predecessor documents).
         previous = {r.kind: r.path for r in self.exams.results_of(study)
                     if r.kind.startswith("sr-") and r.version < version}
         job = ExamJob(data_dir=str(self.files.root), study_uid=study, version=version,
                       paths=paths, sr=tuple(self.cfg.results.sr),
                       attention_maps=self.cfg.results.attention_maps,
-                      parametric_maps=self.cfg.results.parametric_maps, previous=previous)
+                      parametric_maps=self.cfg.results.parametric_maps, previous=previous,
+                      kinds=context["kinds"], implant=context["implant"],
+                      volume_2d=self.cfg.grouping.volume_2d, notes=tuple(notes))
         pool = self.pool
         assert pool is not None
         timeout = self.cfg.inference.timeout_seconds

@@ -78,6 +78,11 @@ class Instance(Base):
     #: "candidate" (may fill ``slot``), "extra" (mammography view that fills no slot),
     #: "other" (not a 2-D mammogram), "unclassified" (laterality or view missing).
     role: Mapped[str] = mapped_column(String(16))
+    #: inference.views.IMAGE_KINDS: conventional | synthesized | for_processing | volume |
+    #: projection (None: not a breast image, or a row from before the kinds).
+    image_kind: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    #: BreastImplantPresent YES, or an implant-displaced view.
+    implant: Mapped[bool | None] = mapped_column(nullable=True, default=False)
     slot: Mapped[str | None] = mapped_column(String(8), nullable=True)
     note: Mapped[str | None] = mapped_column(Text, nullable=True)
     exam_id: Mapped[int | None] = mapped_column(ForeignKey("exams.id"), nullable=True,
@@ -102,6 +107,12 @@ class Exam(Base):
     r_cc: Mapped[str | None] = mapped_column(String(64), nullable=True)
     r_mlo: Mapped[str | None] = mapped_column(String(64), nullable=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: StudyDate of its images (the prior rules of [grouping] compare them).
+    study_date: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    #: slot -> image kind of the instance in it ("computed": made from a volume).
+    kinds_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: An image of the exam says a breast implant is present.
+    implant: Mapped[bool | None] = mapped_column(nullable=True, default=False)
     notes_json: Mapped[str] = mapped_column(Text, default="[]")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     last_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow,
@@ -135,6 +146,11 @@ class Exam(Base):
         return [s for s in SLOTS if self.get_slot(s) is None]
 
     @property
+    def view_kinds(self) -> dict[str, str | None]:
+        kinds = json.loads(self.kinds_json or "{}")
+        return {s: (kinds.get(s) if self.get_slot(s) else None) for s in SLOTS}
+
+    @property
     def notes(self) -> list[str]:
         return list(json.loads(self.notes_json or "[]"))
 
@@ -150,7 +166,11 @@ class Exam(Base):
             "state": self.state,
             "version": self.version,
             "views": self.views,
+            # the image kind each view is read from (conventional, synthesized, computed..)
+            "view_kinds": self.view_kinds,
             "missing": self.missing,
+            "study_date": self.study_date,
+            "implant": bool(self.implant),
             "reason": self.reason,
             "notes": self.notes,
             "last_received_at": self.last_received_at.isoformat() + "Z",

@@ -45,6 +45,8 @@ class InstanceRecord:
     view_modifiers: str | None = None
     for_processing: bool = False
     acquisition_key: str | None = None
+    image_kind: str | None = None
+    implant: bool = False
     slot: str | None = None
     note: str | None = None
 

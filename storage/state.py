@@ -8,6 +8,9 @@ Exams::
     any state -> conflict            images of two patients in one study (held)
     conflict  -> receiving | ready   resolved (mammo-node resolve)
     processing -> ready              recovered after a crash
+    receiving | ready -> prior       an old study ([grouping] prior_after_days), or one of a
+                                     patient with a much newer study (prior_gap_days): kept
+    prior -> ready | receiving       read on request (mammo-node complete)
 
 Deliveries (one result object to one destination)::
 
@@ -67,6 +70,10 @@ class ExamState(StrEnum):
     #: Images of more than one patient share the study: held, nothing is read until an
     #: administrator resolves it (``mammo-node resolve``).
     CONFLICT = "conflict"
+    #: An earlier study of the patient (old on arrival, or a much newer one is here): kept
+    #: for comparison and listed with the current exam, not read unless asked
+    #: (``mammo-node complete``).
+    PRIOR = "prior"
 
 
 class OutboundState(StrEnum):
@@ -78,12 +85,13 @@ class OutboundState(StrEnum):
 
 _E, _O = ExamState, OutboundState
 EXAM_TRANSITIONS: dict[ExamState, frozenset[ExamState]] = {
-    _E.RECEIVING: frozenset({_E.READY, _E.CONFLICT}),
-    _E.READY: frozenset({_E.PROCESSING, _E.RECEIVING, _E.CONFLICT}),
+    _E.RECEIVING: frozenset({_E.READY, _E.CONFLICT, _E.PRIOR}),
+    _E.READY: frozenset({_E.PROCESSING, _E.RECEIVING, _E.CONFLICT, _E.PRIOR}),
     _E.PROCESSING: frozenset({_E.DONE, _E.FAILED, _E.READY, _E.RECEIVING, _E.CONFLICT}),
     _E.DONE: frozenset({_E.READY, _E.RECEIVING, _E.CONFLICT}),
     _E.FAILED: frozenset({_E.READY, _E.RECEIVING, _E.CONFLICT}),
     _E.CONFLICT: frozenset({_E.READY, _E.RECEIVING}),
+    _E.PRIOR: frozenset({_E.READY, _E.RECEIVING, _E.CONFLICT}),
 }
 OUTBOUND_TRANSITIONS: dict[OutboundState, frozenset[OutboundState]] = {
     _O.PENDING: frozenset({_O.SENT, _O.RETRYING, _O.GAVE_UP}),
@@ -122,6 +130,10 @@ class SlotAssignment:
     notes: list[str] = field(default_factory=list)
     #: Problems worth an administrator's attention (missing laterality, unknown view, ...).
     problems: list[str] = field(default_factory=list)
+    #: slot -> image kind of the instance chosen ("computed": a 2D image from a volume).
+    kinds: dict[str, str] = field(default_factory=dict)
+    #: An image of the exam says a breast implant is present.
+    implant: bool = False
 
 
 AssignFn = Callable[[list[Instance]], SlotAssignment]
@@ -147,6 +159,10 @@ class AddResult:
     reopened: bool = False
     #: The instance carries another patient than its exam: the exam is held.
     conflict: bool = False
+    #: An instance already stored came again with another patient identity: the old and the
+    #: new identity (PatientID and issuer, never names), for the audit trail.
+    corrected_from: str | None = None
+    corrected_to: str | None = None
 
 
 def same_patient(a_id: str | None, a_issuer: str | None, b_id: str | None,
@@ -156,6 +172,63 @@ def same_patient(a_id: str | None, a_issuer: str | None, b_id: str | None,
     if (a_id or "") != (b_id or ""):
         return False
     return not (a_issuer and b_issuer and a_issuer != b_issuer)
+
+
+def person_name_key(name: str | None) -> str:
+    """A Person Name compared as a person: the alphabetic group, components trimmed, empty
+    trailing components dropped, case ignored (``Alpha^Ann^^`` is ``ALPHA^ANN``)."""
+    parts = [c.strip() for c in (name or "").split("=")[0].split("^")]
+    while parts and not parts[-1]:
+        parts.pop()
+    return "^".join(parts).upper()
+
+
+@dataclass(frozen=True)
+class PatientIdentity:
+    """Who an instance is of: PatientID with its issuer, and, for the instances that carry
+    no PatientID, the name and birth date."""
+
+    patient_id: str
+    issuer: str | None = None
+    name: str = ""
+    birth_date: str = ""
+
+    @classmethod
+    def of(cls, row: Any) -> PatientIdentity:
+        return cls((getattr(row, "patient_id", None) or "").strip(),
+                   getattr(row, "issuer_of_patient_id", None) or None,
+                   person_name_key(getattr(row, "patient_name", None)),
+                   (getattr(row, "patient_birth_date", None) or "").strip())
+
+    def same_person(self, other: PatientIdentity) -> bool:
+        """Both with a PatientID: the IDs (and issuers, where both have one) decide. An empty
+        PatientID on either side: the names must be equal, and the birth dates where both
+        carry one (two anonymous images of different names are two patients)."""
+        if self.patient_id and other.patient_id:
+            return same_patient(self.patient_id, self.issuer, other.patient_id, other.issuer)
+        if self.name != other.name:
+            return False
+        return not (self.birth_date and other.birth_date
+                    and self.birth_date != other.birth_date)
+
+    def describe(self) -> str:
+        """For notes and the audit trail (never for INFO logs): the ID, or that there is
+        none."""
+        if self.patient_id:
+            return f"PatientID '{self.patient_id}'" + (
+                f" (issuer '{self.issuer}')" if self.issuer else "")
+        return "no PatientID"
+
+
+def exam_identity(exam: Exam, members: list[Instance]) -> PatientIdentity:
+    """The exam's patient: its PatientID and issuer, with the name and birth date of its
+    first image of that patient (what an image without a PatientID is compared with)."""
+    ref = next((m for m in members if same_patient(exam.patient_id, exam.issuer_of_patient_id,
+                                                   m.patient_id, m.issuer_of_patient_id)),
+               members[0] if members else None)
+    base = PatientIdentity.of(ref) if ref is not None else PatientIdentity("")
+    return PatientIdentity((exam.patient_id or "").strip(), exam.issuer_of_patient_id,
+                           base.name, base.birth_date)
 
 
 def _exam_for_update(s, study_uid: str) -> Exam:
@@ -219,13 +292,27 @@ def owner_is_dead(owner: str | None) -> bool:
     return False
 
 
+def _date(value: str | None) -> dt.date | None:
+    """A DICOM DA value as a date (None when empty or malformed)."""
+    try:
+        return dt.datetime.strptime((value or "").strip()[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
 class ExamStore:
     """Instance and exam rows, and every state transition of an exam."""
 
-    def __init__(self, db: Database, owner: str | None = None) -> None:
+    def __init__(self, db: Database, owner: str | None = None,
+                 prior_after_days: float | None = None,
+                 prior_gap_days: float | None = None) -> None:
         self.db = db
         #: This process as the holder of the exams and deliveries it claims.
         self.owner = owner or process_owner()
+        #: [grouping] prior_after_days / prior_gap_days (None: that rule is off; the node
+        #: sets them from its configuration, a bare store has them off).
+        self.prior_after_days = prior_after_days
+        self.prior_gap_days = prior_gap_days
 
     # -- ingest -------------------------------------------------------------------------
     def has_instance(self, sop_instance_uid: str) -> bool:
@@ -258,9 +345,15 @@ class ExamStore:
     def _add_instance(self, record: InstanceRecord, assign: AssignFn,
                       place: Callable[[], object]) -> AddResult:
         with self.db.write() as s:
-            if s.scalar(select(Instance.id).where(
-                    Instance.sop_instance_uid == record.sop_instance_uid)) is not None:
-                return AddResult(duplicate=True)
+            stored = s.scalar(select(Instance).where(
+                Instance.sop_instance_uid == record.sop_instance_uid).with_for_update())
+            if stored is not None:
+                new_identity = PatientIdentity.of(record)
+                old_identity = PatientIdentity.of(stored)
+                if stored.exam_id is None or new_identity.same_person(old_identity):
+                    return AddResult(duplicate=True)
+                return self._correct_identity(s, stored, record, old_identity, new_identity,
+                                              place)
             place()
             inst = Instance(**fit_row(Instance, record.as_row()))
             s.add(inst)
@@ -275,10 +368,12 @@ class ExamStore:
         now = utcnow()
         exam = s.scalar(select(Exam).where(
             Exam.study_instance_uid == inst.study_instance_uid).with_for_update())
+        new_exam = exam is None
         if exam is None:
             exam = Exam(study_instance_uid=inst.study_instance_uid,
                         accession_number=inst.accession_number, patient_id=inst.patient_id,
                         issuer_of_patient_id=inst.issuer_of_patient_id,
+                        study_date=inst.study_date or None,
                         state=ExamState.RECEIVING.value, version=1, created_at=now,
                         last_received_at=now,
                         state_changed_at=now, notes_json="[]")
@@ -293,23 +388,33 @@ class ExamStore:
         if exam.issuer_of_patient_id is None and inst.issuer_of_patient_id and \
                 same_patient(exam.patient_id, None, inst.patient_id, None):
             exam.issuer_of_patient_id = inst.issuer_of_patient_id
-        others = [m for m in members if not same_patient(
-            exam.patient_id, exam.issuer_of_patient_id, m.patient_id, m.issuer_of_patient_id)]
+        ref = exam_identity(exam, members)
+        others = [m for m in members if not ref.same_person(PatientIdentity.of(m))]
         if others or exam.state == ExamState.CONFLICT:
             self._hold(exam, inst, members, others, now, result)
             return
         assignment = assign(members)
         before = exam.views
         changed = assignment.slots != before
-        for slot in SLOTS:
-            exam.set_slot(slot, assignment.slots.get(slot))
-        for note in assignment.notes:
-            if note not in exam.notes:
-                exam.add_note(note)
+        self._apply(exam, assignment)
         exam.last_received_at = now
         if exam.accession_number is None and inst.accession_number:
             exam.accession_number = inst.accession_number
+        if exam.study_date is None and inst.study_date:
+            exam.study_date = inst.study_date
         complete = not exam.missing
+        why = self._prior_reason(s, exam) if new_exam else None
+        if why or exam.state == ExamState.PRIOR:
+            if why:
+                exam.add_note(why)
+                exam.reason = why
+                self._set_state(exam, ExamState.PRIOR, now, why)
+            result.exam_study_uid = exam.study_instance_uid
+            result.exam_state = exam.state
+            result.exam_version = exam.version
+            return
+        if new_exam:
+            self._demote_older(s, exam, now)
         if changed:
             if exam.state in _READ:
                 exam.version += 1
@@ -327,6 +432,104 @@ class ExamStore:
         result.exam_state = exam.state
         result.exam_version = exam.version
 
+    def _correct_identity(self, s, stored: Instance, record: InstanceRecord,
+                          old: PatientIdentity, new: PatientIdentity,
+                          place: Callable[[], object]) -> AddResult:
+        """The same SOP Instance re-sent with another patient (a demographics correction, or
+        a mix-up): the new file and its identity replace the old ones, and the exam is held
+        as a conflict until an operator resolves it; both identities stay in its notes and
+        in the result (for the audit trail)."""
+        now = utcnow()
+        place()  # the corrected file takes the instance's place (a rename: atomic)
+        for key in ("patient_id", "issuer_of_patient_id", "patient_name", "patient_birth_date",
+                    "patient_sex", "size_bytes", "transfer_syntax_uid"):
+            setattr(stored, key, fit_row(Instance, {key: getattr(record, key)})[key])
+        stored.note = ((stored.note + "; ") if stored.note else "") + (
+            f"re-sent with another patient: {old.describe()} -> {new.describe()}")
+        exam = _get(s, Exam, int(stored.exam_id or 0))
+        members = list(s.scalars(select(Instance).where(Instance.exam_id == exam.id)
+                                 .order_by(Instance.id)))
+        exam.add_note(f"patient identity changed: instance {stored.sop_instance_uid} was "
+                      f"re-sent with {new.describe()} (it had {old.describe()}); the exam is "
+                      f"held until resolved")
+        _event(exam, "received", f"{stored.sop_instance_uid} re-sent with another patient "
+               f"identity from {record.calling_aet or '?'}", now)
+        result = AddResult(duplicate=False, instance_id=stored.id,
+                           corrected_from=old.describe(), corrected_to=new.describe())
+        others = [m for m in members if not exam_identity(exam, members).same_person(
+            PatientIdentity.of(m))]
+        self._hold(exam, stored, members, others or [stored], now, result)
+        return result
+
+    @staticmethod
+    def _apply(exam: Exam, assignment: SlotAssignment) -> None:
+        """The assembly policy's decision into the exam row (slots, kinds, notes)."""
+        for slot in SLOTS:
+            exam.set_slot(slot, assignment.slots.get(slot))
+        exam.kinds_json = json.dumps(assignment.kinds)
+        exam.implant = assignment.implant
+        for note in assignment.notes:
+            if note not in exam.notes:
+                exam.add_note(note)
+
+    def _same_patient_exams(self, s, exam: Exam) -> list[Exam]:
+        """Other exams of the exam's patient (a non-empty PatientID, issuers compatible)."""
+        if not exam.patient_id:
+            return []
+        return [e for e in s.scalars(select(Exam).where(
+            Exam.patient_id == exam.patient_id, Exam.id != exam.id))
+            if same_patient(exam.patient_id, exam.issuer_of_patient_id, e.patient_id,
+                            e.issuer_of_patient_id)]
+
+    def _prior_reason(self, s, exam: Exam) -> str | None:
+        """Why a study that just arrived is a prior (None: it is read)."""
+        date = _date(exam.study_date)
+        if date is None:
+            return None
+        if self.prior_after_days is not None:
+            age = (utcnow().date() - date).days
+            if age > self.prior_after_days:
+                return (f"prior: StudyDate {date.isoformat()} is {age} days old ([grouping] "
+                        f"prior_after_days = {self.prior_after_days:g}); stored, not read "
+                        f"(mammo-node complete {exam.study_instance_uid} reads it)")
+        if self.prior_gap_days is not None:
+            for other in self._same_patient_exams(s, exam):
+                d = _date(other.study_date)
+                if d is not None and (d - date).days >= self.prior_gap_days:
+                    return (f"prior: the node holds a study of the same patient from "
+                            f"{d.isoformat()}, {(d - date).days} days newer ([grouping] "
+                            f"prior_gap_days = {self.prior_gap_days:g}); stored, not read")
+        return None
+
+    def _demote_older(self, s, exam: Exam, now: dt.datetime) -> None:
+        """A new study of a patient: the patient's studies at least prior_gap_days older
+        that are not read yet become priors."""
+        date = _date(exam.study_date)
+        if date is None or self.prior_gap_days is None:
+            return
+        for other in self._same_patient_exams(s, exam):
+            d = _date(other.study_date)
+            if (d is None or other.state not in (ExamState.RECEIVING, ExamState.READY)
+                    or (date - d).days < self.prior_gap_days
+                    or any("read on request" in n for n in other.notes)):
+                continue
+            why = (f"prior: study {exam.study_instance_uid} of the same patient from "
+                   f"{date.isoformat()} arrived, {(date - d).days} days newer ([grouping] "
+                   f"prior_gap_days = {self.prior_gap_days:g}); stored, not read")
+            other.add_note(why)
+            other.reason = why
+            self._set_state(other, ExamState.PRIOR, now, why)
+
+    def priors_of(self, study_uid: str) -> list[tuple[str, str | None]]:
+        """(study UID, StudyDate) of the priors of the study's patient, oldest first."""
+        with self.db.session() as s:
+            exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid))
+            if exam is None:
+                return []
+            rows = [(e.study_instance_uid, e.study_date) for e in
+                    self._same_patient_exams(s, exam) if e.state == ExamState.PRIOR]
+        return sorted(rows, key=lambda r: r[1] or "")
+
     def _hold(self, exam: Exam, inst: Instance, members: list[Instance],
               others: list[Instance], now: dt.datetime, result: AddResult) -> None:
         """Images of two patients in one study: keep them, read nothing, say so. The slots
@@ -335,7 +538,7 @@ class ExamStore:
         if others:
             if exam.state != ExamState.CONFLICT:
                 exam.add_note(f"patient conflict: instance {inst.sop_instance_uid} and the "
-                              f"exam's images carry different patient IDs; the exam was "
+                              f"exam's images carry different patients; the exam was "
                               f"{exam.state}, it is held until resolved")
             self._set_state(exam, ExamState.CONFLICT, now)
             exam.reason = (f"patient conflict: {len(others)} of {len(members)} instance(s) "
@@ -348,7 +551,8 @@ class ExamStore:
         result.exam_version = exam.version
 
     def resolve_patient(self, study_uid: str, patient_id: str, assign: AssignFn,
-                        issuer: str | None = None) -> tuple[int, str, int]:
+                        issuer: str | None = None,
+                        patient_name: str | None = None) -> tuple[int, str, int]:
         """End a patient conflict: the exam keeps the instances of ``patient_id`` (and
         ``issuer`` when given); the others stay stored but leave the exam. The exam is read
         again (a new version when an earlier version was read). Returns (instances
@@ -359,10 +563,16 @@ class ExamStore:
             exam = _exam_for_update(s, study_uid)
             members = list(s.scalars(select(Instance).where(Instance.exam_id == exam.id)
                                      .order_by(Instance.id)))
+            name = person_name_key(patient_name) if patient_name is not None else None
             keep = [m for m in members if same_patient(patient_id, issuer, m.patient_id,
-                                                        m.issuer_of_patient_id)]
+                                                        m.issuer_of_patient_id)
+                    and (name is None or person_name_key(m.patient_name) == name)]
             if not keep:
                 raise ValueError("no instance of that patient in this exam")
+            if not (patient_id or "").strip() and name is None and len(
+                    {PatientIdentity.of(m) for m in keep}) > 1:
+                raise ValueError("the images without a Patient ID belong to different "
+                                 "patients: say which with --patient-name")
             detached = [m for m in members if m not in keep]
             for m in detached:
                 m.exam_id = None
@@ -372,8 +582,7 @@ class ExamStore:
             exam.issuer_of_patient_id = issuer or next(
                 (m.issuer_of_patient_id for m in keep if m.issuer_of_patient_id), None)
             assignment = assign(keep)
-            for slot in SLOTS:
-                exam.set_slot(slot, assignment.slots.get(slot))
+            self._apply(exam, assignment)
             read_before = s.scalar(select(func.count()).select_from(Result).where(
                 Result.exam_id == exam.id, Result.version == exam.version)) or 0
             if read_before:
@@ -525,12 +734,16 @@ class ExamStore:
         now = utcnow()
         with self.db.write() as s:
             exam = _exam_for_update(s, study_uid)
-            if exam.state != ExamState.RECEIVING:
-                raise ValueError(f"the exam is {exam.state}, not receiving")
+            if exam.state not in (ExamState.RECEIVING, ExamState.PRIOR):
+                raise ValueError(f"the exam is {exam.state}, not receiving or prior")
             if not any(exam.views.values()):
                 raise ValueError("no image fills any of the four view slots")
             missing = exam.missing
             msg = f"completed by request with {', '.join(missing) or 'no view'} missing"
+            if exam.state == ExamState.PRIOR:
+                msg = f"prior read on request ({', '.join(missing) or 'no view'} missing)"
+                exam.add_note(msg)
+                exam.reason = None
             exam.reason = f"{exam.reason}; {msg}" if exam.reason else msg
             self._set_state(exam, ExamState.READY, now)
             return missing, exam.state
@@ -626,6 +839,22 @@ class ExamStore:
                     if path is not None:
                         paths[slot] = path
             return exam.study_instance_uid, exam.version, paths
+
+    def reading_context(self, exam_id: int) -> dict[str, Any]:
+        """What a reading says about its images: slot -> image kind, implant, the
+        patient's priors (StudyDates) and the views that had only a volume."""
+        with self.db.session() as s:
+            exam = _get(s, Exam, exam_id)
+            study = exam.study_instance_uid
+            kinds = {k: v for k, v in exam.view_kinds.items() if v}
+            implant = bool(exam.implant)
+            volume_only = [n.split(":")[0] for n in exam.notes
+                           if "only a tomosynthesis volume; read with this view missing" in n]
+        priors = [d for _, d in self.priors_of(study)]
+        return {"kinds": kinds, "implant": implant,
+                "priors": [f"{d[:4]}-{d[4:6]}-{d[6:8]}" if d and len(d) == 8 else (d or "?")
+                           for d in priors],
+                "volume_only": sorted(set(volume_only))}
 
     # -- export ----------------------------------------------------------------------------
     def due_transfers(self, limit: int = 100,

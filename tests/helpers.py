@@ -68,7 +68,9 @@ class NodeProcess:
         sections: dict[str, dict] = {
             "node": {"ae_title": self.ae_title, "host": "127.0.0.1", "port": self.port,
                      "data_dir": str(self.data_dir)},
-            "grouping": {"stable_seconds": 60},
+            # Synthetic studies carry fixed dates (2026-01-15 by default) so that date-range
+            # queries stay the same any day: the prior age rule is off unless a test sets it.
+            "grouping": {"stable_seconds": 3600, "prior_after_days": ""},
             # No emergency purge unless a test asks: a nearly full test machine must not
             # delete what a test is about to look at.
             "storage": {"min_free_mb": 0, "fsync": True, "purge_above_percent": ""},

@@ -49,7 +49,7 @@ def test_dashboard_pages_in_chromium(node_factory, storescp_factory, browser):
                          {"name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1",
                           "port": free_port()}],  # nobody listens: its deliveries retry
         "export": {"max_attempts": 50, "initial_delay_seconds": 0.5, "max_delay_seconds": 2},
-        "grouping": {"stable_seconds": 60}}, worker=True)
+        "grouping": {"stable_seconds": 3600}}, worker=True)
     exam = make_exam(seed=111, rows=640, cols=512,
                      lesions={"L": [Lesion("spiculated", 0.5, 0.45, 0.08, 0.4)]})
     study = exam[0].StudyInstanceUID

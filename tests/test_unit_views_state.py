@@ -212,6 +212,78 @@ def test_header_values_longer_than_their_vr_are_kept_to_the_column(exams):
     assert len(rows[0].series_description) == 256
 
 
+def test_empty_patient_ids_are_compared_by_name_and_birth_date(exams):
+    """Two images of one study without PatientID and with different names are two patients;
+    the same name (any case, trailing components) and birth date are one."""
+    store, files = exams
+    exam = make_exam(seed=4, rows=8, cols=8, patient_name="Alpha^Ann")
+    for ds in exam:
+        ds.PatientID, ds.PatientBirthDate = "", "19600101"
+    exam[1].PatientName = "ALPHA^ANN^^"
+    results = _add(store, files, exam[:3])
+    assert not any(r.conflict for r in results) and results[-1].exam_state == "receiving"
+    other = exam[3]
+    other.PatientName = "Beta^Bea"
+    (r,) = _add(store, files, [other])
+    assert r.conflict and r.exam_state == "conflict"
+    study = exam[0].StudyInstanceUID
+    with pytest.raises(ValueError, match="--patient-name"):
+        store.resolve_patient(study, "", assign_slots)
+    detached, state, _ = store.resolve_patient(study, "", assign_slots,
+                                               patient_name="Alpha^Ann")
+    assert (detached, state) == (1, "receiving")
+
+
+def test_same_name_other_birth_date_without_id_is_a_conflict(exams):
+    store, files = exams
+    exam = make_exam(seed=5, rows=8, cols=8, patient_name="Same^Name")
+    for ds in exam:
+        ds.PatientID, ds.PatientBirthDate = "", "19600101"
+    exam[3].PatientBirthDate = "19700101"
+    results = _add(store, files, exam)
+    assert [r.conflict for r in results] == [False, False, False, True]
+
+
+def test_an_id_on_one_side_only_compares_names(exams):
+    store, files = exams
+    exam = make_exam(seed=6, rows=8, cols=8, patient_id="P-6", patient_name="Gamma^Gus")
+    exam[2].PatientID = ""
+    exam[3].PatientID = ""
+    exam[3].PatientName = "Delta^Dot"
+    results = _add(store, files, exam)
+    assert [r.conflict for r in results] == [False, False, False, True]
+
+
+def test_a_corrected_identity_holds_the_exam_and_keeps_both(exams):
+    """The same SOP Instance re-sent with another PatientID is not dropped as a duplicate:
+    the new identity replaces the old one, the exam is held, both are in its notes."""
+    store, files = exams
+    exam = make_exam(seed=7, rows=8, cols=8, patient_id="OLD-7")
+    _add(store, files, exam)
+    study = exam[0].StudyInstanceUID
+    assert store.claim_next_ready() is not None  # read as usual
+    placed: list[str] = []
+    corrected = exam[0].copy()
+    corrected.PatientID = "NEW-7"
+    (rec,) = _records(files, [corrected])
+    r = store.add_instance(rec, assign_slots, place=lambda: placed.append(rec.sop_instance_uid))
+    assert not r.duplicate and r.conflict and r.exam_state == "conflict"
+    assert placed == [rec.sop_instance_uid]  # the corrected file is kept
+    assert (r.corrected_from, r.corrected_to) == ("PatientID 'OLD-7'", "PatientID 'NEW-7'")
+    e = store.exam_dict(study)
+    assert e is not None
+    assert any("OLD-7" in n and "NEW-7" in n for n in e["notes"]), e["notes"]
+    # The same file again: a duplicate now (its identity is the stored one).
+    (again,) = _add(store, files, [corrected])
+    assert again.duplicate
+    # The PACS corrects the other three; the operator confirms the new identity.
+    for ds in exam[1:]:
+        ds.PatientID = "NEW-7"
+    assert all(r.conflict for r in _add(store, files, exam[1:]))
+    detached, state, version = store.resolve_patient(study, "NEW-7", assign_slots)
+    assert (detached, state) == (0, "ready") and version >= 1
+
+
 @pytest.mark.parametrize("explicit", [True, False])
 def test_encoded_c_find_answers_are_the_datasets_answers_builds(exams, explicit):
     """C-FIND's fast path (answers encoded straight from the rows) says exactly what the

@@ -24,7 +24,7 @@ SIZE = dict(rows=320, cols=256)
 def _node(node_factory, env=None, start=True, **inference):
     settings = {"inference": {"timeout_seconds": 20, "max_attempts": 2,
                               "retry_delay_seconds": 0.5, **inference},
-                "grouping": {"stable_seconds": 60}}
+                "grouping": {"stable_seconds": 3600}}
     return node_factory(settings, worker=True, env=env, start=start)
 
 
