@@ -10,6 +10,7 @@ at the next start (storage.state.ExamStore.recover).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import multiprocessing as mp
@@ -51,6 +52,8 @@ class ExamJob:
     sr: tuple[str, ...] = ("mammo-cad", "tid1500")
     attention_maps: bool = True
     parametric_maps: bool = False
+    presentation_states: bool = False
+    max_marks: int = 3
     previous: dict[str, str] = field(default_factory=dict)  # kind -> path of the SR replaced
     kinds: dict[str, str] = field(default_factory=dict)     # slot -> image kind
     implant: bool = False
@@ -188,7 +191,7 @@ def _read(model, job: ExamJob) -> tuple:
 
     from inference.views import KIND_LABELS
     from inference.volume import computed_2d
-    from node.results import BreastSummary, ReadingSummary
+    from node.results import BreastSummary, Mark, ReadingSummary
 
     root = Path(job.data_dir)
     computed = {slot for slot, kind in job.kinds.items() if kind == "computed"}
@@ -207,14 +210,17 @@ def _read(model, job: ExamJob) -> tuple:
                          f"{', '.join(KIND_LABELS.get(k, k) for k in trained)}")
     # Attention maps at <= 1024 px a side: what the Secondary Captures draw and the
     # Parametric Maps store; full-resolution maps of 13-megapixel views cost ~0.15 s each.
-    reading = model.predict_exam(sources, keep_display=True, map_side=MAP_SIDE)
+    reading = model.predict_exam(sources, keep_display=True, map_side=MAP_SIDE,
+                                 max_marks=job.max_marks)
     info = model.info
     summary = ReadingSummary(
         breasts={b: BreastSummary(present=r.present, birads=r.birads,
                                   birads_probabilities=dict(r.birads_probabilities or {}),
                                   diagnosis=r.diagnosis,
                                   diagnosis_probabilities=dict(r.diagnosis_probabilities or {}),
-                                  score=r.score)
+                                  score=r.score, density=getattr(r, "density", None),
+                                  density_probabilities=dict(
+                                      getattr(r, "density_probabilities", None) or {}))
                  for b, r in reading.breasts.items()},
         fusion_weights=reading.fusion_weights, missing_views=reading.missing_views,
         model_name=reading.model["name"], model_version=str(info.metadata.get("version", "?")),
@@ -225,6 +231,9 @@ def _read(model, job: ExamJob) -> tuple:
         seconds={k: round(v, 4) for k, v in reading.seconds.items()},
         score=reading.score, operating_point=reading.operating_point,
         above_operating_point=reading.above_operating_point,
+        density=getattr(reading, "density", None),
+        marks={slot: [Mark(**dataclasses.asdict(m)) for m in ms]
+               for slot, ms in reading.marks.items()},
         view_kinds={slot: job.kinds.get(slot, "conventional") for slot in sources},
         notes=notes, implant=job.implant)
     return sources, reading, summary
@@ -293,7 +302,7 @@ def process_exam_srs(job: ExamJob) -> tuple[list[ProducedObject], dict]:
 
     _failpoint(job)
 
-    from node.results import build_mammo_cad, build_tid1500
+    from node.results import build_mammo_cad, build_presentation_state, build_tid1500
 
     sources, _, summary = _state().reading(job)
     t0 = time.perf_counter()
@@ -306,8 +315,8 @@ def process_exam_srs(job: ExamJob) -> tuple[list[ProducedObject], dict]:
         replaces = dcmread(root / prev) if prev and (root / prev).exists() else None
         add(builders[kind](sources, summary, job.study_uid, job.version,
                            replaces=replaces), f"sr-{kind}")
-    import dataclasses
-
+    if job.presentation_states:
+        add(build_presentation_state(sources, summary, job.study_uid, job.version), "pr")
     summary.seconds["sr"] = round(time.perf_counter() - t0, 4)
     return produced, dataclasses.asdict(summary)
 
@@ -519,7 +528,9 @@ class Worker(threading.Thread):
         job = ExamJob(data_dir=str(self.files.root), study_uid=study, version=version,
                       paths=paths, sr=tuple(self.cfg.results.sr),
                       attention_maps=self.cfg.results.attention_maps,
-                      parametric_maps=self.cfg.results.parametric_maps, previous=previous,
+                      parametric_maps=self.cfg.results.parametric_maps,
+                      presentation_states=self.cfg.results.presentation_states,
+                      max_marks=self.cfg.results.max_marks_per_breast, previous=previous,
                       kinds=context["kinds"], implant=context["implant"],
                       volume_2d=self.cfg.grouping.volume_2d, notes=tuple(notes))
         pool = self.pool

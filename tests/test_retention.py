@@ -195,6 +195,10 @@ def test_purge_command_against_a_running_node(node_factory, storescp_factory):
     assert e["state"] == "done" and e["images_purged_at"] and e["delivery"]["pacs"]["sent"] == 6
     exams = json.loads(node.cli("exams", "--json").stdout)
     assert len(exams) == 2
+    deleted = [json.loads(x) for x in (node.data_dir / "audit.jsonl").read_text().splitlines()
+               if '"DICOM Study Deleted"' in x]
+    assert [(d["outcome"], d["studies"], d["peer"]["via"]) for d in deleted] == [
+        (4, [waiting[0].StudyInstanceUID], "cli"), (0, [study], "cli")]
 
 
 def test_the_daemon_applies_retention_by_itself(node_factory):
