@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import requests
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import dcmwrite
@@ -263,3 +264,30 @@ def test_association_accepted_at_once_while_a_purge_runs(tmp_path):
     finally:
         node.stop()
         os.umask(umask)
+
+
+# -- 6. Smaller --------------------------------------------------------------------------------
+class _Evil:
+    def __reduce__(self):
+        import os
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+@pytest.mark.unit
+def test_train_resume_state_is_loaded_weights_only(tmp_path):
+    """``train --resume`` refuses a state file that pickles an arbitrary object (code run
+    on load with weights_only=False); a real state (tensors, dicts, numbers) loads."""
+    import pickle
+
+    import torch
+
+    from inference.train import load_resume_state
+
+    good = tmp_path / "good.resume.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "epoch": 3, "rng": torch.get_rng_state(),
+                "config": {"arch": "tiny", "sizes": [1, 2]}}, good)
+    assert load_resume_state(good)["epoch"] == 3
+    bad = tmp_path / "bad.resume.pt"
+    torch.save({"model": {}, "payload": _Evil()}, bad)
+    with pytest.raises(pickle.UnpicklingError, match="refused"):
+        load_resume_state(bad)
