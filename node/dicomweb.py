@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
@@ -144,6 +145,7 @@ class DicomWeb:
         self.readiness = readiness  # () -> (ready, checks) or None
         self._slots = asyncio.Semaphore(cfg.dicomweb.max_concurrent_requests)
         self.root = cfg.dicomweb.root.rstrip("/")
+        self._hosts = cfg.dicomweb.host_names()
         self.dashboard = Dashboard(cfg, files, exams, self.root, health=health,
                                    readiness=readiness, audit=self.audit)
         r = self.root
@@ -215,7 +217,7 @@ class DicomWeb:
     @staticmethod
     def service_of(request: Request) -> str:
         """The service a request uses: ``stow``, ``qido``, ``wado`` (DICOMweb) or ``admin``
-        (/metrics: any valid token may read it)."""
+        (/metrics: a token with ``qido``)."""
         if request.url.path == "/metrics":
             return "admin"
         if request.url.path.startswith("/ui"):
@@ -232,8 +234,55 @@ class DicomWeb:
         return {"address": request.client.host if request.client else None,
                 "token": token, "tls": self.cfg.dicomweb.tls}
 
+    def _host_ok(self, request: Request) -> bool:
+        """The Host header names one of ``[dicomweb] allowed_hosts`` (DNS rebinding: a page
+        of another site whose name resolves to this node reads nothing)."""
+        host = request.headers.get("host", "")
+        if host.startswith("["):  # [IPv6]:port
+            name = host[1:host.find("]")] if "]" in host else host
+        elif host.count(":") == 1:
+            name = host.split(":")[0]
+        else:
+            name = host
+        return name.lower() in self._hosts
+
+    def _origin_ok(self, request: Request) -> bool:
+        """A state-changing request from a browser comes from this node's own pages or a
+        configured CORS origin (a page on another site cannot pause a destination)."""
+        origin = request.headers.get("origin")
+        if origin is None:
+            # No Origin: not a browser's cross-site request, unless Fetch Metadata says so.
+            return request.headers.get("sec-fetch-site", "same-origin") in (
+                "same-origin", "none")
+        if origin in self.cfg.dicomweb.cors_origins or "*" in self.cfg.dicomweb.cors_origins:
+            return True
+        from urllib.parse import urlsplit
+
+        u = urlsplit(origin)
+        return (u.hostname or "").lower() in self._hosts and \
+            origin.rstrip("/") == self.origin(request).rstrip("/")
+
     async def _auth(self, request: Request, call_next):
+        response = await self._authorised(request, call_next)
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        if "content-security-policy" not in response.headers:
+            response.headers["Content-Security-Policy"] = "frame-ancestors 'none'"
+        return response
+
+    async def _authorised(self, request: Request, call_next):
         path = request.url.path
+        if path not in ("/healthz", "/readyz") and not self._host_ok(request):
+            log.warning("HTTP %s %s refused: Host %r is not in [dicomweb] allowed_hosts",
+                        request.method, path, request.headers.get("host", "")[:100])
+            return _error(400, "Host header not accepted: not a name this node is served "
+                               "under ([dicomweb] allowed_hosts)")
+        if request.method not in ("GET", "HEAD", "OPTIONS") and not self._origin_ok(request):
+            who = self._who(request)
+            self.audit.event(A.SECURITY_ALERT, A.MINOR_FAILURE, alert="cross-origin request",
+                             peer=who, origin=request.headers.get("origin", "")[:200],
+                             action=path)
+            return _error(403, "cross-origin request refused (Origin "
+                               f"{request.headers.get('origin', '?')[:100]!r})")
         if path in ("/healthz", "/readyz", "/ui/login") or (
                 self.viewer is not None and request.method == "GET"
                 and self.viewer.serves(path)):
@@ -242,12 +291,16 @@ class DicomWeb:
         name = None
         if self.tokens.required:
             header = request.headers.get("authorization", "")
-            # The dashboard and the images it shows authenticate with the sign-in cookie
-            # (HttpOnly, SameSite=Strict); uploads never do.
+            found = None
+            # The dashboard and the images it shows authenticate with the session cookie
+            # (a random id, HttpOnly, SameSite=Strict); uploads never do.
             if not header and COOKIE in request.cookies and (
                     path.startswith("/ui") or request.method == "GET"):
-                header = f"Bearer {request.cookies[COOKIE]}"
-            found = self.tokens.authenticate(header)
+                session = self.dashboard.sessions.get(request.cookies[COOKIE])
+                if session is not None:
+                    found = (session["name"], session["services"])
+            else:
+                found = self.tokens.authenticate(header)
             if found is None and path.startswith("/ui") and request.method == "GET":
                 return RedirectResponse("/ui/login", status_code=303)
             if found is None:
@@ -267,6 +320,10 @@ class DicomWeb:
             if service == "ui-action" and services != {"stow", "qido", "wado"}:
                 return _error(403, f"token {name!r} needs every service for dashboard "
                                    "actions")
+            if service == "admin" and "qido" not in services:
+                # /metrics counts studies and peers: not for a modality's stow-only token.
+                return _error(403, f"token {name!r} is not granted 'qido' (needed for "
+                                   "/metrics)")
             if service not in ("admin", "ui", "ui-action") and service not in services:
                 who = self._who(request, name)
                 self.audit.event(A.SECURITY_ALERT, A.MINOR_FAILURE, alert="unauthorized "
@@ -515,6 +572,13 @@ class DicomWeb:
                          studies=sorted({r.study_instance_uid for r in rows}),
                          instances=len(rows))
 
+    def _audit_done(self, request: Request, rows: list[Instance], service: str) -> None:
+        """PS3.15 A.5.3.4 DICOM Instances Transferred: the retrieve completed."""
+        self.audit.event(A.INSTANCES_TRANSFERRED, A.SUCCESS, service=service, action="retrieve",
+                         peer=getattr(request.state, "who", None),
+                         studies=sorted({r.study_instance_uid for r in rows}),
+                         instances=len(rows))
+
     async def wado(self, request: Request) -> Response:
         rows = await run_in_threadpool(self._rows, request.path_params)
         if not rows:
@@ -530,7 +594,8 @@ class DicomWeb:
         # A sync generator: Starlette reads the files block by block in a worker thread.
         return StreamingResponse(
             wado.stream_files(paths, boundary),
-            media_type=f'multipart/related; type="application/dicom"; boundary={boundary}')
+            media_type=f'multipart/related; type="application/dicom"; boundary={boundary}',
+            background=BackgroundTask(self._audit_done, request, rows, "WADO-RS"))
 
     async def metadata(self, request: Request) -> Response:
         rows = await run_in_threadpool(self._rows, request.path_params)
@@ -540,7 +605,11 @@ class DicomWeb:
         def build() -> list[dict]:
             return [wado.metadata_json(self.files.abspath(r.path), self._instance_url(request, r))
                     for r in rows]
-        return JSONResponse(await run_in_threadpool(build), media_type=DICOM_JSON)
+        # Full headers (names, birth dates): a retrieve as the audit trail counts them.
+        self._audit_retrieve(request, rows, "WADO-RS metadata")
+        body = await run_in_threadpool(build)
+        self._audit_done(request, rows, "WADO-RS metadata")
+        return JSONResponse(body, media_type=DICOM_JSON)
 
     async def frames(self, request: Request) -> Response:
         rows = await run_in_threadpool(self._rows, request.path_params)

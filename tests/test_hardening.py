@@ -291,3 +291,117 @@ def test_train_resume_state_is_loaded_weights_only(tmp_path):
     torch.save({"model": {}, "payload": _Evil()}, bad)
     with pytest.raises(pickle.UnpicklingError, match="refused"):
         load_resume_state(bad)
+
+
+# -- 5. Access and audit -----------------------------------------------------------------------
+ADMIN, UPLOADER = "admin-secret-token", "uploader-secret-token"
+
+
+def _tokens() -> list[dict]:
+    from tests.test_dicomweb_security import _sha
+
+    return [{"name": "admin", "sha256": _sha(ADMIN), "services": ["stow", "qido", "wado"]},
+            {"name": "modality", "sha256": _sha(UPLOADER), "services": ["stow"]}]
+
+
+def _events(node) -> list[dict]:
+    import json
+
+    return [json.loads(x) for x in (node.data_dir / "audit.jsonl").read_text().splitlines()]
+
+
+def test_host_origin_frames_and_metrics_are_checked(node_factory):
+    """Host not among the node's names -> 400 (DNS rebinding); a STOW or a dashboard action
+    from another site's page (Origin) -> 403; every answer forbids framing; /metrics with a
+    stow-only token -> 403; WADO-RS /metadata and a finished retrieve are audited."""
+    node, base = _web(node_factory, tokens=_tokens())
+    web = base.replace("/dicomweb", "")
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    ds = make_mammogram("L", "CC", rows=32, cols=32, seed=51)
+    assert _stow(base, [_part10(ds)], token=ADMIN).status_code == 200
+    r = requests.get(f"{base}/studies", headers={**admin, "Host": "evil.example:8080"})
+    assert r.status_code == 400 and "allowed_hosts" in r.json()["error"]
+    r = requests.get(f"{base}/studies", headers={**admin, "Host": "localhost"})
+    assert r.status_code == 200
+    assert r.headers["X-Frame-Options"] == "DENY"
+    assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
+    boundary = "b"
+    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").encode() + \
+        _part10(make_mammogram("R", "CC", rows=32, cols=32, seed=52)) + \
+        f"\r\n--{boundary}--\r\n".encode()
+    stow_headers = {**admin, "Content-Type": 'multipart/related; type="application/dicom"; '
+                                             f"boundary={boundary}"}
+    r = requests.post(f"{base}/studies", data=body,
+                      headers={**stow_headers, "Origin": "http://evil.example"})
+    assert r.status_code == 403 and "cross-origin" in r.json()["error"]
+    r = requests.post(f"{base}/studies", data=body,
+                      headers={**stow_headers, "Origin": web})  # the node's own pages
+    assert r.status_code == 200
+    r = requests.post(f"{web}/ui/destinations/x/pause", data={"csrf": "x"},
+                      headers={**admin, "Origin": "http://evil.example"})
+    assert r.status_code == 403
+    r = requests.get(f"{web}/metrics", headers={"Authorization": f"Bearer {UPLOADER}"})
+    assert r.status_code == 403 and "qido" in r.json()["error"]
+    assert requests.get(f"{web}/metrics", headers=admin).status_code == 200
+    inst = (f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/"
+            f"{ds.SOPInstanceUID}")
+    assert requests.get(f"{inst}/metadata", headers=admin).status_code == 200
+    assert requests.get(inst, headers=admin).status_code == 200
+    node.stop()
+    events = _events(node)
+    services = [(e["event"], e.get("service")) for e in events]
+    assert ("Begin Transferring DICOM Instances", "WADO-RS metadata") in services
+    assert ("DICOM Instances Transferred", "WADO-RS metadata") in services
+    assert ("DICOM Instances Transferred", "WADO-RS") in services
+    assert any(e.get("alert") == "cross-origin request" for e in events)
+
+
+def test_dashboard_sessions_csrf_and_sign_in_failures(node_factory):
+    """The cookie holds a random session id, not the token; a form without the CSRF token
+    -> 403; sign-out revokes the session on the server; Secure when configured; sign-in
+    failures audited and answered ever more slowly."""
+    import time
+
+    node, base = _web(node_factory, tokens=_tokens(), secure_cookies=True)
+    ui = base.replace("/dicomweb", "") + "/ui"
+    s = requests.Session()
+    r = s.post(f"{ui}/login", data={"token": ADMIN}, allow_redirects=False)
+    assert r.status_code == 303
+    cookie = r.headers["set-cookie"]
+    assert "Secure" in cookie and "HttpOnly" in cookie and ADMIN not in cookie
+    sid = r.cookies["mammo_node_token"]
+    jar = {"mammo_node_token": sid}
+    page = requests.get(f"{ui}/destinations", cookies=jar)
+    assert page.status_code == 200
+    import re
+
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+    r = requests.post(f"{ui}/logout", cookies=jar, data={}, allow_redirects=False)
+    assert r.status_code == 403  # no CSRF token
+    r = requests.post(f"{ui}/logout", cookies=jar, data={"csrf": csrf}, allow_redirects=False)
+    assert r.status_code == 303
+    # The same cookie, replayed after sign-out: no longer a session.
+    r = requests.get(f"{ui}/destinations", cookies=jar, allow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].endswith("/ui/login")
+    timings = []
+    for _ in range(4):
+        t0 = time.monotonic()
+        r = requests.post(f"{ui}/login", data={"token": "guess"}, allow_redirects=False)
+        timings.append(time.monotonic() - t0)
+        assert r.status_code == 401
+    assert timings[3] >= 2.0 > timings[0], timings  # 0, 0.5, 1, 2 s
+    node.stop()
+    fails = [e for e in _events(node) if e["event"] == "User Authentication"
+             and e.get("action") == "sign-in" and e["outcome"] != 0]
+    assert len(fails) == 4 and fails[0]["peer"]["address"] == "127.0.0.1"
+    assert any(e.get("action") == "dashboard sign-out" for e in _events(node))
+
+
+@pytest.mark.unit
+def test_peer_hosts_with_host_bits_are_refused():
+    from node.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="host bits set"):
+        parse_config({"peers": [{"ae_title": "PACS", "hosts": ["10.1.2.5/8"]}]})
+    cfg = parse_config({"peers": [{"ae_title": "PACS", "hosts": ["10.0.0.0/8", "10.1.2.5"]}]})
+    assert [str(n) for n in cfg.peers[0].hosts] == ["10.0.0.0/8", "10.1.2.5/32"]
