@@ -12,11 +12,13 @@ import asyncio
 import itertools
 import logging
 import re
+import ssl
 import tempfile
 import threading
 import uuid
 from pathlib import Path
 
+import uvicorn
 from pydicom.dataset import Dataset
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -34,7 +36,7 @@ from node.dashboard import COOKIE, Dashboard
 from node.ingest import Ingest, StoreError, part_to_file, public_message
 from node.qr import ATTRS, LEVELS, QueryRetrieveSCP
 from node.scp import StorageSCP
-from node.security import TokenAuth
+from node.security import TokenAuth, server_context
 from node.status import DATASET_MISMATCH, OUT_OF_RESOURCES
 from storage.files import FileStore
 from storage.models import Instance
@@ -724,27 +726,35 @@ class DicomWeb:
         return Response(body, media_type=media)
 
 
+class _Config(uvicorn.Config):
+    """uvicorn's Config with the node's SSL context in place of the one it builds."""
+
+    node_ssl: ssl.SSLContext | None = None
+
+    def load(self) -> None:
+        super().load()
+        if self.node_ssl is not None:
+            self.ssl = self.node_ssl
+
+
 class DicomWebServer(threading.Thread):
     """uvicorn serving :class:`DicomWeb` in a thread of the daemon (HTTPS with ``tls``)."""
 
     def __init__(self, web: DicomWeb, cfg: Config) -> None:
         super().__init__(name="dicomweb", daemon=True)
-        import ssl
-
-        import uvicorn
-
-        w, t = cfg.dicomweb, cfg.tls
+        w = cfg.dicomweb
         kwargs: dict = {}
         if w.tls:
+            # uvicorn's own context (its defaults changed between the versions the dependency
+            # range allows) is replaced by ours: TLS 1.2+, the BCP 195 cipher suites, client
+            # certificates as configured (node.security.server_context).
+            t = cfg.tls
             kwargs = {"ssl_certfile": t.certificate, "ssl_keyfile": t.private_key}
-            if t.ca_certificates:
-                kwargs["ssl_ca_certs"] = t.ca_certificates
-                kwargs["ssl_cert_reqs"] = (ssl.CERT_REQUIRED if t.require_client_certificate
-                                           else ssl.CERT_OPTIONAL)
-        self.server = uvicorn.Server(uvicorn.Config(
-            web.app, host=w.host, port=w.port, log_level="warning", lifespan="off",
-            limit_concurrency=max(64, w.max_concurrent_requests * 4),
-            timeout_graceful_shutdown=3, **kwargs))
+        config = _Config(web.app, host=w.host, port=w.port, log_level="warning",
+                         lifespan="off", limit_concurrency=max(64, w.max_concurrent_requests * 4),
+                         timeout_graceful_shutdown=3, **kwargs)
+        config.node_ssl = server_context(cfg) if w.tls else None
+        self.server = uvicorn.Server(config)
         # The daemon owns the signals (uvicorn would install its own in Server.run).
         self.server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
 

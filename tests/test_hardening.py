@@ -405,3 +405,41 @@ def test_peer_hosts_with_host_bits_are_refused():
         parse_config({"peers": [{"ae_title": "PACS", "hosts": ["10.1.2.5/8"]}]})
     cfg = parse_config({"peers": [{"ae_title": "PACS", "hosts": ["10.0.0.0/8", "10.1.2.5"]}]})
     assert [str(n) for n in cfg.peers[0].hosts] == ["10.0.0.0/8", "10.1.2.5/32"]
+
+
+def test_https_context_is_tls12_plus_with_bcp195_ciphers(node_factory, pki):
+    """HTTPS answers TLS 1.2 with an AEAD ECDHE suite and TLS 1.3; TLS 1.1 and a TLS 1.2
+    non-AEAD, non-ephemeral suite (AES128-SHA) are refused in the handshake."""
+    import socket
+    import ssl
+
+    from tests.test_tls import _tls
+
+    port = free_port()
+    node = node_factory({"dicomweb": {"enabled": True, "host": "127.0.0.1", "port": port,
+                                      "tls": True, "token": "t"},
+                         "tls": _tls(pki, require=False)})
+    wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 30,
+             what="HTTPS up")
+
+    def handshake(**kw) -> str:
+        ctx = ssl.create_default_context(cafile=str(pki.ca))
+        ctx.check_hostname = False
+        if "ciphers" in kw:
+            ctx.set_ciphers(kw["ciphers"])
+        ctx.minimum_version = kw.get("min", ssl.TLSVersion.TLSv1_2)
+        ctx.maximum_version = kw.get("max", ssl.TLSVersion.TLSv1_3)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                ctx.wrap_socket(raw) as tls:
+            return f"{tls.version()} {tls.cipher()[0]}"
+    assert handshake().startswith("TLSv1.3")
+    got = handshake(max=ssl.TLSVersion.TLSv1_2)
+    assert got.startswith("TLSv1.2 ECDHE-") and ("GCM" in got or "CHACHA20" in got), got
+    with pytest.raises(ssl.SSLError):
+        handshake(max=ssl.TLSVersion.TLSv1_2, ciphers="AES128-SHA")
+    try:
+        old = handshake(min=ssl.TLSVersion.TLSv1_1, max=ssl.TLSVersion.TLSv1_1)
+    except ssl.SSLError:
+        old = None
+    assert old is None
+    assert node.proc.poll() is None
