@@ -335,8 +335,24 @@ class DicomWeb:
         if self._slots.locked():
             return JSONResponse({"error": "too many concurrent requests; retry shortly"},
                                 status_code=503, headers={"Retry-After": "1"})
-        async with self._slots:
-            return await call_next(request)
+        # The slot is held until the last byte of the body is sent (a streamed WADO answer
+        # counts for as long as it streams), not only until its headers are.
+        await self._slots.acquire()
+        try:
+            response = await call_next(request)
+        except BaseException:
+            self._slots.release()
+            raise
+        inner = response.body_iterator
+
+        async def body():
+            try:
+                async for chunk in inner:
+                    yield chunk
+            finally:
+                self._slots.release()
+        response.body_iterator = body()
+        return response
 
     # -- health and metrics -------------------------------------------------------------------
     async def healthz(self, request: Request) -> Response:
