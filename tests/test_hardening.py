@@ -13,6 +13,7 @@ from pydicom.filewriter import dcmwrite
 from inference.synthetic import make_mammogram
 from tests.helpers import free_port, wait_for
 from tests.test_dicomweb_security import _part10, _stow
+from tests.test_qr import loaded  # noqa: F401  (the fixture)
 from tests.test_security import _deflated_bomb
 
 
@@ -463,3 +464,32 @@ def test_concurrency_bound_covers_streamed_bodies(node_factory):
     r.close()
     wait_for(lambda: requests.get(f"{base}/studies", timeout=10).status_code == 200, 10,
              interval=0.05, what="the slot freed")
+
+
+def test_c_get_and_c_move_have_completion_events(loaded, tmp_path):  # noqa: F811
+    """PS3.15 A.5.3.4: a C-MOVE and a C-GET each end with DICOM Instances Transferred (who,
+    to whom, how many), after their Begin Transferring."""
+    import subprocess
+
+    from tests.helpers import dcmtk
+
+    node, pacs, a, _ = loaded
+    study = a[0].StudyInstanceUID
+    r = subprocess.run([dcmtk("movescu"), "-S", "-aet", "QRSCU", "-aec", node.ae_title,
+                        "-aem", "PACS", "127.0.0.1", str(node.port),
+                        "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "get"
+    out.mkdir()
+    r = subprocess.run([dcmtk("getscu"), "-S", "-aet", "QRSCU", "-aec", node.ae_title,
+                        "-od", str(out), "127.0.0.1", str(node.port),
+                        "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    node.stop()
+    done = [e for e in _events(node) if e["event"] == "DICOM Instances Transferred"
+            and e.get("action") == "retrieve"]
+    assert [(e["service"], e["to"], e["instances"], e["outcome"]) for e in done] == [
+        ("C-MOVE", "PACS", 4, 0), ("C-GET", "QRSCU", 4, 0)]
+    assert all(e["studies"] == [study] for e in done)
