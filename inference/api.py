@@ -24,7 +24,8 @@ from pydicom.dataset import Dataset
 
 from inference.checkpoint import load_checkpoint
 from inference.device import resolve_device
-from inference.model import BREASTS, DIAGNOSIS_CLASSES, VIEWS, algorithm_name
+from inference.marks import Mark, find_marks
+from inference.model import BREASTS, DENSITY_CLASSES, DIAGNOSIS_CLASSES, VIEWS, algorithm_name
 from inference.preprocess import (
     Geometry,
     decode,
@@ -48,6 +49,9 @@ class BreastReading:
     diagnosis_probabilities: dict[str, float] | None = None
     #: 0-100 suspicion of malignancy (inference.scoring), None when the breast is absent
     score: float | None = None
+    #: BI-RADS density "A".."D" (a checkpoint with a density head; else None)
+    density: str | None = None
+    density_probabilities: dict[str, float] | None = None
 
 
 @dataclass
@@ -74,6 +78,11 @@ class ExamReading:
     #: the score above which the exam is called positive (checkpoint or override), if any
     operating_point: float | None = None
     above_operating_point: bool | None = None
+    #: per view, the regions that drive its breast's malignancy output (``inference.marks``),
+    #: at most ``max_marks`` per breast, in the source image's pixel coordinates
+    marks: dict[str, list[Mark]] = field(default_factory=dict)
+    #: the exam's density: its denser breast's (None without a density head)
+    density: str | None = None
 
 
 class MammoModel:
@@ -125,13 +134,13 @@ class MammoModel:
     @torch.no_grad()
     def predict_exam(self, views: Mapping[str, Dataset | str | Path]
                      | Sequence[Dataset | str | Path], keep_display: bool = False,
-                     map_side: int | None = None) -> ExamReading:
+                     map_side: int | None = None, max_marks: int = 3) -> ExamReading:
         """Read one exam of up to four views (datasets or paths; a list or slot mapping).
 
         ``keep_display=True`` also returns each view's windowed image (for drawing maps on
         it without decoding the pixels twice). ``map_side``: attention maps at an integer
         fraction of the image, at most this many pixels a side (``map_factors`` says which);
-        default: the image's own size."""
+        default: the image's own size. ``max_marks``: at most this many marks per breast."""
         t0 = time.perf_counter()
         slots = self._slots(views)
         if not slots:
@@ -172,7 +181,8 @@ class MammoModel:
             if keep_display:
                 displays[slot] = disp
         t1 = time.perf_counter()
-        out = self.model(images.to(self.device), mask.to(self.device))
+        out = self.model(images.to(self.device), mask.to(self.device),
+                         evidence=max_marks > 0)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
@@ -180,6 +190,8 @@ class MammoModel:
         bp = torch.softmax(out["birads_logits"][0].float(), -1).cpu().numpy()
         dp = (torch.softmax(out["diagnosis_logits"][0].float(), -1).cpu().numpy()
               if "diagnosis_logits" in out else None)
+        densp = (torch.softmax(out["density_logits"][0].float(), -1).cpu().numpy()
+                 if "density_logits" in out else None)
         present = out["breast_present"][0].cpu().numpy()
         weights = out["fusion_weights"][0].float().cpu().numpy()
         breasts = {}
@@ -192,6 +204,10 @@ class MammoModel:
                 r.diagnosis_probabilities = {c: float(p) for c, p in
                                              zip(DIAGNOSIS_CLASSES, dp[j])}
                 r.diagnosis = DIAGNOSIS_CLASSES[int(dp[j].argmax())] if present[j] else None
+            if densp is not None:
+                r.density_probabilities = {c: float(p) for c, p in
+                                           zip(DENSITY_CLASSES, densp[j])}
+                r.density = DENSITY_CLASSES[int(densp[j].argmax())] if present[j] else None
             if present[j]:
                 r.score = breast_score(r.birads_probabilities, r.diagnosis_probabilities)
             breasts[b] = r
@@ -218,6 +234,13 @@ class MammoModel:
                 maps[slot] = full / max(float(full.max()), 1e-12)
         score = exam_score({b: r.score for b, r in breasts.items()})
         op = self.operating_point
+        marks: dict[str, list[Mark]] = {}
+        if "evidence" in out:
+            ev = out["evidence"][0].float().cpu().numpy()
+            marks = find_marks({slot: ev[k] for k, slot in enumerate(VIEWS) if slot in geoms},
+                               geoms, {b: r.score for b, r in breasts.items()},
+                               max_marks=max_marks, operating_point=op,
+                               source_factor=decoded_factor)
         return ExamReading(
             breasts=breasts,
             fusion_weights={b: {v: float(weights[j, k]) for k, v in enumerate(VIEWS)}
@@ -231,4 +254,6 @@ class MammoModel:
             seconds={"decode": t_dec - t0, "preprocess": t1 - t_dec, "inference": t2 - t1,
                      "maps": time.perf_counter() - t3, "total": time.perf_counter() - t0},
             displays=displays, map_factors=factors, score=score, operating_point=op,
-            above_operating_point=None if op is None or score is None else score >= op)
+            above_operating_point=None if op is None or score is None else score >= op,
+            marks=marks,
+            density=max((r.density for r in breasts.values() if r.density), default=None))

@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from inference.model import DIAGNOSIS_CLASSES, HybridCnnVssm, ModelConfig
+from inference.model import DENSITY_CLASSES, DIAGNOSIS_CLASSES, HybridCnnVssm, ModelConfig
 from inference.preprocess import MEAN, PREPROCESS_VERSION, STD
 
 FORMAT = "mammo-node-checkpoint"
@@ -115,6 +115,7 @@ def save_checkpoint(model: HybridCnnVssm, path: str | Path, *, training_data: st
         "task": cfg.task,
         "birads_classes": json.dumps(cfg.birads_classes),
         "diagnosis_classes": json.dumps(DIAGNOSIS_CLASSES if cfg.diagnosis else []),
+        "density_classes": json.dumps(DENSITY_CLASSES if cfg.density else []),
         "input_size": f"{cfg.image_size[0]}x{cfg.image_size[1]}",
         "training_data": training_data,
         "version": _package_version(),
@@ -160,6 +161,10 @@ def read_info(path: str | Path) -> CheckpointInfo:
     if json.loads(meta.get("birads_classes", "[]")) != cfg.birads_classes:
         raise CheckpointError(f"{path}: birads_classes in metadata do not match task "
                               f"{cfg.task!r}")
+    if json.loads(meta.get("density_classes", "[]")) != (DENSITY_CLASSES if cfg.density
+                                                         else []):
+        raise CheckpointError(f"{path}: density_classes in metadata do not match the model "
+                              f"config's density head ({cfg.density})")
     size = f"{cfg.image_size[0]}x{cfg.image_size[1]}"
     if meta.get("input_size") != size:
         raise CheckpointError(f"{path}: metadata input_size {meta.get('input_size')!r} does not "

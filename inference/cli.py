@@ -60,7 +60,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         intended = NOT_CLINICAL
     res = train(TrainArgs(
         data=args.data, out=args.out, fmt=args.format, task=args.task, arch=args.arch,
-        weights=args.weights, diagnosis=not args.no_diagnosis, epochs=args.epochs,
+        weights=args.weights, diagnosis=not args.no_diagnosis, density=args.density,
+        epochs=args.epochs,
         image_size=args.image_size, batch_size=args.batch_size, lr=args.lr,
         device=args.device, seed=args.seed, workers=args.workers, resume=args.resume,
         birads_weight=args.birads_weight, diagnosis_weight=args.diagnosis_weight,
@@ -160,6 +161,8 @@ def register(sub, add_config, load_config) -> None:
     p.add_argument("--weights", choices=["shared", "separate"], default="shared",
                    help="one encoder for all views or one per view type")
     p.add_argument("--no-diagnosis", action="store_true", help="single-task: BI-RADS only")
+    p.add_argument("--density", choices=["auto", "on", "off"], default="auto",
+                   help="a BI-RADS density (A-D) head; auto: when the data has density labels")
     p.add_argument("--birads-weight", type=float, default=1.0, help="BI-RADS loss weight")
     p.add_argument("--diagnosis-weight", type=float, default=1.0,
                    help="diagnosis loss weight")

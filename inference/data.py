@@ -50,6 +50,7 @@ class ExamRecord:
     birads: dict[str, int | None] = field(default_factory=dict)  # "L"/"R" -> 1..5
     diagnosis: dict[str, int | None] = field(default_factory=dict)  # -> class index
     split: str = ""
+    density: dict[str, int | None] = field(default_factory=dict)  # -> 0..3 (A..D)
 
 
 def parse_birads(value: str | None) -> int | None:
@@ -75,6 +76,24 @@ def parse_diagnosis(value: str | None) -> int | None:
     v = (value or "").strip().lower()
     v = _DIAGNOSIS_ALIASES.get(v, v)
     return DIAGNOSIS_CLASSES.index(v) if v in DIAGNOSIS_CLASSES else None
+
+
+def parse_density(value: str | int | float | None) -> int | None:
+    """BI-RADS breast density as a class index 0-3 (A-D): "DENSITY C" (VinDr), "C" (RSNA),
+    "3" / 3 (CBIS-DDSM's 1-4, INbreast's ACR 1-4), "ACR 3", "heterogeneously dense";
+    anything else (empty, "0", "nan") -> None (no label: the density loss skips it)."""
+    if value is None:
+        return None
+    v = str(value).strip().upper()
+    words = {"FAT": 0, "SCATTERED": 1, "HETEROGENEOUS": 2, "EXTREMELY": 3}
+    for w, i in words.items():
+        if w in v:
+            return i
+    v = re.sub(r"^(DENSITY|ACR|BI-?RADS)[\s_:-]*", "", v).strip()
+    if v in ("A", "B", "C", "D"):
+        return "ABCD".index(v)
+    m = re.fullmatch(r"([1-4])(\.0+)?", v)
+    return int(m.group(1)) - 1 if m else None
 
 
 def parse_laterality(value: str | None) -> str | None:
@@ -109,7 +128,8 @@ def parse_view(value: str | None) -> tuple[str | None, str | None]:
 
 
 def _add(records: dict[str, ExamRecord], exam_id: str, lat: str, view: str, path: Path,
-         birads: int | None, diagnosis: int | None, split: str) -> bool:
+         birads: int | None, diagnosis: int | None, split: str,
+         density: int | None = None) -> bool:
     """Add one image row; False when its laterality/view are not one of the four slots."""
     vlat, v = parse_view(view)
     lat_ = parse_laterality(lat) or vlat
@@ -119,6 +139,8 @@ def _add(records: dict[str, ExamRecord], exam_id: str, lat: str, view: str, path
             rec.birads[lat_] = max(birads, rec.birads.get(lat_) or 0)
         if diagnosis is not None:
             rec.diagnosis[lat_] = max(diagnosis, rec.diagnosis.get(lat_) or 0)
+        if density is not None:
+            rec.density[lat_] = max(density, rec.density.get(lat_) or 0)
     slot = f"{lat_}-{v}"
     if slot in VIEWS:
         rec.paths.setdefault(slot, path)
@@ -172,6 +194,7 @@ _ALIASES = {  # canonical -> accepted (normalised) header names, in order of pre
     "view": ("view", "view_position", "viewposition", "projection"),
     "birads": ("birads", "bi_rads", "breast_birads", "assessment"),
     "diagnosis": ("diagnosis", "breast_diagnosis", "pathology"),
+    "density": ("density", "breast_density", "breast density", "acr", "composition"),
     "split": ("split", "subset", "set", "fold_name"),
 }
 
@@ -212,7 +235,8 @@ def read_vindr(root: str | Path) -> list[ExamRecord]:
             path = root / "images" / row["study_id"].strip() / f"{row['image_id'].strip()}.dicom"
             ok = _add(records, row["study_id"].strip(), row["laterality"], row["view_position"],
                       path, parse_birads(row.get("breast_birads")),
-                      parse_diagnosis(row.get("breast_diagnosis")), row.get("split") or "")
+                      parse_diagnosis(row.get("breast_diagnosis")), row.get("split") or "",
+                      parse_density(row.get("breast_density")))
             skipped += not ok
     return _check_files(records, csv_path, skipped)
 
@@ -240,7 +264,7 @@ def read_csv(csv_path: str | Path) -> list[ExamRecord]:
             ok = _add(records, exam_id, get(row, "laterality"), get(row, "view"),
                       p if p.is_absolute() else csv_path.parent / p,
                       parse_birads(get(row, "birads")), parse_diagnosis(get(row, "diagnosis")),
-                      get(row, "split"))
+                      get(row, "split"), parse_density(get(row, "density")))
             skipped += not ok
     return _check_files(records, csv_path, skipped)
 
@@ -327,5 +351,7 @@ class ExamDataset(Dataset):
         diag = torch.tensor([rec.diagnosis.get(b) if rec.diagnosis.get(b) is not None else -1
                              for b in BREASTS])
         raw = torch.tensor([rec.birads.get(b) or 0 for b in BREASTS])
+        dens = torch.tensor([rec.density.get(b) if rec.density.get(b) is not None else -1
+                             for b in BREASTS])
         return {"images": images, "mask": mask, "birads": birads, "diagnosis": diag,
-                "birads_raw": raw}
+                "birads_raw": raw, "density": dens}

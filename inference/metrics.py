@@ -4,6 +4,8 @@ probabilities (5-class -> 3-class -> 1 vs 5), so one checkpoint fills the whole 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from inference.model import BIRADS_TASKS, birads_to_class
@@ -89,3 +91,28 @@ def evaluate_predictions(preds: dict[str, np.ndarray], task: str) -> dict[str, d
         if keep.sum():
             results["diagnosis"] = classification_metrics(y[keep], preds["diagnosis_probs"][keep])
     return results
+
+
+def density_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, Any]:
+    """BI-RADS density A-D (class indices 0-3): accuracy, the confusion matrix (rows: label,
+    columns: prediction) and Cohen's quadratic-weighted kappa (agreement that counts a
+    two-class miss four times a one-class miss, as density reader studies report it)."""
+    from inference.tasks import DENSITY_CLASSES
+
+    k = len(DENSITY_CLASSES)
+    y_true, y_pred = np.asarray(y_true, int), np.asarray(y_pred, int)
+    conf = np.zeros((k, k), dtype=int)
+    for t, p in zip(y_true, y_pred):
+        conf[t, p] += 1
+    n = int(conf.sum())
+    out: dict[str, Any] = {"classes": DENSITY_CLASSES, "n": n, "confusion": conf.tolist()}
+    if n == 0:
+        out.update(accuracy=None, quadratic_weighted_kappa=None)
+        return out
+    w = np.array([[(i - j) ** 2 for j in range(k)] for i in range(k)], float) / (k - 1) ** 2
+    expected = np.outer(conf.sum(1), conf.sum(0)) / n
+    denom = float((w * expected).sum())
+    kappa = 1.0 - float((w * conf).sum()) / denom if denom > 0 else 1.0
+    out.update(accuracy=round(float(np.trace(conf)) / n, 4),
+               quadratic_weighted_kappa=round(kappa, 4))
+    return out

@@ -33,6 +33,7 @@ from inference.tasks import (  # noqa: E402,F401  (re-exported)
     ARCHS,
     BIRADS_TASKS,
     BREASTS,
+    DENSITY_CLASSES,
     DIAGNOSIS_CLASSES,
     VIEWS,
     birads_to_class,
@@ -62,8 +63,11 @@ class ModelConfig:
     image_size: tuple[int, int] = (512, 256)  # (H, W) of each view after preprocessing
     task: str = "birads-5class"
     diagnosis: bool = True        # multi-task: also a diagnosis head
+    #: also a BI-RADS density (A-D) head per breast; checkpoints without the key have none
+    density: bool = False
     loss_weights: dict[str, float] = field(default_factory=lambda: {"birads": 1.0,
-                                                                     "diagnosis": 1.0})
+                                                                     "diagnosis": 1.0,
+                                                                     "density": 1.0})
     attn_dim: int = 96
     dropout: float = 0.1
     scan_backend: str = "auto"
@@ -240,11 +244,17 @@ class ViewEncoder(nn.Module):
         self.attn = nn.Conv2d(d[-1], 1, 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, a, _ = self.forward_features(x)
+        return pooled, a
+
+    def forward_features(self, x: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pooled (B, C), attention (B, h, w), feature map (B, C, h, w))."""
         f = self.norm(self.stages(self.stem(x)))                        # (B, C, h, w)
         logits = self.attn(f).flatten(1)                                 # (B, h*w)
         a = torch.softmax(logits.float(), dim=1).to(f.dtype)
         pooled = torch.einsum("bcl,bl->bc", f.flatten(2), a)             # (B, C)
-        return pooled, a.view(f.shape[0], *f.shape[2:])
+        return pooled, a.view(f.shape[0], *f.shape[2:]), f
 
 
 class GatedViewFusion(nn.Module):
@@ -292,19 +302,76 @@ class HybridCnnVssm(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.birads_head = nn.Linear(dim, len(cfg.birads_classes))
         self.diagnosis_head = nn.Linear(dim, len(DIAGNOSIS_CLASSES)) if cfg.diagnosis else None
+        self.density_head = nn.Linear(dim, len(DENSITY_CLASSES)) if cfg.density else None
 
-    def _encoder_for(self, view_index: int) -> nn.Module:
-        if "all" in self.encoders:
-            return self.encoders["all"]
-        return self.encoders["CC" if view_index % 2 == 0 else "MLO"]
+    def _encoder_for(self, view_index: int) -> ViewEncoder:
+        enc = self.encoders["all" if "all" in self.encoders
+                            else "CC" if view_index % 2 == 0 else "MLO"]
+        assert isinstance(enc, ViewEncoder)
+        return enc
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _heads(self, emb: torch.Tensor, mask: torch.Tensor
+               ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        fused, weights = self.fusion(emb, mask)                           # (B, 2, C)
+        z = self.drop(self.head_norm(fused))
+        out = {"birads_logits": self.birads_head(z)}
+        if self.diagnosis_head is not None:
+            out["diagnosis_logits"] = self.diagnosis_head(z)
+        if self.density_head is not None:
+            out["density_logits"] = self.density_head(z)
+        return out, weights
+
+    def suspicion_logit(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, 2): the log-odds of malignancy per breast, what marks explain: of the
+        diagnosis head's "malignant" when the model has one, else of the suspicious BI-RADS
+        classes (4 and above; the last class of a grouped task)."""
+        if "diagnosis_logits" in out:
+            logits = out["diagnosis_logits"].float()
+            pos = [DIAGNOSIS_CLASSES.index("malignant")]
+        else:
+            logits = out["birads_logits"].float()
+            classes = self.cfg.birads_classes
+            pos = [i for i, c in enumerate(classes) if c.replace("BI-RADS", "").strip()[:1]
+                   in ("4", "5")] or [len(classes) - 1]
+        neg = [i for i in range(logits.shape[-1]) if i not in pos]
+        return (torch.logsumexp(logits[..., pos], -1) - torch.logsumexp(logits[..., neg], -1))
+
+    def region_evidence(self, emb: torch.Tensor, attn: torch.Tensor, feats: torch.Tensor,
+                        mask: torch.Tensor) -> torch.Tensor:
+        """(B, 4, h, w): each position's contribution to its breast's suspicion logit
+        (:meth:`suspicion_logit`): how much the logit falls when that position's feature, with
+        its attention weight, is replaced by the view's average feature (the pooled embedding
+        becomes ``pooled + a_l * (mean_f - f_l)``), the views and heads run again on it.
+        Attention weight x the feature's effect, exact rather than a gradient (LayerNorm
+        makes the heads scale-invariant, and a first-order attribution then loses its sign);
+        positive = towards malignancy. Costs one pass of the small heads per position, batched."""
+        b, _, c, h, w = feats.shape
+        n = h * w
+        f = feats.float().flatten(3)                                      # (B, 4, C, n)
+        a = attn.float().flatten(2)                                       # (B, 4, n)
+        base = self.suspicion_logit(self._heads(emb.float(), mask)[0])    # (B, 2)
+        out = torch.zeros(b, 4, n, device=feats.device)
+        for i in range(b):
+            for v in range(4):
+                if not bool(mask[i, v]):
+                    continue
+                e = emb[i].float().expand(n, 4, c).clone()                  # (n, 4, C)
+                delta = a[i, v][None, :] * (f[i, v].mean(1, keepdim=True) - f[i, v])
+                e[:, v] = e[:, v] + delta.T
+                s = self.suspicion_logit(self._heads(e, mask[i].expand(n, 4))[0])
+                j = 0 if v < 2 else 1                                     # own breast
+                out[i, v] = base[i, j] - s[:, j]
+        return out.view(b, 4, h, w)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor,
+                evidence: bool = False) -> dict[str, torch.Tensor]:
         """images: (B, 4, 1, H, W) in VIEWS order; mask: (B, 4) bool (view present).
 
         Returns a dict with ``birads_logits`` (B, 2, classes), ``diagnosis_logits``
         (B, 2, 3) when the model has that head, ``fusion_weights`` (B, 2, 4) (per breast,
         over the views), ``attention`` (B, 4, h, w) spatial attention per view (zeros for a
-        missing view) and ``breast_present`` (B, 2) (the breast has at least one view).
+        missing view) and ``breast_present`` (B, 2) (the breast has at least one view);
+        with ``evidence``, also ``evidence`` (B, 4, h, w) (:meth:`region_evidence`).
         """
         b = images.shape[0]
         mask = mask.bool()
@@ -313,6 +380,7 @@ class HybridCnnVssm(nn.Module):
         h, w = images.shape[-2] // 32, images.shape[-1] // 32
         attn = images.new_zeros(b, 4, h, w)
         groups = ([(0, 1, 2, 3)] if "all" in self.encoders else [(0, 2), (1, 3)])
+        feats: torch.Tensor | None = None
         for views in groups:
             sel = mask[:, list(views)]                                    # (B, len(views))
             bi, vi = sel.nonzero(as_tuple=True)
@@ -320,23 +388,25 @@ class HybridCnnVssm(nn.Module):
                 continue
             v = torch.tensor(views, device=images.device)[vi]
             x = images[bi, v]                                             # (n, 1, H, W)
-            pooled, a = self._encoder_for(views[0])(x)
+            pooled, a, f = self._encoder_for(views[0]).forward_features(x)
             emb = emb.index_put((bi, v), pooled.to(emb.dtype))
             attn = attn.index_put((bi, v), a.to(attn.dtype))
-        fused, weights = self.fusion(emb, mask)                           # (B, 2, C)
-        z = self.drop(self.head_norm(fused))
-        out = {
-            "birads_logits": self.birads_head(z),
-            "fusion_weights": weights,
-            "attention": attn,
-            "breast_present": torch.stack([mask[:, :2].any(1), mask[:, 2:].any(1)], dim=1),
-        }
-        if self.diagnosis_head is not None:
-            out["diagnosis_logits"] = self.diagnosis_head(z)
+            if evidence:
+                if feats is None:
+                    feats = images.new_zeros(b, 4, f.shape[1], h, w)
+                feats = feats.index_put((bi, v), f.to(feats.dtype))
+        out, weights = self._heads(emb, mask)
+        out["fusion_weights"] = weights
+        out["attention"] = attn
+        out["breast_present"] = torch.stack([mask[:, :2].any(1), mask[:, 2:].any(1)], dim=1)
+        if evidence:
+            out["evidence"] = (self.region_evidence(emb, attn, feats, mask)
+                               if feats is not None else torch.zeros_like(attn))
         return out
 
     def loss(self, out: dict[str, torch.Tensor], birads: torch.Tensor,
-             diagnosis: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+             diagnosis: torch.Tensor | None = None, density: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, dict[str, float]]:
         """Weighted multi-task cross-entropy; labels (B, 2) with -1 = unknown."""
         lw = self.cfg.loss_weights
         parts: dict[str, torch.Tensor] = {}
@@ -348,6 +418,10 @@ class HybridCnnVssm(nn.Module):
             dl = out["diagnosis_logits"].float()
             parts["diagnosis"] = F.cross_entropy(dl.reshape(-1, dl.shape[-1]),
                                                  diagnosis.reshape(-1), ignore_index=-1)
+        if density is not None and "density_logits" in out and (density >= 0).any():
+            dl = out["density_logits"].float()   # only where a data set has density labels
+            parts["density"] = F.cross_entropy(dl.reshape(-1, dl.shape[-1]),
+                                               density.reshape(-1), ignore_index=-1)
         if not parts:
             total = logits.sum() * 0.0
         else:

@@ -325,3 +325,20 @@ def map_to_original(amap: np.ndarray | torch.Tensor, geom: Geometry) -> np.ndarr
     full[r0:r1, c0:c1] = region
     out = full.numpy()
     return out[:, ::-1].copy() if geom.flipped else out
+
+
+def input_to_original(points: np.ndarray, geom: Geometry) -> np.ndarray:
+    """Points (x, y) over the model input -> the original image, both in continuous pixel
+    coordinates whose (0, 0) is the top-left corner of the top-left pixel (DICOM's SCOORD
+    and presentation-state convention): the padding offset, the scale and the crop undone,
+    then the mirroring."""
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    r0, r1, c0, c1 = geom.crop
+    top, left = geom.offset
+    nh, nw = max(1, round((r1 - r0) * geom.scale)), max(1, round((c1 - c0) * geom.scale))
+    x = c0 + (pts[:, 0] - left) * (c1 - c0) / nw
+    y = r0 + (pts[:, 1] - top) * (r1 - r0) / nh
+    rows, cols = geom.original_shape
+    if geom.flipped:
+        x = cols - x
+    return np.stack([np.clip(x, 0.0, cols), np.clip(y, 0.0, rows)], axis=1)

@@ -54,6 +54,7 @@ from inference.data import (
     _add,
     _check_files,
     parse_birads,
+    parse_density,
     parse_diagnosis,
 )
 
@@ -149,8 +150,9 @@ def read_rsna(root: str | Path) -> list[ExamRecord]:
         b = row.get("BIRADS", "")
         birads = 5 if cancer else parse_birads(b) if b in ("1", "2") else None
         path = base / "train_images" / pid / f"{row['image_id']}.dcm"
+        # RSNA's density: A-D (empty where unknown).
         skipped += not _add(records, pid, row["laterality"], row["view"], path, birads,
-                            diagnosis, _fixed_split(pid))
+                            diagnosis, _fixed_split(pid), parse_density(row.get("density")))
     return _check_files(records, csv_path, skipped)
 
 
@@ -228,8 +230,10 @@ def read_cbis_ddsm(root: str | Path) -> list[ExamRecord]:
                                         "benign" if pathology.startswith("BENIGN") else "")
             a = _get(row, "assessment")
             birads = parse_birads(a) if a not in ("", "0") else None
+            # Density 1-4: "breast_density" in the mass CSVs, "breast density" in the calc
+            # ones (_get folds underscores and spaces).
             skipped += not _add(records, f"{pid}|{split}", lat, view, path, birads, diagnosis,
-                                split)
+                                split, parse_density(_get(row, "breast density")))
     if unresolved:
         log.warning("%s: %d image path(s) of the CSVs not found in the download tree "
                     "(matched by case folder and series UID)", root, unresolved)
@@ -301,5 +305,6 @@ def read_inbreast(root: str | Path) -> list[ExamRecord]:
         diagnosis = 2 if n == 6 else None
         exam = f"{patient}|{_get(row, 'acquisition date')}"
         skipped += not _add(records, exam, lat, "MLO" if view.upper() == "ML" else view,
-                            f, birads, diagnosis, "training")
+                            f, birads, diagnosis, "training",
+                            parse_density(_get(row, "acr")))  # ACR 1-4
     return _check_files(records, table, skipped)

@@ -71,14 +71,46 @@ def _upsample(grid: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return (top * (1 - fy) + bot * fy).astype(np.float32)
 
 
+def _outline(rng: np.random.Generator) -> tuple[float, float, float]:
+    """A phantom's first three draws: how far the breast reaches toward the nipple, its half
+    height and its vertical centre (``lesion_boxes`` replays them)."""
+    return rng.uniform(0.62, 0.85), rng.uniform(0.70, 0.92), rng.uniform(-0.08, 0.08)
+
+
+def lesion_boxes(laterality: str, rows: int, cols: int, seed: int,
+                 lesions: list[Lesion] | tuple[Lesion, ...]
+                 ) -> list[tuple[float, float, float, float, float, float]]:
+    """Where the lesions of ``make_mammogram(laterality, ..., seed=seed, lesions=...)`` lie,
+    in its pixel coordinates ((0, 0) the top-left corner of the top-left pixel): per lesion
+    (centre x, centre y, x0, y0, x1, y1), the box where its profile exceeds 1/e."""
+    depth, half, cy = _outline(np.random.default_rng(seed))
+    out = []
+    for les in lesions:
+        col = les.x * depth * (cols - 1)
+        row = ((les.y * 2.0 - 1.0) * half + cy + 1.0) / 2.0 * (rows - 1)
+        if laterality == "R":
+            col = cols - 1 - col
+        x, y = col + 0.5, row + 0.5
+        rx, ry = 2.0 * les.radius * rows, les.radius * rows   # d = 1 along each axis
+        out.append((x, y, max(0.0, x - rx), max(0.0, y - ry), min(float(cols), x + rx),
+                    min(float(rows), y + ry)))
+    return out
+
+
+#: The fibroglandular share of the breast per BI-RADS density (5th edition: A < 25 %,
+#: B 25-50 %, C 50-75 %, D > 75 %), the middle of each band.
+FIBROGLANDULAR = {"A": 0.12, "B": 0.37, "C": 0.62, "D": 0.87}
+
+
 def phantom(rows: int, cols: int, view: str, rng: np.random.Generator,
-            lesions: list[Lesion] | tuple[Lesion, ...] = ()) -> np.ndarray:
-    """A breast phantom, chest wall at column 0, as float32 in [0, 1] (1 = dense)."""
+            lesions: list[Lesion] | tuple[Lesion, ...] = (),
+            fibroglandular: float | None = None) -> np.ndarray:
+    """A breast phantom, chest wall at column 0, as float32 in [0, 1] (1 = dense).
+    ``fibroglandular``: the share of the breast that is dense tissue (``FIBROGLANDULAR``
+    per density label); None: the phantom's own mild texture, as before."""
     yy = np.linspace(-1.0, 1.0, rows, dtype=np.float32)[:, None]
     xx = np.linspace(0.0, 1.0, cols, dtype=np.float32)[None, :]
-    depth = rng.uniform(0.62, 0.85)           # how far the breast reaches toward the nipple
-    half = rng.uniform(0.70, 0.92)            # half height
-    cy = rng.uniform(-0.08, 0.08)
+    depth, half, cy = _outline(rng)
     r = np.sqrt((xx / depth) ** 2 + ((yy - cy) / half) ** 2)
     breast = np.clip((1.0 - r) * 12.0, 0.0, 1.0)  # soft skin edge
     thickness = np.sqrt(np.clip(1.0 - r ** 2, 0.0, 1.0))
@@ -87,8 +119,17 @@ def phantom(rows: int, cols: int, view: str, rng: np.random.Generator,
     for cells, weight in ((6, 0.5), (14, 0.3), (34, 0.2)):
         g = rng.standard_normal((cells, max(2, int(cells * cols / rows)))).astype(np.float32)
         texture += weight * _upsample(g, rows, cols)
-    density = rng.uniform(0.25, 0.6)
+    density = rng.uniform(0.25, 0.6)          # drawn always: the stream stays the same
+    if fibroglandular is not None:
+        density = float(fibroglandular)
+    # Fibroglandular tissue: where the texture is high, a share ``density`` of the breast
+    # brighter (denser) than fat.
     img = breast * (0.25 + 0.35 * thickness + density * 0.25 * np.tanh(texture))
+    if fibroglandular is not None:
+        cut = np.quantile(texture[breast > 0.5], 1.0 - np.clip(density, 0.0, 1.0)) \
+            if (breast > 0.5).any() else np.inf
+        gland = np.clip((texture - cut) * 4.0, 0.0, 1.0) * breast
+        img = img + 0.22 * gland
 
     if view == "MLO":  # pectoral muscle: a bright triangle at the top of the chest wall
         pw = rng.uniform(0.18, 0.3)
@@ -211,6 +252,7 @@ def make_mammogram(
     bits_stored: int = 12,
     pixels: np.ndarray | None = None,
     artifacts: tuple[str, ...] | list[str] = (),
+    density: str | None = None,
 ) -> Dataset:
     """One synthetic Digital Mammography X-Ray image as a pydicom Dataset (with file meta).
 
@@ -221,7 +263,10 @@ def make_mammogram(
     """
     rng = np.random.default_rng(seed)
     if pixels is None:
-        img = phantom(rows, cols, view or "CC", rng, lesions)
+        if density is not None and density not in FIBROGLANDULAR:
+            raise ValueError(f"density: one of {list(FIBROGLANDULAR)}, got {density!r}")
+        img = phantom(rows, cols, view or "CC", rng, lesions,
+                      FIBROGLANDULAR[density] if density else None)
         if artifacts:
             img = add_artifacts(img, rng, artifacts, label=f"{laterality}{view}".strip()
                                 if laterality and view in ("CC", "MLO") else "LCC")

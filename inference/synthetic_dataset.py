@@ -12,6 +12,9 @@ BI-RADS    finding (in both views of the breast)        diagnosis
 5          large spiculated mass with calcifications    malignant
 =========  ===========================================  =========
 
+Each exam draws a BI-RADS density A-D (both breasts): the phantoms' fibroglandular share
+follows it (``inference.synthetic.FIBROGLANDULAR``) and ``breast_density`` says it.
+
 Header dialects, MONOCHROME1 and compressed transfer syntaxes vary between exams, and a few
 exams miss a view, as real archives do.
 """
@@ -97,7 +100,7 @@ def write_synthetic_dataset(out: str | Path, exams: int, seed: int = 0, rows: in
                                          entropy_srcs=[f"synth|{seed}|{e}|{lat}{view}"]),
                     lesions=les, dialect=dialect, photometric=photometric, study_uid=study,
                     series_uid=series, patient_id=f"SYN{seed:03d}{e:06d}",
-                    accession=f"S{seed % 1000:03d}{e:06d}", **kw)
+                    accession=f"S{seed % 1000:03d}{e:06d}", density=density, **kw)
                 image_id = ds.SOPInstanceUID
                 write(ds, out / "images" / study / f"{image_id}.dicom")
                 rows_out.append({

@@ -11,6 +11,9 @@ BIRADS_TASKS: dict[str, list[str]] = {
     "birads-5class": [f"BI-RADS {i}" for i in range(1, 6)],
 }
 DIAGNOSIS_CLASSES: list[str] = ["normal", "benign", "malignant"]
+#: BI-RADS breast density (composition), 5th edition: A almost entirely fat, B scattered
+#: fibroglandular, C heterogeneously dense, D extremely dense.
+DENSITY_CLASSES: list[str] = ["A", "B", "C", "D"]
 ARCHS: tuple[str, ...] = ("hybrid", "cnn", "vssm")
 
 

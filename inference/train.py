@@ -49,6 +49,8 @@ class TrainArgs:
     arch: str = "hybrid"
     weights: str = "shared"
     diagnosis: bool = True
+    #: A BI-RADS density head: "auto" = where the training exams carry density labels.
+    density: str = "auto"
     epochs: int = 10
     image_size: tuple[int, int] = (512, 256)
     batch_size: int = 4
@@ -121,9 +123,15 @@ def train(a: TrainArgs) -> dict[str, Any]:
 
         val_recs = [r for r in train_recs if held_out(r)]
         train_recs = [r for r in train_recs if not held_out(r)]
+    if a.density not in ("auto", "on", "off"):
+        raise ValueError(f"density must be auto, on or off, got {a.density!r}")
+    density = a.density == "on" or (a.density == "auto"
+                                    and any(r.density for r in train_recs))
     cfg = ModelConfig(arch=a.arch, weights=a.weights, task=a.task, diagnosis=a.diagnosis,
+                      density=density,
                       image_size=(int(a.image_size[0]), int(a.image_size[1])),
-                      loss_weights={"birads": a.birads_weight, "diagnosis": a.diagnosis_weight})
+                      loss_weights={"birads": a.birads_weight, "diagnosis": a.diagnosis_weight,
+                                    "density": 1.0})
     model = HybridCnnVssm(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     cache = a.cache_dir or str(Path(a.data) / ".mammo-cache")
@@ -167,7 +175,8 @@ def train(a: TrainArgs) -> dict[str, Any]:
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                 outp = model(images, mask)
                 loss, parts = model.loss(outp, batch["birads"].to(device),
-                                         batch["diagnosis"].to(device))
+                                         batch["diagnosis"].to(device),
+                                         batch["density"].to(device))
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
@@ -241,12 +250,16 @@ def predict_records(model: HybridCnnVssm, records, device: torch.device, batch_s
     ds = ExamDataset(records, cfg.image_size, cfg.task, cache_dir=cache_dir)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
     probs, dprobs, braw, diag, present = [], [], [], [], []
+    densp, dens = [], []
     model.eval()
     for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not progress, leave=False):
         out = model(batch["images"].to(device), batch["mask"].to(device))
         probs.append(torch.softmax(out["birads_logits"].float(), -1).cpu())
         if "diagnosis_logits" in out:
             dprobs.append(torch.softmax(out["diagnosis_logits"].float(), -1).cpu())
+        if "density_logits" in out:
+            densp.append(torch.softmax(out["density_logits"].float(), -1).cpu())
+        dens.append(batch["density"])
         braw.append(batch["birads_raw"])
         diag.append(batch["diagnosis"])
         present.append(out["breast_present"].cpu())
@@ -256,6 +269,9 @@ def predict_records(model: HybridCnnVssm, records, device: torch.device, batch_s
            "present": torch.cat(present).reshape(-1).numpy()}
     if dprobs:
         res["diagnosis_probs"] = torch.cat(dprobs).reshape(-1, 3).numpy()
+    res["density"] = torch.cat(dens).reshape(-1).numpy()
+    if densp:
+        res["density_probs"] = torch.cat(densp).reshape(-1, 4).numpy()
     return res
 
 
@@ -304,6 +320,12 @@ def evaluate(data: str, checkpoint: str | None, fmt: str = "vindr", split: str =
     preds = predict_records(model, records, dev, batch_size, workers,
                             cache_dir=str(Path(data) / ".mammo-cache"), progress=progress)
     results: dict[str, Any] = dict(evaluate_predictions(preds, info.config.task))
+    if "density_probs" in preds:
+        from inference.metrics import density_metrics
+
+        keep = preds["present"].astype(bool) & (preds["density"] >= 0)
+        results["density"] = density_metrics(preds["density"][keep],
+                                             preds["density_probs"][keep].argmax(1))
     y, s = exam_level(preds, info.config.birads_classes)
     op = operating_point if operating_point is not None else info.operating_point
     stats = exam_statistics(y, s, op, bootstrap=bootstrap)

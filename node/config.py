@@ -241,6 +241,10 @@ class ResultsConfig:
     attention_maps: bool = True
     #: The attention maps also as DICOM Parametric Maps (a viewer's own colour map, toggled).
     parametric_maps: bool = True
+    #: One Grayscale Softcopy Presentation State per exam with the marks (every PACS viewer).
+    presentation_states: bool = True
+    #: At most this many marks (regions with a region score) per breast; 0: none.
+    max_marks_per_breast: int = 3
 
 
 @dataclass
@@ -569,6 +573,13 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
                                              "[results] attention_maps")
     cfg.results.parametric_maps = _check_bool(t.get("parametric_maps", True),
                                               "[results] parametric_maps")
+    cfg.results.presentation_states = _check_bool(t.get("presentation_states", True),
+                                                  "[results] presentation_states")
+    mm = t.get("max_marks_per_breast", 3)
+    if isinstance(mm, bool) or not isinstance(mm, int) or not 0 <= mm <= 20:
+        raise ConfigError(f"[results] max_marks_per_breast must be an integer from 0 to 20, "
+                          f"got {mm!r}")
+    cfg.results.max_marks_per_breast = mm
 
     t = _table(raw, "export")
     _known("export", t, ExportConfig)

@@ -228,7 +228,7 @@ class Node:
             pidfile_path(cfg).write_text(json.dumps({
                 "pid": os.getpid(), "ae_title": cfg.node.ae_title, "host": cfg.node.host,
                 "port": port, "started": time.time()}))
-        t = threading.Thread(target=self._grouping_loop, name="grouping", daemon=True)
+        t = threading.Thread(target=self._grouping_loop, name="stable-timer", daemon=True)
         t.start()
         self._threads.append(t)
         t = threading.Thread(target=self._retention_loop, name="retention", daemon=True)
@@ -274,7 +274,8 @@ class Node:
 
     def readiness(self) -> tuple[bool, dict]:
         """``/readyz``: database reachable, model loaded (when this node reads exams), disk
-        above the reserve, DICOM listener accepting. (ready, checks with reasons)."""
+        above the reserve, DICOM listener accepting, every background thread alive. (ready,
+        checks with reasons)."""
         checks: dict[str, dict] = {}
         checks["database"] = {"ok": self.exams.ping()}
         if self.run_worker:
@@ -288,6 +289,12 @@ class Node:
         if "listener" in self.parts:
             checks["listener"] = {"ok": self.server is not None
                                   and listener_alive(self.server)}
+        # Every background thread of this process (worker, exporter, retention, the
+        # grouping's stable timer): one that ended would otherwise fail silently.
+        for t in self._threads:
+            alive = t.is_alive()
+            checks[f"thread {t.name}"] = {"ok": alive, **({} if alive else {
+                "error": "the thread stopped; the log says why; restart the node"})}
         return all(c["ok"] for c in checks.values()), checks
 
     def apply_retention(self, for_reserve: bool = False) -> None:

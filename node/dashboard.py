@@ -155,6 +155,9 @@ def _when(value: str | dt.datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S")
 
 
+#: Triage sorts at most this many of the newest exams matching the filter by score.
+TRIAGE_MAX = 1000
+
 class Dashboard:
     def __init__(self, cfg: Config, files: FileStore, exams: ExamStore, dicomweb_root: str,
                  health=None, readiness=None, audit=None) -> None:
@@ -295,19 +298,30 @@ class Dashboard:
         except ValueError:
             offset = 0
         limit = 100
-        rows, total = await run_in_threadpool(self.exams.exam_page, state, accession, day,
-                                              offset, limit)
+        sort = "score" if q.get("sort") == "score" else "received"
+        if sort == "score":
+            # Triage: the most suspicious first. The score lives in the reading, not in a
+            # column: the newest TRIAGE_MAX exams matching the filter are sorted here.
+            rows, total = await run_in_threadpool(self.exams.exam_page, state, accession, day,
+                                                  0, TRIAGE_MAX)
+            rows.sort(key=lambda r: (r.get("score") is None, -(r.get("score") or 0.0)))
+            rows, total = rows[offset:offset + limit], min(total, TRIAGE_MAX)
+        else:
+            rows, total = await run_in_threadpool(self.exams.exam_page, state, accession, day,
+                                                  offset, limit)
         for r in rows:
             r["present"] = [s for s in SLOTS if r["views"].get(s)]
             r["latency"] = (f"{r['latency_seconds']:.1f} s"
                             if r.get("latency_seconds") is not None else "")
             r["last_received"] = _when(r["last_received_at"])
         params = {k: v for k, v in (("state", state or ""), ("date", q.get("date", "")),
-                                    ("accession", accession or "")) if v}
+                                    ("accession", accession or ""),
+                                    ("sort", "score" if sort == "score" else "")) if v}
         return self._render(
             request, "exams.html", title="Exams", page="exams", exams=rows, total=total,
             count=len(rows), offset=offset, states=[s.value for s in ExamState],
             f_state=state or "", f_date=q.get("date", ""), f_accession=accession or "",
+            f_sort=sort,
             refresh=15,
             prev_link=f"{UI}?{urlencode({**params, 'offset': max(0, offset - limit)})}",
             next_link=f"{UI}?{urlencode({**params, 'offset': offset + limit})}")

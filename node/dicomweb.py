@@ -1,7 +1,7 @@
 """DICOMweb in the daemon (Starlette on uvicorn): STOW-RS, QIDO-RS, WADO-RS.
 
 STOW-RS goes through the same :class:`node.ingest.Ingest` as C-STORE (streaming validation,
-file store, exam assembly); QIDO-RS uses the C-FIND matching of :mod:`node.qr`; WADO-RS serves the
+file store, exam assembly); QIDO-RS runs :mod:`node.query`, as C-FIND does; WADO-RS serves the
 stored files (received images and produced results alike), their metadata, and rendered PNG
 or JPEG images of single-frame objects (the attention maps) for browsers.
 """
@@ -34,7 +34,7 @@ from node import wado
 from node.config import Config
 from node.dashboard import COOKIE, Dashboard
 from node.ingest import Ingest, StoreError, part_to_file, public_message
-from node.qr import ATTRS, LEVELS, QueryRetrieveSCP
+from node.query import QueryError, QueryService, QueryUnavailable, from_params
 from node.scp import StorageSCP
 from node.security import TokenAuth, server_context
 from node.status import DATASET_MISMATCH, OUT_OF_RESOURCES
@@ -52,15 +52,6 @@ _STOW_CHECK_EVERY = 4 * 1024 * 1024
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
-
-
-def _keyword(name: str) -> str | None:
-    """A QIDO query key (keyword or 8-hex tag) -> the keyword node.qr knows, or None."""
-    if _TAG_RE.match(name):
-        from pydicom.datadict import keyword_for_tag
-
-        name = keyword_for_tag(int(name, 16)) or name
-    return name if name in ATTRS or name == "ModalitiesInStudy" else None
 
 
 _SCAN_BLOCK = 4 << 20
@@ -141,7 +132,7 @@ class DicomWeb:
         self.cfg, self.files, self.exams, self.scp = cfg, files, exams, scp
         self.ingest: Ingest = scp.ingest  # STOW-RS stores as C-STORE does, not through it
         self.audit = audit or A.NullAudit()
-        self.qr = QueryRetrieveSCP(cfg, files, exams, access=scp.access, audit=self.audit)
+        self.queries = QueryService(exams)
         self.tokens = TokenAuth(cfg)
         self.metrics = metrics      # node.metrics.NodeMetrics or None
         self.readiness = readiness  # () -> (ready, checks) or None
@@ -498,7 +489,8 @@ class DicomWeb:
         path = request.url.path
         level = ("IMAGE" if path.endswith("/instances") else
                  "SERIES" if path.endswith("/series") else "STUDY")
-        keys: dict[str, str] = {}
+        params: list[tuple[str, str]] = []
+        includes: list[str] = []
         cap = self.cfg.dicomweb.max_results
         limit, offset = cap, 0
         for name, value in request.query_params.multi_items():
@@ -509,50 +501,32 @@ class DicomWeb:
                     limit = min(int(value), cap) if int(value) > 0 else cap
                 else:
                     offset = int(value)
-            elif name in ("includefield", "fuzzymatching"):
+            elif name == "includefield":
+                includes.append(value)
+            elif name == "fuzzymatching":
                 continue
             else:
-                kw = _keyword(name)
-                if kw is None:
-                    return _error(400, f"unsupported query key {name!r}; supported: "
-                                       f"{', '.join(sorted(ATTRS))}")
-                keys[kw] = value
+                params.append((name, value))
         if "study" in p:
-            keys["StudyInstanceUID"] = p["study"]
+            params.append(("StudyInstanceUID", p["study"]))
         if "series" in p:
-            keys["SeriesInstanceUID"] = p["series"]
-        from pydicom.datadict import dictionary_VR, tag_for_keyword
-
-        ident = Dataset()
-        ident.QueryRetrieveLevel = level
-        for kw in ATTRS:
-            if LEVELS.index(ATTRS[kw][0]) <= LEVELS.index(level):
-                tag = tag_for_keyword(kw)
-                assert tag is not None
-                ident.add_new(tag, dictionary_VR(tag), keys.get(kw) or None)
-        if level in ("STUDY",):
-            ident.ModalitiesInStudy = keys.get("ModalitiesInStudy", "")
-            ident.NumberOfStudyRelatedSeries = None
-            ident.NumberOfStudyRelatedInstances = None
-        if level == "SERIES":
-            ident.NumberOfSeriesRelatedInstances = None
-        rows, more = self.qr.match(level, keys, limit, offset)
-        answers = list(self.qr._answers(level, keys, ident, rows))
-        body = []
+            params.append(("SeriesInstanceUID", p["series"]))
+        try:
+            query = from_params(level, params, includes)
+        except QueryError as exc:
+            return _error(400, str(exc))
         base = f"{self.origin(request)}{self.root}"
-        for a in answers:
-            del a.QueryRetrieveLevel
-            js = a.to_json_dict()
-            url = f"{base}/studies/{a.StudyInstanceUID}"
-            if level in ("SERIES", "IMAGE"):
-                url += f"/series/{a.SeriesInstanceUID}"
-            if level == "IMAGE":
-                url += f"/instances/{a.SOPInstanceUID}"
-            js["00081190"] = {"vr": "UR", "Value": [url]}  # RetrieveURL (PS3.18 6.7.1.2)
-            body.append(js)
+        try:
+            body, studies, more = self._qido_answers(query, limit, offset, base)
+        except QueryUnavailable as exc:
+            log.error("QIDO-RS failed: %s", exc.__cause__ or exc)
+            self.audit.event(A.QUERY, A.SERIOUS_FAILURE,
+                             peer=getattr(request.state, "who", None), service="QIDO-RS",
+                             reason=str(exc))
+            return JSONResponse({"error": f"{exc}; retry later"}, status_code=503,
+                                headers={"Retry-After": "5"})
         self.audit.event(A.QUERY, A.SUCCESS, peer=getattr(request.state, "who", None),
-                         service="QIDO-RS", level=level,
-                         matched_studies=len({r.study_instance_uid for r in rows}),
+                         service="QIDO-RS", level=level, matched_studies=studies,
                          capped=more or None)
         headers = {}
         if more:
@@ -561,6 +535,24 @@ class DicomWeb:
                                   'supported by the server. Additional results can be '
                                   'requested."')
         return JSONResponse(body, media_type=DICOM_JSON, headers=headers)
+
+    def _qido_answers(self, query, limit: int, offset: int,
+                      base: str) -> tuple[list[dict], int, bool]:
+        """The DICOM JSON answers of a QIDO query, their number of studies and whether more
+        matched (in a worker thread: the database and the encoding are not the loop's)."""
+        found = self.queries.find(query, limit, offset)
+        body = []
+        for a in self.queries.answers(query, found):
+            del a.QueryRetrieveLevel
+            js = a.to_json_dict()
+            url = f"{base}/studies/{a.StudyInstanceUID}"
+            if query.level in ("SERIES", "IMAGE"):
+                url += f"/series/{a.SeriesInstanceUID}"
+            if query.level == "IMAGE":
+                url += f"/instances/{a.SOPInstanceUID}"
+            js["00081190"] = {"vr": "UR", "Value": [url]}  # RetrieveURL (PS3.18 6.7.1.2)
+            body.append(js)
+        return body, len({r.study_instance_uid for r in found.rows}), found.more
 
     # -- WADO-RS ---------------------------------------------------------------------------
     def _rows(self, p: dict[str, str]) -> list[Instance]:

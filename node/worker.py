@@ -10,6 +10,7 @@ at the next start (storage.state.ExamStore.recover).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import multiprocessing as mp
@@ -27,6 +28,7 @@ from typing import Any
 from node.compat import kill_pool_processes
 from node.config import Config
 from node.health import Health
+from storage.db import transient_database_error
 from storage.files import FileStore
 from storage.records import ProducedObject
 from storage.state import ExamStore
@@ -50,6 +52,8 @@ class ExamJob:
     sr: tuple[str, ...] = ("mammo-cad", "tid1500")
     attention_maps: bool = True
     parametric_maps: bool = False
+    presentation_states: bool = False
+    max_marks: int = 3
     previous: dict[str, str] = field(default_factory=dict)  # kind -> path of the SR replaced
     kinds: dict[str, str] = field(default_factory=dict)     # slot -> image kind
     implant: bool = False
@@ -152,7 +156,7 @@ def _read(model, job: ExamJob) -> tuple:
 
     from inference.views import KIND_LABELS
     from inference.volume import computed_2d
-    from node.results import BreastSummary, ReadingSummary
+    from node.results import BreastSummary, Mark, ReadingSummary
 
     root = Path(job.data_dir)
     computed = {slot for slot, kind in job.kinds.items() if kind == "computed"}
@@ -171,14 +175,17 @@ def _read(model, job: ExamJob) -> tuple:
                          f"{', '.join(KIND_LABELS.get(k, k) for k in trained)}")
     # Attention maps at <= 1024 px a side: what the Secondary Captures draw and the
     # Parametric Maps store; full-resolution maps of 13-megapixel views cost ~0.15 s each.
-    reading = model.predict_exam(sources, keep_display=True, map_side=MAP_SIDE)
+    reading = model.predict_exam(sources, keep_display=True, map_side=MAP_SIDE,
+                                 max_marks=job.max_marks)
     info = model.info
     summary = ReadingSummary(
         breasts={b: BreastSummary(present=r.present, birads=r.birads,
                                   birads_probabilities=dict(r.birads_probabilities or {}),
                                   diagnosis=r.diagnosis,
                                   diagnosis_probabilities=dict(r.diagnosis_probabilities or {}),
-                                  score=r.score)
+                                  score=r.score, density=getattr(r, "density", None),
+                                  density_probabilities=dict(
+                                      getattr(r, "density_probabilities", None) or {}))
                  for b, r in reading.breasts.items()},
         fusion_weights=reading.fusion_weights, missing_views=reading.missing_views,
         model_name=reading.model["name"], model_version=str(info.metadata.get("version", "?")),
@@ -189,6 +196,9 @@ def _read(model, job: ExamJob) -> tuple:
         seconds={k: round(v, 4) for k, v in reading.seconds.items()},
         score=reading.score, operating_point=reading.operating_point,
         above_operating_point=reading.above_operating_point,
+        density=getattr(reading, "density", None),
+        marks={slot: [Mark(**dataclasses.asdict(m)) for m in ms]
+               for slot, ms in reading.marks.items()},
         view_kinds={slot: job.kinds.get(slot, "conventional") for slot in sources},
         notes=notes, implant=job.implant)
     return sources, reading, summary
@@ -231,12 +241,20 @@ def _adder(job: ExamJob, produced: list[ProducedObject]):
 def _failpoint(job: ExamJob) -> None:
     """Fault injection for the tests of the worker's healing (never set in production):
     ``MAMMO_NODE_FAILPOINT=hang:<study>`` makes the inference of that study hang,
-    ``crash:<study>`` kills the inference process in the middle of it."""
+    ``crash:<study>`` kills the inference process in the middle of it,
+    ``gate:<study>:<file>`` creates ``<file>.reached`` and holds the reading until ``<file>``
+    exists (a test acts on the node mid-exam, then lets it go on)."""
     spec = os.environ.get("MAMMO_NODE_FAILPOINT", "")
-    what, _, study = spec.partition(":")
+    what, _, rest = spec.partition(":")
+    study, _, gate = rest.partition(":")
     if study != job.study_uid:
         return
-    if what == "hang":
+    if what == "gate":
+        Path(gate + ".reached").touch()
+        deadline = time.monotonic() + 300
+        while not Path(gate).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    elif what == "hang":
         time.sleep(3600)
     elif what == "crash":
         os._exit(3)
@@ -249,7 +267,7 @@ def process_exam_srs(job: ExamJob) -> tuple[list[ProducedObject], dict]:
 
     _failpoint(job)
 
-    from node.results import build_mammo_cad, build_tid1500
+    from node.results import build_mammo_cad, build_presentation_state, build_tid1500
 
     sources, _, summary = _state().reading(job)
     t0 = time.perf_counter()
@@ -262,8 +280,8 @@ def process_exam_srs(job: ExamJob) -> tuple[list[ProducedObject], dict]:
         replaces = dcmread(root / prev) if prev and (root / prev).exists() else None
         add(builders[kind](sources, summary, job.study_uid, job.version,
                            replaces=replaces), f"sr-{kind}")
-    import dataclasses
-
+    if job.presentation_states:
+        add(build_presentation_state(sources, summary, job.study_uid, job.version), "pr")
     summary.seconds["sr"] = round(time.perf_counter() - t0, 4)
     return produced, dataclasses.asdict(summary)
 
@@ -407,11 +425,45 @@ class Worker(threading.Thread):
                 continue
             exam_id, version = claim
             lease = inf.lease_seconds
-            with Heartbeat(functools.partial(self.exams.renew_lease, exam_id, version, lease),
-                           lease, f"exam id {exam_id} v{version}"):
-                self._process(exam_id, version)
+            # Guarded as the exporter's loop is: nothing an exam does may end this thread.
+            try:
+                with Heartbeat(functools.partial(self.exams.renew_lease, exam_id, version,
+                                                 lease), lease, f"exam id {exam_id} v{version}"):
+                    self._process(exam_id, version)
+            except Exception as exc:
+                if transient_database_error(exc):
+                    self._database_lost(exam_id, version, exc)
+                else:
+                    # A bug of ours: logged; the exam's lease runs out and it is taken over
+                    # (counting an attempt), the thread goes on with the next one.
+                    log.exception("worker: unexpected error on exam id %s v%d; going on",
+                                  exam_id, version)
+                    self.stop.wait(1.0)
         if self.pool is not None:
             kill_pool_processes(self.pool)
+
+    def _database_lost(self, exam_id: int, version: int, exc: BaseException) -> None:
+        """The database failed under a reading (server restarted, SQLite locked past its
+        timeout): not the exam's fault, so it is neither failed nor charged an attempt.
+        Wait until the database answers, then give the exam back to ``ready``; it is read
+        again from the start (result UIDs are name-based: the same objects, not copies)."""
+        log.error("exam id %s v%d: the database failed (%s: %s); the exam is read again "
+                  "once it answers", exam_id, version, type(exc).__name__,
+                  str(exc).splitlines()[0][:200] if str(exc) else "")
+        if self.metrics is not None:
+            self.metrics.exam_failures.labels("transient").inc()
+        while not self.stop.is_set():
+            try:
+                if self.exams.ping():
+                    self.exams.release_claim(exam_id, version, f"database error: "
+                                                               f"{type(exc).__name__}")
+                    return
+            except Exception as again:
+                if not transient_database_error(again):
+                    log.exception("cannot give exam id %s back; its lease will run out",
+                                  exam_id)
+                    return
+            self.stop.wait(1.0)
 
     def _process(self, exam_id: int, version: int) -> None:
         study, version, paths = self.exams.slot_paths(exam_id)
@@ -436,7 +488,9 @@ class Worker(threading.Thread):
         job = ExamJob(data_dir=str(self.files.root), study_uid=study, version=version,
                       paths=paths, sr=tuple(self.cfg.results.sr),
                       attention_maps=self.cfg.results.attention_maps,
-                      parametric_maps=self.cfg.results.parametric_maps, previous=previous,
+                      parametric_maps=self.cfg.results.parametric_maps,
+                      presentation_states=self.cfg.results.presentation_states,
+                      max_marks=self.cfg.results.max_marks_per_breast, previous=previous,
                       kinds=context["kinds"], implant=context["implant"],
                       volume_2d=self.cfg.grouping.volume_2d, notes=tuple(notes))
         pool = self.pool
@@ -460,7 +514,29 @@ class Worker(threading.Thread):
                 self.metrics.inference.labels("secondary_captures").observe(
                     time.perf_counter() - t0 - t_sr)
                 self.metrics.inference.labels("total").observe(time.perf_counter() - t0)
-        except _TRANSIENT as exc:
+        except Exception as exc:
+            if transient_database_error(exc):
+                raise  # the run loop waits for the database (_database_lost)
+            self._failed(exc, exam_id, study, version, timeout)
+            return
+        if self.exams.complete(exam_id, version, produced, dests):
+            self.on_results.set()
+            stages = dict(reading.get("seconds") or {})
+            stages["sc"] = time.perf_counter() - t0 - t_sr
+            log.info("exam %s v%d done in %.2f s (%s): %d object(s) queued for %d "
+                     "destination(s)", study, version, time.perf_counter() - t0,
+                     ", ".join(f"{k} {v:.2f}" for k, v in stages.items() if k != "total"),
+                     len(srs) + len(produced), len(dests))
+        else:
+            log.info("exam %s v%d was reopened while processing; its new version follows",
+                     study, version)
+
+    def _failed(self, exc: Exception, exam_id: int, study: str, version: int,
+                timeout: float) -> None:
+        """An exam's reading failed: again later when the cause may pass (the inference
+        process died or hung, a file could not be read), else failed with the reason (a model
+        or builder error on this exam's data: this exam fails, the others go on)."""
+        if isinstance(exc, _TRANSIENT):
             if self.metrics is not None:
                 self.metrics.exam_failures.labels("transient").inc()
             if isinstance(exc, FutureTimeout):
@@ -478,21 +554,8 @@ class Worker(threading.Thread):
                       "gave up (failed)" if state == "failed" else "will retry"
                       if state == "ready" else "reopened meanwhile")
             return
-        except Exception as exc:  # model or builder error: this exam fails, others go on
-            if self.metrics is not None:
-                self.metrics.exam_failures.labels("error").inc()
-            log.exception("exam %s v%d failed", study, version)
-            self.exams.finish(exam_id, version, ok=False,
-                              reason=f"{type(exc).__name__}: {exc}"[:500])
-            return
-        if self.exams.complete(exam_id, version, produced, dests):
-            self.on_results.set()
-            stages = dict(reading.get("seconds") or {})
-            stages["sc"] = time.perf_counter() - t0 - t_sr
-            log.info("exam %s v%d done in %.2f s (%s): %d object(s) queued for %d "
-                     "destination(s)", study, version, time.perf_counter() - t0,
-                     ", ".join(f"{k} {v:.2f}" for k, v in stages.items() if k != "total"),
-                     len(srs) + len(produced), len(dests))
-        else:
-            log.info("exam %s v%d was reopened while processing; its new version follows",
-                     study, version)
+        if self.metrics is not None:
+            self.metrics.exam_failures.labels("error").inc()
+        log.error("exam %s v%d failed", study, version, exc_info=exc)
+        self.exams.finish(exam_id, version, ok=False,
+                          reason=f"{type(exc).__name__}: {exc}"[:500])

@@ -188,8 +188,16 @@ class Exam(Base):
             r = json.loads(self.reading_json or "{}")
         except ValueError:
             r = {}
+        marks = [{"slot": m.get("slot"), "index": m.get("index"), "score": m.get("score"),
+                  "center": m.get("center"), "outline": m.get("outline"),
+                  "above_operating_point": m.get("above_operating_point")}
+                 for ms in (r.get("marks") or {}).values() for m in ms]
         return {"score": r.get("score"), "operating_point": r.get("operating_point"),
-                "above_operating_point": r.get("above_operating_point")}
+                "above_operating_point": r.get("above_operating_point"),
+                "density": r.get("density"),
+                "marks": sorted(marks, key=lambda m: (-(m["score"] or 0), m["slot"] or "")),
+                "marks_above_operating_point": sum(bool(m["above_operating_point"])
+                                                   for m in marks)}
 
 
 class Result(Base):

@@ -75,8 +75,8 @@ class NodeProcess:
             # delete what a test is about to look at.
             "storage": {"min_free_mb": 0, "fsync": True, "purge_above_percent": ""},
             # Tests count result objects as 2 SRs + 4 SCs; the ones about Parametric Maps
-            # turn them on.
-            "results": {"parametric_maps": False},
+            # and presentation states turn them on.
+            "results": {"parametric_maps": False, "presentation_states": False},
         }
         arrays: dict[str, list[dict]] = {}
         for section, values in (settings or {}).items():

@@ -88,6 +88,14 @@ def test_dashboard_pages_in_chromium(node_factory, storescp_factory, browser):
     assert "No exams match the filter" in page.content()
     page.goto(f"{base}/ui?state=done")
     assert page.locator("tbody tr").count() == 1
+    # Triage: by exam score, the read exam (with its marks above the operating point) first.
+    page.goto(f"{base}/ui?sort=score")
+    rows = page.locator("tbody tr")
+    assert rows.count() == 2 and study in rows.nth(0).inner_text()
+    assert "above OP" in rows.nth(0).inner_text()
+    listed = node.exam(study)
+    assert f"{listed['score']:.0f}" in rows.nth(0).inner_text()
+    assert listed["marks_above_operating_point"] >= 1
 
     # One exam: maps loaded, reading, timeline.
     page.click(f"a:has-text('{study}')")
@@ -99,6 +107,7 @@ def test_dashboard_pages_in_chromium(node_factory, storescp_factory, browser):
     text = page.inner_text("main")
     assert "BI-RADS 5" in text and "Left" in text and "Fusion" in text.title()
     assert text.count("received") >= 4 and "processing -> done" in text
+    assert "Marks" in text and "Region score" in text
     assert "sent (attempt 1)" in text and "archive" in text
     _shot(page, "exam")
 

@@ -68,7 +68,8 @@ class Orthanc:
 @pytest.mark.skipif(not Path(ORTHANC).exists(), reason="Orthanc is installed by .ci/run")
 def test_orthanc_routes_a_study_and_receives_the_reading(node_factory, tmp_path):
     # Ports first: Orthanc must know the node. Parametric Maps on: Orthanc takes them too.
-    node = node_factory({"results": {"parametric_maps": True}}, start=False, worker=True)
+    node = node_factory({"results": {"parametric_maps": True, "presentation_states": True}},
+                        start=False, worker=True)
     orthanc = Orthanc(tmp_path / "orthanc", node.port)
     try:
         cfg = node.config.read_text() + (
@@ -88,11 +89,11 @@ def test_orthanc_routes_a_study_and_receives_the_reading(node_factory, tmp_path)
         job = orthanc.post("/modalities/mammo/store", json.dumps(study_id).encode())
         assert job is not None
         node.wait_exam(study_uid, "done", timeout=180)
-        wait_for(lambda: len(orthanc.get(f"/studies/{study_id}/instances")) == 14, 90,
-                 what="SRs, SCs and Parametric Maps in the Orthanc study")
+        wait_for(lambda: len(orthanc.get(f"/studies/{study_id}/instances")) == 15, 90,
+                 what="SRs, the presentation state, SCs and Parametric Maps in Orthanc")
         series = orthanc.get(f"/studies/{study_id}/series")
         modalities = sorted(s["MainDicomTags"].get("Modality", "") for s in series)
-        assert modalities.count("SR") == 2 and "MG" in modalities
+        assert modalities.count("SR") == 2 and "MG" in modalities and "PR" in modalities
         for inst in orthanc.get(f"/studies/{study_id}/instances"):
             tags = orthanc.get(f"/instances/{inst['ID']}/simplified-tags")
             if tags.get("Modality") == "MG":

@@ -45,29 +45,43 @@ def _read_while_pacs_is_down(node_factory, storescp_factory, seed: int):
 
 
 def test_exam_reading_arrives_in_the_pacs_and_validates(node_factory, storescp_factory):
-    """Both SRs, the attention-map Secondary Captures and Parametric Maps reach DCMTK's
-    storescp (which takes every one of them) and pass dciodvfy."""
+    """Both SRs, the presentation state, the attention-map Secondary Captures and Parametric
+    Maps reach DCMTK's storescp (which takes every one of them) and pass dciodvfy; the marks
+    are in both SRs and the presentation state, on the lesion."""
     pacs = storescp_factory()
-    node = _node(node_factory, pacs.port, results={"parametric_maps": True})
+    node = _node(node_factory, pacs.port, results={"parametric_maps": True,
+                                                   "presentation_states": True})
     exam = make_exam(seed=11, lesions={"L": [Lesion("spiculated", 0.5, 0.5, 0.07, 0.35)]},
                      **SIZE)
     study = exam[0].StudyInstanceUID
     assert send(node.port, exam) == [0] * 4
     node.wait_exam(study, "done", timeout=180)
-    wait_for(lambda: _delivery(node, study).get("sent") == 10, 60, what="10 objects sent")
-    wait_for(lambda: len(pacs.files()) == 10, 10, what="storescp wrote every file")
+    wait_for(lambda: _delivery(node, study).get("sent") == 11, 60, what="11 objects sent")
+    wait_for(lambda: len(pacs.files()) == 11, 10, what="storescp wrote every file")
     if numba_available():  # the compiled scan runs, its kernels cached in the data folder
         assert "(scan: numba (CPU" in node.log.read_text()
         if "NUMBA_CACHE_DIR" not in os.environ:
             assert any((node.data_dir / "cache" / "numba").rglob("*.nbi"))
     files = pacs.files()
-    assert len(files) == 10
+    assert len(files) == 11
     objs = [dcmread(f) for f in files]
     scs = [o for o in objs if o.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"]
     srs = [o for o in objs if o.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"]
     cads = [o for o in objs if o.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.50"]
     pms = [o for o in objs if o.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"]
+    prs = [o for o in objs if o.SOPClassUID == "1.2.840.10008.5.1.4.1.1.11.1"]
     assert len(scs) == 4 and len(srs) == 1 and len(cads) == 1 and len(pms) == 4
+    assert len(prs) == 1
+    # The presentation state references the four images and draws the left breast's marks.
+    pr = prs[0]
+    refs = {r.ReferencedSOPInstanceUID for s in pr.ReferencedSeriesSequence
+            for r in s.ReferencedImageSequence}
+    assert refs == {ds.SOPInstanceUID for ds in exam}
+    layers = {a.GraphicLayer for a in pr.GraphicAnnotationSequence}
+    assert layers == {"AI MARKS", "AI EXAM SCORE"}
+    marked = [a for a in pr.GraphicAnnotationSequence if a.GraphicLayer == "AI MARKS"]
+    assert marked and all(a.ReferencedImageSequence[0].ReferencedSOPInstanceUID in {
+        ds.SOPInstanceUID for ds in exam if ds.ImageLaterality == "L"} for a in marked)
     sources = {ds.SOPInstanceUID: ds for ds in exam}
     for pm in pms:  # at the image's geometry, values mapped back to attention 0-1
         ref = pm.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0] \
@@ -98,12 +112,16 @@ def test_exam_reading_arrives_in_the_pacs_and_validates(node_factory, storescp_f
                    "Probability of cancer", "Probability of benign", "Algorithm Name",
                    "HybridCnnVssm", "NOT FOR CLINICAL USE", "Summary of Analyses",
                    f"AI reading: left BI-RADS {category}", "Fusion weight of L-MLO",
-                   "Missing views"):
+                   "Missing views", "Single Image Finding", "Certainty of Finding",
+                   "Presentation Required", "Successful Detections"):
         assert needle in cad, needle
+    assert "AI region score" in text  # TID 1500: a planar ROI group per mark
     table = node.cli("exams").stdout
-    assert "pacs:10 sent" in table
-    listed = node.exam(study)  # exams --json: the exam's 0-100 score
+    assert "pacs:11 sent" in table
+    listed = node.exam(study)  # exams --json: the exam's 0-100 score and its marks
     assert 0 <= listed["score"] <= 100 and listed["score"] >= 50  # the spiculated lesion
+    assert listed["marks"] and all(m["slot"].startswith("L") for m in listed["marks"])
+    assert max(m["score"] for m in listed["marks"]) == listed["score"]
     for suffix, title in ((".88.33", "Imaging Measurement Report"),
                           (".88.50", "Mammography CAD Report")):
         sr_file = next(f for f, o in zip(files, objs) if o.SOPClassUID.endswith(suffix))

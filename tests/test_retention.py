@@ -9,8 +9,7 @@ import json
 import pytest
 
 from inference.synthetic import make_exam, write
-from node.config import Config
-from node.qr import QueryRetrieveSCP
+from node.query import Query, QueryService
 from node.scp import instance_record
 from node.views import assign_slots
 from storage.db import Database
@@ -87,9 +86,8 @@ def test_done_and_delivered_images_go_after_keep_days(env):
     assert exam.state == "done" and exam.images_purged_at is not None
     assert any("retention" in n for n in exam.notes)
     # Gone from C-FIND; the produced objects stay findable.
-    qr = QueryRetrieveSCP(Config(), files, store)
-    rows, _ = qr.match("IMAGE", {"StudyInstanceUID": study})
-    assert {r.role for r in rows} == {"result"}
+    found = QueryService(store).find(Query("IMAGE", {"StudyInstanceUID": study}))
+    assert {r.role for r in found.rows} == {"result"}
 
 
 @pytest.mark.parametrize("deliver, why", [(None, None), ("pending", "not delivered yet"),
@@ -197,6 +195,10 @@ def test_purge_command_against_a_running_node(node_factory, storescp_factory):
     assert e["state"] == "done" and e["images_purged_at"] and e["delivery"]["pacs"]["sent"] == 6
     exams = json.loads(node.cli("exams", "--json").stdout)
     assert len(exams) == 2
+    deleted = [json.loads(x) for x in (node.data_dir / "audit.jsonl").read_text().splitlines()
+               if '"DICOM Study Deleted"' in x]
+    assert [(d["outcome"], d["studies"], d["peer"]["via"]) for d in deleted] == [
+        (4, [waiting[0].StudyInstanceUID], "cli"), (0, [study], "cli")]
 
 
 def test_the_daemon_applies_retention_by_itself(node_factory):

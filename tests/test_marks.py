@@ -1,0 +1,292 @@
+"""Marks (regions driving the malignancy output, with region scores) from the demo
+checkpoint on phantoms whose lesion positions are known, and the three objects that carry
+them: the Mammography CAD SR (TID 4006 findings), TID 1500 (a planar ROI per mark) and the
+Grayscale Softcopy Presentation State, checked with dciodvfy and rendered by DCMTK's
+dcmp2pgm (``test-artifacts/gsps-*.png``, or ``$MAMMO_NODE_ARTIFACTS``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inference.synthetic import Lesion, lesion_boxes, make_mammogram, write
+from node.results import (
+    BreastSummary,
+    Mark,
+    ReadingSummary,
+    build_mammo_cad,
+    build_presentation_state,
+    build_tid1500,
+)
+from tests.gsps_render import render_png
+from tests.helpers import dciodvfy_errors
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = Path(os.environ.get("MAMMO_NODE_ARTIFACTS", ROOT / "test-artifacts"))
+ROWS, COLS = 1280, 1024
+STUDY = "1.2.826.0.1.3680043.10.1234.4242"
+
+
+@pytest.fixture(scope="module")
+def model():
+    from inference.api import MammoModel
+
+    return MammoModel(device="cpu")
+
+
+def _exam(k: int):
+    """A left breast with a malignant-looking lesion at a position drawn from ``k``, a right
+    breast without; returns the views, the lesion and each left view's seed."""
+    rng = np.random.default_rng(500 + k)
+    les = [Lesion("spiculated", float(rng.uniform(0.3, 0.7)), float(rng.uniform(0.3, 0.7)),
+                  0.06, 0.35)]
+    seeds = {f"{lat}-{v}": 600 + 4 * k + i for i, (lat, v) in
+             enumerate((lat, v) for lat in "LR" for v in ("CC", "MLO"))}
+    views = {slot: make_mammogram(slot[0], slot[2:], rows=ROWS, cols=COLS, seed=seed,
+                                  lesions=les if slot[0] == "L" else [], study_uid=STUDY)
+             for slot, seed in seeds.items()}
+    return views, les, seeds
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_marks_land_on_the_lesion(model, k):
+    views, les, seeds = _exam(k)
+    reading = model.predict_exam(views, map_side=1024)
+    assert reading.breasts["L"].score is not None and reading.breasts["L"].score > 50
+    left = [m for s in ("L-CC", "L-MLO") for m in reading.marks[s]]
+    assert left, "no mark on the breast with the lesion"
+    assert not reading.marks["R-CC"] and not reading.marks["R-MLO"]  # normal: no marks
+    assert len(left) <= 3 and sorted(m.index for m in left) == list(range(1, len(left) + 1))
+    top = max(left, key=lambda m: m.score)
+    assert top.score == reading.breasts["L"].score and top.above_operating_point
+    # The top mark of each view lies on the lesion: its centre within the lesion's extent
+    # grown by one cell of the model's feature grid (32 input pixels: the resolution of the
+    # attention pooling), in the source image's pixels.
+    for slot in ("L-CC", "L-MLO"):
+        if not reading.marks[slot]:
+            continue
+        m = reading.marks[slot][0]
+        cx, cy, x0, y0, x1, y1 = lesion_boxes("L", ROWS, COLS, seeds[slot], les)[0]
+        cell = 32 / reading.geometry[slot].scale
+        assert x0 - cell <= m.center[0] <= x1 + cell and y0 - cell <= m.center[1] <= y1 + cell, \
+            (slot, m.center, (cx, cy), cell)
+        xs, ys = zip(*m.outline)
+        assert min(xs) <= m.center[0] <= max(xs) and min(ys) <= m.center[1] <= max(ys)
+        assert 0 <= min(xs) and max(xs) <= COLS and 0 <= min(ys) and max(ys) <= ROWS
+
+
+def test_marks_are_deterministic_and_capped(model):
+    views, _, _ = _exam(0)
+    a = model.predict_exam(views, map_side=1024, max_marks=1)
+    b = model.predict_exam(views, map_side=1024, max_marks=1)
+    assert a.marks == b.marks
+    assert sum(len(ms) for s, ms in a.marks.items() if s[0] == "L") == 1
+    assert not any(model.predict_exam(views, max_marks=0).marks.values())
+
+
+def test_marks_of_a_mirrored_breast_are_in_its_own_pixels(model):
+    """A right breast faces left: the mark is mirrored back onto the source image."""
+    les = [Lesion("spiculated", 0.45, 0.4, 0.06, 0.35)]
+    views = {f"R-{v}": make_mammogram("R", v, rows=ROWS, cols=COLS, seed=700 + i, lesions=les)
+             for i, v in enumerate(("CC", "MLO"))}
+    reading = model.predict_exam(views, map_side=1024)
+    ms = [m for s in views for m in reading.marks[s]]
+    assert ms
+    for slot in views:
+        for m in reading.marks[slot][:1]:
+            cx, cy, *_ = lesion_boxes("R", ROWS, COLS, 700 + (slot == "R-MLO"), les)[0]
+            assert m.center[0] > COLS / 2 and abs(m.center[0] - cx) < 0.25 * COLS
+
+
+# -- the objects that carry them --------------------------------------------------------
+CLASSES = ["BI-RADS 1", "BI-RADS 2", "BI-RADS 3", "BI-RADS 4", "BI-RADS 5"]
+
+
+def _reading(marks: dict[str, list[Mark]]) -> ReadingSummary:
+    def probs(top: int) -> dict[str, float]:
+        return {c: (0.8 if i == top else 0.05) for i, c in enumerate(CLASSES)}
+    return ReadingSummary(
+        breasts={"L": BreastSummary(True, "BI-RADS 5", probs(4), "malignant",
+                                    {"normal": 0.05, "benign": 0.1, "malignant": 0.85}, 85.0),
+                 "R": BreastSummary(True, "BI-RADS 1", probs(0), "normal",
+                                    {"normal": 0.9, "benign": 0.05, "malignant": 0.05}, 5.0)},
+        fusion_weights={"L": {"L-CC": 0.6, "L-MLO": 0.4}, "R": {"R-CC": 0.5, "R-MLO": 0.5}},
+        missing_views=[], model_name="HybridCnnVssm", model_version="1.0",
+        model_sha256="ab" * 32, not_for_clinical_use=True, score=85.0, operating_point=40.0,
+        above_operating_point=True, marks=marks)
+
+
+@pytest.fixture(scope="module")
+def exam_files(tmp_path_factory):
+    views, les, seeds = _exam(0)
+    d = tmp_path_factory.mktemp("exam")
+    paths = {slot: write(ds, d / f"{slot}.dcm") for slot, ds in views.items()}
+    return views, paths, les, seeds
+
+
+def _marks(les, seeds) -> dict[str, list[Mark]]:
+    cx, cy, x0, y0, x1, y1 = lesion_boxes("L", ROWS, COLS, seeds["L-CC"], les)[0]
+    octagon = [(cx + r * np.cos(t), cy + 0.6 * r * np.sin(t))
+               for t, r in zip(np.linspace(0, 2 * np.pi, 8, endpoint=False), [(x1 - x0) / 2] * 8)]
+    return {"L-CC": [Mark("L-CC", 1, 85.0, (cx, cy), [(round(x, 2), round(y, 2))
+                                                       for x, y in octagon], True),
+                     Mark("L-CC", 2, 20.0, (100.0, 200.0),
+                          [(80.0, 180.0), (120.0, 180.0), (120.0, 220.0)], False)],
+            "L-MLO": [], "R-CC": [], "R-MLO": []}
+
+
+def test_mammo_cad_sr_has_a_single_image_finding_per_mark(exam_files, tmp_path):
+    views, _, les, seeds = exam_files
+    sr = build_mammo_cad(views, _reading(_marks(les, seeds)), STUDY, 1)
+    text = json.dumps(sr.to_json_dict(), default=str)
+    assert text.count('"111059"') == 2                       # Single Image Finding x 2
+    assert text.count("Presentation Optional") == 1           # the mark below the OP
+    assert "Certainty of Finding" in text and '"POINT"' in text and '"POLYLINE"' in text
+    assert "Successful Detections" in text and "Not Attempted" not in text
+    f = tmp_path / "cad.dcm"
+    sr.save_as(f, enforce_file_format=True)
+    assert dciodvfy_errors(f) == []
+    # DCMTK checks the Mammography CAD SR IOD's relationship constraints while it reads.
+    import subprocess
+
+    dump = subprocess.run(["/usr/bin/dsrdump", str(f)], capture_output=True, text=True)
+    assert dump.returncode == 0, dump.stderr
+    assert dump.stdout.count('<contains CODE:(,,"Single Image Finding")') == 2
+    assert "SCOORD:(,,\"Center\")=(POINT" in dump.stdout
+    t = build_tid1500(views, _reading(_marks(les, seeds)), STUDY, 1)
+    tt = json.dumps(t.to_json_dict(), default=str)
+    assert tt.count("AI mark L-CC #") == 2 and "AI region score" in tt
+    f = tmp_path / "t.dcm"
+    t.save_as(f, enforce_file_format=True)
+    assert dciodvfy_errors(f) == []
+
+
+def test_presentation_state_rendered_by_dcmtk(exam_files, tmp_path):
+    views, paths, les, seeds = exam_files
+    marks = _marks(les, seeds)
+    pr = build_presentation_state(views, _reading(marks), STUDY, 1)
+    assert pr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.11.1" and pr.Modality == "PR"
+    f = tmp_path / "gsps.dcm"
+    pr.save_as(f, enforce_file_format=True)
+    assert dciodvfy_errors(f) == []
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    png = ARTIFACTS / "gsps-L-CC.png"
+    parsed = render_png(f, paths["L-CC"], png)
+    assert parsed.layers == ["AI MARKS", "AI EXAM SCORE"]
+    assert len(parsed.polylines) == 2                          # both marks, on L-CC only
+    first = np.asarray(parsed.polylines[0])
+    assert np.allclose(first[:-1], np.asarray(marks["L-CC"][0].outline), atol=0.01)
+    assert np.allclose(first[0], first[-1])                  # closed
+    texts = [t for t, _ in parsed.texts]
+    assert "85 (above op)" in texts and "20" in texts
+    assert any("Exam score 85/100, above the operating point (40)" in t for t in texts)
+    # An image without marks gets the exam score only.
+    other = render_png(f, paths["R-CC"], tmp_path / "r.png")
+    assert other.polylines == [] and len(other.texts) == 1
+    from PIL import Image
+
+    assert Image.open(png).size == (COLS, ROWS)
+
+
+def test_reading_inputs_are_checked_with_the_attribute_named(exam_files):
+    views, _, les, seeds = exam_files
+    bad = _marks(les, seeds)
+    bad["L-CC"][0] = dataclasses.replace(bad["L-CC"][0], score=140.0)
+    with pytest.raises(ValueError, match=r"reading.marks\['L-CC'\]\[0\].score"):
+        build_presentation_state(views, _reading(bad), STUDY, 1)
+    with pytest.raises(ValueError, match="sources: no image"):
+        build_mammo_cad({}, _reading({}), STUDY, 1)
+
+
+# -- density ------------------------------------------------------------------------------
+def test_both_srs_carry_density_as_cid_6000(exam_files, tmp_path):
+    views, _, les, seeds = exam_files
+    r = _reading({})
+    r.breasts["L"].density, r.breasts["R"].density, r.density = "B", "C", "C"
+    for build in (build_mammo_cad, build_tid1500):
+        sr = build(views, r, STUDY, 1)
+        text = json.dumps(sr.to_json_dict(), default=str)
+        assert "129715009" in text                     # Breast composition
+        assert "129717001" in text and text.count("129718006") == 2  # L: B; R and exam: C
+        f = tmp_path / "d.dcm"
+        sr.save_as(f, enforce_file_format=True)
+        assert dciodvfy_errors(f) == []
+    r.breasts["L"].density = "E"
+    with pytest.raises(ValueError, match=r"reading.breasts\['L'\].density"):
+        build_tid1500(views, r, STUDY, 1)
+
+
+@pytest.mark.parametrize("raw,want", [("DENSITY A", 0), ("B", 1), ("3", 2), (4, 3),
+                                      ("ACR 2", 1), ("4.0", 3), ("", None), ("0", None),
+                                      ("nan", None), ("heterogeneously dense", 2)])
+def test_density_labels_of_each_data_set(raw, want):
+    from inference.data import parse_density
+
+    assert parse_density(raw) == want
+
+
+def test_density_metrics():
+    from inference.metrics import density_metrics
+
+    perfect = density_metrics(np.array([0, 1, 2, 3]), np.array([0, 1, 2, 3]))
+    assert perfect["accuracy"] == 1.0 and perfect["quadratic_weighted_kappa"] == 1.0
+    m = density_metrics(np.array([0, 0, 1, 3]), np.array([0, 1, 1, 0]))
+    assert m["confusion"][3][0] == 1 and m["accuracy"] == 0.5
+    assert m["quadratic_weighted_kappa"] < 0.5
+
+
+def test_synthetic_density_follows_the_label():
+    means = []
+    for d in "ABCD":
+        a = make_mammogram("L", "CC", rows=256, cols=208, seed=3, density=d).pixel_array
+        means.append(float(a[a > 300].mean()))
+    assert means == sorted(means) and means[-1] - means[0] > 200
+
+
+def test_density_head_trains_only_where_labels_exist():
+    import torch
+
+    from inference.model import create_model
+
+    m = create_model("cnn", density=True, image_size=(64, 32), dims=(8, 8, 8, 8))
+    out = m(torch.zeros(1, 4, 1, 64, 32), torch.ones(1, 4, dtype=torch.bool))
+    assert out["density_logits"].shape == (1, 2, 4)
+    _, parts = m.loss(out, torch.tensor([[0, 0]]), torch.tensor([[0, 0]]),
+                      torch.tensor([[-1, -1]]))
+    assert "density" not in parts
+    _, parts = m.loss(out, torch.tensor([[0, 0]]), torch.tensor([[0, 0]]),
+                      torch.tensor([[2, -1]]))
+    assert parts["density"] > 0
+    # Checkpoints without the key (every one before this head) build without it.
+    from inference.checkpoint import load_checkpoint
+
+    model, info = load_checkpoint(None)
+    assert info.config.density is False and model.density_head is None
+
+
+def test_presentation_state_of_a_real_reading(model, exam_files, tmp_path):
+    """The node's path (node.worker._read): the demo checkpoint's marks in the presentation
+    state, rendered by DCMTK (test-artifacts/gsps-model-*.png), each on the lesion's view."""
+    from node.worker import ExamJob, _read
+
+    views, paths, les, seeds = exam_files
+    root = next(iter(paths.values())).parent
+    job = ExamJob(data_dir=str(root), study_uid=STUDY, version=1,
+                  paths={slot: p.name for slot, p in paths.items()})
+    sources, _, summary = _read(model, job)
+    assert any(summary.marks.values())
+    pr = build_presentation_state(sources, summary, STUDY, 1)
+    f = tmp_path / "gsps.dcm"
+    pr.save_as(f, enforce_file_format=True)
+    assert dciodvfy_errors(f) == []
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for slot in ("L-CC", "L-MLO", "R-CC"):
+        parsed = render_png(f, paths[slot], ARTIFACTS / f"gsps-model-{slot}.png")
+        assert len(parsed.polylines) == len(summary.marks.get(slot, []))
+        for poly, mark in zip(parsed.polylines, summary.marks.get(slot, [])):
+            assert np.allclose(np.asarray(poly)[:-1], np.asarray(mark.outline), atol=0.01)
