@@ -81,6 +81,28 @@ def _loader(ds: ExamDataset, batch: int, shuffle: bool, workers: int, seed: int)
                       persistent_workers=workers > 0)
 
 
+#: What a resume state may hold beyond tensors, dicts, lists and numbers (torch's
+#: weights_only unpickler refuses everything else: a resume file is not trusted code).
+RESUME_SAFE_GLOBALS: list = []
+
+
+def load_resume_state(path: Path) -> dict:
+    """The state ``train`` saved for ``--resume``, loaded with ``torch.load(weights_only=True)``
+    (no arbitrary objects: a pickle that names any other global is refused with
+    ``pickle.UnpicklingError``)."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(RESUME_SAFE_GLOBALS):
+            st = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise pickle.UnpicklingError(f"--resume: {path} holds something other than training "
+                                     f"state, refused: {str(exc).splitlines()[0]}") from None
+    if not isinstance(st, dict):
+        raise ValueError(f"--resume: {path} is not a training state")
+    return st
+
+
 def train(a: TrainArgs) -> dict[str, Any]:
     """Train a model; writes the checkpoint (each epoch) and a resume state beside it."""
     seed_everything(a.seed)
@@ -127,7 +149,7 @@ def train(a: TrainArgs) -> dict[str, Any]:
     if a.resume:
         if not state_path.exists():
             raise FileNotFoundError(f"--resume: no saved state at {state_path}")
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        st = load_resume_state(state_path)
         if st["config"] != cfg.to_dict():
             raise ValueError("--resume: the saved state was trained with another model "
                              "config; use the same --arch/--task/--image-size/--weights")

@@ -120,4 +120,4 @@ def test_json_logs_for_collectors(node_factory):
     node.stop()
     lines = [json.loads(x) for x in node.log.read_text().splitlines() if x.startswith("{")]
     assert lines and all({"time", "level", "logger", "message"} <= set(x) for x in lines)
-    assert any("stored" in x["message"] and x["logger"] == "mammo_node.scp" for x in lines)
+    assert any("stored" in x["message"] and x["logger"] == "mammo_node.ingest" for x in lines)
