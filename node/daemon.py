@@ -20,9 +20,14 @@ from typing import TYPE_CHECKING
 
 from node import __version__
 from node import audit as A
-from node.compat import listener_alive, stream_incoming_datasets
+from node.compat import (
+    handshake_in_connection_thread,
+    listener_alive,
+    stream_incoming_datasets,
+)
 from node.config import Config
 from node.health import Health
+from node.ingest import Ingest
 from node.metrics import NodeMetrics
 from node.scp import IncomingFile, StorageSCP, make_ae
 from node.security import AccessControl
@@ -127,11 +132,14 @@ class Node:
         self.metrics.watch_state(self.state_snapshot)
         self.exam_ready = threading.Event()   # wakes the worker
         self.results_queued = threading.Event()  # wakes the exporter
-        self.scp = StorageSCP(cfg, self.files, self.exams, exam_ready=self.exam_ready,
-                              audit=self.audit, metrics=self.metrics)
+        self.ingest = Ingest(cfg, self.files, self.exams, exam_ready=self.exam_ready,
+                             audit=self.audit, metrics=self.metrics)
+        self.scp = StorageSCP(cfg, self.files, self.exams, audit=self.audit,
+                              metrics=self.metrics, ingest=self.ingest)
         self.access: AccessControl = self.scp.access
         self.retention = Retention(self.db, self.files)
         self._retention_lock = threading.Lock()
+        self._room_wanted = threading.Event()  # wakes the retention thread (make_room)
         self.scp.make_room = self.make_room
         self.server: ThreadedAssociationServer | None = None
         self.web: DicomWebServer | None = None
@@ -212,12 +220,15 @@ class Node:
         assert server is not None  # block=False returns the server
         self.server = server
         _accept_with_nodelay(server)
+        if ssl_context is not None:
+            handshake_in_connection_thread(server, cfg.node.network_timeout_seconds,
+                                           self._handshake_failed)
         port = server.server_address[1]
         if self.role == "all":
             pidfile_path(cfg).write_text(json.dumps({
                 "pid": os.getpid(), "ae_title": cfg.node.ae_title, "host": cfg.node.host,
                 "port": port, "started": time.time()}))
-        t = threading.Thread(target=self._grouping_loop, name="grouping", daemon=True)
+        t = threading.Thread(target=self._grouping_loop, name="stable-timer", daemon=True)
         t.start()
         self._threads.append(t)
         t = threading.Thread(target=self._retention_loop, name="retention", daemon=True)
@@ -248,6 +259,12 @@ class Node:
         self.audit.event(A.APPLICATION_ACTIVITY, A.SUCCESS, action="start",
                          version=__version__, pid=os.getpid(), port=port, tls=cfg.node.tls)
 
+    def _handshake_failed(self, address: tuple, exc: Exception) -> None:
+        log.warning("TLS handshake with %s:%s failed or timed out: %s", address[0],
+                    address[1], exc)
+        self.audit.event(A.SECURITY_ALERT, A.MINOR_FAILURE, alert="TLS handshake failed",
+                         peer={"address": address[0]}, reason=str(exc)[:200])
+
     def state_snapshot(self) -> dict:
         """Stored state for the scrape-time gauges of /metrics."""
         return {"exams": self.exams.counts_by_state(), "queue": self.exams.queue_depths(),
@@ -257,7 +274,8 @@ class Node:
 
     def readiness(self) -> tuple[bool, dict]:
         """``/readyz``: database reachable, model loaded (when this node reads exams), disk
-        above the reserve, DICOM listener accepting. (ready, checks with reasons)."""
+        above the reserve, DICOM listener accepting, every background thread alive. (ready,
+        checks with reasons)."""
         checks: dict[str, dict] = {}
         checks["database"] = {"ok": self.exams.ping()}
         if self.run_worker:
@@ -271,6 +289,12 @@ class Node:
         if "listener" in self.parts:
             checks["listener"] = {"ok": self.server is not None
                                   and listener_alive(self.server)}
+        # Every background thread of this process (worker, exporter, retention, the
+        # grouping's stable timer): one that ended would otherwise fail silently.
+        for t in self._threads:
+            alive = t.is_alive()
+            checks[f"thread {t.name}"] = {"ok": alive, **({} if alive else {
+                "error": "the thread stopped; the log says why; restart the node"})}
         return all(c["ok"] for c in checks.values()), checks
 
     def apply_retention(self, for_reserve: bool = False) -> None:
@@ -298,16 +322,19 @@ class Node:
                              instances=report.instances, results=report.results)
 
     def make_room(self) -> None:
-        """Called before data would be refused for want of space: purge what may go."""
-        try:
-            self.apply_retention(for_reserve=True)
-        except Exception:
-            log.exception("retention failed while making room")
+        """Called before data would be refused for want of space (an association being
+        accepted, a STOW request): wakes the retention thread to purge what may go, and
+        returns at once (a purge never runs while a peer waits for its answer)."""
+        self._room_wanted.set()
 
     def _retention_loop(self) -> None:
-        while not self.stop_event.wait(self.cfg.retention.check_seconds):
+        while not self.stop_event.is_set():
+            for_reserve = self._room_wanted.wait(self.cfg.retention.check_seconds)
+            if self.stop_event.is_set():
+                break
+            self._room_wanted.clear()
             try:
-                self.apply_retention()
+                self.apply_retention(for_reserve=for_reserve)
             except Exception:
                 log.exception("retention failed; retrying at the next check")
 
@@ -325,6 +352,7 @@ class Node:
     def stop(self) -> None:
         """Close the listener, let associations finish, then release everything."""
         self.stop_event.set()
+        self._room_wanted.set()  # the retention thread sees the stop at once
         self.exam_ready.set()
         self.results_queued.set()
         if self.web is not None:

@@ -42,6 +42,29 @@ UI = "/ui"
 _TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
+#: The most bytes a dashboard form may send (the sign-in form is read before any
+#: authentication: a bigger body is refused while it streams, 413).
+MAX_FORM_BYTES = 4096
+
+
+class BodyTooLarge(Exception):
+    """A request body over its cap (answered 413)."""
+
+
+async def read_capped(request: Request, cap: int) -> bytes:
+    """The request body, refused (:class:`BodyTooLarge`) as soon as it passes ``cap`` bytes,
+    declared or streamed: never held whole past the cap."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap:
+        raise BodyTooLarge(f"request body over {cap} bytes")
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > cap:
+            raise BodyTooLarge(f"request body over {cap} bytes")
+    return bytes(buf)
+
+
 def _ago(seconds: float) -> str:
     seconds = int(seconds)
     if seconds < 120:
@@ -110,7 +133,11 @@ class Dashboard:
         return self._render(request, "login.html", title="Sign in", page="")
 
     async def login(self, request: Request) -> Response:
-        body = (await request.body())[:4096]  # one urlencoded field: no form library
+        try:  # one urlencoded field: no form library
+            body = await read_capped(request, MAX_FORM_BYTES)
+        except BodyTooLarge as exc:
+            return self._render(request, "login.html", status=413, title="Sign in", page="",
+                                msg=f"Not signed in: {exc}.")
         token = parse_qs(body.decode("utf-8", "replace")).get("token", [""])[0]
         from node.security import TokenAuth
 

@@ -1,7 +1,7 @@
 """DICOMweb in the daemon (Starlette on uvicorn): STOW-RS, QIDO-RS, WADO-RS.
 
-STOW-RS goes through the same :meth:`node.scp.StorageSCP.ingest` as C-STORE (validation, file
-store, exam assembly); QIDO-RS uses the C-FIND matching of :mod:`node.qr`; WADO-RS serves the
+STOW-RS goes through the same :class:`node.ingest.Ingest` as C-STORE (streaming validation,
+file store, exam assembly); QIDO-RS runs :mod:`node.query`, as C-FIND does; WADO-RS serves the
 stored files (received images and produced results alike), their metadata, and rendered PNG
 or JPEG images of single-frame objects (the attention maps) for browsers.
 """
@@ -9,15 +9,14 @@ or JPEG images of single-frame objects (the attention maps) for browsers.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-import mmap
 import re
 import tempfile
 import threading
 import uuid
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -31,10 +30,11 @@ from node import audit as A
 from node import wado
 from node.config import Config
 from node.dashboard import COOKIE, Dashboard
-from node.qr import ATTRS, LEVELS, QueryRetrieveSCP
+from node.ingest import Ingest, StoreError, part_to_file, public_message
+from node.query import QueryError, QueryService, QueryUnavailable, from_params
 from node.scp import StorageSCP
 from node.security import TokenAuth
-from node.status import CANNOT_UNDERSTAND, DATASET_MISMATCH, OUT_OF_RESOURCES, SUCCESS
+from node.status import DATASET_MISMATCH, OUT_OF_RESOURCES
 from storage.files import FileStore
 from storage.models import Instance
 from storage.state import ExamStore
@@ -43,33 +43,40 @@ log = logging.getLogger("mammo_node.dicomweb")
 
 DICOM_JSON = "application/dicom+json"
 _TAG_RE = re.compile(r"^[0-9A-Fa-f]{8}$")
-_PATH_RE = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][\w.\-+~@%]+){2,}[/\\]?")
-#: Free space is checked again every this many bytes of a STOW body.
-_STOW_CHECK_EVERY = 16 * 1024 * 1024
-
-
-def public_message(message: str) -> str:
-    """A refusal reason fit for a client: no server paths (they say where data lives)."""
-    return _PATH_RE.sub("<path>", message)
+#: A STOW body is written (and free space checked again) in blocks of this many bytes.
+_STOW_CHECK_EVERY = 4 * 1024 * 1024
 
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def _keyword(name: str) -> str | None:
-    """A QIDO query key (keyword or 8-hex tag) -> the keyword node.qr knows, or None."""
-    if _TAG_RE.match(name):
-        from pydicom.datadict import keyword_for_tag
+_SCAN_BLOCK = 4 << 20
 
-        name = keyword_for_tag(int(name, 16)) or name
-    return name if name in ATTRS or name == "ModalitiesInStudy" else None
+
+def _positions(f, needle: bytes, size: int) -> list[int]:
+    """Every offset of ``needle`` in the open file, read in blocks: the GIL is released
+    between blocks (a search of a whole 400 MB mmap holds it, stalling every thread)."""
+    found: set[int] = set()
+    pos, overlap = 0, len(needle) - 1
+    while pos < size:
+        f.seek(pos)
+        block = f.read(_SCAN_BLOCK)
+        i = block.find(needle)
+        while i >= 0:
+            found.add(pos + i)
+            i = block.find(needle, i + 1)
+        if len(block) < _SCAN_BLOCK:
+            break
+        pos += len(block) - overlap
+    return sorted(found)
 
 
 def split_multipart(path: Path, content_type: str) -> list[tuple[str, int, int]]:
     """Parts of a multipart/related body spooled to ``path``: (content type, offset, length).
 
-    Works on the file through mmap, so a 400 MB STOW request is never held in memory.
+    Reads the file in blocks, so a 400 MB STOW request is never held in memory (and, in a
+    worker thread, never holds the GIL for long).
     """
     m = re.search(r'boundary="?([^";]+)"?', content_type)
     if not m:
@@ -78,67 +85,40 @@ def split_multipart(path: Path, content_type: str) -> list[tuple[str, int, int]]
     size = path.stat().st_size
     if size == 0:
         raise ValueError("empty body")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        pos = mm.find(boundary)
-        if pos < 0:
+    with open(path, "rb") as f:
+        every = _positions(f, boundary, size)
+        if not every:
             raise ValueError("the boundary of the Content-Type never appears in the body")
+        delimiters = _positions(f, b"\r\n" + boundary, size)  # CRLF + boundary
+
+        def at(offset: int, n: int) -> bytes:
+            f.seek(offset)
+            return f.read(n)
+
         parts = []
+        pos = every[0]
         while True:
             start = pos + len(boundary)
-            if mm[start:start + 2] == b"--":
+            if at(start, 2) == b"--":
                 break  # closing delimiter
-            if mm[start:start + 2] == b"\r\n":
+            if at(start, 2) == b"\r\n":
                 start += 2
-            head_end = mm.find(b"\r\n\r\n", start)
+            head = at(start, 16384)
+            head_end = head.find(b"\r\n\r\n")
             if head_end < 0:
                 raise ValueError("a part without the blank line that ends its headers")
             ctype = "application/octet-stream"
-            for line in mm[start:head_end].decode("latin-1").split("\r\n"):
+            for line in head[:head_end].decode("latin-1").split("\r\n"):
                 k, _, v = line.partition(":")
                 if k.strip().lower() == "content-type":
                     ctype = v.strip().lower()
-            data = head_end + 4
-            nxt = mm.find(b"\r\n" + boundary, data)
+            data = start + head_end + 4
+            nxt = next((d for d in delimiters if d >= data), -1)
             if nxt < 0:
                 raise ValueError("a part without a closing boundary (truncated body?)")
             parts.append((ctype, data, nxt - data))
             pos = nxt + 2
         return parts
-
-
-def _copy_range(src: Path, offset: int, length: int, dst) -> bytes:
-    """Copy a byte range of ``src`` to the open file ``dst``; returns its first 132 bytes."""
-    head = b""
-    with open(src, "rb") as f:
-        f.seek(offset)
-        left = length
-        while left:
-            block = f.read(min(left, 4 << 20))
-            if not block:
-                break
-            if len(head) < 132:
-                head += block[:132 - len(head)]
-            dst.write(block)
-            left -= len(block)
-    return head
-
-
-def _to_part10(path: Path) -> None:
-    """Rewrite a part sent without preamble (as pydicom's dcmwrite does by default) as a
-    DICOM Part 10 file with complete file meta information."""
-    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
-    ds = dcmread(path, force=True)
-    if "SOPInstanceUID" not in ds or "SOPClassUID" not in ds:
-        raise ValueError("no SOP Class / SOP Instance UID: not a DICOM dataset")
-    meta = ds.file_meta
-    if "TransferSyntaxUID" not in meta:
-        implicit, little = getattr(ds, "original_encoding", (False, True))
-        meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
-                                  ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.save_as(path, enforce_file_format=True)
 
 
 class DicomWeb:
@@ -147,8 +127,9 @@ class DicomWeb:
     def __init__(self, cfg: Config, files: FileStore, exams: ExamStore, scp: StorageSCP,
                  audit=None, metrics=None, readiness=None, health=None):
         self.cfg, self.files, self.exams, self.scp = cfg, files, exams, scp
+        self.ingest: Ingest = scp.ingest  # STOW-RS stores as C-STORE does, not through it
         self.audit = audit or A.NullAudit()
-        self.qr = QueryRetrieveSCP(cfg, files, exams, access=scp.access, audit=self.audit)
+        self.queries = QueryService(exams)
         self.tokens = TokenAuth(cfg)
         self.metrics = metrics      # node.metrics.NodeMetrics or None
         self.readiness = readiness  # () -> (ready, checks) or None
@@ -327,26 +308,26 @@ class DicomWeb:
         spool = tempfile.NamedTemporaryFile(dir=self.files.incoming, prefix="stow-",
                                             suffix=".body", delete=False)
         try:
-            total, next_check = 0, _STOW_CHECK_EVERY
+            # The body is gathered into blocks on the event loop and written, checked and
+            # scanned in worker threads: a large upload never stalls other requests.
+            total, buf = 0, bytearray()
             async for chunk in request.stream():
                 total += len(chunk)
                 if total > limit:
                     return _error(413, f"request larger than [dicomweb] max_request_mb "
                                        f"({self.cfg.dicomweb.max_request_mb:g} MB)")
-                if total >= next_check:
-                    next_check += _STOW_CHECK_EVERY
-                    if not self.scp.disk_ok():
-                        return JSONResponse(
-                            {"error": "disk below the free-space reserve; retry later"},
-                            status_code=503, headers={"Retry-After": "60"})
-                try:
-                    spool.write(chunk)
-                except OSError:
-                    return JSONResponse({"error": "disk full; retry later"}, status_code=503,
-                                        headers={"Retry-After": "60"})
+                buf += chunk
+                if len(buf) >= _STOW_CHECK_EVERY:
+                    refused = await run_in_threadpool(self._spool, spool, bytes(buf))
+                    buf.clear()
+                    if refused is not None:
+                        return refused
+            refused = await run_in_threadpool(self._spool, spool, bytes(buf))
+            if refused is not None:
+                return refused
             spool.close()
             try:
-                parts = split_multipart(Path(spool.name), ctype)
+                parts = await run_in_threadpool(split_multipart, Path(spool.name), ctype)
             except ValueError as exc:
                 return _error(400, f"malformed multipart body: {exc}")
             if not parts:
@@ -357,50 +338,53 @@ class DicomWeb:
             spool.close()
             Path(spool.name).unlink(missing_ok=True)
 
+    def _spool(self, spool, block: bytes) -> Response | None:
+        """Write one block of a STOW body (worker thread); a refusal when the disk is below
+        the reserve or full."""
+        if block and not self.scp.disk_ok():
+            return JSONResponse({"error": "disk below the free-space reserve; retry later"},
+                                status_code=503, headers={"Retry-After": "60"})
+        try:
+            spool.write(block)
+        except OSError:
+            return JSONResponse({"error": "disk full; retry later"}, status_code=503,
+                                headers={"Retry-After": "60"})
+        return None
+
     def _store_parts(self, request: Request, body: Path,
                      parts: list[tuple[str, int, int]]) -> Response:
+        """Each part through :class:`node.ingest.Ingest` (the same streaming validation as
+        C-STORE: nothing is parsed whole before it)."""
         study_in_url = request.path_params.get("study")
         calling = f"STOW:{request.client.host if request.client else '?'}"[:16]
+        who = dict(getattr(request.state, "who", {}) or {}, ae_title=calling)
         ok, failed = [], []
         for ptype, offset, length in parts:
             item = Dataset()
             if not ptype.startswith("application/dicom"):
-                item.FailureReason = DATASET_MISMATCH
-                failed.append((item, f"part of type {ptype} is not application/dicom"))
-                continue
-            with tempfile.NamedTemporaryFile(dir=self.files.incoming, suffix=".dcm",
-                                             delete=False) as tmp:
-                head = _copy_range(body, offset, length, tmp)
-            path = Path(tmp.name)
-            try:
-                if head[128:132] != b"DICM":
-                    _to_part10(path)
-                header = dcmread(path, stop_before_pixels=True)
-                sop_class = str(header.get("SOPClassUID", ""))
-                sop_uid = str(header.get("SOPInstanceUID", ""))
-                study = str(header.get("StudyInstanceUID", ""))
-            except Exception as exc:
-                path.unlink(missing_ok=True)
-                item.FailureReason = CANNOT_UNDERSTAND
-                failed.append((item, f"not a DICOM file: {exc}"))
-                continue
-            item.ReferencedSOPClassUID = sop_class
-            item.ReferencedSOPInstanceUID = sop_uid
-            if study_in_url and study != study_in_url:
-                path.unlink(missing_ok=True)
-                item.FailureReason = DATASET_MISMATCH
-                failed.append((item, f"StudyInstanceUID {study} is not the study of the URL"))
-                continue
-            who = dict(getattr(request.state, "who", {}) or {}, ae_title=calling)
-            status, message = self.scp.ingest(path, calling, peer=who)
-            if status == SUCCESS:
+                out = self.ingest.refuse(DATASET_MISMATCH, f"part of type {ptype} is not "
+                                         "application/dicom", calling, who)
+            else:
+                try:
+                    path = part_to_file(body, offset, length, self.files.incoming,
+                                        self.ingest.max_bytes)
+                except StoreError as exc:
+                    out = self.ingest.refuse(exc.status, str(exc), calling, who)
+                else:
+                    out = self.ingest.store(path, calling, peer=who, study=study_in_url)
+            if out.sop_class_uid:
+                item.ReferencedSOPClassUID = out.sop_class_uid
+            if out.sop_instance_uid:
+                item.ReferencedSOPInstanceUID = out.sop_instance_uid
+            if out.ok:
                 item.RetrieveURL = (f"{self.origin(request)}{self.root}/studies/"
-                                    f"{study}/series/{header.get('SeriesInstanceUID', '')}"
-                                    f"/instances/{sop_uid}")
+                                    f"{out.study_instance_uid}/series/"
+                                    f"{out.series_instance_uid}/instances/"
+                                    f"{out.sop_instance_uid}")
                 ok.append(item)
             else:
-                item.FailureReason = status
-                failed.append((item, message))
+                item.FailureReason = out.status
+                failed.append((item, out.message))
         resp = Dataset()
         if ok:
             resp.ReferencedSOPSequence = ok
@@ -422,11 +406,16 @@ class DicomWeb:
 
     # -- QIDO-RS ---------------------------------------------------------------------------
     async def qido(self, request: Request) -> Response:
+        # Matching and building the answers in a worker thread, never on the event loop.
+        return await run_in_threadpool(self._qido, request)
+
+    def _qido(self, request: Request) -> Response:
         p = request.path_params
         path = request.url.path
         level = ("IMAGE" if path.endswith("/instances") else
                  "SERIES" if path.endswith("/series") else "STUDY")
-        keys: dict[str, str] = {}
+        params: list[tuple[str, str]] = []
+        includes: list[str] = []
         cap = self.cfg.dicomweb.max_results
         limit, offset = cap, 0
         for name, value in request.query_params.multi_items():
@@ -437,50 +426,32 @@ class DicomWeb:
                     limit = min(int(value), cap) if int(value) > 0 else cap
                 else:
                     offset = int(value)
-            elif name in ("includefield", "fuzzymatching"):
+            elif name == "includefield":
+                includes.append(value)
+            elif name == "fuzzymatching":
                 continue
             else:
-                kw = _keyword(name)
-                if kw is None:
-                    return _error(400, f"unsupported query key {name!r}; supported: "
-                                       f"{', '.join(sorted(ATTRS))}")
-                keys[kw] = value
+                params.append((name, value))
         if "study" in p:
-            keys["StudyInstanceUID"] = p["study"]
+            params.append(("StudyInstanceUID", p["study"]))
         if "series" in p:
-            keys["SeriesInstanceUID"] = p["series"]
-        from pydicom.datadict import dictionary_VR, tag_for_keyword
-
-        ident = Dataset()
-        ident.QueryRetrieveLevel = level
-        for kw in ATTRS:
-            if LEVELS.index(ATTRS[kw][0]) <= LEVELS.index(level):
-                tag = tag_for_keyword(kw)
-                assert tag is not None
-                ident.add_new(tag, dictionary_VR(tag), keys.get(kw) or None)
-        if level in ("STUDY",):
-            ident.ModalitiesInStudy = keys.get("ModalitiesInStudy", "")
-            ident.NumberOfStudyRelatedSeries = None
-            ident.NumberOfStudyRelatedInstances = None
-        if level == "SERIES":
-            ident.NumberOfSeriesRelatedInstances = None
-        rows, more = await run_in_threadpool(self.qr.match, level, keys, limit, offset)
-        answers = list(self.qr._answers(level, keys, ident, rows))
-        body = []
+            params.append(("SeriesInstanceUID", p["series"]))
+        try:
+            query = from_params(level, params, includes)
+        except QueryError as exc:
+            return _error(400, str(exc))
         base = f"{self.origin(request)}{self.root}"
-        for a in answers:
-            del a.QueryRetrieveLevel
-            js = a.to_json_dict()
-            url = f"{base}/studies/{a.StudyInstanceUID}"
-            if level in ("SERIES", "IMAGE"):
-                url += f"/series/{a.SeriesInstanceUID}"
-            if level == "IMAGE":
-                url += f"/instances/{a.SOPInstanceUID}"
-            js["00081190"] = {"vr": "UR", "Value": [url]}  # RetrieveURL (PS3.18 6.7.1.2)
-            body.append(js)
+        try:
+            body, studies, more = self._qido_answers(query, limit, offset, base)
+        except QueryUnavailable as exc:
+            log.error("QIDO-RS failed: %s", exc.__cause__ or exc)
+            self.audit.event(A.QUERY, A.SERIOUS_FAILURE,
+                             peer=getattr(request.state, "who", None), service="QIDO-RS",
+                             reason=str(exc))
+            return JSONResponse({"error": f"{exc}; retry later"}, status_code=503,
+                                headers={"Retry-After": "5"})
         self.audit.event(A.QUERY, A.SUCCESS, peer=getattr(request.state, "who", None),
-                         service="QIDO-RS", level=level,
-                         matched_studies=len({r.study_instance_uid for r in rows}),
+                         service="QIDO-RS", level=level, matched_studies=studies,
                          capped=more or None)
         headers = {}
         if more:
@@ -489,6 +460,24 @@ class DicomWeb:
                                   'supported by the server. Additional results can be '
                                   'requested."')
         return JSONResponse(body, media_type=DICOM_JSON, headers=headers)
+
+    def _qido_answers(self, query, limit: int, offset: int,
+                      base: str) -> tuple[list[dict], int, bool]:
+        """The DICOM JSON answers of a QIDO query, their number of studies and whether more
+        matched (in a worker thread: the database and the encoding are not the loop's)."""
+        found = self.queries.find(query, limit, offset)
+        body = []
+        for a in self.queries.answers(query, found):
+            del a.QueryRetrieveLevel
+            js = a.to_json_dict()
+            url = f"{base}/studies/{a.StudyInstanceUID}"
+            if query.level in ("SERIES", "IMAGE"):
+                url += f"/series/{a.SeriesInstanceUID}"
+            if query.level == "IMAGE":
+                url += f"/instances/{a.SOPInstanceUID}"
+            js["00081190"] = {"vr": "UR", "Value": [url]}  # RetrieveURL (PS3.18 6.7.1.2)
+            body.append(js)
+        return body, len({r.study_instance_uid for r in found.rows}), found.more
 
     # -- WADO-RS ---------------------------------------------------------------------------
     def _rows(self, p: dict[str, str]) -> list[Instance]:
@@ -559,16 +548,19 @@ class DicomWeb:
             return _error(400, str(exc))
         except wado.NotAcceptable as exc:
             return _error(406, str(exc))
+        gen = wado.iter_frames(self.files.abspath(r.path), numbers, choice.passthrough)
         try:
-            parts = await run_in_threadpool(wado.frames, self.files.abspath(r.path), numbers,
-                                            choice.passthrough)
+            first = await run_in_threadpool(next, gen)
         except ValueError as exc:
             return _error(400, str(exc))
         self._audit_retrieve(request, rows, "WADO-RS frames")
         if not choice.multipart:
-            return Response(parts[0], media_type=choice.content_type)
-        body, ctype = wado.multipart_bytes(parts, choice.content_type)
-        return Response(body, media_type=ctype)
+            return Response(first, media_type=choice.content_type)
+        boundary = uuid.uuid4().hex
+        # Streamed: one frame in memory at a time, however many the list names.
+        return StreamingResponse(
+            wado.stream_parts(itertools.chain([first], gen), choice.content_type, boundary),
+            media_type=wado.multipart_content_type(choice.content_type, boundary))
 
     async def bulkdata(self, request: Request) -> Response:
         rows = await run_in_threadpool(self._rows, request.path_params)

@@ -119,6 +119,9 @@ class _Walker:
             if (tag >> 16) == 0xFFFE:
                 raise _bad(f"unexpected delimiter ({tag >> 16:04X},{tag & 0xFFFF:04X}) at "
                            f"offset {self.f.tell() - 4}")
+            if (tag >> 16) == 0x0000:  # PS3.7: the command group never is in a dataset
+                raise _bad(f"command group element ({tag >> 16:04X},{tag & 0xFFFF:04X}) in "
+                           f"the dataset at offset {self.f.tell() - 4}")
             vr, length = self.header(tag)
             if depth == 0 and tag in _IMAGE_TAGS and 2 <= length <= 16 and vr != b"SQ":
                 pos = self.f.tell()
@@ -308,6 +311,27 @@ def check_dataset(path: Path, max_bytes: int, max_depth: int = MAX_DEPTH,
                 raise
         _walk(f, start, size, syntax == IMPLICIT_LE, syntax != EXPLICIT_BE, max_depth)
     return None
+
+
+def raw_dataset_encoding(f: BinaryIO, size: int) -> tuple[bool, bool, bool]:
+    """For a dataset sent without the Part 10 preamble: (starts with file meta information,
+    implicit VR, little endian), from its first element header."""
+    f.seek(0)
+    head = f.read(8)
+    if len(head) < 8:
+        raise _bad("too short for a DICOM dataset")
+    if head[:2] == b"\x02\x00":
+        return True, False, True
+    little = struct.unpack("<H", head[:2])[0] <= struct.unpack(">H", head[:2])[0]
+    explicit = head[4:6] in _LONG_VRS or head[4:6] in _SHORT_VRS
+    return False, not explicit, little
+
+
+def walk_raw_dataset(f: BinaryIO, size: int, implicit: bool, little: bool,
+                     max_depth: int = MAX_DEPTH) -> None:
+    """Validate a dataset without preamble nor file meta (as :func:`check_dataset` does the
+    dataset of a Part 10 file), in a stream."""
+    _walk(f, 0, size, implicit, little, max_depth)
 
 
 def _walk(f: BinaryIO, start: int, end: int, implicit: bool, little: bool,

@@ -122,13 +122,31 @@ def choose_frames(accept: str, stored: str, n_frames: int) -> FrameChoice:
                         f"{', ' + MEDIA_OF_SYNTAX[stored] if stored in MEDIA_OF_SYNTAX else ''})")
 
 
+#: The most frame numbers one WADO-RS frames request may name.
+MAX_FRAME_LIST = 1024
+
+
 def parse_frame_list(text: str, n_frames: int) -> list[int]:
-    """"1,3,2" -> [1, 3, 2]; ValueError for anything else or a frame out of range."""
-    out = []
-    for part in text.split(","):
-        n = int(part.strip())
+    """"1,3,2" -> [1, 3, 2]; ValueError for anything else, a frame out of range, a frame
+    named twice (``1,1,1,...`` would answer one frame thousands of times) or a list longer
+    than :data:`MAX_FRAME_LIST`."""
+    items = text.split(",")
+    if len(items) > MAX_FRAME_LIST:
+        raise ValueError(f"at most {MAX_FRAME_LIST} frame numbers per request, got "
+                         f"{len(items)}")
+    out: list[int] = []
+    seen: set[int] = set()
+    for part in items:
+        try:
+            n = int(part.strip())
+        except ValueError:
+            raise ValueError(f"frame numbers must be integers, got {part.strip()[:20]!r}") \
+                from None
         if not 1 <= n <= n_frames:
             raise ValueError(f"frame {n} does not exist (the instance has {n_frames})")
+        if n in seen:
+            raise ValueError(f"frame {n} is named more than once")
+        seen.add(n)
         out.append(n)
     if not out:
         raise ValueError("no frame number")
@@ -136,8 +154,13 @@ def parse_frame_list(text: str, n_frames: int) -> list[int]:
 
 
 def frames(path: Path, numbers: list[int], passthrough: bool) -> list[bytes]:
-    """The requested frames' bytes: as stored (compressed pass-through) or decoded to
-    little endian native pixels. Runs in a worker thread."""
+    """The requested frames' bytes, all of them (see :func:`iter_frames`)."""
+    return list(iter_frames(path, numbers, passthrough))
+
+
+def iter_frames(path: Path, numbers: list[int], passthrough: bool) -> Iterator[bytes]:
+    """The requested frames' bytes one by one: as stored (compressed pass-through) or
+    decoded to little endian native pixels. Runs in a worker thread."""
     ds = dcmread(path)
     if "PixelData" not in ds:
         raise ValueError("this instance has no pixel data")
@@ -148,21 +171,23 @@ def frames(path: Path, numbers: list[int], passthrough: bool) -> list[bytes]:
             from pydicom.encaps import generate_frames
 
             all_frames = list(generate_frames(ds.PixelData, number_of_frames=n_frames))
-            return [all_frames[n - 1] for n in numbers]
+            for n in numbers:
+                yield all_frames[n - 1]
+            return
         from pydicom.pixels import pixel_array
 
-        return [_native(pixel_array(ds, index=n - 1, raw=True)) for n in numbers]
+        for n in numbers:
+            yield _native(pixel_array(ds, index=n - 1, raw=True))
+        return
     size = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
             * int(ds.BitsAllocated) + 7) // 8
     data = ds.PixelData
-    out = []
     for n in numbers:
         chunk = data[(n - 1) * size:n * size]
         if stored == "1.2.840.10008.1.2.2" and int(ds.BitsAllocated) > 8:
             chunk = np.frombuffer(chunk, f">u{int(ds.BitsAllocated) // 8}") \
                 .astype(f"<u{int(ds.BitsAllocated) // 8}").tobytes()
-        out.append(bytes(chunk))
-    return out
+        yield bytes(chunk)
 
 
 def _native(arr: np.ndarray) -> bytes:
@@ -180,6 +205,20 @@ def multipart_bytes(parts: list[bytes], content_type: str) -> tuple[bytes, str]:
     inner = content_type.split(";")[0]
     params = content_type[len(inner):]
     return out.getvalue(), f'multipart/related; type="{inner}"{params}; boundary={boundary}'
+
+
+def multipart_content_type(content_type: str, boundary: str) -> str:
+    inner = content_type.split(";")[0]
+    params = content_type[len(inner):]
+    return f'multipart/related; type="{inner}"{params}; boundary={boundary}'
+
+
+def stream_parts(parts: Iterator[bytes], content_type: str, boundary: str) -> Iterator[bytes]:
+    """``multipart/related`` of the parts as they come (one part in memory at a time; sync:
+    Starlette iterates it in a worker thread)."""
+    for p in parts:
+        yield f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n".encode() + p + b"\r\n"
+    yield f"--{boundary}--\r\n".encode()
 
 
 def stream_files(paths: list[Path], boundary: str) -> Iterator[bytes]:

@@ -28,6 +28,7 @@ from typing import Any
 from node.compat import kill_pool_processes
 from node.config import Config
 from node.health import Health
+from storage.db import transient_database_error
 from storage.files import FileStore
 from storage.records import ProducedObject
 from storage.state import ExamStore
@@ -240,12 +241,20 @@ def _adder(job: ExamJob, produced: list[ProducedObject]):
 def _failpoint(job: ExamJob) -> None:
     """Fault injection for the tests of the worker's healing (never set in production):
     ``MAMMO_NODE_FAILPOINT=hang:<study>`` makes the inference of that study hang,
-    ``crash:<study>`` kills the inference process in the middle of it."""
+    ``crash:<study>`` kills the inference process in the middle of it,
+    ``gate:<study>:<file>`` creates ``<file>.reached`` and holds the reading until ``<file>``
+    exists (a test acts on the node mid-exam, then lets it go on)."""
     spec = os.environ.get("MAMMO_NODE_FAILPOINT", "")
-    what, _, study = spec.partition(":")
+    what, _, rest = spec.partition(":")
+    study, _, gate = rest.partition(":")
     if study != job.study_uid:
         return
-    if what == "hang":
+    if what == "gate":
+        Path(gate + ".reached").touch()
+        deadline = time.monotonic() + 300
+        while not Path(gate).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    elif what == "hang":
         time.sleep(3600)
     elif what == "crash":
         os._exit(3)
@@ -416,11 +425,45 @@ class Worker(threading.Thread):
                 continue
             exam_id, version = claim
             lease = inf.lease_seconds
-            with Heartbeat(functools.partial(self.exams.renew_lease, exam_id, version, lease),
-                           lease, f"exam id {exam_id} v{version}"):
-                self._process(exam_id, version)
+            # Guarded as the exporter's loop is: nothing an exam does may end this thread.
+            try:
+                with Heartbeat(functools.partial(self.exams.renew_lease, exam_id, version,
+                                                 lease), lease, f"exam id {exam_id} v{version}"):
+                    self._process(exam_id, version)
+            except Exception as exc:
+                if transient_database_error(exc):
+                    self._database_lost(exam_id, version, exc)
+                else:
+                    # A bug of ours: logged; the exam's lease runs out and it is taken over
+                    # (counting an attempt), the thread goes on with the next one.
+                    log.exception("worker: unexpected error on exam id %s v%d; going on",
+                                  exam_id, version)
+                    self.stop.wait(1.0)
         if self.pool is not None:
             kill_pool_processes(self.pool)
+
+    def _database_lost(self, exam_id: int, version: int, exc: BaseException) -> None:
+        """The database failed under a reading (server restarted, SQLite locked past its
+        timeout): not the exam's fault, so it is neither failed nor charged an attempt.
+        Wait until the database answers, then give the exam back to ``ready``; it is read
+        again from the start (result UIDs are name-based: the same objects, not copies)."""
+        log.error("exam id %s v%d: the database failed (%s: %s); the exam is read again "
+                  "once it answers", exam_id, version, type(exc).__name__,
+                  str(exc).splitlines()[0][:200] if str(exc) else "")
+        if self.metrics is not None:
+            self.metrics.exam_failures.labels("transient").inc()
+        while not self.stop.is_set():
+            try:
+                if self.exams.ping():
+                    self.exams.release_claim(exam_id, version, f"database error: "
+                                                               f"{type(exc).__name__}")
+                    return
+            except Exception as again:
+                if not transient_database_error(again):
+                    log.exception("cannot give exam id %s back; its lease will run out",
+                                  exam_id)
+                    return
+            self.stop.wait(1.0)
 
     def _process(self, exam_id: int, version: int) -> None:
         study, version, paths = self.exams.slot_paths(exam_id)
@@ -471,7 +514,29 @@ class Worker(threading.Thread):
                 self.metrics.inference.labels("secondary_captures").observe(
                     time.perf_counter() - t0 - t_sr)
                 self.metrics.inference.labels("total").observe(time.perf_counter() - t0)
-        except _TRANSIENT as exc:
+        except Exception as exc:
+            if transient_database_error(exc):
+                raise  # the run loop waits for the database (_database_lost)
+            self._failed(exc, exam_id, study, version, timeout)
+            return
+        if self.exams.complete(exam_id, version, produced, dests):
+            self.on_results.set()
+            stages = dict(reading.get("seconds") or {})
+            stages["sc"] = time.perf_counter() - t0 - t_sr
+            log.info("exam %s v%d done in %.2f s (%s): %d object(s) queued for %d "
+                     "destination(s)", study, version, time.perf_counter() - t0,
+                     ", ".join(f"{k} {v:.2f}" for k, v in stages.items() if k != "total"),
+                     len(srs) + len(produced), len(dests))
+        else:
+            log.info("exam %s v%d was reopened while processing; its new version follows",
+                     study, version)
+
+    def _failed(self, exc: Exception, exam_id: int, study: str, version: int,
+                timeout: float) -> None:
+        """An exam's reading failed: again later when the cause may pass (the inference
+        process died or hung, a file could not be read), else failed with the reason (a model
+        or builder error on this exam's data: this exam fails, the others go on)."""
+        if isinstance(exc, _TRANSIENT):
             if self.metrics is not None:
                 self.metrics.exam_failures.labels("transient").inc()
             if isinstance(exc, FutureTimeout):
@@ -489,21 +554,8 @@ class Worker(threading.Thread):
                       "gave up (failed)" if state == "failed" else "will retry"
                       if state == "ready" else "reopened meanwhile")
             return
-        except Exception as exc:  # model or builder error: this exam fails, others go on
-            if self.metrics is not None:
-                self.metrics.exam_failures.labels("error").inc()
-            log.exception("exam %s v%d failed", study, version)
-            self.exams.finish(exam_id, version, ok=False,
-                              reason=f"{type(exc).__name__}: {exc}"[:500])
-            return
-        if self.exams.complete(exam_id, version, produced, dests):
-            self.on_results.set()
-            stages = dict(reading.get("seconds") or {})
-            stages["sc"] = time.perf_counter() - t0 - t_sr
-            log.info("exam %s v%d done in %.2f s (%s): %d object(s) queued for %d "
-                     "destination(s)", study, version, time.perf_counter() - t0,
-                     ", ".join(f"{k} {v:.2f}" for k, v in stages.items() if k != "total"),
-                     len(srs) + len(produced), len(dests))
-        else:
-            log.info("exam %s v%d was reopened while processing; its new version follows",
-                     study, version)
+        if self.metrics is not None:
+            self.metrics.exam_failures.labels("error").inc()
+        log.error("exam %s v%d failed", study, version, exc_info=exc)
+        self.exams.finish(exam_id, version, ok=False,
+                          reason=f"{type(exc).__name__}: {exc}"[:500])

@@ -8,8 +8,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+
+def transient_database_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database is unreachable or busy for now (the server
+    restarting or failing over, a dropped connection, SQLite locked past its busy timeout,
+    the pool exhausted): the same statement can succeed later. Constraint violations,
+    programming errors and data errors are not transient."""
+    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError,
+                        sa_exc.DisconnectionError, sa_exc.TimeoutError)):
+        return True
+    return isinstance(exc, sa_exc.DBAPIError) and bool(exc.connection_invalidated)
 
 
 class Database:

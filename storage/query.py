@@ -1,30 +1,31 @@
 """DICOM attribute matching (PS3.4 C.2.2.2) as SQL: the database does the matching, the
-grouping by query level and the result cap, so a query never loads more rows than it answers
-and no pattern can take more than the database's own linear LIKE.
+grouping by query level, the result cap and the counts, so a query loads one row per entity
+it answers (never every instance of them) and no pattern can take more than the database's
+own linear LIKE.
 
-The caller (``node.qr``) turns each query key into a :class:`Match`; this module only knows
-columns and operators.
+The caller (:mod:`node.query`, which holds the one attribute table) turns each query key
+into a :class:`Match`; this module only knows columns and operators.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import and_, false, func, select
+from sqlalchemy import and_, distinct, func, select
 from sqlalchemy.orm import aliased
 
 from storage.models import Instance
 
 Op = Literal["in", "eq", "eq_ci", "like", "like_ci", "range", "prefix", "int", "modalities"]
-
-#: Instance columns a query may name.
-COLUMNS = {"patient_id", "patient_name", "study_instance_uid", "study_date", "study_time",
-           "accession_number", "series_instance_uid", "modality", "series_number",
-           "sop_instance_uid", "sop_class_uid", "instance_number"}
+#: What an entity count counts: its instances, or its distinct series / studies.
+Counted = Literal["instances", "series", "studies"]
 
 GROUP_COLUMN = {"PATIENT": "patient_id", "STUDY": "study_instance_uid",
                 "SERIES": "series_instance_uid", "IMAGE": "sop_instance_uid"}
+_COUNTED = {"instances": None, "series": "series_instance_uid",
+            "studies": "study_instance_uid"}
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,9 @@ class Match:
     """One matching condition on an instance column.
 
     ``like`` / ``like_ci`` take a DICOM pattern (``*`` and ``?``); ``range`` a (low, high)
-    pair of strings where either may be empty; ``in`` a list; ``modalities`` a list of
-    modalities of which the study must hold at least one (ModalitiesInStudy).
+    pair of strings where either may be empty; ``in`` a list; ``int`` an integer;
+    ``modalities`` a list of modalities of which the study must hold at least one
+    (ModalitiesInStudy).
     """
 
     column: str
@@ -41,6 +43,20 @@ class Match:
     value: Any
     #: For ``range`` on times: compare with ':' removed (old ACR-NEMA time format).
     strip_colons: bool = False
+
+
+@dataclass
+class Found:
+    """What a query found: one representative instance per matching entity (its first
+    matching instance, in order of arrival), whether more entities matched than the limit,
+    and the counts and modalities asked for, per entity key."""
+
+    rows: list[Instance]
+    more: bool
+    #: (level, counted) -> entity key at that level -> count
+    counts: dict[tuple[str, str], dict[Any, int]] = field(default_factory=dict)
+    #: study_instance_uid -> its modalities, sorted
+    modalities: dict[str, list[str]] = field(default_factory=dict)
 
 
 def like_pattern(dicom: str) -> str:
@@ -58,10 +74,14 @@ def like_pattern(dicom: str) -> str:
     return "".join(out)
 
 
+def _column(name: str):
+    if name not in Instance.__table__.columns:
+        raise ValueError(f"unknown column {name!r}")
+    return getattr(Instance, name)
+
+
 def _condition(m: Match):
-    if m.column not in COLUMNS:
-        raise ValueError(f"unknown column {m.column!r}")
-    col = getattr(Instance, m.column)
+    col = _column(m.column)
     if m.op == "in":
         return col.in_(list(m.value))
     if m.op == "eq":
@@ -75,10 +95,7 @@ def _condition(m: Match):
     if m.op == "prefix":
         return col.like(like_pattern(m.value) + "%", escape="\\")
     if m.op == "int":
-        try:
-            return col == int(m.value)
-        except (TypeError, ValueError):
-            return false()
+        return col == int(m.value)
     if m.op == "range":
         lo, hi = m.value
         expr = func.replace(col, ":", "") if m.strip_colons else col
@@ -96,24 +113,74 @@ def _condition(m: Match):
     raise ValueError(f"unknown operator {m.op!r}")
 
 
-def query_instances(session, level: str, matches: list[Match], limit: int | None = None,
-                    offset: int = 0) -> tuple[list[Instance], bool]:
-    """Instances of the first ``limit`` entities (after ``offset``) at ``level`` that match
-    every condition, in order of arrival; and whether more entities matched than returned."""
-    group = getattr(Instance, GROUP_COLUMN[level])
+def find_entities(session, level: str, matches: list[Match], limit: int | None = None,
+                  offset: int = 0, counts: frozenset[tuple[str, Counted]] = frozenset(),
+                  modalities: bool = False) -> Found:
+    """The first ``limit`` entities (after ``offset``) at ``level`` that have an instance
+    matching every condition, in order of arrival: one row each, plus the ``counts``
+    ((level, what) pairs: e.g. ("STUDY", "series") for NumberOfStudyRelatedSeries) and the
+    studies' modalities when asked. Counts cover every instance of the entity, matching or
+    not. At most four statements, whatever the number of instances."""
+    group = _column(GROUP_COLUMN[level])
     conds = [_condition(m) for m in matches]
-    keys_q = (select(group).where(group.isnot(None), *conds).group_by(group)
-              .order_by(func.min(Instance.id)))
+    first = func.min(Instance.id)
+    keys_q = (select(group, first).where(group.isnot(None), *conds).group_by(group)
+              .order_by(first))
     if offset:
         keys_q = keys_q.offset(offset)
     if limit is not None:
         keys_q = keys_q.limit(limit + 1)
-    keys = list(session.scalars(keys_q))
-    more = limit is not None and len(keys) > limit
+    found = list(session.execute(keys_q))
+    more = limit is not None and len(found) > limit
     if more:
-        keys = keys[:limit]
-    if not keys:
-        return [], False
-    rows = list(session.scalars(select(Instance).where(group.in_(keys), *conds)
+        found = found[:limit]
+    if not found:
+        return Found([], False)
+    by_id = {r.id: r for r in session.scalars(
+        select(Instance).where(Instance.id.in_([i for _, i in found])))}
+    rows = [by_id[i] for _, i in found]
+    out = Found(rows, more)
+    by_level: dict[str, list[Counted]] = defaultdict(list)
+    for lv, what in sorted(counts):
+        by_level[lv].append(what)
+    for lv, whats in by_level.items():
+        gcol = _column(GROUP_COLUMN[lv])
+        values = sorted({getattr(r, GROUP_COLUMN[lv]) for r in rows} - {None})
+        exprs = [func.count(distinct(_column(c))) if (c := _COUNTED[w]) else func.count()
+                 for w in whats]
+        tables: list[dict[Any, int]] = [{} for _ in whats]
+        for chunk in _chunks(values):
+            for key, *ns in session.execute(select(gcol, *exprs).where(gcol.in_(chunk))
+                                            .group_by(gcol)):
+                for t, n in zip(tables, ns, strict=True):
+                    t[key] = int(n)
+        for w, t in zip(whats, tables, strict=True):
+            out.counts[(lv, w)] = t
+    if modalities:
+        studies = sorted({r.study_instance_uid for r in rows})
+        mods: dict[str, set[str]] = defaultdict(set)
+        for chunk in _chunks(studies):
+            for study, modality in session.execute(
+                    select(Instance.study_instance_uid, Instance.modality).distinct()
+                    .where(Instance.study_instance_uid.in_(chunk),
+                           Instance.modality.isnot(None), Instance.modality != "")):
+                mods[study].add(modality)
+        out.modalities = {k: sorted(v) for k, v in mods.items()}
+    return out
+
+
+def _chunks(values: list, size: int = 500):
+    """IN lists of at most ``size`` values (SQLite's bound-parameter limit is 32,766 since
+    3.32, 999 before)."""
+    for i in range(0, len(values), size):
+        yield values[i:i + size]
+
+
+def query_instances(session, level: str, matches: list[Match]) -> list[Instance]:
+    """Every instance of the entities at ``level`` matching every condition (a retrieve's
+    instances), in order of arrival."""
+    group = _column(GROUP_COLUMN[level])
+    conds = [_condition(m) for m in matches]
+    keys = select(group).where(group.isnot(None), *conds)
+    return list(session.scalars(select(Instance).where(group.in_(keys))
                                 .order_by(Instance.id)))
-    return rows, more

@@ -699,6 +699,19 @@ class ExamStore:
                 self._set_state(exam, ExamState.READY, now, f"retry: {reason}")
             return exam.state
 
+    def release_claim(self, exam_id: int, version: int, reason: str) -> bool:
+        """Give a claimed exam back to ``ready`` at once, without counting an attempt: its
+        reading was cut off by something outside the exam (the database went away). False
+        when this process no longer holds it (taken over, or reopened meanwhile)."""
+        now = utcnow()
+        with self.db.write() as s:
+            exam = s.get(Exam, exam_id, with_for_update=True)
+            if exam is None or not self._held(exam, version):
+                return False
+            exam.add_note(f"reading interrupted ({reason}); queued again")
+            self._set_state(exam, ExamState.READY, now, f"interrupted: {reason}")
+            return True
+
     def reprocess(self, study_uid: str) -> tuple[int, str]:
         """Read an exam again as a new version (``mammo-node reprocess``): (version, state).
         KeyError: no such exam; ValueError: held by a patient conflict or no view."""
@@ -1188,13 +1201,21 @@ class ExamStore:
         with self.db.session() as s:
             return list(s.scalars(q.order_by(Instance.id)))
 
-    def query(self, level: str, matches: list, limit: int | None = None,
-              offset: int = 0) -> tuple[list[Instance], bool]:
-        """C-FIND / QIDO matching in the database (see :mod:`storage.query`)."""
+    def find_entities(self, level: str, matches: list, limit: int | None = None,
+                      offset: int = 0, counts: frozenset = frozenset(),
+                      modalities: bool = False):
+        """C-FIND / QIDO matching in the database (see :func:`storage.query.find_entities`)."""
+        from storage.query import find_entities
+
+        with self.db.session() as s:
+            return find_entities(s, level, matches, limit, offset, counts, modalities)
+
+    def query_instances(self, level: str, matches: list) -> list[Instance]:
+        """Every instance of the matching entities (a retrieve's; :mod:`storage.query`)."""
         from storage.query import query_instances
 
         with self.db.session() as s:
-            return query_instances(s, level, matches, limit, offset)
+            return query_instances(s, level, matches)
 
     def instance_count(self) -> int:
         with self.db.session() as s:

@@ -51,6 +51,10 @@ class PostgresServer:
                       "-A", "trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync")
         if r.returncode:
             raise RuntimeError(f"initdb failed: {r.stderr or r.stdout}")
+        return self.start_server()
+
+    def start_server(self) -> PostgresServer:
+        """Start the server on its data directory (again, after :meth:`stop_server`)."""
         opts = (f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories="
                 f"{self.dir} -c fsync=off -c synchronous_commit=off -c full_page_writes=off "
                 f"-c max_connections=300")
@@ -60,6 +64,14 @@ class PostgresServer:
             raise RuntimeError(f"PostgreSQL did not start: {r.stderr or r.stdout}\n"
                                f"{self.log.read_text() if self.log.exists() else ''}")
         return self
+
+    def stop_server(self) -> None:
+        """Stop the server as an administrator's restart would (fast shutdown: every
+        client connection is closed); the data stay."""
+        r = self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w",
+                      "stop", timeout=60)
+        if r.returncode:
+            raise RuntimeError(f"PostgreSQL did not stop: {r.stderr or r.stdout}")
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"

@@ -362,3 +362,33 @@ def test_exclusive_work_runs_in_one_process_at_a_time(db_url):
         assert again
     a.close()
     b.close()
+
+
+@pytest.mark.unit
+def test_a_locked_sqlite_database_is_a_transient_error(tmp_path):
+    """SQLite locked past its busy timeout is transient (the worker waits and reads the exam
+    again); a constraint violation is not."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    from storage.db import transient_database_error
+
+    path = tmp_path / "locked.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("INSERT INTO t VALUES (1)")
+    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 0.1})
+    try:
+        with pytest.raises(OperationalError) as locked:
+            with engine.begin() as c:
+                c.execute(text("INSERT INTO t VALUES (2)"))
+        assert "locked" in str(locked.value) and transient_database_error(locked.value)
+        holder.execute("COMMIT")
+        with pytest.raises(IntegrityError) as dup:
+            with engine.begin() as c:
+                c.execute(text("INSERT INTO t VALUES (1)"))
+        assert not transient_database_error(dup.value)
+    finally:
+        holder.close()
+        engine.dispose()

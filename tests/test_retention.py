@@ -9,8 +9,7 @@ import json
 import pytest
 
 from inference.synthetic import make_exam, write
-from node.config import Config
-from node.qr import QueryRetrieveSCP
+from node.query import Query, QueryService
 from node.scp import instance_record
 from node.views import assign_slots
 from storage.db import Database
@@ -87,9 +86,8 @@ def test_done_and_delivered_images_go_after_keep_days(env):
     assert exam.state == "done" and exam.images_purged_at is not None
     assert any("retention" in n for n in exam.notes)
     # Gone from C-FIND; the produced objects stay findable.
-    qr = QueryRetrieveSCP(Config(), files, store)
-    rows, _ = qr.match("IMAGE", {"StudyInstanceUID": study})
-    assert {r.role for r in rows} == {"result"}
+    found = QueryService(store).find(Query("IMAGE", {"StudyInstanceUID": study}))
+    assert {r.role for r in found.rows} == {"result"}
 
 
 @pytest.mark.parametrize("deliver, why", [(None, None), ("pending", "not delivered yet"),

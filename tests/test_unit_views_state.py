@@ -10,7 +10,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from inference.synthetic import make_exam, make_mammogram
-from node.qr import QueryRetrieveSCP, key_match
+from node.query import Query, QueryError, QueryService, key_match
 from node.scp import instance_record
 from node.views import assign_slots, classify
 from storage.db import Database
@@ -170,13 +170,14 @@ def test_study_matching_in_sql(exams, key, query, n):
     b = make_exam(seed=6, rows=8, cols=8, patient_id="PAT-B", patient_name="Beta^Bea",
                   accession="ACC-B", acquisition=dt.datetime(2026, 5, 20))
     _add(store, files, a + b)
-    from node.config import Config
-
-    qr = QueryRetrieveSCP(Config(), files, store)
-    rows, more = qr.match("STUDY", {key: query})
-    assert len({r.study_instance_uid for r in rows}) == n and not more
-    rows, more = qr.match("IMAGE", {}, limit=3)
-    assert len(rows) == 3 and more
+    queries = QueryService(store)
+    found = queries.find(Query("STUDY", {key: query}))
+    assert len({r.study_instance_uid for r in found.rows}) == n and not found.more
+    found = queries.find(Query("IMAGE", {}), limit=3)
+    assert len(found.rows) == 3 and found.more
+    # A cap counts entities and loads one row each, not every instance of them.
+    found = queries.find(Query("STUDY", {}), limit=1000)
+    assert len(found.rows) == 2 and not found.more
 
 
 def test_key_match_by_vr():
@@ -186,6 +187,12 @@ def test_key_match_by_vr():
     assert key_match("PatientName", "a*").op == "like_ci"
     assert key_match("SeriesNumber", "3").op == "int"
     assert key_match("PatientID", "*") is None
+    assert key_match("Modality", "MG\\SR").op == "in"
+    for key, bad in (("StudyDate", "2026-13"), ("SeriesNumber", "x"), ("Rows", "1*"),
+                     ("StudyInstanceUID", "1.2.*"), ("NumberOfStudyRelatedSeries", "1"),
+                     ("InstitutionName", "X")):
+        with pytest.raises(QueryError, match=key):
+            key_match(key, bad)
 
 
 def test_header_values_longer_than_their_vr_are_kept_to_the_column(exams):
@@ -199,10 +206,8 @@ def test_header_values_longer_than_their_vr_are_kept_to_the_column(exams):
         ds.SeriesDescription = "x" * 300                                           # > 256
     results = _add(store, files, exam)
     assert [r.exam_state for r in results][-1] == "ready"
-    from node.config import Config
-
-    qr = QueryRetrieveSCP(Config(), files, store)
-    rows, _ = qr.match("STUDY", {"AccessionNumber": "ACC-2026-000000012345"})
+    rows = QueryService(store).find(
+        Query("STUDY", {"AccessionNumber": "ACC-2026-000000012345"})).rows
     assert rows and rows[0].study_description == exam[0].StudyDescription.strip()
     assert len(rows[0].series_description) == 256
 
@@ -277,3 +282,43 @@ def test_a_corrected_identity_holds_the_exam_and_keeps_both(exams):
     assert all(r.conflict for r in _add(store, files, exam[1:]))
     detached, state, version = store.resolve_patient(study, "NEW-7", assign_slots)
     assert (detached, state) == (0, "ready") and version >= 1
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+def test_encoded_c_find_answers_are_the_datasets_answers_builds(exams, explicit):
+    """C-FIND's fast path (answers encoded straight from the rows) says exactly what the
+    pydicom datasets of QueryService.answers say, in either Little Endian syntax: every key
+    asked, unique keys added, empty where not held, and UTF-8 declared for a non-ASCII
+    name the query gave no character set for."""
+    from io import BytesIO
+
+    from pydicom.dataset import Dataset
+    from pynetdicom.dsutils import decode
+
+    from node.query import from_identifier
+
+    store, files = exams
+    a = make_exam(seed=7, rows=8, cols=8, patient_id="PAT-Ü", patient_name="Müller^Zoë",
+                  accession="ACC-U")
+    _add(store, files, a)
+    queries = QueryService(store)
+    for level in ("PATIENT", "STUDY", "SERIES", "IMAGE"):
+        q = Dataset()
+        q.QueryRetrieveLevel = level
+        for kw in ("PatientName", "PatientID", "StudyDate", "ModalitiesInStudy",
+                   "NumberOfStudyRelatedInstances", "SeriesNumber", "Rows", "InstitutionName",
+                   "NumberOfPatientRelatedStudies", "NumberOfFrames"):
+            setattr(q, kw, None)
+        query = from_identifier(q)
+        found = queries.find(query)
+        want = queries.answers(query, found)
+        got = [decode(BytesIO(b), not explicit, True, False)
+               for b in queries.encoded_answers(query, found, explicit)]
+        assert len(got) == len(want) > 0
+        for g, w in zip(got, want, strict=True):
+            w.SpecificCharacterSet = "ISO_IR 192"  # the name is not ASCII
+            assert [e.tag for e in g] == [e.tag for e in w]
+            for e in w:
+                got_v, want_v = (("" if v is None else str(v)) for v in (g[e.tag].value,
+                                                                         e.value))
+                assert got_v == want_v, (level, e.keyword)

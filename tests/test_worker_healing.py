@@ -11,8 +11,12 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
+import requests
+from pydicom import dcmread
+
 from inference.synthetic import make_exam
-from tests.helpers import send, wait_for
+from tests.helpers import free_port, send, wait_for
 
 SIZE = dict(rows=320, cols=256)
 
@@ -110,3 +114,51 @@ def test_no_child_outlives_a_daemon_killed_at_any_moment(node_factory):
         node.proc.wait()
         wait_for(lambda tag=tag: not _tagged(tag), 15, interval=0.2,
                  what=f"the children of killed daemon #{i + 1} to go")
+
+
+@pytest.mark.postgres
+def test_postgresql_restarted_mid_exam_the_exam_ends_done_once(node_factory, storescp_factory,
+                                                               tmp_path):
+    """The PostgreSQL server stops while an exam is being read and the reading finishes
+    while it is down: the worker neither dies nor fails the exam; once the server is back
+    the exam is read again, ends ``done`` at version 1 and each result reaches the PACS once;
+    /readyz reports every background thread alive."""
+    from tests.pg import PostgresServer
+
+    server = PostgresServer().start()
+    try:
+        pacs = storescp_factory()
+        web = free_port()
+        exam = make_exam(seed=95, **SIZE)
+        study = exam[0].StudyInstanceUID
+        gate = tmp_path / "gate"
+        node = node_factory({
+            "node": {"database_url": server.new_database("restart")},
+            "dicomweb": {"enabled": True, "host": "127.0.0.1", "port": web},
+            "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
+                              "port": pacs.port}],
+            "export": {"initial_delay_seconds": 0.5, "max_delay_seconds": 1.0},
+            "inference": {"timeout_seconds": 120, "max_attempts": 2}},
+            worker=True, env={"MAMMO_NODE_FAILPOINT": f"gate:{study}:{gate}"})
+        assert send(node.port, exam) == [0] * 4
+        wait_for(lambda: Path(f"{gate}.reached").exists(), 180, what="the exam mid-reading")
+        server.stop_server()
+        gate.touch()  # the reading goes on, and meets no database
+        wait_for(lambda: "the database failed" in node.log.read_text(), 120,
+                 what="the worker seeing the database gone")
+        server.start_server()
+        e = node.wait_exam(study, "done", timeout=180)
+        assert e["version"] == 1 and not any("failed" in n for n in e["notes"])
+        assert any("interrupted (database error" in n for n in e["notes"])
+        wait_for(lambda: node.exam(study)["delivery"].get("pacs", {}).get("sent") == 6, 60,
+                 what="6 objects at the PACS")
+        uids = [dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in pacs.files()]
+        assert len(uids) == 6 and len(set(uids)) == 6
+        r = requests.get(f"http://127.0.0.1:{web}/readyz", timeout=30)
+        checks = r.json()["checks"]
+        assert r.status_code == 200, checks
+        for name in ("worker", "export", "retention", "stable-timer"):
+            assert checks[f"thread {name}"]["ok"], name
+        assert node.proc is not None and node.proc.poll() is None
+    finally:
+        server.stop()
