@@ -31,6 +31,9 @@ class ExamRecord:
     diagnosis: dict[str, int | None] = field(default_factory=dict)  # -> class index
     split: str = ""
     density: dict[str, int | None] = field(default_factory=dict)  # -> 0..3 (A..D)
+    #: slot -> boxes (x0, y0, x1, y1) of its malignant / suspicious lesions, in the image's
+    #: pixels, where the data set gives them (VinDr finding_annotations.csv, synth)
+    lesions: dict[str, list[tuple[float, float, float, float]]] = field(default_factory=dict)
 
 
 def parse_birads(value: str | None) -> int | None:

@@ -18,7 +18,10 @@ from inference.datasets.records import (
     parse_birads,
     parse_density,
     parse_diagnosis,
+    parse_laterality,
+    parse_view,
 )
+from inference.tasks import BREASTS
 
 
 def read_vindr(root: str | Path) -> list[ExamRecord]:
@@ -43,4 +46,27 @@ def read_vindr(root: str | Path) -> list[ExamRecord]:
                            parse_diagnosis(row.get("breast_diagnosis")), row.get("split") or "",
                            parse_density(row.get("breast_density")))
             skipped += not ok
+    _read_vindr_findings(root, records)
     return check_files(records, csv_path, skipped)
+
+
+def _read_vindr_findings(root: Path, records: dict[str, ExamRecord]) -> None:
+    """VinDr's ``finding_annotations.csv`` (boxes xmin..ymax per image, ``finding_birads``):
+    the boxes of BI-RADS 4-5 findings (VinDr has no pathology: suspicious stands for
+    malignant) become the exam's lesions, for localisation (FROC) in ``evaluate``."""
+    path = root / "finding_annotations.csv"
+    if not path.exists():
+        return
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        for row in csv.DictReader(f):
+            rec = records.get((row.get("study_id") or "").strip())
+            b = parse_birads(row.get("finding_birads"))
+            lat, v = parse_laterality(row.get("laterality")), parse_view(
+                row.get("view_position") or "")[1]
+            try:
+                box = tuple(float(row[k]) for k in ("xmin", "ymin", "xmax", "ymax"))
+            except (KeyError, TypeError, ValueError):
+                continue  # no box (a finding without a location)
+            if rec is None or b is None or b < 4 or lat not in BREASTS or v is None:
+                continue
+            rec.lesions.setdefault(f"{lat}-{v}", []).append(box)  # type: ignore[arg-type]
