@@ -51,6 +51,9 @@ class ExamRecord:
     diagnosis: dict[str, int | None] = field(default_factory=dict)  # -> class index
     split: str = ""
     density: dict[str, int | None] = field(default_factory=dict)  # -> 0..3 (A..D)
+    #: slot -> boxes (x0, y0, x1, y1) of its malignant / suspicious lesions, in the image's
+    #: pixels, where the data set gives them (VinDr finding_annotations.csv, synth)
+    lesions: dict[str, list[tuple[float, float, float, float]]] = field(default_factory=dict)
 
 
 def parse_birads(value: str | None) -> int | None:
@@ -238,7 +241,30 @@ def read_vindr(root: str | Path) -> list[ExamRecord]:
                       parse_diagnosis(row.get("breast_diagnosis")), row.get("split") or "",
                       parse_density(row.get("breast_density")))
             skipped += not ok
+    _read_vindr_findings(root, records)
     return _check_files(records, csv_path, skipped)
+
+
+def _read_vindr_findings(root: Path, records: dict[str, ExamRecord]) -> None:
+    """VinDr's ``finding_annotations.csv`` (boxes xmin..ymax per image, ``finding_birads``):
+    the boxes of BI-RADS 4-5 findings (VinDr has no pathology: suspicious stands for
+    malignant) become the exam's lesions, for localisation (FROC) in ``evaluate``."""
+    path = root / "finding_annotations.csv"
+    if not path.exists():
+        return
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        for row in csv.DictReader(f):
+            rec = records.get((row.get("study_id") or "").strip())
+            b = parse_birads(row.get("finding_birads"))
+            lat, v = parse_laterality(row.get("laterality")), parse_view(
+                row.get("view_position") or "")[1]
+            try:
+                box = tuple(float(row[k]) for k in ("xmin", "ymin", "xmax", "ymax"))
+            except (KeyError, TypeError, ValueError):
+                continue  # no box (a finding without a location)
+            if rec is None or b is None or b < 4 or lat not in BREASTS or v is None:
+                continue
+            rec.lesions.setdefault(f"{lat}-{v}", []).append(box)  # type: ignore[arg-type]
 
 
 def read_csv(csv_path: str | Path) -> list[ExamRecord]:

@@ -116,3 +116,29 @@ def density_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, Any]:
     out.update(accuracy=round(float(np.trace(conf)) / n, 4),
                quadratic_weighted_kappa=round(kappa, 4))
     return out
+
+
+def froc(marks: list[tuple[float, bool, int]], lesions: int, images: int,
+         fp_rates: tuple[float, ...] = (0.5, 1.0, 2.0)) -> dict[str, Any]:
+    """Localisation, FROC style. ``marks``: (region score, hits a malignant lesion, lesion id
+    or -1) for every mark of every image; ``lesions``: malignant lesions; ``images``: images
+    read. At each threshold on the region score, sensitivity = lesions hit by at least one
+    mark / lesions and false marks per image = marks hitting none / images; reported at the
+    given false-mark rates (the best sensitivity with at most that many)."""
+    out: dict[str, Any] = {"lesions": lesions, "images": images, "curve": [], "points": {}}
+    if lesions == 0 or images == 0:
+        return out
+    order = sorted(marks, key=lambda m: -m[0])
+    hit: set[int] = set()
+    fp = 0
+    curve = [(0.0, 0.0, float("inf"))]
+    for score, is_hit, lesion in order:
+        if is_hit:
+            hit.add(lesion)
+        else:
+            fp += 1
+        curve.append((fp / images, len(hit) / lesions, score))
+    out["curve"] = [(round(f, 4), round(s, 4)) for f, s, _ in curve]
+    for rate in fp_rates:
+        out["points"][str(rate)] = max(s for f, s, _ in curve if f <= rate)
+    return out

@@ -193,3 +193,21 @@ def plot_calibration(path: Path, table: list[dict[str, Any]]) -> Path:
         d.ellipse((px - rad, py - rad, px + rad, py + rad), outline=(200, 30, 30), width=2)
     img.save(path)
     return path
+
+
+def plot_froc(path: Path, froc: dict[str, Any], max_fp: float = 3.0) -> Path:
+    """The FROC curve: lesion sensitivity against false marks per image (x scaled to
+    ``max_fp``), the reported points circled."""
+    img, d, xy = _canvas(f"FROC ({froc.get('lesions', 0)} lesions, "
+                         f"{froc.get('images', 0)} images)")
+    pts = [xy(min(f, max_fp) / max_fp, s) for f, s in froc.get("curve", [])]
+    if len(pts) > 1:
+        d.line(pts, fill=(200, 30, 30), width=3)
+    for rate, sens in (froc.get("points") or {}).items():
+        px, py = xy(min(float(rate), max_fp) / max_fp, sens)
+        d.ellipse((px - 5, py - 5, px + 5, py + 5), outline=(30, 30, 200), width=2)
+        d.text((px + 7, py + 3), f"{sens:.2f} at {rate}", fill=(30, 30, 200))
+    d.text(xy(0.45, 0.05), f"false marks per image (0-{max_fp:g})", fill="black")
+    d.text(xy(0.02, 0.95), "lesions hit", fill="black")
+    img.save(path)
+    return path

@@ -28,10 +28,13 @@ from typing import Any
 import numpy as np
 from pydicom.uid import JPEGLSLossless, generate_uid
 
-from inference.synthetic import ARTIFACTS, UID_ROOT, Lesion, make_mammogram, write
+from inference.synthetic import ARTIFACTS, UID_ROOT, Lesion, lesion_boxes, make_mammogram, write
 
 BIRADS_P = [0.4, 0.15, 0.15, 0.15, 0.15]
 DIAGNOSIS = {1: "normal", 2: "benign", 3: "benign", 4: "malignant", 5: "malignant"}
+FINDING_FIELDS = ["study_id", "series_id", "image_id", "laterality", "view_position",
+                  "height", "width", "breast_birads", "breast_density", "finding_categories",
+                  "finding_birads", "xmin", "ymin", "xmax", "ymax", "split"]
 FIELDS = ["study_id", "series_id", "image_id", "laterality", "view_position", "height",
           "width", "breast_birads", "breast_density", "split", "breast_diagnosis"]
 
@@ -67,6 +70,7 @@ def write_synthetic_dataset(out: str | Path, exams: int, seed: int = 0, rows: in
     rng = np.random.default_rng(seed)
     art_rng = np.random.default_rng([seed, 0xA27])
     rows_out = []
+    findings = []
     it = range(exams)
     if progress:
         from tqdm import tqdm
@@ -94,8 +98,9 @@ def write_synthetic_dataset(out: str | Path, exams: int, seed: int = 0, rows: in
                 if artifacts and art_rng.random() < artifacts:
                     kinds = [a for a in ARTIFACTS if art_rng.random() < 0.5]
                     kw["artifacts"] = tuple(kinds or [str(art_rng.choice(ARTIFACTS))])
+                img_seed = int(rng.integers(1 << 31))
                 ds = make_mammogram(
-                    lat, view, rows=rows, cols=cols, seed=int(rng.integers(1 << 31)),
+                    lat, view, rows=rows, cols=cols, seed=img_seed,
                     sop_uid=generate_uid(prefix=UID_ROOT,
                                          entropy_srcs=[f"synth|{seed}|{e}|{lat}{view}"]),
                     lesions=les, dialect=dialect, photometric=photometric, study_uid=study,
@@ -108,9 +113,25 @@ def write_synthetic_dataset(out: str | Path, exams: int, seed: int = 0, rows: in
                     "laterality": lat, "view_position": view, "height": rows, "width": cols,
                     "breast_birads": f"BI-RADS {birads}", "breast_density": f"DENSITY {density}",
                     "split": split, "breast_diagnosis": DIAGNOSIS[birads]})
+                # Where each lesion lies (the VinDr finding layout): localisation in evaluate.
+                for le, (_, _, x0, y0, x1, y1) in zip(les, lesion_boxes(lat, rows, cols,
+                                                                        img_seed, les)):
+                    findings.append({
+                        "study_id": study, "series_id": series, "image_id": image_id,
+                        "laterality": lat, "view_position": view, "height": rows,
+                        "width": cols, "breast_birads": f"BI-RADS {birads}",
+                        "breast_density": f"DENSITY {density}",
+                        "finding_categories": f"['{le.kind}']",
+                        "finding_birads": f"BI-RADS {birads}", "xmin": round(x0, 1),
+                        "ymin": round(y0, 1), "xmax": round(x1, 1), "ymax": round(y1, 1),
+                        "split": split})
     csv_path = out / "breast-level_annotations.csv"
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
         w.writerows(rows_out)
+    with open(out / "finding_annotations.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FINDING_FIELDS)
+        w.writeheader()
+        w.writerows(findings)
     return csv_path

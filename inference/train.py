@@ -326,6 +326,9 @@ def evaluate(data: str, checkpoint: str | None, fmt: str = "vindr", split: str =
         keep = preds["present"].astype(bool) & (preds["density"] >= 0)
         results["density"] = density_metrics(preds["density"][keep],
                                              preds["density_probs"][keep].argmax(1))
+    if any(r.lesions for r in records):
+        results["localisation"] = localisation(records, checkpoint, device,
+                                               progress=progress)
     y, s = exam_level(preds, info.config.birads_classes)
     op = operating_point if operating_point is not None else info.operating_point
     stats = exam_statistics(y, s, op, bootstrap=bootstrap)
@@ -336,7 +339,42 @@ def evaluate(data: str, checkpoint: str | None, fmt: str = "vindr", split: str =
         stats["plots"] = [str(plot_roc(folder / "roc.png", y, s, op, stats["auc"])),
                           str(plot_calibration(folder / "calibration.png",
                                                stats["calibration"]))]
+        if "localisation" in results:
+            from inference.scoring import plot_froc
+
+            stats["plots"].append(str(plot_froc(folder / "froc.png",
+                                                results["localisation"])))
     return results
+
+
+def localisation(records: list, checkpoint: str | None, device: str = "auto",
+                 max_marks: int = 3, progress: bool = True) -> dict[str, Any]:
+    """FROC of the marks (:func:`inference.metrics.froc`) on exams whose lesions are known:
+    every exam read as the node reads it (``MammoModel.predict_exam``, marks in the source
+    image's pixels); a mark hits a lesion when its centre lies in the lesion's box."""
+    from inference.api import MammoModel
+    from inference.metrics import froc
+
+    model = MammoModel(checkpoint, device=device)
+    marks: list[tuple[float, bool, int]] = []
+    n_lesions = n_images = 0
+    for rec in tqdm(records, desc="localisation", unit="exam", disable=not progress,
+                    leave=False):
+        if not rec.paths:
+            continue
+        reading = model.predict_exam({s: str(p) for s, p in rec.paths.items()},
+                                     max_marks=max_marks)
+        for slot in rec.paths:
+            n_images += 1
+            boxes = rec.lesions.get(slot, [])
+            ids = list(range(n_lesions, n_lesions + len(boxes)))
+            n_lesions += len(boxes)
+            for mk in reading.marks.get(slot, []):
+                x, y = mk.center
+                hit = [i for i, (x0, y0, x1, y1) in zip(ids, boxes)
+                       if x0 <= x <= x1 and y0 <= y <= y1]
+                marks.append((mk.score, bool(hit), hit[0] if hit else -1))
+    return froc(marks, n_lesions, n_images)
 
 
 def calibrate(data: str, checkpoint: str | None, out: str, fmt: str = "vindr",
@@ -379,7 +417,7 @@ def format_table(results: dict[str, Any], title: str = "") -> str:
     lines.append(f"{'Task':<16} {'AUC':>7} {'F1':>7} {'Acc':>7} {'n':>6}")
     lines.append("-" * 47)
     for task, m in results.items():
-        if task == "exam":
+        if task in ("exam", "density", "localisation"):
             continue
         auc = "   n/a" if m["auc"] is None else f"{m['auc']:.4f}"
         lines.append(f"{task:<16} {auc:>7} {m['f1']:>7.4f} {m['accuracy']:>7.4f} {m['n']:>6d}")
@@ -408,6 +446,22 @@ def format_table(results: dict[str, Any], title: str = "") -> str:
             for c in e["calibration"]))
         for p in e.get("plots") or []:
             lines.append(f"  plot: {p}")
+    d = results.get("density")
+    if d:
+        lines.append("")
+        kappa = d["quadratic_weighted_kappa"]
+        lines.append(f"Breast density (A-D): {d['n']} breasts, accuracy "
+                     f"{d['accuracy'] if d['accuracy'] is not None else 'n/a'}, quadratic-"
+                     f"weighted kappa {kappa if kappa is not None else 'n/a'}")
+        lines.append("  confusion (rows label A-D, columns prediction): "
+                     + " | ".join(" ".join(str(n) for n in row) for row in d["confusion"]))
+    loc = results.get("localisation")
+    if loc:
+        lines.append("")
+        lines.append(f"Localisation: {loc['lesions']} malignant lesions on {loc['images']} "
+                     "images; lesions hit by a mark at "
+                     + ", ".join(f"{r} false marks/image: {s:.3f}"
+                                 for r, s in loc["points"].items()))
     return "\n".join(lines)
 
 

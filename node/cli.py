@@ -93,13 +93,18 @@ def _open_store(cfg: Config):
                      prior_gap_days=cfg.grouping.prior_gap_days)
 
 
-def cmd_exams(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    store = _open_store(cfg)
+def exams_json(store) -> list[dict]:
+    """What ``mammo-node exams --json`` prints: every exam with its delivery counts."""
     exams = [e.as_dict() for e in store.list_exams()] if store else []
     delivery = store.delivery_summary() if store else {}
     for e in exams:
         e["delivery"] = delivery.get(e["study_instance_uid"], {})
+    return exams
+
+
+def cmd_exams(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    exams = exams_json(_open_store(cfg))
     if args.state:
         exams = [e for e in exams if e["state"] == args.state]
     if args.json:

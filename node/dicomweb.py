@@ -110,6 +110,7 @@ def split_multipart(path: Path, content_type: str) -> list[tuple[str, int, int]]
             head_end = head.find(b"\r\n\r\n")
             if head_end < 0:
                 raise ValueError("a part without the blank line that ends its headers")
+            f.seek(start)
             ctype = "application/octet-stream"
             for line in head[:head_end].decode("latin-1").split("\r\n"):
                 k, _, v = line.partition(":")
@@ -654,14 +655,26 @@ class DicomWeb:
         tag = request.path_params["tag"]
         if not rows or not _TAG_RE.match(tag):
             return _error(404, "no such instance or bulk data element")
+        path = self.files.abspath(rows[0].path)
+        accept = request.headers.get("accept", "")
+        multipart = "multipart/related" in accept or not accept or "*/*" in accept
+        if int(tag, 16) == 0x7FE00010:
+            # Native pixel data (a volume's: gigabytes) streams from the file.
+            span = await run_in_threadpool(wado.pixel_data_range, path)
+            if span is not None:
+                self._audit_retrieve(request, rows, "WADO-RS bulkdata")
+                boundary = uuid.uuid4().hex if multipart else None
+                octets = "application/octet-stream"
+                return StreamingResponse(
+                    wado.stream_range(path, span[0], span[1], octets, boundary),
+                    media_type=(wado.multipart_content_type(octets, boundary) if boundary
+                                else octets))
         try:
-            value = await run_in_threadpool(wado.bulkdata, self.files.abspath(rows[0].path),
-                                            int(tag, 16))
+            value = await run_in_threadpool(wado.bulkdata, path, int(tag, 16))
         except KeyError:
             return _error(404, f"no binary element {tag} in this instance")
         self._audit_retrieve(request, rows, "WADO-RS bulkdata")
-        accept = request.headers.get("accept", "")
-        if "multipart/related" in accept or not accept or "*/*" in accept:
+        if multipart:
             body, ctype = wado.multipart_bytes([value], "application/octet-stream")
             return Response(body, media_type=ctype)
         return Response(value, media_type="application/octet-stream")

@@ -290,3 +290,39 @@ def test_presentation_state_of_a_real_reading(model, exam_files, tmp_path):
         assert len(parsed.polylines) == len(summary.marks.get(slot, []))
         for poly, mark in zip(parsed.polylines, summary.marks.get(slot, [])):
             assert np.allclose(np.asarray(poly)[:-1], np.asarray(mark.outline), atol=0.01)
+
+
+def test_froc_points():
+    from inference.metrics import froc
+
+    # 2 lesions on 4 images: marks by falling score: hit lesion 0, miss, hit 1, miss, miss.
+    r = froc([(90, True, 0), (80, False, -1), (70, True, 1), (60, False, -1),
+              (50, False, -1), (40, True, 0)], lesions=2, images=4)
+    assert r["points"] == {"0.5": 1.0, "1.0": 1.0, "2.0": 1.0}
+    r = froc([(90, False, -1), (80, False, -1), (70, True, 0)], lesions=2, images=2)
+    assert r["points"]["0.5"] == 0.0 and r["points"]["1.0"] == 0.5
+
+
+def test_synth_writes_lesion_boxes_and_evaluate_reports_froc_and_density(tmp_path):
+    from inference.data import read_dataset
+    from inference.synthetic_dataset import write_synthetic_dataset
+    from inference.train import evaluate, format_table
+
+    write_synthetic_dataset(tmp_path / "s", exams=6, seed=3, rows=320, cols=256,
+                            test_fraction=1.0, progress=False)
+    recs = read_dataset(tmp_path / "s", "vindr")
+    assert all(set(r.density) == {"L", "R"} for r in recs)       # DENSITY X per breast
+    with_lesions = [r for r in recs if r.lesions]
+    assert with_lesions                                          # BI-RADS 4-5 boxes
+    for r in with_lesions:
+        for slot, boxes in r.lesions.items():
+            assert r.birads[slot[0]] >= 4
+            assert all(0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 320 for x0, y0, x1, y1 in boxes)
+    res = evaluate(str(tmp_path / "s"), None, split="test", device="cpu", progress=False,
+                   bootstrap=10, plots=str(tmp_path / "plots"))
+    loc = res["localisation"]
+    assert loc["lesions"] == sum(len(b) for r in with_lesions for b in r.lesions.values())
+    assert set(loc["points"]) == {"0.5", "1.0", "2.0"}
+    assert (tmp_path / "plots" / "froc.png").exists()
+    assert "density" not in res        # the demo checkpoint has no density head
+    assert "Localisation:" in format_table(res)
