@@ -1,7 +1,7 @@
 """How a mammogram's header says which view it is: laterality, view, view modifiers, For
 Processing. The one classifier of the project: the node's exam assembly
 (:mod:`node.assembly`), the Python API (:meth:`inference.api.MammoModel.predict_exam`) and the
-data readers (:mod:`inference.data`) all use it.
+data readers (:mod:`inference.datasets`) all use it.
 
 * laterality: ImageLaterality (0020,0062), else Laterality (0020,0060), else a laterality
   prefix inside ViewPosition ("RCC", "L MLO", as some older systems write it);
