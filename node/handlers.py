@@ -50,8 +50,11 @@ def _failed(service: str, what: str | None, event: evt.Event, exc: BaseException
     log.error("%s from %s failed: %s: %s", service, _peer(event).get("ae_title", "?"),
               type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
     if what:
-        audit.event(what, A.SERIOUS_FAILURE, peer=_peer(event), service=service,
-                    reason=f"{type(exc).__name__}: internal error")
+        try:
+            audit.event(what, A.SERIOUS_FAILURE, peer=_peer(event), service=service,
+                        reason=f"{type(exc).__name__}: internal error")
+        except A.AuditUnavailable:
+            pass  # the failure is answered all the same
 
 
 def _guard_generator(fn: Callable, kind: Any, audit: Any) -> Callable:
