@@ -1,4 +1,5 @@
-"""``mammo-node synth | train | evaluate | model-info`` (registered by node.cli)."""
+"""``mammo-node synth | train | prepare | evaluate | calibrate | model-info``
+(registered by node.cli)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import json
 import logging
 import sys
+
+from inference.datasets import FORMATS  # torch-free: the readers only
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -35,7 +38,6 @@ def _clean_errors(name: str, fn):
     return run
 
 
-FORMATS = ["vindr", "csv", "cbis-ddsm", "rsna", "cmmd", "inbreast"]
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -51,9 +53,18 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    from inference.distributed import launch, launched_by_torchrun
+
+    if args.nproc and args.nproc > 1 and not launched_by_torchrun():
+        return launch(args.nproc, _without_nproc(sys.argv[1:]))
     from inference.train import TrainArgs, train
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    rank = int(os.environ.get("RANK", "0"))
+    # Only rank 0 logs (and prints); the other ranks say only what goes wrong.
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s")
     intended = args.intended_use
     if args.synthetic_demo:
         from inference.checkpoint import NOT_CLINICAL
@@ -68,9 +79,38 @@ def cmd_train(args: argparse.Namespace) -> int:
         birads_weight=args.birads_weight, diagnosis_weight=args.diagnosis_weight,
         training_data=args.training_data, intended_use=intended, progress=not args.quiet,
         stop_after_epoch=args.stop_after_epoch, val_fraction=args.val_fraction,
-        specificity=args.specificity))
-    print(f"checkpoint written: {res['checkpoint']}")
+        specificity=args.specificity, cache_dir=args.cache_dir, prefetch=args.prefetch,
+        dropout=args.dropout, accumulate=args.accumulate, clip_grad=args.clip_grad,
+        warmup_epochs=args.warmup_epochs, precision=args.precision, patience=args.patience))
+    if res["rank"] == 0:
+        print(f"checkpoint written: {res['checkpoint']}")
+        if res["best"]:
+            print(f"best by validation (epoch {res['best_epoch']}): {res['best']}")
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x == "--nproc":
+            skip = True
+        elif not x.startswith("--nproc="):
+            out.append(x)
+    return out
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from inference.datasets.cache import prepare_cache
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    res = prepare_cache(args.data, args.format, args.image_size, cache_dir=args.cache_dir,
+                        workers=args.workers, progress=not args.quiet)
+    print(f"cache {res['cache_dir']}: {res['built']} view(s) built, {res['cached']} already "
+          f"there, {res['failed']} unreadable, {res['views']} in all "
+          f"({res['seconds']:.1f} s, {res['workers']} process(es))")
+    return 0 if res["failed"] < res["views"] or not res["views"] else 2
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -178,7 +218,28 @@ def register(sub, add_config, load_config) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, default=0, help="seed (runs are deterministic)")
-    p.add_argument("--workers", type=int, default=0, help="decoding worker processes")
+    p.add_argument("--workers", type=int, default=-1,
+                   help="DataLoader workers per process (-1: the cores per process less one)")
+    p.add_argument("--prefetch", type=int, default=2,
+                   help="batches each DataLoader worker loads ahead")
+    p.add_argument("--cache-dir", default=None,
+                   help="preprocessing cache (default: DATA/.mammo-cache; mammo-node "
+                        "prepare builds it ahead)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="data-parallel on this machine: N processes under torchrun "
+                        "(--standalone); under torchrun itself this is not needed")
+    p.add_argument("--accumulate", type=int, default=1, metavar="K",
+                   help="micro-batches per optimizer step (gradient accumulation)")
+    p.add_argument("--clip-grad", type=float, default=5.0,
+                   help="gradient norm clipping (0: off)")
+    p.add_argument("--warmup-epochs", type=float, default=1.0,
+                   help="linear warmup before the cosine decay, in epochs")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="autocast: auto = bf16 on a CUDA device with it, else fp16 with a "
+                        "GradScaler; fp32 on CPU unless bf16 is asked")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout before the heads")
+    p.add_argument("--patience", type=int, default=0,
+                   help="early stopping: epochs without a better validation score (0: off)")
     p.add_argument("--resume", action="store_true", help="continue from OUT.resume.pt")
     p.add_argument("--stop-after-epoch", type=int, metavar="N",
                    help="stop after epoch N (a time-boxed run); --resume continues it")
@@ -189,11 +250,28 @@ def register(sub, add_config, load_config) -> None:
     p.add_argument("--synthetic-demo", action="store_true",
                    help="mark the checkpoint as trained on synthetic data, not for clinical use")
     p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="share of the training exams held out to choose the operating point")
+                   help="share of the training exams held out for validation (each "
+                        "epoch, the best checkpoint) and the operating point")
     p.add_argument("--specificity", type=float, default=0.9,
                    help="specificity of the operating point on the held-out exams")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_clean_errors("train", cmd_train))
+
+    p = sub.add_parser("prepare", help="build the preprocessing cache of a data set",
+                       formatter_class=fmt,
+                       description="Decode, segment and resize every view of a data set into "
+                                   "the cache training reads (float16 .npy keyed by file, "
+                                   "size and preprocessing version), in parallel processes; "
+                                   "resumable: views already cached are skipped.")
+    p.add_argument("--data", required=True, help="data folder or CSV")
+    p.add_argument("--format", choices=FORMATS, default="vindr", help="data layout")
+    p.add_argument("--image-size", type=_size, default=(512, 256), metavar="HxW",
+                   help="model input size per view (train's --image-size)")
+    p.add_argument("--cache-dir", default=None, help="default: DATA/.mammo-cache")
+    p.add_argument("--workers", type=int, default=-1,
+                   help="processes (-1: one per CPU core)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_clean_errors("prepare", cmd_prepare))
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a data folder",
                        formatter_class=fmt,

@@ -93,6 +93,28 @@ def evaluate_predictions(preds: dict[str, np.ndarray], task: str) -> dict[str, d
     return results
 
 
+def bootstrap_task_metrics(preds: dict[str, np.ndarray], task: str, resamples: int = 1000,
+                           seed: int = 0) -> dict[str, dict[str, list[float] | None]]:
+    """95 % bootstrap intervals of each task's AUC and F1 (:func:`evaluate_predictions`),
+    resampling exams (both breasts' rows together) with replacement."""
+    n = len(preds["present"]) // 2
+    rng = np.random.default_rng(seed)
+    samples: dict[str, dict[str, list[float]]] = {}
+    for _ in range(resamples if n else 0):
+        ex = rng.integers(0, n, n)
+        rows = np.stack([2 * ex, 2 * ex + 1], 1).reshape(-1)
+        res = evaluate_predictions({k: v[rows] for k, v in preds.items()}, task)
+        for t, m in res.items():
+            for k in ("auc", "f1"):
+                if m[k] is not None:
+                    samples.setdefault(t, {}).setdefault(k, []).append(m[k])
+    out: dict[str, dict[str, list[float] | None]] = {}
+    for t, ms in samples.items():
+        out[t] = {f"{k}_ci95": [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
+                  if len(v) >= max(10, resamples // 2) else None for k, v in ms.items()}
+    return out
+
+
 def density_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, Any]:
     """BI-RADS density A-D (class indices 0-3): accuracy, the confusion matrix (rows: label,
     columns: prediction) and Cohen's quadratic-weighted kappa (agreement that counts a

@@ -303,6 +303,8 @@ class HybridCnnVssm(nn.Module):
         self.birads_head = nn.Linear(dim, len(cfg.birads_classes))
         self.diagnosis_head = nn.Linear(dim, len(DIAGNOSIS_CLASSES)) if cfg.diagnosis else None
         self.density_head = nn.Linear(dim, len(DENSITY_CLASSES)) if cfg.density else None
+        #: Set by data-parallel training (see forward).
+        self.run_every_encoder = False
 
     def _encoder_for(self, view_index: int) -> ViewEncoder:
         enc = self.encoders["all" if "all" in self.encoders
@@ -385,6 +387,12 @@ class HybridCnnVssm(nn.Module):
             sel = mask[:, list(views)]                                    # (B, len(views))
             bi, vi = sel.nonzero(as_tuple=True)
             if bi.numel() == 0:
+                if self.run_every_encoder:
+                    # Data-parallel training: every rank runs every encoder (the same
+                    # collectives in the same order: synchronised BatchNorm, DDP's buckets);
+                    # one blank view, its output weighted 0.
+                    blank = images.new_zeros(1, *images.shape[2:])
+                    emb = emb + 0.0 * self._encoder_for(views[0])(blank)[0].sum()
                 continue
             v = torch.tensor(views, device=images.device)[vi]
             x = images[bi, v]                                             # (n, 1, H, W)
@@ -404,29 +412,44 @@ class HybridCnnVssm(nn.Module):
                                if feats is not None else torch.zeros_like(attn))
         return out
 
+    def loss_terms(self, out: dict[str, torch.Tensor], birads: torch.Tensor,
+                   diagnosis: torch.Tensor | None = None, density: torch.Tensor | None = None
+                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per task: (cross-entropy summed over the labelled breasts, how many are labelled);
+        labels (B, 2) with -1 = unknown."""
+        terms = {"birads": _ce_sum(out["birads_logits"], birads)}
+        if diagnosis is not None and "diagnosis_logits" in out:
+            terms["diagnosis"] = _ce_sum(out["diagnosis_logits"], diagnosis)
+        if density is not None and "density_logits" in out:
+            terms["density"] = _ce_sum(out["density_logits"], density)
+        return terms
+
     def loss(self, out: dict[str, torch.Tensor], birads: torch.Tensor,
-             diagnosis: torch.Tensor | None = None, density: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Weighted multi-task cross-entropy; labels (B, 2) with -1 = unknown."""
+             diagnosis: torch.Tensor | None = None, density: torch.Tensor | None = None,
+             counts: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Weighted multi-task cross-entropy, the mean over labelled breasts; labels (B, 2)
+        with -1 = unknown (density: only where a data set has density labels).
+
+        ``counts``: the number of labelled breasts per task to divide by (default: this
+        batch's). Data-parallel training passes the count over every rank divided by the
+        world size, so that the ranks' averaged gradient is one process's over the whole
+        batch. Every head stays in the graph (x 0 when unlabelled), as DDP requires."""
         lw = self.cfg.loss_weights
-        parts: dict[str, torch.Tensor] = {}
-        logits = out["birads_logits"].float()
-        if (birads >= 0).any():
-            parts["birads"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                              birads.reshape(-1), ignore_index=-1)
-        if diagnosis is not None and "diagnosis_logits" in out and (diagnosis >= 0).any():
-            dl = out["diagnosis_logits"].float()
-            parts["diagnosis"] = F.cross_entropy(dl.reshape(-1, dl.shape[-1]),
-                                                 diagnosis.reshape(-1), ignore_index=-1)
-        if density is not None and "density_logits" in out and (density >= 0).any():
-            dl = out["density_logits"].float()   # only where a data set has density labels
-            parts["density"] = F.cross_entropy(dl.reshape(-1, dl.shape[-1]),
-                                               density.reshape(-1), ignore_index=-1)
-        if not parts:
-            total = logits.sum() * 0.0
-        else:
-            total = torch.stack([lw.get(k, 1.0) * v for k, v in parts.items()]).sum()
-        return total, {k: float(v.detach()) for k, v in parts.items()}
+        total = out["birads_logits"].float().sum() * 0.0
+        parts: dict[str, float] = {}
+        for k, (s, n) in self.loss_terms(out, birads, diagnosis, density).items():
+            denom = float(counts[k]) if counts is not None else float(n)
+            total = total + s * (lw.get(k, 1.0) / denom if denom > 0 else 0.0)
+            if n > 0:
+                parts[k] = float(s.detach() / n)
+        return total, parts
+
+
+def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    y = labels.reshape(-1)
+    return (F.cross_entropy(flat, y, ignore_index=-1, reduction="sum"),
+            (y >= 0).sum().to(torch.float32))
 
 
 def create_model(arch: str = "hybrid", **kwargs: Any) -> HybridCnnVssm:

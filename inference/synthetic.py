@@ -493,3 +493,51 @@ def make_tomo_volume(laterality: str, view: str, *, frames: int = 8, rows: int =
     ds.DimensionIndexSequence = [dim]
     ds.PixelData = np.ascontiguousarray(stack, dtype=np.uint16).tobytes()
     return ds
+
+
+def _volume_base(rows: int, cols: int) -> np.ndarray:
+    y, x = np.ogrid[:rows, :cols]
+    r = np.hypot((y - rows / 2) / (rows / 2), x / (0.9 * cols))
+    return np.where(r < 1.0, 1400 + 900 * (1 - r), 60).astype(np.uint16)
+
+
+def volume_frame(n: int, rows: int, cols: int, base: np.ndarray | None = None) -> np.ndarray:
+    """Frame ``n`` (1-based) of :func:`write_tomo_volume`: a breast-like half disc with a
+    dense block whose height moves with the slice and the frame number in the first pixels
+    of the first row (every frame differs, so a test can tell which one it got)."""
+    out = (_volume_base(rows, cols) if base is None else base).copy()
+    h = max(1, min(rows, cols) // 12)
+    cy = int(rows * (0.25 + 0.5 * ((n * 37) % 97) / 97))
+    out[max(cy - h, 0):cy + h, cols // 5:cols // 5 + 2 * h] += 1200
+    out[0, :8] = n
+    return out
+
+
+def write_tomo_volume(path: str | Path, laterality: str = "L", view: str = "CC", *,
+                      frames: int = 60, rows: int = 512, cols: int = 512,
+                      **kwargs) -> Path:
+    """A Breast Tomosynthesis volume of any size written to ``path`` frame by frame (a 2 GB
+    volume never held in memory): the header of :func:`make_tomo_volume` with ``frames``
+    per-frame items, then native 16-bit Pixel Data, frame ``n`` being
+    :func:`volume_frame` (n, rows, cols)."""
+    import struct
+
+    from pydicom.filewriter import dcmwrite
+
+    ds = make_tomo_volume(laterality, view, pixels=np.zeros((frames, 1, 1), np.uint16),
+                          **kwargs)
+    ds.Rows, ds.Columns = rows, cols
+    del ds.PixelData
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    length = frames * rows * cols * 2
+    if length >= 0xFFFFFFFF:
+        raise ValueError("a native Pixel Data value holds less than 4 GiB")
+    with open(path, "wb") as f:
+        dcmwrite(f, ds, enforce_file_format=True)
+        f.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, length))
+        base = _volume_base(rows, cols)
+        for n in range(1, frames + 1):
+            f.write(volume_frame(n, rows, cols, base).tobytes())
+    return path

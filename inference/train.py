@@ -1,7 +1,12 @@
-"""Training and evaluation loops (``mammo-node train`` / ``mammo-node evaluate``)."""
+"""Training and evaluation loops (``mammo-node train`` / ``mammo-node evaluate``).
+
+Training runs in one process, or data-parallel under torchrun (:mod:`inference.distributed`):
+``--batch-size`` is per process, the global batch is batch x processes x ``--accumulate``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -14,16 +19,30 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from inference.checkpoint import load_checkpoint, save_checkpoint
-from inference.data import ExamDataset, read_dataset, select_split
+from inference.datasets import read_dataset, select_split
+from inference.datasets.cache import ExamDataset
 from inference.device import resolve_device
-from inference.metrics import evaluate_predictions
+from inference.distributed import (
+    DistContext,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    gather_object,
+    gather_predictions,
+    init_distributed,
+    shutdown,
+    sync_batchnorm,
+)
+from inference.metrics import evaluate_predictions, roc_auc
 from inference.model import HybridCnnVssm, ModelConfig
 
 log = logging.getLogger("mammo_node.train")
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def seed_everything(seed: int) -> None:
@@ -53,12 +72,15 @@ class TrainArgs:
     density: str = "auto"
     epochs: int = 10
     image_size: tuple[int, int] = (512, 256)
-    batch_size: int = 4
+    batch_size: int = 4           # per process
     lr: float = 1e-3
     weight_decay: float = 0.05
     device: str = "auto"
     seed: int = 0
-    workers: int = 0
+    #: DataLoader worker processes per training process; -1: as many as the cores allow.
+    workers: int = -1
+    #: Batches each worker loads ahead (with workers > 0).
+    prefetch: int = 2
     resume: bool = False
     birads_weight: float = 1.0
     diagnosis_weight: float = 1.0
@@ -67,40 +89,132 @@ class TrainArgs:
     intended_use: str = "research"
     progress: bool = True
     stop_after_epoch: int | None = None  # stop early (time-boxed runs); --resume continues
-    #: Share of the training exams held out to choose the operating point on (0: none).
+    #: Share of the training exams held out for validation and the operating point (0: none).
     val_fraction: float = 0.1
     #: The specificity the operating point is chosen at, on the held-out exams.
     specificity: float = 0.9
+    dropout: float = 0.1
+    #: Micro-batches whose gradients are summed before one optimizer step.
+    accumulate: int = 1
+    #: Gradient norm clipping (0: off).
+    clip_grad: float = 5.0
+    #: Linear warmup, in epochs of optimizer steps, then a cosine decay to 0.
+    warmup_epochs: float = 1.0
+    #: auto: bf16 autocast on a CUDA device that has it, else fp16 + GradScaler; fp32 on CPU.
+    precision: str = "auto"
+    #: Early stopping: epochs without a better validation score before stopping (0: off).
+    patience: int = 0
 
 
-def _loader(ds: ExamDataset, batch: int, shuffle: bool, workers: int, seed: int) -> DataLoader:
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None: fp32) for ``--precision`` on ``device``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, "
+                         f"got {precision!r}")
+    cuda = device.type == "cuda"
+    if precision == "auto":
+        if not cuda:
+            return None  # CPU: fp32 unless asked (bf16 autocast is slower on most CPUs)
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        if cuda and not torch.cuda.is_bf16_supported():
+            raise ValueError("--precision bf16: this CUDA device has no bfloat16; use fp16")
+        return torch.bfloat16
+    if not cuda:
+        raise ValueError("--precision fp16 needs a CUDA device (on CPU use bf16 or fp32)")
+    return torch.float16
+
+
+def default_workers() -> int:
+    """Loader workers per training process: the cores a process has, less its own."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(0, min(8, (os.cpu_count() or 1) // max(1, local) - 1))
+
+
+def _loader(ds: ExamDataset, batch: int, sampler, workers: int, device: torch.device,
+            prefetch: int = 2, seed: int = 0) -> DataLoader:
+    kw: dict[str, Any] = {}
+    if workers > 0:
+        kw = {"prefetch_factor": max(1, prefetch), "persistent_workers": True}
+    # The loader's own generator: creating an iterator draws the workers' base seed from it,
+    # not from the global stream dropout uses (with persistent workers only the first epoch
+    # creates one, so a resumed run would otherwise draw once more than an uninterrupted one).
     g = torch.Generator()
     g.manual_seed(seed)
-    return DataLoader(ds, batch_size=batch, shuffle=shuffle, num_workers=workers,
-                      generator=g, worker_init_fn=_worker_init, drop_last=False,
-                      persistent_workers=workers > 0)
+    return DataLoader(ds, batch_size=batch, sampler=sampler, shuffle=False,
+                      num_workers=workers, worker_init_fn=_worker_init, drop_last=False,
+                      pin_memory=device.type == "cuda", generator=g, **kw)
+
+
+def split_validation(train_recs: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(training, held-out) by a hash of the exam id and the seed: the same exams on every
+    rank and on every run with that seed."""
+    if fraction <= 0 or len(train_recs) < 4:
+        return train_recs, []
+    import hashlib
+
+    def held_out(r) -> bool:
+        h = hashlib.sha1(f"{seed}|{r.exam_id}".encode()).hexdigest()[:8]
+        return int(h, 16) / 0xFFFFFFFF < fraction
+
+    return ([r for r in train_recs if not held_out(r)], [r for r in train_recs if held_out(r)])
+
+
+def paths_of(out: Path) -> dict[str, Path]:
+    """The files a training run writes beside its checkpoint."""
+    return {"state": out.with_suffix(out.suffix + ".resume.pt"),
+            "best": out.with_name(f"{out.stem}.best{out.suffix}"),
+            "metrics": out.with_suffix(out.suffix + ".metrics.jsonl"),
+            "tensorboard": out.with_suffix(out.suffix + ".tensorboard")}
+
+
+#: What a resume state may hold beyond tensors, dicts, lists and numbers (torch's
+#: weights_only unpickler refuses everything else: a resume file is not trusted code).
+RESUME_SAFE_GLOBALS: list = []
+
+
+def load_resume_state(path: Path) -> dict:
+    """The state ``train`` saved for ``--resume``, loaded with ``torch.load(weights_only=True)``
+    (no arbitrary objects: a pickle that names any other global is refused with
+    ``pickle.UnpicklingError``)."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(RESUME_SAFE_GLOBALS):
+            st = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise pickle.UnpicklingError(f"--resume: {path} holds something other than training "
+                                     f"state, refused: {str(exc).splitlines()[0]}") from None
+    if not isinstance(st, dict):
+        raise ValueError(f"--resume: {path} is not a training state")
+    return st
 
 
 def train(a: TrainArgs) -> dict[str, Any]:
-    """Train a model; writes the checkpoint (each epoch) and a resume state beside it."""
-    seed_everything(a.seed)
+    """Train a model; writes the checkpoint (each epoch), the best one by validation, a
+    resume state and metrics (JSON lines) beside it. Under torchrun every rank calls this;
+    rank 0 writes."""
+    if a.accumulate < 1:
+        raise ValueError("--accumulate must be >= 1")
     device = resolve_device(a.device)
+    ctx = init_distributed(device)
+    try:
+        return _train(a, ctx)
+    finally:
+        shutdown(ctx)
+
+
+def _train(a: TrainArgs, ctx: DistContext) -> dict[str, Any]:
+    seed_everything(a.seed)
+    device = ctx.device
+    amp_dtype = resolve_precision(a.precision, device)
     records = read_dataset(a.data, a.fmt)
     train_recs = select_split(records, "training") or records
     if not train_recs:
         raise ValueError(f"no exams found in {a.data}")
-    val_recs: list = []
-    if a.val_fraction > 0 and len(train_recs) >= 4:
-        # A fixed share of the exams (by a hash of the exam id and the seed) is held out:
-        # the operating point is chosen on exams the model did not learn from.
-        import hashlib
-
-        def held_out(r) -> bool:
-            h = hashlib.sha1(f"{a.seed}|{r.exam_id}".encode()).hexdigest()[:8]
-            return int(h, 16) / 0xFFFFFFFF < a.val_fraction
-
-        val_recs = [r for r in train_recs if held_out(r)]
-        train_recs = [r for r in train_recs if not held_out(r)]
+    train_recs, val_recs = split_validation(train_recs, a.val_fraction, a.seed)
     if a.density not in ("auto", "on", "off"):
         raise ValueError(f"density must be auto, on or off, got {a.density!r}")
     density = a.density == "on" or (a.density == "auto"
@@ -108,115 +222,300 @@ def train(a: TrainArgs) -> dict[str, Any]:
     cfg = ModelConfig(arch=a.arch, weights=a.weights, task=a.task, diagnosis=a.diagnosis,
                       density=density,
                       image_size=(int(a.image_size[0]), int(a.image_size[1])),
+                      dropout=a.dropout,
                       loss_weights={"birads": a.birads_weight, "diagnosis": a.diagnosis_weight,
                                     "density": 1.0})
-    model = HybridCnnVssm(cfg).to(device)
+    model = HybridCnnVssm(cfg)  # same seed: the same initial weights on every rank
+    sync_batchnorm(model, ctx)  # in place: the model's own BatchNorm2d children replaced
+    model.to(device)
+    if ctx.distributed:
+        # Dropout draws its own masks per rank (one process with the whole batch would draw
+        # different ones too); rank 0 keeps the stream of a one-process run.
+        torch.manual_seed(a.seed + 7919 * ctx.rank)
+        model.run_every_encoder = True
+    net: Any = model
+    if ctx.distributed:
+        import warnings
+
+        # The 1x1 attention conv's gradient comes back in another memory layout than DDP's
+        # bucket; DDP copies it (correct; a copy of 192 floats per step), and warns each run.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     cache = a.cache_dir or str(Path(a.data) / ".mammo-cache")
     ds = ExamDataset(train_recs, cfg.image_size, cfg.task, cache_dir=cache)
-    loader = _loader(ds, a.batch_size, True, a.workers, a.seed)
-    steps_total = max(1, a.epochs * len(loader))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, len(loader))) * 0.5 *
-        (1 + math.cos(math.pi * min(s, steps_total) / steps_total)))
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    sampler: DistributedSampler = DistributedSampler(
+        ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=a.seed,
+        drop_last=False)
+    workers = default_workers() if a.workers < 0 else a.workers
+    loader = _loader(ds, a.batch_size, sampler, workers, device, a.prefetch,
+                     seed=a.seed + 7919 * ctx.rank)
+    per_epoch = max(1, math.ceil(len(loader) / a.accumulate))  # optimizer steps
+    steps_total = max(1, a.epochs * per_epoch)
+    warmup = max(0, round(a.warmup_epochs * per_epoch))
+
+    def lr_factor(s: int) -> float:
+        w = min(1.0, (s + 1) / warmup) if warmup else 1.0
+        return w * 0.5 * (1 + math.cos(math.pi * min(s, steps_total) / steps_total))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     out = Path(a.out)
-    state_path = out.with_suffix(out.suffix + ".resume.pt")
-    start_epoch = 0
+    files = paths_of(out)
+    start_epoch, best, best_epoch, bad_epochs = 0, -math.inf, 0, 0
+    history: list[dict[str, Any]] = []
     if a.resume:
-        if not state_path.exists():
-            raise FileNotFoundError(f"--resume: no saved state at {state_path}")
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
-        if st["config"] != cfg.to_dict():
-            raise ValueError("--resume: the saved state was trained with another model "
-                             "config; use the same --arch/--task/--image-size/--weights")
+        st = _load_state(files["state"], cfg, ctx)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
-        torch.set_rng_state(st["rng"])
-        loader.generator.set_state(st["loader_rng"])
-        start_epoch = st["epoch"]
-        log.info("resumed from %s at epoch %d", state_path, start_epoch)
+        scaler.load_state_dict(st["scaler"])
+        rngs = st["rng"]
+        if len(rngs) == ctx.world_size:
+            torch.set_rng_state(rngs[ctx.rank])
+        else:
+            log.warning("--resume: the state was saved by %d process(es), this run has %d: "
+                        "dropout streams start afresh", len(rngs), ctx.world_size)
+        start_epoch = int(st["epoch"])
+        best, best_epoch = float(st["best"]), int(st["best_epoch"])
+        bad_epochs = int(st["bad_epochs"])
+        history = list(json.loads(st["history"]))
+        if ctx.is_main:
+            log.info("resumed from %s at epoch %d", files["state"], start_epoch)
     training_data = a.training_data or (
         f"{len(train_recs)} exams from {a.data} (format {a.fmt}, split training)")
-    history = []
-    for epoch in range(start_epoch, a.epochs):
-        model.train()
-        t0 = time.perf_counter()
-        total, n = 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{a.epochs}", unit="batch",
-                   disable=not a.progress, leave=False)
-        for batch in bar:
-            images = batch["images"].to(device, non_blocking=True)
-            mask = batch["mask"].to(device)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                outp = model(images, mask)
-                loss, parts = model.loss(outp, batch["birads"].to(device),
-                                         batch["diagnosis"].to(device),
-                                         batch["density"].to(device))
+    writer = _metrics_writer(files, ctx, append=a.resume)
+    show = a.progress and ctx.is_main
+    step = start_epoch * per_epoch
+    try:
+        for epoch in range(start_epoch, a.epochs):
+            sampler.set_epoch(epoch)
+            net.train()
+            t0 = time.perf_counter()
+            loss_sum, n_sum = 0.0, 0.0
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{a.epochs}", unit="batch",
+                       disable=not show, leave=False)
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            total += float(loss.detach()) * images.shape[0]
-            n += images.shape[0]
-            bar.set_postfix(loss=f"{total / n:.4f}")
-        history.append({"epoch": epoch + 1, "loss": total / max(n, 1),
-                        "seconds": round(time.perf_counter() - t0, 1)})
-        log.info("epoch %d/%d: loss %.4f (%.0f s)", epoch + 1, a.epochs, total / max(n, 1),
-                 history[-1]["seconds"])
-        if a.progress:
-            print(f"epoch {epoch + 1}/{a.epochs}: loss {total / max(n, 1):.4f} "
-                  f"({history[-1]['seconds']:.0f} s)", flush=True)
-        extra = {"epochs": str(epoch + 1), "seed": str(a.seed)}
-        last = epoch + 1 == a.epochs or (a.stop_after_epoch is not None
-                                         and epoch + 1 >= a.stop_after_epoch)
-        if last and val_recs:
-            op = _operating_point(model, val_recs, device, a, cache, cfg.birads_classes)
-            if op is not None:
-                extra["operating_point"] = json.dumps(op)
-                log.info("operating point: exam score %.1f (specificity %.3f, sensitivity "
-                         "%.3f on %d held-out exams)", op["score"], op["specificity"],
-                         op["sensitivity"], op["n"])
-        save_checkpoint(model, out, training_data=training_data,
-                        intended_use=a.intended_use, extra=extra)
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "epoch": epoch + 1,
-                    "rng": torch.get_rng_state(), "loader_rng": loader.generator.get_state(),
-                    "config": cfg.to_dict()}, state_path)
-        if a.stop_after_epoch is not None and epoch + 1 >= a.stop_after_epoch:
-            log.info("stopping after epoch %d as asked; --resume continues", epoch + 1)
-            break
-    return {"checkpoint": str(out), "history": history}
+            for i, batch in enumerate(bar):
+                group_start = i - i % a.accumulate
+                group = min(a.accumulate, len(loader) - group_start)
+                last_micro = i + 1 == group_start + group
+                images = batch["images"].to(device, non_blocking=True)
+                mask = batch["mask"].to(device, non_blocking=True)
+                birads = batch["birads"].to(device, non_blocking=True)
+                diag = batch["diagnosis"].to(device, non_blocking=True)
+                dens = batch["density"].to(device, non_blocking=True)
+                counts = None
+                if ctx.distributed:
+                    # Labelled breasts over every rank, so that the averaged gradient is
+                    # that of the whole global batch (ranks' labels need not be even).
+                    c = torch.stack([(birads >= 0).sum(), (diag >= 0).sum(),
+                                     (dens >= 0).sum()]).float()
+                    g = all_reduce_sum(c, ctx) / ctx.world_size
+                    counts = {"birads": float(g[0]), "diagnosis": float(g[1]),
+                              "density": float(g[2])}
+                sync = net.no_sync() if ctx.distributed and not last_micro \
+                    else contextlib.nullcontext()
+                with sync:
+                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                        enabled=amp_dtype is not None):
+                        outp = net(images, mask)
+                        loss, _ = model.loss(outp, birads, diag, dens, counts=counts)
+                    scaler.scale(loss / group).backward()
+                # The global batch's mean loss (the ranks' losses average to it).
+                bl = float(all_reduce_sum(loss.detach().float().reshape(1), ctx)[0]) \
+                    / ctx.world_size
+                nb = float(all_reduce_sum(torch.tensor([float(images.shape[0])]), ctx)[0])
+                loss_sum += bl * nb
+                n_sum += nb
+                if last_micro:
+                    if a.clip_grad > 0:
+                        scaler.unscale_(opt)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip_grad)
+                    scaler.step(opt)
+                    scaler.update()
+                    opt.zero_grad(set_to_none=True)
+                    sched.step()
+                    step += 1
+                writer.write({"kind": "step", "epoch": epoch + 1, "step": step,
+                              "batch": i + 1, "loss": round(bl, 7),
+                              "lr": sched.get_last_lr()[0]})
+                bar.set_postfix(loss=f"{loss_sum / max(n_sum, 1):.4f}")
+            entry: dict[str, Any] = {
+                "kind": "epoch", "epoch": epoch + 1, "loss": loss_sum / max(n_sum, 1),
+                "seconds": round(time.perf_counter() - t0, 1), "world_size": ctx.world_size,
+                "global_batch": a.batch_size * ctx.world_size * a.accumulate,
+                "exams_per_s": round(n_sum / max(time.perf_counter() - t0, 1e-9), 3)}
+            extra = {"epochs": str(epoch + 1), "seed": str(a.seed),
+                     "world_size": str(ctx.world_size)}
+            improved = False
+            if val_recs:
+                val = _validate(model, val_recs, ctx, a, cache, cfg)
+                entry["validation"] = val["metrics"]
+                score = val["score"]
+                entry["monitor"] = score
+                if val["operating_point"] is not None:
+                    extra["operating_point"] = json.dumps(val["operating_point"])
+                if score is not None and score > best:
+                    best, best_epoch, bad_epochs, improved = score, epoch + 1, 0, True
+                else:
+                    bad_epochs += 1
+            history.append(entry)
+            if ctx.is_main:
+                log.info("epoch %d/%d: loss %.4f (%.0f s)%s", epoch + 1, a.epochs,
+                         entry["loss"], entry["seconds"],
+                         f", validation {entry['monitor']:.4f}"
+                         if entry.get("monitor") is not None else "")
+                if a.progress:
+                    print(f"epoch {epoch + 1}/{a.epochs}: loss {entry['loss']:.4f} "
+                          f"({entry['seconds']:.0f} s)", flush=True)
+                writer.write(entry)
+                save_checkpoint(model, out, training_data=training_data,
+                                intended_use=a.intended_use, extra=extra)
+                if improved:
+                    save_checkpoint(model, files["best"], training_data=training_data,
+                                    intended_use=a.intended_use,
+                                    extra={**extra, "best_of": "validation"})
+            stop = a.patience > 0 and bad_epochs >= a.patience and best_epoch > 0
+            rngs = gather_object(torch.get_rng_state(), ctx)
+            if ctx.is_main:
+                _save_state(files["state"], {
+                    "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                    "epoch": epoch + 1, "rng": rngs, "config": json.dumps(cfg.to_dict()),
+                    "best": best, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
+                    "history": json.dumps(history), "world_size": ctx.world_size})
+            barrier(ctx)
+            if stop:
+                if ctx.is_main:
+                    log.info("early stopping after epoch %d: no better validation score "
+                             "for %d epoch(s) (best %.4f at epoch %d)", epoch + 1,
+                             a.patience, best, best_epoch)
+                break
+            if a.stop_after_epoch is not None and epoch + 1 >= a.stop_after_epoch:
+                if ctx.is_main:
+                    log.info("stopping after epoch %d as asked; --resume continues",
+                             epoch + 1)
+                break
+    finally:
+        writer.close()
+    return {"checkpoint": str(out), "history": history,
+            "best": str(files["best"]) if best_epoch else None, "best_epoch": best_epoch,
+            "world_size": ctx.world_size, "rank": ctx.rank}
 
 
-def _operating_point(model: HybridCnnVssm, records, device: torch.device, a: TrainArgs,
-                     cache: str, classes: list[str]) -> dict[str, Any] | None:
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _load_state(path: Path, cfg: ModelConfig, ctx: DistContext) -> dict[str, Any]:
+    """Rank 0 reads the resume state (:func:`load_resume_state`: ``weights_only=True``,
+    tensors and plain values; :data:`RESUME_SAFE_GLOBALS` is empty) and hands it to the other
+    ranks."""
+    st: Any = None
+    err = ""
+    if ctx.is_main:
+        if not path.exists():
+            err = f"--resume: no saved state at {path}"
+        else:
+            try:
+                st = load_resume_state(path)
+            except Exception as exc:  # an old (pickled) state or a damaged file
+                err = f"--resume: {path} cannot be loaded as a resume state ({exc})"
+            if st is not None and json.loads(st.get("config", "{}")) != cfg.to_dict():
+                err = ("--resume: the saved state was trained with another model config; "
+                       "use the same --arch/--task/--image-size/--weights/--dropout")
+    err = broadcast_object(err, ctx)
+    if err:
+        raise (FileNotFoundError if "no saved state" in err else ValueError)(err)
+    return broadcast_object(st, ctx)
+
+
+class _Metrics:
+    """JSON lines beside the checkpoint (rank 0), and TensorBoard scalars when installed."""
+
+    def __init__(self, files: dict[str, Path] | None, append: bool) -> None:
+        self.f = None
+        self.tb = None
+        if files is None:
+            return
+        self.f = open(files["metrics"], "a" if append else "w", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(files["tensorboard"]))
+        except Exception:  # tensorboard not installed: JSON lines only
+            self.tb = None
+
+    def write(self, entry: dict[str, Any]) -> None:
+        if self.f is None:
+            return
+        self.f.write(json.dumps(entry) + "\n")
+        if self.tb is not None:
+            if entry["kind"] == "step":
+                self.tb.add_scalar("train/loss", entry["loss"], entry["step"])
+                self.tb.add_scalar("train/lr", entry["lr"], entry["step"])
+            else:
+                self.tb.add_scalar("epoch/loss", entry["loss"], entry["epoch"])
+                for task, m in (entry.get("validation") or {}).items():
+                    for k in ("auc", "f1"):
+                        if isinstance(m, dict) and m.get(k) is not None:
+                            self.tb.add_scalar(f"validation/{task}/{k}", m[k], entry["epoch"])
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _metrics_writer(files: dict[str, Path], ctx: DistContext, append: bool) -> _Metrics:
+    return _Metrics(files if ctx.is_main else None, append)
+
+
+def _validate(model: HybridCnnVssm, records, ctx: DistContext, a: TrainArgs, cache: str,
+              cfg: ModelConfig) -> dict[str, Any]:
+    """Validation over every rank's share of the held-out exams: per-task AUC / F1, the
+    exam score's AUC (the monitored score; the task's F1 without one) and the operating
+    point at ``a.specificity``. The same on every rank."""
     from inference.scoring import choose_operating_point
 
     # The held-out pass must not move the random streams training goes on with (a run
     # stopped after this epoch and resumed equals one that never stopped).
     states = torch.get_rng_state(), np.random.get_state(), random.getstate()
     try:
-        preds = predict_records(model, records, device, a.batch_size, 0, cache_dir=cache,
-                                progress=False)
+        preds = predict_sharded(model, records, ctx, a.batch_size, cache)
     finally:
         torch.set_rng_state(states[0])
         np.random.set_state(states[1])
         random.setstate(states[2])
     model.train()
-    y, s = exam_level(preds, classes)
-    op = choose_operating_point(y, s, a.specificity)
+    metrics: dict[str, Any] = dict(evaluate_predictions(preds, cfg.task))
+    y, s = exam_level(preds, cfg.birads_classes)
+    exam_auc = roc_auc(y, s) if len(y) else None
+    metrics["exam"] = {"auc": exam_auc, "n": int(len(y)), "positives": int(np.sum(y))}
+    score = exam_auc if exam_auc is not None else (metrics.get(cfg.task) or {}).get("f1")
+    op = choose_operating_point(y, s, a.specificity) if len(y) else None
     if op is None:
-        log.warning("no operating point: the %d held-out exams need positives and "
-                    "negatives", len(records))
-        return None
-    op["chosen_on"] = f"{len(y)} held-out training exams"
-    return op
+        if ctx.is_main:
+            log.warning("no operating point: the %d held-out exams need positives and "
+                        "negatives", len(records))
+    else:
+        op["chosen_on"] = f"{len(y)} held-out training exams"
+    return {"metrics": metrics, "score": score, "operating_point": op}
+
+
+def predict_sharded(model: HybridCnnVssm, records, ctx: DistContext, batch_size: int,
+                    cache_dir: str | None) -> dict[str, np.ndarray]:
+    """:func:`predict_records` with each rank predicting every world_size-th exam, gathered
+    back in the records' order on every rank."""
+    share = list(range(ctx.rank, len(records), ctx.world_size))
+    preds = predict_records(model, [records[i] for i in share], ctx.device, batch_size, 0,
+                            cache_dir=cache_dir, progress=False)
+    return gather_predictions(preds, share, len(records), ctx)
 
 
 @torch.no_grad()
@@ -225,6 +524,16 @@ def predict_records(model: HybridCnnVssm, records, device: torch.device, batch_s
                     progress: bool = True) -> dict[str, np.ndarray]:
     """Probabilities for every breast of every exam, with the raw labels."""
     cfg = model.cfg
+    res: dict[str, np.ndarray]
+    if not records:
+        res = {"birads_probs": np.zeros((0, len(cfg.birads_classes)), np.float32),
+               "birads_raw": np.zeros(0, np.int64), "diagnosis": np.zeros(0, np.int64),
+               "present": np.zeros(0, bool), "density": np.zeros(0, np.int64)}
+        if cfg.diagnosis:
+            res["diagnosis_probs"] = np.zeros((0, 3), np.float32)
+        if cfg.density:
+            res["density_probs"] = np.zeros((0, 4), np.float32)
+        return res
     ds = ExamDataset(records, cfg.image_size, cfg.task, cache_dir=cache_dir)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
     probs, dprobs, braw, diag, present = [], [], [], [], []

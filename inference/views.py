@@ -1,7 +1,7 @@
 """How a mammogram's header says which view it is: laterality, view, view modifiers, For
 Processing. The one classifier of the project: the node's exam assembly
-(:mod:`node.views`), the Python API (:meth:`inference.api.MammoModel.predict_exam`) and the
-data readers (:mod:`inference.data`) all use it.
+(:mod:`node.assembly`), the Python API (:meth:`inference.api.MammoModel.predict_exam`) and the
+data readers (:mod:`inference.datasets`) all use it.
 
 * laterality: ImageLaterality (0020,0062), else Laterality (0020,0060), else a laterality
   prefix inside ViewPosition ("RCC", "L MLO", as some older systems write it);
@@ -242,12 +242,14 @@ def frame_laterality(ds: Dataset) -> str | None:
 def _private_texts(ds: Dataset) -> list[str]:
     """String values of the header's private elements (bounded), upper case."""
     out: list[str] = []
-    for n, elem in enumerate(ds):
-        if n > 4 * _PRIVATE_SCAN:
-            break
-        if not elem.tag.is_private or elem.VR not in ("LO", "SH", "ST", "LT", "CS", "UT"):
-            continue
+    # Tags first: only private elements are converted (a header read with deferred values, a
+    # Deflated one among them, cannot be walked element by element without reading them).
+    private = [t for t in ds.keys() if t.is_private][:4 * _PRIVATE_SCAN]
+    for tag in private:
         try:
+            elem = ds[tag]
+            if elem.VR not in ("LO", "SH", "ST", "LT", "CS", "UT"):
+                continue
             value = elem.value
         except Exception:  # a malformed private value is not worth a refusal
             continue

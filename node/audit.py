@@ -37,6 +37,8 @@ BEGIN_TRANSFER = "Begin Transferring DICOM Instances"
 INSTANCES_TRANSFERRED = "DICOM Instances Transferred"
 SECURITY_ALERT = "Security Alert"
 STUDY_DELETED = "DICOM Study Deleted"
+AUDIT_LOG_USED = "Audit Log Used"
+PATIENT_RECORD = "Patient Record"
 
 SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE = 0, 4, 8
 

@@ -93,13 +93,18 @@ def _open_store(cfg: Config):
                      prior_gap_days=cfg.grouping.prior_gap_days)
 
 
-def cmd_exams(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    store = _open_store(cfg)
+def exams_json(store) -> list[dict]:
+    """What ``mammo-node exams --json`` prints: every exam with its delivery counts."""
     exams = [e.as_dict() for e in store.list_exams()] if store else []
     delivery = store.delivery_summary() if store else {}
     for e in exams:
         e["delivery"] = delivery.get(e["study_instance_uid"], {})
+    return exams
+
+
+def cmd_exams(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    exams = exams_json(_open_store(cfg))
     if args.state:
         exams = [e for e in exams if e["state"] == args.state]
     if args.json:
@@ -128,10 +133,41 @@ def cmd_exams(args: argparse.Namespace) -> int:
     return 0
 
 
+def _operator() -> dict[str, str]:
+    """Who ran a CLI action, for the audit trail (the account, not a patient)."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = "?"
+    return {"user": user, "host": socket.gethostname(), "via": "cli"}
+
+
+def _audit(cfg: Config, name: str, ok: bool = True, **fields) -> None:
+    """One audit record of an operator's CLI action, in the node's own audit trail (and its
+    syslog collector)."""
+    import os
+
+    from node import audit as A
+
+    os.umask(0o077)  # as the daemon: the trail and its folder for the service account only
+    log = A.AuditLog(cfg.audit_path, cfg.node.ae_title, cfg.audit.syslog)
+    try:
+        log.event(name, A.SUCCESS if ok else A.MINOR_FAILURE, peer=_operator(), **fields)
+    finally:
+        log.close()
+
+
 def cmd_resend(args: argparse.Namespace) -> int:
+    from node import audit as A
+
     cfg = _load(args)
     store = _open_store(cfg)
     n = store.requeue_study(args.study_uid) if store else 0
+    _audit(cfg, A.APPLICATION_ACTIVITY, n > 0, action="resend", study=args.study_uid,
+           deliveries=n)
     if n == 0:
         print(f"mammo-node: no results to resend for study {args.study_uid}", file=sys.stderr)
         return 1
@@ -211,7 +247,7 @@ def _echo(cfg: Config, info: dict) -> bool:
 
 def _exam_action(args: argparse.Namespace, action: str) -> int:
     """``reprocess``, ``complete`` and ``resolve``: one exam, one transition, one line."""
-    from node.views import assign_policy
+    from node.assembly import assign_policy
 
     cfg = _load(args)
     store = _open_store(cfg)
@@ -219,6 +255,9 @@ def _exam_action(args: argparse.Namespace, action: str) -> int:
         print(f"mammo-node: no database in {cfg.data_dir}", file=sys.stderr)
         return 1
     study = args.study_uid
+    from node import audit as A
+
+    what = A.PATIENT_RECORD if action == "resolve" else A.APPLICATION_ACTIVITY
     try:
         if action == "reprocess":
             version, state = store.reprocess(study)
@@ -234,11 +273,14 @@ def _exam_action(args: argparse.Namespace, action: str) -> int:
             print(f"study {study}: {detached} instance(s) of other patients left the exam; "
                   f"version {version} is {state}")
     except KeyError:
+        _audit(cfg, what, False, action=action, study=study, reason="no such exam")
         print(f"mammo-node: no exam for study {study}", file=sys.stderr)
         return 1
     except ValueError as exc:
+        _audit(cfg, what, False, action=action, study=study, reason=str(exc))
         print(f"mammo-node: {study}: {exc}", file=sys.stderr)
         return 1
+    _audit(cfg, what, action=action, study=study, state=state)
     return 0
 
 
@@ -259,6 +301,15 @@ def cmd_purge(args: argparse.Namespace) -> int:
     ret = Retention(Database(cfg.database_url), FileStore(cfg.data_dir, fsync=False))
     report = ret.run(keep, cfg.retention.keep_results_days if not args.study else None,
                      None, study=args.study, dry_run=args.dry_run)
+    if not args.dry_run:
+        from node import audit as A
+
+        if report.studies:
+            _audit(cfg, A.STUDY_DELETED, action="purge", studies=report.studies,
+                   instances=report.instances, results=report.results or None)
+        elif args.study:
+            _audit(cfg, A.STUDY_DELETED, False, action="purge", studies=[args.study],
+                   reason=report.kept.get(args.study, "not purgeable"))
     verb = "would purge" if args.dry_run else "purged"
     print(f"{verb} {len(report.studies)} study(ies): {report.instances} image(s), "
           f"{report.bytes / 1e6:.1f} MB" + (f"; {report.results} result object(s)"
@@ -291,8 +342,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
             return 2
         if since.tzinfo is None:
             since = since.replace(tzinfo=dt.UTC)
+    from node import audit as A
+
+    # Reading the trail is itself audited (PS3.15 A.5.3.2 Audit Log Used), after the read so
+    # that the reader's own line is not part of what it reads.
+    records = list(read_events(cfg.audit_path, since=since, study=args.study,
+                               event=args.event))
+    _audit(cfg, A.AUDIT_LOG_USED, action="read", since=args.since, study=args.study,
+           event_filter=args.event, records=len(records))
     n = 0
-    for rec in read_events(cfg.audit_path, since=since, study=args.study, event=args.event):
+    for rec in records:
         n += 1
         if args.json:
             print(json.dumps(rec, separators=(",", ":")))

@@ -8,6 +8,7 @@ code reaches into a library's private parts.
 from __future__ import annotations
 
 import time
+from typing import Any, NoReturn
 
 
 def wait_until_sent(assoc, timeout: float = 30.0) -> None:
@@ -205,6 +206,37 @@ def send_find_responses(assoc, context_id: int, message_id: int, sop_class_uid: 
     return sent, False
 
 
+class _CheapCopyContexts(list):
+    """A list of presentation contexts whose deep copy copies each context and its list of
+    transfer syntaxes, sharing the (immutable) UIDs: see :func:`fast_context_copies`."""
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        out = []
+        for cx in self:
+            c = copy.copy(cx)
+            c._transfer_syntax = list(cx._transfer_syntax)
+            out.append(c)
+        return out
+
+
+def fast_context_copies(server) -> None:
+    """Make the per-association copy of the listener's supported contexts cheap.
+
+    Why: pynetdicom's ``transport.RequestHandler.handle`` gives every new association
+    ``deepcopy(server.contexts)``; with the ~180 storage and Q/R SOP classes the node
+    supports, 16 transfer syntaxes each, that deep copy takes ~105 ms on these machines,
+    before the A-ASSOCIATE-AC: most of what a findscu query costs (findscu against
+    DCMTK's storescp associates in ~7 ms). A ``PresentationContext`` holds its context ID,
+    abstract syntax, transfer syntax list, result and role flags; UIDs are immutable
+    ``str``, so copying each context and its transfer syntax list is an equally independent
+    copy. ``server.contexts`` is a plain attribute set in ``AssociationServer.__init__``
+    (pynetdicom 2.x, 3.0.4).
+    """
+    server.contexts = _CheapCopyContexts(server.contexts)
+
+
 def handshake_in_connection_thread(server, timeout: float, on_error=None) -> None:
     """Run the TLS handshake of every accepted connection in that connection's own thread,
     with a deadline, instead of in the accept thread.
@@ -242,3 +274,43 @@ def handshake_in_connection_thread(server, timeout: float, on_error=None) -> Non
         original(tls, client_address)
 
     server.process_request_thread = process_request_thread
+
+
+class MoveRefused(Exception):
+    """Raised by a C-MOVE handler after it named its destination, to answer a failure status
+    without an association to that destination (:func:`refuse_move`)."""
+
+    def __init__(self, status: int, comment: str = "") -> None:
+        super().__init__(f"0x{status:04X} {comment}".strip())
+        self.status = status
+
+
+def refuse_move(status: int, comment: str = "") -> NoReturn:
+    """End a C-MOVE with ``status`` (and an Error Comment) before any sub-operation, without
+    associating with the move destination.
+
+    Why: pynetdicom's ``service_class._move_scp`` (3.0.x) takes the destination (first
+    yield), then the number of sub-operations (second yield), then associates with the
+    destination, and only then reads statuses: a refusal found after the destination (a
+    retrieve key that is not allowed) could only be answered after connecting to the PACS.
+    The second ``next(generator)`` runs inside ``with attempt(rsp, ...) as ctx``, which answers
+    ``ctx.error_status`` when the handler raises: this sets that status (and the response's
+    ErrorComment) on the ``attempt`` of the calling ``_move_scp`` frame and raises. Its two log
+    lines are dropped by :mod:`node.handlers`. Checked with pynetdicom 3.0.4
+    (``tests/test_handlers_guard.py``, ``tests/test_qr.py``)."""
+    import sys
+
+    from pynetdicom.service_class import attempt
+
+    frame: Any = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_move_scp":
+            ctx = frame.f_locals.get("ctx")
+            if isinstance(ctx, attempt):
+                ctx.error_status = status
+                if comment:
+                    rsp: Any = ctx._rsp
+                    rsp.ErrorComment = comment[:64]
+            break
+        frame = frame.f_back
+    raise MoveRefused(status, comment)

@@ -272,6 +272,21 @@ class DicomWebConfig:
     cors_origins: list[str] = field(default_factory=list)
     #: A static viewer build (e.g. OHIF's dist) served at /viewer, configured for this node.
     viewer_dir: str = ""
+    #: Host names the node is served under (the Host header is checked against them: DNS
+    #: rebinding); empty: ``host`` and the loopback names.
+    allowed_hosts: list[str] = field(default_factory=list)
+    #: The dashboard's session cookie is marked Secure (None: when the node serves HTTPS;
+    #: set true behind a TLS-terminating proxy).
+    secure_cookies: bool | None = None
+    #: A dashboard session ends this many minutes after sign-in.
+    session_minutes: float = 480.0
+
+    def host_names(self) -> set[str]:
+        """The Host header names accepted (lower case)."""
+        names = {h.lower() for h in self.allowed_hosts}
+        if not self.allowed_hosts:
+            names |= {self.host.lower().strip("[]"), "localhost", "127.0.0.1", "::1"}
+        return names
 
     @property
     def is_loopback(self) -> bool:
@@ -497,11 +512,16 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
         nets = []
         for h in hosts:
             try:
-                nets.append(ipaddress.ip_network(_check_str(h, f"{where} hosts").strip(),
-                                                 strict=False))
+                text = _check_str(h, f"{where} hosts").strip()
+                net = ipaddress.ip_network(text, strict=False)
             except ValueError:
                 raise ConfigError(f"{where} hosts: {h!r} is not an IP address or CIDR block "
                                   "(host names are not accepted: they can be spoofed)") from None
+            if "/" in text and net.network_address != ipaddress.ip_address(
+                    text.split("/")[0]):
+                raise ConfigError(f"{where} hosts: {h!r} has host bits set (did you mean "
+                                  f"{net} or {text.split('/')[0]}?)")
+            nets.append(net)
         cfg.peers.append(Peer(
             ae_title=_check_ae(d["ae_title"], f"{where} ae_title"), hosts=nets,
             services=_check_services(d.get("services", ["echo", "store"]), f"{where} services",
@@ -606,6 +626,17 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
         if not (vd / "index.html").is_file():
             raise ConfigError(f"[dicomweb] viewer_dir: no index.html in {vd}")
         w.viewer_dir = str(vd)
+    hosts = t.get("allowed_hosts", [])
+    if not isinstance(hosts, list) or any(
+            not isinstance(h, str) or not re.fullmatch(r"[A-Za-z0-9.\-:\[\]]+", h)
+            for h in hosts):
+        raise ConfigError("[dicomweb] allowed_hosts must be a list of host names or addresses "
+                          f"(no scheme, no port) such as \"node.example.org\", got {hosts!r}")
+    w.allowed_hosts = [h.strip("[]") for h in hosts]
+    if "secure_cookies" in t:
+        w.secure_cookies = _check_bool(t["secure_cookies"], "[dicomweb] secure_cookies")
+    w.session_minutes = _check_number(t.get("session_minutes", w.session_minutes),
+                                      "[dicomweb] session_minutes", 1)
     tokens = t.get("tokens", [])
     if not isinstance(tokens, list):
         raise ConfigError("[[dicomweb.tokens]] must be an array of tables")

@@ -220,6 +220,9 @@ class Node:
         assert server is not None  # block=False returns the server
         self.server = server
         _accept_with_nodelay(server)
+        from node.compat import fast_context_copies
+
+        fast_context_copies(server)
         if ssl_context is not None:
             handshake_in_connection_thread(server, cfg.node.network_timeout_seconds,
                                            self._handshake_failed)

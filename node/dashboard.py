@@ -14,10 +14,13 @@ needs a token with ``qido`` and ``wado``; actions one with every service.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import logging
+import secrets
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from node import __version__
+from node import audit as A
 from node.config import Config
 from storage.files import FileStore
 from storage.models import SLOTS
@@ -65,6 +69,73 @@ async def read_capped(request: Request, cap: int) -> bytes:
     return bytes(buf)
 
 
+class Sessions:
+    """Dashboard sessions: random server-side ids (the cookie never holds the token), each
+    with the token's name and services, a CSRF token for the forms, and an expiry; revoked
+    on sign-out. In memory: a restart signs everyone out."""
+
+    def __init__(self, minutes: float) -> None:
+        self.seconds = minutes * 60
+        self._by_id: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        #: The forms' CSRF token when no token is configured (no sessions then).
+        self.anonymous_csrf = secrets.token_urlsafe(32)
+
+    def new(self, name: str, services: frozenset[str]) -> str:
+        sid = secrets.token_urlsafe(32)
+        with self._lock:
+            now = time.monotonic()
+            for k in [k for k, v in self._by_id.items() if v["expires"] <= now]:
+                del self._by_id[k]
+            self._by_id[sid] = {"name": name, "services": services,
+                                "csrf": secrets.token_urlsafe(32),
+                                "expires": now + self.seconds}
+        return sid
+
+    def get(self, sid: str | None) -> dict | None:
+        if not sid:
+            return None
+        with self._lock:
+            s = self._by_id.get(sid)
+            if s is None or s["expires"] <= time.monotonic():
+                self._by_id.pop(sid, None)
+                return None
+            return s
+
+    def revoke(self, sid: str | None) -> None:
+        with self._lock:
+            self._by_id.pop(sid or "", None)
+
+
+class SignInThrottle:
+    """Repeated sign-in failures from one address are answered ever more slowly (0.5 s,
+    1 s, 2 s ... up to 8 s), within a 15-minute window."""
+
+    WINDOW = 900.0
+    MAX_DELAY = 8.0
+
+    def __init__(self) -> None:
+        self._fails: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def failed(self, address: str) -> float:
+        """Record a failure; the delay to answer it with."""
+        now = time.monotonic()
+        with self._lock:
+            recent = [t for t in self._fails.get(address, []) if now - t < self.WINDOW]
+            recent.append(now)
+            self._fails[address] = recent[-64:]
+            if len(self._fails) > 10000:  # bounded: forget the oldest addresses
+                for k in list(self._fails)[:5000]:
+                    del self._fails[k]
+            n = len(recent)
+        return 0.0 if n < 2 else min(self.MAX_DELAY, 0.25 * 2 ** (n - 1))
+
+    def succeeded(self, address: str) -> None:
+        with self._lock:
+            self._fails.pop(address, None)
+
+
 def _ago(seconds: float) -> str:
     seconds = int(seconds)
     if seconds < 120:
@@ -97,6 +168,39 @@ class Dashboard:
         self.audit = audit
         self.env = Environment(loader=FileSystemLoader(str(_TEMPLATES)),
                                autoescape=select_autoescape(["html"]))
+        self.sessions = Sessions(cfg.dicomweb.session_minutes)
+        self.throttle = SignInThrottle()
+        w = cfg.dicomweb
+        self.secure_cookies = w.tls if w.secure_cookies is None else w.secure_cookies
+
+    def csrf_for(self, request: Request) -> str:
+        """The CSRF token the forms of this request's page carry."""
+        session = self.sessions.get(request.cookies.get(COOKIE))
+        return session["csrf"] if session else self.sessions.anonymous_csrf
+
+    async def check_form(self, request: Request) -> Response | None:
+        """A dashboard form POST: body capped while it streams (413) and the CSRF token of
+        the session (or of the node, without tokens) present (403 otherwise)."""
+        try:
+            body = await read_capped(request, MAX_FORM_BYTES)
+        except BodyTooLarge as exc:
+            return HTMLResponse(f"Not done: {exc}.", status_code=413)
+        sent = parse_qs(body.decode("utf-8", "replace")).get("csrf", [""])[0]
+        if not secrets.compare_digest(sent.encode(), self.csrf_for(request).encode()):
+            log.warning("dashboard %s from %s refused: missing or wrong CSRF token",
+                        request.url.path, request.client.host if request.client else "?")
+            if self.audit is not None:
+                self.audit.event(A.SECURITY_ALERT, A.MINOR_FAILURE, alert="CSRF token "
+                                 "missing or wrong", peer=getattr(request.state, "who", None),
+                                 action=request.url.path)
+            return HTMLResponse("Not done: the form's CSRF token is missing or wrong; "
+                                "reload the page.", status_code=403)
+        return None
+
+    def _audit_action(self, request: Request, action: str, **fields: Any) -> None:
+        if self.audit is not None:
+            self.audit.event(A.APPLICATION_ACTIVITY, A.SUCCESS, action=f"dashboard {action}",
+                             peer=getattr(request.state, "who", None), **fields)
 
     def routes(self) -> list[Route]:
         return [
@@ -118,12 +222,13 @@ class Dashboard:
         demo = bool(h and h.model_identity.get("demo"))
         base = {"ui": UI, "msg": request.query_params.get("msg", ""),
                 "logged_in": COOKIE in request.cookies, "not_for_clinical_use": demo,
-                "refresh": None}
+                "refresh": None, "csrf": self.csrf_for(request)}
         html = self.env.get_template(template).render(**{**base, **ctx})
         return HTMLResponse(html, status_code=status,
                             headers={"Cache-Control": "no-store",
                                      "Content-Security-Policy": "default-src 'self'; "
-                                     "style-src 'unsafe-inline'; img-src 'self'"})
+                                     "style-src 'unsafe-inline'; img-src 'self'; "
+                                     "frame-ancestors 'none'"})
 
     def _back(self, where: str, msg: str) -> RedirectResponse:
         return RedirectResponse(f"{where}?{urlencode({'msg': msg})}", status_code=303)
@@ -141,15 +246,36 @@ class Dashboard:
         token = parse_qs(body.decode("utf-8", "replace")).get("token", [""])[0]
         from node.security import TokenAuth
 
-        if TokenAuth(self.cfg).authenticate(f"Bearer {token}") is None:
+        address = request.client.host if request.client else "?"
+        found = TokenAuth(self.cfg).authenticate(f"Bearer {token}")
+        if found is None:
+            delay = self.throttle.failed(address)
+            log.warning("dashboard sign-in from %s failed: wrong token", address)
+            if self.audit is not None:
+                self.audit.event(A.USER_AUTHENTICATION, A.MINOR_FAILURE, action="sign-in",
+                                 peer={"address": address, "tls": self.cfg.dicomweb.tls},
+                                 reason="wrong token")
+            await asyncio.sleep(delay)  # repeated failures answered ever more slowly
             return self._render(request, "login.html", status=401, title="Sign in", page="",
                                 msg="That token is not valid.")
+        self.throttle.succeeded(address)
+        name, services = found
+        if self.audit is not None:
+            self.audit.event(A.USER_AUTHENTICATION, A.SUCCESS, action="sign-in",
+                             peer={"address": address, "token": name,
+                                   "tls": self.cfg.dicomweb.tls})
         resp = RedirectResponse(UI, status_code=303)
-        resp.set_cookie(COOKIE, token, httponly=True, samesite="strict",
-                        secure=self.cfg.dicomweb.tls, path="/")
+        resp.set_cookie(COOKIE, self.sessions.new(name, services), httponly=True,
+                        samesite="strict", secure=self.secure_cookies, path="/",
+                        max_age=int(self.sessions.seconds))
         return resp
 
     async def logout(self, request: Request) -> Response:
+        refused = await self.check_form(request)
+        if refused is not None:
+            return refused
+        self.sessions.revoke(request.cookies.get(COOKIE))  # the server forgets it too
+        self._audit_action(request, "sign-out")
         resp = RedirectResponse(f"{UI}/login", status_code=303)
         resp.delete_cookie(COOKIE, path="/")
         return resp
@@ -235,6 +361,9 @@ class Dashboard:
         return self._render(request, "exam.html", title="Exam", page="exams", **ctx)
 
     async def exam_action(self, request: Request) -> Response:
+        refused = await self.check_form(request)
+        if refused is not None:
+            return refused
         study, action = request.path_params["study"], request.path_params["action"]
         where = f"{UI}/exams/{study}"
 
@@ -259,6 +388,7 @@ class Dashboard:
         await run_in_threadpool(self.exams.add_event, study, "action",
                                 f"{action} from the dashboard: {msg}")
         log.info("dashboard: %s of study %s: %s", action, study, msg)
+        self._audit_action(request, action, study=study, result=msg)
         return self._back(where, msg)
 
     # -- destinations --------------------------------------------------------------------------
@@ -311,6 +441,9 @@ class Dashboard:
         return f"C-ECHO to {name}: {'success' if ok else 'failed'} in {ms:.0f} ms"
 
     async def destination_action(self, request: Request) -> Response:
+        refused = await self.check_form(request)
+        if refused is not None:
+            return refused
         name, action = request.path_params["name"], request.path_params["action"]
         where = f"{UI}/destinations"
         if name not in {d.name for d in self.cfg.destinations}:
@@ -324,6 +457,7 @@ class Dashboard:
             log.info("dashboard: destination %s %sd", name, action)
         else:
             return self._back(where, f"Unknown action {action!r}.")
+        self._audit_action(request, f"destination {action}", destination=name, result=msg)
         return self._back(where, msg)
 
     # -- system --------------------------------------------------------------------------------

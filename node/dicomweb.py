@@ -12,13 +12,16 @@ import asyncio
 import itertools
 import logging
 import re
+import ssl
 import tempfile
 import threading
 import uuid
 from pathlib import Path
 
+import uvicorn
 from pydicom.dataset import Dataset
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
@@ -33,7 +36,7 @@ from node.dashboard import COOKIE, Dashboard
 from node.ingest import Ingest, StoreError, part_to_file, public_message
 from node.query import QueryError, QueryService, QueryUnavailable, from_params
 from node.scp import StorageSCP
-from node.security import TokenAuth
+from node.security import TokenAuth, server_context
 from node.status import DATASET_MISMATCH, OUT_OF_RESOURCES
 from storage.files import FileStore
 from storage.models import Instance
@@ -107,6 +110,7 @@ def split_multipart(path: Path, content_type: str) -> list[tuple[str, int, int]]
             head_end = head.find(b"\r\n\r\n")
             if head_end < 0:
                 raise ValueError("a part without the blank line that ends its headers")
+            f.seek(start)
             ctype = "application/octet-stream"
             for line in head[:head_end].decode("latin-1").split("\r\n"):
                 k, _, v = line.partition(":")
@@ -135,6 +139,7 @@ class DicomWeb:
         self.readiness = readiness  # () -> (ready, checks) or None
         self._slots = asyncio.Semaphore(cfg.dicomweb.max_concurrent_requests)
         self.root = cfg.dicomweb.root.rstrip("/")
+        self._hosts = cfg.dicomweb.host_names()
         self.dashboard = Dashboard(cfg, files, exams, self.root, health=health,
                                    readiness=readiness, audit=self.audit)
         r = self.root
@@ -206,7 +211,7 @@ class DicomWeb:
     @staticmethod
     def service_of(request: Request) -> str:
         """The service a request uses: ``stow``, ``qido``, ``wado`` (DICOMweb) or ``admin``
-        (/metrics: any valid token may read it)."""
+        (/metrics: a token with ``qido``)."""
         if request.url.path == "/metrics":
             return "admin"
         if request.url.path.startswith("/ui"):
@@ -223,8 +228,55 @@ class DicomWeb:
         return {"address": request.client.host if request.client else None,
                 "token": token, "tls": self.cfg.dicomweb.tls}
 
+    def _host_ok(self, request: Request) -> bool:
+        """The Host header names one of ``[dicomweb] allowed_hosts`` (DNS rebinding: a page
+        of another site whose name resolves to this node reads nothing)."""
+        host = request.headers.get("host", "")
+        if host.startswith("["):  # [IPv6]:port
+            name = host[1:host.find("]")] if "]" in host else host
+        elif host.count(":") == 1:
+            name = host.split(":")[0]
+        else:
+            name = host
+        return name.lower() in self._hosts
+
+    def _origin_ok(self, request: Request) -> bool:
+        """A state-changing request from a browser comes from this node's own pages or a
+        configured CORS origin (a page on another site cannot pause a destination)."""
+        origin = request.headers.get("origin")
+        if origin is None:
+            # No Origin: not a browser's cross-site request, unless Fetch Metadata says so.
+            return request.headers.get("sec-fetch-site", "same-origin") in (
+                "same-origin", "none")
+        if origin in self.cfg.dicomweb.cors_origins or "*" in self.cfg.dicomweb.cors_origins:
+            return True
+        from urllib.parse import urlsplit
+
+        u = urlsplit(origin)
+        return (u.hostname or "").lower() in self._hosts and \
+            origin.rstrip("/") == self.origin(request).rstrip("/")
+
     async def _auth(self, request: Request, call_next):
+        response = await self._authorised(request, call_next)
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        if "content-security-policy" not in response.headers:
+            response.headers["Content-Security-Policy"] = "frame-ancestors 'none'"
+        return response
+
+    async def _authorised(self, request: Request, call_next):
         path = request.url.path
+        if path not in ("/healthz", "/readyz") and not self._host_ok(request):
+            log.warning("HTTP %s %s refused: Host %r is not in [dicomweb] allowed_hosts",
+                        request.method, path, request.headers.get("host", "")[:100])
+            return _error(400, "Host header not accepted: not a name this node is served "
+                               "under ([dicomweb] allowed_hosts)")
+        if request.method not in ("GET", "HEAD", "OPTIONS") and not self._origin_ok(request):
+            who = self._who(request)
+            self.audit.event(A.SECURITY_ALERT, A.MINOR_FAILURE, alert="cross-origin request",
+                             peer=who, origin=request.headers.get("origin", "")[:200],
+                             action=path)
+            return _error(403, "cross-origin request refused (Origin "
+                               f"{request.headers.get('origin', '?')[:100]!r})")
         if path in ("/healthz", "/readyz", "/ui/login") or (
                 self.viewer is not None and request.method == "GET"
                 and self.viewer.serves(path)):
@@ -233,12 +285,16 @@ class DicomWeb:
         name = None
         if self.tokens.required:
             header = request.headers.get("authorization", "")
-            # The dashboard and the images it shows authenticate with the sign-in cookie
-            # (HttpOnly, SameSite=Strict); uploads never do.
+            found = None
+            # The dashboard and the images it shows authenticate with the session cookie
+            # (a random id, HttpOnly, SameSite=Strict); uploads never do.
             if not header and COOKIE in request.cookies and (
                     path.startswith("/ui") or request.method == "GET"):
-                header = f"Bearer {request.cookies[COOKIE]}"
-            found = self.tokens.authenticate(header)
+                session = self.dashboard.sessions.get(request.cookies[COOKIE])
+                if session is not None:
+                    found = (session["name"], session["services"])
+            else:
+                found = self.tokens.authenticate(header)
             if found is None and path.startswith("/ui") and request.method == "GET":
                 return RedirectResponse("/ui/login", status_code=303)
             if found is None:
@@ -258,6 +314,10 @@ class DicomWeb:
             if service == "ui-action" and services != {"stow", "qido", "wado"}:
                 return _error(403, f"token {name!r} needs every service for dashboard "
                                    "actions")
+            if service == "admin" and "qido" not in services:
+                # /metrics counts studies and peers: not for a modality's stow-only token.
+                return _error(403, f"token {name!r} is not granted 'qido' (needed for "
+                                   "/metrics)")
             if service not in ("admin", "ui", "ui-action") and service not in services:
                 who = self._who(request, name)
                 self.audit.event(A.SECURITY_ALERT, A.MINOR_FAILURE, alert="unauthorized "
@@ -267,8 +327,24 @@ class DicomWeb:
         if self._slots.locked():
             return JSONResponse({"error": "too many concurrent requests; retry shortly"},
                                 status_code=503, headers={"Retry-After": "1"})
-        async with self._slots:
-            return await call_next(request)
+        # The slot is held until the last byte of the body is sent (a streamed WADO answer
+        # counts for as long as it streams), not only until its headers are.
+        await self._slots.acquire()
+        try:
+            response = await call_next(request)
+        except BaseException:
+            self._slots.release()
+            raise
+        inner = response.body_iterator
+
+        async def body():
+            try:
+                async for chunk in inner:
+                    yield chunk
+            finally:
+                self._slots.release()
+        response.body_iterator = body()
+        return response
 
     # -- health and metrics -------------------------------------------------------------------
     async def healthz(self, request: Request) -> Response:
@@ -507,6 +583,13 @@ class DicomWeb:
                          studies=sorted({r.study_instance_uid for r in rows}),
                          instances=len(rows))
 
+    def _audit_done(self, request: Request, rows: list[Instance], service: str) -> None:
+        """PS3.15 A.5.3.4 DICOM Instances Transferred: the retrieve completed."""
+        self.audit.event(A.INSTANCES_TRANSFERRED, A.SUCCESS, service=service, action="retrieve",
+                         peer=getattr(request.state, "who", None),
+                         studies=sorted({r.study_instance_uid for r in rows}),
+                         instances=len(rows))
+
     async def wado(self, request: Request) -> Response:
         rows = await run_in_threadpool(self._rows, request.path_params)
         if not rows:
@@ -522,7 +605,8 @@ class DicomWeb:
         # A sync generator: Starlette reads the files block by block in a worker thread.
         return StreamingResponse(
             wado.stream_files(paths, boundary),
-            media_type=f'multipart/related; type="application/dicom"; boundary={boundary}')
+            media_type=f'multipart/related; type="application/dicom"; boundary={boundary}',
+            background=BackgroundTask(self._audit_done, request, rows, "WADO-RS"))
 
     async def metadata(self, request: Request) -> Response:
         rows = await run_in_threadpool(self._rows, request.path_params)
@@ -532,7 +616,11 @@ class DicomWeb:
         def build() -> list[dict]:
             return [wado.metadata_json(self.files.abspath(r.path), self._instance_url(request, r))
                     for r in rows]
-        return JSONResponse(await run_in_threadpool(build), media_type=DICOM_JSON)
+        # Full headers (names, birth dates): a retrieve as the audit trail counts them.
+        self._audit_retrieve(request, rows, "WADO-RS metadata")
+        body = await run_in_threadpool(build)
+        self._audit_done(request, rows, "WADO-RS metadata")
+        return JSONResponse(body, media_type=DICOM_JSON)
 
     async def frames(self, request: Request) -> Response:
         rows = await run_in_threadpool(self._rows, request.path_params)
@@ -567,14 +655,26 @@ class DicomWeb:
         tag = request.path_params["tag"]
         if not rows or not _TAG_RE.match(tag):
             return _error(404, "no such instance or bulk data element")
+        path = self.files.abspath(rows[0].path)
+        accept = request.headers.get("accept", "")
+        multipart = "multipart/related" in accept or not accept or "*/*" in accept
+        if int(tag, 16) == 0x7FE00010:
+            # Native pixel data (a volume's: gigabytes) streams from the file.
+            span = await run_in_threadpool(wado.pixel_data_range, path)
+            if span is not None:
+                self._audit_retrieve(request, rows, "WADO-RS bulkdata")
+                boundary = uuid.uuid4().hex if multipart else None
+                octets = "application/octet-stream"
+                return StreamingResponse(
+                    wado.stream_range(path, span[0], span[1], octets, boundary),
+                    media_type=(wado.multipart_content_type(octets, boundary) if boundary
+                                else octets))
         try:
-            value = await run_in_threadpool(wado.bulkdata, self.files.abspath(rows[0].path),
-                                            int(tag, 16))
+            value = await run_in_threadpool(wado.bulkdata, path, int(tag, 16))
         except KeyError:
             return _error(404, f"no binary element {tag} in this instance")
         self._audit_retrieve(request, rows, "WADO-RS bulkdata")
-        accept = request.headers.get("accept", "")
-        if "multipart/related" in accept or not accept or "*/*" in accept:
+        if multipart:
             body, ctype = wado.multipart_bytes([value], "application/octet-stream")
             return Response(body, media_type=ctype)
         return Response(value, media_type="application/octet-stream")
@@ -647,27 +747,35 @@ class DicomWeb:
         return Response(body, media_type=media)
 
 
+class _Config(uvicorn.Config):
+    """uvicorn's Config with the node's SSL context in place of the one it builds."""
+
+    node_ssl: ssl.SSLContext | None = None
+
+    def load(self) -> None:
+        super().load()
+        if self.node_ssl is not None:
+            self.ssl = self.node_ssl
+
+
 class DicomWebServer(threading.Thread):
     """uvicorn serving :class:`DicomWeb` in a thread of the daemon (HTTPS with ``tls``)."""
 
     def __init__(self, web: DicomWeb, cfg: Config) -> None:
         super().__init__(name="dicomweb", daemon=True)
-        import ssl
-
-        import uvicorn
-
-        w, t = cfg.dicomweb, cfg.tls
+        w = cfg.dicomweb
         kwargs: dict = {}
         if w.tls:
+            # uvicorn's own context (its defaults changed between the versions the dependency
+            # range allows) is replaced by ours: TLS 1.2+, the BCP 195 cipher suites, client
+            # certificates as configured (node.security.server_context).
+            t = cfg.tls
             kwargs = {"ssl_certfile": t.certificate, "ssl_keyfile": t.private_key}
-            if t.ca_certificates:
-                kwargs["ssl_ca_certs"] = t.ca_certificates
-                kwargs["ssl_cert_reqs"] = (ssl.CERT_REQUIRED if t.require_client_certificate
-                                           else ssl.CERT_OPTIONAL)
-        self.server = uvicorn.Server(uvicorn.Config(
-            web.app, host=w.host, port=w.port, log_level="warning", lifespan="off",
-            limit_concurrency=max(64, w.max_concurrent_requests * 4),
-            timeout_graceful_shutdown=3, **kwargs))
+        config = _Config(web.app, host=w.host, port=w.port, log_level="warning",
+                         lifespan="off", limit_concurrency=max(64, w.max_concurrent_requests * 4),
+                         timeout_graceful_shutdown=3, **kwargs)
+        config.node_ssl = server_context(cfg) if w.tls else None
+        self.server = uvicorn.Server(config)
         # The daemon owns the signals (uvicorn would install its own in Server.run).
         self.server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
 

@@ -26,6 +26,7 @@ from pynetdicom.sop_class import (
 from node import audit as A
 from node.compat import send_find_responses, wait_until_sent
 from node.config import Config
+from node.handlers import refuse_move
 from node.query import (
     ATTRIBUTES,
     LEVELS,
@@ -170,16 +171,29 @@ class QueryRetrieveSCP:
                                  f"matching is refused)")
         return self.queries.instances(query)
 
-    def _datasets(self, rows: list[Instance], event: evt.Event):
+    def _datasets(self, rows: list[Instance], event: evt.Event, service: str = "",
+                  to: str = ""):
+        """The datasets of a retrieve; at its end (or cancel) the PS3.15 A.5.3.4 completion
+        event, DICOM Instances Transferred."""
+        unreadable, cancelled = 0, False
         for r in rows:
             if event.is_cancelled:
+                cancelled = True
                 yield CANCELLED, None
-                return
+                break
             try:
                 yield PENDING, dcmread(self.files.abspath(r.path))
             except Exception as exc:
                 log.error("cannot read %s for retrieve: %s", r.sop_instance_uid, exc)
+                unreadable += 1
                 yield PENDING, None  # counted as a failed sub-operation
+        if service:
+            self.audit.event(A.INSTANCES_TRANSFERRED,
+                             A.SUCCESS if not (unreadable or cancelled) else A.MINOR_FAILURE,
+                             action="retrieve", service=service, peer=self.access.who(event),
+                             to=to, studies=sorted({r.study_instance_uid for r in rows}),
+                             instances=len(rows), unreadable=unreadable or None,
+                             cancelled=cancelled or None)
 
     def _audit_retrieve(self, event: evt.Event, service: str, rows: list[Instance],
                         to: str) -> None:
@@ -203,9 +217,8 @@ class QueryRetrieveSCP:
         except (QueryError, QueryUnavailable) as exc:
             log.warning("C-MOVE refused: %s", exc)
             yield dest.host, dest.port
-            yield 1  # one failing sub-operation: zero would be answered as an empty success
-            yield exc.status, None
-            return
+            # Answered now, without an association to the destination (node.compat).
+            refuse_move(exc.status, str(exc))
         kwargs = {"contexts": _contexts(rows), "ae_title": dest.ae_title}
         if dest.tls:
             from node.security import client_context
@@ -215,7 +228,7 @@ class QueryRetrieveSCP:
         yield len(rows)
         log.info("C-MOVE of %d instance(s) to %s", len(rows), dest_ae)
         self._audit_retrieve(event, "C-MOVE", rows, dest_ae)
-        yield from self._datasets(rows, event)
+        yield from self._datasets(rows, event, "C-MOVE", dest_ae)
 
     def on_get(self, event: evt.Event):
         # A refusal is announced as one sub-operation that fails: with zero, pynetdicom
@@ -233,5 +246,6 @@ class QueryRetrieveSCP:
             return
         yield len(rows)
         log.info("C-GET of %d instance(s) by %s", len(rows), event.assoc.requestor.ae_title)
-        self._audit_retrieve(event, "C-GET", rows, str(event.assoc.requestor.ae_title).strip())
-        yield from self._datasets(rows, event)
+        to = str(event.assoc.requestor.ae_title).strip()
+        self._audit_retrieve(event, "C-GET", rows, to)
+        yield from self._datasets(rows, event, "C-GET", to)

@@ -179,12 +179,22 @@ class TokenAuth:
 
 
 # -- TLS ----------------------------------------------------------------------------------------
+#: TLS 1.2 cipher suites of BCP 195 (RFC 9325 4.2): ephemeral key exchange with AEAD ciphers
+#: only (what DCMTK's BCP 195 profiles negotiate).
+BCP195_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+                  "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+                  "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+                  "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384")
+
+
 def server_context(cfg: Config) -> ssl.SSLContext:
     """TLS for our listeners (DIMSE and HTTPS): TLS 1.2+, our certificate, and the peers'
     certificates verified against ``ca_certificates`` (required when configured so)."""
     t = cfg.tls
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(BCP195_CIPHERS)  # TLS 1.2; TLS 1.3's suites are all AEAD already
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.load_cert_chain(t.certificate, t.private_key)
     if t.ca_certificates:
         ctx.load_verify_locations(cafile=t.ca_certificates)

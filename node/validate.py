@@ -13,6 +13,10 @@ a few bytes (values are skipped with ``seek``; nothing like the pixel data is re
 * native Pixel Data holds at least Rows x Columns x Samples x Bits Allocated x Frames bits;
   encapsulated Pixel Data is a sequence of fragment items that ends with its delimiter and
   holds at least one fragment after the offset table;
+* an enhanced multi-frame object (its IOD has the Multi-frame Functional Groups module: breast
+  tomosynthesis, enhanced CT / MR / PET / XA, segmentations...) carries the Shared and the
+  Per-frame Functional Groups Sequences, at most one shared item and exactly Number of Frames
+  per-frame items (the walk counts the items; a 2 GB volume's groups are never parsed);
 * the dataset ends exactly at the end of the file;
 * a Deflated dataset is inflated in a stream to a temporary file (never in memory) and
   refused as soon as it grows past ``max_bytes`` (a 64 KiB "zip bomb" would otherwise become
@@ -52,6 +56,34 @@ _IMAGE_TAGS = {0x00280002: "spp", 0x00280008: "frames", 0x00280010: "rows",
                0x00280011: "cols", 0x00280100: "bits"}
 
 MAX_DEPTH = 32
+SOP_CLASS_TAG = 0x00080016
+SHARED_GROUPS, PER_FRAME_GROUPS = 0x52009229, 0x52009230
+#: SOP classes whose IOD includes the Multi-frame Functional Groups module (PS3.3 A.*, module
+#: C.7.6.16, Mandatory): the Shared (Type 2) and Per-frame (Type 1, one item per frame)
+#: Functional Groups Sequences must be there.
+FUNCTIONAL_GROUP_IODS = {
+    "1.2.840.10008.5.1.4.1.1.13.1.3",   # Breast Tomosynthesis Image
+    "1.2.840.10008.5.1.4.1.1.13.1.4",   # Breast Projection X-Ray Image - For Presentation
+    "1.2.840.10008.5.1.4.1.1.13.1.5",   # Breast Projection X-Ray Image - For Processing
+    "1.2.840.10008.5.1.4.1.1.13.1.1",   # X-Ray 3D Angiographic Image
+    "1.2.840.10008.5.1.4.1.1.13.1.2",   # X-Ray 3D Craniofacial Image
+    "1.2.840.10008.5.1.4.1.1.2.1",      # Enhanced CT Image
+    "1.2.840.10008.5.1.4.1.1.2.2",      # Legacy Converted Enhanced CT Image
+    "1.2.840.10008.5.1.4.1.1.4.1",      # Enhanced MR Image
+    "1.2.840.10008.5.1.4.1.1.4.3",      # Enhanced MR Color Image
+    "1.2.840.10008.5.1.4.1.1.4.4",      # Legacy Converted Enhanced MR Image
+    "1.2.840.10008.5.1.4.1.1.130",      # Enhanced PET Image
+    "1.2.840.10008.5.1.4.1.1.128.1",    # Legacy Converted Enhanced PET Image
+    "1.2.840.10008.5.1.4.1.1.6.2",      # Enhanced US Volume
+    "1.2.840.10008.5.1.4.1.1.12.1.1",   # Enhanced XA Image
+    "1.2.840.10008.5.1.4.1.1.12.2.1",   # Enhanced XRF Image
+    "1.2.840.10008.5.1.4.1.1.66.4",     # Segmentation
+    "1.2.840.10008.5.1.4.1.1.30",       # Parametric Map
+    "1.2.840.10008.5.1.4.1.1.77.1.6",   # VL Whole Slide Microscopy Image
+    "1.2.840.10008.5.1.4.1.1.77.1.5.4",  # Ophthalmic Tomography Image
+    "1.2.840.10008.5.1.4.1.1.14.1",     # Intravascular OCT Image - For Presentation
+    "1.2.840.10008.5.1.4.1.1.14.2",     # Intravascular OCT Image - For Processing
+}
 
 
 class DatasetInvalid(Exception):
@@ -76,6 +108,8 @@ class _Walker:
         self.image: dict[str, int] = {}
         self.pixel: tuple[int, int] | None = None  # (tag, length or UNDEFINED)
         self.fragments = 0
+        self.sop_class = ""
+        self.groups: dict[int, int] = {}  # functional groups sequence -> items
 
     def read(self, n: int) -> bytes:
         b = self.f.read(n)
@@ -136,6 +170,12 @@ class _Walker:
                         raise _bad("Number of Frames is not a number") from None
                 else:
                     self.image[_IMAGE_TAGS[tag]] = struct.unpack(self.e + "H", raw[:2])[0]
+            if depth == 0 and tag == SOP_CLASS_TAG and 0 < length <= 64 and vr != b"SQ":
+                pos = self.f.tell()
+                if pos + length > limit:
+                    raise _bad("SOP Class UID runs past the end of the dataset")
+                self.sop_class = self.read(length).decode("ascii", "replace").strip("\x00 ")
+                self.f.seek(pos)
             if tag in PIXEL_TAGS and depth == 0:
                 self.pixel = (tag, length)
                 if length == UNDEFINED:
@@ -150,11 +190,13 @@ class _Walker:
                     saved = self.implicit
                     self.implicit = True
                     try:
-                        self.sequence(length, limit, depth + 1, tag)
+                        items = self.sequence(length, limit, depth + 1, tag)
                     finally:
                         self.implicit = saved
                 else:
-                    self.sequence(length, limit, depth + 1, tag)
+                    items = self.sequence(length, limit, depth + 1, tag)
+                if depth == 0 and tag in (SHARED_GROUPS, PER_FRAME_GROUPS):
+                    self.groups[tag] = items
                 continue
             if length == UNDEFINED:
                 raise _bad(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has an undefined "
@@ -165,8 +207,10 @@ class _Walker:
         if self.f.tell() != limit:
             raise _bad("an element runs past the end of its container")
 
-    def sequence(self, length: int, limit: int, depth: int, tag: int) -> None:
+    def sequence(self, length: int, limit: int, depth: int, tag: int) -> int:
+        """Walk a sequence's items; returns how many it holds."""
         end = limit if length == UNDEFINED else self.f.tell() + length
+        items = 0
         if end > limit:
             raise _bad(f"sequence ({tag >> 16:04X},{tag & 0xFFFF:04X}) needs {length} bytes, "
                        f"{limit - self.f.tell()} present")
@@ -176,7 +220,7 @@ class _Walker:
                 if length != UNDEFINED:
                     raise _bad("sequence delimiter in a sequence of defined length")
                 self.read(4)
-                return
+                return items
             if t != ITEM:
                 raise _bad(f"sequence ({tag >> 16:04X},{tag & 0xFFFF:04X}) holds "
                            f"({t >> 16:04X},{t & 0xFFFF:04X}) where an item should be")
@@ -188,11 +232,13 @@ class _Walker:
                 if iend > end:
                     raise _bad("a sequence item runs past the end of its sequence")
                 self.dataset(iend, depth)
+            items += 1
         if length == UNDEFINED:
             raise _bad(f"sequence ({tag >> 16:04X},{tag & 0xFFFF:04X}) of undefined length "
                        "without its delimiter")
         if self.f.tell() != end:
             raise _bad("a sequence item runs past the end of its sequence")
+        return items
 
     def encapsulated(self, limit: int) -> None:
         items = 0
@@ -339,6 +385,7 @@ def _walk(f: BinaryIO, start: int, end: int, implicit: bool, little: bool,
     f.seek(start)
     w = _Walker(f, end, implicit, little, max_depth)
     w.dataset(end, 0)
+    _check_functional_groups(w)
     if w.pixel is None:
         return
     tag, length = w.pixel
@@ -359,6 +406,31 @@ def _walk(f: BinaryIO, start: int, end: int, implicit: bool, little: bool,
     if length < need:
         raise _bad(f"pixel data holds {length} bytes, the image needs {need} "
                    f"({img['rows']} x {img['cols']} x {spp} x {bits} bits x {frames})")
+
+
+def _check_functional_groups(w: _Walker) -> None:
+    """Multi-frame Functional Groups module (PS3.3 C.7.6.16) of what the walk saw: both
+    sequences where the IOD requires them, one shared item at most, one per-frame item for
+    each frame (a viewer takes frame N's position, orientation and window from item N)."""
+    shared, per_frame = w.groups.get(SHARED_GROUPS), w.groups.get(PER_FRAME_GROUPS)
+    if w.sop_class in FUNCTIONAL_GROUP_IODS:
+        missing = [name for name, n in (("Shared Functional Groups Sequence (5200,9229)",
+                                         shared),
+                                        ("Per-frame Functional Groups Sequence (5200,9230)",
+                                         per_frame)) if n is None]
+        if missing:
+            raise _bad(f"multi-frame object of SOP Class {w.sop_class} without its "
+                       f"{' and '.join(missing)}")
+        if "frames" not in w.image:
+            raise _bad(f"multi-frame object of SOP Class {w.sop_class} without Number of "
+                       "Frames (0028,0008)")
+    if shared is not None and shared > 1:
+        raise _bad(f"Shared Functional Groups Sequence holds {shared} items (at most one)")
+    if per_frame is not None:
+        frames = w.image.get("frames", 1)
+        if per_frame != frames:
+            raise _bad(f"Per-frame Functional Groups Sequence holds {per_frame} items, "
+                       f"Number of Frames is {frames}: one item per frame")
 
 
 #: Photometric interpretations a decoder knows (PS3.3 C.7.6.3.1.2, retired ones included).

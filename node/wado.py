@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydicom import dcmread
@@ -160,34 +161,62 @@ def frames(path: Path, numbers: list[int], passthrough: bool) -> list[bytes]:
 
 def iter_frames(path: Path, numbers: list[int], passthrough: bool) -> Iterator[bytes]:
     """The requested frames' bytes one by one: as stored (compressed pass-through) or
-    decoded to little endian native pixels. Runs in a worker thread."""
-    ds = dcmread(path)
-    if "PixelData" not in ds:
+    decoded to little endian native pixels. Runs in a worker thread.
+
+    Only the header and the requested frames are read from the file: a frame of a 2 GB
+    tomosynthesis volume costs one frame of memory. Native frames are read at their offset
+    (Pixel Data's value position + (n - 1) x frame size); compressed frames are found from
+    the offset tables (Basic or Extended) or by walking the fragments with ``seek``
+    (:func:`pydicom.encaps.get_frame`); decoding reads one frame at a time
+    (:func:`pydicom.pixels.iter_pixels` on the path). A Deflated file has no byte offsets:
+    pydicom inflates it whole (rare for volumes; stored as received).
+    """
+    with open(path, "rb") as f:
+        ds = dcmread(f, stop_before_pixels=True)
+        pixel_pos = f.tell()
+        head = f.read(12)
+    if head[:4] not in (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10"):
         raise ValueError("this instance has no pixel data")
     stored = str(ds.file_meta.TransferSyntaxUID)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    bits = int(ds.get("BitsAllocated", 0) or 0)
     if stored not in _NATIVE:
         if passthrough:
-            from pydicom.encaps import generate_frames
+            from pydicom.encaps import get_frame
 
-            all_frames = list(generate_frames(ds.PixelData, number_of_frames=n_frames))
-            for n in numbers:
-                yield all_frames[n - 1]
+            ext = None
+            if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+                ext = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+            with open(path, "rb") as f:
+                for n in numbers:
+                    f.seek(pixel_pos + 12)  # explicit VR little endian: tag, OB, 00 00, length
+                    yield get_frame(f, n - 1, extended_offsets=ext, number_of_frames=n_frames)
             return
-        from pydicom.pixels import pixel_array
+        from pydicom.pixels import iter_pixels
 
-        for n in numbers:
-            yield _native(pixel_array(ds, index=n - 1, raw=True))
+        for arr in iter_pixels(path, indices=[n - 1 for n in numbers], raw=True):
+            yield _native(arr)
         return
-    size = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
-            * int(ds.BitsAllocated) + 7) // 8
-    data = ds.PixelData
-    for n in numbers:
-        chunk = data[(n - 1) * size:n * size]
-        if stored == "1.2.840.10008.1.2.2" and int(ds.BitsAllocated) > 8:
-            chunk = np.frombuffer(chunk, f">u{int(ds.BitsAllocated) // 8}") \
-                .astype(f"<u{int(ds.BitsAllocated) // 8}").tobytes()
-        yield bytes(chunk)
+    if stored == "1.2.840.10008.1.2.1.99" or bits == 1 or not bits:
+        from pydicom.pixels import iter_pixels
+
+        for arr in iter_pixels(path, indices=[n - 1 for n in numbers], raw=True):
+            yield _native(arr) if bits != 1 else np.packbits(arr, bitorder="little").tobytes()
+        return
+    implicit = stored == "1.2.840.10008.1.2"
+    start = pixel_pos + (8 if implicit else 12)
+    size = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * bits
+            + 7) // 8
+    with open(path, "rb") as f:
+        for n in numbers:
+            f.seek(start + (n - 1) * size)
+            chunk = f.read(size)
+            if len(chunk) != size:
+                raise ValueError(f"frame {n} lies past the end of the stored pixel data")
+            if stored == "1.2.840.10008.1.2.2" and bits > 8:
+                chunk = np.frombuffer(chunk, f">u{bits // 8}").astype(f"<u{bits // 8}") \
+                    .tobytes()
+            yield chunk
 
 
 def _native(arr: np.ndarray) -> bytes:
@@ -261,6 +290,42 @@ def metadata_json(path: Path, instance_url: str) -> dict:
     return js
 
 
+def pixel_data_range(path: Path) -> tuple[int, int] | None:
+    """(offset, length) in the file of native Pixel Data's value (defined length, not
+    Deflated), so that it is streamed from the file; None otherwise."""
+    with open(path, "rb") as f:
+        ds = dcmread(f, stop_before_pixels=True)
+        pos = f.tell()
+        head = f.read(12)
+    stored = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    if stored not in _NATIVE or stored == "1.2.840.10008.1.2.1.99" or len(head) < 8:
+        return None
+    if stored == "1.2.840.10008.1.2":
+        tag, length, start = head[:4], int.from_bytes(head[4:8], "little"), pos + 8
+    else:
+        order: Literal["big", "little"] = "big" if stored == "1.2.840.10008.1.2.2" else "little"
+        tag, length, start = head[:4], int.from_bytes(head[8:12], order), pos + 12
+    if tag not in (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10") or length == 0xFFFFFFFF:
+        return None
+    return start, length
+
+
+def stream_range(path: Path, offset: int, length: int, content_type: str,
+                 boundary: str | None) -> Iterator[bytes]:
+    """A byte range of a file in blocks, as one part of a ``multipart/related`` body when
+    ``boundary`` is given."""
+    if boundary:
+        yield f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n".encode()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        left = length
+        while left > 0 and (block := f.read(min(BLOCK, left))):
+            left -= len(block)
+            yield block
+    if boundary:
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+
 def bulkdata(path: Path, tag: int) -> bytes:
     """The value of one top-level binary element (Pixel Data: all of it, as stored)."""
     ds = dcmread(path) if tag == 0x7FE00010 else dcmread(path, stop_before_pixels=True)
@@ -279,19 +344,26 @@ def render(path: Path, accept: str, viewport: str | None = None, quality: str | 
     """A rendered image (JPEG, PNG or GIF by Accept) of one frame: ``viewport`` "w,h" (aspect
     kept), ``quality`` 1-100 (JPEG), ``window`` "center,width[,function]" (PS3.18 8.3.5)."""
     from PIL import Image
-
-    ds = dcmread(path)
-    if "PixelData" not in ds:
-        raise ValueError("this instance has no image to render")
     from pydicom.pixels import pixel_array
 
-    n = int(ds.get("NumberOfFrames", 1) or 1)
-    arr = pixel_array(ds, index=min(max(frame, 1), n) - 1) if n > 1 else ds.pixel_array
+    header = dcmread(path, stop_before_pixels=True)
+    n = int(header.get("NumberOfFrames", 1) or 1)
+    if n > 1:  # one frame read from the file, never the whole volume
+        ds = header
+        try:
+            arr = pixel_array(str(path), index=min(max(frame, 1), n) - 1)
+        except (AttributeError, KeyError) as exc:
+            raise ValueError("this instance has no image to render") from exc
+    else:
+        ds = dcmread(path)
+        if "PixelData" not in ds:
+            raise ValueError("this instance has no image to render")
+        arr = ds.pixel_array
     if int(ds.get("SamplesPerPixel", 1)) == 1:
         if window:
             img = _window(ds, arr, window)
         elif n == 1:
-            from inference.preprocess import to_display
+            from inference.display import to_display
 
             img = (to_display(ds) * 255).astype(np.uint8)  # VOI LUT / window of the file
         else:

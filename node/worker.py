@@ -83,6 +83,7 @@ class _InferenceState:
 
 
 _STATE: _InferenceState | None = None  # set in the inference process by _init_model
+_WARM_SECONDS: float | None = None      # how long its warm-up exam took (_init_model)
 
 
 def _state() -> _InferenceState:
@@ -119,7 +120,7 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _init_model(parent: int, checkpoint: str, device: str, numba_cache: str,
-                operating_point: float | None = None) -> None:
+                operating_point: float | None = None, warm: dict | None = None) -> None:
     global _STATE
     _die_with_parent(parent)
     # numba caches the compiled scan kernels on disk; beside the package is often read-only
@@ -131,6 +132,40 @@ def _init_model(parent: int, checkpoint: str, device: str, numba_cache: str,
     model = MammoModel(checkpoint or None, device=device, operating_point=operating_point)
     model.warm_up()  # compile / load the scan kernels now, not during the first exam
     _STATE = _InferenceState(model)
+    if warm is not None:
+        global _WARM_SECONDS
+        t0 = time.perf_counter()
+        _warm_exam(**warm)
+        _WARM_SECONDS = time.perf_counter() - t0
+
+
+def _warm_exam(sr: tuple[str, ...], attention_maps: bool, parametric_maps: bool) -> None:
+    """Read one synthetic four-view exam (one view RLE-compressed) end to end, into a
+    folder that is then removed: every import, decoder, the segmentation, the model, the
+    attention maps and each result builder run once before the worker reports the model
+    loaded (so before /readyz is ready), not during the first real exam (issue 21)."""
+    import shutil
+    import tempfile
+
+    from pydicom.uid import RLELossless
+
+    from inference.synthetic import make_exam, write
+
+    folder = Path(tempfile.mkdtemp(prefix="mammo-warm-"))
+    try:
+        exam = make_exam(seed=2024, rows=640, cols=512)
+        exam[0].compress(RLELossless)
+        paths = {}
+        for ds in exam:
+            slot = f"{ds.ImageLaterality}-{ds.ViewPosition}"
+            paths[slot] = str(write(ds, folder / f"{slot}.dcm").relative_to(folder))
+        job = ExamJob(data_dir=str(folder), study_uid=str(exam[0].StudyInstanceUID),
+                      version=1, paths=paths, sr=sr, attention_maps=attention_maps,
+                      parametric_maps=parametric_maps)
+        process_exam_srs(job)
+        process_exam_scs(job)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _model_info() -> dict[str, Any]:
@@ -140,7 +175,7 @@ def _model_info() -> dict[str, Any]:
     info = model.info
     return {"sha256": info.sha256, "arch": info.config.arch, "task": info.config.task,
             "demo": info.is_demo, "device": str(model.device),
-            "scan": backend_name(model.device)}
+            "scan": backend_name(model.device), "warm_seconds": _WARM_SECONDS}
 
 
 def _save(ds, path: Path) -> None:
@@ -372,7 +407,11 @@ class Worker(threading.Thread):
                                    initargs=(os.getpid(), self.cfg.inference.checkpoint,
                                              self.cfg.inference.device,
                                              str(self.cfg.data_dir / "cache" / "numba"),
-                                             self.cfg.inference.operating_point))
+                                             self.cfg.inference.operating_point,
+                                             {"sr": tuple(self.cfg.results.sr),
+                                              "attention_maps": self.cfg.results.attention_maps,
+                                              "parametric_maps":
+                                                  self.cfg.results.parametric_maps}))
 
     def _start_model(self) -> bool:
         """Start the inference process and load the model; False (said why) on failure."""
@@ -389,9 +428,10 @@ class Worker(threading.Thread):
             return False
         self.health.model_ok(info)
         log.info("model loaded in the inference process: %s %s on %s (scan: %s), "
-                 "sha256 %s%s", info["arch"], info["task"], info["device"], info["scan"],
-                 info["sha256"][:16],
-                 " (demo checkpoint: NOT FOR CLINICAL USE)" if info["demo"] else "")
+                 "sha256 %s%s; warm-up exam read in %.2f s", info["arch"], info["task"],
+                 info["device"], info["scan"], info["sha256"][:16],
+                 " (demo checkpoint: NOT FOR CLINICAL USE)" if info["demo"] else "",
+                 info.get("warm_seconds") or 0.0)
         return True
 
     def _restart(self, why: str) -> None:

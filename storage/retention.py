@@ -10,6 +10,9 @@ Rules (``[retention]`` and ``[storage] purge_above_percent``):
   delivered yet keeps them, whatever the disk says.
 * Instances outside any exam (other modalities, other SOP classes) may go
   ``keep_images_days`` after they arrived.
+* A **prior** (an older study kept for comparison, state ``prior``: never read, so never
+  ``done``) may go ``keep_images_days`` after its last image arrived; the current exam's
+  reading that listed it stands (its results name the prior, they do not need its files).
 * The **produced objects** (SRs, SCs) of delivered exams may go ``keep_results_days`` after
   delivery (never when that is ``None``).
 * Above ``purge_above_percent`` of disk use, the oldest purgeable studies go first, younger
@@ -86,8 +89,15 @@ class Retention:
                 select(Instance.exam_id, func.count(),
                        func.coalesce(func.sum(Instance.size_bytes), 0))
                 .join(Exam, Exam.id == Instance.exam_id)
-                .where(Exam.state == "done", Exam.images_purged_at.is_(None))
+                .where(Exam.state.in_(("done", "prior")), Exam.images_purged_at.is_(None))
                 .group_by(Instance.exam_id))}
+            # Priors: kept for comparison, never read; they go keep_images_days after their
+            # last image arrived.
+            for prior in s.scalars(select(Exam).where(Exam.state == "prior",
+                                                      Exam.images_purged_at.is_(None))):
+                n, size = sizes.get(prior.id, (0, 0))
+                out.append(Candidate(prior.study_instance_uid, prior.id,
+                                     prior.last_received_at or prior.state_changed_at, n, size))
             for exam_id, exam in exams.items():
                 rows = deliveries.get(exam_id, [])
                 if any(st == "gave_up" for st, _, _ in rows):

@@ -473,13 +473,33 @@ class ExamStore:
                 exam.add_note(note)
 
     def _same_patient_exams(self, s, exam: Exam) -> list[Exam]:
-        """Other exams of the exam's patient (a non-empty PatientID, issuers compatible)."""
-        if not exam.patient_id:
-            return []
-        return [e for e in s.scalars(select(Exam).where(
-            Exam.patient_id == exam.patient_id, Exam.id != exam.id))
-            if same_patient(exam.patient_id, exam.issuer_of_patient_id, e.patient_id,
-                            e.issuer_of_patient_id)]
+        """Other exams of the exam's patient: the same non-empty PatientID (issuers
+        compatible); where either exam has no PatientID, the same name and birth date (both
+        needed: a name alone is not enough to call a study someone's prior)."""
+        out: dict[int, Exam] = {}
+        if exam.patient_id:
+            for e in s.scalars(select(Exam).where(Exam.patient_id == exam.patient_id,
+                                                  Exam.id != exam.id)):
+                if same_patient(exam.patient_id, exam.issuer_of_patient_id, e.patient_id,
+                                e.issuer_of_patient_id):
+                    out[e.id] = e
+
+        def members(e: Exam) -> list[Instance]:
+            return list(s.scalars(select(Instance).where(Instance.exam_id == e.id)
+                                  .order_by(Instance.id)))
+
+        me = exam_identity(exam, members(exam))
+        if me.name and me.birth_date:
+            ids = set(s.scalars(select(Instance.exam_id).where(
+                Instance.patient_birth_date == me.birth_date, Instance.exam_id.is_not(None),
+                Instance.exam_id != exam.id)))
+            for e in s.scalars(select(Exam).where(Exam.id.in_(ids))) if ids else []:
+                if e.id in out or (exam.patient_id and e.patient_id):
+                    continue  # where both have a PatientID, the IDs decide
+                other = exam_identity(e, members(e))
+                if other.name == me.name and other.birth_date == me.birth_date:
+                    out[e.id] = e
+        return list(out.values())
 
     def _prior_reason(self, s, exam: Exam) -> str | None:
         """Why a study that just arrived is a prior (None: it is read)."""

@@ -93,6 +93,7 @@ class NodeProcess:
         self.config.write_text(toml_document(sections, arrays))
         self.log = tmp / "node.log"
         self.proc: subprocess.Popen | None = None
+        self._store = None  # the test's own read-only view of the node's database
 
     def launch(self) -> NodeProcess:
         """Start the daemon without waiting for it to answer."""
@@ -142,7 +143,13 @@ class NodeProcess:
                 return s.connect_ex(("127.0.0.1", self.port)) == 0
         return echo(self.port, self.ae_title, calling=calling)
 
+    def close_store(self) -> None:
+        if self._store is not None:
+            self._store.db.close()
+            self._store = None
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 40.0) -> int:
+        self.close_store()
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(sig)
@@ -160,7 +167,18 @@ class NodeProcess:
                               timeout=120)
 
     def exams(self) -> list[dict]:
-        return json.loads(self.cli("exams", "--json").stdout)
+        """What ``mammo-node exams --json`` prints, read in this process (the same function
+        the command runs; a subprocess per poll cost more CPU than the node under test).
+        ``cli("exams", "--json")`` itself is tested where the command is the subject."""
+        from node.cli import _open_store, exams_json
+
+        if self._store is None:
+            from node.config import load_config
+
+            self._store = _open_store(load_config(str(self.config)))
+            if self._store is None:
+                return []
+        return json.loads(json.dumps(exams_json(self._store)))
 
     def exam(self, study_uid: str) -> dict:
         for e in self.exams():

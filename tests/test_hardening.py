@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import requests
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import dcmwrite
@@ -12,6 +13,7 @@ from pydicom.filewriter import dcmwrite
 from inference.synthetic import make_mammogram
 from tests.helpers import free_port, wait_for
 from tests.test_dicomweb_security import _part10, _stow
+from tests.test_qr import loaded  # noqa: F401  (the fixture)
 from tests.test_security import _deflated_bomb
 
 
@@ -169,7 +171,6 @@ def test_qido_answers_while_a_400_mb_stow_is_received(node_factory):
     for seed in (41, 42):
         assert _stow(base, [_part10(make_mammogram("L", "CC", rows=32, cols=32,
                                                    seed=seed))]).status_code == 200
-    baseline = _qido_latencies(base, n=20)
     boundary = b"big-boundary"
     block = bytes(1 << 20)
 
@@ -178,28 +179,39 @@ def test_qido_answers_while_a_400_mb_stow_is_received(node_factory):
         for _ in range(400):
             yield block
         yield b"\r\n--" + boundary + b"--\r\n"
-    result: dict = {}
-    done = threading.Event()
 
-    def stow():
-        try:
-            result["r"] = requests.post(
-                f"{base}/studies", data=body(), timeout=300,
-                headers={"Content-Type": 'multipart/related; type="application/dicom"; '
-                                         f"boundary={boundary.decode()}"})
-        finally:
-            done.set()
-    t = threading.Thread(target=stow)
-    t.start()
-    wait_for(lambda: list((node.data_dir / "incoming").rglob("stow-*.body")), 30,
-             interval=0.01, what="the STOW under way")
-    during = _qido_latencies(base, until=done.is_set)
-    t.join(300)
-    assert result["r"].status_code == 409  # 400 MB of zeros is not a DICOM dataset
-    assert len(during) >= 5, "the STOW ended before it could be measured"
-    print(f"QIDO idle median {statistics.median(baseline) * 1000:.1f} ms, max "
-          f"{max(baseline) * 1000:.1f} ms; during the STOW max {max(during) * 1000:.1f} ms "
-          f"over {len(during)} queries")
+    def attempt() -> tuple[list[float], list[float]]:
+        baseline = _qido_latencies(base, n=20)
+        result: dict = {}
+        done = threading.Event()
+
+        def stow():
+            try:
+                result["r"] = requests.post(
+                    f"{base}/studies", data=body(), timeout=300,
+                    headers={"Content-Type": 'multipart/related; type="application/dicom"; '
+                                             f"boundary={boundary.decode()}"})
+            finally:
+                done.set()
+        t = threading.Thread(target=stow)
+        t.start()
+        wait_for(lambda: done.is_set() or list((node.data_dir / "incoming").rglob(
+            "stow-*.body")), 30, interval=0.01, what="the STOW under way")
+        during = _qido_latencies(base, until=done.is_set)
+        t.join(300)
+        assert result["r"].status_code == 409  # 400 MB of zeros is not a DICOM dataset
+        assert len(during) >= 5, "the STOW ended before it could be measured"
+        print(f"QIDO idle median {statistics.median(baseline) * 1000:.1f} ms, max "
+              f"{max(baseline) * 1000:.1f} ms; during the STOW median "
+              f"{statistics.median(during) * 1000:.1f} ms, max {max(during) * 1000:.1f} ms "
+              f"over {len(during)} queries")
+        return baseline, during
+    # A stall of the event loop shows on every try; the noise of a machine shared with other
+    # test runs seldom twice: a second try before failing.
+    for _ in range(2):
+        baseline, during = attempt()
+        if max(during) < max(baseline) + 0.2:
+            break
     assert max(during) < max(baseline) + 0.2
 
 
@@ -263,3 +275,231 @@ def test_association_accepted_at_once_while_a_purge_runs(tmp_path):
     finally:
         node.stop()
         os.umask(umask)
+
+
+# -- 6. Smaller --------------------------------------------------------------------------------
+class _Evil:
+    def __reduce__(self):
+        import os
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+@pytest.mark.unit
+def test_train_resume_state_is_loaded_weights_only(tmp_path):
+    """``train --resume`` refuses a state file that pickles an arbitrary object (code run
+    on load with weights_only=False); a real state (tensors, dicts, numbers) loads."""
+    import pickle
+
+    import torch
+
+    from inference.train import load_resume_state
+
+    good = tmp_path / "good.resume.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "epoch": 3, "rng": torch.get_rng_state(),
+                "config": {"arch": "tiny", "sizes": [1, 2]}}, good)
+    assert load_resume_state(good)["epoch"] == 3
+    bad = tmp_path / "bad.resume.pt"
+    torch.save({"model": {}, "payload": _Evil()}, bad)
+    with pytest.raises(pickle.UnpicklingError, match="refused"):
+        load_resume_state(bad)
+
+
+# -- 5. Access and audit -----------------------------------------------------------------------
+ADMIN, UPLOADER = "admin-secret-token", "uploader-secret-token"
+
+
+def _tokens() -> list[dict]:
+    from tests.test_dicomweb_security import _sha
+
+    return [{"name": "admin", "sha256": _sha(ADMIN), "services": ["stow", "qido", "wado"]},
+            {"name": "modality", "sha256": _sha(UPLOADER), "services": ["stow"]}]
+
+
+def _events(node) -> list[dict]:
+    import json
+
+    return [json.loads(x) for x in (node.data_dir / "audit.jsonl").read_text().splitlines()]
+
+
+def test_host_origin_frames_and_metrics_are_checked(node_factory):
+    """Host not among the node's names -> 400 (DNS rebinding); a STOW or a dashboard action
+    from another site's page (Origin) -> 403; every answer forbids framing; /metrics with a
+    stow-only token -> 403; WADO-RS /metadata and a finished retrieve are audited."""
+    node, base = _web(node_factory, tokens=_tokens())
+    web = base.replace("/dicomweb", "")
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    ds = make_mammogram("L", "CC", rows=32, cols=32, seed=51)
+    assert _stow(base, [_part10(ds)], token=ADMIN).status_code == 200
+    r = requests.get(f"{base}/studies", headers={**admin, "Host": "evil.example:8080"})
+    assert r.status_code == 400 and "allowed_hosts" in r.json()["error"]
+    r = requests.get(f"{base}/studies", headers={**admin, "Host": "localhost"})
+    assert r.status_code == 200
+    assert r.headers["X-Frame-Options"] == "DENY"
+    assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
+    boundary = "b"
+    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").encode() + \
+        _part10(make_mammogram("R", "CC", rows=32, cols=32, seed=52)) + \
+        f"\r\n--{boundary}--\r\n".encode()
+    stow_headers = {**admin, "Content-Type": 'multipart/related; type="application/dicom"; '
+                                             f"boundary={boundary}"}
+    r = requests.post(f"{base}/studies", data=body,
+                      headers={**stow_headers, "Origin": "http://evil.example"})
+    assert r.status_code == 403 and "cross-origin" in r.json()["error"]
+    r = requests.post(f"{base}/studies", data=body,
+                      headers={**stow_headers, "Origin": web})  # the node's own pages
+    assert r.status_code == 200
+    r = requests.post(f"{web}/ui/destinations/x/pause", data={"csrf": "x"},
+                      headers={**admin, "Origin": "http://evil.example"})
+    assert r.status_code == 403
+    r = requests.get(f"{web}/metrics", headers={"Authorization": f"Bearer {UPLOADER}"})
+    assert r.status_code == 403 and "qido" in r.json()["error"]
+    assert requests.get(f"{web}/metrics", headers=admin).status_code == 200
+    inst = (f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/"
+            f"{ds.SOPInstanceUID}")
+    assert requests.get(f"{inst}/metadata", headers=admin).status_code == 200
+    assert requests.get(inst, headers=admin).status_code == 200
+    node.stop()
+    events = _events(node)
+    services = [(e["event"], e.get("service")) for e in events]
+    assert ("Begin Transferring DICOM Instances", "WADO-RS metadata") in services
+    assert ("DICOM Instances Transferred", "WADO-RS metadata") in services
+    assert ("DICOM Instances Transferred", "WADO-RS") in services
+    assert any(e.get("alert") == "cross-origin request" for e in events)
+
+
+def test_dashboard_sessions_csrf_and_sign_in_failures(node_factory):
+    """The cookie holds a random session id, not the token; a form without the CSRF token
+    -> 403; sign-out revokes the session on the server; Secure when configured; sign-in
+    failures audited and answered ever more slowly."""
+    import time
+
+    node, base = _web(node_factory, tokens=_tokens(), secure_cookies=True)
+    ui = base.replace("/dicomweb", "") + "/ui"
+    s = requests.Session()
+    r = s.post(f"{ui}/login", data={"token": ADMIN}, allow_redirects=False)
+    assert r.status_code == 303
+    cookie = r.headers["set-cookie"]
+    assert "Secure" in cookie and "HttpOnly" in cookie and ADMIN not in cookie
+    sid = r.cookies["mammo_node_token"]
+    jar = {"mammo_node_token": sid}
+    page = requests.get(f"{ui}/destinations", cookies=jar)
+    assert page.status_code == 200
+    import re
+
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+    r = requests.post(f"{ui}/logout", cookies=jar, data={}, allow_redirects=False)
+    assert r.status_code == 403  # no CSRF token
+    r = requests.post(f"{ui}/logout", cookies=jar, data={"csrf": csrf}, allow_redirects=False)
+    assert r.status_code == 303
+    # The same cookie, replayed after sign-out: no longer a session.
+    r = requests.get(f"{ui}/destinations", cookies=jar, allow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].endswith("/ui/login")
+    timings = []
+    for _ in range(4):
+        t0 = time.monotonic()
+        r = requests.post(f"{ui}/login", data={"token": "guess"}, allow_redirects=False)
+        timings.append(time.monotonic() - t0)
+        assert r.status_code == 401
+    assert timings[3] >= 2.0 > timings[0], timings  # 0, 0.5, 1, 2 s
+    node.stop()
+    fails = [e for e in _events(node) if e["event"] == "User Authentication"
+             and e.get("action") == "sign-in" and e["outcome"] != 0]
+    assert len(fails) == 4 and fails[0]["peer"]["address"] == "127.0.0.1"
+    assert any(e.get("action") == "dashboard sign-out" for e in _events(node))
+
+
+@pytest.mark.unit
+def test_peer_hosts_with_host_bits_are_refused():
+    from node.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="host bits set"):
+        parse_config({"peers": [{"ae_title": "PACS", "hosts": ["10.1.2.5/8"]}]})
+    cfg = parse_config({"peers": [{"ae_title": "PACS", "hosts": ["10.0.0.0/8", "10.1.2.5"]}]})
+    assert [str(n) for n in cfg.peers[0].hosts] == ["10.0.0.0/8", "10.1.2.5/32"]
+
+
+def test_https_context_is_tls12_plus_with_bcp195_ciphers(node_factory, pki):
+    """HTTPS answers TLS 1.2 with an AEAD ECDHE suite and TLS 1.3; TLS 1.1 and a TLS 1.2
+    non-AEAD, non-ephemeral suite (AES128-SHA) are refused in the handshake."""
+    import socket
+    import ssl
+
+    from tests.test_tls import _tls
+
+    port = free_port()
+    node = node_factory({"dicomweb": {"enabled": True, "host": "127.0.0.1", "port": port,
+                                      "tls": True, "token": "t"},
+                         "tls": _tls(pki, require=False)})
+    wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 30,
+             what="HTTPS up")
+
+    def handshake(**kw) -> str:
+        ctx = ssl.create_default_context(cafile=str(pki.ca))
+        ctx.check_hostname = False
+        if "ciphers" in kw:
+            ctx.set_ciphers(kw["ciphers"])
+        ctx.minimum_version = kw.get("min", ssl.TLSVersion.TLSv1_2)
+        ctx.maximum_version = kw.get("max", ssl.TLSVersion.TLSv1_3)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                ctx.wrap_socket(raw) as tls:
+            return f"{tls.version()} {tls.cipher()[0]}"
+    assert handshake().startswith("TLSv1.3")
+    got = handshake(max=ssl.TLSVersion.TLSv1_2)
+    assert got.startswith("TLSv1.2 ECDHE-") and ("GCM" in got or "CHACHA20" in got), got
+    with pytest.raises(ssl.SSLError):
+        handshake(max=ssl.TLSVersion.TLSv1_2, ciphers="AES128-SHA")
+    try:
+        old = handshake(min=ssl.TLSVersion.TLSv1_1, max=ssl.TLSVersion.TLSv1_1)
+    except ssl.SSLError:
+        old = None
+    assert old is None
+    assert node.proc.poll() is None
+
+
+def test_concurrency_bound_covers_streamed_bodies(node_factory):
+    """With max_concurrent_requests = 1, a WADO-RS answer still streaming to a slow reader
+    holds the slot: another request -> 503 with Retry-After; once read, the slot is free."""
+    node, base = _web(node_factory, max_concurrent_requests=1)
+    ds = make_mammogram("L", "MLO", rows=4096, cols=3328, seed=61)  # 27 MB: more than
+    # the loopback socket buffers hold, so the answer is still streaming while we wait
+    assert _stow(base, [_part10(ds)]).status_code == 200
+    r = requests.get(f"{base}/studies/{ds.StudyInstanceUID}", stream=True, timeout=30)
+    assert r.status_code == 200
+    first = r.raw.read(1024)
+    assert first
+    busy = requests.get(f"{base}/studies", timeout=10)
+    assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
+    rest = r.raw.read()
+    assert len(first) + len(rest) > 27_000_000
+    r.close()
+    wait_for(lambda: requests.get(f"{base}/studies", timeout=10).status_code == 200, 10,
+             interval=0.05, what="the slot freed")
+
+
+def test_c_get_and_c_move_have_completion_events(loaded, tmp_path):  # noqa: F811
+    """PS3.15 A.5.3.4: a C-MOVE and a C-GET each end with DICOM Instances Transferred (who,
+    to whom, how many), after their Begin Transferring."""
+    import subprocess
+
+    from tests.helpers import dcmtk
+
+    node, pacs, a, _ = loaded
+    study = a[0].StudyInstanceUID
+    r = subprocess.run([dcmtk("movescu"), "-S", "-aet", "QRSCU", "-aec", node.ae_title,
+                        "-aem", "PACS", "127.0.0.1", str(node.port),
+                        "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "get"
+    out.mkdir()
+    r = subprocess.run([dcmtk("getscu"), "-S", "-aet", "QRSCU", "-aec", node.ae_title,
+                        "-od", str(out), "127.0.0.1", str(node.port),
+                        "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    node.stop()
+    done = [e for e in _events(node) if e["event"] == "DICOM Instances Transferred"
+            and e.get("action") == "retrieve"]
+    assert [(e["service"], e["to"], e["instances"], e["outcome"]) for e in done] == [
+        ("C-MOVE", "PACS", 4, 0), ("C-GET", "QRSCU", 4, 0)]
+    assert all(e["studies"] == [study] for e in done)

@@ -225,7 +225,7 @@ def test_both_srs_carry_density_as_cid_6000(exam_files, tmp_path):
                                       ("ACR 2", 1), ("4.0", 3), ("", None), ("0", None),
                                       ("nan", None), ("heterogeneously dense", 2)])
 def test_density_labels_of_each_data_set(raw, want):
-    from inference.data import parse_density
+    from inference.datasets import parse_density
 
     assert parse_density(raw) == want
 
@@ -304,7 +304,7 @@ def test_froc_points():
 
 
 def test_synth_writes_lesion_boxes_and_evaluate_reports_froc_and_density(tmp_path):
-    from inference.data import read_dataset
+    from inference.datasets import read_dataset
     from inference.synthetic_dataset import write_synthetic_dataset
     from inference.train import evaluate, format_table
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -45,6 +47,10 @@ def test_metrics_and_probes_after_an_exam(node_factory, storescp_factory):
     node, base = _web(node_factory, storescp_factory)
     wait_for(lambda: _get(f"{base}/readyz").status_code == 200, 120, interval=1,
              what="ready (model)")
+    # Ready only once a synthetic exam went through every stage (warm start, issue 21); it
+    # leaves nothing behind (the exam counts below are the real exam's only).
+    warm = re.search(r"warm-up exam read in ([0-9.]+) s", node.log.read_text())
+    assert warm and float(warm.group(1)) > 0
     exam = make_exam(seed=101, **SIZE)
     assert send(node.port, exam) == [0] * 4
     study = exam[0].StudyInstanceUID
@@ -70,12 +76,16 @@ def test_metrics_and_probes_after_an_exam(node_factory, storescp_factory):
     assert _get(f"{base}/healthz").json() == {"status": "alive"}
     ready = _get(f"{base}/readyz").json()
     assert ready["ready"] and all(c["ok"] for c in ready["checks"].values())
-    assert set(ready["checks"]) == {"database", "model", "disk", "listener"}
+    assert set(ready["checks"]) == {"database", "model", "disk", "listener", "thread worker",
+                                    "thread export", "thread retention",
+                                    "thread stable-timer"}
 
 
 def test_readyz_says_why_when_not_ready(node_factory, tmp_path):
+    # A safetensors file (the start-up check passes) that is not a model (its load fails).
+    header = b'{"__metadata__": {"format": "pt"}}'
     bad = tmp_path / "broken.safetensors"
-    bad.write_bytes(b"not a checkpoint")
+    bad.write_bytes(len(header).to_bytes(8, "little") + header)
     node, base = _web(node_factory, settings={"inference": {"checkpoint": str(bad)},
                                               "storage": {"min_free_mb": 10_000_000}})
 
@@ -112,4 +122,4 @@ def test_json_logs_for_collectors(node_factory):
     node.stop()
     lines = [json.loads(x) for x in node.log.read_text().splitlines() if x.startswith("{")]
     assert lines and all({"time", "level", "logger", "message"} <= set(x) for x in lines)
-    assert any("stored" in x["message"] and x["logger"] == "mammo_node.scp" for x in lines)
+    assert any("stored" in x["message"] and x["logger"] == "mammo_node.ingest" for x in lines)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from inference.data import DIAGNOSIS_CLASSES, read_dataset
+from inference.datasets import read_dataset
 from inference.synthetic import make_mammogram, write
+from inference.tasks import DIAGNOSIS_CLASSES
 
 pytestmark = pytest.mark.unit
 

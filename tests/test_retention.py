@@ -9,9 +9,9 @@ import json
 import pytest
 
 from inference.synthetic import make_exam, write
+from node.assembly import assign_slots
 from node.query import Query, QueryService
 from node.scp import instance_record
-from node.views import assign_slots
 from storage.db import Database
 from storage.files import FileStore
 from storage.models import Instance, PurgeJournal, Result, utcnow
@@ -195,6 +195,10 @@ def test_purge_command_against_a_running_node(node_factory, storescp_factory):
     assert e["state"] == "done" and e["images_purged_at"] and e["delivery"]["pacs"]["sent"] == 6
     exams = json.loads(node.cli("exams", "--json").stdout)
     assert len(exams) == 2
+    deleted = [json.loads(x) for x in (node.data_dir / "audit.jsonl").read_text().splitlines()
+               if '"DICOM Study Deleted"' in x]
+    assert [(d["outcome"], d["studies"], d["peer"]["via"]) for d in deleted] == [
+        (4, [waiting[0].StudyInstanceUID], "cli"), (0, [study], "cli")]
 
 
 def test_the_daemon_applies_retention_by_itself(node_factory):
@@ -209,3 +213,58 @@ def test_the_daemon_applies_retention_by_itself(node_factory):
     wait_for(lambda: "DICOM Study Deleted" in (node.data_dir / "audit.jsonl").read_text(), 10,
              what="the audit line")
     assert "retention: 1 study(ies) purged" in node.log.read_text()
+
+
+def test_priors_go_keep_days_after_they_arrived(env):
+    """A prior is never read (never done): its images go keep_images_days after its last
+    image arrived, the current exam's stay until it is done and delivered."""
+    _, files, ret, db = env
+    store = ExamStore(db, prior_gap_days=180)
+    current = make_exam(seed=13, rows=16, cols=16, patient_id="PRI-1")
+    old = make_exam(seed=14, rows=16, cols=16, patient_id="PRI-1",
+                    acquisition=dt.datetime(2024, 1, 15, 9, 0))
+    for ds in current + old:
+        rec = instance_record(ds, files, "T", str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                              "1.2.840.10008.1.2.1", 100)
+        tmp = write(ds, files.incoming / f"{ds.SOPInstanceUID}.dcm")
+        store.add_instance(rec, assign_slots, place=lambda t=tmp, r=rec: files.place(t, r.path))
+    prior_study = old[0].StudyInstanceUID
+    assert store.exam_dict(prior_study)["state"] == "prior"
+    assert ret.run(7, None, None, now=utcnow() + 6 * DAY).studies == []
+    report = ret.run(7, None, None, now=utcnow() + 8 * DAY)
+    assert report.studies == [prior_study] and report.instances == 4
+    assert _files_of(db, prior_study) == []
+    assert len(_files_of(db, current[0].StudyInstanceUID)) == 4
+    exam = store.exam_dict(prior_study)
+    assert exam["state"] == "prior" and exam["images_purged_at"]
+    assert ret.run(7, None, None, now=utcnow() + 9 * DAY).studies == []  # once
+
+
+def test_priors_without_patient_id_by_name_and_birth_date(env):
+    """Studies without a PatientID: a prior by the gap rule when the name and the birth date
+    match, not when only the name does."""
+    _, files, _, db = env
+    store = ExamStore(db, prior_gap_days=180)
+
+    def receive(exam):
+        for ds in exam:
+            ds.PatientID = ""
+            rec = instance_record(ds, files, "T", str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                                  "1.2.840.10008.1.2.1", 100)
+            tmp = write(ds, files.incoming / f"{ds.SOPInstanceUID}.dcm")
+            store.add_instance(rec, assign_slots,
+                               place=lambda t=tmp, r=rec: files.place(t, r.path))
+        return exam[0].StudyInstanceUID
+
+    old = dt.datetime(2024, 1, 15, 9, 0)
+    current = make_exam(seed=15, rows=16, cols=16, patient_name="Anon^Ann")
+    same = make_exam(seed=16, rows=16, cols=16, patient_name="ANON^ANN", acquisition=old)
+    other = make_exam(seed=17, rows=16, cols=16, patient_name="Anon^Ann", acquisition=old)
+    for ds in current + same:
+        ds.PatientBirthDate = "19600101"
+    for ds in other:
+        ds.PatientBirthDate = "19700101"
+    cur = receive(current)
+    assert store.exam_dict(receive(same))["state"] == "prior"
+    assert store.exam_dict(receive(other))["state"] != "prior"
+    assert [u for u, _ in store.priors_of(cur)] == [same[0].StudyInstanceUID]

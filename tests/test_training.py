@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from inference.data import ExamDataset, read_csv, read_vindr
+from inference.datasets import read_csv, read_vindr
+from inference.datasets.cache import ExamDataset
 
 
 def cli(*args, cwd=None) -> subprocess.CompletedProcess:
@@ -179,6 +180,11 @@ def test_demo_checkpoint_separates_birads_1_from_5_on_unseen_data(tmp_path):
     (["evaluate", "--data", "{tmp}", "--checkpoint", "{tmp}/junk.safetensors"],
      "not a safetensors file"),
     (["model-info", "--checkpoint", "{tmp}/absent.safetensors"], "absent.safetensors"),
+    (["train", "--data", "{tmp}", "--out", "{tmp}/m.safetensors", "--device", "cpu",
+      "--precision", "fp16"], "--precision fp16 needs a CUDA device"),
+    (["train", "--data", "{tmp}", "--out", "{tmp}/m.safetensors", "--accumulate", "0"],
+     "--accumulate must be >= 1"),
+    (["prepare", "--data", "{tmp}/nothing"], "breast-level_annotations.csv not found"),
 ])
 def test_cli_user_errors_are_one_line_and_exit_2(args, message, tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
@@ -186,3 +192,36 @@ def test_cli_user_errors_are_one_line_and_exit_2(args, message, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_prepare_builds_the_cache_training_reads_in_parallel_and_resumes(tiny_data, tmp_path):
+    """mammo-node prepare: two processes, every view keyed as training keys it (the
+    dataset then reads, not decodes), a second run builds nothing, a corrupt view counted."""
+    import shutil
+
+    import numpy as np
+
+    from inference.datasets.cache import cache_file
+
+    root = tmp_path / "d"
+    shutil.copytree(tiny_data, root, ignore=shutil.ignore_patterns(".mammo-cache"))
+    recs = read_vindr(root)
+    bad = recs[1].paths["L-CC"]
+    bad.write_bytes(b"not a DICOM file")
+    cache = tmp_path / "cache"
+    views = sum(len(r.paths) for r in recs)
+    r = cli("prepare", "--data", str(root), "--image-size", "128x64", "--cache-dir",
+            str(cache), "--workers", "2", "--quiet")
+    assert f"{views - 1} view(s) built, 0 already there, 1 unreadable, {views} in all" \
+        in r.stdout and "2 process(es)" in r.stdout
+    assert len(list(cache.glob("*.npy"))) == views - 1
+    assert not list(cache.glob("*.tmp.npy"))
+    good = recs[0].paths["L-CC"]
+    entry = cache_file(cache, good, (128, 64))
+    marker = np.full((128, 64), 0.5, np.float16)[None]
+    np.save(entry, marker)  # what the dataset returns must come from this entry
+    ds = ExamDataset([recs[0]], (128, 64), "birads-5class", cache_dir=cache)
+    assert torch.equal(ds[0]["images"][0], torch.from_numpy(marker.astype(np.float32)))
+    r = cli("prepare", "--data", str(root), "--image-size", "128x64", "--cache-dir",
+            str(cache), "--workers", "2", "--quiet")
+    assert f"0 view(s) built, {views - 1} already there, 1 unreadable" in r.stdout

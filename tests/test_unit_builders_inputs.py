@@ -207,3 +207,18 @@ def test_birads_categories_use_the_standard_snomed_codes():
     assert all(c.scheme_designator == "SCT" and len(c.meaning) <= 64 for c in codes.values())
     grouped = birads_code("BI-RADS 4-5")  # a 3-class task's group: no single standard code
     assert grouped.scheme_designator == "99MAMMONODE" and "grouped" in grouped.meaning
+
+
+def test_parametric_map_in_process(sources):
+    """Built here (the worker builds it in its own process) so that a deprecated library call
+    in the builder fails the suite (pyproject's filterwarnings), and its values survive."""
+    from node.results import build_parametric_map
+
+    ds = sources["L-CC"]
+    study = ds.StudyInstanceUID
+    att = np.linspace(0, 1, int(ds.Rows) * int(ds.Columns), dtype=np.float32).reshape(
+        int(ds.Rows), int(ds.Columns))
+    pm = build_parametric_map(ds, "L-CC", att, _reading(), study, 1, 1)
+    assert pm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"
+    assert pm.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0].WindowCenter == 0.5
+    assert float(np.asarray(pm.pixel_array).max()) == pytest.approx(1.0)

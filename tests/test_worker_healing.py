@@ -157,8 +157,10 @@ def test_postgresql_restarted_mid_exam_the_exam_ends_done_once(node_factory, sto
         r = requests.get(f"http://127.0.0.1:{web}/readyz", timeout=30)
         checks = r.json()["checks"]
         assert r.status_code == 200, checks
+        page = requests.get(f"http://127.0.0.1:{web}/ui/system", timeout=30).text
         for name in ("worker", "export", "retention", "stable-timer"):
             assert checks[f"thread {name}"]["ok"], name
+            assert f"thread {name}" in page  # the dashboard's System page lists them too
         assert node.proc is not None and node.proc.poll() is None
     finally:
         server.stop()

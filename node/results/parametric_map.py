@@ -80,7 +80,8 @@ def build_parametric_map(source: Dataset, slot: str, attention: np.ndarray,
             lut_label="ATTENTION", lut_explanation="AI attention (0 = none, 1 = highest)",
             unit=NO_UNITS, value_range=(0.0, 1.0),
             slope=1.0, intercept=0.0)],
-        window_center=0.5, window_width=1.0, content_label="ATTENTION",
+        voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
+        content_label="ATTENTION",
         content_description=f"AI attention map {slot} (not for diagnosis)",
         transfer_syntax_uid=ExplicitVRLittleEndian, **kwargs)
     pm.Laterality = slot[0]
