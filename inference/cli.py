@@ -46,7 +46,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     rows, cols = args.size
     csv_path = write_synthetic_dataset(args.out, args.exams, seed=args.seed, rows=rows,
                                        cols=cols, progress=not args.quiet,
-                                       artifacts=args.artifacts)
+                                       artifacts=args.artifacts,
+                                       density_phantoms=args.density_phantoms)
     print(f"wrote {args.exams} synthetic exams to {args.out} ({csv_path.name})")
     return 0
 
@@ -181,6 +182,9 @@ def register(sub, add_config, load_config) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same data)")
     p.add_argument("--size", type=_size, default=(1024, 832), metavar="HxW",
                    help="image size in pixels")
+    p.add_argument("--density-phantoms", action="store_true",
+                   help="the phantoms' fibroglandular share follows their density label A-D "
+                        "(the bundled demo checkpoint was trained without)")
     p.add_argument("--artifacts", type=float, default=0.0, metavar="P",
                    help="share of images with burned-in labels, markers, rulers, film edges "
                         "or collimator shadows (0-1)")

@@ -18,19 +18,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 
+from inference.display import (  # noqa: F401  (re-exported: callers import them from here)
+    PreprocessError,
+    _display,
+    decode,
+    decode_reduced,
+    guess_slot,
+    load,
+    to_display,
+)
 from inference.segment import BreastMask, segment_breast
 
 MEAN, STD = 0.5, 0.5  # input normalisation: [0, 1] -> [-1, 1]
 #: Changes whenever the model input made from an image changes (training caches key on it).
 PREPROCESS_VERSION = "2-segmented"
-
-
-class PreprocessError(ValueError):
-    """An image that cannot be turned into a model input (the message says why)."""
 
 
 @dataclass
@@ -47,171 +50,6 @@ class Geometry:
     breast: BreastMask | None = None
     #: The breast in the model input (bool H x W).
     input_mask: np.ndarray | None = None
-
-
-def load(ds_or_path: Dataset | str | Path) -> Dataset:
-    if isinstance(ds_or_path, Dataset):
-        return ds_or_path
-    return dcmread(ds_or_path)
-
-
-def guess_slot(ds: Dataset) -> str | None:
-    """"L-CC", "L-MLO", "R-CC" or "R-MLO" from the header, or None: the node's own
-    classifier (:func:`inference.views.classify`), whatever the SOP class."""
-    from inference.views import classify
-
-    return classify(ds, any_sop_class=True).slot
-
-
-def _first(value) -> float:
-    """First value of a possibly multi-valued DS."""
-    if isinstance(value, (MultiValue, list, tuple)):
-        return float(value[0])
-    return float(value)
-
-
-def _lut_range(item: Dataset) -> tuple[float, float]:
-    """Output range of a VOI LUT: its smallest and largest entries.
-
-    Not ``2^bits - 1`` from the LUT Descriptor: several vendors declare 16 bits per entry and
-    fill the table with 12-bit values, which would leave the image almost black.
-    """
-    bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
-    data = item.get("LUTData", None)
-    if data is None:
-        return 0.0, float((1 << bits) - 1)
-    if isinstance(data, (bytes, bytearray)):
-        entries = np.frombuffer(data, dtype="<u2" if bits > 8 and len(data) % 2 == 0 else "u1")
-    else:
-        entries = np.asarray(data if isinstance(data, (list, tuple, MultiValue)) else [data],
-                             dtype=np.float64)
-    if entries.size == 0:
-        return 0.0, float((1 << bits) - 1)
-    return float(entries.min()), float(entries.max())
-
-
-def _window(arr: np.ndarray, ds: Dataset) -> np.ndarray | None:
-    """Apply the first VOI LUT or window of the dataset; [0, 1] or None when there is none."""
-    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
-        from pydicom.pixels import apply_voi_lut
-
-        # The LUT is indexed by (integer) modality values; pydicom warns on float input.
-        lut_in = np.rint(arr).astype(np.int64) if np.issubdtype(arr.dtype, np.floating) else arr
-        out = apply_voi_lut(lut_in, ds, index=0).astype(np.float32)
-        lo, hi = _lut_range(ds.VOILUTSequence[0])
-        if hi <= lo:
-            return None
-        return np.clip((out - lo) / (hi - lo), 0.0, 1.0)
-    if "WindowCenter" not in ds or "WindowWidth" not in ds:
-        return None
-    c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
-    if w <= 0:
-        return None
-    fn = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
-    if fn == "SIGMOID":
-        return (1.0 / (1.0 + np.exp(-4.0 * (arr - c) / w))).astype(np.float32)
-    if fn == "LINEAR_EXACT":
-        return np.clip((arr - c) / w + 0.5, 0.0, 1.0).astype(np.float32)
-    if w <= 1:
-        return (arr > c - 0.5).astype(np.float32)
-    return np.clip((arr - (c - 0.5)) / (w - 1) + 0.5, 0.0, 1.0).astype(np.float32)
-
-
-JPEG_LS = {"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}
-JPEG_2000 = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
-
-
-def decode(ds: Dataset) -> np.ndarray:
-    """The stored pixel values, through the fastest installed decoder: pylibjpeg-rle for RLE
-    (4x pydicom's own), CharLS (pyjpegls) for JPEG-LS (3.4x pylibjpeg-libjpeg, which pydicom
-    would pick first), pylibjpeg-openjpeg / -libjpeg for the rest."""
-    ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
-    try:
-        if ts in JPEG_LS:
-            from pydicom.pixels import get_decoder, pixel_array
-
-            if "pyjpegls" in get_decoder(ts).available_plugins:
-                return pixel_array(ds, decoding_plugin="pyjpegls")
-        return ds.pixel_array
-    except Exception as exc:  # missing plugin, corrupt stream, no pixel data
-        raise PreprocessError(f"cannot decode pixel data ({ts or '?'}): {exc}") from exc
-
-
-def decode_reduced(ds: Dataset, min_side: int) -> tuple[np.ndarray, int]:
-    """The pixel values at a reduced resolution where the codec has one to give: JPEG 2000
-    keeps the image at halved resolutions (its wavelet levels), so an image far larger than
-    ``min_side`` is decoded 2^k times smaller (k as large as keeps the longer side >=
-    ``min_side``), at a fraction of the cost. (values, k-fold factor); other syntaxes, or
-    anything unusual, decode at full size (factor 1)."""
-    ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    k = 0
-    while max(rows, cols) >> (k + 1) >= min_side:
-        k += 1
-    if (ts not in JPEG_2000 or k == 0 or int(ds.get("NumberOfFrames", 1) or 1) != 1
-            or int(ds.get("SamplesPerPixel", 1)) != 1
-            or int(ds.get("PixelRepresentation", 0)) != 0
-            or int(ds.get("BitsAllocated", 16)) != 16):
-        return decode(ds), 1
-    try:
-        from io import BytesIO
-
-        from PIL import Image
-        from pydicom.encaps import generate_frames
-
-        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
-        with Image.open(BytesIO(frame)) as im:
-            setattr(im, "reduce", k)  # noqa: B010  (Jpeg2KImageFile: decode this level)
-            im.load()
-            arr = np.asarray(im)
-        if arr.dtype != np.uint16 or arr.ndim != 2:
-            raise ValueError(f"unexpected {arr.dtype} {arr.shape}")
-        # Pillow scales samples to 16 bits; back to the stored precision.
-        shift = 16 - int(ds.get("BitsStored", 16) or 16)
-        return (arr >> shift) if shift > 0 else arr, 1 << k
-    except Exception:
-        return decode(ds), 1
-
-
-def to_display(ds: Dataset, arr: np.ndarray | None = None) -> np.ndarray:
-    """Decoded, windowed image in [0, 1] where brighter means denser (MONOCHROME2 sense).
-    ``arr``: the pixel values when already decoded (:func:`decode`)."""
-    if arr is None:
-        arr = decode(ds)
-    if arr.ndim == 3:  # multi-frame: the first frame; colour is not a mammogram
-        if int(ds.get("SamplesPerPixel", 1)) != 1:
-            raise PreprocessError("colour image: not a mammogram")
-        arr = arr[0]
-    if arr.ndim != 2:
-        raise PreprocessError(f"unexpected pixel array shape {arr.shape}")
-    if arr.dtype.kind in "ui" and arr.dtype.itemsize <= 2 and arr.size > (1 << 16):
-        # Integer pixels: the display is a function of the stored value alone, so it is
-        # computed once per possible value and looked up (one pass over the image instead
-        # of a handful of float passes); statistics come from a decimated sample.
-        lo = min(int(arr.min()), 0)
-        table = _display(np.arange(lo, int(arr.max()) + 1, dtype=np.float32), ds,
-                         arr[::4, ::4].astype(np.float32))
-        index = arr if lo == 0 else (arr.astype(np.int32) - lo)
-        return np.take(table, index)
-    arr = arr.astype(np.float32)
-    return _display(arr, ds, arr[::4, ::4])
-
-
-def _display(values: np.ndarray, ds: Dataset, sample: np.ndarray) -> np.ndarray:
-    """Stored values -> display values in [0, 1] (Modality LUT, VOI, MONOCHROME1);
-    ``sample``: stored values the percentile fallback (no usable window) is computed on."""
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    arr = values * np.float32(slope) + np.float32(intercept)
-    out = _window(arr, ds)
-    if out is None or float(out.max() - out.min()) < 1e-6:
-        lo, hi = np.percentile(sample * np.float32(slope) + np.float32(intercept), [0.5, 99.8])
-        if hi <= lo:
-            hi = lo + 1.0
-        out = np.clip((arr - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
-    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
-        out = 1.0 - out
-    return out.astype(np.float32, copy=False)
 
 
 def _bbox(mask: np.ndarray, min_frac: float = 0.01) -> tuple[int, int, int, int]:

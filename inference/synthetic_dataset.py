@@ -12,8 +12,9 @@ BI-RADS    finding (in both views of the breast)        diagnosis
 5          large spiculated mass with calcifications    malignant
 =========  ===========================================  =========
 
-Each exam draws a BI-RADS density A-D (both breasts): the phantoms' fibroglandular share
-follows it (``inference.synthetic.FIBROGLANDULAR``) and ``breast_density`` says it.
+Each exam draws a BI-RADS density A-D (both breasts), written to ``breast_density``; with
+``density_phantoms`` the phantoms' fibroglandular share follows it
+(``inference.synthetic.FIBROGLANDULAR``).
 
 Header dialects, MONOCHROME1 and compressed transfer syntaxes vary between exams, and a few
 exams miss a view, as real archives do.
@@ -59,12 +60,16 @@ def lesions_for(birads: int, rng: np.random.Generator) -> list[tuple[Lesion, flo
 
 def write_synthetic_dataset(out: str | Path, exams: int, seed: int = 0, rows: int = 1024,
                             cols: int = 832, test_fraction: float = 0.2,
-                            progress: bool = True, artifacts: float = 0.0) -> Path:
+                            progress: bool = True, artifacts: float = 0.0,
+                            density_phantoms: bool = False) -> Path:
     """Write ``exams`` synthetic exams under ``out`` (VinDr layout); returns the CSV path.
 
     ``artifacts``: the share of images that carry film / vendor artifacts (view labels,
     markers, rulers, film edges, collimator shadows; each kind with probability 1/2), drawn
-    from their own random stream so that the rest of the data set does not change."""
+    from their own random stream so that the rest of the data set does not change.
+    ``density_phantoms``: the phantoms' fibroglandular share follows the exam's density label
+    (off: the mild texture the bundled demo checkpoint was trained on; its readings of dense
+    phantoms are not meaningful until it is retrained with them)."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -105,7 +110,8 @@ def write_synthetic_dataset(out: str | Path, exams: int, seed: int = 0, rows: in
                                          entropy_srcs=[f"synth|{seed}|{e}|{lat}{view}"]),
                     lesions=les, dialect=dialect, photometric=photometric, study_uid=study,
                     series_uid=series, patient_id=f"SYN{seed:03d}{e:06d}",
-                    accession=f"S{seed % 1000:03d}{e:06d}", density=density, **kw)
+                    accession=f"S{seed % 1000:03d}{e:06d}",
+                    density=density if density_phantoms else None, **kw)
                 image_id = ds.SOPInstanceUID
                 write(ds, out / "images" / study / f"{image_id}.dicom")
                 rows_out.append({

@@ -1,6 +1,6 @@
 """How a mammogram's header says which view it is: laterality, view, view modifiers, For
 Processing. The one classifier of the project: the node's exam assembly
-(:mod:`node.views`), the Python API (:meth:`inference.api.MammoModel.predict_exam`) and the
+(:mod:`node.assembly`), the Python API (:meth:`inference.api.MammoModel.predict_exam`) and the
 data readers (:mod:`inference.datasets`) all use it.
 
 * laterality: ImageLaterality (0020,0062), else Laterality (0020,0060), else a laterality

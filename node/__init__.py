@@ -1,3 +1,3 @@
 """mammo-node: the daemon, CLI, DICOM services, exam assembly, SR/SC building and export."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -18,6 +18,7 @@ is down loses messages (counted in the log), never the local file's lines.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import logging
 import os
@@ -117,16 +118,29 @@ class _SyslogForwarder(threading.Thread):
         self.join(timeout=5)
 
 
-class AuditLog:
-    """Append-only JSON-lines audit log (thread-safe), with optional syslog forwarding."""
+class AuditUnavailable(RuntimeError):
+    """An audit line could not be written and ``[audit] fail_closed`` is set: the operation
+    it records is refused."""
 
-    def __init__(self, path: Path, node_ae: str, syslog: str = "") -> None:
+
+class AuditLog:
+    """Append-only JSON-lines audit log (thread-safe), with optional syslog forwarding.
+
+    Each line is one ``os.write`` on an ``O_APPEND`` descriptor (several processes may share
+    the file). A line that cannot be written (disk full) is logged as an error; with
+    ``fail_closed`` it raises :class:`AuditUnavailable` instead, so that the operation is
+    refused, and :attr:`failing` stays true until a line is written again."""
+
+    def __init__(self, path: Path, node_ae: str, syslog: str = "",
+                 fail_closed: bool = False) -> None:
         self.path = Path(path)
         self.node_ae = node_ae
+        self.fail_closed = fail_closed
+        self.failing = False
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._f = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                                       0o600)
         self._syslog = _SyslogForwarder(syslog) if syslog else None
         if self._syslog is not None:
             self._syslog.start()
@@ -137,11 +151,20 @@ class AuditLog:
                                "node": self.node_ae}
         rec.update({k: v for k, v in fields.items() if v is not None})
         text = json.dumps(rec, separators=(",", ":"), default=str)
+        data = (text + "\n").encode("utf-8")
         with self._lock:
             try:
-                self._f.write(text + "\n")
-            except (OSError, ValueError) as exc:  # disk full or closed: never break a handler
+                if self._fd is None:
+                    raise ValueError("the audit log is closed")
+                if os.write(self._fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, "short write")
+                self.failing = False
+            except (OSError, ValueError) as exc:  # disk full or closed
+                self.failing = True
                 log.error("audit: cannot write %s: %s", self.path, exc)
+                if self.fail_closed:
+                    raise AuditUnavailable(f"audit trail not writable ({exc}); "
+                                           f"[audit] fail_closed refuses the operation") from exc
         if self._syslog is not None:
             self._syslog.submit(6 if outcome == SUCCESS else 4, name, text)
         return rec
@@ -151,9 +174,11 @@ class AuditLog:
             self._syslog.close()
         with self._lock:
             try:
-                self._f.close()
+                if self._fd is not None:
+                    os.close(self._fd)
             except OSError:
                 pass
+            self._fd = None
 
 
 class NullAudit:

@@ -247,7 +247,7 @@ def _echo(cfg: Config, info: dict) -> bool:
 
 def _exam_action(args: argparse.Namespace, action: str) -> int:
     """``reprocess``, ``complete`` and ``resolve``: one exam, one transition, one line."""
-    from node.views import assign_policy
+    from node.assembly import assign_policy
 
     cfg = _load(args)
     store = _open_store(cfg)

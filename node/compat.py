@@ -8,6 +8,7 @@ code reaches into a library's private parts.
 from __future__ import annotations
 
 import time
+from typing import Any, NoReturn
 
 
 def wait_until_sent(assoc, timeout: float = 30.0) -> None:
@@ -273,3 +274,43 @@ def handshake_in_connection_thread(server, timeout: float, on_error=None) -> Non
         original(tls, client_address)
 
     server.process_request_thread = process_request_thread
+
+
+class MoveRefused(Exception):
+    """Raised by a C-MOVE handler after it named its destination, to answer a failure status
+    without an association to that destination (:func:`refuse_move`)."""
+
+    def __init__(self, status: int, comment: str = "") -> None:
+        super().__init__(f"0x{status:04X} {comment}".strip())
+        self.status = status
+
+
+def refuse_move(status: int, comment: str = "") -> NoReturn:
+    """End a C-MOVE with ``status`` (and an Error Comment) before any sub-operation, without
+    associating with the move destination.
+
+    Why: pynetdicom's ``service_class._move_scp`` (3.0.x) takes the destination (first
+    yield), then the number of sub-operations (second yield), then associates with the
+    destination, and only then reads statuses: a refusal found after the destination (a
+    retrieve key that is not allowed) could only be answered after connecting to the PACS.
+    The second ``next(generator)`` runs inside ``with attempt(rsp, ...) as ctx``, which answers
+    ``ctx.error_status`` when the handler raises: this sets that status (and the response's
+    ErrorComment) on the ``attempt`` of the calling ``_move_scp`` frame and raises. Its two log
+    lines are dropped by :mod:`node.handlers`. Checked with pynetdicom 3.0.4
+    (``tests/test_handlers_guard.py``, ``tests/test_qr.py``)."""
+    import sys
+
+    from pynetdicom.service_class import attempt
+
+    frame: Any = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_move_scp":
+            ctx = frame.f_locals.get("ctx")
+            if isinstance(ctx, attempt):
+                ctx.error_status = status
+                if comment:
+                    rsp: Any = ctx._rsp
+                    rsp.ErrorComment = comment[:64]
+            break
+        frame = frame.f_back
+    raise MoveRefused(status, comment)

@@ -201,6 +201,9 @@ class TLSConfig:
 class AuditConfig:
     path: str = ""        # empty = <data_dir>/audit.jsonl
     syslog: str = ""      # "" | udp://host:port | tcp://host:port
+    #: An audit line that cannot be written refuses the operation it records (instead of
+    #: logging the failure and going on).
+    fail_closed: bool = False
 
 
 @dataclass
@@ -696,6 +699,7 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
     if cfg.audit.syslog and not re.fullmatch(r"(udp|tcp)://[^:/\s]+:\d{1,5}", cfg.audit.syslog):
         raise ConfigError(f"[audit] syslog must be udp://host:port or tcp://host:port, "
                           f"got {cfg.audit.syslog!r}")
+    cfg.audit.fail_closed = _check_bool(t.get("fail_closed", False), "[audit] fail_closed")
     return cfg
 
 

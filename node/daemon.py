@@ -126,7 +126,8 @@ class Node:
         self.db = Database(cfg.database_url)
         self.exams = ExamStore(self.db, prior_after_days=cfg.grouping.prior_after_days,
                                prior_gap_days=cfg.grouping.prior_gap_days)
-        self.audit = A.AuditLog(cfg.audit_path, cfg.node.ae_title, cfg.audit.syslog)
+        self.audit = A.AuditLog(cfg.audit_path, cfg.node.ae_title, cfg.audit.syslog,
+                                fail_closed=cfg.audit.fail_closed)
         self.health = Health()
         self.metrics = NodeMetrics()
         self.metrics.watch_state(self.state_snapshot)
@@ -164,7 +165,7 @@ class Node:
             log.info("mammo-node %s started (pid %d); data in %s; database %s", self.role,
                      os.getpid(), cfg.data_dir, self.db.engine.url.render_as_string(
                          hide_password=True))
-            self.audit.event(A.APPLICATION_ACTIVITY, A.SUCCESS, action="start",
+            self._activity(action="start",
                              version=__version__, pid=os.getpid(), role=self.role)
 
     def _start_background(self) -> None:
@@ -259,7 +260,7 @@ class Node:
                  cfg.data_dir, len(cfg.destinations),
                  f"{len(cfg.peers)} peer(s)" if cfg.peers else
                  "no [[peers]]: echo/store from anyone, query/retrieve refused")
-        self.audit.event(A.APPLICATION_ACTIVITY, A.SUCCESS, action="start",
+        self._activity(action="start",
                          version=__version__, pid=os.getpid(), port=port, tls=cfg.node.tls)
 
     def _handshake_failed(self, address: tuple, exc: Exception) -> None:
@@ -274,6 +275,15 @@ class Node:
                 "free_bytes": self.files.free_bytes(),
                 "model": 1 if self.health.model_loaded else 0,
                 "uptime": time.time() - self.health.started_at}
+
+    def _activity(self, **fields) -> None:
+        """The node's own start / stop event: never the reason it cannot start or stop (with
+        ``[audit] fail_closed`` an unwritable trail refuses the operations instead, and
+        ``/readyz`` says so)."""
+        try:
+            self.audit.event(A.APPLICATION_ACTIVITY, A.SUCCESS, **fields)
+        except A.AuditUnavailable:
+            pass
 
     def readiness(self) -> tuple[bool, dict]:
         """``/readyz``: database reachable, model loaded (when this node reads exams), disk
@@ -292,6 +302,10 @@ class Node:
         if "listener" in self.parts:
             checks["listener"] = {"ok": self.server is not None
                                   and listener_alive(self.server)}
+        if self.cfg.audit.fail_closed:
+            checks["audit"] = {"ok": not self.audit.failing, **({"error": (
+                "the audit trail cannot be written: operations are refused "
+                "([audit] fail_closed)")} if self.audit.failing else {})}
         # Every background thread of this process (worker, exporter, retention, the
         # grouping's stable timer): one that ended would otherwise fail silently.
         for t in self._threads:
@@ -374,7 +388,7 @@ class Node:
         for t in self._threads:
             t.join(timeout=15)
         self.db.close()
-        self.audit.event(A.APPLICATION_ACTIVITY, A.SUCCESS, action="stop", pid=os.getpid())
+        self._activity(action="stop", pid=os.getpid())
         self.audit.close()
         try:
             info = json.loads(pidfile_path(self.cfg).read_text())

@@ -50,6 +50,12 @@ _TAG_RE = re.compile(r"^[0-9A-Fa-f]{8}$")
 _STOW_CHECK_EVERY = 4 * 1024 * 1024
 
 
+async def _audit_unavailable(request: Request, exc: Exception) -> Response:
+    """``[audit] fail_closed`` and the trail cannot be written: the request is refused."""
+    return JSONResponse({"error": "the audit trail cannot be written; retry later"},
+                        status_code=503, headers={"Retry-After": "30"})
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -165,6 +171,7 @@ class DicomWeb:
                 expose_headers=["Warning", "Content-Type", "Content-Length"],
                 allow_credentials="*" not in cfg.dicomweb.cors_origins, max_age=600))
         self.app = Starlette(middleware=middleware,
+                             exception_handlers={A.AuditUnavailable: _audit_unavailable},
                              routes=[
             *viewer_routes,
             *self.dashboard.routes(),

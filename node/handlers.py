@@ -15,11 +15,13 @@ import inspect
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 from pynetdicom import evt
 
 from node import audit as A
+from node.compat import MoveRefused
+from node.compat import refuse_move as compat_refuse_move
 from node.status import PROCESSING_FAILURE, UNABLE_TO_PROCESS
 
 log = logging.getLogger("mammo_node")
@@ -48,8 +50,11 @@ def _failed(service: str, what: str | None, event: evt.Event, exc: BaseException
     log.error("%s from %s failed: %s: %s", service, _peer(event).get("ae_title", "?"),
               type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
     if what:
-        audit.event(what, A.SERIOUS_FAILURE, peer=_peer(event), service=service,
-                    reason=f"{type(exc).__name__}: internal error")
+        try:
+            audit.event(what, A.SERIOUS_FAILURE, peer=_peer(event), service=service,
+                        reason=f"{type(exc).__name__}: internal error")
+        except A.AuditUnavailable:
+            pass  # the failure is answered all the same
 
 
 def _guard_generator(fn: Callable, kind: Any, audit: Any) -> Callable:
@@ -62,6 +67,8 @@ def _guard_generator(fn: Callable, kind: Any, audit: Any) -> Callable:
             for item in fn(event):
                 seen += 1
                 yield item
+        except MoveRefused:
+            raise  # a refusal the handler chose (refuse_move): pynetdicom answers it
         except Exception as exc:
             _failed(service, what, event, exc, audit)
             # Complete what the service's protocol still expects before the failure status:
@@ -70,10 +77,9 @@ def _guard_generator(fn: Callable, kind: Any, audit: Any) -> Callable:
                 yield None, None  # no destination yet: pynetdicom can only answer 0xA801
                 return
             if kind is evt.EVT_C_MOVE and seen == 1:
-                # pynetdicom asks for the count, then associates with the destination: fail
-                # the count instead (answered 0xC513, a failure), its two log lines dropped.
-                _FILTER.suppress_next()
-                raise _Refused() from None
+                # pynetdicom asks for the count, then associates with the destination: answer
+                # the failure there instead, without associating.
+                refuse_move(failure, "internal error")
             if kind is evt.EVT_C_GET and seen == 0:
                 yield 1
             yield failure, None
@@ -111,8 +117,12 @@ def guard(handlers: list[tuple], audit: Any) -> list[tuple]:
     return out
 
 
-class _Refused(Exception):
-    """Raised into pynetdicom to end a C-MOVE without associating with its destination."""
+def refuse_move(status: int, comment: str = "") -> NoReturn:
+    """In a C-MOVE handler, after its destination: answer ``status`` without associating
+    with the destination (:func:`node.compat.refuse_move`), pynetdicom's log lines of it
+    dropped."""
+    _FILTER.suppress_next()
+    compat_refuse_move(status, comment)
 
 
 class _ExpectedRefusals(logging.Filter):
@@ -126,13 +136,13 @@ class _ExpectedRefusals(logging.Filter):
         self._local = threading.local()
 
     def suppress_next(self) -> None:
-        """Drop this thread's pynetdicom lines up to its traceback of :class:`_Refused`."""
+        """Drop this thread's pynetdicom lines up to its traceback of a refused C-MOVE."""
         self._local.active = True
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(self._local, "active", False):
             exc = record.exc_info[1] if record.exc_info else None
-            if isinstance(exc, _Refused):
+            if isinstance(exc, MoveRefused):
                 self._local.active = False
             return False
         try:

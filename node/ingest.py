@@ -4,7 +4,7 @@ C-STORE (:mod:`node.scp`) and STOW-RS (:mod:`node.dicomweb`) both hand a file he
 encoded dataset is validated in a stream (:mod:`node.validate`: element lengths, pixel data
 length, Deflated data inflated block by block and refused past ``[node] max_dataset_mb``),
 the header is parsed without pixel data, the file is moved into the store and its row
-recorded in one transaction, the exam is assembled (:mod:`node.views`), and only then is the
+recorded in one transaction, the exam is assembled (:mod:`node.assembly`), and only then is the
 success answered. A refusal removes the file, records nothing, is counted and audited.
 
 A STOW-RS part is a byte range of the spooled request body: :func:`part_to_file` copies it
@@ -30,6 +30,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from node import audit as A
+from node.assembly import acquisition_key, assign_policy, classify
 from node.config import Config
 from node.status import (
     CANNOT_UNDERSTAND,
@@ -45,7 +46,6 @@ from node.validate import (
     raw_dataset_encoding,
     walk_raw_dataset,
 )
-from node.views import acquisition_key, assign_policy, classify
 from storage.db import is_disk_full
 from storage.files import FileStore, InvalidUID
 from storage.records import InstanceRecord

@@ -26,6 +26,7 @@ from pynetdicom.sop_class import (
 from node import audit as A
 from node.compat import send_find_responses, wait_until_sent
 from node.config import Config
+from node.handlers import refuse_move
 from node.query import (
     ATTRIBUTES,
     LEVELS,
@@ -216,9 +217,8 @@ class QueryRetrieveSCP:
         except (QueryError, QueryUnavailable) as exc:
             log.warning("C-MOVE refused: %s", exc)
             yield dest.host, dest.port
-            yield 1  # one failing sub-operation: zero would be answered as an empty success
-            yield exc.status, None
-            return
+            # Answered now, without an association to the destination (node.compat).
+            refuse_move(exc.status, str(exc))
         kwargs = {"contexts": _contexts(rows), "ae_title": dest.ae_title}
         if dest.tls:
             from node.security import client_context

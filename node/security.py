@@ -91,11 +91,14 @@ class AccessControl:
         who = self._who(assoc)
         log.warning("association from %s (%s) rejected: %s", who["ae_title"], who["address"],
                     why)
-        self.audit.event(A.USER_AUTHENTICATION, A.MINOR_FAILURE, action="association",
-                         peer=who, reason=why)
-        if rsd != REJECT_NO_SPACE:
-            self.audit.event(A.SECURITY_ALERT, A.MINOR_FAILURE, alert="unauthorized association",
+        try:
+            self.audit.event(A.USER_AUTHENTICATION, A.MINOR_FAILURE, action="association",
                              peer=who, reason=why)
+            if rsd != REJECT_NO_SPACE:
+                self.audit.event(A.SECURITY_ALERT, A.MINOR_FAILURE,
+                                 alert="unauthorized association", peer=who, reason=why)
+        except A.AuditUnavailable:
+            pass  # a refusal goes ahead unaudited (fail_closed refuses; it does not admit)
         assoc.acse.send_reject(*rsd)
         assoc.kill()
 
@@ -124,8 +127,14 @@ class AccessControl:
                                                  "([storage] min_free_mb)")
             return
         self._grants[assoc] = Grant(calling, address, services, self.cfg.node.tls)
-        self.audit.event(A.USER_AUTHENTICATION, A.SUCCESS, action="association",
-                         peer=self._who(assoc), services=sorted(services))
+        try:
+            self.audit.event(A.USER_AUTHENTICATION, A.SUCCESS, action="association",
+                             peer=self._who(assoc), services=sorted(services))
+        except A.AuditUnavailable as exc:  # [audit] fail_closed: no unaudited association
+            self._grants.pop(assoc, None)
+            log.error("association from %s refused: %s", calling, exc)
+            assoc.acse.send_reject(*REJECT_NO_SPACE)
+            assoc.kill()
 
     def on_end(self, event: evt.Event) -> None:
         self._grants.pop(event.assoc, None)

@@ -363,7 +363,7 @@ def render(path: Path, accept: str, viewport: str | None = None, quality: str | 
         if window:
             img = _window(ds, arr, window)
         elif n == 1:
-            from inference.preprocess import to_display
+            from inference.display import to_display
 
             img = (to_display(ds) * 255).astype(np.uint8)  # VOI LUT / window of the file
         else:

@@ -79,7 +79,7 @@ class Instance(Base):
     bits_allocated: Mapped[int | None] = mapped_column(Integer, nullable=True)
     number_of_frames: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
-    # View classification (filled by node.views).
+    # View classification (filled by node.assembly).
     laterality: Mapped[str | None] = mapped_column(String(1), nullable=True)
     view: Mapped[str | None] = mapped_column(String(16), nullable=True)
     view_modifiers: Mapped[str | None] = mapped_column(String(200), nullable=True)

@@ -16,8 +16,8 @@ import pytest
 from sqlalchemy import func, select, update
 
 from inference.synthetic import make_exam
+from node.assembly import assign_slots
 from node.scp import instance_record
-from node.views import assign_slots
 from storage.db import Database
 from storage.files import FileStore
 from storage.models import Exam, ExamEvent, Instance, Outbound, Result, utcnow

@@ -82,8 +82,10 @@ def test_metrics_and_probes_after_an_exam(node_factory, storescp_factory):
 
 
 def test_readyz_says_why_when_not_ready(node_factory, tmp_path):
+    # A safetensors file (the start-up check passes) that is not a model (its load fails).
+    header = b'{"__metadata__": {"format": "pt"}}'
     bad = tmp_path / "broken.safetensors"
-    bad.write_bytes(b"not a checkpoint")
+    bad.write_bytes(len(header).to_bytes(8, "little") + header)
     node, base = _web(node_factory, settings={"inference": {"checkpoint": str(bad)},
                                               "storage": {"min_free_mb": 10_000_000}})
 

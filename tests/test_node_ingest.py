@@ -256,3 +256,26 @@ def test_daemon_does_not_load_torch():
             "print('torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "False"
+
+
+def test_listener_role_serves_images_without_torch(node_factory):
+    """A listener-role process receives, answers QIDO and renders a mammogram (the display
+    code the Secondary Captures use) without ever mapping libtorch."""
+    import requests
+
+    from tests.helpers import free_port
+
+    web = free_port()
+    node = node_factory({"dicomweb": {"enabled": True, "host": "127.0.0.1", "port": web}},
+                        role="listener")
+    exam = make_exam(seed=33, rows=128, cols=96)
+    assert send(node.port, exam) == [0] * 4
+    ds = exam[0]
+    base = f"http://127.0.0.1:{web}/dicomweb"
+    r = requests.get(f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/"
+                     f"instances/{ds.SOPInstanceUID}/rendered", headers={"Accept": "image/png"},
+                     timeout=60)
+    assert r.status_code == 200 and r.content[:4] == b"\x89PNG"
+    assert requests.get(f"{base}/studies", timeout=60).status_code == 200
+    maps = open(f"/proc/{node.proc.pid}/maps").read()
+    assert "libtorch" not in maps and "libc10" not in maps

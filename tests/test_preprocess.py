@@ -163,7 +163,7 @@ def test_8_bit_and_signed_pixels_equal_reference():
 def test_one_view_classifier_for_node_api_and_readers(setup, slot):
     """The Python API and the data readers classify a header as the node does."""
     from inference.datasets import parse_view
-    from node.views import classify
+    from node.assembly import classify
 
     ds = make_mammogram("", "", rows=64, cols=64)
     for k, v in setup.items():

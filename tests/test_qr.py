@@ -182,3 +182,41 @@ def test_c_cancel_stops_a_long_c_find(node_factory):
     assert "Received Final Find Response (Cancel" in out
     m = re.search(r"C-FIND cancelled after (\d+) match", node.log.read_text())
     assert m and 1 <= int(m.group(1)) < n_rows, out[-500:]
+
+
+def test_move_refused_for_its_keys_never_connects_to_the_destination(node_factory):
+    """A C-MOVE whose keys are refused (universal matching of the unique key) is answered
+    0xA900 with the reason, and the move destination never sees a connection."""
+    import socket
+
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+
+    trap = socket.socket()
+    trap.bind(("127.0.0.1", 0))
+    trap.listen()
+    trap.setblocking(False)
+    node = node_factory({"destinations": [{"name": "trap", "ae_title": "TRAP",
+                                           "host": "127.0.0.1",
+                                           "port": trap.getsockname()[1]}],
+                         "peers": PEERS})
+    ae = AE(ae_title="QRSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "STUDY"
+    ident.StudyInstanceUID = "*"
+    rsps = [st for st, _ in assoc.send_c_move(ident, "TRAP",
+                                              StudyRootQueryRetrieveInformationModelMove) if st]
+    assoc.release()
+    assert [r.Status for r in rsps] == [0xA900]
+    assert "wildcards" in str(rsps[0].get("ErrorComment", ""))
+    try:
+        trap.accept()
+        connected = True
+    except BlockingIOError:
+        connected = False
+    trap.close()
+    assert not connected
+    log = node.log.read_text()
+    assert not [ln for ln in log.splitlines() if " ERROR " in ln], log

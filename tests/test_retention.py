@@ -9,9 +9,9 @@ import json
 import pytest
 
 from inference.synthetic import make_exam, write
+from node.assembly import assign_slots
 from node.query import Query, QueryService
 from node.scp import instance_record
-from node.views import assign_slots
 from storage.db import Database
 from storage.files import FileStore
 from storage.models import Instance, PurgeJournal, Result, utcnow

@@ -82,3 +82,37 @@ def test_port_in_use(tmp_path, key):
         sections: dict = {"node": {"port": port}} if key == "node" else {
             "dicomweb": {"enabled": True, "host": "127.0.0.1", "port": port}}
         _refused(_start(tmp_path, sections), f"[{key}] port = {port}", "cannot listen")
+
+
+@pytest.mark.parametrize("fail_closed", [False, True])
+def test_audit_fail_closed_refuses_what_it_cannot_audit(tmp_path, fail_closed):
+    """An audit trail that cannot be written (/dev/full: every write is ENOSPC): by default
+    the node logs it and goes on; with [audit] fail_closed it refuses associations and
+    DICOMweb requests (503) instead of working unaudited."""
+    import requests
+
+    from tests.helpers import NodeProcess, echo
+
+    web = free_port()
+    node = NodeProcess(tmp_path, {"audit": {"path": "/dev/full", "fail_closed": fail_closed},
+                                  "dicomweb": {"enabled": True, "host": "127.0.0.1",
+                                               "port": web}})
+    node.launch()
+    try:
+        from tests.helpers import wait_for
+
+        def web_up():
+            try:
+                return requests.get(f"http://127.0.0.1:{web}/healthz", timeout=5)
+            except requests.ConnectionError:
+                return None
+        wait_for(web_up, 60, what="the node's HTTP port")
+        assert echo(node.port, node.ae_title) is (not fail_closed)
+        r = requests.get(f"http://127.0.0.1:{web}/dicomweb/studies", timeout=30)
+        assert r.status_code == (503 if fail_closed else 200), r.text
+        if fail_closed:
+            ready = requests.get(f"http://127.0.0.1:{web}/readyz", timeout=30)
+            assert ready.status_code == 503 and not ready.json()["checks"]["audit"]["ok"]
+        assert "audit: cannot write /dev/full" in node.log.read_text()
+    finally:
+        node.stop()

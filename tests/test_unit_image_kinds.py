@@ -12,8 +12,8 @@ import pytest
 from inference.synthetic import make_exam, make_mammogram, make_tomo_volume
 from inference.views import classify, image_kind
 from inference.volume import computed_2d
+from node.assembly import assign_slots
 from node.scp import instance_record
-from node.views import assign_slots
 from storage.db import Database
 from storage.files import FileStore
 from storage.state import ExamStore

@@ -10,9 +10,9 @@ import pytest
 from pydicom.dataset import Dataset
 
 from inference.synthetic import make_exam, make_mammogram
+from node.assembly import assign_slots, classify
 from node.query import Query, QueryError, QueryService, key_match
 from node.scp import instance_record
-from node.views import assign_slots, classify
 from storage.db import Database
 from storage.files import FileStore
 from storage.state import (
