@@ -9,6 +9,7 @@ import time
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -123,6 +124,10 @@ def test_extra_views_tomo_and_for_processing(node):
     pres_lcc = make_mammogram("L", "CC", seed=7, **kw)
     tomo = make_mammogram("L", "CC", seed=8, **kw)
     tomo.SOPClassUID = tomo.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.13.1.3"
+    # An enhanced multi-frame object carries its functional groups (one frame here).
+    tomo.NumberOfFrames = 1
+    tomo.SharedFunctionalGroupsSequence = [Dataset()]
+    tomo.PerFrameFunctionalGroupsSequence = [Dataset()]
     items = [spot, mag, xccl, implant, proc_rcc, tomo, proc_lcc, pres_lcc]
     assert send(node.port, items) == [0] * len(items)
     e = node.exam(study)

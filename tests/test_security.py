@@ -353,7 +353,8 @@ def test_audit_trail_and_private_files(node_factory):
     out = node.cli("audit", "--study", study, "--json").stdout
     got = [json.loads(line) for line in out.splitlines()]
     assert got and all(study in (e.get("studies") or [e.get("study")]) for e in got)
-    assert len([e for e in got if e["event"] == "DICOM Instances Transferred"]) == 4
+    assert len([e for e in got if e["event"] == "DICOM Instances Transferred"
+                and e.get("action") == "store"]) == 4
     table = node.cli("audit", "--since", "2000-01-01T00:00:00Z").stdout
     assert "Security Alert" in table and "STRANGER" in table
     # Readable by the service account only.

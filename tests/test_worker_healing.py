@@ -57,8 +57,10 @@ def test_crashing_inference_is_retried_then_failed_with_the_reason(node_factory)
 
 
 def test_model_that_cannot_load_leaves_exams_ready(node_factory, tmp_path):
+    # A safetensors file (the start-up check passes) that is not a model (its load fails).
+    header = b'{"__metadata__": {"format": "pt"}}'
     bad = tmp_path / "broken.safetensors"
-    bad.write_bytes(b"not a checkpoint")
+    bad.write_bytes(len(header).to_bytes(8, "little") + header)
     node = _node(node_factory, checkpoint=str(bad))
     exam = make_exam(seed=94, **SIZE)
     assert send(node.port, exam) == [0] * 4
