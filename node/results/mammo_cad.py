@@ -193,20 +193,22 @@ def build_mammo_cad(sources: dict[str, Dataset], reading: ReadingSummary, study_
                                 rel="INFERRED_FROM"))
     summary.ContentSequence = hd.sr.ContentSequence([overall, *exam_items, *impressions])
 
-    detections = _code(v.SUMMARY_OF_DETECTIONS, v.SUCCEEDED)
-    found = hd.sr.ContainerContentItem(name=v.SUCCESSFUL_DETECTIONS,
-                                       relationship_type=_rel("INFERRED_FROM"))
-    detection = _code(v.DETECTION_PERFORMED, v.AI_MARKS)
-    detection.ContentSequence = hd.sr.ContentSequence(_algorithm(reading))
-    found.ContentSequence = hd.sr.ContentSequence([detection])
-    detections.ContentSequence = hd.sr.ContentSequence([found])
-    analyses = _code(v.SUMMARY_OF_ANALYSES, v.SUCCEEDED)
-    ok = hd.sr.ContainerContentItem(name=v.SUCCESSFUL_ANALYSES,
-                                    relationship_type=_rel("INFERRED_FROM"))
-    performed = _code(v.ANALYSIS_PERFORMED, v.FOUR_VIEW_BIRADS)
-    performed.ContentSequence = hd.sr.ContentSequence(_algorithm(reading))
-    ok.ContentSequence = hd.sr.ContentSequence([performed])
-    analyses.ContentSequence = hd.sr.ContentSequence([ok])
+    def succeeded(summary, successful, performed_name, performed_code):
+        """Summary of Detections / of Analyses (TID 4000): succeeded, what was performed, by
+        which algorithm."""
+        item = _code(summary, v.SUCCEEDED)
+        container = hd.sr.ContainerContentItem(name=successful,
+                                               relationship_type=_rel("INFERRED_FROM"))
+        performed = _code(performed_name, performed_code)
+        performed.ContentSequence = hd.sr.ContentSequence(_algorithm(reading))
+        container.ContentSequence = hd.sr.ContentSequence([performed])
+        item.ContentSequence = hd.sr.ContentSequence([container])
+        return item
+
+    detections = succeeded(v.SUMMARY_OF_DETECTIONS, v.SUCCESSFUL_DETECTIONS,
+                           v.DETECTION_PERFORMED, v.AI_MARKS)
+    analyses = succeeded(v.SUMMARY_OF_ANALYSES, v.SUCCESSFUL_ANALYSES,
+                         v.ANALYSIS_PERFORMED, v.FOUR_VIEW_BIRADS)
 
     root = hd.sr.ContainerContentItem(name=v.MAMMOGRAPHY_CAD_REPORT, template_id="4000")
     root.ContentSequence = hd.sr.ContentSequence([
