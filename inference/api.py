@@ -39,8 +39,14 @@ from inference.preprocess import (
 )
 from inference.scoring import breast_score, exam_score
 
+#: Attention maps at most this many pixels a side: what the node's Secondary Captures draw and
+#: its Parametric Maps store (node.results.PM_MAX_SIDE), and what evaluate reads with, so that
+#: its localisation is measured on the node's own path.
+MAP_SIDE = 1024
+
 
 @dataclass
+
 class BreastReading:
     present: bool                                   # the breast had at least one view
     birads: str | None                              # predicted category, e.g. "BI-RADS 4-5"
@@ -141,6 +147,8 @@ class MammoModel:
         it without decoding the pixels twice). ``map_side``: attention maps at an integer
         fraction of the image, at most this many pixels a side (``map_factors`` says which);
         default: the image's own size. ``max_marks``: at most this many marks per breast."""
+        if max_marks < 0:
+            raise ValueError(f"max_marks must be 0 or more, got {max_marks}")
         t0 = time.perf_counter()
         slots = self._slots(views)
         if not slots:

@@ -639,7 +639,7 @@ def localisation(records: list, checkpoint: str | None, device: str = "auto",
     """FROC of the marks (:func:`inference.metrics.froc`) on exams whose lesions are known:
     every exam read as the node reads it (``MammoModel.predict_exam``, marks in the source
     image's pixels); a mark hits a lesion when its centre lies in the lesion's box."""
-    from inference.api import MammoModel
+    from inference.api import MAP_SIDE, MammoModel
     from inference.metrics import froc
 
     model = MammoModel(checkpoint, device=device)
@@ -650,7 +650,7 @@ def localisation(records: list, checkpoint: str | None, device: str = "auto",
         if not rec.paths:
             continue
         reading = model.predict_exam({s: str(p) for s, p in rec.paths.items()},
-                                     max_marks=max_marks)
+                                     max_marks=max_marks, map_side=MAP_SIDE)
         for slot in rec.paths:
             n_images += 1
             boxes = rec.lesions.get(slot, [])

@@ -37,8 +37,6 @@ log = logging.getLogger("mammo_node.worker")
 
 #: A model that could not load is tried again this often.
 MODEL_RETRY_SECONDS = 10
-#: Attention maps are computed at most this many pixels a side (node.results.PM_MAX_SIDE).
-MAP_SIDE = 1024
 
 
 @dataclass(frozen=True)
@@ -210,6 +208,8 @@ def _read(model, job: ExamJob) -> tuple:
                          f"{', '.join(KIND_LABELS.get(k, k) for k in trained)}")
     # Attention maps at <= 1024 px a side: what the Secondary Captures draw and the
     # Parametric Maps store; full-resolution maps of 13-megapixel views cost ~0.15 s each.
+    from inference.api import MAP_SIDE
+
     reading = model.predict_exam(sources, keep_display=True, map_side=MAP_SIDE,
                                  max_marks=job.max_marks)
     info = model.info
@@ -492,13 +492,24 @@ class Worker(threading.Thread):
                   str(exc).splitlines()[0][:200] if str(exc) else "")
         if self.metrics is not None:
             self.metrics.exam_failures.labels("transient").inc()
+        went_away = False
         while not self.stop.is_set():
             try:
                 if self.exams.ping():
-                    self.exams.release_claim(exam_id, version, f"database error: "
-                                                               f"{type(exc).__name__}")
+                    why = f"database error: {type(exc).__name__}"
+                    if went_away:  # an outage: not the exam's fault, no attempt charged
+                        self.exams.release_claim(exam_id, version, why)
+                    else:
+                        # The database answers at once: the error repeats (a read-only file,
+                        # a broken schema), so it counts as an attempt with backoff; a
+                        # release without one would loop on the same exam forever.
+                        self.exams.retry_later(exam_id, version, why,
+                                               self.cfg.inference.max_attempts,
+                                               self.cfg.inference.retry_delay_seconds)
                     return
+                went_away = True
             except Exception as again:
+                went_away = True
                 if not transient_database_error(again):
                     log.exception("cannot give exam id %s back; its lease will run out",
                                   exam_id)

@@ -25,7 +25,7 @@ from node.results.reading import (
     overall_impression,
     views_read,
 )
-from node.results.tid1500 import check_sources
+from node.results.tid1500 import _polyline, check_sources
 
 MAMMO_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
 
@@ -80,8 +80,7 @@ def single_image_finding(mark: Mark, source: Dataset) -> hd.sr.CodeContentItem:
     region score, 0-100 %) and its centre (POINT) and outline (closed POLYLINE) on the image
     it was found on."""
     finding = _code(v.SINGLE_IMAGE_FINDING, v.SELECTED_REGION)  # CONTAINS (TID 4001)
-    outline = np.asarray(mark.outline, dtype=float)
-    outline = np.vstack([outline, outline[:1]])  # closed: the first point repeated
+    outline = _polyline(mark.outline)  # closed: the first point repeated
     finding.ContentSequence = hd.sr.ContentSequence([
         _code(v.RENDERING_INTENT, v.PRESENTATION_REQUIRED if mark.above_operating_point
               else v.PRESENTATION_OPTIONAL, rel="HAS_CONCEPT_MOD"),

@@ -10,6 +10,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
+from inference.display import _first
 from node.results.identity import (
     MANUFACTURER,
     PR_SERIES_NUMBER,
@@ -22,13 +23,6 @@ from node.results.tid1500 import check_sources
 GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
 _YELLOW = hd.color.CIELabColor.from_rgb(255, 255, 0)
 _WHITE = hd.color.CIELabColor.from_rgb(255, 255, 255)
-
-
-def _first(value: object) -> float:
-    if isinstance(value, list | tuple) or hasattr(value, "__getitem__") and not isinstance(
-            value, str | bytes):
-        return float(value[0])  # type: ignore[index]
-    return float(value)  # type: ignore[arg-type]
 
 
 def _voi(sources: dict[str, Dataset]) -> list[hd.pr.SoftcopyVOILUTTransformation]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import highdicom as hd
 from pydicom.sr.codedict import codes
 
+from inference.tasks import DENSITY_CLASSES
+
 
 def _c(value: str, scheme: str, meaning: str) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(value, scheme, meaning)
@@ -94,7 +96,6 @@ BIRADS_SCT = {
 
 #: BI-RADS breast density (composition) A-D as DICOM's Breast Composition context group
 #: (CID 6000) codes it.
-DENSITY_CLASSES = ["A", "B", "C", "D"]
 DENSITY_CID6000 = {
     "A": hd.sr.CodedConcept.from_code(codes.CID6000.AlmostEntirelyFat),
     "B": hd.sr.CodedConcept.from_code(codes.CID6000.ScatteredFibroglandularDensities),
