@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 #: Image media types of compressed transfer syntaxes (PS3.18 Table 8.7.3-5).
 MEDIA_OF_SYNTAX = {
@@ -175,9 +175,12 @@ def iter_frames(path: Path, numbers: list[int], passthrough: bool) -> Iterator[b
         ds = dcmread(f, stop_before_pixels=True)
         pixel_pos = f.tell()
         head = f.read(12)
-    if head[:4] not in (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10"):
-        raise ValueError("this instance has no pixel data")
     stored = str(ds.file_meta.TransferSyntaxUID)
+    # A Deflated file is inflated by the header read (nothing follows it in the file): its
+    # Pixel Data is found by the decoding path below.
+    if stored != DeflatedExplicitVRLittleEndian and head[:4] not in (
+            b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10"):
+        raise ValueError("this instance has no pixel data")
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     bits = int(ds.get("BitsAllocated", 0) or 0)
     if stored not in _NATIVE:
@@ -197,7 +200,19 @@ def iter_frames(path: Path, numbers: list[int], passthrough: bool) -> Iterator[b
         for arr in iter_pixels(path, indices=[n - 1 for n in numbers], raw=True):
             yield _native(arr)
         return
-    if stored == "1.2.840.10008.1.2.1.99" or bits == 1 or not bits:
+    if stored == DeflatedExplicitVRLittleEndian:
+        # No byte offsets in a Deflated file (pydicom's iter_pixels cannot read it from the
+        # path): the whole dataset is inflated, as the header read already did.
+        full = dcmread(path)
+        if "PixelData" not in full:
+            raise ValueError("this instance has no pixel data")
+        arr = full.pixel_array
+        arr = arr[None] if n_frames == 1 else arr
+        for n in numbers:
+            yield (_native(arr[n - 1]) if bits != 1
+                   else np.packbits(arr[n - 1], bitorder="little").tobytes())
+        return
+    if bits == 1 or not bits:
         from pydicom.pixels import iter_pixels
 
         for arr in iter_pixels(path, indices=[n - 1 for n in numbers], raw=True):

@@ -231,3 +231,19 @@ def test_frames_of_compressed_volumes_are_read_one_by_one(tmp_path):
         decoded = wado.frames(path, [5, 1], passthrough=False)
         assert np.array_equal(_frame(decoded[0], rows, cols), stack[4]), syntax
         assert np.array_equal(_frame(decoded[1], rows, cols), stack[0]), syntax
+
+
+def test_frames_of_a_deflated_volume(tmp_path):
+    """A Deflated file has no byte offsets (the header read inflates it all): its frames are
+    found by decoding, not refused as 'no pixel data'."""
+    from inference.synthetic import make_tomo_volume, set_transfer_syntax, write
+    from node import wado
+
+    rows, cols, frames = 48, 40, 5
+    stack = np.stack([volume_frame(n, rows, cols) for n in range(1, frames + 1)])
+    ds = set_transfer_syntax(make_tomo_volume("L", "CC", pixels=stack.copy()),
+                             "1.2.840.10008.1.2.1.99")
+    path = write(ds, tmp_path / "deflated.dcm")
+    got = wado.frames(path, [4, 1], passthrough=False)
+    assert np.array_equal(_frame(got[0], rows, cols), stack[3])
+    assert np.array_equal(_frame(got[1], rows, cols), stack[0])
