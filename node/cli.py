@@ -153,7 +153,8 @@ def _audit(cfg: Config, name: str, ok: bool = True, **fields) -> None:
     from node import audit as A
 
     os.umask(0o077)  # as the daemon: the trail and its folder for the service account only
-    log = A.AuditLog(cfg.audit_path, cfg.node.ae_title, cfg.audit.syslog)
+    log = A.AuditLog(cfg.audit_path, cfg.node.ae_title, cfg.audit.syslog,
+                     fail_closed=cfg.audit.fail_closed)
     try:
         log.event(name, A.SUCCESS if ok else A.MINOR_FAILURE, peer=_operator(), **fields)
     finally:
@@ -344,14 +345,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
             since = since.replace(tzinfo=dt.UTC)
     from node import audit as A
 
-    # Reading the trail is itself audited (PS3.15 A.5.3.2 Audit Log Used), after the read so
-    # that the reader's own line is not part of what it reads.
-    records = list(read_events(cfg.audit_path, since=since, study=args.study,
-                               event=args.event))
-    _audit(cfg, A.AUDIT_LOG_USED, action="read", since=args.since, study=args.study,
-           event_filter=args.event, records=len(records))
     n = 0
-    for rec in records:
+    for rec in read_events(cfg.audit_path, since=since, study=args.study, event=args.event):
         n += 1
         if args.json:
             print(json.dumps(rec, separators=(",", ":")))
@@ -366,6 +361,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
             int(rec.get("outcome") or 0), "?")
         print(f"{rec.get('time', '')}  {rec.get('event', ''):<36} {outcome:<7} {who:<30} "
               + json.dumps(detail, separators=(",", ":")))
+    # Reading the trail is itself audited (PS3.15 A.5.3.2 Audit Log Used), after the read
+    # (streamed, never held whole) so that the reader's own line is not part of what it reads.
+    _audit(cfg, A.AUDIT_LOG_USED, action="read", since=args.since, study=args.study,
+           event_filter=args.event, records=n)
     if n == 0 and not args.json:
         print(f"no audit events in {cfg.audit_path}" + (" matching" if
               (since or args.study or args.event) else ""), file=sys.stderr)

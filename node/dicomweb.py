@@ -33,11 +33,11 @@ from node import audit as A
 from node import wado
 from node.config import Config
 from node.dashboard import COOKIE, Dashboard
-from node.ingest import Ingest, StoreError, part_to_file, public_message
+from node.ingest import _DISK_ERRNOS, Ingest, StoreError, part_to_file, public_message
 from node.query import QueryError, QueryService, QueryUnavailable, from_params
 from node.scp import StorageSCP
 from node.security import TokenAuth, server_context
-from node.status import DATASET_MISMATCH, OUT_OF_RESOURCES
+from node.status import DATASET_MISMATCH, OUT_OF_RESOURCES, PROCESSING_FAILURE
 from storage.files import FileStore
 from storage.models import Instance
 from storage.state import ExamStore
@@ -453,6 +453,13 @@ class DicomWeb:
                                         self.ingest.max_bytes)
                 except StoreError as exc:
                     out = self.ingest.refuse(exc.status, str(exc), calling, who)
+                except OSError as exc:  # the copy of the part: a full disk, an I/O error
+                    full = exc.errno in _DISK_ERRNOS
+                    if not full:
+                        log.error("STOW part copy failed: %s", exc)
+                    out = self.ingest.refuse(
+                        OUT_OF_RESOURCES if full else PROCESSING_FAILURE,
+                        "disk full" if full else "I/O error", calling, who)
                 else:
                     out = self.ingest.store(path, calling, peer=who, study=study_in_url)
             if out.sop_class_uid:

@@ -363,6 +363,9 @@ class Ingest:
                 raise StoreError(OUT_OF_RESOURCES,
                                  f"disk almost full: less than {self.cfg.storage.min_free_mb:g}"
                                  " MB free in the store")
+            if getattr(self.audit, "fail_closed", False) and getattr(self.audit, "failing", False):
+                raise StoreError(OUT_OF_RESOURCES, "the audit trail cannot be written "
+                                                   "([audit] fail_closed): retry later")
             ds = read_header(path, self.max_bytes, self.files.incoming)
             meta = ds.file_meta
             if study is not None and _str(ds, "StudyInstanceUID") != study:
@@ -396,10 +399,18 @@ class Ingest:
                                  ds)
 
         ms = (time.perf_counter() - t0) * 1000
-        self.audit.event(A.INSTANCES_TRANSFERRED, A.SUCCESS, action="store",
-                         peer=peer or {"ae_title": calling}, study=record.study_instance_uid,
-                         accession=record.accession_number,
-                         instance=record.sop_instance_uid, duplicate=result.duplicate or None)
+        try:
+            self.audit.event(A.INSTANCES_TRANSFERRED, A.SUCCESS, action="store",
+                             peer=peer or {"ae_title": calling},
+                             study=record.study_instance_uid,
+                             accession=record.accession_number,
+                             instance=record.sop_instance_uid,
+                             duplicate=result.duplicate or None)
+        except A.AuditUnavailable:
+            # Stored and recorded already (the trail failed after the check below): the store
+            # stands and is answered as such; the failure is in the node's log.
+            log.error("store %s: stored, but its audit line could not be written",
+                      record.sop_instance_uid)
         if self.metrics is not None and not result.duplicate:
             self.metrics.stored(calling, record.size_bytes)
         done = self._outcome(SUCCESS, "stored", ds)

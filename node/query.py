@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node.status import IDENTIFIER_MISMATCH
 from storage.models import Instance
-from storage.query import Found, Match
+from storage.query import GROUP_COLUMN, Found, Match
 from storage.state import ExamStore
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
@@ -422,6 +422,4 @@ def _held(a: Attribute, row: Instance, found: Found) -> Any:
     level, what = a.computed
     if what == "modalities":
         return found.modalities.get(row.study_instance_uid, [])
-    from storage.query import GROUP_COLUMN
-
     return found.counts.get((level, what), {}).get(getattr(row, GROUP_COLUMN[level]), 0)

@@ -8,7 +8,6 @@ into the store and records its row in one transaction, and only then answers suc
 
 from __future__ import annotations
 
-import errno
 import logging
 import tempfile
 from pathlib import Path
@@ -60,7 +59,6 @@ TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.4.51",   # JPEG Extended
 ]
 
-_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 class RxRefused(OSError):

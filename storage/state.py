@@ -868,8 +868,10 @@ class ExamStore:
             study = exam.study_instance_uid
             kinds = {k: v for k, v in exam.view_kinds.items() if v}
             implant = bool(exam.implant)
+            # Only views still without an image (the note stays when a 2D image came later).
             volume_only = [n.split(":")[0] for n in exam.notes
-                           if "only a tomosynthesis volume; read with this view missing" in n]
+                           if "only a tomosynthesis volume; read with this view missing" in n
+                           and n.split(":")[0] in exam.missing]
         priors = [d for _, d in self.priors_of(study)]
         return {"kinds": kinds, "implant": implant,
                 "priors": [f"{d[:4]}-{d[4:6]}-{d[6:8]}" if d and len(d) == 8 else (d or "?")
