@@ -3,11 +3,22 @@ helpers they use (and tests import) are in ``tests/helpers.py``."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import NodeProcess, StoreSCP
+
+
+def pytest_configure(config):
+    # Every node keeps numba's compiled scan kernels in its own data folder (a service
+    # account may not write beside the package): in tests that meant compiling them again for
+    # each node started with a worker (~5 s each). One cache for the run, beside pytest's own;
+    # numba keys its entries by source and CPU, so a stale entry is never used.
+    cache = Path(str(config.rootpath)) / ".pytest_cache" / "numba"
+    cache.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(cache))
 
 
 @pytest.fixture
