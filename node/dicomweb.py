@@ -8,7 +8,6 @@ or JPEG images of single-frame objects (the attention maps) for browsers.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import re
@@ -24,7 +23,6 @@ from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
-from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -131,6 +129,69 @@ def split_multipart(path: Path, content_type: str) -> list[tuple[str, int, int]]
         return parts
 
 
+class Front:
+    """The node's front door, plain ASGI: every HTTP request's Host, Origin and token are
+    checked (:meth:`DicomWeb.refusal`) before anything else, and every answer says it may
+    not be framed (``X-Frame-Options``, ``frame-ancestors``)."""
+
+    def __init__(self, app, web: DicomWeb) -> None:
+        self.app, self.web = app, web
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def framed(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                names = {k.lower() for k, _ in headers}
+                if b"x-frame-options" not in names:
+                    headers.append((b"x-frame-options", b"DENY"))
+                if b"content-security-policy" not in names:
+                    headers.append((b"content-security-policy", b"frame-ancestors 'none'"))
+                message = {**message, "headers": headers}
+            await send(message)
+        try:
+            refused = await self.web.refusal(Request(scope, receive))
+        except A.AuditUnavailable as exc:
+            refused = await _audit_unavailable(Request(scope, receive), exc)
+        if refused is not None:
+            await refused(scope, receive, framed)
+            return
+        await self.app(scope, receive, framed)
+
+
+class ConcurrencyLimit:
+    """At most ``limit`` requests at once, plain ASGI; one more is answered 503 with
+    ``Retry-After: 1``. A request holds its slot for the whole call of the application: until
+    the last byte of its body has been handed to the server (a streamed WADO answer counts for
+    as long as it streams), the client went away, or the application failed. Nothing is left
+    to a body generator that might never start. ``exempt(path, method)``: requests outside
+    the bound (the probes)."""
+
+    def __init__(self, app, limit: int, exempt=None) -> None:
+        self.app, self.limit, self.exempt = app, limit, exempt
+        #: Requests holding a slot now (the event loop's thread alone changes it).
+        self.active = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or (self.exempt is not None
+                                       and self.exempt(scope["path"], scope["method"])):
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            busy = JSONResponse({"error": "too many concurrent requests; retry shortly"},
+                                status_code=503, headers={"Retry-After": "1"})
+            await busy(scope, receive, send)
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
 class DicomWeb:
     """The DICOMweb application bound to the node's store."""
 
@@ -143,7 +204,6 @@ class DicomWeb:
         self.tokens = TokenAuth(cfg)
         self.metrics = metrics      # node.metrics.NodeMetrics or None
         self.readiness = readiness  # () -> (ready, checks) or None
-        self._slots = asyncio.Semaphore(cfg.dicomweb.max_concurrent_requests)
         self.root = cfg.dicomweb.root.rstrip("/")
         self._hosts = cfg.dicomweb.host_names()
         self.dashboard = Dashboard(cfg, files, exams, self.root, health=health,
@@ -158,7 +218,16 @@ class DicomWeb:
             viewer_routes = [Route("/viewer", self.viewer.page, methods=["GET"]),
                              Route("/viewer/{path:path}", self.viewer.page, methods=["GET"]),
                              Route("/app-config.js", self.viewer.page, methods=["GET"])]
-        middleware = [Middleware(BaseHTTPMiddleware, dispatch=self._auth)]
+        # Plain ASGI middleware (no BaseHTTPMiddleware: it relays every body through a
+        # memory stream and cannot tell a finished answer from a client that went away):
+        # Host / Origin / token first, then the bound on requests at once.
+        self.limit: ConcurrencyLimit | None = None
+
+        def limited(app):
+            self.limit = ConcurrencyLimit(app, cfg.dicomweb.max_concurrent_requests,
+                                          exempt=self.open_path)
+            return self.limit
+        middleware = [Middleware(Front, web=self), Middleware(limited)]
         if cfg.dicomweb.cors_origins:
             from starlette.middleware.cors import CORSMiddleware
 
@@ -263,14 +332,15 @@ class DicomWeb:
         return (u.hostname or "").lower() in self._hosts and \
             origin.rstrip("/") == self.origin(request).rstrip("/")
 
-    async def _auth(self, request: Request, call_next):
-        response = await self._authorised(request, call_next)
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        if "content-security-policy" not in response.headers:
-            response.headers["Content-Security-Policy"] = "frame-ancestors 'none'"
-        return response
+    def open_path(self, path: str, method: str) -> bool:
+        """Probes, the sign-in form and the viewer's files: no token, and outside the
+        concurrency bound (a busy node still answers /healthz)."""
+        return path in ("/healthz", "/readyz", "/ui/login") or (
+            self.viewer is not None and method == "GET" and self.viewer.serves(path))
 
-    async def _authorised(self, request: Request, call_next):
+    async def refusal(self, request: Request) -> Response | None:
+        """The answer to a request refused for its Host, Origin or token (None: it may go
+        on; ``request.state.who`` then says who it is)."""
         path = request.url.path
         if path not in ("/healthz", "/readyz") and not self._host_ok(request):
             log.warning("HTTP %s %s refused: Host %r is not in [dicomweb] allowed_hosts",
@@ -284,10 +354,8 @@ class DicomWeb:
                              action=path)
             return _error(403, "cross-origin request refused (Origin "
                                f"{request.headers.get('origin', '?')[:100]!r})")
-        if path in ("/healthz", "/readyz", "/ui/login") or (
-                self.viewer is not None and request.method == "GET"
-                and self.viewer.serves(path)):
-            return await call_next(request)  # probes, sign-in form, viewer files: no token
+        if self.open_path(path, request.method):
+            return None  # probes, sign-in form, viewer files: no token
         service = self.service_of(request)
         name = None
         if self.tokens.required:
@@ -331,27 +399,7 @@ class DicomWeb:
                                  "request", peer=who, service=service)
                 return _error(403, f"token {name!r} is not granted {service!r}")
         request.state.who = self._who(request, name)
-        if self._slots.locked():
-            return JSONResponse({"error": "too many concurrent requests; retry shortly"},
-                                status_code=503, headers={"Retry-After": "1"})
-        # The slot is held until the last byte of the body is sent (a streamed WADO answer
-        # counts for as long as it streams), not only until its headers are.
-        await self._slots.acquire()
-        try:
-            response = await call_next(request)
-        except BaseException:
-            self._slots.release()
-            raise
-        inner = response.body_iterator
-
-        async def body():
-            try:
-                async for chunk in inner:
-                    yield chunk
-            finally:
-                self._slots.release()
-        response.body_iterator = body()
-        return response
+        return None
 
     # -- health and metrics -------------------------------------------------------------------
     async def healthz(self, request: Request) -> Response:

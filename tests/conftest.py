@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import NodeProcess, StoreSCP
+from tests.helpers import NodeProcess, StoreSCP, WebInProcess
 
 
 def pytest_configure(config):
@@ -37,6 +37,24 @@ def node_factory(tmp_path):
     yield make
     for n in started:
         n.stop()
+
+
+@pytest.fixture
+def web_factory(tmp_path):
+    """DICOMweb served in the test process (tests.helpers.WebInProcess): what an HTTP test
+    needs without a node process."""
+    made: list[WebInProcess] = []
+
+    def make(settings: dict | None = None, **dicomweb) -> WebInProcess:
+        d = tmp_path / f"web{len(made)}"
+        d.mkdir()
+        w = WebInProcess(d, settings, **dicomweb)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.close()
 
 
 @pytest.fixture

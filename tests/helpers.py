@@ -315,3 +315,41 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.25, what: str
 def dciodvfy_errors(path: Path) -> list[str]:
     r = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True)
     return [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("Error")]
+
+
+class WebInProcess:
+    """The node's DICOMweb application, built as the daemon builds it (``node.daemon.Node``
+    and ``node.dicomweb.DicomWeb``) and served by uvicorn in a thread of the test process:
+    real HTTP on a loopback port, no DICOM listener, no worker, no process to start. For
+    tests whose subject is HTTP; ``web`` and ``node`` are there to be inspected."""
+
+    def __init__(self, tmp: Path, settings: dict | None = None, **dicomweb) -> None:
+        from node.config import load_config
+        from node.daemon import Node
+        from node.dicomweb import DicomWeb, DicomWebServer
+
+        self.port = free_port()
+        sections = dict(settings or {})
+        sections["dicomweb"] = {"enabled": True, "host": "127.0.0.1", "port": self.port,
+                                "root": "/dicomweb", **dicomweb}
+        self.spec = NodeProcess(tmp, sections)
+        self.cfg = load_config(self.spec.config)
+        self.node = Node(self.cfg, run_worker=False)
+        self.web = DicomWeb(self.cfg, self.node.files, self.node.exams, self.node.scp,
+                            audit=self.node.audit, metrics=self.node.metrics,
+                            readiness=self.node.readiness, health=self.node.health)
+        self.server = DicomWebServer(self.web, self.cfg)
+        self.server.start()
+        wait_for(lambda: self.server.server.started, 15, interval=0.01, what="uvicorn up")
+        self.origin = f"http://127.0.0.1:{self.port}"
+        self.base = f"{self.origin}/dicomweb"
+
+    def events(self) -> list[dict]:
+        """The audit trail so far."""
+        text = self.cfg.audit_path.read_text() if self.cfg.audit_path.exists() else ""
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def close(self) -> None:
+        self.server.stop()
+        self.node.audit.close()
+        self.node.db.engine.dispose()
