@@ -146,25 +146,51 @@ def decode_reduced(ds: Dataset, min_side: int) -> tuple[np.ndarray, int]:
 def to_display(ds: Dataset, arr: np.ndarray | None = None) -> np.ndarray:
     """Decoded, windowed image in [0, 1] where brighter means denser (MONOCHROME2 sense).
     ``arr``: the pixel values when already decoded (:func:`decode`)."""
-    if arr is None:
-        arr = decode(ds)
+    arr = _one_frame(ds, decode(ds) if arr is None else arr)
+    lut = _lookup(ds, arr)
+    if lut is not None:
+        table, index = lut
+        return np.take(table, index)
+    arr = arr.astype(np.float32)
+    return _display(arr, ds, arr[::4, ::4])
+
+
+def to_display8(ds: Dataset, arr: np.ndarray | None = None) -> np.ndarray:
+    """:func:`to_display` as 8 bits a pixel (``(to_display(ds) * 255).astype(uint8)``, the
+    same values), built without a floating-point image where the pixels are integers: what
+    a rendered image or a thumbnail is made of, and what a decode cache can hold (a quarter
+    of the float image's memory)."""
+    arr = _one_frame(ds, decode(ds) if arr is None else arr)
+    lut = _lookup(ds, arr)
+    if lut is not None:
+        table, index = lut
+        return np.take((table * 255).astype(np.uint8), index)
+    arr = arr.astype(np.float32)
+    return (_display(arr, ds, arr[::4, ::4]) * 255).astype(np.uint8)
+
+
+def _one_frame(ds: Dataset, arr: np.ndarray) -> np.ndarray:
     if arr.ndim == 3:  # multi-frame: the first frame; colour is not a mammogram
         if int(ds.get("SamplesPerPixel", 1)) != 1:
             raise PreprocessError("colour image: not a mammogram")
         arr = arr[0]
     if arr.ndim != 2:
         raise PreprocessError(f"unexpected pixel array shape {arr.shape}")
-    if arr.dtype.kind in "ui" and arr.dtype.itemsize <= 2 and arr.size > (1 << 16):
-        # Integer pixels: the display is a function of the stored value alone, so it is
-        # computed once per possible value and looked up (one pass over the image instead
-        # of a handful of float passes); statistics come from a decimated sample.
-        lo = min(int(arr.min()), 0)
-        table = _display(np.arange(lo, int(arr.max()) + 1, dtype=np.float32), ds,
-                         arr[::4, ::4].astype(np.float32))
-        index = arr if lo == 0 else (arr.astype(np.int32) - lo)
-        return np.take(table, index)
-    arr = arr.astype(np.float32)
-    return _display(arr, ds, arr[::4, ::4])
+    return arr
+
+
+def _lookup(ds: Dataset, arr: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Integer pixels: the display is a function of the stored value alone, so it is
+    computed once per possible value and looked up (one pass over the image instead of a
+    handful of float passes); statistics come from a decimated sample. (table, index of
+    each pixel in it); None for other pixels."""
+    if not (arr.dtype.kind in "ui" and arr.dtype.itemsize <= 2 and arr.size > (1 << 16)):
+        return None
+    lo = min(int(arr.min()), 0)
+    table = _display(np.arange(lo, int(arr.max()) + 1, dtype=np.float32), ds,
+                     arr[::4, ::4].astype(np.float32))
+    index = arr if lo == 0 else (arr.astype(np.int32) - lo)
+    return table, index
 
 
 def _display(values: np.ndarray, ds: Dataset, sample: np.ndarray) -> np.ndarray:

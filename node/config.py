@@ -271,6 +271,9 @@ class DicomWebConfig:
     max_results: int = 1000
     max_request_mb: float = 2048.0
     max_concurrent_requests: int = 16
+    #: Decoded images kept for rendered / thumbnail / WADO-URI requests (8-bit display
+    #: images or stored integer values), in MB; 0: none.
+    render_cache_mb: float = 128.0
     #: Origins (scheme://host[:port]) whose browser pages may call DICOMweb (CORS).
     cors_origins: list[str] = field(default_factory=list)
     #: A static viewer build (e.g. OHIF's dist) served at /viewer, configured for this node.
@@ -614,6 +617,8 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
     w.max_concurrent_requests = int(_check_number(
         t.get("max_concurrent_requests", w.max_concurrent_requests),
         "[dicomweb] max_concurrent_requests", 1))
+    w.render_cache_mb = _check_number(t.get("render_cache_mb", w.render_cache_mb),
+                                      "[dicomweb] render_cache_mb")
     origins = t.get("cors_origins", [])
     if not isinstance(origins, list) or any(
             not isinstance(o, str) or not re.fullmatch(r"(https?://[^/\s]+|\*)", o)

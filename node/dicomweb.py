@@ -205,6 +205,8 @@ class DicomWeb:
         self.metrics = metrics      # node.metrics.NodeMetrics or None
         self.readiness = readiness  # () -> (ready, checks) or None
         self.root = cfg.dicomweb.root.rstrip("/")
+        #: Decoded images of rendered, thumbnail and WADO-URI requests (node.wado).
+        self.decoded = wado.DecodedImages(int(cfg.dicomweb.render_cache_mb * 1024 * 1024))
         self._hosts = cfg.dicomweb.host_names()
         self.dashboard = Dashboard(cfg, files, exams, self.root, health=health,
                                    readiness=readiness, audit=self.audit)
@@ -765,7 +767,8 @@ class DicomWeb:
             body, media = await run_in_threadpool(
                 wado.render, self.files.abspath(images[0].path),
                 request.headers.get("accept", "image/png" if not thumbnail else "image/jpeg"),
-                q.get("viewport"), q.get("quality"), q.get("window"), frame, thumbnail)
+                q.get("viewport"), q.get("quality"), q.get("window"), frame, thumbnail,
+                self.decoded)
         except ValueError as exc:
             return _error(400, str(exc))
         self._audit_retrieve(request, images[:1], "WADO-RS rendered")
@@ -803,7 +806,7 @@ class DicomWeb:
             frame = int(q.get("frameNumber", "1"))
             body, media = await run_in_threadpool(
                 wado.render, self.files.abspath(rows[0].path), ctype, viewport,
-                q.get("imageQuality"), window, frame, False)
+                q.get("imageQuality"), window, frame, False, self.decoded)
         except ValueError as exc:
             return _error(400, str(exc))
         return Response(body, media_type=media)

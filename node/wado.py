@@ -17,7 +17,10 @@
 from __future__ import annotations
 
 import io
+import os
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -353,39 +356,147 @@ def bulkdata(path: Path, tag: int) -> bytes:
 
 
 # -- rendering ------------------------------------------------------------------------------------
-def render(path: Path, accept: str, viewport: str | None = None, quality: str | None = None,
-           window: str | None = None, frame: int = 1, thumbnail: bool = False
-           ) -> tuple[bytes, str]:
-    """A rendered image (JPEG, PNG or GIF by Accept) of one frame: ``viewport`` "w,h" (aspect
-    kept), ``quality`` 1-100 (JPEG), ``window`` "center,width[,function]" (PS3.18 8.3.5)."""
-    from PIL import Image
+@dataclass(frozen=True)
+class StoredFrame:
+    """One frame's stored values, as decoded (integers: a quarter of their float64 memory),
+    with what a window given in the request is applied through."""
+
+    pixels: np.ndarray
+    slope: float
+    intercept: float
+    monochrome1: bool
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.pixels.nbytes)
+
+
+class DecodedImages:
+    """Images that rendering decoded, kept for the next request (a viewer asks for the same
+    instance's thumbnail, rendered image and windowed images one after another): a least
+    recently used cache bounded in bytes, keyed by file (path, inode, modification time,
+    size), frame and kind, so that a file replaced or changed is decoded again. It holds the
+    8-bit display image (``display``) or the stored integer values (``stored``, for a window
+    the request gives), never floating point. Thread-safe; two requests for an image being
+    decoded wait for the one decode. ``max_bytes`` 0: nothing is kept."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max(0, int(max_bytes))
+        self._items: OrderedDict[tuple, np.ndarray | StoredFrame] = OrderedDict()
+        self._pending: dict[tuple, threading.Event] = {}
+        self._lock = threading.Lock()
+        #: Bytes held; decodes done (misses); answers from the cache.
+        self.bytes = 0
+        self.decodes = 0
+        self.hits = 0
+
+    @staticmethod
+    def _size(value: np.ndarray | StoredFrame) -> int:
+        return int(value.nbytes)
+
+    def get(self, path: Path, frame: int, kind: str, make):
+        """The cached value for (file, frame, kind), or ``make()``'s, kept when it fits."""
+        st = os.stat(path)
+        name = (str(path), frame, kind)
+        key = (*name, st.st_ino, st.st_mtime_ns, st.st_size)
+        if self.max_bytes == 0:
+            with self._lock:
+                self.decodes += 1
+            return make()
+        while True:
+            with self._lock:
+                if key in self._items:
+                    self._items.move_to_end(key)
+                    self.hits += 1
+                    return self._items[key]
+                wait = self._pending.get(key)
+                if wait is None:
+                    done = self._pending[key] = threading.Event()
+                    break
+            wait.wait(120)  # another request decodes it; then a hit (or our own decode)
+        try:
+            value = make()
+            with self._lock:
+                self.decodes += 1
+                size = self._size(value)
+                # An older version of the same file and frame is of no more use.
+                for old in [k for k in self._items if k[:3] == name]:
+                    self.bytes -= self._size(self._items.pop(old))
+                if size <= self.max_bytes:
+                    self._items[key] = value
+                    self.bytes += size
+                    while self.bytes > self.max_bytes:
+                        _, dropped = self._items.popitem(last=False)
+                        self.bytes -= self._size(dropped)
+            return value
+        finally:
+            with self._lock:
+                self._pending.pop(key, None)
+            done.set()
+
+
+_NO_CACHE = DecodedImages(0)
+
+
+def _header_and_frame(path: Path, frame: int) -> tuple[Dataset, np.ndarray, int]:
+    """(the header, one frame's stored values, the number of frames): a multi-frame file
+    gives one frame read from the file, never the whole volume."""
     from pydicom.pixels import pixel_array
+
+    from inference.display import PreprocessError, decode
 
     header = dcmread(path, stop_before_pixels=True)
     n = int(header.get("NumberOfFrames", 1) or 1)
-    if n > 1:  # one frame read from the file, never the whole volume
-        ds = header
+    if n > 1:
         try:
-            arr = pixel_array(str(path), index=min(max(frame, 1), n) - 1)
+            return header, pixel_array(str(path), index=min(max(frame, 1), n) - 1), n
         except (AttributeError, KeyError) as exc:
             raise ValueError("this instance has no image to render") from exc
-    else:
-        ds = dcmread(path)
-        if "PixelData" not in ds:
-            raise ValueError("this instance has no image to render")
-        arr = ds.pixel_array
-    if int(ds.get("SamplesPerPixel", 1)) == 1:
-        if window:
-            img = _window(ds, arr, window)
-        elif n == 1:
-            from inference.display import to_display
+    ds = dcmread(path)
+    if "PixelData" not in ds:
+        raise ValueError("this instance has no image to render")
+    try:
+        return ds, decode(ds), 1  # the fastest installed decoder (inference.display)
+    except PreprocessError as exc:
+        raise ValueError(str(exc)) from exc
 
-            img = (to_display(ds) * 255).astype(np.uint8)  # VOI LUT / window of the file
-        else:
-            img = _linear(arr.astype(np.float64), *_auto(arr))
-    else:
-        img = np.asarray(arr, dtype=np.uint8)
-    pil = Image.fromarray(img)
+
+def _display_image(path: Path, frame: int) -> np.ndarray:
+    """The 8-bit image a request without a window renders: the file's own VOI LUT or
+    window (:func:`inference.display.to_display8`) for a single frame, an automatic window
+    for a frame of a multi-frame object; colour as stored."""
+    ds, arr, n = _header_and_frame(path, frame)
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        return np.asarray(arr, dtype=np.uint8)
+    if n == 1:
+        from inference.display import to_display8
+
+        return to_display8(ds, arr)
+    center, width = _auto(arr)
+    return _lut8(arr, lambda v: _linear(v, center, width))
+
+
+def _stored_frame(path: Path, frame: int) -> np.ndarray | StoredFrame:
+    """What a request with a window renders from: the stored values and their Modality
+    LUT (colour: the display image, which a window does not change)."""
+    ds, arr, _ = _header_and_frame(path, frame)
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        return np.asarray(arr, dtype=np.uint8)
+    return StoredFrame(arr, float(ds.get("RescaleSlope", 1) or 1),
+                       float(ds.get("RescaleIntercept", 0) or 0),
+                       str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1")
+
+
+def render(path: Path, accept: str, viewport: str | None = None, quality: str | None = None,
+           window: str | None = None, frame: int = 1, thumbnail: bool = False,
+           cache: DecodedImages | None = None) -> tuple[bytes, str]:
+    """A rendered image (JPEG, PNG or GIF by Accept) of one frame: ``viewport`` "w,h" (aspect
+    kept), ``quality`` 1-100 (JPEG), ``window`` "center,width[,function]" (PS3.18 8.3.5).
+    ``cache``: where decoded images are kept between requests (:class:`DecodedImages`)."""
+    from PIL import Image
+
+    cache = cache or _NO_CACHE
+    size = None
     if thumbnail and not viewport:
         viewport = "200,200"
     if viewport:
@@ -395,7 +506,16 @@ def render(path: Path, accept: str, viewport: str | None = None, quality: str | 
             raise ValueError(f"viewport must be 'width,height', got {viewport!r}") from None
         if w <= 0 or h <= 0 or w > 8192 or h > 8192:
             raise ValueError("viewport width and height must be 1-8192")
-        pil.thumbnail((w, h), Image.Resampling.LANCZOS)
+        size = (w, h)
+    if window:
+        center, width = _window_params(window)
+        stored = cache.get(path, frame, "stored", lambda: _stored_frame(path, frame))
+        img = stored if isinstance(stored, np.ndarray) else _window(stored, center, width)
+    else:
+        img = cache.get(path, frame, "display", lambda: _display_image(path, frame))
+    pil = Image.fromarray(img)
+    if size:
+        pil.thumbnail(size, Image.Resampling.LANCZOS)
     fmt, media = "PNG", "image/png"
     for item in parse_accept(accept):
         if item.media in ("image/jpeg", "image/*", "*/*"):
@@ -417,20 +537,33 @@ def render(path: Path, accept: str, viewport: str | None = None, quality: str | 
     return buf.getvalue(), media
 
 
-def _window(ds: Dataset, arr: np.ndarray, window: str) -> np.ndarray:
+def _window_params(window: str) -> tuple[float, float]:
     parts = window.split(",")
     try:
-        center, width = float(parts[0]), float(parts[1])
+        return float(parts[0]), float(parts[1])
     except (ValueError, IndexError):
         raise ValueError(f"window must be 'center,width[,function]', got {window!r}") from None
-    values = arr.astype(np.float64)
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    values = values * slope + intercept
-    out = _linear(values, center, width)
-    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-        out = 255 - out
-    return out
+
+
+def _window(stored: StoredFrame, center: float, width: float) -> np.ndarray:
+    """The window of a request over the Modality LUT's output, as 8 bits (MONOCHROME1
+    inverted)."""
+    def lut(values: np.ndarray) -> np.ndarray:
+        out = _linear(values * stored.slope + stored.intercept, center, width)
+        return 255 - out if stored.monochrome1 else out
+    return _lut8(stored.pixels, lut)
+
+
+def _lut8(arr: np.ndarray, fn) -> np.ndarray:
+    """``fn`` (float64 values -> uint8) over an image: for 8- and 16-bit integers computed
+    once per possible value and looked up (no float64 image); otherwise on float32."""
+    if arr.dtype.kind in "ui" and arr.dtype.itemsize <= 2:
+        arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)
+        unsigned = np.dtype(f"u{arr.dtype.itemsize}")
+        values = np.arange(1 << (8 * arr.dtype.itemsize), dtype=np.int64).astype(unsigned)
+        table = fn(values.view(arr.dtype).astype(np.float64))
+        return np.take(table, arr.view(unsigned))
+    return fn(arr.astype(np.float32))
 
 
 def _auto(arr: np.ndarray) -> tuple[float, float]:
@@ -439,7 +572,10 @@ def _auto(arr: np.ndarray) -> tuple[float, float]:
 
 
 def _linear(values: np.ndarray, center: float, width: float) -> np.ndarray:
-    width = max(width, 1.0)
+    """PS3.3 C.11.2.1.2.1 LINEAR to 0-255; a width of 1 or less is a threshold (the
+    formula would divide by zero)."""
+    if width <= 1:
+        return np.where(values > center - 0.5, 255, 0).astype(np.uint8)
     out = np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0, 1) * 255
     return out.astype(np.uint8)
 
