@@ -8,6 +8,7 @@ or JPEG images of single-frame objects (the attention maps) for browsers.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import re
@@ -20,10 +21,9 @@ from pathlib import Path
 import uvicorn
 from pydicom.dataset import Dataset
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -127,6 +127,49 @@ def split_multipart(path: Path, content_type: str) -> list[tuple[str, int, int]]
             parts.append((ctype, data, nxt - data))
             pos = nxt + 2
         return parts
+
+
+class Audited(Response):
+    """An answer whose end is audited: ``done(outcome, reason)`` once it has been sent,
+    :data:`node.audit.SUCCESS` when its last byte was handed to the server before the client
+    went away, :data:`node.audit.SERIOUS_FAILURE` with the reason when the client went away
+    first (a WADO-RS study stream stopped halfway) or the answer failed while it was sent.
+    Plain ASGI around the response; nothing is buffered."""
+
+    def __init__(self, response: Response, done) -> None:
+        self.response, self.done = response, done
+        self.status_code = response.status_code
+        self.background = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        finished = gone = False
+
+        async def receiving():
+            nonlocal gone
+            message = await receive()
+            if message["type"] == "http.disconnect" and not finished:
+                gone = True
+            return message
+
+        async def sending(message) -> None:
+            nonlocal finished
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                finished = True
+        reason = None
+        try:
+            await self.response(scope, receiving, sending)
+        except BaseException as exc:
+            reason = ("the client went away before the end of the answer"
+                      if isinstance(exc, OSError | ClientDisconnect | asyncio.CancelledError)
+                      else f"{type(exc).__name__} while the answer was sent")
+            raise
+        finally:
+            if finished and not gone and reason is None:
+                self.done(A.SUCCESS, None)
+            else:
+                self.done(A.SERIOUS_FAILURE,
+                          reason or "the client went away before the end of the answer")
 
 
 class Front:
@@ -647,12 +690,24 @@ class DicomWeb:
                          studies=sorted({r.study_instance_uid for r in rows}),
                          instances=len(rows))
 
-    def _audit_done(self, request: Request, rows: list[Instance], service: str) -> None:
-        """PS3.15 A.5.3.4 DICOM Instances Transferred: the retrieve completed."""
-        self.audit.event(A.INSTANCES_TRANSFERRED, A.SUCCESS, service=service, action="retrieve",
-                         peer=getattr(request.state, "who", None),
-                         studies=sorted({r.study_instance_uid for r in rows}),
-                         instances=len(rows))
+    def _audit_done(self, request: Request, rows: list[Instance], service: str,
+                    outcome: int = A.SUCCESS, reason: str | None = None) -> None:
+        """PS3.15 A.5.3.4 DICOM Instances Transferred: the retrieve ended (0: its answer
+        was sent whole; 8: cut short)."""
+        try:
+            self.audit.event(A.INSTANCES_TRANSFERRED, outcome, service=service,
+                             action="retrieve", peer=getattr(request.state, "who", None),
+                             studies=sorted({r.study_instance_uid for r in rows}),
+                             instances=len(rows), reason=reason)
+        except A.AuditUnavailable:
+            pass  # the answer is sent; the audit module logged the failure
+
+    def _transfer(self, request: Request, rows: list[Instance], service: str,
+                  response: Response) -> Response:
+        """``response``, with the completion event written once it has been sent whole or
+        cut short (:class:`Audited`)."""
+        return Audited(response, lambda outcome, reason: self._audit_done(
+            request, rows, service, outcome, reason))
 
     async def wado(self, request: Request) -> Response:
         rows = await run_in_threadpool(self._rows, request.path_params)
@@ -667,10 +722,9 @@ class DicomWeb:
         boundary = uuid.uuid4().hex
         paths = [self.files.abspath(r.path) for r in rows]
         # A sync generator: Starlette reads the files block by block in a worker thread.
-        return StreamingResponse(
+        return self._transfer(request, rows, "WADO-RS", StreamingResponse(
             wado.stream_files(paths, boundary),
-            media_type=f'multipart/related; type="application/dicom"; boundary={boundary}',
-            background=BackgroundTask(self._audit_done, request, rows, "WADO-RS"))
+            media_type=f'multipart/related; type="application/dicom"; boundary={boundary}'))
 
     async def metadata(self, request: Request) -> Response:
         rows = await run_in_threadpool(self._rows, request.path_params)
@@ -682,9 +736,14 @@ class DicomWeb:
                     for r in rows]
         # Full headers (names, birth dates): a retrieve as the audit trail counts them.
         self._audit_retrieve(request, rows, "WADO-RS metadata")
-        body = await run_in_threadpool(build)
-        self._audit_done(request, rows, "WADO-RS metadata")
-        return JSONResponse(body, media_type=DICOM_JSON)
+        try:
+            body = await run_in_threadpool(build)
+        except Exception as exc:
+            self._audit_done(request, rows, "WADO-RS metadata", A.SERIOUS_FAILURE,
+                             f"{type(exc).__name__}: internal error")
+            raise
+        return self._transfer(request, rows, "WADO-RS metadata",
+                              JSONResponse(body, media_type=DICOM_JSON))
 
     async def frames(self, request: Request) -> Response:
         rows = await run_in_threadpool(self._rows, request.path_params)
@@ -707,12 +766,13 @@ class DicomWeb:
             return _error(400, str(exc))
         self._audit_retrieve(request, rows, "WADO-RS frames")
         if not choice.multipart:
-            return Response(first, media_type=choice.content_type)
+            return self._transfer(request, rows, "WADO-RS frames",
+                                  Response(first, media_type=choice.content_type))
         boundary = uuid.uuid4().hex
         # Streamed: one frame in memory at a time, however many the list names.
-        return StreamingResponse(
+        return self._transfer(request, rows, "WADO-RS frames", StreamingResponse(
             wado.stream_parts(itertools.chain([first], gen), choice.content_type, boundary),
-            media_type=wado.multipart_content_type(choice.content_type, boundary))
+            media_type=wado.multipart_content_type(choice.content_type, boundary)))
 
     async def bulkdata(self, request: Request) -> Response:
         rows = await run_in_threadpool(self._rows, request.path_params)
@@ -729,10 +789,10 @@ class DicomWeb:
                 self._audit_retrieve(request, rows, "WADO-RS bulkdata")
                 boundary = uuid.uuid4().hex if multipart else None
                 octets = "application/octet-stream"
-                return StreamingResponse(
+                return self._transfer(request, rows, "WADO-RS bulkdata", StreamingResponse(
                     wado.stream_range(path, span[0], span[1], octets, boundary),
                     media_type=(wado.multipart_content_type(octets, boundary) if boundary
-                                else octets))
+                                else octets)))
         try:
             value = await run_in_threadpool(wado.bulkdata, path, int(tag, 16))
         except KeyError:
@@ -740,8 +800,10 @@ class DicomWeb:
         self._audit_retrieve(request, rows, "WADO-RS bulkdata")
         if multipart:
             body, ctype = wado.multipart_bytes([value], "application/octet-stream")
-            return Response(body, media_type=ctype)
-        return Response(value, media_type="application/octet-stream")
+            return self._transfer(request, rows, "WADO-RS bulkdata",
+                                  Response(body, media_type=ctype))
+        return self._transfer(request, rows, "WADO-RS bulkdata",
+                              Response(value, media_type="application/octet-stream"))
 
     async def rendered(self, request: Request) -> Response:
         return await self._render(request, thumbnail=False)
@@ -772,7 +834,8 @@ class DicomWeb:
         except ValueError as exc:
             return _error(400, str(exc))
         self._audit_retrieve(request, images[:1], "WADO-RS rendered")
-        return Response(body, media_type=media)
+        return self._transfer(request, images[:1], "WADO-RS rendered",
+                              Response(body, media_type=media))
 
     async def wado_uri(self, request: Request) -> Response:
         """WADO-URI (``?requestType=WADO&studyUID=&seriesUID=&objectUID=&contentType=``): the
@@ -790,10 +853,11 @@ class DicomWeb:
         if not rows:
             return _error(404, "no such object")
         ctype = (q.get("contentType") or "image/jpeg").split(",")[0].strip()
-        self._audit_retrieve(request, rows, "WADO-URI")
         if ctype == "application/dicom":
+            self._audit_retrieve(request, rows, "WADO-URI")
             path = self.files.abspath(rows[0].path)
-            return StreamingResponse(wado.stream_file(path), media_type="application/dicom")
+            return self._transfer(request, rows[:1], "WADO-URI", StreamingResponse(
+                wado.stream_file(path), media_type="application/dicom"))
         if ctype not in ("image/jpeg", "image/png", "image/gif"):
             return _error(406, f"contentType {ctype} is not offered (application/dicom, "
                                "image/jpeg, image/png, image/gif)")
@@ -809,7 +873,8 @@ class DicomWeb:
                 q.get("imageQuality"), window, frame, False, self.decoded)
         except ValueError as exc:
             return _error(400, str(exc))
-        return Response(body, media_type=media)
+        self._audit_retrieve(request, rows[:1], "WADO-URI")
+        return self._transfer(request, rows[:1], "WADO-URI", Response(body, media_type=media))
 
 
 class _Config(uvicorn.Config):

@@ -173,27 +173,74 @@ class QueryRetrieveSCP:
 
     def _datasets(self, rows: list[Instance], event: evt.Event, service: str = "",
                   to: str = ""):
-        """The datasets of a retrieve; at its end (or cancel) the PS3.15 A.5.3.4 completion
-        event, DICOM Instances Transferred."""
-        unreadable, cancelled = 0, False
-        for r in rows:
-            if event.is_cancelled:
-                cancelled = True
-                yield CANCELLED, None
-                break
-            try:
-                yield PENDING, dcmread(self.files.abspath(r.path))
-            except Exception as exc:
-                log.error("cannot read %s for retrieve: %s", r.sop_instance_uid, exc)
-                unreadable += 1
-                yield PENDING, None  # counted as a failed sub-operation
+        """The datasets of a retrieve; at its end, however it ends, the PS3.15 A.5.3.4
+        completion event (:meth:`_audit_done`), with the sub-operations as the retrieve's
+        own responses counted them (pynetdicom sends a pending C-GET / C-MOVE response after
+        each sub-operation, before it asks for the next dataset)."""
+        counts: dict[str, int] = {}
+
+        def sent(ev: evt.Event) -> None:
+            cs = getattr(ev.message, "command_set", None)
+            if cs is not None and "NumberOfCompletedSuboperations" in cs:
+                for k in ("Completed", "Failed", "Warning"):
+                    counts[k.lower()] = int(cs.get(f"NumberOf{k}Suboperations", 0) or 0)
         if service:
-            self.audit.event(A.INSTANCES_TRANSFERRED,
-                             A.SUCCESS if not (unreadable or cancelled) else A.MINOR_FAILURE,
-                             action="retrieve", service=service, peer=self.access.who(event),
-                             to=to, studies=sorted({r.study_instance_uid for r in rows}),
-                             instances=len(rows), unreadable=unreadable or None,
-                             cancelled=cancelled or None)
+            event.assoc.bind(evt.EVT_DIMSE_SENT, sent)
+        unreadable, ended, serious = 0, "", False
+        try:
+            for r in rows:
+                if not event.assoc.is_established:
+                    break
+                if event.is_cancelled:
+                    ended = "cancelled by the requester"
+                    yield CANCELLED, None
+                    return
+                try:
+                    ds = dcmread(self.files.abspath(r.path))
+                except Exception as exc:
+                    log.error("cannot read %s for retrieve: %s", r.sop_instance_uid, exc)
+                    unreadable += 1
+                    yield PENDING, None  # counted as a failed sub-operation
+                    continue
+                yield PENDING, ds
+            # Resumed after the last sub-operation: its response is sent, or the requester
+            # is gone.
+            if not event.assoc.is_established:
+                ended, serious = "the association ended before the retrieve did", True
+        except GeneratorExit:
+            # pynetdicom stopped asking for datasets: the association ended (or, for a
+            # C-CANCEL, the retrieve was answered).
+            if not ended:
+                ended, serious = "the association ended before the retrieve did", True
+            raise
+        except Exception as exc:
+            ended, serious = f"{type(exc).__name__}: internal error", True
+            raise
+        finally:
+            if service:
+                event.assoc.unbind(evt.EVT_DIMSE_SENT, sent)
+                failed = counts.get("failed", 0) + unreadable
+                outcome = (A.SERIOUS_FAILURE if serious else
+                           A.MINOR_FAILURE if ended or failed or counts.get("warning") else
+                           A.SUCCESS)
+                self._audit_done(event, service, rows, to, outcome, reason=ended or None,
+                                 completed=counts.get("completed", 0), failed=failed,
+                                 warning=counts.get("warning", 0), unreadable=unreadable)
+
+    def _audit_done(self, event: evt.Event, service: str, rows: list[Instance], to: str,
+                    outcome: int, **fields) -> None:
+        """PS3.15 A.5.3.4 DICOM Instances Transferred, the end of a retrieve: 0 every
+        sub-operation completed; 4 the retrieve ran to its end with failed or warning
+        sub-operations, or was cancelled; 8 it was cut short (the association ended, the
+        destination could not be reached, the node failed)."""
+        try:
+            self.audit.event(A.INSTANCES_TRANSFERRED, outcome, action="retrieve",
+                             service=service, peer=self.access.who(event), to=to,
+                             studies=sorted({r.study_instance_uid for r in rows}),
+                             instances=len(rows),
+                             **{k: v for k, v in fields.items() if v})
+        except A.AuditUnavailable:
+            pass  # the transfer is over; the audit module logged the failure
 
     def _audit_retrieve(self, event: evt.Event, service: str, rows: list[Instance],
                         to: str) -> None:
@@ -225,7 +272,20 @@ class QueryRetrieveSCP:
 
             kwargs["tls_args"] = (client_context(self.cfg), dest.host)
         yield dest.host, dest.port, kwargs
-        yield len(rows)
+        if not rows:
+            yield 0  # answered success by pynetdicom, with no association to the destination
+            return
+        try:
+            yield len(rows)
+        except GeneratorExit:
+            # pynetdicom asks for the datasets only once the destination has accepted its
+            # association: it could not be reached (or refused), nothing was sent.
+            log.warning("C-MOVE to %s: the destination %s:%d could not be reached or "
+                        "refused the association", dest_ae, dest.host, dest.port)
+            self._audit_done(event, "C-MOVE", rows, dest_ae, A.SERIOUS_FAILURE,
+                             reason="the move destination could not be reached or refused "
+                                    "the association", failed=len(rows))
+            raise
         log.info("C-MOVE of %d instance(s) to %s", len(rows), dest_ae)
         self._audit_retrieve(event, "C-MOVE", rows, dest_ae)
         yield from self._datasets(rows, event, "C-MOVE", dest_ae)

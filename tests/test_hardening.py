@@ -13,7 +13,6 @@ from pydicom.filewriter import dcmwrite
 from inference.synthetic import make_mammogram
 from tests.helpers import free_port, wait_for
 from tests.test_dicomweb_security import _part10, _stow
-from tests.test_qr import loaded  # noqa: F401  (the fixture)
 from tests.test_security import _deflated_bomb
 
 
@@ -456,30 +455,98 @@ def test_https_context_is_tls12_plus_with_bcp195_ciphers(node_factory, pki):
     assert node.proc.poll() is None
 
 
-def test_c_get_and_c_move_have_completion_events(loaded, tmp_path):  # noqa: F811
-    """PS3.15 A.5.3.4: a C-MOVE and a C-GET each end with DICOM Instances Transferred (who,
-    to whom, how many), after their Begin Transferring."""
+def test_retrieves_end_with_a_completion_event_and_its_outcome(node_factory,
+                                                               storescp_factory, tmp_path):
+    """PS3.15 A.5.3.4: every C-MOVE and C-GET ends with DICOM Instances Transferred after its
+    Begin Transferring, with the sub-operations counted and the outcome: 0 all delivered;
+    4 a destination that aborts at its first C-STORE (movescu told of the failures), a
+    C-GET requester that takes no image; 8 a destination nobody listens on, a C-GET
+    requester that aborts mid-retrieve."""
     import subprocess
+    import threading
 
-    from tests.helpers import dcmtk
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import (
+        DigitalMammographyXRayImageStorageForPresentation as MG,
+    )
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
+    from pydicom.dataset import Dataset
 
-    node, pacs, a, _ = loaded
-    study = a[0].StudyInstanceUID
-    r = subprocess.run([dcmtk("movescu"), "-S", "-aet", "QRSCU", "-aec", node.ae_title,
-                        "-aem", "PACS", "127.0.0.1", str(node.port),
-                        "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    out = tmp_path / "get"
-    out.mkdir()
+    from inference.synthetic import make_exam
+    from tests.helpers import QR_PEER, dcmtk, send
+
+    pacs = storescp_factory()
+    aborter = storescp_factory(extra=["--abort-after"])
+    node = node_factory({"destinations": [
+        {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port},
+        {"name": "aborter", "ae_title": "ABORTER", "host": "127.0.0.1", "port": aborter.port},
+        {"name": "gone", "ae_title": "GONE", "host": "127.0.0.1", "port": free_port()}],
+        "peers": [QR_PEER, {"ae_title": "PYNETDICOM", "services": ["echo", "store"]}]})
+    exam = make_exam(seed=43, rows=64, cols=64)
+    assert send(node.port, exam) == [0] * 4
+    study = exam[0].StudyInstanceUID
+
+    def move(dest: str) -> str:
+        r = subprocess.run([dcmtk("movescu"), "-v", "-S", "-aet", "QRSCU", "-aec",
+                            node.ae_title, "-aem", dest, "127.0.0.1", str(node.port),
+                            "-k", "QueryRetrieveLevel=STUDY", "-k",
+                            f"StudyInstanceUID={study}"],
+                           capture_output=True, text=True, timeout=120)
+        return r.stdout + r.stderr
+    assert "Final Move Response (Success)" in move("PACS")
+    out = move("ABORTER")
+    assert "Final Move Response (Refused: OutOfResourcesSubOperations)" in out or \
+        "Final Move Response (Warning" in out, out
+    out = move("GONE")
+    assert "Final Move Response (Failed: UnableToProcess" in out or "A801" in out or \
+        "MoveDestinationUnknown" in out, out
     r = subprocess.run([dcmtk("getscu"), "-S", "-aet", "QRSCU", "-aec", node.ae_title,
-                        "-od", str(out), "127.0.0.1", str(node.port),
+                        "-od", str(tmp_path), "127.0.0.1", str(node.port),
                         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    node.stop()
-    done = [e for e in _events(node) if e["event"] == "DICOM Instances Transferred"
-            and e.get("action") == "retrieve"]
-    assert [(e["service"], e["to"], e["instances"], e["outcome"]) for e in done] == [
-        ("C-MOVE", "PACS", 4, 0), ("C-GET", "QRSCU", 4, 0)]
-    assert all(e["studies"] == [study] for e in done)
+
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = study
+
+    def c_get(storage: bool, abort: bool) -> list[int]:
+        ae = AE(ae_title="QRSCU")
+        ae.add_requested_context(GET)
+        roles = []
+        if storage:
+            ae.add_requested_context(MG)
+            roles = [build_role(MG, scp_role=True)]
+        seen = []
+
+        def on_store(event):
+            seen.append(1)
+            if abort:  # the requester vanishes mid-retrieve
+                threading.Thread(target=event.assoc.abort).start()
+            return 0x0000
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title,
+                             ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        assert assoc.is_established
+        statuses = [int(st.Status) for st, _ in assoc.send_c_get(identifier, GET) if st]
+        if assoc.is_established:
+            assoc.release()
+        return statuses
+    assert c_get(storage=False, abort=False)[-1] == 0xA702  # every sub-operation failed
+    c_get(storage=True, abort=True)
+
+    def done():
+        return [e for e in _events(node) if e["event"] == "DICOM Instances Transferred"
+                and e.get("action") == "retrieve"]
+    wait_for(lambda: len(done()) == 6, 30, interval=0.1, what="six completion events")
+    got = [(e["service"], e["to"], e["outcome"], e.get("completed", 0), e.get("failed", 0))
+           for e in done()]
+    assert got[:5] == [("C-MOVE", "PACS", 0, 4, 0), ("C-MOVE", "ABORTER", 4, 0, 4),
+                       ("C-MOVE", "GONE", 8, 0, 4), ("C-GET", "QRSCU", 0, 4, 0),
+                       ("C-GET", "QRSCU", 4, 0, 4)], got
+    service, to, outcome, completed, _ = got[5]
+    assert (service, outcome) == ("C-GET", 8) and completed < 4
+    assert "association ended" in done()[5]["reason"]
+    assert "could not be reached" in done()[2]["reason"]
+    assert all(e["studies"] == [study] and e["instances"] == 4 for e in done())
+    begins = [e for e in _events(node) if e["event"] == "Begin Transferring DICOM Instances"]
+    assert len(begins) == 5  # each retrieve that sent anything (not the unreachable one)

@@ -57,7 +57,9 @@ def test_concurrency_bound_holds_streamed_bodies_and_frees_on_disconnect(web_fac
     ds = _big_instance(61)
     assert _stow(w.base, [_part10(ds)]).status_code == 200
     limit = w.web.limit
-    assert limit is not None and limit.active == 0
+    assert limit is not None
+    # (the STOW's slot is given back just after its answer's last byte)
+    wait_for(lambda: limit.active == 0, 10, interval=0.01, what="the STOW's slot freed")
 
     stalled = _slow_get(w.port, _url(ds))
     try:
@@ -74,7 +76,7 @@ def test_concurrency_bound_holds_streamed_bodies_and_frees_on_disconnect(web_fac
     assert requests.get(f"{w.base}/studies", timeout=10).status_code == 200
 
     # Read to the end: the slot is held until then, free after.
-    r = requests.get(f"{w.base}{_url(ds)[len('/dicomweb'):]}", stream=True, timeout=30)
+    r = requests.get(f"{w.origin}{_url(ds)}", stream=True, timeout=30)
     assert r.status_code == 200 and limit.active == 1
     assert len(r.content) > ds.Rows * ds.Columns * 2
     wait_for(lambda: limit.active == 0, 10, interval=0.02, what="the slot freed")
@@ -95,6 +97,7 @@ def test_requests_beyond_the_bound_are_refused_not_queued(web_factory, limit):
     ds = _big_instance(62)
     auth = {"Authorization": "Bearer t0ken"}
     assert _stow(w.base, [_part10(ds)], token="t0ken").status_code == 200
+    wait_for(lambda: w.web.limit.active == 0, 10, interval=0.01, what="the STOW's slot freed")
     held = [_slow_get(w.port, _url(ds), "Authorization: Bearer t0ken\r\n")
             for _ in range(limit)]
     try:
@@ -107,3 +110,52 @@ def test_requests_beyond_the_bound_are_refused_not_queued(web_factory, limit):
             s.close()
     wait_for(lambda: w.web.limit.active == 0, 10, interval=0.02, what="the slots freed")
     assert requests.get(f"{w.base}/studies", headers=auth, timeout=10).status_code == 200
+
+
+def test_every_wado_answer_ends_with_its_completion_event(web_factory):
+    """PS3.15 A.5.3.4: each kind of WADO answer (instance, metadata, frames, bulk data,
+    rendered, thumbnail, WADO-URI image and file) writes Begin Transferring and then DICOM
+    Instances Transferred once sent whole (outcome 0); an answer the client walks away from
+    halfway ends with outcome 8 and the reason. Rendered and thumbnail images of one instance
+    are decoded once (the decode cache, node.wado.DecodedImages)."""
+    w = web_factory()
+    ds = _big_instance(63)
+    assert _stow(w.base, [_part10(ds)]).status_code == 200
+    inst = f"{w.origin}{_url(ds)}"
+    uri = (f"{w.origin}/wado?requestType=WADO&studyUID={ds.StudyInstanceUID}&seriesUID="
+           f"{ds.SeriesInstanceUID}&objectUID={ds.SOPInstanceUID}")
+    octets = {"Accept": 'multipart/related; type="application/octet-stream"'}
+    for url, headers, service in (
+            (inst, {}, "WADO-RS"), (f"{inst}/metadata", {}, "WADO-RS metadata"),
+            (f"{inst}/frames/1", {"Accept": "application/octet-stream"}, "WADO-RS frames"),
+            (f"{inst}/frames/1", octets, "WADO-RS frames"),
+            (f"{inst}/bulkdata/7FE00010", {}, "WADO-RS bulkdata"),
+            (f"{inst}/rendered", {"Accept": "image/png"}, "WADO-RS rendered"),
+            (f"{inst}/thumbnail", {}, "WADO-RS rendered"),
+            (f"{uri}&contentType=image/jpeg&rows=256", {}, "WADO-URI"),
+            (f"{uri}&contentType=application/dicom", {}, "WADO-URI")):
+        before = len(w.events())
+        r = requests.get(url, headers=headers, timeout=30)
+        assert r.status_code == 200, (url, r.text[:200])
+        wait_for(lambda: len(w.events()) >= before + 2, 10, interval=0.02, what=url)
+        begin, end = w.events()[before:before + 2]
+        assert (begin["event"], begin["service"]) == ("Begin Transferring DICOM Instances",
+                                                      service), begin
+        assert (end["event"], end["service"], end["outcome"], end["instances"]) == (
+            "DICOM Instances Transferred", service, 0, 1), end
+        assert end["studies"] == [ds.StudyInstanceUID] and "reason" not in end
+    assert w.web.decoded.decodes == 1  # rendered, thumbnail, WADO-URI image: one decode
+    # Refused requests transfer nothing: no event.
+    before = len(w.events())
+    assert requests.get(f"{inst}/frames/2", timeout=30).status_code == 400
+    assert requests.get(f"{uri}&contentType=text/html", timeout=30).status_code == 406
+    assert len(w.events()) == before
+
+    # Walked away from halfway: the study stream and the pixel data stream.
+    for path in (_url(ds), f"{_url(ds)}/bulkdata/7FE00010"):
+        before = len(w.events())
+        _slow_get(w.port, path).close()
+        wait_for(lambda: len(w.events()) >= before + 2, 10, interval=0.02, what=path)
+        end = w.events()[before + 1]
+        assert (end["event"], end["outcome"]) == ("DICOM Instances Transferred", 8), end
+        assert "went away" in end["reason"]
