@@ -465,12 +465,12 @@ def test_retrieves_end_with_a_completion_event_and_its_outcome(node_factory,
     import subprocess
     import threading
 
+    from pydicom.dataset import Dataset
     from pynetdicom import AE, build_role, evt
     from pynetdicom.sop_class import (
         DigitalMammographyXRayImageStorageForPresentation as MG,
     )
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
-    from pydicom.dataset import Dataset
 
     from inference.synthetic import make_exam
     from tests.helpers import QR_PEER, dcmtk, send

@@ -322,3 +322,67 @@ def test_encoded_c_find_answers_are_the_datasets_answers_builds(exams, explicit)
                 got_v, want_v = (("" if v is None else str(v)) for v in (g[e.tag].value,
                                                                          e.value))
                 assert got_v == want_v, (level, e.keyword)
+
+
+def test_query_caps_load_one_row_per_entity_answered(exams):
+    """A study-level C-FIND / QIDO over 240 studies of 25 instances each (6,000 rows), capped
+    at 100: 100 instance rows are loaded (one per study answered, counted by SQLAlchemy's
+    load event), in at most four statements, with the counts over every instance; an image
+    level query capped at 30 loads 30; a retrieve loads every instance of what it matches."""
+    from sqlalchemy import event, insert
+
+    from storage.models import Instance
+
+    store, _ = exams
+    rows = []
+    for i in range(240):
+        study = f"1.2.826.0.1.3680043.10.9999.{i}"
+        for k in range(25):
+            rows.append(dict(
+                sop_instance_uid=f"{study}.{k % 5}.{k}",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2",
+                study_instance_uid=study, series_instance_uid=f"{study}.{k % 5}",
+                transfer_syntax_uid="1.2.840.10008.1.2.1", path=f"instances/{i}/{k}.dcm",
+                size_bytes=1, received_at=dt.datetime(2026, 1, 1, 9), calling_aet="MODALITY",
+                patient_id=f"PAT{i % 60:03d}", patient_name="Name^Given",
+                accession_number=f"ACC{i:05d}", study_date="20260101", study_time="090000",
+                modality="MG", series_number=k % 5 + 1, instance_number=k + 1,
+                role="candidate", for_processing=False))
+    with store.db.session() as s:
+        s.execute(insert(Instance), rows)
+        s.commit()
+    loaded, statements = [], []
+
+    def on_load(target, context):
+        loaded.append(target)
+
+    def on_execute(conn, cursor, statement, *args):
+        if statement.lstrip().upper().startswith("SELECT"):
+            statements.append(statement)
+    event.listen(Instance, "load", on_load)
+    event.listen(store.db.engine, "before_cursor_execute", on_execute)
+    try:
+        queries = QueryService(store)
+        q = Query("STUDY", {"PatientName": "name*", "StudyDate": "20260101"},
+                  [(0x00201208, "IS", "NumberOfStudyRelatedInstances"),
+                   (0x00201206, "IS", "NumberOfStudyRelatedSeries"),
+                   (0x00080061, "CS", "ModalitiesInStudy")])
+        found = queries.find(q, limit=100)
+        assert len(found.rows) == 100 and found.more
+        assert len(loaded) == 100, len(loaded)
+        assert len(statements) <= 4, statements
+        assert set(found.counts[("STUDY", "instances")].values()) == {25}
+        assert set(found.counts[("STUDY", "series")].values()) == {5}
+        assert len(queries.answers(q, found)) == 100
+        loaded.clear()
+        found = queries.find(Query("STUDY", {}), limit=1000, offset=200)
+        assert len(found.rows) == 40 and not found.more and len(loaded) == 40
+        loaded.clear()
+        found = queries.find(Query("IMAGE", {"Modality": "MG"}), limit=30)
+        assert len(found.rows) == 30 and found.more and len(loaded) == 30
+        loaded.clear()
+        retrieved = queries.instances(Query("PATIENT", {"PatientID": "PAT007"}))
+        assert len(retrieved) == len(loaded) == 4 * 25  # studies 7, 67, 127, 187
+    finally:
+        event.remove(Instance, "load", on_load)
+        event.remove(store.db.engine, "before_cursor_execute", on_execute)

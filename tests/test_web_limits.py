@@ -137,7 +137,7 @@ def test_every_wado_answer_ends_with_its_completion_event(web_factory):
         before = len(w.events())
         r = requests.get(url, headers=headers, timeout=30)
         assert r.status_code == 200, (url, r.text[:200])
-        wait_for(lambda: len(w.events()) >= before + 2, 10, interval=0.02, what=url)
+        wait_for(lambda n=before: len(w.events()) >= n + 2, 10, interval=0.02, what=url)
         begin, end = w.events()[before:before + 2]
         assert (begin["event"], begin["service"]) == ("Begin Transferring DICOM Instances",
                                                       service), begin
@@ -155,7 +155,7 @@ def test_every_wado_answer_ends_with_its_completion_event(web_factory):
     for path in (_url(ds), f"{_url(ds)}/bulkdata/7FE00010"):
         before = len(w.events())
         _slow_get(w.port, path).close()
-        wait_for(lambda: len(w.events()) >= before + 2, 10, interval=0.02, what=path)
+        wait_for(lambda n=before: len(w.events()) >= n + 2, 10, interval=0.02, what=path)
         end = w.events()[before + 1]
         assert (end["event"], end["outcome"]) == ("DICOM Instances Transferred", 8), end
         assert "went away" in end["reason"]
