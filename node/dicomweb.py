@@ -88,7 +88,8 @@ def split_multipart(path: Path, content_type: str) -> list[tuple[str, int, int]]
     m = re.search(r'boundary="?([^";]+)"?', content_type)
     if not m:
         raise ValueError("multipart/related without a boundary parameter")
-    boundary = b"--" + m.group(1).encode()
+    # Header values arrive as latin-1 (ASGI): the boundary's bytes are those.
+    boundary = b"--" + m.group(1).encode("latin-1")
     size = path.stat().st_size
     if size == 0:
         raise ValueError("empty body")
@@ -111,16 +112,19 @@ def split_multipart(path: Path, content_type: str) -> list[tuple[str, int, int]]
             if at(start, 2) == b"\r\n":
                 start += 2
             head = at(start, 16384)
-            head_end = head.find(b"\r\n\r\n")
-            if head_end < 0:
-                raise ValueError("a part without the blank line that ends its headers")
-            f.seek(start)
+            if head.startswith(b"\r\n"):
+                head_end, data = 0, start + 2  # a part without headers (RFC 2046 allows it)
+            else:
+                head_end = head.find(b"\r\n\r\n")
+                if head_end < 0:
+                    raise ValueError("a part without the blank line that ends its headers "
+                                     "(within 16 KB)")
+                data = start + head_end + 4
             ctype = "application/octet-stream"
             for line in head[:head_end].decode("latin-1").split("\r\n"):
                 k, _, v = line.partition(":")
                 if k.strip().lower() == "content-type":
                     ctype = v.strip().lower()
-            data = start + head_end + 4
             nxt = next((d for d in delimiters if d >= data), -1)
             if nxt < 0:
                 raise ValueError("a part without a closing boundary (truncated body?)")
@@ -202,7 +206,13 @@ class Front:
         if refused is not None:
             await refused(scope, receive, framed)
             return
-        await self.app(scope, receive, framed)
+        try:
+            await self.app(scope, receive, framed)
+        except ClientDisconnect:
+            # The client went away while its request body was read (an upload cut short, a
+            # form never finished): nobody to answer, nothing to report as a server error.
+            log.info("HTTP %s %s: the client went away before the end of its request",
+                     scope.get("method"), scope.get("path", "")[:200])
 
 
 class ConcurrencyLimit:
@@ -487,17 +497,26 @@ class DicomWeb:
             # The body is gathered into blocks on the event loop and written, checked and
             # scanned in worker threads: a large upload never stalls other requests.
             total, buf = 0, bytearray()
-            async for chunk in request.stream():
-                total += len(chunk)
-                if total > limit:
-                    return _error(413, f"request larger than [dicomweb] max_request_mb "
-                                       f"({self.cfg.dicomweb.max_request_mb:g} MB)")
-                buf += chunk
-                if len(buf) >= _STOW_CHECK_EVERY:
-                    refused = await run_in_threadpool(self._spool, spool, bytes(buf))
-                    buf.clear()
-                    if refused is not None:
-                        return refused
+            try:
+                async for chunk in request.stream():
+                    total += len(chunk)
+                    if total > limit:
+                        return _error(413, f"request larger than [dicomweb] max_request_mb "
+                                           f"({self.cfg.dicomweb.max_request_mb:g} MB)")
+                    buf += chunk
+                    if len(buf) >= _STOW_CHECK_EVERY:
+                        refused = await run_in_threadpool(self._spool, spool, bytes(buf))
+                        buf.clear()
+                        if refused is not None:
+                            return refused
+            except ClientDisconnect:
+                who = getattr(request.state, "who", None)
+                log.warning("STOW-RS from %s: the client went away after %d bytes of its "
+                            "body; nothing stored", (who or {}).get("address"), total)
+                self.audit.event(A.INSTANCES_TRANSFERRED, A.MINOR_FAILURE, action="store",
+                                 service="STOW-RS", peer=who, received_bytes=total,
+                                 reason="the client went away before the end of its body")
+                raise
             refused = await run_in_threadpool(self._spool, spool, bytes(buf))
             if refused is not None:
                 return refused
@@ -603,8 +622,11 @@ class DicomWeb:
         limit, offset = cap, 0
         for name, value in request.query_params.multi_items():
             if name in ("limit", "offset"):
-                if not value.strip().isdigit():
-                    return _error(400, f"{name} must be a non-negative integer, got {value!r}")
+                if not value.strip().isdigit() or (name == "offset"
+                                                   and len(value.strip()) > 9):
+                    return _error(400, f"{name} must be an integer from 0"
+                                       f"{' to 999999999' if name == 'offset' else ''}, got "
+                                       f"{value[:20]!r}")
                 if name == "limit":
                     limit = min(int(value), cap) if int(value) > 0 else cap
                 else:

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import threading
 import uuid
@@ -540,9 +541,14 @@ def render(path: Path, accept: str, viewport: str | None = None, quality: str | 
 def _window_params(window: str) -> tuple[float, float]:
     parts = window.split(",")
     try:
-        return float(parts[0]), float(parts[1])
+        center, width = float(parts[0]), float(parts[1])
     except (ValueError, IndexError):
-        raise ValueError(f"window must be 'center,width[,function]', got {window!r}") from None
+        raise ValueError(f"window must be 'center,width[,function]', got {window[:40]!r}") \
+            from None
+    if not (math.isfinite(center) and math.isfinite(width)) or width <= 0:
+        raise ValueError(f"window center and width must be finite numbers, the width above "
+                         f"0, got {window[:40]!r}")
+    return center, width
 
 
 def _window(stored: StoredFrame, center: float, width: float) -> np.ndarray:
