@@ -247,8 +247,9 @@ def handshake_in_connection_thread(server, timeout: float, on_error=None) -> Non
     the DIMSE listener for every peer. Here the server's ``ssl_context`` is taken away (so
     ``get_request`` returns the plain socket) and ``process_request_thread`` (the
     per-connection thread of ``socketserver.ThreadingMixIn``) does the handshake under
-    ``timeout`` seconds first, then hands the TLS socket, blocking again as pynetdicom
-    expects, to the original. ``on_error(address, exc)`` is told of a failed handshake.
+    ``timeout`` seconds first, then hands the TLS socket, with the same deadline for each
+    read and write (see ``node.daemon._accept_with_deadline``), to the original.
+    ``on_error(address, exc)`` is told of a failed handshake.
     """
     import ssl
 
@@ -262,7 +263,7 @@ def handshake_in_connection_thread(server, timeout: float, on_error=None) -> Non
         try:
             request.settimeout(timeout)
             tls = ctx.wrap_socket(request, server_side=True)
-            tls.settimeout(None)
+            tls.settimeout(timeout)  # each read and write keeps the deadline (node.daemon)
         except (OSError, ssl.SSLError, ValueError) as exc:
             if on_error is not None:
                 on_error(client_address, exc)

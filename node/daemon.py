@@ -88,14 +88,26 @@ def read_pidfile(cfg: Config) -> dict | None:
         return info  # alive, owned by another user
 
 
-def _accept_with_nodelay(server) -> None:
-    """Accepted sockets get TCP_NODELAY (responses and C-GET/C-FIND PDUs go out at once)."""
+def _accept_with_deadline(server, timeout: float) -> None:
+    """Accepted sockets get TCP_NODELAY (responses and C-GET/C-FIND PDUs go out at once)
+    and ``timeout`` seconds for each read and write.
+
+    Why the deadline: pynetdicom gives its listening socket a timeout, but a socket returned
+    by ``accept`` is blocking, and its DUL reads a PDU with blocking ``recv`` calls until the
+    whole PDU is in. A peer that vanishes mid-PDU without closing its connection (a cable
+    pulled, a NAT or VPN that drops the flow, a modality powered off) held the association
+    forever: the network timeout's A-ABORT waits for that read, so its thread, its socket,
+    its partly received dataset and its place among ``max_associations`` were never given
+    back. With a deadline the read fails, pynetdicom treats it as the connection closing
+    (Evt17) and everything is released. Idle associations are not affected: the DUL reads
+    only once ``select`` says data is there."""
     accept = server.get_request
 
     def get_request():
         sock, addr = accept()
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(timeout)
         except OSError:
             pass
         return sock, addr
@@ -220,7 +232,7 @@ class Node:
                                  ssl_context=ssl_context)
         assert server is not None  # block=False returns the server
         self.server = server
-        _accept_with_nodelay(server)
+        _accept_with_deadline(server, cfg.node.network_timeout_seconds)
         from node.compat import fast_context_copies
 
         fast_context_copies(server)

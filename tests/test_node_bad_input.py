@@ -13,7 +13,7 @@ import pytest
 
 from inference.synthetic import make_exam, make_mammogram, write
 from node.config import ConfigError, parse_config
-from tests.helpers import dcmtk, echo, send
+from tests.helpers import dcmtk, echo, send, wait_for
 
 
 def _db_instances(node) -> int:
@@ -174,6 +174,71 @@ def test_peer_killed_mid_association_keeps_acknowledged_only(node, tmp_path):
         ds.SOPInstanceUID for ds in small[:2])
     _assert_nothing_left(node, 2)
     assert echo(node.port, node.ae_title)
+
+
+class _Vanishing:
+    """A socket that goes silent after ``after`` bytes, halfway through a write, without
+    closing: a peer whose cable was pulled (no FIN, no RST). Everything else is the real
+    socket's."""
+
+    def __init__(self, sock, after: int) -> None:
+        import threading
+
+        self.sock, self.after, self.sent = sock, after, 0
+        self.gone = threading.Event()
+
+    def send(self, data) -> int:
+        if self.sent >= self.after:
+            self.gone.wait(60)  # silent from now on (until the test ends)
+            raise OSError("the peer is gone")
+        data = bytes(data)
+        if self.sent + len(data) > self.after:
+            data = data[:max(1, self.after - self.sent)]  # the last write, cut short
+        n = self.sock.send(data)
+        self.sent += n
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def test_peer_vanishing_mid_pdu_is_dropped_at_the_network_timeout(node_factory):
+    """A peer that stops mid-PDU without closing its connection: at [node]
+    network_timeout_seconds the node drops the connection, deletes the partial dataset and
+    gives back the association's place (max_associations = 1: the next peer is accepted).
+    Before, the read of the PDU blocked for good and the association never ended."""
+    import threading
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import DigitalMammographyXRayImageStorageForPresentation
+
+    node = node_factory({"node": {"network_timeout_seconds": 2, "max_associations": 1}})
+    ds = make_mammogram("L", "CC", rows=1024, cols=512, seed=81)  # 1 MB of pixels
+    ae = AE(ae_title="VANISHING")
+    ae.add_requested_context(DigitalMammographyXRayImageStorageForPresentation,
+                             str(ds.file_meta.TransferSyntaxUID))
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    vanishing = _Vanishing(assoc.dul.socket.socket, after=300_000)
+    assoc.dul.socket.socket = vanishing
+    t = threading.Thread(target=lambda: assoc.send_c_store(ds), daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: vanishing.sent >= vanishing.after and node.incoming_files(), 20,
+                 interval=0.01, what="the dataset half received")
+        t0 = time.monotonic()
+        wait_for(lambda: node.incoming_files() == [], 20, interval=0.1,
+                 what="the partial dataset deleted")
+        assert time.monotonic() - t0 < 12
+        # The only association slot is free again.
+        wait_for(lambda: echo(node.port, node.ae_title), 10, interval=0.2,
+                 what="a new association accepted")
+        assert time.monotonic() - t0 < 12
+    finally:
+        vanishing.gone.set()
+        t.join(30)
+    assert node.stored_files() == []
+    assert "partial data discarded" in node.log.read_text()
 
 
 def test_config_errors_name_the_key(tmp_path):
