@@ -161,3 +161,16 @@ def test_a_client_vanishing_mid_stow_leaves_nothing_and_no_traceback(hostile, ca
     assert "the client went away after" in caplog.text
     assert requests.get(f"{w.base}/studies", timeout=10).status_code == 200
     assert w.node.exams.instance_count() == 1  # the fixture's image only
+
+
+def test_an_unwritable_audit_trail_refuses_at_the_front_door_with_503(web_factory):
+    """[audit] fail_closed and a trail that cannot be written (/dev/full): a request whose
+    refusal must be audited (a wrong token) is answered 503 with Retry-After, as the routes
+    answer, not a 500 from the middleware."""
+    w = web_factory({"audit": {"path": "/dev/full", "fail_closed": True}}, token="s3cret")
+    r = requests.get(f"{w.base}/studies", headers={"Authorization": "Bearer wrong"},
+                     timeout=10)
+    assert r.status_code == 503 and r.headers["Retry-After"] == "30", r.text
+    assert "audit trail" in r.json()["error"]
+    assert r.headers["X-Frame-Options"] == "DENY"
+    assert requests.get(f"{w.origin}/healthz", timeout=10).status_code == 200
