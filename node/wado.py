@@ -63,6 +63,8 @@ def parse_accept(header: str) -> list[AcceptItem]:
     items = []
     for raw in _split(header or "*/*", ","):
         fields = [f.strip() for f in _split(raw, ";")]
+        if not fields or not fields[0] or "/" not in fields[0]:
+            continue  # not a media range (";;;", "q=abc"): ignored, as HTTP allows
         media = fields[0].lower()
         params = {}
         for f in fields[1:]:
@@ -75,6 +77,8 @@ def parse_accept(header: str) -> list[AcceptItem]:
         part = params.get("type")
         items.append(AcceptItem(media, part.lower() if part else None,
                                 params.get("transfer-syntax"), q))
+    if not items:  # nothing but garbage: as if there were no Accept header
+        return [AcceptItem("*/*", None, None, 1.0)]
     return sorted(items, key=lambda i: -i.q)
 
 

@@ -83,6 +83,10 @@ def test_path_and_parameter_tricks_are_refused_plainly(hostile):
         r = requests.get(w.origin + path, timeout=30)
         assert r.status_code == status, (path[:80], r.status_code, r.text[:200])
         assert "root:" not in r.text
+    # An Accept header of nothing but garbage is ignored (was a 500: IndexError).
+    for path in (inst, f"{inst}/frames/1", f"{inst}/rendered"):
+        r = requests.get(w.origin + path, headers={"Accept": ";;;,,,q=abc"}, timeout=30)
+        assert r.status_code == 200, (path, r.status_code, r.text[:200])
     # Oversized request lines and headers: the HTTP parser refuses them (400), at 16 KB.
     for data in (b"GET /dicomweb/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: "
                  + b"a" * (1 << 20) + b"\r\n\r\n",
