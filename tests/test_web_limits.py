@@ -81,10 +81,16 @@ def test_concurrency_bound_holds_streamed_bodies_and_frees_on_disconnect(web_fac
     assert len(r.content) > ds.Rows * ds.Columns * 2
     wait_for(lambda: limit.active == 0, 10, interval=0.02, what="the slot freed")
 
-    # Clients that send a request and hang up at once, before any answer.
+    # Clients that send a request and hang up at once, before any answer, one after the
+    # other: each is handled (its completion event written) and leaves no slot behind.
+    def ended() -> int:
+        return sum(e["event"] == "DICOM Instances Transferred" for e in w.events())
     for _ in range(5):
+        before = ended()
         with socket.create_connection(("127.0.0.1", w.port), timeout=10) as s:
             s.sendall(f"GET {_url(ds)} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        wait_for(lambda n=before: ended() == n + 1, 10, interval=0.01, what="handled")
+        wait_for(lambda: limit.active == 0, 10, interval=0.01, what="no slot left behind")
     wait_for(lambda: limit.active == 0, 10, interval=0.02, what="no slot left behind")
     assert requests.get(f"{w.base}/studies", timeout=10).status_code == 200
 
