@@ -411,7 +411,8 @@ class Worker(threading.Thread):
                                              {"sr": tuple(self.cfg.results.sr),
                                               "attention_maps": self.cfg.results.attention_maps,
                                               "parametric_maps":
-                                                  self.cfg.results.parametric_maps}))
+                                                  self.cfg.results.parametric_maps}
+                                             if self.cfg.inference.warm_up_exam else None))
 
     def _start_model(self) -> bool:
         """Start the inference process and load the model; False (said why) on failure."""
@@ -427,11 +428,13 @@ class Worker(threading.Thread):
             self.pool = None
             return False
         self.health.model_ok(info)
+        warm = info.get("warm_seconds")
         log.info("model loaded in the inference process: %s %s on %s (scan: %s), "
-                 "sha256 %s%s; warm-up exam read in %.2f s", info["arch"], info["task"],
+                 "sha256 %s%s; %s", info["arch"], info["task"],
                  info["device"], info["scan"], info["sha256"][:16],
                  " (demo checkpoint: NOT FOR CLINICAL USE)" if info["demo"] else "",
-                 info.get("warm_seconds") or 0.0)
+                 f"warm-up exam read in {warm:.2f} s" if warm is not None
+                 else "no warm-up exam ([inference] warm_up_exam = false)")
         return True
 
     def _restart(self, why: str) -> None:
