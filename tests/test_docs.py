@@ -151,3 +151,76 @@ def test_every_configuration_key_is_documented():
     assert toml_keys() - documented == set()
     assert code_keys() - documented == set()
     assert documented - code_keys() == set(), "documented keys the node does not read"
+
+
+# -- the conformance statement's query keys ------------------------------------------------------
+
+#: Per VR: a valid single value, a wildcard, a list of two, a range (None: not a range VR).
+_PROBES = {"UI": ("1.2.3", "1.2.*", "1.2.3\\1.2.4", None),
+           "DA": ("20260101", "2026*", "20260101\\20260102", "20260101-20260201"),
+           "TM": ("0915", "09*", "0915\\1000", "0900-1000"),
+           "IS": ("7", "7*", "7\\8", None), "US": ("7", "7*", "7\\8", None),
+           "CS": ("MG", "M*", "MG\\CT", None)}
+
+
+def matching_of(keyword: str) -> str:
+    """What node/query.py accepts for a key, found by asking it: each kind of value is tried
+    and kept when the key takes it as that kind of condition."""
+    from node.query import ATTRIBUTES, QueryError, key_match
+
+    a = ATTRIBUTES[keyword]
+    if not a.matchable:
+        return "return key"
+    single, wild, pair, span = _PROBES.get(a.vr, ("AB", "A*", "AB\\CD", None))
+
+    def takes(value: str | None, ops: set[str], n: int = 0) -> bool:
+        if value is None:
+            return False
+        try:
+            m = key_match(keyword, value)
+        except QueryError:
+            return False
+        return m is not None and m.op in ops and (not n or len(m.value) == n)
+
+    kinds = [("single value", takes(single, {"eq", "eq_ci", "prefix", "in", "int",
+                                             "modalities"})),
+             ("wildcard", takes(wild, {"like", "like_ci"})),
+             ("list", takes(pair, {"in", "modalities"}, 2)),
+             ("range", takes(span, {"range"}))]
+    return ", ".join(k for k, ok in kinds if ok)
+
+
+def query_key_rows() -> list[str]:
+    """The statement's query key table as node/query.py's attribute table makes it."""
+    from pydicom.datadict import tag_for_keyword
+
+    from node.query import ATTRIBUTES
+
+    rows = []
+    for kw, a in ATTRIBUTES.items():
+        tag = tag_for_keyword(kw)
+        assert tag is not None, kw
+        rows.append(f"| {kw} | `({tag >> 16:04X},{tag & 0xFFFF:04X})` | {a.level} | {a.vr} | "
+                    f"{matching_of(kw)} |")
+    return rows
+
+
+def test_the_conformance_query_keys_are_the_attribute_table():
+    text = (ROOT / "docs" / "conformance.md").read_text(encoding="utf-8")
+    m = re.search(r"<!-- table: query-keys -->\n(.*?)<!-- end -->", text, re.S)
+    assert m, "the query-keys table is missing from docs/conformance.md"
+    documented = [line for line in m.group(1).splitlines() if not line.startswith(("| Key",
+                                                                                    "|---"))]
+    expected = query_key_rows()
+    assert documented == expected, "docs/conformance.md query-keys should read:\n" + \
+        "\n".join(expected)
+
+
+def test_the_matching_probe_tells_the_kinds_apart():
+    assert matching_of("StudyDate") == "single value, range"
+    assert matching_of("PatientName") == "single value, wildcard"
+    assert matching_of("Modality") == "single value, wildcard, list"
+    assert matching_of("ModalitiesInStudy") == "single value, list"
+    assert matching_of("SOPInstanceUID") == "single value, list"
+    assert matching_of("Rows") == "single value"
+    assert matching_of("NumberOfStudyRelatedInstances") == "return key"
