@@ -68,7 +68,7 @@ def test_every_application_entity_is_the_nodes():
     bare = [f"{p.relative_to(ROOT)}:{n}" for p in sorted((ROOT / "node").rglob("*.py"))
             if p.name != "implementation.py"
             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
-            if re.search(r"(?<![\w.])AE\(", line)]
+            if re.search(r"(?<!\w)(AE|ApplicationEntity)\(", line)]
     assert bare == []
     ae = make_ae(Config())
     assert (ae.implementation_class_uid, ae.implementation_version_name) == OURS
