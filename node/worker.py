@@ -28,6 +28,7 @@ from typing import Any
 from node.compat import kill_pool_processes
 from node.config import Config
 from node.health import Health
+from node.implementation import stamp_file_meta
 from storage.db import transient_database_error
 from storage.files import FileStore
 from storage.records import ProducedObject
@@ -177,6 +178,7 @@ def _model_info() -> dict[str, Any]:
 
 
 def _save(ds, path: Path) -> None:
+    stamp_file_meta(ds)  # the node wrote it, not highdicom (PS3.10 7.1)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     ds.save_as(tmp, enforce_file_format=True)
