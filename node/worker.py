@@ -37,6 +37,9 @@ log = logging.getLogger("mammo_node.worker")
 
 #: A model that could not load is tried again this often.
 MODEL_RETRY_SECONDS = 10
+#: The reason of an exam not read for its implant (state ``skipped``).
+IMPLANT_SKIPPED = ("implant present: not read ([inference] implants = skip); mammo-node "
+                   "complete reads it on request")
 
 
 @dataclass(frozen=True)
@@ -524,10 +527,11 @@ class Worker(threading.Thread):
             log.warning("exam %s v%d failed: no usable view", study, version)
             return
         context = self.exams.reading_context(exam_id)
-        if context["implant"] and self.cfg.inference.implants == "skip":
-            self.exams.finish(exam_id, version, ok=False,
-                              reason="not read: implant present ([inference] implants = skip)")
-            log.info("exam %s v%d not read: implant present", study, version)
+        if (context["implant"] and self.cfg.inference.implants == "skip"
+                and not context["read_on_request"]):
+            self.exams.skip(exam_id, version, IMPLANT_SKIPPED)
+            log.info("exam %s v%d skipped: implant present ([inference] implants = skip)",
+                     study, version)
             return
         notes = [f"{slot}: only a tomosynthesis volume, read with this view missing"
                  for slot in context["volume_only"]]
