@@ -165,6 +165,10 @@ VIEW_SOURCES = {"conventional": "conventional 2D", "synthesized": "synthesized 2
                 "computed": "computed from the tomosynthesis volume",
                 "volume_only": "volume only: read with this view missing",
                 "missing": "missing"}
+#: The same in a word (the exams list; the full text is the tooltip).
+VIEW_SOURCES_SHORT = {"conventional": "conventional", "synthesized": "synthesized",
+                      "for_processing": "For Processing", "computed": "computed",
+                      "volume_only": "volume only", "missing": "missing"}
 
 
 def view_rows(exam: dict[str, Any]) -> list[dict[str, Any]]:
@@ -177,7 +181,8 @@ def view_rows(exam: dict[str, Any]) -> list[dict[str, Any]]:
         kind = ((exam.get("view_kinds") or {}).get(slot) or "conventional") if uid else (
             "volume_only" if slot in volume_only else "missing")
         rows.append({"slot": slot, "uid": uid, "kind": kind,
-                     "label": VIEW_SOURCES.get(kind, kind)})
+                     "label": VIEW_SOURCES.get(kind, kind),
+                     "short": VIEW_SOURCES_SHORT.get(kind, kind)})
     return rows
 
 

@@ -42,6 +42,17 @@ IMPLANT_SKIPPED = ("implant present: not read ([inference] implants = skip); mam
                    "complete reads it on request")
 
 
+def skip_reason(cfg: Config, context: dict[str, Any]) -> str | None:
+    """Why the site's rules leave this exam unread (state ``skipped``), or None: an implant
+    with ``[inference] implants = "skip"``, unless someone asked for the reading
+    (``mammo-node complete``: ``read_on_request``)."""
+    if context.get("read_on_request"):
+        return None
+    if context.get("implant") and cfg.inference.implants == "skip":
+        return IMPLANT_SKIPPED
+    return None
+
+
 @dataclass(frozen=True)
 class ExamJob:
     """What the inference process needs to read one exam version (picklable)."""
@@ -527,11 +538,10 @@ class Worker(threading.Thread):
             log.warning("exam %s v%d failed: no usable view", study, version)
             return
         context = self.exams.reading_context(exam_id)
-        if (context["implant"] and self.cfg.inference.implants == "skip"
-                and not context["read_on_request"]):
-            self.exams.skip(exam_id, version, IMPLANT_SKIPPED)
-            log.info("exam %s v%d skipped: implant present ([inference] implants = skip)",
-                     study, version)
+        skip = skip_reason(self.cfg, context)
+        if skip is not None:
+            self.exams.skip(exam_id, version, skip)
+            log.info("exam %s v%d skipped: %s", study, version, skip.split(";")[0])
             return
         notes = [f"{slot}: only a tomosynthesis volume, read with this view missing"
                  for slot in context["volume_only"]]

@@ -516,14 +516,17 @@ class ExamStore:
         me = exam_identity(exam, members)
         if not (me.name and me.birth_date):
             return list(out.values())
+        # Where both have a PatientID the IDs decided above: with one, only images without.
+        anonymous = [or_(Instance.patient_id.is_(None), Instance.patient_id == "")] \
+            if exam.patient_id else []
         ids = set(s.scalars(select(Instance.exam_id).where(
             Instance.patient_birth_date == me.birth_date, Instance.exam_id.is_not(None),
-            Instance.exam_id != exam.id).distinct()))
+            Instance.exam_id != exam.id, *anonymous).distinct()))
         no_id = or_(Exam.patient_id.is_(None), Exam.patient_id == "")
         candidates = [e for e in s.scalars(select(Exam).where(
             Exam.id.in_(ids), *in_states, *([no_id] if exam.patient_id else [])))
             if e.id not in out] if ids else []
-        if candidates:  # where both have a PatientID the IDs decided above
+        if candidates:
             by_exam: dict[int, list[Instance]] = {}
             for m in s.scalars(select(Instance).where(
                     Instance.exam_id.in_([e.id for e in candidates])).order_by(Instance.id)):
