@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from inference.synthetic import make_exam, make_mammogram, make_tomo_volume
-from inference.views import classify, image_kind
+from inference.views import classify, image_kind, synthesized_reason, vendor_private_texts
 from inference.volume import computed_2d
 from node.assembly import assign_slots
 from node.scp import instance_record
@@ -50,6 +50,56 @@ def test_image_kind_from_every_convention(header, kind):
     ds = _img(**header)
     assert image_kind(ds) == kind
     assert classify(ds).kind == kind and classify(ds).slot == "L-CC"
+
+
+def _with_private(ds, creator: str, group: int, offset: int, value: str, vr: str = "LO",
+                  before: tuple[str, ...] = ()):
+    """A private block of ``creator`` in ``group`` (after the blocks of ``before``, so its
+    element numbers differ from file to file as they do between systems)."""
+    for other in before:
+        ds.private_block(group, other, create=True).add_new(0x01, "LO", "something else")
+    ds.private_block(group, creator, create=True).add_new(offset, vr, value)
+    return ds
+
+
+@pytest.mark.parametrize("vendor, header, private", [
+    # Hologic Selenia Dimensions / 3Dimensions: C-View, Intelligent 2D
+    ("Hologic", dict(SeriesDescription="L CC C-View"), None),
+    ("Hologic", dict(ProtocolName="R MLO Intelligent 2D"), None),
+    ("Hologic", {}, ("HOLOGIC, Inc.", 0x0019, 0x06, "C-VIEW")),
+    # GE Senographe Pristina: V-Preview
+    ("GE", dict(SeriesDescription="V-Preview LCC"), None),
+    ("GE", {}, ("GEMS_SENO_02", 0x0045, 0x1B, "V-PREVIEW CC")),
+    ("GE", {}, ("GEMS_IDEN_01", 0x0009, 0x17, "VPreview RMLO")),
+    # Siemens Mammomat Revelation / Inspiration: Insight 2D
+    ("Siemens", dict(ProtocolName="Insight 2D"), None),
+    ("Siemens", {}, ("SIEMENS MED MG", 0x0029, 0x40, "INSIGHT2D")),
+    # Fujifilm Amulet Innovality: S-View
+    ("Fujifilm", dict(SeriesDescription="S-View RCC"), None),
+    ("Fujifilm", {}, ("FDMS 1.0", 0x0019, 0x30, "S VIEW")),
+])
+def test_synthesized_by_each_vendors_names_and_private_creators(vendor, header, private):
+    ds = _img(**header)
+    if private:
+        creator, group, offset, value = private
+        _with_private(ds, creator, group, offset, value, before=("OTHER VENDOR 1", "X"))
+    assert image_kind(ds) == "synthesized", vendor
+    reason = synthesized_reason(ds) or ""
+    assert (f"{vendor} private attribute" in reason) == bool(private), reason
+
+
+def test_private_names_count_only_in_the_vendors_blocks():
+    # The same words under an unknown creator, or in a vendor's block where it is not text,
+    # do not make an image synthesized: private data is looked up by its creator.
+    assert image_kind(_with_private(_img(), "ACME RESEARCH", 0x0019, 0x06, "C-VIEW")) \
+        == "conventional"
+    assert image_kind(_with_private(_img(), "HOLOGIC, Inc.", 0x0019, 0x06, b"C-VIEW",
+                                    vr="OB")) == "conventional"
+    # A vendor block with other text: conventional; its words are not vendor names.
+    assert image_kind(_with_private(_img(), "GEMS_SENO_02", 0x0045, 0x1B, "CC")) \
+        == "conventional"
+    assert [v for v, _ in vendor_private_texts(_with_private(
+        _img(), "FDMS 1.0", 0x0019, 0x30, "S-VIEW"))] == ["Fujifilm"]
 
 
 def test_volume_and_projection_fill_no_slot_but_keep_their_view():
