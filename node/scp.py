@@ -103,7 +103,7 @@ class IncomingFile:
         self.file = self  # pynetdicom calls ``.file.flush()``
         self.written = 0
         self._next_check = self.CHECK_EVERY
-        self.check = StreamCheck(self.limit_bytes)
+        self.check: StreamCheck | None = StreamCheck(self.limit_bytes)
         #: Where the validation refused the dataset (bytes before the block that showed it).
         self.refused_at: int | None = None
 
@@ -127,12 +127,17 @@ class IncomingFile:
                     self._failed(RxRefused(OUT_OF_RESOURCES, "free space fell below the "
                                            "reserve while the dataset arrived"))
                     return len(data)
-            try:
-                self.check.feed(data)
-            except DatasetInvalid as exc:
-                self._failed(RxRefused(exc.status, str(exc)))
-                self.refused_at = self.written - len(data)
-                return len(data)
+            if self.check is not None:
+                try:
+                    self.check.feed(data)
+                except DatasetInvalid as exc:
+                    self._failed(RxRefused(exc.status, str(exc)))
+                    self.refused_at = self.written - len(data)
+                    return len(data)
+                except Exception:  # a bug here must not refuse data: the file is walked
+                    log.exception("validation while receiving failed; the file is "
+                                  "validated whole instead")
+                    self.check = None
             try:
                 return self._f.write(data)
             except OSError as exc:
@@ -149,18 +154,23 @@ class IncomingFile:
     def finish(self) -> None:
         """The last block arrived (the C-STORE handler runs): what the validation still
         holds open is an error too (a dataset that ends inside an element)."""
-        if self.error is None:
+        if self.error is None and self.check is not None:
             try:
                 self.check.finish()
             except DatasetInvalid as exc:
                 self._failed(RxRefused(exc.status, str(exc)))
+            except Exception:
+                log.exception("validation while receiving failed; the file is validated "
+                              "whole instead")
+                self.check = None
 
     @property
     def validated(self) -> bool:
         """Every byte written passed the validation: the whole-file walk is not needed
         (except for a Deflated dataset, whose header is read from the inflated copy that walk
         writes)."""
-        return self.error is None and self.check.done and self.check.syntax != DEFLATED
+        return (self.error is None and self.check is not None and self.check.done
+                and self.check.syntax != DEFLATED)
 
     def close(self) -> None:
         try:
