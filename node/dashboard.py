@@ -458,13 +458,13 @@ class Dashboard:
                             page="destinations", dests=dests)
 
     def _echo(self, name: str) -> str:
-        from pynetdicom import AE
         from pynetdicom.sop_class import Verification
 
         from node.export import tls_args
+        from node.implementation import application_entity
 
         dest = next(d for d in self.cfg.destinations if d.name == name)
-        ae = AE(ae_title=self.cfg.node.ae_title)
+        ae = application_entity(self.cfg.node.ae_title)
         ae.add_requested_context(Verification)
         ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
         t0 = time.perf_counter()

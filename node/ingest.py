@@ -34,6 +34,7 @@ from pydicom.uid import UID
 from node import audit as A
 from node.assembly import acquisition_key, assign_policy, classify
 from node.config import Config
+from node.implementation import stamp_file_meta
 from node.status import (
     CANNOT_UNDERSTAND,
     DATASET_MISMATCH,
@@ -293,12 +294,7 @@ def _wrap_raw(raw: Path, out: Any) -> None:
     meta.MediaStorageSOPInstanceUID = UID(sop_instance)
     meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
                               ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
-
-    from node import __version__
-
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = f"MAMMONODE_{__version__}"[:16]
+    stamp_file_meta(meta)
     buf = DicomBytesIO()
     buf.is_little_endian, buf.is_implicit_VR = True, False
     write_file_meta_info(buf, meta, enforce_standard=True)

@@ -24,6 +24,7 @@ from pynetdicom.sop_class import Verification
 from node import audit as A
 from node.compat import partial_dataset_file, receiving_file
 from node.config import Config
+from node.implementation import application_entity
 from node.ingest import Ingest, StoreError, instance_record, public_message, read_header
 from node.security import AccessControl
 from node.status import (
@@ -296,7 +297,7 @@ class StorageSCP:
 
 def make_ae(cfg: Config) -> AE:
     """An AE with the node's presentation contexts and limits."""
-    ae = AE(ae_title=cfg.node.ae_title)
+    ae = application_entity(cfg.node.ae_title)
     ae.maximum_pdu_size = cfg.node.max_pdu_size
     ae.maximum_associations = cfg.node.max_associations
     ae.network_timeout = cfg.node.network_timeout_seconds

@@ -28,6 +28,7 @@ from typing import Any
 from node.compat import kill_pool_processes
 from node.config import Config
 from node.health import Health
+from node.implementation import stamp_file_meta
 from storage.db import transient_database_error
 from storage.files import FileStore
 from storage.records import ProducedObject
@@ -191,6 +192,7 @@ def _model_info() -> dict[str, Any]:
 
 
 def _save(ds, path: Path) -> None:
+    stamp_file_meta(ds)  # the node wrote it, not highdicom (PS3.10 7.1)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     ds.save_as(tmp, enforce_file_format=True)
@@ -425,7 +427,8 @@ class Worker(threading.Thread):
                                              {"sr": tuple(self.cfg.results.sr),
                                               "attention_maps": self.cfg.results.attention_maps,
                                               "parametric_maps":
-                                                  self.cfg.results.parametric_maps}))
+                                                  self.cfg.results.parametric_maps}
+                                             if self.cfg.inference.warm_up_exam else None))
 
     def _start_model(self) -> bool:
         """Start the inference process and load the model; False (said why) on failure."""
@@ -441,11 +444,13 @@ class Worker(threading.Thread):
             self.pool = None
             return False
         self.health.model_ok(info)
+        warm = info.get("warm_seconds")
         log.info("model loaded in the inference process: %s %s on %s (scan: %s), "
-                 "sha256 %s%s; warm-up exam read in %.2f s", info["arch"], info["task"],
+                 "sha256 %s%s; %s", info["arch"], info["task"],
                  info["device"], info["scan"], info["sha256"][:16],
                  " (demo checkpoint: NOT FOR CLINICAL USE)" if info["demo"] else "",
-                 info.get("warm_seconds") or 0.0)
+                 f"warm-up exam read in {warm:.2f} s" if warm is not None
+                 else "no warm-up exam ([inference] warm_up_exam = false)")
         return True
 
     def _restart(self, why: str) -> None:
