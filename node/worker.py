@@ -38,6 +38,20 @@ log = logging.getLogger("mammo_node.worker")
 
 #: A model that could not load is tried again this often.
 MODEL_RETRY_SECONDS = 10
+#: The reason of an exam not read for its implant (state ``skipped``).
+IMPLANT_SKIPPED = ("implant present: not read ([inference] implants = skip); mammo-node "
+                   "complete reads it on request")
+
+
+def skip_reason(cfg: Config, context: dict[str, Any]) -> str | None:
+    """Why the site's rules leave this exam unread (state ``skipped``), or None: an implant
+    with ``[inference] implants = "skip"``, unless someone asked for the reading
+    (``mammo-node complete``: ``read_on_request``)."""
+    if context.get("read_on_request"):
+        return None
+    if context.get("implant") and cfg.inference.implants == "skip":
+        return IMPLANT_SKIPPED
+    return None
 
 
 @dataclass(frozen=True)
@@ -529,10 +543,10 @@ class Worker(threading.Thread):
             log.warning("exam %s v%d failed: no usable view", study, version)
             return
         context = self.exams.reading_context(exam_id)
-        if context["implant"] and self.cfg.inference.implants == "skip":
-            self.exams.finish(exam_id, version, ok=False,
-                              reason="not read: implant present ([inference] implants = skip)")
-            log.info("exam %s v%d not read: implant present", study, version)
+        skip = skip_reason(self.cfg, context)
+        if skip is not None:
+            self.exams.skip(exam_id, version, skip)
+            log.info("exam %s v%d skipped: %s", study, version, skip.split(";")[0])
             return
         notes = [f"{slot}: only a tomosynthesis volume, read with this view missing"
                  for slot in context["volume_only"]]

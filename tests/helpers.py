@@ -340,3 +340,37 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.25, what: str
 def dciodvfy_errors(path: Path) -> list[str]:
     r = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True)
     return [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("Error")]
+
+
+def asgi_request(app, method: str, path: str, body: bytes = b"",
+                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request to an ASGI application in this process (no server, no socket; the
+    venv has no httpx for starlette's TestClient): (status, headers, body)."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    url = urlsplit(path)
+    hdrs = {"host": "127.0.0.1", **{k.lower(): v for k, v in (headers or {}).items()}}
+    if body:
+        hdrs.setdefault("content-type", "application/x-www-form-urlencoded")
+        hdrs["content-length"] = str(len(body))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": method, "scheme": "http", "path": url.path,
+             "raw_path": url.path.encode(), "query_string": url.query.encode(),
+             "root_path": "", "headers": [(k.encode(), v.encode()) for k, v in hdrs.items()],
+             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80)}
+    out: dict = {"status": 0, "headers": {}, "body": b""}
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict:
+        return pending.pop(0) if pending else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            out["status"] = message["status"]
+            out["headers"] = {k.decode().lower(): v.decode() for k, v in message["headers"]}
+        elif message["type"] == "http.response.body":
+            out["body"] += message.get("body", b"")
+
+    asyncio.run(app(scope, receive, send))
+    return out["status"], out["headers"], out["body"]
