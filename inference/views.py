@@ -59,8 +59,23 @@ _SYNTH_NAME = re.compile(
 #: Header texts where a synthesized image's vendor name is found.
 _SYNTH_TEXTS = ("SeriesDescription", "ProtocolName", "AcquisitionDeviceProcessingDescription",
                 "DerivationDescription", "ImageComments", "PerformedProcedureStepDescription")
-#: Most private elements looked at (a header with thousands of them costs no time).
-_PRIVATE_SCAN = 400
+#: The vendors' own attributes where systems older than GENERATED_2D name a synthesized
+#: image: (vendor, private creator, group) of each private block read. A block is found by
+#: its creator (PS3.5 7.8.1: the creator element (gggg,00xx) reserves the elements
+#: (gggg,xx00-xxFF); the same attribute has another element number in another file), with
+#: ``Dataset.private_block``; only its text values are read. Creators and groups as
+#: pydicom's private dictionary lists them for these systems (Hologic Selenia Dimensions /
+#: 3Dimensions, GE Senographe / Pristina, Siemens Mammomat, Fujifilm FDR / Amulet); a site
+#: with another convention adds a row.
+VENDOR_PRIVATE_BLOCKS: tuple[tuple[str, str, int], ...] = (
+    ("Hologic", "HOLOGIC, Inc.", 0x0019),
+    ("GE", "GEMS_SENO_02", 0x0045),       # (0045,xx1B) Clinical View
+    ("GE", "GEMS_IDEN_01", 0x0009),       # (0009,xx17) Series Description
+    ("Siemens", "SIEMENS MED MG", 0x0029),
+    ("Fujifilm", "FDMS 1.0", 0x0019),     # (0019,xx30) Menu Character String
+    ("Fujifilm", "FDMS 1.0", 0x0009),
+)
+_PRIVATE_TEXT_VRS = ("LO", "SH", "ST", "LT", "CS", "UT")
 
 # CID 4014 "View for Mammography": SNOMED CT and legacy SNOMED-RT codes -> abbreviation.
 VIEW_CODES: dict[str, str] = {
@@ -239,24 +254,30 @@ def frame_laterality(ds: Dataset) -> str | None:
     return None
 
 
-def _private_texts(ds: Dataset) -> list[str]:
-    """String values of the header's private elements (bounded), upper case."""
-    out: list[str] = []
-    # Tags first: only private elements are converted (a header read with deferred values, a
-    # Deflated one among them, cannot be walked element by element without reading them).
-    private = [t for t in ds.keys() if t.is_private][:4 * _PRIVATE_SCAN]
-    for tag in private:
+def vendor_private_texts(ds: Dataset) -> list[tuple[str, str]]:
+    """(vendor, upper-case text) of the text values in the vendors' private blocks
+    (:data:`VENDOR_PRIVATE_BLOCKS`), each block looked up by its private creator. Other
+    private data is not read."""
+    out: list[tuple[str, str]] = []
+    for vendor, creator, group in VENDOR_PRIVATE_BLOCKS:
         try:
-            elem = ds[tag]
-            if elem.VR not in ("LO", "SH", "ST", "LT", "CS", "UT"):
+            block = ds.private_block(group, creator)
+        except (KeyError, ValueError):
+            continue  # no block of that creator in this header
+        first = block.block_start
+        # Tags first: only the block's own elements are converted (a header read with
+        # deferred values cannot be walked element by element without reading them).
+        for tag in [t for t in ds.keys() if t.group == group
+                    and first <= t.element <= first + 0xFF]:
+            try:
+                elem = ds[tag]
+                if elem.VR not in _PRIVATE_TEXT_VRS:
+                    continue
+                value = elem.value
+            except Exception:  # a malformed private value is not worth a refusal
                 continue
-            value = elem.value
-        except Exception:  # a malformed private value is not worth a refusal
-            continue
-        values = value if isinstance(value, (list, tuple, MultiValue)) else [value]
-        out += [v.upper() for v in values if isinstance(v, str) and v][:4]
-        if len(out) >= _PRIVATE_SCAN:
-            break
+            values = value if isinstance(value, (list, tuple, MultiValue)) else [value]
+            out += [(vendor, v.upper()) for v in values if isinstance(v, str) and v][:4]
     return out
 
 
@@ -272,10 +293,10 @@ def synthesized_reason(ds: Dataset) -> str | None:
         m = _SYNTH_NAME.search(_text(ds, keyword))
         if m:
             return f"{keyword} {m.group(0)!r}"
-    for text in _private_texts(ds):
+    for vendor, text in vendor_private_texts(ds):
         m = _SYNTH_NAME.search(text)
         if m:
-            return f"private attribute {m.group(0)!r}"
+            return f"{vendor} private attribute {m.group(0)!r}"
     return None
 
 

@@ -122,10 +122,12 @@ def assign_slots(instances: list[Instance], prefer: tuple[str, ...] | list[str] 
             notes.append(f"{slot}: {KIND_LABELS.get(kind, kind)} image not used, the "
                          f"{KIND_LABELS.get(kinds[slot], kinds[slot])} image is read "
                          f"(preference {', '.join(prefer) or 'default'})")
+    volume_only: list[str] = []
     for slot, vols in volumes.items():
         if slots.get(slot):
             continue
         if volume_2d == "missing":
+            volume_only.append(slot)
             notes.append(f"{slot}: only a tomosynthesis volume; read with this view missing "
                          f"([grouping] volume_2d = \"missing\")")
             continue
@@ -137,4 +139,4 @@ def assign_slots(instances: list[Instance], prefer: tuple[str, ...] | list[str] 
     if implant:
         notes.append("implant present: read from the standard views")
     return SlotAssignment(slots=slots, notes=notes, problems=problems, kinds=kinds,
-                          implant=implant)
+                          implant=implant, volume_only=sorted(volume_only))

@@ -211,8 +211,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _echo(cfg: Config, info: dict) -> bool:
-    from pynetdicom import AE
     from pynetdicom.sop_class import Verification
+
+    from node.implementation import application_entity
 
     host = cfg.node.host if cfg.node.host not in ("0.0.0.0", "", "::") else "127.0.0.1"
     # With [[peers]], echo as a peer granted it from this host (or any host).
@@ -221,7 +222,7 @@ def _echo(cfg: Config, info: dict) -> bool:
         if "echo" in p.services and p.matches(p.ae_title, host):
             calling = p.ae_title
             break
-    ae = AE(ae_title=calling)
+    ae = application_entity(calling)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 5
     kwargs: dict = {}

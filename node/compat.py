@@ -45,6 +45,28 @@ def stream_incoming_datasets(file_class) -> None:
     dimse_messages.NamedTemporaryFile = file_class  # type: ignore[attr-defined]
 
 
+def received_file_meta_names(implementation_uid: str, version_name: str) -> None:
+    """Have the File Meta Information pynetdicom writes at the head of each received C-STORE
+    dataset's file carry the node's Implementation Class UID and Version Name.
+
+    Why: with ``STORE_RECV_CHUNKED_DATASET`` pynetdicom writes that file meta itself,
+    calling ``dsutils.create_file_meta`` (imported by name into ``pynetdicom.dimse_messages``)
+    without its ``implementation_uid`` / ``implementation_version`` arguments, so the file
+    names pynetdicom as its writer whatever the AE negotiates. Wrapping that name with our
+    defaults is the only way to set them. Checked with pynetdicom 3.0.4
+    (``dimse_messages.create_file_meta(sop_class_uid=, sop_instance_uid=, transfer_syntax=)``).
+    """
+    from pydicom.uid import UID
+    from pynetdicom import dimse_messages, dsutils
+
+    def create_file_meta(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("implementation_uid", UID(implementation_uid))
+        kwargs.setdefault("implementation_version", version_name)
+        return dsutils.create_file_meta(*args, **kwargs)
+
+    dimse_messages.create_file_meta = create_file_meta  # type: ignore[attr-defined]
+
+
 def receiving_file(request):
     """The file a C-STORE request's dataset was streamed into (None when held in memory).
 

@@ -139,6 +139,9 @@ class InferenceConfig:
     operating_point: float | None = None
     #: An exam with a breast implant: "read" (from the standard views, flagged) or "skip".
     implants: str = "read"
+    #: Read one synthetic exam end to end in the inference process before the node says it is
+    #: ready, so the first real exam does not pay for imports, decoders and builders.
+    warm_up_exam: bool = True
 
 
 @dataclass
@@ -474,6 +477,8 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
     inf.implants = _check_str(t.get("implants", inf.implants), "[inference] implants")
     if inf.implants not in ("read", "skip"):
         raise ConfigError(f"[inference] implants must be read or skip, got {inf.implants!r}")
+    inf.warm_up_exam = _check_bool(t.get("warm_up_exam", inf.warm_up_exam),
+                                   "[inference] warm_up_exam")
     if inf.operating_point is not None and inf.operating_point > 100:
         raise ConfigError("[inference] operating_point is an exam score 0-100, got "
                           f"{inf.operating_point:g}")

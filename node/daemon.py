@@ -23,10 +23,12 @@ from node import audit as A
 from node.compat import (
     handshake_in_connection_thread,
     listener_alive,
+    received_file_meta_names,
     stream_incoming_datasets,
 )
 from node.config import Config
 from node.health import Health
+from node.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from node.ingest import Ingest
 from node.metrics import NodeMetrics
 from node.scp import IncomingFile, StorageSCP, make_ae
@@ -213,6 +215,7 @@ class Node:
         IncomingFile.limit_bytes = int(cfg.node.max_dataset_mb * 1024 * 1024)
         IncomingFile.disk_ok = staticmethod(self.scp.disk_ok)
         stream_incoming_datasets(IncomingFile)
+        received_file_meta_names(IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME)
 
         ae = make_ae(cfg)
         from node.qr import QueryRetrieveSCP

@@ -158,6 +158,39 @@ def _when(value: str | dt.datetime | None) -> str:
 #: Triage sorts at most this many of the newest exams matching the filter by score.
 TRIAGE_MAX = 1000
 
+#: What each view of an exam was read from, in words (node.assembly's image kinds, and the
+#: two ways a view is not read).
+VIEW_SOURCES = {"conventional": "conventional 2D", "synthesized": "synthesized 2D",
+                "for_processing": "For Processing 2D",
+                "computed": "computed from the tomosynthesis volume",
+                "volume_only": "volume only: read with this view missing",
+                "missing": "missing"}
+#: The same in a word (the exams list; the full text is the tooltip).
+VIEW_SOURCES_SHORT = {"conventional": "conventional", "synthesized": "synthesized",
+                      "for_processing": "For Processing", "computed": "computed",
+                      "volume_only": "volume only", "missing": "missing"}
+
+
+def view_rows(exam: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per slot of an exam (``ExamStore.exam_dict`` / ``exam_page``): the instance
+    read and its image kind, or why nothing is read ("volume_only", "missing")."""
+    rows = []
+    volume_only = set(exam.get("volume_only") or [])
+    for slot in SLOTS:
+        uid = exam["views"].get(slot)
+        kind = ((exam.get("view_kinds") or {}).get(slot) or "conventional") if uid else (
+            "volume_only" if slot in volume_only else "missing")
+        rows.append({"slot": slot, "uid": uid, "kind": kind,
+                     "label": VIEW_SOURCES.get(kind, kind),
+                     "short": VIEW_SOURCES_SHORT.get(kind, kind)})
+    return rows
+
+
+def _day(value: str | None) -> str:
+    """A DICOM DA as YYYY-MM-DD (as it is when malformed, "?" when empty)."""
+    v = (value or "").strip()
+    return f"{v[:4]}-{v[4:6]}-{v[6:8]}" if len(v) == 8 and v.isdigit() else (v or "?")
+
 class Dashboard:
     def __init__(self, cfg: Config, files: FileStore, exams: ExamStore, dicomweb_root: str,
                  health=None, readiness=None, audit=None) -> None:
@@ -309,8 +342,13 @@ class Dashboard:
         else:
             rows, total = await run_in_threadpool(self.exams.exam_page, state, accession, day,
                                                   offset, limit)
+        priors = await run_in_threadpool(self.exams.priors_by_study,
+                                         [r["study_instance_uid"] for r in rows])
         for r in rows:
             r["present"] = [s for s in SLOTS if r["views"].get(s)]
+            r["view_rows"] = view_rows(r)
+            r["priors"] = [{"study": uid, "date": _day(date)}
+                           for uid, date in priors.get(r["study_instance_uid"], [])]
             r["latency"] = (f"{r['latency_seconds']:.1f} s"
                             if r.get("latency_seconds") is not None else "")
             r["last_received"] = _when(r["last_received_at"])
@@ -343,11 +381,17 @@ class Dashboard:
         events = [{"at": _when(ev.at), "kind": ev.kind, "detail": ev.detail}
                   for ev in self.exams.events(study)]
         reading = json.loads(exam["reading_json"]) if exam.get("reading_json") else None
+        others = self.exams.patient_studies(study)
         return {"e": exam, "maps": maps, "events": events, "reading": reading,
                 "present": [s for s in SLOTS if exam["views"].get(s)],
+                "view_rows": view_rows(exam),
                 "delivery": self.exams.delivery_of(study),
-                "priors": [{"study": uid, "date": date} for uid, date
-                           in self.exams.priors_of(study) if uid != study],
+                "priors": sorted(({"study": o["study"], "date": _day(o["date"])}
+                                  for o in others if o["state"] == ExamState.PRIOR),
+                                 key=lambda p: p["date"]),
+                "other_studies": [{"study": o["study"], "date": _day(o["date"]),
+                                   "state": o["state"]}
+                                  for o in others if o["state"] != ExamState.PRIOR],
                 "last_received": _when(exam["last_received_at"])}
 
     async def exam_page(self, request: Request) -> Response:
@@ -414,13 +458,13 @@ class Dashboard:
                             page="destinations", dests=dests)
 
     def _echo(self, name: str) -> str:
-        from pynetdicom import AE
         from pynetdicom.sop_class import Verification
 
         from node.export import tls_args
+        from node.implementation import application_entity
 
         dest = next(d for d in self.cfg.destinations if d.name == name)
-        ae = AE(ae_title=self.cfg.node.ae_title)
+        ae = application_entity(self.cfg.node.ae_title)
         ae.add_requested_context(Verification)
         ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
         t0 = time.perf_counter()

@@ -8,10 +8,11 @@ import threading
 from collections import defaultdict
 
 from pydicom import dcmread
-from pynetdicom import AE, build_context
+from pynetdicom import build_context
 
 from node import audit as A
 from node.config import Config, Destination
+from node.implementation import application_entity
 from node.status import PENDING, PENDING_WARNING, STORED, SUCCESS
 from storage.files import FileStore
 from storage.records import Delivery
@@ -47,7 +48,7 @@ def _find_instance(ae_title: str, dest: Destination, study_uid: str, sop_uid: st
     from pydicom.dataset import Dataset
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
-    ae = AE(ae_title=ae_title)
+    ae = application_entity(ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, **(tls or {}))
@@ -151,7 +152,7 @@ class Exporter(threading.Thread):
                 self._failed(r, f"cannot read result file: {exc}")
         if not datasets:
             return
-        ae = AE(ae_title=self.cfg.node.ae_title)
+        ae = application_entity(self.cfg.node.ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
                     for _, ds in datasets}

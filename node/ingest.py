@@ -2,7 +2,9 @@
 
 C-STORE (:mod:`node.scp`) and STOW-RS (:mod:`node.dicomweb`) both hand a file here: the whole
 encoded dataset is validated in a stream (:mod:`node.validate`: element lengths, pixel data
-length, Deflated data inflated block by block and refused past ``[node] max_dataset_mb``),
+length, functional groups, Deflated data inflated block by block and refused past ``[node]
+max_dataset_mb``; a C-STORE's blocks already while they arrived, so its file is not walked
+again),
 the header is parsed without pixel data, the file is moved into the store and its row
 recorded in one transaction, the exam is assembled (:mod:`node.assembly`), and only then is the
 success answered. A refusal removes the file, records nothing, is counted and audited.
@@ -32,6 +34,7 @@ from pydicom.uid import UID
 from node import audit as A
 from node.assembly import acquisition_key, assign_policy, classify
 from node.config import Config
+from node.implementation import stamp_file_meta
 from node.status import (
     CANNOT_UNDERSTAND,
     DATASET_MISMATCH,
@@ -86,12 +89,15 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def read_header(path: Path, max_bytes: int = 0, scratch: Path | None = None) -> Dataset:
+def read_header(path: Path, max_bytes: int = 0, scratch: Path | None = None,
+                validated: bool = False) -> Dataset:
     """Validate a received file whole (:func:`node.validate.check_dataset`: every element's
     length honoured, pixel data complete, Deflated inflation bounded) and parse its header
-    without loading pixel data (large values are deferred, read lazily from the file)."""
+    without loading pixel data (large values are deferred, read lazily from the file).
+    ``validated``: its bytes were validated while they arrived (a C-STORE's
+    :class:`node.validate.StreamCheck`), the walk is not done again."""
     try:
-        inflated = check_dataset(path, max_bytes, scratch=scratch)
+        inflated = None if validated else check_dataset(path, max_bytes, scratch=scratch)
     except DatasetInvalid as exc:
         raise StoreError(exc.status, str(exc)) from exc
     try:
@@ -288,12 +294,7 @@ def _wrap_raw(raw: Path, out: Any) -> None:
     meta.MediaStorageSOPInstanceUID = UID(sop_instance)
     meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
                               ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
-
-    from node import __version__
-
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = f"MAMMONODE_{__version__}"[:16]
+    stamp_file_meta(meta)
     buf = DicomBytesIO()
     buf.is_little_endian, buf.is_implicit_VR = True, False
     write_file_meta_info(buf, meta, enforce_standard=True)
@@ -324,14 +325,16 @@ class Ingest:
 
     def store(self, path: Path, calling: str, sop_class: str | None = None,
               sop_instance: str | None = None, transfer_syntax: str | None = None,
-              peer: dict | None = None, study: str | None = None) -> Outcome:
+              peer: dict | None = None, study: str | None = None,
+              validated: bool = False) -> Outcome:
         """Validate, place and record the file at ``path`` (which is consumed: placed or
         removed). ``sop_class`` / ``sop_instance`` / ``transfer_syntax``: what the request
         announced (None: the file's own meta information); ``study``: the study the request
-        is for (STOW-RS ``/studies/{study}``), another is refused. A refusal is counted and
-        audited here; a success is audited by :meth:`_store`."""
+        is for (STOW-RS ``/studies/{study}``), another is refused; ``validated``: the file's
+        bytes were validated while they arrived. A refusal is counted and audited here; a
+        success is audited by :meth:`_store`."""
         out = self._store(path, calling, sop_class, sop_instance, transfer_syntax, peer,
-                          study)
+                          study, validated)
         if not out.ok:
             if self.metrics is not None:
                 self.metrics.refused.labels(f"0x{out.status:04X}").inc()
@@ -354,7 +357,7 @@ class Ingest:
 
     def _store(self, path: Path, calling: str, sop_class: str | None,
                sop_instance: str | None, transfer_syntax: str | None,
-               peer: dict | None, study: str | None) -> Outcome:
+               peer: dict | None, study: str | None, validated: bool = False) -> Outcome:
         t0 = time.perf_counter()
         record: InstanceRecord | None = None
         ds: Dataset | None = None
@@ -366,7 +369,7 @@ class Ingest:
             if getattr(self.audit, "fail_closed", False) and getattr(self.audit, "failing", False):
                 raise StoreError(OUT_OF_RESOURCES, "the audit trail cannot be written "
                                                    "([audit] fail_closed): retry later")
-            ds = read_header(path, self.max_bytes, self.files.incoming)
+            ds = read_header(path, self.max_bytes, self.files.incoming, validated)
             meta = ds.file_meta
             if study is not None and _str(ds, "StudyInstanceUID") != study:
                 raise StoreError(DATASET_MISMATCH, f"StudyInstanceUID "

@@ -2,8 +2,12 @@
 
 pynetdicom streams each incoming dataset to a file under ``data_dir/incoming`` while it
 arrives (``STORE_RECV_CHUNKED_DATASET``), so a 30 MB mammogram is never held whole in
-memory. The C-STORE handler then reads the header only, classifies the view, moves the file
-into the store and records its row in one transaction, and only then answers success.
+memory, and each block is validated before it is written (:class:`node.validate.StreamCheck`):
+a malformed dataset (a 2 GB volume whose functional groups do not match its frames) stops
+being written where it shows, its file is emptied at once, and the C-STORE is refused when
+the transfer ends. The C-STORE handler then reads the header only, classifies the view, moves
+the file into the store and records its row in one transaction, and only then answers
+success.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pynetdicom.sop_class import Verification
 from node import audit as A
 from node.compat import partial_dataset_file, receiving_file
 from node.config import Config
+from node.implementation import application_entity
 from node.ingest import Ingest, StoreError, instance_record, public_message, read_header
 from node.security import AccessControl
 from node.status import (
@@ -29,6 +34,7 @@ from node.status import (
     PROCESSING_FAILURE,
     SUCCESS,
 )
+from node.validate import DEFLATED, DatasetInvalid, StreamCheck
 from storage.files import FileStore
 from storage.state import ExamStore
 
@@ -77,7 +83,9 @@ class IncomingFile:
     to give the space back, swallows the rest of the dataset, and lets the C-STORE handler
     answer "out of resources" (0xA700) instead. The same happens, before the disk is full,
     when the dataset grows past ``limit_bytes`` (``[node] max_dataset_mb``) or free space
-    falls below the reserve while it arrives (checked every ``CHECK_EVERY`` bytes).
+    falls below the reserve while it arrives (checked every ``CHECK_EVERY`` bytes), and,
+    with the status the validation gives (0xC210), as soon as a block shows the dataset is
+    malformed (each block goes through a :class:`StreamCheck` before it is written).
     """
 
     #: Set by the daemon from the configuration (class attributes: pynetdicom creates the
@@ -96,6 +104,9 @@ class IncomingFile:
         self.file = self  # pynetdicom calls ``.file.flush()``
         self.written = 0
         self._next_check = self.CHECK_EVERY
+        self.check: StreamCheck | None = StreamCheck(self.limit_bytes)
+        #: Where the validation refused the dataset (bytes before the block that showed it).
+        self.refused_at: int | None = None
 
     def _failed(self, exc: OSError) -> None:
         self.error = exc
@@ -117,6 +128,17 @@ class IncomingFile:
                     self._failed(RxRefused(OUT_OF_RESOURCES, "free space fell below the "
                                            "reserve while the dataset arrived"))
                     return len(data)
+            if self.check is not None:
+                try:
+                    self.check.feed(data)
+                except DatasetInvalid as exc:
+                    self._failed(RxRefused(exc.status, str(exc)))
+                    self.refused_at = self.written - len(data)
+                    return len(data)
+                except Exception:  # a bug here must not refuse data: the file is walked
+                    log.exception("validation while receiving failed; the file is "
+                                  "validated whole instead")
+                    self.check = None
             try:
                 return self._f.write(data)
             except OSError as exc:
@@ -129,6 +151,27 @@ class IncomingFile:
                 self._f.flush()
             except OSError as exc:
                 self._failed(exc)
+
+    def finish(self) -> None:
+        """The last block arrived (the C-STORE handler runs): what the validation still
+        holds open is an error too (a dataset that ends inside an element)."""
+        if self.error is None and self.check is not None:
+            try:
+                self.check.finish()
+            except DatasetInvalid as exc:
+                self._failed(RxRefused(exc.status, str(exc)))
+            except Exception:
+                log.exception("validation while receiving failed; the file is validated "
+                              "whole instead")
+                self.check = None
+
+    @property
+    def validated(self) -> bool:
+        """Every byte written passed the validation: the whole-file walk is not needed
+        (except for a Deflated dataset, whose header is read from the inflated copy that walk
+        writes)."""
+        return (self.error is None and self.check is not None and self.check.done
+                and self.check.syntax != DEFLATED)
 
     def close(self) -> None:
         try:
@@ -212,15 +255,26 @@ class StorageSCP:
             return self._fail(CANNOT_UNDERSTAND, "C-STORE request without a dataset", None)
         if not self.access.allowed(event, "store"):
             return self._fail(NOT_AUTHORIZED, "peer not granted store", path, req)
-        rx_error = getattr(receiving_file(req), "error", None)
+        rx = receiving_file(req)
+        if isinstance(rx, IncomingFile):
+            rx.finish()
+        rx_error = getattr(rx, "error", None)
         if rx_error is not None:
             status = getattr(rx_error, "status", OUT_OF_RESOURCES)
+            if status == CANNOT_UNDERSTAND:  # malformed: refused as the whole-file check does
+                refusal = self.ingest.refuse(status, str(rx_error),
+                                             event.assoc.requestor.ae_title,
+                                             peer=self.access.who(event))
+                return self._fail(status, f"{refusal.message} (refused while it arrived, "
+                                  f"at byte {getattr(rx, 'refused_at', '?')})", path, req,
+                                  comment=refusal.message)
             return self._fail(status, f"cannot take incoming data: {rx_error}", path, req)
         who = self.access.who(event)
         out = self.ingest.store(path, event.assoc.requestor.ae_title,
                                 str(getattr(req, "AffectedSOPClassUID", "")),
                                 str(getattr(req, "AffectedSOPInstanceUID", "")),
-                                str(event.context.transfer_syntax), peer=who)
+                                str(event.context.transfer_syntax), peer=who,
+                                validated=bool(getattr(rx, "validated", False)))
         if out.status == SUCCESS:
             return SUCCESS
         if out.status == PROCESSING_FAILURE:
@@ -228,7 +282,8 @@ class StorageSCP:
         return self._fail(out.status, out.message, None, req)
 
     # -- helpers -------------------------------------------------------------------------
-    def _fail(self, status: int, message: str, path: Path | None, req: Any = None) -> Dataset:
+    def _fail(self, status: int, message: str, path: Path | None, req: Any = None,
+              comment: str | None = None) -> Dataset:
         if path is not None:
             path.unlink(missing_ok=True)
         uid = getattr(req, "AffectedSOPInstanceUID", None) if req is not None else None
@@ -236,13 +291,13 @@ class StorageSCP:
         rsp = Dataset()
         rsp.Status = status
         # A reason for the peer: never a server path (it says where data lives).
-        rsp.ErrorComment = public_message(message)[:64]
+        rsp.ErrorComment = public_message(comment or message)[:64]
         return rsp
 
 
 def make_ae(cfg: Config) -> AE:
     """An AE with the node's presentation contexts and limits."""
-    ae = AE(ae_title=cfg.node.ae_title)
+    ae = application_entity(cfg.node.ae_title)
     ae.maximum_pdu_size = cfg.node.max_pdu_size
     ae.maximum_associations = cfg.node.max_associations
     ae.network_timeout = cfg.node.network_timeout_seconds

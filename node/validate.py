@@ -33,7 +33,7 @@ import struct
 import tempfile
 import zlib
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from pydicom.datadict import dictionary_VR
 
@@ -98,10 +98,22 @@ def _bad(message: str) -> DatasetInvalid:
     return DatasetInvalid(CANNOT_UNDERSTAND, message)
 
 
+#: What a walk asks of the bytes it walks (it is a generator driven either by a file,
+#: :func:`_drive_file`, or by the data of a transfer as it arrives, :class:`StreamCheck`):
+#: READ n bytes (fewer at the end), SKIP n bytes (answered with how many there were), PEEK n
+#: bytes without consuming them, MORE: is there anything left (only where the end is not
+#: known yet), INFLATE: what follows is a raw deflate stream (Deflated transfer syntax).
+READ, SKIP, PEEK, MORE, INFLATE = range(5)
+#: The most bytes a file meta element may hold (the walk holds it in memory).
+MAX_META_VALUE = 1 << 20
+
+
 class _Walker:
-    def __init__(self, f: BinaryIO, end: int, implicit: bool, little: bool,
-                 max_depth: int) -> None:
-        self.f, self.end = f, end
+    """The walk, as generators: ``yield (READ, n)`` and the like (see READ); ``limit`` None
+    is "until the data ends" (a transfer whose size is not known yet)."""
+
+    def __init__(self, start: int, implicit: bool, little: bool, max_depth: int) -> None:
+        self.pos = start
         self.implicit, self.little = implicit, little
         self.max_depth = max_depth
         self.e = "<" if little else ">"
@@ -111,76 +123,89 @@ class _Walker:
         self.sop_class = ""
         self.groups: dict[int, int] = {}  # functional groups sequence -> items
 
-    def read(self, n: int) -> bytes:
-        b = self.f.read(n)
+    def read(self, n: int, short: str | None = None):
+        b = yield (READ, n)
         if len(b) != n:
-            raise _bad(f"dataset ends inside an element (offset {self.f.tell()})")
+            raise _bad(short or f"dataset ends inside an element (offset {self.pos + len(b)})")
+        self.pos += n
         return b
 
-    def tag_at(self) -> int:
-        g, e = struct.unpack(self.e + "HH", self.read(4))
+    def more(self, limit: int | None):
+        if limit is not None:
+            return self.pos < limit
+        return (yield (MORE, 0))
+
+    def tag_at(self):
+        g, e = struct.unpack(self.e + "HH", (yield from self.read(4)))
         return (g << 16) | e
 
-    def header(self, tag: int) -> tuple[bytes | None, int]:
+    def header(self, tag: int):
         """VR (None in implicit syntaxes) and length of the element whose tag was read."""
         if self.implicit or (tag >> 16) == 0xFFFE:
-            return None, struct.unpack(self.e + "L", self.read(4))[0]
-        vr = self.read(2)
+            return None, struct.unpack(self.e + "L", (yield from self.read(4)))[0]
+        vr = yield from self.read(2)
         if vr in _LONG_VRS:
-            self.read(2)
-            return vr, struct.unpack(self.e + "L", self.read(4))[0]
+            yield from self.read(2)
+            return vr, struct.unpack(self.e + "L", (yield from self.read(4)))[0]
         if vr in _SHORT_VRS:
-            return vr, struct.unpack(self.e + "H", self.read(2))[0]
+            return vr, struct.unpack(self.e + "H", (yield from self.read(2)))[0]
         raise _bad(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has no valid VR "
-                   f"({vr!r}) at offset {self.f.tell() - 2}")
+                   f"({vr!r}) at offset {self.pos - 2}")
 
-    def skip(self, length: int, limit: int, tag: int) -> None:
-        pos = self.f.tell()
-        if pos + length > limit:
+    def skip(self, length: int, limit: int | None, tag: int):
+        if limit is not None and self.pos + length > limit:
             raise _bad(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) needs {length} bytes, "
-                       f"{max(limit - pos, 0)} present")
-        self.f.seek(length, os.SEEK_CUR)
+                       f"{max(limit - self.pos, 0)} present")
+        got = yield (SKIP, length)
+        if got != length:
+            raise _bad(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) needs {length} bytes, "
+                       f"{got} present")
+        self.pos += length
 
-    def dataset(self, limit: int, depth: int, until_item_end: bool = False) -> None:
+    def dataset(self, limit: int | None, depth: int, until_item_end: bool = False):
         """Walk elements until ``limit`` (or an item delimiter for undefined-length items)."""
-        while self.f.tell() < limit:
-            tag = self.tag_at()
+        while (yield from self.more(limit)):
+            tag = yield from self.tag_at()
             if tag == ITEM_END:
                 if not until_item_end:
                     raise _bad("item delimiter outside an item of undefined length")
-                self.read(4)
+                yield from self.read(4)
                 return
             if (tag >> 16) == 0xFFFE:
                 raise _bad(f"unexpected delimiter ({tag >> 16:04X},{tag & 0xFFFF:04X}) at "
-                           f"offset {self.f.tell() - 4}")
+                           f"offset {self.pos - 4}")
             if (tag >> 16) == 0x0000:  # PS3.7: the command group never is in a dataset
                 raise _bad(f"command group element ({tag >> 16:04X},{tag & 0xFFFF:04X}) in "
-                           f"the dataset at offset {self.f.tell() - 4}")
-            vr, length = self.header(tag)
-            if depth == 0 and tag in _IMAGE_TAGS and 2 <= length <= 16 and vr != b"SQ":
-                pos = self.f.tell()
-                if pos + length > limit:
-                    raise _bad("an image attribute runs past the end of the dataset")
-                raw = self.read(length)
-                self.f.seek(pos)
-                if tag == 0x00280008:  # Number of Frames is IS (text)
+                           f"the dataset at offset {self.pos - 4}")
+            vr, length = yield from self.header(tag)
+            if depth == 0 and vr != b"SQ" and (
+                    (tag in _IMAGE_TAGS and 2 <= length <= 16)
+                    or (tag == SOP_CLASS_TAG and 0 < length <= 64)):
+                if limit is not None and self.pos + length > limit:
+                    raise _bad("an image attribute runs past the end of the dataset"
+                               if tag in _IMAGE_TAGS else
+                               "SOP Class UID runs past the end of the dataset")
+                raw = yield from self.read(length)
+                if tag == SOP_CLASS_TAG:
+                    self.sop_class = raw.decode("ascii", "replace").strip("\x00 ")
+                elif tag == 0x00280008:  # Number of Frames is IS (text)
                     try:
                         self.image["frames"] = int(raw.decode("ascii").strip("\x00 ") or 1)
                     except ValueError:
                         raise _bad("Number of Frames is not a number") from None
                 else:
                     self.image[_IMAGE_TAGS[tag]] = struct.unpack(self.e + "H", raw[:2])[0]
-            if depth == 0 and tag == SOP_CLASS_TAG and 0 < length <= 64 and vr != b"SQ":
-                pos = self.f.tell()
-                if pos + length > limit:
-                    raise _bad("SOP Class UID runs past the end of the dataset")
-                self.sop_class = self.read(length).decode("ascii", "replace").strip("\x00 ")
-                self.f.seek(pos)
+                continue
             if tag in PIXEL_TAGS and depth == 0:
                 self.pixel = (tag, length)
+                # Everything checked below comes before Pixel Data (tags ascend): a volume
+                # whose functional groups or pixel length are wrong is refused here, before
+                # its frames arrive.
+                _check_functional_groups(self)
                 if length == UNDEFINED:
-                    self.encapsulated(limit)
+                    yield from self.encapsulated(limit)
                     continue
+                _check_pixel_length(self)
             is_sq = vr == b"SQ" or (vr is None and _dict_vr(tag) == "SQ") or (
                 length == UNDEFINED and vr in (b"UN", None) and tag not in PIXEL_TAGS)
             if is_sq:
@@ -190,72 +215,80 @@ class _Walker:
                     saved = self.implicit
                     self.implicit = True
                     try:
-                        items = self.sequence(length, limit, depth + 1, tag)
+                        items = yield from self.sequence(length, limit, depth + 1, tag)
                     finally:
                         self.implicit = saved
                 else:
-                    items = self.sequence(length, limit, depth + 1, tag)
+                    items = yield from self.sequence(length, limit, depth + 1, tag)
                 if depth == 0 and tag in (SHARED_GROUPS, PER_FRAME_GROUPS):
                     self.groups[tag] = items
+                    _check_group_items(self, tag, items)
                 continue
             if length == UNDEFINED:
                 raise _bad(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has an undefined "
                            "length but is not a sequence")
-            self.skip(length, limit, tag)
+            yield from self.skip(length, limit, tag)
         if until_item_end:
             raise _bad("item of undefined length without its delimiter")
-        if self.f.tell() != limit:
+        if limit is not None and self.pos != limit:
             raise _bad("an element runs past the end of its container")
 
-    def sequence(self, length: int, limit: int, depth: int, tag: int) -> int:
+    def sequence(self, length: int, limit: int | None, depth: int, tag: int):
         """Walk a sequence's items; returns how many it holds."""
-        end = limit if length == UNDEFINED else self.f.tell() + length
+        end = limit if length == UNDEFINED else self.pos + length
         items = 0
-        if end > limit:
+        if end is not None and limit is not None and end > limit:
             raise _bad(f"sequence ({tag >> 16:04X},{tag & 0xFFFF:04X}) needs {length} bytes, "
-                       f"{limit - self.f.tell()} present")
-        while self.f.tell() < end:
-            t = self.tag_at()
+                       f"{limit - self.pos} present")
+        while (yield from self.more(end)):
+            t = yield from self.tag_at()
             if t == SEQ_END:
                 if length != UNDEFINED:
                     raise _bad("sequence delimiter in a sequence of defined length")
-                self.read(4)
+                yield from self.read(4)
                 return items
             if t != ITEM:
                 raise _bad(f"sequence ({tag >> 16:04X},{tag & 0xFFFF:04X}) holds "
                            f"({t >> 16:04X},{t & 0xFFFF:04X}) where an item should be")
-            ilen = struct.unpack(self.e + "L", self.read(4))[0]
+            ilen = struct.unpack(self.e + "L", (yield from self.read(4)))[0]
             if ilen == UNDEFINED:
-                self.dataset(end, depth, until_item_end=True)
+                yield from self.dataset(end, depth, until_item_end=True)
             else:
-                iend = self.f.tell() + ilen
-                if iend > end:
+                iend = self.pos + ilen
+                if end is not None and iend > end:
                     raise _bad("a sequence item runs past the end of its sequence")
-                self.dataset(iend, depth)
+                yield from self.dataset(iend, depth)
             items += 1
         if length == UNDEFINED:
             raise _bad(f"sequence ({tag >> 16:04X},{tag & 0xFFFF:04X}) of undefined length "
                        "without its delimiter")
-        if self.f.tell() != end:
+        if self.pos != end:
             raise _bad("a sequence item runs past the end of its sequence")
         return items
 
-    def encapsulated(self, limit: int) -> None:
+    def encapsulated(self, limit: int | None):
         items = 0
         while True:
-            if self.f.tell() >= limit:
+            if limit is not None and self.pos >= limit:
                 raise _bad("encapsulated pixel data without its sequence delimiter")
-            t = self.tag_at()
-            ilen = struct.unpack(self.e + "L", self.read(4))[0]
+            t = yield from self.tag_at()
+            ilen = struct.unpack(self.e + "L", (yield from self.read(4)))[0]
             if t == SEQ_END:
                 break
             if t != ITEM or ilen == UNDEFINED:
                 raise _bad("encapsulated pixel data holds something other than fragments")
-            self.skip(ilen, limit, 0x7FE00010)
+            yield from self.skip(ilen, limit, 0x7FE00010)
             items += 1
         self.fragments = max(items - 1, 0)  # the first item is the basic offset table
         if self.fragments == 0:
             raise _bad("encapsulated pixel data without any fragment")
+
+    def walk(self, limit: int | None):
+        """The whole dataset, then what can only be said at its end."""
+        yield from self.dataset(limit, 0)
+        _check_functional_groups(self)
+        if self.pixel is not None and self.pixel[1] != UNDEFINED:
+            _check_pixel_length(self)
 
 
 def _dict_vr(tag: int) -> str | None:
@@ -265,41 +298,203 @@ def _dict_vr(tag: int) -> str | None:
         return None
 
 
-def _read_meta(f: BinaryIO, size: int) -> tuple[str, int]:
-    """Transfer syntax and the offset where the dataset starts, from the file meta group."""
-    if size < 132:
-        raise _bad("file too short for a DICOM file")
-    f.seek(128)
-    if f.read(4) != b"DICM":
+def _meta(w: _Walker, size: int | None):
+    """Transfer syntax and the offset where the dataset starts, from the preamble and the
+    file meta group (``size`` None: not known yet)."""
+    pre = yield from w.read(132, "file too short for a DICOM file")
+    if pre[128:132] != b"DICM":
         raise _bad("no DICM prefix: not a DICOM Part 10 file")
     syntax = None
+    short = "file ends inside the file meta information"
     while True:
-        pos = f.tell()
-        head = f.read(8)
+        head = yield (PEEK, 8)
         if len(head) < 8:
-            raise _bad("file ends inside the file meta information")
+            raise _bad(short)
         g, e = struct.unpack("<HH", head[:4])
         if g != 0x0002:
-            f.seek(pos)
             break
+        yield from w.read(8, short)
         vr = head[4:6]
         if vr in _LONG_VRS:
-            ext = f.read(4)
-            if len(ext) < 4:
-                raise _bad("file ends inside the file meta information")
-            length = struct.unpack("<L", ext)[0]
+            length = struct.unpack("<L", (yield from w.read(4, short)))[0]
         elif vr in _SHORT_VRS:
             length = struct.unpack("<H", head[6:8])[0]
         else:
             raise _bad("file meta information is not explicit VR little endian")
-        if f.tell() + length > size or length == UNDEFINED:
+        if length == UNDEFINED or (size is not None and w.pos + length > size):
             raise _bad("a file meta element runs past the end of the file")
-        value = f.read(length)
+        if length > MAX_META_VALUE:
+            raise _bad(f"file meta element (0002,{e:04X}) of {length} bytes")
+        value = yield from w.read(length, "a file meta element runs past the end of the file")
         if e == 0x0010:
             syntax = value.decode("ascii", "replace").strip("\x00 ")
     if not syntax:
         raise _bad("file meta information without a Transfer Syntax UID")
-    return syntax, f.tell()
+    return syntax, w.pos
+
+
+def _drive_file(gen, f: BinaryIO, end: int):
+    """Run a walk over a file (reads, seeks); returns what the walk returns."""
+    value: object = None
+    try:
+        while True:
+            kind, n = gen.send(value)
+            if kind == READ:
+                value = f.read(n)
+            elif kind == SKIP:
+                take = max(0, min(n, end - f.tell()))
+                f.seek(take, os.SEEK_CUR)
+                value = take
+            elif kind == PEEK:
+                pos = f.tell()
+                value = f.read(n)
+                f.seek(pos)
+            elif kind == MORE:
+                value = f.tell() < end
+            else:
+                raise AssertionError(f"a file walk asked for {kind}")
+    except StopIteration as stop:
+        return stop.value
+
+
+def _read_meta(f: BinaryIO, size: int) -> tuple[str, int]:
+    """Transfer syntax and the offset where the dataset starts, from the file meta group."""
+    f.seek(0)
+    return _drive_file(_meta(_Walker(0, False, True, MAX_DEPTH), size), f, size)
+
+
+class StreamCheck:
+    """The validation of :func:`check_dataset`, done on a Part 10 file's bytes as they
+    arrive (a C-STORE dataset streamed to disk): :meth:`feed` each block before it is
+    written, :meth:`finish` at the end. A malformed dataset raises :class:`DatasetInvalid`
+    from the block where it shows: an enhanced multi-frame volume whose functional groups do
+    not match its frames, or whose pixel data is too short for its frames, is refused at
+    the header of its Pixel Data, before the frames arrive. Memory stays bounded: element
+    values are skipped as they pass (only a few bytes of some are kept), a Deflated
+    dataset is inflated block by block and refused past ``max_bytes``."""
+
+    def __init__(self, max_bytes: int = 0, max_depth: int = MAX_DEPTH) -> None:
+        self.max_bytes = max_bytes
+        self._buf = bytearray()
+        self._off = 0
+        self._skipping = False  # a SKIP request under way: _skip_left bytes still to pass
+        self._skip_left = 0
+        self._skipped = 0
+        self._inflate: Any = None
+        self._inflated = 0
+        self.syntax: str | None = None
+        self.error: DatasetInvalid | None = None
+        self.done = False
+        self._gen = self._run(max_depth)
+        self._req = next(self._gen)
+
+    def _run(self, max_depth: int):
+        syntax, _ = yield from _meta(_Walker(0, False, True, max_depth), None)
+        self.syntax = syntax
+        if syntax == DEFLATED:
+            yield (INFLATE, 0)
+        yield from _Walker(0, syntax == IMPLICIT_LE, syntax != EXPLICIT_BE,
+                           max_depth).walk(None)
+
+    def feed(self, data: bytes) -> None:
+        """The next block of the file; raises :class:`DatasetInvalid` (kept as ``error``,
+        raised again for any later block)."""
+        if self.error is not None:
+            raise self.error
+        if self.done:
+            raise self._fail(_bad("data after the end of the dataset"))
+        if self._off > (1 << 16):  # compact: what the walk consumed is dropped
+            del self._buf[:self._off]
+            self._off = 0
+        view = memoryview(data)
+        if self._inflate is not None:
+            self._push_inflated(view)
+        else:
+            self._push(view)
+
+    def finish(self) -> None:
+        """The file is complete: what is still open is an error."""
+        if self.error is not None:
+            raise self.error
+        if self._inflate is not None and not self._inflate.eof:
+            raise self._fail(_bad("deflated data ends before its end marker (truncated)"))
+        self._pump(final=True)
+        if not self.done:
+            raise self._fail(_bad("dataset ends inside an element"))
+
+    def _fail(self, exc: DatasetInvalid) -> DatasetInvalid:
+        self.error = exc
+        self._buf = bytearray()
+        return exc
+
+    def _push(self, view: memoryview) -> None:
+        if self._skipping and self._skip_left and self._off == len(self._buf):
+            take = min(self._skip_left, len(view))  # skipped without being copied
+            self._skip_left -= take
+            self._skipped += take
+            view = view[take:]
+        self._buf += view
+        self._pump(final=False)
+
+    def _push_inflated(self, view: memoryview) -> None:
+        d = self._inflate
+        data: bytes | memoryview = view
+        while data:
+            try:
+                out = d.decompress(data, 1 << 22)
+            except zlib.error as exc:
+                raise self._fail(_bad(f"deflated data is corrupt: {exc}")) from None
+            self._inflated += len(out)
+            if self.max_bytes and self._inflated > self.max_bytes:
+                raise self._fail(DatasetInvalid(
+                    OUT_OF_RESOURCES, "deflated dataset inflates beyond [node] max_dataset_mb "
+                    f"({self.max_bytes >> 20} MB)"))
+            self._push(memoryview(out))
+            data = d.unconsumed_tail
+            if d.eof:
+                break
+
+    def _pump(self, final: bool) -> None:
+        while not self.done:
+            kind, n = self._req
+            avail = len(self._buf) - self._off
+            if kind == READ or kind == PEEK:
+                if avail < n and not final:
+                    return
+                value: object = bytes(self._buf[self._off:self._off + n])
+                if kind == READ:
+                    self._off += len(value)  # type: ignore[arg-type]
+            elif kind == SKIP:
+                if not self._skipping:
+                    self._skipping, self._skip_left, self._skipped = True, n, 0
+                take = min(self._skip_left, avail)
+                self._off += take
+                self._skip_left -= take
+                self._skipped += take
+                if self._skip_left and not final:
+                    return
+                value, self._skipping, self._skip_left = self._skipped, False, 0
+            elif kind == MORE:
+                if not avail and not final:
+                    return
+                value = avail > 0
+            else:  # INFLATE: the rest of the data is a raw deflate stream
+                self._inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+                rest = bytes(self._buf[self._off:])
+                self._buf, self._off = bytearray(), 0
+                try:
+                    self._req = self._gen.send(None)
+                except DatasetInvalid as exc:
+                    raise self._fail(exc) from None
+                if rest:
+                    self._push_inflated(memoryview(rest))
+                continue
+            try:
+                self._req = self._gen.send(value)
+            except StopIteration:
+                self.done = True
+            except DatasetInvalid as exc:
+                raise self._fail(exc) from None
 
 
 def inflate(src: BinaryIO, dst: IO[bytes], max_bytes: int) -> int:
@@ -383,14 +578,14 @@ def walk_raw_dataset(f: BinaryIO, size: int, implicit: bool, little: bool,
 def _walk(f: BinaryIO, start: int, end: int, implicit: bool, little: bool,
           max_depth: int) -> None:
     f.seek(start)
-    w = _Walker(f, end, implicit, little, max_depth)
-    w.dataset(end, 0)
-    _check_functional_groups(w)
-    if w.pixel is None:
-        return
+    _drive_file(_Walker(start, implicit, little, max_depth).walk(end), f, end)
+
+
+def _check_pixel_length(w: _Walker) -> None:
+    """Native Pixel Data holds at least what Rows, Columns, Samples, Bits and Frames need
+    (known at its header: every attribute it needs comes before it)."""
+    assert w.pixel is not None
     tag, length = w.pixel
-    if length == UNDEFINED:
-        return  # fragments checked by the walk
     img = w.image
     missing = [k for k in ("rows", "cols") if not img.get(k)]
     if missing:
@@ -406,6 +601,18 @@ def _walk(f: BinaryIO, start: int, end: int, implicit: bool, little: bool,
     if length < need:
         raise _bad(f"pixel data holds {length} bytes, the image needs {need} "
                    f"({img['rows']} x {img['cols']} x {spp} x {bits} bits x {frames})")
+
+
+def _check_group_items(w: _Walker, tag: int, items: int) -> None:
+    """A functional groups sequence as soon as it ends: one shared item at most, one
+    per-frame item for each frame (Number of Frames (0028,0008) comes before it)."""
+    if tag == SHARED_GROUPS and items > 1:
+        raise _bad(f"Shared Functional Groups Sequence holds {items} items (at most one)")
+    if tag == PER_FRAME_GROUPS:
+        frames = w.image.get("frames", 1)
+        if items != frames:
+            raise _bad(f"Per-frame Functional Groups Sequence holds {items} items, "
+                       f"Number of Frames is {frames}: one item per frame")
 
 
 def _check_functional_groups(w: _Walker) -> None:
@@ -424,13 +631,9 @@ def _check_functional_groups(w: _Walker) -> None:
         if "frames" not in w.image:
             raise _bad(f"multi-frame object of SOP Class {w.sop_class} without Number of "
                        "Frames (0028,0008)")
-    if shared is not None and shared > 1:
-        raise _bad(f"Shared Functional Groups Sequence holds {shared} items (at most one)")
-    if per_frame is not None:
-        frames = w.image.get("frames", 1)
-        if per_frame != frames:
-            raise _bad(f"Per-frame Functional Groups Sequence holds {per_frame} items, "
-                       f"Number of Frames is {frames}: one item per frame")
+    for tag, items in ((SHARED_GROUPS, shared), (PER_FRAME_GROUPS, per_frame)):
+        if items is not None:
+            _check_group_items(w, tag, items)
 
 
 #: Photometric interpretations a decoder knows (PS3.3 C.7.6.3.1.2, retired ones included).

@@ -28,6 +28,7 @@ from typing import Any
 from node.compat import kill_pool_processes
 from node.config import Config
 from node.health import Health
+from node.implementation import stamp_file_meta
 from storage.db import transient_database_error
 from storage.files import FileStore
 from storage.records import ProducedObject
@@ -37,6 +38,20 @@ log = logging.getLogger("mammo_node.worker")
 
 #: A model that could not load is tried again this often.
 MODEL_RETRY_SECONDS = 10
+#: The reason of an exam not read for its implant (state ``skipped``).
+IMPLANT_SKIPPED = ("implant present: not read ([inference] implants = skip); mammo-node "
+                   "complete reads it on request")
+
+
+def skip_reason(cfg: Config, context: dict[str, Any]) -> str | None:
+    """Why the site's rules leave this exam unread (state ``skipped``), or None: an implant
+    with ``[inference] implants = "skip"``, unless someone asked for the reading
+    (``mammo-node complete``: ``read_on_request``)."""
+    if context.get("read_on_request"):
+        return None
+    if context.get("implant") and cfg.inference.implants == "skip":
+        return IMPLANT_SKIPPED
+    return None
 
 
 @dataclass(frozen=True)
@@ -177,6 +192,7 @@ def _model_info() -> dict[str, Any]:
 
 
 def _save(ds, path: Path) -> None:
+    stamp_file_meta(ds)  # the node wrote it, not highdicom (PS3.10 7.1)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     ds.save_as(tmp, enforce_file_format=True)
@@ -411,7 +427,8 @@ class Worker(threading.Thread):
                                              {"sr": tuple(self.cfg.results.sr),
                                               "attention_maps": self.cfg.results.attention_maps,
                                               "parametric_maps":
-                                                  self.cfg.results.parametric_maps}))
+                                                  self.cfg.results.parametric_maps}
+                                             if self.cfg.inference.warm_up_exam else None))
 
     def _start_model(self) -> bool:
         """Start the inference process and load the model; False (said why) on failure."""
@@ -427,11 +444,13 @@ class Worker(threading.Thread):
             self.pool = None
             return False
         self.health.model_ok(info)
+        warm = info.get("warm_seconds")
         log.info("model loaded in the inference process: %s %s on %s (scan: %s), "
-                 "sha256 %s%s; warm-up exam read in %.2f s", info["arch"], info["task"],
+                 "sha256 %s%s; %s", info["arch"], info["task"],
                  info["device"], info["scan"], info["sha256"][:16],
                  " (demo checkpoint: NOT FOR CLINICAL USE)" if info["demo"] else "",
-                 info.get("warm_seconds") or 0.0)
+                 f"warm-up exam read in {warm:.2f} s" if warm is not None
+                 else "no warm-up exam ([inference] warm_up_exam = false)")
         return True
 
     def _restart(self, why: str) -> None:
@@ -524,10 +543,10 @@ class Worker(threading.Thread):
             log.warning("exam %s v%d failed: no usable view", study, version)
             return
         context = self.exams.reading_context(exam_id)
-        if context["implant"] and self.cfg.inference.implants == "skip":
-            self.exams.finish(exam_id, version, ok=False,
-                              reason="not read: implant present ([inference] implants = skip)")
-            log.info("exam %s v%d not read: implant present", study, version)
+        skip = skip_reason(self.cfg, context)
+        if skip is not None:
+            self.exams.skip(exam_id, version, skip)
+            log.info("exam %s v%d skipped: %s", study, version, skip.split(";")[0])
             return
         notes = [f"{slot}: only a tomosynthesis volume, read with this view missing"
                  for slot in context["volume_only"]]

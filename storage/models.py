@@ -68,7 +68,10 @@ class Instance(Base):
     series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # Default QIDO-RS return attributes (PS3.18 Table 6.7.1-2) a viewer's lists show.
-    patient_birth_date: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    #: Indexed: a study without a PatientID is some patient's prior by name and birth date
+    #: (storage.state.ExamStore.patient_exams).
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8), nullable=True,
+                                                           index=True)
     patient_sex: Mapped[str | None] = mapped_column(String(64), nullable=True)
     study_description: Mapped[str | None] = mapped_column(String(256), nullable=True)
     study_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -118,6 +121,9 @@ class Exam(Base):
     """One screening exam per StudyInstanceUID with four view slots."""
 
     __tablename__ = "exams"
+    #: A patient's exams (the prior rules, the priors listed with an exam) by one indexed
+    #: lookup.
+    __table_args__ = (Index("ix_exams_patient", "patient_id", "issuer_of_patient_id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
@@ -138,6 +144,14 @@ class Exam(Base):
     kinds_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     #: An image of the exam says a breast implant is present.
     implant: Mapped[bool | None] = mapped_column(nullable=True, default=False)
+    #: Why the exam is a prior (storage.state.PRIOR_RULES: "age" = [grouping]
+    #: prior_after_days, "gap" = prior_gap_days); None when it is not one.
+    prior_rule: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    #: An administrator asked for this exam to be read (mammo-node complete, the dashboard):
+    #: a prior or an exam skipped for its implant is read, and no newer study demotes it.
+    read_on_request: Mapped[bool | None] = mapped_column(nullable=True, default=False)
+    #: Slots that hold only a tomosynthesis volume, read with the view missing (JSON list).
+    volume_only_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     notes_json: Mapped[str] = mapped_column(Text, default="[]")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     last_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow,
@@ -176,6 +190,12 @@ class Exam(Base):
         return {s: (kinds.get(s) if self.get_slot(s) else None) for s in SLOTS}
 
     @property
+    def volume_only(self) -> list[str]:
+        """Slots still without an image that had only a tomosynthesis volume."""
+        slots = set(json.loads(self.volume_only_json or "[]"))
+        return [s for s in SLOTS if s in slots and self.get_slot(s) is None]
+
+    @property
     def notes(self) -> list[str]:
         return list(json.loads(self.notes_json or "[]"))
 
@@ -196,6 +216,12 @@ class Exam(Base):
             "missing": self.missing,
             "study_date": self.study_date,
             "implant": bool(self.implant),
+            # views with only a tomosynthesis volume, read missing ([grouping] volume_2d)
+            "volume_only": self.volume_only,
+            # why it is a prior: "age" (prior_after_days) or "gap" (prior_gap_days)
+            "prior_rule": self.prior_rule,
+            # an administrator asked for it to be read (a prior, an implant skipped)
+            "read_on_request": bool(self.read_on_request),
             "reason": self.reason,
             "notes": self.notes,
             "last_received_at": self.last_received_at.isoformat() + "Z",

@@ -13,6 +13,8 @@ Rules (``[retention]`` and ``[storage] purge_above_percent``):
 * A **prior** (an older study kept for comparison, state ``prior``: never read, so never
   ``done``) may go ``keep_images_days`` after its last image arrived; the current exam's
   reading that listed it stands (its results name the prior, they do not need its files).
+  So may an exam **skipped** by the site's rule (``[inference] implants = "skip"``): nothing
+  of it is to be delivered.
 * The **produced objects** (SRs, SCs) of delivered exams may go ``keep_results_days`` after
   delivery (never when that is ``None``).
 * Above ``purge_above_percent`` of disk use, the oldest purgeable studies go first, younger
@@ -40,6 +42,10 @@ from storage.files import FileStore
 from storage.models import Exam, Instance, Outbound, PurgeJournal, Result, utcnow
 
 log = logging.getLogger("mammo_node.retention")
+
+#: Exam states kept but never read (nothing to deliver): purged keep_images_days after their
+#: last image arrived (storage.state.ExamState PRIOR and SKIPPED).
+_UNREAD = ("prior", "skipped")
 
 
 @dataclass
@@ -89,11 +95,11 @@ class Retention:
                 select(Instance.exam_id, func.count(),
                        func.coalesce(func.sum(Instance.size_bytes), 0))
                 .join(Exam, Exam.id == Instance.exam_id)
-                .where(Exam.state.in_(("done", "prior")), Exam.images_purged_at.is_(None))
+                .where(Exam.state.in_(("done", *_UNREAD)), Exam.images_purged_at.is_(None))
                 .group_by(Instance.exam_id))}
-            # Priors: kept for comparison, never read; they go keep_images_days after their
-            # last image arrived.
-            for prior in s.scalars(select(Exam).where(Exam.state == "prior",
+            # Priors (kept for comparison) and skipped exams: never read; they go
+            # keep_images_days after their last image arrived.
+            for prior in s.scalars(select(Exam).where(Exam.state.in_(_UNREAD),
                                                       Exam.images_purged_at.is_(None))):
                 n, size = sizes.get(prior.id, (0, 0))
                 out.append(Candidate(prior.study_instance_uid, prior.id,

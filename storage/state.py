@@ -11,6 +11,8 @@ Exams::
     receiving | ready -> prior       an old study ([grouping] prior_after_days), or one of a
                                      patient with a much newer study (prior_gap_days): kept
     prior -> ready | receiving       read on request (mammo-node complete)
+    processing -> skipped            not read by the site's rule ([inference] implants = skip)
+    skipped -> ready                 read on request (mammo-node complete)
 
 Deliveries (one result object to one destination)::
 
@@ -74,6 +76,14 @@ class ExamState(StrEnum):
     #: for comparison and listed with the current exam, not read unless asked
     #: (``mammo-node complete``).
     PRIOR = "prior"
+    #: Not read, by the site's rule ([inference] implants = "skip"); ``reason`` says which.
+    #: Read on request (``mammo-node complete``).
+    SKIPPED = "skipped"
+
+
+#: Why an exam is a prior (``Exam.prior_rule``): its StudyDate was older than [grouping]
+#: prior_after_days on arrival, or the patient has a study prior_gap_days newer.
+PRIOR_RULES = ("age", "gap")
 
 
 class OutboundState(StrEnum):
@@ -87,11 +97,13 @@ _E, _O = ExamState, OutboundState
 EXAM_TRANSITIONS: dict[ExamState, frozenset[ExamState]] = {
     _E.RECEIVING: frozenset({_E.READY, _E.CONFLICT, _E.PRIOR}),
     _E.READY: frozenset({_E.PROCESSING, _E.RECEIVING, _E.CONFLICT, _E.PRIOR}),
-    _E.PROCESSING: frozenset({_E.DONE, _E.FAILED, _E.READY, _E.RECEIVING, _E.CONFLICT}),
+    _E.PROCESSING: frozenset({_E.DONE, _E.FAILED, _E.SKIPPED, _E.READY, _E.RECEIVING,
+                              _E.CONFLICT}),
     _E.DONE: frozenset({_E.READY, _E.RECEIVING, _E.CONFLICT}),
     _E.FAILED: frozenset({_E.READY, _E.RECEIVING, _E.CONFLICT}),
     _E.CONFLICT: frozenset({_E.READY, _E.RECEIVING}),
     _E.PRIOR: frozenset({_E.READY, _E.RECEIVING, _E.CONFLICT}),
+    _E.SKIPPED: frozenset({_E.READY, _E.RECEIVING, _E.CONFLICT}),
 }
 OUTBOUND_TRANSITIONS: dict[OutboundState, frozenset[OutboundState]] = {
     _O.PENDING: frozenset({_O.SENT, _O.RETRYING, _O.GAVE_UP}),
@@ -134,6 +146,8 @@ class SlotAssignment:
     kinds: dict[str, str] = field(default_factory=dict)
     #: An image of the exam says a breast implant is present.
     implant: bool = False
+    #: Slots with only a tomosynthesis volume, left missing ([grouping] volume_2d).
+    volume_only: list[str] = field(default_factory=list)
 
 
 AssignFn = Callable[[list[Instance]], SlotAssignment]
@@ -403,18 +417,24 @@ class ExamStore:
         if exam.study_date is None and inst.study_date:
             exam.study_date = inst.study_date
         complete = not exam.missing
-        why = self._prior_reason(s, exam) if new_exam else None
-        if why or exam.state == ExamState.PRIOR:
-            if why:
-                exam.add_note(why)
-                exam.reason = why
-                self._set_state(exam, ExamState.PRIOR, now, why)
+        # The prior rules, for a study's first image: the patient's other exams are looked
+        # up once (one indexed query), for both rules, only when the age rule did not decide.
+        patient: list[Exam] | None = None
+        rule = None
+        if new_exam:
+            rule = self._age_rule(exam)
+            if rule is None and self.prior_gap_days is not None:
+                patient = self.patient_exams(s, exam, members)
+                rule = self._gap_rule(exam, patient)
+        if rule or exam.state == ExamState.PRIOR:
+            if rule:
+                self._make_prior(exam, *rule, now)
             result.exam_study_uid = exam.study_instance_uid
             result.exam_state = exam.state
             result.exam_version = exam.version
             return
-        if new_exam:
-            self._demote_older(s, exam, now)
+        if patient:
+            self._demote_older(exam, patient, now)
         if changed:
             if exam.state in _READ:
                 exam.version += 1
@@ -468,77 +488,110 @@ class ExamStore:
             exam.set_slot(slot, assignment.slots.get(slot))
         exam.kinds_json = json.dumps(assignment.kinds)
         exam.implant = assignment.implant
+        exam.volume_only_json = json.dumps(assignment.volume_only) \
+            if assignment.volume_only else None
         for note in assignment.notes:
             if note not in exam.notes:
                 exam.add_note(note)
 
-    def _same_patient_exams(self, s, exam: Exam) -> list[Exam]:
-        """Other exams of the exam's patient: the same non-empty PatientID (issuers
-        compatible); where either exam has no PatientID, the same name and birth date (both
-        needed: a name alone is not enough to call a study someone's prior)."""
+    def patient_exams(self, s, exam: Exam, members: list[Instance] | None = None,
+                      states: tuple[str, ...] | None = None) -> list[Exam]:
+        """Other exams of the exam's patient (optionally only those in ``states``): the same
+        non-empty PatientID with compatible issuers (index ix_exams_patient); where either
+        exam has no PatientID, the same name and birth date (both needed: a name alone is not
+        enough to call a study someone's prior; index on instances.patient_birth_date). A
+        few indexed queries whatever the number of exams; ``members``: the exam's instances
+        when the caller has them."""
         out: dict[int, Exam] = {}
+        in_states = [Exam.state.in_(states)] if states is not None else []
         if exam.patient_id:
             for e in s.scalars(select(Exam).where(Exam.patient_id == exam.patient_id,
-                                                  Exam.id != exam.id)):
+                                                  Exam.id != exam.id, *in_states)):
                 if same_patient(exam.patient_id, exam.issuer_of_patient_id, e.patient_id,
                                 e.issuer_of_patient_id):
                     out[e.id] = e
-
-        def members(e: Exam) -> list[Instance]:
-            return list(s.scalars(select(Instance).where(Instance.exam_id == e.id)
-                                  .order_by(Instance.id)))
-
-        me = exam_identity(exam, members(exam))
-        if me.name and me.birth_date:
-            ids = set(s.scalars(select(Instance.exam_id).where(
-                Instance.patient_birth_date == me.birth_date, Instance.exam_id.is_not(None),
-                Instance.exam_id != exam.id)))
-            for e in s.scalars(select(Exam).where(Exam.id.in_(ids))) if ids else []:
-                if e.id in out or (exam.patient_id and e.patient_id):
-                    continue  # where both have a PatientID, the IDs decide
-                other = exam_identity(e, members(e))
+        if members is None:
+            members = list(s.scalars(select(Instance).where(Instance.exam_id == exam.id)
+                                     .order_by(Instance.id)))
+        me = exam_identity(exam, members)
+        if not (me.name and me.birth_date):
+            return list(out.values())
+        # Where both have a PatientID the IDs decided above: with one, only images without.
+        anonymous = [or_(Instance.patient_id.is_(None), Instance.patient_id == "")] \
+            if exam.patient_id else []
+        ids = set(s.scalars(select(Instance.exam_id).where(
+            Instance.patient_birth_date == me.birth_date, Instance.exam_id.is_not(None),
+            Instance.exam_id != exam.id, *anonymous).distinct()))
+        no_id = or_(Exam.patient_id.is_(None), Exam.patient_id == "")
+        candidates = [e for e in s.scalars(select(Exam).where(
+            Exam.id.in_(ids), *in_states, *([no_id] if exam.patient_id else [])))
+            if e.id not in out] if ids else []
+        if candidates:
+            by_exam: dict[int, list[Instance]] = {}
+            for m in s.scalars(select(Instance).where(
+                    Instance.exam_id.in_([e.id for e in candidates])).order_by(Instance.id)):
+                by_exam.setdefault(int(m.exam_id or 0), []).append(m)
+            for e in candidates:
+                other = exam_identity(e, by_exam.get(e.id, []))
                 if other.name == me.name and other.birth_date == me.birth_date:
                     out[e.id] = e
         return list(out.values())
 
-    def _prior_reason(self, s, exam: Exam) -> str | None:
-        """Why a study that just arrived is a prior (None: it is read)."""
+    def _age_rule(self, exam: Exam) -> tuple[str, str] | None:
+        """("age", why) when the study's StudyDate is more than [grouping] prior_after_days
+        old on arrival."""
         date = _date(exam.study_date)
-        if date is None:
+        if date is None or self.prior_after_days is None:
             return None
-        if self.prior_after_days is not None:
-            age = (utcnow().date() - date).days
-            if age > self.prior_after_days:
-                return (f"prior: StudyDate {date.isoformat()} is {age} days old ([grouping] "
-                        f"prior_after_days = {self.prior_after_days:g}); stored, not read "
-                        f"(mammo-node complete {exam.study_instance_uid} reads it)")
-        if self.prior_gap_days is not None:
-            for other in self._same_patient_exams(s, exam):
-                d = _date(other.study_date)
-                if d is not None and (d - date).days >= self.prior_gap_days:
-                    return (f"prior: the node holds a study of the same patient from "
-                            f"{d.isoformat()}, {(d - date).days} days newer ([grouping] "
-                            f"prior_gap_days = {self.prior_gap_days:g}); stored, not read")
-        return None
+        age = (utcnow().date() - date).days
+        if age <= self.prior_after_days:
+            return None
+        return "age", (f"prior: StudyDate {date.isoformat()} is {age} days old ([grouping] "
+                       f"prior_after_days = {self.prior_after_days:g}); stored, not read "
+                       f"(mammo-node complete {exam.study_instance_uid} reads it)")
 
-    def _demote_older(self, s, exam: Exam, now: dt.datetime) -> None:
+    def _gap_reason(self, exam: Exam, newer: Exam, arrived: bool) -> str:
+        """The gap rule's reason, naming the newer study that made ``exam`` a prior (the one
+        that just arrived, or the newest the node holds)."""
+        date, newer_date = _date(exam.study_date), _date(newer.study_date)
+        assert date is not None and newer_date is not None
+        held = "arrived" if arrived else "is held by the node"
+        return (f"prior: study {newer.study_instance_uid} of the same patient from "
+                f"{newer_date.isoformat()} {held}, {(newer_date - date).days} days newer "
+                f"([grouping] prior_gap_days = {self.prior_gap_days:g}); stored, not read "
+                f"(mammo-node complete {exam.study_instance_uid} reads it)")
+
+    def _gap_rule(self, exam: Exam, patient: list[Exam]) -> tuple[str, str] | None:
+        """("gap", why) when the node holds a study of the patient at least [grouping]
+        prior_gap_days newer than this one (the newest such study is named)."""
+        date = _date(exam.study_date)
+        if date is None or self.prior_gap_days is None:
+            return None
+        newer = [(d, e) for e in patient if (d := _date(e.study_date)) is not None
+                 and (d - date).days >= self.prior_gap_days]
+        if not newer:
+            return None
+        return "gap", self._gap_reason(exam, max(newer, key=lambda t: t[0])[1], arrived=False)
+
+    def _make_prior(self, exam: Exam, rule: str, why: str, now: dt.datetime) -> None:
+        exam.add_note(why)
+        exam.reason = why
+        exam.prior_rule = rule
+        self._set_state(exam, ExamState.PRIOR, now, why)
+
+    def _demote_older(self, exam: Exam, patient: list[Exam], now: dt.datetime) -> None:
         """A new study of a patient: the patient's studies at least prior_gap_days older
-        that are not read yet become priors."""
+        that are not read yet (and that nobody asked to read) become priors, with the gap
+        rule's reason naming this study."""
         date = _date(exam.study_date)
         if date is None or self.prior_gap_days is None:
             return
-        for other in self._same_patient_exams(s, exam):
+        for other in patient:
             d = _date(other.study_date)
             if (d is None or other.state not in (ExamState.RECEIVING, ExamState.READY)
-                    or (date - d).days < self.prior_gap_days
-                    or any("read on request" in n for n in other.notes)):
+                    or (date - d).days < self.prior_gap_days or other.read_on_request):
                 continue
-            why = (f"prior: study {exam.study_instance_uid} of the same patient from "
-                   f"{date.isoformat()} arrived, {(date - d).days} days newer ([grouping] "
-                   f"prior_gap_days = {self.prior_gap_days:g}); stored, not read")
-            other.add_note(why)
-            other.reason = why
-            self._set_state(other, ExamState.PRIOR, now, why)
+            self._make_prior(other, "gap", self._gap_reason(other, exam, arrived=True), now)
 
     def priors_of(self, study_uid: str) -> list[tuple[str, str | None]]:
         """(study UID, StudyDate) of the priors of the study's patient, oldest first."""
@@ -547,8 +600,49 @@ class ExamStore:
             if exam is None:
                 return []
             rows = [(e.study_instance_uid, e.study_date) for e in
-                    self._same_patient_exams(s, exam) if e.state == ExamState.PRIOR]
+                    self.patient_exams(s, exam, states=(ExamState.PRIOR.value,))]
         return sorted(rows, key=lambda r: r[1] or "")
+
+    def patient_studies(self, study_uid: str) -> list[dict[str, Any]]:
+        """The other exams of the study's patient (study, StudyDate, state), newest first:
+        what the dashboard links an exam to."""
+        with self.db.session() as s:
+            exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid))
+            if exam is None:
+                return []
+            rows = [{"study": e.study_instance_uid, "date": e.study_date, "state": e.state}
+                    for e in self.patient_exams(s, exam)]
+        return sorted(rows, key=lambda r: r["date"] or "", reverse=True)
+
+    def priors_by_study(self, study_uids: list[str]) -> dict[str, list[tuple[str, str | None]]]:
+        """study -> (prior study, StudyDate) oldest first, for a page of exams that are not
+        priors themselves: one indexed query for those with a PatientID, the
+        name-and-birth-date lookup for the others."""
+        out: dict[str, list[tuple[str, str | None]]] = {}
+        with self.db.session() as s:
+            exams = list(s.scalars(select(Exam).where(
+                Exam.study_instance_uid.in_(study_uids),
+                Exam.state != ExamState.PRIOR.value))) if study_uids else []
+            ids = sorted({e.patient_id for e in exams if e.patient_id})
+            priors = list(s.scalars(select(Exam).where(
+                Exam.patient_id.in_(ids), Exam.state == ExamState.PRIOR.value))) if ids else []
+            # Priors without a PatientID are matched by name and birth date, exam by exam,
+            # only where the node holds any.
+            anonymous = s.scalar(select(Exam.id).where(
+                Exam.state == ExamState.PRIOR.value,
+                or_(Exam.patient_id.is_(None), Exam.patient_id == "")).limit(1)) is not None
+            for e in exams:
+                if e.patient_id and not anonymous:
+                    found = [p for p in priors if same_patient(
+                        e.patient_id, e.issuer_of_patient_id, p.patient_id,
+                        p.issuer_of_patient_id)]
+                else:
+                    found = self.patient_exams(s, e, states=(ExamState.PRIOR.value,))
+                if found:
+                    out[e.study_instance_uid] = sorted(
+                        ((p.study_instance_uid, p.study_date) for p in found),
+                        key=lambda r: r[1] or "")
+        return out
 
     def _hold(self, exam: Exam, inst: Instance, members: list[Instance],
               others: list[Instance], now: dt.datetime, result: AddResult) -> None:
@@ -749,24 +843,42 @@ class ExamStore:
             return exam.version, exam.state
 
     def complete_now(self, study_uid: str) -> tuple[list[str], str]:
-        """Process a partial exam now instead of waiting (``mammo-node complete``):
-        (missing views, state). KeyError / ValueError as :meth:`reprocess`."""
+        """Process an exam now (``mammo-node complete``): a partial one instead of waiting, a
+        prior or an exam skipped by the site's rule because someone asks for its reading
+        (``read_on_request``: the worker reads it whatever [inference] implants says, no
+        newer study makes it a prior again). Returns (missing views, state). KeyError /
+        ValueError as :meth:`reprocess`."""
         now = utcnow()
         with self.db.write() as s:
             exam = _exam_for_update(s, study_uid)
-            if exam.state not in (ExamState.RECEIVING, ExamState.PRIOR):
-                raise ValueError(f"the exam is {exam.state}, not receiving or prior")
+            if exam.state not in (ExamState.RECEIVING, ExamState.PRIOR, ExamState.SKIPPED):
+                raise ValueError(f"the exam is {exam.state}, not receiving, prior or "
+                                 f"skipped")
             if not any(exam.views.values()):
                 raise ValueError("no image fills any of the four view slots")
             missing = exam.missing
-            msg = f"completed by request with {', '.join(missing) or 'no view'} missing"
-            if exam.state == ExamState.PRIOR:
-                msg = f"prior read on request ({', '.join(missing) or 'no view'} missing)"
+            gone = ', '.join(missing) or 'no view'
+            if exam.state == ExamState.RECEIVING:
+                msg = f"completed by request with {gone} missing"
+                exam.reason = f"{exam.reason}; {msg}" if exam.reason else msg
+            else:
+                msg = f"{exam.state} read on request ({gone} missing)"
                 exam.add_note(msg)
-                exam.reason = None
-            exam.reason = f"{exam.reason}; {msg}" if exam.reason else msg
-            self._set_state(exam, ExamState.READY, now)
+                exam.reason = msg
+                exam.read_on_request = True
+            self._set_state(exam, ExamState.READY, now, msg)
             return missing, exam.state
+
+    def skip(self, exam_id: int, version: int, reason: str) -> bool:
+        """End processing of ``version`` without a reading, by the site's rule (state
+        ``skipped``, ``reason`` says which); False when this process no longer holds it."""
+        with self.db.write() as s:
+            exam = s.get(Exam, exam_id, with_for_update=True)
+            if exam is None or not self._held(exam, version):
+                return False
+            self._set_state(exam, ExamState.SKIPPED, utcnow(), reason)
+            exam.reason = reason
+            return True
 
     def finish(self, exam_id: int, version: int, ok: bool, reason: str | None = None) -> bool:
         """End processing of ``version``; False when the exam was reopened meanwhile (or
@@ -868,15 +980,13 @@ class ExamStore:
             study = exam.study_instance_uid
             kinds = {k: v for k, v in exam.view_kinds.items() if v}
             implant = bool(exam.implant)
-            # Only views still without an image (the note stays when a 2D image came later).
-            volume_only = [n.split(":")[0] for n in exam.notes
-                           if "only a tomosynthesis volume; read with this view missing" in n
-                           and n.split(":")[0] in exam.missing]
+            volume_only = exam.volume_only  # only views still without an image
+            read_on_request = bool(exam.read_on_request)
         priors = [d for _, d in self.priors_of(study)]
         return {"kinds": kinds, "implant": implant,
                 "priors": [f"{d[:4]}-{d[4:6]}-{d[6:8]}" if d and len(d) == 8 else (d or "?")
                            for d in priors],
-                "volume_only": sorted(set(volume_only))}
+                "volume_only": volume_only, "read_on_request": read_on_request}
 
     # -- export ----------------------------------------------------------------------------
     def due_transfers(self, limit: int = 100,

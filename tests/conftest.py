@@ -21,6 +21,18 @@ def pytest_configure(config):
     os.environ.setdefault("NUMBA_CACHE_DIR", str(cache))
 
 
+def pytest_collection_modifyitems(config, items):
+    # Under pytest-xdist (--dist loadgroup) the tests of a module that shares a module-scoped
+    # fixture (a trained checkpoint, a database full of studies) run on one worker, so the
+    # fixture is built once; every other test goes wherever a worker is free.
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:
+            continue
+        if any(d.scope == "module" for defs in info.name2fixturedefs.values() for d in defs):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 @pytest.fixture
 def node_factory(tmp_path):
     started: list[NodeProcess] = []

@@ -20,10 +20,32 @@ ROOT = Path(__file__).resolve().parent.parent
 DCMTK = Path("/usr/bin")
 
 
+#: Listening ports come from below the kernel's ephemeral range (32768-60999 on Linux), so an
+#: outgoing connection's source port cannot take one between the check and the listen; each
+#: pytest-xdist worker draws from its own slice, from a start that differs per process.
+_PORT_LO, _PORT_HI = 12000, 32000
+_PORT_SLICES = 8
+_port_next: int | None = None
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    global _port_next
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) % _PORT_SLICES if worker[2:].isdigit() else 0
+    size = (_PORT_HI - _PORT_LO) // _PORT_SLICES
+    lo = _PORT_LO + index * size
+    if _port_next is None:
+        _port_next = os.getpid() * 7919 % size
+    for _ in range(size):
+        port = lo + _port_next % size
+        _port_next += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {lo}-{lo + size - 1}")
 
 
 def toml_value(v) -> str:
@@ -77,6 +99,9 @@ class NodeProcess:
             # Tests count result objects as 2 SRs + 4 SCs; the ones about Parametric Maps
             # and presentation states turn them on.
             "results": {"parametric_maps": False, "presentation_states": False},
+            # The warm-up exam (issue 21) costs ~2 s at every start of an inference process;
+            # tests/test_metrics_health.py turns it on where it is the subject.
+            "inference": {"warm_up_exam": False},
         }
         arrays: dict[str, list[dict]] = {}
         for section, values in (settings or {}).items():
@@ -315,6 +340,40 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.25, what: str
 def dciodvfy_errors(path: Path) -> list[str]:
     r = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True)
     return [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("Error")]
+
+
+def asgi_request(app, method: str, path: str, body: bytes = b"",
+                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request to an ASGI application in this process (no server, no socket; the
+    venv has no httpx for starlette's TestClient): (status, headers, body)."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    url = urlsplit(path)
+    hdrs = {"host": "127.0.0.1", **{k.lower(): v for k, v in (headers or {}).items()}}
+    if body:
+        hdrs.setdefault("content-type", "application/x-www-form-urlencoded")
+        hdrs["content-length"] = str(len(body))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": method, "scheme": "http", "path": url.path,
+             "raw_path": url.path.encode(), "query_string": url.query.encode(),
+             "root_path": "", "headers": [(k.encode(), v.encode()) for k, v in hdrs.items()],
+             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80)}
+    out: dict = {"status": 0, "headers": {}, "body": b""}
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict:
+        return pending.pop(0) if pending else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            out["status"] = message["status"]
+            out["headers"] = {k.decode().lower(): v.decode() for k, v in message["headers"]}
+        elif message["type"] == "http.response.body":
+            out["body"] += message.get("body", b"")
+
+    asyncio.run(app(scope, receive, send))
+    return out["status"], out["headers"], out["body"]
 
 
 class WebInProcess:

@@ -4,6 +4,7 @@ download is not used). Screenshots of every page are saved as test artifacts
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from pathlib import Path
 
@@ -54,6 +55,10 @@ def test_dashboard_pages_in_chromium(node_factory, storescp_factory, browser):
                      lesions={"L": [Lesion("spiculated", 0.5, 0.45, 0.08, 0.4)]})
     study = exam[0].StudyInstanceUID
     assert send(node.port, exam) == [0] * 4
+    # The patient's study of 2024 (the gap rule: a prior, kept, not read).
+    prior = make_exam(seed=113, rows=64, cols=64, patient_id=exam[0].PatientID,
+                      acquisition=dt.datetime(2024, 6, 3, 9, 0))
+    assert send(node.port, prior) == [0] * 4
     partial = make_exam(seed=112, rows=64, cols=64)[:3]
     assert send(node.port, partial) == [0] * 3
     node.wait_exam(study, "done", timeout=180)
@@ -79,19 +84,25 @@ def test_dashboard_pages_in_chromium(node_factory, storescp_factory, browser):
     # Exams list.
     assert page.locator(f"a:has-text('{study}')").count() == 1
     assert page.locator("text=NOT FOR CLINICAL USE").count() == 1
-    rows = page.locator("tbody tr")
-    assert rows.count() == 2
+    rows = page.locator("tbody tr:not(.priors)")
+    assert rows.count() == 3
     assert "R-MLO" in rows.nth(0).inner_text()  # the partial exam, newest first, misses it
+    assert "prior" in rows.nth(1).inner_text()
+    # The prior under the patient's current exam, a link to it.
+    under = page.locator(f"tr:has(a:has-text('{study}')) + tr.priors")
+    assert "priors of this patient: 2024-06-03" in under.inner_text()
+    assert under.locator("a").get_attribute("href") == \
+        f"/ui/exams/{prior[0].StudyInstanceUID}"
     _shot(page, "exams")
     page.select_option("select[name=state]", "failed")
     page.click("button:has-text('Filter')")
     assert "No exams match the filter" in page.content()
     page.goto(f"{base}/ui?state=done")
-    assert page.locator("tbody tr").count() == 1
+    assert page.locator("tbody tr:not(.priors)").count() == 1
     # Triage: by exam score, the read exam (with its marks above the operating point) first.
     page.goto(f"{base}/ui?sort=score")
-    rows = page.locator("tbody tr")
-    assert rows.count() == 2 and study in rows.nth(0).inner_text()
+    rows = page.locator("tbody tr:not(.priors)")
+    assert rows.count() == 3 and study in rows.nth(0).inner_text()
     assert "above OP" in rows.nth(0).inner_text()
     listed = node.exam(study)
     assert f"{listed['score']:.0f}" in rows.nth(0).inner_text()
@@ -109,7 +120,11 @@ def test_dashboard_pages_in_chromium(node_factory, storescp_factory, browser):
     assert text.count("received") >= 4 and "processing -> done" in text
     assert "marks" in text.lower() and "region score" in text.lower()  # th: uppercase
     assert "sent (attempt 1)" in text and "archive" in text
+    assert "conventional 2D" in page.inner_text("table.views")
     _shot(page, "exam")
+    page.click("a:has-text('2024-06-03')")  # the prior, from the current exam
+    text = page.inner_text("main")
+    assert "kept for comparison, not read" in text and "Other studies of this patient" in text
 
     # Destinations: the PACS answers C-ECHO, the archive does not; pause.
     page.goto(f"{base}/ui/destinations")

@@ -152,18 +152,30 @@ def test_volume_frames_qido_and_retention(node_factory, tmp_path):
 
 
 def test_volume_with_bad_functional_groups_is_refused(node_factory, tmp_path):
-    """Per-frame Functional Groups items that do not match Number of Frames: refused with
-    0xC210 over C-STORE, a FailedSOPSequence over STOW-RS, nothing stored."""
+    """Per-frame Functional Groups items that do not match Number of Frames: over C-STORE
+    (pynetdicom, DCMTK storescu) refused 0xC210 while it arrives, at the Pixel Data header
+    (nothing of its frames written), a FailedSOPSequence over STOW-RS; nothing left on disk."""
     node, base = _node(node_factory)
-    path = write_tomo_volume(tmp_path / "v.dcm", frames=12, rows=64, cols=64)
+    path = write_tomo_volume(tmp_path / "v.dcm", frames=12, rows=256, cols=256)
     ds = dcmread(path)
     ds.PerFrameFunctionalGroupsSequence = ds.PerFrameFunctionalGroupsSequence[:11]
     ds.save_as(path)
-    assert send(node.port, [path]) == [0xC210]
+    pixels_at = path.read_bytes().rindex(b"\xe0\x7f\x10\x00OW")
+    assert send(node.port, [path], max_pdu=16384) == [0xC210]
+    r = subprocess.run([dcmtk("storescu"), "-v", "-R", "-aec", node.ae_title, "127.0.0.1",
+                        str(node.port), str(path)], capture_output=True, text=True,
+                       timeout=60)
+    assert "Error: CannotUnderstand" in r.stderr, r.stdout + r.stderr  # 0xC210
+    refusals = re.findall(r"Per-frame Functional Groups Sequence holds 11 items.*refused "
+                          r"while it arrived, at byte (\d+)", node.log.read_text())
+    assert len(refusals) == 2, node.log.read_text()[-3000:]
+    # Refused in the block that carried the Pixel Data header: the frames (1.5 MB) never
+    # reached the disk.
+    assert all(int(at) <= pixels_at for at in refusals), (refusals, pixels_at)
     resp = _stow(base, path, tmp_path)
     assert resp.status_code == 409
     assert "Per-frame Functional Groups Sequence holds 11 items" in resp.headers["Warning"]
-    assert node.stored_files() == []
+    assert node.stored_files() == [] and node.incoming_files() == []
 
 
 def _rss_kb(pid: int, key: str) -> int:

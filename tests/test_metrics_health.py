@@ -44,7 +44,8 @@ def _samples(text: str) -> dict[tuple[str, tuple], float]:
 
 
 def test_metrics_and_probes_after_an_exam(node_factory, storescp_factory):
-    node, base = _web(node_factory, storescp_factory)
+    node, base = _web(node_factory, storescp_factory,
+                      settings={"inference": {"warm_up_exam": True}})
     wait_for(lambda: _get(f"{base}/readyz").status_code == 200, 120, interval=1,
              what="ready (model)")
     # Ready only once a synthetic exam went through every stage (warm start, issue 21); it

@@ -20,6 +20,7 @@ from pydicom.uid import (
 )
 
 from inference.synthetic import UID_ROOT, make_exam, make_mammogram, write
+from node.implementation import IMPLEMENTATION_CLASS_UID
 from tests.helpers import dcmtk, send
 
 SLOTS = ["L-CC", "L-MLO", "R-CC", "R-MLO"]
@@ -50,6 +51,8 @@ def test_echoscu_and_storescu_full_exam(node, tmp_path):
         back = dcmread(f)
         assert back.PixelData == ds.PixelData
         assert back.PatientID == ds.PatientID
+        # the file meta is the node's writing (PS3.10 7.1), naming the node
+        assert back.file_meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
     table = node.cli("exams").stdout
     assert study in table and "ready" in table
     st = node.cli("status", check=False)

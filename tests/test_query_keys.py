@@ -118,17 +118,14 @@ CASES: list[tuple[str, str, set[str], str | None]] = [
 
 
 def documented_keys() -> tuple[set[str], set[str]]:
-    """The matching keys and the return keys the conformance statement lists."""
-    text_ = " ".join(DOC.read_text(encoding="utf-8").split())
-    m = re.search(r"Keys: (.*?); return keys (.*?)\. ", text_)
-    assert m, "the Keys: list is missing from docs/conformance.md"
-    keys = {k.strip() for k in m.group(1).split(",")}
-    returned = set()
-    for part in m.group(2).split(","):
-        head, *rest = [p.strip() for p in part.split("/")]
-        returned.add(head)
-        stem = re.sub(r"(Studies|Series|Instances)$", "", head)
-        returned.update(stem + r for r in rest)
+    """The matching keys and the return keys the conformance statement's query key table
+    lists."""
+    text_ = DOC.read_text(encoding="utf-8")
+    m = re.search(r"<!-- table: query-keys -->(.*?)<!-- end -->", text_, re.S)
+    assert m, "the query-keys table is missing from docs/conformance.md"
+    rows = re.findall(r"^\| ([A-Za-z]+) \| `\(.*?\| ([^|]+) \|$", m.group(1), re.M)
+    keys = {k for k, matching in rows if matching.strip() != "return key"}
+    returned = {k for k, matching in rows if matching.strip() == "return key"}
     return keys, returned
 
 

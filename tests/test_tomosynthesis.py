@@ -155,6 +155,7 @@ def test_vendor_conventions_read_the_right_images(node_factory, storescp_factory
     assert rows[partial[0].StudyInstanceUID]["view_kinds"]["R-MLO"] == "computed"
     assert rows[implant[0].StudyInstanceUID]["implant"] is True
     assert rows[prior[0].StudyInstanceUID]["state"] == "prior"
+    assert rows[prior[0].StudyInstanceUID]["prior_rule"] == "age"  # prior_after_days
     # The SR with a computed view and a volume in its evidence is valid DICOM.
     cad_partial = [f for f in pacs.files() if dcmread(f, stop_before_pixels=True).SOPClassUID
                    == CAD and dcmread(f).StudyInstanceUID == partial[0].StudyInstanceUID]
@@ -162,4 +163,4 @@ def test_vendor_conventions_read_the_right_images(node_factory, storescp_factory
 
     # mammo-node complete reads the prior on request.
     node.cli("complete", prior[0].StudyInstanceUID)
-    node.wait_exam(prior[0].StudyInstanceUID, "done", timeout=300)
+    assert node.wait_exam(prior[0].StudyInstanceUID, "done", timeout=300)["read_on_request"]

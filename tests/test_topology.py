@@ -21,6 +21,7 @@ from tests.helpers import QR_PEER, send, wait_for
 
 SIZE = dict(rows=320, cols=256)
 OBJECTS_PER_EXAM = 6  # 2 SRs + 4 attention-map SCs
+N_EXAMS = 10  # besides the victim; enough for both listeners, split studies and two workers
 
 
 def _settings(url: str, pacs_port: int, lease: float) -> dict:
@@ -76,16 +77,16 @@ def test_two_listeners_two_workers_one_exporter_one_worker_killed(
                  what="worker 1 reading the victim")
         w2 = node_factory(settings, sub="worker", data_dir=shared, role="worker")
 
-        # Twenty studies at both listeners at once: studies 0-9 to one, 10-19 to the other,
-        # every fourth split view by view between the two.
-        exams = [make_exam(seed=600 + i, **SIZE) for i in range(20)]
+        # Ten studies at both listeners at once: studies 0-4 to one, 5-9 to the other, every
+        # fourth split view by view between the two.
+        exams = [make_exam(seed=600 + i, **SIZE) for i in range(N_EXAMS)]
         batches: list[list] = [[], []]
         for i, exam in enumerate(exams):
             if i % 4 == 0:
                 batches[0] += exam[:2]
                 batches[1] += exam[2:]
             else:
-                batches[i // 10] += exam
+                batches[i * 2 // N_EXAMS] += exam
         statuses: list[list[int]] = [[], []]
         senders = [threading.Thread(target=lambda k=k: statuses[k].extend(
             send(listeners[k].port, batches[k]))) for k in (0, 1)]
@@ -112,8 +113,8 @@ def test_two_listeners_two_workers_one_exporter_one_worker_killed(
 
         every = [e[0].StudyInstanceUID for e in exams] + [victim]
         wait_for(lambda: all(_states(db).get(u, ("",))[0] == "done" for u in every), 300,
-                 what=f"all 21 exams done: {_states(db)}")
-        wait_for(lambda: pacs.received() >= 21 * OBJECTS_PER_EXAM, 120,
+                 what=f"all {N_EXAMS + 1} exams done: {_states(db)}")
+        wait_for(lambda: pacs.received() >= (N_EXAMS + 1) * OBJECTS_PER_EXAM, 120,
                  what="every result at the PACS")
         time.sleep(2 * 3.0)  # two lease periods: no late, doubled delivery may follow
     finally:
@@ -136,7 +137,7 @@ def test_two_listeners_two_workers_one_exporter_one_worker_killed(
     assert takeover == [f"taken over from {host}:{w1.proc.pid} by {host}:{w2.proc.pid}: its "
                         f"lease ran out (attempt 1)"]
     # Each object at the PACS exactly once.
-    assert pacs.received() == 21 * OBJECTS_PER_EXAM
-    assert len(pacs.files()) == 21 * OBJECTS_PER_EXAM
+    assert pacs.received() == (N_EXAMS + 1) * OBJECTS_PER_EXAM
+    assert len(pacs.files()) == (N_EXAMS + 1) * OBJECTS_PER_EXAM
     logs = w2.log.read_text()
     assert "Traceback" not in logs

@@ -125,6 +125,127 @@ def test_validator_encapsulated_and_deflated(tmp_path):
         check_dataset(bad, 1 << 30, scratch=tmp_path)
 
 
+def _stream(data: bytes, chunks, max_bytes: int = 1 << 30) -> int:
+    """Feed ``data`` to a StreamCheck in the given chunk sizes (cycled); the bytes fed
+    before it refused (DatasetInvalid raised) or len(data) when it accepted."""
+    from itertools import cycle
+
+    from node.validate import StreamCheck
+
+    check, pos = StreamCheck(max_bytes), 0
+    for size in cycle(chunks):
+        if pos >= len(data):
+            break
+        block = data[pos:pos + size]
+        check.feed(block)
+        pos += len(block)
+    check.finish()
+    return pos
+
+
+def _corpus(tmp_path):
+    """Valid and malformed files of every shape the whole-file check knows."""
+    from pydicom import dcmread
+    from pydicom.uid import ImplicitVRLittleEndian, RLELossless
+
+    from inference.synthetic import make_tomo_volume, set_transfer_syntax, write_tomo_volume
+
+    good = write(make_mammogram("L", "CC", rows=64, cols=64), tmp_path / "a.dcm")
+    data = good.read_bytes()
+    files = {"good": data, "cut-200": data[:200], "cut-half": data[:len(data) // 2],
+             "cut-1": data[:-1], "trailing": data + b"\x00\x01\x02",
+             "rle": write(make_mammogram("L", "CC", rows=64, cols=64,
+                                         transfer_syntax=RLELossless),
+                          tmp_path / "rle.dcm").read_bytes(),
+             "implicit": write(make_mammogram("R", "MLO", rows=32, cols=32,
+                                              transfer_syntax=ImplicitVRLittleEndian),
+                               tmp_path / "imp.dcm").read_bytes(),
+             "deflated": write(make_mammogram("L", "CC", rows=64, cols=64,
+                                              transfer_syntax=DeflatedExplicitVRLittleEndian),
+                               tmp_path / "defl.dcm").read_bytes()}
+    files["deflated-cut"] = files["deflated"][:-10]
+    vol = write_tomo_volume(tmp_path / "v.dcm", frames=12, rows=64, cols=64)
+    files["volume"] = vol.read_bytes()
+    ds = dcmread(vol)
+    ds.PerFrameFunctionalGroupsSequence = ds.PerFrameFunctionalGroupsSequence[:11]
+    files["volume-11-items"] = write(ds, tmp_path / "v11.dcm").read_bytes()
+    ds = dcmread(vol)
+    del ds.SharedFunctionalGroupsSequence
+    files["volume-no-shared"] = write(ds, tmp_path / "v0.dcm").read_bytes()
+    ds = dcmread(vol)
+    ds.NumberOfFrames = 13  # pixel data of 12 frames
+    ds.PerFrameFunctionalGroupsSequence = [*ds.PerFrameFunctionalGroupsSequence,
+                                           ds.PerFrameFunctionalGroupsSequence[0]]
+    files["volume-short-pixels"] = write(ds, tmp_path / "v13.dcm").read_bytes()
+    rle_vol = set_transfer_syntax(make_tomo_volume("L", "CC", frames=3, rows=16, cols=16),
+                                  RLELossless)
+    files["volume-rle"] = write(rle_vol, tmp_path / "vr.dcm").read_bytes()
+    files["garbage"] = b"\x00" * 128 + b"DICM" + bytes(range(256)) * 4
+    files["no-dicm"] = b"\x00" * 300
+    return files
+
+
+def test_stream_check_agrees_with_the_whole_file_check(tmp_path):
+    """Every file of the corpus, fed in blocks of many sizes: the stream check accepts what
+    the whole-file check accepts and refuses what it refuses, with the same status."""
+    corpus = _corpus(tmp_path)
+    for name, data in corpus.items():
+        p = tmp_path / f"{name}.bin"
+        p.write_bytes(data)
+        try:
+            inflated = check_dataset(p, 1 << 30, scratch=tmp_path)
+            if inflated is not None:
+                inflated.unlink()
+            want = None
+        except DatasetInvalid as exc:
+            want = exc.status
+        for chunks in ((1,), (7, 3), (4096,), (len(data) + 1,), (16384, 5, 100000)):
+            try:
+                _stream(data, chunks)
+                got = None
+            except DatasetInvalid as exc:
+                got = exc.status
+            assert got == want, (name, chunks)
+    assert {n for n in corpus if n.startswith("volume")} == {
+        "volume", "volume-11-items", "volume-no-shared", "volume-short-pixels", "volume-rle"}
+
+
+def test_stream_check_refuses_a_bad_volume_before_its_frames(tmp_path):
+    """Wrong per-frame items, missing functional groups, pixel data too short for the
+    frames: refused at the header of Pixel Data, before any frame is fed."""
+    from node.validate import StreamCheck
+
+    corpus = _corpus(tmp_path)
+    pixel_at = corpus["volume"].rindex(b"\xe0\x7f\x10\x00OW")
+    for name in ("volume-11-items", "volume-no-shared", "volume-short-pixels"):
+        data = corpus[name]
+        at = data.rindex(b"\xe0\x7f\x10\x00OW") + 12  # the value starts here
+        check = StreamCheck(1 << 30)
+        with pytest.raises(DatasetInvalid) as e:
+            for pos in range(0, len(data), 1000):
+                check.feed(data[pos:pos + 1000])
+        assert pos < at, (name, pos, at)
+        assert e.value.status == 0xC210
+        with pytest.raises(DatasetInvalid):  # and stays refused
+            check.feed(b"\x00" * 10)
+    assert "Per-frame Functional Groups Sequence holds 11 items" in str(_refusal(
+        corpus["volume-11-items"]))
+    assert pixel_at > 1000  # the header is more than one block
+
+
+def _refusal(data: bytes) -> DatasetInvalid:
+    with pytest.raises(DatasetInvalid) as e:
+        _stream(data, (512,))
+    return e.value
+
+
+def test_stream_check_bounds_a_deflate_bomb(tmp_path):
+    data = _corpus(tmp_path)["deflated"]
+    with pytest.raises(DatasetInvalid) as e:
+        _stream(data, (333,), max_bytes=4096)
+    assert e.value.status == 0xA700
+
+
 # -- configuration, tokens, audit ---------------------------------------------------------
 def test_peers_match_hosts_and_cidr():
     from node.config import parse_config

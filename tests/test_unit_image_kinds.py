@@ -4,13 +4,14 @@ reads, priors and implants in the exam store (a real SQLite / PostgreSQL databas
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from inference.synthetic import make_exam, make_mammogram, make_tomo_volume
-from inference.views import classify, image_kind
+from inference.views import classify, image_kind, synthesized_reason, vendor_private_texts
 from inference.volume import computed_2d
 from node.assembly import assign_slots
 from node.scp import instance_record
@@ -49,6 +50,56 @@ def test_image_kind_from_every_convention(header, kind):
     ds = _img(**header)
     assert image_kind(ds) == kind
     assert classify(ds).kind == kind and classify(ds).slot == "L-CC"
+
+
+def _with_private(ds, creator: str, group: int, offset: int, value: str, vr: str = "LO",
+                  before: tuple[str, ...] = ()):
+    """A private block of ``creator`` in ``group`` (after the blocks of ``before``, so its
+    element numbers differ from file to file as they do between systems)."""
+    for other in before:
+        ds.private_block(group, other, create=True).add_new(0x01, "LO", "something else")
+    ds.private_block(group, creator, create=True).add_new(offset, vr, value)
+    return ds
+
+
+@pytest.mark.parametrize("vendor, header, private", [
+    # Hologic Selenia Dimensions / 3Dimensions: C-View, Intelligent 2D
+    ("Hologic", dict(SeriesDescription="L CC C-View"), None),
+    ("Hologic", dict(ProtocolName="R MLO Intelligent 2D"), None),
+    ("Hologic", {}, ("HOLOGIC, Inc.", 0x0019, 0x06, "C-VIEW")),
+    # GE Senographe Pristina: V-Preview
+    ("GE", dict(SeriesDescription="V-Preview LCC"), None),
+    ("GE", {}, ("GEMS_SENO_02", 0x0045, 0x1B, "V-PREVIEW CC")),
+    ("GE", {}, ("GEMS_IDEN_01", 0x0009, 0x17, "VPreview RMLO")),
+    # Siemens Mammomat Revelation / Inspiration: Insight 2D
+    ("Siemens", dict(ProtocolName="Insight 2D"), None),
+    ("Siemens", {}, ("SIEMENS MED MG", 0x0029, 0x40, "INSIGHT2D")),
+    # Fujifilm Amulet Innovality: S-View
+    ("Fujifilm", dict(SeriesDescription="S-View RCC"), None),
+    ("Fujifilm", {}, ("FDMS 1.0", 0x0019, 0x30, "S VIEW")),
+])
+def test_synthesized_by_each_vendors_names_and_private_creators(vendor, header, private):
+    ds = _img(**header)
+    if private:
+        creator, group, offset, value = private
+        _with_private(ds, creator, group, offset, value, before=("OTHER VENDOR 1", "X"))
+    assert image_kind(ds) == "synthesized", vendor
+    reason = synthesized_reason(ds) or ""
+    assert (f"{vendor} private attribute" in reason) == bool(private), reason
+
+
+def test_private_names_count_only_in_the_vendors_blocks():
+    # The same words under an unknown creator, or in a vendor's block where it is not text,
+    # do not make an image synthesized: private data is looked up by its creator.
+    assert image_kind(_with_private(_img(), "ACME RESEARCH", 0x0019, 0x06, "C-VIEW")) \
+        == "conventional"
+    assert image_kind(_with_private(_img(), "HOLOGIC, Inc.", 0x0019, 0x06, b"C-VIEW",
+                                    vr="OB")) == "conventional"
+    # A vendor block with other text: conventional; its words are not vendor names.
+    assert image_kind(_with_private(_img(), "GEMS_SENO_02", 0x0045, 0x1B, "CC")) \
+        == "conventional"
+    assert [v for v, _ in vendor_private_texts(_with_private(
+        _img(), "FDMS 1.0", 0x0019, 0x30, "S-VIEW"))] == ["Fujifilm"]
 
 
 def test_volume_and_projection_fill_no_slot_but_keep_their_view():
@@ -134,8 +185,15 @@ def test_volume_only_view_missing_or_computed(exams):
     _add(store, files, [*exam, vol])
     e = store.exam_dict(exam[0].StudyInstanceUID)
     assert e is not None and e["missing"] == ["R-MLO"] and e["state"] == "receiving"
+    assert e["volume_only"] == ["R-MLO"]
     assert any("R-MLO: only a tomosynthesis volume; read with this view missing" in n
                for n in e["notes"])
+    # A 2D image of the view comes later: it is read, the view is no longer volume-only.
+    late = make_mammogram("R", "MLO", rows=8, cols=8, study_uid=exam[0].StudyInstanceUID,
+                          patient_id=exam[0].PatientID)
+    _add(store, files, [late])
+    e = store.exam_dict(exam[0].StudyInstanceUID)
+    assert e is not None and e["volume_only"] == [] and e["state"] == "ready"
     exam2 = make_exam(seed=10, rows=8, cols=8, views=("L-CC", "L-MLO", "R-CC"))
     vol2 = make_tomo_volume("R", "MLO", frames=3, rows=8, cols=8,
                             study_uid=exam2[0].StudyInstanceUID, patient_id=exam2[0].PatientID)
@@ -187,3 +245,180 @@ def test_priors_by_age_and_by_a_newer_study(exams):
     # mammo-node complete reads a prior on request.
     missing, state = lenient.complete_now(old[0].StudyInstanceUID)
     assert (missing, state) == ([], "ready")
+
+
+def test_prior_rules_store_which_rule_applied_and_their_reason(exams):
+    db, files = exams
+    today = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    store = ExamStore(db, prior_after_days=30, prior_gap_days=180)
+    old = make_exam(seed=20, rows=8, cols=8, patient_id="PAT-R",
+                    acquisition=today - dt.timedelta(days=400))
+    _add(store, files, old)
+    e = store.exam_dict(old[0].StudyInstanceUID)
+    assert e is not None and e["state"] == "prior" and e["prior_rule"] == "age"
+    # The gap rule, when a newer study arrives later: the reason names that study and the
+    # setting that applied, not the age rule.
+    gap = ExamStore(db, prior_after_days=None, prior_gap_days=180)
+    mid = make_exam(seed=21, rows=8, cols=8, patient_id="PAT-R",
+                    acquisition=today - dt.timedelta(days=200), views=("L-CC", "L-MLO"))
+    assert _add(gap, files, mid)[-1].exam_state == "receiving"
+    cur = make_exam(seed=22, rows=8, cols=8, patient_id="PAT-R", acquisition=today)
+    _add(gap, files, cur)
+    e = gap.exam_dict(mid[0].StudyInstanceUID)
+    assert e is not None and (e["state"], e["prior_rule"]) == ("prior", "gap")
+    reason = e["reason"] or ""
+    assert cur[0].StudyInstanceUID in reason and "arrived, 200 days newer" in reason
+    assert "prior_gap_days = 180" in reason and "prior_after_days" not in reason
+    assert f"mammo-node complete {mid[0].StudyInstanceUID}" in reason
+    # A study that arrives after a newer one: the newest such study is named.
+    late = make_exam(seed=23, rows=8, cols=8, patient_id="PAT-R",
+                     acquisition=today - dt.timedelta(days=500))
+    _add(gap, files, late)
+    e = gap.exam_dict(late[0].StudyInstanceUID)
+    assert e is not None and e["prior_rule"] == "gap"
+    assert cur[0].StudyInstanceUID in (e["reason"] or "") and "500 days newer" in e["reason"]
+    # Read on request: a structured flag, and no newer study makes it a prior again.
+    gap.complete_now(mid[0].StudyInstanceUID)
+    e = gap.exam_dict(mid[0].StudyInstanceUID)
+    assert e is not None and e["read_on_request"] and e["state"] == "ready"
+    newest = make_exam(seed=24, rows=8, cols=8, patient_id="PAT-R",
+                       acquisition=today + dt.timedelta(days=200))
+    _add(gap, files, newest)
+    assert gap.exam_dict(mid[0].StudyInstanceUID)["state"] == "ready"  # type: ignore[index]
+    assert gap.exam_dict(cur[0].StudyInstanceUID)["state"] == "prior"  # type: ignore[index]
+    assert [u for u, _ in gap.priors_of(newest[0].StudyInstanceUID)] == [
+        late[0].StudyInstanceUID, old[0].StudyInstanceUID, cur[0].StudyInstanceUID]
+    assert gap.priors_by_study([newest[0].StudyInstanceUID]) == {
+        newest[0].StudyInstanceUID: gap.priors_of(newest[0].StudyInstanceUID)}
+
+
+def _statements(db: Database, action) -> list[str]:
+    from sqlalchemy import event
+
+    seen: list[str] = []
+
+    def hook(conn, cursor, statement, params, context, executemany):
+        seen.append(" ".join(statement.split()))
+    event.listen(db.engine, "before_cursor_execute", hook)
+    try:
+        action()
+    finally:
+        event.remove(db.engine, "before_cursor_execute", hook)
+    return seen
+
+
+def test_prior_lookup_is_one_indexed_query_per_new_study(exams, db_url):
+    db, files = exams
+    today = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    store = ExamStore(db, prior_after_days=None, prior_gap_days=180)
+    for seed in range(30, 34):  # other patients' exams the lookup must not read
+        _add(store, files, make_exam(seed=seed, rows=8, cols=8, patient_id=f"OTHER-{seed}"))
+    _add(store, files, make_exam(seed=35, rows=8, cols=8, patient_id="PAT-Q",
+                                 acquisition=today - dt.timedelta(days=300)))
+    first, *rest = make_exam(seed=36, rows=8, cols=8, patient_id="PAT-Q", acquisition=today)
+    sql = _statements(db, lambda: _add(store, files, [first]))
+    by_id = [q for q in sql if q.startswith("SELECT") and "FROM exams" in q
+             and "exams.patient_id =" in q]
+    assert len(by_id) == 1, by_id  # both rules, one lookup
+    # Images without a PatientID of the same name and birth date: one query, which finds
+    # none here (every synthetic patient has the same name and birth date, but an ID).
+    by_birth = [q for q in sql if "patient_birth_date =" in q]
+    assert len(by_birth) == 1 and len([q for q in sql if "FROM exams" in q]) == 2, sql
+    # Later images of the study: no lookup at all.
+    sql = _statements(db, lambda: _add(store, files, rest))
+    assert not [q for q in sql if "exams.patient_id =" in q or "patient_birth_date =" in q]
+    if db_url.startswith("sqlite"):
+        with db.engine.connect() as c:
+            from sqlalchemy import text
+
+            plan = " ".join(str(r[-1]) for r in c.execute(text(
+                "EXPLAIN QUERY PLAN SELECT id FROM exams WHERE patient_id = 'PAT-Q'")))
+            assert "ix_exams_patient" in plan, plan
+            plan = " ".join(str(r[-1]) for r in c.execute(text(
+                "EXPLAIN QUERY PLAN SELECT exam_id FROM instances WHERE patient_birth_date"
+                " = '19600101'")))
+            assert "ix_instances_patient_birth_date" in plan, plan
+
+
+def test_implant_skip_is_its_own_state_and_is_read_on_request(exams):
+    from node.cli import exams_json
+    from node.config import parse_config
+    from node.worker import Worker, skip_reason
+    from storage.retention import Retention
+    from storage.state import EXAM_TRANSITIONS, IllegalTransition, check_transition
+
+    db, files = exams
+    store = ExamStore(db)
+    exam = make_exam(seed=40, rows=8, cols=8)
+    for ds in exam:
+        ds.BreastImplantPresent = "YES"
+    _add(store, files, exam)
+    study = exam[0].StudyInstanceUID
+    cfg = parse_config({"inference": {"implants": "skip"}})
+    worker = Worker(cfg, files, store, stop=threading.Event())
+    claimed = store.claim_next_ready()
+    assert claimed is not None
+    worker._process(*claimed)  # skipped before any model is needed
+    (row,) = [e for e in exams_json(store) if e["study_instance_uid"] == study]
+    assert row["state"] == "skipped" and row["implant"] is True
+    assert row["reason"].startswith("implant present: not read ([inference] implants = skip)")
+    assert store.claim_next_ready() is None
+    assert study in {c.study_uid for c in Retention(db, files).candidates()}  # nothing to send
+    # mammo-node complete reads it: ready, and the worker's rule lets it through.
+    missing, state = store.complete_now(study)
+    assert (missing, state) == ([], "ready")
+    claimed = store.claim_next_ready()
+    assert claimed is not None
+    context = store.reading_context(claimed[0])
+    assert context["read_on_request"] and context["implant"]
+    assert skip_reason(cfg, context) is None
+    assert skip_reason(cfg, {**context, "read_on_request": False}) is not None
+    assert skip_reason(parse_config({}), {**context, "read_on_request": False}) is None
+    check_transition("processing", "skipped", EXAM_TRANSITIONS)
+    with pytest.raises(IllegalTransition):
+        check_transition("ready", "skipped", EXAM_TRANSITIONS)
+
+
+def test_migration_0005_turns_notes_into_fields(db_url):
+    """A database at 0004 (release 0.2) whose priors, requests and volume-only views were
+    sentences: upgraded, they are fields."""
+    import json
+
+    from alembic import command
+    from sqlalchemy import create_engine, text
+
+    from storage.schema import alembic_config, head
+
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            command.upgrade(alembic_config(conn), "0004")
+            for i, (state, reason, notes) in enumerate([
+                    ("prior", "prior: StudyDate 2024-01-15 is 700 days old ([grouping] "
+                              "prior_after_days = 30); stored, not read", []),
+                    ("prior", "prior: study 1.2.3 of the same patient from 2026-01-01 "
+                              "arrived, 400 days newer", []),
+                    ("done", None, ["prior read on request (no view missing)",
+                                    "R-MLO: only a tomosynthesis volume; read with this view "
+                                    "missing ([grouping] volume_2d = \"missing\")"])]):
+                conn.execute(text(
+                    "INSERT INTO exams (id, study_instance_uid, state, version, reason, "
+                    "notes_json, created_at, last_received_at, state_changed_at) VALUES "
+                    "(:i, :u, :s, 1, :r, :n, :t, :t, :t)"),
+                    {"i": i + 1, "u": f"1.2.9.{i}", "s": state, "r": reason,
+                     "n": json.dumps(notes), "t": dt.datetime(2026, 1, 1)})
+            command.upgrade(alembic_config(conn), head())
+        db = Database(db_url)
+        try:
+            store = ExamStore(db)
+            got = {e["study_instance_uid"]: e for e in (x.as_dict() for x in store.list_exams())}
+        finally:
+            db.close()
+        assert got["1.2.9.0"]["prior_rule"] == "age" and got["1.2.9.1"]["prior_rule"] == "gap"
+        assert got["1.2.9.2"]["read_on_request"] and not got["1.2.9.0"]["read_on_request"]
+        assert got["1.2.9.2"]["prior_rule"] is None
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT volume_only_json FROM exams WHERE id = 3")) \
+                .scalar() == '["R-MLO"]'
+    finally:
+        engine.dispose()
