@@ -524,6 +524,7 @@ def test_retrieves_end_with_a_completion_event_and_its_outcome(node_factory,
 
     def c_get(storage: bool, abort: bool) -> list[int]:
         ae = AE(ae_title="QRSCU")
+        ae.dimse_timeout = 3  # after its own abort, send_c_get waits this long for nothing
         ae.add_requested_context(GET)
         roles = []
         if storage:
