@@ -1254,10 +1254,12 @@ class ExamStore:
 
     def delivered_latency(self, study_uid: str) -> float | None:
         """Seconds from the exam's last image to its last result delivered, once every result
-        of its current version reached every destination; None before that."""
+        of its current version reached every destination; None before that. The exam must be
+        ``done``: its SRs are sent while its images are still being rendered, and "every result
+        sent" then would count the exam once for its SRs and again for the rest."""
         with self.db.session() as s:
             exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid))
-            if exam is None:
+            if exam is None or exam.state != ExamState.DONE:
                 return None
             rows = s.execute(select(Outbound.state, Outbound.sent_at)
                              .join(Result, Result.id == Outbound.result_id)

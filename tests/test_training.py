@@ -14,9 +14,32 @@ from inference.datasets import read_csv, read_vindr
 from inference.datasets.cache import ExamDataset
 
 
-def cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "node", *args], capture_output=True, text=True,
-                       cwd=cwd, timeout=900)
+def cli(*args, process: bool = False) -> subprocess.CompletedProcess:
+    """``mammo-node ARGS`` in this process: ``node.cli.main``, what the console script runs
+    (a subprocess per call paid ~3 s of interpreter and torch start-up, 20 times in this
+    file). The exit status and one-line errors of a real process are tested below
+    (test_cli_user_errors_are_one_line_and_exit_2)."""
+    if process:
+        r = subprocess.run([sys.executable, "-m", "node", *args], capture_output=True,
+                           text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+    import contextlib
+    import io
+
+    from node.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main(list(args))
+            except SystemExit as exc:
+                rc = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    finally:  # train switches deterministic algorithms on for the process: not for others
+        torch.use_deterministic_algorithms(deterministic)
+    r = subprocess.CompletedProcess(["mammo-node", *args], rc, out.getvalue(), err.getvalue())
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -29,9 +52,12 @@ def tiny_data(tmp_path_factory):
     return d
 
 
-def _train(data, out, *extra):
+def _train(data, out, *extra, process: bool = False):
+    """In this process without DataLoader workers (forking a process whose OpenMP pool is
+    running can hang); ``process``: a real ``mammo-node train`` with its default workers."""
+    workers = [] if process else ["--workers", "0"]
     cli("train", "--data", str(data), "--out", str(out), "--image-size", "128x64",
-        "--batch-size", "4", "--seed", "7", "--quiet", *extra)
+        "--batch-size", "4", "--seed", "7", "--quiet", *workers, *extra, process=process)
     return load_file(str(out))
 
 
@@ -101,12 +127,15 @@ def test_vindr_reader_takes_dcm_suffix_and_survives_a_corrupt_file(tiny_data, tm
 
 
 def test_train_is_deterministic_and_resumable(tiny_data, tmp_path):
-    a = _train(tiny_data, tmp_path / "a.safetensors", "--epochs", "2")
-    b = _train(tiny_data, tmp_path / "b.safetensors", "--epochs", "2")
+    # Real processes with the default DataLoader workers (their seeding is part of it).
+    a = _train(tiny_data, tmp_path / "a.safetensors", "--epochs", "2", process=True)
+    b = _train(tiny_data, tmp_path / "b.safetensors", "--epochs", "2", process=True)
     for k in a:
         assert torch.equal(a[k], b[k]), f"same seed, different weights: {k}"
-    _train(tiny_data, tmp_path / "c.safetensors", "--epochs", "2", "--stop-after-epoch", "1")
-    c = _train(tiny_data, tmp_path / "c.safetensors", "--epochs", "2", "--resume")
+    _train(tiny_data, tmp_path / "c.safetensors", "--epochs", "2", "--stop-after-epoch", "1",
+           process=True)
+    c = _train(tiny_data, tmp_path / "c.safetensors", "--epochs", "2", "--resume",
+               process=True)
     for k in a:
         torch.testing.assert_close(a[k], c[k], rtol=1e-5, atol=1e-6)
 
@@ -216,7 +245,7 @@ def test_prepare_builds_the_cache_training_reads_in_parallel_and_resumes(tiny_da
     cache = tmp_path / "cache"
     views = sum(len(r.paths) for r in recs)
     r = cli("prepare", "--data", str(root), "--image-size", "128x64", "--cache-dir",
-            str(cache), "--workers", "2", "--quiet")
+            str(cache), "--workers", "2", "--quiet", process=True)
     assert f"{views - 1} view(s) built, 0 already there, 1 unreadable, {views} in all" \
         in r.stdout and "2 process(es)" in r.stdout
     assert len(list(cache.glob("*.npy"))) == views - 1
@@ -228,5 +257,5 @@ def test_prepare_builds_the_cache_training_reads_in_parallel_and_resumes(tiny_da
     ds = ExamDataset([recs[0]], (128, 64), "birads-5class", cache_dir=cache)
     assert torch.equal(ds[0]["images"][0], torch.from_numpy(marker.astype(np.float32)))
     r = cli("prepare", "--data", str(root), "--image-size", "128x64", "--cache-dir",
-            str(cache), "--workers", "2", "--quiet")
+            str(cache), "--workers", "2", "--quiet", process=True)
     assert f"0 view(s) built, {views - 1} already there, 1 unreadable" in r.stdout
