@@ -30,7 +30,7 @@ import requests  # noqa: E402
 from inference.synthetic import make_mammogram  # noqa: E402
 from node import wado  # noqa: E402
 from tests.helpers import WebInProcess  # noqa: E402
-from tests.test_dicomweb_security import _part10, _stow  # noqa: E402
+from tests.integration.test_dicomweb_security import _part10, _stow  # noqa: E402
 
 KINDS = {
     "thumbnail": ("/thumbnail", {}, "image/jpeg"),

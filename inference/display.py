@@ -3,7 +3,7 @@ the pylibjpeg / pyjpegls plugins, JPEG 2000 at a reduced resolution level), Moda
 LUT or window (LINEAR, LINEAR_EXACT, SIGMOID), MONOCHROME1 inversion, through one lookup table
 per image. What WADO rendering and the Secondary Captures use in the listener, and what
 :mod:`inference.preprocess` builds the model's input on; a listener-role process never
-imports torch (``tests/test_node_ingest.py``)."""
+imports torch (``tests/integration/test_node_ingest.py``)."""
 
 from __future__ import annotations
 

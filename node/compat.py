@@ -155,8 +155,8 @@ def send_find_responses(assoc, context_id: int, message_id: int, sop_class_uid: 
     another reads it) each PDU goes through the DUL queue (``dul.send_pdu``) as before.
     The C-FIND-RSP command set comes from ``dimse_messages.C_FIND_RSP.primitive_to_message``
     and the PDV layout (context ID, then the message control header) is ``encode_msg``'s.
-    Checked with pynetdicom 3.0.4; ``tests/test_qr.py`` (C-CANCEL) and
-    ``tests/test_query_keys.py`` exercise it with pynetdicom and DCMTK findscu as peers.
+    Checked with pynetdicom 3.0.4; ``tests/integration/test_qr.py`` (C-CANCEL) and
+    ``tests/integration/test_query_keys.py`` exercise it with pynetdicom and DCMTK findscu as peers.
     """
     import ssl
     import struct
@@ -320,7 +320,7 @@ def refuse_move(status: int, comment: str = "") -> NoReturn:
     ``ctx.error_status`` when the handler raises: this sets that status (and the response's
     ErrorComment) on the ``attempt`` of the calling ``_move_scp`` frame and raises. Its two log
     lines are dropped by :mod:`node.handlers`. Checked with pynetdicom 3.0.4
-    (``tests/test_handlers_guard.py``, ``tests/test_qr.py``)."""
+    (``tests/integration/test_handlers_guard.py``, ``tests/integration/test_qr.py``)."""
     import sys
 
     from pynetdicom.service_class import attempt

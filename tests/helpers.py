@@ -100,7 +100,7 @@ class NodeProcess:
             # and presentation states turn them on.
             "results": {"parametric_maps": False, "presentation_states": False},
             # The warm-up exam (issue 21) costs ~2 s at every start of an inference process;
-            # tests/test_metrics_health.py turns it on where it is the subject.
+            # tests/integration/test_metrics_health.py turns it on where it is the subject.
             "inference": {"warm_up_exam": False},
         }
         arrays: dict[str, list[dict]] = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -154,14 +156,13 @@ def test_numba_scan_from_several_threads_at_once():
     """)
     env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                       timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+                       timeout=300, cwd=str(Path(__file__).resolve().parents[2]))
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr[-2000:]
 
 
 def test_without_numba_the_chunked_scan_is_used_and_said():
     """Where numba cannot be imported the CPU falls back to the chunked scan, with a warning
     that says why (an administrator sees it in the log)."""
-    import os
     import subprocess
     import sys
     import textwrap
@@ -178,7 +179,7 @@ def test_without_numba_the_chunked_scan_is_used_and_said():
         print(backend_name("cpu"))
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+                       timeout=120, cwd=str(Path(__file__).resolve().parents[2]))
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "chunked PyTorch (CPU)"
     assert "compiled CPU scan is unavailable" in r.stderr

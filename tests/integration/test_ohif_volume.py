@@ -1,7 +1,7 @@
 """A Breast Tomosynthesis volume (enhanced multi-frame) in OHIF 3.13.2 served by the node:
 OHIF lists it, loads its frames through WADO-RS frames and scrolls to a given frame (its
 overlay says which; the drawn slice differs from the first). Chromium through playwright on
-loopback, as in tests/test_ohif.py."""
+loopback, as in tests/integration/test_ohif.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pydicom import dcmread
 
 from inference.synthetic import write_tomo_volume
 from tests.helpers import free_port, send, wait_for
-from tests.test_ohif import DIST, _busy, _shot, browser  # noqa: F401  (the fixture)
+from tests.integration.test_ohif import DIST, _busy, _shot, browser  # noqa: F401  (the fixture)
 
 FRAMES, TARGET = 30, 20
 

@@ -26,7 +26,7 @@ from inference.synthetic import make_exam
 from node.query import ATTRIBUTES, MATCHING_KEYS, RETURN_KEYS
 from tests.helpers import QR_PEER, NodeProcess, free_port, send, wait_for
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "conformance.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "conformance.md"
 
 #: The two studies' values (A and B differ in every key the data allows).
 VALUES = {

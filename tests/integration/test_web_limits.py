@@ -12,7 +12,7 @@ from pydicom.uid import generate_uid
 
 from inference.synthetic import make_mammogram
 from tests.helpers import wait_for
-from tests.test_dicomweb_security import _part10, _stow
+from tests.integration.test_dicomweb_security import _part10, _stow
 
 
 def _big_instance(seed: int, rows: int = 2048, cols: int = 2048):

@@ -26,7 +26,7 @@ from node.results import (
 from tests.gsps_render import render_png
 from tests.helpers import dciodvfy_errors
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("MAMMO_NODE_ARTIFACTS", ROOT / "test-artifacts"))
 ROWS, COLS = 1280, 1024
 STUDY = "1.2.826.0.1.3680043.10.1234.4242"

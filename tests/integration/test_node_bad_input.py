@@ -272,6 +272,6 @@ def test_config_errors_name_the_key(tmp_path):
 def test_shipped_config_is_valid():
     from node.config import load_config
 
-    cfg = load_config(Path(__file__).resolve().parent.parent / "config.toml")
+    cfg = load_config(Path(__file__).resolve().parents[2] / "config.toml")
     assert cfg.node.port == 11112 and cfg.grouping.stable_seconds == 60
     assert cfg.database_url.endswith("mammo-data/mammo-node.db")

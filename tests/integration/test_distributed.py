@@ -142,7 +142,7 @@ def test_paper_table_runs_each_configuration_under_torchrun(data, tmp_path):
                         "--tasks", "multi", "--bootstrap", "50", "--out", str(table),
                         "--json", str(js), "--train-args", "--val-fraction 0 --workers 0"],
                        capture_output=True, text=True, timeout=600, env=_env(),
-                       cwd=Path(__file__).resolve().parent.parent)
+                       cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 0, r.stderr[-3000:]
     text = table.read_text()
     assert "| cnn/shared/multi |" in text and "0.9967" in text and "0.4904" in text

@@ -41,7 +41,7 @@ from tests.helpers import dciodvfy_errors, free_port
 
 pytestmark = pytest.mark.unit
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 OURS = (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME)
 CLASSES = ["BI-RADS 1", "BI-RADS 2", "BI-RADS 3", "BI-RADS 4", "BI-RADS 5"]
 

@@ -12,8 +12,8 @@ from pydicom.filewriter import dcmwrite
 
 from inference.synthetic import make_mammogram
 from tests.helpers import free_port, wait_for
-from tests.test_dicomweb_security import _part10, _stow
-from tests.test_security import _deflated_bomb
+from tests.integration.test_dicomweb_security import _part10, _stow
+from tests.integration.test_security import _deflated_bomb
 
 
 def _web(node_factory, sections: dict | None = None, **dicomweb):
@@ -77,7 +77,7 @@ def test_idle_tcp_connection_does_not_block_tls_peers(node_factory, pki):
     import time
 
     from tests.helpers import dcmtk
-    from tests.test_tls import _tls
+    from tests.integration.test_tls import _tls
 
     node = node_factory({"node": {"tls": True, "network_timeout_seconds": 3},
                          "tls": _tls(pki)})
@@ -320,7 +320,7 @@ ADMIN, UPLOADER = "admin-secret-token", "uploader-secret-token"
 
 
 def _tokens() -> list[dict]:
-    from tests.test_dicomweb_security import _sha
+    from tests.integration.test_dicomweb_security import _sha
 
     return [{"name": "admin", "sha256": _sha(ADMIN), "services": ["stow", "qido", "wado"]},
             {"name": "modality", "sha256": _sha(UPLOADER), "services": ["stow"]}]
@@ -435,7 +435,7 @@ def test_https_context_is_tls12_plus_with_bcp195_ciphers(node_factory, pki):
     import socket
     import ssl
 
-    from tests.test_tls import _tls
+    from tests.integration.test_tls import _tls
 
     port = free_port()
     node = node_factory({"dicomweb": {"enabled": True, "host": "127.0.0.1", "port": port,

@@ -14,7 +14,7 @@ import requests
 
 from inference.synthetic import make_mammogram
 from tests.helpers import wait_for
-from tests.test_dicomweb_security import _part10, _stow
+from tests.integration.test_dicomweb_security import _part10, _stow
 
 T = 'multipart/related; type="application/dicom"'
 

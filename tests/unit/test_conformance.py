@@ -14,7 +14,7 @@ from node.scp import make_ae
 
 pytestmark = pytest.mark.unit
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "conformance.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "conformance.md"
 VERIFICATION = "1.2.840.10008.1.1"
 
 
