@@ -11,6 +11,7 @@ import dataclasses
 import ipaddress
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -399,50 +400,133 @@ def _table(raw: dict[str, Any], name: str) -> dict[str, Any]:
     return value
 
 
+Check = Callable[[Any, str], Any]
+
+
+def _number(minimum: float = 0.0) -> Check:
+    return lambda v, key: _check_number(v, key, minimum)
+
+
+def _integer(minimum: float = 0.0) -> Check:
+    return lambda v, key: int(_check_number(v, key, minimum))
+
+
+def _optional(v: Any, key: str) -> float | None:
+    """A number >= 0, or "" (empty) for none."""
+    return None if v == "" else _check_number(v, key)
+
+
+def _choice(*options: str, upper: bool = False) -> Check:
+    said = ", ".join(options[:-1]) + f" or {options[-1]}"
+
+    def check(v: Any, key: str) -> str:
+        text = _check_str(v, key)
+        text = text.upper() if upper else text
+        if text not in options:
+            raise ConfigError(f"{key} must be {said}, got {text!r}")
+        return text
+    return check
+
+
+def _device(v: Any, key: str) -> str:
+    return check_device(_check_str(v, key), key)
+
+
+#: Every scalar key of every table and its check, once. A key absent from the file keeps the
+#: dataclass's default; what a check cannot say about one key alone (paths, lists with their
+#: own grammar, keys that depend on each other) follows in parse_config's section steps.
+KEYS: dict[str, dict[str, Check]] = {
+    "node": {"ae_title": _check_ae, "host": _check_str, "port": _check_port,
+             "data_dir": _check_str, "database_url": _check_str,
+             "max_pdu_size": _integer(), "max_associations": _integer(1),
+             "network_timeout_seconds": _number(1), "tls": _check_bool,
+             "max_dataset_mb": _number(1), "max_query_results": _integer(1)},
+    "grouping": {"stable_seconds": _number(), "prior_after_days": _optional,
+                 "prior_gap_days": _optional,
+                 "volume_2d": _choice("missing", "mip", "average")},
+    "inference": {"device": _device, "checkpoint": _check_str,
+                  "timeout_seconds": _number(0.1), "max_attempts": _integer(1),
+                  "retry_delay_seconds": _number(), "lease_seconds": _number(1),
+                  "operating_point": _optional, "implants": _choice("read", "skip"),
+                  "warm_up_exam": _check_bool},
+    "storage": {"fsync": _check_bool, "min_free_mb": _number(),
+                "purge_above_percent": _optional},
+    "retention": {"keep_images_days": _optional, "keep_results_days": _optional,
+                  "check_seconds": _number(1)},
+    "results": {"attention_maps": _check_bool, "parametric_maps": _check_bool,
+                "presentation_states": _check_bool},
+    "export": {"max_attempts": _integer(1), "initial_delay_seconds": _number(),
+               "max_delay_seconds": _number(), "lease_seconds": _number(1)},
+    "dicomweb": {"enabled": _check_bool, "host": _check_str, "port": _check_port,
+                 "root": _check_str, "token": _check_str, "tls": _check_bool,
+                 "max_results": _integer(1), "max_request_mb": _number(1),
+                 "max_concurrent_requests": _integer(1), "render_cache_mb": _number(),
+                 "viewer_dir": _check_str, "secure_cookies": _check_bool,
+                 "session_minutes": _number(1)},
+    "tls": {"require_client_certificate": _check_bool},
+    "logging": {"format": _choice("text", "json"),
+                "level": _choice("DEBUG", "INFO", "WARNING", "ERROR", upper=True)},
+    "audit": {"path": _check_str, "syslog": lambda v, key: _check_str(v, key).strip(),
+              "fail_closed": _check_bool},
+}
+
+#: Each table's dataclass (its fields are the known keys).
+TABLES: dict[str, type] = {
+    "node": NodeConfig, "grouping": GroupingConfig, "inference": InferenceConfig,
+    "security": SecurityConfig, "storage": StorageConfig, "retention": RetentionConfig,
+    "results": ResultsConfig, "export": ExportConfig, "dicomweb": DicomWebConfig,
+    "tls": TLSConfig, "logging": LoggingConfig, "audit": AuditConfig,
+}
+#: Arrays of tables.
+ARRAYS = ("destinations", "peers")
+
+
+def _scalars(section: str, t: dict[str, Any], target: Any) -> None:
+    for key, check in KEYS.get(section, {}).items():
+        if key in t:
+            setattr(target, key, check(t[key], f"[{section}] {key}"))
+
+
 def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
     """Validate a parsed TOML document and build a :class:`Config`."""
-    sections = {"node", "grouping", "inference", "destinations", "security", "storage",
-                "results", "export", "dicomweb", "peers", "tls", "audit", "retention",
-                "logging"}
+    sections = set(TABLES) | set(ARRAYS)
     for key in raw:
         if key not in sections:
             raise ConfigError(f"[{key}]: unknown section (known: {', '.join(sorted(sections))})")
 
     cfg = Config(path=path)
+    tables: dict[str, dict[str, Any]] = {}
+    for name, cls in TABLES.items():
+        t = tables[name] = _table(raw, name)
+        _known(name, t, cls)
+        _scalars(name, t, getattr(cfg, name))
+    _check_node(cfg.node)
+    _check_grouping(tables["grouping"], cfg.grouping)
+    _check_inference(cfg.inference)
+    cfg.destinations = _destinations(raw.get("destinations", []))
+    cfg.peers = _peers(raw.get("peers", []))
+    _security(tables["security"], cfg)
+    _check_storage(cfg.storage)
+    _results(tables["results"], cfg.results)
+    _dicomweb(tables["dicomweb"], cfg.dicomweb, path)
+    _tls(tables["tls"], cfg, path.parent if path is not None else None)
+    if cfg.audit.syslog and not re.fullmatch(r"(udp|tcp)://[^:/\s]+:\d{1,5}", cfg.audit.syslog):
+        raise ConfigError(f"[audit] syslog must be udp://host:port or tcp://host:port, "
+                          f"got {cfg.audit.syslog!r}")
+    return cfg
 
-    t = _table(raw, "node")
-    _known("node", t, NodeConfig)
-    n = cfg.node
-    n.ae_title = _check_ae(t.get("ae_title", n.ae_title), "[node] ae_title")
-    n.host = _check_str(t.get("host", n.host), "[node] host")
-    n.port = _check_port(t.get("port", n.port), "[node] port")
-    n.data_dir = _check_str(t.get("data_dir", n.data_dir), "[node] data_dir")
+
+def _check_node(n: NodeConfig) -> None:
     if not n.data_dir:
         raise ConfigError("[node] data_dir must not be empty")
-    n.database_url = _check_str(t.get("database_url", n.database_url), "[node] database_url")
     if n.database_url and "://" not in n.database_url:
         raise ConfigError(
             f"[node] database_url must be an SQLAlchemy URL such as "
             f"'postgresql://user@host/db', got {n.database_url!r}"
         )
-    n.max_pdu_size = int(_check_number(t.get("max_pdu_size", n.max_pdu_size),
-                                       "[node] max_pdu_size"))
-    n.max_associations = int(_check_number(t.get("max_associations", n.max_associations),
-                                           "[node] max_associations", 1))
-    n.network_timeout_seconds = _check_number(
-        t.get("network_timeout_seconds", n.network_timeout_seconds),
-        "[node] network_timeout_seconds", 1)
-    n.tls = _check_bool(t.get("tls", n.tls), "[node] tls")
-    n.max_dataset_mb = _check_number(t.get("max_dataset_mb", n.max_dataset_mb),
-                                     "[node] max_dataset_mb", 1)
-    n.max_query_results = int(_check_number(t.get("max_query_results", n.max_query_results),
-                                            "[node] max_query_results", 1))
 
-    t = _table(raw, "grouping")
-    _known("grouping", t, GroupingConfig)
-    g = cfg.grouping
-    g.stable_seconds = _check_number(
-        t.get("stable_seconds", g.stable_seconds), "[grouping] stable_seconds")
+
+def _check_grouping(t: dict[str, Any], g: GroupingConfig) -> None:
     from inference.views import SLOT_KINDS
 
     prefer = t.get("prefer", g.prefer)
@@ -451,46 +535,28 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
         raise ConfigError(f"[grouping] prefer must be a list of distinct image kinds out of "
                           f"{', '.join(SLOT_KINDS)}, got {prefer!r}")
     g.prefer = list(prefer)
-    g.prior_after_days = _optional_number(t, "prior_after_days", g.prior_after_days,
-                                          "[grouping]")
-    g.prior_gap_days = _optional_number(t, "prior_gap_days", g.prior_gap_days, "[grouping]")
-    g.volume_2d = _check_str(t.get("volume_2d", g.volume_2d), "[grouping] volume_2d")
-    if g.volume_2d not in ("missing", "mip", "average"):
-        raise ConfigError(f"[grouping] volume_2d must be missing, mip or average, got "
-                          f"{g.volume_2d!r}")
 
-    t = _table(raw, "inference")
-    _known("inference", t, InferenceConfig)
-    cfg.inference.device = check_device(_check_str(t.get("device", "auto"),
-                                                   "[inference] device"), "[inference] device")
-    cfg.inference.checkpoint = _check_str(t.get("checkpoint", ""), "[inference] checkpoint")
-    inf = cfg.inference
-    inf.timeout_seconds = _check_number(t.get("timeout_seconds", inf.timeout_seconds),
-                                        "[inference] timeout_seconds", 0.1)
-    inf.max_attempts = int(_check_number(t.get("max_attempts", inf.max_attempts),
-                                         "[inference] max_attempts", 1))
-    inf.retry_delay_seconds = _check_number(
-        t.get("retry_delay_seconds", inf.retry_delay_seconds), "[inference] retry_delay_seconds")
-    inf.lease_seconds = _check_number(t.get("lease_seconds", inf.lease_seconds),
-                                      "[inference] lease_seconds", 1)
-    inf.operating_point = _optional_number(t, "operating_point", None, "[inference]")
-    inf.implants = _check_str(t.get("implants", inf.implants), "[inference] implants")
-    if inf.implants not in ("read", "skip"):
-        raise ConfigError(f"[inference] implants must be read or skip, got {inf.implants!r}")
-    inf.warm_up_exam = _check_bool(t.get("warm_up_exam", inf.warm_up_exam),
-                                   "[inference] warm_up_exam")
+
+def _check_inference(inf: InferenceConfig) -> None:
     if inf.operating_point is not None and inf.operating_point > 100:
         raise ConfigError("[inference] operating_point is an exam score 0-100, got "
                           f"{inf.operating_point:g}")
 
-    dests = raw.get("destinations", [])
-    if not isinstance(dests, list):
-        raise ConfigError("[[destinations]] must be an array of tables")
-    seen: set[str] = set()
-    for i, d in enumerate(dests):
-        where = f"[[destinations]] #{i + 1}"
+
+def _array(value: Any, name: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise ConfigError(f"[[{name}]] must be an array of tables")
+    for i, d in enumerate(value):
         if not isinstance(d, dict):
-            raise ConfigError(f"{where} must be a table")
+            raise ConfigError(f"[[{name}]] #{i + 1} must be a table")
+    return value
+
+
+def _destinations(value: Any) -> list[Destination]:
+    out: list[Destination] = []
+    seen: set[str] = set()
+    for i, d in enumerate(_array(value, "destinations")):
+        where = f"[[destinations]] #{i + 1}"
         _known(f"destinations #{i + 1}", d, Destination)
         for key in ("name", "ae_title", "host", "port"):
             if key not in d:
@@ -499,47 +565,48 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
         if not name or name in seen:
             raise ConfigError(f"{where} name must be non-empty and unique, got {name!r}")
         seen.add(name)
-        cfg.destinations.append(Destination(
+        out.append(Destination(
             name=name,
             ae_title=_check_ae(d["ae_title"], f"{where} ae_title"),
             host=_check_str(d["host"], f"{where} host"),
             port=_check_port(d["port"], f"{where} port"),
             tls=_check_bool(d.get("tls", False), f"{where} tls"),
         ))
+    return out
 
-    peers = raw.get("peers", [])
-    if not isinstance(peers, list):
-        raise ConfigError("[[peers]] must be an array of tables")
-    for i, d in enumerate(peers):
+
+def _network(h: Any, where: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        text = _check_str(h, f"{where} hosts").strip()
+        net = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ConfigError(f"{where} hosts: {h!r} is not an IP address or CIDR block "
+                          "(host names are not accepted: they can be spoofed)") from None
+    if "/" in text and net.network_address != ipaddress.ip_address(text.split("/")[0]):
+        raise ConfigError(f"{where} hosts: {h!r} has host bits set (did you mean "
+                          f"{net} or {text.split('/')[0]}?)")
+    return net
+
+
+def _peers(value: Any) -> list[Peer]:
+    out: list[Peer] = []
+    for i, d in enumerate(_array(value, "peers")):
         where = f"[[peers]] #{i + 1}"
-        if not isinstance(d, dict):
-            raise ConfigError(f"{where} must be a table")
         _known(f"peers #{i + 1}", d, Peer)
         if "ae_title" not in d:
             raise ConfigError(f"{where} ae_title: missing")
         hosts = d.get("hosts", [])
         if not isinstance(hosts, list):
             raise ConfigError(f"{where} hosts must be a list of IP addresses or CIDR blocks")
-        nets = []
-        for h in hosts:
-            try:
-                text = _check_str(h, f"{where} hosts").strip()
-                net = ipaddress.ip_network(text, strict=False)
-            except ValueError:
-                raise ConfigError(f"{where} hosts: {h!r} is not an IP address or CIDR block "
-                                  "(host names are not accepted: they can be spoofed)") from None
-            if "/" in text and net.network_address != ipaddress.ip_address(
-                    text.split("/")[0]):
-                raise ConfigError(f"{where} hosts: {h!r} has host bits set (did you mean "
-                                  f"{net} or {text.split('/')[0]}?)")
-            nets.append(net)
-        cfg.peers.append(Peer(
-            ae_title=_check_ae(d["ae_title"], f"{where} ae_title"), hosts=nets,
+        out.append(Peer(
+            ae_title=_check_ae(d["ae_title"], f"{where} ae_title"),
+            hosts=[_network(h, where) for h in hosts],
             services=_check_services(d.get("services", ["echo", "store"]), f"{where} services",
                                      PEER_SERVICES)))
+    return out
 
-    t = _table(raw, "security")
-    _known("security", t, SecurityConfig)
+
+def _security(t: dict[str, Any], cfg: Config) -> None:
     aets = t.get("allowed_calling_aets", [])
     if not isinstance(aets, list):
         raise ConfigError("[security] allowed_calling_aets must be a list of AE titles")
@@ -552,78 +619,28 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
         if a not in known:
             cfg.peers.append(Peer(ae_title=a, hosts=[], services=("echo", "store")))
 
-    t = _table(raw, "storage")
-    _known("storage", t, StorageConfig)
-    cfg.storage.fsync = _check_bool(t.get("fsync", cfg.storage.fsync), "[storage] fsync")
-    cfg.storage.min_free_mb = _check_number(t.get("min_free_mb", cfg.storage.min_free_mb),
-                                            "[storage] min_free_mb")
-    cfg.storage.purge_above_percent = _optional_number(
-        t, "purge_above_percent", cfg.storage.purge_above_percent, "[storage]")
-    if cfg.storage.purge_above_percent is not None and \
-            not 1 <= cfg.storage.purge_above_percent <= 100:
+
+def _check_storage(st: StorageConfig) -> None:
+    if st.purge_above_percent is not None and not 1 <= st.purge_above_percent <= 100:
         raise ConfigError("[storage] purge_above_percent must be between 1 and 100 (or \"\" "
-                          f"for never), got {cfg.storage.purge_above_percent!r}")
+                          f"for never), got {st.purge_above_percent!r}")
 
-    t = _table(raw, "retention")
-    _known("retention", t, RetentionConfig)
-    r = cfg.retention
-    r.keep_images_days = _optional_number(t, "keep_images_days", r.keep_images_days,
-                                          "[retention]")
-    r.keep_results_days = _optional_number(t, "keep_results_days", r.keep_results_days,
-                                           "[retention]")
-    r.check_seconds = _check_number(t.get("check_seconds", r.check_seconds),
-                                    "[retention] check_seconds", 1)
 
-    t = _table(raw, "results")
-    _known("results", t, ResultsConfig)
-    sr = t.get("sr", cfg.results.sr)
+def _results(t: dict[str, Any], res: ResultsConfig) -> None:
+    sr = t.get("sr", res.sr)
     if not isinstance(sr, list) or any(k not in SR_KINDS for k in sr):
         raise ConfigError(f"[results] sr must be a list drawn from {list(SR_KINDS)}, got {sr!r}")
-    cfg.results.sr = list(sr)
-    cfg.results.attention_maps = _check_bool(t.get("attention_maps", True),
-                                             "[results] attention_maps")
-    cfg.results.parametric_maps = _check_bool(t.get("parametric_maps", True),
-                                              "[results] parametric_maps")
-    cfg.results.presentation_states = _check_bool(t.get("presentation_states", True),
-                                                  "[results] presentation_states")
-    mm = t.get("max_marks_per_breast", 3)
+    res.sr = list(sr)
+    mm = t.get("max_marks_per_breast", res.max_marks_per_breast)
     if isinstance(mm, bool) or not isinstance(mm, int) or not 0 <= mm <= 20:
         raise ConfigError(f"[results] max_marks_per_breast must be an integer from 0 to 20, "
                           f"got {mm!r}")
-    cfg.results.max_marks_per_breast = mm
+    res.max_marks_per_breast = mm
 
-    t = _table(raw, "export")
-    _known("export", t, ExportConfig)
-    e = cfg.export
-    e.max_attempts = int(_check_number(t.get("max_attempts", e.max_attempts),
-                                       "[export] max_attempts", 1))
-    e.initial_delay_seconds = _check_number(
-        t.get("initial_delay_seconds", e.initial_delay_seconds), "[export] initial_delay_seconds")
-    e.max_delay_seconds = _check_number(t.get("max_delay_seconds", e.max_delay_seconds),
-                                        "[export] max_delay_seconds")
-    e.lease_seconds = _check_number(t.get("lease_seconds", e.lease_seconds),
-                                    "[export] lease_seconds", 1)
 
-    t = _table(raw, "dicomweb")
-    _known("dicomweb", t, DicomWebConfig)
-    w = cfg.dicomweb
-    w.enabled = _check_bool(t.get("enabled", w.enabled), "[dicomweb] enabled")
-    w.host = _check_str(t.get("host", w.host), "[dicomweb] host")
-    w.port = _check_port(t.get("port", w.port), "[dicomweb] port")
-    w.root = _check_str(t.get("root", w.root), "[dicomweb] root")
+def _dicomweb(t: dict[str, Any], w: DicomWebConfig, path: Path | None) -> None:
     if not w.root.startswith("/"):
         raise ConfigError(f"[dicomweb] root must start with '/', got {w.root!r}")
-    w.token = _check_str(t.get("token", w.token), "[dicomweb] token")
-    w.tls = _check_bool(t.get("tls", w.tls), "[dicomweb] tls")
-    w.max_results = int(_check_number(t.get("max_results", w.max_results),
-                                      "[dicomweb] max_results", 1))
-    w.max_request_mb = _check_number(t.get("max_request_mb", w.max_request_mb),
-                                     "[dicomweb] max_request_mb", 1)
-    w.max_concurrent_requests = int(_check_number(
-        t.get("max_concurrent_requests", w.max_concurrent_requests),
-        "[dicomweb] max_concurrent_requests", 1))
-    w.render_cache_mb = _check_number(t.get("render_cache_mb", w.render_cache_mb),
-                                      "[dicomweb] render_cache_mb")
     origins = t.get("cors_origins", [])
     if not isinstance(origins, list) or any(
             not isinstance(o, str) or not re.fullmatch(r"(https?://[^/\s]+|\*)", o)
@@ -631,7 +648,6 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
         raise ConfigError("[dicomweb] cors_origins must be a list of origins such as "
                           f"\"https://viewer.example:3000\" (or \"*\"), got {origins!r}")
     w.cors_origins = list(origins)
-    w.viewer_dir = _check_str(t.get("viewer_dir", ""), "[dicomweb] viewer_dir")
     if w.viewer_dir:
         vd = Path(w.viewer_dir).expanduser()
         if not vd.is_absolute() and path is not None:
@@ -646,13 +662,13 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
         raise ConfigError("[dicomweb] allowed_hosts must be a list of host names or addresses "
                           f"(no scheme, no port) such as \"node.example.org\", got {hosts!r}")
     w.allowed_hosts = [h.strip("[]") for h in hosts]
-    if "secure_cookies" in t:
-        w.secure_cookies = _check_bool(t["secure_cookies"], "[dicomweb] secure_cookies")
-    w.session_minutes = _check_number(t.get("session_minutes", w.session_minutes),
-                                      "[dicomweb] session_minutes", 1)
-    tokens = t.get("tokens", [])
+    w.tokens = _tokens(t.get("tokens", []))
+
+
+def _tokens(tokens: Any) -> list[WebToken]:
     if not isinstance(tokens, list):
         raise ConfigError("[[dicomweb.tokens]] must be an array of tables")
+    out: list[WebToken] = []
     names: set[str] = set()
     for i, d in enumerate(tokens):
         where = f"[[dicomweb.tokens]] #{i + 1}"
@@ -669,19 +685,17 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
         if not re.fullmatch(r"[0-9a-f]{64}", digest):
             raise ConfigError(f"{where} sha256 must be 64 hex digits (the SHA-256 of the "
                               "token: printf %s TOKEN | sha256sum)")
-        w.tokens.append(WebToken(name=name, sha256=digest, services=_check_services(
+        out.append(WebToken(name=name, sha256=digest, services=_check_services(
             d.get("services", list(WEB_SERVICES)), f"{where} services", WEB_SERVICES)))
+    return out
 
-    base = path.parent if path is not None else None
-    t = _table(raw, "tls")
-    _known("tls", t, TLSConfig)
+
+def _tls(t: dict[str, Any], cfg: Config, base: Path | None) -> None:
     c = cfg.tls
     c.certificate = _check_file(t.get("certificate", ""), "[tls] certificate", base)
     c.private_key = _check_file(t.get("private_key", ""), "[tls] private_key", base)
     c.ca_certificates = _check_file(t.get("ca_certificates", ""), "[tls] ca_certificates", base)
-    c.require_client_certificate = _check_bool(
-        t.get("require_client_certificate", False), "[tls] require_client_certificate")
-    if (n.tls or w.tls) and not (c.certificate and c.private_key):
+    if (cfg.node.tls or cfg.dicomweb.tls) and not (c.certificate and c.private_key):
         raise ConfigError("[node] tls / [dicomweb] tls need [tls] certificate and "
                           "[tls] private_key")
     if c.require_client_certificate and not c.ca_certificates:
@@ -690,27 +704,6 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
     if any(d.tls for d in cfg.destinations) and not c.ca_certificates:
         raise ConfigError("[[destinations]] tls = true needs [tls] ca_certificates to verify "
                           "the PACS's certificate")
-
-    t = _table(raw, "logging")
-    _known("logging", t, LoggingConfig)
-    lg = cfg.logging
-    lg.format = _check_str(t.get("format", lg.format), "[logging] format")
-    if lg.format not in ("text", "json"):
-        raise ConfigError(f"[logging] format must be text or json, got {lg.format!r}")
-    lg.level = _check_str(t.get("level", lg.level), "[logging] level").upper()
-    if lg.level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(f"[logging] level must be DEBUG, INFO, WARNING or ERROR, "
-                          f"got {lg.level!r}")
-
-    t = _table(raw, "audit")
-    _known("audit", t, AuditConfig)
-    cfg.audit.path = _check_str(t.get("path", ""), "[audit] path")
-    cfg.audit.syslog = _check_str(t.get("syslog", ""), "[audit] syslog").strip()
-    if cfg.audit.syslog and not re.fullmatch(r"(udp|tcp)://[^:/\s]+:\d{1,5}", cfg.audit.syslog):
-        raise ConfigError(f"[audit] syslog must be udp://host:port or tcp://host:port, "
-                          f"got {cfg.audit.syslog!r}")
-    cfg.audit.fail_closed = _check_bool(t.get("fail_closed", False), "[audit] fail_closed")
-    return cfg
 
 
 def load_config(path: str | Path | None = None) -> Config:
