@@ -250,6 +250,7 @@ def _echo(cfg: Config, info: dict) -> bool:
 def _exam_action(args: argparse.Namespace, action: str) -> int:
     """``reprocess``, ``complete`` and ``resolve``: one exam, one transition, one line."""
     from node.assembly import assign_policy
+    from storage.state import ExamNotFound
 
     cfg = _load(args)
     store = _open_store(cfg)
@@ -274,7 +275,7 @@ def _exam_action(args: argparse.Namespace, action: str) -> int:
                 patient_name=args.patient_name)
             print(f"study {study}: {detached} instance(s) of other patients left the exam; "
                   f"version {version} is {state}")
-    except KeyError:
+    except ExamNotFound:
         _audit(cfg, what, False, action=action, study=study, reason="no such exam")
         print(f"mammo-node: no exam for study {study}", file=sys.stderr)
         return 1

@@ -37,7 +37,7 @@ from node import audit as A
 from node.config import Config
 from storage.files import FileStore
 from storage.models import SLOTS
-from storage.state import ExamState, ExamStore
+from storage.state import ExamNotFound, ExamState, ExamStore
 
 log = logging.getLogger("mammo_node.dashboard")
 
@@ -425,7 +425,7 @@ class Dashboard:
 
         try:
             msg = await run_in_threadpool(run)
-        except KeyError:
+        except ExamNotFound:
             return self._back(UI, f"No exam for study {study}.")
         except ValueError as exc:
             return self._back(where, f"Not done: {exc}")

@@ -155,11 +155,19 @@ AssignFn = Callable[[list[Instance]], SlotAssignment]
 _Row = TypeVar("_Row")
 
 
+class ExamNotFound(KeyError):
+    """No exam (or row) with that key. A ``KeyError``, so callers written before it keep
+    working; new code catches this."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "exam not found"
+
+
 def _get(s, cls: type[_Row], key: int) -> _Row:
-    """A row that must exist (its id came from this database); KeyError otherwise."""
+    """A row that must exist (its id came from this database); ExamNotFound otherwise."""
     row = s.get(cls, key)
     if row is None:
-        raise KeyError(f"{cls.__name__} {key} not found")
+        raise ExamNotFound(f"{cls.__name__} {key} not found")
     return row
 
 
@@ -246,10 +254,10 @@ def exam_identity(exam: Exam, members: list[Instance]) -> PatientIdentity:
 
 
 def _exam_for_update(s, study_uid: str) -> Exam:
-    """The study's exam row, locked for this transaction; KeyError when there is none."""
+    """The study's exam row, locked for this transaction; ExamNotFound when there is none."""
     exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid).with_for_update())
     if exam is None:
-        raise KeyError(study_uid)
+        raise ExamNotFound(study_uid)
     return exam
 
 
@@ -670,7 +678,7 @@ class ExamStore:
         """End a patient conflict: the exam keeps the instances of ``patient_id`` (and
         ``issuer`` when given); the others stay stored but leave the exam. The exam is read
         again (a new version when an earlier version was read). Returns (instances
-        detached, new state, version). KeyError: no such exam; ValueError: no instance of
+        detached, new state, version). ExamNotFound: no such exam; ValueError: no instance of
         that patient in it."""
         now = utcnow()
         with self.db.write() as s:
@@ -828,7 +836,7 @@ class ExamStore:
 
     def reprocess(self, study_uid: str) -> tuple[int, str]:
         """Read an exam again as a new version (``mammo-node reprocess``): (version, state).
-        KeyError: no such exam; ValueError: held by a patient conflict or no view."""
+        ExamNotFound: no such exam; ValueError: held by a patient conflict or no view."""
         now = utcnow()
         with self.db.write() as s:
             exam = _exam_for_update(s, study_uid)
@@ -846,7 +854,7 @@ class ExamStore:
         """Process an exam now (``mammo-node complete``): a partial one instead of waiting, a
         prior or an exam skipped by the site's rule because someone asks for its reading
         (``read_on_request``: the worker reads it whatever [inference] implants says, no
-        newer study makes it a prior again). Returns (missing views, state). KeyError /
+        newer study makes it a prior again). Returns (missing views, state). ExamNotFound /
         ValueError as :meth:`reprocess`."""
         now = utcnow()
         with self.db.write() as s:

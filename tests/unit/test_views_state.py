@@ -386,3 +386,15 @@ def test_query_caps_load_one_row_per_entity_answered(exams):
     finally:
         event.remove(Instance, "load", on_load)
         event.remove(store.db.engine, "before_cursor_execute", on_execute)
+
+
+def test_an_unknown_study_is_exam_not_found(exams):
+    """The store's actions on a study it does not hold raise ExamNotFound (a KeyError, so the
+    callers written before it still catch it), naming the study."""
+    from storage.state import ExamNotFound
+
+    store, _ = exams
+    with pytest.raises(ExamNotFound, match="1.2.3.404"):
+        store.complete_now("1.2.3.404")
+    with pytest.raises(KeyError):
+        store.reprocess("1.2.3.404")
