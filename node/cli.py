@@ -211,9 +211,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _echo(cfg: Config, info: dict) -> bool:
-    from pynetdicom.sop_class import Verification
-
-    from node.implementation import application_entity
+    from node.scu import AssociationFailed, echo
 
     host = cfg.node.host if cfg.node.host not in ("0.0.0.0", "", "::") else "127.0.0.1"
     # With [[peers]], echo as a peer granted it from this host (or any host).
@@ -222,10 +220,7 @@ def _echo(cfg: Config, info: dict) -> bool:
         if "echo" in p.services and p.matches(p.ae_title, host):
             calling = p.ae_title
             break
-    ae = application_entity(calling)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 5
-    kwargs: dict = {}
+    tls = None
     if cfg.node.tls:
         import ssl
 
@@ -235,16 +230,12 @@ def _echo(cfg: Config, info: dict) -> bool:
         ctx.check_hostname = False  # our own listener, by address
         if not cfg.tls.ca_certificates:
             ctx.verify_mode = ssl.CERT_NONE
-        kwargs["tls_args"] = (ctx, None)
-    assoc = ae.associate(host, int(info.get("port") or cfg.node.port), ae_title=cfg.node.ae_title,
-                         **kwargs)
-    if not assoc.is_established:
-        return False
+        tls = (ctx, None)
     try:
-        status = assoc.send_c_echo()
-        return bool(status) and status.Status == 0
-    finally:
-        assoc.release()
+        return echo(calling, host, int(info.get("port") or cfg.node.port), cfg.node.ae_title,
+                    5, tls)
+    except AssociationFailed:
+        return False
 
 
 def _exam_action(args: argparse.Namespace, action: str) -> int:

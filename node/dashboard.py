@@ -458,29 +458,16 @@ class Dashboard:
                             page="destinations", dests=dests)
 
     def _echo(self, name: str) -> str:
-        from pynetdicom.sop_class import Verification
-
         from node.export import tls_args
-        from node.implementation import application_entity
+        from node.scu import AssociationFailed, echo
 
         dest = next(d for d in self.cfg.destinations if d.name == name)
-        ae = application_entity(self.cfg.node.ae_title)
-        ae.add_requested_context(Verification)
-        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
         t0 = time.perf_counter()
         try:
-            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
-                                 **tls_args(self.cfg, dest))
-        except (OSError, ValueError) as exc:
+            ok = echo(self.cfg.node.ae_title, dest.host, dest.port, dest.ae_title, 10,
+                      tls_args(self.cfg, dest).get("tls_args"))
+        except AssociationFailed as exc:
             return f"C-ECHO to {name} failed: {exc}"
-        if not assoc.is_established:
-            return f"C-ECHO to {name} failed: no association with {dest.ae_title}@" \
-                   f"{dest.host}:{dest.port}"
-        try:
-            status = assoc.send_c_echo()
-            ok = bool(status) and status.Status == 0
-        finally:
-            assoc.release()
         ms = (time.perf_counter() - t0) * 1000
         return f"C-ECHO to {name}: {'success' if ok else 'failed'} in {ms:.0f} ms"
 
