@@ -8,6 +8,7 @@ code reaches into a library's private parts.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 
@@ -29,9 +30,10 @@ def wait_until_sent(assoc, timeout: float = 30.0) -> None:
         time.sleep(0.0005)
 
 
-def stream_incoming_datasets(file_class) -> None:
-    """Have pynetdicom write each received C-STORE dataset straight into a file of
-    ``file_class`` (our :class:`node.scp.IncomingFile`) instead of memory.
+def stream_incoming_datasets(file_class: Callable[..., Any]) -> None:
+    """Have pynetdicom write each received C-STORE dataset straight into a file that
+    ``file_class`` opens (given tempfile's arguments: :meth:`node.scp.IncomingFile.factory`)
+    instead of memory.
 
     Why: ``_config.STORE_RECV_CHUNKED_DATASET`` makes pynetdicom stream the P-DATA fragments
     of a dataset to a ``tempfile.NamedTemporaryFile`` that ``pynetdicom.dimse_messages``

@@ -211,10 +211,9 @@ class Node:
 
         # Stream incoming datasets to data_dir/incoming (same file system as the store, so
         # that placing a file is a rename, never a copy).
-        IncomingFile.directory = str(self.files.incoming)
-        IncomingFile.limit_bytes = int(cfg.node.max_dataset_mb * 1024 * 1024)
-        IncomingFile.disk_ok = staticmethod(self.scp.disk_ok)
-        stream_incoming_datasets(IncomingFile)
+        stream_incoming_datasets(IncomingFile.factory(
+            str(self.files.incoming), int(cfg.node.max_dataset_mb * 1024 * 1024),
+            self.scp.disk_ok))
         received_file_meta_names(IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME)
 
         ae = make_ae(cfg)

@@ -12,8 +12,10 @@ success.
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,15 +90,15 @@ class IncomingFile:
     malformed (each block goes through a :class:`StreamCheck` before it is written).
     """
 
-    #: Set by the daemon from the configuration (class attributes: pynetdicom creates the
-    #: instances itself, with tempfile's arguments only).
-    directory: str | None = None   # data_dir/incoming: same file system as the store
-    limit_bytes: int = 0
-    disk_ok: Any = None
     CHECK_EVERY = 16 * 1024 * 1024
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("dir", self.directory)
+    def __init__(self, *args: Any, directory: str, limit_bytes: int,
+                 disk_ok: Callable[[], bool] | None, **kwargs: Any) -> None:
+        """``directory``: data_dir/incoming (the store's file system: placing is a rename);
+        ``limit_bytes``: ``[node] max_dataset_mb``; ``disk_ok``: the free-space check. The
+        rest is tempfile's, as pynetdicom passes them (see :meth:`factory`)."""
+        self.directory, self.limit_bytes, self.disk_ok = directory, limit_bytes, disk_ok
+        kwargs.setdefault("dir", directory)
         kwargs.setdefault("prefix", "rx-")
         self._f = tempfile.NamedTemporaryFile(*args, **kwargs)
         self.name = self._f.name
@@ -107,6 +109,14 @@ class IncomingFile:
         self.check: StreamCheck | None = StreamCheck(self.limit_bytes)
         #: Where the validation refused the dataset (bytes before the block that showed it).
         self.refused_at: int | None = None
+
+    @classmethod
+    def factory(cls, directory: str, limit_bytes: int,
+                disk_ok: Callable[[], bool] | None) -> Callable[..., IncomingFile]:
+        """What pynetdicom calls (with tempfile's arguments only) to open each received
+        dataset's file: this class with the node's settings bound."""
+        return functools.partial(cls, directory=directory, limit_bytes=limit_bytes,
+                                 disk_ok=disk_ok)
 
     def _failed(self, exc: OSError) -> None:
         self.error = exc
