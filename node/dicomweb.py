@@ -17,6 +17,7 @@ import tempfile
 import threading
 import uuid
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from pydicom.dataset import Dataset
@@ -249,10 +250,11 @@ class DicomWeb:
     """The DICOMweb application bound to the node's store."""
 
     def __init__(self, cfg: Config, files: FileStore, exams: ExamStore, scp: StorageSCP,
-                 audit=None, metrics=None, readiness=None, health=None):
+                 *, audit: A.AuditLog | A.NullAudit, metrics: Any = None,
+                 readiness: Any = None, health: Any = None):
         self.cfg, self.files, self.exams, self.scp = cfg, files, exams, scp
         self.ingest: Ingest = scp.ingest  # STOW-RS stores as C-STORE does, not through it
-        self.audit = audit or A.NullAudit()
+        self.audit = audit
         self.queries = QueryService(exams)
         self.tokens = TokenAuth(cfg)
         self.metrics = metrics      # node.metrics.NodeMetrics or None

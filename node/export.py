@@ -6,6 +6,7 @@ import logging
 import socket
 import threading
 from collections import defaultdict
+from typing import Any
 
 from pydicom import dcmread
 from pynetdicom import build_context
@@ -80,10 +81,11 @@ class Exporter(threading.Thread):
     """Sends due deliveries, one association per destination and batch."""
 
     def __init__(self, cfg: Config, files: FileStore, exams: ExamStore,
-                 stop: threading.Event, wake: threading.Event | None = None,
-                 poll_seconds: float = 1.0, audit=None, metrics=None) -> None:
+                 stop: threading.Event, *, audit: A.AuditLog | A.NullAudit,
+                 wake: threading.Event | None = None, poll_seconds: float = 1.0,
+                 metrics: Any = None) -> None:
         super().__init__(name="export", daemon=True)
-        self.audit = audit or A.NullAudit()
+        self.audit = audit
         self.metrics = metrics  # node.metrics.NodeMetrics or None
         self.cfg, self.files, self.exams, self.stop = cfg, files, exams, stop
         self.wake = wake or threading.Event()  # set when new results are queued

@@ -307,14 +307,14 @@ class Ingest:
     """Validate, place, record and assemble received datasets, whatever the protocol."""
 
     def __init__(self, cfg: Config, files: FileStore, exams: ExamStore,
-                 exam_ready: threading.Event | None = None, audit: Any = None,
-                 metrics: Any = None) -> None:
+                 *, audit: A.AuditLog | A.NullAudit,
+                 exam_ready: threading.Event | None = None, metrics: Any = None) -> None:
         self.cfg = cfg
         self.files = files
         self.exams = exams
         self.assign = assign_policy(cfg)  # [grouping] prefer / volume_2d
         self.exam_ready = exam_ready  # set when an exam becomes ready
-        self.audit = audit or A.NullAudit()
+        self.audit = audit
         self.metrics = metrics  # node.metrics.NodeMetrics or None
         self.min_free = int(cfg.storage.min_free_mb * 1024 * 1024)
         self.max_bytes = int(cfg.node.max_dataset_mb * 1024 * 1024)

@@ -78,10 +78,10 @@ class QueryRetrieveSCP:
     """C-FIND / C-MOVE / C-GET handlers over the node's store."""
 
     def __init__(self, cfg: Config, files: FileStore, exams: ExamStore,
-                 access: AccessControl | None = None, audit=None) -> None:
+                 *, access: AccessControl, audit: A.AuditLog | A.NullAudit) -> None:
         self.cfg, self.files, self.exams = cfg, files, exams
-        self.audit = audit or A.NullAudit()
-        self.access = access or AccessControl(cfg, self.audit)
+        self.audit = audit
+        self.access = access
         self.queries = QueryService(exams)
 
     def handlers(self) -> list[tuple]:

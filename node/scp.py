@@ -193,16 +193,16 @@ class IncomingFile:
 class StorageSCP:
     """The C-ECHO / C-STORE service provider bound to one store."""
 
-    def __init__(self, cfg: Config, files: FileStore, exams: ExamStore,
-                 exam_ready: Any = None, access: AccessControl | None = None,
-                 audit: Any = None, metrics: Any = None,
-                 ingest: Ingest | None = None) -> None:
+    def __init__(self, cfg: Config, files: FileStore, exams: ExamStore, *,
+                 ingest: Ingest, audit: A.AuditLog | A.NullAudit, metrics: Any = None,
+                 access: AccessControl | None = None) -> None:
+        """``access``: who may associate (default: from ``[[peers]]``, with this SCP's
+        free-space check for storage associations)."""
         self.cfg = cfg
         self.files = files
         self.exams = exams
-        self.audit = audit or A.NullAudit()
-        self.ingest = ingest or Ingest(cfg, files, exams, exam_ready=exam_ready,
-                                       audit=self.audit, metrics=metrics)
+        self.audit = audit
+        self.ingest = ingest
         self.min_free = self.ingest.min_free
         #: Set by the daemon: wake the retention thread to purge what may go. Never a purge
         #: on the caller's thread (an association waiting for its A-ASSOCIATE-AC).
