@@ -45,6 +45,12 @@ log = logging.getLogger("mammo_node.train")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+def default_cache_dir(data: str, cache_dir: str | None) -> str:
+    """The preprocessing cache train, prepare, evaluate and calibrate share: ``cache_dir``,
+    else DATA/.mammo-cache."""
+    return cache_dir or str(Path(data) / ".mammo-cache")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -274,7 +280,7 @@ def _train(a: TrainArgs, ctx: DistContext) -> dict[str, Any]:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
-    cache = a.cache_dir or str(Path(a.data) / ".mammo-cache")
+    cache = default_cache_dir(a.data, a.cache_dir)
     ds = ExamDataset(train_recs, cfg.image_size, cfg.task, cache_dir=cache)
     sampler: DistributedSampler = DistributedSampler(
         ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=a.seed,
@@ -627,11 +633,13 @@ def exam_level(preds: dict[str, np.ndarray], birads_classes: list[str]
 def evaluate(data: str, checkpoint: str | None, fmt: str = "vindr", split: str = "test",
              device: str = "auto", batch_size: int = 4, workers: int = 0,
              progress: bool = True, operating_point: float | None = None,
-             bootstrap: int = 1000, plots: str | None = None) -> dict[str, Any]:
+             bootstrap: int = 1000, plots: str | None = None,
+             cache_dir: str | None = None) -> dict[str, Any]:
     """Metrics per task on one split (see :func:`inference.metrics.evaluate_predictions`)
     and, under ``"exam"``, the exam score's statistics (:func:`inference.scoring
     .exam_statistics`) at the checkpoint's operating point (or ``operating_point``);
-    ``plots``: a folder for roc.png and calibration.png."""
+    ``plots``: a folder for roc.png and calibration.png; ``cache_dir``: the preprocessing
+    cache (train's and prepare's, same keys; default DATA/.mammo-cache)."""
     from inference.scoring import exam_statistics, plot_calibration, plot_roc
 
     dev = resolve_device(device)
@@ -640,7 +648,7 @@ def evaluate(data: str, checkpoint: str | None, fmt: str = "vindr", split: str =
     if not records:
         raise ValueError(f"no exams in split {split!r} of {data}")
     preds = predict_records(model, records, dev, batch_size, workers,
-                            cache_dir=str(Path(data) / ".mammo-cache"), progress=progress)
+                            cache_dir=default_cache_dir(data, cache_dir), progress=progress)
     results: dict[str, Any] = dict(evaluate_predictions(preds, info.config.task))
     if "density_probs" in preds:
         from inference.metrics import density_metrics
@@ -701,9 +709,10 @@ def localisation(records: list, checkpoint: str | None, device: str = "auto",
 
 def calibrate(data: str, checkpoint: str | None, out: str, fmt: str = "vindr",
               split: str = "training", specificity: float = 0.9, device: str = "auto",
-              batch_size: int = 4, progress: bool = True) -> dict[str, Any]:
+              batch_size: int = 4, progress: bool = True, cache_dir: str | None = None,
+              workers: int = 0) -> dict[str, Any]:
     """Choose the operating point on ``split`` of ``data`` at ``specificity`` and write the
-    checkpoint again with it (the weights unchanged)."""
+    checkpoint again with it (the weights unchanged). ``cache_dir``: as :func:`evaluate`."""
     from safetensors.torch import load_file, save_file
 
     from inference.checkpoint import DEMO_CHECKPOINT, read_info
@@ -714,8 +723,8 @@ def calibrate(data: str, checkpoint: str | None, out: str, fmt: str = "vindr",
     records = select_split(read_dataset(data, fmt), split)
     if not records:
         raise ValueError(f"no exams in split {split!r} of {data}")
-    preds = predict_records(model, records, dev, batch_size, 0,
-                            cache_dir=str(Path(data) / ".mammo-cache"), progress=progress)
+    preds = predict_records(model, records, dev, batch_size, workers,
+                            cache_dir=default_cache_dir(data, cache_dir), progress=progress)
     y, s = exam_level(preds, info.config.birads_classes)
     op = choose_operating_point(y, s, specificity)
     if op is None:
