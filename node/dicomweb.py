@@ -35,6 +35,7 @@ from node.ingest import (
     _DISK_ERRNOS,
     Ingest,
     StoreError,
+    part_identity,
     part_to_file,
     public_message,
     stream_validated,
@@ -573,7 +574,9 @@ class DicomWeb:
                     path = part_to_file(body, offset, length, self.files.incoming,
                                         self.ingest.max_bytes, check)
                 except StoreError as exc:
-                    out = self.ingest.refuse(exc.status, str(exc), calling, who)
+                    sop_class, sop_instance = part_identity(body, offset, length)
+                    out = self.ingest.refuse(exc.status, str(exc), calling, who, sop_class,
+                                             sop_instance)
                 except OSError as exc:  # the copy of the part: a full disk, an I/O error
                     full = exc.errno in _DISK_ERRNOS
                     if not full:

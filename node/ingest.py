@@ -250,6 +250,31 @@ def _copy(src: Any, dst: Any, length: int, check: StreamCheck | None = None) -> 
             raise StoreError(exc.status, str(exc)) from exc
 
 
+def part_identity(body: Path, offset: int, length: int) -> tuple[str | None, str | None]:
+    """(SOP Class, SOP Instance UID) from the file meta information of a Part 10 part of a
+    spooled body (only its first bytes read), for the answer to a part refused before its
+    header was parsed; (None, None) where it has none."""
+    import struct
+    from io import BytesIO
+
+    try:
+        with open(body, "rb") as f:
+            f.seek(offset)
+            head = f.read(min(length, 144))
+            if len(head) < 144 or head[128:132] != b"DICM" or head[132:138] != \
+                    b"\x02\x00\x00\x00UL":
+                return None, None
+            (meta_len,) = struct.unpack("<I", head[140:144])
+            if meta_len > min(length, 1 << 16):
+                return None, None
+            meta = head + f.read(meta_len)
+        ds = dcmread(BytesIO(meta), force=True)
+        return (_str(ds.file_meta, "MediaStorageSOPClassUID"),
+                _str(ds.file_meta, "MediaStorageSOPInstanceUID"))
+    except Exception:  # only a courtesy for the answer: never a reason to fail
+        return None, None
+
+
 def stream_validated(check: StreamCheck | None) -> bool:
     """Every byte went through ``check`` and passed: the whole-file walk is not needed
     (except for a Deflated dataset, whose header is read from the inflated copy that walk
@@ -385,15 +410,17 @@ class Ingest:
         return out
 
     def refuse(self, status: int, message: str, calling: str,
-               peer: dict | None = None) -> Outcome:
-        """A dataset refused before it reached :meth:`store` (a STOW part that is not one):
-        counted and audited as a refusal of :meth:`store` is."""
+               peer: dict | None = None, sop_class: str | None = None,
+               sop_instance: str | None = None) -> Outcome:
+        """A dataset refused before it reached :meth:`store` (a STOW part that is not one, or
+        one refused while it was copied): counted and audited as a refusal of :meth:`store`
+        is."""
         if self.metrics is not None:
             self.metrics.refused.labels(f"0x{status:04X}").inc()
         self.audit.event(A.INSTANCES_TRANSFERRED, A.MINOR_FAILURE, action="store",
-                         peer=peer or {"ae_title": calling}, status=f"0x{status:04X}",
-                         reason=message[:200])
-        return Outcome(status, message)
+                         peer=peer or {"ae_title": calling}, instance=sop_instance,
+                         status=f"0x{status:04X}", reason=message[:200])
+        return Outcome(status, message, sop_class_uid=sop_class, sop_instance_uid=sop_instance)
 
     def _store(self, path: Path, calling: str, sop_class: str | None,
                sop_instance: str | None, transfer_syntax: str | None,

@@ -310,6 +310,9 @@ def test_stow_part_with_bad_functional_groups_is_refused_while_it_is_copied(
     res = json.loads(out)
     failed = res["00081198"]["Value"]
     assert [f["00081197"]["Value"][0] for f in failed] == [0xC210]
+    # Which instance failed: from the part's file meta (its header was never parsed).
+    assert failed[0]["00081155"]["Value"][0] == ds.SOPInstanceUID
+    assert failed[0]["00081150"]["Value"][0] == ds.SOPClassUID
     stored = res["00081199"]["Value"]
     assert stored[0]["00081155"]["Value"][0] == dcmread(good, stop_before_pixels=True) \
         .SOPInstanceUID
