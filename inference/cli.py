@@ -120,7 +120,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                    device=args.device, batch_size=args.batch_size, workers=args.workers,
                    progress=not (args.json or args.quiet),
                    operating_point=args.operating_point, bootstrap=args.bootstrap,
-                   plots=args.plots)
+                   plots=args.plots, cache_dir=args.cache_dir)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
@@ -133,7 +133,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     op = calibrate(args.data, args.checkpoint, args.out, fmt=args.format, split=args.split,
                    specificity=args.specificity, device=args.device,
-                   batch_size=args.batch_size, progress=not args.quiet)
+                   batch_size=args.batch_size, progress=not args.quiet,
+                   cache_dir=args.cache_dir, workers=args.workers)
     print(f"operating point: exam score {op['score']:g} (specificity {op['specificity']:.3f}, "
           f"sensitivity {op['sensitivity']:.3f} on {op['n']} exams); written to {args.out}")
     return 0
@@ -285,6 +286,8 @@ def register(sub, add_config, load_config) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--batch-size", type=int, default=4, help="exams per batch")
     p.add_argument("--workers", type=int, default=0, help="decoding worker processes")
+    p.add_argument("--cache-dir", default=None,
+                   help="preprocessing cache, as train's (default: DATA/.mammo-cache)")
     p.add_argument("--operating-point", type=float, default=None, metavar="SCORE",
                    help="exam score 0-100 to report the confusion matrix at (default: the "
                         "checkpoint's)")
@@ -309,6 +312,9 @@ def register(sub, add_config, load_config) -> None:
     p.add_argument("--out", required=True, help="checkpoint to write (may be the same file)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--batch-size", type=int, default=4, help="exams per batch")
+    p.add_argument("--workers", type=int, default=0, help="decoding worker processes")
+    p.add_argument("--cache-dir", default=None,
+                   help="preprocessing cache, as train's (default: DATA/.mammo-cache)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_clean_errors("calibrate", cmd_calibrate))
 

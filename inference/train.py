@@ -45,6 +45,12 @@ log = logging.getLogger("mammo_node.train")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+def default_cache_dir(data: str, cache_dir: str | None) -> str:
+    """The preprocessing cache train, prepare, evaluate and calibrate share: ``cache_dir``,
+    else DATA/.mammo-cache."""
+    return cache_dir or str(Path(data) / ".mammo-cache")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -192,6 +198,37 @@ def load_resume_state(path: Path) -> dict:
     return st
 
 
+def accumulation_groups(labelled: np.ndarray, sampler: DistributedSampler, ctx: DistContext,
+                        batch: int, accumulate: int, epoch: int, batches: int
+                        ) -> list[tuple[dict[str, float], int, int, list[int]]]:
+    """Per optimizer step of an epoch: (the loss's denominators: labelled breasts per task
+    over every micro-batch of the step on every rank, / world size; the exams in the step on
+    every rank; the index of its last micro-batch; this rank's labelled BI-RADS breasts per
+    micro-batch, to check the loader against).
+
+    From the records alone: every rank's share of the epoch is the DistributedSampler's
+    (deterministic in seed and epoch), so no rank needs the others' labels, and no collective
+    is spent on it."""
+    world = ctx.world_size
+    shares = []
+    for r in range(world):
+        s = sampler if r == ctx.rank else DistributedSampler(
+            sampler.dataset, num_replicas=world, rank=r, shuffle=sampler.shuffle,
+            seed=sampler.seed, drop_last=sampler.drop_last)
+        s.set_epoch(epoch)
+        shares.append(list(s))
+    out = []
+    for g0 in range(0, batches, accumulate):
+        micro = range(g0, min(g0 + accumulate, batches))
+        idx = [j for share in shares for i in micro for j in share[i * batch:(i + 1) * batch]]
+        c = labelled[idx].sum(0) if idx else np.zeros(3, np.int64)
+        local = [int(labelled[shares[ctx.rank][i * batch:(i + 1) * batch], 0].sum())
+                 for i in micro]
+        out.append(({"birads": float(c[0]) / world, "diagnosis": float(c[1]) / world,
+                     "density": float(c[2]) / world}, len(idx), micro[-1], local))
+    return out
+
+
 def train(a: TrainArgs) -> dict[str, Any]:
     """Train a model; writes the checkpoint (each epoch), the best one by validation, a
     resume state and metrics (JSON lines) beside it. Under torchrun every rank calls this;
@@ -243,11 +280,12 @@ def _train(a: TrainArgs, ctx: DistContext) -> dict[str, Any]:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
-    cache = a.cache_dir or str(Path(a.data) / ".mammo-cache")
+    cache = default_cache_dir(a.data, a.cache_dir)
     ds = ExamDataset(train_recs, cfg.image_size, cfg.task, cache_dir=cache)
     sampler: DistributedSampler = DistributedSampler(
         ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=a.seed,
         drop_last=False)
+    labelled = ds.labelled_counts()
     workers = default_workers() if a.workers < 0 else a.workers
     loader = _loader(ds, a.batch_size, sampler, workers, device, a.prefetch,
                      seed=a.seed + 7919 * ctx.rank)
@@ -297,50 +335,53 @@ def _train(a: TrainArgs, ctx: DistContext) -> dict[str, Any]:
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{a.epochs}", unit="batch",
                        disable=not show, leave=False)
             opt.zero_grad(set_to_none=True)
+            groups = accumulation_groups(labelled, sampler, ctx, a.batch_size, a.accumulate,
+                                         epoch, len(loader))
+            group_loss = torch.zeros((), device=device)
             for i, batch in enumerate(bar):
-                group_start = i - i % a.accumulate
-                group = min(a.accumulate, len(loader) - group_start)
-                last_micro = i + 1 == group_start + group
+                counts, group_exams, last_i, local = groups[i // a.accumulate]
+                last_micro = i == last_i
+                if int((batch["birads"] >= 0).sum()) != local[i % a.accumulate]:
+                    raise RuntimeError("the loader's batches are not the sampler's: the "
+                                       "loss denominators would be wrong")
                 images = batch["images"].to(device, non_blocking=True)
                 mask = batch["mask"].to(device, non_blocking=True)
                 birads = batch["birads"].to(device, non_blocking=True)
                 diag = batch["diagnosis"].to(device, non_blocking=True)
                 dens = batch["density"].to(device, non_blocking=True)
-                counts = None
-                if ctx.distributed:
-                    # Labelled breasts over every rank, so that the averaged gradient is
-                    # that of the whole global batch (ranks' labels need not be even).
-                    c = torch.stack([(birads >= 0).sum(), (diag >= 0).sum(),
-                                     (dens >= 0).sum()]).float()
-                    g = all_reduce_sum(c, ctx) / ctx.world_size
-                    counts = {"birads": float(g[0]), "diagnosis": float(g[1]),
-                              "density": float(g[2])}
                 sync = net.no_sync() if ctx.distributed and not last_micro \
                     else contextlib.nullcontext()
                 with sync:
                     with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                         enabled=amp_dtype is not None):
                         outp = net(images, mask)
+                        # Divided by the labelled breasts of the whole optimizer step (every
+                        # micro-batch, every rank; / world size, as DDP averages): the summed
+                        # gradients are those of one batch of batch x ranks x accumulate.
                         loss, _ = model.loss(outp, birads, diag, dens, counts=counts)
-                    scaler.scale(loss / group).backward()
-                # The global batch's mean loss (the ranks' losses average to it).
-                bl = float(all_reduce_sum(loss.detach().float().reshape(1), ctx)[0]) \
-                    / ctx.world_size
-                nb = float(all_reduce_sum(torch.tensor([float(images.shape[0])]), ctx)[0])
-                loss_sum += bl * nb
-                n_sum += nb
-                if last_micro:
-                    if a.clip_grad > 0:
-                        scaler.unscale_(opt)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip_grad)
-                    scaler.step(opt)
-                    scaler.update()
-                    opt.zero_grad(set_to_none=True)
-                    sched.step()
-                    step += 1
-                writer.write({"kind": "step", "epoch": epoch + 1, "step": step,
-                              "batch": i + 1, "loss": round(bl, 7),
-                              "lr": sched.get_last_lr()[0]})
+                    scaler.scale(loss).backward()
+                group_loss += loss.detach().float()
+                if not last_micro:
+                    continue
+                # One all-reduce per optimizer step: the step's mean loss over every rank.
+                gl = float(all_reduce_sum(group_loss.reshape(1), ctx)[0]) / ctx.world_size
+                group_loss = torch.zeros((), device=device)
+                loss_sum += gl * group_exams
+                n_sum += group_exams
+                lr_now = sched.get_last_lr()[0]
+                step_entry: dict[str, Any] = {"kind": "step", "epoch": epoch + 1,
+                                              "step": step + 1, "batch": i + 1,
+                                              "loss": round(gl, 7), "lr": lr_now}
+                if a.clip_grad > 0:
+                    scaler.unscale_(opt)
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip_grad)
+                    step_entry["grad_norm"] = round(float(norm), 6)
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                sched.step()
+                step += 1
+                writer.write(step_entry)
                 bar.set_postfix(loss=f"{loss_sum / max(n_sum, 1):.4f}")
             entry: dict[str, Any] = {
                 "kind": "epoch", "epoch": epoch + 1, "loss": loss_sum / max(n_sum, 1),
@@ -592,11 +633,13 @@ def exam_level(preds: dict[str, np.ndarray], birads_classes: list[str]
 def evaluate(data: str, checkpoint: str | None, fmt: str = "vindr", split: str = "test",
              device: str = "auto", batch_size: int = 4, workers: int = 0,
              progress: bool = True, operating_point: float | None = None,
-             bootstrap: int = 1000, plots: str | None = None) -> dict[str, Any]:
+             bootstrap: int = 1000, plots: str | None = None,
+             cache_dir: str | None = None) -> dict[str, Any]:
     """Metrics per task on one split (see :func:`inference.metrics.evaluate_predictions`)
     and, under ``"exam"``, the exam score's statistics (:func:`inference.scoring
     .exam_statistics`) at the checkpoint's operating point (or ``operating_point``);
-    ``plots``: a folder for roc.png and calibration.png."""
+    ``plots``: a folder for roc.png and calibration.png; ``cache_dir``: the preprocessing
+    cache (train's and prepare's, same keys; default DATA/.mammo-cache)."""
     from inference.scoring import exam_statistics, plot_calibration, plot_roc
 
     dev = resolve_device(device)
@@ -605,7 +648,7 @@ def evaluate(data: str, checkpoint: str | None, fmt: str = "vindr", split: str =
     if not records:
         raise ValueError(f"no exams in split {split!r} of {data}")
     preds = predict_records(model, records, dev, batch_size, workers,
-                            cache_dir=str(Path(data) / ".mammo-cache"), progress=progress)
+                            cache_dir=default_cache_dir(data, cache_dir), progress=progress)
     results: dict[str, Any] = dict(evaluate_predictions(preds, info.config.task))
     if "density_probs" in preds:
         from inference.metrics import density_metrics
@@ -666,9 +709,10 @@ def localisation(records: list, checkpoint: str | None, device: str = "auto",
 
 def calibrate(data: str, checkpoint: str | None, out: str, fmt: str = "vindr",
               split: str = "training", specificity: float = 0.9, device: str = "auto",
-              batch_size: int = 4, progress: bool = True) -> dict[str, Any]:
+              batch_size: int = 4, progress: bool = True, cache_dir: str | None = None,
+              workers: int = 0) -> dict[str, Any]:
     """Choose the operating point on ``split`` of ``data`` at ``specificity`` and write the
-    checkpoint again with it (the weights unchanged)."""
+    checkpoint again with it (the weights unchanged). ``cache_dir``: as :func:`evaluate`."""
     from safetensors.torch import load_file, save_file
 
     from inference.checkpoint import DEMO_CHECKPOINT, read_info
@@ -679,8 +723,8 @@ def calibrate(data: str, checkpoint: str | None, out: str, fmt: str = "vindr",
     records = select_split(read_dataset(data, fmt), split)
     if not records:
         raise ValueError(f"no exams in split {split!r} of {data}")
-    preds = predict_records(model, records, dev, batch_size, 0,
-                            cache_dir=str(Path(data) / ".mammo-cache"), progress=progress)
+    preds = predict_records(model, records, dev, batch_size, workers,
+                            cache_dir=default_cache_dir(data, cache_dir), progress=progress)
     y, s = exam_level(preds, info.config.birads_classes)
     op = choose_operating_point(y, s, specificity)
     if op is None:

@@ -32,11 +32,20 @@ from node import audit as A
 from node import wado
 from node.config import Config
 from node.dashboard import COOKIE, Dashboard
-from node.ingest import _DISK_ERRNOS, Ingest, StoreError, part_to_file, public_message
+from node.ingest import (
+    _DISK_ERRNOS,
+    Ingest,
+    StoreError,
+    part_identity,
+    part_to_file,
+    public_message,
+    stream_validated,
+)
 from node.query import QueryError, QueryService, QueryUnavailable, from_params
 from node.scp import StorageSCP
 from node.security import TokenAuth, server_context
 from node.status import DATASET_MISMATCH, OUT_OF_RESOURCES, PROCESSING_FAILURE
+from node.validate import StreamCheck
 from storage.files import FileStore
 from storage.models import Instance
 from storage.state import ExamStore
@@ -562,11 +571,14 @@ class DicomWeb:
                 out = self.ingest.refuse(DATASET_MISMATCH, f"part of type {ptype} is not "
                                          "application/dicom", calling, who)
             else:
+                check = StreamCheck(self.ingest.max_bytes)
                 try:
                     path = part_to_file(body, offset, length, self.files.incoming,
-                                        self.ingest.max_bytes)
+                                        self.ingest.max_bytes, check)
                 except StoreError as exc:
-                    out = self.ingest.refuse(exc.status, str(exc), calling, who)
+                    sop_class, sop_instance = part_identity(body, offset, length)
+                    out = self.ingest.refuse(exc.status, str(exc), calling, who, sop_class,
+                                             sop_instance)
                 except OSError as exc:  # the copy of the part: a full disk, an I/O error
                     full = exc.errno in _DISK_ERRNOS
                     if not full:
@@ -575,7 +587,8 @@ class DicomWeb:
                         OUT_OF_RESOURCES if full else PROCESSING_FAILURE,
                         "disk full" if full else "I/O error", calling, who)
                 else:
-                    out = self.ingest.store(path, calling, peer=who, study=study_in_url)
+                    out = self.ingest.store(path, calling, peer=who, study=study_in_url,
+                                            validated=stream_validated(check))
             if out.sop_class_uid:
                 item.ReferencedSOPClassUID = out.sop_class_uid
             if out.sop_instance_uid:

@@ -10,8 +10,10 @@ recorded in one transaction, the exam is assembled (:mod:`node.assembly`), and o
 success answered. A refusal removes the file, records nothing, is counted and audited.
 
 A STOW-RS part is a byte range of the spooled request body: :func:`part_to_file` copies it
-to its own file in a stream and, for a part sent without the Part 10 preamble, writes the
-file meta information in front of it (read from the header only, never the whole dataset).
+to its own file in a stream, each block validated before it is written (the C-STORE's
+:class:`node.validate.StreamCheck`; a Part 10 part is then not walked again) and, for a part
+sent without the Part 10 preamble, writes the file meta information in front of it (read from
+the header only, never the whole dataset).
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ from node.status import (
     SUCCESS,
 )
 from node.validate import (
+    DEFLATED,
     DatasetInvalid,
+    StreamCheck,
     check_dataset,
     check_image_pixel_module,
     raw_dataset_encoding,
@@ -213,23 +217,84 @@ class Outcome:
         return self.status == SUCCESS
 
 
-def _copy(src: Any, dst: Any, length: int) -> None:
+#: The blocks a STOW-RS part is copied (and validated) in.
+PART_BLOCK = 4 << 20
+
+
+def _copy(src: Any, dst: Any, length: int, check: StreamCheck | None = None) -> None:
+    """``length`` bytes from ``src`` to ``dst`` in blocks; each block goes through ``check``
+    (when given) before it is written, so that a malformed dataset is refused at the block
+    that shows it, the rest never written (:class:`StoreError` with the validation's
+    status)."""
     left = length
     while left:
-        block = src.read(min(left, 4 << 20))
+        block = src.read(min(left, PART_BLOCK))
         if not block:
             raise StoreError(CANNOT_UNDERSTAND, "part ends before its announced length")
+        if check is not None:
+            try:
+                check.feed(block)
+            except DatasetInvalid as exc:
+                raise StoreError(exc.status, f"{exc} (refused while the part was copied, in "
+                                 f"the block at byte {length - left} of {length})") from exc
+            except Exception:  # a bug here must not refuse data: the file is walked whole
+                log.exception("validation while copying a STOW-RS part failed; the file is "
+                              "validated whole instead")
+                check = None
         dst.write(block)
         left -= len(block)
+    if check is not None:
+        try:
+            check.finish()
+        except DatasetInvalid as exc:
+            raise StoreError(exc.status, str(exc)) from exc
+
+
+def part_identity(body: Path, offset: int, length: int) -> tuple[str | None, str | None]:
+    """(SOP Class, SOP Instance UID) from the file meta information of a Part 10 part of a
+    spooled body (only its first bytes read), for the answer to a part refused before its
+    header was parsed; (None, None) where it has none."""
+    import struct
+    from io import BytesIO
+
+    try:
+        with open(body, "rb") as f:
+            f.seek(offset)
+            head = f.read(min(length, 144))
+            if len(head) < 144 or head[128:132] != b"DICM" or head[132:138] != \
+                    b"\x02\x00\x00\x00UL":
+                return None, None
+            (meta_len,) = struct.unpack("<I", head[140:144])
+            if meta_len > min(length, 1 << 16):
+                return None, None
+            meta = head + f.read(meta_len)
+        ds = dcmread(BytesIO(meta), force=True)
+        return (_str(ds.file_meta, "MediaStorageSOPClassUID"),
+                _str(ds.file_meta, "MediaStorageSOPInstanceUID"))
+    except Exception:  # only a courtesy for the answer: never a reason to fail
+        return None, None
+
+
+def stream_validated(check: StreamCheck | None) -> bool:
+    """Every byte went through ``check`` and passed: the whole-file walk is not needed
+    (except for a Deflated dataset, whose header is read from the inflated copy that walk
+    writes)."""
+    return (check is not None and check.error is None and check.done
+            and check.syntax != DEFLATED)
 
 
 def part_to_file(body: Path, offset: int, length: int, directory: Path,
-                 max_bytes: int = 0) -> Path:
+                 max_bytes: int = 0, check: StreamCheck | None = None) -> Path:
     """A byte range of a spooled multipart body as a DICOM Part 10 file of its own, copied
-    in blocks. A part without the 128-byte preamble and ``DICM`` (what pydicom's dcmwrite
-    writes by default) is walked in a stream (:func:`node.validate.walk_raw_dataset`) and
-    gets file meta information from its header (read without pixel data, large values
-    deferred): it is never loaded whole. Raises :class:`StoreError`."""
+    in blocks. A Part 10 part goes block by block through ``check`` (a
+    :class:`node.validate.StreamCheck`, as a C-STORE's blocks do) before each block is
+    written: a malformed one (per-frame functional groups that do not match its frames,
+    pixel data too short) is refused at the block that shows it, its file removed. A part
+    without the 128-byte preamble and ``DICM`` (what pydicom's dcmwrite writes by default)
+    is walked in a stream (:func:`node.validate.walk_raw_dataset`) and gets file meta
+    information from its header (read without pixel data, large values deferred): it is
+    never loaded whole, and ``check`` is not used (it reads Part 10 files). Raises
+    :class:`StoreError`."""
     if max_bytes and length > max_bytes:
         raise StoreError(OUT_OF_RESOURCES, "dataset larger than [node] max_dataset_mb "
                          f"({max_bytes >> 20} MB)")
@@ -243,7 +308,7 @@ def part_to_file(body: Path, offset: int, length: int, directory: Path,
         try:
             if head[128:132] == b"DICM":
                 with out:
-                    _copy(f, out, length)
+                    _copy(f, out, length, check)
                 return path
             raw = tempfile.NamedTemporaryFile(dir=directory, prefix="stow-raw-", delete=False)
             raw_path = Path(raw.name)
@@ -345,15 +410,17 @@ class Ingest:
         return out
 
     def refuse(self, status: int, message: str, calling: str,
-               peer: dict | None = None) -> Outcome:
-        """A dataset refused before it reached :meth:`store` (a STOW part that is not one):
-        counted and audited as a refusal of :meth:`store` is."""
+               peer: dict | None = None, sop_class: str | None = None,
+               sop_instance: str | None = None) -> Outcome:
+        """A dataset refused before it reached :meth:`store` (a STOW part that is not one, or
+        one refused while it was copied): counted and audited as a refusal of :meth:`store`
+        is."""
         if self.metrics is not None:
             self.metrics.refused.labels(f"0x{status:04X}").inc()
         self.audit.event(A.INSTANCES_TRANSFERRED, A.MINOR_FAILURE, action="store",
-                         peer=peer or {"ae_title": calling}, status=f"0x{status:04X}",
-                         reason=message[:200])
-        return Outcome(status, message)
+                         peer=peer or {"ae_title": calling}, instance=sop_instance,
+                         status=f"0x{status:04X}", reason=message[:200])
+        return Outcome(status, message, sop_class_uid=sop_class, sop_instance_uid=sop_instance)
 
     def _store(self, path: Path, calling: str, sop_class: str | None,
                sop_instance: str | None, transfer_syntax: str | None,

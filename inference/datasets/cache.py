@@ -153,11 +153,27 @@ class ExamDataset(Dataset):
                 if view is not None:
                     images[k] = view
                     mask[k] = True
+        birads, diag, dens = self.labels(i)
+        raw = torch.tensor([rec.birads.get(b) or 0 for b in BREASTS])
+        return {"images": images, "mask": mask, "birads": birads, "diagnosis": diag,
+                "birads_raw": raw, "density": dens}
+
+    def labels(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(birads class, diagnosis, density) per breast (L, R) of exam ``i``, -1 where
+        unknown: from the record alone (no image is read), so that training can count the
+        labelled breasts of a batch before it is loaded."""
+        rec = self.records[i]
         birads = torch.tensor([birads_to_class(self.task, rec.birads.get(b)) for b in BREASTS])
         diag = torch.tensor([rec.diagnosis.get(b) if rec.diagnosis.get(b) is not None else -1
                              for b in BREASTS])
-        raw = torch.tensor([rec.birads.get(b) or 0 for b in BREASTS])
         dens = torch.tensor([rec.density.get(b) if rec.density.get(b) is not None else -1
                              for b in BREASTS])
-        return {"images": images, "mask": mask, "birads": birads, "diagnosis": diag,
-                "birads_raw": raw, "density": dens}
+        return birads, diag, dens
+
+    def labelled_counts(self) -> np.ndarray:
+        """(exams, 3): labelled breasts per exam for BI-RADS, diagnosis, density."""
+        out = np.zeros((len(self.records), 3), np.int64)
+        for i in range(len(self.records)):
+            for k, t in enumerate(self.labels(i)):
+                out[i, k] = int((t >= 0).sum())
+        return out

@@ -259,3 +259,72 @@ def test_frames_of_a_deflated_volume(tmp_path):
     got = wado.frames(path, [4, 1], passthrough=False)
     assert np.array_equal(_frame(got[0], rows, cols), stack[3])
     assert np.array_equal(_frame(got[1], rows, cols), stack[0])
+
+
+def test_stow_part_with_bad_functional_groups_is_refused_while_it_is_copied(
+        web_factory, tmp_path, monkeypatch):
+    """STOW-RS, in process (the ASGI app, no server round trip): a two-part request whose
+    first part is a volume with 11 Per-frame Functional Groups items for 12 frames. Each block
+    of a part goes through the C-STORE's StreamCheck before it is written: the bad part is
+    refused (FailureReason 0xC210, the reason in the Warning header) in the block that holds
+    its Pixel Data header, its frames never written; the good part is stored without a second
+    walk of its file; nothing is left in incoming/."""
+    import node.ingest as ingest
+    from node.validate import StreamCheck
+    from tests.helpers import asgi_request
+
+    monkeypatch.setattr(ingest, "PART_BLOCK", 64 * 1024)  # several blocks per 1.5 MB part
+    fed: dict[int, int] = {}
+    feed = StreamCheck.feed
+
+    def counting(self, data):
+        fed[id(self)] = fed.get(id(self), 0) + len(data)
+        return feed(self, data)
+
+    monkeypatch.setattr(StreamCheck, "feed", counting)
+    walks: list[Path] = []
+    whole = ingest.check_dataset
+    monkeypatch.setattr(ingest, "check_dataset",
+                        lambda path, *a, **kw: walks.append(path) or whole(path, *a, **kw))
+
+    bad = write_tomo_volume(tmp_path / "bad.dcm", frames=12, rows=256, cols=256,
+                            patient_id="VOL-B")
+    ds = dcmread(bad)
+    ds.PerFrameFunctionalGroupsSequence = ds.PerFrameFunctionalGroupsSequence[:11]
+    ds.save_as(bad)
+    pixels_at = bad.read_bytes().rindex(b"\xe0\x7f\x10\x00OW")
+    good = write_tomo_volume(tmp_path / "good.dcm", "R", "CC", frames=12, rows=256, cols=256,
+                             patient_id="VOL-B")
+    boundary = uuid.uuid4().hex
+    body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+                    + p.read_bytes() + b"\r\n" for p in (bad, good)) \
+        + f"--{boundary}--\r\n".encode()
+    w = web_factory()
+    status, headers, out = asgi_request(
+        w.web.app, "POST", "/dicomweb/studies", body,
+        {"content-type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+         "accept": "application/dicom+json"})
+    assert status == 202, out[:500]
+    import json
+
+    res = json.loads(out)
+    failed = res["00081198"]["Value"]
+    assert [f["00081197"]["Value"][0] for f in failed] == [0xC210]
+    # Which instance failed: from the part's file meta (its header was never parsed).
+    assert failed[0]["00081155"]["Value"][0] == ds.SOPInstanceUID
+    assert failed[0]["00081150"]["Value"][0] == ds.SOPClassUID
+    stored = res["00081199"]["Value"]
+    assert stored[0]["00081155"]["Value"][0] == dcmread(good, stop_before_pixels=True) \
+        .SOPInstanceUID
+    assert "Per-frame Functional Groups Sequence holds 11 items" in headers["warning"]
+    assert "refused while the part was copied" in headers["warning"]
+    # Two checks: the bad part's stopped in the block with the Pixel Data header (of 1.5 MB
+    # of frames, at most that block was read), the good part's saw every byte.
+    bad_fed, good_fed = sorted(fed.values())
+    assert bad_fed <= pixels_at + 64 * 1024 < bad.stat().st_size // 2
+    assert good_fed == good.stat().st_size
+    assert walks == []  # validated while copied: not walked again
+    files = w.node.files
+    assert [p for p in files.incoming_root.rglob("*") if p.is_file()] == []
+    assert [p.stem for p in (files.root / "instances").rglob("*.dcm")] == \
+        [stored[0]["00081155"]["Value"][0]]
