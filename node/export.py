@@ -6,6 +6,7 @@ import logging
 import socket
 import threading
 from collections import defaultdict
+from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
 from pynetdicom import build_context
@@ -18,11 +19,14 @@ from storage.files import FileStore
 from storage.records import Delivery
 from storage.state import ExamStore
 
+if TYPE_CHECKING:
+    from node.metrics import NodeMetrics
+
 log = logging.getLogger("mammo_node.export")
 
 
 
-def nodelay(assoc) -> None:
+def nodelay(assoc: Any) -> None:
     """Disable Nagle's algorithm on an association's socket: a C-STORE request is a command
     PDU then data PDUs, and Nagle + the peer's delayed ACK would stall each one ~40 ms."""
     try:
@@ -81,7 +85,8 @@ class Exporter(threading.Thread):
 
     def __init__(self, cfg: Config, files: FileStore, exams: ExamStore,
                  stop: threading.Event, wake: threading.Event | None = None,
-                 poll_seconds: float = 1.0, audit=None, metrics=None) -> None:
+                 poll_seconds: float = 1.0, audit: A.AuditLog | A.NullAudit | None = None,
+                 metrics: NodeMetrics | None = None) -> None:
         super().__init__(name="export", daemon=True)
         self.audit = audit or A.NullAudit()
         self.metrics = metrics  # node.metrics.NodeMetrics or None
