@@ -118,7 +118,8 @@ class MammoModel:
             torch.cuda.synchronize()
         return time.perf_counter() - t
 
-    def _slots(self, views) -> dict[str, Dataset | str | Path]:
+    def _slots(self, views: Mapping[str, Dataset | str | Path]
+               | Sequence[Dataset | str | Path]) -> dict[str, Dataset | str | Path]:
         if isinstance(views, Mapping):
             bad = [k for k in views if k not in VIEWS]
             if bad:

@@ -7,8 +7,13 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from inference.datasets import FORMATS  # torch-free: the readers only
+
+if TYPE_CHECKING:
+    from node.config import Config
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -23,7 +28,8 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def _clean_errors(name: str, fn):
+def _clean_errors(name: str, fn: Callable[[argparse.Namespace], int]
+                  ) -> Callable[[argparse.Namespace], int]:
     """Run a command; a user error (missing file, bad value, checkpoint mismatch, no CUDA)
     is one line on stderr and exit status 2, not a traceback."""
     def run(args: argparse.Namespace) -> int:
@@ -140,7 +146,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_model_info(args: argparse.Namespace, load_config) -> int:
+def cmd_model_info(args: argparse.Namespace,
+                   load_config: Callable[[argparse.Namespace], Config]) -> int:
     from inference.checkpoint import DEMO_CHECKPOINT, CheckpointError, read_info
 
     ckpt = args.checkpoint or load_config(args).inference.checkpoint or DEMO_CHECKPOINT
@@ -170,7 +177,9 @@ def cmd_model_info(args: argparse.Namespace, load_config) -> int:
     return 0
 
 
-def register(sub, add_config, load_config) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+             add_config: Callable[[argparse.ArgumentParser], None],
+             load_config: Callable[[argparse.Namespace], Config]) -> None:
     from inference.tasks import ARCHS, BIRADS_TASKS
 
     fmt = argparse.ArgumentDefaultsHelpFormatter

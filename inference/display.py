@@ -8,6 +8,7 @@ imports torch (``tests/integration/test_node_ingest.py``)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom import dcmread
@@ -33,7 +34,7 @@ def guess_slot(ds: Dataset) -> str | None:
     return classify(ds, any_sop_class=True).slot
 
 
-def _first(value) -> float:
+def _first(value: Any) -> float:
     """First value of a possibly multi-valued DS."""
     if isinstance(value, (MultiValue, list, tuple)):
         return float(value[0])

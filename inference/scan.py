@@ -31,6 +31,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 __all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_numba",
            "selective_scan_ref", "mamba_available", "numba_available", "backend_name"]
@@ -71,8 +72,10 @@ def numba_available() -> bool:
     return _numba_scan is not None
 
 
-def selective_scan_numba(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                         delta_softplus=False):
+def selective_scan_numba(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                         D: Tensor | None = None, z: Tensor | None = None,
+                         delta_bias: Tensor | None = None,
+                         delta_softplus: bool = False) -> Tensor:
     """The numba-compiled CPU scan (differentiable). Shapes as :func:`selective_scan`."""
     if _numba_scan is None:
         raise RuntimeError("numba is not importable here; use backend='chunked'")
@@ -93,7 +96,9 @@ def mamba_available() -> bool:
     return _mamba_scan is not None
 
 
-def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+def _prepare(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+             z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool
+             ) -> tuple[torch.dtype, Tensor, Tensor, Tensor, Tensor, Tensor, int]:
     """Common argument handling; returns float32 tensors with B, C as (b, d, n, l)."""
     dtype_in = u.dtype
     u = u.float()
@@ -116,8 +121,10 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     return dtype_in, u, delta, A, expand(B), expand(C), n
 
 
-def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                       delta_softplus=False):
+def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                       D: Tensor | None = None, z: Tensor | None = None,
+                       delta_bias: Tensor | None = None,
+                       delta_softplus: bool = False) -> Tensor:
     """Plain sequential selective scan (the reference). Shapes as :func:`selective_scan`."""
     dtype_in, u, delta, A, B, C, n = _prepare(u, delta, A, B, C, D, z, delta_bias,
                                               delta_softplus)
@@ -133,7 +140,8 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     return _finish(y, u, D, z, dtype_in)
 
 
-def _finish(y, u, D, z, dtype_in):
+def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None,
+            dtype_in: torch.dtype) -> Tensor:
     if D is not None:
         y = y + u * D.float()[:, None]
     if z is not None:
@@ -159,8 +167,10 @@ def _chunk_length(delta: torch.Tensor, A: torch.Tensor, l: int) -> int:
     return 1
 
 
-def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                           delta_softplus=False, chunk: int | None = None):
+def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                           D: Tensor | None = None, z: Tensor | None = None,
+                           delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                           chunk: int | None = None) -> Tensor:
     """Chunked selective scan in pure PyTorch (differentiable). Shapes as :func:`selective_scan`."""
     dtype_in, u, delta, A, B, C, n = _prepare(u, delta, A, B, C, D, z, delta_bias,
                                               delta_softplus)
@@ -201,8 +211,10 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     return _finish(y, u, D, z, dtype_in)
 
 
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                   delta_softplus=False, backend: str = "auto"):
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                   D: Tensor | None = None, z: Tensor | None = None,
+                   delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                   backend: str = "auto") -> Tensor:
     """Selective scan with mamba-ssm's argument convention.
 
     Args:

@@ -12,10 +12,12 @@ node's network threads keep running during a scan.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import numba as nb
 import numpy as np
 import torch
+from torch.autograd.function import FunctionCtx
 
 # numba's "workqueue" threading layer (used where OpenMP and TBB are missing) terminates the
 # process when two threads launch parallel kernels at once; each kernel already uses every
@@ -40,7 +42,7 @@ _ZMAX = np.float32(127.0)
 
 
 @nb.njit(fastmath=True, cache=True, inline="always")
-def _exp2_split(z):  # pragma: no cover - compiled
+def _exp2_split(z: np.float32) -> tuple[np.float32, np.int32]:  # pragma: no cover - compiled
     """z -> (frac(z), the int32 bits of the float32 2^floor(z)), z clamped to float32's range."""
     z = min(max(z, _ZMIN), _ZMAX)
     zi = np.floor(z)
@@ -48,7 +50,7 @@ def _exp2_split(z):  # pragma: no cover - compiled
 
 
 @nb.njit(fastmath=True, cache=True, inline="always")
-def _pow2_frac(f):  # pragma: no cover - compiled
+def _pow2_frac(f: np.float32) -> np.float32:  # pragma: no cover - compiled
     """2^f for f in [0, 1)."""
     return ((((_P5 * f + _P4) * f + _P3) * f + _P2) * f + _P1) * f + _P0
 
@@ -57,7 +59,8 @@ _LANES = 32  # channels per task in the forward kernel (see _forward)
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
-def _forward(u, delta, A, B, C, gsize, y):  # pragma: no cover - compiled
+def _forward(u: np.ndarray, delta: np.ndarray, A: np.ndarray, B: np.ndarray, C: np.ndarray,
+             gsize: int, y: np.ndarray) -> None:  # pragma: no cover - compiled
     """One task per block of up to 32 channels of one B/C group: the channels are the vector
     lanes (a loop of fixed length 32, which LLVM vectorises whole, whatever the state size;
     a loop over a state of 16 or 4 fell to the scalar remainder of the vectorised loop and
@@ -107,8 +110,10 @@ def _forward(u, delta, A, B, C, gsize, y):  # pragma: no cover - compiled
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
-def _backward(u, delta, A, B, C, gsize, gy, gu, gdelta, gA_part, gB,
-              gC):  # pragma: no cover - compiled
+def _backward(u: np.ndarray, delta: np.ndarray, A: np.ndarray, B: np.ndarray,
+              C: np.ndarray, gsize: int, gy: np.ndarray, gu: np.ndarray, gdelta: np.ndarray,
+              gA_part: np.ndarray, gB: np.ndarray,
+              gC: np.ndarray) -> None:  # pragma: no cover - compiled
     b, d, l = u.shape
     n = A.shape[1]
     G = B.shape[1]
@@ -165,7 +170,9 @@ def _backward(u, delta, A, B, C, gsize, gy, gu, gdelta, gA_part, gB,
                 gub[t] = gut
 
 
-def _layout(u, delta, A, B, C):
+def _layout(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+            C: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                      np.ndarray, int]:
     d = u.shape[1]
     if B.dim() == 3:
         B, C = B[:, None], C[:, None]
@@ -182,7 +189,8 @@ class NumbaScan(torch.autograd.Function):
     """y = scan(u, delta, A, B, C); bias, softplus, D and z are applied around it in torch."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C):
+    def forward(ctx: FunctionCtx, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
+                B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
         un, dn, An, Bn, Cn, gsize = _layout(u, delta, A, B, C)
         y = np.empty_like(un)
         with _LAUNCH:
@@ -191,7 +199,7 @@ class NumbaScan(torch.autograd.Function):
         return torch.from_numpy(y)
 
     @staticmethod
-    def backward(ctx, gy):
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor, ...]:
         u, delta, A, B, C = ctx.saved_tensors
         un, dn, An, Bn, Cn, gsize = _layout(u, delta, A, B, C)
         gyn = gy.detach().float().contiguous().numpy()
@@ -210,7 +218,8 @@ class NumbaScan(torch.autograd.Function):
                 torch.from_numpy(gA_part.sum(0)), gB_t.contiguous(), gC_t.contiguous())
 
 
-def scan_numba(u, delta, A, B, C):
+def scan_numba(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+               C: torch.Tensor) -> torch.Tensor:
     """Core scan on float32 CPU tensors (delta already biased / softplus'd); differentiable
     through :class:`NumbaScan`."""
     return NumbaScan.apply(u, delta, A, B, C)

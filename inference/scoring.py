@@ -13,13 +13,16 @@ checkpoint; ``[inference] operating_point`` overrides it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from inference.metrics import roc_auc
+
+if TYPE_CHECKING:
+    from PIL import Image, ImageDraw
 
 SUSPICIOUS = {"BI-RADS 4", "BI-RADS 5", "BI-RADS 4-5"}
 
@@ -141,7 +144,8 @@ def exam_statistics(y: np.ndarray, s: np.ndarray, operating_point: float | None,
 
 
 # -- plots (PNG, drawn with Pillow: no plotting library) ------------------------------------
-def _canvas(title: str):
+def _canvas(title: str) -> tuple[Image.Image, ImageDraw.ImageDraw,
+                                 Callable[[float, float], tuple[float, float]]]:
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (520, 520), "white")

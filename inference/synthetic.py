@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -396,7 +397,7 @@ def make_exam(*, seed: int = 0, rows: int = 512, cols: int = 416,
               views: tuple[str, ...] = ("L-CC", "L-MLO", "R-CC", "R-MLO"),
               lesions: dict[str, list[Lesion]] | None = None,
               study_uid: str | None = None, accession: str | None = None,
-              patient_id: str | None = None, **kwargs) -> list[Dataset]:
+              patient_id: str | None = None, **kwargs: Any) -> list[Dataset]:
     """A synthetic screening exam: one image per requested slot, sharing one study."""
     study_uid = study_uid or generate_uid(prefix=UID_ROOT)
     series_uid = generate_uid(prefix=UID_ROOT)
@@ -515,7 +516,7 @@ def volume_frame(n: int, rows: int, cols: int, base: np.ndarray | None = None) -
 
 def write_tomo_volume(path: str | Path, laterality: str = "L", view: str = "CC", *,
                       frames: int = 60, rows: int = 512, cols: int = 512,
-                      **kwargs) -> Path:
+                      **kwargs: Any) -> Path:
     """A Breast Tomosynthesis volume of any size written to ``path`` frame by frame (a 2 GB
     volume never held in memory): the header of :func:`make_tomo_volume` with ``frames``
     per-frame items, then native 16-bit Pixel Data, frame ``n`` being

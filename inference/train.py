@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from inference.checkpoint import load_checkpoint, save_checkpoint
 from inference.datasets import read_dataset, select_split
 from inference.datasets.cache import ExamDataset
+from inference.datasets.records import ExamRecord
 from inference.device import resolve_device
 from inference.distributed import (
     DistContext,
@@ -139,7 +140,7 @@ def default_workers() -> int:
     return max(0, min(8, (os.cpu_count() or 1) // max(1, local) - 1))
 
 
-def _loader(ds: ExamDataset, batch: int, sampler, workers: int, device: torch.device,
+def _loader(ds: ExamDataset, batch: int, sampler: Sampler, workers: int, device: torch.device,
             prefetch: int = 2, seed: int = 0) -> DataLoader:
     kw: dict[str, Any] = {}
     if workers > 0:
@@ -161,7 +162,7 @@ def split_validation(train_recs: list, fraction: float, seed: int) -> tuple[list
         return train_recs, []
     import hashlib
 
-    def held_out(r) -> bool:
+    def held_out(r: ExamRecord) -> bool:
         h = hashlib.sha1(f"{seed}|{r.exam_id}".encode()).hexdigest()[:8]
         return int(h, 16) / 0xFFFFFFFF < fraction
 
@@ -517,8 +518,8 @@ def _metrics_writer(files: dict[str, Path], ctx: DistContext, append: bool) -> _
     return _Metrics(files if ctx.is_main else None, append)
 
 
-def _validate(model: HybridCnnVssm, records, ctx: DistContext, a: TrainArgs, cache: str,
-              cfg: ModelConfig) -> dict[str, Any]:
+def _validate(model: HybridCnnVssm, records: list[ExamRecord], ctx: DistContext, a: TrainArgs,
+              cache: str, cfg: ModelConfig) -> dict[str, Any]:
     """Validation over every rank's share of the held-out exams: per-task AUC / F1, the
     exam score's AUC (the monitored score; the task's F1 without one) and the operating
     point at ``a.specificity``. The same on every rank."""
@@ -549,8 +550,8 @@ def _validate(model: HybridCnnVssm, records, ctx: DistContext, a: TrainArgs, cac
     return {"metrics": metrics, "score": score, "operating_point": op}
 
 
-def predict_sharded(model: HybridCnnVssm, records, ctx: DistContext, batch_size: int,
-                    cache_dir: str | None) -> dict[str, np.ndarray]:
+def predict_sharded(model: HybridCnnVssm, records: list[ExamRecord], ctx: DistContext,
+                    batch_size: int, cache_dir: str | None) -> dict[str, np.ndarray]:
     """:func:`predict_records` with each rank predicting every world_size-th exam, gathered
     back in the records' order on every rank."""
     share = list(range(ctx.rank, len(records), ctx.world_size))
@@ -560,7 +561,8 @@ def predict_sharded(model: HybridCnnVssm, records, ctx: DistContext, batch_size:
 
 
 @torch.no_grad()
-def predict_records(model: HybridCnnVssm, records, device: torch.device, batch_size: int = 4,
+def predict_records(model: HybridCnnVssm, records: list[ExamRecord], device: torch.device,
+                    batch_size: int = 4,
                     workers: int = 0, cache_dir: str | None = None,
                     progress: bool = True) -> dict[str, np.ndarray]:
     """Probabilities for every breast of every exam, with the raw labels."""

@@ -6,9 +6,13 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from node import __version__
 from node.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from storage.state import ExamStore
 
 EXIT_NOT_RUNNING = 3  # as LSB "status": program is not running
 
@@ -78,7 +82,7 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 2
 
 
-def _open_store(cfg: Config):
+def _open_store(cfg: Config) -> ExamStore | None:
     from storage.db import Database
     from storage.state import ExamStore
 
@@ -93,7 +97,7 @@ def _open_store(cfg: Config):
                      prior_gap_days=cfg.grouping.prior_gap_days)
 
 
-def exams_json(store) -> list[dict]:
+def exams_json(store: ExamStore | None) -> list[dict]:
     """What ``mammo-node exams --json`` prints: every exam with its delivery counts."""
     exams = [e.as_dict() for e in store.list_exams()] if store else []
     delivery = store.delivery_summary() if store else {}
@@ -145,7 +149,7 @@ def _operator() -> dict[str, str]:
     return {"user": user, "host": socket.gethostname(), "via": "cli"}
 
 
-def _audit(cfg: Config, name: str, ok: bool = True, **fields) -> None:
+def _audit(cfg: Config, name: str, ok: bool = True, **fields: Any) -> None:
     """One audit record of an operator's CLI action, in the node's own audit trail (and its
     syslog collector)."""
     import os

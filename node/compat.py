@@ -8,11 +8,20 @@ code reaches into a library's private parts.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import Any, NoReturn
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    import socket
+    import socketserver
+    from concurrent.futures import ProcessPoolExecutor
+
+    from pynetdicom.association import Association
+    from pynetdicom.presentation import PresentationContext
+    from pynetdicom.transport import ThreadedAssociationServer
 
 
-def wait_until_sent(assoc, timeout: float = 30.0) -> None:
+def wait_until_sent(assoc: Association, timeout: float = 30.0) -> None:
     """Block until the association's outgoing PDU queue is empty.
 
     Why: pynetdicom's DUL reactor (``dul.DULServiceProvider.run_reactor``) sends queued
@@ -69,7 +78,7 @@ def received_file_meta_names(implementation_uid: str, version_name: str) -> None
     dimse_messages.create_file_meta = create_file_meta  # type: ignore[attr-defined]
 
 
-def receiving_file(request):
+def receiving_file(request: object) -> Any:
     """The file a C-STORE request's dataset was streamed into (None when held in memory).
 
     Why: pynetdicom keeps it as ``C_STORE._dataset_file`` (3.0.x; the public
@@ -77,7 +86,7 @@ def receiving_file(request):
     return getattr(request, "_dataset_file", None)
 
 
-def partial_dataset_file(assoc):
+def partial_dataset_file(assoc: Association) -> Any:
     """The file of a dataset still arriving when the connection closed, or None.
 
     Why: a dataset cut off mid-transfer is never handed to a handler; pynetdicom leaves its
@@ -87,7 +96,7 @@ def partial_dataset_file(assoc):
     return getattr(msg, "_data_set_file", None) if msg is not None else None
 
 
-def highdicom_sr_base():
+def highdicom_sr_base() -> type:
     """highdicom's base class of its SR documents, for SR SOP classes it does not provide
     (the Mammography CAD SR). Why: ``highdicom.sr.sop._SR`` builds the SR General and
     Document modules, content, evidence and predecessor references correctly and is the
@@ -98,7 +107,7 @@ def highdicom_sr_base():
     return hd.sr.sop._SR
 
 
-def kill_pool_processes(pool) -> None:
+def kill_pool_processes(pool: ProcessPoolExecutor) -> None:
     """SIGKILL the worker processes of a ``concurrent.futures.ProcessPoolExecutor``.
 
     Why: ``shutdown(cancel_futures=True)`` cannot stop a call that is running (a hung
@@ -114,7 +123,7 @@ def kill_pool_processes(pool) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
 
 
-def listener_alive(server) -> bool:
+def listener_alive(server: socketserver.TCPServer) -> bool:
     """Whether pynetdicom's association server still accepts connections, without opening
     one (a bare TCP probe would hold an association slot until the ACSE timeout).
 
@@ -133,8 +142,9 @@ def listener_alive(server) -> bool:
                for t in threading.enumerate())
 
 
-def send_find_responses(assoc, context_id: int, message_id: int, sop_class_uid: str,
-                        identifiers, is_cancelled,
+def send_find_responses(assoc: Any, context_id: int, message_id: int,
+                        sop_class_uid: str, identifiers: Iterable[bytes],
+                        is_cancelled: Callable[[], bool],
                         batch_bytes: int = 64 * 1024) -> tuple[int, bool]:
     """Send C-FIND pending responses (status 0xFF00) with the already encoded
     ``identifiers`` (bytes in the presentation context's transfer syntax): (number sent,
@@ -234,7 +244,7 @@ class _CheapCopyContexts(list):
     """A list of presentation contexts whose deep copy copies each context and its list of
     transfer syntaxes, sharing the (immutable) UIDs: see :func:`fast_context_copies`."""
 
-    def __deepcopy__(self, memo):
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
         import copy
 
         out = []
@@ -245,7 +255,7 @@ class _CheapCopyContexts(list):
         return out
 
 
-def fast_context_copies(server) -> None:
+def fast_context_copies(server: ThreadedAssociationServer) -> None:
     """Make the per-association copy of the listener's supported contexts cheap.
 
     Why: pynetdicom's ``transport.RequestHandler.handle`` gives every new association
@@ -261,7 +271,9 @@ def fast_context_copies(server) -> None:
     server.contexts = _CheapCopyContexts(server.contexts)
 
 
-def handshake_in_connection_thread(server, timeout: float, on_error=None) -> None:
+def handshake_in_connection_thread(
+        server: Any, timeout: float,
+        on_error: Callable[[Any, Exception], None] | None = None) -> None:
     """Run the TLS handshake of every accepted connection in that connection's own thread,
     with a deadline, instead of in the accept thread.
 
@@ -283,7 +295,7 @@ def handshake_in_connection_thread(server, timeout: float, on_error=None) -> Non
     server.ssl_context = None
     original = server.process_request_thread
 
-    def process_request_thread(request, client_address) -> None:
+    def process_request_thread(request: socket.socket, client_address: Any) -> None:
         try:
             request.settimeout(timeout)
             tls = ctx.wrap_socket(request, server_side=True)

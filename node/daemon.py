@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from node import __version__
 from node import audit as A
@@ -36,6 +36,8 @@ from node.security import AccessControl
 from storage.retention import Retention
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from pynetdicom.transport import ThreadedAssociationServer
 
     from node.dicomweb import DicomWebServer
@@ -90,7 +92,7 @@ def read_pidfile(cfg: Config) -> dict | None:
         return info  # alive, owned by another user
 
 
-def _accept_with_deadline(server, timeout: float) -> None:
+def _accept_with_deadline(server: Any, timeout: float) -> None:
     """Accepted sockets get TCP_NODELAY (responses and C-GET/C-FIND PDUs go out at once)
     and ``timeout`` seconds for each read and write.
 
@@ -105,7 +107,7 @@ def _accept_with_deadline(server, timeout: float) -> None:
     only once ``select`` says data is there."""
     accept = server.get_request
 
-    def get_request():
+    def get_request() -> tuple[socket.socket, Any]:
         sock, addr = accept()
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -290,7 +292,7 @@ class Node:
                 "model": 1 if self.health.model_loaded else 0,
                 "uptime": time.time() - self.health.started_at}
 
-    def _activity(self, **fields) -> None:
+    def _activity(self, **fields: Any) -> None:
         """The node's own start / stop event: never the reason it cannot start or stop (with
         ``[audit] fail_closed`` an unwritable trail refuses the operations instead, and
         ``/readyz`` says so)."""
@@ -438,7 +440,7 @@ def run(cfg: Config, run_worker: bool = True, role: str = "all") -> int:
         log.error("refusing to start: %s", str(exc).splitlines()[0] if str(exc) else exc)
         return 2
 
-    def _signal(signum, _frame) -> None:
+    def _signal(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s, shutting down", signal.Signals(signum).name)
         node.stop_event.set()
 

@@ -22,8 +22,9 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlencode
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -38,6 +39,9 @@ from node.config import Config
 from storage.files import FileStore
 from storage.models import SLOTS
 from storage.state import ExamNotFound, ExamState, ExamStore
+
+if TYPE_CHECKING:
+    from node.health import Health
 
 log = logging.getLogger("mammo_node.dashboard")
 
@@ -193,7 +197,9 @@ def _day(value: str | None) -> str:
 
 class Dashboard:
     def __init__(self, cfg: Config, files: FileStore, exams: ExamStore, dicomweb_root: str,
-                 health=None, readiness=None, audit=None) -> None:
+                 health: Health | None = None,
+                 readiness: Callable[[], tuple[bool, dict]] | None = None,
+                 audit: A.AuditLog | A.NullAudit | None = None) -> None:
         self.cfg, self.files, self.exams = cfg, files, exams
         self.root = dicomweb_root
         self.health = health

@@ -16,8 +16,9 @@ import ssl
 import tempfile
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, BinaryIO
 
 import uvicorn
 from pydicom.dataset import Dataset
@@ -27,6 +28,7 @@ from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from node import audit as A
 from node import wado
@@ -41,7 +43,7 @@ from node.ingest import (
     public_message,
     stream_validated,
 )
-from node.query import QueryError, QueryService, QueryUnavailable, from_params
+from node.query import Query, QueryError, QueryService, QueryUnavailable, from_params
 from node.scp import StorageSCP
 from node.security import TokenAuth, server_context
 from node.status import DATASET_MISMATCH, OUT_OF_RESOURCES, PROCESSING_FAILURE
@@ -49,6 +51,10 @@ from node.validate import StreamCheck
 from storage.files import FileStore
 from storage.models import Instance
 from storage.state import ExamStore
+
+if TYPE_CHECKING:
+    from node.health import Health
+    from node.metrics import NodeMetrics
 
 log = logging.getLogger("mammo_node.dicomweb")
 
@@ -71,7 +77,7 @@ def _error(status: int, message: str) -> JSONResponse:
 _SCAN_BLOCK = 4 << 20
 
 
-def _positions(f, needle: bytes, size: int) -> list[int]:
+def _positions(f: BinaryIO, needle: bytes, size: int) -> list[int]:
     """Every offset of ``needle`` in the open file, read in blocks: the GIL is released
     between blocks (a search of a whole 400 MB mmap holds it, stalling every thread)."""
     found: set[int] = set()
@@ -150,22 +156,22 @@ class Audited(Response):
     first (a WADO-RS study stream stopped halfway) or the answer failed while it was sent.
     Plain ASGI around the response; nothing is buffered."""
 
-    def __init__(self, response: Response, done) -> None:
+    def __init__(self, response: Response, done: Callable[[int, str | None], None]) -> None:
         self.response, self.done = response, done
         self.status_code = response.status_code
         self.background = None
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         finished = gone = False
 
-        async def receiving():
+        async def receiving() -> Message:
             nonlocal gone
             message = await receive()
             if message["type"] == "http.disconnect" and not finished:
                 gone = True
             return message
 
-        async def sending(message) -> None:
+        async def sending(message: Message) -> None:
             nonlocal finished
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
@@ -191,15 +197,15 @@ class Front:
     checked (:meth:`DicomWeb.refusal`) before anything else, and every answer says it may
     not be framed (``X-Frame-Options``, ``frame-ancestors``)."""
 
-    def __init__(self, app, web: DicomWeb) -> None:
+    def __init__(self, app: ASGIApp, web: DicomWeb) -> None:
         self.app, self.web = app, web
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
 
-        async def framed(message) -> None:
+        async def framed(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 names = {k.lower() for k, _ in headers}
@@ -233,12 +239,13 @@ class ConcurrencyLimit:
     to a body generator that might never start. ``exempt(path, method)``: requests outside
     the bound (the probes)."""
 
-    def __init__(self, app, limit: int, exempt=None) -> None:
+    def __init__(self, app: ASGIApp, limit: int,
+                 exempt: Callable[[str, str], bool] | None = None) -> None:
         self.app, self.limit, self.exempt = app, limit, exempt
         #: Requests holding a slot now (the event loop's thread alone changes it).
         self.active = 0
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or (self.exempt is not None
                                        and self.exempt(scope["path"], scope["method"])):
             await self.app(scope, receive, send)
@@ -259,8 +266,10 @@ class DicomWeb:
     """The DICOMweb application bound to the node's store."""
 
     def __init__(self, cfg: Config, files: FileStore, exams: ExamStore, scp: StorageSCP,
-                 *, audit: A.AuditLog | A.NullAudit, metrics: Any = None,
-                 readiness: Any = None, health: Any = None):
+                 *, audit: A.AuditLog | A.NullAudit,
+                 metrics: NodeMetrics | None = None,
+                 readiness: Callable[[], tuple[bool, dict]] | None = None,
+                 health: Health | None = None) -> None:
         self.cfg, self.files, self.exams, self.scp = cfg, files, exams, scp
         self.ingest: Ingest = scp.ingest  # STOW-RS stores as C-STORE does, not through it
         self.audit = audit
@@ -289,7 +298,7 @@ class DicomWeb:
         # Host / Origin / token first, then the bound on requests at once.
         self.limit: ConcurrencyLimit | None = None
 
-        def limited(app):
+        def limited(app: ASGIApp) -> ConcurrencyLimit:
             self.limit = ConcurrencyLimit(app, cfg.dicomweb.max_concurrent_requests,
                                           exempt=self.open_path)
             return self.limit
@@ -544,7 +553,7 @@ class DicomWeb:
             spool.close()
             Path(spool.name).unlink(missing_ok=True)
 
-    def _spool(self, spool, block: bytes) -> Response | None:
+    def _spool(self, spool: IO[bytes], block: bytes) -> Response | None:
         """Write one block of a STOW body (worker thread); a refusal when the disk is below
         the reserve or full."""
         if block and not self.scp.disk_ok():
@@ -681,7 +690,7 @@ class DicomWeb:
                                   'requested."')
         return JSONResponse(body, media_type=DICOM_JSON, headers=headers)
 
-    def _qido_answers(self, query, limit: int, offset: int,
+    def _qido_answers(self, query: Query, limit: int, offset: int,
                       base: str) -> tuple[list[dict], int, bool]:
         """The DICOM JSON answers of a QIDO query, their number of studies and whether more
         matched (in a worker thread: the database and the encoding are not the loop's)."""

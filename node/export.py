@@ -6,7 +6,7 @@ import logging
 import socket
 import threading
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
 from pynetdicom import build_context
@@ -19,11 +19,14 @@ from storage.files import FileStore
 from storage.records import Delivery
 from storage.state import ExamStore
 
+if TYPE_CHECKING:
+    from node.metrics import NodeMetrics
+
 log = logging.getLogger("mammo_node.export")
 
 
 
-def nodelay(assoc) -> None:
+def nodelay(assoc: Any) -> None:
     """Disable Nagle's algorithm on an association's socket: a C-STORE request is a command
     PDU then data PDUs, and Nagle + the peer's delayed ACK would stall each one ~40 ms."""
     try:
@@ -83,7 +86,7 @@ class Exporter(threading.Thread):
     def __init__(self, cfg: Config, files: FileStore, exams: ExamStore,
                  stop: threading.Event, *, audit: A.AuditLog | A.NullAudit,
                  wake: threading.Event | None = None, poll_seconds: float = 1.0,
-                 metrics: Any = None) -> None:
+                 metrics: NodeMetrics | None = None) -> None:
         super().__init__(name="export", daemon=True)
         self.audit = audit
         self.metrics = metrics  # node.metrics.NodeMetrics or None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -95,7 +97,7 @@ class QueryRetrieveSCP:
         return query
 
     # -- handlers ------------------------------------------------------------------------
-    def on_find(self, event: evt.Event):
+    def on_find(self, event: evt.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         if not self.access.allowed(event, "find"):
             yield NOT_AUTHORIZED, None
             return
@@ -172,7 +174,7 @@ class QueryRetrieveSCP:
         return self.queries.instances(query)
 
     def _datasets(self, rows: list[Instance], event: evt.Event, service: str = "",
-                  to: str = ""):
+                  to: str = "") -> Iterator[tuple[int, Dataset | None]]:
         """The datasets of a retrieve; at its end, however it ends, the PS3.15 A.5.3.4
         completion event (:meth:`_audit_done`), with the sub-operations as the retrieve's
         own responses counted them (pynetdicom sends a pending C-GET / C-MOVE response after
@@ -228,7 +230,7 @@ class QueryRetrieveSCP:
                                  warning=counts.get("warning", 0), unreadable=unreadable)
 
     def _audit_done(self, event: evt.Event, service: str, rows: list[Instance], to: str,
-                    outcome: int, **fields) -> None:
+                    outcome: int, **fields: Any) -> None:
         """PS3.15 A.5.3.4 DICOM Instances Transferred, the end of a retrieve: 0 every
         sub-operation completed; 4 the retrieve ran to its end with failed or warning
         sub-operations, or was cancelled; 8 it was cut short (the association ended, the
@@ -249,7 +251,7 @@ class QueryRetrieveSCP:
                          studies=sorted({r.study_instance_uid for r in rows}),
                          instances=len(rows))
 
-    def on_move(self, event: evt.Event):
+    def on_move(self, event: evt.Event) -> Iterator[int | tuple[Any, ...]]:
         if not self.access.allowed(event, "move"):
             yield None, None  # pynetdicom then answers "move destination unknown"
             return
@@ -290,7 +292,7 @@ class QueryRetrieveSCP:
         self._audit_retrieve(event, "C-MOVE", rows, dest_ae)
         yield from self._datasets(rows, event, "C-MOVE", dest_ae)
 
-    def on_get(self, event: evt.Event):
+    def on_get(self, event: evt.Event) -> Iterator[int | tuple[int, Dataset | None]]:
         # A refusal is announced as one sub-operation that fails: with zero, pynetdicom
         # would answer an empty success.
         if not self.access.allowed(event, "get"):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -234,7 +235,7 @@ class Query:
                 if kw in ATTRIBUTES and ATTRIBUTES[kw].depth <= self.depth]
 
 
-def _value(elem) -> str:
+def _value(elem: DataElement) -> str:
     if elem.value is None:
         return ""
     if elem.VM > 1:
@@ -242,7 +243,7 @@ def _value(elem) -> str:
     return str(elem.value)
 
 
-def _empty(elem) -> bool:
+def _empty(elem: DataElement) -> bool:
     if elem.VR == "SQ":
         return all(_empty(e) for item in (elem.value or []) for e in item)
     return _value(elem).strip() in ("", "*")

@@ -23,11 +23,15 @@ import ssl
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pynetdicom import AllStoragePresentationContexts, evt
 
 from node import audit as A
 from node.config import Config, Peer
+
+if TYPE_CHECKING:
+    from pynetdicom.association import Association
 
 log = logging.getLogger("mammo_node.security")
 
@@ -56,7 +60,8 @@ class Grant:
 class AccessControl:
     """Association acceptance and per-request rights for the DIMSE listener."""
 
-    def __init__(self, cfg: Config, audit, disk_ok: Callable[[], bool] | None = None) -> None:
+    def __init__(self, cfg: Config, audit: A.AuditLog | A.NullAudit,
+                 disk_ok: Callable[[], bool] | None = None) -> None:
         self.cfg = cfg
         self.audit = audit
         self.peers: list[Peer] = list(cfg.peers)
@@ -79,7 +84,7 @@ class AccessControl:
                 granted.update(p.services)
         return frozenset(granted) if found else None
 
-    def _who(self, assoc) -> dict:
+    def _who(self, assoc: Association) -> dict:
         r = assoc.requestor
         ae_title = str(r.ae_title or "").strip()
         if not ae_title and r.primitive is not None:  # during EVT_REQUESTED
@@ -87,7 +92,7 @@ class AccessControl:
         return {"ae_title": ae_title, "address": r.address, "port": r.port,
                 "tls": self.cfg.node.tls}
 
-    def _reject(self, assoc, rsd: tuple[int, int, int], why: str) -> None:
+    def _reject(self, assoc: Association, rsd: tuple[int, int, int], why: str) -> None:
         who = self._who(assoc)
         log.warning("association from %s (%s) rejected: %s", who["ae_title"], who["address"],
                     why)

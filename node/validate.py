@@ -32,10 +32,12 @@ import os
 import struct
 import tempfile
 import zlib
+from collections.abc import Generator
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 from pydicom.datadict import dictionary_VR
+from pydicom.dataset import Dataset
 
 from node.status import CANNOT_UNDERSTAND, OUT_OF_RESOURCES
 
@@ -123,23 +125,23 @@ class _Walker:
         self.sop_class = ""
         self.groups: dict[int, int] = {}  # functional groups sequence -> items
 
-    def read(self, n: int, short: str | None = None):
+    def read(self, n: int, short: str | None = None) -> Generator[tuple[int, int], Any, bytes]:
         b = yield (READ, n)
         if len(b) != n:
             raise _bad(short or f"dataset ends inside an element (offset {self.pos + len(b)})")
         self.pos += n
         return b
 
-    def more(self, limit: int | None):
+    def more(self, limit: int | None) -> Generator[tuple[int, int], Any, bool]:
         if limit is not None:
             return self.pos < limit
         return (yield (MORE, 0))
 
-    def tag_at(self):
+    def tag_at(self) -> Generator[tuple[int, int], Any, int]:
         g, e = struct.unpack(self.e + "HH", (yield from self.read(4)))
         return (g << 16) | e
 
-    def header(self, tag: int):
+    def header(self, tag: int) -> Generator[tuple[int, int], Any, tuple[bytes | None, int]]:
         """VR (None in implicit syntaxes) and length of the element whose tag was read."""
         if self.implicit or (tag >> 16) == 0xFFFE:
             return None, struct.unpack(self.e + "L", (yield from self.read(4)))[0]
@@ -152,7 +154,8 @@ class _Walker:
         raise _bad(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has no valid VR "
                    f"({vr!r}) at offset {self.pos - 2}")
 
-    def skip(self, length: int, limit: int | None, tag: int):
+    def skip(self, length: int, limit: int | None,
+             tag: int) -> Generator[tuple[int, int], Any, None]:
         if limit is not None and self.pos + length > limit:
             raise _bad(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) needs {length} bytes, "
                        f"{max(limit - self.pos, 0)} present")
@@ -162,7 +165,8 @@ class _Walker:
                        f"{got} present")
         self.pos += length
 
-    def dataset(self, limit: int | None, depth: int, until_item_end: bool = False):
+    def dataset(self, limit: int | None, depth: int,
+                until_item_end: bool = False) -> Generator[tuple[int, int], Any, None]:
         """Walk elements until ``limit`` (or an item delimiter for undefined-length items)."""
         while (yield from self.more(limit)):
             tag = yield from self.tag_at()
@@ -233,7 +237,8 @@ class _Walker:
         if limit is not None and self.pos != limit:
             raise _bad("an element runs past the end of its container")
 
-    def sequence(self, length: int, limit: int | None, depth: int, tag: int):
+    def sequence(self, length: int, limit: int | None, depth: int,
+                 tag: int) -> Generator[tuple[int, int], Any, int]:
         """Walk a sequence's items; returns how many it holds."""
         end = limit if length == UNDEFINED else self.pos + length
         items = 0
@@ -266,7 +271,7 @@ class _Walker:
             raise _bad("a sequence item runs past the end of its sequence")
         return items
 
-    def encapsulated(self, limit: int | None):
+    def encapsulated(self, limit: int | None) -> Generator[tuple[int, int], Any, None]:
         items = 0
         while True:
             if limit is not None and self.pos >= limit:
@@ -283,7 +288,7 @@ class _Walker:
         if self.fragments == 0:
             raise _bad("encapsulated pixel data without any fragment")
 
-    def walk(self, limit: int | None):
+    def walk(self, limit: int | None) -> Generator[tuple[int, int], Any, None]:
         """The whole dataset, then what can only be said at its end."""
         yield from self.dataset(limit, 0)
         _check_functional_groups(self)
@@ -298,7 +303,7 @@ def _dict_vr(tag: int) -> str | None:
         return None
 
 
-def _meta(w: _Walker, size: int | None):
+def _meta(w: _Walker, size: int | None) -> Generator[tuple[int, int], Any, tuple[str, int]]:
     """Transfer syntax and the offset where the dataset starts, from the preamble and the
     file meta group (``size`` None: not known yet)."""
     pre = yield from w.read(132, "file too short for a DICOM file")
@@ -333,7 +338,7 @@ def _meta(w: _Walker, size: int | None):
     return syntax, w.pos
 
 
-def _drive_file(gen, f: BinaryIO, end: int):
+def _drive_file(gen: Generator[tuple[int, int], Any, Any], f: BinaryIO, end: int) -> Any:
     """Run a walk over a file (reads, seeks); returns what the walk returns."""
     value: object = None
     try:
@@ -388,7 +393,7 @@ class StreamCheck:
         self._gen = self._run(max_depth)
         self._req = next(self._gen)
 
-    def _run(self, max_depth: int):
+    def _run(self, max_depth: int) -> Generator[tuple[int, int], Any, None]:
         syntax, _ = yield from _meta(_Walker(0, False, True, max_depth), None)
         self.syntax = syntax
         if syntax == DEFLATED:
@@ -644,7 +649,7 @@ _PIXEL_MODULE = ("SamplesPerPixel", "PhotometricInterpretation", "Rows", "Column
                  "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation")
 
 
-def check_image_pixel_module(ds) -> None:
+def check_image_pixel_module(ds: Dataset) -> None:
     """The Type 1 attributes of the Image Pixel module that decoding needs, present and sane,
     for a dataset with pixel data (what a viewer or the model needs to read it back)."""
     if "PixelData" not in ds:

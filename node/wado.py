@@ -22,13 +22,14 @@ import os
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydicom import dcmread
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
@@ -297,7 +298,7 @@ def metadata_json(path: Path, instance_url: str) -> dict:
     without reading it)."""
     ds = dcmread(path, stop_before_pixels=True)
 
-    def uri(elem) -> str:
+    def uri(elem: DataElement) -> str:
         return f"{instance_url}/bulkdata/{elem.tag:08X}"
 
     js = ds.to_json_dict(bulk_data_threshold=1024, bulk_data_element_handler=uri)
@@ -399,7 +400,8 @@ class DecodedImages:
     def _size(value: np.ndarray | StoredFrame) -> int:
         return int(value.nbytes)
 
-    def get(self, path: Path, frame: int, kind: str, make):
+    def get(self, path: Path, frame: int, kind: str,
+            make: Callable[[], np.ndarray | StoredFrame]) -> Any:
         """The cached value for (file, frame, kind), or ``make()``'s, kept when it fits."""
         st = os.stat(path)
         name = (str(path), frame, kind)
@@ -564,7 +566,7 @@ def _window(stored: StoredFrame, center: float, width: float) -> np.ndarray:
     return _lut8(stored.pixels, lut)
 
 
-def _lut8(arr: np.ndarray, fn) -> np.ndarray:
+def _lut8(arr: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     """``fn`` (float64 values -> uint8) over an image: for 8- and 16-bit integers computed
     once per possible value and looked up (no float64 image); otherwise on float32."""
     if arr.dtype.kind in "ui" and arr.dtype.itemsize <= 2:

@@ -23,7 +23,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from node.compat import kill_pool_processes
 from node.config import Config
@@ -33,6 +33,12 @@ from storage.db import transient_database_error
 from storage.files import FileStore
 from storage.records import ProducedObject
 from storage.state import ExamStore
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+    from pydicom.dataset import Dataset
+
+    from inference.api import MammoModel
 
 log = logging.getLogger("mammo_node.worker")
 
@@ -79,7 +85,7 @@ class _InferenceState:
     the exam in hand, which the SR phase makes and the SC phase reuses (one exam at a
     time: the worker submits the two phases of one exam back to back)."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model: MammoModel) -> None:
         self.model = model
         self._key: tuple[str, int] | None = None
         self._reading: tuple | None = None
@@ -191,7 +197,7 @@ def _model_info() -> dict[str, Any]:
             "scan": backend_name(model.device), "warm_seconds": _WARM_SECONDS}
 
 
-def _save(ds, path: Path) -> None:
+def _save(ds: Dataset, path: Path) -> None:
     stamp_file_meta(ds)  # the node wrote it, not highdicom (PS3.10 7.1)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -199,7 +205,7 @@ def _save(ds, path: Path) -> None:
     tmp.replace(path)
 
 
-def _read(model, job: ExamJob) -> tuple:
+def _read(model: MammoModel, job: ExamJob) -> tuple:
     """The exam's sources, the model's reading and its plain-data summary."""
     from pydicom import dcmread
 
@@ -255,7 +261,7 @@ def _read(model, job: ExamJob) -> tuple:
     return sources, reading, summary
 
 
-def hottest_region(amap, factor: int = 1) -> tuple[float, float, float, float] | None:
+def hottest_region(amap: ArrayLike, factor: int = 1) -> tuple[float, float, float, float] | None:
     """(x0, y0, x1, y1) around the attention above half its maximum, in pixel coordinates of
     the image (a map ``factor`` times smaller than the image is scaled up)."""
     import numpy as np
@@ -268,11 +274,11 @@ def hottest_region(amap, factor: int = 1) -> tuple[float, float, float, float] |
             float((xs.max() + 1) * factor), float((ys.max() + 1) * factor))
 
 
-def _adder(job: ExamJob, produced: list[ProducedObject]):
+def _adder(job: ExamJob, produced: list[ProducedObject]) -> Callable[[Dataset, str], None]:
     root = Path(job.data_dir)
     out_dir = Path("results") / job.study_uid / f"v{job.version}"
 
-    def add(ds, kind: str) -> None:
+    def add(ds: Dataset, kind: str) -> None:
         rel = out_dir / f"{ds.SOPInstanceUID}.dcm"
         _save(ds, root / rel)
         produced.append(ProducedObject(
@@ -385,7 +391,7 @@ class Heartbeat:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
 

@@ -6,10 +6,11 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from sqlalchemy import create_engine, event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -133,7 +134,7 @@ def is_disk_full(exc: BaseException) -> bool:
     return (getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)) == "53100"
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # Transactions are begun by _sqlite_begin, not by the sqlite3 module (which would begin
     # one only before a data change, too late for a lock taken by an earlier SELECT).
     dbapi_conn.isolation_level = None
@@ -149,6 +150,6 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
-def _sqlite_begin(conn) -> None:
+def _sqlite_begin(conn: Connection) -> None:
     immediate = conn.get_execution_options().get("sqlite_immediate")
     conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

@@ -10,11 +10,13 @@ into a :class:`Match`; this module only knows columns and operators.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sqlalchemy import and_, distinct, func, select
-from sqlalchemy.orm import aliased
+from sqlalchemy.orm import Session, aliased
+from sqlalchemy.sql.elements import ColumnElement
 
 from storage.models import Instance
 
@@ -74,7 +76,7 @@ def like_pattern(dicom: str) -> str:
     return "".join(out)
 
 
-def _column(name: str):
+def _column(name: str) -> Any:
     if name not in Instance.__table__.columns:
         raise ValueError(f"unknown column {name!r}")
     return getattr(Instance, name)
@@ -88,7 +90,7 @@ def _literal_prefix(pattern: str) -> str:
     return pattern
 
 
-def _condition(m: Match, dialect: str = ""):
+def _condition(m: Match, dialect: str = "") -> ColumnElement[bool]:
     col = _column(m.column)
     if m.op == "in":
         return col.in_(list(m.value))
@@ -129,7 +131,7 @@ def _condition(m: Match, dialect: str = ""):
     raise ValueError(f"unknown operator {m.op!r}")
 
 
-def find_entities(session, level: str, matches: list[Match], limit: int | None = None,
+def find_entities(session: Any, level: str, matches: list[Match], limit: int | None = None,
                   offset: int = 0, counts: frozenset[tuple[str, Counted]] = frozenset(),
                   modalities: bool = False) -> Found:
     """The first ``limit`` entities (after ``offset``) at ``level`` that have an instance
@@ -186,14 +188,14 @@ def find_entities(session, level: str, matches: list[Match], limit: int | None =
     return out
 
 
-def _chunks(values: list, size: int = 500):
+def _chunks(values: list, size: int = 500) -> Iterator[list]:
     """IN lists of at most ``size`` values (SQLite's bound-parameter limit is 32,766 since
     3.32, 999 before)."""
     for i in range(0, len(values), size):
         yield values[i:i + size]
 
 
-def query_instances(session, level: str, matches: list[Match]) -> list[Instance]:
+def query_instances(session: Session, level: str, matches: list[Match]) -> list[Instance]:
     """Every instance of the entities at ``level`` matching every condition (a retrieve's
     instances), in order of arrival."""
     group = _column(GROUP_COLUMN[level])

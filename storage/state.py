@@ -38,14 +38,14 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import and_, func, or_, select, true, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import object_session
+from sqlalchemy.orm import Session, object_session
 
 from storage.db import Database
 from storage.models import (
@@ -59,6 +59,9 @@ from storage.models import (
     utcnow,
 )
 from storage.records import Delivery, InstanceRecord, ProducedObject
+
+if TYPE_CHECKING:
+    from storage.query import Found
 
 log = logging.getLogger("mammo_node.storage")
 
@@ -163,7 +166,7 @@ class ExamNotFound(KeyError):
         return str(self.args[0]) if self.args else "exam not found"
 
 
-def _get(s, cls: type[_Row], key: int) -> _Row:
+def _get(s: Session, cls: type[_Row], key: int) -> _Row:
     """A row that must exist (its id came from this database); ExamNotFound otherwise."""
     row = s.get(cls, key)
     if row is None:
@@ -253,7 +256,7 @@ def exam_identity(exam: Exam, members: list[Instance]) -> PatientIdentity:
                            base.name, base.birth_date)
 
 
-def _exam_for_update(s, study_uid: str) -> Exam:
+def _exam_for_update(s: Session, study_uid: str) -> Exam:
     """The study's exam row, locked for this transaction; ExamNotFound when there is none."""
     exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid).with_for_update())
     if exam is None:
@@ -386,7 +389,7 @@ class ExamStore:
             result.instance_id = inst.id
             return result
 
-    def _update_exam(self, s, inst: Instance, assign: AssignFn, result: AddResult) -> None:
+    def _update_exam(self, s: Session, inst: Instance, assign: AssignFn, result: AddResult) -> None:
         now = utcnow()
         exam = s.scalar(select(Exam).where(
             Exam.study_instance_uid == inst.study_instance_uid).with_for_update())
@@ -460,7 +463,7 @@ class ExamStore:
         result.exam_state = exam.state
         result.exam_version = exam.version
 
-    def _correct_identity(self, s, stored: Instance, record: InstanceRecord,
+    def _correct_identity(self, s: Session, stored: Instance, record: InstanceRecord,
                           old: PatientIdentity, new: PatientIdentity,
                           place: Callable[[], object]) -> AddResult:
         """The same SOP Instance re-sent with another patient (a demographics correction, or
@@ -502,7 +505,7 @@ class ExamStore:
             if note not in exam.notes:
                 exam.add_note(note)
 
-    def patient_exams(self, s, exam: Exam, members: list[Instance] | None = None,
+    def patient_exams(self, s: Session, exam: Exam, members: list[Instance] | None = None,
                       states: tuple[str, ...] | None = None) -> list[Exam]:
         """Other exams of the exam's patient (optionally only those in ``states``): the same
         non-empty PatientID with compatible issuers (index ix_exams_patient); where either
@@ -940,7 +943,7 @@ class ExamStore:
             return True
 
     @staticmethod
-    def _add_result_instance(s, r: ProducedObject, exam: Exam,
+    def _add_result_instance(s: Session, r: ProducedObject, exam: Exam,
                              source: Instance | None) -> None:
         """A produced object is also an instance the node holds (found by C-FIND, sent by
         C-MOVE / C-GET), with the patient and study attributes of its source images."""
@@ -1032,7 +1035,7 @@ class ExamStore:
                       .values(lease_owner=None, lease_until=None))
 
     @staticmethod
-    def _due(s, limit: int, exclude, claim: bool) -> list[Delivery]:
+    def _due(s: Session, limit: int, exclude: Collection[str], claim: bool) -> list[Delivery]:
         now = utcnow()
         q = (select(Outbound.id, Outbound.destination, Outbound.attempts, Result.path,
                     Result.sop_instance_uid, Outbound.in_flight_since, Result.sop_class_uid,
@@ -1065,7 +1068,7 @@ class ExamStore:
                 seconds=lease_seconds)
             return True
 
-    def _delivery_event(self, s, row: Outbound, text: str) -> None:
+    def _delivery_event(self, s: Session, row: Outbound, text: str) -> None:
         res = s.get(Result, row.result_id)
         exam = s.get(Exam, res.exam_id) if res is not None else None
         if exam is not None and res is not None:
@@ -1345,7 +1348,7 @@ class ExamStore:
 
     def find_entities(self, level: str, matches: list, limit: int | None = None,
                       offset: int = 0, counts: frozenset = frozenset(),
-                      modalities: bool = False):
+                      modalities: bool = False) -> Found:
         """C-FIND / QIDO matching in the database (see :func:`storage.query.find_entities`)."""
         from storage.query import find_entities
 

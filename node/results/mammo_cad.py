@@ -192,7 +192,9 @@ def build_mammo_cad(sources: dict[str, Dataset], reading: ReadingSummary, study_
                                 rel="INFERRED_FROM"))
     summary.ContentSequence = hd.sr.ContentSequence([overall, *exam_items, *impressions])
 
-    def succeeded(summary, successful, performed_name, performed_code):
+    def succeeded(summary: hd.sr.CodedConcept, successful: hd.sr.CodedConcept,
+                  performed_name: hd.sr.CodedConcept,
+                  performed_code: hd.sr.CodedConcept) -> hd.sr.CodeContentItem:
         """Summary of Detections / of Analyses (TID 4000): succeeded, what was performed, by
         which algorithm."""
         item = _code(summary, v.SUCCEEDED)
