@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 from sqlalchemy import and_, func, or_, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import object_session
+from sqlalchemy.sql.elements import ColumnElement
 
 from storage.db import Database
 from storage.models import (
@@ -1034,7 +1035,7 @@ class ExamStore:
             conds.append(Exam.last_received_at < start + dt.timedelta(days=1))
         with self.db.session() as s:
             total = s.scalar(select(func.count()).select_from(Exam).where(*conds)) or 0
-            order = [Exam.last_received_at.desc(), Exam.id.desc()]
+            order: list[ColumnElement[Any]] = [Exam.last_received_at.desc(), Exam.id.desc()]
             if by_score:  # NULLS LAST spelt portably (SQLite and PostgreSQL sort NULL apart)
                 order = [Exam.exam_score.is_(None), Exam.exam_score.desc(), *order]
             exams = list(s.scalars(select(Exam).where(*conds).order_by(*order)
