@@ -249,7 +249,10 @@ class MammoModel:
             marks = find_marks({slot: ev[k] for k, slot in enumerate(VIEWS) if slot in geoms},
                                geoms, {b: r.score for b, r in breasts.items()},
                                max_marks=max_marks, operating_point=op,
-                               source_factor=decoded_factor)
+                               source_factor=decoded_factor,
+                               images={slot: images[0, VIEWS.index(slot), 0].numpy()
+                                       * float(pp["std"]) + float(pp["mean"])
+                                       for slot in geoms})
         return ExamReading(
             breasts=breasts,
             fusion_weights={b: {v: float(weights[j, k]) for k, v in enumerate(VIEWS)}

@@ -4,6 +4,7 @@ probabilities (5-class -> 3-class -> 1 vs 5), so one checkpoint fills the whole 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -140,13 +141,15 @@ def density_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, Any]:
     return out
 
 
-def froc(marks: list[tuple[float, bool, int]], lesions: int, images: int,
+def froc(marks: Sequence[tuple[float, bool, int | Sequence[int]]], lesions: int, images: int,
          fp_rates: tuple[float, ...] = (0.5, 1.0, 2.0)) -> dict[str, Any]:
-    """Localisation, FROC style. ``marks``: (region score, hits a malignant lesion, lesion id
-    or -1) for every mark of every image; ``lesions``: malignant lesions; ``images``: images
-    read. At each threshold on the region score, sensitivity = lesions hit by at least one
-    mark / lesions and false marks per image = marks hitting none / images; reported at the
-    given false-mark rates (the best sensitivity with at most that many)."""
+    """Localisation, FROC style. ``marks``: (region score, hits a malignant lesion, the id of
+    the lesion it hits, -1 for none, or the ids of all it hits) for every mark of every image;
+    ``lesions``: malignant lesions; ``images``: images read. At each threshold on the region
+    score, sensitivity = lesions hit by at least one mark / lesions and false marks per image
+    = marks hitting none / images; reported at the given false-mark rates (the best
+    sensitivity with at most that many). A mark inside two overlapping lesions (a mass and its
+    calcifications, annotated apart) finds both, as in the usual FROC scoring."""
     out: dict[str, Any] = {"lesions": lesions, "images": images, "curve": [], "points": {}}
     if lesions == 0 or images == 0:
         return out
@@ -156,7 +159,7 @@ def froc(marks: list[tuple[float, bool, int]], lesions: int, images: int,
     curve = [(0.0, 0.0, float("inf"))]
     for score, is_hit, lesion in order:
         if is_hit:
-            hit.add(lesion)
+            hit.update([lesion] if isinstance(lesion, int) else lesion)
         else:
             fp += 1
         curve.append((fp / images, len(hit) / lesions, score))

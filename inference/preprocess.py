@@ -180,3 +180,16 @@ def input_to_original(points: np.ndarray, geom: Geometry) -> np.ndarray:
     if geom.flipped:
         x = cols - x
     return np.stack([np.clip(x, 0.0, cols), np.clip(y, 0.0, rows)], axis=1)
+
+
+def original_to_input(points: np.ndarray, geom: Geometry) -> np.ndarray:
+    """The inverse of :func:`input_to_original`: points (x, y) on the original image -> the
+    model input (mirroring, crop, scale and padding applied), same pixel convention."""
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    r0, r1, c0, c1 = geom.crop
+    top, left = geom.offset
+    nh, nw = max(1, round((r1 - r0) * geom.scale)), max(1, round((c1 - c0) * geom.scale))
+    rows, cols = geom.original_shape
+    x = cols - pts[:, 0] if geom.flipped else pts[:, 0]
+    return np.stack([left + (x - c0) * nw / (c1 - c0),
+                     top + (pts[:, 1] - r0) * nh / (r1 - r0)], axis=1)

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -688,7 +689,7 @@ def localisation(records: list, checkpoint: str | None, device: str = "auto",
     from inference.metrics import froc
 
     model = MammoModel(checkpoint, device=device)
-    marks: list[tuple[float, bool, int]] = []
+    marks: list[tuple[float, bool, int | Sequence[int]]] = []
     n_lesions = n_images = 0
     for rec in tqdm(records, desc="localisation", unit="exam", disable=not progress,
                     leave=False):
@@ -705,7 +706,7 @@ def localisation(records: list, checkpoint: str | None, device: str = "auto",
                 x, y = mk.center
                 hit = [i for i, (x0, y0, x1, y1) in zip(ids, boxes)
                        if x0 <= x <= x1 and y0 <= y <= y1]
-                marks.append((mk.score, bool(hit), hit[0] if hit else -1))
+                marks.append((mk.score, bool(hit), hit))
     return froc(marks, n_lesions, n_images)
 
 

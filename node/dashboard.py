@@ -159,9 +159,6 @@ def _when(value: str | dt.datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S")
 
 
-#: Triage sorts at most this many of the newest exams matching the filter by score.
-TRIAGE_MAX = 1000
-
 #: What each view of an exam was read from, in words (node.assembly's image kinds, and the
 #: two ways a view is not read).
 VIEW_SOURCES = {"conventional": "conventional 2D", "synthesized": "synthesized 2D",
@@ -338,16 +335,10 @@ class Dashboard:
             offset = 0
         limit = 100
         sort = "score" if q.get("sort") == "score" else "received"
-        if sort == "score":
-            # Triage: the most suspicious first. The score lives in the reading, not in a
-            # column: the newest TRIAGE_MAX exams matching the filter are sorted here.
-            rows, total = await run_in_threadpool(self.exams.exam_page, state, accession, day,
-                                                  0, TRIAGE_MAX)
-            rows.sort(key=lambda r: (r.get("score") is None, -(r.get("score") or 0.0)))
-            rows, total = rows[offset:offset + limit], min(total, TRIAGE_MAX)
-        else:
-            rows, total = await run_in_threadpool(self.exams.exam_page, state, accession, day,
-                                                  offset, limit)
+        # Triage (sort=score): the most suspicious first, over every exam matching the filter
+        # (the database sorts by the indexed exam score).
+        rows, total = await run_in_threadpool(self.exams.exam_page, state, accession, day,
+                                              offset, limit, sort == "score")
         priors = await run_in_threadpool(self.exams.priors_by_study,
                                          [r["study_instance_uid"] for r in rows])
         for r in rows:

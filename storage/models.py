@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import (
     DDL,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -169,6 +170,9 @@ class Exam(Base):
     #: The current version's reading in plain data (per-breast BI-RADS, probabilities,
     #: fusion weights, model identity) for the dashboard; the SRs are the record.
     reading_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: That reading's 0-100 exam score (None: not read, or no score), a column so that the
+    #: dashboard's triage sorts every exam in the database, by an index.
+    exam_score: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
 
     def get_slot(self, slot: str) -> str | None:
         return getattr(self, _SLOT_COLUMNS[slot])

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import and_, func, or_, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, object_session
+from sqlalchemy.sql.elements import ColumnElement
 
 from storage.db import Database
 from storage.models import (
@@ -920,6 +921,8 @@ class ExamStore:
                               .order_by(Instance.id).limit(1))
             if reading is not None:
                 exam.reading_json = json.dumps(reading)
+                score = reading.get("score")
+                exam.exam_score = float(score) if isinstance(score, (int, float)) else None
             for r in results:
                 row = s.scalar(select(Result).where(
                     Result.sop_instance_uid == r.sop_instance_uid))
@@ -1134,9 +1137,12 @@ class ExamStore:
 
     def exam_page(self, state: str | None = None, accession: str | None = None,
                   day: dt.date | None = None, offset: int = 0,
-                  limit: int = 100) -> tuple[list[dict[str, Any]], int]:
-        """One page of exams, newest first, with their deliveries and result latency (the
-        dashboard's list; everything in a few queries whatever the number of exams)."""
+                  limit: int = 100, by_score: bool = False
+                  ) -> tuple[list[dict[str, Any]], int]:
+        """One page of exams, newest first (``by_score``: the highest exam score first, exams
+        without a score last, then newest first: the triage order, over every exam, sorted by
+        the database), with their deliveries and result latency (the dashboard's list;
+        everything in a few queries whatever the number of exams)."""
         conds = []
         if state:
             conds.append(Exam.state == state)
@@ -1150,8 +1156,10 @@ class ExamStore:
             conds.append(Exam.last_received_at < start + dt.timedelta(days=1))
         with self.db.session() as s:
             total = s.scalar(select(func.count()).select_from(Exam).where(*conds)) or 0
-            exams = list(s.scalars(select(Exam).where(*conds)
-                                   .order_by(Exam.last_received_at.desc(), Exam.id.desc())
+            order: list[ColumnElement[Any]] = [Exam.last_received_at.desc(), Exam.id.desc()]
+            if by_score:  # NULLS LAST spelt portably (SQLite and PostgreSQL sort NULL apart)
+                order = [Exam.exam_score.is_(None), Exam.exam_score.desc(), *order]
+            exams = list(s.scalars(select(Exam).where(*conds).order_by(*order)
                                    .offset(offset).limit(limit)))
             ids = [e.id for e in exams]
             delivery: dict[int, dict[str, dict[str, int]]] = {}

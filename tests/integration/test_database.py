@@ -159,6 +159,82 @@ def test_newer_schema_is_refused(tmp_path):
         Database(url)
 
 
+# -- triage: the exam score as an indexed column ----------------------------------------
+
+def test_triage_sorts_every_exam_by_score_in_the_database(tmp_path, db_url):
+    """The dashboard's sort=score: the highest score first over every exam matching the
+    filter (an old exam beyond any "newest N" window included), exams without one last."""
+    db = Database(db_url)
+    store = ExamStore(db)
+    files = FileStore(tmp_path / "data", fsync=False)
+    (study,) = _ready_exams(store, files, 1)
+    claim = store.claim_next_ready(lease_seconds=60)
+    assert claim is not None
+    assert store.complete(*claim, _produced(study), ["pacs"], reading={"score": 42.5})
+    t0 = dt.datetime(2026, 1, 1)
+    scores = [None if i % 7 == 0 else float((i * 37) % 990) / 10 for i in range(1500)]
+    scores[0] = 99.9        # the oldest exam is the most suspicious
+    with db.write() as s:
+        s.add_all(Exam(study_instance_uid=f"1.2.826.0.1.3680043.10.1234.77.{i}",
+                       state="done" if i % 2 else "failed", exam_score=sc,
+                       reading_json=json.dumps({"score": sc}),
+                       last_received_at=t0 + dt.timedelta(minutes=i))
+                  for i, sc in enumerate(scores))
+    with db.session() as s:  # complete() recorded the reading's score in the column
+        assert s.scalar(select(Exam.exam_score).where(
+            Exam.study_instance_uid == study)) == 42.5
+    rows, total = store.exam_page(offset=0, limit=100, by_score=True)
+    assert total == 1501 and len(rows) == 100
+    assert rows[0]["study_instance_uid"].endswith(".77.0") and rows[0]["score"] == 99.9
+    listed = [r["score"] for r in rows]
+    assert listed == sorted(listed, reverse=True)
+    every: list = []
+    for offset in range(0, 1501, 500):  # pages continue the order, nothing twice
+        every += store.exam_page(offset=offset, limit=500, by_score=True)[0]
+    assert len({r["study_instance_uid"] for r in every}) == 1501
+    known = [r["score"] for r in every if r["score"] is not None]
+    assert known == sorted(known, reverse=True) and 42.5 in known
+    assert all(r["score"] is None for r in every[len(known):])     # unscored last
+    nulls = [r for r in every if r["score"] is None]                # newest first among them
+    assert [r["last_received_at"] for r in nulls] == sorted(
+        (r["last_received_at"] for r in nulls), reverse=True)
+    failed, n = store.exam_page(state="failed", offset=0, limit=10, by_score=True)
+    assert n == 750 and all(r["state"] == "failed" for r in failed)
+    assert failed[0]["score"] == 99.9
+    assert [r["score"] for r in store.exam_page(offset=0, limit=3)[0]][0] == 42.5  # newest
+    db.close()
+
+
+def test_exam_score_migration_fills_it_from_the_readings(tmp_path):
+    from alembic import command
+
+    from storage.schema import alembic_config, upgrade
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    db = Database(url)
+    with db.engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "0004")
+    db.close()
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        assert "exam_score" not in {c["name"] for c in sa.inspect(conn).get_columns("exams")}
+        for i, reading in enumerate(['{"score": 73.5}', '{"breasts": {}}', "not json", None]):
+            conn.execute(sa.text(
+                "INSERT INTO exams (study_instance_uid, state, version, notes_json, "
+                "created_at, last_received_at, state_changed_at, reading_json) VALUES "
+                "(:u, 'done', 1, '[]', '2026-01-01', '2026-01-01', '2026-01-01', :r)"),
+                {"u": f"1.2.3.{i}", "r": reading})
+    assert upgrade(engine) == ("0004", head())
+    with engine.connect() as conn:
+        got = {u: sc for u, sc in conn.execute(
+            sa.text("SELECT study_instance_uid, exam_score FROM exams"))}
+        assert "ix_exams_exam_score" in {i["name"] for i in sa.inspect(conn).get_indexes("exams")}
+    assert got == {"1.2.3.0": 73.5, "1.2.3.1": None, "1.2.3.2": None, "1.2.3.3": None}
+    engine.dispose()
+
+
 # -- claims and leases ---------------------------------------------------------------------
 
 def test_worker_lease_takeover_and_the_old_holder_cannot_finish(tmp_path, db_url):

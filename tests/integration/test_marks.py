@@ -64,17 +64,18 @@ def test_marks_land_on_the_lesion(model, k):
     assert len(left) <= 3 and sorted(m.index for m in left) == list(range(1, len(left) + 1))
     top = max(left, key=lambda m: m.score)
     assert top.score == reading.breasts["L"].score and top.above_operating_point
-    # The top mark of each view lies on the lesion: its centre within the lesion's extent
-    # grown by one cell of the model's feature grid (32 input pixels: the resolution of the
-    # attention pooling), in the source image's pixels.
+    # The top mark of each view lies on the lesion: its centre inside the lesion's box (where
+    # its profile exceeds 1/e), in the source image's pixels, and nearer its centre than a
+    # cell of the model's feature grid (32 input pixels) would allow.
     for slot in ("L-CC", "L-MLO"):
         if not reading.marks[slot]:
             continue
         m = reading.marks[slot][0]
         cx, cy, x0, y0, x1, y1 = lesion_boxes("L", ROWS, COLS, seeds[slot], les)[0]
         cell = 32 / reading.geometry[slot].scale
-        assert x0 - cell <= m.center[0] <= x1 + cell and y0 - cell <= m.center[1] <= y1 + cell, \
+        assert x0 <= m.center[0] <= x1 and y0 <= m.center[1] <= y1, \
             (slot, m.center, (cx, cy), cell)
+        assert np.hypot(m.center[0] - cx, m.center[1] - cy) < 0.5 * cell
         xs, ys = zip(*m.outline)
         assert min(xs) <= m.center[0] <= max(xs) and min(ys) <= m.center[1] <= max(ys)
         assert 0 <= min(xs) and max(xs) <= COLS and 0 <= min(ys) and max(ys) <= ROWS
@@ -101,6 +102,144 @@ def test_marks_of_a_mirrored_breast_are_in_its_own_pixels(model):
         for m in reading.marks[slot][:1]:
             cx, cy, *_ = lesion_boxes("R", ROWS, COLS, 700 + (slot == "R-MLO"), les)[0]
             assert m.center[0] > COLS / 2 and abs(m.center[0] - cx) < 0.25 * COLS
+
+
+# -- centres refined on the image ---------------------------------------------------------
+# The model's evidence grid is one value per 32 input pixels and its peak may sit a cell off
+# the finding; the centre is found on the image (inference.marks.refine_center). These feed
+# find_marks an evidence map whose peak is deliberately off the lesion by about a cell, on the
+# phantoms of inference.synthetic and on images of another generator, and ask for the centre
+# inside the lesion's box.
+IN_H, IN_W = 512, 256
+GRID = (16, 8)
+
+
+def _model_input(ds):
+    from inference.display import to_display
+    from inference.preprocess import preprocess_array
+
+    x, g = preprocess_array(to_display(ds), (IN_H, IN_W), mean=0.0, std=1.0)
+    return x[0].numpy(), g           # display units, as MammoModel hands them to find_marks
+
+
+def _evidence_off(g, centre: tuple[float, float], off: tuple[float, float]) -> np.ndarray:
+    """A (16, 8) evidence grid: a bump ``off`` cells away from ``centre`` (source pixels)."""
+    from inference.preprocess import original_to_input
+
+    cx, cy = original_to_input(np.array([centre]), g)[0]
+    cell = IN_H / GRID[0]
+    yy, xx = np.mgrid[0:GRID[0], 0:GRID[1]] + 0.5
+    return np.exp(-((xx - cx / cell - off[0]) ** 2 + (yy - cy / cell - off[1]) ** 2) / 0.7)
+
+
+def _other_generator(rows: int, cols: int, seed: int, centre: tuple[float, float],
+                     radius: float) -> np.ndarray:
+    """Not inference.synthetic: a half-disc breast with lognormal texture, bright vessels
+    and a rotated elliptical lesion with a soft edge; chest wall at column 0, [0, 1]."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float64)
+    r = np.hypot(xx / (0.8 * cols), (yy - rows / 2) / (0.46 * rows))
+    breast = np.clip((1 - r) * 20, 0, 1)
+    tex = np.exp(ndimage.gaussian_filter(rng.standard_normal((rows, cols)), 9) * 6)
+    img = breast * (0.3 + 0.25 * np.sqrt(np.clip(1 - r, 0, 1)) + 0.12 * tex / tex.max())
+    for _ in range(4):  # vessels: thin bright curves from the chest wall
+        y0, k = rng.uniform(0.2, 0.8) * rows, rng.uniform(-0.4, 0.4)
+        line = np.abs(yy - (y0 + k * xx + 15 * np.sin(xx / 40))) < 1.5
+        img = img + 0.08 * line * breast
+    cx, cy = centre
+    t = rng.uniform(0, np.pi)
+    u = ((xx - cx) * np.cos(t) + (yy - cy) * np.sin(t)) / (1.3 * radius)
+    v = (-(xx - cx) * np.sin(t) + (yy - cy) * np.cos(t)) / (0.8 * radius)
+    img = img + 0.2 * np.exp(-(u ** 2 + v ** 2) ** 1.5) * breast
+    img = img + rng.normal(0, 0.008, img.shape) * breast
+    return np.clip(img, 0, 1)
+
+
+def _refined(view, box, off, images=True):
+    from inference.marks import find_marks
+
+    x, g = view
+    ev = _evidence_off(g, ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), off)
+    slot = "L-CC"
+    marks = find_marks({slot: ev}, {slot: g}, {"L": 80.0},
+                       images={slot: x} if images else None)[slot]
+    assert marks, "no mark"
+    return marks[0]
+
+
+def _inside(c, box) -> bool:
+    return box[0] <= c[0] <= box[2] and box[1] <= c[1] <= box[3]
+
+
+PHANTOM_CASES = [("mass", "L", "CC", 0.45, 0.4, 0.04, (1.0, 1.0)),
+                 ("spiculated", "R", "MLO", 0.6, 0.6, 0.035, (-1.0, 0.8)),
+                 ("calcifications", "L", "MLO", 0.35, 0.7, 0.05, (0.9, -1.0)),
+                 ("spiculated", "R", "CC", 0.7, 0.3, 0.06, (-0.8, -0.9)),
+                 ("mass", "L", "CC", 0.3, 0.55, 0.035, (1.1, 0.0))]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kind,lat,view,x,y,radius,off", PHANTOM_CASES)
+def test_refined_centre_lies_in_the_phantom_lesion(kind, lat, view, x, y, radius, off):
+    les = [Lesion(kind, x, y, radius, 0.3)]
+    seed = 900 + PHANTOM_CASES.index((kind, lat, view, x, y, radius, off))
+    ds = make_mammogram(lat, view, rows=640, cols=512, seed=seed, lesions=les)
+    box = lesion_boxes(lat, 640, 512, seed, les)[0][2:]
+    view = _model_input(ds)
+    coarse = _refined(view, box, off, images=False)
+    fine = _refined(view, box, off)
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    assert _inside(fine.center, box), (fine.center, box, coarse.center)
+    # closer than the evidence alone put it, and within a third of the box's half-height
+    assert np.hypot(fine.center[0] - cx, fine.center[1] - cy) < \
+        np.hypot(coarse.center[0] - cx, coarse.center[1] - cy)
+    assert abs(fine.center[1] - cy) < (box[3] - box[1]) / 2
+    xs, ys = zip(*fine.outline)              # the outline holds the refined centre
+    assert min(xs) <= fine.center[0] <= max(xs) and min(ys) <= fine.center[1] <= max(ys)
+    assert fine == _refined(view, box, off)  # deterministic
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("seed,lat,centre,off", [(1, "L", (180, 260), (1.0, 1.0)),
+                                                 (2, "R", (150, 380), (-1.0, -0.7)),
+                                                 (3, "L", (240, 200), (0.0, 1.1))])
+def test_refined_centre_on_another_generator(seed, lat, centre, off):
+    rows, cols, radius = 640, 512, 24.0
+    px = _other_generator(rows, cols, seed, centre, radius)
+    ds = make_mammogram(lat, "CC", pixels=px, seed=seed)
+    cx = cols - centre[0] if lat == "R" else centre[0]   # make_mammogram mirrors R
+    # the lesion's centre pixel (cx, cy) spans [cx, cx + 1): its centre point is + 0.5
+    box = (cx + 0.5 - radius, centre[1] + 0.5 - radius, cx + 0.5 + radius,
+           centre[1] + 0.5 + radius)
+    view = _model_input(ds)
+    coarse = _refined(view, box, off, images=False)
+    fine = _refined(view, box, off)
+    assert not _inside(coarse.center, box)   # the offset evidence alone misses it
+    assert _inside(fine.center, box), (fine.center, box, coarse.center)
+
+
+@pytest.mark.unit
+def test_no_blob_keeps_the_evidence_centre_and_two_regions_on_one_blob_are_one_mark():
+    from inference.marks import find_marks
+
+    ds = make_mammogram("L", "CC", rows=640, cols=512, seed=5,
+                        pixels=np.where(np.mgrid[0:640, 0:512][1] < 380, 0.5, 0.0))
+    x, g = _model_input(ds)
+    ev = np.zeros(GRID)
+    ev[8, 3] = 1.0
+    flat = find_marks({"L-CC": ev}, {"L-CC": g}, {"L": 60.0}, images={"L-CC": x})["L-CC"]
+    plain = find_marks({"L-CC": ev}, {"L-CC": g}, {"L": 60.0})["L-CC"]
+    assert [m.center for m in flat] == [m.center for m in plain]   # flat breast: no blob
+    les = [Lesion("mass", 0.5, 0.5, 0.04, 0.3)]
+    ds = make_mammogram("L", "CC", rows=640, cols=512, seed=6, lesions=les)
+    x, g = _model_input(ds)
+    box = lesion_boxes("L", 640, 512, 6, les)[0][2:]
+    centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+    two = _evidence_off(g, centre, (1.2, 0.0)) + 0.9 * _evidence_off(g, centre, (-1.2, 0.0))
+    ms = find_marks({"L-CC": two}, {"L-CC": g}, {"L": 60.0}, images={"L-CC": x})["L-CC"]
+    assert len(ms) == 1 and _inside(ms[0].center, box)
 
 
 # -- the objects that carry them --------------------------------------------------------
@@ -301,6 +440,9 @@ def test_froc_points():
     assert r["points"] == {"0.5": 1.0, "1.0": 1.0, "2.0": 1.0}
     r = froc([(90, False, -1), (80, False, -1), (70, True, 0)], lesions=2, images=2)
     assert r["points"]["0.5"] == 0.0 and r["points"]["1.0"] == 0.5
+    # One mark inside two overlapping lesions (a mass and its calcifications) finds both.
+    r = froc([(90, True, [0, 1]), (50, False, [])], lesions=3, images=2)
+    assert r["points"]["0.5"] == pytest.approx(2 / 3)
 
 
 def test_synth_writes_lesion_boxes_and_evaluate_reports_froc_and_density(tmp_path):

@@ -114,6 +114,52 @@ def test_cbis_ddsm_layout(tmp_path):
     assert exams["P_00016|test"].birads == {}  # assessment 0: no category
 
 
+def _cbis_roi(root: Path, case: str, lat: str, view: str, n: int, box: tuple[int, ...],
+              same_series: bool = True, size: tuple[int, int] = (48, 40)
+              ) -> tuple[str, str]:
+    """An abnormality's ROI mask (two-valued, the mammogram's size, foreground ``box`` =
+    x0, y0, x1, y1) and cropped image as TCIA's download has them; the CSV's (ROI mask,
+    cropped image) paths, swapped as in many CBIS-DDSM rows."""
+    import numpy as np
+
+    study = f"1.3.6.1.4.1.9590.100.1.2.{4221127222131896498076 + n}{74994 + n}"
+    s_mask = f"1.3.6.1.4.1.9590.100.1.2.{5523861948112676366086 + n}{31415 + n}"
+    s_crop = s_mask if same_series else f"1.3.6.1.4.1.9590.100.1.2.77{n}"
+    folder = root / "CBIS-DDSM" / f"{case}_1" / f"07-21-2016-DDSM-{n:05d}"
+    mask = np.zeros(size)
+    x0, y0, x1, y1 = box
+    mask[y0:y1, x0:x1] = 1.0
+    crop_dir = folder / (f"1.000000-ROI mask images-{n:05d}" if same_series
+                         else f"1.000000-cropped images-{n:05d}")
+    write(make_mammogram(lat, view, pixels=np.full((12, 10), 0.4) + np.eye(12, 10) * 0.3,
+                         study_uid=study, series_uid=s_crop), crop_dir / "1-1.dcm")
+    write(make_mammogram("L", view, pixels=mask, study_uid=study, series_uid=s_mask),
+          folder / f"1.000000-ROI mask images-{n:05d}" / ("1-2.dcm" if same_series
+                                                          else "1-1.dcm"))
+    return (f"{case}_1/{study}/{s_crop}/000000.dcm",   # named the mask, is the crop
+            f"{case}_1/{study}/{s_mask}/000001.dcm")
+
+
+def test_cbis_ddsm_lesion_boxes_from_roi_masks(tmp_path, caplog):
+    rows = []
+    cases = (("L", "LEFT", "CC", "MALIGNANT", (5, 10, 17, 22), True, (48, 40)),
+             ("L", "LEFT", "MLO", "MALIGNANT", (20, 30, 31, 44), False, (48, 40)),
+             ("R", "RIGHT", "CC", "BENIGN", (2, 2, 9, 9), True, (48, 40)),
+             ("R", "RIGHT", "MLO", "MALIGNANT", (2, 2, 9, 9), True, (40, 40)))  # wrong size
+    for n, (lat, side, view, pathology, box, same, size) in enumerate(cases, start=1):
+        case = f"Mass-Training_P_00007_{side}_{view}"
+        full = _cbis_case(tmp_path, case, lat, view, n)
+        roi, crop = _cbis_roi(tmp_path, case, lat, view, n, box, same, size)
+        rows.append(f"P_00007,2,{side},{view},1,mass,OVAL,CIRCUMSCRIBED,4,{pathology},4,"
+                    f"{full},{crop},{roi}")
+    _csv(tmp_path / "mass_case_description_train_set.csv", MASS_HEADER, rows)
+    with caplog.at_level("WARNING", logger="mammo_node.data"):
+        (rec,) = read_dataset(tmp_path, "cbis-ddsm")
+    # the mask's foreground, as pixel edges; the benign one and the mismatched mask: no box
+    assert rec.lesions == {"L-CC": [(5.0, 10.0, 17.0, 22.0)], "L-MLO": [(20.0, 30.0, 31.0, 44.0)]}
+    assert "1 malignant abnormalit(y/ies) without a usable ROI mask" in caplog.text
+
+
 # -------------------------------------------------------------------------------- CMMD
 def _xlsx(path: Path, rows: list[list[str]]) -> None:
     """A minimal .xlsx (shared strings, one sheet), as a spreadsheet program writes it."""
@@ -177,6 +223,47 @@ def test_inbreast_layout(tmp_path):
     assert a.birads == {"R": 4, "L": 2}
     b = exams["61b13c59bcba149e"]
     assert b.birads == {"L": 5} and b.diagnosis == {"L": MALIGNANT}
+
+
+def _inbreast_xml(path: Path, rois: list[tuple[str, list[tuple[float, float]]]]) -> None:
+    """An INbreast ROI file: the plist its annotation tool (OsiriX) writes."""
+    import plistlib
+
+    doc = {"Images": [{"ImageIndex": 0, "NumberOfROIs": len(rois), "ROIs": [
+        {"Name": name, "NumberOfPoints": len(pts), "IndexInImage": i, "Type": 15,
+         "Area": 1.0, "Center": "(0.000000, 0.000000, 0.000000)",
+         "Point_mm": [f"({x * 0.07:.6f}, {y * 0.07:.6f}, 0.000000)" for x, y in pts],
+         "Point_px": [f"({x:.6f}, {y:.6f})" for x, y in pts]}
+        for i, (name, pts) in enumerate(rois)]}]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        plistlib.dump(doc, f, fmt=plistlib.FMT_XML)
+
+
+def test_inbreast_lesion_boxes_from_xml_contours(tmp_path, caplog):
+    rows = []
+    for fid, lat, view, birads in (("30011", "R", "CC", "4b"), ("30012", "R", "ML", "5"),
+                                   ("30013", "L", "CC", "2"), ("30014", "L", "ML", "6")):
+        _img(tmp_path / "AllDICOMs" / f"{fid}_aa11bb22cc33dd44_MG_{lat}_{view}_ANON.dcm", lat,
+             "MLO" if view == "ML" else view)
+        rows.append(f"removed;removed;{lat};{view};201104;{fid};3;{birads}")
+    _csv(tmp_path / "INbreast.csv",
+         "Patient ID;Patient age;Laterality;View;Acquisition date;File Name;ACR;Bi-Rads",
+         rows)
+    mass = [(10.5, 12.0), (20.25, 11.0), (22.0, 25.5), (12.0, 24.0)]
+    _inbreast_xml(tmp_path / "AllXML" / "30011.xml",
+                  [("Mass", mass), ("Calcification", [(30.0, 30.0)]),
+                   ("Cluster", [(3.0, 4.0), (8.0, 4.0), (8.0, 9.0)]),
+                   ("Point 1", [(1.0, 1.0), (2.0, 2.0)])])
+    _inbreast_xml(tmp_path / "AllXML" / "30012.xml", [("Spiculated Region", mass)])
+    _inbreast_xml(tmp_path / "AllXML" / "30013.xml", [("Mass", mass)])   # Bi-Rads 2: benign
+    (tmp_path / "AllXML" / "30014.xml").write_text("<plist><dict><key>Images")  # broken
+    with caplog.at_level("WARNING", logger="mammo_node.data"):
+        (rec,) = read_dataset(tmp_path, "inbreast")
+    assert rec.lesions == {"R-CC": [(10.5, 11.0, 22.0, 25.5), (3.0, 4.0, 8.0, 9.0)],
+                           "R-MLO": [(10.5, 11.0, 22.0, 25.5)]}
+    assert "30014.xml: not an INbreast ROI plist" in caplog.text
+    assert rec.birads == {"R": 5, "L": 5}      # the broken file costs the boxes only
 
 
 def test_missing_layout_says_what_is_expected(tmp_path):
