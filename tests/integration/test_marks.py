@@ -468,3 +468,36 @@ def test_synth_writes_lesion_boxes_and_evaluate_reports_froc_and_density(tmp_pat
     assert (tmp_path / "plots" / "froc.png").exists()
     assert "density" not in res        # the demo checkpoint has no density head
     assert "Localisation:" in format_table(res)
+
+
+def test_a_view_read_from_a_kind_the_checkpoint_was_not_trained_on_is_said(model, exam_files):
+    """A checkpoint that states the image kinds it was trained on (metadata ``image_kinds``):
+    the reading says when a view was read from another kind, and not when every view is
+    one of them (issue 19 item 2)."""
+    from node.worker import ExamJob, _read
+
+    _, paths, _, _ = exam_files
+    root = next(iter(paths.values())).parent
+    metadata = model.info.metadata
+    saved = metadata.get("image_kinds")
+    try:
+        metadata["image_kinds"] = ["conventional"]
+        kinds = {slot: "conventional" for slot in paths}
+        kinds["L-CC"] = "synthesized"
+        job = ExamJob(data_dir=str(root), study_uid=STUDY, version=1,
+                      paths={slot: p.name for slot, p in paths.items()}, kinds=kinds)
+        _, _, summary = _read(model, job)
+        said = [n for n in summary.notes if "the model was trained on" in n]
+        assert len(said) == 1 and "synthesized" in said[0] and "conventional" in said[0], \
+            summary.notes
+        assert summary.view_kinds["L-CC"] == "synthesized"
+        job = ExamJob(data_dir=str(root), study_uid=STUDY, version=1,
+                      paths={slot: p.name for slot, p in paths.items()},
+                      kinds={slot: "conventional" for slot in paths})
+        _, _, summary = _read(model, job)
+        assert not [n for n in summary.notes if "the model was trained on" in n]
+    finally:
+        if saved is None:
+            metadata.pop("image_kinds", None)
+        else:
+            metadata["image_kinds"] = saved
