@@ -19,20 +19,38 @@ def pytest_configure(config):
     cache = Path(str(config.rootpath)) / ".pytest_cache" / "numba"
     cache.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("NUMBA_CACHE_DIR", str(cache))
+    if hasattr(config, "workerinput"):  # an xdist worker
+        config.pluginmanager.register(_XdistGroupIds(), "mammo-xdist-group-ids")
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    # Meant for pytest-xdist (--dist loadgroup): the tests of a module that shares a
-    # module-scoped fixture (a trained checkpoint, a database full of studies) marked to run
-    # on one worker, so the fixture is built once. NOT YET EFFECTIVE: with pytest 9.2 and
-    # xdist 3.8 the node ids never get xdist's "@group" suffix (even a static xdist_group
-    # mark), so such a fixture is still built once per worker (test_distributed's: 3 x ~80 s).
+    # For pytest-xdist (--dist loadgroup): the tests of a module that shares a module-scoped
+    # fixture (a trained checkpoint, a database full of studies) run on one worker, so the
+    # fixture is built once (test_distributed's takes ~80 s). Runs before xdist's own hook,
+    # which turns the mark into the node id's "@group" suffix the scheduler reads.
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
         if info is None:
             continue
         if any(d.scope == "module" for defs in info.name2fixturedefs.values() for d in defs):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+class _XdistGroupIds:
+    """xdist 3.8 writes the group into ``item._nodeid``; pytest 9.2 reads a node id from
+    ``item._id`` (``Node.nodeid`` is ``str(self._id)``), so the suffix never reached the
+    scheduler and every worker built the module fixtures again. Carry it over, after xdist's
+    hook has run (compat shim: drop it once xdist sets the id pytest reads)."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config, items):
+        from _pytest.nodeid import NodeId
+
+        for item in items:
+            grouped = item.__dict__.get("_nodeid")
+            if isinstance(grouped, str) and grouped != item.nodeid:
+                item._id = NodeId.parse(grouped)
 
 
 @pytest.fixture
