@@ -19,6 +19,8 @@ def pytest_configure(config):
     cache = Path(str(config.rootpath)) / ".pytest_cache" / "numba"
     cache.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("NUMBA_CACHE_DIR", str(cache))
+    # Registered here too, so that a run without xdist (-p no:xdist) passes --strict-markers.
+    config.addinivalue_line("markers", "xdist_group(name): run on one xdist worker")
     if hasattr(config, "workerinput"):  # an xdist worker
         config.pluginmanager.register(_XdistGroupIds(), "mammo-xdist-group-ids")
 

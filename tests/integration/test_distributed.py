@@ -151,3 +151,32 @@ def test_paper_table_runs_each_configuration_under_torchrun(data, tmp_path):
     assert row["n_exams"] == 3 and 0.0 <= m["f1"] <= 1.0
     lo, hi = m["f1_ci95"]
     assert lo <= hi
+
+
+def test_two_node_torchrun_with_a_c10d_rendezvous_matches_standalone(one_and_two, data,
+                                                                      tmp_path):
+    """The documented multi-node command: two torchrun launchers (node ranks 0 and 1, one
+    process each) meeting at a c10d rendezvous on loopback. World size 2 with the same seed:
+    the same run as the standalone launcher's 2 processes."""
+    from tests.helpers import free_port
+
+    _, two, _ = one_and_two
+    out = tmp_path / "nodes.safetensors"
+    port = free_port()
+    args = ["train", "--data", str(data), "--out", str(out), "--batch-size", "2", *COMMON]
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
+         "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+         "--rdzv_id=mammo-test", "-m", "node", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+        for rank in (0, 1)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (o, e) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, o[-2000:] + e[-4000:]
+    torch.testing.assert_close(torch.tensor(steps(out)), torch.tensor(steps(two)),
+                               rtol=1e-6, atol=1e-7)
+    epoch = [json.loads(x) for x in Path(f"{out}.metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["kind"] == "epoch"]
+    assert [e["world_size"] for e in epoch] == [2, 2]
+    # Node 0's launcher holds rank 0: the files are written once, by it.
+    assert sum(o.count("checkpoint written") for o, _ in outputs) == 1
