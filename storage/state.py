@@ -1,54 +1,22 @@
-"""The one module that changes exam and delivery state, through one transition table.
-
-Exams::
-
-    receiving -> ready -> processing -> done | failed
-    any state -> receiving | ready   when a new instance changes the slots
-                                     (from processing/done/failed: a new version)
-    any state -> conflict            images of two patients in one study (held)
-    conflict  -> receiving | ready   resolved (mammo-node resolve)
-    processing -> ready              recovered after a crash
-    receiving | ready -> prior       an old study ([grouping] prior_after_days), or one of a
-                                     patient with a much newer study (prior_gap_days): kept
-    prior -> ready | receiving       read on request (mammo-node complete)
-    processing -> skipped            not read by the site's rule ([inference] implants = skip)
-    skipped -> ready                 read on request (mammo-node complete)
-
-Deliveries (one result object to one destination)::
-
-    pending | retrying -> sent | retrying | gave_up
-    sent | gave_up | retrying -> pending               queued again (mammo-node resend)
-
-An illegal change raises :class:`IllegalTransition`.
-
-Every transition runs inside :meth:`storage.db.Database.write` (process lock + transaction,
-``SELECT ... FOR UPDATE`` on databases that have it).
-
-Several processes may share the database (``mammo-node start --role``): a worker claims a
-``ready`` exam with ``SELECT ... FOR UPDATE SKIP LOCKED`` and holds it with a lease
-(``lease_owner`` = "host:pid", ``lease_until``) that its heartbeat renews; an exam whose lease
-ran out (its worker died) is taken over by the next claim. Exporters claim deliveries the
-same way. Only the lease holder may finish an exam or a delivery.
-"""
+"""Exam and delivery services (being split into storage.exams, storage.deliveries and
+storage.reports; the transition table is storage.transitions)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 import logging
-import os
-import socket
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, func, or_, select, true, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, object_session
+from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from storage.db import Database
+from storage.leases import owner_is_dead, process_owner
 from storage.models import (
     SLOTS,
     DestinationSetting,
@@ -60,81 +28,31 @@ from storage.models import (
     utcnow,
 )
 from storage.records import Delivery, InstanceRecord, ProducedObject
+from storage.transitions import (
+    EXAM_TRANSITIONS,
+    OUTBOUND_TRANSITIONS,
+    PRIOR_RULES,
+    READ_STATES,
+    ExamNotFound,
+    ExamState,
+    IllegalTransition,
+    OutboundState,
+    add_event,
+    check_transition,
+    exam_for_update,
+    get_row,
+    set_exam_state,
+    set_outbound_state,
+)
 
 if TYPE_CHECKING:
     from storage.query import Found
 
 log = logging.getLogger("mammo_node.storage")
 
-
-class ExamState(StrEnum):
-    RECEIVING = "receiving"
-    READY = "ready"
-    PROCESSING = "processing"
-    DONE = "done"
-    FAILED = "failed"
-    #: Images of more than one patient share the study: held, nothing is read until an
-    #: administrator resolves it (``mammo-node resolve``).
-    CONFLICT = "conflict"
-    #: An earlier study of the patient (old on arrival, or a much newer one is here): kept
-    #: for comparison and listed with the current exam, not read unless asked
-    #: (``mammo-node complete``).
-    PRIOR = "prior"
-    #: Not read, by the site's rule ([inference] implants = "skip"); ``reason`` says which.
-    #: Read on request (``mammo-node complete``).
-    SKIPPED = "skipped"
-
-
-#: Why an exam is a prior (``Exam.prior_rule``): its StudyDate was older than [grouping]
-#: prior_after_days on arrival, or the patient has a study prior_gap_days newer.
-PRIOR_RULES = ("age", "gap")
-
-
-class OutboundState(StrEnum):
-    PENDING = "pending"
-    RETRYING = "retrying"
-    SENT = "sent"
-    GAVE_UP = "gave_up"
-
-
-_E, _O = ExamState, OutboundState
-EXAM_TRANSITIONS: dict[ExamState, frozenset[ExamState]] = {
-    _E.RECEIVING: frozenset({_E.READY, _E.CONFLICT, _E.PRIOR}),
-    _E.READY: frozenset({_E.PROCESSING, _E.RECEIVING, _E.CONFLICT, _E.PRIOR}),
-    _E.PROCESSING: frozenset({_E.DONE, _E.FAILED, _E.SKIPPED, _E.READY, _E.RECEIVING,
-                              _E.CONFLICT}),
-    _E.DONE: frozenset({_E.READY, _E.RECEIVING, _E.CONFLICT}),
-    _E.FAILED: frozenset({_E.READY, _E.RECEIVING, _E.CONFLICT}),
-    _E.CONFLICT: frozenset({_E.READY, _E.RECEIVING}),
-    _E.PRIOR: frozenset({_E.READY, _E.RECEIVING, _E.CONFLICT}),
-    _E.SKIPPED: frozenset({_E.READY, _E.RECEIVING, _E.CONFLICT}),
-}
-OUTBOUND_TRANSITIONS: dict[OutboundState, frozenset[OutboundState]] = {
-    _O.PENDING: frozenset({_O.SENT, _O.RETRYING, _O.GAVE_UP}),
-    _O.RETRYING: frozenset({_O.SENT, _O.RETRYING, _O.GAVE_UP, _O.PENDING}),
-    _O.SENT: frozenset({_O.PENDING}),
-    _O.GAVE_UP: frozenset({_O.PENDING}),
-}
-
-
-#: States in which an exam has been (or is being) read: a slot change makes a new version.
-_READ = (ExamState.PROCESSING, ExamState.DONE, ExamState.FAILED)
-
-
-class IllegalTransition(RuntimeError):
-    """A state change the transition table does not allow (a bug, never user input)."""
-
-
-def check_transition(old: str, new: str, table: dict) -> None:
-    """Raise :class:`IllegalTransition` unless ``old -> new`` is in ``table`` (staying in a
-    state is always allowed)."""
-    kind = ExamState if table is EXAM_TRANSITIONS else OutboundState
-    try:
-        o, n = kind(old), kind(new)
-    except ValueError:
-        raise IllegalTransition(f"unknown {kind.__name__} in {old!r} -> {new!r}") from None
-    if o != n and n not in table[o]:
-        raise IllegalTransition(f"{kind.__name__}: {o.value} -> {n.value} is not allowed")
+__all__ = ["EXAM_TRANSITIONS", "OUTBOUND_TRANSITIONS", "PRIOR_RULES", "ExamNotFound",
+           "ExamState", "IllegalTransition", "OutboundState", "check_transition",
+           "owner_is_dead", "process_owner"]
 
 
 @dataclass
@@ -155,25 +73,6 @@ class SlotAssignment:
 
 
 AssignFn = Callable[[list[Instance]], SlotAssignment]
-
-_Row = TypeVar("_Row")
-
-
-class ExamNotFound(KeyError):
-    """No exam (or row) with that key. A ``KeyError``, so callers written before it keep
-    working; new code catches this."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "exam not found"
-
-
-def _get(s: Session, cls: type[_Row], key: int) -> _Row:
-    """A row that must exist (its id came from this database); ExamNotFound otherwise."""
-    row = s.get(cls, key)
-    if row is None:
-        raise ExamNotFound(f"{cls.__name__} {key} not found")
-    return row
-
 
 @dataclass
 class AddResult:
@@ -257,30 +156,6 @@ def exam_identity(exam: Exam, members: list[Instance]) -> PatientIdentity:
                            base.name, base.birth_date)
 
 
-def _exam_for_update(s: Session, study_uid: str) -> Exam:
-    """The study's exam row, locked for this transaction; ExamNotFound when there is none."""
-    exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid).with_for_update())
-    if exam is None:
-        raise ExamNotFound(study_uid)
-    return exam
-
-
-def _event(exam: Exam, kind: str, detail: str, at: dt.datetime | None = None) -> None:
-    """Add a line to the exam's timeline, in the exam's own transaction."""
-    s = object_session(exam)
-    if s is None:
-        return
-    if exam.id is None:
-        s.flush()
-    s.add(ExamEvent(exam_id=exam.id, at=at or utcnow(), kind=kind, detail=detail[:2000]))
-
-
-def _set_outbound(row: Outbound, state: OutboundState) -> None:
-    check_transition(row.state, state, OUTBOUND_TRANSITIONS)
-    row.state = state.value
-    row.lease_owner = row.lease_until = None
-
-
 def fit_row(model: type, row: dict[str, Any]) -> dict[str, Any]:
     """Strings cut to their column's length (a header value longer than its VR allows must
     not make PostgreSQL refuse the whole store)."""
@@ -290,32 +165,6 @@ def fit_row(model: type, row: dict[str, Any]) -> dict[str, Any]:
         length = getattr(cols[k].type, "length", None) if k in cols else None
         out[k] = v[:length] if isinstance(v, str) and length and len(v) > length else v
     return out
-
-
-def process_owner() -> str:
-    """This process as a lease holder: "host:pid"."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def owner_is_dead(owner: str | None) -> bool:
-    """Whether a lease holder is known to be gone, judged at a process's start (before it
-    claims anything): no owner, this very process id (an earlier incarnation: containers
-    reuse pids), or a process of this host that no longer runs. Another host's process is
-    judged by its lease running out."""
-    if not owner:
-        return True
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    if int(pid) == os.getpid():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 def _date(value: str | None) -> dt.date | None:
@@ -407,8 +256,8 @@ class ExamStore:
             s.flush()
         inst.exam_id = exam.id
         s.flush()
-        _event(exam, "received", f"{inst.sop_instance_uid} ({inst.slot or inst.role}) from "
-               f"{inst.calling_aet or '?'}", now)
+        add_event(exam, "received", f"{inst.sop_instance_uid} ({inst.slot or inst.role}) "
+                  f"from {inst.calling_aet or '?'}", now)
         members = list(s.scalars(select(Instance).where(Instance.exam_id == exam.id)
                                  .order_by(Instance.id)))
         if exam.issuer_of_patient_id is None and inst.issuer_of_patient_id and \
@@ -448,15 +297,15 @@ class ExamStore:
         if patient:
             self._demote_older(exam, patient, now)
         if changed:
-            if exam.state in _READ:
+            if exam.state in READ_STATES:
                 exam.version += 1
                 exam.attempts, exam.next_attempt_at = 0, None
                 exam.add_note(f"reopened as version {exam.version}: instance "
                               f"{inst.sop_instance_uid} arrived after the exam was "
                               f"{exam.state}")
                 result.reopened = True
-            self._set_state(exam, ExamState.READY if complete else ExamState.RECEIVING, now)
-        elif exam.state in _READ:
+            set_exam_state(exam, ExamState.READY if complete else ExamState.RECEIVING, now)
+        elif exam.state in READ_STATES:
             exam.add_note(f"instance {inst.sop_instance_uid} ({inst.role}) arrived after the "
                           f"exam was {exam.state}; it changes no slot, the reading stands")
         exam.reason = "; ".join(assignment.problems) or None
@@ -478,13 +327,13 @@ class ExamStore:
             setattr(stored, key, fit_row(Instance, {key: getattr(record, key)})[key])
         stored.note = ((stored.note + "; ") if stored.note else "") + (
             f"re-sent with another patient: {old.describe()} -> {new.describe()}")
-        exam = _get(s, Exam, int(stored.exam_id or 0))
+        exam = get_row(s, Exam, int(stored.exam_id or 0))
         members = list(s.scalars(select(Instance).where(Instance.exam_id == exam.id)
                                  .order_by(Instance.id)))
         exam.add_note(f"patient identity changed: instance {stored.sop_instance_uid} was "
                       f"re-sent with {new.describe()} (it had {old.describe()}); the exam is "
                       f"held until resolved")
-        _event(exam, "received", f"{stored.sop_instance_uid} re-sent with another patient "
+        add_event(exam, "received", f"{stored.sop_instance_uid} re-sent with another patient "
                f"identity from {record.calling_aet or '?'}", now)
         result = AddResult(duplicate=False, instance_id=stored.id,
                            corrected_from=old.describe(), corrected_to=new.describe())
@@ -589,7 +438,7 @@ class ExamStore:
         exam.add_note(why)
         exam.reason = why
         exam.prior_rule = rule
-        self._set_state(exam, ExamState.PRIOR, now, why)
+        set_exam_state(exam, ExamState.PRIOR, now, why)
 
     def _demote_older(self, exam: Exam, patient: list[Exam], now: dt.datetime) -> None:
         """A new study of a patient: the patient's studies at least prior_gap_days older
@@ -666,7 +515,7 @@ class ExamStore:
                 exam.add_note(f"patient conflict: instance {inst.sop_instance_uid} and the "
                               f"exam's images carry different patients; the exam was "
                               f"{exam.state}, it is held until resolved")
-            self._set_state(exam, ExamState.CONFLICT, now)
+            set_exam_state(exam, ExamState.CONFLICT, now)
             exam.reason = (f"patient conflict: {len(others)} of {len(members)} instance(s) "
                            f"belong to another patient than the exam's first image; no "
                            f"reading until resolved (mammo-node resolve "
@@ -686,7 +535,7 @@ class ExamStore:
         that patient in it."""
         now = utcnow()
         with self.db.write() as s:
-            exam = _exam_for_update(s, study_uid)
+            exam = exam_for_update(s, study_uid)
             members = list(s.scalars(select(Instance).where(Instance.exam_id == exam.id)
                                      .order_by(Instance.id)))
             name = person_name_key(patient_name) if patient_name is not None else None
@@ -718,22 +567,8 @@ class ExamStore:
                           f"{len(detached)} detached; read as version {exam.version}")
             exam.reason = "; ".join(assignment.problems) or None
             exam.last_received_at = now
-            self._set_state(exam, ExamState.RECEIVING if exam.missing else ExamState.READY, now)
+            set_exam_state(exam, ExamState.RECEIVING if exam.missing else ExamState.READY, now)
             return len(detached), exam.state, exam.version
-
-    @staticmethod
-    def _set_state(exam: Exam, state: ExamState, now: dt.datetime,
-                   detail: str | None = None) -> None:
-        check_transition(exam.state, state, EXAM_TRANSITIONS)
-        if state != ExamState.PROCESSING:
-            exam.lease_owner = exam.lease_until = None
-        if exam.state != state:
-            _event(exam, "state", f"{exam.state} -> {state.value} (version {exam.version})"
-                   + (f": {detail}" if detail else ""), now)
-            log.info("exam %s v%d: %s -> %s", exam.study_instance_uid, exam.version,
-                     exam.state, state)
-            exam.state = state.value
-            exam.state_changed_at = now
 
     # -- grouping timer -----------------------------------------------------------------
     def promote_stable(self, stable_seconds: float) -> list[str]:
@@ -751,7 +586,7 @@ class ExamStore:
                     msg = (f"partial exam: missing {', '.join(missing)} after "
                            f"{stable_seconds:g} s without new images")
                     exam.reason = f"{exam.reason}; {msg}" if exam.reason else msg
-                self._set_state(exam, ExamState.READY, now)
+                set_exam_state(exam, ExamState.READY, now)
                 promoted.append(exam.study_instance_uid)
         return promoted
 
@@ -777,14 +612,14 @@ class ExamStore:
                 msg = (f"taken over from {exam.lease_owner or 'an unknown worker'} by "
                        f"{self.owner}: its lease ran out (attempt {exam.attempts})")
                 log.warning("exam %s v%d %s", exam.study_instance_uid, exam.version, msg)
-                _event(exam, "state", msg, now)
+                add_event(exam, "state", msg, now)
                 if exam.attempts >= max_attempts:
                     reason = (f"the worker reading it stopped {exam.attempts} times (lease "
                               f"ran out)")
-                    self._set_state(exam, ExamState.FAILED, now, reason)
+                    set_exam_state(exam, ExamState.FAILED, now, reason)
                     exam.reason = reason
                     return None
-            self._set_state(exam, ExamState.PROCESSING, now)
+            set_exam_state(exam, ExamState.PROCESSING, now)
             exam.lease_owner = self.owner
             exam.lease_until = now + dt.timedelta(seconds=lease_seconds)
             return exam.id, exam.version
@@ -815,14 +650,14 @@ class ExamStore:
                 return None
             exam.attempts = (exam.attempts or 0) + 1
             if exam.attempts >= max_attempts:
-                self._set_state(exam, ExamState.FAILED, now, reason)
+                set_exam_state(exam, ExamState.FAILED, now, reason)
                 exam.reason = f"{reason} (gave up after {exam.attempts} attempts)"
             else:
                 wait = delay * 2 ** (exam.attempts - 1)
                 exam.next_attempt_at = now + dt.timedelta(seconds=wait)
                 exam.add_note(f"attempt {exam.attempts} failed ({reason}); retrying in "
                               f"{wait:g} s")
-                self._set_state(exam, ExamState.READY, now, f"retry: {reason}")
+                set_exam_state(exam, ExamState.READY, now, f"retry: {reason}")
             return exam.state
 
     def release_claim(self, exam_id: int, version: int, reason: str) -> bool:
@@ -835,7 +670,7 @@ class ExamStore:
             if exam is None or not self._held(exam, version):
                 return False
             exam.add_note(f"reading interrupted ({reason}); queued again")
-            self._set_state(exam, ExamState.READY, now, f"interrupted: {reason}")
+            set_exam_state(exam, ExamState.READY, now, f"interrupted: {reason}")
             return True
 
     def reprocess(self, study_uid: str) -> tuple[int, str]:
@@ -843,7 +678,7 @@ class ExamStore:
         ExamNotFound: no such exam; ValueError: held by a patient conflict or no view."""
         now = utcnow()
         with self.db.write() as s:
-            exam = _exam_for_update(s, study_uid)
+            exam = exam_for_update(s, study_uid)
             if exam.state == ExamState.CONFLICT:
                 raise ValueError("the exam is held by a patient conflict: resolve it first")
             if not any(exam.views.values()):
@@ -851,7 +686,7 @@ class ExamStore:
             exam.version += 1
             exam.attempts, exam.next_attempt_at = 0, None
             exam.add_note(f"reprocess requested: read again as version {exam.version}")
-            self._set_state(exam, ExamState.READY, now)
+            set_exam_state(exam, ExamState.READY, now)
             return exam.version, exam.state
 
     def complete_now(self, study_uid: str) -> tuple[list[str], str]:
@@ -862,7 +697,7 @@ class ExamStore:
         ValueError as :meth:`reprocess`."""
         now = utcnow()
         with self.db.write() as s:
-            exam = _exam_for_update(s, study_uid)
+            exam = exam_for_update(s, study_uid)
             if exam.state not in (ExamState.RECEIVING, ExamState.PRIOR, ExamState.SKIPPED):
                 raise ValueError(f"the exam is {exam.state}, not receiving, prior or "
                                  f"skipped")
@@ -878,7 +713,7 @@ class ExamStore:
                 exam.add_note(msg)
                 exam.reason = msg
                 exam.read_on_request = True
-            self._set_state(exam, ExamState.READY, now, msg)
+            set_exam_state(exam, ExamState.READY, now, msg)
             return missing, exam.state
 
     def skip(self, exam_id: int, version: int, reason: str) -> bool:
@@ -888,7 +723,7 @@ class ExamStore:
             exam = s.get(Exam, exam_id, with_for_update=True)
             if exam is None or not self._held(exam, version):
                 return False
-            self._set_state(exam, ExamState.SKIPPED, utcnow(), reason)
+            set_exam_state(exam, ExamState.SKIPPED, utcnow(), reason)
             exam.reason = reason
             return True
 
@@ -899,7 +734,7 @@ class ExamStore:
             exam = s.get(Exam, exam_id, with_for_update=True)
             if exam is None or not self._held(exam, version):
                 return False
-            self._set_state(exam, ExamState.DONE if ok else ExamState.FAILED, utcnow(),
+            set_exam_state(exam, ExamState.DONE if ok else ExamState.FAILED, utcnow(),
                             None if ok else reason)
             if not ok:
                 exam.reason = reason or "processing failed"
@@ -942,7 +777,7 @@ class ExamStore:
                                        state=OutboundState.PENDING.value, attempts=0,
                                        next_attempt_at=utcnow()))
             if finish:
-                self._set_state(exam, ExamState.DONE, utcnow())
+                set_exam_state(exam, ExamState.DONE, utcnow())
             return True
 
     @staticmethod
@@ -976,7 +811,7 @@ class ExamStore:
     def slot_paths(self, exam_id: int) -> tuple[str, int, dict[str, str]]:
         """(study UID, version, slot -> relative path) of an exam's slot images."""
         with self.db.session() as s:
-            exam = _get(s, Exam, exam_id)
+            exam = get_row(s, Exam, exam_id)
             paths: dict[str, str] = {}
             for slot, uid in exam.views.items():
                 if uid:
@@ -990,7 +825,7 @@ class ExamStore:
         """What a reading says about its images: slot -> image kind, implant, the
         patient's priors (StudyDates) and the views that had only a volume."""
         with self.db.session() as s:
-            exam = _get(s, Exam, exam_id)
+            exam = get_row(s, Exam, exam_id)
             study = exam.study_instance_uid
             kinds = {k: v for k, v in exam.view_kinds.items() if v}
             implant = bool(exam.implant)
@@ -1062,7 +897,7 @@ class ExamStore:
         """A C-STORE of this delivery starts now (and the claim is extended). False when
         another exporter holds it (this one's lease ran out and it was taken over)."""
         with self.db.write() as s:
-            row = _get(s, Outbound, outbound_id)
+            row = get_row(s, Outbound, outbound_id)
             if row.lease_owner not in (None, self.owner):
                 return False
             now = utcnow()
@@ -1075,14 +910,14 @@ class ExamStore:
         res = s.get(Result, row.result_id)
         exam = s.get(Exam, res.exam_id) if res is not None else None
         if exam is not None and res is not None:
-            _event(exam, "delivery", f"{res.kind} {res.sop_instance_uid} to {row.destination}: "
-                   f"{text}")
+            add_event(exam, "delivery", f"{res.kind} {res.sop_instance_uid} to "
+                      f"{row.destination}: {text}")
 
     def mark_sent(self, outbound_id: int) -> None:
         with self.db.write() as s:
-            row = _get(s, Outbound, outbound_id)
+            row = get_row(s, Outbound, outbound_id)
             self._delivery_event(s, row, f"sent (attempt {row.attempts + 1})")
-            _set_outbound(row, OutboundState.SENT)
+            set_outbound_state(row, OutboundState.SENT)
             row.sent_at, row.last_error = utcnow(), None
             row.in_flight_since = None
             row.attempts += 1
@@ -1091,16 +926,16 @@ class ExamStore:
                     initial_delay: float, max_delay: float) -> str:
         """Schedule a retry with exponential backoff, or give up; returns the new state."""
         with self.db.write() as s:
-            row = _get(s, Outbound, outbound_id)
+            row = get_row(s, Outbound, outbound_id)
             row.attempts += 1
             row.in_flight_since = None
             row.last_error = error[:2000]
             self._delivery_event(s, row, f"attempt {row.attempts} failed: {error[:300]}")
             if row.attempts >= max_attempts:
-                _set_outbound(row, OutboundState.GAVE_UP)
+                set_outbound_state(row, OutboundState.GAVE_UP)
             else:
                 delay = min(max_delay, initial_delay * 2 ** (row.attempts - 1))
-                _set_outbound(row, OutboundState.RETRYING)
+                set_outbound_state(row, OutboundState.RETRYING)
                 row.next_attempt_at = utcnow() + dt.timedelta(seconds=delay)
             return row.state
 
@@ -1115,7 +950,7 @@ class ExamStore:
                                  .where(Result.exam_id == exam.id,
                                         Result.version == exam.version,
                                         Result.purged_at.is_(None))):
-                _set_outbound(row, OutboundState.PENDING)
+                set_outbound_state(row, OutboundState.PENDING)
                 row.attempts, row.next_attempt_at = 0, utcnow()
                 row.last_error = None
                 n += 1
@@ -1230,7 +1065,7 @@ class ExamStore:
         with self.db.write() as s:
             exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid))
             if exam is not None:
-                _event(exam, kind, detail)
+                add_event(exam, kind, detail)
 
     def events(self, study_uid: str) -> list[ExamEvent]:
         with self.db.session() as s:
@@ -1315,7 +1150,7 @@ class ExamStore:
                 if not owner_is_dead(exam.lease_owner):
                     continue
                 exam.add_note("processing interrupted (node restarted); queued again")
-                self._set_state(exam, ExamState.READY, utcnow())
+                set_exam_state(exam, ExamState.READY, utcnow())
                 n += 1
             # Deliveries claimed by a dead exporter of this host: free them now.
             for row in s.scalars(select(Outbound).where(Outbound.lease_owner.isnot(None))
