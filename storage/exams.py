@@ -1,5 +1,12 @@
-"""Exam and delivery services (being split into storage.exams, storage.deliveries and
-storage.reports; the transition table is storage.transitions)."""
+"""Exams: instances recorded into their study's exam, the patient an exam is of, priors,
+the grouping timer, and an exam's life with a worker (claim, lease, retry, finish, skip,
+complete with its results) and an administrator's (reprocess, complete, resolve).
+
+Every state change goes through :func:`storage.transitions.set_exam_state`. A worker claims
+a ``ready`` exam with ``SELECT ... FOR UPDATE SKIP LOCKED`` and holds it with a lease
+(:mod:`storage.leases`) that its heartbeat renews; an exam whose lease ran out (its worker
+died) is taken over by the next claim. Only the lease holder may finish an exam.
+"""
 
 from __future__ import annotations
 
@@ -8,50 +15,95 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.elements import ColumnElement
 
 from storage.db import Database
-from storage.deliveries import Deliveries
 from storage.leases import owner_is_dead, process_owner
-from storage.models import (
-    SLOTS,
-    Exam,
-    ExamEvent,
-    Instance,
-    Outbound,
-    Result,
-    utcnow,
-)
+from storage.models import SLOTS, Exam, Instance, Outbound, Result, utcnow
 from storage.records import InstanceRecord, ProducedObject
 from storage.transitions import (
-    EXAM_TRANSITIONS,
-    OUTBOUND_TRANSITIONS,
-    PRIOR_RULES,
     READ_STATES,
     ExamNotFound,
     ExamState,
-    IllegalTransition,
     OutboundState,
     add_event,
-    check_transition,
     exam_for_update,
     get_row,
     set_exam_state,
 )
 
-if TYPE_CHECKING:
-    from storage.query import Found
-
 log = logging.getLogger("mammo_node.storage")
 
-__all__ = ["EXAM_TRANSITIONS", "OUTBOUND_TRANSITIONS", "PRIOR_RULES", "ExamNotFound",
-           "ExamState", "IllegalTransition", "OutboundState", "check_transition",
-           "owner_is_dead", "process_owner"]
+
+class Claim(NamedTuple):
+    """An exam version a worker holds (:meth:`Exams.claim_next_ready`)."""
+
+    exam_id: int
+    version: int
+
+
+class PriorStudy(NamedTuple):
+    """A prior of a patient: its study and StudyDate (DICOM DA, or None)."""
+
+    study_uid: str
+    study_date: str | None
+
+
+@dataclass(frozen=True)
+class PatientStudy:
+    """Another exam of the same patient, as the dashboard links it."""
+
+    study: str
+    date: str | None
+    state: str
+
+
+class SlotPaths(NamedTuple):
+    """An exam's slot images: its study, version and slot -> path (relative to data_dir)."""
+
+    study_uid: str
+    version: int
+    paths: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ReadingContext:
+    """What a reading says about its images."""
+
+    #: slot -> image kind (only slots with an image)
+    kinds: dict[str, str]
+    implant: bool
+    #: the StudyDates of the patient's priors, YYYY-MM-DD where well formed, oldest first
+    priors: list[str]
+    #: views still without an image that had only a volume
+    volume_only: list[str]
+    read_on_request: bool
+
+
+class Reopened(NamedTuple):
+    """An exam to be read again (``mammo-node reprocess``): its new version and state."""
+
+    version: int
+    state: str
+
+
+class Completed(NamedTuple):
+    """An exam processed now (``mammo-node complete``): the views missing, its state."""
+
+    missing: list[str]
+    state: str
+
+
+class Resolved(NamedTuple):
+    """A patient conflict ended (``mammo-node resolve``)."""
+
+    detached: int
+    state: str
+    version: int
 
 
 @dataclass
@@ -174,7 +226,7 @@ def _date(value: str | None) -> dt.date | None:
         return None
 
 
-class ExamStore(Deliveries):
+class Exams:
     """Instance and exam rows, and every state transition of an exam."""
 
     def __init__(self, db: Database, owner: str | None = None,
@@ -453,32 +505,32 @@ class ExamStore(Deliveries):
                 continue
             self._make_prior(other, "gap", self._gap_reason(other, exam, arrived=True), now)
 
-    def priors_of(self, study_uid: str) -> list[tuple[str, str | None]]:
-        """(study UID, StudyDate) of the priors of the study's patient, oldest first."""
+    def priors_of(self, study_uid: str) -> list[PriorStudy]:
+        """The priors of the study's patient, oldest first; ExamNotFound: no such study."""
         with self.db.session() as s:
             exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid))
             if exam is None:
-                return []
-            rows = [(e.study_instance_uid, e.study_date) for e in
+                raise ExamNotFound(study_uid)
+            rows = [PriorStudy(e.study_instance_uid, e.study_date) for e in
                     self.patient_exams(s, exam, states=(ExamState.PRIOR.value,))]
         return sorted(rows, key=lambda r: r[1] or "")
 
-    def patient_studies(self, study_uid: str) -> list[dict[str, Any]]:
-        """The other exams of the study's patient (study, StudyDate, state), newest first:
-        what the dashboard links an exam to."""
+    def patient_studies(self, study_uid: str) -> list[PatientStudy]:
+        """The other exams of the study's patient, newest first: what the dashboard links an
+        exam to. ExamNotFound: no such study."""
         with self.db.session() as s:
             exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid))
             if exam is None:
-                return []
-            rows = [{"study": e.study_instance_uid, "date": e.study_date, "state": e.state}
+                raise ExamNotFound(study_uid)
+            rows = [PatientStudy(e.study_instance_uid, e.study_date, e.state)
                     for e in self.patient_exams(s, exam)]
-        return sorted(rows, key=lambda r: r["date"] or "", reverse=True)
+        return sorted(rows, key=lambda r: r.date or "", reverse=True)
 
-    def priors_by_study(self, study_uids: list[str]) -> dict[str, list[tuple[str, str | None]]]:
-        """study -> (prior study, StudyDate) oldest first, for a page of exams that are not
+    def priors_by_study(self, study_uids: list[str]) -> dict[str, list[PriorStudy]]:
+        """study -> its priors oldest first, for a page of exams that are not
         priors themselves: one indexed query for those with a PatientID, the
         name-and-birth-date lookup for the others."""
-        out: dict[str, list[tuple[str, str | None]]] = {}
+        out: dict[str, list[PriorStudy]] = {}
         with self.db.session() as s:
             exams = list(s.scalars(select(Exam).where(
                 Exam.study_instance_uid.in_(study_uids),
@@ -500,7 +552,7 @@ class ExamStore(Deliveries):
                     found = self.patient_exams(s, e, states=(ExamState.PRIOR.value,))
                 if found:
                     out[e.study_instance_uid] = sorted(
-                        ((p.study_instance_uid, p.study_date) for p in found),
+                        (PriorStudy(p.study_instance_uid, p.study_date) for p in found),
                         key=lambda r: r[1] or "")
         return out
 
@@ -526,12 +578,12 @@ class ExamStore(Deliveries):
 
     def resolve_patient(self, study_uid: str, patient_id: str, assign: AssignFn,
                         issuer: str | None = None,
-                        patient_name: str | None = None) -> tuple[int, str, int]:
+                        patient_name: str | None = None) -> Resolved:
         """End a patient conflict: the exam keeps the instances of ``patient_id`` (and
         ``issuer`` when given); the others stay stored but leave the exam. The exam is read
-        again (a new version when an earlier version was read). Returns (instances
-        detached, new state, version). ExamNotFound: no such exam; ValueError: no instance of
-        that patient in it."""
+        again (a new version when an earlier version was read). Returns the instances
+        detached, the new state and the version. ExamNotFound: no such exam; ValueError: no
+        instance of that patient in it."""
         now = utcnow()
         with self.db.write() as s:
             exam = exam_for_update(s, study_uid)
@@ -567,7 +619,7 @@ class ExamStore(Deliveries):
             exam.reason = "; ".join(assignment.problems) or None
             exam.last_received_at = now
             set_exam_state(exam, ExamState.RECEIVING if exam.missing else ExamState.READY, now)
-            return len(detached), exam.state, exam.version
+            return Resolved(len(detached), exam.state, exam.version)
 
     # -- grouping timer -----------------------------------------------------------------
     def promote_stable(self, stable_seconds: float) -> list[str]:
@@ -591,9 +643,9 @@ class ExamStore(Deliveries):
 
     # -- worker side (used by the results pipeline) ---------------------------------------
     def claim_next_ready(self, lease_seconds: float = 60.0,
-                         max_attempts: int = 3) -> tuple[int, int] | None:
+                         max_attempts: int = 3) -> Claim | None:
         """Claim the oldest ``ready`` exam, or a ``processing`` one whose worker's lease ran
-        out, for ``lease_seconds``: ``(exam_id, version)`` or None. An exam taken over counts
+        out, for ``lease_seconds``: the :class:`Claim`, or None. An exam taken over counts
         an attempt (an exam that keeps killing its workers ends ``failed``)."""
         now = utcnow()
         with self.db.write() as s:
@@ -621,7 +673,7 @@ class ExamStore(Deliveries):
             set_exam_state(exam, ExamState.PROCESSING, now)
             exam.lease_owner = self.owner
             exam.lease_until = now + dt.timedelta(seconds=lease_seconds)
-            return exam.id, exam.version
+            return Claim(exam.id, exam.version)
 
     def renew_lease(self, exam_id: int, version: int, lease_seconds: float) -> bool:
         """The worker's heartbeat: extend its claim; False when it no longer holds it."""
@@ -672,8 +724,8 @@ class ExamStore(Deliveries):
             set_exam_state(exam, ExamState.READY, now, f"interrupted: {reason}")
             return True
 
-    def reprocess(self, study_uid: str) -> tuple[int, str]:
-        """Read an exam again as a new version (``mammo-node reprocess``): (version, state).
+    def reprocess(self, study_uid: str) -> Reopened:
+        """Read an exam again as a new version (``mammo-node reprocess``).
         ExamNotFound: no such exam; ValueError: held by a patient conflict or no view."""
         now = utcnow()
         with self.db.write() as s:
@@ -686,13 +738,13 @@ class ExamStore(Deliveries):
             exam.attempts, exam.next_attempt_at = 0, None
             exam.add_note(f"reprocess requested: read again as version {exam.version}")
             set_exam_state(exam, ExamState.READY, now)
-            return exam.version, exam.state
+            return Reopened(exam.version, exam.state)
 
-    def complete_now(self, study_uid: str) -> tuple[list[str], str]:
+    def complete_now(self, study_uid: str) -> Completed:
         """Process an exam now (``mammo-node complete``): a partial one instead of waiting, a
         prior or an exam skipped by the site's rule because someone asks for its reading
         (``read_on_request``: the worker reads it whatever [inference] implants says, no
-        newer study makes it a prior again). Returns (missing views, state). ExamNotFound /
+        newer study makes it a prior again). Returns the missing views and the state. ExamNotFound /
         ValueError as :meth:`reprocess`."""
         now = utcnow()
         with self.db.write() as s:
@@ -713,7 +765,7 @@ class ExamStore(Deliveries):
                 exam.reason = msg
                 exam.read_on_request = True
             set_exam_state(exam, ExamState.READY, now, msg)
-            return missing, exam.state
+            return Completed(missing, exam.state)
 
     def skip(self, exam_id: int, version: int, reason: str) -> bool:
         """End processing of ``version`` without a reading, by the site's rule (state
@@ -807,8 +859,8 @@ class ExamStore(Deliveries):
             referring_physician_name=source.referring_physician_name if source else None,
             series_description=r.series_description, rows=r.rows, columns=r.columns))
 
-    def slot_paths(self, exam_id: int) -> tuple[str, int, dict[str, str]]:
-        """(study UID, version, slot -> relative path) of an exam's slot images."""
+    def slot_paths(self, exam_id: int) -> SlotPaths:
+        """An exam's slot images (ExamNotFound: no such exam)."""
         with self.db.session() as s:
             exam = get_row(s, Exam, exam_id)
             paths: dict[str, str] = {}
@@ -818,9 +870,9 @@ class ExamStore(Deliveries):
                         Instance.sop_instance_uid == uid))
                     if path is not None:
                         paths[slot] = path
-            return exam.study_instance_uid, exam.version, paths
+            return SlotPaths(exam.study_instance_uid, exam.version, paths)
 
-    def reading_context(self, exam_id: int) -> dict[str, Any]:
+    def reading_context(self, exam_id: int) -> ReadingContext:
         """What a reading says about its images: slot -> image kind, implant, the
         patient's priors (StudyDates) and the views that had only a volume."""
         with self.db.session() as s:
@@ -831,113 +883,11 @@ class ExamStore(Deliveries):
             volume_only = exam.volume_only  # only views still without an image
             read_on_request = bool(exam.read_on_request)
         priors = [d for _, d in self.priors_of(study)]
-        return {"kinds": kinds, "implant": implant,
-                "priors": [f"{d[:4]}-{d[4:6]}-{d[6:8]}" if d and len(d) == 8 else (d or "?")
-                           for d in priors],
-                "volume_only": volume_only, "read_on_request": read_on_request}
-
-    def delivery_summary(self) -> dict[str, dict[str, dict[str, int]]]:
-        """study UID -> destination -> state -> count (latest version of each exam)."""
-        out: dict[str, dict[str, dict[str, int]]] = {}
-        with self.db.session() as s:
-            q = (select(Exam.study_instance_uid, Outbound.destination, Outbound.state,
-                        func.count())
-                 .join(Result, Result.exam_id == Exam.id)
-                 .join(Outbound, Outbound.result_id == Result.id)
-                 .where(Result.version == Exam.version)
-                 .group_by(Exam.study_instance_uid, Outbound.destination, Outbound.state))
-            for study, dest, state, n in s.execute(q):
-                out.setdefault(study, {}).setdefault(dest, {})[state] = n
-        return out
-
-    def exam_page(self, state: str | None = None, accession: str | None = None,
-                  day: dt.date | None = None, offset: int = 0,
-                  limit: int = 100, by_score: bool = False
-                  ) -> tuple[list[dict[str, Any]], int]:
-        """One page of exams, newest first (``by_score``: the highest exam score first, exams
-        without a score last, then newest first: the triage order, over every exam, sorted by
-        the database), with their deliveries and result latency (the dashboard's list;
-        everything in a few queries whatever the number of exams)."""
-        conds = []
-        if state:
-            conds.append(Exam.state == state)
-        if accession:
-            conds.append(Exam.accession_number.like(
-                "%" + accession.replace("\\", "\\\\").replace("%", "\\%")
-                .replace("_", "\\_") + "%", escape="\\"))
-        if day is not None:
-            start = dt.datetime.combine(day, dt.time())
-            conds.append(Exam.last_received_at >= start)
-            conds.append(Exam.last_received_at < start + dt.timedelta(days=1))
-        with self.db.session() as s:
-            total = s.scalar(select(func.count()).select_from(Exam).where(*conds)) or 0
-            order: list[ColumnElement[Any]] = [Exam.last_received_at.desc(), Exam.id.desc()]
-            if by_score:  # NULLS LAST spelt portably (SQLite and PostgreSQL sort NULL apart)
-                order = [Exam.exam_score.is_(None), Exam.exam_score.desc(), *order]
-            exams = list(s.scalars(select(Exam).where(*conds).order_by(*order)
-                                   .offset(offset).limit(limit)))
-            ids = [e.id for e in exams]
-            delivery: dict[int, dict[str, dict[str, int]]] = {}
-            last_sent: dict[int, dt.datetime] = {}
-            if ids:
-                for exam_id, dest, st, n, sent in s.execute(
-                        select(Result.exam_id, Outbound.destination, Outbound.state,
-                               func.count(), func.max(Outbound.sent_at))
-                        .join(Outbound, Outbound.result_id == Result.id)
-                        .join(Exam, Exam.id == Result.exam_id)
-                        .where(Result.exam_id.in_(ids), Result.version == Exam.version)
-                        .group_by(Result.exam_id, Outbound.destination, Outbound.state)):
-                    delivery.setdefault(exam_id, {}).setdefault(dest, {})[st] = n
-                    if sent is not None:
-                        last_sent[exam_id] = max(sent, last_sent.get(exam_id, sent))
-        rows = []
-        for e in exams:
-            d = e.as_dict()
-            d["delivery"] = delivery.get(e.id, {})
-            complete = d["delivery"] and all(set(c) == {"sent"} for c in d["delivery"].values())
-            d["latency_seconds"] = ((last_sent[e.id] - e.last_received_at).total_seconds()
-                                    if complete and e.id in last_sent else None)
-            rows.append(d)
-        return rows, total
-
-    def exam_dict(self, study_uid: str) -> dict[str, Any] | None:
-        with self.db.session() as s:
-            exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid))
-            if exam is None:
-                return None
-            d = exam.as_dict()
-            d["reading_json"] = exam.reading_json
-            return d
-
-    def delivery_of(self, study_uid: str) -> dict[str, dict[str, int]]:
-        """destination -> state -> count for the study's current version."""
-        with self.db.session() as s:
-            rows = s.execute(select(Outbound.destination, Outbound.state, func.count())
-                             .join(Result, Result.id == Outbound.result_id)
-                             .join(Exam, Exam.id == Result.exam_id)
-                             .where(Exam.study_instance_uid == study_uid,
-                                    Result.version == Exam.version)
-                             .group_by(Outbound.destination, Outbound.state)).all()
-        out: dict[str, dict[str, int]] = {}
-        for dest, st, n in rows:
-            out.setdefault(dest, {})[st] = n
-        return out
-
-    def delivery_totals(self) -> dict[str, dict[str, int]]:
-        """destination -> state -> count over every result."""
-        with self.db.session() as s:
-            rows = s.execute(select(Outbound.destination, Outbound.state, func.count())
-                             .group_by(Outbound.destination, Outbound.state)).all()
-        out: dict[str, dict[str, int]] = {}
-        for dest, st, n in rows:
-            out.setdefault(dest, {})[st] = n
-        return out
-
-    def received_bytes_since(self, since: dt.datetime) -> int:
-        with self.db.session() as s:
-            return int(s.scalar(select(func.coalesce(func.sum(Instance.size_bytes), 0))
-                                .where(Instance.received_at >= since,
-                                       Instance.role != "result")) or 0)
+        return ReadingContext(
+            kinds=kinds, implant=implant,
+            priors=[f"{d[:4]}-{d[4:6]}-{d[6:8]}" if d and len(d) == 8 else (d or "?")
+                    for d in priors],
+            volume_only=volume_only, read_on_request=read_on_request)
 
     def add_event(self, study_uid: str, kind: str, detail: str) -> None:
         """A line in an exam's timeline from outside a transition (an administrator's
@@ -946,59 +896,6 @@ class ExamStore(Deliveries):
             exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid))
             if exam is not None:
                 add_event(exam, kind, detail)
-
-    def events(self, study_uid: str) -> list[ExamEvent]:
-        with self.db.session() as s:
-            return list(s.scalars(select(ExamEvent).join(Exam, Exam.id == ExamEvent.exam_id)
-                                  .where(Exam.study_instance_uid == study_uid)
-                                  .order_by(ExamEvent.at, ExamEvent.id)))
-
-    def last_errors(self) -> dict[str, tuple[dt.datetime | None, str]]:
-        """destination -> (when, error) of its most recent failed attempt still on record."""
-        out: dict[str, tuple[dt.datetime | None, str]] = {}
-        with self.db.session() as s:
-            for dest, at, err in s.execute(
-                    select(Outbound.destination, Outbound.next_attempt_at, Outbound.last_error)
-                    .where(Outbound.last_error.isnot(None))
-                    .order_by(Outbound.next_attempt_at)):
-                out[dest] = (at, err or "")
-        return out
-
-    def queue_depths(self) -> dict[tuple[str, str], int]:
-        """(destination, state) -> result objects waiting (pending or retrying)."""
-        with self.db.session() as s:
-            rows = s.execute(select(Outbound.destination, Outbound.state, func.count())
-                             .where(Outbound.state.in_((OutboundState.PENDING.value,
-                                                        OutboundState.RETRYING.value)))
-                             .group_by(Outbound.destination, Outbound.state)).all()
-        return {(d, st): n for d, st, n in rows}
-
-    def delivered_latency(self, study_uid: str) -> float | None:
-        """Seconds from the exam's last image to its last result delivered, once every result
-        of its current version reached every destination; None before that. The exam must be
-        ``done``: its SRs are sent while its images are still being rendered, and "every result
-        sent" then would count the exam once for its SRs and again for the rest."""
-        with self.db.session() as s:
-            exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid))
-            if exam is None or exam.state != ExamState.DONE:
-                return None
-            rows = s.execute(select(Outbound.state, Outbound.sent_at)
-                             .join(Result, Result.id == Outbound.result_id)
-                             .where(Result.exam_id == exam.id,
-                                    Result.version == exam.version)).all()
-            if not rows or any(st != OutboundState.SENT for st, _ in rows):
-                return None
-            last = max(t for _, t in rows if t is not None)
-            return max(0.0, (last - exam.last_received_at).total_seconds())
-
-    def ping(self) -> bool:
-        """The database answers (``/readyz``)."""
-        try:
-            with self.db.session() as s:
-                s.execute(select(1))
-            return True
-        except Exception:
-            return False
 
     def results_of(self, study_uid: str) -> list[Result]:
         with self.db.session() as s:
@@ -1009,7 +906,8 @@ class ExamStore(Deliveries):
     def recover(self) -> int:
         """At a worker's start: exams left ``processing`` by a process of this host that is
         gone (or by a release without leases) go back to ``ready`` at once; those of other
-        hosts' workers are taken over when their lease runs out."""
+        hosts' workers are taken over when their lease runs out. Returns how many went back
+        (the delivery claims of dead exporters: :meth:`storage.deliveries.Deliveries.recover`)."""
         n = 0
         with self.db.write() as s:
             for exam in s.scalars(select(Exam).where(Exam.state == ExamState.PROCESSING.value)
@@ -1019,55 +917,5 @@ class ExamStore(Deliveries):
                 exam.add_note("processing interrupted (node restarted); queued again")
                 set_exam_state(exam, ExamState.READY, utcnow())
                 n += 1
-        Deliveries.recover(self)
         return n
 
-    # -- queries --------------------------------------------------------------------------
-    def list_exams(self) -> list[Exam]:
-        with self.db.session() as s:
-            return list(s.scalars(select(Exam).order_by(Exam.created_at, Exam.id)))
-
-    def counts_by_state(self) -> dict[str, int]:
-        counts = {state.value: 0 for state in ExamState}
-        with self.db.session() as s:
-            for state, n in s.execute(select(Exam.state, func.count()).group_by(Exam.state)):
-                counts[state] = n
-        return counts
-
-    def find_instances(self, study_uids: list[str] | None = None,
-                       series_uids: list[str] | None = None,
-                       sop_uids: list[str] | None = None,
-                       patient_id: str | None = None) -> list[Instance]:
-        """Instances (received and produced), narrowed by exact UIDs / patient ID when given;
-        the caller applies the rest of the DICOM matching."""
-        q = select(Instance)
-        if study_uids:
-            q = q.where(Instance.study_instance_uid.in_(study_uids))
-        if series_uids:
-            q = q.where(Instance.series_instance_uid.in_(series_uids))
-        if sop_uids:
-            q = q.where(Instance.sop_instance_uid.in_(sop_uids))
-        if patient_id is not None:
-            q = q.where(Instance.patient_id == patient_id)
-        with self.db.session() as s:
-            return list(s.scalars(q.order_by(Instance.id)))
-
-    def find_entities(self, level: str, matches: list, limit: int | None = None,
-                      offset: int = 0, counts: frozenset = frozenset(),
-                      modalities: bool = False) -> Found:
-        """C-FIND / QIDO matching in the database (see :func:`storage.query.find_entities`)."""
-        from storage.query import find_entities
-
-        with self.db.session() as s:
-            return find_entities(s, level, matches, limit, offset, counts, modalities)
-
-    def query_instances(self, level: str, matches: list) -> list[Instance]:
-        """Every instance of the matching entities (a retrieve's; :mod:`storage.query`)."""
-        from storage.query import query_instances
-
-        with self.db.session() as s:
-            return query_instances(s, level, matches)
-
-    def instance_count(self) -> int:
-        with self.db.session() as s:
-            return s.scalar(select(func.count()).select_from(Instance)) or 0
