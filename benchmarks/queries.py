@@ -185,10 +185,10 @@ def measure_dcmtk(port: int, sample: dict, repeats: int) -> list[tuple[str, floa
 def measure_sql(url: str, sample: dict, repeats: int) -> dict[str, float]:
     """The matching alone (storage.query through node.query), without the DICOM exchange."""
     from node.query import Query, QueryService
-    from storage.state import ExamStore
+    from storage.reports import Reports
 
     db = Database(url)
-    queries = QueryService(ExamStore(db))
+    queries = QueryService(Reports(db))
     d = dt.datetime.strptime(sample["date"], "%Y%m%d").date()
     cases = {"STUDY by PatientID": ("STUDY", {"PatientID": sample["patient_id"]}),
              "STUDY by date (1 day)": ("STUDY", {"StudyDate": sample["date"]}),

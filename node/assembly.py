@@ -32,8 +32,8 @@ from inference.views import (  # noqa: F401  (re-exported: the node's view vocab
     ViewInfo,
     classify,
 )
+from storage.exams import SlotAssignment
 from storage.models import SLOTS, Instance
-from storage.state import SlotAssignment
 
 
 def acquisition_key(ds: Dataset) -> str:

@@ -12,7 +12,9 @@ from node import __version__
 from node.config import Config, ConfigError, load_config
 
 if TYPE_CHECKING:
-    from storage.state import ExamStore
+    from storage.db import Database
+    from storage.exams import Exams
+    from storage.reports import Reports
 
 EXIT_NOT_RUNNING = 3  # as LSB "status": program is not running
 
@@ -82,9 +84,9 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 2
 
 
-def _open_store(cfg: Config) -> ExamStore | None:
+def _open_db(cfg: Config) -> Database | None:
+    """The node's database; None when it is a SQLite file not created yet."""
     from storage.db import Database
-    from storage.state import ExamStore
 
     if cfg.database_url.startswith("sqlite:///"):
         db_file = cfg.database_url[len("sqlite:///"):]
@@ -92,23 +94,38 @@ def _open_store(cfg: Config) -> ExamStore | None:
 
         if not Path(db_file).exists():
             return None
-    return ExamStore(Database(cfg.database_url),
-                     prior_after_days=cfg.grouping.prior_after_days,
-                     prior_gap_days=cfg.grouping.prior_gap_days)
+    return Database(cfg.database_url)
 
 
-def exams_json(store: ExamStore | None) -> list[dict]:
+def _open_reports(cfg: Config) -> Reports | None:
+    from storage.reports import Reports
+
+    db = _open_db(cfg)
+    return Reports(db) if db is not None else None
+
+
+def _open_exams(cfg: Config) -> Exams | None:
+    from storage.exams import Exams
+
+    db = _open_db(cfg)
+    return Exams(db, prior_after_days=cfg.grouping.prior_after_days,
+                 prior_gap_days=cfg.grouping.prior_gap_days) if db is not None else None
+
+
+def exams_json(reports: Reports | None) -> list[dict]:
     """What ``mammo-node exams --json`` prints: every exam with its delivery counts."""
-    exams = [e.as_dict() for e in store.list_exams()] if store else []
-    delivery = store.delivery_summary() if store else {}
+    from storage.reports import DeliveryCounts, ExamView
+
+    exams = [ExamView.of(e).to_json() for e in reports.list_exams()] if reports else []
+    delivery = reports.delivery_summary() if reports else {}
     for e in exams:
-        e["delivery"] = delivery.get(e["study_instance_uid"], {})
+        e["delivery"] = delivery.get(e["study_instance_uid"], DeliveryCounts()).to_json()
     return exams
 
 
 def cmd_exams(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    exams = exams_json(_open_store(cfg))
+    exams = exams_json(_open_reports(cfg))
     if args.state:
         exams = [e for e in exams if e["state"] == args.state]
     if args.json:
@@ -169,8 +186,10 @@ def cmd_resend(args: argparse.Namespace) -> int:
     from node import audit as A
 
     cfg = _load(args)
-    store = _open_store(cfg)
-    n = store.requeue_study(args.study_uid) if store else 0
+    from storage.deliveries import Deliveries
+
+    db = _open_db(cfg)
+    n = Deliveries(db).requeue_study(args.study_uid) if db is not None else 0
     _audit(cfg, A.APPLICATION_ACTIVITY, n > 0, action="resend", study=args.study_uid,
            deliveries=n)
     if n == 0:
@@ -188,9 +207,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     echo = None
     if info:
         echo = _echo(cfg, info)
-    store = _open_store(cfg)
-    counts = store.counts_by_state() if store else {}
-    instances = store.instance_count() if store else 0
+    reports = _open_reports(cfg)
+    counts = reports.counts_by_state().to_json() if reports else {}
+    instances = reports.instance_count() if reports else 0
     out = {
         "running": info is not None,
         "pid": info.get("pid") if info else None,
@@ -245,10 +264,10 @@ def _echo(cfg: Config, info: dict) -> bool:
 def _exam_action(args: argparse.Namespace, action: str) -> int:
     """``reprocess``, ``complete`` and ``resolve``: one exam, one transition, one line."""
     from node.assembly import assign_policy
-    from storage.state import ExamNotFound
+    from storage.transitions import ExamNotFound
 
     cfg = _load(args)
-    store = _open_store(cfg)
+    store = _open_exams(cfg)
     if store is None:
         print(f"mammo-node: no database in {cfg.data_dir}", file=sys.stderr)
         return 1
@@ -283,20 +302,19 @@ def _exam_action(args: argparse.Namespace, action: str) -> int:
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
-    from storage.db import Database
     from storage.files import FileStore
     from storage.retention import Retention
 
     cfg = _load(args)
-    store = _open_store(cfg)
-    if store is None:
+    db = _open_db(cfg)
+    if db is None:
         print(f"mammo-node: no database in {cfg.data_dir}", file=sys.stderr)
         return 1
     keep = args.older_than if args.older_than is not None else \
         cfg.retention.keep_images_days
     if args.study and keep is None:
         keep = 0.0  # a named study goes now, if it may go at all
-    ret = Retention(Database(cfg.database_url), FileStore(cfg.data_dir, fsync=False))
+    ret = Retention(db, FileStore(cfg.data_dir, fsync=False))
     report = ret.run(keep, cfg.retention.keep_results_days if not args.study else None,
                      None, study=args.study, dry_run=args.dry_run)
     if not args.dry_run:
@@ -369,7 +387,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from storage.state import ExamState
+    from storage.transitions import ExamState
 
     parser = argparse.ArgumentParser(
         prog="mammo-node",

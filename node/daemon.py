@@ -42,9 +42,11 @@ if TYPE_CHECKING:
 
     from node.dicomweb import DicomWebServer
 from storage.db import Database
+from storage.deliveries import Deliveries
+from storage.exams import Exams
 from storage.files import FileStore
+from storage.reports import Reports
 from storage.schema import SchemaOutdated
-from storage.state import ExamStore
 
 log = logging.getLogger("mammo_node")
 
@@ -140,8 +142,12 @@ class Node:
         self.files = FileStore(cfg.data_dir, fsync=cfg.storage.fsync, per_process=True)
         os.chmod(cfg.data_dir, 0o700)
         self.db = Database(cfg.database_url)
-        self.exams = ExamStore(self.db, prior_after_days=cfg.grouping.prior_after_days,
-                               prior_gap_days=cfg.grouping.prior_gap_days)
+        # The three services on the one database: exams (and their transitions, claims and
+        # leases), the delivery queue, and the read models.
+        self.exams = Exams(self.db, prior_after_days=cfg.grouping.prior_after_days,
+                           prior_gap_days=cfg.grouping.prior_gap_days)
+        self.deliveries = Deliveries(self.db)
+        self.reports = Reports(self.db)
         self.audit = A.AuditLog(cfg.audit_path, cfg.node.ae_title, cfg.audit.syslog,
                                 fail_closed=cfg.audit.fail_closed)
         self.health = Health()
@@ -151,7 +157,7 @@ class Node:
         self.results_queued = threading.Event()  # wakes the exporter
         self.ingest = Ingest(cfg, self.files, self.exams, exam_ready=self.exam_ready,
                              audit=self.audit, metrics=self.metrics)
-        self.scp = StorageSCP(cfg, self.files, self.exams, audit=self.audit,
+        self.scp = StorageSCP(cfg, self.files, audit=self.audit,
                               metrics=self.metrics, ingest=self.ingest)
         self.access: AccessControl = self.scp.access
         self.retention = Retention(self.db, self.files)
@@ -171,6 +177,7 @@ class Node:
                                    f"data_dir {cfg.data_dir}")
         if "worker" in self.parts or "exporter" in self.parts:
             recovered = self.exams.recover()
+            self.deliveries.recover()
             if recovered:
                 log.warning("%d exam(s) interrupted during processing queued again",
                             recovered)
@@ -197,7 +204,7 @@ class Node:
             t.start()
             self._threads.append(t)
         if "exporter" in self.parts:
-            t = Exporter(cfg, self.files, self.exams, self.stop_event,
+            t = Exporter(cfg, self.files, self.deliveries, self.reports, self.stop_event,
                          wake=self.results_queued, audit=self.audit, metrics=self.metrics)
             t.start()
             self._threads.append(t)
@@ -221,7 +228,7 @@ class Node:
         ae = make_ae(cfg)
         from node.qr import QueryRetrieveSCP
 
-        qr = QueryRetrieveSCP(cfg, self.files, self.exams, access=self.access,
+        qr = QueryRetrieveSCP(cfg, self.files, self.reports, access=self.access,
                               audit=self.audit)
         ssl_context = None
         if cfg.node.tls:
@@ -258,7 +265,8 @@ class Node:
         if cfg.dicomweb.enabled:
             from node.dicomweb import DicomWeb, DicomWebServer
 
-            web = DicomWeb(cfg, self.files, self.exams, self.scp, audit=self.audit,
+            web = DicomWeb(cfg, self.files, self.scp, exams=self.exams,
+                           deliveries=self.deliveries, reports=self.reports, audit=self.audit,
                            metrics=self.metrics, readiness=self.readiness,
                            health=self.health)
             self.web = DicomWebServer(web, cfg)
@@ -287,7 +295,8 @@ class Node:
 
     def state_snapshot(self) -> dict:
         """Stored state for the scrape-time gauges of /metrics."""
-        return {"exams": self.exams.counts_by_state(), "queue": self.exams.queue_depths(),
+        return {"exams": self.reports.counts_by_state().to_json(),
+                "queue": self.reports.queue_depths(),
                 "free_bytes": self.files.free_bytes(),
                 "model": 1 if self.health.model_loaded else 0,
                 "uptime": time.time() - self.health.started_at}
@@ -306,7 +315,7 @@ class Node:
         above the reserve, DICOM listener accepting, every background thread alive. (ready,
         checks with reasons)."""
         checks: dict[str, dict] = {}
-        checks["database"] = {"ok": self.exams.ping()}
+        checks["database"] = {"ok": self.db.ping()}
         if self.run_worker:
             h = self.health
             checks["model"] = {"ok": bool(h.model_loaded),

@@ -36,9 +36,12 @@ from starlette.routing import Route
 from node import __version__
 from node import audit as A
 from node.config import Config
+from storage.deliveries import Deliveries
+from storage.exams import Exams
 from storage.files import FileStore
 from storage.models import SLOTS
-from storage.state import ExamNotFound, ExamState, ExamStore
+from storage.reports import Reports
+from storage.transitions import ExamNotFound, ExamState
 
 if TYPE_CHECKING:
     from node.health import Health
@@ -173,7 +176,7 @@ VIEW_SOURCES_SHORT = {"conventional": "conventional", "synthesized": "synthesize
 
 
 def view_rows(exam: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per slot of an exam (``ExamStore.exam_dict`` / ``exam_page``): the instance
+    """One row per slot of an exam (``Reports.exam_view`` / ``exam_page``): the instance
     read and its image kind, or why nothing is read ("volume_only", "missing")."""
     rows = []
     volume_only = set(exam.get("volume_only") or [])
@@ -193,11 +196,13 @@ def _day(value: str | None) -> str:
     return f"{v[:4]}-{v[4:6]}-{v[6:8]}" if len(v) == 8 and v.isdigit() else (v or "?")
 
 class Dashboard:
-    def __init__(self, cfg: Config, files: FileStore, exams: ExamStore, dicomweb_root: str,
+    def __init__(self, cfg: Config, files: FileStore, dicomweb_root: str, *,
+                 exams: Exams, deliveries: Deliveries, reports: Reports,
                  health: Health | None = None,
                  readiness: Callable[[], tuple[bool, dict]] | None = None,
                  audit: A.AuditLog | A.NullAudit | None = None) -> None:
-        self.cfg, self.files, self.exams = cfg, files, exams
+        self.cfg, self.files = cfg, files
+        self.exams, self.deliveries, self.reports = exams, deliveries, reports
         self.root = dicomweb_root
         self.health = health
         self.readiness = readiness
@@ -337,10 +342,12 @@ class Dashboard:
         sort = "score" if q.get("sort") == "score" else "received"
         # Triage (sort=score): the most suspicious first, over every exam matching the filter
         # (the database sorts by the indexed exam score).
-        rows, total = await run_in_threadpool(self.exams.exam_page, state, accession, day,
-                                              offset, limit, sort == "score")
+        page = await run_in_threadpool(self.reports.exam_page, state, accession, day,
+                                       offset, limit, sort == "score")
+        total = page.total
         priors = await run_in_threadpool(self.exams.priors_by_study,
-                                         [r["study_instance_uid"] for r in rows])
+                                         [r.study_instance_uid for r in page.rows])
+        rows = [r.to_json() for r in page.rows]
         for r in rows:
             r["present"] = [s for s in SLOTS if r["views"].get(s)]
             r["view_rows"] = view_rows(r)
@@ -362,8 +369,9 @@ class Dashboard:
             next_link=f"{UI}?{urlencode({**params, 'offset': offset + limit})}")
 
     def _exam_context(self, study: str) -> dict | None:
-        exam = self.exams.exam_dict(study)
-        if exam is None:
+        try:
+            exam = self.reports.exam_view(study).to_json()
+        except ExamNotFound:
             return None
         maps = []
         for res in self.exams.results_of(study):
@@ -376,19 +384,18 @@ class Dashboard:
         for m, slot in zip(maps, [s for s in SLOTS if exam["views"].get(s)]):
             m["label"] = slot
         events = [{"at": _when(ev.at), "kind": ev.kind, "detail": ev.detail}
-                  for ev in self.exams.events(study)]
+                  for ev in self.reports.events(study)]
         reading = json.loads(exam["reading_json"]) if exam.get("reading_json") else None
         others = self.exams.patient_studies(study)
         return {"e": exam, "maps": maps, "events": events, "reading": reading,
                 "present": [s for s in SLOTS if exam["views"].get(s)],
                 "view_rows": view_rows(exam),
-                "delivery": self.exams.delivery_of(study),
-                "priors": sorted(({"study": o["study"], "date": _day(o["date"])}
-                                  for o in others if o["state"] == ExamState.PRIOR),
+                "delivery": self.reports.delivery_of(study).to_json(),
+                "priors": sorted(({"study": o.study, "date": _day(o.date)}
+                                  for o in others if o.state == ExamState.PRIOR),
                                  key=lambda p: p["date"]),
-                "other_studies": [{"study": o["study"], "date": _day(o["date"]),
-                                   "state": o["state"]}
-                                  for o in others if o["state"] != ExamState.PRIOR],
+                "other_studies": [{"study": o.study, "date": _day(o.date), "state": o.state}
+                                  for o in others if o.state != ExamState.PRIOR],
                 "last_received": _when(exam["last_received_at"])}
 
     async def exam_page(self, request: Request) -> Response:
@@ -410,7 +417,7 @@ class Dashboard:
 
         def run() -> str:
             if action == "resend":
-                n = self.exams.requeue_study(study)
+                n = self.deliveries.requeue_study(study)
                 return f"{n} delivery(ies) queued again" if n else "nothing to resend"
             if action == "reprocess":
                 version, state = self.exams.reprocess(study)
@@ -434,18 +441,18 @@ class Dashboard:
 
     # -- destinations --------------------------------------------------------------------------
     def _destinations(self) -> list[dict]:
-        depth = self.exams.queue_depths()
-        totals = self.exams.delivery_totals()
-        errors = self.exams.last_errors()
-        paused = self.exams.paused_destinations()
+        depth = self.reports.queue_depths()
+        totals = self.reports.delivery_totals()
+        errors = self.reports.last_errors()
+        paused = self.deliveries.paused_destinations()
         out = []
         for d in self.cfg.destinations:
             out.append({"name": d.name, "ae_title": d.ae_title, "host": d.host,
                         "port": d.port, "tls": d.tls,
-                        "queue": sum(n for (dest, _), n in depth.items() if dest == d.name),
-                        "sent": totals.get(d.name, {}).get("sent", 0),
-                        "gave_up": totals.get(d.name, {}).get("gave_up", 0),
-                        "last_error": errors.get(d.name, (None, ""))[1],
+                        "queue": sum(q.waiting for q in depth if q.destination == d.name),
+                        "sent": totals.count(d.name, "sent"),
+                        "gave_up": totals.count(d.name, "gave_up"),
+                        "last_error": errors[d.name].error if d.name in errors else "",
                         "paused": d.name in paused})
         return out
 
@@ -479,7 +486,7 @@ class Dashboard:
         if action == "echo":
             msg = await run_in_threadpool(self._echo, name)
         elif action in ("pause", "resume"):
-            await run_in_threadpool(self.exams.set_paused, name, action == "pause")
+            await run_in_threadpool(self.deliveries.set_paused, name, action == "pause")
             msg = f"{name} paused: results wait in its queue" if action == "pause" \
                 else f"{name} resumed"
             log.info("dashboard: destination %s %sd", name, action)
@@ -495,9 +502,9 @@ class Dashboard:
         usage = shutil.disk_usage(self.files.root)
         ready, checks = self.readiness() if self.readiness else (True, {})
         h = self.health
-        rate = self.exams.received_bytes_since(
+        rate = self.reports.received_bytes_since(
             dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(days=1))
-        cands = Retention(self.exams.db, self.files).candidates()
+        cands = Retention(self.reports.db, self.files).candidates()
         purgeable = sum(c.bytes for c in cands)
         r, s = self.cfg.retention, self.cfg.storage
         reserve = s.min_free_mb * 1024 * 1024
@@ -521,7 +528,8 @@ class Dashboard:
             "checks": checks, "model": h.model_identity if h and h.model_loaded else None,
             "model_error": h.model_error if h else None,
             "restarts": h.inference_restarts if h else 0,
-            "counts": self.exams.counts_by_state(), "data_dir": str(self.files.root),
+            "counts": self.reports.counts_by_state().to_json(),
+            "data_dir": str(self.files.root),
             "used_gb": f"{usage.used / 1e9:.1f}",
             "total_gb": f"{(usage.used + usage.free) / 1e9:.1f}",
             "free_gb": f"{usage.free / 1e9:.1f}",

@@ -48,9 +48,11 @@ from node.scp import StorageSCP
 from node.security import TokenAuth, server_context
 from node.status import DATASET_MISMATCH, OUT_OF_RESOURCES, PROCESSING_FAILURE
 from node.validate import StreamCheck
+from storage.deliveries import Deliveries
+from storage.exams import Exams
 from storage.files import FileStore
 from storage.models import Instance
-from storage.state import ExamStore
+from storage.reports import Reports
 
 if TYPE_CHECKING:
     from node.health import Health
@@ -265,15 +267,17 @@ class ConcurrencyLimit:
 class DicomWeb:
     """The DICOMweb application bound to the node's store."""
 
-    def __init__(self, cfg: Config, files: FileStore, exams: ExamStore, scp: StorageSCP,
-                 *, audit: A.AuditLog | A.NullAudit,
+    def __init__(self, cfg: Config, files: FileStore, scp: StorageSCP,
+                 *, exams: Exams, deliveries: Deliveries, reports: Reports,
+                 audit: A.AuditLog | A.NullAudit,
                  metrics: NodeMetrics | None = None,
                  readiness: Callable[[], tuple[bool, dict]] | None = None,
                  health: Health | None = None) -> None:
-        self.cfg, self.files, self.exams, self.scp = cfg, files, exams, scp
+        self.cfg, self.files, self.scp = cfg, files, scp
+        self.reports = reports
         self.ingest: Ingest = scp.ingest  # STOW-RS stores as C-STORE does, not through it
         self.audit = audit
-        self.queries = QueryService(exams)
+        self.queries = QueryService(reports)
         self.tokens = TokenAuth(cfg)
         self.metrics = metrics      # node.metrics.NodeMetrics or None
         self.readiness = readiness  # () -> (ready, checks) or None
@@ -281,8 +285,9 @@ class DicomWeb:
         #: Decoded images of rendered, thumbnail and WADO-URI requests (node.wado).
         self.decoded = wado.DecodedImages(int(cfg.dicomweb.render_cache_mb * 1024 * 1024))
         self._hosts = cfg.dicomweb.host_names()
-        self.dashboard = Dashboard(cfg, files, exams, self.root, health=health,
-                                   readiness=readiness, audit=self.audit)
+        self.dashboard = Dashboard(cfg, files, self.root, exams=exams, deliveries=deliveries,
+                                   reports=reports, health=health, readiness=readiness,
+                                   audit=self.audit)
         r = self.root
         self.viewer = None
         viewer_routes = []
@@ -710,7 +715,7 @@ class DicomWeb:
 
     # -- WADO-RS ---------------------------------------------------------------------------
     def _rows(self, p: dict[str, str]) -> list[Instance]:
-        return self.exams.find_instances(
+        return self.reports.find_instances(
             study_uids=[p["study"]], series_uids=[p["series"]] if "series" in p else None,
             sop_uids=[p["instance"]] if "instance" in p else None)
 

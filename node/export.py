@@ -15,9 +15,10 @@ from node import audit as A
 from node.config import Config, Destination
 from node.implementation import application_entity
 from node.status import PENDING, PENDING_WARNING, STORED, SUCCESS
+from storage.deliveries import Deliveries
 from storage.files import FileStore
 from storage.records import Delivery
-from storage.state import ExamStore
+from storage.reports import Reports
 
 if TYPE_CHECKING:
     from node.metrics import NodeMetrics
@@ -83,14 +84,15 @@ def _find_instance(ae_title: str, dest: Destination, study_uid: str, sop_uid: st
 class Exporter(threading.Thread):
     """Sends due deliveries, one association per destination and batch."""
 
-    def __init__(self, cfg: Config, files: FileStore, exams: ExamStore,
-                 stop: threading.Event, *, audit: A.AuditLog | A.NullAudit,
+    def __init__(self, cfg: Config, files: FileStore, deliveries: Deliveries,
+                 reports: Reports, stop: threading.Event, *, audit: A.AuditLog | A.NullAudit,
                  wake: threading.Event | None = None, poll_seconds: float = 1.0,
                  metrics: NodeMetrics | None = None) -> None:
         super().__init__(name="export", daemon=True)
         self.audit = audit
         self.metrics = metrics  # node.metrics.NodeMetrics or None
-        self.cfg, self.files, self.exams, self.stop = cfg, files, exams, stop
+        self.cfg, self.files, self.stop = cfg, files, stop
+        self.deliveries, self.reports = deliveries, reports
         self.wake = wake or threading.Event()  # set when new results are queued
         self.poll = poll_seconds
         self.destinations = {d.name: d for d in cfg.destinations}
@@ -107,7 +109,7 @@ class Exporter(threading.Thread):
             except Exception:
                 log.exception("export loop failed; retrying")
         try:
-            self.exams.release_transfers()
+            self.deliveries.release_transfers()
         except Exception:
             log.exception("could not release this exporter's claims")
 
@@ -116,13 +118,13 @@ class Exporter(threading.Thread):
         by_dest: dict[str, list[Delivery]] = defaultdict(list)
         lease = self.cfg.export.lease_seconds
         # Destinations paused by an administrator keep their queue until resumed.
-        claimed = self.exams.claim_transfers(lease_seconds=lease,
-                                             exclude=self.exams.paused_destinations())
+        claimed = self.deliveries.claim_transfers(
+            lease_seconds=lease, exclude=self.deliveries.paused_destinations())
         for row in claimed:
             by_dest[row.destination].append(row)
         from node.worker import Heartbeat
 
-        with Heartbeat(lambda: self.exams.renew_transfer_leases(lease) >= 0, lease,
+        with Heartbeat(lambda: self.deliveries.renew_transfer_leases(lease) >= 0, lease,
                        "deliveries"):
             for name, rows in by_dest.items():
                 dest = self.destinations.get(name)
@@ -135,7 +137,7 @@ class Exporter(threading.Thread):
 
     def _failed(self, row: Delivery, error: str) -> None:
         e = self.cfg.export
-        state = self.exams.mark_failed(row.id, error, e.max_attempts,
+        state = self.deliveries.mark_failed(row.id, error, e.max_attempts,
                                        e.initial_delay_seconds, e.max_delay_seconds)
         log.log(logging.ERROR if state == "gave_up" else logging.WARNING,
                 "delivery of %s to %s failed (attempt %d): %s%s", row.sop_instance_uid,
@@ -188,11 +190,11 @@ class Exporter(threading.Thread):
                     self._failed(r, "association lost")
                     continue
                 if r.interrupted and self._already_there(dest, r):
-                    self.exams.mark_sent(r.id)
+                    self.deliveries.mark_sent(r.id)
                     log.info("%s was already at %s (a send interrupted by a restart had "
                              "reached it): not sent again", r.sop_instance_uid, dest.name)
                     continue
-                if not self.exams.mark_in_flight(r.id, self.cfg.export.lease_seconds):
+                if not self.deliveries.mark_in_flight(r.id, self.cfg.export.lease_seconds):
                     log.warning("%s to %s: taken over by another exporter; not sent here",
                                 r.sop_instance_uid, dest.name)
                     continue
@@ -201,7 +203,7 @@ class Exporter(threading.Thread):
                 status = assoc.send_c_store(ds)
                 code = int(status.Status) if status and "Status" in status else None
                 if code in STORED:
-                    self.exams.mark_sent(r.id)
+                    self.deliveries.mark_sent(r.id)
                     sent += 1
                     log.info("sent %s to %s", r.sop_instance_uid, dest.name)
                 else:
@@ -217,6 +219,6 @@ class Exporter(threading.Thread):
                              sent=sent, failed=failed or None)
             if self.metrics is not None and sent:
                 for study in studies:
-                    latency = self.exams.delivered_latency(study)
+                    latency = self.reports.delivered_latency(study)
                     if latency is not None:
                         self.metrics.latency.observe(latency)

@@ -54,9 +54,9 @@ from node.validate import (
     walk_raw_dataset,
 )
 from storage.db import is_disk_full
+from storage.exams import Exams
 from storage.files import FileStore, InvalidUID
 from storage.records import InstanceRecord
-from storage.state import ExamStore
 
 log = logging.getLogger("mammo_node.ingest")
 
@@ -155,7 +155,7 @@ def instance_record(ds: Dataset, store: FileStore, calling_aet: str,
         raise StoreError(DATASET_MISMATCH, str(exc)) from exc
     view = classify(ds)
     assert sop_instance and sop_class and study and series  # checked above
-    # Values as the header has them: storage.state.fit_row cuts them to the columns (which
+    # Values as the header has them: storage.exams.fit_row cuts them to the columns (which
     # are wider than the VRs where vendors overrun them), one place for the lengths.
     return InstanceRecord(
         sop_instance_uid=sop_instance,
@@ -371,7 +371,7 @@ def _wrap_raw(raw: Path, out: Any) -> None:
 class Ingest:
     """Validate, place, record and assemble received datasets, whatever the protocol."""
 
-    def __init__(self, cfg: Config, files: FileStore, exams: ExamStore,
+    def __init__(self, cfg: Config, files: FileStore, exams: Exams,
                  *, audit: A.AuditLog | A.NullAudit,
                  exam_ready: threading.Event | None = None, metrics: Any = None) -> None:
         self.cfg = cfg

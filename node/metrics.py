@@ -34,8 +34,8 @@ class _StateCollector(Collector):
         queue = GaugeMetricFamily("mammo_node_export_queue",
                                   "Result objects waiting for delivery, by destination and state",
                                   labels=["destination", "state"])
-        for (dest, state), n in s["queue"].items():
-            queue.add_metric([dest, state], n)
+        for q in s["queue"]:  # storage.reports.QueueDepth
+            queue.add_metric([q.destination, q.state], q.waiting)
         yield queue
         yield GaugeMetricFamily("mammo_node_disk_free_bytes", "Free bytes in data_dir",
                                 value=s["free_bytes"])

@@ -43,7 +43,7 @@ from node.security import AccessControl
 from node.status import CANCELLED, NOT_AUTHORIZED, PENDING
 from storage.files import FileStore
 from storage.models import Instance
-from storage.state import ExamStore
+from storage.reports import Reports
 
 log = logging.getLogger("mammo_node.qr")
 
@@ -79,12 +79,12 @@ def _status(code: int, comment: str) -> Dataset:
 class QueryRetrieveSCP:
     """C-FIND / C-MOVE / C-GET handlers over the node's store."""
 
-    def __init__(self, cfg: Config, files: FileStore, exams: ExamStore,
+    def __init__(self, cfg: Config, files: FileStore, reports: Reports,
                  *, access: AccessControl, audit: A.AuditLog | A.NullAudit) -> None:
-        self.cfg, self.files, self.exams = cfg, files, exams
+        self.cfg, self.files = cfg, files
         self.audit = audit
         self.access = access
-        self.queries = QueryService(exams)
+        self.queries = QueryService(reports)
 
     def handlers(self) -> list[tuple]:
         return [(evt.EVT_C_FIND, self.on_find), (evt.EVT_C_MOVE, self.on_move),

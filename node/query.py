@@ -28,7 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from node.status import IDENTIFIER_MISMATCH
 from storage.models import Instance
 from storage.query import GROUP_COLUMN, Found, Match
-from storage.state import ExamStore
+from storage.reports import Reports
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 #: C-FIND: unable to process, the database failed (PS3.4 C.4.1.1.4: Cxxx).
@@ -305,8 +305,8 @@ def from_params(level: str, params: Iterable[tuple[str, str]],
 class QueryService:
     """Runs a :class:`Query` against the store and builds its answers."""
 
-    def __init__(self, exams: ExamStore) -> None:
-        self.exams = exams
+    def __init__(self, reports: Reports) -> None:
+        self.reports = reports
 
     def find(self, query: Query, limit: int | None = None, offset: int = 0) -> Found:
         """The entities matching ``query`` (at most ``limit``), with what its answers need.
@@ -315,7 +315,7 @@ class QueryService:
         counts = frozenset(a.computed for a in wanted
                            if a.computed and a.computed[1] != "modalities")
         try:
-            return self.exams.find_entities(
+            return self.reports.find_entities(
                 query.level, query.matches(), limit, offset, counts,  # type: ignore[arg-type]
                 modalities=any(a.computed == ("STUDY", "modalities") for a in wanted))
         except SQLAlchemyError as exc:
@@ -324,7 +324,7 @@ class QueryService:
     def instances(self, query: Query) -> list[Instance]:
         """Every instance of the matching entities (a retrieve)."""
         try:
-            return self.exams.query_instances(query.level, query.matches())
+            return self.reports.query_instances(query.level, query.matches())
         except SQLAlchemyError as exc:
             raise QueryUnavailable(f"the database failed: {type(exc).__name__}") from exc
 

@@ -38,7 +38,6 @@ from node.status import (
 )
 from node.validate import DEFLATED, DatasetInvalid, StreamCheck
 from storage.files import FileStore
-from storage.state import ExamStore
 
 __all__ = ["IncomingFile", "StorageSCP", "StoreError", "instance_record", "make_ae",
            "read_header"]
@@ -193,14 +192,13 @@ class IncomingFile:
 class StorageSCP:
     """The C-ECHO / C-STORE service provider bound to one store."""
 
-    def __init__(self, cfg: Config, files: FileStore, exams: ExamStore, *,
+    def __init__(self, cfg: Config, files: FileStore, *,
                  ingest: Ingest, audit: A.AuditLog | A.NullAudit, metrics: Any = None,
                  access: AccessControl | None = None) -> None:
         """``access``: who may associate (default: from ``[[peers]]``, with this SCP's
         free-space check for storage associations)."""
         self.cfg = cfg
         self.files = files
-        self.exams = exams
         self.audit = audit
         self.ingest = ingest
         self.min_free = self.ingest.min_free

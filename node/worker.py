@@ -5,7 +5,7 @@ Inference runs in a separate process (one, spawned at start, holding the model):
 scan never compete with the network threads for the GIL, a model crash cannot take the daemon
 down, and the daemon itself stays small. One exam's failure marks it ``failed`` with the
 reason and the worker moves on; an exam left ``processing`` by a crash goes back to ``ready``
-at the next start (storage.state.ExamStore.recover).
+at the next start (storage.exams.Exams.recover).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from node.config import Config
 from node.health import Health
 from node.implementation import stamp_file_meta
 from storage.db import transient_database_error
+from storage.exams import Exams, ReadingContext
 from storage.files import FileStore
 from storage.records import ProducedObject
-from storage.state import ExamStore
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
@@ -49,13 +49,13 @@ IMPLANT_SKIPPED = ("implant present: not read ([inference] implants = skip); mam
                    "complete reads it on request")
 
 
-def skip_reason(cfg: Config, context: dict[str, Any]) -> str | None:
+def skip_reason(cfg: Config, context: ReadingContext) -> str | None:
     """Why the site's rules leave this exam unread (state ``skipped``), or None: an implant
     with ``[inference] implants = "skip"``, unless someone asked for the reading
     (``mammo-node complete``: ``read_on_request``)."""
-    if context.get("read_on_request"):
+    if context.read_on_request:
         return None
-    if context.get("implant") and cfg.inference.implants == "skip":
+    if context.implant and cfg.inference.implants == "skip":
         return IMPLANT_SKIPPED
     return None
 
@@ -411,7 +411,7 @@ class Worker(threading.Thread):
     that cannot load leaves every exam ``ready``, says why (log, health) and is tried again.
     """
 
-    def __init__(self, cfg: Config, files: FileStore, exams: ExamStore,
+    def __init__(self, cfg: Config, files: FileStore, exams: Exams,
                  stop: threading.Event, wake: threading.Event | None = None,
                  on_results: threading.Event | None = None,
                  health: Health | None = None, metrics: Any = None) -> None:
@@ -520,7 +520,7 @@ class Worker(threading.Thread):
         went_away = False
         while not self.stop.is_set():
             try:
-                if self.exams.ping():
+                if self.exams.db.ping():
                     why = f"database error: {type(exc).__name__}"
                     if went_away:  # an outage: not the exam's fault, no attempt charged
                         self.exams.release_claim(exam_id, version, why)
@@ -555,9 +555,9 @@ class Worker(threading.Thread):
             log.info("exam %s v%d skipped: %s", study, version, skip.split(";")[0])
             return
         notes = [f"{slot}: only a tomosynthesis volume, read with this view missing"
-                 for slot in context["volume_only"]]
-        if context["priors"]:
-            notes.append(f"priors available: {', '.join(context['priors'])}")
+                 for slot in context.volume_only]
+        if context.priors:
+            notes.append(f"priors available: {', '.join(context.priors)}")
         # The SRs of the version this one replaces (referenced as predecessor documents).
         previous = {r.kind: r.path for r in self.exams.results_of(study)
                     if r.kind.startswith("sr-") and r.version < version}
@@ -567,7 +567,7 @@ class Worker(threading.Thread):
                       parametric_maps=self.cfg.results.parametric_maps,
                       presentation_states=self.cfg.results.presentation_states,
                       max_marks=self.cfg.results.max_marks_per_breast, previous=previous,
-                      kinds=context["kinds"], implant=context["implant"],
+                      kinds=context.kinds, implant=context.implant,
                       volume_2d=self.cfg.grouping.volume_2d, notes=tuple(notes))
         pool = self.pool
         assert pool is not None

@@ -2,6 +2,7 @@
 
 This package never imports torch or pynetdicom: it works with any SQLAlchemy URL (SQLite by
 default, PostgreSQL when several nodes share one state). Import from its modules
-(``storage.db``, ``storage.models``, ``storage.state``, ``storage.files``,
+(``storage.db``, ``storage.models``, ``storage.transitions``, ``storage.exams``,
+``storage.deliveries``, ``storage.reports``, ``storage.leases``, ``storage.files``,
 ``storage.query``).
 """

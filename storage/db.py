@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -79,6 +79,15 @@ class Database:
             except BaseException:
                 s.rollback()
                 raise
+
+    def ping(self) -> bool:
+        """The database answers (``/readyz``, a worker waiting out an outage)."""
+        try:
+            with self.session() as s:
+                s.execute(select(1))
+            return True
+        except Exception:
+            return False
 
     @contextmanager
     def exclusive(self, name: str) -> Iterator[bool]:

@@ -22,8 +22,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 #: The four slots of a screening exam, in display order.
 SLOTS: tuple[str, ...] = ("L-CC", "L-MLO", "R-CC", "R-MLO")
-# Exam and delivery states are storage.state.ExamState / OutboundState; only that module
-# changes them, through its transition table.
+# Exam and delivery states are storage.transitions.ExamState / OutboundState; only its
+# helpers change them, through its transition table.
 
 _SLOT_COLUMNS = {"L-CC": "l_cc", "L-MLO": "l_mlo", "R-CC": "r_cc", "R-MLO": "r_mlo"}
 
@@ -55,7 +55,7 @@ class Instance(Base):
 
     # Header attributes the node queries on (patient data stays in the DB, never in INFO logs).
     # Wider than the VRs allow where vendors are known to overrun them (accession numbers,
-    # descriptions); anything longer still is cut to fit (storage.state.fit_row), since
+    # descriptions); anything longer still is cut to fit (storage.exams.fit_row), since
     # PostgreSQL enforces lengths.
     # Indexed: the keys C-FIND / QIDO queries narrow by (PatientID, AccessionNumber,
     # StudyDate ranges); benchmarks/queries.py measures them at 100,000 instances.
@@ -70,7 +70,7 @@ class Instance(Base):
     instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # Default QIDO-RS return attributes (PS3.18 Table 6.7.1-2) a viewer's lists show.
     #: Indexed: a study without a PatientID is some patient's prior by name and birth date
-    #: (storage.state.ExamStore.patient_exams).
+    #: (storage.exams.Exams.patient_exams).
     patient_birth_date: Mapped[str | None] = mapped_column(String(8), nullable=True,
                                                            index=True)
     patient_sex: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -145,7 +145,7 @@ class Exam(Base):
     kinds_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     #: An image of the exam says a breast implant is present.
     implant: Mapped[bool | None] = mapped_column(nullable=True, default=False)
-    #: Why the exam is a prior (storage.state.PRIOR_RULES: "age" = [grouping]
+    #: Why the exam is a prior (storage.transitions.PRIOR_RULES: "age" = [grouping]
     #: prior_after_days, "gap" = prior_gap_days); None when it is not one.
     prior_rule: Mapped[str | None] = mapped_column(String(8), nullable=True)
     #: An administrator asked for this exam to be read (mammo-node complete, the dashboard):

@@ -44,7 +44,7 @@ from storage.models import Exam, Instance, Outbound, PurgeJournal, Result, utcno
 log = logging.getLogger("mammo_node.retention")
 
 #: Exam states kept but never read (nothing to deliver): purged keep_images_days after their
-#: last image arrived (storage.state.ExamState PRIOR and SKIPPED).
+#: last image arrived (storage.transitions.ExamState PRIOR and SKIPPED).
 _UNREAD = ("prior", "skipped")
 
 

@@ -195,12 +195,12 @@ class NodeProcess:
         """What ``mammo-node exams --json`` prints, read in this process (the same function
         the command runs; a subprocess per poll cost more CPU than the node under test).
         ``cli("exams", "--json")`` itself is tested where the command is the subject."""
-        from node.cli import _open_store, exams_json
+        from node.cli import _open_reports, exams_json
 
         if self._store is None:
             from node.config import load_config
 
-            self._store = _open_store(load_config(str(self.config)))
+            self._store = _open_reports(load_config(str(self.config)))
             if self._store is None:
                 return []
         return json.loads(json.dumps(exams_json(self._store)))
@@ -394,7 +394,8 @@ class WebInProcess:
         self.spec = NodeProcess(tmp, sections)
         self.cfg = load_config(self.spec.config)
         self.node = Node(self.cfg, run_worker=False)
-        self.web = DicomWeb(self.cfg, self.node.files, self.node.exams, self.node.scp,
+        self.web = DicomWeb(self.cfg, self.node.files, self.node.scp, exams=self.node.exams,
+                            deliveries=self.node.deliveries, reports=self.node.reports,
                             audit=self.node.audit, metrics=self.node.metrics,
                             readiness=self.node.readiness, health=self.node.health)
         self.server = DicomWebServer(self.web, self.cfg)

@@ -19,11 +19,13 @@ from inference.synthetic import make_exam
 from node.assembly import assign_slots
 from node.scp import instance_record
 from storage.db import Database
+from storage.deliveries import Deliveries
+from storage.exams import Exams
 from storage.files import FileStore
 from storage.models import Exam, ExamEvent, Instance, Outbound, Result, utcnow
 from storage.records import ProducedObject
+from storage.reports import Reports
 from storage.schema import SchemaOutdated, head, revision
-from storage.state import ExamStore
 from tests.helpers import ROOT, toml_document
 
 FIXTURE = ROOT / "tests" / "fixtures" / "db-release-0.1.0.sql"
@@ -38,7 +40,7 @@ def _records(files: FileStore, datasets) -> list:
                             "1.2.840.10008.1.2.1", 100) for ds in datasets]
 
 
-def _ready_exams(store: ExamStore, files: FileStore, n: int, seed: int = 0) -> list[str]:
+def _ready_exams(store: Exams, files: FileStore, n: int, seed: int = 0) -> list[str]:
     studies = []
     for i in range(n):
         exam = make_exam(seed=seed + i, rows=8, cols=8)
@@ -134,10 +136,10 @@ def test_release_010_database_is_refused_then_upgraded_without_loss(tmp_path, pg
                 rows_a = a.execute(select(*cols).order_by(cols[0])).all()
                 rows_b = b.execute(select(*cols).order_by(cols[0])).all()
                 assert rows_a == rows_b, model.__name__
-        store = ExamStore(pg)
+        store = Exams(pg)
         files = FileStore(tmp_path / "pgdata", fsync=False)
         _ready_exams(store, files, 1, seed=77)  # new rows get new ids
-        assert store.counts_by_state()["ready"] == 1
+        assert Reports(store.db).counts_by_state().counts["ready"] == 1
         # A second copy into a database that is not empty is refused, nothing written.
         r = _cli(config, "db", "copy", "--to", url, "--quiet")
         assert r.returncode == 1 and "not empty" in r.stderr
@@ -165,7 +167,7 @@ def test_triage_sorts_every_exam_by_score_in_the_database(tmp_path, db_url):
     """The dashboard's sort=score: the highest score first over every exam matching the
     filter (an old exam beyond any "newest N" window included), exams without one last."""
     db = Database(db_url)
-    store = ExamStore(db)
+    store = Exams(db)
     files = FileStore(tmp_path / "data", fsync=False)
     (study,) = _ready_exams(store, files, 1)
     claim = store.claim_next_ready(lease_seconds=60)
@@ -183,25 +185,27 @@ def test_triage_sorts_every_exam_by_score_in_the_database(tmp_path, db_url):
     with db.session() as s:  # complete() recorded the reading's score in the column
         assert s.scalar(select(Exam.exam_score).where(
             Exam.study_instance_uid == study)) == 42.5
-    rows, total = store.exam_page(offset=0, limit=100, by_score=True)
+    rows, total = Reports(store.db).exam_page(offset=0, limit=100, by_score=True)
     assert total == 1501 and len(rows) == 100
-    assert rows[0]["study_instance_uid"].endswith(".77.0") and rows[0]["score"] == 99.9
-    listed = [r["score"] for r in rows]
+    assert rows[0].study_instance_uid.endswith(".77.0") and rows[0].score == 99.9
+    listed = [r.score for r in rows]
     assert listed == sorted(listed, reverse=True)
     every: list = []
     for offset in range(0, 1501, 500):  # pages continue the order, nothing twice
-        every += store.exam_page(offset=offset, limit=500, by_score=True)[0]
-    assert len({r["study_instance_uid"] for r in every}) == 1501
-    known = [r["score"] for r in every if r["score"] is not None]
+        every += Reports(store.db).exam_page(offset=offset, limit=500, by_score=True)[0]
+    assert len({r.study_instance_uid for r in every}) == 1501
+    known = [r.score for r in every if r.score is not None]
     assert known == sorted(known, reverse=True) and 42.5 in known
-    assert all(r["score"] is None for r in every[len(known):])     # unscored last
-    nulls = [r for r in every if r["score"] is None]                # newest first among them
-    assert [r["last_received_at"] for r in nulls] == sorted(
-        (r["last_received_at"] for r in nulls), reverse=True)
-    failed, n = store.exam_page(state="failed", offset=0, limit=10, by_score=True)
-    assert n == 750 and all(r["state"] == "failed" for r in failed)
-    assert failed[0]["score"] == 99.9
-    assert [r["score"] for r in store.exam_page(offset=0, limit=3)[0]][0] == 42.5  # newest
+    assert all(r.score is None for r in every[len(known):])     # unscored last
+    nulls = [r for r in every if r.score is None]                # newest first among them
+    assert [r.last_received_at for r in nulls] == sorted(
+        (r.last_received_at for r in nulls), reverse=True)
+    failed, n = Reports(store.db).exam_page(state="failed", offset=0, limit=10,
+                                            by_score=True)
+    assert n == 750 and all(r.state == "failed" for r in failed)
+    assert failed[0].score == 99.9
+    newest = Reports(store.db).exam_page(offset=0, limit=3).rows
+    assert [r.score for r in newest][0] == 42.5
     db.close()
 
 
@@ -240,7 +244,7 @@ def test_exam_score_migration_fills_it_from_the_readings(tmp_path):
 def test_worker_lease_takeover_and_the_old_holder_cannot_finish(tmp_path, db_url):
     db = Database(db_url)
     files = FileStore(tmp_path / "data", fsync=False)
-    a, b = ExamStore(db, owner="host-a:1"), ExamStore(db, owner="host-b:2")
+    a, b = Exams(db, owner="host-a:1"), Exams(db, owner="host-b:2")
     (study,) = _ready_exams(a, files, 1)
     claim = a.claim_next_ready(lease_seconds=60)
     assert claim is not None
@@ -262,7 +266,7 @@ def test_worker_lease_takeover_and_the_old_holder_cannot_finish(tmp_path, db_url
 
 def test_an_exam_that_keeps_killing_workers_fails(tmp_path, db_url):
     db = Database(db_url)
-    store = ExamStore(db, owner="h:1")
+    store = Exams(db, owner="h:1")
     _ready_exams(store, FileStore(tmp_path / "d", fsync=False), 1)
     assert store.claim_next_ready(60, max_attempts=2) is not None
     _expire_leases(db)
@@ -277,16 +281,16 @@ def test_an_exam_that_keeps_killing_workers_fails(tmp_path, db_url):
 
 def test_recover_frees_only_dead_local_holders(tmp_path, db_url):
     db = Database(db_url)
-    store = ExamStore(db)
+    store = Exams(db)
     _ready_exams(store, FileStore(tmp_path / "d", fsync=False), 3)
-    claims = [ExamStore(db, owner=o).claim_next_ready(60)
+    claims = [Exams(db, owner=o).claim_next_ready(60)
               for o in (f"{__import__('socket').gethostname()}:999999999",  # gone
                         "another-host:4242",                                 # unknown
                         store.owner.rsplit(":", 1)[0] + ":1")]               # init: alive
     assert all(claims)
     assert store.recover() == 1
-    assert store.counts_by_state() == {**store.counts_by_state(), "ready": 1,
-                                       "processing": 2}
+    counts = Reports(store.db).counts_by_state().counts
+    assert counts == {**counts, "ready": 1, "processing": 2}
     db.close()
 
 
@@ -294,14 +298,14 @@ def test_concurrent_workers_claim_each_exam_once(tmp_path, db_url):
     """Four workers (each its own connection pool and owner) race for 16 exams."""
     files = FileStore(tmp_path / "d", fsync=False)
     setup = Database(db_url)
-    _ready_exams(ExamStore(setup), files, 16)
+    _ready_exams(Exams(setup), files, 16)
     claimed: dict[str, list[int]] = {}
     errors: list[BaseException] = []
     start = threading.Barrier(4)
 
     def worker(name: str) -> None:
         db = Database(db_url)  # own engine and lock: like another process
-        store = ExamStore(db, owner=name)
+        store = Exams(db, owner=name)
         got: list[int] = []
         try:
             start.wait()
@@ -322,18 +326,18 @@ def test_concurrent_workers_claim_each_exam_once(tmp_path, db_url):
     assert not errors, errors
     every = [e for got in claimed.values() for e in got]
     assert sorted(every) == sorted(set(every)) and len(every) == 16
-    assert ExamStore(setup).counts_by_state()["done"] == 16
+    assert Reports(setup).counts_by_state().counts["done"] == 16
     setup.close()
 
 
 def test_concurrent_exporters_claim_disjoint_deliveries(tmp_path, db_url):
     db = Database(db_url)
     files = FileStore(tmp_path / "d", fsync=False)
-    store = ExamStore(db, owner="w:1")
+    store = Exams(db, owner="w:1")
     for study in _ready_exams(store, files, 3):
         c = store.claim_next_ready(60)
         assert c is not None and store.complete(*c, _produced(study, 4), ["pacs", "archive"])
-    x, y = ExamStore(db, owner="x:1"), ExamStore(db, owner="y:2")
+    x, y = Deliveries(db, owner="x:1"), Deliveries(db, owner="y:2")
     first = x.claim_transfers(limit=10, lease_seconds=60)
     second = y.claim_transfers(limit=100, lease_seconds=60)
     assert len(first) == 10 and len(second) == 14
@@ -352,7 +356,7 @@ def test_concurrent_exporters_claim_disjoint_deliveries(tmp_path, db_url):
 def test_stable_timer_fires_once_across_listeners(tmp_path, db_url):
     files = FileStore(tmp_path / "d", fsync=False)
     setup = Database(db_url)
-    store = ExamStore(setup)
+    store = Exams(setup)
     studies = []
     for i in range(6):  # six partial exams (three views each)
         exam = make_exam(seed=40 + i, rows=8, cols=8)
@@ -365,7 +369,7 @@ def test_stable_timer_fires_once_across_listeners(tmp_path, db_url):
     def listener() -> None:
         db = Database(db_url)
         start.wait()
-        promoted.extend(ExamStore(db).promote_stable(0))
+        promoted.extend(Exams(db).promote_stable(0))
         db.close()
 
     threads = [threading.Thread(target=listener) for _ in range(3)]
@@ -394,7 +398,7 @@ def test_two_listeners_store_one_study_at_once(tmp_path, db_url):
 
     def listener(items) -> None:
         db = Database(db_url)
-        store = ExamStore(db)
+        store = Exams(db)
         start.wait()
         try:
             for r in _records(files, items):
@@ -411,8 +415,9 @@ def test_two_listeners_store_one_study_at_once(tmp_path, db_url):
     assert not errors, errors
     assert sum(r.duplicate for r in results) == 1
     db = Database(db_url)
-    store = ExamStore(db)
-    assert store.counts_by_state()["ready"] == 8 and store.instance_count() == 32
+    store = Exams(db)
+    reports = Reports(store.db)
+    assert reports.counts_by_state().counts["ready"] == 8 and reports.instance_count() == 32
     db.close()
 
 

@@ -166,13 +166,13 @@ def test_repeated_view_latest_acquisition_wins_and_duplicates(node):
 
 def test_instance_after_done_reopens_exam(node):
     from storage.db import Database
-    from storage.state import ExamStore
+    from storage.exams import Exams
 
     exam = make_exam(seed=9, rows=128, cols=104)
     study = exam[0].StudyInstanceUID
     assert send(node.port, exam) == [0] * 4
     # Play the worker's part on the node's own database.
-    store = ExamStore(Database(f"sqlite:///{node.data_dir / 'mammo-node.db'}"))
+    store = Exams(Database(f"sqlite:///{node.data_dir / 'mammo-node.db'}"))
     exam_id, version = store.claim_next_ready()
     assert store.finish(exam_id, version, ok=True)
     assert node.exam(study)["state"] == "done"

@@ -13,11 +13,13 @@ from node.assembly import assign_slots
 from node.query import Query, QueryService
 from node.scp import instance_record
 from storage.db import Database
+from storage.deliveries import Deliveries
+from storage.exams import Exams
 from storage.files import FileStore
 from storage.models import Instance, PurgeJournal, Result, utcnow
 from storage.records import ProducedObject
+from storage.reports import Reports
 from storage.retention import Retention
-from storage.state import ExamStore
 from tests.helpers import QR_PEER, send, wait_for
 
 DAY = dt.timedelta(days=1)
@@ -27,11 +29,11 @@ DAY = dt.timedelta(days=1)
 def env(tmp_path, db_url):
     db = Database(db_url)
     files = FileStore(tmp_path / "data", fsync=False)
-    yield ExamStore(db), files, Retention(db, files), db
+    yield Exams(db), files, Retention(db, files), db
     db.close()
 
 
-def _exam(store: ExamStore, files: FileStore, seed: int, deliver: str | None = "sent",
+def _exam(store: Exams, files: FileStore, seed: int, deliver: str | None = "sent",
           read: bool = True):
     """An exam received (files on disk), optionally read (2 results) and delivered."""
     exam = make_exam(seed=seed, rows=16, cols=16)
@@ -55,11 +57,12 @@ def _exam(store: ExamStore, files: FileStore, seed: int, deliver: str | None = "
                                        modality="OT", size_bytes=6))
     assert store.complete(exam_id, version, produced, ["pacs"] if deliver else [])
     if deliver:
-        for d in store.due_transfers():
+        deliveries = Deliveries(store.db, store.owner)
+        for d in deliveries.due_transfers():
             if deliver == "sent":
-                store.mark_sent(d.id)
+                deliveries.mark_sent(d.id)
             elif deliver == "gave_up":
-                store.mark_failed(d.id, "refused", 1, 1, 1)
+                deliveries.mark_failed(d.id, "refused", 1, 1, 1)
     return study
 
 
@@ -82,11 +85,11 @@ def test_done_and_delivered_images_go_after_keep_days(env):
     assert report.studies == [study] and report.instances == 4
     assert _files_of(db, study) == [] and not any((files.root / p).exists() for p in paths)
     assert not (files.root / "instances" / study).exists()  # empty folders go too
-    exam = store.list_exams()[0]
+    exam = Reports(store.db).list_exams()[0]
     assert exam.state == "done" and exam.images_purged_at is not None
     assert any("retention" in n for n in exam.notes)
     # Gone from C-FIND; the produced objects stay findable.
-    found = QueryService(store).find(Query("IMAGE", {"StudyInstanceUID": study}))
+    found = QueryService(Reports(store.db)).find(Query("IMAGE", {"StudyInstanceUID": study}))
     assert {r.role for r in found.rows} == {"result"}
 
 
@@ -103,7 +106,7 @@ def test_undelivered_or_unread_images_stay(env, deliver, why):
     if why:
         assert why in report.kept[study]
     if deliver == "gave_up":
-        assert any("gave up" in n for n in store.list_exams()[0].notes)
+        assert any("gave up" in n for n in Reports(store.db).list_exams()[0].notes)
 
 
 def test_disk_above_the_watermark_purges_oldest_first_until_below(env):
@@ -127,7 +130,7 @@ def test_results_go_after_keep_results_days_and_rows_stay(env):
         results = list(s.scalars(select(Result)))
     assert all(r.purged_at is not None and r.path == "" for r in results)
     assert not (files.root / "results" / study).exists()
-    assert store.requeue_study(study) == 0  # nothing left to resend
+    assert Deliveries(store.db, store.owner).requeue_study(study) == 0  # nothing left to resend
     assert len(_files_of(db, study)) == 4   # images stay (keep_images_days None)
 
 
@@ -219,7 +222,7 @@ def test_priors_go_keep_days_after_they_arrived(env):
     """A prior is never read (never done): its images go keep_images_days after its last
     image arrived, the current exam's stay until it is done and delivered."""
     _, files, ret, db = env
-    store = ExamStore(db, prior_gap_days=180)
+    store = Exams(db, prior_gap_days=180)
     current = make_exam(seed=13, rows=16, cols=16, patient_id="PRI-1")
     old = make_exam(seed=14, rows=16, cols=16, patient_id="PRI-1",
                     acquisition=dt.datetime(2024, 1, 15, 9, 0))
@@ -229,14 +232,14 @@ def test_priors_go_keep_days_after_they_arrived(env):
         tmp = write(ds, files.incoming / f"{ds.SOPInstanceUID}.dcm")
         store.add_instance(rec, assign_slots, place=lambda t=tmp, r=rec: files.place(t, r.path))
     prior_study = old[0].StudyInstanceUID
-    assert store.exam_dict(prior_study)["state"] == "prior"
+    assert Reports(store.db).exam_view(prior_study).state == "prior"
     assert ret.run(7, None, None, now=utcnow() + 6 * DAY).studies == []
     report = ret.run(7, None, None, now=utcnow() + 8 * DAY)
     assert report.studies == [prior_study] and report.instances == 4
     assert _files_of(db, prior_study) == []
     assert len(_files_of(db, current[0].StudyInstanceUID)) == 4
-    exam = store.exam_dict(prior_study)
-    assert exam["state"] == "prior" and exam["images_purged_at"]
+    exam = Reports(store.db).exam_view(prior_study)
+    assert exam.state == "prior" and exam.images_purged_at
     assert ret.run(7, None, None, now=utcnow() + 9 * DAY).studies == []  # once
 
 
@@ -244,7 +247,7 @@ def test_priors_without_patient_id_by_name_and_birth_date(env):
     """Studies without a PatientID: a prior by the gap rule when the name and the birth date
     match, not when only the name does."""
     _, files, _, db = env
-    store = ExamStore(db, prior_gap_days=180)
+    store = Exams(db, prior_gap_days=180)
 
     def receive(exam):
         for ds in exam:
@@ -265,6 +268,6 @@ def test_priors_without_patient_id_by_name_and_birth_date(env):
     for ds in other:
         ds.PatientBirthDate = "19700101"
     cur = receive(current)
-    assert store.exam_dict(receive(same))["state"] == "prior"
-    assert store.exam_dict(receive(other))["state"] != "prior"
+    assert Reports(store.db).exam_view(receive(same)).state == "prior"
+    assert Reports(store.db).exam_view(receive(other)).state != "prior"
     assert [u for u, _ in store.priors_of(cur)] == [same[0].StudyInstanceUID]

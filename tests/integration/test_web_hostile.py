@@ -164,7 +164,7 @@ def test_a_client_vanishing_mid_stow_leaves_nothing_and_no_traceback(hostile, ca
         what="incoming/ emptied")
     assert "the client went away after" in caplog.text
     assert requests.get(f"{w.base}/studies", timeout=10).status_code == 200
-    assert w.node.exams.instance_count() == 1  # the fixture's image only
+    assert w.node.reports.instance_count() == 1  # the fixture's image only
 
 
 def test_an_unwritable_audit_trail_refuses_at_the_front_door_with_503(web_factory):

@@ -19,8 +19,10 @@ from node.config import parse_config
 from node.dashboard import Dashboard
 from node.scp import instance_record
 from storage.db import Database
+from storage.deliveries import Deliveries
+from storage.exams import Exams
 from storage.files import FileStore
-from storage.state import ExamStore
+from storage.reports import Reports
 from tests.helpers import asgi_request
 
 pytestmark = pytest.mark.unit
@@ -30,7 +32,7 @@ TODAY = dt.datetime.now(dt.UTC).replace(tzinfo=None, hour=9, minute=0, second=0,
 GENERATED = ["DERIVED", "PRIMARY", "TOMOSYNTHESIS", "GENERATED_2D"]
 
 
-def _add(store: ExamStore, files: FileStore, datasets, assign=assign_slots) -> None:
+def _add(store: Exams, files: FileStore, datasets, assign=assign_slots) -> None:
     for ds in datasets:
         store.add_instance(instance_record(ds, files, "UNIT", str(ds.SOPClassUID),
                                            str(ds.SOPInstanceUID), "1.2.840.10008.1.2.1", 100),
@@ -47,7 +49,7 @@ def _rows(html: str) -> list[str]:
 def site(tmp_path: Path):
     db = Database(f"sqlite:///{tmp_path / 'ui.db'}")
     files = FileStore(tmp_path / "data", fsync=False)
-    store = ExamStore(db, prior_after_days=30, prior_gap_days=180)
+    store = Exams(db, prior_after_days=30, prior_gap_days=180)
     # The current exam: two conventional views, a synthesized one (3D-only view), one view
     # with only a volume ([grouping] volume_2d = "missing").
     cur = make_exam(seed=1, rows=8, cols=8, patient_id="PAT-D", acquisition=TODAY,
@@ -82,13 +84,14 @@ def site(tmp_path: Path):
 
     others = []
     while (claimed := store.claim_next_ready()) is not None:
-        if store.reading_context(claimed[0])["implant"]:
+        if store.reading_context(claimed[0]).implant:
             assert store.skip(*claimed, IMPLANT_SKIPPED)
         else:
             others.append(claimed)
     for claimed in others:
         store.release_claim(*claimed, "test")
-    dash = Dashboard(parse_config({}), files, store, "/dicomweb")
+    dash = Dashboard(parse_config({}), files, "/dicomweb", exams=store,
+                     deliveries=Deliveries(db), reports=Reports(db))
     app = Starlette(routes=dash.routes())
     yield {"app": app, "store": store, "dash": dash, "cur": study, "synth": synth,
            "vol": vol, "priors": [p[0] for p in priors], "stranger": stranger[0],
@@ -164,6 +167,6 @@ def test_exam_page_views_priors_and_a_skipped_implant_read_on_request(site):
         app, "POST", f"/ui/exams/{site['imp']}/complete",
         body=urlencode({"csrf": site["dash"].sessions.anonymous_csrf}).encode())
     assert status == 303, headers
-    e = store.exam_dict(site["imp"])
-    assert e is not None and (e["state"], e["read_on_request"]) == ("ready", True)
+    e = Reports(store.db).exam_view(site["imp"])
+    assert (e.state, e.read_on_request) == ("ready", True)
     assert "Read on request" in _get(app, f"/ui/exams/{site['imp']}")

@@ -3,6 +3,7 @@ reads, priors and implants in the exam store (a real SQLite / PostgreSQL databas
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import threading
 from pathlib import Path
@@ -16,8 +17,9 @@ from inference.volume import computed_2d
 from node.assembly import assign_slots
 from node.scp import instance_record
 from storage.db import Database
+from storage.exams import Exams
 from storage.files import FileStore
-from storage.state import ExamStore
+from storage.reports import Reports
 
 pytestmark = pytest.mark.unit
 
@@ -140,7 +142,7 @@ def exams(tmp_path: Path, db_url: str):
     db.close()
 
 
-def _add(store: ExamStore, files: FileStore, datasets, assign=assign_slots):
+def _add(store: Exams, files: FileStore, datasets, assign=assign_slots):
     return [store.add_instance(instance_record(ds, files, "UNIT", str(ds.SOPClassUID),
                                                str(ds.SOPInstanceUID), "1.2.840.10008.1.2.1",
                                                100), assign, place=lambda: None)
@@ -149,21 +151,21 @@ def _add(store: ExamStore, files: FileStore, datasets, assign=assign_slots):
 
 def test_combo_reads_conventional_although_synthesized_came_last(exams):
     db, files = exams
-    store = ExamStore(db)
+    store = Exams(db)
     conv = make_exam(seed=5, rows=8, cols=8, acquisition=T0)
     synth = make_exam(seed=6, rows=8, cols=8, study_uid=conv[0].StudyInstanceUID,
                       patient_id=conv[0].PatientID, acquisition=T0 + dt.timedelta(minutes=5))
     for ds in synth:
         ds.ImageType = ["DERIVED", "PRIMARY", "TOMOSYNTHESIS", "GENERATED_2D"]
     _add(store, files, conv + synth)
-    exam = store.exam_dict(conv[0].StudyInstanceUID)
+    exam = Reports(store.db).exam_view(conv[0].StudyInstanceUID)
     assert exam is not None
-    assert set(exam["views"].values()) == {d.SOPInstanceUID for d in conv}
-    assert set(exam["view_kinds"].values()) == {"conventional"}
-    assert any("synthesized 2D image not used" in n for n in exam["notes"])
+    assert set(exam.views.values()) == {d.SOPInstanceUID for d in conv}
+    assert set(exam.view_kinds.values()) == {"conventional"}
+    assert any("synthesized 2D image not used" in n for n in exam.notes)
 
     # A site that prefers the synthesized image.
-    store2 = ExamStore(db)
+    store2 = Exams(db)
     other = make_exam(seed=7, rows=8, cols=8, acquisition=T0)
     synth2 = make_exam(seed=8, rows=8, cols=8, study_uid=other[0].StudyInstanceUID,
                        patient_id=other[0].PatientID, acquisition=T0 - dt.timedelta(hours=1))
@@ -171,69 +173,69 @@ def test_combo_reads_conventional_although_synthesized_came_last(exams):
         ds.SeriesDescription = "C-View"
     _add(store2, files, other + synth2,
          assign=lambda m: assign_slots(m, prefer=("synthesized", "conventional")))
-    e2 = store2.exam_dict(other[0].StudyInstanceUID)
-    assert e2 is not None and set(e2["views"].values()) == {d.SOPInstanceUID for d in synth2}
-    assert set(e2["view_kinds"].values()) == {"synthesized"}
+    e2 = Reports(store2.db).exam_view(other[0].StudyInstanceUID)
+    assert set(e2.views.values()) == {d.SOPInstanceUID for d in synth2}
+    assert set(e2.view_kinds.values()) == {"synthesized"}
 
 
 def test_volume_only_view_missing_or_computed(exams):
     db, files = exams
-    store = ExamStore(db)
+    store = Exams(db)
     exam = make_exam(seed=9, rows=8, cols=8, views=("L-CC", "L-MLO", "R-CC"))
     vol = make_tomo_volume("R", "MLO", frames=3, rows=8, cols=8,
                            study_uid=exam[0].StudyInstanceUID, patient_id=exam[0].PatientID)
     _add(store, files, [*exam, vol])
-    e = store.exam_dict(exam[0].StudyInstanceUID)
-    assert e is not None and e["missing"] == ["R-MLO"] and e["state"] == "receiving"
-    assert e["volume_only"] == ["R-MLO"]
+    e = Reports(store.db).exam_view(exam[0].StudyInstanceUID)
+    assert e.missing == ["R-MLO"] and e.state == "receiving"
+    assert e.volume_only == ["R-MLO"]
     assert any("R-MLO: only a tomosynthesis volume; read with this view missing" in n
-               for n in e["notes"])
+               for n in e.notes)
     # A 2D image of the view comes later: it is read, the view is no longer volume-only.
     late = make_mammogram("R", "MLO", rows=8, cols=8, study_uid=exam[0].StudyInstanceUID,
                           patient_id=exam[0].PatientID)
     _add(store, files, [late])
-    e = store.exam_dict(exam[0].StudyInstanceUID)
-    assert e is not None and e["volume_only"] == [] and e["state"] == "ready"
+    e = Reports(store.db).exam_view(exam[0].StudyInstanceUID)
+    assert e.volume_only == [] and e.state == "ready"
     exam2 = make_exam(seed=10, rows=8, cols=8, views=("L-CC", "L-MLO", "R-CC"))
     vol2 = make_tomo_volume("R", "MLO", frames=3, rows=8, cols=8,
                             study_uid=exam2[0].StudyInstanceUID, patient_id=exam2[0].PatientID)
     _add(store, files, [*exam2, vol2], assign=lambda m: assign_slots(m, volume_2d="mip"))
-    e2 = store.exam_dict(exam2[0].StudyInstanceUID)
-    assert e2 is not None and e2["views"]["R-MLO"] == vol2.SOPInstanceUID
-    assert e2["view_kinds"]["R-MLO"] == "computed" and e2["state"] == "ready"
+    e2 = Reports(store.db).exam_view(exam2[0].StudyInstanceUID)
+    assert e2.views["R-MLO"] == vol2.SOPInstanceUID
+    assert e2.view_kinds["R-MLO"] == "computed" and e2.state == "ready"
 
 
 def test_implant_exam_is_flagged(exams):
     db, files = exams
-    store = ExamStore(db)
+    store = Exams(db)
     exam = make_exam(seed=11, rows=8, cols=8)
     extra = make_mammogram("L", "CC", rows=8, cols=8, modifier="implant-displaced",
                            study_uid=exam[0].StudyInstanceUID, patient_id=exam[0].PatientID)
     _add(store, files, [*exam, extra])
-    e = store.exam_dict(exam[0].StudyInstanceUID)
-    assert e is not None and e["implant"] and e["state"] == "ready"
-    assert extra.SOPInstanceUID not in e["views"].values()
+    e = Reports(store.db).exam_view(exam[0].StudyInstanceUID)
+    assert e.implant and e.state == "ready"
+    assert extra.SOPInstanceUID not in e.views.values()
 
 
 def test_priors_by_age_and_by_a_newer_study(exams):
     db, files = exams
-    store = ExamStore(db, prior_after_days=30, prior_gap_days=180)
+    store = Exams(db, prior_after_days=30, prior_gap_days=180)
     today = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     old = make_exam(seed=12, rows=8, cols=8, patient_id="PAT-P",
                     acquisition=today - dt.timedelta(days=400))
     (r, *_) = _add(store, files, old)
     assert r.exam_state == "prior"
-    e = store.exam_dict(old[0].StudyInstanceUID)
-    assert e is not None and "prior_after_days" in (e["reason"] or "")
+    e = Reports(store.db).exam_view(old[0].StudyInstanceUID)
+    assert "prior_after_days" in (e.reason or "")
 
     # The gap rule: a study not read yet becomes a prior when a newer one arrives.
-    lenient = ExamStore(db, prior_after_days=None, prior_gap_days=180)
+    lenient = Exams(db, prior_after_days=None, prior_gap_days=180)
     mid = make_exam(seed=13, rows=8, cols=8, patient_id="PAT-P",
                     acquisition=today - dt.timedelta(days=200))
     assert _add(lenient, files, mid)[-1].exam_state == "ready"
     cur = make_exam(seed=14, rows=8, cols=8, patient_id="PAT-P", acquisition=today)
     assert _add(lenient, files, cur)[-1].exam_state == "ready"
-    assert lenient.exam_dict(mid[0].StudyInstanceUID)["state"] == "prior"  # type: ignore[index]
+    assert Reports(lenient.db).exam_view(mid[0].StudyInstanceUID).state == "prior"
     # ... and one that arrives after the newer one is a prior at once.
     late = make_exam(seed=15, rows=8, cols=8, patient_id="PAT-P",
                      acquisition=today - dt.timedelta(days=365))
@@ -241,7 +243,7 @@ def test_priors_by_age_and_by_a_newer_study(exams):
     # Another patient's old study is not touched by this patient's.
     assert len(lenient.priors_of(cur[0].StudyInstanceUID)) == 3
     ctx = lenient.reading_context(lenient.claim_next_ready()[0])  # type: ignore[index]
-    assert len(ctx["priors"]) == 3 and ctx["priors"][0] < ctx["priors"][-1]
+    assert len(ctx.priors) == 3 and ctx.priors[0] < ctx.priors[-1]
     # mammo-node complete reads a prior on request.
     missing, state = lenient.complete_now(old[0].StudyInstanceUID)
     assert (missing, state) == ([], "ready")
@@ -250,23 +252,23 @@ def test_priors_by_age_and_by_a_newer_study(exams):
 def test_prior_rules_store_which_rule_applied_and_their_reason(exams):
     db, files = exams
     today = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-    store = ExamStore(db, prior_after_days=30, prior_gap_days=180)
+    store = Exams(db, prior_after_days=30, prior_gap_days=180)
     old = make_exam(seed=20, rows=8, cols=8, patient_id="PAT-R",
                     acquisition=today - dt.timedelta(days=400))
     _add(store, files, old)
-    e = store.exam_dict(old[0].StudyInstanceUID)
-    assert e is not None and e["state"] == "prior" and e["prior_rule"] == "age"
+    e = Reports(store.db).exam_view(old[0].StudyInstanceUID)
+    assert e.state == "prior" and e.prior_rule == "age"
     # The gap rule, when a newer study arrives later: the reason names that study and the
     # setting that applied, not the age rule.
-    gap = ExamStore(db, prior_after_days=None, prior_gap_days=180)
+    gap = Exams(db, prior_after_days=None, prior_gap_days=180)
     mid = make_exam(seed=21, rows=8, cols=8, patient_id="PAT-R",
                     acquisition=today - dt.timedelta(days=200), views=("L-CC", "L-MLO"))
     assert _add(gap, files, mid)[-1].exam_state == "receiving"
     cur = make_exam(seed=22, rows=8, cols=8, patient_id="PAT-R", acquisition=today)
     _add(gap, files, cur)
-    e = gap.exam_dict(mid[0].StudyInstanceUID)
-    assert e is not None and (e["state"], e["prior_rule"]) == ("prior", "gap")
-    reason = e["reason"] or ""
+    e = Reports(gap.db).exam_view(mid[0].StudyInstanceUID)
+    assert (e.state, e.prior_rule) == ("prior", "gap")
+    reason = e.reason or ""
     assert cur[0].StudyInstanceUID in reason and "arrived, 200 days newer" in reason
     assert "prior_gap_days = 180" in reason and "prior_after_days" not in reason
     assert f"mammo-node complete {mid[0].StudyInstanceUID}" in reason
@@ -274,18 +276,18 @@ def test_prior_rules_store_which_rule_applied_and_their_reason(exams):
     late = make_exam(seed=23, rows=8, cols=8, patient_id="PAT-R",
                      acquisition=today - dt.timedelta(days=500))
     _add(gap, files, late)
-    e = gap.exam_dict(late[0].StudyInstanceUID)
-    assert e is not None and e["prior_rule"] == "gap"
-    assert cur[0].StudyInstanceUID in (e["reason"] or "") and "500 days newer" in e["reason"]
+    e = Reports(gap.db).exam_view(late[0].StudyInstanceUID)
+    assert e.prior_rule == "gap"
+    assert cur[0].StudyInstanceUID in (e.reason or "") and "500 days newer" in e.reason
     # Read on request: a structured flag, and no newer study makes it a prior again.
     gap.complete_now(mid[0].StudyInstanceUID)
-    e = gap.exam_dict(mid[0].StudyInstanceUID)
-    assert e is not None and e["read_on_request"] and e["state"] == "ready"
+    e = Reports(gap.db).exam_view(mid[0].StudyInstanceUID)
+    assert e.read_on_request and e.state == "ready"
     newest = make_exam(seed=24, rows=8, cols=8, patient_id="PAT-R",
                        acquisition=today + dt.timedelta(days=200))
     _add(gap, files, newest)
-    assert gap.exam_dict(mid[0].StudyInstanceUID)["state"] == "ready"  # type: ignore[index]
-    assert gap.exam_dict(cur[0].StudyInstanceUID)["state"] == "prior"  # type: ignore[index]
+    assert Reports(gap.db).exam_view(mid[0].StudyInstanceUID).state == "ready"
+    assert Reports(gap.db).exam_view(cur[0].StudyInstanceUID).state == "prior"
     assert [u for u, _ in gap.priors_of(newest[0].StudyInstanceUID)] == [
         late[0].StudyInstanceUID, old[0].StudyInstanceUID, cur[0].StudyInstanceUID]
     assert gap.priors_by_study([newest[0].StudyInstanceUID]) == {
@@ -310,7 +312,7 @@ def _statements(db: Database, action) -> list[str]:
 def test_prior_lookup_is_one_indexed_query_per_new_study(exams, db_url):
     db, files = exams
     today = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-    store = ExamStore(db, prior_after_days=None, prior_gap_days=180)
+    store = Exams(db, prior_after_days=None, prior_gap_days=180)
     for seed in range(30, 34):  # other patients' exams the lookup must not read
         _add(store, files, make_exam(seed=seed, rows=8, cols=8, patient_id=f"OTHER-{seed}"))
     _add(store, files, make_exam(seed=35, rows=8, cols=8, patient_id="PAT-Q",
@@ -345,10 +347,10 @@ def test_implant_skip_is_its_own_state_and_is_read_on_request(exams):
     from node.config import parse_config
     from node.worker import Worker, skip_reason
     from storage.retention import Retention
-    from storage.state import EXAM_TRANSITIONS, IllegalTransition, check_transition
+    from storage.transitions import EXAM_TRANSITIONS, IllegalTransition, check_transition
 
     db, files = exams
-    store = ExamStore(db)
+    store = Exams(db)
     exam = make_exam(seed=40, rows=8, cols=8)
     for ds in exam:
         ds.BreastImplantPresent = "YES"
@@ -359,7 +361,7 @@ def test_implant_skip_is_its_own_state_and_is_read_on_request(exams):
     claimed = store.claim_next_ready()
     assert claimed is not None
     worker._process(*claimed)  # skipped before any model is needed
-    (row,) = [e for e in exams_json(store) if e["study_instance_uid"] == study]
+    (row,) = [e for e in exams_json(Reports(db)) if e["study_instance_uid"] == study]
     assert row["state"] == "skipped" and row["implant"] is True
     assert row["reason"].startswith("implant present: not read ([inference] implants = skip)")
     assert store.claim_next_ready() is None
@@ -370,10 +372,11 @@ def test_implant_skip_is_its_own_state_and_is_read_on_request(exams):
     claimed = store.claim_next_ready()
     assert claimed is not None
     context = store.reading_context(claimed[0])
-    assert context["read_on_request"] and context["implant"]
+    assert context.read_on_request and context.implant
     assert skip_reason(cfg, context) is None
-    assert skip_reason(cfg, {**context, "read_on_request": False}) is not None
-    assert skip_reason(parse_config({}), {**context, "read_on_request": False}) is None
+    unasked = dataclasses.replace(context, read_on_request=False)
+    assert skip_reason(cfg, unasked) is not None
+    assert skip_reason(parse_config({}), unasked) is None
     check_transition("processing", "skipped", EXAM_TRANSITIONS)
     with pytest.raises(IllegalTransition):
         check_transition("ready", "skipped", EXAM_TRANSITIONS)
@@ -410,8 +413,9 @@ def test_migration_0005_turns_notes_into_fields(db_url):
             command.upgrade(alembic_config(conn), head())
         db = Database(db_url)
         try:
-            store = ExamStore(db)
-            got = {e["study_instance_uid"]: e for e in (x.as_dict() for x in store.list_exams())}
+            store = Exams(db)
+            got = {e["study_instance_uid"]: e
+                   for e in (x.as_dict() for x in Reports(store.db).list_exams())}
         finally:
             db.close()
         assert got["1.2.9.0"]["prior_rule"] == "age" and got["1.2.9.1"]["prior_rule"] == "gap"

@@ -14,12 +14,13 @@ from node.assembly import assign_slots, classify
 from node.query import Query, QueryError, QueryService, key_match
 from node.scp import instance_record
 from storage.db import Database
+from storage.exams import Exams
 from storage.files import FileStore
-from storage.state import (
+from storage.reports import Reports
+from storage.transitions import (
     EXAM_TRANSITIONS,
     OUTBOUND_TRANSITIONS,
     ExamState,
-    ExamStore,
     IllegalTransition,
     OutboundState,
     check_transition,
@@ -75,11 +76,11 @@ def _records(store: FileStore, datasets) -> list:
 @pytest.fixture
 def exams(tmp_path: Path, db_url: str):
     db = Database(db_url)
-    yield ExamStore(db), FileStore(tmp_path / "data", fsync=False)
+    yield Exams(db), FileStore(tmp_path / "data", fsync=False)
     db.close()
 
 
-def _add(store: ExamStore, files: FileStore, datasets):
+def _add(store: Exams, files: FileStore, datasets):
     return [store.add_instance(r, assign_slots, place=lambda: None)
             for r in _records(files, datasets)]
 
@@ -154,7 +155,7 @@ def test_finish_refuses_an_exam_that_was_never_claimed(exams):
     _add(store, files, exam)
     # ready -> done skips processing: refused (and nothing changes).
     assert store.finish(1, 1, ok=True) is False
-    assert store.counts_by_state()["ready"] == 1
+    assert Reports(store.db).counts_by_state().counts["ready"] == 1
 
 
 @pytest.mark.parametrize("key, query, n", [
@@ -170,7 +171,7 @@ def test_study_matching_in_sql(exams, key, query, n):
     b = make_exam(seed=6, rows=8, cols=8, patient_id="PAT-B", patient_name="Beta^Bea",
                   accession="ACC-B", acquisition=dt.datetime(2026, 5, 20))
     _add(store, files, a + b)
-    queries = QueryService(store)
+    queries = QueryService(Reports(store.db))
     found = queries.find(Query("STUDY", {key: query}))
     assert len({r.study_instance_uid for r in found.rows}) == n and not found.more
     found = queries.find(Query("IMAGE", {}), limit=3)
@@ -206,7 +207,7 @@ def test_header_values_longer_than_their_vr_are_kept_to_the_column(exams):
         ds.SeriesDescription = "x" * 300                                           # > 256
     results = _add(store, files, exam)
     assert [r.exam_state for r in results][-1] == "ready"
-    rows = QueryService(store).find(
+    rows = QueryService(Reports(store.db)).find(
         Query("STUDY", {"AccessionNumber": "ACC-2026-000000012345"})).rows
     assert rows and rows[0].study_description == exam[0].StudyDescription.strip()
     assert len(rows[0].series_description) == 256
@@ -270,9 +271,9 @@ def test_a_corrected_identity_holds_the_exam_and_keeps_both(exams):
     assert not r.duplicate and r.conflict and r.exam_state == "conflict"
     assert placed == [rec.sop_instance_uid]  # the corrected file is kept
     assert (r.corrected_from, r.corrected_to) == ("PatientID 'OLD-7'", "PatientID 'NEW-7'")
-    e = store.exam_dict(study)
+    e = Reports(store.db).exam_view(study)
     assert e is not None
-    assert any("OLD-7" in n and "NEW-7" in n for n in e["notes"]), e["notes"]
+    assert any("OLD-7" in n and "NEW-7" in n for n in e.notes), e.notes
     # The same file again: a duplicate now (its identity is the stored one).
     (again,) = _add(store, files, [corrected])
     assert again.duplicate
@@ -301,7 +302,7 @@ def test_encoded_c_find_answers_are_the_datasets_answers_builds(exams, explicit)
     a = make_exam(seed=7, rows=8, cols=8, patient_id="PAT-Ü", patient_name="Müller^Zoë",
                   accession="ACC-U")
     _add(store, files, a)
-    queries = QueryService(store)
+    queries = QueryService(Reports(store.db))
     for level in ("PATIENT", "STUDY", "SERIES", "IMAGE"):
         q = Dataset()
         q.QueryRetrieveLevel = level
@@ -362,7 +363,7 @@ def test_query_caps_load_one_row_per_entity_answered(exams):
     event.listen(Instance, "load", on_load)
     event.listen(store.db.engine, "before_cursor_execute", on_execute)
     try:
-        queries = QueryService(store)
+        queries = QueryService(Reports(store.db))
         q = Query("STUDY", {"PatientName": "name*", "StudyDate": "20260101"},
                   [(0x00201208, "IS", "NumberOfStudyRelatedInstances"),
                    (0x00201206, "IS", "NumberOfStudyRelatedSeries"),
@@ -391,7 +392,7 @@ def test_query_caps_load_one_row_per_entity_answered(exams):
 def test_an_unknown_study_is_exam_not_found(exams):
     """The store's actions on a study it does not hold raise ExamNotFound (a KeyError, so the
     callers written before it still catch it), naming the study."""
-    from storage.state import ExamNotFound
+    from storage.transitions import ExamNotFound
 
     store, _ = exams
     with pytest.raises(ExamNotFound, match="1.2.3.404"):

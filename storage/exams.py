@@ -1,34 +1,11 @@
-"""The one module that changes exam and delivery state, through one transition table.
+"""Exams: instances recorded into their study's exam, the patient an exam is of, priors,
+the grouping timer, and an exam's life with a worker (claim, lease, retry, finish, skip,
+complete with its results) and an administrator's (reprocess, complete, resolve).
 
-Exams::
-
-    receiving -> ready -> processing -> done | failed
-    any state -> receiving | ready   when a new instance changes the slots
-                                     (from processing/done/failed: a new version)
-    any state -> conflict            images of two patients in one study (held)
-    conflict  -> receiving | ready   resolved (mammo-node resolve)
-    processing -> ready              recovered after a crash
-    receiving | ready -> prior       an old study ([grouping] prior_after_days), or one of a
-                                     patient with a much newer study (prior_gap_days): kept
-    prior -> ready | receiving       read on request (mammo-node complete)
-    processing -> skipped            not read by the site's rule ([inference] implants = skip)
-    skipped -> ready                 read on request (mammo-node complete)
-
-Deliveries (one result object to one destination)::
-
-    pending | retrying -> sent | retrying | gave_up
-    sent | gave_up | retrying -> pending               queued again (mammo-node resend)
-
-An illegal change raises :class:`IllegalTransition`.
-
-Every transition runs inside :meth:`storage.db.Database.write` (process lock + transaction,
-``SELECT ... FOR UPDATE`` on databases that have it).
-
-Several processes may share the database (``mammo-node start --role``): a worker claims a
-``ready`` exam with ``SELECT ... FOR UPDATE SKIP LOCKED`` and holds it with a lease
-(``lease_owner`` = "host:pid", ``lease_until``) that its heartbeat renews; an exam whose lease
-ran out (its worker died) is taken over by the next claim. Exporters claim deliveries the
-same way. Only the lease holder may finish an exam or a delivery.
+Every state change goes through :func:`storage.transitions.set_exam_state`. A worker claims
+a ``ready`` exam with ``SELECT ... FOR UPDATE SKIP LOCKED`` and holds it with a lease
+(:mod:`storage.leases`) that its heartbeat renews; an exam whose lease ran out (its worker
+died) is taken over by the next claim. Only the lease holder may finish an exam.
 """
 
 from __future__ import annotations
@@ -36,105 +13,97 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
-import socket
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, NamedTuple
 
-from sqlalchemy import and_, func, or_, select, true, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, object_session
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.orm import Session
 
 from storage.db import Database
-from storage.models import (
-    SLOTS,
-    DestinationSetting,
-    Exam,
-    ExamEvent,
-    Instance,
-    Outbound,
-    Result,
-    utcnow,
+from storage.leases import owner_is_dead, process_owner
+from storage.models import SLOTS, Exam, Instance, Outbound, Result, utcnow
+from storage.records import InstanceRecord, ProducedObject
+from storage.transitions import (
+    READ_STATES,
+    ExamNotFound,
+    ExamState,
+    OutboundState,
+    add_event,
+    exam_for_update,
+    get_row,
+    set_exam_state,
 )
-from storage.records import Delivery, InstanceRecord, ProducedObject
-
-if TYPE_CHECKING:
-    from storage.query import Found
 
 log = logging.getLogger("mammo_node.storage")
 
 
-class ExamState(StrEnum):
-    RECEIVING = "receiving"
-    READY = "ready"
-    PROCESSING = "processing"
-    DONE = "done"
-    FAILED = "failed"
-    #: Images of more than one patient share the study: held, nothing is read until an
-    #: administrator resolves it (``mammo-node resolve``).
-    CONFLICT = "conflict"
-    #: An earlier study of the patient (old on arrival, or a much newer one is here): kept
-    #: for comparison and listed with the current exam, not read unless asked
-    #: (``mammo-node complete``).
-    PRIOR = "prior"
-    #: Not read, by the site's rule ([inference] implants = "skip"); ``reason`` says which.
-    #: Read on request (``mammo-node complete``).
-    SKIPPED = "skipped"
+class Claim(NamedTuple):
+    """An exam version a worker holds (:meth:`Exams.claim_next_ready`)."""
+
+    exam_id: int
+    version: int
 
 
-#: Why an exam is a prior (``Exam.prior_rule``): its StudyDate was older than [grouping]
-#: prior_after_days on arrival, or the patient has a study prior_gap_days newer.
-PRIOR_RULES = ("age", "gap")
+class PriorStudy(NamedTuple):
+    """A prior of a patient: its study and StudyDate (DICOM DA, or None)."""
+
+    study_uid: str
+    study_date: str | None
 
 
-class OutboundState(StrEnum):
-    PENDING = "pending"
-    RETRYING = "retrying"
-    SENT = "sent"
-    GAVE_UP = "gave_up"
+@dataclass(frozen=True)
+class PatientStudy:
+    """Another exam of the same patient, as the dashboard links it."""
+
+    study: str
+    date: str | None
+    state: str
 
 
-_E, _O = ExamState, OutboundState
-EXAM_TRANSITIONS: dict[ExamState, frozenset[ExamState]] = {
-    _E.RECEIVING: frozenset({_E.READY, _E.CONFLICT, _E.PRIOR}),
-    _E.READY: frozenset({_E.PROCESSING, _E.RECEIVING, _E.CONFLICT, _E.PRIOR}),
-    _E.PROCESSING: frozenset({_E.DONE, _E.FAILED, _E.SKIPPED, _E.READY, _E.RECEIVING,
-                              _E.CONFLICT}),
-    _E.DONE: frozenset({_E.READY, _E.RECEIVING, _E.CONFLICT}),
-    _E.FAILED: frozenset({_E.READY, _E.RECEIVING, _E.CONFLICT}),
-    _E.CONFLICT: frozenset({_E.READY, _E.RECEIVING}),
-    _E.PRIOR: frozenset({_E.READY, _E.RECEIVING, _E.CONFLICT}),
-    _E.SKIPPED: frozenset({_E.READY, _E.RECEIVING, _E.CONFLICT}),
-}
-OUTBOUND_TRANSITIONS: dict[OutboundState, frozenset[OutboundState]] = {
-    _O.PENDING: frozenset({_O.SENT, _O.RETRYING, _O.GAVE_UP}),
-    _O.RETRYING: frozenset({_O.SENT, _O.RETRYING, _O.GAVE_UP, _O.PENDING}),
-    _O.SENT: frozenset({_O.PENDING}),
-    _O.GAVE_UP: frozenset({_O.PENDING}),
-}
+class SlotPaths(NamedTuple):
+    """An exam's slot images: its study, version and slot -> path (relative to data_dir)."""
+
+    study_uid: str
+    version: int
+    paths: dict[str, str]
 
 
-#: States in which an exam has been (or is being) read: a slot change makes a new version.
-_READ = (ExamState.PROCESSING, ExamState.DONE, ExamState.FAILED)
+@dataclass(frozen=True)
+class ReadingContext:
+    """What a reading says about its images."""
+
+    #: slot -> image kind (only slots with an image)
+    kinds: dict[str, str]
+    implant: bool
+    #: the StudyDates of the patient's priors, YYYY-MM-DD where well formed, oldest first
+    priors: list[str]
+    #: views still without an image that had only a volume
+    volume_only: list[str]
+    read_on_request: bool
 
 
-class IllegalTransition(RuntimeError):
-    """A state change the transition table does not allow (a bug, never user input)."""
+class Reopened(NamedTuple):
+    """An exam to be read again (``mammo-node reprocess``): its new version and state."""
+
+    version: int
+    state: str
 
 
-def check_transition(old: str, new: str, table: dict) -> None:
-    """Raise :class:`IllegalTransition` unless ``old -> new`` is in ``table`` (staying in a
-    state is always allowed)."""
-    kind = ExamState if table is EXAM_TRANSITIONS else OutboundState
-    try:
-        o, n = kind(old), kind(new)
-    except ValueError:
-        raise IllegalTransition(f"unknown {kind.__name__} in {old!r} -> {new!r}") from None
-    if o != n and n not in table[o]:
-        raise IllegalTransition(f"{kind.__name__}: {o.value} -> {n.value} is not allowed")
+class Completed(NamedTuple):
+    """An exam processed now (``mammo-node complete``): the views missing, its state."""
+
+    missing: list[str]
+    state: str
+
+
+class Resolved(NamedTuple):
+    """A patient conflict ended (``mammo-node resolve``)."""
+
+    detached: int
+    state: str
+    version: int
 
 
 @dataclass
@@ -155,25 +124,6 @@ class SlotAssignment:
 
 
 AssignFn = Callable[[list[Instance]], SlotAssignment]
-
-_Row = TypeVar("_Row")
-
-
-class ExamNotFound(KeyError):
-    """No exam (or row) with that key. A ``KeyError``, so callers written before it keep
-    working; new code catches this."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "exam not found"
-
-
-def _get(s: Session, cls: type[_Row], key: int) -> _Row:
-    """A row that must exist (its id came from this database); ExamNotFound otherwise."""
-    row = s.get(cls, key)
-    if row is None:
-        raise ExamNotFound(f"{cls.__name__} {key} not found")
-    return row
-
 
 @dataclass
 class AddResult:
@@ -257,30 +207,6 @@ def exam_identity(exam: Exam, members: list[Instance]) -> PatientIdentity:
                            base.name, base.birth_date)
 
 
-def _exam_for_update(s: Session, study_uid: str) -> Exam:
-    """The study's exam row, locked for this transaction; ExamNotFound when there is none."""
-    exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid).with_for_update())
-    if exam is None:
-        raise ExamNotFound(study_uid)
-    return exam
-
-
-def _event(exam: Exam, kind: str, detail: str, at: dt.datetime | None = None) -> None:
-    """Add a line to the exam's timeline, in the exam's own transaction."""
-    s = object_session(exam)
-    if s is None:
-        return
-    if exam.id is None:
-        s.flush()
-    s.add(ExamEvent(exam_id=exam.id, at=at or utcnow(), kind=kind, detail=detail[:2000]))
-
-
-def _set_outbound(row: Outbound, state: OutboundState) -> None:
-    check_transition(row.state, state, OUTBOUND_TRANSITIONS)
-    row.state = state.value
-    row.lease_owner = row.lease_until = None
-
-
 def fit_row(model: type, row: dict[str, Any]) -> dict[str, Any]:
     """Strings cut to their column's length (a header value longer than its VR allows must
     not make PostgreSQL refuse the whole store)."""
@@ -292,32 +218,6 @@ def fit_row(model: type, row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def process_owner() -> str:
-    """This process as a lease holder: "host:pid"."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def owner_is_dead(owner: str | None) -> bool:
-    """Whether a lease holder is known to be gone, judged at a process's start (before it
-    claims anything): no owner, this very process id (an earlier incarnation: containers
-    reuse pids), or a process of this host that no longer runs. Another host's process is
-    judged by its lease running out."""
-    if not owner:
-        return True
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    if int(pid) == os.getpid():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
 def _date(value: str | None) -> dt.date | None:
     """A DICOM DA value as a date (None when empty or malformed)."""
     try:
@@ -326,7 +226,7 @@ def _date(value: str | None) -> dt.date | None:
         return None
 
 
-class ExamStore:
+class Exams:
     """Instance and exam rows, and every state transition of an exam."""
 
     def __init__(self, db: Database, owner: str | None = None,
@@ -407,8 +307,8 @@ class ExamStore:
             s.flush()
         inst.exam_id = exam.id
         s.flush()
-        _event(exam, "received", f"{inst.sop_instance_uid} ({inst.slot or inst.role}) from "
-               f"{inst.calling_aet or '?'}", now)
+        add_event(exam, "received", f"{inst.sop_instance_uid} ({inst.slot or inst.role}) "
+                  f"from {inst.calling_aet or '?'}", now)
         members = list(s.scalars(select(Instance).where(Instance.exam_id == exam.id)
                                  .order_by(Instance.id)))
         if exam.issuer_of_patient_id is None and inst.issuer_of_patient_id and \
@@ -448,15 +348,15 @@ class ExamStore:
         if patient:
             self._demote_older(exam, patient, now)
         if changed:
-            if exam.state in _READ:
+            if exam.state in READ_STATES:
                 exam.version += 1
                 exam.attempts, exam.next_attempt_at = 0, None
                 exam.add_note(f"reopened as version {exam.version}: instance "
                               f"{inst.sop_instance_uid} arrived after the exam was "
                               f"{exam.state}")
                 result.reopened = True
-            self._set_state(exam, ExamState.READY if complete else ExamState.RECEIVING, now)
-        elif exam.state in _READ:
+            set_exam_state(exam, ExamState.READY if complete else ExamState.RECEIVING, now)
+        elif exam.state in READ_STATES:
             exam.add_note(f"instance {inst.sop_instance_uid} ({inst.role}) arrived after the "
                           f"exam was {exam.state}; it changes no slot, the reading stands")
         exam.reason = "; ".join(assignment.problems) or None
@@ -478,13 +378,13 @@ class ExamStore:
             setattr(stored, key, fit_row(Instance, {key: getattr(record, key)})[key])
         stored.note = ((stored.note + "; ") if stored.note else "") + (
             f"re-sent with another patient: {old.describe()} -> {new.describe()}")
-        exam = _get(s, Exam, int(stored.exam_id or 0))
+        exam = get_row(s, Exam, int(stored.exam_id or 0))
         members = list(s.scalars(select(Instance).where(Instance.exam_id == exam.id)
                                  .order_by(Instance.id)))
         exam.add_note(f"patient identity changed: instance {stored.sop_instance_uid} was "
                       f"re-sent with {new.describe()} (it had {old.describe()}); the exam is "
                       f"held until resolved")
-        _event(exam, "received", f"{stored.sop_instance_uid} re-sent with another patient "
+        add_event(exam, "received", f"{stored.sop_instance_uid} re-sent with another patient "
                f"identity from {record.calling_aet or '?'}", now)
         result = AddResult(duplicate=False, instance_id=stored.id,
                            corrected_from=old.describe(), corrected_to=new.describe())
@@ -589,7 +489,7 @@ class ExamStore:
         exam.add_note(why)
         exam.reason = why
         exam.prior_rule = rule
-        self._set_state(exam, ExamState.PRIOR, now, why)
+        set_exam_state(exam, ExamState.PRIOR, now, why)
 
     def _demote_older(self, exam: Exam, patient: list[Exam], now: dt.datetime) -> None:
         """A new study of a patient: the patient's studies at least prior_gap_days older
@@ -605,32 +505,32 @@ class ExamStore:
                 continue
             self._make_prior(other, "gap", self._gap_reason(other, exam, arrived=True), now)
 
-    def priors_of(self, study_uid: str) -> list[tuple[str, str | None]]:
-        """(study UID, StudyDate) of the priors of the study's patient, oldest first."""
+    def priors_of(self, study_uid: str) -> list[PriorStudy]:
+        """The priors of the study's patient, oldest first; ExamNotFound: no such study."""
         with self.db.session() as s:
             exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid))
             if exam is None:
-                return []
-            rows = [(e.study_instance_uid, e.study_date) for e in
+                raise ExamNotFound(study_uid)
+            rows = [PriorStudy(e.study_instance_uid, e.study_date) for e in
                     self.patient_exams(s, exam, states=(ExamState.PRIOR.value,))]
         return sorted(rows, key=lambda r: r[1] or "")
 
-    def patient_studies(self, study_uid: str) -> list[dict[str, Any]]:
-        """The other exams of the study's patient (study, StudyDate, state), newest first:
-        what the dashboard links an exam to."""
+    def patient_studies(self, study_uid: str) -> list[PatientStudy]:
+        """The other exams of the study's patient, newest first: what the dashboard links an
+        exam to. ExamNotFound: no such study."""
         with self.db.session() as s:
             exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid))
             if exam is None:
-                return []
-            rows = [{"study": e.study_instance_uid, "date": e.study_date, "state": e.state}
+                raise ExamNotFound(study_uid)
+            rows = [PatientStudy(e.study_instance_uid, e.study_date, e.state)
                     for e in self.patient_exams(s, exam)]
-        return sorted(rows, key=lambda r: r["date"] or "", reverse=True)
+        return sorted(rows, key=lambda r: r.date or "", reverse=True)
 
-    def priors_by_study(self, study_uids: list[str]) -> dict[str, list[tuple[str, str | None]]]:
-        """study -> (prior study, StudyDate) oldest first, for a page of exams that are not
+    def priors_by_study(self, study_uids: list[str]) -> dict[str, list[PriorStudy]]:
+        """study -> its priors oldest first, for a page of exams that are not
         priors themselves: one indexed query for those with a PatientID, the
         name-and-birth-date lookup for the others."""
-        out: dict[str, list[tuple[str, str | None]]] = {}
+        out: dict[str, list[PriorStudy]] = {}
         with self.db.session() as s:
             exams = list(s.scalars(select(Exam).where(
                 Exam.study_instance_uid.in_(study_uids),
@@ -652,7 +552,7 @@ class ExamStore:
                     found = self.patient_exams(s, e, states=(ExamState.PRIOR.value,))
                 if found:
                     out[e.study_instance_uid] = sorted(
-                        ((p.study_instance_uid, p.study_date) for p in found),
+                        (PriorStudy(p.study_instance_uid, p.study_date) for p in found),
                         key=lambda r: r[1] or "")
         return out
 
@@ -666,7 +566,7 @@ class ExamStore:
                 exam.add_note(f"patient conflict: instance {inst.sop_instance_uid} and the "
                               f"exam's images carry different patients; the exam was "
                               f"{exam.state}, it is held until resolved")
-            self._set_state(exam, ExamState.CONFLICT, now)
+            set_exam_state(exam, ExamState.CONFLICT, now)
             exam.reason = (f"patient conflict: {len(others)} of {len(members)} instance(s) "
                            f"belong to another patient than the exam's first image; no "
                            f"reading until resolved (mammo-node resolve "
@@ -678,15 +578,15 @@ class ExamStore:
 
     def resolve_patient(self, study_uid: str, patient_id: str, assign: AssignFn,
                         issuer: str | None = None,
-                        patient_name: str | None = None) -> tuple[int, str, int]:
+                        patient_name: str | None = None) -> Resolved:
         """End a patient conflict: the exam keeps the instances of ``patient_id`` (and
         ``issuer`` when given); the others stay stored but leave the exam. The exam is read
-        again (a new version when an earlier version was read). Returns (instances
-        detached, new state, version). ExamNotFound: no such exam; ValueError: no instance of
-        that patient in it."""
+        again (a new version when an earlier version was read). Returns the instances
+        detached, the new state and the version. ExamNotFound: no such exam; ValueError: no
+        instance of that patient in it."""
         now = utcnow()
         with self.db.write() as s:
-            exam = _exam_for_update(s, study_uid)
+            exam = exam_for_update(s, study_uid)
             members = list(s.scalars(select(Instance).where(Instance.exam_id == exam.id)
                                      .order_by(Instance.id)))
             name = person_name_key(patient_name) if patient_name is not None else None
@@ -718,22 +618,8 @@ class ExamStore:
                           f"{len(detached)} detached; read as version {exam.version}")
             exam.reason = "; ".join(assignment.problems) or None
             exam.last_received_at = now
-            self._set_state(exam, ExamState.RECEIVING if exam.missing else ExamState.READY, now)
-            return len(detached), exam.state, exam.version
-
-    @staticmethod
-    def _set_state(exam: Exam, state: ExamState, now: dt.datetime,
-                   detail: str | None = None) -> None:
-        check_transition(exam.state, state, EXAM_TRANSITIONS)
-        if state != ExamState.PROCESSING:
-            exam.lease_owner = exam.lease_until = None
-        if exam.state != state:
-            _event(exam, "state", f"{exam.state} -> {state.value} (version {exam.version})"
-                   + (f": {detail}" if detail else ""), now)
-            log.info("exam %s v%d: %s -> %s", exam.study_instance_uid, exam.version,
-                     exam.state, state)
-            exam.state = state.value
-            exam.state_changed_at = now
+            set_exam_state(exam, ExamState.RECEIVING if exam.missing else ExamState.READY, now)
+            return Resolved(len(detached), exam.state, exam.version)
 
     # -- grouping timer -----------------------------------------------------------------
     def promote_stable(self, stable_seconds: float) -> list[str]:
@@ -751,15 +637,15 @@ class ExamStore:
                     msg = (f"partial exam: missing {', '.join(missing)} after "
                            f"{stable_seconds:g} s without new images")
                     exam.reason = f"{exam.reason}; {msg}" if exam.reason else msg
-                self._set_state(exam, ExamState.READY, now)
+                set_exam_state(exam, ExamState.READY, now)
                 promoted.append(exam.study_instance_uid)
         return promoted
 
     # -- worker side (used by the results pipeline) ---------------------------------------
     def claim_next_ready(self, lease_seconds: float = 60.0,
-                         max_attempts: int = 3) -> tuple[int, int] | None:
+                         max_attempts: int = 3) -> Claim | None:
         """Claim the oldest ``ready`` exam, or a ``processing`` one whose worker's lease ran
-        out, for ``lease_seconds``: ``(exam_id, version)`` or None. An exam taken over counts
+        out, for ``lease_seconds``: the :class:`Claim`, or None. An exam taken over counts
         an attempt (an exam that keeps killing its workers ends ``failed``)."""
         now = utcnow()
         with self.db.write() as s:
@@ -777,17 +663,17 @@ class ExamStore:
                 msg = (f"taken over from {exam.lease_owner or 'an unknown worker'} by "
                        f"{self.owner}: its lease ran out (attempt {exam.attempts})")
                 log.warning("exam %s v%d %s", exam.study_instance_uid, exam.version, msg)
-                _event(exam, "state", msg, now)
+                add_event(exam, "state", msg, now)
                 if exam.attempts >= max_attempts:
                     reason = (f"the worker reading it stopped {exam.attempts} times (lease "
                               f"ran out)")
-                    self._set_state(exam, ExamState.FAILED, now, reason)
+                    set_exam_state(exam, ExamState.FAILED, now, reason)
                     exam.reason = reason
                     return None
-            self._set_state(exam, ExamState.PROCESSING, now)
+            set_exam_state(exam, ExamState.PROCESSING, now)
             exam.lease_owner = self.owner
             exam.lease_until = now + dt.timedelta(seconds=lease_seconds)
-            return exam.id, exam.version
+            return Claim(exam.id, exam.version)
 
     def renew_lease(self, exam_id: int, version: int, lease_seconds: float) -> bool:
         """The worker's heartbeat: extend its claim; False when it no longer holds it."""
@@ -815,14 +701,14 @@ class ExamStore:
                 return None
             exam.attempts = (exam.attempts or 0) + 1
             if exam.attempts >= max_attempts:
-                self._set_state(exam, ExamState.FAILED, now, reason)
+                set_exam_state(exam, ExamState.FAILED, now, reason)
                 exam.reason = f"{reason} (gave up after {exam.attempts} attempts)"
             else:
                 wait = delay * 2 ** (exam.attempts - 1)
                 exam.next_attempt_at = now + dt.timedelta(seconds=wait)
                 exam.add_note(f"attempt {exam.attempts} failed ({reason}); retrying in "
                               f"{wait:g} s")
-                self._set_state(exam, ExamState.READY, now, f"retry: {reason}")
+                set_exam_state(exam, ExamState.READY, now, f"retry: {reason}")
             return exam.state
 
     def release_claim(self, exam_id: int, version: int, reason: str) -> bool:
@@ -835,15 +721,15 @@ class ExamStore:
             if exam is None or not self._held(exam, version):
                 return False
             exam.add_note(f"reading interrupted ({reason}); queued again")
-            self._set_state(exam, ExamState.READY, now, f"interrupted: {reason}")
+            set_exam_state(exam, ExamState.READY, now, f"interrupted: {reason}")
             return True
 
-    def reprocess(self, study_uid: str) -> tuple[int, str]:
-        """Read an exam again as a new version (``mammo-node reprocess``): (version, state).
+    def reprocess(self, study_uid: str) -> Reopened:
+        """Read an exam again as a new version (``mammo-node reprocess``).
         ExamNotFound: no such exam; ValueError: held by a patient conflict or no view."""
         now = utcnow()
         with self.db.write() as s:
-            exam = _exam_for_update(s, study_uid)
+            exam = exam_for_update(s, study_uid)
             if exam.state == ExamState.CONFLICT:
                 raise ValueError("the exam is held by a patient conflict: resolve it first")
             if not any(exam.views.values()):
@@ -851,18 +737,18 @@ class ExamStore:
             exam.version += 1
             exam.attempts, exam.next_attempt_at = 0, None
             exam.add_note(f"reprocess requested: read again as version {exam.version}")
-            self._set_state(exam, ExamState.READY, now)
-            return exam.version, exam.state
+            set_exam_state(exam, ExamState.READY, now)
+            return Reopened(exam.version, exam.state)
 
-    def complete_now(self, study_uid: str) -> tuple[list[str], str]:
+    def complete_now(self, study_uid: str) -> Completed:
         """Process an exam now (``mammo-node complete``): a partial one instead of waiting, a
         prior or an exam skipped by the site's rule because someone asks for its reading
         (``read_on_request``: the worker reads it whatever [inference] implants says, no
-        newer study makes it a prior again). Returns (missing views, state). ExamNotFound /
+        newer study makes it a prior again). Returns the missing views and the state. ExamNotFound /
         ValueError as :meth:`reprocess`."""
         now = utcnow()
         with self.db.write() as s:
-            exam = _exam_for_update(s, study_uid)
+            exam = exam_for_update(s, study_uid)
             if exam.state not in (ExamState.RECEIVING, ExamState.PRIOR, ExamState.SKIPPED):
                 raise ValueError(f"the exam is {exam.state}, not receiving, prior or "
                                  f"skipped")
@@ -878,8 +764,8 @@ class ExamStore:
                 exam.add_note(msg)
                 exam.reason = msg
                 exam.read_on_request = True
-            self._set_state(exam, ExamState.READY, now, msg)
-            return missing, exam.state
+            set_exam_state(exam, ExamState.READY, now, msg)
+            return Completed(missing, exam.state)
 
     def skip(self, exam_id: int, version: int, reason: str) -> bool:
         """End processing of ``version`` without a reading, by the site's rule (state
@@ -888,7 +774,7 @@ class ExamStore:
             exam = s.get(Exam, exam_id, with_for_update=True)
             if exam is None or not self._held(exam, version):
                 return False
-            self._set_state(exam, ExamState.SKIPPED, utcnow(), reason)
+            set_exam_state(exam, ExamState.SKIPPED, utcnow(), reason)
             exam.reason = reason
             return True
 
@@ -899,7 +785,7 @@ class ExamStore:
             exam = s.get(Exam, exam_id, with_for_update=True)
             if exam is None or not self._held(exam, version):
                 return False
-            self._set_state(exam, ExamState.DONE if ok else ExamState.FAILED, utcnow(),
+            set_exam_state(exam, ExamState.DONE if ok else ExamState.FAILED, utcnow(),
                             None if ok else reason)
             if not ok:
                 exam.reason = reason or "processing failed"
@@ -942,7 +828,7 @@ class ExamStore:
                                        state=OutboundState.PENDING.value, attempts=0,
                                        next_attempt_at=utcnow()))
             if finish:
-                self._set_state(exam, ExamState.DONE, utcnow())
+                set_exam_state(exam, ExamState.DONE, utcnow())
             return True
 
     @staticmethod
@@ -973,10 +859,10 @@ class ExamStore:
             referring_physician_name=source.referring_physician_name if source else None,
             series_description=r.series_description, rows=r.rows, columns=r.columns))
 
-    def slot_paths(self, exam_id: int) -> tuple[str, int, dict[str, str]]:
-        """(study UID, version, slot -> relative path) of an exam's slot images."""
+    def slot_paths(self, exam_id: int) -> SlotPaths:
+        """An exam's slot images (ExamNotFound: no such exam)."""
         with self.db.session() as s:
-            exam = _get(s, Exam, exam_id)
+            exam = get_row(s, Exam, exam_id)
             paths: dict[str, str] = {}
             for slot, uid in exam.views.items():
                 if uid:
@@ -984,245 +870,24 @@ class ExamStore:
                         Instance.sop_instance_uid == uid))
                     if path is not None:
                         paths[slot] = path
-            return exam.study_instance_uid, exam.version, paths
+            return SlotPaths(exam.study_instance_uid, exam.version, paths)
 
-    def reading_context(self, exam_id: int) -> dict[str, Any]:
+    def reading_context(self, exam_id: int) -> ReadingContext:
         """What a reading says about its images: slot -> image kind, implant, the
         patient's priors (StudyDates) and the views that had only a volume."""
         with self.db.session() as s:
-            exam = _get(s, Exam, exam_id)
+            exam = get_row(s, Exam, exam_id)
             study = exam.study_instance_uid
             kinds = {k: v for k, v in exam.view_kinds.items() if v}
             implant = bool(exam.implant)
             volume_only = exam.volume_only  # only views still without an image
             read_on_request = bool(exam.read_on_request)
         priors = [d for _, d in self.priors_of(study)]
-        return {"kinds": kinds, "implant": implant,
-                "priors": [f"{d[:4]}-{d[4:6]}-{d[6:8]}" if d and len(d) == 8 else (d or "?")
-                           for d in priors],
-                "volume_only": volume_only, "read_on_request": read_on_request}
-
-    # -- export ----------------------------------------------------------------------------
-    def due_transfers(self, limit: int = 100,
-                      exclude: set[str] | frozenset[str] = frozenset()) -> list[Delivery]:
-        """Deliveries whose time has come, oldest first (a look, not a claim)."""
-        with self.db.session() as s:
-            return self._due(s, limit, exclude, claim=False)
-
-    def claim_transfers(self, limit: int = 20, lease_seconds: float = 60.0,
-                        exclude: set[str] | frozenset[str] = frozenset()) -> list[Delivery]:
-        """Claim due deliveries for this exporter (``FOR UPDATE SKIP LOCKED``, then a lease):
-        several exporters never send the same object; one that dies leaves its claims to
-        the others when the lease runs out."""
-        with self.db.write() as s:
-            rows = self._due(s, limit, exclude, claim=True)
-            if rows:
-                s.execute(update(Outbound).where(Outbound.id.in_([r.id for r in rows]))
-                          .values(lease_owner=self.owner, lease_until=utcnow()
-                                  + dt.timedelta(seconds=lease_seconds)))
-            return rows
-
-    def renew_transfer_leases(self, lease_seconds: float) -> int:
-        """The exporter's heartbeat: extend the claims it still holds."""
-        with self.db.write() as s:
-            return s.execute(update(Outbound).where(  # type: ignore[attr-defined]
-                Outbound.lease_owner == self.owner,
-                Outbound.state.in_((OutboundState.PENDING.value,
-                                    OutboundState.RETRYING.value)))
-                .values(lease_until=utcnow() + dt.timedelta(seconds=lease_seconds))).rowcount
-
-    def release_transfers(self) -> None:
-        """Give back this exporter's unsent claims (at shutdown)."""
-        with self.db.write() as s:
-            s.execute(update(Outbound).where(Outbound.lease_owner == self.owner)
-                      .values(lease_owner=None, lease_until=None))
-
-    @staticmethod
-    def _due(s: Session, limit: int, exclude: Collection[str], claim: bool) -> list[Delivery]:
-        now = utcnow()
-        q = (select(Outbound.id, Outbound.destination, Outbound.attempts, Result.path,
-                    Result.sop_instance_uid, Outbound.in_flight_since, Result.sop_class_uid,
-                    Exam.study_instance_uid)
-             .join(Result, Result.id == Outbound.result_id)
-             .join(Exam, Exam.id == Result.exam_id)
-             .where(Outbound.state.in_((OutboundState.PENDING.value,
-                                        OutboundState.RETRYING.value)),
-                    Outbound.next_attempt_at <= now,
-                    or_(Outbound.lease_until.is_(None), Outbound.lease_until < now),
-                    Outbound.destination.not_in(list(exclude)) if exclude else true())
-             .order_by(Outbound.next_attempt_at, Outbound.id).limit(limit))
-        if claim:
-            q = q.with_for_update(skip_locked=True, of=Outbound)
-        return [Delivery(id=r[0], destination=r[1], attempts=r[2], path=r[3],
-                         sop_instance_uid=r[4], interrupted=r[5] is not None,
-                         sop_class_uid=r[6], study_instance_uid=r[7])
-                for r in s.execute(q).all()]
-
-    def mark_in_flight(self, outbound_id: int, lease_seconds: float = 60.0) -> bool:
-        """A C-STORE of this delivery starts now (and the claim is extended). False when
-        another exporter holds it (this one's lease ran out and it was taken over)."""
-        with self.db.write() as s:
-            row = _get(s, Outbound, outbound_id)
-            if row.lease_owner not in (None, self.owner):
-                return False
-            now = utcnow()
-            row.in_flight_since = now
-            row.lease_owner, row.lease_until = self.owner, now + dt.timedelta(
-                seconds=lease_seconds)
-            return True
-
-    def _delivery_event(self, s: Session, row: Outbound, text: str) -> None:
-        res = s.get(Result, row.result_id)
-        exam = s.get(Exam, res.exam_id) if res is not None else None
-        if exam is not None and res is not None:
-            _event(exam, "delivery", f"{res.kind} {res.sop_instance_uid} to {row.destination}: "
-                   f"{text}")
-
-    def mark_sent(self, outbound_id: int) -> None:
-        with self.db.write() as s:
-            row = _get(s, Outbound, outbound_id)
-            self._delivery_event(s, row, f"sent (attempt {row.attempts + 1})")
-            _set_outbound(row, OutboundState.SENT)
-            row.sent_at, row.last_error = utcnow(), None
-            row.in_flight_since = None
-            row.attempts += 1
-
-    def mark_failed(self, outbound_id: int, error: str, max_attempts: int,
-                    initial_delay: float, max_delay: float) -> str:
-        """Schedule a retry with exponential backoff, or give up; returns the new state."""
-        with self.db.write() as s:
-            row = _get(s, Outbound, outbound_id)
-            row.attempts += 1
-            row.in_flight_since = None
-            row.last_error = error[:2000]
-            self._delivery_event(s, row, f"attempt {row.attempts} failed: {error[:300]}")
-            if row.attempts >= max_attempts:
-                _set_outbound(row, OutboundState.GAVE_UP)
-            else:
-                delay = min(max_delay, initial_delay * 2 ** (row.attempts - 1))
-                _set_outbound(row, OutboundState.RETRYING)
-                row.next_attempt_at = utcnow() + dt.timedelta(seconds=delay)
-            return row.state
-
-    def requeue_study(self, study_uid: str) -> int:
-        """Queue every result of the study's latest version again (``mammo-node resend``)."""
-        with self.db.write() as s:
-            exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid))
-            if exam is None:
-                return 0
-            n = 0
-            for row in s.scalars(select(Outbound).join(Result, Result.id == Outbound.result_id)
-                                 .where(Result.exam_id == exam.id,
-                                        Result.version == exam.version,
-                                        Result.purged_at.is_(None))):
-                _set_outbound(row, OutboundState.PENDING)
-                row.attempts, row.next_attempt_at = 0, utcnow()
-                row.last_error = None
-                n += 1
-            return n
-
-    def delivery_summary(self) -> dict[str, dict[str, dict[str, int]]]:
-        """study UID -> destination -> state -> count (latest version of each exam)."""
-        out: dict[str, dict[str, dict[str, int]]] = {}
-        with self.db.session() as s:
-            q = (select(Exam.study_instance_uid, Outbound.destination, Outbound.state,
-                        func.count())
-                 .join(Result, Result.exam_id == Exam.id)
-                 .join(Outbound, Outbound.result_id == Result.id)
-                 .where(Result.version == Exam.version)
-                 .group_by(Exam.study_instance_uid, Outbound.destination, Outbound.state))
-            for study, dest, state, n in s.execute(q):
-                out.setdefault(study, {}).setdefault(dest, {})[state] = n
-        return out
-
-    def exam_page(self, state: str | None = None, accession: str | None = None,
-                  day: dt.date | None = None, offset: int = 0,
-                  limit: int = 100, by_score: bool = False
-                  ) -> tuple[list[dict[str, Any]], int]:
-        """One page of exams, newest first (``by_score``: the highest exam score first, exams
-        without a score last, then newest first: the triage order, over every exam, sorted by
-        the database), with their deliveries and result latency (the dashboard's list;
-        everything in a few queries whatever the number of exams)."""
-        conds = []
-        if state:
-            conds.append(Exam.state == state)
-        if accession:
-            conds.append(Exam.accession_number.like(
-                "%" + accession.replace("\\", "\\\\").replace("%", "\\%")
-                .replace("_", "\\_") + "%", escape="\\"))
-        if day is not None:
-            start = dt.datetime.combine(day, dt.time())
-            conds.append(Exam.last_received_at >= start)
-            conds.append(Exam.last_received_at < start + dt.timedelta(days=1))
-        with self.db.session() as s:
-            total = s.scalar(select(func.count()).select_from(Exam).where(*conds)) or 0
-            order: list[ColumnElement[Any]] = [Exam.last_received_at.desc(), Exam.id.desc()]
-            if by_score:  # NULLS LAST spelt portably (SQLite and PostgreSQL sort NULL apart)
-                order = [Exam.exam_score.is_(None), Exam.exam_score.desc(), *order]
-            exams = list(s.scalars(select(Exam).where(*conds).order_by(*order)
-                                   .offset(offset).limit(limit)))
-            ids = [e.id for e in exams]
-            delivery: dict[int, dict[str, dict[str, int]]] = {}
-            last_sent: dict[int, dt.datetime] = {}
-            if ids:
-                for exam_id, dest, st, n, sent in s.execute(
-                        select(Result.exam_id, Outbound.destination, Outbound.state,
-                               func.count(), func.max(Outbound.sent_at))
-                        .join(Outbound, Outbound.result_id == Result.id)
-                        .join(Exam, Exam.id == Result.exam_id)
-                        .where(Result.exam_id.in_(ids), Result.version == Exam.version)
-                        .group_by(Result.exam_id, Outbound.destination, Outbound.state)):
-                    delivery.setdefault(exam_id, {}).setdefault(dest, {})[st] = n
-                    if sent is not None:
-                        last_sent[exam_id] = max(sent, last_sent.get(exam_id, sent))
-        rows = []
-        for e in exams:
-            d = e.as_dict()
-            d["delivery"] = delivery.get(e.id, {})
-            complete = d["delivery"] and all(set(c) == {"sent"} for c in d["delivery"].values())
-            d["latency_seconds"] = ((last_sent[e.id] - e.last_received_at).total_seconds()
-                                    if complete and e.id in last_sent else None)
-            rows.append(d)
-        return rows, total
-
-    def exam_dict(self, study_uid: str) -> dict[str, Any] | None:
-        with self.db.session() as s:
-            exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid))
-            if exam is None:
-                return None
-            d = exam.as_dict()
-            d["reading_json"] = exam.reading_json
-            return d
-
-    def delivery_of(self, study_uid: str) -> dict[str, dict[str, int]]:
-        """destination -> state -> count for the study's current version."""
-        with self.db.session() as s:
-            rows = s.execute(select(Outbound.destination, Outbound.state, func.count())
-                             .join(Result, Result.id == Outbound.result_id)
-                             .join(Exam, Exam.id == Result.exam_id)
-                             .where(Exam.study_instance_uid == study_uid,
-                                    Result.version == Exam.version)
-                             .group_by(Outbound.destination, Outbound.state)).all()
-        out: dict[str, dict[str, int]] = {}
-        for dest, st, n in rows:
-            out.setdefault(dest, {})[st] = n
-        return out
-
-    def delivery_totals(self) -> dict[str, dict[str, int]]:
-        """destination -> state -> count over every result."""
-        with self.db.session() as s:
-            rows = s.execute(select(Outbound.destination, Outbound.state, func.count())
-                             .group_by(Outbound.destination, Outbound.state)).all()
-        out: dict[str, dict[str, int]] = {}
-        for dest, st, n in rows:
-            out.setdefault(dest, {})[st] = n
-        return out
-
-    def received_bytes_since(self, since: dt.datetime) -> int:
-        with self.db.session() as s:
-            return int(s.scalar(select(func.coalesce(func.sum(Instance.size_bytes), 0))
-                                .where(Instance.received_at >= since,
-                                       Instance.role != "result")) or 0)
+        return ReadingContext(
+            kinds=kinds, implant=implant,
+            priors=[f"{d[:4]}-{d[4:6]}-{d[6:8]}" if d and len(d) == 8 else (d or "?")
+                    for d in priors],
+            volume_only=volume_only, read_on_request=read_on_request)
 
     def add_event(self, study_uid: str, kind: str, detail: str) -> None:
         """A line in an exam's timeline from outside a transition (an administrator's
@@ -1230,73 +895,7 @@ class ExamStore:
         with self.db.write() as s:
             exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid))
             if exam is not None:
-                _event(exam, kind, detail)
-
-    def events(self, study_uid: str) -> list[ExamEvent]:
-        with self.db.session() as s:
-            return list(s.scalars(select(ExamEvent).join(Exam, Exam.id == ExamEvent.exam_id)
-                                  .where(Exam.study_instance_uid == study_uid)
-                                  .order_by(ExamEvent.at, ExamEvent.id)))
-
-    def set_paused(self, destination: str, paused: bool) -> None:
-        with self.db.write() as s:
-            row = s.get(DestinationSetting, destination)
-            if row is None:
-                row = DestinationSetting(name=destination)
-                s.add(row)
-            row.paused, row.changed_at = paused, utcnow()
-
-    def paused_destinations(self) -> set[str]:
-        with self.db.session() as s:
-            return set(s.scalars(select(DestinationSetting.name)
-                                 .where(DestinationSetting.paused.is_(True))))
-
-    def last_errors(self) -> dict[str, tuple[dt.datetime | None, str]]:
-        """destination -> (when, error) of its most recent failed attempt still on record."""
-        out: dict[str, tuple[dt.datetime | None, str]] = {}
-        with self.db.session() as s:
-            for dest, at, err in s.execute(
-                    select(Outbound.destination, Outbound.next_attempt_at, Outbound.last_error)
-                    .where(Outbound.last_error.isnot(None))
-                    .order_by(Outbound.next_attempt_at)):
-                out[dest] = (at, err or "")
-        return out
-
-    def queue_depths(self) -> dict[tuple[str, str], int]:
-        """(destination, state) -> result objects waiting (pending or retrying)."""
-        with self.db.session() as s:
-            rows = s.execute(select(Outbound.destination, Outbound.state, func.count())
-                             .where(Outbound.state.in_((OutboundState.PENDING.value,
-                                                        OutboundState.RETRYING.value)))
-                             .group_by(Outbound.destination, Outbound.state)).all()
-        return {(d, st): n for d, st, n in rows}
-
-    def delivered_latency(self, study_uid: str) -> float | None:
-        """Seconds from the exam's last image to its last result delivered, once every result
-        of its current version reached every destination; None before that. The exam must be
-        ``done``: its SRs are sent while its images are still being rendered, and "every result
-        sent" then would count the exam once for its SRs and again for the rest."""
-        with self.db.session() as s:
-            exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid))
-            if exam is None or exam.state != ExamState.DONE:
-                return None
-            rows = s.execute(select(Outbound.state, Outbound.sent_at)
-                             .join(Result, Result.id == Outbound.result_id)
-                             .where(Result.exam_id == exam.id,
-                                    Result.version == exam.version)).all()
-            if not rows or any(st != OutboundState.SENT for st, _ in rows):
-                return None
-            last = max(t for _, t in rows if t is not None)
-            return max(0.0, (last - exam.last_received_at).total_seconds())
-
-    def ping(self) -> bool:
-        """The database answers (``/readyz``)."""
-        try:
-            with self.db.session() as s:
-                s.execute(select(1))
-            return True
-        except Exception:
-            return False
+                add_event(exam, kind, detail)
 
     def results_of(self, study_uid: str) -> list[Result]:
         with self.db.session() as s:
@@ -1307,7 +906,8 @@ class ExamStore:
     def recover(self) -> int:
         """At a worker's start: exams left ``processing`` by a process of this host that is
         gone (or by a release without leases) go back to ``ready`` at once; those of other
-        hosts' workers are taken over when their lease runs out."""
+        hosts' workers are taken over when their lease runs out. Returns how many went back
+        (the delivery claims of dead exporters: :meth:`storage.deliveries.Deliveries.recover`)."""
         n = 0
         with self.db.write() as s:
             for exam in s.scalars(select(Exam).where(Exam.state == ExamState.PROCESSING.value)
@@ -1315,61 +915,7 @@ class ExamStore:
                 if not owner_is_dead(exam.lease_owner):
                     continue
                 exam.add_note("processing interrupted (node restarted); queued again")
-                self._set_state(exam, ExamState.READY, utcnow())
+                set_exam_state(exam, ExamState.READY, utcnow())
                 n += 1
-            # Deliveries claimed by a dead exporter of this host: free them now.
-            for row in s.scalars(select(Outbound).where(Outbound.lease_owner.isnot(None))
-                                 .with_for_update(skip_locked=True)):
-                if owner_is_dead(row.lease_owner):
-                    row.lease_owner = row.lease_until = None
         return n
 
-    # -- queries --------------------------------------------------------------------------
-    def list_exams(self) -> list[Exam]:
-        with self.db.session() as s:
-            return list(s.scalars(select(Exam).order_by(Exam.created_at, Exam.id)))
-
-    def counts_by_state(self) -> dict[str, int]:
-        counts = {state.value: 0 for state in ExamState}
-        with self.db.session() as s:
-            for state, n in s.execute(select(Exam.state, func.count()).group_by(Exam.state)):
-                counts[state] = n
-        return counts
-
-    def find_instances(self, study_uids: list[str] | None = None,
-                       series_uids: list[str] | None = None,
-                       sop_uids: list[str] | None = None,
-                       patient_id: str | None = None) -> list[Instance]:
-        """Instances (received and produced), narrowed by exact UIDs / patient ID when given;
-        the caller applies the rest of the DICOM matching."""
-        q = select(Instance)
-        if study_uids:
-            q = q.where(Instance.study_instance_uid.in_(study_uids))
-        if series_uids:
-            q = q.where(Instance.series_instance_uid.in_(series_uids))
-        if sop_uids:
-            q = q.where(Instance.sop_instance_uid.in_(sop_uids))
-        if patient_id is not None:
-            q = q.where(Instance.patient_id == patient_id)
-        with self.db.session() as s:
-            return list(s.scalars(q.order_by(Instance.id)))
-
-    def find_entities(self, level: str, matches: list, limit: int | None = None,
-                      offset: int = 0, counts: frozenset = frozenset(),
-                      modalities: bool = False) -> Found:
-        """C-FIND / QIDO matching in the database (see :func:`storage.query.find_entities`)."""
-        from storage.query import find_entities
-
-        with self.db.session() as s:
-            return find_entities(s, level, matches, limit, offset, counts, modalities)
-
-    def query_instances(self, level: str, matches: list) -> list[Instance]:
-        """Every instance of the matching entities (a retrieve's; :mod:`storage.query`)."""
-        from storage.query import query_instances
-
-        with self.db.session() as s:
-            return query_instances(s, level, matches)
-
-    def instance_count(self) -> int:
-        with self.db.session() as s:
-            return s.scalar(select(func.count()).select_from(Instance)) or 0
