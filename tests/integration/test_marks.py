@@ -391,9 +391,10 @@ def test_density_head_trains_only_where_labels_exist():
 
 
 def test_presentation_state_of_a_real_reading(model, exam_files, tmp_path):
-    """The node's path (node.worker._read): the demo checkpoint's marks in the presentation
-    state, rendered by DCMTK (test-artifacts/gsps-model-*.png), each on the lesion's view."""
-    from node.worker import ExamJob, _read
+    """The node's path (node.inference_process._read): the demo checkpoint's marks in the
+    presentation state, rendered by DCMTK (test-artifacts/gsps-model-*.png), each on the
+    lesion's view."""
+    from node.inference_process import ExamJob, _read
 
     views, paths, les, seeds = exam_files
     root = next(iter(paths.values())).parent
@@ -456,7 +457,7 @@ def test_a_view_read_from_a_kind_the_checkpoint_was_not_trained_on_is_said(model
     """A checkpoint that states the image kinds it was trained on (metadata ``image_kinds``):
     the reading says when a view was read from another kind, and not when every view is
     one of them (issue 19 item 2)."""
-    from node.worker import ExamJob, _read
+    from node.inference_process import ExamJob, _read
 
     _, paths, _, _ = exam_files
     root = next(iter(paths.values())).parent

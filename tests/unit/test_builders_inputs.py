@@ -294,7 +294,7 @@ def test_tid1500_anchored_at_the_attention_hot_spot(sources, tmp_path):
 
 
 def test_hottest_region_is_the_box_above_half_the_maximum():
-    from node.worker import hottest_region
+    from node.inference_process import hottest_region
 
     m = np.zeros((50, 40), np.float32)
     m[10:20, 5:15] = 1.0

@@ -107,7 +107,7 @@ def test_associations_carry_the_identity_both_ways(tmp_path, monkeypatch):
 def test_every_result_file_names_the_node(tmp_path):
     """Each kind of result, written by the worker's one write path, carries the node's
     identity in its file meta (highdicom put its own there) and stays valid (dciodvfy)."""
-    from node.worker import ExamJob, _adder
+    from node.inference_process import ExamJob, _adder
 
     sources = {f"{ds.ImageLaterality}-{ds.ViewPosition}": ds
                for ds in make_exam(seed=5, rows=64, cols=48)}
