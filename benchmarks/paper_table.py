@@ -15,9 +15,11 @@ ternary F1 0.7790, 5-class F1 0.4904).
 
 Multi-node: pass ``--torchrun-args "--nnodes=2 --node_rank=0 --rdzv_backend=c10d
 --rdzv_endpoint=HOST:29400"`` (and the same on the other node, its own --node_rank) instead of
-the default ``--standalone``. On these 2-core machines only a smoke run fits (a tiny synthetic
-set, e.g. ``--image-size 64x64 --epochs 1 --archs cnn``); the real comparison needs GPUs and
-the data.
+the default ``--standalone``. ``--cache-dir`` puts the preprocessing cache the trainings and
+the evaluations share elsewhere than DATA/.mammo-cache (a read-only data set, a faster disk),
+as train's and evaluate's own ``--cache-dir`` do. On these 2-core machines only a smoke run
+fits (a tiny synthetic set, e.g. ``--image-size 64x64 --epochs 1 --archs cnn``); the real
+comparison needs GPUs and the data.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import torch  # noqa: E402
 from inference.checkpoint import load_checkpoint  # noqa: E402
 from inference.datasets import FORMATS, read_dataset, select_split  # noqa: E402
 from inference.metrics import bootstrap_task_metrics, evaluate_predictions  # noqa: E402
-from inference.train import predict_records  # noqa: E402
+from inference.train import default_cache_dir, predict_records  # noqa: E402
 
 PAPER = {("birads-1v5", "auc"): 0.9967, ("birads-1v5", "f1"): 0.9830,
          ("birads-3class", "f1"): 0.7790, ("birads-5class", "f1"): 0.4904}
@@ -55,6 +57,7 @@ def train_under_torchrun(args: argparse.Namespace, arch: str, weights: str, mode
            "--arch", arch, "--weights", weights, "--epochs", str(args.epochs),
            "--image-size", args.image_size, "--batch-size", str(args.batch_size),
            "--device", args.device, "--seed", str(args.seed), "--quiet",
+           *(["--cache-dir", args.cache_dir] if args.cache_dir else []),
            *(["--no-diagnosis"] if mode == "single" else []), *shlex.split(args.train_args)]
     t0 = time.perf_counter()
     env = dict(os.environ)
@@ -74,7 +77,8 @@ def evaluate_with_ci(args: argparse.Namespace, ckpt: Path) -> dict[str, dict]:
     if not records:
         raise ValueError(f"no test split in {args.data}")
     preds = predict_records(model, records, device, args.batch_size, 0,
-                            cache_dir=str(Path(args.data) / ".mammo-cache"), progress=False)
+                            cache_dir=default_cache_dir(args.data, args.cache_dir),
+                            progress=False)
     res = evaluate_predictions(preds, info.config.task)
     ci = bootstrap_task_metrics(preds, info.config.task, args.bootstrap, args.seed)
     return {t: {**m, **ci.get(t, {})} for t, m in res.items()}
@@ -119,6 +123,9 @@ def main() -> int:
     ap.add_argument("--image-size", default="512x256")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--cache-dir", default=None,
+                    help="preprocessing cache, passed to each training and used by the "
+                         "evaluation (default: DATA/.mammo-cache)")
     ap.add_argument("--archs", nargs="+", default=["cnn", "vssm", "hybrid"])
     ap.add_argument("--weights", nargs="+", default=["shared", "separate"])
     ap.add_argument("--tasks", nargs="+", default=["single", "multi"],

@@ -462,14 +462,13 @@ class Dashboard:
                             page="destinations", dests=dests)
 
     def _echo(self, name: str) -> str:
-        from node.export import tls_args
-        from node.scu import AssociationFailed, echo
+        from node.scu import AssociationFailed, destination_tls, echo
 
         dest = next(d for d in self.cfg.destinations if d.name == name)
         t0 = time.perf_counter()
         try:
             ok = echo(self.cfg.node.ae_title, dest.host, dest.port, dest.ae_title, 10,
-                      tls_args(self.cfg, dest).get("tls_args"))
+                      destination_tls(self.cfg, dest))
         except AssociationFailed as exc:
             return f"C-ECHO to {name} failed: {exc}"
         ms = (time.perf_counter() - t0) * 1000

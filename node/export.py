@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from contextlib import ExitStack
+from typing import TYPE_CHECKING
 
 from pydicom import dcmread
-from pynetdicom import build_context
 
 from node import audit as A
 from node.config import Config, Destination
-from node.implementation import application_entity
+from node.scu import AssociationFailed, TLSArgs, association, contexts_for, destination_tls
 from node.status import PENDING, PENDING_WARNING, STORED, SUCCESS
 from storage.deliveries import Deliveries
 from storage.files import FileStore
@@ -25,60 +24,51 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mammo_node.export")
 
-
-
-def nodelay(assoc: Any) -> None:
-    """Disable Nagle's algorithm on an association's socket: a C-STORE request is a command
-    PDU then data PDUs, and Nagle + the peer's delayed ACK would stall each one ~40 ms."""
-    try:
-        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (AttributeError, OSError):
-        pass
-
-
-def tls_args(cfg: Config, dest: Destination) -> dict:
-    """``ae.associate`` keyword for a destination with ``tls = true``: the PACS's certificate
-    is verified against ``[tls] ca_certificates`` and its host name."""
-    if not dest.tls:
-        return {}
-    from node.security import client_context
-
-    return {"tls_args": (client_context(cfg), dest.host)}
+#: Seconds for ACSE, DIMSE and the network: an export's association, and the C-FIND that asks
+#: whether an interrupted send had reached the destination.
+SEND_TIMEOUT = 30
+FIND_TIMEOUT = 15
 
 
 def _find_instance(ae_title: str, dest: Destination, study_uid: str, sop_uid: str,
-                   tls: dict | None = None) -> bool | None:
+                   tls: TLSArgs | None = None) -> bool | None:
     """Ask the destination (C-FIND, Study Root, IMAGE level) whether it holds an instance;
-    None when it cannot tell (no C-FIND there)."""
+    None when it cannot tell (no C-FIND there, or it does not associate)."""
     from pydicom.dataset import Dataset
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
-    ae = application_entity(ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, **(tls or {}))
-    if not assoc.is_established:
-        return None
+    find = StudyRootQueryRetrieveInformationModelFind
     try:
-        q = Dataset()
-        q.QueryRetrieveLevel = "IMAGE"
-        q.StudyInstanceUID = study_uid
-        q.SeriesInstanceUID = ""
-        q.SOPInstanceUID = sop_uid
-        found, final = False, None
-        for status, ident in assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind):
-            if not status:
-                return None
-            final = int(status.Status)
-            if final in (PENDING, PENDING_WARNING) and ident is not None and \
-                    str(ident.get("SOPInstanceUID", "")) == sop_uid:
-                found = True
-        return found if final == SUCCESS else None
+        with association(ae_title, dest.host, dest.port, dest.ae_title,
+                         contexts_for([str(find)]), FIND_TIMEOUT, tls) as assoc:
+            q = Dataset()
+            q.QueryRetrieveLevel = "IMAGE"
+            q.StudyInstanceUID = study_uid
+            q.SeriesInstanceUID = ""
+            q.SOPInstanceUID = sop_uid
+            found, final = False, None
+            for status, ident in assoc.send_c_find(q, find):
+                if not status:
+                    return None
+                final = int(status.Status)
+                if final in (PENDING, PENDING_WARNING) and ident is not None and \
+                        str(ident.get("SOPInstanceUID", "")) == sop_uid:
+                    found = True
+            return found if final == SUCCESS else None
+    except AssociationFailed as exc:
+        if exc.tls_setup:
+            raise  # certificate files: not a question of what the destination holds
+        return None
     except (ValueError, RuntimeError):  # no accepted C-FIND context
         return None
-    finally:
-        if assoc.is_established:
-            assoc.release()
+
+
+def _not_associated(dest: Destination, exc: Exception) -> str:
+    """A delivery's error when its association could not be opened."""
+    if isinstance(exc, AssociationFailed) and not exc.tls_setup:
+        return str(exc)  # "association with AE@host:port failed[ (TLS)]"
+    cause = exc.__cause__ if isinstance(exc, AssociationFailed) else exc
+    return f"cannot open TLS to {dest.name}: {cause}"
 
 
 class Exporter(threading.Thread):
@@ -147,7 +137,7 @@ class Exporter(threading.Thread):
     def _already_there(self, dest: Destination, row: Delivery) -> bool:
         """For a delivery whose previous attempt was cut off: is it at the destination?"""
         found = _find_instance(self.cfg.node.ae_title, dest, row.study_instance_uid,
-                               row.sop_instance_uid, tls_args(self.cfg, dest))
+                               row.sop_instance_uid, destination_tls(self.cfg, dest))
         return bool(found)
 
     def _send(self, dest: Destination, rows: list[Delivery]) -> None:
@@ -159,66 +149,62 @@ class Exporter(threading.Thread):
                 self._failed(r, f"cannot read result file: {exc}")
         if not datasets:
             return
-        ae = application_entity(self.cfg.node.ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
                     for _, ds in datasets}
-        ae.requested_contexts = [build_context(a, [t]) for a, t in sorted(contexts)]
-        try:
-            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
-                                 **tls_args(self.cfg, dest))
-        except (OSError, ValueError) as exc:  # TLS set-up (certificate files) failed
-            for r, _ in datasets:
-                self._failed(r, f"cannot open TLS to {dest.name}: {exc}")
-            return
-        if assoc.is_established:
-            nodelay(assoc)
-        if not assoc.is_established:
-            for r, _ in datasets:
-                self._failed(r, f"association with {dest.ae_title}@{dest.host}:{dest.port} "
-                                f"failed{' (TLS)' if dest.tls else ''}")
-            return
-        to = {"name": dest.name, "ae_title": dest.ae_title, "host": dest.host,
-              "port": dest.port, "tls": dest.tls}
-        studies = sorted({r.study_instance_uid for r, _ in datasets})
-        self.audit.event(A.BEGIN_TRANSFER, A.SUCCESS, service="export", to=to, studies=studies,
-                         instances=len(datasets))
-        sent = failed = 0
-        try:
-            for r, ds in datasets:
-                if not assoc.is_established:
-                    self._failed(r, "association lost")
-                    continue
-                if r.interrupted and self._already_there(dest, r):
-                    self.deliveries.mark_sent(r.id)
-                    log.info("%s was already at %s (a send interrupted by a restart had "
-                             "reached it): not sent again", r.sop_instance_uid, dest.name)
-                    continue
-                if not self.deliveries.mark_in_flight(r.id, self.cfg.export.lease_seconds):
-                    log.warning("%s to %s: taken over by another exporter; not sent here",
-                                r.sop_instance_uid, dest.name)
-                    continue
-                if self.metrics is not None:
-                    self.metrics.export_attempts.labels(dest.name).inc()
-                status = assoc.send_c_store(ds)
-                code = int(status.Status) if status and "Status" in status else None
-                if code in STORED:
-                    self.deliveries.mark_sent(r.id)
-                    sent += 1
-                    log.info("sent %s to %s", r.sop_instance_uid, dest.name)
-                else:
-                    failed += 1
+        # The stack holds the association: released (if still up) before the end of the
+        # transfer is audited.
+        with ExitStack() as stack:
+            try:
+                assoc = stack.enter_context(association(
+                    self.cfg.node.ae_title, dest.host, dest.port, dest.ae_title,
+                    contexts_for(sorted(contexts)), SEND_TIMEOUT,
+                    destination_tls(self.cfg, dest), no_delay=True))
+            except (AssociationFailed, OSError, ValueError) as exc:  # OSError, ValueError:
+                for r, _ in datasets:                                # TLS certificate files
+                    self._failed(r, _not_associated(dest, exc))
+                return
+            to = {"name": dest.name, "ae_title": dest.ae_title, "host": dest.host,
+                  "port": dest.port, "tls": dest.tls}
+            studies = sorted({r.study_instance_uid for r, _ in datasets})
+            self.audit.event(A.BEGIN_TRANSFER, A.SUCCESS, service="export", to=to,
+                             studies=studies, instances=len(datasets))
+            sent = failed = 0
+            try:
+                for r, ds in datasets:
+                    if not assoc.is_established:
+                        self._failed(r, "association lost")
+                        continue
+                    if r.interrupted and self._already_there(dest, r):
+                        self.deliveries.mark_sent(r.id)
+                        log.info("%s was already at %s (a send interrupted by a restart "
+                                 "had reached it): not sent again", r.sop_instance_uid,
+                                 dest.name)
+                        continue
+                    if not self.deliveries.mark_in_flight(r.id, self.cfg.export.lease_seconds):
+                        log.warning("%s to %s: taken over by another exporter; not sent "
+                                    "here", r.sop_instance_uid, dest.name)
+                        continue
                     if self.metrics is not None:
-                        self.metrics.export_failures.labels(dest.name).inc()
-                    self._failed(r, "no response" if code is None else f"status 0x{code:04X}")
-        finally:
-            if assoc.is_established:
-                assoc.release()
-            self.audit.event(A.INSTANCES_TRANSFERRED, A.SUCCESS if not failed else
-                             A.MINOR_FAILURE, service="export", to=to, studies=studies,
-                             sent=sent, failed=failed or None)
-            if self.metrics is not None and sent:
-                for study in studies:
-                    latency = self.reports.delivered_latency(study)
-                    if latency is not None:
-                        self.metrics.latency.observe(latency)
+                        self.metrics.export_attempts.labels(dest.name).inc()
+                    status = assoc.send_c_store(ds)
+                    code = int(status.Status) if status and "Status" in status else None
+                    if code in STORED:
+                        self.deliveries.mark_sent(r.id)
+                        sent += 1
+                        log.info("sent %s to %s", r.sop_instance_uid, dest.name)
+                    else:
+                        failed += 1
+                        if self.metrics is not None:
+                            self.metrics.export_failures.labels(dest.name).inc()
+                        self._failed(r, "no response" if code is None
+                                     else f"status 0x{code:04X}")
+            finally:
+                stack.close()
+                self.audit.event(A.INSTANCES_TRANSFERRED, A.SUCCESS if not failed else
+                                 A.MINOR_FAILURE, service="export", to=to, studies=studies,
+                                 sent=sent, failed=failed or None)
+                if self.metrics is not None and sent:
+                    for study in studies:
+                        latency = self.reports.delivered_latency(study)
+                        if latency is not None:
+                            self.metrics.latency.observe(latency)

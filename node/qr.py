@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import build_context, evt
+from pynetdicom import evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -39,11 +39,15 @@ from node.query import (
     QueryUnavailable,
     from_identifier,
 )
+from node.scu import contexts_for, move_destination
 from node.security import AccessControl
 from node.status import CANCELLED, NOT_AUTHORIZED, PENDING
 from storage.files import FileStore
 from storage.models import Instance
 from storage.reports import Reports
+
+if TYPE_CHECKING:
+    from pynetdicom.presentation import PresentationContext
 
 log = logging.getLogger("mammo_node.qr")
 
@@ -57,7 +61,7 @@ PATIENT_ROOT = {str(PatientRootQueryRetrieveInformationModelFind),
                 str(PatientRootQueryRetrieveInformationModelGet)}
 
 
-def _contexts(rows: list[Instance]) -> list:
+def _contexts(rows: list[Instance]) -> list[PresentationContext]:
     """Presentation contexts for sending ``rows``: each SOP class in its stored transfer
     syntax, with the uncompressed ones as fallbacks (at most 128, as DICOM allows)."""
     by_class: dict[str, list[str]] = defaultdict(list)
@@ -65,7 +69,7 @@ def _contexts(rows: list[Instance]) -> list:
         for ts in (r.transfer_syntax_uid, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
             if ts not in by_class[r.sop_class_uid]:
                 by_class[r.sop_class_uid].append(ts)
-    return [build_context(cls, ts) for cls, ts in list(by_class.items())[:128]]
+    return contexts_for(list(by_class.items())[:128])
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -268,12 +272,7 @@ class QueryRetrieveSCP:
             yield dest.host, dest.port
             # Answered now, without an association to the destination (node.compat).
             refuse_move(exc.status, str(exc))
-        kwargs = {"contexts": _contexts(rows), "ae_title": dest.ae_title}
-        if dest.tls:
-            from node.security import client_context
-
-            kwargs["tls_args"] = (client_context(self.cfg), dest.host)
-        yield dest.host, dest.port, kwargs
+        yield move_destination(self.cfg, dest, _contexts(rows))
         if not rows:
             yield 0  # answered success by pynetdicom, with no association to the destination
             return

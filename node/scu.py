@@ -1,11 +1,17 @@
 """Associations the node requests, in one place: export to a PACS, the PACS's C-FIND before a
-resend, C-ECHO from the dashboard and from ``mammo-node status``.
+resend, C-ECHO from the dashboard and from ``mammo-node status``, and the C-MOVE
+sub-association to a move destination.
 
 One context manager opens an association as the node (its own Implementation Class UID,
 :func:`node.implementation.application_entity`) with the given presentation contexts, one
 timeout for ACSE, DIMSE and the network, optional TLS and TCP_NODELAY, and releases it on the
 way out whatever happened inside. A failure to associate is an :class:`AssociationFailed`
 whose message names the peer, so each caller says the same thing the same way.
+
+A C-MOVE's sub-association is the exception that pynetdicom opens itself, from the listener's
+AE (the node's AE title, identity and timeouts) once the handler has named the destination:
+:func:`move_destination` is what the handler names it with (the destination's AE title, the
+presentation contexts, TLS as for an export: :func:`destination_tls`).
 """
 
 from __future__ import annotations
@@ -24,6 +30,12 @@ if TYPE_CHECKING:
 
     from pynetdicom.association import Association
     from pynetdicom.presentation import PresentationContext
+
+    from node.config import Config, Destination
+
+#: TLS arguments of ``AE.associate``: the client context and the host name to verify (None:
+#: the certificate is not matched to a name).
+TLSArgs = tuple["ssl.SSLContext", "str | None"]
 
 
 class AssociationFailed(Exception):
@@ -45,22 +57,49 @@ def nodelay(assoc: Association) -> None:
         pass
 
 
-def contexts_for(pairs: Sequence[tuple[str, str]] | Sequence[str]) -> list[PresentationContext]:
+def contexts_for(pairs: Sequence[tuple[str, str | Sequence[str]]] | Sequence[str]
+                 ) -> list[PresentationContext]:
     """Presentation contexts: abstract syntaxes (default transfer syntaxes) or
-    (abstract syntax, transfer syntax) pairs."""
+    (abstract syntax, transfer syntax or transfer syntaxes in order of preference) pairs."""
     out = []
     for item in pairs:
         if isinstance(item, tuple):
-            out.append(build_context(item[0], [item[1]]))
+            syntaxes = item[1]
+            out.append(build_context(item[0], [syntaxes] if isinstance(syntaxes, str)
+                                     else list(syntaxes)))
         else:
             out.append(build_context(item))
     return out
 
 
+def destination_tls(cfg: Config, dest: Destination) -> TLSArgs | None:
+    """TLS to a configured destination with ``tls = true``: the PACS's certificate is
+    verified against ``[tls] ca_certificates`` and its host name; None without TLS. The
+    certificate files are read here: OSError or ValueError when they cannot be."""
+    if not dest.tls:
+        return None
+    from node.security import client_context
+
+    return client_context(cfg), dest.host
+
+
+def move_destination(cfg: Config, dest: Destination,
+                     contexts: Sequence[PresentationContext]) -> tuple[str, int, dict[str, Any]]:
+    """What a C-MOVE handler yields for pynetdicom to open the sub-association to the move
+    destination ``dest``: its address, and its AE title, ``contexts`` and TLS as
+    ``AE.associate`` keywords. pynetdicom associates from the listener's AE (the node's AE
+    title, identity and timeouts) and answers 0xA801 when the destination does not accept."""
+    kwargs: dict[str, Any] = {"contexts": list(contexts), "ae_title": dest.ae_title}
+    tls = destination_tls(cfg, dest)
+    if tls is not None:
+        kwargs["tls_args"] = tls
+    return dest.host, dest.port, kwargs
+
+
 @contextmanager
 def association(calling: str, host: str, port: int, called: str,
                 contexts: Sequence[PresentationContext], timeout: float,
-                tls: tuple[ssl.SSLContext, str | None] | None = None,
+                tls: TLSArgs | None = None,
                 no_delay: bool = False) -> Iterator[Association]:
     """An established association from ``calling`` to ``called``@``host``:``port``,
     released (if still up) when the block ends. :class:`AssociationFailed` otherwise."""
@@ -86,7 +125,7 @@ def association(calling: str, host: str, port: int, called: str,
 
 
 def echo(calling: str, host: str, port: int, called: str, timeout: float,
-         tls: tuple[ssl.SSLContext, str | None] | None = None) -> bool:
+         tls: TLSArgs | None = None) -> bool:
     """C-ECHO: True when the peer answers success. AssociationFailed when it does not
     associate."""
     from pynetdicom.sop_class import Verification

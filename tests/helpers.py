@@ -337,6 +337,29 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.25, what: str
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
 
 
+#: The five BI-RADS classes of a reading made by :func:`reading_summary`.
+BIRADS_CLASSES = ["BI-RADS 1", "BI-RADS 2", "BI-RADS 3", "BI-RADS 4", "BI-RADS 5"]
+
+
+def reading_summary(demo: bool = True, marks: dict | None = None):
+    """A plain reading for the result builders: left breast BI-RADS 5 malignant (score 85),
+    right BI-RADS 1 normal, exam score 85 above an operating point of 40; ``demo``: the demo
+    checkpoint's (NOT FOR CLINICAL USE); ``marks``: slot -> node.results.Mark list."""
+    from node.results import BreastSummary, ReadingSummary
+
+    def probs(top: int) -> dict[str, float]:
+        return {c: (0.8 if i == top else 0.05) for i, c in enumerate(BIRADS_CLASSES)}
+    return ReadingSummary(
+        breasts={"L": BreastSummary(True, "BI-RADS 5", probs(4), "malignant",
+                                    {"normal": 0.05, "benign": 0.1, "malignant": 0.85}, 85.0),
+                 "R": BreastSummary(True, "BI-RADS 1", probs(0), "normal",
+                                    {"normal": 0.9, "benign": 0.05, "malignant": 0.05}, 5.0)},
+        fusion_weights={"L": {"L-CC": 0.6, "L-MLO": 0.4}, "R": {"R-CC": 0.5, "R-MLO": 0.5}},
+        missing_views=[], model_name="HybridCnnVssm", model_version="1.0",
+        model_sha256="ab" * 32, not_for_clinical_use=demo, score=85.0, operating_point=40.0,
+        above_operating_point=True, marks=marks if marks is not None else {})
+
+
 def dciodvfy_errors(path: Path) -> list[str]:
     r = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True)
     return [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("Error")]

@@ -134,16 +134,26 @@ def test_resume_under_torchrun_continues_the_same_run(one_and_two, data, tmp_pat
 
 def test_paper_table_runs_each_configuration_under_torchrun(data, tmp_path):
     """benchmarks/paper_table.py on the tiny set: one configuration, two gloo processes,
-    the table with bootstrap intervals beside the paper's figures."""
-    table, js = tmp_path / "table.md", tmp_path / "table.json"
+    the table with bootstrap intervals beside the paper's figures; ``--cache-dir`` reaches
+    the training (every training view cached there) and the evaluation (every test view)."""
+    from inference.datasets import read_dataset, select_split
+    from inference.datasets.cache import cache_file
+
+    table, js, cache = tmp_path / "table.md", tmp_path / "table.json", tmp_path / "cache"
     r = subprocess.run([sys.executable, "benchmarks/paper_table.py", "--data", str(data),
                         "--nproc", "2", "--epochs", "1", "--image-size", "64x64",
                         "--batch-size", "2", "--archs", "cnn", "--weights", "shared",
                         "--tasks", "multi", "--bootstrap", "50", "--out", str(table),
-                        "--json", str(js), "--train-args", "--val-fraction 0 --workers 0"],
+                        "--json", str(js), "--cache-dir", str(cache),
+                        "--train-args", "--val-fraction 0 --workers 0"],
                        capture_output=True, text=True, timeout=600, env=_env(),
                        cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 0, r.stderr[-3000:]
+    records = read_dataset(data)
+    for split in ("training", "test"):
+        views = [p for rec in select_split(records, split) for p in rec.paths.values()]
+        missing = [p for p in views if not cache_file(cache, p, (64, 64)).exists()]
+        assert views and not missing, f"{split}: {len(missing)} view(s) not in --cache-dir"
     text = table.read_text()
     assert "| cnn/shared/multi |" in text and "0.9967" in text and "0.4904" in text
     row = json.loads(js.read_text())["rows"][0]

@@ -16,15 +16,13 @@ import pytest
 
 from inference.synthetic import Lesion, lesion_boxes, make_mammogram, write
 from node.results import (
-    BreastSummary,
     Mark,
-    ReadingSummary,
     build_mammo_cad,
     build_presentation_state,
     build_tid1500,
 )
 from tests.gsps_render import render_png
-from tests.helpers import dciodvfy_errors
+from tests.helpers import dciodvfy_errors, reading_summary
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("MAMMO_NODE_ARTIFACTS", ROOT / "test-artifacts"))
@@ -244,23 +242,6 @@ def test_no_blob_keeps_the_evidence_centre_and_two_regions_on_one_blob_are_one_m
 
 
 # -- the objects that carry them --------------------------------------------------------
-CLASSES = ["BI-RADS 1", "BI-RADS 2", "BI-RADS 3", "BI-RADS 4", "BI-RADS 5"]
-
-
-def _reading(marks: dict[str, list[Mark]]) -> ReadingSummary:
-    def probs(top: int) -> dict[str, float]:
-        return {c: (0.8 if i == top else 0.05) for i, c in enumerate(CLASSES)}
-    return ReadingSummary(
-        breasts={"L": BreastSummary(True, "BI-RADS 5", probs(4), "malignant",
-                                    {"normal": 0.05, "benign": 0.1, "malignant": 0.85}, 85.0),
-                 "R": BreastSummary(True, "BI-RADS 1", probs(0), "normal",
-                                    {"normal": 0.9, "benign": 0.05, "malignant": 0.05}, 5.0)},
-        fusion_weights={"L": {"L-CC": 0.6, "L-MLO": 0.4}, "R": {"R-CC": 0.5, "R-MLO": 0.5}},
-        missing_views=[], model_name="HybridCnnVssm", model_version="1.0",
-        model_sha256="ab" * 32, not_for_clinical_use=True, score=85.0, operating_point=40.0,
-        above_operating_point=True, marks=marks)
-
-
 @pytest.fixture(scope="module")
 def exam_files(tmp_path_factory):
     views, les, seeds = _exam(0)
@@ -282,7 +263,7 @@ def _marks(les, seeds) -> dict[str, list[Mark]]:
 
 def test_mammo_cad_sr_has_a_single_image_finding_per_mark(exam_files, tmp_path):
     views, _, les, seeds = exam_files
-    sr = build_mammo_cad(views, _reading(_marks(les, seeds)), STUDY, 1)
+    sr = build_mammo_cad(views, reading_summary(marks=_marks(les, seeds)), STUDY, 1)
     text = json.dumps(sr.to_json_dict(), default=str)
     assert text.count('"111059"') == 2                       # Single Image Finding x 2
     assert text.count("Presentation Optional") == 1           # the mark below the OP
@@ -298,7 +279,7 @@ def test_mammo_cad_sr_has_a_single_image_finding_per_mark(exam_files, tmp_path):
     assert dump.returncode == 0, dump.stderr
     assert dump.stdout.count('<contains CODE:(,,"Single Image Finding")') == 2
     assert "SCOORD:(,,\"Center\")=(POINT" in dump.stdout
-    t = build_tid1500(views, _reading(_marks(les, seeds)), STUDY, 1)
+    t = build_tid1500(views, reading_summary(marks=_marks(les, seeds)), STUDY, 1)
     tt = json.dumps(t.to_json_dict(), default=str)
     assert tt.count("AI mark L-CC #") == 2 and "AI region score" in tt
     f = tmp_path / "t.dcm"
@@ -309,7 +290,7 @@ def test_mammo_cad_sr_has_a_single_image_finding_per_mark(exam_files, tmp_path):
 def test_presentation_state_rendered_by_dcmtk(exam_files, tmp_path):
     views, paths, les, seeds = exam_files
     marks = _marks(les, seeds)
-    pr = build_presentation_state(views, _reading(marks), STUDY, 1)
+    pr = build_presentation_state(views, reading_summary(marks=marks), STUDY, 1)
     assert pr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.11.1" and pr.Modality == "PR"
     f = tmp_path / "gsps.dcm"
     pr.save_as(f, enforce_file_format=True)
@@ -338,15 +319,15 @@ def test_reading_inputs_are_checked_with_the_attribute_named(exam_files):
     bad = _marks(les, seeds)
     bad["L-CC"][0] = dataclasses.replace(bad["L-CC"][0], score=140.0)
     with pytest.raises(ValueError, match=r"reading.marks\['L-CC'\]\[0\].score"):
-        build_presentation_state(views, _reading(bad), STUDY, 1)
+        build_presentation_state(views, reading_summary(marks=bad), STUDY, 1)
     with pytest.raises(ValueError, match="sources: no image"):
-        build_mammo_cad({}, _reading({}), STUDY, 1)
+        build_mammo_cad({}, reading_summary(), STUDY, 1)
 
 
 # -- density ------------------------------------------------------------------------------
 def test_both_srs_carry_density_as_cid_6000(exam_files, tmp_path):
     views, _, les, seeds = exam_files
-    r = _reading({})
+    r = reading_summary()
     r.breasts["L"].density, r.breasts["R"].density, r.density = "B", "C", "C"
     for build in (build_mammo_cad, build_tid1500):
         sr = build(views, r, STUDY, 1)
@@ -410,9 +391,10 @@ def test_density_head_trains_only_where_labels_exist():
 
 
 def test_presentation_state_of_a_real_reading(model, exam_files, tmp_path):
-    """The node's path (node.worker._read): the demo checkpoint's marks in the presentation
-    state, rendered by DCMTK (test-artifacts/gsps-model-*.png), each on the lesion's view."""
-    from node.worker import ExamJob, _read
+    """The node's path (node.inference_process._read): the demo checkpoint's marks in the
+    presentation state, rendered by DCMTK (test-artifacts/gsps-model-*.png), each on the
+    lesion's view."""
+    from node.inference_process import ExamJob, _read
 
     views, paths, les, seeds = exam_files
     root = next(iter(paths.values())).parent
@@ -475,7 +457,7 @@ def test_a_view_read_from_a_kind_the_checkpoint_was_not_trained_on_is_said(model
     """A checkpoint that states the image kinds it was trained on (metadata ``image_kinds``):
     the reading says when a view was read from another kind, and not when every view is
     one of them (issue 19 item 2)."""
-    from node.worker import ExamJob, _read
+    from node.inference_process import ExamJob, _read
 
     _, paths, _, _ = exam_files
     root = next(iter(paths.values())).parent

@@ -12,32 +12,16 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from inference.synthetic import make_exam, make_mammogram, write
 from node.results import (
-    BreastSummary,
-    ReadingSummary,
     build_mammo_cad,
     build_sc,
     build_tid1500,
     result_uid,
 )
 from node.validate import DatasetInvalid, check_dataset
+from tests.helpers import reading_summary
 
 pytestmark = pytest.mark.unit
 
-CLASSES = ["BI-RADS 1", "BI-RADS 2", "BI-RADS 3", "BI-RADS 4", "BI-RADS 5"]
-
-
-def _reading(demo: bool = True) -> ReadingSummary:
-    def probs(top: int) -> dict[str, float]:
-        return {c: (0.8 if i == top else 0.05) for i, c in enumerate(CLASSES)}
-    return ReadingSummary(
-        breasts={"L": BreastSummary(True, "BI-RADS 5", probs(4), "malignant",
-                                    {"normal": 0.05, "benign": 0.1, "malignant": 0.85}, 85.0),
-                 "R": BreastSummary(True, "BI-RADS 1", probs(0), "normal",
-                                    {"normal": 0.9, "benign": 0.05, "malignant": 0.05}, 5.0)},
-        fusion_weights={"L": {"L-CC": 0.6, "L-MLO": 0.4}, "R": {"R-CC": 0.5, "R-MLO": 0.5}},
-        missing_views=[], model_name="HybridCnnVssm", model_version="1.0",
-        model_sha256="ab" * 32, not_for_clinical_use=demo, score=85.0, operating_point=40.0,
-        above_operating_point=True)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +32,7 @@ def sources():
 
 def test_mammo_cad_sr_from_a_reading(sources):
     study = next(iter(sources.values())).StudyInstanceUID
-    sr = build_mammo_cad(sources, _reading(), study, 1)
+    sr = build_mammo_cad(sources, reading_summary(), study, 1)
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.50"
     assert sr.StudyInstanceUID == study and sr.SOPInstanceUID == result_uid(
         study, 1, "sr-mammo-cad")
@@ -61,7 +45,7 @@ def test_mammo_cad_sr_from_a_reading(sources):
         assert needle in text, needle
     assert all(ds.SOPInstanceUID in text for ds in sources.values())
     assert sr.SoftwareVersions.startswith("mammo-node ")
-    v2 = build_mammo_cad(sources, _reading(demo=False), study, 2, replaces=sr)
+    v2 = build_mammo_cad(sources, reading_summary(demo=False), study, 2, replaces=sr)
     assert "NOT FOR CLINICAL USE" not in json.dumps(v2.to_json_dict(), default=str)
     assert v2.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0] \
         .ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sr.SOPInstanceUID
@@ -69,7 +53,7 @@ def test_mammo_cad_sr_from_a_reading(sources):
 
 def test_tid1500_and_secondary_capture(sources):
     study = next(iter(sources.values())).StudyInstanceUID
-    sr = build_tid1500(sources, _reading(), study, 1)
+    sr = build_tid1500(sources, reading_summary(), study, 1)
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"
     text = json.dumps(sr.to_json_dict(), default=str)
     assert "397145000" in text and "Mammography assessment (Category 5)" in text
@@ -79,7 +63,7 @@ def test_tid1500_and_secondary_capture(sources):
     display = np.linspace(0, 1, src.Rows * src.Columns).reshape(src.Rows, src.Columns)
     attention = np.zeros_like(display)
     attention[10:20, 10:20] = 1.0
-    sc = build_sc(src, "L-CC", display, attention, _reading(), study, 1, 1)
+    sc = build_sc(src, "L-CC", display, attention, reading_summary(), study, 1, 1)
     assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and sc.BurnedInAnnotation == "YES"
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
     assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
@@ -295,7 +279,7 @@ def test_tid1500_anchored_at_the_attention_hot_spot(sources, tmp_path):
     import subprocess
 
     study = next(iter(sources.values())).StudyInstanceUID
-    reading = dataclasses.replace(_reading(), attention_regions={
+    reading = dataclasses.replace(reading_summary(), attention_regions={
         "L-CC": (10.0, 12.0, 30.0, 40.0), "L-MLO": (5.0, 5.0, 9.0, 9.0),
         "R-CC": (1.0, 2.0, 3.0, 4.0)})
     sr = build_tid1500(sources, reading, study, 1)
@@ -310,7 +294,7 @@ def test_tid1500_anchored_at_the_attention_hot_spot(sources, tmp_path):
 
 
 def test_hottest_region_is_the_box_above_half_the_maximum():
-    from node.worker import hottest_region
+    from node.inference_process import hottest_region
 
     m = np.zeros((50, 40), np.float32)
     m[10:20, 5:15] = 1.0
@@ -339,7 +323,7 @@ def test_parametric_map_in_process(sources):
     study = ds.StudyInstanceUID
     att = np.linspace(0, 1, int(ds.Rows) * int(ds.Columns), dtype=np.float32).reshape(
         int(ds.Rows), int(ds.Columns))
-    pm = build_parametric_map(ds, "L-CC", att, _reading(), study, 1, 1)
+    pm = build_parametric_map(ds, "L-CC", att, reading_summary(), study, 1, 1)
     assert pm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"
     assert pm.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0].WindowCenter == 0.5
     assert float(np.asarray(pm.pixel_array).max()) == pytest.approx(1.0)

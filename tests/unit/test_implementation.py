@@ -27,8 +27,6 @@ from node.implementation import (
     application_entity,
 )
 from node.results import (
-    BreastSummary,
-    ReadingSummary,
     build_mammo_cad,
     build_parametric_map,
     build_presentation_state,
@@ -37,13 +35,12 @@ from node.results import (
 )
 from node.results.identity import _UID_NAMESPACE
 from node.scp import make_ae
-from tests.helpers import dciodvfy_errors, free_port
+from tests.helpers import dciodvfy_errors, free_port, reading_summary
 
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
 OURS = (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME)
-CLASSES = ["BI-RADS 1", "BI-RADS 2", "BI-RADS 3", "BI-RADS 4", "BI-RADS 5"]
 
 
 def _meta(path: Path) -> tuple[str, str]:
@@ -107,30 +104,16 @@ def test_associations_carry_the_identity_both_ways(tmp_path, monkeypatch):
     assert seen == {"requestor": OURS, "file": OURS}
 
 
-def _reading() -> ReadingSummary:
-    def probs(top: int) -> dict[str, float]:
-        return {c: (0.8 if i == top else 0.05) for i, c in enumerate(CLASSES)}
-    return ReadingSummary(
-        breasts={"L": BreastSummary(True, "BI-RADS 5", probs(4), "malignant",
-                                    {"normal": 0.05, "benign": 0.1, "malignant": 0.85}, 85.0),
-                 "R": BreastSummary(True, "BI-RADS 1", probs(0), "normal",
-                                    {"normal": 0.9, "benign": 0.05, "malignant": 0.05}, 5.0)},
-        fusion_weights={"L": {"L-CC": 0.6, "L-MLO": 0.4}, "R": {"R-CC": 0.5, "R-MLO": 0.5}},
-        missing_views=[], model_name="HybridCnnVssm", model_version="1.0",
-        model_sha256="ab" * 32, not_for_clinical_use=True, score=85.0, operating_point=40.0,
-        above_operating_point=True)
-
-
 def test_every_result_file_names_the_node(tmp_path):
     """Each kind of result, written by the worker's one write path, carries the node's
     identity in its file meta (highdicom put its own there) and stays valid (dciodvfy)."""
-    from node.worker import ExamJob, _adder
+    from node.inference_process import ExamJob, _adder
 
     sources = {f"{ds.ImageLaterality}-{ds.ViewPosition}": ds
                for ds in make_exam(seed=5, rows=64, cols=48)}
     src = sources["L-CC"]
     study = str(src.StudyInstanceUID)
-    reading = _reading()
+    reading = reading_summary()
     attention = np.zeros((int(src.Rows), int(src.Columns)), dtype=np.float32)
     attention[10:20, 10:20] = 1.0
     display = np.linspace(0, 1, attention.size).reshape(attention.shape)

@@ -194,7 +194,7 @@ def test_reduced_attention_maps_land_where_the_full_size_ones_do():
     stores), the hot spot where the full-resolution map has it, within a few pixels."""
     from inference.api import MammoModel
     from inference.synthetic import Lesion, make_exam
-    from node.worker import hottest_region
+    from node.inference_process import hottest_region
 
     exam = make_exam(seed=11, rows=1200, cols=950,
                      lesions={"L": [Lesion("spiculated", 0.5, 0.5, 0.07, 0.35)]})
@@ -237,7 +237,7 @@ def test_jpeg_ls_through_charls_gives_the_stored_values():
 def test_a_jpeg2000_exam_reads_like_the_uncompressed_one():
     from inference.api import MammoModel
     from inference.synthetic import Lesion, make_exam
-    from node.worker import hottest_region
+    from node.inference_process import hottest_region
 
     kw = dict(seed=11, rows=2400, cols=1900,
               lesions={"L": [Lesion("spiculated", 0.5, 0.5, 0.07, 0.35)]})
