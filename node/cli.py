@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from node import __version__
-from node.config import Config, ConfigError, load_config
+from node.config import Config, ConfigError, _check_port, load_config
 
 if TYPE_CHECKING:
     from storage.db import Database
@@ -44,6 +44,17 @@ def cmd_start(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             print(f"mammo-node: {exc}", file=sys.stderr)
             return 2
+    if args.metrics_port is not None:
+        if args.role == "all":
+            print("mammo-node: --metrics-port is for --role listener, worker or exporter (role "
+                  "all serves /metrics on the DICOMweb port)", file=sys.stderr)
+            return 2
+        try:
+            port = _check_port(args.metrics_port, "--metrics-port")
+        except ConfigError as exc:
+            print(f"mammo-node: {exc}", file=sys.stderr)
+            return 2
+        setattr(cfg.roles, f"{args.role}_metrics_port", port)
     setup_logging(args.log_level or cfg.logging.level, cfg.logging.format)
     return run(cfg, run_worker=not args.no_worker, role=args.role)
 
@@ -408,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "processes share one database (PostgreSQL across hosts) and data_dir")
     p.add_argument("--device", default=None, metavar="DEVICE",
                    help="the worker's device: cpu, cuda, cuda:N (default [inference] device)")
+    p.add_argument("--metrics-port", default=None, type=int, metavar="PORT",
+                   help="this role process's /healthz, /readyz and /metrics port (default "
+                        "[roles] <role>_metrics_port)")
     p.set_defaults(func=cmd_start)
 
     p = sub.add_parser("db", help="database schema: current, upgrade; copy to another database")

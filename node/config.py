@@ -28,6 +28,7 @@ __all__ = [
     "TLSConfig",
     "AuditConfig",
     "WebToken",
+    "RolesConfig",
     "Config",
     "load_config",
 ]
@@ -264,6 +265,27 @@ class ExportConfig:
 
 
 @dataclass
+class RolesConfig:
+    """Processes started with ``--role listener|worker|exporter``."""
+
+    #: The longest a worker or an exporter waits before it looks for work again. Work is
+    #: announced at once (PostgreSQL LISTEN / NOTIFY across processes, in-process wake-ups),
+    #: so this only bounds what a lost wake-up, or work that falls due with time, costs.
+    poll_seconds: float = 1.0
+    #: Where a role process serves /healthz, /readyz and /metrics (its own HTTP server).
+    metrics_host: str = "127.0.0.1"
+    #: The port of that server for each role; None ("") serves none (a listener serves them on
+    #: the DICOMweb port too when [dicomweb] enabled).
+    listener_metrics_port: int | None = None
+    worker_metrics_port: int | None = None
+    exporter_metrics_port: int | None = None
+
+    def metrics_port(self, role: str) -> int | None:
+        """The HTTP port of a ``--role`` process (None for ``all`` and when not set)."""
+        return getattr(self, f"{role}_metrics_port", None)
+
+
+@dataclass
 class DicomWebConfig:
     enabled: bool = False
     host: str = "127.0.0.1"
@@ -314,6 +336,7 @@ class Config:
     results: ResultsConfig = field(default_factory=ResultsConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     dicomweb: DicomWebConfig = field(default_factory=DicomWebConfig)
+    roles: RolesConfig = field(default_factory=RolesConfig)
     peers: list[Peer] = field(default_factory=list)
     tls: TLSConfig = field(default_factory=TLSConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
@@ -428,6 +451,11 @@ def _choice(*options: str, upper: bool = False) -> Check:
     return check
 
 
+def _optional_port(v: Any, key: str) -> int | None:
+    """A port, or "" (empty) for none."""
+    return None if v == "" else _check_port(v, key)
+
+
 def _device(v: Any, key: str) -> str:
     return check_device(_check_str(v, key), key)
 
@@ -463,6 +491,9 @@ KEYS: dict[str, dict[str, Check]] = {
                  "max_concurrent_requests": _integer(1), "render_cache_mb": _number(),
                  "viewer_dir": _check_str, "secure_cookies": _check_bool,
                  "session_minutes": _number(1)},
+    "roles": {"poll_seconds": _number(0.05), "metrics_host": _check_str,
+              "listener_metrics_port": _optional_port, "worker_metrics_port": _optional_port,
+              "exporter_metrics_port": _optional_port},
     "tls": {"require_client_certificate": _check_bool},
     "logging": {"format": _choice("text", "json"),
                 "level": _choice("DEBUG", "INFO", "WARNING", "ERROR", upper=True)},
@@ -475,7 +506,7 @@ TABLES: dict[str, type] = {
     "node": NodeConfig, "grouping": GroupingConfig, "inference": InferenceConfig,
     "security": SecurityConfig, "storage": StorageConfig, "retention": RetentionConfig,
     "results": ResultsConfig, "export": ExportConfig, "dicomweb": DicomWebConfig,
-    "tls": TLSConfig, "logging": LoggingConfig, "audit": AuditConfig,
+    "roles": RolesConfig, "tls": TLSConfig, "logging": LoggingConfig, "audit": AuditConfig,
 }
 #: Arrays of tables.
 ARRAYS = ("destinations", "peers")

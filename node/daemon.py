@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from pynetdicom.transport import ThreadedAssociationServer
 
     from node.dicomweb import DicomWebServer
+    from node.monitoring import MonitoringServer
+    from storage.wakeup import Listener
 from storage.db import Database
 from storage.deliveries import Deliveries
 from storage.exams import Exams
@@ -151,10 +153,12 @@ class Node:
         self.audit = A.AuditLog(cfg.audit_path, cfg.node.ae_title, cfg.audit.syslog,
                                 fail_closed=cfg.audit.fail_closed)
         self.health = Health()
-        self.metrics = NodeMetrics()
+        self.metrics = NodeMetrics(self.parts)
         self.metrics.watch_state(self.state_snapshot)
-        self.exam_ready = threading.Event()   # wakes the worker
-        self.results_queued = threading.Event()  # wakes the exporter
+        # Set by ingest / the stable timer; the worker and the exporter are woken by the
+        # commits themselves (storage.wakeup, self.wakes).
+        self.exam_ready = threading.Event()
+        self.results_queued = threading.Event()
         self.ingest = Ingest(cfg, self.files, self.exams, exam_ready=self.exam_ready,
                              audit=self.audit, metrics=self.metrics)
         self.scp = StorageSCP(cfg, self.files, audit=self.audit,
@@ -166,6 +170,9 @@ class Node:
         self.scp.make_room = self.make_room
         self.server: ThreadedAssociationServer | None = None
         self.web: DicomWebServer | None = None
+        self.monitoring: MonitoringServer | None = None
+        #: What wakes this process's worker / exporter (storage.wakeup), made at start.
+        self.wakes: list[Listener] = []
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -181,6 +188,7 @@ class Node:
             if recovered:
                 log.warning("%d exam(s) interrupted during processing queued again",
                             recovered)
+        self._start_monitoring()
         if "listener" in self.parts:
             self._start_listener()
         else:
@@ -191,21 +199,46 @@ class Node:
             self._activity(action="start",
                              version=__version__, pid=os.getpid(), role=self.role)
 
+    def _start_monitoring(self) -> None:
+        """A role process's own /healthz, /readyz and /metrics ([roles] <role>_metrics_port)."""
+        port = self.cfg.roles.metrics_port(self.role)
+        if port is None:
+            return
+        from node.monitoring import MonitoringServer
+
+        host = self.cfg.roles.metrics_host
+        server = MonitoringServer(self.role, host, port, self.metrics, self.readiness)
+        if not server.start_and_wait():
+            raise RuntimeError(f"[roles] {self.role}_metrics_port = {port}: cannot listen "
+                               f"on {host}:{port}: {server.failed or 'no answer'}")
+        self.monitoring = server
+        log.info("%s: /healthz, /readyz and /metrics on http://%s:%d", self.role, host,
+                 port)
+
     def _start_background(self) -> None:
-        """The worker and / or the exporter of this process."""
+        """The worker and / or the exporter of this process, each woken by new work
+        (storage.wakeup: NOTIFY on PostgreSQL) or after [roles] poll_seconds."""
         cfg = self.cfg
         from node.export import Exporter
         from node.worker import Worker
+        from storage.wakeup import DELIVERIES_DUE, EXAMS_READY, Listener
 
+        poll = cfg.roles.poll_seconds
+        deliveries = Listener(self.db, DELIVERIES_DUE) if "exporter" in self.parts else None
         if "worker" in self.parts:
+            exams = Listener(self.db, EXAMS_READY)
+            self.wakes.append(exams)
             t: threading.Thread = Worker(cfg, self.files, self.exams, self.stop_event,
-                                         wake=self.exam_ready, on_results=self.results_queued,
-                                         health=self.health, metrics=self.metrics)
+                                         wake=exams, on_results=deliveries,
+                                         health=self.health, metrics=self.metrics,
+                                         poll_seconds=poll)
             t.start()
             self._threads.append(t)
-        if "exporter" in self.parts:
+        if deliveries is not None:
+            self.wakes.append(deliveries)
             t = Exporter(cfg, self.files, self.deliveries, self.reports, self.stop_event,
-                         wake=self.results_queued, audit=self.audit, metrics=self.metrics)
+                         wake=deliveries, audit=self.audit, metrics=self.metrics,
+                         poll_seconds=poll)
             t.start()
             self._threads.append(t)
 
@@ -295,8 +328,8 @@ class Node:
 
     def state_snapshot(self) -> dict:
         """Stored state for the scrape-time gauges of /metrics."""
-        return {"exams": self.reports.counts_by_state().to_json(),
-                "queue": self.reports.queue_depths(),
+        queue = self.reports.queue_depths() if self.parts & {"listener", "exporter"} else []
+        return {"exams": self.reports.counts_by_state().to_json(), "queue": queue,
                 "free_bytes": self.files.free_bytes(),
                 "model": 1 if self.health.model_loaded else 0,
                 "uptime": time.time() - self.health.started_at}
@@ -397,6 +430,8 @@ class Node:
         self._room_wanted.set()  # the retention thread sees the stop at once
         self.exam_ready.set()
         self.results_queued.set()
+        for wake in self.wakes:  # the worker and the exporter see the stop at once
+            wake.set()
         if self.web is not None:
             self.web.stop()
         if self.server is not None:
@@ -412,6 +447,10 @@ class Node:
             self.server = None
         for t in self._threads:
             t.join(timeout=15)
+        for wake in self.wakes:
+            wake.close()
+        if self.monitoring is not None:
+            self.monitoring.stop()
         self.db.close()
         self._activity(action="stop", pid=os.getpid())
         self.audit.close()
@@ -436,6 +475,9 @@ def run(cfg: Config, run_worker: bool = True, role: str = "all") -> int:
     try:
         cfg.check_startable()
         preflight.check(cfg, parts)
+        port = cfg.roles.metrics_port(role)
+        if port is not None:
+            preflight.check_port(cfg.roles.metrics_host, port, f"[roles] {role}_metrics_port")
     except Exception as exc:
         log.error("refusing to start: %s", exc)
         return 2

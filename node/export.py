@@ -21,6 +21,7 @@ from storage.reports import Reports
 
 if TYPE_CHECKING:
     from node.metrics import NodeMetrics
+    from storage.wakeup import Wake
 
 log = logging.getLogger("mammo_node.export")
 
@@ -76,23 +77,27 @@ class Exporter(threading.Thread):
 
     def __init__(self, cfg: Config, files: FileStore, deliveries: Deliveries,
                  reports: Reports, stop: threading.Event, *, audit: A.AuditLog | A.NullAudit,
-                 wake: threading.Event | None = None, poll_seconds: float = 1.0,
+                 wake: Wake | None = None, poll_seconds: float = 1.0,
                  metrics: NodeMetrics | None = None) -> None:
         super().__init__(name="export", daemon=True)
         self.audit = audit
         self.metrics = metrics  # node.metrics.NodeMetrics or None
         self.cfg, self.files, self.stop = cfg, files, stop
         self.deliveries, self.reports = deliveries, reports
-        self.wake = wake or threading.Event()  # set when new results are queued
+        #: Set when deliveries become due (storage.wakeup.Listener: NOTIFY on PostgreSQL);
+        #: without one, the exporter looks again every ``poll_seconds``.
+        self.wake: Wake = wake or threading.Event()
         self.poll = poll_seconds
         self.destinations = {d.name: d for d in cfg.destinations}
 
     def run(self) -> None:
         while not self.stop.is_set():
-            self.wake.wait(self.poll)
+            woken = self.wake.wait(self.poll)
             self.wake.clear()
             if self.stop.is_set():
                 break
+            if self.metrics is not None:
+                self.metrics.wakeups.labels("exporter", "notified" if woken else "poll").inc()
             try:
                 while self.send_due() and not self.stop.is_set():
                     pass  # more were due than one claim takes
@@ -191,6 +196,8 @@ class Exporter(threading.Thread):
                     if code in STORED:
                         self.deliveries.mark_sent(r.id)
                         sent += 1
+                        if self.metrics is not None:
+                            self.metrics.export_sent.labels(dest.name).inc()
                         log.info("sent %s to %s", r.sop_instance_uid, dest.name)
                     else:
                         failed += 1

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from node.compat import kill_pool_processes
 from node.config import Config
@@ -36,6 +36,9 @@ from node.inference_process import (
 from storage.db import transient_database_error
 from storage.exams import Exams, ReadingContext
 from storage.files import FileStore
+
+if TYPE_CHECKING:
+    from storage.wakeup import Wake
 
 log = logging.getLogger("mammo_node.worker")
 
@@ -102,13 +105,17 @@ class Worker(threading.Thread):
     """
 
     def __init__(self, cfg: Config, files: FileStore, exams: Exams,
-                 stop: threading.Event, wake: threading.Event | None = None,
-                 on_results: threading.Event | None = None,
-                 health: Health | None = None, metrics: Any = None) -> None:
+                 stop: threading.Event, wake: Wake | None = None,
+                 on_results: Wake | None = None,
+                 health: Health | None = None, metrics: Any = None,
+                 poll_seconds: float = 1.0) -> None:
         super().__init__(name="worker", daemon=True)
         self.cfg, self.files, self.exams, self.stop = cfg, files, exams, stop
-        self.wake = wake or threading.Event()          # set when an exam becomes ready
-        self.on_results = on_results or threading.Event()  # set when results are queued
+        #: Set when an exam becomes ready (storage.wakeup.Listener: NOTIFY on PostgreSQL);
+        #: without one, the worker looks again every ``poll_seconds``.
+        self.wake: Wake = wake or threading.Event()
+        self.on_results: Wake = on_results or threading.Event()  # set when results are queued
+        self.poll = poll_seconds
         self.health = health or Health()
         self.metrics = metrics  # node.metrics.NodeMetrics or None
         self.pool: ProcessPoolExecutor | None = None
@@ -176,7 +183,10 @@ class Worker(threading.Thread):
                 self.stop.wait(MODEL_RETRY_SECONDS)
                 continue
             if claim is None:
-                self.wake.wait(1.0)
+                woken = self.wake.wait(self.poll)
+                if self.metrics is not None and not self.stop.is_set():
+                    self.metrics.wakeups.labels("worker", "notified" if woken
+                                                else "poll").inc()
                 continue
             exam_id, version = claim
             lease = inf.lease_seconds
@@ -234,14 +244,16 @@ class Worker(threading.Thread):
     def _process(self, exam_id: int, version: int) -> None:
         study, version, paths = self.exams.slot_paths(exam_id)
         if not paths:
-            self.exams.finish(exam_id, version, ok=False,
-                              reason="no image fills any of the four view slots")
+            if self.exams.finish(exam_id, version, ok=False,
+                                 reason="no image fills any of the four view slots"):
+                self._count("failed")
             log.warning("exam %s v%d failed: no usable view", study, version)
             return
         context = self.exams.reading_context(exam_id)
         skip = skip_reason(self.cfg, context)
         if skip is not None:
-            self.exams.skip(exam_id, version, skip)
+            if self.exams.skip(exam_id, version, skip):
+                self._count("skipped")
             log.info("exam %s v%d skipped: %s", study, version, skip.split(";")[0])
             return
         notes = [f"{slot}: only a tomosynthesis volume, read with this view missing"
@@ -287,6 +299,7 @@ class Worker(threading.Thread):
             return
         if self.exams.complete(exam_id, version, produced, dests):
             self.on_results.set()
+            self._count("done")
             stages = dict(reading.get("seconds") or {})
             stages["sc"] = time.perf_counter() - t0 - t_sr
             log.info("exam %s v%d done in %.2f s (%s): %d object(s) queued for %d "
@@ -319,9 +332,17 @@ class Worker(threading.Thread):
             log.error("exam %s v%d: %s; %s", study, version, reason,
                       "gave up (failed)" if state == "failed" else "will retry"
                       if state == "ready" else "reopened meanwhile")
+            if state == "failed":
+                self._count("failed")
             return
         if self.metrics is not None:
             self.metrics.exam_failures.labels("error").inc()
         log.error("exam %s v%d failed", study, version, exc_info=exc)
-        self.exams.finish(exam_id, version, ok=False,
-                          reason=f"{type(exc).__name__}: {exc}"[:500])
+        if self.exams.finish(exam_id, version, ok=False,
+                             reason=f"{type(exc).__name__}: {exc}"[:500]):
+            self._count("failed")
+
+    def _count(self, outcome: str) -> None:
+        """An exam this worker finished reading: done, failed or skipped."""
+        if self.metrics is not None:
+            self.metrics.exams_read.labels(outcome).inc()

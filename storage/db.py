@@ -62,6 +62,9 @@ class Database:
         self.write_sessions = sessionmaker(self.write_engine, expire_on_commit=False)
         self.write_lock: contextlib.AbstractContextManager = (
             threading.RLock() if self.is_sqlite else contextlib.nullcontext())
+        from storage import wakeup
+
+        wakeup.install(self)  # a commit that leaves work wakes workers / exporters
 
     @contextmanager
     def session(self) -> Iterator[Session]:
