@@ -113,17 +113,17 @@ def write_synthetic_dataset(out: str | Path, exams: int, seed: int = 0, rows: in
                 les = [Lesion(le.kind, le.x, y_mlo if view == "MLO" else le.y, le.radius,
                               le.contrast) for le, y_mlo in lesions]
                 kw: dict[str, Any] = dict(transfer_syntax=ts) if ts else {}
-                h, w = rows, cols
+                ih, iw = rows, cols
                 if film:
                     size_seed = int(art_rng.integers(1 << 31))
-                    h, w = film_size(size_seed)
+                    ih, iw = film_size(size_seed)
                     kw.update(film=True, bits_stored=int(art_rng.choice([12, 16])))
                 elif artifacts and art_rng.random() < artifacts:
                     kinds = [a for a in ARTIFACTS if art_rng.random() < 0.5]
                     kw["artifacts"] = tuple(kinds or [str(art_rng.choice(ARTIFACTS))])
                 img_seed = int(rng.integers(1 << 31))
                 ds = make_mammogram(
-                    lat, view, rows=h, cols=w, seed=img_seed,
+                    lat, view, rows=ih, cols=iw, seed=img_seed,
                     sop_uid=generate_uid(prefix=UID_ROOT,
                                          entropy_srcs=[f"synth|{seed}|{e}|{lat}{view}"]),
                     lesions=les, dialect=dialect, photometric=photometric, study_uid=study,
@@ -134,16 +134,16 @@ def write_synthetic_dataset(out: str | Path, exams: int, seed: int = 0, rows: in
                 write(ds, out / "images" / study / f"{image_id}.dicom")
                 rows_out.append({
                     "study_id": study, "series_id": series, "image_id": image_id,
-                    "laterality": lat, "view_position": view, "height": h, "width": w,
+                    "laterality": lat, "view_position": view, "height": ih, "width": iw,
                     "breast_birads": f"BI-RADS {birads}", "breast_density": f"DENSITY {density}",
                     "split": split, "breast_diagnosis": DIAGNOSIS[birads]})
                 # Where each lesion lies (the VinDr finding layout): localisation in evaluate.
-                boxes = (film_lesion_boxes if film else lesion_boxes)(lat, h, w, img_seed, les)
+                boxes = (film_lesion_boxes if film else lesion_boxes)(lat, ih, iw, img_seed, les)
                 for le, (_, _, x0, y0, x1, y1) in zip(les, boxes):
                     findings.append({
                         "study_id": study, "series_id": series, "image_id": image_id,
-                        "laterality": lat, "view_position": view, "height": h,
-                        "width": w, "breast_birads": f"BI-RADS {birads}",
+                        "laterality": lat, "view_position": view, "height": ih,
+                        "width": iw, "breast_birads": f"BI-RADS {birads}",
                         "breast_density": f"DENSITY {density}",
                         "finding_categories": f"['{le.kind}']",
                         "finding_birads": f"BI-RADS {birads}", "xmin": round(x0, 1),
