@@ -155,7 +155,6 @@ def main() -> int:
                 procs = [mp.get_context("fork").Process(target=sender,
                                                         args=(node.port, plan[r][s], q))
                          for s in range(senders)]
-                t_start = time.monotonic()
                 for p in procs:
                     p.start()
                 sent = [q.get(timeout=args.timeout) for _ in range(args.senders * args.exams)]
@@ -182,7 +181,7 @@ def main() -> int:
                       f"= {rate:.1f} exams/min (x{rate / results[0][0]:.2f} vs round 1); "
                       f"last image -> SRs p50 {statistics.median(lat):.2f} s, p99 "
                       f"{quantile(lat, 0.99):.2f} s (max of {len(lat)}); "
-                      f"node RSS {mem / 1e6:.0f} MB (t0 {t_start - t_first:+.2f})", flush=True)
+                      f"node RSS {mem / 1e6:.0f} MB", flush=True)
             # Every exam read once, every object delivered once.
             log = node.log.read_text(errors="replace")
             done_lines = {uid: log.count(f"exam {uid} v1 done in") for uid in studies.values()}

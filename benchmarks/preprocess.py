@@ -32,7 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # after PYTHONPATH
+# benchmarks/ itself off the path (its inference.py would shadow the package); this checkout
+# after PYTHONPATH, so that PYTHONPATH=/other/tree times that tree.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 from inference.display import decode, to_display  # noqa: E402
 from inference.preprocess import preprocess_array  # noqa: E402
