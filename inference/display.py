@@ -203,12 +203,36 @@ def _lookup(ds: Dataset, arr: np.ndarray) -> tuple[np.ndarray, np.ndarray] | Non
         return None
     lo = min(int(arr.min()), 0)
     table = _display(np.arange(lo, int(arr.max()) + 1, dtype=np.float32), ds,
-                     arr[::4, ::4].astype(np.float32))
+                     _IntegerSample(arr[::4, ::4], lo))
     index = arr if lo == 0 else (arr.astype(np.int32) - lo)
     return table, index
 
 
-def _display(values: np.ndarray, ds: Dataset, sample: np.ndarray) -> np.ndarray:
+class _IntegerSample:
+    """A decimated sample of integer pixels whose percentiles come from its histogram (one
+    counting pass) instead of sorting a float copy: numpy's linear-interpolation percentile,
+    the same values to float32 rounding."""
+
+    def __init__(self, sample: np.ndarray, lo: int) -> None:
+        self.lo = lo
+        counts = np.bincount(sample.ravel() if lo == 0 else
+                              sample.ravel().astype(np.int32) - lo)
+        self.cum = np.cumsum(counts)
+
+    def percentiles(self, qs: list[float]) -> list[float]:
+        n = int(self.cum[-1])
+        out = []
+        for q in qs:
+            pos = q / 100.0 * (n - 1)
+            k = int(np.floor(pos))
+            a = int(np.searchsorted(self.cum, k, side="right"))
+            b = int(np.searchsorted(self.cum, min(k + 1, n - 1), side="right"))
+            out.append(self.lo + a + (pos - k) * (b - a))
+        return out
+
+
+def _display(values: np.ndarray, ds: Dataset, sample: np.ndarray | _IntegerSample
+             ) -> np.ndarray:
     """Stored values -> display values in [0, 1] (Modality LUT, VOI, MONOCHROME1);
     ``sample``: stored values the percentile fallback (no usable window) is computed on."""
     slope = float(ds.get("RescaleSlope", 1) or 1)
@@ -216,7 +240,12 @@ def _display(values: np.ndarray, ds: Dataset, sample: np.ndarray) -> np.ndarray:
     arr = values * np.float32(slope) + np.float32(intercept)
     out = _window(arr, ds)
     if out is None or float(out.max() - out.min()) < 1e-6:
-        lo, hi = np.percentile(sample * np.float32(slope) + np.float32(intercept), [0.5, 99.8])
+        if isinstance(sample, _IntegerSample):  # an affine map keeps the order when slope > 0
+            plo, phi = sample.percentiles([0.5, 99.8] if slope > 0 else [99.5, 0.2])
+            lo, hi = plo * slope + intercept, phi * slope + intercept
+        else:
+            lo, hi = np.percentile(sample * np.float32(slope) + np.float32(intercept),
+                                   [0.5, 99.8])
         if hi <= lo:
             hi = lo + 1.0
         out = np.clip((arr - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)

@@ -187,3 +187,28 @@ def test_synth_film_writes_real_film_sizes(tmp_path):
         assert ds.BitsStored in (12, 16) and "WindowCenter" not in ds
         sizes.add((ds.Rows, ds.Columns))
     assert len(sizes) > 1  # each film its own size
+
+
+def test_the_display_lookup_in_bands_equals_one_take():
+    from inference.display import _lookup, _take, decode
+
+    ds = make_mammogram("L", "CC", rows=1150, cols=701, seed=2, film=True, bits_stored=16)
+    lut = _lookup(ds, decode(ds))
+    assert lut is not None
+    table, index = lut
+    assert table.size > 4096  # a 16-bit film's table
+    assert np.array_equal(_take(table, index), np.take(table, index))
+    assert np.array_equal(to_display(ds), np.take(table, index))
+
+
+@pytest.mark.parametrize("lo, slope", [(0, 1.0), (-1024, 1.0), (0, -0.5)])
+def test_percentiles_from_the_histogram_equal_numpys(lo, slope):
+    from inference.display import _IntegerSample
+
+    rng = np.random.default_rng(7)
+    sample = (rng.gamma(2.0, 3000.0, size=(300, 277)).clip(0, 60000) + lo).astype(
+        np.int32 if lo < 0 else np.uint16)
+    ours = _IntegerSample(sample, min(lo, 0)).percentiles(
+        [0.5, 99.8] if slope > 0 else [99.5, 0.2])
+    want = np.percentile(sample.astype(np.float64) * slope, [0.5, 99.8])
+    assert np.allclose([v * slope for v in ours], want, rtol=0, atol=1e-6)
