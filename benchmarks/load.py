@@ -177,11 +177,14 @@ def main() -> int:
                 rate = len(sent) / seconds * 60
                 mem = rss(node.proc.pid)
                 results.append((rate, mem))
+                stages = _stages(node.log.read_text(errors="replace"),
+                                 [studies[first] for first, _, _ in sent])
                 print(f"round {r + 1}: {senders} sender(s), {len(sent)} exams in {seconds:.1f} s "
                       f"= {rate:.1f} exams/min (x{rate / results[0][0]:.2f} vs round 1); "
                       f"last image -> SRs p50 {statistics.median(lat):.2f} s, p99 "
                       f"{quantile(lat, 0.99):.2f} s (max of {len(lat)}); "
-                      f"node RSS {mem / 1e6:.0f} MB", flush=True)
+                      f"node RSS {mem / 1e6:.0f} MB; worker's stages, median: {stages}",
+                      flush=True)
             # Every exam read once, every object delivered once.
             log = node.log.read_text(errors="replace")
             done_lines = {uid: log.count(f"exam {uid} v1 done in") for uid in studies.values()}
@@ -218,6 +221,26 @@ def _study(path: str) -> str:
     from pydicom import dcmread
 
     return str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+
+
+def _stages(log: str, uids: list[str]) -> str:
+    """The median of each stage of the worker's ``done in`` lines for these studies (where
+    a slower round spent its time: the worker's own stages, or waiting)."""
+    import re
+
+    per: dict[str, list[float]] = {}
+    for uid in uids:
+        m = re.search(rf"exam {re.escape(uid)} v1 done in ([0-9.]+) s \(([^)]*)\)", log)
+        if not m:
+            continue
+        per.setdefault("total", []).append(float(m.group(1)))
+        for part in m.group(2).split(", "):
+            name, _, value = part.rpartition(" ")
+            try:
+                per.setdefault(name, []).append(float(value))
+            except ValueError:
+                pass
+    return ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in per.items())
 
 
 def _arrived(arrivals: Arrivals, sop_uid: str) -> float:
