@@ -53,7 +53,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     csv_path = write_synthetic_dataset(args.out, args.exams, seed=args.seed, rows=rows,
                                        cols=cols, progress=not args.quiet,
                                        artifacts=args.artifacts,
-                                       density_phantoms=args.density_phantoms)
+                                       density_phantoms=args.density_phantoms,
+                                       film=args.film)
     print(f"wrote {args.exams} synthetic exams to {args.out} ({csv_path.name})")
     return 0
 
@@ -198,6 +199,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--artifacts", type=float, default=0.0, metavar="P",
                    help="share of images with burned-in labels, markers, rulers, film edges "
                         "or collimator shadows (0-1)")
+    p.add_argument("--film", action="store_true",
+                   help="digitised screen film: grain, film edges, scanner borders, a label, a "
+                        "large dark background, no window, 4,400-4,700 x 2,600-2,900 (each "
+                        "image its own size; --size and --artifacts do not apply), 12/16 bits")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_clean_errors("synth", cmd_synth))
 

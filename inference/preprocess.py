@@ -29,11 +29,11 @@ from inference.display import (  # noqa: F401  (re-exported: callers import them
     load,
     to_display,
 )
-from inference.segment import BreastMask, segment_breast
+from inference.segment import BreastMask, block_mean, segment_breast
 
 MEAN, STD = 0.5, 0.5  # input normalisation: [0, 1] -> [-1, 1]
 #: Changes whenever the model input made from an image changes (training caches key on it).
-PREPROCESS_VERSION = "2-segmented"
+PREPROCESS_VERSION = "3-block-crop"  # 3: the crop averaged in whole blocks (< 0.05 from 2)
 
 
 @dataclass
@@ -60,16 +60,56 @@ def _bbox(mask: np.ndarray, min_frac: float = 0.01) -> tuple[int, int, int, int]
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
+#: The antialiased resize is left at least this much reduction of its own (see _reduction).
+_RESIZE_SHARE = 2.0
+
+
+def _reduction(shape: tuple[int, int], size: tuple[int, int]) -> int:
+    """The integer block size a crop of ``shape`` is averaged by before its resize into
+    ``size``: as large as leaves the antialiased resize :data:`_RESIZE_SHARE` of the
+    reduction."""
+    H, W = size
+    scale = min(H / shape[0], W / shape[1])
+    return max(1, int(1.0 / (_RESIZE_SHARE * scale)))
+
+
+def _masked_block_mean(img: np.ndarray, keep: np.ndarray, k: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """``block_mean(where(keep, img, 0), k)`` and ``block_mean(keep, k)`` without the masked
+    full-resolution copy: blocks wholly inside the breast are plain means, wholly outside
+    zero, and only the blocks the breast's edge crosses (a thin band) are summed pixel by
+    pixel. ``img`` and ``keep``: the same shape, a multiple of ``k`` both ways."""
+    means, frac = block_mean(img, k), block_mean(keep, k)
+    out = np.where(frac >= 1.0, means, np.float32(0.0))
+    bi, bj = np.nonzero((frac > 0.0) & (frac < 1.0))
+    if bi.size:
+        d = np.arange(k)
+        rr = (bi[:, None, None] * k + d[None, :, None])
+        cc = (bj[:, None, None] * k + d[None, None, :])
+        out[bi, bj] = np.where(keep[rr, cc], img[rr, cc], np.float32(0.0)).sum(
+            axis=(1, 2), dtype=np.float32) / np.float32(k * k)
+    return out, frac
+
+
 def preprocess_array(img: np.ndarray, size: tuple[int, int], segment: bool = True,
                      mean: float = MEAN, std: float = STD) -> tuple[torch.Tensor, Geometry]:
     """Display image in [0, 1] -> normalised (1, H, W) tensor and its geometry.
 
     ``segment``: keep only the breast (everything else blanked to background) before
     cropping; off, the crop is "brighter than the background" as in release 0.1.0.
-    ``mean`` / ``std``: the normalisation the checkpoint was trained with."""
+    ``mean`` / ``std``: the normalisation the checkpoint was trained with.
+
+    With ``segment``, only the crop is read at full resolution, once: it is averaged in
+    integer blocks (:func:`_reduction`; the crop trimmed by less than a block on its far
+    sides so that blocks tile it, which the geometry records), the breast's edge blocks
+    masked pixel by pixel, and the antialiased resize works from there. Against one
+    antialiased resize of the same masked crop at full resolution the input differs by less
+    than 0.05 (mean < 0.001) in display units, the breast mask in the input by less than 1 %
+    of its pixels (``tests/unit/test_film.py``).
+    """
     rows, cols = img.shape
+    H, W = size
     if segment:
-        # Only the crop is touched at full resolution: blanked outside the breast, mirrored.
         breast = segment_breast(img)
         flipped = not breast.chest_wall_left  # chest wall goes left
         r0, r1, b0, b1 = breast.bbox()
@@ -77,13 +117,6 @@ def preprocess_array(img: np.ndarray, size: tuple[int, int], segment: bool = Tru
         r0, r1 = max(0, r0 - pad_r), min(rows, r1 + pad_r)
         # keep the chest wall edge (column 0, or the last one before mirroring)
         o0, o1 = (max(0, b0 - pad_c), cols) if flipped else (0, min(cols, b1 + pad_c))
-        keep = breast.region(r0, r1, o0, o1)
-        crop = np.where(keep, img[r0:r1, o0:o1], np.float32(0.0)).astype(np.float32,
-                                                                         copy=False)
-        if flipped:
-            crop, keep = crop[:, ::-1], keep[:, ::-1]
-        crop, keep = np.ascontiguousarray(crop), np.ascontiguousarray(keep)
-        c0, c1 = (cols - o1, cols - o0) if flipped else (o0, o1)
     else:
         breast = None
         # Background (air) is the darkest part; the breast is what stands out of it.
@@ -91,28 +124,46 @@ def preprocess_array(img: np.ndarray, size: tuple[int, int], segment: bool = Tru
         mask = img > thr
         half = cols // 2
         flipped = bool(mask[:, half:].sum() > mask[:, :half].sum())
-        if flipped:
-            img, mask = img[:, ::-1], mask[:, ::-1]
-        r0, r1, c0, c1 = _bbox(mask)
+        view = mask[:, ::-1] if flipped else mask
+        r0, r1, c0, c1 = _bbox(view)
         pad_r, pad_c = int(0.02 * (r1 - r0)), int(0.02 * (c1 - c0))
         r0, r1 = max(0, r0 - pad_r), min(rows, r1 + pad_r)
-        c0, c1 = 0, min(cols, c1 + pad_c)
-        crop = np.ascontiguousarray(img[r0:r1, c0:c1])
-        keep = np.ascontiguousarray(mask[r0:r1, c0:c1])
-    H, W = size
-    scale = min(H / crop.shape[0], W / crop.shape[1])
-    nh, nw = max(1, round(crop.shape[0] * scale)), max(1, round(crop.shape[1] * scale))
+        c1 = min(cols, c1 + pad_c)
+        o0, o1 = (cols - c1, cols) if flipped else (0, c1)
+    k = _reduction((r1 - r0, o1 - o0), size) if segment else 1
+    if k > 1:  # whole blocks: trimmed away from the chest wall, by less than a block
+        r1 -= (r1 - r0) % k
+        if flipped:
+            o0 += (o1 - o0) % k
+        else:
+            o1 -= (o1 - o0) % k
+    keep = breast.region(r0, r1, o0, o1) if breast is not None else mask[r0:r1, o0:o1]
+    region = img[r0:r1, o0:o1]
+    if k > 1:
+        if breast is not None:
+            crop, frac = _masked_block_mean(region, keep, k)
+        else:
+            crop, frac = block_mean(region, k), block_mean(keep, k)
+    else:
+        crop = region if breast is None else np.where(keep, region, np.float32(0.0))
+        frac = keep.astype(np.float32)
+    if flipped:
+        crop, frac = crop[:, ::-1], frac[:, ::-1]
+    crop = np.ascontiguousarray(crop, dtype=np.float32)
+    frac = np.ascontiguousarray(frac, dtype=np.float32)
+    c0, c1 = (cols - o1, cols - o0) if flipped else (o0, o1)
+    scale = min(H / (r1 - r0), W / (c1 - c0))
+    nh, nw = max(1, round((r1 - r0) * scale)), max(1, round((c1 - c0) * scale))
     t = torch.from_numpy(crop)[None, None]
     t = F.interpolate(t, size=(nh, nw), mode="bilinear", align_corners=False,
-                      antialias=scale < 1)[0, 0]
+                      antialias=scale * k < 1)[0, 0]
     out = torch.zeros(H, W)
     top = (H - nh) // 2
     out[top:top + nh, :nw] = t
     out = (out - mean) / std
     input_mask = np.zeros((H, W), bool)
-    m = torch.from_numpy(keep.astype(np.float32))
-    input_mask[top:top + nh, :nw] = F.interpolate(m[None, None], size=(nh, nw),
-                                                  mode="area")[0, 0].numpy() > 0.5
+    input_mask[top:top + nh, :nw] = F.interpolate(torch.from_numpy(frac)[None, None],
+                                                  size=(nh, nw), mode="area")[0, 0].numpy() > 0.5
     geom = Geometry((rows, cols), flipped, (r0, r1, c0, c1), scale, (top, 0), (H, W),
                     breast=breast, input_mask=input_mask)
     return out[None], geom

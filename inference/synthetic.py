@@ -230,6 +230,126 @@ def add_artifacts(img: np.ndarray, rng: np.random.Generator, kinds: tuple[str, .
     return out
 
 
+#: Digitised screen-film mammograms (CBIS-DDSM's scans): rows x cols ranges.
+FILM_ROWS, FILM_COLS = (4400, 4700), (2600, 2900)
+
+
+def film_size(seed: int) -> tuple[int, int]:
+    """A film scan's (rows, cols), drawn from ``seed`` within :data:`FILM_ROWS` x
+    :data:`FILM_COLS` (any value: not a multiple of anything)."""
+    rng = np.random.default_rng([seed, 0x5123])
+    return (int(rng.integers(FILM_ROWS[0], FILM_ROWS[1] + 1)),
+            int(rng.integers(FILM_COLS[0], FILM_COLS[1] + 1)))
+
+
+@dataclass
+class FilmLayout:
+    """Where the breast phantom lies on a film (chest wall at column ``c0``)."""
+
+    rows: int
+    cols: int
+    r0: int
+    c0: int
+    height: int
+    width: int
+
+
+def film_layout(rows: int, cols: int, seed: int) -> FilmLayout:
+    """The breast's box on a ``rows`` x ``cols`` film, drawn from its own stream of ``seed``
+    (the phantom's stream stays the plain phantom's, so :func:`lesion_boxes` replays it)."""
+    rng = np.random.default_rng([seed, 0xF11])
+    height = int(rng.uniform(0.66, 0.82) * rows)
+    width = int(rng.uniform(0.52, 0.68) * cols)
+    r0 = int(rng.uniform(0.06, 0.94 - height / rows) * rows) if height / rows < 0.88 \
+        else int(0.06 * rows)
+    c0 = int(rng.uniform(0.0, 0.012) * cols)  # a thin scanner border on the chest-wall side
+    return FilmLayout(rows, cols, r0, c0, height, width)
+
+
+def film_lesion_boxes(laterality: str, rows: int, cols: int, seed: int,
+                      lesions: list[Lesion] | tuple[Lesion, ...]
+                      ) -> list[tuple[float, float, float, float, float, float]]:
+    """:func:`lesion_boxes` for ``make_mammogram(..., film=True)``: on the film's pixels."""
+    lay = film_layout(rows, cols, seed)
+    out = []
+    for x, y, x0, y0, x1, y1 in lesion_boxes("L", lay.height, lay.width, seed, lesions):
+        xs = [lay.c0 + v for v in (x, x0, x1)]
+        if laterality == "R":
+            xs = [cols - v for v in xs]
+            xs[1], xs[2] = xs[2], xs[1]
+        out.append((xs[0], lay.r0 + y, xs[1], lay.r0 + y0, xs[2], lay.r0 + y1))
+    return out
+
+
+def film_image(rows: int, cols: int, view: str, seed: int,
+         lesions: list[Lesion] | tuple[Lesion, ...] = (), label: str = "LCC",
+         fibroglandular: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A digitised screen-film mammogram, chest wall at column 0, float32 in [0, 1] (1 =
+    dense): the phantom of ``seed`` on a large, dark, non-uniform exposed background, film
+    grain everywhere, bright unexposed film edges of uneven width along the top, bottom and
+    nipple side, a dark scanner border beyond the film on some sides (and a thin one at the
+    chest wall), a bright paper label with dark letters in a corner on the nipple side and a
+    few dust specks. (image, the breast, the artifacts: film edges, label and specks.)"""
+    lay = film_layout(rows, cols, seed)
+    rng = np.random.default_rng([seed, 0xF12])
+    ph = phantom(lay.height, lay.width, view or "CC", np.random.default_rng(seed), lesions,
+                 fibroglandular)
+    # Exposed film: dark, brighter toward one corner, with a slow wavy unevenness.
+    yy = np.linspace(0.0, 1.0, rows, dtype=np.float32)[:, None]
+    xx = np.linspace(0.0, 1.0, cols, dtype=np.float32)[None, :]
+    level = float(rng.uniform(0.03, 0.10))
+    gy, gx = rng.uniform(-0.04, 0.04, 2).astype(np.float32)
+    wave = _upsample(rng.standard_normal((5, 4)).astype(np.float32), rows, cols)
+    img = level + gy * yy + gx * xx + np.float32(rng.uniform(0.01, 0.025)) * wave
+    breast = np.zeros((rows, cols), bool)
+    box = (slice(lay.r0, lay.r0 + lay.height), slice(lay.c0, lay.c0 + lay.width))
+    img[box] = np.maximum(img[box], ph)
+    breast[box] = ph > 0.02
+    # Film grain, over everything.
+    img += rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(
+        rng.uniform(0.008, 0.02))
+    art = np.zeros((rows, cols), bool)
+    # Unexposed film edges (bright, their inner edge slanted: the film lay askew) and the
+    # scanner's dark border beyond the film on some of the sides.
+    r = np.arange(rows)[:, None]
+    c = np.arange(cols)[None, :]
+    top_w = rng.uniform(0.008, 0.03) * rows + rng.uniform(-0.006, 0.006) * rows * xx
+    bot_w = rng.uniform(0.008, 0.03) * rows + rng.uniform(-0.006, 0.006) * rows * xx
+    side_w = rng.uniform(0.01, 0.05) * cols + rng.uniform(-0.01, 0.01) * cols * yy
+    edge = (r < top_w) | (r >= rows - bot_w) | (c >= cols - side_w)
+    edge &= ~breast
+    img[edge] = np.float32(rng.uniform(0.78, 0.95)) + img[edge] * 0.3
+    art |= edge
+    for side in ("top", "bottom", "nipple"):
+        if rng.random() < 0.5:
+            w = int(rng.uniform(0.002, 0.008) * (cols if side == "nipple" else rows)) + 1
+            sl = {"top": np.s_[:w, :], "bottom": np.s_[-w:, :], "nipple": np.s_[:, -w:]}[side]
+            img[sl] = np.float32(rng.uniform(0.0, 0.02))
+    img[:, :lay.c0] = np.float32(rng.uniform(0.0, 0.02))   # scanner border, chest-wall side
+    # The paper label: a bright card with dark letters, in the background on the nipple side.
+    px = max(2, rows // 160)
+    lw, lh = (len(label) * 6 + 3) * px, 10 * px
+    free = np.flatnonzero(breast.any(axis=0))
+    x_min = (int(free[-1]) if free.size else lay.c0) + 4 * px
+    x_max = int(cols - float(side_w.max())) - lw - 2 * px
+    left = int(rng.uniform(x_min, max(x_min, x_max) + 1))
+    top = int(rng.uniform(0.06, 0.12) * rows) if rng.random() < 0.5 else \
+        int(rows - rng.uniform(0.08, 0.14) * rows) - lh
+    card = np.s_[top:top + lh, left:left + lw]
+    img[card] = np.float32(rng.uniform(0.8, 0.92))
+    _text(img, label, top + int(1.5 * px), left + 2 * px, px, 0.1)
+    art[card] = True
+    # Dust and scratches: small bright specks on the background.
+    for _ in range(int(rng.integers(3, 9))):
+        sy, sx = int(rng.integers(0, rows)), int(rng.integers(0, cols))
+        rad = int(rng.integers(2, 6))
+        spot = np.s_[max(0, sy - rad):sy + rad, max(0, sx - rad):sx + rad]
+        if not breast[spot].any():
+            img[spot] = np.float32(rng.uniform(0.6, 0.9))
+            art[spot] = True
+    return np.clip(img, 0.0, 1.0).astype(np.float32, copy=False), breast, art
+
+
 def make_mammogram(
     laterality: str,
     view: str,
@@ -254,23 +374,32 @@ def make_mammogram(
     pixels: np.ndarray | None = None,
     artifacts: tuple[str, ...] | list[str] = (),
     density: str | None = None,
+    film: bool = False,
 ) -> Dataset:
     """One synthetic Digital Mammography X-Ray image as a pydicom Dataset (with file meta).
 
     ``laterality`` is "L" or "R" (or "" to leave it out); ``view`` "CC", "MLO", "ML",
     "XCCL" (or "" to leave it out). Left breasts face right (chest wall at column 0), right
     breasts face left, as they hang on a viewer. ``artifacts``: any of :data:`ARTIFACTS`
-    burned in (see :func:`add_artifacts`).
+    burned in (see :func:`add_artifacts`). ``film``: a digitised screen-film mammogram of
+    ``rows`` x ``cols`` (see :func:`film_image`; :func:`film_size` draws a real film's size) with no
+    window in its header, as CBIS-DDSM's scans (the display falls back to percentiles).
     """
     rng = np.random.default_rng(seed)
     if pixels is None:
         if density is not None and density not in FIBROGLANDULAR:
             raise ValueError(f"density: one of {list(FIBROGLANDULAR)}, got {density!r}")
-        img = phantom(rows, cols, view or "CC", rng, lesions,
-                      FIBROGLANDULAR[density] if density else None)
+        label = f"{laterality}{view}".strip() if laterality and view in ("CC", "MLO") \
+            else "LCC"
+        fib = FIBROGLANDULAR[density] if density else None
+        if film:
+            if artifacts:
+                raise ValueError("film carries its own artifacts: give film or artifacts")
+            img = film_image(rows, cols, view, seed, lesions, label, fib)[0]
+        else:
+            img = phantom(rows, cols, view or "CC", rng, lesions, fib)
         if artifacts:
-            img = add_artifacts(img, rng, artifacts, label=f"{laterality}{view}".strip()
-                                if laterality and view in ("CC", "MLO") else "LCC")
+            img = add_artifacts(img, rng, artifacts, label=label)
     else:
         img = np.asarray(pixels, dtype=np.float32)
         rows, cols = img.shape
@@ -302,7 +431,7 @@ def make_mammogram(
     ds.Modality = "MG"
     ds.PresentationIntentType = "FOR PROCESSING" if for_processing else "FOR PRESENTATION"
     ds.Manufacturer = "mammo-node synthetic"
-    ds.ManufacturerModelName = f"phantom-{dialect}"
+    ds.ManufacturerModelName = f"{'film' if film else 'phantom'}-{dialect}"
     ds.ReferringPhysicianName = ""
     ds.PatientName = patient_name
     ds.PatientID = patient_id
@@ -328,9 +457,10 @@ def make_mammogram(
     ds.PatientOrientation = (["A", "R"] if laterality != "R" else ["P", "L"]) if view == "CC" \
         else (["A", "FR"] if laterality != "R" else ["P", "FL"])
     ds.BurnedInAnnotation = "NO"
-    ds.DetectorType = "DIRECT"
-    ds.ImagerPixelSpacing = [0.1, 0.1]
-    ds.PixelSpacing = [0.1, 0.1]
+    ds.DetectorType = "FILM" if film else "DIRECT"
+    spacing = [0.05, 0.05] if film else [0.1, 0.1]  # film scanned at 50 um
+    ds.ImagerPixelSpacing = spacing
+    ds.PixelSpacing = spacing
 
     if dialect == "legacy":
         if laterality:
@@ -367,9 +497,10 @@ def make_mammogram(
     ds.RescaleIntercept = 0
     ds.RescaleSlope = 1
     ds.RescaleType = "US"
-    ds.WindowCenter = int(maxval * 0.5)
-    ds.WindowWidth = int(maxval * 0.9)
-    ds.VOILUTFunction = "LINEAR"
+    if not film:  # a film scan carries no window (CBIS-DDSM's do not)
+        ds.WindowCenter = int(maxval * 0.5)
+        ds.WindowWidth = int(maxval * 0.9)
+        ds.VOILUTFunction = "LINEAR"
     ds.PixelData = values.tobytes()
     set_transfer_syntax(ds, transfer_syntax)
     return ds

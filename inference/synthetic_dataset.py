@@ -29,7 +29,16 @@ from typing import Any
 import numpy as np
 from pydicom.uid import JPEGLSLossless, generate_uid
 
-from inference.synthetic import ARTIFACTS, UID_ROOT, Lesion, lesion_boxes, make_mammogram, write
+from inference.synthetic import (
+    ARTIFACTS,
+    UID_ROOT,
+    Lesion,
+    film_lesion_boxes,
+    film_size,
+    lesion_boxes,
+    make_mammogram,
+    write,
+)
 
 BIRADS_P = [0.4, 0.15, 0.15, 0.15, 0.15]
 DIAGNOSIS = {1: "normal", 2: "benign", 3: "benign", 4: "malignant", 5: "malignant"}
@@ -61,7 +70,7 @@ def lesions_for(birads: int, rng: np.random.Generator) -> list[tuple[Lesion, flo
 def write_synthetic_dataset(out: str | Path, exams: int, seed: int = 0, rows: int = 1024,
                             cols: int = 832, test_fraction: float = 0.2,
                             progress: bool = True, artifacts: float = 0.0,
-                            density_phantoms: bool = False) -> Path:
+                            density_phantoms: bool = False, film: bool = False) -> Path:
     """Write ``exams`` synthetic exams under ``out`` (VinDr layout); returns the CSV path.
 
     ``artifacts``: the share of images that carry film / vendor artifacts (view labels,
@@ -69,7 +78,11 @@ def write_synthetic_dataset(out: str | Path, exams: int, seed: int = 0, rows: in
     from their own random stream so that the rest of the data set does not change.
     ``density_phantoms``: the phantoms' fibroglandular share follows the exam's density label
     (off: the mild texture the bundled demo checkpoint was trained on; its readings of dense
-    phantoms are not meaningful until it is retrained with them)."""
+    phantoms are not meaningful until it is retrained with them).
+    ``film``: digitised screen-film images instead (:func:`inference.synthetic.film_image`:
+    grain, film edges, scanner borders, a label, a large dark background, no window), each
+    of its own size within 4,400-4,700 x 2,600-2,900 (``rows`` / ``cols`` are not used),
+    12 or 16 bits stored; ``artifacts`` does not apply to them."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -100,12 +113,17 @@ def write_synthetic_dataset(out: str | Path, exams: int, seed: int = 0, rows: in
                 les = [Lesion(le.kind, le.x, y_mlo if view == "MLO" else le.y, le.radius,
                               le.contrast) for le, y_mlo in lesions]
                 kw: dict[str, Any] = dict(transfer_syntax=ts) if ts else {}
-                if artifacts and art_rng.random() < artifacts:
+                ih, iw = rows, cols
+                if film:
+                    size_seed = int(art_rng.integers(1 << 31))
+                    ih, iw = film_size(size_seed)
+                    kw.update(film=True, bits_stored=int(art_rng.choice([12, 16])))
+                elif artifacts and art_rng.random() < artifacts:
                     kinds = [a for a in ARTIFACTS if art_rng.random() < 0.5]
                     kw["artifacts"] = tuple(kinds or [str(art_rng.choice(ARTIFACTS))])
                 img_seed = int(rng.integers(1 << 31))
                 ds = make_mammogram(
-                    lat, view, rows=rows, cols=cols, seed=img_seed,
+                    lat, view, rows=ih, cols=iw, seed=img_seed,
                     sop_uid=generate_uid(prefix=UID_ROOT,
                                          entropy_srcs=[f"synth|{seed}|{e}|{lat}{view}"]),
                     lesions=les, dialect=dialect, photometric=photometric, study_uid=study,
@@ -116,16 +134,16 @@ def write_synthetic_dataset(out: str | Path, exams: int, seed: int = 0, rows: in
                 write(ds, out / "images" / study / f"{image_id}.dicom")
                 rows_out.append({
                     "study_id": study, "series_id": series, "image_id": image_id,
-                    "laterality": lat, "view_position": view, "height": rows, "width": cols,
+                    "laterality": lat, "view_position": view, "height": ih, "width": iw,
                     "breast_birads": f"BI-RADS {birads}", "breast_density": f"DENSITY {density}",
                     "split": split, "breast_diagnosis": DIAGNOSIS[birads]})
                 # Where each lesion lies (the VinDr finding layout): localisation in evaluate.
-                for le, (_, _, x0, y0, x1, y1) in zip(les, lesion_boxes(lat, rows, cols,
-                                                                        img_seed, les)):
+                boxes = (film_lesion_boxes if film else lesion_boxes)(lat, ih, iw, img_seed, les)
+                for le, (_, _, x0, y0, x1, y1) in zip(les, boxes):
                     findings.append({
                         "study_id": study, "series_id": series, "image_id": image_id,
-                        "laterality": lat, "view_position": view, "height": rows,
-                        "width": cols, "breast_birads": f"BI-RADS {birads}",
+                        "laterality": lat, "view_position": view, "height": ih,
+                        "width": iw, "breast_birads": f"BI-RADS {birads}",
                         "breast_density": f"DENSITY {density}",
                         "finding_categories": f"['{le.kind}']",
                         "finding_birads": f"BI-RADS {birads}", "xmin": round(x0, 1),

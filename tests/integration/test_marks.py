@@ -369,7 +369,7 @@ def test_synthetic_density_follows_the_label():
     assert means == sorted(means) and means[-1] - means[0] > 200
 
 
-def test_density_head_trains_only_where_labels_exist():
+def test_density_head_trains_only_where_labels_exist(tmp_path):
     import torch
 
     from inference.model import create_model
@@ -383,11 +383,28 @@ def test_density_head_trains_only_where_labels_exist():
     _, parts = m.loss(out, torch.tensor([[0, 0]]), torch.tensor([[0, 0]]),
                       torch.tensor([[2, -1]]))
     assert parts["density"] > 0
-    # Checkpoints without the key (every one before this head) build without it.
-    from inference.checkpoint import load_checkpoint
+    # Checkpoints without the key (every one made before this head) build without it.
+    from safetensors.torch import load_file, save_file
 
-    model, info = load_checkpoint(None)
+    from inference.checkpoint import load_checkpoint, save_checkpoint
+
+    old = create_model("cnn", image_size=(64, 32), dims=(8, 8, 8, 8))
+    f = tmp_path / "old.safetensors"
+    save_checkpoint(old, f, training_data="test")
+    from safetensors import safe_open
+
+    with safe_open(str(f), "pt") as h:
+        meta = dict(h.metadata())
+    config = json.loads(meta["model_config"])
+    config.pop("density")
+    meta["model_config"] = json.dumps(config, sort_keys=True)
+    meta.pop("density_classes", None)
+    save_file(load_file(str(f)), str(f), metadata=meta)
+    model, info = load_checkpoint(str(f))
     assert info.config.density is False and model.density_head is None
+    # The bundled demo has the head (retrained with density phantoms).
+    demo, dinfo = load_checkpoint(None)
+    assert dinfo.config.density is True and demo.density_head is not None
 
 
 def test_presentation_state_of_a_real_reading(model, exam_files, tmp_path):
@@ -449,7 +466,8 @@ def test_synth_writes_lesion_boxes_and_evaluate_reports_froc_and_density(tmp_pat
     assert loc["lesions"] == sum(len(b) for r in with_lesions for b in r.lesions.values())
     assert set(loc["points"]) == {"0.5", "1.0", "2.0"}
     assert (tmp_path / "plots" / "froc.png").exists()
-    assert "density" not in res        # the demo checkpoint has no density head
+    dens = res["density"]                 # the demo checkpoint's density head
+    assert dens["n"] == 12 and 0 <= dens["accuracy"] <= 1 and len(dens["confusion"]) == 4
     assert "Localisation:" in format_table(res)
 
 
