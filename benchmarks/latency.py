@@ -11,6 +11,16 @@
 
     python benchmarks/latency.py [--exams 10] [--rows 3328 --cols 2560]
     python benchmarks/latency.py --real-size --compress rle    # 4700 x 2900, RLE (film scans)
+    python benchmarks/latency.py --real-size --exams 2 --back-to-back --latency-only
+
+``--back-to-back``: the ``--exams`` exams are sent one right after another (one association
+each, no wait between them) and the latency is counted from the last exam's last C-STORE
+response: every SR of every exam at the PACS, then every Secondary Capture (issue 21: exam
+N+1's SRs must not wait for exam N's Secondary Captures). Each latency is also printed as a
+ratio to the model's own time for one exam, measured in this process in the same run.
+
+The studies are dated today, one patient each: a fixed StudyDate would age past
+``[grouping] prior_after_days`` and every exam would be kept as a prior, not read.
 
 ``--real-size``: 4,700 x 2,900 views (digitised film); ``--compress rle|j2k|jls``: the exams
 are stored RLE Lossless, JPEG 2000 Lossless or JPEG-LS Lossless (the node decodes them). The
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime as dt
 import socket
 import statistics
 import subprocess
@@ -54,12 +65,16 @@ def exams(n: int, rows: int, cols: int, compress: str = "none") -> list[list]:
     ts = COMPRESS[compress]
     encoded: dict[str, Any] = {}  # slot -> its first compressed dataset: encoded once
     out = []
+    # Today's screening studies, one patient each: an older StudyDate is a prior (stored,
+    # not read) under [grouping] prior_after_days, and the benchmark would wait for nothing.
+    today = dt.datetime.now().replace(microsecond=0)
     for e in range(n):
         study, series = generate_uid(prefix=UID_ROOT), generate_uid(prefix=UID_ROOT)
         exam = []
         for s in ("L-CC", "L-MLO", "R-CC", "R-MLO"):
             ds = make_mammogram(s[0], s[2:], pixels=bases[s[2:]], study_uid=study,
-                                series_uid=series, accession=f"LAT{e:05d}")
+                                series_uid=series, accession=f"LAT{e:05d}",
+                                patient_id=f"LAT-{e:05d}", acquisition=today)
             if ts:
                 if s not in encoded:
                     ds.compress(ts)
@@ -93,8 +108,10 @@ def send_exam(port: int, exam: list) -> float:
 
 
 def wait_sr(folder: Path, exam: list, timeout: float = 300,
-            roles: tuple[str, ...] = ("sr-mammo-cad", "sr-tid1500")) -> float:
-    """The time every object of ``roles`` is at the PACS (default: both SRs)."""
+            roles: tuple[str, ...] = ("sr-mammo-cad", "sr-tid1500"),
+            why: Any = None) -> float:
+    """The time every object of ``roles`` is at the PACS (default: both SRs); ``why`` (a
+    callable) says what the node holds when they never arrive."""
     uids = {result_uid(exam[0].StudyInstanceUID, 1, r) for r in roles}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -103,7 +120,8 @@ def wait_sr(folder: Path, exam: list, timeout: float = 300,
             return time.perf_counter()
         time.sleep(0.005)
     raise RuntimeError(f"{roles} never arrived; {folder} holds "
-                       f"{sorted(p.name for p in folder.iterdir())[:8]}")
+                       f"{sorted(p.name for p in folder.iterdir())[:8]}"
+                       + (f"; the node's exams:\n{why()}" if why is not None else ""))
 
 
 SC_ROLES = tuple(f"sc-{s}" for s in ("L-CC", "L-MLO", "R-CC", "R-MLO"))
@@ -117,7 +135,7 @@ class Setup:
         self.pacs = subprocess.Popen(["/usr/bin/storescp", "-aet", "PACS", "-od",
                                       str(self.pacs_dir), str(self.pacs_port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        cfg = work / "config.toml"
+        self.cfg = cfg = work / "config.toml"
         cfg.write_text(f'[node]\nhost = "127.0.0.1"\nport = {self.port}\n'
                        f'data_dir = "{work / "data"}"\n[storage]\nmin_free_mb = 0\n'
                        f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\n'
@@ -136,11 +154,38 @@ class Setup:
                 raise RuntimeError("model did not load")
             time.sleep(0.2)
 
+    def exams_table(self) -> str:
+        """``mammo-node exams``: each exam's state and reason (a prior is not read)."""
+        return subprocess.run([sys.executable, "-m", "node", "exams", "--config",
+                               str(self.cfg)], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60).stdout
+
     def close(self) -> None:
         for p in (self.node, self.pacs):
             p.terminate()
             p.wait()
         self.log.close()
+
+
+def back_to_back(s: Setup, batch: list[list], model_s: float) -> None:
+    """Send ``batch`` one exam right after another; every SR, then every Secondary Capture,
+    timed from the last exam's last C-STORE response."""
+    t_last = 0.0
+    for ex in batch:
+        t_last = send_exam(s.port, ex)
+    sr = [wait_sr(s.pacs_dir, ex, why=s.exams_table) - t_last for ex in batch]
+    sc = [wait_sr(s.pacs_dir, ex, roles=SC_ROLES, why=s.exams_table) - t_last
+          for ex in batch]
+    for i, (a, b) in enumerate(zip(sr, sc)):
+        print(f"exam {i + 1}: SRs {a:+.2f} s, SCs {b:+.2f} s after the last C-STORE")
+    all_sr, all_sc = max(sr), max(sc)
+    print(f"\nback to back, {len(batch)} exams: all {2 * len(batch)} SRs at storescp "
+          f"{all_sr:.2f} s after the last C-STORE response ({all_sr / model_s:.2f}x the "
+          f"model's own time for one exam, {model_s:.2f} s); all {4 * len(batch)} Secondary "
+          f"Captures {all_sc - all_sr:.2f} s after them")
+    for line in (s.pacs_dir.parent / "node.log").read_text().splitlines():
+        if " done in " in line and "warm" not in line:
+            print("  node:", line.split("] ", 1)[-1][:200])
 
 
 def main() -> int:
@@ -152,16 +197,21 @@ def main() -> int:
     ap.add_argument("--compress", choices=list(COMPRESS), default="none")
     ap.add_argument("--latency-only", action="store_true",
                     help="skip the throughput and ingest-while-busy parts")
+    ap.add_argument("--back-to-back", action="store_true",
+                    help="send the --exams exams one right after another; latency from the "
+                         "last one's last C-STORE (implies --latency-only)")
     args = ap.parse_args()
+    args.latency_only = args.latency_only or args.back_to_back
     if args.real_size:
         args.rows, args.cols = 4700, 2900
     from inference.api import MammoModel
 
     with tempfile.TemporaryDirectory(prefix="mammo-latency-") as tmp:
         work = Path(tmp)
-        print(f"generating {args.exams + 8} exams of {args.rows}x{args.cols} "
-              f"({args.compress}) ...", flush=True)
-        all_exams = exams(args.exams + 8, args.rows, args.cols, args.compress)
+        n = args.exams if args.latency_only else args.exams + 8
+        print(f"generating {n} exams of {args.rows}x{args.cols} ({args.compress}) ...",
+              flush=True)
+        all_exams = exams(n, args.rows, args.cols, args.compress)
         model = MammoModel(device="cpu")
         model.predict_exam(all_exams[0])
         # As the node reads an exam: displays kept for the SCs, maps at <= 1024 px.
@@ -173,10 +223,13 @@ def main() -> int:
         del model
         s = Setup(work)
         try:
+            if args.back_to_back:
+                back_to_back(s, all_exams[:args.exams], model_s)
+                return 0
             lat, after = [], []
             for i, ex in enumerate(all_exams[:args.exams]):
                 t0 = send_exam(s.port, ex)
-                t_sr = wait_sr(s.pacs_dir, ex)
+                t_sr = wait_sr(s.pacs_dir, ex, why=s.exams_table)
                 lat.append(t_sr - t0)
                 after.append(wait_sr(s.pacs_dir, ex, roles=SC_ROLES) - t_sr)
                 print(f"exam {i + 1}: SRs {lat[-1]:.2f} s, SCs {after[-1]:.2f} s after",
