@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import re
 import socket
 import statistics
 import subprocess
@@ -184,8 +185,11 @@ def back_to_back(s: Setup, batch: list[list], model_s: float) -> None:
           f"model's own time for one exam, {model_s:.2f} s); all {4 * len(batch)} Secondary "
           f"Captures {all_sc - all_sr:.2f} s after them")
     for line in (s.pacs_dir.parent / "node.log").read_text().splitlines():
-        if " done in " in line and "warm" not in line:
-            print("  node:", line.split("] ", 1)[-1][:200])
+        if "mammo_node.worker: exam" in line and (" done in " in line or "SRs first" in line):
+            # The worker's own lines (stage seconds, SRs read ahead), study UIDs shortened.
+            text = line.split("mammo_node.worker: ", 1)[1]
+            print("  node:", re.sub(r"(exam )(\S{8,})", lambda m: f"{m[1]}...{m[2][-6:]}",
+                                    text)[:240])
 
 
 def main() -> int:
