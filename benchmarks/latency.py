@@ -174,9 +174,24 @@ def back_to_back(s: Setup, batch: list[list], model_s: float) -> None:
     t_last = 0.0
     for ex in batch:
         t_last = send_exam(s.port, ex)
-    sr = [wait_sr(s.pacs_dir, ex, why=s.exams_table) - t_last for ex in batch]
-    sc = [wait_sr(s.pacs_dir, ex, roles=SC_ROLES, why=s.exams_table) - t_last
-          for ex in batch]
+    # Every exam's SRs and Secondary Captures watched at once: each time is its own arrival.
+    wanted = {(i, what): {result_uid(ex[0].StudyInstanceUID, 1, r) for r in roles}
+              for i, ex in enumerate(batch)
+              for what, roles in (("sr", ("sr-mammo-cad", "sr-tid1500")), ("sc", SC_ROLES))}
+    seen: dict[tuple[int, str], float] = {}
+    deadline = time.monotonic() + 300
+    while len(seen) < len(wanted):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"results never arrived: {sorted(set(wanted) - set(seen))}; "
+                               f"the node's exams:\n{s.exams_table()}")
+        names = [p.name for p in s.pacs_dir.iterdir()]
+        now = time.perf_counter()
+        for key, uids in wanted.items():
+            if key not in seen and all(any(n.endswith(u) for n in names) for u in uids):
+                seen[key] = now
+        time.sleep(0.005)
+    sr = [seen[(i, "sr")] - t_last for i in range(len(batch))]
+    sc = [seen[(i, "sc")] - t_last for i in range(len(batch))]
     for i, (a, b) in enumerate(zip(sr, sc)):
         print(f"exam {i + 1}: SRs {a:+.2f} s, SCs {b:+.2f} s after the last C-STORE")
     all_sr, all_sc = max(sr), max(sc)
