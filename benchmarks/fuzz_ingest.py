@@ -40,10 +40,10 @@ def mutate(data: bytes, start: int, rng: random.Random, kind: int) -> bytes:
             p = rng.randrange(start, len(b))
             b[p] ^= 1 << rng.randrange(8)
     elif kind == 1:
-        b = b[:rng.randrange(start, len(b))]
+        b = b[: rng.randrange(start, len(b))]
     elif kind == 2:
         p = rng.randrange(start, min(len(b), start + 1500))
-        b[p:p + 4] = rng.randbytes(4)
+        b[p : p + 4] = rng.randbytes(4)
     else:
         p = rng.randrange(start, len(b))
         b[p:p] = rng.randbytes(rng.randint(1, 64))
@@ -61,8 +61,7 @@ def main() -> int:
         work = Path(tmp)
         files = []
         for i in range(args.n):
-            good = write(make_mammogram("L", "CC", rows=256, cols=200, seed=i),
-                         work / f"g{i}.dcm")
+            good = write(make_mammogram("L", "CC", rows=256, cols=200, seed=i), work / f"g{i}.dcm")
             data = good.read_bytes()
             with open(good, "rb") as f:
                 _, start = _read_meta(f, len(data))
@@ -72,10 +71,24 @@ def main() -> int:
         port = free_port()
         data_dir = work / "data"
         cfg = work / "config.toml"
-        cfg.write_text(f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{data_dir}"\n'
-                       '[storage]\nmin_free_mb = 0\nfsync = false\n')
-        proc = subprocess.Popen([sys.executable, "-m", "node", "start", "--config", str(cfg),
-                                 "--no-worker", "--log-level", "ERROR"], cwd=ROOT)
+        cfg.write_text(
+            f'[node]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{data_dir}"\n'
+            "[storage]\nmin_free_mb = 0\nfsync = false\n"
+        )
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "node",
+                "start",
+                "--config",
+                str(cfg),
+                "--no-worker",
+                "--log-level",
+                "ERROR",
+            ],
+            cwd=ROOT,
+        )
         try:
             for _ in range(150):
                 try:
@@ -84,8 +97,9 @@ def main() -> int:
                 except OSError:
                     time.sleep(0.1)
             ae = AE(ae_title="FUZZER")
-            ae.requested_contexts = [build_context("1.2.840.10008.5.1.4.1.1.1.2",
-                                                   "1.2.840.10008.1.2.1")]
+            ae.requested_contexts = [
+                build_context("1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.1.2.1")
+            ]
             assoc = ae.associate("127.0.0.1", port, ae_title="MAMMO_NODE")
             statuses = collections.Counter()
             for f in files:
@@ -105,9 +119,11 @@ def main() -> int:
             except Exception:
                 unreadable += 1
     accepted = statuses.get(0, 0)
-    print(f"{args.n} damaged datasets: accepted {accepted}, refused {args.n - accepted} "
-          f"({', '.join(f'0x{k:04X}: {v}' for k, v in sorted(statuses.items()) if k)}); "
-          f"stored {len(stored)}, unreadable {unreadable}; node alive: {alive}")
+    print(
+        f"{args.n} damaged datasets: accepted {accepted}, refused {args.n - accepted} "
+        f"({', '.join(f'0x{k:04X}: {v}' for k, v in sorted(statuses.items()) if k)}); "
+        f"stored {len(stored)}, unreadable {unreadable}; node alive: {alive}"
+    )
     print("before this check (issue 9's measurement): 311 of 428 accepted, 163 unreadable")
     return 0 if unreadable == 0 and alive else 1
 

@@ -57,11 +57,15 @@ def scan_check() -> None:
             (y * torch.cos(y)).sum().backward()
             outs[backend] = (y.detach(), [t.grad.detach().clone() for t in leaves], ms)
         ydiff = float((outs["mamba"][0] - outs["chunked"][0]).abs().max())
-        gdiff = max(float((a - c).abs().max() / max(1.0, float(c.abs().max())))
-                    for a, c in zip(outs["mamba"][1], outs["chunked"][1]))
-        print(f"L={L}: max|y_mamba - y_chunked| = {ydiff:.2e} (target <= 1e-3), "
-              f"max relative grad diff {gdiff:.2e}; forward mamba {outs['mamba'][2]:.1f} ms, "
-              f"chunked {outs['chunked'][2]:.1f} ms")
+        gdiff = max(
+            float((a - c).abs().max() / max(1.0, float(c.abs().max())))
+            for a, c in zip(outs["mamba"][1], outs["chunked"][1])
+        )
+        print(
+            f"L={L}: max|y_mamba - y_chunked| = {ydiff:.2e} (target <= 1e-3), "
+            f"max relative grad diff {gdiff:.2e}; forward mamba {outs['mamba'][2]:.1f} ms, "
+            f"chunked {outs['chunked'][2]:.1f} ms"
+        )
 
 
 def latency_check() -> None:
@@ -92,8 +96,10 @@ def latency_check() -> None:
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-    print(f"AMP training step ok, loss {float(loss):.4f}, "
-          f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MB")
+    print(
+        f"AMP training step ok, loss {float(loss):.4f}, "
+        f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MB"
+    )
 
 
 if __name__ == "__main__":

@@ -56,8 +56,12 @@ from ingest import send as storescu_send
 from inference.synthetic import UID_ROOT, make_mammogram, phantom  # noqa: E402
 from node.results import result_uid  # noqa: E402
 
-COMPRESS = {"none": None, "rle": "1.2.840.10008.1.2.5", "j2k": "1.2.840.10008.1.2.4.90",
-            "jls": "1.2.840.10008.1.2.4.80"}
+COMPRESS = {
+    "none": None,
+    "rle": "1.2.840.10008.1.2.5",
+    "j2k": "1.2.840.10008.1.2.4.90",
+    "jls": "1.2.840.10008.1.2.4.80",
+}
 
 
 def exams(n: int, rows: int, cols: int, compress: str = "none") -> list[list]:
@@ -73,9 +77,16 @@ def exams(n: int, rows: int, cols: int, compress: str = "none") -> list[list]:
         study, series = generate_uid(prefix=UID_ROOT), generate_uid(prefix=UID_ROOT)
         exam = []
         for s in ("L-CC", "L-MLO", "R-CC", "R-MLO"):
-            ds = make_mammogram(s[0], s[2:], pixels=bases[s[2:]], study_uid=study,
-                                series_uid=series, accession=f"LAT{e:05d}",
-                                patient_id=f"LAT-{e:05d}", acquisition=today)
+            ds = make_mammogram(
+                s[0],
+                s[2:],
+                pixels=bases[s[2:]],
+                study_uid=study,
+                series_uid=series,
+                accession=f"LAT{e:05d}",
+                patient_id=f"LAT-{e:05d}",
+                acquisition=today,
+            )
             if ts:
                 if s not in encoded:
                     ds.compress(ts)
@@ -94,8 +105,9 @@ def send_exam(port: int, exam: list) -> float:
     from pynetdicom import AE, build_context
 
     ae = AE(ae_title="LATENCY")
-    ae.requested_contexts = [build_context(exam[0].SOPClassUID,
-                                           [str(exam[0].file_meta.TransferSyntaxUID)])]
+    ae.requested_contexts = [
+        build_context(exam[0].SOPClassUID, [str(exam[0].file_meta.TransferSyntaxUID)])
+    ]
     assoc = ae.associate("127.0.0.1", port, ae_title="MAMMO_NODE")
     assert assoc.is_established
     # As DCMTK's SCUs do: no Nagle stalls between the command and data PDUs.
@@ -108,9 +120,13 @@ def send_exam(port: int, exam: list) -> float:
     return t
 
 
-def wait_sr(folder: Path, exam: list, timeout: float = 300,
-            roles: tuple[str, ...] = ("sr-mammo-cad", "sr-tid1500"),
-            why: Any = None) -> float:
+def wait_sr(
+    folder: Path,
+    exam: list,
+    timeout: float = 300,
+    roles: tuple[str, ...] = ("sr-mammo-cad", "sr-tid1500"),
+    why: Any = None,
+) -> float:
     """The time every object of ``roles`` is at the PACS (default: both SRs); ``why`` (a
     callable) says what the node holds when they never arrive."""
     uids = {result_uid(exam[0].StudyInstanceUID, 1, r) for r in roles}
@@ -120,9 +136,11 @@ def wait_sr(folder: Path, exam: list, timeout: float = 300,
         if all(any(n.endswith(u) for n in names) for u in uids):
             return time.perf_counter()
         time.sleep(0.005)
-    raise RuntimeError(f"{roles} never arrived; {folder} holds "
-                       f"{sorted(p.name for p in folder.iterdir())[:8]}"
-                       + (f"; the node's exams:\n{why()}" if why is not None else ""))
+    raise RuntimeError(
+        f"{roles} never arrived; {folder} holds "
+        f"{sorted(p.name for p in folder.iterdir())[:8]}"
+        + (f"; the node's exams:\n{why()}" if why is not None else "")
+    )
 
 
 SC_ROLES = tuple(f"sc-{s}" for s in ("L-CC", "L-MLO", "R-CC", "R-MLO"))
@@ -133,19 +151,26 @@ class Setup:
         self.pacs_dir = work / "pacs"
         self.pacs_dir.mkdir()
         self.pacs_port, self.port = free_port(), free_port()
-        self.pacs = subprocess.Popen(["/usr/bin/storescp", "-aet", "PACS", "-od",
-                                      str(self.pacs_dir), str(self.pacs_port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.pacs = subprocess.Popen(
+            ["/usr/bin/storescp", "-aet", "PACS", "-od", str(self.pacs_dir), str(self.pacs_port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self.cfg = cfg = work / "config.toml"
-        cfg.write_text(f'[node]\nhost = "127.0.0.1"\nport = {self.port}\n'
-                       f'data_dir = "{work / "data"}"\n[storage]\nmin_free_mb = 0\n'
-                       f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\n'
-                       f'host = "127.0.0.1"\nport = {self.pacs_port}\n'
-                       f'[export]\ninitial_delay_seconds = 0.2\n')
+        cfg.write_text(
+            f'[node]\nhost = "127.0.0.1"\nport = {self.port}\n'
+            f'data_dir = "{work / "data"}"\n[storage]\nmin_free_mb = 0\n'
+            f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\n'
+            f'host = "127.0.0.1"\nport = {self.pacs_port}\n'
+            f"[export]\ninitial_delay_seconds = 0.2\n"
+        )
         self.log = open(work / "node.log", "wb")
-        self.node = subprocess.Popen([sys.executable, "-m", "node", "start", "--config",
-                                      str(cfg), "--log-level", "INFO"], cwd=ROOT,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.node = subprocess.Popen(
+            [sys.executable, "-m", "node", "start", "--config", str(cfg), "--log-level", "INFO"],
+            cwd=ROOT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         wait_port(self.port)
         wait_port(self.pacs_port)
         # The worker's model is loaded once the log says so.
@@ -157,9 +182,13 @@ class Setup:
 
     def exams_table(self) -> str:
         """``mammo-node exams``: each exam's state and reason (a prior is not read)."""
-        return subprocess.run([sys.executable, "-m", "node", "exams", "--config",
-                               str(self.cfg)], cwd=ROOT, capture_output=True, text=True,
-                              timeout=60).stdout
+        return subprocess.run(
+            [sys.executable, "-m", "node", "exams", "--config", str(self.cfg)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
 
     def close(self) -> None:
         for p in (self.node, self.pacs):
@@ -175,15 +204,19 @@ def back_to_back(s: Setup, batch: list[list], model_s: float) -> None:
     for ex in batch:
         t_last = send_exam(s.port, ex)
     # Every exam's SRs and Secondary Captures watched at once: each time is its own arrival.
-    wanted = {(i, what): {result_uid(ex[0].StudyInstanceUID, 1, r) for r in roles}
-              for i, ex in enumerate(batch)
-              for what, roles in (("sr", ("sr-mammo-cad", "sr-tid1500")), ("sc", SC_ROLES))}
+    wanted = {
+        (i, what): {result_uid(ex[0].StudyInstanceUID, 1, r) for r in roles}
+        for i, ex in enumerate(batch)
+        for what, roles in (("sr", ("sr-mammo-cad", "sr-tid1500")), ("sc", SC_ROLES))
+    }
     seen: dict[tuple[int, str], float] = {}
     deadline = time.monotonic() + 300
     while len(seen) < len(wanted):
         if time.monotonic() > deadline:
-            raise RuntimeError(f"results never arrived: {sorted(set(wanted) - set(seen))}; "
-                               f"the node's exams:\n{s.exams_table()}")
+            raise RuntimeError(
+                f"results never arrived: {sorted(set(wanted) - set(seen))}; "
+                f"the node's exams:\n{s.exams_table()}"
+            )
         names = [p.name for p in s.pacs_dir.iterdir()]
         now = time.perf_counter()
         for key, uids in wanted.items():
@@ -195,16 +228,19 @@ def back_to_back(s: Setup, batch: list[list], model_s: float) -> None:
     for i, (a, b) in enumerate(zip(sr, sc)):
         print(f"exam {i + 1}: SRs {a:+.2f} s, SCs {b:+.2f} s after the last C-STORE")
     all_sr, all_sc = max(sr), max(sc)
-    print(f"\nback to back, {len(batch)} exams: all {2 * len(batch)} SRs at storescp "
-          f"{all_sr:.2f} s after the last C-STORE response ({all_sr / model_s:.2f}x the "
-          f"model's own time for one exam, {model_s:.2f} s); all {4 * len(batch)} Secondary "
-          f"Captures {all_sc - all_sr:.2f} s after them")
+    print(
+        f"\nback to back, {len(batch)} exams: all {2 * len(batch)} SRs at storescp "
+        f"{all_sr:.2f} s after the last C-STORE response ({all_sr / model_s:.2f}x the "
+        f"model's own time for one exam, {model_s:.2f} s); all {4 * len(batch)} Secondary "
+        f"Captures {all_sc - all_sr:.2f} s after them"
+    )
     for line in (s.pacs_dir.parent / "node.log").read_text().splitlines():
         if "mammo_node.worker: exam" in line and (" done in " in line or "SRs first" in line):
             # The worker's own lines (stage seconds, SRs read ahead), study UIDs shortened.
             text = line.split("mammo_node.worker: ", 1)[1]
-            print("  node:", re.sub(r"(exam )(\S{8,})", lambda m: f"{m[1]}...{m[2][-6:]}",
-                                    text)[:240])
+            print(
+                "  node:", re.sub(r"(exam )(\S{8,})", lambda m: f"{m[1]}...{m[2][-6:]}", text)[:240]
+            )
 
 
 def main() -> int:
@@ -214,11 +250,17 @@ def main() -> int:
     ap.add_argument("--cols", type=int, default=2560)
     ap.add_argument("--real-size", action="store_true", help="4700 x 2900 views")
     ap.add_argument("--compress", choices=list(COMPRESS), default="none")
-    ap.add_argument("--latency-only", action="store_true",
-                    help="skip the throughput and ingest-while-busy parts")
-    ap.add_argument("--back-to-back", action="store_true",
-                    help="send the --exams exams one right after another; latency from the "
-                         "last one's last C-STORE (implies --latency-only)")
+    ap.add_argument(
+        "--latency-only",
+        action="store_true",
+        help="skip the throughput and ingest-while-busy parts",
+    )
+    ap.add_argument(
+        "--back-to-back",
+        action="store_true",
+        help="send the --exams exams one right after another; latency from the "
+        "last one's last C-STORE (implies --latency-only)",
+    )
     args = ap.parse_args()
     args.latency_only = args.latency_only or args.back_to_back
     if args.real_size:
@@ -228,42 +270,48 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mammo-latency-") as tmp:
         work = Path(tmp)
         n = args.exams if args.latency_only else args.exams + 8
-        print(f"generating {n} exams of {args.rows}x{args.cols} ({args.compress}) ...",
-              flush=True)
+        print(f"generating {n} exams of {args.rows}x{args.cols} ({args.compress}) ...", flush=True)
         all_exams = exams(n, args.rows, args.cols, args.compress)
         model = MammoModel(device="cpu")
         model.predict_exam(all_exams[0])
         # As the node reads an exam: displays kept for the SCs, maps at <= 1024 px.
-        runs = [model.predict_exam(all_exams[i % len(all_exams)], keep_display=True,
-                                   map_side=1024).seconds for i in range(3)]
+        runs = [
+            model.predict_exam(
+                all_exams[i % len(all_exams)], keep_display=True, map_side=1024
+            ).seconds
+            for i in range(3)
+        ]
         model_s = statistics.median(r["total"] for r in runs)
-        print("model's own stages (median of 3): " + ", ".join(
-            f"{k} {statistics.median(r[k] for r in runs):.2f} s" for k in runs[0]), flush=True)
+        print(
+            "model's own stages (median of 3): "
+            + ", ".join(f"{k} {statistics.median(r[k] for r in runs):.2f} s" for k in runs[0]),
+            flush=True,
+        )
         del model
         s = Setup(work)
         try:
             if args.back_to_back:
-                back_to_back(s, all_exams[:args.exams], model_s)
+                back_to_back(s, all_exams[: args.exams], model_s)
                 return 0
             lat, after = [], []
-            for i, ex in enumerate(all_exams[:args.exams]):
+            for i, ex in enumerate(all_exams[: args.exams]):
                 t0 = send_exam(s.port, ex)
                 t_sr = wait_sr(s.pacs_dir, ex, why=s.exams_table)
                 lat.append(t_sr - t0)
                 after.append(wait_sr(s.pacs_dir, ex, roles=SC_ROLES) - t_sr)
-                print(f"exam {i + 1}: SRs {lat[-1]:.2f} s, SCs {after[-1]:.2f} s after",
-                      flush=True)
+                print(f"exam {i + 1}: SRs {lat[-1]:.2f} s, SCs {after[-1]:.2f} s after", flush=True)
             med = statistics.median(lat)
-            print(f"\nlatency (last C-STORE response -> both SRs at storescp), "
-                  f"median of {len(lat)}: {med:.2f} s; the 4 Secondary Captures "
-                  f"{statistics.median(after):.2f} s after them")
-            print(f"model's own time for one exam (preprocess + inference, API): "
-                  f"{model_s:.2f} s")
+            print(
+                f"\nlatency (last C-STORE response -> both SRs at storescp), "
+                f"median of {len(lat)}: {med:.2f} s; the 4 Secondary Captures "
+                f"{statistics.median(after):.2f} s after them"
+            )
+            print(f"model's own time for one exam (preprocess + inference, API): {model_s:.2f} s")
             print(f"node overhead (latency - model): {med - model_s:.2f} s  (target <= 1 s)")
             if args.latency_only:
                 return 0
 
-            batch = all_exams[args.exams:args.exams + 4]
+            batch = all_exams[args.exams : args.exams + 4]
             t0 = time.perf_counter()
             threads = [threading.Thread(target=send_exam, args=(s.port, ex)) for ex in batch]
             for t in threads:
@@ -271,19 +319,23 @@ def main() -> int:
             for t in threads:
                 t.join()
             t_end = max(wait_sr(s.pacs_dir, ex) for ex in batch)
-            print(f"throughput, 4 exams sent at once: {t_end - t0:.1f} s for 4 "
-                  f"({4 * 60 / (t_end - t0):.1f} exams/min)")
+            print(
+                f"throughput, 4 exams sent at once: {t_end - t0:.1f} s for 4 "
+                f"({4 * 60 / (t_end - t0):.1f} exams/min)"
+            )
 
             files = make_images(work / "ingest", 24, args.rows, args.cols)
             mb = sum(f.stat().st_size for f in files) / 1e6
             storescu_send(files, "MAMMO_NODE", s.port)  # warm-up: files in the page cache
             idle = mb / storescu_send(files, "MAMMO_NODE", s.port)
-            load = all_exams[args.exams + 4:args.exams + 8]
+            load = all_exams[args.exams + 4 : args.exams + 8]
             for ex in load:
                 send_exam(s.port, ex)
             busy = mb / storescu_send(files, "MAMMO_NODE", s.port)
-            print(f"ingest idle {idle:.0f} MB/s, while 4 exams are processed {busy:.0f} MB/s: "
-                  f"{busy / idle:.2f}x  (target >= 0.7x)")
+            print(
+                f"ingest idle {idle:.0f} MB/s, while 4 exams are processed {busy:.0f} MB/s: "
+                f"{busy / idle:.2f}x  (target >= 0.7x)"
+            )
         except Exception:
             print((work / "node.log").read_text()[-3000:], file=sys.stderr)
             raise

@@ -52,9 +52,21 @@ def sender(port: int, exams: list[list[str]], out: mp.Queue) -> None:
     """Send each exam's files over its own storescu association; report when each ended."""
     for files in exams:
         t0 = time.monotonic()
-        subprocess.run(["/usr/bin/storescu", "-aet", "MODALITY", "-aec", "MAMMO_NODE",
-                        "127.0.0.1", str(port), *files], check=True,
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                "/usr/bin/storescu",
+                "-aet",
+                "MODALITY",
+                "-aec",
+                "MAMMO_NODE",
+                "127.0.0.1",
+                str(port),
+                *files,
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         out.put((files[0], t0, time.monotonic()))
 
 
@@ -101,9 +113,13 @@ def quantile(values: list[float], q: float) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--exams", type=int, default=3,
-                    help="exams per sender in rounds 2 and 3 (round 1's one sender sends as "
-                         "many as they all do)")
+    ap.add_argument(
+        "--exams",
+        type=int,
+        default=3,
+        help="exams per sender in rounds 2 and 3 (round 1's one sender sends as "
+        "many as they all do)",
+    )
     ap.add_argument("--senders", type=int, default=4, help="senders in rounds 2 and 3")
     ap.add_argument("--rows", type=int, default=1024)
     ap.add_argument("--cols", type=int, default=832)
@@ -121,40 +137,60 @@ def main() -> int:
                 plan[-1].append([])
                 # The same number of exams every round: round 1's one sender sends them all.
                 for _e in range(args.exams * args.senders // senders):
-                    exam = make_exam(seed=n % 4, rows=args.rows, cols=args.cols,
-                                     accession=f"LOAD{n:05d}", patient_id=f"LOAD{n:05d}",
-                                     study_uid=None)
+                    exam = make_exam(
+                        seed=n % 4,
+                        rows=args.rows,
+                        cols=args.cols,
+                        accession=f"LOAD{n:05d}",
+                        patient_id=f"LOAD{n:05d}",
+                        study_uid=None,
+                    )
                     folder = work / "exams" / f"{n:05d}"
-                    plan[-1][-1].append([str(write(ds, folder / f"{i}.dcm"))
-                                         for i, ds in enumerate(exam)])
+                    plan[-1][-1].append(
+                        [str(write(ds, folder / f"{i}.dcm")) for i, ds in enumerate(exam)]
+                    )
                     n += 1
         studies = {files[0]: _study(files[0]) for rnd in plan for snd in rnd for files in snd}
         pacs = StoreSCP(work / "pacs").start()
         (work / "node").mkdir()
-        node = NodeProcess(work / "node", {
-            "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
-                              "port": pacs.port}],
-            "export": {"initial_delay_seconds": 0.2},
-            "peers": [{"ae_title": "MODALITY", "services": ["echo", "store"]}],
-            "grouping": {"stable_seconds": 3600},
-            "inference": {"warm_up_exam": True}}, worker=True)
+        node = NodeProcess(
+            work / "node",
+            {
+                "destinations": [
+                    {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}
+                ],
+                "export": {"initial_delay_seconds": 0.2},
+                "peers": [{"ae_title": "MODALITY", "services": ["echo", "store"]}],
+                "grouping": {"stable_seconds": 3600},
+                "inference": {"warm_up_exam": True},
+            },
+            worker=True,
+        )
         arrivals = Arrivals(pacs.folder)
         arrivals.start()
         try:
             node.start()
-            wait_for(lambda: "model loaded" in node.log.read_text(errors="replace"), 300,
-                     interval=0.2, what="the model loaded")
+            wait_for(
+                lambda: "model loaded" in node.log.read_text(errors="replace"),
+                300,
+                interval=0.2,
+                what="the model loaded",
+            )
             assert node.proc is not None
-            print(f"{n} exams of 4 x {args.rows}x{args.cols}: rounds of {rounds} sender(s) x "
-                  f"{args.exams} exams; node pid {node.proc.pid}, RSS "
-                  f"{rss(node.proc.pid) / 1e6:.0f} MB at start", flush=True)
+            print(
+                f"{n} exams of 4 x {args.rows}x{args.cols}: rounds of {rounds} sender(s) x "
+                f"{args.exams} exams; node pid {node.proc.pid}, RSS "
+                f"{rss(node.proc.pid) / 1e6:.0f} MB at start",
+                flush=True,
+            )
             results = []
             delivered = 0
             for r, senders in enumerate(rounds):
                 q: mp.Queue = mp.Queue()
-                procs = [mp.get_context("fork").Process(target=sender,
-                                                        args=(node.port, plan[r][s], q))
-                         for s in range(senders)]
+                procs = [
+                    mp.get_context("fork").Process(target=sender, args=(node.port, plan[r][s], q))
+                    for s in range(senders)
+                ]
                 for p in procs:
                     p.start()
                 sent = [q.get(timeout=args.timeout) for _ in range(args.senders * args.exams)]
@@ -163,9 +199,12 @@ def main() -> int:
                     assert p.exitcode == 0, f"a sender failed ({p.exitcode})"
                 t_first = min(t0 for _, t0, _ in sent)
                 delivered += len(sent) * OBJECTS_PER_EXAM
-                wait_for(lambda want=delivered: len(pacs.files()) >= want, args.timeout,
-                         interval=0.1,
-                         what=f"round {r + 1}'s results")
+                wait_for(
+                    lambda want=delivered: len(pacs.files()) >= want,
+                    args.timeout,
+                    interval=0.1,
+                    what=f"round {r + 1}'s results",
+                )
                 time.sleep(0.1)  # the arrivals thread's last poll
                 lat, t_last_sr = [], 0.0
                 for first, _, t_end in sent:
@@ -177,36 +216,53 @@ def main() -> int:
                 rate = len(sent) / seconds * 60
                 mem = rss(node.proc.pid)
                 results.append((rate, mem))
-                stages = _stages(node.log.read_text(errors="replace"),
-                                 [studies[first] for first, _, _ in sent])
-                print(f"round {r + 1}: {senders} sender(s), {len(sent)} exams in {seconds:.1f} s "
-                      f"= {rate:.1f} exams/min (x{rate / results[0][0]:.2f} vs round 1); "
-                      f"last image -> SRs p50 {statistics.median(lat):.2f} s, p99 "
-                      f"{quantile(lat, 0.99):.2f} s (max of {len(lat)}); "
-                      f"node RSS {mem / 1e6:.0f} MB; worker's stages, median: {stages}",
-                      flush=True)
+                stages = _stages(
+                    node.log.read_text(errors="replace"), [studies[first] for first, _, _ in sent]
+                )
+                print(
+                    f"round {r + 1}: {senders} sender(s), {len(sent)} exams in {seconds:.1f} s "
+                    f"= {rate:.1f} exams/min (x{rate / results[0][0]:.2f} vs round 1); "
+                    f"last image -> SRs p50 {statistics.median(lat):.2f} s, p99 "
+                    f"{quantile(lat, 0.99):.2f} s (max of {len(lat)}); "
+                    f"node RSS {mem / 1e6:.0f} MB; worker's stages, median: {stages}",
+                    flush=True,
+                )
             # Every exam read once, every object delivered once.
             log = node.log.read_text(errors="replace")
             done_lines = {uid: log.count(f"exam {uid} v1 done in") for uid in studies.values()}
             exams = {e["study_instance_uid"]: e for e in node.exams()}
-            bad_db = [u for u in studies.values()
-                      if exams.get(u, {}).get("state") != "done" or exams[u]["version"] != 1]
+            bad_db = [
+                u
+                for u in studies.values()
+                if exams.get(u, {}).get("state") != "done" or exams[u]["version"] != 1
+            ]
             received = pacs.received()
             files = len(pacs.files())
             once = all(v == 1 for v in done_lines.values()) and not bad_db
-            print(f"every exam read once: {once} ({sum(done_lines.values())} done lines for "
-                  f"{len(studies)} exams; not done at v1 in the database: {len(bad_db)}); "
-                  f"every object delivered once: {received == files == delivered} "
-                  f"({received} C-STOREs answered at the PACS, {files} distinct files, "
-                  f"{delivered} expected)")
+            print(
+                f"every exam read once: {once} ({sum(done_lines.values())} done lines for "
+                f"{len(studies)} exams; not done at v1 in the database: {len(bad_db)}); "
+                f"every object delivered once: {received == files == delivered} "
+                f"({received} C-STOREs answered at the PACS, {files} distinct files, "
+                f"{delivered} expected)"
+            )
             r1, r2, r3 = results[0], results[1], results[2]
-            print(f"goals: {args.senders} senders / 1 sender throughput x{r2[0] / r1[0]:.2f}, "
-                  f"x{r3[0] / r1[0]:.2f} (>= 0.9); RSS round 3 - round 2 "
-                  f"{(r3[1] - r2[1]) / 1e6:+.0f} MB (<= 40)")
-            print("JSON " + json.dumps({"rates": [x[0] for x in results],
-                                        "rss_mb": [x[1] / 1e6 for x in results],
-                                        "once": once, "delivered_once":
-                                        received == files == delivered}))
+            print(
+                f"goals: {args.senders} senders / 1 sender throughput x{r2[0] / r1[0]:.2f}, "
+                f"x{r3[0] / r1[0]:.2f} (>= 0.9); RSS round 3 - round 2 "
+                f"{(r3[1] - r2[1]) / 1e6:+.0f} MB (<= 40)"
+            )
+            print(
+                "JSON "
+                + json.dumps(
+                    {
+                        "rates": [x[0] for x in results],
+                        "rss_mb": [x[1] / 1e6 for x in results],
+                        "once": once,
+                        "delivered_once": received == files == delivered,
+                    }
+                )
+            )
         except Exception:
             print(node.log.read_text(errors="replace")[-3000:], file=sys.stderr)
             raise

@@ -55,8 +55,9 @@ def loading_rate(data: Path, size: tuple[int, int], cache: Path) -> tuple[float,
         torch.set_num_threads(threads)
 
 
-def model_rate(size: tuple[int, int], arch: str, batch: int, steps: int,
-               device: torch.device, precision: str) -> float:
+def model_rate(
+    size: tuple[int, int], arch: str, batch: int, steps: int, device: torch.device, precision: str
+) -> float:
     """Training exams/s of the model step (after one warm-up step)."""
     torch.manual_seed(0)
     model = HybridCnnVssm(ModelConfig(arch=arch, image_size=size)).to(device).train()
@@ -72,8 +73,7 @@ def model_rate(size: tuple[int, int], arch: str, batch: int, steps: int,
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype or torch.float32,
-                            enabled=dtype is not None):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss, _ = model.loss(model(x, mask), y, d)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -89,8 +89,12 @@ def model_rate(size: tuple[int, int], arch: str, batch: int, steps: int,
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--image-size", type=_size, default=(1024, 512))
-    ap.add_argument("--source-size", type=_size, default=(2816, 2304),
-                    help="synthetic DICOM size (a real FFDM view is ~3328x2560 to 4096x3328)")
+    ap.add_argument(
+        "--source-size",
+        type=_size,
+        default=(2816, 2304),
+        help="synthetic DICOM size (a real FFDM view is ~3328x2560 to 4096x3328)",
+    )
     ap.add_argument("--exams", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2)
@@ -102,19 +106,23 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="pipeline-") as tmp:
         data = Path(tmp) / "data"
         rows, cols = args.source_size
-        write_synthetic_dataset(data, args.exams, seed=1, rows=rows, cols=cols,
-                                progress=False)
+        write_synthetic_dataset(data, args.exams, seed=1, rows=rows, cols=cols, progress=False)
         cold, warm = loading_rate(data, args.image_size, Path(tmp) / "cache")
-    step = model_rate(args.image_size, args.arch, args.batch_size, args.steps, device,
-                      args.precision)
+    step = model_rate(
+        args.image_size, args.arch, args.batch_size, args.steps, device, args.precision
+    )
     h, w = args.image_size
-    print(f"input {h}x{w}, source {rows}x{cols}, {args.exams} exams, model {args.arch} on "
-          f"{device} ({args.precision}), batch {args.batch_size}")
+    print(
+        f"input {h}x{w}, source {rows}x{cols}, {args.exams} exams, model {args.arch} on "
+        f"{device} ({args.precision}), batch {args.batch_size}"
+    )
     print(f"loading per core, cold (decode + segment + resize): {cold:8.3f} exams/s")
     print(f"loading per core, warm (preprocessing cache):       {warm:8.3f} exams/s")
     print(f"model training step:                                {step:8.3f} exams/s")
-    print(f"cores to keep the model busy: {step / cold:.2f} cold, {step / warm:.2f} warm "
-          f"(model exams/s / loading exams/s per core)")
+    print(
+        f"cores to keep the model busy: {step / cold:.2f} cold, {step / warm:.2f} warm "
+        f"(model exams/s / loading exams/s per core)"
+    )
     return 0
 
 

@@ -63,8 +63,17 @@ def film_exam(folder: str | None) -> list:
     out = []
     for i, (lat, view) in enumerate(SLOTS):
         rows, cols = film_size(100 + i)
-        out.append(make_mammogram(lat, view, rows=rows, cols=cols, seed=100 + i, film=True,
-                                  bits_stored=16 if i % 2 == 0 else 12))
+        out.append(
+            make_mammogram(
+                lat,
+                view,
+                rows=rows,
+                cols=cols,
+                seed=100 + i,
+                film=True,
+                bits_stored=16 if i % 2 == 0 else 12,
+            )
+        )
         if folder:
             write(out[-1], Path(folder) / f"{i}.dcm")
     return out
@@ -100,25 +109,38 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=4700)
     ap.add_argument("--cols", type=int, default=2900)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--films", metavar="DIR", help="keep the films there (written when "
-                    "missing, read when present): the same films timed on another tree")
+    ap.add_argument(
+        "--films",
+        metavar="DIR",
+        help="keep the films there (written when "
+        "missing, read when present): the same films timed on another tree",
+    )
     args = ap.parse_args()
     import inference
 
-    print(f"tree: {Path(inference.__file__).resolve().parent.parent}; load "
-          f"{os.getloadavg()[0]:.2f}", flush=True)
+    print(
+        f"tree: {Path(inference.__file__).resolve().parent.parent}; load {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
     ph = phantom_exam(args.rows, args.cols)
     p_img, p_exam = timed(ph, args.repeats)
-    print(f"phantom {args.rows}x{args.cols}: {p_img * 1000:.0f} ms per image, "
-          f"{p_exam * 1000:.0f} ms per exam (4 views, 4 threads)", flush=True)
+    print(
+        f"phantom {args.rows}x{args.cols}: {p_img * 1000:.0f} ms per image, "
+        f"{p_exam * 1000:.0f} ms per exam (4 views, 4 threads)",
+        flush=True,
+    )
     if args.film:
         fm = film_exam(args.films)
         f_img, f_exam = timed(fm, args.repeats)
         sizes = ", ".join(f"{ds.Rows}x{ds.Columns}/{ds.BitsStored}" for ds in fm)
-        print(f"film ({sizes}): {f_img * 1000:.0f} ms per image, {f_exam * 1000:.0f} ms per "
-              f"exam", flush=True)
-        print(f"film / phantom: x{f_img / p_img:.2f} per image, x{f_exam / p_exam:.2f} per exam "
-              f"(goal <= 1); load {os.getloadavg()[0]:.2f}")
+        print(
+            f"film ({sizes}): {f_img * 1000:.0f} ms per image, {f_exam * 1000:.0f} ms per exam",
+            flush=True,
+        )
+        print(
+            f"film / phantom: x{f_img / p_img:.2f} per image, x{f_exam / p_exam:.2f} per exam "
+            f"(goal <= 1); load {os.getloadavg()[0]:.2f}"
+        )
     return 0
 
 

@@ -35,16 +35,20 @@ from tests.integration.test_dicomweb_security import _part10, _stow  # noqa: E40
 KINDS = {
     "thumbnail": ("/thumbnail", {}, "image/jpeg"),
     "rendered 1024 jpeg": ("/rendered", {"viewport": "1024,1024"}, "image/jpeg"),
-    "windowed 1024 jpeg": ("/rendered", {"viewport": "1024,1024", "window": "1800,2600"},
-                           "image/jpeg"),
+    "windowed 1024 jpeg": (
+        "/rendered",
+        {"viewport": "1024,1024", "window": "1800,2600"},
+        "image/jpeg",
+    ),
 }
 
 
 def rate(urls: list[str], n: int, params: dict, accept: str) -> float:
     t0 = time.perf_counter()
     for i in range(n):
-        r = requests.get(urls[i % len(urls)], params=params, headers={"Accept": accept},
-                         timeout=120)
+        r = requests.get(
+            urls[i % len(urls)], params=params, headers={"Accept": accept}, timeout=120
+        )
         r.raise_for_status()
     return n / (time.perf_counter() - t0)
 
@@ -56,24 +60,30 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=2)
     ap.add_argument("--requests", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--syntax", default="", help="transfer syntax of the stored images "
-                    "(default uncompressed)")
+    ap.add_argument(
+        "--syntax", default="", help="transfer syntax of the stored images (default uncompressed)"
+    )
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         w = WebInProcess(Path(tmp), render_cache_mb=0)
         try:
             urls = []
-            for i, (lat, view) in enumerate((("L", "CC"), ("R", "CC"), ("L", "MLO"),
-                                             ("R", "MLO"))[:a.views]):
+            for i, (lat, view) in enumerate(
+                (("L", "CC"), ("R", "CC"), ("L", "MLO"), ("R", "MLO"))[: a.views]
+            ):
                 kw = {"transfer_syntax": a.syntax} if a.syntax else {}
                 ds = make_mammogram(lat, view, rows=a.rows, cols=a.cols, seed=i, **kw)
                 r = _stow(w.base, [_part10(ds)])
                 assert r.status_code == 200, r.text
-                urls.append(f"{w.base}/studies/{ds.StudyInstanceUID}/series/"
-                            f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}")
-            print(f"{a.views} view(s) of {a.rows} x {a.cols}"
-                  f"{', ' + a.syntax if a.syntax else ', uncompressed'}; "
-                  f"{a.requests} requests per figure")
+                urls.append(
+                    f"{w.base}/studies/{ds.StudyInstanceUID}/series/"
+                    f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+                )
+            print(
+                f"{a.views} view(s) of {a.rows} x {a.cols}"
+                f"{', ' + a.syntax if a.syntax else ', uncompressed'}; "
+                f"{a.requests} requests per figure"
+            )
             print(f"{'request':<22}{'cold req/s':>12}{'warm req/s':>12}{'warm/cold':>11}")
             for name, (suffix, params, accept) in KINDS.items():
                 kind_urls = [u + suffix for u in urls]

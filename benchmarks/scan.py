@@ -50,10 +50,14 @@ def main() -> int:
     args = ap.parse_args()
     torch.manual_seed(0)
     b, d, n = args.batch, args.channels, args.state
-    print(f"batch {b}, channels {d}, state {n}, float32, {torch.get_num_threads()} threads, "
-          f"{'forward+backward' if args.backward else 'forward'}")
-    print(f"{'tokens':>7} {'reference':>10} {'chunked':>10} {'ratio':>7} {'numba':>10} "
-          f"{'ratio':>7} {'max|diff|':>10}")
+    print(
+        f"batch {b}, channels {d}, state {n}, float32, {torch.get_num_threads()} threads, "
+        f"{'forward+backward' if args.backward else 'forward'}"
+    )
+    print(
+        f"{'tokens':>7} {'reference':>10} {'chunked':>10} {'ratio':>7} {'numba':>10} "
+        f"{'ratio':>7} {'max|diff|':>10}"
+    )
     for L in args.lengths:
         req = args.backward
         u = torch.randn(b, d, L, requires_grad=req)
@@ -65,8 +69,11 @@ def main() -> int:
         args_ = (u, delta, A, B, C, D)
         ctx = torch.enable_grad() if req else torch.no_grad()
         with ctx:
-            t_ref = timeit(lambda: selective_scan_ref(*args_),  # noqa: B023
-                           max(1, args.repeats // 2), req)
+            t_ref = timeit(
+                lambda: selective_scan_ref(*args_),  # noqa: B023
+                max(1, args.repeats // 2),
+                req,
+            )
             t_chk = timeit(lambda: selective_scan_chunked(*args_), args.repeats, req)  # noqa: B023
             y_ref = selective_scan_ref(*args_)
             diff = float((selective_scan_chunked(*args_) - y_ref).abs().max())
@@ -76,8 +83,11 @@ def main() -> int:
                 nb = f"{t_nb * 1e3:8.1f}ms {t_ref / t_nb:6.1f}x"
             else:
                 nb = f"{'n/a':>10} {'':>7}"
-        print(f"{L:>7} {t_ref * 1e3:8.1f}ms {t_chk * 1e3:8.1f}ms {t_ref / t_chk:6.1f}x {nb} "
-              f"{diff:10.2e}", flush=True)
+        print(
+            f"{L:>7} {t_ref * 1e3:8.1f}ms {t_chk * 1e3:8.1f}ms {t_ref / t_chk:6.1f}x {nb} "
+            f"{diff:10.2e}",
+            flush=True,
+        )
     return 0
 
 

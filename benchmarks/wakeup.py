@@ -44,8 +44,7 @@ def _role(kind: str, url: str, mode: str, poll: float, stop_at: int) -> None:
     db = Database(url)
     store, queue = Exams(db), Deliveries(db)
     channel = wakeup.EXAMS_READY if kind == "worker" else wakeup.DELIVERIES_DUE
-    wake: wakeup.Wake = (wakeup.Listener(db, channel) if mode == "notify"
-                         else threading.Event())
+    wake: wakeup.Wake = wakeup.Listener(db, channel) if mode == "notify" else threading.Event()
     handled = 0
     while handled < stop_at:
         wake.clear()
@@ -53,10 +52,17 @@ def _role(kind: str, url: str, mode: str, poll: float, stop_at: int) -> None:
             claim = store.claim_next_ready(60)
             if claim is not None:
                 study, version, _ = store.slot_paths(claim[0])
-                produced = [ProducedObject(
-                    kind="sr-mammo-cad", sop_class_uid="1.2.840.10008.5.1.4.1.1.88.50",
-                    sop_instance_uid=f"{study[:56]}.77", series_instance_uid=f"{study[:56]}.78",
-                    path=f"results/{study}/r.dcm", modality="SR", size_bytes=10)]
+                produced = [
+                    ProducedObject(
+                        kind="sr-mammo-cad",
+                        sop_class_uid="1.2.840.10008.5.1.4.1.1.88.50",
+                        sop_instance_uid=f"{study[:56]}.77",
+                        series_instance_uid=f"{study[:56]}.78",
+                        path=f"results/{study}/r.dcm",
+                        modality="SR",
+                        size_bytes=10,
+                    )
+                ]
                 store.complete(*claim, produced, ["pacs"])
                 handled += 1
                 continue
@@ -79,14 +85,16 @@ def _ready_exam(store: object, files: object, seed: int) -> str:
 
     exam = make_exam(seed=seed, rows=8, cols=8)
     for ds in exam:
-        r = instance_record(ds, files, "T", str(ds.SOPClassUID), str(ds.SOPInstanceUID),
-                            "1.2.840.10008.1.2.1", 100)
+        r = instance_record(
+            ds, files, "T", str(ds.SOPClassUID), str(ds.SOPInstanceUID), "1.2.840.10008.1.2.1", 100
+        )
         store.add_instance(r, assign_slots, place=lambda: None)  # type: ignore[attr-defined]
     return str(exam[0].StudyInstanceUID)
 
 
-def run_mode(server: object, mode: str, n: int, poll: float, tmp: Path,
-             seed: int) -> tuple[list[float], list[float]]:
+def run_mode(
+    server: object, mode: str, n: int, poll: float, tmp: Path, seed: int
+) -> tuple[list[float], list[float]]:
     from sqlalchemy import select
 
     from storage.db import Database
@@ -97,8 +105,10 @@ def run_mode(server: object, mode: str, n: int, poll: float, tmp: Path,
     url = server.new_database(f"wake_{mode}")  # type: ignore[attr-defined]
     Database(url).close()  # the schema, before the roles start
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_role, args=(kind, url, mode, poll, n))
-             for kind in ("worker", "exporter")]
+    procs = [
+        ctx.Process(target=_role, args=(kind, url, mode, poll, n))
+        for kind in ("worker", "exporter")
+    ]
     for p in procs:
         p.start()
     db = Database(url)
@@ -112,8 +122,9 @@ def run_mode(server: object, mode: str, n: int, poll: float, tmp: Path,
     for p in procs:
         p.join(timeout=60 + 3 * n * poll)
     with db.session() as s:
-        events = s.execute(select(ExamEvent.exam_id, ExamEvent.detail, ExamEvent.at)
-                           .order_by(ExamEvent.id)).all()
+        events = s.execute(
+            select(ExamEvent.exam_id, ExamEvent.detail, ExamEvent.at).order_by(ExamEvent.id)
+        ).all()
         sends = s.execute(select(Outbound.next_attempt_at, Outbound.sent_at)).all()
     db.close()
     ready: dict[int, object] = {}
@@ -130,7 +141,7 @@ def run_mode(server: object, mode: str, n: int, poll: float, tmp: Path,
 
 
 def _fmt(xs: list[float]) -> str:
-    return (f"median {statistics.median(xs) * 1000:7.1f} ms, max {max(xs) * 1000:7.1f} ms")
+    return f"median {statistics.median(xs) * 1000:7.1f} ms, max {max(xs) * 1000:7.1f} ms"
 
 
 def main() -> None:
@@ -144,15 +155,19 @@ def main() -> None:
     server = PostgresServer().start()
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            results = {mode: run_mode(server, mode, args.exams, args.poll, Path(tmp),
-                                      args.seed) for mode in ("notify", "poll")}
+            results = {
+                mode: run_mode(server, mode, args.exams, args.poll, Path(tmp), args.seed)
+                for mode in ("notify", "poll")
+            }
     finally:
         server.stop()
     print(f"{args.exams} exams, poll interval {args.poll:g} s, PostgreSQL")
     for i, hop in enumerate(("ready -> claimed", "queued -> sent")):
         n, p = results["notify"][i], results["poll"][i]
-        print(f"  {hop:17s} notify: {_fmt(n)} | poll: {_fmt(p)} | notify / poll "
-              f"(medians) {statistics.median(n) / statistics.median(p):.3f}")
+        print(
+            f"  {hop:17s} notify: {_fmt(n)} | poll: {_fmt(p)} | notify / poll "
+            f"(medians) {statistics.median(n) / statistics.median(p):.3f}"
+        )
 
 
 if __name__ == "__main__":

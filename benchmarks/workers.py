@@ -39,11 +39,14 @@ def run(n_workers: int, exams: list, engine: str, tmp: Path) -> float:
         url = f"sqlite:///{tmp / 'mammo-node.db'}"
     pacs = StoreSCP(tmp / "pacs").start()
     shared = tmp / "shared"
-    settings = {"node": {"database_url": url},
-                "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
-                                  "port": pacs.port}],
-                "export": {"initial_delay_seconds": 0.5, "max_delay_seconds": 1.0},
-                "peers": [{"ae_title": "PYNETDICOM", "services": ["echo", "store"]}]}
+    settings = {
+        "node": {"database_url": url},
+        "destinations": [
+            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}
+        ],
+        "export": {"initial_delay_seconds": 0.5, "max_delay_seconds": 1.0},
+        "peers": [{"ae_title": "PYNETDICOM", "services": ["echo", "store"]}],
+    }
     procs: list[NodeProcess] = []
 
     def start(role: str) -> NodeProcess:
@@ -81,16 +84,20 @@ def main() -> None:
     ap.add_argument("--engine", choices=["postgresql", "sqlite"], default="postgresql")
     args = ap.parse_args()
     exams = [make_exam(seed=900 + i, rows=args.rows, cols=args.cols) for i in range(args.exams)]
-    print(f"{args.exams} exams of 4 x {args.rows}x{args.cols}, {args.engine}, "
-          f"{os.cpu_count()} CPU cores")
+    print(
+        f"{args.exams} exams of 4 x {args.rows}x{args.cols}, {args.engine}, "
+        f"{os.cpu_count()} CPU cores"
+    )
     ref = None
     for n in [int(x) for x in args.workers.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
             seconds = run(n, exams, args.engine, Path(tmp))
         rate = args.exams / seconds * 60
         ref = ref or rate
-        print(f"  {n} worker(s): {seconds:6.1f} s  {rate:6.1f} exams/min  "
-              f"x{rate / ref:.2f} vs 1 worker")
+        print(
+            f"  {n} worker(s): {seconds:6.1f} s  {rate:6.1f} exams/min  "
+            f"x{rate / ref:.2f} vs 1 worker"
+        )
 
 
 if __name__ == "__main__":

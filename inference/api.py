@@ -46,10 +46,9 @@ MAP_SIDE = 1024
 
 
 @dataclass
-
 class BreastReading:
-    present: bool                                   # the breast had at least one view
-    birads: str | None                              # predicted category, e.g. "BI-RADS 4-5"
+    present: bool  # the breast had at least one view
+    birads: str | None  # predicted category, e.g. "BI-RADS 4-5"
     birads_probabilities: dict[str, float]
     diagnosis: str | None = None
     diagnosis_probabilities: dict[str, float] | None = None
@@ -94,14 +93,19 @@ class ExamReading:
 class MammoModel:
     """A loaded checkpoint on a device, ready to read exams."""
 
-    def __init__(self, checkpoint: str | Path | None = None, device: str = "auto",
-                 operating_point: float | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint: str | Path | None = None,
+        device: str = "auto",
+        operating_point: float | None = None,
+    ) -> None:
         """``operating_point``: the 0-100 exam score above which an exam is called positive,
         instead of the checkpoint's own."""
         self.device = resolve_device(device)
         self.model, self.info = load_checkpoint(checkpoint, device=self.device)
-        self.operating_point = (operating_point if operating_point is not None
-                                else self.info.operating_point)
+        self.operating_point = (
+            operating_point if operating_point is not None else self.info.operating_point
+        )
 
     @torch.no_grad()
     def warm_up(self) -> float:
@@ -112,14 +116,17 @@ class MammoModel:
         first exam it reads."""
         t = time.perf_counter()
         H, W = self.info.input_size
-        self.model(torch.zeros(1, 4, 1, H, W, device=self.device),
-                   torch.ones(1, 4, dtype=torch.bool, device=self.device))
+        self.model(
+            torch.zeros(1, 4, 1, H, W, device=self.device),
+            torch.ones(1, 4, dtype=torch.bool, device=self.device),
+        )
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t
 
-    def _slots(self, views: Mapping[str, Dataset | str | Path]
-               | Sequence[Dataset | str | Path]) -> dict[str, Dataset | str | Path]:
+    def _slots(
+        self, views: Mapping[str, Dataset | str | Path] | Sequence[Dataset | str | Path]
+    ) -> dict[str, Dataset | str | Path]:
         if isinstance(views, Mapping):
             bad = [k for k in views if k not in VIEWS]
             if bad:
@@ -131,17 +138,23 @@ class MammoModel:
             slot = guess_slot(ds)
             if slot is None:
                 what = item if not isinstance(item, Dataset) else ds.get("SOPInstanceUID")
-                raise ValueError(f"cannot tell the view of {what}: "
-                                 "laterality or view missing; pass a mapping slot -> image")
+                raise ValueError(
+                    f"cannot tell the view of {what}: "
+                    "laterality or view missing; pass a mapping slot -> image"
+                )
             if slot in slots:
                 raise ValueError(f"two images for {slot}; pass a mapping slot -> image")
             slots[slot] = ds
         return slots
 
     @torch.no_grad()
-    def predict_exam(self, views: Mapping[str, Dataset | str | Path]
-                     | Sequence[Dataset | str | Path], keep_display: bool = False,
-                     map_side: int | None = None, max_marks: int = 3) -> ExamReading:
+    def predict_exam(
+        self,
+        views: Mapping[str, Dataset | str | Path] | Sequence[Dataset | str | Path],
+        keep_display: bool = False,
+        map_side: int | None = None,
+        max_marks: int = 3,
+    ) -> ExamReading:
         """Read one exam of up to four views (datasets or paths; a list or slot mapping).
 
         ``keep_display=True`` also returns each view's windowed image (for drawing maps on
@@ -176,8 +189,13 @@ class MammoModel:
 
             def prepare(i: int) -> tuple[np.ndarray, torch.Tensor, Geometry]:
                 disp = to_display(datasets[i], pixels[i])
-                x, g = preprocess_array(disp, (H, W), segment=bool(pp["segment"]),
-                                        mean=float(pp["mean"]), std=float(pp["std"]))
+                x, g = preprocess_array(
+                    disp,
+                    (H, W),
+                    segment=bool(pp["segment"]),
+                    mean=float(pp["mean"]),
+                    std=float(pp["std"]),
+                )
                 return disp, x, g
 
             prepared = list(ex.map(prepare, range(len(present))))
@@ -190,32 +208,37 @@ class MammoModel:
             if keep_display:
                 displays[slot] = disp
         t1 = time.perf_counter()
-        out = self.model(images.to(self.device), mask.to(self.device),
-                         evidence=max_marks > 0)
+        out = self.model(images.to(self.device), mask.to(self.device), evidence=max_marks > 0)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
         cfg = self.info.config
         bp = torch.softmax(out["birads_logits"][0].float(), -1).cpu().numpy()
-        dp = (torch.softmax(out["diagnosis_logits"][0].float(), -1).cpu().numpy()
-              if "diagnosis_logits" in out else None)
-        densp = (torch.softmax(out["density_logits"][0].float(), -1).cpu().numpy()
-                 if "density_logits" in out else None)
+        dp = (
+            torch.softmax(out["diagnosis_logits"][0].float(), -1).cpu().numpy()
+            if "diagnosis_logits" in out
+            else None
+        )
+        densp = (
+            torch.softmax(out["density_logits"][0].float(), -1).cpu().numpy()
+            if "density_logits" in out
+            else None
+        )
         present = out["breast_present"][0].cpu().numpy()
         weights = out["fusion_weights"][0].float().cpu().numpy()
         breasts = {}
         for j, b in enumerate(BREASTS):
             probs = {c: float(p) for c, p in zip(cfg.birads_classes, bp[j])}
-            r = BreastReading(present=bool(present[j]),
-                              birads=cfg.birads_classes[int(bp[j].argmax())] if present[j]
-                              else None, birads_probabilities=probs)
+            r = BreastReading(
+                present=bool(present[j]),
+                birads=cfg.birads_classes[int(bp[j].argmax())] if present[j] else None,
+                birads_probabilities=probs,
+            )
             if dp is not None:
-                r.diagnosis_probabilities = {c: float(p) for c, p in
-                                             zip(DIAGNOSIS_CLASSES, dp[j])}
+                r.diagnosis_probabilities = {c: float(p) for c, p in zip(DIAGNOSIS_CLASSES, dp[j])}
                 r.diagnosis = DIAGNOSIS_CLASSES[int(dp[j].argmax())] if present[j] else None
             if densp is not None:
-                r.density_probabilities = {c: float(p) for c, p in
-                                           zip(DENSITY_CLASSES, densp[j])}
+                r.density_probabilities = {c: float(p) for c, p in zip(DENSITY_CLASSES, densp[j])}
                 r.density = DENSITY_CLASSES[int(densp[j].argmax())] if present[j] else None
             if present[j]:
                 r.score = breast_score(r.birads_probabilities, r.diagnosis_probabilities)
@@ -229,7 +252,8 @@ class MammoModel:
                 a = attn[k] / max(float(attn[k].max()), 1e-12)
                 t = torch.from_numpy(a)[None, None]
                 mm = torch.nn.functional.interpolate(
-                    t, size=(H, W), mode="bilinear", align_corners=False)[0, 0].numpy()
+                    t, size=(H, W), mode="bilinear", align_corners=False
+                )[0, 0].numpy()
                 g = geoms[slot]
                 if g.input_mask is not None:  # bounded by the breast, as the original-size map
                     mm = mm * g.input_mask
@@ -246,26 +270,49 @@ class MammoModel:
         marks: dict[str, list[Mark]] = {}
         if "evidence" in out:
             ev = out["evidence"][0].float().cpu().numpy()
-            marks = find_marks({slot: ev[k] for k, slot in enumerate(VIEWS) if slot in geoms},
-                               geoms, {b: r.score for b, r in breasts.items()},
-                               max_marks=max_marks, operating_point=op,
-                               source_factor=decoded_factor,
-                               images={slot: images[0, VIEWS.index(slot), 0].numpy()
-                                       * float(pp["std"]) + float(pp["mean"])
-                                       for slot in geoms})
+            marks = find_marks(
+                {slot: ev[k] for k, slot in enumerate(VIEWS) if slot in geoms},
+                geoms,
+                {b: r.score for b, r in breasts.items()},
+                max_marks=max_marks,
+                operating_point=op,
+                source_factor=decoded_factor,
+                images={
+                    slot: images[0, VIEWS.index(slot), 0].numpy() * float(pp["std"])
+                    + float(pp["mean"])
+                    for slot in geoms
+                },
+            )
         return ExamReading(
             breasts=breasts,
-            fusion_weights={b: {v: float(weights[j, k]) for k, v in enumerate(VIEWS)}
-                            for j, b in enumerate(BREASTS)},
-            attention_maps=maps, attention_maps_model=maps_model,
-            missing_views=[v for v in VIEWS if v not in slots], geometry=geoms,
-            model={"sha256": self.info.sha256, "name": algorithm_name(cfg.arch),
-                   "arch": cfg.arch, "task": cfg.task,
-                   "version": self.info.metadata.get("version"),
-                   "intended_use": self.info.metadata.get("intended_use")},
-            seconds={"decode": t_dec - t0, "preprocess": t1 - t_dec, "inference": t2 - t1,
-                     "maps": time.perf_counter() - t3, "total": time.perf_counter() - t0},
-            displays=displays, map_factors=factors, score=score, operating_point=op,
+            fusion_weights={
+                b: {v: float(weights[j, k]) for k, v in enumerate(VIEWS)}
+                for j, b in enumerate(BREASTS)
+            },
+            attention_maps=maps,
+            attention_maps_model=maps_model,
+            missing_views=[v for v in VIEWS if v not in slots],
+            geometry=geoms,
+            model={
+                "sha256": self.info.sha256,
+                "name": algorithm_name(cfg.arch),
+                "arch": cfg.arch,
+                "task": cfg.task,
+                "version": self.info.metadata.get("version"),
+                "intended_use": self.info.metadata.get("intended_use"),
+            },
+            seconds={
+                "decode": t_dec - t0,
+                "preprocess": t1 - t_dec,
+                "inference": t2 - t1,
+                "maps": time.perf_counter() - t3,
+                "total": time.perf_counter() - t0,
+            },
+            displays=displays,
+            map_factors=factors,
+            score=score,
+            operating_point=op,
             above_operating_point=None if op is None or score is None else score >= op,
             marks=marks,
-            density=max((r.density for r in breasts.values() if r.density), default=None))
+            density=max((r.density for r in breasts.values() if r.density), default=None),
+        )

@@ -31,8 +31,10 @@ from inference.preprocess import MEAN, PREPROCESS_VERSION, STD
 FORMAT = "mammo-node-checkpoint"
 FORMAT_VERSION = "1"
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "demo.safetensors"
-NOT_CLINICAL = ("Trained on synthetic phantoms only. NOT FOR CLINICAL USE: research and "
-                "demonstration of the software only.")
+NOT_CLINICAL = (
+    "Trained on synthetic phantoms only. NOT FOR CLINICAL USE: research and "
+    "demonstration of the software only."
+)
 
 
 class CheckpointError(ValueError):
@@ -76,8 +78,14 @@ class CheckpointInfo:
 
     def as_dict(self) -> dict[str, Any]:
         meta = dict(self.metadata)
-        for k in ("model_config", "birads_classes", "diagnosis_classes", "metrics",
-                  "preprocessing", "operating_point"):
+        for k in (
+            "model_config",
+            "birads_classes",
+            "diagnosis_classes",
+            "metrics",
+            "preprocessing",
+            "operating_point",
+        ):
             if meta.get(k):
                 try:
                     meta[k] = json.loads(meta[k])
@@ -103,9 +111,15 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(model: HybridCnnVssm, path: str | Path, *, training_data: str,
-                    intended_use: str = "research", metrics: dict | None = None,
-                    extra: dict[str, str] | None = None) -> str:
+def save_checkpoint(
+    model: HybridCnnVssm,
+    path: str | Path,
+    *,
+    training_data: str,
+    intended_use: str = "research",
+    metrics: dict | None = None,
+    extra: dict[str, str] | None = None,
+) -> str:
     """Write weights and metadata; returns the file's SHA-256."""
     cfg = model.cfg
     meta = {
@@ -122,8 +136,9 @@ def save_checkpoint(model: HybridCnnVssm, path: str | Path, *, training_data: st
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "intended_use": intended_use,
         "metrics": json.dumps(metrics or {}),
-        "preprocessing": json.dumps({"mean": MEAN, "std": STD, "segment": True,
-                                     "version": PREPROCESS_VERSION}),
+        "preprocessing": json.dumps(
+            {"mean": MEAN, "std": STD, "segment": True, "version": PREPROCESS_VERSION}
+        ),
         **(extra or {}),
     }
     path = Path(path)
@@ -146,34 +161,45 @@ def read_info(path: str | Path) -> CheckpointInfo:
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a safetensors file ({exc})") from exc
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a mammo-node checkpoint (metadata format="
-                              f"{meta.get('format')!r}, expected {FORMAT!r})")
+        raise CheckpointError(
+            f"{path}: not a mammo-node checkpoint (metadata format="
+            f"{meta.get('format')!r}, expected {FORMAT!r})"
+        )
     if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {meta.get('format_version')!r}"
-                              f" is not supported (this mammo-node reads {FORMAT_VERSION!r})")
+        raise CheckpointError(
+            f"{path}: checkpoint format version {meta.get('format_version')!r}"
+            f" is not supported (this mammo-node reads {FORMAT_VERSION!r})"
+        )
     try:
         cfg = ModelConfig.from_dict(json.loads(meta["model_config"]))
     except (KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: invalid model_config in metadata: {exc}") from exc
     if meta.get("task") != cfg.task:
-        raise CheckpointError(f"{path}: metadata task {meta.get('task')!r} does not match the "
-                              f"model config's task {cfg.task!r}")
+        raise CheckpointError(
+            f"{path}: metadata task {meta.get('task')!r} does not match the "
+            f"model config's task {cfg.task!r}"
+        )
     if json.loads(meta.get("birads_classes", "[]")) != cfg.birads_classes:
-        raise CheckpointError(f"{path}: birads_classes in metadata do not match task "
-                              f"{cfg.task!r}")
-    if json.loads(meta.get("density_classes", "[]")) != (DENSITY_CLASSES if cfg.density
-                                                         else []):
-        raise CheckpointError(f"{path}: density_classes in metadata do not match the model "
-                              f"config's density head ({cfg.density})")
+        raise CheckpointError(f"{path}: birads_classes in metadata do not match task {cfg.task!r}")
+    if json.loads(meta.get("density_classes", "[]")) != (DENSITY_CLASSES if cfg.density else []):
+        raise CheckpointError(
+            f"{path}: density_classes in metadata do not match the model "
+            f"config's density head ({cfg.density})"
+        )
     size = f"{cfg.image_size[0]}x{cfg.image_size[1]}"
     if meta.get("input_size") != size:
-        raise CheckpointError(f"{path}: metadata input_size {meta.get('input_size')!r} does not "
-                              f"match the model config's {size!r}")
+        raise CheckpointError(
+            f"{path}: metadata input_size {meta.get('input_size')!r} does not "
+            f"match the model config's {size!r}"
+        )
     return CheckpointInfo(path=path, sha256=sha256_file(path), config=cfg, metadata=meta)
 
 
-def load_checkpoint(path: str | Path | None = None, device: str | torch.device = "cpu",
-                    scan_backend: str | None = None) -> tuple[HybridCnnVssm, CheckpointInfo]:
+def load_checkpoint(
+    path: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    scan_backend: str | None = None,
+) -> tuple[HybridCnnVssm, CheckpointInfo]:
     """Build the model of a checkpoint (None = the bundled demo) and load its weights."""
     info = read_info(path or DEMO_CHECKPOINT)
     cfg = info.config
@@ -193,10 +219,13 @@ def load_checkpoint(path: str | Path | None = None, device: str | torch.device =
             parts.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[:3]}")
         if wrong:
             k = wrong[0]
-            parts.append(f"{len(wrong)} shape mismatch(es), e.g. {k}: checkpoint "
-                         f"{tuple(state[k].shape)} vs model {tuple(expected[k].shape)}")
-        raise CheckpointError(f"{info.path}: weights do not match the model config: "
-                              + "; ".join(parts))
+            parts.append(
+                f"{len(wrong)} shape mismatch(es), e.g. {k}: checkpoint "
+                f"{tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+            )
+        raise CheckpointError(
+            f"{info.path}: weights do not match the model config: " + "; ".join(parts)
+        )
     model.load_state_dict(state)
     model.eval().to(device)
     return model, info

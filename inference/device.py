@@ -11,6 +11,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available here "
-                         f"(use --device cpu or auto)")
+        raise ValueError(
+            f"device {device!r} requested but CUDA is not available here (use --device cpu or auto)"
+        )
     return torch.device(device)

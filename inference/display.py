@@ -27,7 +27,7 @@ def load(ds_or_path: Dataset | str | Path) -> Dataset:
 
 
 def guess_slot(ds: Dataset) -> str | None:
-    """"L-CC", "L-MLO", "R-CC" or "R-MLO" from the header, or None: the node's own
+    """ "L-CC", "L-MLO", "R-CC" or "R-MLO" from the header, or None: the node's own
     classifier (:func:`inference.views.classify`), whatever the SOP class."""
     from inference.views import classify
 
@@ -54,8 +54,9 @@ def _lut_range(item: Dataset) -> tuple[float, float]:
     if isinstance(data, (bytes, bytearray)):
         entries = np.frombuffer(data, dtype="<u2" if bits > 8 and len(data) % 2 == 0 else "u1")
     else:
-        entries = np.asarray(data if isinstance(data, (list, tuple, MultiValue)) else [data],
-                             dtype=np.float64)
+        entries = np.asarray(
+            data if isinstance(data, (list, tuple, MultiValue)) else [data], dtype=np.float64
+        )
     if entries.size == 0:
         return 0.0, float((1 << bits) - 1)
     return float(entries.min()), float(entries.max())
@@ -119,10 +120,14 @@ def decode_reduced(ds: Dataset, min_side: int) -> tuple[np.ndarray, int]:
     k = 0
     while max(rows, cols) >> (k + 1) >= min_side:
         k += 1
-    if (ts not in JPEG_2000 or k == 0 or int(ds.get("NumberOfFrames", 1) or 1) != 1
-            or int(ds.get("SamplesPerPixel", 1)) != 1
-            or int(ds.get("PixelRepresentation", 0)) != 0
-            or int(ds.get("BitsAllocated", 16)) != 16):
+    if (
+        ts not in JPEG_2000
+        or k == 0
+        or int(ds.get("NumberOfFrames", 1) or 1) != 1
+        or int(ds.get("SamplesPerPixel", 1)) != 1
+        or int(ds.get("PixelRepresentation", 0)) != 0
+        or int(ds.get("BitsAllocated", 16)) != 16
+    ):
         return decode(ds), 1
     try:
         from io import BytesIO
@@ -190,7 +195,7 @@ def _take(table: np.ndarray, index: np.ndarray) -> np.ndarray:
     out = np.empty(index.shape, table.dtype)
     step = max(1, (1 << 16) // max(1, index.shape[1]))
     for i in range(0, index.shape[0], step):
-        np.take(table, index[i:i + step], out=out[i:i + step], mode="clip")
+        np.take(table, index[i : i + step], out=out[i : i + step], mode="clip")
     return out
 
 
@@ -202,8 +207,9 @@ def _lookup(ds: Dataset, arr: np.ndarray) -> tuple[np.ndarray, np.ndarray] | Non
     if not (arr.dtype.kind in "ui" and arr.dtype.itemsize <= 2 and arr.size > (1 << 16)):
         return None
     lo = min(int(arr.min()), 0)
-    table = _display(np.arange(lo, int(arr.max()) + 1, dtype=np.float32), ds,
-                     _IntegerSample(arr[::4, ::4], lo))
+    table = _display(
+        np.arange(lo, int(arr.max()) + 1, dtype=np.float32), ds, _IntegerSample(arr[::4, ::4], lo)
+    )
     index = arr if lo == 0 else (arr.astype(np.int32) - lo)
     return table, index
 
@@ -215,8 +221,7 @@ class _IntegerSample:
 
     def __init__(self, sample: np.ndarray, lo: int) -> None:
         self.lo = lo
-        counts = np.bincount(sample.ravel() if lo == 0 else
-                              sample.ravel().astype(np.int32) - lo)
+        counts = np.bincount(sample.ravel() if lo == 0 else sample.ravel().astype(np.int32) - lo)
         self.cum = np.cumsum(counts)
 
     def percentiles(self, qs: list[float]) -> list[float]:
@@ -231,8 +236,7 @@ class _IntegerSample:
         return out
 
 
-def _display(values: np.ndarray, ds: Dataset, sample: np.ndarray | _IntegerSample
-             ) -> np.ndarray:
+def _display(values: np.ndarray, ds: Dataset, sample: np.ndarray | _IntegerSample) -> np.ndarray:
     """Stored values -> display values in [0, 1] (Modality LUT, VOI, MONOCHROME1);
     ``sample``: stored values the percentile fallback (no usable window) is computed on."""
     slope = float(ds.get("RescaleSlope", 1) or 1)
@@ -244,8 +248,7 @@ def _display(values: np.ndarray, ds: Dataset, sample: np.ndarray | _IntegerSampl
             plo, phi = sample.percentiles([0.5, 99.8] if slope > 0 else [99.5, 0.2])
             lo, hi = plo * slope + intercept, phi * slope + intercept
         else:
-            lo, hi = np.percentile(sample * np.float32(slope) + np.float32(intercept),
-                                   [0.5, 99.8])
+            lo, hi = np.percentile(sample * np.float32(slope) + np.float32(intercept), [0.5, 99.8])
         if hi <= lo:
             hi = lo + 1.0
         out = np.clip((arr - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)

@@ -56,8 +56,10 @@ def init_distributed(device: torch.device) -> DistContext:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         if local >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK {local} but {torch.cuda.device_count()} CUDA "
-                             f"device(s): --nproc_per_node must not exceed the GPUs")
+            raise ValueError(
+                f"LOCAL_RANK {local} but {torch.cuda.device_count()} CUDA "
+                f"device(s): --nproc_per_node must not exceed the GPUs"
+            )
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -84,8 +86,12 @@ class SyncBatchNormGloo(nn.BatchNorm2d):
     whole batch would. Outside training or without a process group: plain BatchNorm2d."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size() > 1):
+        if not (
+            self.training
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() > 1
+        ):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
@@ -94,15 +100,22 @@ class SyncBatchNormGloo(nn.BatchNorm2d):
         n_local = torch.tensor([x.numel() / c], dtype=torch.float32, device=x.device)
         stats = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), n_local])
         stats = all_reduce(stats)
-        s, ss, n = stats[:c], stats[c:2 * c], stats[2 * c]
+        s, ss, n = stats[:c], stats[c : 2 * c], stats[2 * c]
         mean = s / n
         var = (ss / n - mean * mean).clamp_min(0.0)
-        if self.track_running_stats and self.running_mean is not None \
-                and self.running_var is not None and self.num_batches_tracked is not None:
+        if (
+            self.track_running_stats
+            and self.running_mean is not None
+            and self.running_var is not None
+            and self.num_batches_tracked is not None
+        ):
             with torch.no_grad():
                 self.num_batches_tracked += 1
-                m = self.momentum if self.momentum is not None else \
-                    1.0 / float(self.num_batches_tracked)
+                m = (
+                    self.momentum
+                    if self.momentum is not None
+                    else 1.0 / float(self.num_batches_tracked)
+                )
                 unbiased = var.detach() * n / (n - 1).clamp_min(1.0)
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                 self.running_var.mul_(1 - m).add_(unbiased, alpha=m)
@@ -126,8 +139,9 @@ def sync_batchnorm(model: nn.Module, ctx: DistContext) -> nn.Module:
     def convert(m: nn.Module) -> nn.Module:
         out = m
         if isinstance(m, nn.BatchNorm2d) and not isinstance(m, SyncBatchNormGloo):
-            out = SyncBatchNormGloo(m.num_features, m.eps, m.momentum, m.affine,
-                                    m.track_running_stats)
+            out = SyncBatchNormGloo(
+                m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats
+            )
             out.load_state_dict(m.state_dict())
             out.train(m.training)
         for name, child in m.named_children():
@@ -146,8 +160,9 @@ def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return t.to(values.device)
 
 
-def gather_predictions(preds: dict[str, np.ndarray], order: list[int], total: int,
-                       ctx: DistContext) -> dict[str, np.ndarray]:
+def gather_predictions(
+    preds: dict[str, np.ndarray], order: list[int], total: int, ctx: DistContext
+) -> dict[str, np.ndarray]:
     """Every rank's share of per-breast predictions, back in the records' order.
 
     ``order``: the record indices this rank predicted (two rows each: L, R)."""
@@ -161,7 +176,7 @@ def gather_predictions(preds: dict[str, np.ndarray], order: list[int], total: in
         rows = np.zeros((total * 2, *first.shape[1:]), dtype=first.dtype)
         for idx, p in shares:
             for j, i in enumerate(idx):
-                rows[2 * i:2 * i + 2] = p[key][2 * j:2 * j + 2]
+                rows[2 * i : 2 * i + 2] = p[key][2 * j : 2 * j + 2]
         out[key] = rows
     return out
 
@@ -187,7 +202,14 @@ def gather_object(obj: Any, ctx: DistContext) -> list[Any]:
 def launch(nproc: int, argv: list[str]) -> int:
     """``mammo-node train --nproc N ...``: the same command under torchrun on this machine
     (``--standalone``: a rendezvous on a free local port)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "node", *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "node",
+        *argv,
+    ]
     return subprocess.call(cmd)
-

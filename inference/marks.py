@@ -52,12 +52,12 @@ class Mark:
     top-left corner of the top-left pixel)."""
 
     slot: str
-    index: int                                  # 1, 2, ... by falling score, per breast
-    score: float                                # region score 0-100
+    index: int  # 1, 2, ... by falling score, per breast
+    score: float  # region score 0-100
     center: tuple[float, float]
     outline: list[tuple[float, float]] = field(default_factory=list)  # convex, not closed
     above_operating_point: bool = False
-    area_px: float = 0.0                        # source pixels inside the region (approx.)
+    area_px: float = 0.0  # source pixels inside the region (approx.)
 
 
 def _hull(points: np.ndarray) -> np.ndarray:
@@ -66,8 +66,7 @@ def _hull(points: np.ndarray) -> np.ndarray:
     if len(pts) <= 2:
         return np.asarray(pts)
 
-    def cross(o: tuple[float, float], a: tuple[float, float], b: tuple[float, float]
-              ) -> float:
+    def cross(o: tuple[float, float], a: tuple[float, float], b: tuple[float, float]) -> float:
         return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
 
     lower: list[tuple[float, float]] = []
@@ -89,8 +88,9 @@ def _row_extremes(region: np.ndarray) -> np.ndarray:
     rows = np.flatnonzero(region.any(axis=1))
     first = region[rows].argmax(axis=1)
     last = region.shape[1] - 1 - region[rows, ::-1].argmax(axis=1)
-    return np.concatenate([np.stack([x, rows + dy], 1) for x in (first, last + 1)
-                           for dy in (0, 1)]).astype(np.float64)
+    return np.concatenate(
+        [np.stack([x, rows + dy], 1) for x in (first, last + 1) for dy in (0, 1)]
+    ).astype(np.float64)
 
 
 def evidence_at_input(evidence: np.ndarray, geom: Geometry) -> np.ndarray:
@@ -146,7 +146,7 @@ def blob_response(img: np.ndarray, mask: np.ndarray, cell: float) -> np.ndarray:
     pad = ((0, h * k - H), (0, w * k - W))
     m = np.pad(mask.astype(np.float32), pad).reshape(h, k, w, k).mean((1, 3))
     x = np.pad(img.astype(np.float32) * mask, pad).reshape(h, k, w, k).mean((1, 3))
-    x = np.where(m > 0, x / np.maximum(m, 1e-6), 0.0)   # the breast's mean in each bin
+    x = np.where(m > 0, x / np.maximum(m, 1e-6), 0.0)  # the breast's mean in each bin
     inner = [max(1.0, f * cell / k) for f in BLOB_SCALES]
     # each scale's outer blur is the next one's inner: every sigma blurred once
     blurred = {s: _masked_blur(x, m, s) for s in sorted(set(inner) | {2 * s for s in inner})}
@@ -156,13 +156,15 @@ def blob_response(img: np.ndarray, mask: np.ndarray, cell: float) -> np.ndarray:
     out = out * (m > 0.5)
     if k > 1:
         t = torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))[None, None]
-        out = F.interpolate(t, size=(h * k, w * k), mode="bilinear",
-                            align_corners=False)[0, 0, :H, :W].numpy()
+        out = F.interpolate(t, size=(h * k, w * k), mode="bilinear", align_corners=False)[
+            0, 0, :H, :W
+        ].numpy()
     return out * mask
 
 
-def refine_center(region: np.ndarray, evidence: np.ndarray, blobs: np.ndarray, cell: float
-                  ) -> tuple[float, float, np.ndarray] | None:
+def refine_center(
+    region: np.ndarray, evidence: np.ndarray, blobs: np.ndarray, cell: float
+) -> tuple[float, float, np.ndarray] | None:
     """(x, y, top part) of the blob that the evidence region points at, in model-input pixel
     coordinates, or None where the image shows no blob near it. ``evidence``: the view's map at
     the input size; ``blobs``: :func:`blob_response`; the search reaches one ``cell`` beyond the
@@ -186,11 +188,15 @@ def refine_center(region: np.ndarray, evidence: np.ndarray, blobs: np.ndarray, c
     return float((xs + 0.5) @ w / w.sum()), float((ys + 0.5) @ w / w.sum()), part
 
 
-def find_marks(evidence: dict[str, np.ndarray], geometry: dict[str, Geometry],
-               breast_scores: dict[str, float | None], max_marks: int = 3,
-               operating_point: float | None = None,
-               source_factor: dict[str, int] | None = None,
-               images: dict[str, np.ndarray] | None = None) -> dict[str, list[Mark]]:
+def find_marks(
+    evidence: dict[str, np.ndarray],
+    geometry: dict[str, Geometry],
+    breast_scores: dict[str, float | None],
+    max_marks: int = 3,
+    operating_point: float | None = None,
+    source_factor: dict[str, int] | None = None,
+    images: dict[str, np.ndarray] | None = None,
+) -> dict[str, list[Mark]]:
     """slot -> its marks. ``evidence``: slot -> (h, w) map; ``breast_scores``: "L"/"R" ->
     0-100; ``source_factor``: slot -> source pixels per geometry pixel (an image decoded at
     a reduced resolution level); ``images``: slot -> the view's (H, W) model input in display
@@ -220,16 +226,16 @@ def find_marks(evidence: dict[str, np.ndarray], geometry: dict[str, Geometry],
                     continue
                 if blobs is None and images is not None and s in images:
                     img = np.asarray(images[s], dtype=np.float32).reshape(g.input_shape)
-                    mask = (g.input_mask if g.input_mask is not None
-                            else np.ones(g.input_shape, bool))
+                    mask = (
+                        g.input_mask if g.input_mask is not None else np.ones(g.input_shape, bool)
+                    )
                     blobs = blob_response(img, mask, cell)
                 ys, xs = np.nonzero(region)
                 w = ev[ys, xs].astype(np.float64)
                 cx = float((xs + 0.5) @ w / w.sum())
                 cy = float((ys + 0.5) @ w / w.sum())
                 shape = region
-                refined = (refine_center(region, maps[s], blobs, cell)
-                           if blobs is not None else None)
+                refined = refine_center(region, maps[s], blobs, cell) if blobs is not None else None
                 if refined is not None:
                     cx, cy, part = refined
                     shape = region | part
@@ -240,22 +246,27 @@ def find_marks(evidence: dict[str, np.ndarray], geometry: dict[str, Geometry],
         # stronger one's, on the same view, is the same blob.
         distinct: list[tuple] = []
         for t in found:
-            if not any(u[1] == t[1] and np.hypot(u[2] - t[2], u[3] - t[3]) < 0.5 * t[6]
-                       for u in distinct):
+            if not any(
+                u[1] == t[1] and np.hypot(u[2] - t[2], u[3] - t[3]) < 0.5 * t[6] for u in distinct
+            ):
                 distinct.append(t)
-        found = [t for t in distinct
-                 if float(score) * -t[0] / breast_peak >= MIN_REGION_SCORE]
+        found = [t for t in distinct if float(score) * -t[0] / breast_peak >= MIN_REGION_SCORE]
         for i, (neg_peak, s, cy, cx, corners, n_px, _) in enumerate(found[:max_marks]):
             g, f = geometry[s], factors.get(s, 1)
             hull = _hull(corners)
             outline = input_to_original(hull, g) * f
             center = input_to_original(np.array([[cx, cy]]), g)[0] * f
             region_score = round(float(score) * (-neg_peak) / breast_peak, 1)
-            marks[s].append(Mark(
-                slot=s, index=i + 1, score=region_score,
-                center=(round(float(center[0]), 2), round(float(center[1]), 2)),
-                outline=[(round(float(x), 2), round(float(y), 2)) for x, y in outline],
-                above_operating_point=operating_point is not None
-                and region_score >= operating_point,
-                area_px=round(n_px / max(g.scale, 1e-9) ** 2 * f * f, 1)))
+            marks[s].append(
+                Mark(
+                    slot=s,
+                    index=i + 1,
+                    score=region_score,
+                    center=(round(float(center[0]), 2), round(float(center[1]), 2)),
+                    outline=[(round(float(x), 2), round(float(y), 2)) for x, y in outline],
+                    above_operating_point=operating_point is not None
+                    and region_score >= operating_point,
+                    area_px=round(n_px / max(g.scale, 1e-9) ** 2 * f * f, 1),
+                )
+            )
     return marks

@@ -26,7 +26,7 @@ def roc_auc(y: np.ndarray, score: np.ndarray) -> float | None:
         j = i
         while j + 1 < len(s) and s[j + 1] == s[i]:
             j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
         i = j + 1
     return float((ranks[y].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
 
@@ -53,8 +53,12 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray) -> dict:
         aucs = [roc_auc(y == c, probs[:, c]) for c in range(n_classes)]
         known = [a for a in aucs if a is not None]
         auc = float(np.mean(known)) if known else None
-    return {"auc": auc, "f1": macro_f1(y, pred, n_classes),
-            "accuracy": float((pred == y).mean()) if len(y) else 0.0, "n": int(len(y))}
+    return {
+        "auc": auc,
+        "f1": macro_f1(y, pred, n_classes),
+        "accuracy": float((pred == y).mean()) if len(y) else 0.0,
+        "n": int(len(y)),
+    }
 
 
 def _derive(probs: np.ndarray, src: str, dst: str) -> np.ndarray:
@@ -94,8 +98,9 @@ def evaluate_predictions(preds: dict[str, np.ndarray], task: str) -> dict[str, d
     return results
 
 
-def bootstrap_task_metrics(preds: dict[str, np.ndarray], task: str, resamples: int = 1000,
-                           seed: int = 0) -> dict[str, dict[str, list[float] | None]]:
+def bootstrap_task_metrics(
+    preds: dict[str, np.ndarray], task: str, resamples: int = 1000, seed: int = 0
+) -> dict[str, dict[str, list[float] | None]]:
     """95 % bootstrap intervals of each task's AUC and F1 (:func:`evaluate_predictions`),
     resampling exams (both breasts' rows together) with replacement."""
     n = len(preds["present"]) // 2
@@ -111,8 +116,12 @@ def bootstrap_task_metrics(preds: dict[str, np.ndarray], task: str, resamples: i
                     samples.setdefault(t, {}).setdefault(k, []).append(m[k])
     out: dict[str, dict[str, list[float] | None]] = {}
     for t, ms in samples.items():
-        out[t] = {f"{k}_ci95": [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
-                  if len(v) >= max(10, resamples // 2) else None for k, v in ms.items()}
+        out[t] = {
+            f"{k}_ci95": [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
+            if len(v) >= max(10, resamples // 2)
+            else None
+            for k, v in ms.items()
+        }
     return out
 
 
@@ -136,13 +145,18 @@ def density_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, Any]:
     expected = np.outer(conf.sum(1), conf.sum(0)) / n
     denom = float((w * expected).sum())
     kappa = 1.0 - float((w * conf).sum()) / denom if denom > 0 else 1.0
-    out.update(accuracy=round(float(np.trace(conf)) / n, 4),
-               quadratic_weighted_kappa=round(kappa, 4))
+    out.update(
+        accuracy=round(float(np.trace(conf)) / n, 4), quadratic_weighted_kappa=round(kappa, 4)
+    )
     return out
 
 
-def froc(marks: Sequence[tuple[float, bool, int | Sequence[int]]], lesions: int, images: int,
-         fp_rates: tuple[float, ...] = (0.5, 1.0, 2.0)) -> dict[str, Any]:
+def froc(
+    marks: Sequence[tuple[float, bool, int | Sequence[int]]],
+    lesions: int,
+    images: int,
+    fp_rates: tuple[float, ...] = (0.5, 1.0, 2.0),
+) -> dict[str, Any]:
     """Localisation, FROC style. ``marks``: (region score, hits a malignant lesion, the id of
     the lesion it hits, -1 for none, or the ids of all it hits) for every mark of every image;
     ``lesions``: malignant lesions; ``images``: images read. At each threshold on the region

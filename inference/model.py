@@ -55,19 +55,19 @@ class ModelConfig:
     arch: str = "hybrid"
     dims: tuple[int, ...] = (24, 48, 96, 192)
     depths: tuple[int, ...] = (1, 1, 2, 1)
-    conv_stages: int = 2          # hybrid: how many leading stages are convolutional
-    d_state: int = 4             # VMamba v2 runs with 1; 4 keeps hybrid <= 2x cnn on CPU
+    conv_stages: int = 2  # hybrid: how many leading stages are convolutional
+    d_state: int = 4  # VMamba v2 runs with 1; 4 keeps hybrid <= 2x cnn on CPU
     ssm_ratio: float = 1.0
     mlp_ratio: float = 2.0
-    weights: str = "shared"       # "shared" encoder for all views, or "separate" per view type
+    weights: str = "shared"  # "shared" encoder for all views, or "separate" per view type
     image_size: tuple[int, int] = (512, 256)  # (H, W) of each view after preprocessing
     task: str = "birads-5class"
-    diagnosis: bool = True        # multi-task: also a diagnosis head
+    diagnosis: bool = True  # multi-task: also a diagnosis head
     #: also a BI-RADS density (A-D) head per breast; checkpoints without the key have none
     density: bool = False
-    loss_weights: dict[str, float] = field(default_factory=lambda: {"birads": 1.0,
-                                                                     "diagnosis": 1.0,
-                                                                     "density": 1.0})
+    loss_weights: dict[str, float] = field(
+        default_factory=lambda: {"birads": 1.0, "diagnosis": 1.0, "density": 1.0}
+    )
     attn_dim: int = 96
     dropout: float = 0.1
     scan_backend: str = "auto"
@@ -140,43 +140,51 @@ class SS2D(nn.Module):
 
     K = 4
 
-    def __init__(self, dim: int, d_state: int = 4, ssm_ratio: float = 1.0,
-                 scan_backend: str = "auto") -> None:
+    def __init__(
+        self, dim: int, d_state: int = 4, ssm_ratio: float = 1.0, scan_backend: str = "auto"
+    ) -> None:
         super().__init__()
         di = int(ssm_ratio * dim)
         self.di, self.n, self.r = di, d_state, math.ceil(dim / 16)
         self.scan_backend = scan_backend
         self.in_proj = nn.Linear(dim, 2 * di, bias=False)
         self.conv = nn.Conv2d(di, di, 3, padding=1, groups=di)
-        self.x_proj_weight = nn.Parameter(torch.randn(self.K, self.r + 2 * d_state, di)
-                                          * di ** -0.5)
-        self.dt_projs_weight = nn.Parameter(torch.empty(self.K, di, self.r)
-                                            .uniform_(-self.r ** -0.5, self.r ** -0.5))
+        self.x_proj_weight = nn.Parameter(torch.randn(self.K, self.r + 2 * d_state, di) * di**-0.5)
+        self.dt_projs_weight = nn.Parameter(
+            torch.empty(self.K, di, self.r).uniform_(-(self.r**-0.5), self.r**-0.5)
+        )
         # dt initialised log-uniformly in [1e-3, 1e-1], as Mamba does (inverse softplus).
-        dt = torch.exp(torch.rand(self.K, di) * (math.log(0.1) - math.log(1e-3))
-                       + math.log(1e-3)).clamp(min=1e-4)
+        dt = torch.exp(
+            torch.rand(self.K, di) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)
+        ).clamp(min=1e-4)
         self.dt_projs_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
         A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(self.K * di, 1)
-        self.A_logs = nn.Parameter(torch.log(A))            # (K*di, N)
+        self.A_logs = nn.Parameter(torch.log(A))  # (K*di, N)
         self.Ds = nn.Parameter(torch.ones(self.K * di))
         self.out_norm = nn.LayerNorm(di)
         self.out_proj = nn.Linear(di, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
-        x, z = self.in_proj(x).chunk(2, dim=-1)                       # (B, H, W, di) each
-        x = F.silu(self.conv(x.permute(0, 3, 1, 2)))                  # (B, di, H, W)
+        x, z = self.in_proj(x).chunk(2, dim=-1)  # (B, H, W, di) each
+        x = F.silu(self.conv(x.permute(0, 3, 1, 2)))  # (B, di, H, W)
         L = h * w
-        x_hw = x.flatten(2)                                           # row-major (B, di, L)
-        x_wh = x.transpose(2, 3).flatten(2)                           # column-major
+        x_hw = x.flatten(2)  # row-major (B, di, L)
+        x_wh = x.transpose(2, 3).flatten(2)  # column-major
         xs = torch.stack([x_hw, x_wh, x_hw.flip(-1), x_wh.flip(-1)], dim=1)  # (B, K, di, L)
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)      # (B, K, R+2N, L)
+        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)  # (B, K, R+2N, L)
         dts, Bs, Cs = torch.split(x_dbl, [self.r, self.n, self.n], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)     # (B, K, di, L)
+        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)  # (B, K, di, L)
         y = selective_scan(
-            xs.reshape(b, -1, L), dts.reshape(b, -1, L), -torch.exp(self.A_logs.float()),
-            Bs.contiguous(), Cs.contiguous(), self.Ds.float(), z=None,
-            delta_bias=self.dt_projs_bias.reshape(-1).float(), delta_softplus=True,
+            xs.reshape(b, -1, L),
+            dts.reshape(b, -1, L),
+            -torch.exp(self.A_logs.float()),
+            Bs.contiguous(),
+            Cs.contiguous(),
+            self.Ds.float(),
+            z=None,
+            delta_bias=self.dt_projs_bias.reshape(-1).float(),
+            delta_softplus=True,
             backend=self.scan_backend,
         ).view(b, self.K, self.di, L)
         y_hw = y[:, 0] + y[:, 2].flip(-1)
@@ -189,8 +197,9 @@ class SS2D(nn.Module):
 class VSSBlock(nn.Module):
     """x + SS2D(LN(x)), then x + MLP(LN(x)); channels-first in and out."""
 
-    def __init__(self, dim: int, d_state: int, ssm_ratio: float, mlp_ratio: float,
-                 scan_backend: str) -> None:
+    def __init__(
+        self, dim: int, d_state: int, ssm_ratio: float, mlp_ratio: float, scan_backend: str
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.ssm = SS2D(dim, d_state, ssm_ratio, scan_backend)
@@ -199,7 +208,7 @@ class VSSBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 2, 3, 1)                                      # (B, H, W, C)
+        x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
         x = x + self.ssm(self.norm1(x))
         x = x + self.mlp(self.norm2(x))
         return x.permute(0, 3, 1, 2)
@@ -207,8 +216,11 @@ class VSSBlock(nn.Module):
 
 def _downsample(cin: int, cout: int, conv: bool) -> nn.Module:
     if conv:
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
-                             nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
     # VMamba-style patch merging: 2x2 patches -> linear projection, then LayerNorm.
     return nn.Sequential(nn.Conv2d(cin, cout, 2, stride=2), LayerNorm2d(cout))
 
@@ -223,9 +235,12 @@ class ViewEncoder(nn.Module):
         if n_conv > 0:
             self.stem = nn.Sequential(
                 nn.Conv2d(1, d[0] // 2, 3, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(d[0] // 2), nn.ReLU(inplace=True),
+                nn.BatchNorm2d(d[0] // 2),
+                nn.ReLU(inplace=True),
                 nn.Conv2d(d[0] // 2, d[0], 3, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(d[0]), nn.ReLU(inplace=True))             # /4
+                nn.BatchNorm2d(d[0]),
+                nn.ReLU(inplace=True),
+            )  # /4
         else:
             self.stem = nn.Sequential(nn.Conv2d(1, d[0], 4, stride=4), LayerNorm2d(d[0]))
         stages = []
@@ -233,10 +248,13 @@ class ViewEncoder(nn.Module):
             conv = i < n_conv
             layers: list[nn.Module] = []
             if i > 0:
-                layers.append(_downsample(d[i - 1], dim, conv))          # /2 per stage
+                layers.append(_downsample(d[i - 1], dim, conv))  # /2 per stage
             for _ in range(depth):
-                layers.append(ResBlock(dim) if conv else VSSBlock(
-                    dim, cfg.d_state, cfg.ssm_ratio, cfg.mlp_ratio, cfg.scan_backend))
+                layers.append(
+                    ResBlock(dim)
+                    if conv
+                    else VSSBlock(dim, cfg.d_state, cfg.ssm_ratio, cfg.mlp_ratio, cfg.scan_backend)
+                )
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)
         self.norm = LayerNorm2d(d[-1])
@@ -247,13 +265,12 @@ class ViewEncoder(nn.Module):
         pooled, a, _ = self.forward_features(x)
         return pooled, a
 
-    def forward_features(self, x: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(pooled (B, C), attention (B, h, w), feature map (B, C, h, w))."""
-        f = self.norm(self.stages(self.stem(x)))                        # (B, C, h, w)
-        logits = self.attn(f).flatten(1)                                 # (B, h*w)
+        f = self.norm(self.stages(self.stem(x)))  # (B, C, h, w)
+        logits = self.attn(f).flatten(1)  # (B, h*w)
         a = torch.softmax(logits.float(), dim=1).to(f.dtype)
-        pooled = torch.einsum("bcl,bl->bc", f.flatten(2), a)             # (B, C)
+        pooled = torch.einsum("bcl,bl->bc", f.flatten(2), a)  # (B, C)
         return pooled, a.view(f.shape[0], *f.shape[2:]), f
 
 
@@ -262,8 +279,8 @@ class GatedViewFusion(nn.Module):
 
     def __init__(self, dim: int, attn_dim: int) -> None:
         super().__init__()
-        self.view_emb = nn.Parameter(torch.zeros(2, dim))       # CC, MLO
-        self.lat_emb = nn.Parameter(torch.zeros(2, dim))        # L, R
+        self.view_emb = nn.Parameter(torch.zeros(2, dim))  # CC, MLO
+        self.lat_emb = nn.Parameter(torch.zeros(2, dim))  # L, R
         nn.init.normal_(self.view_emb, std=0.02)
         nn.init.normal_(self.lat_emb, std=0.02)
         self.V = nn.Linear(dim, attn_dim)
@@ -279,10 +296,10 @@ class GatedViewFusion(nn.Module):
         lat_idx = torch.tensor([0, 0, 1, 1], device=h.device)
         h = h + self.view_emb[view_idx] + self.lat_emb[lat_idx]
         scores = self.w(torch.tanh(self.V(h)) * torch.sigmoid(self.U(h)))  # (B, 4, 2)
-        scores = scores.transpose(1, 2).float() + self.slot_bias            # (B, 2, 4)
+        scores = scores.transpose(1, 2).float() + self.slot_bias  # (B, 2, 4)
         scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-        weights = torch.softmax(scores, dim=-1)                             # (B, 2, 4)
-        weights = torch.nan_to_num(weights, nan=0.0).to(h.dtype)            # no view at all
+        weights = torch.softmax(scores, dim=-1)  # (B, 2, 4)
+        weights = torch.nan_to_num(weights, nan=0.0).to(h.dtype)  # no view at all
         return torch.einsum("bjv,bvc->bjc", weights, h), weights
 
 
@@ -307,14 +324,16 @@ class HybridCnnVssm(nn.Module):
         self.run_every_encoder = False
 
     def _encoder_for(self, view_index: int) -> ViewEncoder:
-        enc = self.encoders["all" if "all" in self.encoders
-                            else "CC" if view_index % 2 == 0 else "MLO"]
+        enc = self.encoders[
+            "all" if "all" in self.encoders else "CC" if view_index % 2 == 0 else "MLO"
+        ]
         assert isinstance(enc, ViewEncoder)
         return enc
 
-    def _heads(self, emb: torch.Tensor, mask: torch.Tensor
-               ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        fused, weights = self.fusion(emb, mask)                           # (B, 2, C)
+    def _heads(
+        self, emb: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        fused, weights = self.fusion(emb, mask)  # (B, 2, C)
         z = self.drop(self.head_norm(fused))
         out = {"birads_logits": self.birads_head(z)}
         if self.diagnosis_head is not None:
@@ -333,13 +352,17 @@ class HybridCnnVssm(nn.Module):
         else:
             logits = out["birads_logits"].float()
             classes = self.cfg.birads_classes
-            pos = [i for i, c in enumerate(classes) if c.replace("BI-RADS", "").strip()[:1]
-                   in ("4", "5")] or [len(classes) - 1]
+            pos = [
+                i
+                for i, c in enumerate(classes)
+                if c.replace("BI-RADS", "").strip()[:1] in ("4", "5")
+            ] or [len(classes) - 1]
         neg = [i for i in range(logits.shape[-1]) if i not in pos]
-        return (torch.logsumexp(logits[..., pos], -1) - torch.logsumexp(logits[..., neg], -1))
+        return torch.logsumexp(logits[..., pos], -1) - torch.logsumexp(logits[..., neg], -1)
 
-    def region_evidence(self, emb: torch.Tensor, attn: torch.Tensor, feats: torch.Tensor,
-                        mask: torch.Tensor) -> torch.Tensor:
+    def region_evidence(
+        self, emb: torch.Tensor, attn: torch.Tensor, feats: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         """(B, 4, h, w): each position's contribution to its breast's suspicion logit
         (:meth:`suspicion_logit`): how much the logit falls when that position's feature, with
         its attention weight, is replaced by the view's average feature (the pooled embedding
@@ -349,24 +372,25 @@ class HybridCnnVssm(nn.Module):
         positive = towards malignancy. Costs one pass of the small heads per position, batched."""
         b, _, c, h, w = feats.shape
         n = h * w
-        f = feats.float().flatten(3)                                      # (B, 4, C, n)
-        a = attn.float().flatten(2)                                       # (B, 4, n)
-        base = self.suspicion_logit(self._heads(emb.float(), mask)[0])    # (B, 2)
+        f = feats.float().flatten(3)  # (B, 4, C, n)
+        a = attn.float().flatten(2)  # (B, 4, n)
+        base = self.suspicion_logit(self._heads(emb.float(), mask)[0])  # (B, 2)
         out = torch.zeros(b, 4, n, device=feats.device)
         for i in range(b):
             for v in range(4):
                 if not bool(mask[i, v]):
                     continue
-                e = emb[i].float().expand(n, 4, c).clone()                  # (n, 4, C)
+                e = emb[i].float().expand(n, 4, c).clone()  # (n, 4, C)
                 delta = a[i, v][None, :] * (f[i, v].mean(1, keepdim=True) - f[i, v])
                 e[:, v] = e[:, v] + delta.T
                 s = self.suspicion_logit(self._heads(e, mask[i].expand(n, 4))[0])
-                j = 0 if v < 2 else 1                                     # own breast
+                j = 0 if v < 2 else 1  # own breast
                 out[i, v] = base[i, j] - s[:, j]
         return out.view(b, 4, h, w)
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor,
-                evidence: bool = False) -> dict[str, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, mask: torch.Tensor, evidence: bool = False
+    ) -> dict[str, torch.Tensor]:
         """images: (B, 4, 1, H, W) in VIEWS order; mask: (B, 4) bool (view present).
 
         Returns a dict with ``birads_logits`` (B, 2, classes), ``diagnosis_logits``
@@ -381,10 +405,10 @@ class HybridCnnVssm(nn.Module):
         emb = images.new_zeros(b, 4, dim)
         h, w = images.shape[-2] // 32, images.shape[-1] // 32
         attn = images.new_zeros(b, 4, h, w)
-        groups = ([(0, 1, 2, 3)] if "all" in self.encoders else [(0, 2), (1, 3)])
+        groups = [(0, 1, 2, 3)] if "all" in self.encoders else [(0, 2), (1, 3)]
         feats: torch.Tensor | None = None
         for views in groups:
-            sel = mask[:, list(views)]                                    # (B, len(views))
+            sel = mask[:, list(views)]  # (B, len(views))
             bi, vi = sel.nonzero(as_tuple=True)
             if bi.numel() == 0:
                 if self.run_every_encoder:
@@ -395,7 +419,7 @@ class HybridCnnVssm(nn.Module):
                     emb = emb + 0.0 * self._encoder_for(views[0])(blank)[0].sum()
                 continue
             v = torch.tensor(views, device=images.device)[vi]
-            x = images[bi, v]                                             # (n, 1, H, W)
+            x = images[bi, v]  # (n, 1, H, W)
             pooled, a, f = self._encoder_for(views[0]).forward_features(x)
             emb = emb.index_put((bi, v), pooled.to(emb.dtype))
             attn = attn.index_put((bi, v), a.to(attn.dtype))
@@ -408,13 +432,20 @@ class HybridCnnVssm(nn.Module):
         out["attention"] = attn
         out["breast_present"] = torch.stack([mask[:, :2].any(1), mask[:, 2:].any(1)], dim=1)
         if evidence:
-            out["evidence"] = (self.region_evidence(emb, attn, feats, mask)
-                               if feats is not None else torch.zeros_like(attn))
+            out["evidence"] = (
+                self.region_evidence(emb, attn, feats, mask)
+                if feats is not None
+                else torch.zeros_like(attn)
+            )
         return out
 
-    def loss_terms(self, out: dict[str, torch.Tensor], birads: torch.Tensor,
-                   diagnosis: torch.Tensor | None = None, density: torch.Tensor | None = None
-                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def loss_terms(
+        self,
+        out: dict[str, torch.Tensor],
+        birads: torch.Tensor,
+        diagnosis: torch.Tensor | None = None,
+        density: torch.Tensor | None = None,
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per task: (cross-entropy summed over the labelled breasts, how many are labelled);
         labels (B, 2) with -1 = unknown."""
         terms = {"birads": _ce_sum(out["birads_logits"], birads)}
@@ -424,9 +455,14 @@ class HybridCnnVssm(nn.Module):
             terms["density"] = _ce_sum(out["density_logits"], density)
         return terms
 
-    def loss(self, out: dict[str, torch.Tensor], birads: torch.Tensor,
-             diagnosis: torch.Tensor | None = None, density: torch.Tensor | None = None,
-             counts: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self,
+        out: dict[str, torch.Tensor],
+        birads: torch.Tensor,
+        diagnosis: torch.Tensor | None = None,
+        density: torch.Tensor | None = None,
+        counts: dict[str, float] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """Weighted multi-task cross-entropy, the mean over labelled breasts; labels (B, 2)
         with -1 = unknown (density: only where a data set has density labels).
 
@@ -448,8 +484,10 @@ class HybridCnnVssm(nn.Module):
 def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     flat = logits.float().reshape(-1, logits.shape[-1])
     y = labels.reshape(-1)
-    return (F.cross_entropy(flat, y, ignore_index=-1, reduction="sum"),
-            (y >= 0).sum().to(torch.float32))
+    return (
+        F.cross_entropy(flat, y, ignore_index=-1, reduction="sum"),
+        (y >= 0).sum().to(torch.float32),
+    )
 
 
 def create_model(arch: str = "hybrid", **kwargs: Any) -> HybridCnnVssm:

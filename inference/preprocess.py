@@ -40,12 +40,12 @@ PREPROCESS_VERSION = "3-block-crop"  # 3: the crop averaged in whole blocks (< 0
 class Geometry:
     """How the original image maps to the model input."""
 
-    original_shape: tuple[int, int]        # rows, cols of the DICOM image
-    flipped: bool                          # mirrored left-right before cropping
-    crop: tuple[int, int, int, int]        # r0, r1, c0, c1 (in the possibly mirrored image)
-    scale: float                           # crop -> resized
-    offset: tuple[int, int]                # top, left padding in the model input
-    input_shape: tuple[int, int]           # H, W of the model input
+    original_shape: tuple[int, int]  # rows, cols of the DICOM image
+    flipped: bool  # mirrored left-right before cropping
+    crop: tuple[int, int, int, int]  # r0, r1, c0, c1 (in the possibly mirrored image)
+    scale: float  # crop -> resized
+    offset: tuple[int, int]  # top, left padding in the model input
+    input_shape: tuple[int, int]  # H, W of the model input
     #: The breast (original orientation); attention maps are bounded by it.
     breast: BreastMask | None = None
     #: The breast in the model input (bool H x W).
@@ -73,8 +73,7 @@ def _reduction(shape: tuple[int, int], size: tuple[int, int]) -> int:
     return max(1, int(1.0 / (_RESIZE_SHARE * scale)))
 
 
-def _masked_block_mean(img: np.ndarray, keep: np.ndarray, k: int
-                       ) -> tuple[np.ndarray, np.ndarray]:
+def _masked_block_mean(img: np.ndarray, keep: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``block_mean(where(keep, img, 0), k)`` and ``block_mean(keep, k)`` without the masked
     full-resolution copy: blocks wholly inside the breast are plain means, wholly outside
     zero, and only the blocks the breast's edge crosses (a thin band) are summed pixel by
@@ -84,15 +83,21 @@ def _masked_block_mean(img: np.ndarray, keep: np.ndarray, k: int
     bi, bj = np.nonzero((frac > 0.0) & (frac < 1.0))
     if bi.size:
         d = np.arange(k)
-        rr = (bi[:, None, None] * k + d[None, :, None])
-        cc = (bj[:, None, None] * k + d[None, None, :])
+        rr = bi[:, None, None] * k + d[None, :, None]
+        cc = bj[:, None, None] * k + d[None, None, :]
         out[bi, bj] = np.where(keep[rr, cc], img[rr, cc], np.float32(0.0)).sum(
-            axis=(1, 2), dtype=np.float32) / np.float32(k * k)
+            axis=(1, 2), dtype=np.float32
+        ) / np.float32(k * k)
     return out, frac
 
 
-def preprocess_array(img: np.ndarray, size: tuple[int, int], segment: bool = True,
-                     mean: float = MEAN, std: float = STD) -> tuple[torch.Tensor, Geometry]:
+def preprocess_array(
+    img: np.ndarray,
+    size: tuple[int, int],
+    segment: bool = True,
+    mean: float = MEAN,
+    std: float = STD,
+) -> tuple[torch.Tensor, Geometry]:
     """Display image in [0, 1] -> normalised (1, H, W) tensor and its geometry.
 
     ``segment``: keep only the breast (everything else blanked to background) before
@@ -155,22 +160,34 @@ def preprocess_array(img: np.ndarray, size: tuple[int, int], segment: bool = Tru
     scale = min(H / (r1 - r0), W / (c1 - c0))
     nh, nw = max(1, round((r1 - r0) * scale)), max(1, round((c1 - c0) * scale))
     t = torch.from_numpy(crop)[None, None]
-    t = F.interpolate(t, size=(nh, nw), mode="bilinear", align_corners=False,
-                      antialias=scale * k < 1)[0, 0]
+    t = F.interpolate(
+        t, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale * k < 1
+    )[0, 0]
     out = torch.zeros(H, W)
     top = (H - nh) // 2
-    out[top:top + nh, :nw] = t
+    out[top : top + nh, :nw] = t
     out = (out - mean) / std
     input_mask = np.zeros((H, W), bool)
-    input_mask[top:top + nh, :nw] = F.interpolate(torch.from_numpy(frac)[None, None],
-                                                  size=(nh, nw), mode="area")[0, 0].numpy() > 0.5
-    geom = Geometry((rows, cols), flipped, (r0, r1, c0, c1), scale, (top, 0), (H, W),
-                    breast=breast, input_mask=input_mask)
+    input_mask[top : top + nh, :nw] = (
+        F.interpolate(torch.from_numpy(frac)[None, None], size=(nh, nw), mode="area")[0, 0].numpy()
+        > 0.5
+    )
+    geom = Geometry(
+        (rows, cols),
+        flipped,
+        (r0, r1, c0, c1),
+        scale,
+        (top, 0),
+        (H, W),
+        breast=breast,
+        input_mask=input_mask,
+    )
     return out[None], geom
 
 
-def preprocess(ds_or_path: Dataset | str | Path,
-               size: tuple[int, int]) -> tuple[torch.Tensor, Geometry]:
+def preprocess(
+    ds_or_path: Dataset | str | Path, size: tuple[int, int]
+) -> tuple[torch.Tensor, Geometry]:
     """A DICOM mammogram -> (1, H, W) float tensor for the model, and its geometry."""
     ds = load(ds_or_path)
     return preprocess_array(to_display(ds), size)
@@ -186,11 +203,21 @@ def reduced(geom: Geometry, f: int) -> Geometry:
     breast = None
     if geom.breast is not None:
         breast = BreastMask(geom.breast.mask, (rows, cols), geom.breast.chest_wall_left)
-    return Geometry((rows, cols), geom.flipped,
-                    (r0 // f, max(r0 // f + 1, min(rows, r1 // f)),
-                     c0 // f, max(c0 // f + 1, min(cols, c1 // f))),
-                    geom.scale * f, geom.offset, geom.input_shape, breast=breast,
-                    input_mask=geom.input_mask)
+    return Geometry(
+        (rows, cols),
+        geom.flipped,
+        (
+            r0 // f,
+            max(r0 // f + 1, min(rows, r1 // f)),
+            c0 // f,
+            max(c0 // f + 1, min(cols, c1 // f)),
+        ),
+        geom.scale * f,
+        geom.offset,
+        geom.input_shape,
+        breast=breast,
+        input_mask=geom.input_mask,
+    )
 
 
 def map_to_original(amap: np.ndarray | torch.Tensor, geom: Geometry) -> np.ndarray:
@@ -201,15 +228,17 @@ def map_to_original(amap: np.ndarray | torch.Tensor, geom: Geometry) -> np.ndarr
     r0, r1, c0, c1 = geom.crop
     top, left = geom.offset
     nh, nw = max(1, round((r1 - r0) * geom.scale)), max(1, round((c1 - c0) * geom.scale))
-    region = m[top:top + nh, left:left + nw][None, None]
-    region = F.interpolate(region, size=(r1 - r0, c1 - c0), mode="bilinear",
-                           align_corners=False)[0, 0]
+    region = m[top : top + nh, left : left + nw][None, None]
+    region = F.interpolate(region, size=(r1 - r0, c1 - c0), mode="bilinear", align_corners=False)[
+        0, 0
+    ]
     if geom.breast is not None:  # attention lies on the breast only
         cols = geom.original_shape[1]
         o0, o1 = (cols - c1, cols - c0) if geom.flipped else (c0, c1)
         keep = geom.breast.region(r0, r1, o0, o1)
-        region = region * torch.from_numpy(np.ascontiguousarray(
-            keep[:, ::-1] if geom.flipped else keep))
+        region = region * torch.from_numpy(
+            np.ascontiguousarray(keep[:, ::-1] if geom.flipped else keep)
+        )
     full = torch.zeros(geom.original_shape)
     full[r0:r1, c0:c1] = region
     out = full.numpy()
@@ -242,5 +271,6 @@ def original_to_input(points: np.ndarray, geom: Geometry) -> np.ndarray:
     nh, nw = max(1, round((r1 - r0) * geom.scale)), max(1, round((c1 - c0) * geom.scale))
     rows, cols = geom.original_shape
     x = cols - pts[:, 0] if geom.flipped else pts[:, 0]
-    return np.stack([left + (x - c0) * nw / (c1 - c0),
-                     top + (pts[:, 1] - r0) * nh / (r1 - r0)], axis=1)
+    return np.stack(
+        [left + (x - c0) * nw / (c1 - c0), top + (pts[:, 1] - r0) * nh / (r1 - r0)], axis=1
+    )

@@ -33,8 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_numba",
-           "selective_scan_ref", "mamba_available", "numba_available", "backend_name"]
+__all__ = [
+    "selective_scan",
+    "selective_scan_chunked",
+    "selective_scan_numba",
+    "selective_scan_ref",
+    "mamba_available",
+    "numba_available",
+    "backend_name",
+]
 
 _MAX_LOG_RANGE = 60.0  # exp(60) ~ 1e26, far from float32's 3e38
 _CHUNKS = (64, 32, 16, 8, 4, 2, 1)
@@ -52,7 +59,9 @@ except Exception as _exc:  # numba missing or unusable on this platform (e.g. no
     logging.getLogger("mammo_node.scan").warning(
         "the compiled CPU scan is unavailable (%s: %s); using the PyTorch chunked scan, which "
         "is several times slower (if numba cannot write its cache, set NUMBA_CACHE_DIR)",
-        type(_exc).__name__, _exc)
+        type(_exc).__name__,
+        _exc,
+    )
 
 
 def backend_name(device: torch.device | str = "cpu") -> str:
@@ -72,10 +81,17 @@ def numba_available() -> bool:
     return _numba_scan is not None
 
 
-def selective_scan_numba(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                         D: Tensor | None = None, z: Tensor | None = None,
-                         delta_bias: Tensor | None = None,
-                         delta_softplus: bool = False) -> Tensor:
+def selective_scan_numba(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+) -> Tensor:
     """The numba-compiled CPU scan (differentiable). Shapes as :func:`selective_scan`."""
     if _numba_scan is None:
         raise RuntimeError("numba is not importable here; use backend='chunked'")
@@ -96,9 +112,17 @@ def mamba_available() -> bool:
     return _mamba_scan is not None
 
 
-def _prepare(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
-             z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool
-             ) -> tuple[torch.dtype, Tensor, Tensor, Tensor, Tensor, Tensor, int]:
+def _prepare(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+) -> tuple[torch.dtype, Tensor, Tensor, Tensor, Tensor, Tensor, int]:
     """Common argument handling; returns float32 tensors with B, C as (b, d, n, l)."""
     dtype_in = u.dtype
     u = u.float()
@@ -121,27 +145,34 @@ def _prepare(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
     return dtype_in, u, delta, A, expand(B), expand(C), n
 
 
-def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                       D: Tensor | None = None, z: Tensor | None = None,
-                       delta_bias: Tensor | None = None,
-                       delta_softplus: bool = False) -> Tensor:
+def selective_scan_ref(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+) -> Tensor:
     """Plain sequential selective scan (the reference). Shapes as :func:`selective_scan`."""
-    dtype_in, u, delta, A, B, C, n = _prepare(u, delta, A, B, C, D, z, delta_bias,
-                                              delta_softplus)
+    dtype_in, u, delta, A, B, C, n = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     b, d, l = u.shape
     h = u.new_zeros(b, d, n)
     ys = []
     for t in range(l):
-        dA = torch.exp(delta[:, :, t, None] * A)                      # (b, d, n)
+        dA = torch.exp(delta[:, :, t, None] * A)  # (b, d, n)
         dBu = (delta[:, :, t] * u[:, :, t])[..., None] * B[:, :, :, t]  # (b, d, n)
         h = dA * h + dBu
-        ys.append((h * C[:, :, :, t]).sum(-1))                        # (b, d)
+        ys.append((h * C[:, :, :, t]).sum(-1))  # (b, d)
     y = torch.stack(ys, dim=-1)
     return _finish(y, u, D, z, dtype_in)
 
 
-def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None,
-            dtype_in: torch.dtype) -> Tensor:
+def _finish(
+    y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None, dtype_in: torch.dtype
+) -> Tensor:
     if D is not None:
         y = y + u * D.float()[:, None]
     if z is not None:
@@ -167,13 +198,20 @@ def _chunk_length(delta: torch.Tensor, A: torch.Tensor, l: int) -> int:
     return 1
 
 
-def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                           D: Tensor | None = None, z: Tensor | None = None,
-                           delta_bias: Tensor | None = None, delta_softplus: bool = False,
-                           chunk: int | None = None) -> Tensor:
+def selective_scan_chunked(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    chunk: int | None = None,
+) -> Tensor:
     """Chunked selective scan in pure PyTorch (differentiable). Shapes as :func:`selective_scan`."""
-    dtype_in, u, delta, A, B, C, n = _prepare(u, delta, A, B, C, D, z, delta_bias,
-                                              delta_softplus)
+    dtype_in, u, delta, A, B, C, n = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     b, d, l = u.shape
     T = chunk or _chunk_length(delta, A, l)
     T = max(1, min(T, l))
@@ -191,30 +229,38 @@ def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     # Decays relative to each chunk's first step (<= 0, and 0 at the first step), so that
     # a chunk of one step never divides by anything: chunk length 1 is exactly sequential.
     cum = torch.cumsum(dl, dim=-1)
-    rel = cum - dl[..., :1]                                          # (b, d, nc, T)
-    logE = rel[..., None] * A[None, :, None, None, :]                # (b, d, nc, T, n) <= 0
+    rel = cum - dl[..., :1]  # (b, d, nc, T)
+    logE = rel[..., None] * A[None, :, None, None, :]  # (b, d, nc, T, n) <= 0
     E = torch.exp(logE)
-    x = (dl * u_.view(b, d, nc, T))[..., None] * Bc                  # (b, d, nc, T, n)
-    S = torch.cumsum(x * torch.exp(-logE), dim=3)                    # (b, d, nc, T, n)
+    x = (dl * u_.view(b, d, nc, T))[..., None] * Bc  # (b, d, nc, T, n)
+    S = torch.cumsum(x * torch.exp(-logE), dim=3)  # (b, d, nc, T, n)
     # Carry between chunks: entering chunk c the state decays by its first step, then
     # h_end = E_last * (h_in + S_last).
-    first = torch.exp(dl[..., 0, None] * A[None, :, None, :])        # (b, d, nc, n)
-    E_last, S_last = E[:, :, :, -1], S[:, :, :, -1]                  # (b, d, nc, n)
+    first = torch.exp(dl[..., 0, None] * A[None, :, None, :])  # (b, d, nc, n)
+    E_last, S_last = E[:, :, :, -1], S[:, :, :, -1]  # (b, d, nc, n)
     h = u.new_zeros(b, d, n)
     starts = []
     for c in range(nc):
         h_in = h * first[:, :, c]
         starts.append(h_in)
         h = E_last[:, :, c] * (h_in + S_last[:, :, c])
-    H0 = torch.stack(starts, dim=2)[:, :, :, None]                   # (b, d, nc, 1, n)
-    y = ((S + H0) * E * Cc).sum(-1).reshape(b, d, nc * T)[..., :l]   # (b, d, l)
+    H0 = torch.stack(starts, dim=2)[:, :, :, None]  # (b, d, nc, 1, n)
+    y = ((S + H0) * E * Cc).sum(-1).reshape(b, d, nc * T)[..., :l]  # (b, d, l)
     return _finish(y, u, D, z, dtype_in)
 
 
-def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                   D: Tensor | None = None, z: Tensor | None = None,
-                   delta_bias: Tensor | None = None, delta_softplus: bool = False,
-                   backend: str = "auto") -> Tensor:
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    backend: str = "auto",
+) -> Tensor:
     """Selective scan with mamba-ssm's argument convention.
 
     Args:
@@ -240,10 +286,21 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
             backend = "numba" if _numba_scan is not None else "chunked"
     if backend == "mamba":
         if _mamba_scan is None:
-            raise RuntimeError("mamba-ssm is not importable here; install the 'mamba' extra "
-                               "on a CUDA machine or use backend='chunked'")
-        return _mamba_scan(u.contiguous(), delta.contiguous(), A.contiguous(),
-                           B.contiguous(), C.contiguous(), D, z, delta_bias, delta_softplus)
+            raise RuntimeError(
+                "mamba-ssm is not importable here; install the 'mamba' extra "
+                "on a CUDA machine or use backend='chunked'"
+            )
+        return _mamba_scan(
+            u.contiguous(),
+            delta.contiguous(),
+            A.contiguous(),
+            B.contiguous(),
+            C.contiguous(),
+            D,
+            z,
+            delta_bias,
+            delta_softplus,
+        )
     if backend == "numba":
         return selective_scan_numba(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if backend == "ref":

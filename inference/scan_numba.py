@@ -59,8 +59,15 @@ _LANES = 32  # channels per task in the forward kernel (see _forward)
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
-def _forward(u: np.ndarray, delta: np.ndarray, A: np.ndarray, B: np.ndarray, C: np.ndarray,
-             gsize: int, y: np.ndarray) -> None:  # pragma: no cover - compiled
+def _forward(
+    u: np.ndarray,
+    delta: np.ndarray,
+    A: np.ndarray,
+    B: np.ndarray,
+    C: np.ndarray,
+    gsize: int,
+    y: np.ndarray,
+) -> None:  # pragma: no cover - compiled
     """One task per block of up to 32 channels of one B/C group: the channels are the vector
     lanes (a loop of fixed length 32, which LLVM vectorises whole, whatever the state size;
     a loop over a state of 16 or 4 fell to the scalar remainder of the vectorised loop and
@@ -110,18 +117,28 @@ def _forward(u: np.ndarray, delta: np.ndarray, A: np.ndarray, B: np.ndarray, C: 
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
-def _backward(u: np.ndarray, delta: np.ndarray, A: np.ndarray, B: np.ndarray,
-              C: np.ndarray, gsize: int, gy: np.ndarray, gu: np.ndarray, gdelta: np.ndarray,
-              gA_part: np.ndarray, gB: np.ndarray,
-              gC: np.ndarray) -> None:  # pragma: no cover - compiled
+def _backward(
+    u: np.ndarray,
+    delta: np.ndarray,
+    A: np.ndarray,
+    B: np.ndarray,
+    C: np.ndarray,
+    gsize: int,
+    gy: np.ndarray,
+    gu: np.ndarray,
+    gdelta: np.ndarray,
+    gA_part: np.ndarray,
+    gB: np.ndarray,
+    gC: np.ndarray,
+) -> None:  # pragma: no cover - compiled
     b, d, l = u.shape
     n = A.shape[1]
     G = B.shape[1]
     for idx in nb.prange(b * G):
         bi = idx // G
         g = idx % G
-        hs = np.empty((l, n), np.float32)   # states h[t]
-        es = np.empty((l, n), np.float32)   # decays exp(delta[t] * A)
+        hs = np.empty((l, n), np.float32)  # states h[t]
+        es = np.empty((l, n), np.float32)  # decays exp(delta[t] * A)
         frac = np.empty(n, np.float32)
         pow_bits = np.empty(n, np.int32)
         pow2 = pow_bits.view(np.float32)
@@ -170,9 +187,9 @@ def _backward(u: np.ndarray, delta: np.ndarray, A: np.ndarray, B: np.ndarray,
                 gub[t] = gut
 
 
-def _layout(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-            C: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
-                                      np.ndarray, int]:
+def _layout(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     d = u.shape[1]
     if B.dim() == 3:
         B, C = B[:, None], C[:, None]
@@ -189,8 +206,14 @@ class NumbaScan(torch.autograd.Function):
     """y = scan(u, delta, A, B, C); bias, softplus, D and z are applied around it in torch."""
 
     @staticmethod
-    def forward(ctx: FunctionCtx, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
-                B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: FunctionCtx,
+        u: torch.Tensor,
+        delta: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+    ) -> torch.Tensor:
         un, dn, An, Bn, Cn, gsize = _layout(u, delta, A, B, C)
         y = np.empty_like(un)
         with _LAUNCH:
@@ -214,12 +237,18 @@ class NumbaScan(torch.autograd.Function):
         gC_t = torch.from_numpy(gC).transpose(2, 3)
         if B.dim() == 3:
             gB_t, gC_t = gB_t[:, 0], gC_t[:, 0]
-        return (torch.from_numpy(gu), torch.from_numpy(gdelta),
-                torch.from_numpy(gA_part.sum(0)), gB_t.contiguous(), gC_t.contiguous())
+        return (
+            torch.from_numpy(gu),
+            torch.from_numpy(gdelta),
+            torch.from_numpy(gA_part.sum(0)),
+            gB_t.contiguous(),
+            gC_t.contiguous(),
+        )
 
 
-def scan_numba(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-               C: torch.Tensor) -> torch.Tensor:
+def scan_numba(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
+) -> torch.Tensor:
     """Core scan on float32 CPU tensors (delta already biased / softplus'd); differentiable
     through :class:`NumbaScan`."""
     return NumbaScan.apply(u, delta, A, B, C)

@@ -27,8 +27,10 @@ if TYPE_CHECKING:
 SUSPICIOUS = {"BI-RADS 4", "BI-RADS 5", "BI-RADS 4-5"}
 
 
-def breast_score(birads_probabilities: Mapping[str, float],
-                 diagnosis_probabilities: Mapping[str, float] | None = None) -> float:
+def breast_score(
+    birads_probabilities: Mapping[str, float],
+    diagnosis_probabilities: Mapping[str, float] | None = None,
+) -> float:
     """0-100 suspicion of one breast (see the module docstring)."""
     if diagnosis_probabilities and "malignant" in diagnosis_probabilities:
         p = float(diagnosis_probabilities["malignant"])
@@ -54,8 +56,9 @@ def roc_curve(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     return fpr, tpr, thresholds
 
 
-def sensitivity_at_specificity(y: np.ndarray, s: np.ndarray, specificity: float
-                               ) -> tuple[float, float] | None:
+def sensitivity_at_specificity(
+    y: np.ndarray, s: np.ndarray, specificity: float
+) -> tuple[float, float] | None:
     """(sensitivity, threshold) at the lowest threshold whose specificity is at least
     ``specificity``; None without both classes."""
     y = np.asarray(y, bool)
@@ -72,12 +75,17 @@ def sensitivity_at_specificity(y: np.ndarray, s: np.ndarray, specificity: float
 def confusion(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, int]:
     y = np.asarray(y, bool)
     p = np.asarray(s, float) >= threshold
-    return {"tp": int((p & y).sum()), "fp": int((p & ~y).sum()),
-            "tn": int((~p & ~y).sum()), "fn": int((~p & y).sum())}
+    return {
+        "tp": int((p & y).sum()),
+        "fp": int((p & ~y).sum()),
+        "tn": int((~p & ~y).sum()),
+        "fn": int((~p & y).sum()),
+    }
 
 
-def bootstrap_auc(y: np.ndarray, s: np.ndarray, n: int = 1000, seed: int = 0,
-                  level: float = 0.95) -> tuple[float | None, float | None, float | None]:
+def bootstrap_auc(
+    y: np.ndarray, s: np.ndarray, n: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float | None, float | None, float | None]:
     """ROC AUC and its percentile bootstrap confidence interval (exams resampled)."""
     y = np.asarray(y, bool)
     s = np.asarray(s, float)
@@ -105,47 +113,68 @@ def calibration(y: np.ndarray, s: np.ndarray, bins: int = 10) -> list[dict[str, 
     for k in range(bins):
         m = (p >= edges[k]) & ((p < edges[k + 1]) if k < bins - 1 else (p <= 1.0))
         if m.any():
-            out.append({"bin": f"{edges[k]:.1f}-{edges[k + 1]:.1f}", "n": int(m.sum()),
-                        "predicted": float(p[m].mean()), "observed": float(y[m].mean())})
+            out.append(
+                {
+                    "bin": f"{edges[k]:.1f}-{edges[k + 1]:.1f}",
+                    "n": int(m.sum()),
+                    "predicted": float(p[m].mean()),
+                    "observed": float(y[m].mean()),
+                }
+            )
     return out
 
 
-def choose_operating_point(y: np.ndarray, s: np.ndarray, specificity: float = 0.9
-                           ) -> dict[str, Any] | None:
+def choose_operating_point(
+    y: np.ndarray, s: np.ndarray, specificity: float = 0.9
+) -> dict[str, Any] | None:
     """The score threshold at ``specificity`` on these exams, with what it achieves."""
     r = sensitivity_at_specificity(y, s, specificity)
     if r is None:
         return None
     sens, thr = r
     c = confusion(y, s, thr)
-    return {"score": round(thr, 2), "target_specificity": specificity,
-            "specificity": round(c["tn"] / max(1, c["tn"] + c["fp"]), 4),
-            "sensitivity": round(sens, 4), "n": int(len(y)), "positives": int(np.sum(y))}
+    return {
+        "score": round(thr, 2),
+        "target_specificity": specificity,
+        "specificity": round(c["tn"] / max(1, c["tn"] + c["fp"]), 4),
+        "sensitivity": round(sens, 4),
+        "n": int(len(y)),
+        "positives": int(np.sum(y)),
+    }
 
 
-def exam_statistics(y: np.ndarray, s: np.ndarray, operating_point: float | None,
-                    bootstrap: int = 1000) -> dict:
+def exam_statistics(
+    y: np.ndarray, s: np.ndarray, operating_point: float | None, bootstrap: int = 1000
+) -> dict:
     """Everything ``evaluate`` reports at the exam level."""
     auc, lo, hi = bootstrap_auc(y, s, n=bootstrap)
-    out: dict = {"n": int(len(y)), "positives": int(np.sum(y)), "auc": auc,
-                 "auc_ci95": [lo, hi] if lo is not None else None}
+    out: dict = {
+        "n": int(len(y)),
+        "positives": int(np.sum(y)),
+        "auc": auc,
+        "auc_ci95": [lo, hi] if lo is not None else None,
+    }
     for spec in (0.90, 0.95):
         r = sensitivity_at_specificity(y, s, spec)
         out[f"sensitivity_at_{int(spec * 100)}_specificity"] = (
-            {"sensitivity": r[0], "threshold": r[1]} if r else None)
+            {"sensitivity": r[0], "threshold": r[1]} if r else None
+        )
     if operating_point is not None:
         c = confusion(y, s, operating_point)
         out["operating_point"] = {
-            "score": operating_point, **c,
+            "score": operating_point,
+            **c,
             "sensitivity": c["tp"] / max(1, c["tp"] + c["fn"]),
-            "specificity": c["tn"] / max(1, c["tn"] + c["fp"])}
+            "specificity": c["tn"] / max(1, c["tn"] + c["fp"]),
+        }
     out["calibration"] = calibration(y, s)
     return out
 
 
 # -- plots (PNG, drawn with Pillow: no plotting library) ------------------------------------
-def _canvas(title: str) -> tuple[Image.Image, ImageDraw.ImageDraw,
-                                 Callable[[float, float], tuple[float, float]]]:
+def _canvas(
+    title: str,
+) -> tuple[Image.Image, ImageDraw.ImageDraw, Callable[[float, float], tuple[float, float]]]:
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (520, 520), "white")
@@ -164,11 +193,13 @@ def _canvas(title: str) -> tuple[Image.Image, ImageDraw.ImageDraw,
 
     def xy(u: float, v: float) -> tuple[float, float]:
         return x0 + u * (x1 - x0), y1 - v * (y1 - y0)
+
     return img, d, xy
 
 
-def plot_roc(path: Path, y: np.ndarray, s: np.ndarray, operating_point: float | None,
-             auc: float | None) -> Path:
+def plot_roc(
+    path: Path, y: np.ndarray, s: np.ndarray, operating_point: float | None, auc: float | None
+) -> Path:
     fpr, tpr, thr = roc_curve(y, s)
     img, d, xy = _canvas(f"ROC (exam score), AUC {auc:.3f}" if auc is not None else "ROC")
     d.line([xy(float(a), float(b)) for a, b in zip(fpr, tpr)], fill=(200, 30, 30), width=3)
@@ -202,8 +233,7 @@ def plot_calibration(path: Path, table: list[dict[str, Any]]) -> Path:
 def plot_froc(path: Path, froc: dict[str, Any], max_fp: float = 3.0) -> Path:
     """The FROC curve: lesion sensitivity against false marks per image (x scaled to
     ``max_fp``), the reported points circled."""
-    img, d, xy = _canvas(f"FROC ({froc.get('lesions', 0)} lesions, "
-                         f"{froc.get('images', 0)} images)")
+    img, d, xy = _canvas(f"FROC ({froc.get('lesions', 0)} lesions, {froc.get('images', 0)} images)")
     pts = [xy(min(f, max_fp) / max_fp, s) for f, s in froc.get("curve", [])]
     if len(pts) > 1:
         d.line(pts, fill=(200, 30, 30), width=3)

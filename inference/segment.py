@@ -40,9 +40,9 @@ _BAND_MAX = 0.12
 class BreastMask:
     """The breast mask at the working resolution, and how it maps onto the image."""
 
-    mask: np.ndarray                 # bool (h, w), decimated
-    shape: tuple[int, int]           # the image's (rows, cols)
-    chest_wall_left: bool            # tissue hugs column 0
+    mask: np.ndarray  # bool (h, w), decimated
+    shape: tuple[int, int]  # the image's (rows, cols)
+    chest_wall_left: bool  # tissue hugs column 0
 
     @property
     def step(self) -> tuple[float, float]:
@@ -69,8 +69,12 @@ class BreastMask:
         if rows.size == 0 or cols.size == 0:
             return 0, self.shape[0], 0, self.shape[1]
         sr, sc = self.step
-        return (int(rows[0] * sr), min(self.shape[0], int(np.ceil((rows[-1] + 1) * sr))),
-                int(cols[0] * sc), min(self.shape[1], int(np.ceil((cols[-1] + 1) * sc))))
+        return (
+            int(rows[0] * sr),
+            min(self.shape[0], int(np.ceil((rows[-1] + 1) * sr))),
+            int(cols[0] * sc),
+            min(self.shape[1], int(np.ceil((cols[-1] + 1) * sc))),
+        )
 
     @property
     def fraction(self) -> float:
@@ -96,8 +100,9 @@ def block_mean(img: np.ndarray, f: int) -> np.ndarray:
     # (blocks, f, columns) as a view of the image itself, whatever its strides (a crop, a
     # mirrored view): no copy of it, nor a float copy of a bool mask.
     rs, cs = img.strides
-    v = np.lib.stride_tricks.as_strided(img, shape=(rows // f, f, img.shape[1]),
-                                        strides=(rs * f, rs, cs), writeable=False)
+    v = np.lib.stride_tricks.as_strided(
+        img, shape=(rows // f, f, img.shape[1]), strides=(rs * f, rs, cs), writeable=False
+    )
     s = v.sum(axis=1, dtype=np.float32)[:, :cols]
     out = s.reshape(rows // f, cols // f, f).sum(axis=2, dtype=np.float32)
     out *= np.float32(1.0 / (f * f))
@@ -156,7 +161,7 @@ def segment_breast(img: np.ndarray) -> BreastMask:
     bg = float(np.percentile(small, 2))
     thr = max(thr, bg + 0.02)
     bright = small > thr
-    chest_left = bool(bright[:, : w // 2].sum() >= bright[:, w - w // 2:].sum())
+    chest_left = bool(bright[:, : w // 2].sum() >= bright[:, w - w // 2 :].sum())
     bright = _peel(bright, chest_left)
     r = max(1, round(min(h, w) / 170))  # ~3 px at 512: cuts hairline bridges only
     opened = _open_square(bright, r)
@@ -169,7 +174,7 @@ def segment_breast(img: np.ndarray) -> BreastMask:
     # The breast: the largest component; among near-equals the one on the chest-wall edge.
     edge_col = labels[:, 0] if chest_left else labels[:, -1]
     on_edge = set(np.unique(edge_col[edge_col > 0]).tolist())
-    best = max(range(1, n + 1), key=lambda k: (sizes[k - 1] * (1.5 if k in on_edge else 1.0)))
+    best = max(range(1, n + 1), key=lambda k: sizes[k - 1] * (1.5 if k in on_edge else 1.0))
     core = labels == best
     core = ndimage.binary_fill_holes(core)
     # The skin line: dimmer than the threshold, next to the tissue.
@@ -178,8 +183,7 @@ def segment_breast(img: np.ndarray) -> BreastMask:
     # ``grow`` cross-shaped dilations: every pixel within that taxicab distance of the core
     # (one distance transform instead of ``grow`` passes).
     near = ndimage.distance_transform_cdt(~core, metric="taxicab") <= grow
-    mask = ndimage.binary_fill_holes(core | (near & (small > low) & _peel(small > low,
-                                                                          chest_left)))
+    mask = ndimage.binary_fill_holes(core | (near & (small > low) & _peel(small > low, chest_left)))
     lab2, _ = ndimage.label(mask)
     keep = np.unique(lab2[core])
     mask = np.isin(lab2, keep[keep > 0])

@@ -35,14 +35,23 @@ from pydicom.uid import (
 MAMMO_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 MAMMO_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
 
-_VIEW_SCT = {"CC": ("399162004", "cranio-caudal"), "MLO": ("399368009", "medio-lateral oblique"),
-             "ML": ("399260004", "medial-lateral"), "XCCL": ("399192008",
-                                                          "cranio-caudal exaggerated laterally")}
-_VIEW_SRT = {"CC": ("R-10242", "cranio-caudal"), "MLO": ("R-10226", "medio-lateral oblique"),
-             "ML": ("R-10224", "medio-lateral"), "XCCL": ("R-1024A",
-                                                         "cranio-caudal exaggerated laterally")}
-_MODIFIERS = {"spot": ("399055006", "spot compression"), "mag": ("399163009", "magnification"),
-              "implant-displaced": ("399209000", "implant displaced")}
+_VIEW_SCT = {
+    "CC": ("399162004", "cranio-caudal"),
+    "MLO": ("399368009", "medio-lateral oblique"),
+    "ML": ("399260004", "medial-lateral"),
+    "XCCL": ("399192008", "cranio-caudal exaggerated laterally"),
+}
+_VIEW_SRT = {
+    "CC": ("R-10242", "cranio-caudal"),
+    "MLO": ("R-10226", "medio-lateral oblique"),
+    "ML": ("R-10224", "medio-lateral"),
+    "XCCL": ("R-1024A", "cranio-caudal exaggerated laterally"),
+}
+_MODIFIERS = {
+    "spot": ("399055006", "spot compression"),
+    "mag": ("399163009", "magnification"),
+    "implant-displaced": ("399209000", "implant displaced"),
+}
 
 UID_ROOT = "1.2.826.0.1.3680043.10.1234."  # synthetic data only
 
@@ -52,8 +61,8 @@ class Lesion:
     """A synthetic finding: position as fractions of the breast's extent."""
 
     kind: str = "mass"  # mass | spiculated | calcifications
-    x: float = 0.5      # 0 = chest wall, 1 = nipple
-    y: float = 0.5      # 0 = top, 1 = bottom
+    x: float = 0.5  # 0 = chest wall, 1 = nipple
+    y: float = 0.5  # 0 = top, 1 = bottom
     radius: float = 0.06  # fraction of the image height
     contrast: float = 0.35
 
@@ -78,9 +87,9 @@ def _outline(rng: np.random.Generator) -> tuple[float, float, float]:
     return rng.uniform(0.62, 0.85), rng.uniform(0.70, 0.92), rng.uniform(-0.08, 0.08)
 
 
-def lesion_boxes(laterality: str, rows: int, cols: int, seed: int,
-                 lesions: list[Lesion] | tuple[Lesion, ...]
-                 ) -> list[tuple[float, float, float, float, float, float]]:
+def lesion_boxes(
+    laterality: str, rows: int, cols: int, seed: int, lesions: list[Lesion] | tuple[Lesion, ...]
+) -> list[tuple[float, float, float, float, float, float]]:
     """Where the lesions of ``make_mammogram(laterality, ..., seed=seed, lesions=...)`` lie,
     in its pixel coordinates ((0, 0) the top-left corner of the top-left pixel): per lesion
     (centre x, centre y, x0, y0, x1, y1), the box where its profile exceeds 1/e."""
@@ -92,9 +101,17 @@ def lesion_boxes(laterality: str, rows: int, cols: int, seed: int,
         if laterality == "R":
             col = cols - 1 - col
         x, y = col + 0.5, row + 0.5
-        rx, ry = 2.0 * les.radius * rows, les.radius * rows   # d = 1 along each axis
-        out.append((x, y, max(0.0, x - rx), max(0.0, y - ry), min(float(cols), x + rx),
-                    min(float(rows), y + ry)))
+        rx, ry = 2.0 * les.radius * rows, les.radius * rows  # d = 1 along each axis
+        out.append(
+            (
+                x,
+                y,
+                max(0.0, x - rx),
+                max(0.0, y - ry),
+                min(float(cols), x + rx),
+                min(float(rows), y + ry),
+            )
+        )
     return out
 
 
@@ -103,9 +120,14 @@ def lesion_boxes(laterality: str, rows: int, cols: int, seed: int,
 FIBROGLANDULAR = {"A": 0.12, "B": 0.37, "C": 0.62, "D": 0.87}
 
 
-def phantom(rows: int, cols: int, view: str, rng: np.random.Generator,
-            lesions: list[Lesion] | tuple[Lesion, ...] = (),
-            fibroglandular: float | None = None) -> np.ndarray:
+def phantom(
+    rows: int,
+    cols: int,
+    view: str,
+    rng: np.random.Generator,
+    lesions: list[Lesion] | tuple[Lesion, ...] = (),
+    fibroglandular: float | None = None,
+) -> np.ndarray:
     """A breast phantom, chest wall at column 0, as float32 in [0, 1] (1 = dense).
     ``fibroglandular``: the share of the breast that is dense tissue (``FIBROGLANDULAR``
     per density label); None: the phantom's own mild texture, as before."""
@@ -114,21 +136,24 @@ def phantom(rows: int, cols: int, view: str, rng: np.random.Generator,
     depth, half, cy = _outline(rng)
     r = np.sqrt((xx / depth) ** 2 + ((yy - cy) / half) ** 2)
     breast = np.clip((1.0 - r) * 12.0, 0.0, 1.0)  # soft skin edge
-    thickness = np.sqrt(np.clip(1.0 - r ** 2, 0.0, 1.0))
+    thickness = np.sqrt(np.clip(1.0 - r**2, 0.0, 1.0))
 
     texture = np.zeros((rows, cols), np.float32)
     for cells, weight in ((6, 0.5), (14, 0.3), (34, 0.2)):
         g = rng.standard_normal((cells, max(2, int(cells * cols / rows)))).astype(np.float32)
         texture += weight * _upsample(g, rows, cols)
-    density = rng.uniform(0.25, 0.6)          # drawn always: the stream stays the same
+    density = rng.uniform(0.25, 0.6)  # drawn always: the stream stays the same
     if fibroglandular is not None:
         density = float(fibroglandular)
     # Fibroglandular tissue: where the texture is high, a share ``density`` of the breast
     # brighter (denser) than fat.
     img = breast * (0.25 + 0.35 * thickness + density * 0.25 * np.tanh(texture))
     if fibroglandular is not None:
-        cut = np.quantile(texture[breast > 0.5], 1.0 - np.clip(density, 0.0, 1.0)) \
-            if (breast > 0.5).any() else np.inf
+        cut = (
+            np.quantile(texture[breast > 0.5], 1.0 - np.clip(density, 0.0, 1.0))
+            if (breast > 0.5).any()
+            else np.inf
+        )
         gland = np.clip((texture - cut) * 4.0, 0.0, 1.0) * breast
         img = img + 0.22 * gland
 
@@ -149,10 +174,10 @@ def phantom(rows: int, cols: int, view: str, rng: np.random.Generator,
                 sx = lx + rng.normal(0, rad * 0.4) * rows / cols
                 sy = ly + rng.normal(0, rad * 0.4)
                 ds = np.sqrt(((xx - sx) * cols / rows) ** 2 + (yy - sy) ** 2)
-                spots = np.maximum(spots, np.exp(-(ds / 0.008) ** 2))
+                spots = np.maximum(spots, np.exp(-((ds / 0.008) ** 2)))
             img = img + les.contrast * 1.5 * spots * breast
         else:
-            blob = np.exp(-d ** 4) if les.kind == "mass" else np.exp(-d ** 2)
+            blob = np.exp(-(d**4)) if les.kind == "mass" else np.exp(-(d**2))
             if les.kind == "spiculated":
                 ang = np.arctan2(yy - ly, (xx - lx) * cols / rows)
                 spikes = np.clip(np.cos(ang * 9 + rng.uniform(0, 6.28)), 0, 1) ** 8
@@ -180,11 +205,15 @@ def _text(img: np.ndarray, text: str, top: int, left: int, px: int, value: float
             for j, bit in enumerate(row):
                 if bit == "1":
                     r, c = top + i * px, left + (k * 6 + j) * px
-                    img[r:r + px, c:c + px] = value
+                    img[r : r + px, c : c + px] = value
 
 
-def add_artifacts(img: np.ndarray, rng: np.random.Generator, kinds: tuple[str, ...] | list[str],
-                  label: str = "LCC") -> np.ndarray:
+def add_artifacts(
+    img: np.ndarray,
+    rng: np.random.Generator,
+    kinds: tuple[str, ...] | list[str],
+    label: str = "LCC",
+) -> np.ndarray:
     """Burn film / vendor artifacts into a phantom (chest wall at column 0), outside the
     breast where the real ones are: a view label and a lead marker in the corners on the
     nipple side, a ruler along the nipple-side edge, bright film edges along the top, bottom
@@ -199,21 +228,24 @@ def add_artifacts(img: np.ndarray, rng: np.random.Generator, kinds: tuple[str, .
             px = max(2, rows // 90)
             width = len(label) * 6 * px
             left = max(x0 + px, cols - width - int(0.04 * cols) - 1)
-            top = int(rng.uniform(0.05, 0.12) * rows) if rng.random() < 0.5 else \
-                rows - int(rng.uniform(0.08, 0.15) * rows)
+            top = (
+                int(rng.uniform(0.05, 0.12) * rows)
+                if rng.random() < 0.5
+                else rows - int(rng.uniform(0.08, 0.15) * rows)
+            )
             _text(out, label, top, left, px, float(rng.uniform(0.85, 1.0)))
         elif kind == "marker":
             rad = max(3, rows // 60)
             cy = int(rng.uniform(0.75, 0.9) * rows)
             cx = int(rng.uniform(max(x0 + 2 * rad, cols * 0.8), cols - 2 * rad))
             yy, xx = np.ogrid[:rows, :cols]
-            out[(yy - cy) ** 2 + (xx - cx) ** 2 <= rad ** 2] = 1.0
+            out[(yy - cy) ** 2 + (xx - cx) ** 2 <= rad**2] = 1.0
         elif kind == "ruler":
             wd = max(3, cols // 60)
             c0 = cols - int(0.06 * cols)
-            out[int(0.1 * rows):int(0.9 * rows), c0:c0 + wd] = 0.8
+            out[int(0.1 * rows) : int(0.9 * rows), c0 : c0 + wd] = 0.8
             for r in range(int(0.1 * rows), int(0.9 * rows), max(4, rows // 40)):
-                out[r:r + 2, c0 - wd:c0] = 0.8
+                out[r : r + 2, c0 - wd : c0] = 0.8
         elif kind == "film_edge":
             band = max(2, int(rng.uniform(0.01, 0.025) * min(rows, cols)))
             value = float(rng.uniform(0.8, 0.95))
@@ -223,7 +255,7 @@ def add_artifacts(img: np.ndarray, rng: np.random.Generator, kinds: tuple[str, .
         elif kind == "collimator":
             band = int(rng.uniform(0.02, 0.05) * rows)
             value = float(rng.uniform(0.45, 0.7))
-            out[:band, :] = value   # nothing under the collimator is imaged
+            out[:band, :] = value  # nothing under the collimator is imaged
             out[-band:, :] = value
         else:
             raise ValueError(f"unknown artifact {kind!r}; one of {ARTIFACTS}")
@@ -238,8 +270,10 @@ def film_size(seed: int) -> tuple[int, int]:
     """A film scan's (rows, cols), drawn from ``seed`` within :data:`FILM_ROWS` x
     :data:`FILM_COLS` (any value: not a multiple of anything)."""
     rng = np.random.default_rng([seed, 0x5123])
-    return (int(rng.integers(FILM_ROWS[0], FILM_ROWS[1] + 1)),
-            int(rng.integers(FILM_COLS[0], FILM_COLS[1] + 1)))
+    return (
+        int(rng.integers(FILM_ROWS[0], FILM_ROWS[1] + 1)),
+        int(rng.integers(FILM_COLS[0], FILM_COLS[1] + 1)),
+    )
 
 
 @dataclass
@@ -260,15 +294,18 @@ def film_layout(rows: int, cols: int, seed: int) -> FilmLayout:
     rng = np.random.default_rng([seed, 0xF11])
     height = int(rng.uniform(0.66, 0.82) * rows)
     width = int(rng.uniform(0.52, 0.68) * cols)
-    r0 = int(rng.uniform(0.06, 0.94 - height / rows) * rows) if height / rows < 0.88 \
+    r0 = (
+        int(rng.uniform(0.06, 0.94 - height / rows) * rows)
+        if height / rows < 0.88
         else int(0.06 * rows)
+    )
     c0 = int(rng.uniform(0.0, 0.012) * cols)  # a thin scanner border on the chest-wall side
     return FilmLayout(rows, cols, r0, c0, height, width)
 
 
-def film_lesion_boxes(laterality: str, rows: int, cols: int, seed: int,
-                      lesions: list[Lesion] | tuple[Lesion, ...]
-                      ) -> list[tuple[float, float, float, float, float, float]]:
+def film_lesion_boxes(
+    laterality: str, rows: int, cols: int, seed: int, lesions: list[Lesion] | tuple[Lesion, ...]
+) -> list[tuple[float, float, float, float, float, float]]:
     """:func:`lesion_boxes` for ``make_mammogram(..., film=True)``: on the film's pixels."""
     lay = film_layout(rows, cols, seed)
     out = []
@@ -281,9 +318,15 @@ def film_lesion_boxes(laterality: str, rows: int, cols: int, seed: int,
     return out
 
 
-def film_image(rows: int, cols: int, view: str, seed: int,
-         lesions: list[Lesion] | tuple[Lesion, ...] = (), label: str = "LCC",
-         fibroglandular: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def film_image(
+    rows: int,
+    cols: int,
+    view: str,
+    seed: int,
+    lesions: list[Lesion] | tuple[Lesion, ...] = (),
+    label: str = "LCC",
+    fibroglandular: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A digitised screen-film mammogram, chest wall at column 0, float32 in [0, 1] (1 =
     dense): the phantom of ``seed`` on a large, dark, non-uniform exposed background, film
     grain everywhere, bright unexposed film edges of uneven width along the top, bottom and
@@ -292,8 +335,9 @@ def film_image(rows: int, cols: int, view: str, seed: int,
     few dust specks. (image, the breast, the artifacts: film edges, label and specks.)"""
     lay = film_layout(rows, cols, seed)
     rng = np.random.default_rng([seed, 0xF12])
-    ph = phantom(lay.height, lay.width, view or "CC", np.random.default_rng(seed), lesions,
-                 fibroglandular)
+    ph = phantom(
+        lay.height, lay.width, view or "CC", np.random.default_rng(seed), lesions, fibroglandular
+    )
     # Exposed film: dark, brighter toward one corner, with a slow wavy unevenness.
     yy = np.linspace(0.0, 1.0, rows, dtype=np.float32)[:, None]
     xx = np.linspace(0.0, 1.0, cols, dtype=np.float32)[None, :]
@@ -307,7 +351,8 @@ def film_image(rows: int, cols: int, view: str, seed: int,
     breast[box] = ph > 0.02
     # Film grain, over everything.
     img += rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(
-        rng.uniform(0.008, 0.02))
+        rng.uniform(0.008, 0.02)
+    )
     art = np.zeros((rows, cols), bool)
     # Unexposed film edges (bright, their inner edge slanted: the film lay askew) and the
     # scanner's dark border beyond the film on some of the sides.
@@ -325,7 +370,7 @@ def film_image(rows: int, cols: int, view: str, seed: int,
             w = int(rng.uniform(0.002, 0.008) * (cols if side == "nipple" else rows)) + 1
             sl = {"top": np.s_[:w, :], "bottom": np.s_[-w:, :], "nipple": np.s_[:, -w:]}[side]
             img[sl] = np.float32(rng.uniform(0.0, 0.02))
-    img[:, :lay.c0] = np.float32(rng.uniform(0.0, 0.02))   # scanner border, chest-wall side
+    img[:, : lay.c0] = np.float32(rng.uniform(0.0, 0.02))  # scanner border, chest-wall side
     # The paper label: a bright card with dark letters, in the background on the nipple side.
     px = max(2, rows // 160)
     lw, lh = (len(label) * 6 + 3) * px, 10 * px
@@ -333,9 +378,12 @@ def film_image(rows: int, cols: int, view: str, seed: int,
     x_min = (int(free[-1]) if free.size else lay.c0) + 4 * px
     x_max = int(cols - float(side_w.max())) - lw - 2 * px
     left = int(rng.uniform(x_min, max(x_min, x_max) + 1))
-    top = int(rng.uniform(0.06, 0.12) * rows) if rng.random() < 0.5 else \
-        int(rows - rng.uniform(0.08, 0.14) * rows) - lh
-    card = np.s_[top:top + lh, left:left + lw]
+    top = (
+        int(rng.uniform(0.06, 0.12) * rows)
+        if rng.random() < 0.5
+        else int(rows - rng.uniform(0.08, 0.14) * rows) - lh
+    )
+    card = np.s_[top : top + lh, left : left + lw]
     img[card] = np.float32(rng.uniform(0.8, 0.92))
     _text(img, label, top + int(1.5 * px), left + 2 * px, px, 0.1)
     art[card] = True
@@ -343,7 +391,7 @@ def film_image(rows: int, cols: int, view: str, seed: int,
     for _ in range(int(rng.integers(3, 9))):
         sy, sx = int(rng.integers(0, rows)), int(rng.integers(0, cols))
         rad = int(rng.integers(2, 6))
-        spot = np.s_[max(0, sy - rad):sy + rad, max(0, sx - rad):sx + rad]
+        spot = np.s_[max(0, sy - rad) : sy + rad, max(0, sx - rad) : sx + rad]
         if not breast[spot].any():
             img[spot] = np.float32(rng.uniform(0.6, 0.9))
             art[spot] = True
@@ -389,8 +437,7 @@ def make_mammogram(
     if pixels is None:
         if density is not None and density not in FIBROGLANDULAR:
             raise ValueError(f"density: one of {list(FIBROGLANDULAR)}, got {density!r}")
-        label = f"{laterality}{view}".strip() if laterality and view in ("CC", "MLO") \
-            else "LCC"
+        label = f"{laterality}{view}".strip() if laterality and view in ("CC", "MLO") else "LCC"
         fib = FIBROGLANDULAR[density] if density else None
         if film:
             if artifacts:
@@ -440,7 +487,10 @@ def make_mammogram(
     ds.BodyPartExamined = "BREAST"
     region = Dataset()
     region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = (
-        "76752008", "SCT", "Breast")
+        "76752008",
+        "SCT",
+        "Breast",
+    )
     ds.AnatomicRegionSequence = [region]
     ds.OrganExposed = "BREAST"
     ds.PositionerType = "MAMMOGRAPHIC"
@@ -454,8 +504,11 @@ def make_mammogram(
     ds.StudyID = "1"
     ds.SeriesNumber = 1
     ds.InstanceNumber = 1
-    ds.PatientOrientation = (["A", "R"] if laterality != "R" else ["P", "L"]) if view == "CC" \
+    ds.PatientOrientation = (
+        (["A", "R"] if laterality != "R" else ["P", "L"])
+        if view == "CC"
         else (["A", "FR"] if laterality != "R" else ["P", "FL"])
+    )
     ds.BurnedInAnnotation = "NO"
     ds.DetectorType = "FILM" if film else "DIRECT"
     spacing = [0.05, 0.05] if film else [0.1, 0.1]  # film scanned at 50 um
@@ -508,8 +561,11 @@ def make_mammogram(
 
 def set_transfer_syntax(ds: Dataset, transfer_syntax: str) -> Dataset:
     """Encode ``ds`` (in place) in ``transfer_syntax``."""
-    if transfer_syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian,
-                           DeflatedExplicitVRLittleEndian):
+    if transfer_syntax in (
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+        DeflatedExplicitVRLittleEndian,
+    ):
         ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
     else:
         ds.compress(transfer_syntax)
@@ -524,22 +580,39 @@ def write(ds: Dataset, path: str | Path) -> Path:
     return path
 
 
-def make_exam(*, seed: int = 0, rows: int = 512, cols: int = 416,
-              views: tuple[str, ...] = ("L-CC", "L-MLO", "R-CC", "R-MLO"),
-              lesions: dict[str, list[Lesion]] | None = None,
-              study_uid: str | None = None, accession: str | None = None,
-              patient_id: str | None = None, **kwargs: Any) -> list[Dataset]:
+def make_exam(
+    *,
+    seed: int = 0,
+    rows: int = 512,
+    cols: int = 416,
+    views: tuple[str, ...] = ("L-CC", "L-MLO", "R-CC", "R-MLO"),
+    lesions: dict[str, list[Lesion]] | None = None,
+    study_uid: str | None = None,
+    accession: str | None = None,
+    patient_id: str | None = None,
+    **kwargs: Any,
+) -> list[Dataset]:
     """A synthetic screening exam: one image per requested slot, sharing one study."""
     study_uid = study_uid or generate_uid(prefix=UID_ROOT)
     series_uid = generate_uid(prefix=UID_ROOT)
     out = []
     for i, slot in enumerate(views):
         lat, view = slot.split("-")
-        out.append(make_mammogram(
-            lat, view, rows=rows, cols=cols, seed=seed * 10 + i,
-            lesions=(lesions or {}).get(lat, []), study_uid=study_uid, series_uid=series_uid,
-            accession=accession or f"A{seed:07d}", patient_id=patient_id or f"SYN{seed:06d}",
-            **kwargs))
+        out.append(
+            make_mammogram(
+                lat,
+                view,
+                rows=rows,
+                cols=cols,
+                seed=seed * 10 + i,
+                lesions=(lesions or {}).get(lat, []),
+                study_uid=study_uid,
+                series_uid=series_uid,
+                accession=accession or f"A{seed:07d}",
+                patient_id=patient_id or f"SYN{seed:06d}",
+                **kwargs,
+            )
+        )
         out[-1].InstanceNumber = i + 1
     return out
 
@@ -547,25 +620,50 @@ def make_exam(*, seed: int = 0, rows: int = 512, cols: int = 416,
 BREAST_TOMOSYNTHESIS_SOP = "1.2.840.10008.5.1.4.1.1.13.1.3"
 
 
-def make_tomo_volume(laterality: str, view: str, *, frames: int = 8, rows: int = 64,
-                     cols: int = 52, seed: int = 0, study_uid: str | None = None,
-                     series_uid: str | None = None, patient_id: str = "SYNTH-0001",
-                     accession: str = "ACC0001", acquisition: dt.datetime | None = None,
-                     pixels: np.ndarray | None = None) -> Dataset:
+def make_tomo_volume(
+    laterality: str,
+    view: str,
+    *,
+    frames: int = 8,
+    rows: int = 64,
+    cols: int = 52,
+    seed: int = 0,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    patient_id: str = "SYNTH-0001",
+    accession: str = "ACC0001",
+    acquisition: dt.datetime | None = None,
+    pixels: np.ndarray | None = None,
+) -> Dataset:
     """A synthetic Breast Tomosynthesis Image (enhanced multi-frame, 1.2.840.10008.5.1.4.1.1.
     13.1.3) of one view: ``frames`` slices of a phantom (each with its own noise), shared
     functional groups (pixel measures, frame anatomy with FrameLaterality, VOI LUT) and one
     per-frame item (frame content, plane position) per slice, as DBT systems send them.
     ``pixels`` (frames x rows x cols uint16) replaces the phantom (a large volume built
     without computing one)."""
-    base = make_mammogram(laterality, view, rows=rows, cols=cols, seed=seed,
-                          study_uid=study_uid, series_uid=series_uid, patient_id=patient_id,
-                          accession=accession, acquisition=acquisition)
+    base = make_mammogram(
+        laterality,
+        view,
+        rows=rows,
+        cols=cols,
+        seed=seed,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        patient_id=patient_id,
+        accession=accession,
+        acquisition=acquisition,
+    )
     if pixels is None:
         rng = np.random.default_rng(seed)
         one = np.frombuffer(base.PixelData, dtype=np.uint16).reshape(rows, cols)
-        stack = np.stack([np.clip(one.astype(np.int32) + rng.integers(-40, 40, one.shape), 0,
-                                  4095).astype(np.uint16) for _ in range(frames)])
+        stack = np.stack(
+            [
+                np.clip(one.astype(np.int32) + rng.integers(-40, 40, one.shape), 0, 4095).astype(
+                    np.uint16
+                )
+                for _ in range(frames)
+            ]
+        )
     else:
         stack = pixels
         frames, rows, cols = stack.shape
@@ -575,9 +673,19 @@ def make_tomo_volume(laterality: str, view: str, *, frames: int = 8, rows: int =
     ds.ImageType = ["ORIGINAL", "PRIMARY", "TOMOSYNTHESIS", "NONE"]
     ds.SeriesDescription = f"{laterality}{view} Tomosynthesis Reconstruction"
     ds.Modality = "MG"
-    for keyword in ("ImagerPixelSpacing", "PixelSpacing", "WindowCenter", "WindowWidth",
-                    "VOILUTFunction", "RescaleIntercept", "RescaleSlope", "RescaleType",
-                    "PatientOrientation", "ImageLaterality", "ViewPosition"):
+    for keyword in (
+        "ImagerPixelSpacing",
+        "PixelSpacing",
+        "WindowCenter",
+        "WindowWidth",
+        "VOILUTFunction",
+        "RescaleIntercept",
+        "RescaleSlope",
+        "RescaleType",
+        "PatientOrientation",
+        "ImageLaterality",
+        "ViewPosition",
+    ):
         if keyword in ds:
             delattr(ds, keyword)
     ds.ContentQualification = "PRODUCT"
@@ -596,7 +704,10 @@ def make_tomo_volume(laterality: str, view: str, *, frames: int = 8, rows: int =
     anat.FrameLaterality = laterality
     region = Dataset()
     region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = (
-        "76752008", "SCT", "Breast")
+        "76752008",
+        "SCT",
+        "Breast",
+    )
     anat.AnatomicRegionSequence = [region]
     shared.FrameAnatomySequence = [anat]
     voi = Dataset()
@@ -640,14 +751,21 @@ def volume_frame(n: int, rows: int, cols: int, base: np.ndarray | None = None) -
     out = (_volume_base(rows, cols) if base is None else base).copy()
     h = max(1, min(rows, cols) // 12)
     cy = int(rows * (0.25 + 0.5 * ((n * 37) % 97) / 97))
-    out[max(cy - h, 0):cy + h, cols // 5:cols // 5 + 2 * h] += 1200
+    out[max(cy - h, 0) : cy + h, cols // 5 : cols // 5 + 2 * h] += 1200
     out[0, :8] = n
     return out
 
 
-def write_tomo_volume(path: str | Path, laterality: str = "L", view: str = "CC", *,
-                      frames: int = 60, rows: int = 512, cols: int = 512,
-                      **kwargs: Any) -> Path:
+def write_tomo_volume(
+    path: str | Path,
+    laterality: str = "L",
+    view: str = "CC",
+    *,
+    frames: int = 60,
+    rows: int = 512,
+    cols: int = 512,
+    **kwargs: Any,
+) -> Path:
     """A Breast Tomosynthesis volume of any size written to ``path`` frame by frame (a 2 GB
     volume never held in memory): the header of :func:`make_tomo_volume` with ``frames``
     per-frame items, then native 16-bit Pixel Data, frame ``n`` being
@@ -656,8 +774,7 @@ def write_tomo_volume(path: str | Path, laterality: str = "L", view: str = "CC",
 
     from pydicom.filewriter import dcmwrite
 
-    ds = make_tomo_volume(laterality, view, pixels=np.zeros((frames, 1, 1), np.uint16),
-                          **kwargs)
+    ds = make_tomo_volume(laterality, view, pixels=np.zeros((frames, 1, 1), np.uint16), **kwargs)
     ds.Rows, ds.Columns = rows, cols
     del ds.PixelData
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian

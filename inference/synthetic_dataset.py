@@ -42,11 +42,37 @@ from inference.synthetic import (
 
 BIRADS_P = [0.4, 0.15, 0.15, 0.15, 0.15]
 DIAGNOSIS = {1: "normal", 2: "benign", 3: "benign", 4: "malignant", 5: "malignant"}
-FINDING_FIELDS = ["study_id", "series_id", "image_id", "laterality", "view_position",
-                  "height", "width", "breast_birads", "breast_density", "finding_categories",
-                  "finding_birads", "xmin", "ymin", "xmax", "ymax", "split"]
-FIELDS = ["study_id", "series_id", "image_id", "laterality", "view_position", "height",
-          "width", "breast_birads", "breast_density", "split", "breast_diagnosis"]
+FINDING_FIELDS = [
+    "study_id",
+    "series_id",
+    "image_id",
+    "laterality",
+    "view_position",
+    "height",
+    "width",
+    "breast_birads",
+    "breast_density",
+    "finding_categories",
+    "finding_birads",
+    "xmin",
+    "ymin",
+    "xmax",
+    "ymax",
+    "split",
+]
+FIELDS = [
+    "study_id",
+    "series_id",
+    "image_id",
+    "laterality",
+    "view_position",
+    "height",
+    "width",
+    "breast_birads",
+    "breast_density",
+    "split",
+    "breast_diagnosis",
+]
 
 
 def lesions_for(birads: int, rng: np.random.Generator) -> list[tuple[Lesion, float]]:
@@ -62,15 +88,25 @@ def lesions_for(birads: int, rng: np.random.Generator) -> list[tuple[Lesion, flo
     elif birads == 4:
         les = [Lesion("spiculated", x, y, rng.uniform(0.035, 0.05), rng.uniform(0.2, 0.28))]
     else:
-        les = [Lesion("spiculated", x, y, rng.uniform(0.055, 0.08), rng.uniform(0.3, 0.4)),
-               Lesion("calcifications", x, y, 0.05, 0.3)]
+        les = [
+            Lesion("spiculated", x, y, rng.uniform(0.055, 0.08), rng.uniform(0.3, 0.4)),
+            Lesion("calcifications", x, y, 0.05, 0.3),
+        ]
     return [(le, y_mlo) for le in les]
 
 
-def write_synthetic_dataset(out: str | Path, exams: int, seed: int = 0, rows: int = 1024,
-                            cols: int = 832, test_fraction: float = 0.2,
-                            progress: bool = True, artifacts: float = 0.0,
-                            density_phantoms: bool = False, film: bool = False) -> Path:
+def write_synthetic_dataset(
+    out: str | Path,
+    exams: int,
+    seed: int = 0,
+    rows: int = 1024,
+    cols: int = 832,
+    test_fraction: float = 0.2,
+    progress: bool = True,
+    artifacts: float = 0.0,
+    density_phantoms: bool = False,
+    film: bool = False,
+) -> Path:
     """Write ``exams`` synthetic exams under ``out`` (VinDr layout); returns the CSV path.
 
     ``artifacts``: the share of images that carry film / vendor artifacts (view labels,
@@ -110,8 +146,10 @@ def write_synthetic_dataset(out: str | Path, exams: int, seed: int = 0, rows: in
             for view in ("CC", "MLO"):
                 if f"{lat}-{view}" == drop:
                     continue
-                les = [Lesion(le.kind, le.x, y_mlo if view == "MLO" else le.y, le.radius,
-                              le.contrast) for le, y_mlo in lesions]
+                les = [
+                    Lesion(le.kind, le.x, y_mlo if view == "MLO" else le.y, le.radius, le.contrast)
+                    for le, y_mlo in lesions
+                ]
                 kw: dict[str, Any] = dict(transfer_syntax=ts) if ts else {}
                 ih, iw = rows, cols
                 if film:
@@ -123,32 +161,64 @@ def write_synthetic_dataset(out: str | Path, exams: int, seed: int = 0, rows: in
                     kw["artifacts"] = tuple(kinds or [str(art_rng.choice(ARTIFACTS))])
                 img_seed = int(rng.integers(1 << 31))
                 ds = make_mammogram(
-                    lat, view, rows=ih, cols=iw, seed=img_seed,
-                    sop_uid=generate_uid(prefix=UID_ROOT,
-                                         entropy_srcs=[f"synth|{seed}|{e}|{lat}{view}"]),
-                    lesions=les, dialect=dialect, photometric=photometric, study_uid=study,
-                    series_uid=series, patient_id=f"SYN{seed:03d}{e:06d}",
+                    lat,
+                    view,
+                    rows=ih,
+                    cols=iw,
+                    seed=img_seed,
+                    sop_uid=generate_uid(
+                        prefix=UID_ROOT, entropy_srcs=[f"synth|{seed}|{e}|{lat}{view}"]
+                    ),
+                    lesions=les,
+                    dialect=dialect,
+                    photometric=photometric,
+                    study_uid=study,
+                    series_uid=series,
+                    patient_id=f"SYN{seed:03d}{e:06d}",
                     accession=f"S{seed % 1000:03d}{e:06d}",
-                    density=density if density_phantoms else None, **kw)
+                    density=density if density_phantoms else None,
+                    **kw,
+                )
                 image_id = ds.SOPInstanceUID
                 write(ds, out / "images" / study / f"{image_id}.dicom")
-                rows_out.append({
-                    "study_id": study, "series_id": series, "image_id": image_id,
-                    "laterality": lat, "view_position": view, "height": ih, "width": iw,
-                    "breast_birads": f"BI-RADS {birads}", "breast_density": f"DENSITY {density}",
-                    "split": split, "breast_diagnosis": DIAGNOSIS[birads]})
+                rows_out.append(
+                    {
+                        "study_id": study,
+                        "series_id": series,
+                        "image_id": image_id,
+                        "laterality": lat,
+                        "view_position": view,
+                        "height": ih,
+                        "width": iw,
+                        "breast_birads": f"BI-RADS {birads}",
+                        "breast_density": f"DENSITY {density}",
+                        "split": split,
+                        "breast_diagnosis": DIAGNOSIS[birads],
+                    }
+                )
                 # Where each lesion lies (the VinDr finding layout): localisation in evaluate.
                 boxes = (film_lesion_boxes if film else lesion_boxes)(lat, ih, iw, img_seed, les)
                 for le, (_, _, x0, y0, x1, y1) in zip(les, boxes):
-                    findings.append({
-                        "study_id": study, "series_id": series, "image_id": image_id,
-                        "laterality": lat, "view_position": view, "height": ih,
-                        "width": iw, "breast_birads": f"BI-RADS {birads}",
-                        "breast_density": f"DENSITY {density}",
-                        "finding_categories": f"['{le.kind}']",
-                        "finding_birads": f"BI-RADS {birads}", "xmin": round(x0, 1),
-                        "ymin": round(y0, 1), "xmax": round(x1, 1), "ymax": round(y1, 1),
-                        "split": split})
+                    findings.append(
+                        {
+                            "study_id": study,
+                            "series_id": series,
+                            "image_id": image_id,
+                            "laterality": lat,
+                            "view_position": view,
+                            "height": ih,
+                            "width": iw,
+                            "breast_birads": f"BI-RADS {birads}",
+                            "breast_density": f"DENSITY {density}",
+                            "finding_categories": f"['{le.kind}']",
+                            "finding_birads": f"BI-RADS {birads}",
+                            "xmin": round(x0, 1),
+                            "ymin": round(y0, 1),
+                            "xmax": round(x1, 1),
+                            "ymax": round(y1, 1),
+                            "split": split,
+                        }
+                    )
     csv_path = out / "breast-level_annotations.csv"
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)

@@ -80,7 +80,7 @@ class TrainArgs:
     density: str = "auto"
     epochs: int = 10
     image_size: tuple[int, int] = (512, 256)
-    batch_size: int = 4           # per process
+    batch_size: int = 4  # per process
     lr: float = 1e-3
     weight_decay: float = 0.05
     device: str = "auto"
@@ -117,8 +117,7 @@ class TrainArgs:
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype (None: fp32) for ``--precision`` on ``device``."""
     if precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, "
-                         f"got {precision!r}")
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     cuda = device.type == "cuda"
     if precision == "auto":
         if not cuda:
@@ -141,8 +140,15 @@ def default_workers() -> int:
     return max(0, min(8, (os.cpu_count() or 1) // max(1, local) - 1))
 
 
-def _loader(ds: ExamDataset, batch: int, sampler: Sampler, workers: int, device: torch.device,
-            prefetch: int = 2, seed: int = 0) -> DataLoader:
+def _loader(
+    ds: ExamDataset,
+    batch: int,
+    sampler: Sampler,
+    workers: int,
+    device: torch.device,
+    prefetch: int = 2,
+    seed: int = 0,
+) -> DataLoader:
     kw: dict[str, Any] = {}
     if workers > 0:
         kw = {"prefetch_factor": max(1, prefetch), "persistent_workers": True}
@@ -151,9 +157,18 @@ def _loader(ds: ExamDataset, batch: int, sampler: Sampler, workers: int, device:
     # creates one, so a resumed run would otherwise draw once more than an uninterrupted one).
     g = torch.Generator()
     g.manual_seed(seed)
-    return DataLoader(ds, batch_size=batch, sampler=sampler, shuffle=False,
-                      num_workers=workers, worker_init_fn=_worker_init, drop_last=False,
-                      pin_memory=device.type == "cuda", generator=g, **kw)
+    return DataLoader(
+        ds,
+        batch_size=batch,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=workers,
+        worker_init_fn=_worker_init,
+        drop_last=False,
+        pin_memory=device.type == "cuda",
+        generator=g,
+        **kw,
+    )
 
 
 def split_validation(train_recs: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -172,10 +187,12 @@ def split_validation(train_recs: list, fraction: float, seed: int) -> tuple[list
 
 def paths_of(out: Path) -> dict[str, Path]:
     """The files a training run writes beside its checkpoint."""
-    return {"state": out.with_suffix(out.suffix + ".resume.pt"),
-            "best": out.with_name(f"{out.stem}.best{out.suffix}"),
-            "metrics": out.with_suffix(out.suffix + ".metrics.jsonl"),
-            "tensorboard": out.with_suffix(out.suffix + ".tensorboard")}
+    return {
+        "state": out.with_suffix(out.suffix + ".resume.pt"),
+        "best": out.with_name(f"{out.stem}.best{out.suffix}"),
+        "metrics": out.with_suffix(out.suffix + ".metrics.jsonl"),
+        "tensorboard": out.with_suffix(out.suffix + ".tensorboard"),
+    }
 
 
 #: What a resume state may hold beyond tensors, dicts, lists and numbers (torch's
@@ -193,16 +210,24 @@ def load_resume_state(path: Path) -> dict:
         with torch.serialization.safe_globals(RESUME_SAFE_GLOBALS):
             st = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise pickle.UnpicklingError(f"--resume: {path} holds something other than training "
-                                     f"state, refused: {str(exc).splitlines()[0]}") from None
+        raise pickle.UnpicklingError(
+            f"--resume: {path} holds something other than training "
+            f"state, refused: {str(exc).splitlines()[0]}"
+        ) from None
     if not isinstance(st, dict):
         raise ValueError(f"--resume: {path} is not a training state")
     return st
 
 
-def accumulation_groups(labelled: np.ndarray, sampler: DistributedSampler, ctx: DistContext,
-                        batch: int, accumulate: int, epoch: int, batches: int
-                        ) -> list[tuple[dict[str, float], int, int, list[int]]]:
+def accumulation_groups(
+    labelled: np.ndarray,
+    sampler: DistributedSampler,
+    ctx: DistContext,
+    batch: int,
+    accumulate: int,
+    epoch: int,
+    batches: int,
+) -> list[tuple[dict[str, float], int, int, list[int]]]:
     """Per optimizer step of an epoch: (the loss's denominators: labelled breasts per task
     over every micro-batch of the step on every rank, / world size; the exams in the step on
     every rank; the index of its last micro-batch; this rank's labelled BI-RADS breasts per
@@ -214,20 +239,40 @@ def accumulation_groups(labelled: np.ndarray, sampler: DistributedSampler, ctx: 
     world = ctx.world_size
     shares = []
     for r in range(world):
-        s = sampler if r == ctx.rank else DistributedSampler(
-            sampler.dataset, num_replicas=world, rank=r, shuffle=sampler.shuffle,
-            seed=sampler.seed, drop_last=sampler.drop_last)
+        s = (
+            sampler
+            if r == ctx.rank
+            else DistributedSampler(
+                sampler.dataset,
+                num_replicas=world,
+                rank=r,
+                shuffle=sampler.shuffle,
+                seed=sampler.seed,
+                drop_last=sampler.drop_last,
+            )
+        )
         s.set_epoch(epoch)
         shares.append(list(s))
     out = []
     for g0 in range(0, batches, accumulate):
         micro = range(g0, min(g0 + accumulate, batches))
-        idx = [j for share in shares for i in micro for j in share[i * batch:(i + 1) * batch]]
+        idx = [j for share in shares for i in micro for j in share[i * batch : (i + 1) * batch]]
         c = labelled[idx].sum(0) if idx else np.zeros(3, np.int64)
-        local = [int(labelled[shares[ctx.rank][i * batch:(i + 1) * batch], 0].sum())
-                 for i in micro]
-        out.append(({"birads": float(c[0]) / world, "diagnosis": float(c[1]) / world,
-                     "density": float(c[2]) / world}, len(idx), micro[-1], local))
+        local = [
+            int(labelled[shares[ctx.rank][i * batch : (i + 1) * batch], 0].sum()) for i in micro
+        ]
+        out.append(
+            (
+                {
+                    "birads": float(c[0]) / world,
+                    "diagnosis": float(c[1]) / world,
+                    "density": float(c[2]) / world,
+                },
+                len(idx),
+                micro[-1],
+                local,
+            )
+        )
     return out
 
 
@@ -256,14 +301,17 @@ def _train(a: TrainArgs, ctx: DistContext) -> dict[str, Any]:
     train_recs, val_recs = split_validation(train_recs, a.val_fraction, a.seed)
     if a.density not in ("auto", "on", "off"):
         raise ValueError(f"density must be auto, on or off, got {a.density!r}")
-    density = a.density == "on" or (a.density == "auto"
-                                    and any(r.density for r in train_recs))
-    cfg = ModelConfig(arch=a.arch, weights=a.weights, task=a.task, diagnosis=a.diagnosis,
-                      density=density,
-                      image_size=(int(a.image_size[0]), int(a.image_size[1])),
-                      dropout=a.dropout,
-                      loss_weights={"birads": a.birads_weight, "diagnosis": a.diagnosis_weight,
-                                    "density": 1.0})
+    density = a.density == "on" or (a.density == "auto" and any(r.density for r in train_recs))
+    cfg = ModelConfig(
+        arch=a.arch,
+        weights=a.weights,
+        task=a.task,
+        diagnosis=a.diagnosis,
+        density=density,
+        image_size=(int(a.image_size[0]), int(a.image_size[1])),
+        dropout=a.dropout,
+        loss_weights={"birads": a.birads_weight, "diagnosis": a.diagnosis_weight, "density": 1.0},
+    )
     model = HybridCnnVssm(cfg)  # same seed: the same initial weights on every rank
     sync_batchnorm(model, ctx)  # in place: the model's own BatchNorm2d children replaced
     model.to(device)
@@ -280,17 +328,19 @@ def _train(a: TrainArgs, ctx: DistContext) -> dict[str, Any]:
         # bucket; DDP copies it (correct; a copy of 192 floats per step), and warns each run.
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     cache = default_cache_dir(a.data, a.cache_dir)
     ds = ExamDataset(train_recs, cfg.image_size, cfg.task, cache_dir=cache)
     sampler: DistributedSampler = DistributedSampler(
-        ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=a.seed,
-        drop_last=False)
+        ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=a.seed, drop_last=False
+    )
     labelled = ds.labelled_counts()
     workers = default_workers() if a.workers < 0 else a.workers
-    loader = _loader(ds, a.batch_size, sampler, workers, device, a.prefetch,
-                     seed=a.seed + 7919 * ctx.rank)
+    loader = _loader(
+        ds, a.batch_size, sampler, workers, device, a.prefetch, seed=a.seed + 7919 * ctx.rank
+    )
     per_epoch = max(1, math.ceil(len(loader) / a.accumulate))  # optimizer steps
     steps_total = max(1, a.epochs * per_epoch)
     warmup = max(0, round(a.warmup_epochs * per_epoch))
@@ -315,8 +365,12 @@ def _train(a: TrainArgs, ctx: DistContext) -> dict[str, Any]:
         if len(rngs) == ctx.world_size:
             torch.set_rng_state(rngs[ctx.rank])
         else:
-            log.warning("--resume: the state was saved by %d process(es), this run has %d: "
-                        "dropout streams start afresh", len(rngs), ctx.world_size)
+            log.warning(
+                "--resume: the state was saved by %d process(es), this run has %d: "
+                "dropout streams start afresh",
+                len(rngs),
+                ctx.world_size,
+            )
         start_epoch = int(st["epoch"])
         best, best_epoch = float(st["best"]), int(st["best_epoch"])
         bad_epochs = int(st["bad_epochs"])
@@ -324,7 +378,8 @@ def _train(a: TrainArgs, ctx: DistContext) -> dict[str, Any]:
         if ctx.is_main:
             log.info("resumed from %s at epoch %d", files["state"], start_epoch)
     training_data = a.training_data or (
-        f"{len(train_recs)} exams from {a.data} (format {a.fmt}, split training)")
+        f"{len(train_recs)} exams from {a.data} (format {a.fmt}, split training)"
+    )
     writer = _metrics_writer(files, ctx, append=a.resume)
     show = a.progress and ctx.is_main
     step = start_epoch * per_epoch
@@ -334,28 +389,40 @@ def _train(a: TrainArgs, ctx: DistContext) -> dict[str, Any]:
             net.train()
             t0 = time.perf_counter()
             loss_sum, n_sum = 0.0, 0.0
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{a.epochs}", unit="batch",
-                       disable=not show, leave=False)
+            bar = tqdm(
+                loader,
+                desc=f"epoch {epoch + 1}/{a.epochs}",
+                unit="batch",
+                disable=not show,
+                leave=False,
+            )
             opt.zero_grad(set_to_none=True)
-            groups = accumulation_groups(labelled, sampler, ctx, a.batch_size, a.accumulate,
-                                         epoch, len(loader))
+            groups = accumulation_groups(
+                labelled, sampler, ctx, a.batch_size, a.accumulate, epoch, len(loader)
+            )
             group_loss = torch.zeros((), device=device)
             for i, batch in enumerate(bar):
                 counts, group_exams, last_i, local = groups[i // a.accumulate]
                 last_micro = i == last_i
                 if int((batch["birads"] >= 0).sum()) != local[i % a.accumulate]:
-                    raise RuntimeError("the loader's batches are not the sampler's: the "
-                                       "loss denominators would be wrong")
+                    raise RuntimeError(
+                        "the loader's batches are not the sampler's: the "
+                        "loss denominators would be wrong"
+                    )
                 images = batch["images"].to(device, non_blocking=True)
                 mask = batch["mask"].to(device, non_blocking=True)
                 birads = batch["birads"].to(device, non_blocking=True)
                 diag = batch["diagnosis"].to(device, non_blocking=True)
                 dens = batch["density"].to(device, non_blocking=True)
-                sync = net.no_sync() if ctx.distributed and not last_micro \
+                sync = (
+                    net.no_sync()
+                    if ctx.distributed and not last_micro
                     else contextlib.nullcontext()
+                )
                 with sync:
-                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                        enabled=amp_dtype is not None):
+                    with torch.autocast(
+                        device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+                    ):
                         outp = net(images, mask)
                         # Divided by the labelled breasts of the whole optimizer step (every
                         # micro-batch, every rank; / world size, as DDP averages): the summed
@@ -371,9 +438,14 @@ def _train(a: TrainArgs, ctx: DistContext) -> dict[str, Any]:
                 loss_sum += gl * group_exams
                 n_sum += group_exams
                 lr_now = sched.get_last_lr()[0]
-                step_entry: dict[str, Any] = {"kind": "step", "epoch": epoch + 1,
-                                              "step": step + 1, "batch": i + 1,
-                                              "loss": round(gl, 7), "lr": lr_now}
+                step_entry: dict[str, Any] = {
+                    "kind": "step",
+                    "epoch": epoch + 1,
+                    "step": step + 1,
+                    "batch": i + 1,
+                    "loss": round(gl, 7),
+                    "lr": lr_now,
+                }
                 if a.clip_grad > 0:
                     scaler.unscale_(opt)
                     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip_grad)
@@ -386,12 +458,19 @@ def _train(a: TrainArgs, ctx: DistContext) -> dict[str, Any]:
                 writer.write(step_entry)
                 bar.set_postfix(loss=f"{loss_sum / max(n_sum, 1):.4f}")
             entry: dict[str, Any] = {
-                "kind": "epoch", "epoch": epoch + 1, "loss": loss_sum / max(n_sum, 1),
-                "seconds": round(time.perf_counter() - t0, 1), "world_size": ctx.world_size,
+                "kind": "epoch",
+                "epoch": epoch + 1,
+                "loss": loss_sum / max(n_sum, 1),
+                "seconds": round(time.perf_counter() - t0, 1),
+                "world_size": ctx.world_size,
                 "global_batch": a.batch_size * ctx.world_size * a.accumulate,
-                "exams_per_s": round(n_sum / max(time.perf_counter() - t0, 1e-9), 3)}
-            extra = {"epochs": str(epoch + 1), "seed": str(a.seed),
-                     "world_size": str(ctx.world_size)}
+                "exams_per_s": round(n_sum / max(time.perf_counter() - t0, 1e-9), 3),
+            }
+            extra = {
+                "epochs": str(epoch + 1),
+                "seed": str(a.seed),
+                "world_size": str(ctx.world_size),
+            }
             improved = False
             if val_recs:
                 val = _validate(model, val_recs, ctx, a, cache, cfg)
@@ -406,46 +485,84 @@ def _train(a: TrainArgs, ctx: DistContext) -> dict[str, Any]:
                     bad_epochs += 1
             history.append(entry)
             if ctx.is_main:
-                log.info("epoch %d/%d: loss %.4f (%.0f s)%s", epoch + 1, a.epochs,
-                         entry["loss"], entry["seconds"],
-                         f", validation {entry['monitor']:.4f}"
-                         if entry.get("monitor") is not None else "")
+                log.info(
+                    "epoch %d/%d: loss %.4f (%.0f s)%s",
+                    epoch + 1,
+                    a.epochs,
+                    entry["loss"],
+                    entry["seconds"],
+                    f", validation {entry['monitor']:.4f}"
+                    if entry.get("monitor") is not None
+                    else "",
+                )
                 if a.progress:
-                    print(f"epoch {epoch + 1}/{a.epochs}: loss {entry['loss']:.4f} "
-                          f"({entry['seconds']:.0f} s)", flush=True)
+                    print(
+                        f"epoch {epoch + 1}/{a.epochs}: loss {entry['loss']:.4f} "
+                        f"({entry['seconds']:.0f} s)",
+                        flush=True,
+                    )
                 writer.write(entry)
-                save_checkpoint(model, out, training_data=training_data,
-                                intended_use=a.intended_use, extra=extra)
+                save_checkpoint(
+                    model,
+                    out,
+                    training_data=training_data,
+                    intended_use=a.intended_use,
+                    extra=extra,
+                )
                 if improved:
-                    save_checkpoint(model, files["best"], training_data=training_data,
-                                    intended_use=a.intended_use,
-                                    extra={**extra, "best_of": "validation"})
+                    save_checkpoint(
+                        model,
+                        files["best"],
+                        training_data=training_data,
+                        intended_use=a.intended_use,
+                        extra={**extra, "best_of": "validation"},
+                    )
             stop = a.patience > 0 and bad_epochs >= a.patience and best_epoch > 0
             rngs = gather_object(torch.get_rng_state(), ctx)
             if ctx.is_main:
-                _save_state(files["state"], {
-                    "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                    "epoch": epoch + 1, "rng": rngs, "config": json.dumps(cfg.to_dict()),
-                    "best": best, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                    "history": json.dumps(history), "world_size": ctx.world_size})
+                _save_state(
+                    files["state"],
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "epoch": epoch + 1,
+                        "rng": rngs,
+                        "config": json.dumps(cfg.to_dict()),
+                        "best": best,
+                        "best_epoch": best_epoch,
+                        "bad_epochs": bad_epochs,
+                        "history": json.dumps(history),
+                        "world_size": ctx.world_size,
+                    },
+                )
             barrier(ctx)
             if stop:
                 if ctx.is_main:
-                    log.info("early stopping after epoch %d: no better validation score "
-                             "for %d epoch(s) (best %.4f at epoch %d)", epoch + 1,
-                             a.patience, best, best_epoch)
+                    log.info(
+                        "early stopping after epoch %d: no better validation score "
+                        "for %d epoch(s) (best %.4f at epoch %d)",
+                        epoch + 1,
+                        a.patience,
+                        best,
+                        best_epoch,
+                    )
                 break
             if a.stop_after_epoch is not None and epoch + 1 >= a.stop_after_epoch:
                 if ctx.is_main:
-                    log.info("stopping after epoch %d as asked; --resume continues",
-                             epoch + 1)
+                    log.info("stopping after epoch %d as asked; --resume continues", epoch + 1)
                 break
     finally:
         writer.close()
-    return {"checkpoint": str(out), "history": history,
-            "best": str(files["best"]) if best_epoch else None, "best_epoch": best_epoch,
-            "world_size": ctx.world_size, "rank": ctx.rank}
+    return {
+        "checkpoint": str(out),
+        "history": history,
+        "best": str(files["best"]) if best_epoch else None,
+        "best_epoch": best_epoch,
+        "world_size": ctx.world_size,
+        "rank": ctx.rank,
+    }
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
@@ -469,8 +586,10 @@ def _load_state(path: Path, cfg: ModelConfig, ctx: DistContext) -> dict[str, Any
             except Exception as exc:  # an old (pickled) state or a damaged file
                 err = f"--resume: {path} cannot be loaded as a resume state ({exc})"
             if st is not None and json.loads(st.get("config", "{}")) != cfg.to_dict():
-                err = ("--resume: the saved state was trained with another model config; "
-                       "use the same --arch/--task/--image-size/--weights/--dropout")
+                err = (
+                    "--resume: the saved state was trained with another model config; "
+                    "use the same --arch/--task/--image-size/--weights/--dropout"
+                )
     err = broadcast_object(err, ctx)
     if err:
         raise (FileNotFoundError if "no saved state" in err else ValueError)(err)
@@ -519,8 +638,14 @@ def _metrics_writer(files: dict[str, Path], ctx: DistContext, append: bool) -> _
     return _Metrics(files if ctx.is_main else None, append)
 
 
-def _validate(model: HybridCnnVssm, records: list[ExamRecord], ctx: DistContext, a: TrainArgs,
-              cache: str, cfg: ModelConfig) -> dict[str, Any]:
+def _validate(
+    model: HybridCnnVssm,
+    records: list[ExamRecord],
+    ctx: DistContext,
+    a: TrainArgs,
+    cache: str,
+    cfg: ModelConfig,
+) -> dict[str, Any]:
     """Validation over every rank's share of the held-out exams: per-task AUC / F1, the
     exam score's AUC (the monitored score; the task's F1 without one) and the operating
     point at ``a.specificity``. The same on every rank."""
@@ -544,35 +669,58 @@ def _validate(model: HybridCnnVssm, records: list[ExamRecord], ctx: DistContext,
     op = choose_operating_point(y, s, a.specificity) if len(y) else None
     if op is None:
         if ctx.is_main:
-            log.warning("no operating point: the %d held-out exams need positives and "
-                        "negatives", len(records))
+            log.warning(
+                "no operating point: the %d held-out exams need positives and negatives",
+                len(records),
+            )
     else:
         op["chosen_on"] = f"{len(y)} held-out training exams"
     return {"metrics": metrics, "score": score, "operating_point": op}
 
 
-def predict_sharded(model: HybridCnnVssm, records: list[ExamRecord], ctx: DistContext,
-                    batch_size: int, cache_dir: str | None) -> dict[str, np.ndarray]:
+def predict_sharded(
+    model: HybridCnnVssm,
+    records: list[ExamRecord],
+    ctx: DistContext,
+    batch_size: int,
+    cache_dir: str | None,
+) -> dict[str, np.ndarray]:
     """:func:`predict_records` with each rank predicting every world_size-th exam, gathered
     back in the records' order on every rank."""
     share = list(range(ctx.rank, len(records), ctx.world_size))
-    preds = predict_records(model, [records[i] for i in share], ctx.device, batch_size, 0,
-                            cache_dir=cache_dir, progress=False)
+    preds = predict_records(
+        model,
+        [records[i] for i in share],
+        ctx.device,
+        batch_size,
+        0,
+        cache_dir=cache_dir,
+        progress=False,
+    )
     return gather_predictions(preds, share, len(records), ctx)
 
 
 @torch.no_grad()
-def predict_records(model: HybridCnnVssm, records: list[ExamRecord], device: torch.device,
-                    batch_size: int = 4,
-                    workers: int = 0, cache_dir: str | None = None,
-                    progress: bool = True) -> dict[str, np.ndarray]:
+def predict_records(
+    model: HybridCnnVssm,
+    records: list[ExamRecord],
+    device: torch.device,
+    batch_size: int = 4,
+    workers: int = 0,
+    cache_dir: str | None = None,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
     """Probabilities for every breast of every exam, with the raw labels."""
     cfg = model.cfg
     res: dict[str, np.ndarray]
     if not records:
-        res = {"birads_probs": np.zeros((0, len(cfg.birads_classes)), np.float32),
-               "birads_raw": np.zeros(0, np.int64), "diagnosis": np.zeros(0, np.int64),
-               "present": np.zeros(0, bool), "density": np.zeros(0, np.int64)}
+        res = {
+            "birads_probs": np.zeros((0, len(cfg.birads_classes)), np.float32),
+            "birads_raw": np.zeros(0, np.int64),
+            "diagnosis": np.zeros(0, np.int64),
+            "present": np.zeros(0, bool),
+            "density": np.zeros(0, np.int64),
+        }
         if cfg.diagnosis:
             res["diagnosis_probs"] = np.zeros((0, 3), np.float32)
         if cfg.density:
@@ -594,10 +742,12 @@ def predict_records(model: HybridCnnVssm, records: list[ExamRecord], device: tor
         braw.append(batch["birads_raw"])
         diag.append(batch["diagnosis"])
         present.append(out["breast_present"].cpu())
-    res = {"birads_probs": torch.cat(probs).reshape(-1, probs[0].shape[-1]).numpy(),
-           "birads_raw": torch.cat(braw).reshape(-1).numpy(),
-           "diagnosis": torch.cat(diag).reshape(-1).numpy(),
-           "present": torch.cat(present).reshape(-1).numpy()}
+    res = {
+        "birads_probs": torch.cat(probs).reshape(-1, probs[0].shape[-1]).numpy(),
+        "birads_raw": torch.cat(braw).reshape(-1).numpy(),
+        "diagnosis": torch.cat(diag).reshape(-1).numpy(),
+        "present": torch.cat(present).reshape(-1).numpy(),
+    }
     if dprobs:
         res["diagnosis_probs"] = torch.cat(dprobs).reshape(-1, 3).numpy()
     res["density"] = torch.cat(dens).reshape(-1).numpy()
@@ -606,8 +756,9 @@ def predict_records(model: HybridCnnVssm, records: list[ExamRecord], device: tor
     return res
 
 
-def exam_level(preds: dict[str, np.ndarray], birads_classes: list[str]
-               ) -> tuple[np.ndarray, np.ndarray]:
+def exam_level(
+    preds: dict[str, np.ndarray], birads_classes: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
     """(exam is positive, exam score 0-100) from per-breast predictions (two rows per exam).
 
     Positive: a breast whose diagnosis is malignant; where a data set has no diagnosis
@@ -633,11 +784,20 @@ def exam_level(preds: dict[str, np.ndarray], birads_classes: list[str]
     return positive.reshape(-1, 2).any(1)[keep], np.round(score[keep], 1)
 
 
-def evaluate(data: str, checkpoint: str | None, fmt: str = "vindr", split: str = "test",
-             device: str = "auto", batch_size: int = 4, workers: int = 0,
-             progress: bool = True, operating_point: float | None = None,
-             bootstrap: int = 1000, plots: str | None = None,
-             cache_dir: str | None = None) -> dict[str, Any]:
+def evaluate(
+    data: str,
+    checkpoint: str | None,
+    fmt: str = "vindr",
+    split: str = "test",
+    device: str = "auto",
+    batch_size: int = 4,
+    workers: int = 0,
+    progress: bool = True,
+    operating_point: float | None = None,
+    bootstrap: int = 1000,
+    plots: str | None = None,
+    cache_dir: str | None = None,
+) -> dict[str, Any]:
     """Metrics per task on one split (see :func:`inference.metrics.evaluate_predictions`)
     and, under ``"exam"``, the exam score's statistics (:func:`inference.scoring
     .exam_statistics`) at the checkpoint's operating point (or ``operating_point``);
@@ -650,18 +810,25 @@ def evaluate(data: str, checkpoint: str | None, fmt: str = "vindr", split: str =
     records = select_split(read_dataset(data, fmt), split)
     if not records:
         raise ValueError(f"no exams in split {split!r} of {data}")
-    preds = predict_records(model, records, dev, batch_size, workers,
-                            cache_dir=default_cache_dir(data, cache_dir), progress=progress)
+    preds = predict_records(
+        model,
+        records,
+        dev,
+        batch_size,
+        workers,
+        cache_dir=default_cache_dir(data, cache_dir),
+        progress=progress,
+    )
     results: dict[str, Any] = dict(evaluate_predictions(preds, info.config.task))
     if "density_probs" in preds:
         from inference.metrics import density_metrics
 
         keep = preds["present"].astype(bool) & (preds["density"] >= 0)
-        results["density"] = density_metrics(preds["density"][keep],
-                                             preds["density_probs"][keep].argmax(1))
+        results["density"] = density_metrics(
+            preds["density"][keep], preds["density_probs"][keep].argmax(1)
+        )
     if any(r.lesions for r in records):
-        results["localisation"] = localisation(records, checkpoint, device,
-                                               progress=progress)
+        results["localisation"] = localisation(records, checkpoint, device, progress=progress)
     y, s = exam_level(preds, info.config.birads_classes)
     op = operating_point if operating_point is not None else info.operating_point
     stats = exam_statistics(y, s, op, bootstrap=bootstrap)
@@ -669,19 +836,24 @@ def evaluate(data: str, checkpoint: str | None, fmt: str = "vindr", split: str =
     if plots:
         folder = Path(plots)
         folder.mkdir(parents=True, exist_ok=True)
-        stats["plots"] = [str(plot_roc(folder / "roc.png", y, s, op, stats["auc"])),
-                          str(plot_calibration(folder / "calibration.png",
-                                               stats["calibration"]))]
+        stats["plots"] = [
+            str(plot_roc(folder / "roc.png", y, s, op, stats["auc"])),
+            str(plot_calibration(folder / "calibration.png", stats["calibration"])),
+        ]
         if "localisation" in results:
             from inference.scoring import plot_froc
 
-            stats["plots"].append(str(plot_froc(folder / "froc.png",
-                                                results["localisation"])))
+            stats["plots"].append(str(plot_froc(folder / "froc.png", results["localisation"])))
     return results
 
 
-def localisation(records: list, checkpoint: str | None, device: str = "auto",
-                 max_marks: int = 3, progress: bool = True) -> dict[str, Any]:
+def localisation(
+    records: list,
+    checkpoint: str | None,
+    device: str = "auto",
+    max_marks: int = 3,
+    progress: bool = True,
+) -> dict[str, Any]:
     """FROC of the marks (:func:`inference.metrics.froc`) on exams whose lesions are known:
     every exam read as the node reads it (``MammoModel.predict_exam``, marks in the source
     image's pixels); a mark hits a lesion when its centre lies in the lesion's box."""
@@ -691,12 +863,12 @@ def localisation(records: list, checkpoint: str | None, device: str = "auto",
     model = MammoModel(checkpoint, device=device)
     marks: list[tuple[float, bool, int | Sequence[int]]] = []
     n_lesions = n_images = 0
-    for rec in tqdm(records, desc="localisation", unit="exam", disable=not progress,
-                    leave=False):
+    for rec in tqdm(records, desc="localisation", unit="exam", disable=not progress, leave=False):
         if not rec.paths:
             continue
-        reading = model.predict_exam({s: str(p) for s, p in rec.paths.items()},
-                                     max_marks=max_marks, map_side=MAP_SIDE)
+        reading = model.predict_exam(
+            {s: str(p) for s, p in rec.paths.items()}, max_marks=max_marks, map_side=MAP_SIDE
+        )
         for slot in rec.paths:
             n_images += 1
             boxes = rec.lesions.get(slot, [])
@@ -704,16 +876,26 @@ def localisation(records: list, checkpoint: str | None, device: str = "auto",
             n_lesions += len(boxes)
             for mk in reading.marks.get(slot, []):
                 x, y = mk.center
-                hit = [i for i, (x0, y0, x1, y1) in zip(ids, boxes)
-                       if x0 <= x <= x1 and y0 <= y <= y1]
+                hit = [
+                    i for i, (x0, y0, x1, y1) in zip(ids, boxes) if x0 <= x <= x1 and y0 <= y <= y1
+                ]
                 marks.append((mk.score, bool(hit), hit))
     return froc(marks, n_lesions, n_images)
 
 
-def calibrate(data: str, checkpoint: str | None, out: str, fmt: str = "vindr",
-              split: str = "training", specificity: float = 0.9, device: str = "auto",
-              batch_size: int = 4, progress: bool = True, cache_dir: str | None = None,
-              workers: int = 0) -> dict[str, Any]:
+def calibrate(
+    data: str,
+    checkpoint: str | None,
+    out: str,
+    fmt: str = "vindr",
+    split: str = "training",
+    specificity: float = 0.9,
+    device: str = "auto",
+    batch_size: int = 4,
+    progress: bool = True,
+    cache_dir: str | None = None,
+    workers: int = 0,
+) -> dict[str, Any]:
     """Choose the operating point on ``split`` of ``data`` at ``specificity`` and write the
     checkpoint again with it (the weights unchanged). ``cache_dir``: as :func:`evaluate`."""
     from safetensors.torch import load_file, save_file
@@ -726,8 +908,15 @@ def calibrate(data: str, checkpoint: str | None, out: str, fmt: str = "vindr",
     records = select_split(read_dataset(data, fmt), split)
     if not records:
         raise ValueError(f"no exams in split {split!r} of {data}")
-    preds = predict_records(model, records, dev, batch_size, workers,
-                            cache_dir=default_cache_dir(data, cache_dir), progress=progress)
+    preds = predict_records(
+        model,
+        records,
+        dev,
+        batch_size,
+        workers,
+        cache_dir=default_cache_dir(data, cache_dir),
+        progress=progress,
+    )
     y, s = exam_level(preds, info.config.birads_classes)
     op = choose_operating_point(y, s, specificity)
     if op is None:
@@ -765,37 +954,49 @@ def format_table(results: dict[str, Any], title: str = "") -> str:
         for spec in (90, 95):
             r = e.get(f"sensitivity_at_{spec}_specificity")
             if r:
-                lines.append(f"  sensitivity at {spec} % specificity: {r['sensitivity']:.3f} "
-                             f"(score >= {r['threshold']:g})")
+                lines.append(
+                    f"  sensitivity at {spec} % specificity: {r['sensitivity']:.3f} "
+                    f"(score >= {r['threshold']:g})"
+                )
         op = e.get("operating_point")
         if op:
-            lines.append(f"  at the operating point {op['score']:g}: sensitivity "
-                         f"{op['sensitivity']:.3f}, specificity {op['specificity']:.3f}; "
-                         f"TP {op['tp']} FP {op['fp']} TN {op['tn']} FN {op['fn']}")
+            lines.append(
+                f"  at the operating point {op['score']:g}: sensitivity "
+                f"{op['sensitivity']:.3f}, specificity {op['specificity']:.3f}; "
+                f"TP {op['tp']} FP {op['fp']} TN {op['tn']} FN {op['fn']}"
+            )
         else:
-            lines.append("  no operating point (the checkpoint has none: mammo-node "
-                         "calibrate)")
-        lines.append("  calibration (score/100 vs observed): " + "; ".join(
-            f"{c['bin']}: {c['predicted']:.2f}/{c['observed']:.2f} (n={c['n']})"
-            for c in e["calibration"]))
+            lines.append("  no operating point (the checkpoint has none: mammo-node calibrate)")
+        lines.append(
+            "  calibration (score/100 vs observed): "
+            + "; ".join(
+                f"{c['bin']}: {c['predicted']:.2f}/{c['observed']:.2f} (n={c['n']})"
+                for c in e["calibration"]
+            )
+        )
         for p in e.get("plots") or []:
             lines.append(f"  plot: {p}")
     d = results.get("density")
     if d:
         lines.append("")
         kappa = d["quadratic_weighted_kappa"]
-        lines.append(f"Breast density (A-D): {d['n']} breasts, accuracy "
-                     f"{d['accuracy'] if d['accuracy'] is not None else 'n/a'}, quadratic-"
-                     f"weighted kappa {kappa if kappa is not None else 'n/a'}")
-        lines.append("  confusion (rows label A-D, columns prediction): "
-                     + " | ".join(" ".join(str(n) for n in row) for row in d["confusion"]))
+        lines.append(
+            f"Breast density (A-D): {d['n']} breasts, accuracy "
+            f"{d['accuracy'] if d['accuracy'] is not None else 'n/a'}, quadratic-"
+            f"weighted kappa {kappa if kappa is not None else 'n/a'}"
+        )
+        lines.append(
+            "  confusion (rows label A-D, columns prediction): "
+            + " | ".join(" ".join(str(n) for n in row) for row in d["confusion"])
+        )
     loc = results.get("localisation")
     if loc:
         lines.append("")
-        lines.append(f"Localisation: {loc['lesions']} malignant lesions on {loc['images']} "
-                     "images; lesions hit by a mark at "
-                     + ", ".join(f"{r} false marks/image: {s:.3f}"
-                                 for r, s in loc["points"].items()))
+        lines.append(
+            f"Localisation: {loc['lesions']} malignant lesions on {loc['images']} "
+            "images; lesions hit by a mark at "
+            + ", ".join(f"{r} false marks/image: {s:.3f}" for r, s in loc["points"].items())
+        )
     return "\n".join(lines)
 
 

@@ -35,19 +35,26 @@ BREAST_PROJECTION_PROCESSING = "1.2.840.10008.5.1.4.1.1.13.1.5"
 MAMMO_SOP_CLASSES = (MAMMO_FOR_PRESENTATION, MAMMO_FOR_PROCESSING)
 #: Breast image SOP classes the node classifies (a volume or a projection fills no slot
 #: itself; a volume may give a computed 2D image, [grouping] volume_2d).
-BREAST_SOP_CLASSES = (*MAMMO_SOP_CLASSES, BREAST_TOMOSYNTHESIS,
-                      BREAST_PROJECTION_PRESENTATION, BREAST_PROJECTION_PROCESSING)
+BREAST_SOP_CLASSES = (
+    *MAMMO_SOP_CLASSES,
+    BREAST_TOMOSYNTHESIS,
+    BREAST_PROJECTION_PRESENTATION,
+    BREAST_PROJECTION_PROCESSING,
+)
 
 #: Image kinds, in the default reading preference ([grouping] prefer): a slot is filled by
 #: the first kind present; "computed" is a 2D image the node makes from a volume.
-IMAGE_KINDS = ("conventional", "synthesized", "for_processing", "volume", "projection",
-               "computed")
+IMAGE_KINDS = ("conventional", "synthesized", "for_processing", "volume", "projection", "computed")
 #: Kinds that may fill a slot directly (a site may reorder them).
 SLOT_KINDS = ("conventional", "synthesized", "for_processing")
-KIND_LABELS = {"conventional": "conventional 2D", "synthesized": "synthesized 2D",
-               "for_processing": "For Processing 2D", "volume": "tomosynthesis volume",
-               "projection": "tomosynthesis projection",
-               "computed": "computed 2D from the tomosynthesis volume"}
+KIND_LABELS = {
+    "conventional": "conventional 2D",
+    "synthesized": "synthesized 2D",
+    "for_processing": "For Processing 2D",
+    "volume": "tomosynthesis volume",
+    "projection": "tomosynthesis projection",
+    "computed": "computed 2D from the tomosynthesis volume",
+}
 
 #: Vendor names of a synthesized 2D image (series names, protocol names, private
 #: attributes of systems older than GENERATED_2D): Hologic C-View / Intelligent 2D (I2D),
@@ -55,10 +62,17 @@ KIND_LABELS = {"conventional": "conventional 2D", "synthesized": "synthesized 2D
 _SYNTH_NAME = re.compile(
     r"(?<![A-Z0-9])(C[\s_-]?VIEW|INTELLIGENT[\s_-]?2D|I2D|V[\s_-]?PREVIEW|INSIGHT[\s_-]?2D"
     r"|S[\s_-]?VIEW|SYNTHE(?:SI[SZ]ED|TIC)[\s_-]?2D|GENERATED[\s_-]?2D|2D[\s_-]?SYNTHE\w*)"
-    r"(?![A-Z0-9])")
+    r"(?![A-Z0-9])"
+)
 #: Header texts where a synthesized image's vendor name is found.
-_SYNTH_TEXTS = ("SeriesDescription", "ProtocolName", "AcquisitionDeviceProcessingDescription",
-                "DerivationDescription", "ImageComments", "PerformedProcedureStepDescription")
+_SYNTH_TEXTS = (
+    "SeriesDescription",
+    "ProtocolName",
+    "AcquisitionDeviceProcessingDescription",
+    "DerivationDescription",
+    "ImageComments",
+    "PerformedProcedureStepDescription",
+)
 #: The vendors' own attributes where systems older than GENERATED_2D name a synthesized
 #: image: (vendor, private creator, group) of each private block read. A block is found by
 #: its creator (PS3.5 7.8.1: the creator element (gggg,00xx) reserves the elements
@@ -69,44 +83,69 @@ _SYNTH_TEXTS = ("SeriesDescription", "ProtocolName", "AcquisitionDeviceProcessin
 #: with another convention adds a row.
 VENDOR_PRIVATE_BLOCKS: tuple[tuple[str, str, int], ...] = (
     ("Hologic", "HOLOGIC, Inc.", 0x0019),
-    ("GE", "GEMS_SENO_02", 0x0045),       # (0045,xx1B) Clinical View
-    ("GE", "GEMS_IDEN_01", 0x0009),       # (0009,xx17) Series Description
+    ("GE", "GEMS_SENO_02", 0x0045),  # (0045,xx1B) Clinical View
+    ("GE", "GEMS_IDEN_01", 0x0009),  # (0009,xx17) Series Description
     ("Siemens", "SIEMENS MED MG", 0x0029),
-    ("Fujifilm", "FDMS 1.0", 0x0019),     # (0019,xx30) Menu Character String
+    ("Fujifilm", "FDMS 1.0", 0x0019),  # (0019,xx30) Menu Character String
     ("Fujifilm", "FDMS 1.0", 0x0009),
 )
 _PRIVATE_TEXT_VRS = ("LO", "SH", "ST", "LT", "CS", "UT")
 
 # CID 4014 "View for Mammography": SNOMED CT and legacy SNOMED-RT codes -> abbreviation.
 VIEW_CODES: dict[str, str] = {
-    "399162004": "CC", "R-10242": "CC",
-    "399368009": "MLO", "R-10226": "MLO",
-    "399260004": "ML", "R-10224": "ML",
-    "399352003": "LM", "R-10228": "LM",
-    "399099002": "LMO", "R-10230": "LMO",
-    "399192008": "XCCL", "R-1024A": "XCCL",
-    "399101009": "XCCM", "R-1024B": "XCCM",
-    "399188001": "SIO", "R-102D0": "SIO",
-    "441555000": "ISO", "R-40AAA": "ISO",
-    "399196006": "FB", "R-10244": "FB",
-    "127457009": "SPECIMEN", "G-8310": "SPECIMEN",
+    "399162004": "CC",
+    "R-10242": "CC",
+    "399368009": "MLO",
+    "R-10226": "MLO",
+    "399260004": "ML",
+    "R-10224": "ML",
+    "399352003": "LM",
+    "R-10228": "LM",
+    "399099002": "LMO",
+    "R-10230": "LMO",
+    "399192008": "XCCL",
+    "R-1024A": "XCCL",
+    "399101009": "XCCM",
+    "R-1024B": "XCCM",
+    "399188001": "SIO",
+    "R-102D0": "SIO",
+    "441555000": "ISO",
+    "R-40AAA": "ISO",
+    "399196006": "FB",
+    "R-10244": "FB",
+    "127457009": "SPECIMEN",
+    "G-8310": "SPECIMEN",
 }
 # CID 4015 "View Modifier for Mammography".
 MODIFIER_CODES: dict[str, str] = {
-    "399055006": "S", "R-102D7": "S",            # spot compression
-    "399163009": "M", "R-102D6": "M",            # magnification
-    "399209000": "ID", "R-102D5": "ID",          # implant displaced
-    "399226006": "RM", "R-102D4": "RM",
-    "415670009": "RS", "R-102C9": "RS",
-    "399197002": "RL", "R-102D3": "RL",
-    "414493004": "RI", "R-102CA": "RI",
-    "399110001": "TAN", "R-102C2": "TAN",
-    "399011000": "AT", "R-102D1": "AT",
-    "399161006": "CV", "R-102D2": "CV",
-    "442581004": "NP", "R-40AB3": "NP",
-    "442580003": "AX", "R-40AB2": "AX",
-    "441752004": "AC", "P2-00161": "AC",
-    "442593008": "IMF", "R-40ABE": "IMF",
+    "399055006": "S",
+    "R-102D7": "S",  # spot compression
+    "399163009": "M",
+    "R-102D6": "M",  # magnification
+    "399209000": "ID",
+    "R-102D5": "ID",  # implant displaced
+    "399226006": "RM",
+    "R-102D4": "RM",
+    "415670009": "RS",
+    "R-102C9": "RS",
+    "399197002": "RL",
+    "R-102D3": "RL",
+    "414493004": "RI",
+    "R-102CA": "RI",
+    "399110001": "TAN",
+    "R-102C2": "TAN",
+    "399011000": "AT",
+    "R-102D1": "AT",
+    "399161006": "CV",
+    "R-102D2": "CV",
+    "442581004": "NP",
+    "R-40AB3": "NP",
+    "442580003": "AX",
+    "R-40AB2": "AX",
+    "441752004": "AC",
+    "P2-00161": "AC",
+    "442593008": "IMF",
+    "R-40ABE": "IMF",
 }
 KNOWN_VIEWS = set(VIEW_CODES.values()) | {"AT", "CV"}
 
@@ -150,7 +189,7 @@ def _codes(seq: Any) -> list[str]:
 
 
 def _split_view(token: str) -> tuple[str | None, str | None, list[str]]:
-    """"RMLO" -> (R, MLO, []), "CCID" -> (None, CC, [ID]), "XCCL" -> (None, XCCL, [])."""
+    """ "RMLO" -> (R, MLO, []), "CCID" -> (None, CC, [ID]), "XCCL" -> (None, XCCL, [])."""
     if token in KNOWN_VIEWS:
         return None, token, []
     if token[:1] in ("L", "R") and token[1:] in KNOWN_VIEWS:
@@ -196,8 +235,9 @@ def classify(ds: Dataset, any_sop_class: bool = False) -> ViewInfo:
         if view:
             break
     for item in vcs or []:
-        modifiers += [MODIFIER_CODES.get(c, c)
-                      for c in _codes(item.get("ViewModifierCodeSequence"))]
+        modifiers += [
+            MODIFIER_CODES.get(c, c) for c in _codes(item.get("ViewModifierCodeSequence"))
+        ]
     modifiers += [MODIFIER_CODES.get(c, c) for c in _codes(ds.get("ViewModifierCodeSequence"))]
     vp_lat, vp_view, vp_mods = parse_view_position(_text(ds, "ViewPosition"))
     if view is None:
@@ -213,13 +253,20 @@ def classify(ds: Dataset, any_sop_class: bool = False) -> ViewInfo:
     if laterality is None:
         laterality = vp_lat or frame_laterality(ds)
 
-    info = ViewInfo(role="candidate", laterality=laterality, view=view,
-                    modifiers=modifiers, for_processing=for_processing, kind=kind,
-                    implant=_text(ds, "BreastImplantPresent") == "YES" or "ID" in modifiers)
+    info = ViewInfo(
+        role="candidate",
+        laterality=laterality,
+        view=view,
+        modifiers=modifiers,
+        for_processing=for_processing,
+        kind=kind,
+        implant=_text(ds, "BreastImplantPresent") == "YES" or "ID" in modifiers,
+    )
     problems = []
     if laterality not in ("L", "R"):
-        problems.append("laterality missing" if not laterality
-                        else f"laterality {laterality!r} is not L or R")
+        problems.append(
+            "laterality missing" if not laterality else f"laterality {laterality!r} is not L or R"
+        )
     if view is None:
         raw = _text(ds, "ViewPosition")
         problems.append(f"unknown view (ViewPosition {raw!r})" if raw else "view missing")
@@ -227,7 +274,8 @@ def classify(ds: Dataset, any_sop_class: bool = False) -> ViewInfo:
         # Not a 2-D input itself; a volume of a screening view may give a computed one.
         info.role = "extra"
         info.note = f"{KIND_LABELS[kind]}: not a 2-D input" + (
-            f" ({', '.join(problems)})" if problems else "")
+            f" ({', '.join(problems)})" if problems else ""
+        )
         return info
     if problems:
         info.role = "unclassified"
@@ -267,8 +315,9 @@ def vendor_private_texts(ds: Dataset) -> list[tuple[str, str]]:
         first = block.block_start
         # Tags first: only the block's own elements are converted (a header read with
         # deferred values cannot be walked element by element without reading them).
-        for tag in [t for t in ds.keys() if t.group == group
-                    and first <= t.element <= first + 0xFF]:
+        for tag in [
+            t for t in ds.keys() if t.group == group and first <= t.element <= first + 0xFF
+        ]:
             try:
                 elem = ds[tag]
                 if elem.VR not in _PRIVATE_TEXT_VRS:
@@ -285,8 +334,7 @@ def synthesized_reason(ds: Dataset) -> str | None:
     """Why this 2D mammogram is a synthesized one (None: it is not): Image Type
     GENERATED_2D, or a vendor's name in its series / protocol names or private data."""
     raw = ds.get("ImageType", None) or []
-    image_type = [str(v).strip().upper() for v in (
-        [raw] if isinstance(raw, str) else raw)]
+    image_type = [str(v).strip().upper() for v in ([raw] if isinstance(raw, str) else raw)]
     if "GENERATED_2D" in image_type:
         return "Image Type GENERATED_2D"
     for keyword in _SYNTH_TEXTS:
@@ -309,7 +357,6 @@ def image_kind(ds: Dataset) -> str:
         return "projection"
     if synthesized_reason(ds):
         return "synthesized"
-    if sop_class == MAMMO_FOR_PROCESSING or _text(ds, "PresentationIntentType") == \
-            "FOR PROCESSING":
+    if sop_class == MAMMO_FOR_PROCESSING or _text(ds, "PresentationIntentType") == "FOR PROCESSING":
         return "for_processing"
     return "conventional"

@@ -61,20 +61,28 @@ def computed_2d(source: Dataset | str | Path, method: str = "mip") -> Dataset:
     ds = Dataset()
     ds.file_meta = header.file_meta
     for elem in header:
-        if elem.keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
-                            "NumberOfFrames", "FrameIncrementPointer", "DimensionIndexSequence",
-                            "DimensionOrganizationSequence"):
+        if elem.keyword in (
+            "SharedFunctionalGroupsSequence",
+            "PerFrameFunctionalGroupsSequence",
+            "NumberOfFrames",
+            "FrameIncrementPointer",
+            "DimensionIndexSequence",
+            "DimensionOrganizationSequence",
+        ):
             continue
         ds.add(elem)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, str(
-        header.get("PhotometricInterpretation", "MONOCHROME2"))
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = (
+        1,
+        str(header.get("PhotometricInterpretation", "MONOCHROME2")),
+    )
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
     ds.PixelData = pixels.tobytes()
     ds.ImageType = ["DERIVED", "SECONDARY"]
-    ds.DerivationDescription = (f"{METHODS[method]} of frames {indices[0] + 1}-{indices[-1] + 1}"
-                                f" of {frames}")
+    ds.DerivationDescription = (
+        f"{METHODS[method]} of frames {indices[0] + 1}-{indices[-1] + 1} of {frames}"
+    )
     if "ImageLaterality" not in ds:
         lat = frame_laterality(header)
         if lat:

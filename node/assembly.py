@@ -38,6 +38,7 @@ from storage.models import SLOTS, Instance
 
 def acquisition_key(ds: Dataset) -> str:
     """Sortable acquisition time "YYYYMMDDHHMMSS.ffffff" (empty when unknown)."""
+
     def norm(date: str, time: str) -> str:
         date = re.sub(r"\D", "", date)[:8]
         time = time.split("+")[0].split("-")[0]
@@ -75,12 +76,16 @@ def _rank(prefer: tuple[str, ...] | list[str]) -> dict[str, int]:
 
 def assign_policy(cfg: Any) -> Callable[[list[Instance]], SlotAssignment]:
     """:func:`assign_slots` with a configuration's [grouping] prefer and volume_2d."""
-    return functools.partial(assign_slots, prefer=tuple(cfg.grouping.prefer),
-                             volume_2d=cfg.grouping.volume_2d)
+    return functools.partial(
+        assign_slots, prefer=tuple(cfg.grouping.prefer), volume_2d=cfg.grouping.volume_2d
+    )
 
 
-def assign_slots(instances: list[Instance], prefer: tuple[str, ...] | list[str] = DEFAULT_PREFER,
-                 volume_2d: str = "missing") -> SlotAssignment:
+def assign_slots(
+    instances: list[Instance],
+    prefer: tuple[str, ...] | list[str] = DEFAULT_PREFER,
+    volume_2d: str = "missing",
+) -> SlotAssignment:
     """Decide which instance fills each slot of one exam.
 
     Per slot: the image kind first, in ``prefer`` order ([grouping] prefer; conventional
@@ -100,8 +105,12 @@ def assign_slots(instances: list[Instance], prefer: tuple[str, ...] | list[str] 
         implant = implant or bool(inst.implant) or "ID" in (inst.view_modifiers or "").split(",")
         if inst.role == "candidate" and inst.slot in SLOTS:
             by_slot[inst.slot].append(inst)
-        elif (kind_of(inst) == "volume" and inst.laterality in ("L", "R")
-              and inst.view in ("CC", "MLO") and not inst.view_modifiers):
+        elif (
+            kind_of(inst) == "volume"
+            and inst.laterality in ("L", "R")
+            and inst.view in ("CC", "MLO")
+            and not inst.view_modifiers
+        ):
             volumes[f"{inst.laterality}-{inst.view}"].append(inst)
         elif inst.role == "unclassified":
             problems.append(f"instance {inst.sop_instance_uid}: {inst.note}")
@@ -115,28 +124,43 @@ def assign_slots(instances: list[Instance], prefer: tuple[str, ...] | list[str] 
         slots[slot] = winner.sop_instance_uid
         kinds[slot] = kind_of(winner)
         for loser in ordered[:-1]:
-            notes.append(f"{slot}: repeated view, {winner.sop_instance_uid} (latest "
-                         f"acquisition) replaces {loser.sop_instance_uid}")
-        for kind in sorted({kind_of(c) for c in candidates} - {kinds[slot]},
-                           key=lambda k: rank.get(k, len(rank))):
-            notes.append(f"{slot}: {KIND_LABELS.get(kind, kind)} image not used, the "
-                         f"{KIND_LABELS.get(kinds[slot], kinds[slot])} image is read "
-                         f"(preference {', '.join(prefer) or 'default'})")
+            notes.append(
+                f"{slot}: repeated view, {winner.sop_instance_uid} (latest "
+                f"acquisition) replaces {loser.sop_instance_uid}"
+            )
+        for kind in sorted(
+            {kind_of(c) for c in candidates} - {kinds[slot]}, key=lambda k: rank.get(k, len(rank))
+        ):
+            notes.append(
+                f"{slot}: {KIND_LABELS.get(kind, kind)} image not used, the "
+                f"{KIND_LABELS.get(kinds[slot], kinds[slot])} image is read "
+                f"(preference {', '.join(prefer) or 'default'})"
+            )
     volume_only: list[str] = []
     for slot, vols in volumes.items():
         if slots.get(slot):
             continue
         if volume_2d == "missing":
             volume_only.append(slot)
-            notes.append(f"{slot}: only a tomosynthesis volume; read with this view missing "
-                         f"([grouping] volume_2d = \"missing\")")
+            notes.append(
+                f"{slot}: only a tomosynthesis volume; read with this view missing "
+                f'([grouping] volume_2d = "missing")'
+            )
             continue
         winner = sorted(vols, key=lambda c: (c.acquisition_key or "", c.id or 0))[-1]
         slots[slot] = winner.sop_instance_uid
         kinds[slot] = "computed"
-        notes.append(f"{slot}: only a tomosynthesis volume; a 2D image is computed from "
-                     f"{winner.sop_instance_uid} ({volume_2d})")
+        notes.append(
+            f"{slot}: only a tomosynthesis volume; a 2D image is computed from "
+            f"{winner.sop_instance_uid} ({volume_2d})"
+        )
     if implant:
         notes.append("implant present: read from the standard views")
-    return SlotAssignment(slots=slots, notes=notes, problems=problems, kinds=kinds,
-                          implant=implant, volume_only=sorted(volume_only))
+    return SlotAssignment(
+        slots=slots,
+        notes=notes,
+        problems=problems,
+        kinds=kinds,
+        implant=implant,
+        volume_only=sorted(volume_only),
+    )

@@ -48,8 +48,7 @@ _FACILITY = 13
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class _SyslogForwarder(threading.Thread):
@@ -105,8 +104,11 @@ class _SyslogForwarder(threading.Thread):
                 if self._sock is not None:
                     self._sock.close()
                     self._sock = None
-                log.warning("audit: syslog collector %s:%d unreachable (%s); message dropped",
-                            *self.address, exc)
+                log.warning(
+                    "audit: syslog collector %s:%d unreachable (%s); message dropped",
+                    *self.address,
+                    exc,
+                )
         if self._sock is not None:
             self._sock.close()
 
@@ -131,24 +133,28 @@ class AuditLog:
     ``fail_closed`` it raises :class:`AuditUnavailable` instead, so that the operation is
     refused, and :attr:`failing` stays true until a line is written again."""
 
-    def __init__(self, path: Path, node_ae: str, syslog: str = "",
-                 fail_closed: bool = False) -> None:
+    def __init__(
+        self, path: Path, node_ae: str, syslog: str = "", fail_closed: bool = False
+    ) -> None:
         self.path = Path(path)
         self.node_ae = node_ae
         self.fail_closed = fail_closed
         self.failing = False
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-                                       0o600)
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._syslog = _SyslogForwarder(syslog) if syslog else None
         if self._syslog is not None:
             self._syslog.start()
 
     def event(self, name: str, outcome: int = SUCCESS, **fields: Any) -> dict[str, Any]:
         """Record one event; ``fields`` are JSON-serialisable details (no patient names)."""
-        rec: dict[str, Any] = {"time": _now(), "event": name, "outcome": outcome,
-                               "node": self.node_ae}
+        rec: dict[str, Any] = {
+            "time": _now(),
+            "event": name,
+            "outcome": outcome,
+            "node": self.node_ae,
+        }
         rec.update({k: v for k, v in fields.items() if v is not None})
         text = json.dumps(rec, separators=(",", ":"), default=str)
         data = (text + "\n").encode("utf-8")
@@ -163,8 +169,10 @@ class AuditLog:
                 self.failing = True
                 log.error("audit: cannot write %s: %s", self.path, exc)
                 if self.fail_closed:
-                    raise AuditUnavailable(f"audit trail not writable ({exc}); "
-                                           f"[audit] fail_closed refuses the operation") from exc
+                    raise AuditUnavailable(
+                        f"audit trail not writable ({exc}); "
+                        f"[audit] fail_closed refuses the operation"
+                    ) from exc
         if self._syslog is not None:
             self._syslog.submit(6 if outcome == SUCCESS else 4, name, text)
         return rec
@@ -191,8 +199,9 @@ class NullAudit:
         pass
 
 
-def read_events(path: Path, since: dt.datetime | None = None, study: str | None = None,
-                event: str | None = None) -> Iterator[dict[str, Any]]:
+def read_events(
+    path: Path, since: dt.datetime | None = None, study: str | None = None, event: str | None = None
+) -> Iterator[dict[str, Any]]:
     """Events of an audit file, oldest first, filtered (``mammo-node audit``)."""
     if not Path(path).exists():
         return

@@ -138,14 +138,18 @@ def listener_alive(server: socketserver.TCPServer) -> bool:
             return False
     except (AttributeError, OSError):
         return False
-    return any(t.name.startswith("AcceptorServer") and t.is_alive()
-               for t in threading.enumerate())
+    return any(t.name.startswith("AcceptorServer") and t.is_alive() for t in threading.enumerate())
 
 
-def send_find_responses(assoc: Any, context_id: int, message_id: int,
-                        sop_class_uid: str, identifiers: Iterable[bytes],
-                        is_cancelled: Callable[[], bool],
-                        batch_bytes: int = 64 * 1024) -> tuple[int, bool]:
+def send_find_responses(
+    assoc: Any,
+    context_id: int,
+    message_id: int,
+    sop_class_uid: str,
+    identifiers: Iterable[bytes],
+    is_cancelled: Callable[[], bool],
+    batch_bytes: int = 64 * 1024,
+) -> tuple[int, bool]:
     """Send C-FIND pending responses (status 0xFF00) with the already encoded
     ``identifiers`` (bytes in the presentation context's transfer syntax): (number sent,
     whether a C-CANCEL stopped them). The final response is left to pynetdicom (the handler
@@ -198,11 +202,23 @@ def send_find_responses(assoc: Any, context_id: int, message_id: int,
         if not max_pdu or 12 + len(command) + len(ident) <= max_pdu:
             return [[(context_id, b"\x03" + command), (context_id, b"\x02" + ident)]]
         step = max(1, max_pdu - 6)
-        out = [[(context_id, b"\x03" + command)]] if len(command) <= step else [
-            [(context_id, (b"\x03" if i + step >= len(command) else b"\x01")
-              + command[i:i + step])] for i in range(0, len(command), step)]
-        out += [[(context_id, (b"\x02" if i + step >= len(ident) else b"\x00")
-                  + ident[i:i + step])] for i in range(0, max(1, len(ident)), step)]
+        out = (
+            [[(context_id, b"\x03" + command)]]
+            if len(command) <= step
+            else [
+                [
+                    (
+                        context_id,
+                        (b"\x03" if i + step >= len(command) else b"\x01") + command[i : i + step],
+                    )
+                ]
+                for i in range(0, len(command), step)
+            ]
+        )
+        out += [
+            [(context_id, (b"\x02" if i + step >= len(ident) else b"\x00") + ident[i : i + step])]
+            for i in range(0, max(1, len(ident)), step)
+        ]
         return out
 
     buffer: list[bytes] = []
@@ -272,8 +288,8 @@ def fast_context_copies(server: ThreadedAssociationServer) -> None:
 
 
 def handshake_in_connection_thread(
-        server: Any, timeout: float,
-        on_error: Callable[[Any, Exception], None] | None = None) -> None:
+    server: Any, timeout: float, on_error: Callable[[Any, Exception], None] | None = None
+) -> None:
     """Run the TLS handshake of every accepted connection in that connection's own thread,
     with a deadline, instead of in the accept thread.
 

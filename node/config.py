@@ -73,8 +73,9 @@ def _check_number(value: Any, key: str, minimum: float = 0.0) -> float:
     return float(value)
 
 
-def _optional_number(t: dict[str, Any], key: str, default: float | None,
-                     section: str) -> float | None:
+def _optional_number(
+    t: dict[str, Any], key: str, default: float | None, section: str
+) -> float | None:
     """A number >= 0, or "" (empty) for none; ``default`` when the key is absent."""
     if key not in t:
         return default
@@ -204,8 +205,8 @@ class TLSConfig:
 
 @dataclass
 class AuditConfig:
-    path: str = ""        # empty = <data_dir>/audit.jsonl
-    syslog: str = ""      # "" | udp://host:port | tcp://host:port
+    path: str = ""  # empty = <data_dir>/audit.jsonl
+    syslog: str = ""  # "" | udp://host:port | tcp://host:port
     #: An audit line that cannot be written refuses the operation it records (instead of
     #: logging the failure and going on).
     fail_closed: bool = False
@@ -226,7 +227,7 @@ class StorageConfig:
 
 @dataclass
 class LoggingConfig:
-    format: str = "text"   # text | json
+    format: str = "text"  # text | json
     level: str = "INFO"
 
 
@@ -361,7 +362,8 @@ class Config:
                 f"[dicomweb] host = {w.host!r} is not a loopback address and no token is set: "
                 "anyone who reaches the port could read and upload patient images. Set "
                 "[dicomweb] token, or add [[dicomweb.tokens]] entries (name, sha256, services), "
-                "or bind [dicomweb] host = \"127.0.0.1\"")
+                'or bind [dicomweb] host = "127.0.0.1"'
+            )
 
     @property
     def data_dir(self) -> Path:
@@ -390,8 +392,9 @@ def is_loopback(host: str) -> bool:
 
 def _check_services(value: Any, key: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
     if not isinstance(value, list) or not value or any(v not in allowed for v in value):
-        raise ConfigError(f"{key} must be a non-empty list drawn from {list(allowed)}, "
-                          f"got {value!r}")
+        raise ConfigError(
+            f"{key} must be a non-empty list drawn from {list(allowed)}, got {value!r}"
+        )
     return tuple(dict.fromkeys(value))
 
 
@@ -448,6 +451,7 @@ def _choice(*options: str, upper: bool = False) -> Check:
         if text not in options:
             raise ConfigError(f"{key} must be {said}, got {text!r}")
         return text
+
     return check
 
 
@@ -464,49 +468,102 @@ def _device(v: Any, key: str) -> str:
 #: dataclass's default; what a check cannot say about one key alone (paths, lists with their
 #: own grammar, keys that depend on each other) follows in parse_config's section steps.
 KEYS: dict[str, dict[str, Check]] = {
-    "node": {"ae_title": _check_ae, "host": _check_str, "port": _check_port,
-             "data_dir": _check_str, "database_url": _check_str,
-             "max_pdu_size": _integer(), "max_associations": _integer(1),
-             "network_timeout_seconds": _number(1), "tls": _check_bool,
-             "max_dataset_mb": _number(1), "max_query_results": _integer(1)},
-    "grouping": {"stable_seconds": _number(), "prior_after_days": _optional,
-                 "prior_gap_days": _optional,
-                 "volume_2d": _choice("missing", "mip", "average")},
-    "inference": {"device": _device, "checkpoint": _check_str,
-                  "timeout_seconds": _number(0.1), "max_attempts": _integer(1),
-                  "retry_delay_seconds": _number(), "lease_seconds": _number(1),
-                  "operating_point": _optional, "implants": _choice("read", "skip"),
-                  "warm_up_exam": _check_bool},
-    "storage": {"fsync": _check_bool, "min_free_mb": _number(),
-                "purge_above_percent": _optional},
-    "retention": {"keep_images_days": _optional, "keep_results_days": _optional,
-                  "check_seconds": _number(1)},
-    "results": {"attention_maps": _check_bool, "parametric_maps": _check_bool,
-                "presentation_states": _check_bool},
-    "export": {"max_attempts": _integer(1), "initial_delay_seconds": _number(),
-               "max_delay_seconds": _number(), "lease_seconds": _number(1)},
-    "dicomweb": {"enabled": _check_bool, "host": _check_str, "port": _check_port,
-                 "root": _check_str, "token": _check_str, "tls": _check_bool,
-                 "max_results": _integer(1), "max_request_mb": _number(1),
-                 "max_concurrent_requests": _integer(1), "render_cache_mb": _number(),
-                 "viewer_dir": _check_str, "secure_cookies": _check_bool,
-                 "session_minutes": _number(1)},
-    "roles": {"poll_seconds": _number(0.05), "metrics_host": _check_str,
-              "listener_metrics_port": _optional_port, "worker_metrics_port": _optional_port,
-              "exporter_metrics_port": _optional_port},
+    "node": {
+        "ae_title": _check_ae,
+        "host": _check_str,
+        "port": _check_port,
+        "data_dir": _check_str,
+        "database_url": _check_str,
+        "max_pdu_size": _integer(),
+        "max_associations": _integer(1),
+        "network_timeout_seconds": _number(1),
+        "tls": _check_bool,
+        "max_dataset_mb": _number(1),
+        "max_query_results": _integer(1),
+    },
+    "grouping": {
+        "stable_seconds": _number(),
+        "prior_after_days": _optional,
+        "prior_gap_days": _optional,
+        "volume_2d": _choice("missing", "mip", "average"),
+    },
+    "inference": {
+        "device": _device,
+        "checkpoint": _check_str,
+        "timeout_seconds": _number(0.1),
+        "max_attempts": _integer(1),
+        "retry_delay_seconds": _number(),
+        "lease_seconds": _number(1),
+        "operating_point": _optional,
+        "implants": _choice("read", "skip"),
+        "warm_up_exam": _check_bool,
+    },
+    "storage": {"fsync": _check_bool, "min_free_mb": _number(), "purge_above_percent": _optional},
+    "retention": {
+        "keep_images_days": _optional,
+        "keep_results_days": _optional,
+        "check_seconds": _number(1),
+    },
+    "results": {
+        "attention_maps": _check_bool,
+        "parametric_maps": _check_bool,
+        "presentation_states": _check_bool,
+    },
+    "export": {
+        "max_attempts": _integer(1),
+        "initial_delay_seconds": _number(),
+        "max_delay_seconds": _number(),
+        "lease_seconds": _number(1),
+    },
+    "dicomweb": {
+        "enabled": _check_bool,
+        "host": _check_str,
+        "port": _check_port,
+        "root": _check_str,
+        "token": _check_str,
+        "tls": _check_bool,
+        "max_results": _integer(1),
+        "max_request_mb": _number(1),
+        "max_concurrent_requests": _integer(1),
+        "render_cache_mb": _number(),
+        "viewer_dir": _check_str,
+        "secure_cookies": _check_bool,
+        "session_minutes": _number(1),
+    },
+    "roles": {
+        "poll_seconds": _number(0.05),
+        "metrics_host": _check_str,
+        "listener_metrics_port": _optional_port,
+        "worker_metrics_port": _optional_port,
+        "exporter_metrics_port": _optional_port,
+    },
     "tls": {"require_client_certificate": _check_bool},
-    "logging": {"format": _choice("text", "json"),
-                "level": _choice("DEBUG", "INFO", "WARNING", "ERROR", upper=True)},
-    "audit": {"path": _check_str, "syslog": lambda v, key: _check_str(v, key).strip(),
-              "fail_closed": _check_bool},
+    "logging": {
+        "format": _choice("text", "json"),
+        "level": _choice("DEBUG", "INFO", "WARNING", "ERROR", upper=True),
+    },
+    "audit": {
+        "path": _check_str,
+        "syslog": lambda v, key: _check_str(v, key).strip(),
+        "fail_closed": _check_bool,
+    },
 }
 
 #: Each table's dataclass (its fields are the known keys).
 TABLES: dict[str, type] = {
-    "node": NodeConfig, "grouping": GroupingConfig, "inference": InferenceConfig,
-    "security": SecurityConfig, "storage": StorageConfig, "retention": RetentionConfig,
-    "results": ResultsConfig, "export": ExportConfig, "dicomweb": DicomWebConfig,
-    "roles": RolesConfig, "tls": TLSConfig, "logging": LoggingConfig, "audit": AuditConfig,
+    "node": NodeConfig,
+    "grouping": GroupingConfig,
+    "inference": InferenceConfig,
+    "security": SecurityConfig,
+    "storage": StorageConfig,
+    "retention": RetentionConfig,
+    "results": ResultsConfig,
+    "export": ExportConfig,
+    "dicomweb": DicomWebConfig,
+    "roles": RolesConfig,
+    "tls": TLSConfig,
+    "logging": LoggingConfig,
+    "audit": AuditConfig,
 }
 #: Arrays of tables.
 ARRAYS = ("destinations", "peers")
@@ -542,8 +599,9 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
     _dicomweb(tables["dicomweb"], cfg.dicomweb, path)
     _tls(tables["tls"], cfg, path.parent if path is not None else None)
     if cfg.audit.syslog and not re.fullmatch(r"(udp|tcp)://[^:/\s]+:\d{1,5}", cfg.audit.syslog):
-        raise ConfigError(f"[audit] syslog must be udp://host:port or tcp://host:port, "
-                          f"got {cfg.audit.syslog!r}")
+        raise ConfigError(
+            f"[audit] syslog must be udp://host:port or tcp://host:port, got {cfg.audit.syslog!r}"
+        )
     return cfg
 
 
@@ -561,17 +619,23 @@ def _check_grouping(t: dict[str, Any], g: GroupingConfig) -> None:
     from inference.views import SLOT_KINDS
 
     prefer = t.get("prefer", g.prefer)
-    if (not isinstance(prefer, list) or any(k not in SLOT_KINDS for k in prefer)
-            or len(set(prefer)) != len(prefer)):
-        raise ConfigError(f"[grouping] prefer must be a list of distinct image kinds out of "
-                          f"{', '.join(SLOT_KINDS)}, got {prefer!r}")
+    if (
+        not isinstance(prefer, list)
+        or any(k not in SLOT_KINDS for k in prefer)
+        or len(set(prefer)) != len(prefer)
+    ):
+        raise ConfigError(
+            f"[grouping] prefer must be a list of distinct image kinds out of "
+            f"{', '.join(SLOT_KINDS)}, got {prefer!r}"
+        )
     g.prefer = list(prefer)
 
 
 def _check_inference(inf: InferenceConfig) -> None:
     if inf.operating_point is not None and inf.operating_point > 100:
-        raise ConfigError("[inference] operating_point is an exam score 0-100, got "
-                          f"{inf.operating_point:g}")
+        raise ConfigError(
+            f"[inference] operating_point is an exam score 0-100, got {inf.operating_point:g}"
+        )
 
 
 def _array(value: Any, name: str) -> list[Any]:
@@ -596,13 +660,15 @@ def _destinations(value: Any) -> list[Destination]:
         if not name or name in seen:
             raise ConfigError(f"{where} name must be non-empty and unique, got {name!r}")
         seen.add(name)
-        out.append(Destination(
-            name=name,
-            ae_title=_check_ae(d["ae_title"], f"{where} ae_title"),
-            host=_check_str(d["host"], f"{where} host"),
-            port=_check_port(d["port"], f"{where} port"),
-            tls=_check_bool(d.get("tls", False), f"{where} tls"),
-        ))
+        out.append(
+            Destination(
+                name=name,
+                ae_title=_check_ae(d["ae_title"], f"{where} ae_title"),
+                host=_check_str(d["host"], f"{where} host"),
+                port=_check_port(d["port"], f"{where} port"),
+                tls=_check_bool(d.get("tls", False), f"{where} tls"),
+            )
+        )
     return out
 
 
@@ -611,11 +677,14 @@ def _network(h: Any, where: str) -> ipaddress.IPv4Network | ipaddress.IPv6Networ
         text = _check_str(h, f"{where} hosts").strip()
         net = ipaddress.ip_network(text, strict=False)
     except ValueError:
-        raise ConfigError(f"{where} hosts: {h!r} is not an IP address or CIDR block "
-                          "(host names are not accepted: they can be spoofed)") from None
+        raise ConfigError(
+            f"{where} hosts: {h!r} is not an IP address or CIDR block "
+            "(host names are not accepted: they can be spoofed)"
+        ) from None
     if "/" in text and net.network_address != ipaddress.ip_address(text.split("/")[0]):
-        raise ConfigError(f"{where} hosts: {h!r} has host bits set (did you mean "
-                          f"{net} or {text.split('/')[0]}?)")
+        raise ConfigError(
+            f"{where} hosts: {h!r} has host bits set (did you mean {net} or {text.split('/')[0]}?)"
+        )
     return net
 
 
@@ -629,11 +698,15 @@ def _peers(value: Any) -> list[Peer]:
         hosts = d.get("hosts", [])
         if not isinstance(hosts, list):
             raise ConfigError(f"{where} hosts must be a list of IP addresses or CIDR blocks")
-        out.append(Peer(
-            ae_title=_check_ae(d["ae_title"], f"{where} ae_title"),
-            hosts=[_network(h, where) for h in hosts],
-            services=_check_services(d.get("services", ["echo", "store"]), f"{where} services",
-                                     PEER_SERVICES)))
+        out.append(
+            Peer(
+                ae_title=_check_ae(d["ae_title"], f"{where} ae_title"),
+                hosts=[_network(h, where) for h in hosts],
+                services=_check_services(
+                    d.get("services", ["echo", "store"]), f"{where} services", PEER_SERVICES
+                ),
+            )
+        )
     return out
 
 
@@ -653,8 +726,10 @@ def _security(t: dict[str, Any], cfg: Config) -> None:
 
 def _check_storage(st: StorageConfig) -> None:
     if st.purge_above_percent is not None and not 1 <= st.purge_above_percent <= 100:
-        raise ConfigError("[storage] purge_above_percent must be between 1 and 100 (or \"\" "
-                          f"for never), got {st.purge_above_percent!r}")
+        raise ConfigError(
+            '[storage] purge_above_percent must be between 1 and 100 (or "" '
+            f"for never), got {st.purge_above_percent!r}"
+        )
 
 
 def _results(t: dict[str, Any], res: ResultsConfig) -> None:
@@ -664,8 +739,9 @@ def _results(t: dict[str, Any], res: ResultsConfig) -> None:
     res.sr = list(sr)
     mm = t.get("max_marks_per_breast", res.max_marks_per_breast)
     if isinstance(mm, bool) or not isinstance(mm, int) or not 0 <= mm <= 20:
-        raise ConfigError(f"[results] max_marks_per_breast must be an integer from 0 to 20, "
-                          f"got {mm!r}")
+        raise ConfigError(
+            f"[results] max_marks_per_breast must be an integer from 0 to 20, got {mm!r}"
+        )
     res.max_marks_per_breast = mm
 
 
@@ -674,10 +750,12 @@ def _dicomweb(t: dict[str, Any], w: DicomWebConfig, path: Path | None) -> None:
         raise ConfigError(f"[dicomweb] root must start with '/', got {w.root!r}")
     origins = t.get("cors_origins", [])
     if not isinstance(origins, list) or any(
-            not isinstance(o, str) or not re.fullmatch(r"(https?://[^/\s]+|\*)", o)
-            for o in origins):
-        raise ConfigError("[dicomweb] cors_origins must be a list of origins such as "
-                          f"\"https://viewer.example:3000\" (or \"*\"), got {origins!r}")
+        not isinstance(o, str) or not re.fullmatch(r"(https?://[^/\s]+|\*)", o) for o in origins
+    ):
+        raise ConfigError(
+            "[dicomweb] cors_origins must be a list of origins such as "
+            f'"https://viewer.example:3000" (or "*"), got {origins!r}'
+        )
     w.cors_origins = list(origins)
     if w.viewer_dir:
         vd = Path(w.viewer_dir).expanduser()
@@ -688,10 +766,12 @@ def _dicomweb(t: dict[str, Any], w: DicomWebConfig, path: Path | None) -> None:
         w.viewer_dir = str(vd)
     hosts = t.get("allowed_hosts", [])
     if not isinstance(hosts, list) or any(
-            not isinstance(h, str) or not re.fullmatch(r"[A-Za-z0-9.\-:\[\]]+", h)
-            for h in hosts):
-        raise ConfigError("[dicomweb] allowed_hosts must be a list of host names or addresses "
-                          f"(no scheme, no port) such as \"node.example.org\", got {hosts!r}")
+        not isinstance(h, str) or not re.fullmatch(r"[A-Za-z0-9.\-:\[\]]+", h) for h in hosts
+    ):
+        raise ConfigError(
+            "[dicomweb] allowed_hosts must be a list of host names or addresses "
+            f'(no scheme, no port) such as "node.example.org", got {hosts!r}'
+        )
     w.allowed_hosts = [h.strip("[]") for h in hosts]
     w.tokens = _tokens(t.get("tokens", []))
 
@@ -714,10 +794,19 @@ def _tokens(tokens: Any) -> list[WebToken]:
         names.add(name)
         digest = _check_str(d.get("sha256", ""), f"{where} sha256").strip().lower()
         if not re.fullmatch(r"[0-9a-f]{64}", digest):
-            raise ConfigError(f"{where} sha256 must be 64 hex digits (the SHA-256 of the "
-                              "token: printf %s TOKEN | sha256sum)")
-        out.append(WebToken(name=name, sha256=digest, services=_check_services(
-            d.get("services", list(WEB_SERVICES)), f"{where} services", WEB_SERVICES)))
+            raise ConfigError(
+                f"{where} sha256 must be 64 hex digits (the SHA-256 of the "
+                "token: printf %s TOKEN | sha256sum)"
+            )
+        out.append(
+            WebToken(
+                name=name,
+                sha256=digest,
+                services=_check_services(
+                    d.get("services", list(WEB_SERVICES)), f"{where} services", WEB_SERVICES
+                ),
+            )
+        )
     return out
 
 
@@ -727,14 +816,19 @@ def _tls(t: dict[str, Any], cfg: Config, base: Path | None) -> None:
     c.private_key = _check_file(t.get("private_key", ""), "[tls] private_key", base)
     c.ca_certificates = _check_file(t.get("ca_certificates", ""), "[tls] ca_certificates", base)
     if (cfg.node.tls or cfg.dicomweb.tls) and not (c.certificate and c.private_key):
-        raise ConfigError("[node] tls / [dicomweb] tls need [tls] certificate and "
-                          "[tls] private_key")
+        raise ConfigError(
+            "[node] tls / [dicomweb] tls need [tls] certificate and [tls] private_key"
+        )
     if c.require_client_certificate and not c.ca_certificates:
-        raise ConfigError("[tls] require_client_certificate needs [tls] ca_certificates "
-                          "(the CA that signs the peers' certificates)")
+        raise ConfigError(
+            "[tls] require_client_certificate needs [tls] ca_certificates "
+            "(the CA that signs the peers' certificates)"
+        )
     if any(d.tls for d in cfg.destinations) and not c.ca_certificates:
-        raise ConfigError("[[destinations]] tls = true needs [tls] ca_certificates to verify "
-                          "the PACS's certificate")
+        raise ConfigError(
+            "[[destinations]] tls = true needs [tls] ca_certificates to verify "
+            "the PACS's certificate"
+        )
 
 
 def load_config(path: str | Path | None = None) -> Config:

@@ -59,10 +59,14 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line, for log collectors (``[logging] format = "json"``)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{record.msecs:03.0f}",
-               "level": record.levelname, "logger": record.name,
-               "message": record.getMessage(), "pid": record.process,
-               "thread": record.threadName}
+        out = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{record.msecs:03.0f}",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process,
+            "thread": record.threadName,
+        }
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False)
@@ -70,8 +74,11 @@ class JsonFormatter(logging.Formatter):
 
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
-        "%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.setFormatter(
+        JsonFormatter()
+        if fmt == "json"
+        else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
@@ -124,8 +131,12 @@ def _accept_with_deadline(server: Any, timeout: float) -> None:
 
 
 #: What each ``--role`` runs. ``all``: everything in one process (the default).
-ROLES = {"all": {"listener", "worker", "exporter"}, "listener": {"listener"},
-         "worker": {"worker"}, "exporter": {"exporter"}}
+ROLES = {
+    "all": {"listener", "worker", "exporter"},
+    "listener": {"listener"},
+    "worker": {"worker"},
+    "exporter": {"exporter"},
+}
 
 
 class Node:
@@ -146,12 +157,16 @@ class Node:
         self.db = Database(cfg.database_url)
         # The three services on the one database: exams (and their transitions, claims and
         # leases), the delivery queue, and the read models.
-        self.exams = Exams(self.db, prior_after_days=cfg.grouping.prior_after_days,
-                           prior_gap_days=cfg.grouping.prior_gap_days)
+        self.exams = Exams(
+            self.db,
+            prior_after_days=cfg.grouping.prior_after_days,
+            prior_gap_days=cfg.grouping.prior_gap_days,
+        )
         self.deliveries = Deliveries(self.db)
         self.reports = Reports(self.db)
-        self.audit = A.AuditLog(cfg.audit_path, cfg.node.ae_title, cfg.audit.syslog,
-                                fail_closed=cfg.audit.fail_closed)
+        self.audit = A.AuditLog(
+            cfg.audit_path, cfg.node.ae_title, cfg.audit.syslog, fail_closed=cfg.audit.fail_closed
+        )
         self.health = Health()
         self.metrics = NodeMetrics(self.parts)
         self.metrics.watch_state(self.state_snapshot)
@@ -159,10 +174,17 @@ class Node:
         # commits themselves (storage.wakeup, self.wakes).
         self.exam_ready = threading.Event()
         self.results_queued = threading.Event()
-        self.ingest = Ingest(cfg, self.files, self.exams, exam_ready=self.exam_ready,
-                             audit=self.audit, metrics=self.metrics)
-        self.scp = StorageSCP(cfg, self.files, audit=self.audit,
-                              metrics=self.metrics, ingest=self.ingest)
+        self.ingest = Ingest(
+            cfg,
+            self.files,
+            self.exams,
+            exam_ready=self.exam_ready,
+            audit=self.audit,
+            metrics=self.metrics,
+        )
+        self.scp = StorageSCP(
+            cfg, self.files, audit=self.audit, metrics=self.metrics, ingest=self.ingest
+        )
         self.access: AccessControl = self.scp.access
         self.retention = Retention(self.db, self.files)
         self._retention_lock = threading.Lock()
@@ -180,24 +202,28 @@ class Node:
         if self.role == "all":  # one process owns data_dir; split roles share it
             running = read_pidfile(cfg)
             if running and running.get("pid") != os.getpid():
-                raise RuntimeError(f"another mammo-node (pid {running['pid']}) is running on "
-                                   f"data_dir {cfg.data_dir}")
+                raise RuntimeError(
+                    f"another mammo-node (pid {running['pid']}) is running on "
+                    f"data_dir {cfg.data_dir}"
+                )
         if "worker" in self.parts or "exporter" in self.parts:
             recovered = self.exams.recover()
             self.deliveries.recover()
             if recovered:
-                log.warning("%d exam(s) interrupted during processing queued again",
-                            recovered)
+                log.warning("%d exam(s) interrupted during processing queued again", recovered)
         self._start_monitoring()
         if "listener" in self.parts:
             self._start_listener()
         else:
             self._start_background()
-            log.info("mammo-node %s started (pid %d); data in %s; database %s", self.role,
-                     os.getpid(), cfg.data_dir, self.db.engine.url.render_as_string(
-                         hide_password=True))
-            self._activity(action="start",
-                             version=__version__, pid=os.getpid(), role=self.role)
+            log.info(
+                "mammo-node %s started (pid %d); data in %s; database %s",
+                self.role,
+                os.getpid(),
+                cfg.data_dir,
+                self.db.engine.url.render_as_string(hide_password=True),
+            )
+            self._activity(action="start", version=__version__, pid=os.getpid(), role=self.role)
 
     def _start_monitoring(self) -> None:
         """A role process's own /healthz, /readyz and /metrics ([roles] <role>_metrics_port)."""
@@ -209,11 +235,12 @@ class Node:
         host = self.cfg.roles.metrics_host
         server = MonitoringServer(self.role, host, port, self.metrics, self.readiness)
         if not server.start_and_wait():
-            raise RuntimeError(f"[roles] {self.role}_metrics_port = {port}: cannot listen "
-                               f"on {host}:{port}: {server.failed or 'no answer'}")
+            raise RuntimeError(
+                f"[roles] {self.role}_metrics_port = {port}: cannot listen "
+                f"on {host}:{port}: {server.failed or 'no answer'}"
+            )
         self.monitoring = server
-        log.info("%s: /healthz, /readyz and /metrics on http://%s:%d", self.role, host,
-                 port)
+        log.info("%s: /healthz, /readyz and /metrics on http://%s:%d", self.role, host, port)
 
     def _start_background(self) -> None:
         """The worker and / or the exporter of this process, each woken by new work
@@ -228,17 +255,32 @@ class Node:
         if "worker" in self.parts:
             exams = Listener(self.db, EXAMS_READY)
             self.wakes.append(exams)
-            t: threading.Thread = Worker(cfg, self.files, self.exams, self.stop_event,
-                                         wake=exams, on_results=deliveries,
-                                         health=self.health, metrics=self.metrics,
-                                         poll_seconds=poll)
+            t: threading.Thread = Worker(
+                cfg,
+                self.files,
+                self.exams,
+                self.stop_event,
+                wake=exams,
+                on_results=deliveries,
+                health=self.health,
+                metrics=self.metrics,
+                poll_seconds=poll,
+            )
             t.start()
             self._threads.append(t)
         if deliveries is not None:
             self.wakes.append(deliveries)
-            t = Exporter(cfg, self.files, self.deliveries, self.reports, self.stop_event,
-                         wake=deliveries, audit=self.audit, metrics=self.metrics,
-                         poll_seconds=poll)
+            t = Exporter(
+                cfg,
+                self.files,
+                self.deliveries,
+                self.reports,
+                self.stop_event,
+                wake=deliveries,
+                audit=self.audit,
+                metrics=self.metrics,
+                poll_seconds=poll,
+            )
             t.start()
             self._threads.append(t)
 
@@ -253,16 +295,19 @@ class Node:
 
         # Stream incoming datasets to data_dir/incoming (same file system as the store, so
         # that placing a file is a rename, never a copy).
-        stream_incoming_datasets(IncomingFile.factory(
-            str(self.files.incoming), int(cfg.node.max_dataset_mb * 1024 * 1024),
-            self.scp.disk_ok))
+        stream_incoming_datasets(
+            IncomingFile.factory(
+                str(self.files.incoming),
+                int(cfg.node.max_dataset_mb * 1024 * 1024),
+                self.scp.disk_ok,
+            )
+        )
         received_file_meta_names(IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME)
 
         ae = make_ae(cfg)
         from node.qr import QueryRetrieveSCP
 
-        qr = QueryRetrieveSCP(cfg, self.files, self.reports, access=self.access,
-                              audit=self.audit)
+        qr = QueryRetrieveSCP(cfg, self.files, self.reports, access=self.access, audit=self.audit)
         ssl_context = None
         if cfg.node.tls:
             from node.security import server_context
@@ -270,10 +315,12 @@ class Node:
             ssl_context = server_context(cfg)
         from node.handlers import guard
 
-        server = ae.start_server((cfg.node.host, cfg.node.port), block=False,
-                                 evt_handlers=guard(self.scp.handlers() + qr.handlers(),
-                                                    self.audit),
-                                 ssl_context=ssl_context)
+        server = ae.start_server(
+            (cfg.node.host, cfg.node.port),
+            block=False,
+            evt_handlers=guard(self.scp.handlers() + qr.handlers(), self.audit),
+            ssl_context=ssl_context,
+        )
         assert server is not None  # block=False returns the server
         self.server = server
         _accept_with_deadline(server, cfg.node.network_timeout_seconds)
@@ -281,13 +328,22 @@ class Node:
 
         fast_context_copies(server)
         if ssl_context is not None:
-            handshake_in_connection_thread(server, cfg.node.network_timeout_seconds,
-                                           self._handshake_failed)
+            handshake_in_connection_thread(
+                server, cfg.node.network_timeout_seconds, self._handshake_failed
+            )
         port = server.server_address[1]
         if self.role == "all":
-            pidfile_path(cfg).write_text(json.dumps({
-                "pid": os.getpid(), "ae_title": cfg.node.ae_title, "host": cfg.node.host,
-                "port": port, "started": time.time()}))
+            pidfile_path(cfg).write_text(
+                json.dumps(
+                    {
+                        "pid": os.getpid(),
+                        "ae_title": cfg.node.ae_title,
+                        "host": cfg.node.host,
+                        "port": port,
+                        "started": time.time(),
+                    }
+                )
+            )
         t = threading.Thread(target=self._grouping_loop, name="stable-timer", daemon=True)
         t.start()
         self._threads.append(t)
@@ -298,41 +354,72 @@ class Node:
         if cfg.dicomweb.enabled:
             from node.dicomweb import DicomWeb, DicomWebServer
 
-            web = DicomWeb(cfg, self.files, self.scp, exams=self.exams,
-                           deliveries=self.deliveries, reports=self.reports, audit=self.audit,
-                           metrics=self.metrics, readiness=self.readiness,
-                           health=self.health)
+            web = DicomWeb(
+                cfg,
+                self.files,
+                self.scp,
+                exams=self.exams,
+                deliveries=self.deliveries,
+                reports=self.reports,
+                audit=self.audit,
+                metrics=self.metrics,
+                readiness=self.readiness,
+                health=self.health,
+            )
             self.web = DicomWebServer(web, cfg)
             self.web.start()
             w = cfg.dicomweb
-            log.info("DICOMweb on %s://%s:%d%s (%s)", "https" if w.tls else "http", w.host,
-                     w.port, w.root, "bearer token required" if web.tokens.required
-                     else "no token: loopback only")
+            log.info(
+                "DICOMweb on %s://%s:%d%s (%s)",
+                "https" if w.tls else "http",
+                w.host,
+                w.port,
+                w.root,
+                "bearer token required" if web.tokens.required else "no token: loopback only",
+            )
             if web.tokens.required and not w.tls and not w.is_loopback:
-                log.warning("DICOMweb bearer tokens and patient data travel in clear on %s: "
-                            "set [dicomweb] tls = true", w.host)
-        log.info("mammo-node%s listening as %s on %s:%d%s; data in %s; %d destination(s); "
-                 "%s", "" if self.role == "all" else f" {self.role}", cfg.node.ae_title,
-                 cfg.node.host, port, " (TLS)" if cfg.node.tls else "",
-                 cfg.data_dir, len(cfg.destinations),
-                 f"{len(cfg.peers)} peer(s)" if cfg.peers else
-                 "no [[peers]]: echo/store from anyone, query/retrieve refused")
-        self._activity(action="start",
-                         version=__version__, pid=os.getpid(), port=port, tls=cfg.node.tls)
+                log.warning(
+                    "DICOMweb bearer tokens and patient data travel in clear on %s: "
+                    "set [dicomweb] tls = true",
+                    w.host,
+                )
+        log.info(
+            "mammo-node%s listening as %s on %s:%d%s; data in %s; %d destination(s); %s",
+            "" if self.role == "all" else f" {self.role}",
+            cfg.node.ae_title,
+            cfg.node.host,
+            port,
+            " (TLS)" if cfg.node.tls else "",
+            cfg.data_dir,
+            len(cfg.destinations),
+            f"{len(cfg.peers)} peer(s)"
+            if cfg.peers
+            else "no [[peers]]: echo/store from anyone, query/retrieve refused",
+        )
+        self._activity(
+            action="start", version=__version__, pid=os.getpid(), port=port, tls=cfg.node.tls
+        )
 
     def _handshake_failed(self, address: tuple, exc: Exception) -> None:
-        log.warning("TLS handshake with %s:%s failed or timed out: %s", address[0],
-                    address[1], exc)
-        self.audit.event(A.SECURITY_ALERT, A.MINOR_FAILURE, alert="TLS handshake failed",
-                         peer={"address": address[0]}, reason=str(exc)[:200])
+        log.warning("TLS handshake with %s:%s failed or timed out: %s", address[0], address[1], exc)
+        self.audit.event(
+            A.SECURITY_ALERT,
+            A.MINOR_FAILURE,
+            alert="TLS handshake failed",
+            peer={"address": address[0]},
+            reason=str(exc)[:200],
+        )
 
     def state_snapshot(self) -> dict:
         """Stored state for the scrape-time gauges of /metrics."""
         queue = self.reports.queue_depths() if self.parts & {"listener", "exporter"} else []
-        return {"exams": self.reports.counts_by_state().to_json(), "queue": queue,
-                "free_bytes": self.files.free_bytes(),
-                "model": 1 if self.health.model_loaded else 0,
-                "uptime": time.time() - self.health.started_at}
+        return {
+            "exams": self.reports.counts_by_state().to_json(),
+            "queue": queue,
+            "free_bytes": self.files.free_bytes(),
+            "model": 1 if self.health.model_loaded else 0,
+            "uptime": time.time() - self.health.started_at,
+        }
 
     def _activity(self, **fields: Any) -> None:
         """The node's own start / stop event: never the reason it cannot start or stop (with
@@ -351,25 +438,45 @@ class Node:
         checks["database"] = {"ok": self.db.ping()}
         if self.run_worker:
             h = self.health
-            checks["model"] = {"ok": bool(h.model_loaded),
-                               **({"error": h.model_error} if h.model_error else {}),
-                               **({"loading": True} if h.model_loaded is None else {})}
+            checks["model"] = {
+                "ok": bool(h.model_loaded),
+                **({"error": h.model_error} if h.model_error else {}),
+                **({"loading": True} if h.model_loaded is None else {}),
+            }
         free = self.files.free_bytes()
-        checks["disk"] = {"ok": self.scp.disk_ok(), "free_bytes": free,
-                          "reserve_bytes": self.scp.min_free}
+        checks["disk"] = {
+            "ok": self.scp.disk_ok(),
+            "free_bytes": free,
+            "reserve_bytes": self.scp.min_free,
+        }
         if "listener" in self.parts:
-            checks["listener"] = {"ok": self.server is not None
-                                  and listener_alive(self.server)}
+            checks["listener"] = {"ok": self.server is not None and listener_alive(self.server)}
         if self.cfg.audit.fail_closed:
-            checks["audit"] = {"ok": not self.audit.failing, **({"error": (
-                "the audit trail cannot be written: operations are refused "
-                "([audit] fail_closed)")} if self.audit.failing else {})}
+            checks["audit"] = {
+                "ok": not self.audit.failing,
+                **(
+                    {
+                        "error": (
+                            "the audit trail cannot be written: operations are refused "
+                            "([audit] fail_closed)"
+                        )
+                    }
+                    if self.audit.failing
+                    else {}
+                ),
+            }
         # Every background thread of this process (worker, exporter, retention, the
         # grouping's stable timer): one that ended would otherwise fail silently.
         for t in self._threads:
             alive = t.is_alive()
-            checks[f"thread {t.name}"] = {"ok": alive, **({} if alive else {
-                "error": "the thread stopped; the log says why; restart the node"})}
+            checks[f"thread {t.name}"] = {
+                "ok": alive,
+                **(
+                    {}
+                    if alive
+                    else {"error": "the thread stopped; the log says why; restart the node"}
+                ),
+            }
         return all(c["ok"] for c in checks.values()), checks
 
     def apply_retention(self, for_reserve: bool = False) -> None:
@@ -383,18 +490,30 @@ class Node:
                 return
             if for_reserve:
                 report = self.retention.run(
-                    r.keep_images_days, r.keep_results_days, 50.0,
-                    disk_use=lambda: 100.0 if self.files.free_bytes() < self.scp.min_free
-                    else 0.0)
+                    r.keep_images_days,
+                    r.keep_results_days,
+                    50.0,
+                    disk_use=lambda: 100.0 if self.files.free_bytes() < self.scp.min_free else 0.0,
+                )
             else:
-                report = self.retention.run(r.keep_images_days, r.keep_results_days,
-                                            s.purge_above_percent)
+                report = self.retention.run(
+                    r.keep_images_days, r.keep_results_days, s.purge_above_percent
+                )
         if report.studies or report.results:
-            log.info("retention: %d study(ies) purged (%d image(s), %.1f MB), %d result "
-                     "object(s)", len(report.studies), report.instances, report.bytes / 1e6,
-                     report.results)
-            self.audit.event(A.STUDY_DELETED, A.SUCCESS, studies=report.studies,
-                             instances=report.instances, results=report.results)
+            log.info(
+                "retention: %d study(ies) purged (%d image(s), %.1f MB), %d result object(s)",
+                len(report.studies),
+                report.instances,
+                report.bytes / 1e6,
+                report.results,
+            )
+            self.audit.event(
+                A.STUDY_DELETED,
+                A.SUCCESS,
+                studies=report.studies,
+                instances=report.instances,
+                results=report.results,
+            )
 
     def make_room(self) -> None:
         """Called before data would be refused for want of space (an association being
@@ -418,8 +537,9 @@ class Node:
         while not self.stop_event.wait(interval):
             try:
                 for uid in self.exams.promote_stable(self.cfg.grouping.stable_seconds):
-                    log.info("exam %s ready (stable for %g s)", uid,
-                             self.cfg.grouping.stable_seconds)
+                    log.info(
+                        "exam %s ready (stable for %g s)", uid, self.cfg.grouping.stable_seconds
+                    )
                     self.exam_ready.set()
             except Exception:
                 log.exception("grouping timer failed; retrying")
@@ -441,8 +561,7 @@ class Node:
             while ae.active_associations and time.monotonic() < deadline:
                 time.sleep(0.1)
             for assoc in ae.active_associations:
-                log.warning("aborting association with %s at shutdown",
-                            assoc.requestor.ae_title)
+                log.warning("aborting association with %s at shutdown", assoc.requestor.ae_title)
                 assoc.abort()
             self.server = None
         for t in self._threads:

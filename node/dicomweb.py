@@ -68,8 +68,11 @@ _STOW_CHECK_EVERY = 4 * 1024 * 1024
 
 async def _audit_unavailable(request: Request, exc: Exception) -> Response:
     """``[audit] fail_closed`` and the trail cannot be written: the request is refused."""
-    return JSONResponse({"error": "the audit trail cannot be written; retry later"},
-                        status_code=503, headers={"Retry-After": "30"})
+    return JSONResponse(
+        {"error": "the audit trail cannot be written; retry later"},
+        status_code=503,
+        headers={"Retry-After": "30"},
+    )
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -135,8 +138,9 @@ def split_multipart(path: Path, content_type: str) -> list[tuple[str, int, int]]
             else:
                 head_end = head.find(b"\r\n\r\n")
                 if head_end < 0:
-                    raise ValueError("a part without the blank line that ends its headers "
-                                     "(within 16 KB)")
+                    raise ValueError(
+                        "a part without the blank line that ends its headers (within 16 KB)"
+                    )
                 data = start + head_end + 4
             ctype = "application/octet-stream"
             for line in head[:head_end].decode("latin-1").split("\r\n"):
@@ -178,20 +182,24 @@ class Audited(Response):
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
                 finished = True
+
         reason = None
         try:
             await self.response(scope, receiving, sending)
         except BaseException as exc:
-            reason = ("the client went away before the end of the answer"
-                      if isinstance(exc, OSError | ClientDisconnect | asyncio.CancelledError)
-                      else f"{type(exc).__name__} while the answer was sent")
+            reason = (
+                "the client went away before the end of the answer"
+                if isinstance(exc, OSError | ClientDisconnect | asyncio.CancelledError)
+                else f"{type(exc).__name__} while the answer was sent"
+            )
             raise
         finally:
             if finished and not gone and reason is None:
                 self.done(A.SUCCESS, None)
             else:
-                self.done(A.SERIOUS_FAILURE,
-                          reason or "the client went away before the end of the answer")
+                self.done(
+                    A.SERIOUS_FAILURE, reason or "the client went away before the end of the answer"
+                )
 
 
 class Front:
@@ -217,6 +225,7 @@ class Front:
                     headers.append((b"content-security-policy", b"frame-ancestors 'none'"))
                 message = {**message, "headers": headers}
             await send(message)
+
         try:
             refused = await self.web.refusal(Request(scope, receive))
         except A.AuditUnavailable as exc:
@@ -229,8 +238,11 @@ class Front:
         except ClientDisconnect:
             # The client went away while its request body was read (an upload cut short, a
             # form never finished): nobody to answer, nothing to report as a server error.
-            log.info("HTTP %s %s: the client went away before the end of its request",
-                     scope.get("method"), scope.get("path", "")[:200])
+            log.info(
+                "HTTP %s %s: the client went away before the end of its request",
+                scope.get("method"),
+                scope.get("path", "")[:200],
+            )
 
 
 class ConcurrencyLimit:
@@ -241,20 +253,25 @@ class ConcurrencyLimit:
     to a body generator that might never start. ``exempt(path, method)``: requests outside
     the bound (the probes)."""
 
-    def __init__(self, app: ASGIApp, limit: int,
-                 exempt: Callable[[str, str], bool] | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, limit: int, exempt: Callable[[str, str], bool] | None = None
+    ) -> None:
         self.app, self.limit, self.exempt = app, limit, exempt
         #: Requests holding a slot now (the event loop's thread alone changes it).
         self.active = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (self.exempt is not None
-                                       and self.exempt(scope["path"], scope["method"])):
+        if scope["type"] != "http" or (
+            self.exempt is not None and self.exempt(scope["path"], scope["method"])
+        ):
             await self.app(scope, receive, send)
             return
         if self.active >= self.limit:
-            busy = JSONResponse({"error": "too many concurrent requests; retry shortly"},
-                                status_code=503, headers={"Retry-After": "1"})
+            busy = JSONResponse(
+                {"error": "too many concurrent requests; retry shortly"},
+                status_code=503,
+                headers={"Retry-After": "1"},
+            )
             await busy(scope, receive, send)
             return
         self.active += 1
@@ -267,27 +284,43 @@ class ConcurrencyLimit:
 class DicomWeb:
     """The DICOMweb application bound to the node's store."""
 
-    def __init__(self, cfg: Config, files: FileStore, scp: StorageSCP,
-                 *, exams: Exams, deliveries: Deliveries, reports: Reports,
-                 audit: A.AuditLog | A.NullAudit,
-                 metrics: NodeMetrics | None = None,
-                 readiness: Callable[[], tuple[bool, dict]] | None = None,
-                 health: Health | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        files: FileStore,
+        scp: StorageSCP,
+        *,
+        exams: Exams,
+        deliveries: Deliveries,
+        reports: Reports,
+        audit: A.AuditLog | A.NullAudit,
+        metrics: NodeMetrics | None = None,
+        readiness: Callable[[], tuple[bool, dict]] | None = None,
+        health: Health | None = None,
+    ) -> None:
         self.cfg, self.files, self.scp = cfg, files, scp
         self.reports = reports
         self.ingest: Ingest = scp.ingest  # STOW-RS stores as C-STORE does, not through it
         self.audit = audit
         self.queries = QueryService(reports)
         self.tokens = TokenAuth(cfg)
-        self.metrics = metrics      # node.metrics.NodeMetrics or None
+        self.metrics = metrics  # node.metrics.NodeMetrics or None
         self.readiness = readiness  # () -> (ready, checks) or None
         self.root = cfg.dicomweb.root.rstrip("/")
         #: Decoded images of rendered, thumbnail and WADO-URI requests (node.wado).
         self.decoded = wado.DecodedImages(int(cfg.dicomweb.render_cache_mb * 1024 * 1024))
         self._hosts = cfg.dicomweb.host_names()
-        self.dashboard = Dashboard(cfg, files, self.root, exams=exams, deliveries=deliveries,
-                                   reports=reports, health=health, readiness=readiness,
-                                   audit=self.audit)
+        self.dashboard = Dashboard(
+            cfg,
+            files,
+            self.root,
+            exams=exams,
+            deliveries=deliveries,
+            reports=reports,
+            health=health,
+            readiness=readiness,
+            audit=self.audit,
+        )
         r = self.root
         self.viewer = None
         viewer_routes = []
@@ -295,74 +328,120 @@ class DicomWeb:
             from node.viewer import Viewer
 
             self.viewer = Viewer(cfg.dicomweb.viewer_dir, self.root)
-            viewer_routes = [Route("/viewer", self.viewer.page, methods=["GET"]),
-                             Route("/viewer/{path:path}", self.viewer.page, methods=["GET"]),
-                             Route("/app-config.js", self.viewer.page, methods=["GET"])]
+            viewer_routes = [
+                Route("/viewer", self.viewer.page, methods=["GET"]),
+                Route("/viewer/{path:path}", self.viewer.page, methods=["GET"]),
+                Route("/app-config.js", self.viewer.page, methods=["GET"]),
+            ]
         # Plain ASGI middleware (no BaseHTTPMiddleware: it relays every body through a
         # memory stream and cannot tell a finished answer from a client that went away):
         # Host / Origin / token first, then the bound on requests at once.
         self.limit: ConcurrencyLimit | None = None
 
         def limited(app: ASGIApp) -> ConcurrencyLimit:
-            self.limit = ConcurrencyLimit(app, cfg.dicomweb.max_concurrent_requests,
-                                          exempt=self.open_path)
+            self.limit = ConcurrencyLimit(
+                app, cfg.dicomweb.max_concurrent_requests, exempt=self.open_path
+            )
             return self.limit
+
         middleware = [Middleware(Front, web=self), Middleware(limited)]
         if cfg.dicomweb.cors_origins:
             from starlette.middleware.cors import CORSMiddleware
 
             # Outermost: a preflight carries no token and must be answered before the
             # authentication.
-            middleware.insert(0, Middleware(
-                CORSMiddleware, allow_origins=cfg.dicomweb.cors_origins,
-                allow_methods=["GET", "POST", "OPTIONS"],
-                allow_headers=["Authorization", "Accept", "Content-Type"],
-                expose_headers=["Warning", "Content-Type", "Content-Length"],
-                allow_credentials="*" not in cfg.dicomweb.cors_origins, max_age=600))
-        self.app = Starlette(middleware=middleware,
-                             exception_handlers={A.AuditUnavailable: _audit_unavailable},
-                             routes=[
-            *viewer_routes,
-            *self.dashboard.routes(),
-            Route("/healthz", self.healthz, methods=["GET"]),
-            Route("/readyz", self.readyz, methods=["GET"]),
-            Route("/metrics", self.metrics_page, methods=["GET"]),
-            Route(f"{r}/studies", self.stow, methods=["POST"]),
-            Route(f"{r}/studies/{{study}}", self.stow, methods=["POST"]),
-            Route(f"{r}/studies", self.qido, methods=["GET"]),
-            Route(f"{r}/series", self.qido, methods=["GET"]),
-            Route(f"{r}/instances", self.qido, methods=["GET"]),
-            Route(f"{r}/studies/{{study}}/thumbnail", self.thumbnail, methods=["GET"]),
-            Route(f"{r}/studies/{{study}}/series/{{series}}/thumbnail", self.thumbnail,
-                  methods=["GET"]),
-            Route(f"{r}/studies/{{study}}/series/{{series}}/instances/{{instance}}/thumbnail",
-                  self.thumbnail, methods=["GET"]),
-            Route(f"{r}/studies/{{study}}/series/{{series}}/instances/{{instance}}/frames/"
-                  f"{{frames}}", self.frames, methods=["GET"]),
-            Route(f"{r}/studies/{{study}}/series/{{series}}/instances/{{instance}}/frames/"
-                  f"{{frames}}/rendered", self.rendered, methods=["GET"]),
-            Route(f"{r}/studies/{{study}}/series/{{series}}/instances/{{instance}}/bulkdata/"
-                  f"{{tag}}", self.bulkdata, methods=["GET"]),
-            Route("/wado", self.wado_uri, methods=["GET"]),
-            Route(f"{r}/wado", self.wado_uri, methods=["GET"]),
-            Route(f"{r}/studies/{{study}}/series", self.qido, methods=["GET"]),
-            Route(f"{r}/studies/{{study}}/instances", self.qido, methods=["GET"]),
-            Route(f"{r}/studies/{{study}}/series/{{series}}/instances", self.qido,
-                  methods=["GET"]),
-            Route(f"{r}/studies/{{study}}", self.wado, methods=["GET"]),
-            Route(f"{r}/studies/{{study}}/metadata", self.metadata, methods=["GET"]),
-            Route(f"{r}/studies/{{study}}/series/{{series}}", self.wado, methods=["GET"]),
-            Route(f"{r}/studies/{{study}}/series/{{series}}/metadata", self.metadata,
-                  methods=["GET"]),
-            Route(f"{r}/studies/{{study}}/series/{{series}}/instances/{{instance}}", self.wado,
-                  methods=["GET"]),
-            Route(f"{r}/studies/{{study}}/series/{{series}}/instances/{{instance}}/metadata",
-                  self.metadata, methods=["GET"]),
-            Route(f"{r}/studies/{{study}}/series/{{series}}/instances/{{instance}}/rendered",
-                  self.rendered, methods=["GET"]),
-            *([Route("/{path:path}", self.viewer.page, methods=["GET"])] if self.viewer
-              else []),
-        ])
+            middleware.insert(
+                0,
+                Middleware(
+                    CORSMiddleware,
+                    allow_origins=cfg.dicomweb.cors_origins,
+                    allow_methods=["GET", "POST", "OPTIONS"],
+                    allow_headers=["Authorization", "Accept", "Content-Type"],
+                    expose_headers=["Warning", "Content-Type", "Content-Length"],
+                    allow_credentials="*" not in cfg.dicomweb.cors_origins,
+                    max_age=600,
+                ),
+            )
+        self.app = Starlette(
+            middleware=middleware,
+            exception_handlers={A.AuditUnavailable: _audit_unavailable},
+            routes=[
+                *viewer_routes,
+                *self.dashboard.routes(),
+                Route("/healthz", self.healthz, methods=["GET"]),
+                Route("/readyz", self.readyz, methods=["GET"]),
+                Route("/metrics", self.metrics_page, methods=["GET"]),
+                Route(f"{r}/studies", self.stow, methods=["POST"]),
+                Route(f"{r}/studies/{{study}}", self.stow, methods=["POST"]),
+                Route(f"{r}/studies", self.qido, methods=["GET"]),
+                Route(f"{r}/series", self.qido, methods=["GET"]),
+                Route(f"{r}/instances", self.qido, methods=["GET"]),
+                Route(f"{r}/studies/{{study}}/thumbnail", self.thumbnail, methods=["GET"]),
+                Route(
+                    f"{r}/studies/{{study}}/series/{{series}}/thumbnail",
+                    self.thumbnail,
+                    methods=["GET"],
+                ),
+                Route(
+                    f"{r}/studies/{{study}}/series/{{series}}/instances/{{instance}}/thumbnail",
+                    self.thumbnail,
+                    methods=["GET"],
+                ),
+                Route(
+                    f"{r}/studies/{{study}}/series/{{series}}/instances/{{instance}}/frames/"
+                    f"{{frames}}",
+                    self.frames,
+                    methods=["GET"],
+                ),
+                Route(
+                    f"{r}/studies/{{study}}/series/{{series}}/instances/{{instance}}/frames/"
+                    f"{{frames}}/rendered",
+                    self.rendered,
+                    methods=["GET"],
+                ),
+                Route(
+                    f"{r}/studies/{{study}}/series/{{series}}/instances/{{instance}}/bulkdata/"
+                    f"{{tag}}",
+                    self.bulkdata,
+                    methods=["GET"],
+                ),
+                Route("/wado", self.wado_uri, methods=["GET"]),
+                Route(f"{r}/wado", self.wado_uri, methods=["GET"]),
+                Route(f"{r}/studies/{{study}}/series", self.qido, methods=["GET"]),
+                Route(f"{r}/studies/{{study}}/instances", self.qido, methods=["GET"]),
+                Route(
+                    f"{r}/studies/{{study}}/series/{{series}}/instances", self.qido, methods=["GET"]
+                ),
+                Route(f"{r}/studies/{{study}}", self.wado, methods=["GET"]),
+                Route(f"{r}/studies/{{study}}/metadata", self.metadata, methods=["GET"]),
+                Route(f"{r}/studies/{{study}}/series/{{series}}", self.wado, methods=["GET"]),
+                Route(
+                    f"{r}/studies/{{study}}/series/{{series}}/metadata",
+                    self.metadata,
+                    methods=["GET"],
+                ),
+                Route(
+                    f"{r}/studies/{{study}}/series/{{series}}/instances/{{instance}}",
+                    self.wado,
+                    methods=["GET"],
+                ),
+                Route(
+                    f"{r}/studies/{{study}}/series/{{series}}/instances/{{instance}}/metadata",
+                    self.metadata,
+                    methods=["GET"],
+                ),
+                Route(
+                    f"{r}/studies/{{study}}/series/{{series}}/instances/{{instance}}/rendered",
+                    self.rendered,
+                    methods=["GET"],
+                ),
+                *(
+                    [Route("/{path:path}", self.viewer.page, methods=["GET"])]
+                    if self.viewer
+                    else []
+                ),
+            ],
+        )
 
     @staticmethod
     def service_of(request: Request) -> str:
@@ -371,8 +450,11 @@ class DicomWeb:
         if request.url.path == "/metrics":
             return "admin"
         if request.url.path.startswith("/ui"):
-            return "ui-action" if request.method == "POST" and not \
-                request.url.path.endswith("/logout") else "ui"
+            return (
+                "ui-action"
+                if request.method == "POST" and not request.url.path.endswith("/logout")
+                else "ui"
+            )
         if request.method == "POST":
             return "stow"
         path = request.url.path.rstrip("/")
@@ -381,15 +463,18 @@ class DicomWeb:
         return "wado"
 
     def _who(self, request: Request, token: str | None = None) -> dict:
-        return {"address": request.client.host if request.client else None,
-                "token": token, "tls": self.cfg.dicomweb.tls}
+        return {
+            "address": request.client.host if request.client else None,
+            "token": token,
+            "tls": self.cfg.dicomweb.tls,
+        }
 
     def _host_ok(self, request: Request) -> bool:
         """The Host header names one of ``[dicomweb] allowed_hosts`` (DNS rebinding: a page
         of another site whose name resolves to this node reads nothing)."""
         host = request.headers.get("host", "")
         if host.startswith("["):  # [IPv6]:port
-            name = host[1:host.find("]")] if "]" in host else host
+            name = host[1 : host.find("]")] if "]" in host else host
         elif host.count(":") == 1:
             name = host.split(":")[0]
         else:
@@ -402,38 +487,54 @@ class DicomWeb:
         origin = request.headers.get("origin")
         if origin is None:
             # No Origin: not a browser's cross-site request, unless Fetch Metadata says so.
-            return request.headers.get("sec-fetch-site", "same-origin") in (
-                "same-origin", "none")
+            return request.headers.get("sec-fetch-site", "same-origin") in ("same-origin", "none")
         if origin in self.cfg.dicomweb.cors_origins or "*" in self.cfg.dicomweb.cors_origins:
             return True
         from urllib.parse import urlsplit
 
         u = urlsplit(origin)
-        return (u.hostname or "").lower() in self._hosts and \
-            origin.rstrip("/") == self.origin(request).rstrip("/")
+        return (u.hostname or "").lower() in self._hosts and origin.rstrip("/") == self.origin(
+            request
+        ).rstrip("/")
 
     def open_path(self, path: str, method: str) -> bool:
         """Probes, the sign-in form and the viewer's files: no token, and outside the
         concurrency bound (a busy node still answers /healthz)."""
         return path in ("/healthz", "/readyz", "/ui/login") or (
-            self.viewer is not None and method == "GET" and self.viewer.serves(path))
+            self.viewer is not None and method == "GET" and self.viewer.serves(path)
+        )
 
     async def refusal(self, request: Request) -> Response | None:
         """The answer to a request refused for its Host, Origin or token (None: it may go
         on; ``request.state.who`` then says who it is)."""
         path = request.url.path
         if path not in ("/healthz", "/readyz") and not self._host_ok(request):
-            log.warning("HTTP %s %s refused: Host %r is not in [dicomweb] allowed_hosts",
-                        request.method, path, request.headers.get("host", "")[:100])
-            return _error(400, "Host header not accepted: not a name this node is served "
-                               "under ([dicomweb] allowed_hosts)")
+            log.warning(
+                "HTTP %s %s refused: Host %r is not in [dicomweb] allowed_hosts",
+                request.method,
+                path,
+                request.headers.get("host", "")[:100],
+            )
+            return _error(
+                400,
+                "Host header not accepted: not a name this node is served "
+                "under ([dicomweb] allowed_hosts)",
+            )
         if request.method not in ("GET", "HEAD", "OPTIONS") and not self._origin_ok(request):
             who = self._who(request)
-            self.audit.event(A.SECURITY_ALERT, A.MINOR_FAILURE, alert="cross-origin request",
-                             peer=who, origin=request.headers.get("origin", "")[:200],
-                             action=path)
-            return _error(403, "cross-origin request refused (Origin "
-                               f"{request.headers.get('origin', '?')[:100]!r})")
+            self.audit.event(
+                A.SECURITY_ALERT,
+                A.MINOR_FAILURE,
+                alert="cross-origin request",
+                peer=who,
+                origin=request.headers.get("origin", "")[:200],
+                action=path,
+            )
+            return _error(
+                403,
+                "cross-origin request refused (Origin "
+                f"{request.headers.get('origin', '?')[:100]!r})",
+            )
         if self.open_path(path, request.method):
             return None  # probes, sign-in form, viewer files: no token
         service = self.service_of(request)
@@ -443,8 +544,11 @@ class DicomWeb:
             found = None
             # The dashboard and the images it shows authenticate with the session cookie
             # (a random id, HttpOnly, SameSite=Strict); uploads never do.
-            if not header and COOKIE in request.cookies and (
-                    path.startswith("/ui") or request.method == "GET"):
+            if (
+                not header
+                and COOKIE in request.cookies
+                and (path.startswith("/ui") or request.method == "GET")
+            ):
                 session = self.dashboard.sessions.get(request.cookies[COOKIE])
                 if session is not None:
                     found = (session["name"], session["services"])
@@ -454,29 +558,50 @@ class DicomWeb:
                 return RedirectResponse("/ui/login", status_code=303)
             if found is None:
                 who = self._who(request)
-                log.warning("DICOMweb %s %s from %s: missing or wrong bearer token",
-                            request.method, request.url.path, who["address"])
-                self.audit.event(A.USER_AUTHENTICATION, A.MINOR_FAILURE, action="dicomweb",
-                                 peer=who, reason="missing or wrong bearer token")
-                self.audit.event(A.SECURITY_ALERT, A.MINOR_FAILURE, alert="authentication "
-                                 "failure", peer=who, service=service)
-                return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401,
-                                    headers={"WWW-Authenticate": 'Bearer realm="mammo-node"'})
+                log.warning(
+                    "DICOMweb %s %s from %s: missing or wrong bearer token",
+                    request.method,
+                    request.url.path,
+                    who["address"],
+                )
+                self.audit.event(
+                    A.USER_AUTHENTICATION,
+                    A.MINOR_FAILURE,
+                    action="dicomweb",
+                    peer=who,
+                    reason="missing or wrong bearer token",
+                )
+                self.audit.event(
+                    A.SECURITY_ALERT,
+                    A.MINOR_FAILURE,
+                    alert="authentication failure",
+                    peer=who,
+                    service=service,
+                )
+                return JSONResponse(
+                    {"error": "missing or wrong bearer token"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="mammo-node"'},
+                )
             name, services = found
             if service == "ui" and not {"qido", "wado"} <= services:
-                return _error(403, f"token {name!r} needs the qido and wado services for "
-                                   "the dashboard")
+                return _error(
+                    403, f"token {name!r} needs the qido and wado services for the dashboard"
+                )
             if service == "ui-action" and services != {"stow", "qido", "wado"}:
-                return _error(403, f"token {name!r} needs every service for dashboard "
-                                   "actions")
+                return _error(403, f"token {name!r} needs every service for dashboard actions")
             if service == "admin" and "qido" not in services:
                 # /metrics counts studies and peers: not for a modality's stow-only token.
-                return _error(403, f"token {name!r} is not granted 'qido' (needed for "
-                                   "/metrics)")
+                return _error(403, f"token {name!r} is not granted 'qido' (needed for /metrics)")
             if service not in ("admin", "ui", "ui-action") and service not in services:
                 who = self._who(request, name)
-                self.audit.event(A.SECURITY_ALERT, A.MINOR_FAILURE, alert="unauthorized "
-                                 "request", peer=who, service=service)
+                self.audit.event(
+                    A.SECURITY_ALERT,
+                    A.MINOR_FAILURE,
+                    alert="unauthorized request",
+                    peer=who,
+                    service=service,
+                )
                 return _error(403, f"token {name!r} is not granted {service!r}")
         request.state.who = self._who(request, name)
         return None
@@ -490,8 +615,7 @@ class DicomWeb:
         if self.readiness is None:
             return JSONResponse({"ready": True, "checks": {}})
         ready, checks = await run_in_threadpool(self.readiness)
-        return JSONResponse({"ready": ready, "checks": checks},
-                            status_code=200 if ready else 503)
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
     async def metrics_page(self, request: Request) -> Response:
         if self.metrics is None:
@@ -505,19 +629,30 @@ class DicomWeb:
     async def stow(self, request: Request) -> Response:
         ctype = request.headers.get("content-type", "")
         if not ctype.lower().startswith("multipart/related") or (
-                "application/dicom" not in ctype.lower()):
-            return _error(415, 'STOW-RS takes multipart/related; type="application/dicom", '
-                               f"got {ctype or 'no Content-Type'}")
+            "application/dicom" not in ctype.lower()
+        ):
+            return _error(
+                415,
+                'STOW-RS takes multipart/related; type="application/dicom", '
+                f"got {ctype or 'no Content-Type'}",
+            )
         limit = int(self.cfg.dicomweb.max_request_mb * 1024 * 1024)
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            return _error(413, f"request larger than [dicomweb] max_request_mb "
-                               f"({self.cfg.dicomweb.max_request_mb:g} MB)")
+            return _error(
+                413,
+                f"request larger than [dicomweb] max_request_mb "
+                f"({self.cfg.dicomweb.max_request_mb:g} MB)",
+            )
         if not await run_in_threadpool(self.scp.room_for_data):
-            return JSONResponse({"error": "disk below the free-space reserve; retry later"},
-                                status_code=503, headers={"Retry-After": "60"})
-        spool = tempfile.NamedTemporaryFile(dir=self.files.incoming, prefix="stow-",
-                                            suffix=".body", delete=False)
+            return JSONResponse(
+                {"error": "disk below the free-space reserve; retry later"},
+                status_code=503,
+                headers={"Retry-After": "60"},
+            )
+        spool = tempfile.NamedTemporaryFile(
+            dir=self.files.incoming, prefix="stow-", suffix=".body", delete=False
+        )
         try:
             # The body is gathered into blocks on the event loop and written, checked and
             # scanned in worker threads: a large upload never stalls other requests.
@@ -526,8 +661,11 @@ class DicomWeb:
                 async for chunk in request.stream():
                     total += len(chunk)
                     if total > limit:
-                        return _error(413, f"request larger than [dicomweb] max_request_mb "
-                                           f"({self.cfg.dicomweb.max_request_mb:g} MB)")
+                        return _error(
+                            413,
+                            f"request larger than [dicomweb] max_request_mb "
+                            f"({self.cfg.dicomweb.max_request_mb:g} MB)",
+                        )
                     buf += chunk
                     if len(buf) >= _STOW_CHECK_EVERY:
                         refused = await run_in_threadpool(self._spool, spool, bytes(buf))
@@ -536,11 +674,21 @@ class DicomWeb:
                             return refused
             except ClientDisconnect:
                 who = getattr(request.state, "who", None)
-                log.warning("STOW-RS from %s: the client went away after %d bytes of its "
-                            "body; nothing stored", (who or {}).get("address"), total)
-                self.audit.event(A.INSTANCES_TRANSFERRED, A.MINOR_FAILURE, action="store",
-                                 service="STOW-RS", peer=who, received_bytes=total,
-                                 reason="the client went away before the end of its body")
+                log.warning(
+                    "STOW-RS from %s: the client went away after %d bytes of its "
+                    "body; nothing stored",
+                    (who or {}).get("address"),
+                    total,
+                )
+                self.audit.event(
+                    A.INSTANCES_TRANSFERRED,
+                    A.MINOR_FAILURE,
+                    action="store",
+                    service="STOW-RS",
+                    peer=who,
+                    received_bytes=total,
+                    reason="the client went away before the end of its body",
+                )
                 raise
             refused = await run_in_threadpool(self._spool, spool, bytes(buf))
             if refused is not None:
@@ -562,17 +710,22 @@ class DicomWeb:
         """Write one block of a STOW body (worker thread); a refusal when the disk is below
         the reserve or full."""
         if block and not self.scp.disk_ok():
-            return JSONResponse({"error": "disk below the free-space reserve; retry later"},
-                                status_code=503, headers={"Retry-After": "60"})
+            return JSONResponse(
+                {"error": "disk below the free-space reserve; retry later"},
+                status_code=503,
+                headers={"Retry-After": "60"},
+            )
         try:
             spool.write(block)
         except OSError:
-            return JSONResponse({"error": "disk full; retry later"}, status_code=503,
-                                headers={"Retry-After": "60"})
+            return JSONResponse(
+                {"error": "disk full; retry later"}, status_code=503, headers={"Retry-After": "60"}
+            )
         return None
 
-    def _store_parts(self, request: Request, body: Path,
-                     parts: list[tuple[str, int, int]]) -> Response:
+    def _store_parts(
+        self, request: Request, body: Path, parts: list[tuple[str, int, int]]
+    ) -> Response:
         """Each part through :class:`node.ingest.Ingest` (the same streaming validation as
         C-STORE: nothing is parsed whole before it)."""
         study_in_url = request.path_params.get("study")
@@ -582,36 +735,49 @@ class DicomWeb:
         for ptype, offset, length in parts:
             item = Dataset()
             if not ptype.startswith("application/dicom"):
-                out = self.ingest.refuse(DATASET_MISMATCH, f"part of type {ptype} is not "
-                                         "application/dicom", calling, who)
+                out = self.ingest.refuse(
+                    DATASET_MISMATCH, f"part of type {ptype} is not application/dicom", calling, who
+                )
             else:
                 check = StreamCheck(self.ingest.max_bytes)
                 try:
-                    path = part_to_file(body, offset, length, self.files.incoming,
-                                        self.ingest.max_bytes, check)
+                    path = part_to_file(
+                        body, offset, length, self.files.incoming, self.ingest.max_bytes, check
+                    )
                 except StoreError as exc:
                     sop_class, sop_instance = part_identity(body, offset, length)
-                    out = self.ingest.refuse(exc.status, str(exc), calling, who, sop_class,
-                                             sop_instance)
+                    out = self.ingest.refuse(
+                        exc.status, str(exc), calling, who, sop_class, sop_instance
+                    )
                 except OSError as exc:  # the copy of the part: a full disk, an I/O error
                     full = exc.errno in _DISK_ERRNOS
                     if not full:
                         log.error("STOW part copy failed: %s", exc)
                     out = self.ingest.refuse(
                         OUT_OF_RESOURCES if full else PROCESSING_FAILURE,
-                        "disk full" if full else "I/O error", calling, who)
+                        "disk full" if full else "I/O error",
+                        calling,
+                        who,
+                    )
                 else:
-                    out = self.ingest.store(path, calling, peer=who, study=study_in_url,
-                                            validated=stream_validated(check))
+                    out = self.ingest.store(
+                        path,
+                        calling,
+                        peer=who,
+                        study=study_in_url,
+                        validated=stream_validated(check),
+                    )
             if out.sop_class_uid:
                 item.ReferencedSOPClassUID = out.sop_class_uid
             if out.sop_instance_uid:
                 item.ReferencedSOPInstanceUID = out.sop_instance_uid
             if out.ok:
-                item.RetrieveURL = (f"{self.origin(request)}{self.root}/studies/"
-                                    f"{out.study_instance_uid}/series/"
-                                    f"{out.series_instance_uid}/instances/"
-                                    f"{out.sop_instance_uid}")
+                item.RetrieveURL = (
+                    f"{self.origin(request)}{self.root}/studies/"
+                    f"{out.study_instance_uid}/series/"
+                    f"{out.series_instance_uid}/instances/"
+                    f"{out.sop_instance_uid}"
+                )
                 ok.append(item)
             else:
                 item.FailureReason = out.status
@@ -629,7 +795,8 @@ class DicomWeb:
             # Why, in words: the Warning header DICOMweb uses (the body stays standard).
             headers["Warning"] = ", ".join(
                 f'299 mammo-node: "{public_message(m).replace(chr(34), chr(39))[:200]}"'
-                for _, m in failed)
+                for _, m in failed
+            )
         code = 200 if not failed else (202 if ok else 409)
         if failed and not ok and all(i.FailureReason == OUT_OF_RESOURCES for i, _ in failed):
             code = 503
@@ -643,19 +810,26 @@ class DicomWeb:
     def _qido(self, request: Request) -> Response:
         p = request.path_params
         path = request.url.path
-        level = ("IMAGE" if path.endswith("/instances") else
-                 "SERIES" if path.endswith("/series") else "STUDY")
+        level = (
+            "IMAGE"
+            if path.endswith("/instances")
+            else "SERIES"
+            if path.endswith("/series")
+            else "STUDY"
+        )
         params: list[tuple[str, str]] = []
         includes: list[str] = []
         cap = self.cfg.dicomweb.max_results
         limit, offset = cap, 0
         for name, value in request.query_params.multi_items():
             if name in ("limit", "offset"):
-                if not value.strip().isdigit() or (name == "offset"
-                                                   and len(value.strip()) > 9):
-                    return _error(400, f"{name} must be an integer from 0"
-                                       f"{' to 999999999' if name == 'offset' else ''}, got "
-                                       f"{value[:20]!r}")
+                if not value.strip().isdigit() or (name == "offset" and len(value.strip()) > 9):
+                    return _error(
+                        400,
+                        f"{name} must be an integer from 0"
+                        f"{' to 999999999' if name == 'offset' else ''}, got "
+                        f"{value[:20]!r}",
+                    )
                 if name == "limit":
                     limit = min(int(value), cap) if int(value) > 0 else cap
                 else:
@@ -679,24 +853,38 @@ class DicomWeb:
             body, studies, more = self._qido_answers(query, limit, offset, base)
         except QueryUnavailable as exc:
             log.error("QIDO-RS failed: %s", exc.__cause__ or exc)
-            self.audit.event(A.QUERY, A.SERIOUS_FAILURE,
-                             peer=getattr(request.state, "who", None), service="QIDO-RS",
-                             reason=str(exc))
-            return JSONResponse({"error": f"{exc}; retry later"}, status_code=503,
-                                headers={"Retry-After": "5"})
-        self.audit.event(A.QUERY, A.SUCCESS, peer=getattr(request.state, "who", None),
-                         service="QIDO-RS", level=level, matched_studies=studies,
-                         capped=more or None)
+            self.audit.event(
+                A.QUERY,
+                A.SERIOUS_FAILURE,
+                peer=getattr(request.state, "who", None),
+                service="QIDO-RS",
+                reason=str(exc),
+            )
+            return JSONResponse(
+                {"error": f"{exc}; retry later"}, status_code=503, headers={"Retry-After": "5"}
+            )
+        self.audit.event(
+            A.QUERY,
+            A.SUCCESS,
+            peer=getattr(request.state, "who", None),
+            service="QIDO-RS",
+            level=level,
+            matched_studies=studies,
+            capped=more or None,
+        )
         headers = {}
         if more:
             # PS3.18 8.3.4.2: tell the client that more results exist.
-            headers["Warning"] = ('299 mammo-node: "The number of results exceeded the maximum '
-                                  'supported by the server. Additional results can be '
-                                  'requested."')
+            headers["Warning"] = (
+                '299 mammo-node: "The number of results exceeded the maximum '
+                "supported by the server. Additional results can be "
+                'requested."'
+            )
         return JSONResponse(body, media_type=DICOM_JSON, headers=headers)
 
-    def _qido_answers(self, query: Query, limit: int, offset: int,
-                      base: str) -> tuple[list[dict], int, bool]:
+    def _qido_answers(
+        self, query: Query, limit: int, offset: int, base: str
+    ) -> tuple[list[dict], int, bool]:
         """The DICOM JSON answers of a QIDO query, their number of studies and whether more
         matched (in a worker thread: the database and the encoding are not the loop's)."""
         found = self.queries.find(query, limit, offset)
@@ -716,8 +904,10 @@ class DicomWeb:
     # -- WADO-RS ---------------------------------------------------------------------------
     def _rows(self, p: dict[str, str]) -> list[Instance]:
         return self.reports.find_instances(
-            study_uids=[p["study"]], series_uids=[p["series"]] if "series" in p else None,
-            sop_uids=[p["instance"]] if "instance" in p else None)
+            study_uids=[p["study"]],
+            series_uids=[p["series"]] if "series" in p else None,
+            sop_uids=[p["instance"]] if "instance" in p else None,
+        )
 
     @staticmethod
     def origin(request: Request) -> str:
@@ -731,51 +921,80 @@ class DicomWeb:
         return origin
 
     def _instance_url(self, request: Request, r: Instance) -> str:
-        return (f"{self.origin(request)}{self.root}/studies/"
-                f"{r.study_instance_uid}/series/{r.series_instance_uid}/instances/"
-                f"{r.sop_instance_uid}")
+        return (
+            f"{self.origin(request)}{self.root}/studies/"
+            f"{r.study_instance_uid}/series/{r.series_instance_uid}/instances/"
+            f"{r.sop_instance_uid}"
+        )
 
     def _audit_retrieve(self, request: Request, rows: list[Instance], service: str) -> None:
-        self.audit.event(A.BEGIN_TRANSFER, A.SUCCESS, service=service,
-                         peer=getattr(request.state, "who", None),
-                         studies=sorted({r.study_instance_uid for r in rows}),
-                         instances=len(rows))
+        self.audit.event(
+            A.BEGIN_TRANSFER,
+            A.SUCCESS,
+            service=service,
+            peer=getattr(request.state, "who", None),
+            studies=sorted({r.study_instance_uid for r in rows}),
+            instances=len(rows),
+        )
 
-    def _audit_done(self, request: Request, rows: list[Instance], service: str,
-                    outcome: int = A.SUCCESS, reason: str | None = None) -> None:
+    def _audit_done(
+        self,
+        request: Request,
+        rows: list[Instance],
+        service: str,
+        outcome: int = A.SUCCESS,
+        reason: str | None = None,
+    ) -> None:
         """PS3.15 A.5.3.4 DICOM Instances Transferred: the retrieve ended (0: its answer
         was sent whole; 8: cut short)."""
         try:
-            self.audit.event(A.INSTANCES_TRANSFERRED, outcome, service=service,
-                             action="retrieve", peer=getattr(request.state, "who", None),
-                             studies=sorted({r.study_instance_uid for r in rows}),
-                             instances=len(rows), reason=reason)
+            self.audit.event(
+                A.INSTANCES_TRANSFERRED,
+                outcome,
+                service=service,
+                action="retrieve",
+                peer=getattr(request.state, "who", None),
+                studies=sorted({r.study_instance_uid for r in rows}),
+                instances=len(rows),
+                reason=reason,
+            )
         except A.AuditUnavailable:
             pass  # the answer is sent; the audit module logged the failure
 
-    def _transfer(self, request: Request, rows: list[Instance], service: str,
-                  response: Response) -> Response:
+    def _transfer(
+        self, request: Request, rows: list[Instance], service: str, response: Response
+    ) -> Response:
         """``response``, with the completion event written once it has been sent whole or
         cut short (:class:`Audited`)."""
-        return Audited(response, lambda outcome, reason: self._audit_done(
-            request, rows, service, outcome, reason))
+        return Audited(
+            response,
+            lambda outcome, reason: self._audit_done(request, rows, service, outcome, reason),
+        )
 
     async def wado(self, request: Request) -> Response:
         rows = await run_in_threadpool(self._rows, request.path_params)
         if not rows:
             return _error(404, "no such study, series or instance")
         accept = request.headers.get("accept", "")
-        if accept and not any(i.media in ("multipart/related", "*/*", "multipart/*")
-                              and (i.part in (None, "application/dicom"))
-                              for i in wado.parse_accept(accept)):
+        if accept and not any(
+            i.media in ("multipart/related", "*/*", "multipart/*")
+            and (i.part in (None, "application/dicom"))
+            for i in wado.parse_accept(accept)
+        ):
             return _error(406, 'retrieve answers multipart/related; type="application/dicom"')
         self._audit_retrieve(request, rows, "WADO-RS")
         boundary = uuid.uuid4().hex
         paths = [self.files.abspath(r.path) for r in rows]
         # A sync generator: Starlette reads the files block by block in a worker thread.
-        return self._transfer(request, rows, "WADO-RS", StreamingResponse(
-            wado.stream_files(paths, boundary),
-            media_type=f'multipart/related; type="application/dicom"; boundary={boundary}'))
+        return self._transfer(
+            request,
+            rows,
+            "WADO-RS",
+            StreamingResponse(
+                wado.stream_files(paths, boundary),
+                media_type=f'multipart/related; type="application/dicom"; boundary={boundary}',
+            ),
+        )
 
     async def metadata(self, request: Request) -> Response:
         rows = await run_in_threadpool(self._rows, request.path_params)
@@ -783,18 +1002,27 @@ class DicomWeb:
             return _error(404, "no such study, series or instance")
 
         def build() -> list[dict]:
-            return [wado.metadata_json(self.files.abspath(r.path), self._instance_url(request, r))
-                    for r in rows]
+            return [
+                wado.metadata_json(self.files.abspath(r.path), self._instance_url(request, r))
+                for r in rows
+            ]
+
         # Full headers (names, birth dates): a retrieve as the audit trail counts them.
         self._audit_retrieve(request, rows, "WADO-RS metadata")
         try:
             body = await run_in_threadpool(build)
         except Exception as exc:
-            self._audit_done(request, rows, "WADO-RS metadata", A.SERIOUS_FAILURE,
-                             f"{type(exc).__name__}: internal error")
+            self._audit_done(
+                request,
+                rows,
+                "WADO-RS metadata",
+                A.SERIOUS_FAILURE,
+                f"{type(exc).__name__}: internal error",
+            )
             raise
-        return self._transfer(request, rows, "WADO-RS metadata",
-                              JSONResponse(body, media_type=DICOM_JSON))
+        return self._transfer(
+            request, rows, "WADO-RS metadata", JSONResponse(body, media_type=DICOM_JSON)
+        )
 
     async def frames(self, request: Request) -> Response:
         rows = await run_in_threadpool(self._rows, request.path_params)
@@ -804,8 +1032,9 @@ class DicomWeb:
         n_frames = r.number_of_frames or 1
         try:
             numbers = wado.parse_frame_list(request.path_params["frames"], n_frames)
-            choice = wado.choose_frames(request.headers.get("accept", ""),
-                                        r.transfer_syntax_uid, len(numbers))
+            choice = wado.choose_frames(
+                request.headers.get("accept", ""), r.transfer_syntax_uid, len(numbers)
+            )
         except ValueError as exc:
             return _error(400, str(exc))
         except wado.NotAcceptable as exc:
@@ -817,13 +1046,20 @@ class DicomWeb:
             return _error(400, str(exc))
         self._audit_retrieve(request, rows, "WADO-RS frames")
         if not choice.multipart:
-            return self._transfer(request, rows, "WADO-RS frames",
-                                  Response(first, media_type=choice.content_type))
+            return self._transfer(
+                request, rows, "WADO-RS frames", Response(first, media_type=choice.content_type)
+            )
         boundary = uuid.uuid4().hex
         # Streamed: one frame in memory at a time, however many the list names.
-        return self._transfer(request, rows, "WADO-RS frames", StreamingResponse(
-            wado.stream_parts(itertools.chain([first], gen), choice.content_type, boundary),
-            media_type=wado.multipart_content_type(choice.content_type, boundary)))
+        return self._transfer(
+            request,
+            rows,
+            "WADO-RS frames",
+            StreamingResponse(
+                wado.stream_parts(itertools.chain([first], gen), choice.content_type, boundary),
+                media_type=wado.multipart_content_type(choice.content_type, boundary),
+            ),
+        )
 
     async def bulkdata(self, request: Request) -> Response:
         rows = await run_in_threadpool(self._rows, request.path_params)
@@ -840,10 +1076,17 @@ class DicomWeb:
                 self._audit_retrieve(request, rows, "WADO-RS bulkdata")
                 boundary = uuid.uuid4().hex if multipart else None
                 octets = "application/octet-stream"
-                return self._transfer(request, rows, "WADO-RS bulkdata", StreamingResponse(
-                    wado.stream_range(path, span[0], span[1], octets, boundary),
-                    media_type=(wado.multipart_content_type(octets, boundary) if boundary
-                                else octets)))
+                return self._transfer(
+                    request,
+                    rows,
+                    "WADO-RS bulkdata",
+                    StreamingResponse(
+                        wado.stream_range(path, span[0], span[1], octets, boundary),
+                        media_type=(
+                            wado.multipart_content_type(octets, boundary) if boundary else octets
+                        ),
+                    ),
+                )
         try:
             value = await run_in_threadpool(wado.bulkdata, path, int(tag, 16))
         except KeyError:
@@ -851,10 +1094,15 @@ class DicomWeb:
         self._audit_retrieve(request, rows, "WADO-RS bulkdata")
         if multipart:
             body, ctype = wado.multipart_bytes([value], "application/octet-stream")
-            return self._transfer(request, rows, "WADO-RS bulkdata",
-                                  Response(body, media_type=ctype))
-        return self._transfer(request, rows, "WADO-RS bulkdata",
-                              Response(value, media_type="application/octet-stream"))
+            return self._transfer(
+                request, rows, "WADO-RS bulkdata", Response(body, media_type=ctype)
+            )
+        return self._transfer(
+            request,
+            rows,
+            "WADO-RS bulkdata",
+            Response(value, media_type="application/octet-stream"),
+        )
 
     async def rendered(self, request: Request) -> Response:
         return await self._render(request, thumbnail=False)
@@ -865,8 +1113,9 @@ class DicomWeb:
     async def _render(self, request: Request, thumbnail: bool) -> Response:
         rows = await run_in_threadpool(self._rows, request.path_params)
         images = [r for r in rows if r.rows]  # a study's or series' first image
-        images.sort(key=lambda r: (r.role == "result", r.series_number or 0,
-                                   r.instance_number or 0, r.id))
+        images.sort(
+            key=lambda r: (r.role == "result", r.series_number or 0, r.instance_number or 0, r.id)
+        )
         if not images:
             return _error(404, "no such image")
         q = request.query_params
@@ -878,15 +1127,22 @@ class DicomWeb:
                 return _error(400, "frame numbers must be integers")
         try:
             body, media = await run_in_threadpool(
-                wado.render, self.files.abspath(images[0].path),
+                wado.render,
+                self.files.abspath(images[0].path),
                 request.headers.get("accept", "image/png" if not thumbnail else "image/jpeg"),
-                q.get("viewport"), q.get("quality"), q.get("window"), frame, thumbnail,
-                self.decoded)
+                q.get("viewport"),
+                q.get("quality"),
+                q.get("window"),
+                frame,
+                thumbnail,
+                self.decoded,
+            )
         except ValueError as exc:
             return _error(400, str(exc))
         self._audit_retrieve(request, images[:1], "WADO-RS rendered")
-        return self._transfer(request, images[:1], "WADO-RS rendered",
-                              Response(body, media_type=media))
+        return self._transfer(
+            request, images[:1], "WADO-RS rendered", Response(body, media_type=media)
+        )
 
     async def wado_uri(self, request: Request) -> Response:
         """WADO-URI (``?requestType=WADO&studyUID=&seriesUID=&objectUID=&contentType=``): the
@@ -895,9 +1151,11 @@ class DicomWeb:
         if q.get("requestType", "").upper() != "WADO":
             return _error(400, "requestType=WADO is required")
         try:
-            p = {"study": wado.check_uid(q.get("studyUID", "")),
-                 "series": wado.check_uid(q.get("seriesUID", "")),
-                 "instance": wado.check_uid(q.get("objectUID", ""))}
+            p = {
+                "study": wado.check_uid(q.get("studyUID", "")),
+                "series": wado.check_uid(q.get("seriesUID", "")),
+                "instance": wado.check_uid(q.get("objectUID", "")),
+            }
         except ValueError as exc:
             return _error(400, str(exc))
         rows = await run_in_threadpool(self._rows, p)
@@ -907,21 +1165,39 @@ class DicomWeb:
         if ctype == "application/dicom":
             self._audit_retrieve(request, rows, "WADO-URI")
             path = self.files.abspath(rows[0].path)
-            return self._transfer(request, rows[:1], "WADO-URI", StreamingResponse(
-                wado.stream_file(path), media_type="application/dicom"))
+            return self._transfer(
+                request,
+                rows[:1],
+                "WADO-URI",
+                StreamingResponse(wado.stream_file(path), media_type="application/dicom"),
+            )
         if ctype not in ("image/jpeg", "image/png", "image/gif"):
-            return _error(406, f"contentType {ctype} is not offered (application/dicom, "
-                               "image/jpeg, image/png, image/gif)")
+            return _error(
+                406,
+                f"contentType {ctype} is not offered (application/dicom, "
+                "image/jpeg, image/png, image/gif)",
+            )
         viewport = None
         if q.get("rows") or q.get("columns"):
             viewport = f"{q.get('columns') or q.get('rows')},{q.get('rows') or q.get('columns')}"
-        window = (f"{q['windowCenter']},{q['windowWidth']}"
-                  if q.get("windowCenter") and q.get("windowWidth") else None)
+        window = (
+            f"{q['windowCenter']},{q['windowWidth']}"
+            if q.get("windowCenter") and q.get("windowWidth")
+            else None
+        )
         try:
             frame = int(q.get("frameNumber", "1"))
             body, media = await run_in_threadpool(
-                wado.render, self.files.abspath(rows[0].path), ctype, viewport,
-                q.get("imageQuality"), window, frame, False, self.decoded)
+                wado.render,
+                self.files.abspath(rows[0].path),
+                ctype,
+                viewport,
+                q.get("imageQuality"),
+                window,
+                frame,
+                False,
+                self.decoded,
+            )
         except ValueError as exc:
             return _error(400, str(exc))
         self._audit_retrieve(request, rows[:1], "WADO-URI")
@@ -952,9 +1228,16 @@ class DicomWebServer(threading.Thread):
             # certificates as configured (node.security.server_context).
             t = cfg.tls
             kwargs = {"ssl_certfile": t.certificate, "ssl_keyfile": t.private_key}
-        config = _Config(web.app, host=w.host, port=w.port, log_level="warning",
-                         lifespan="off", limit_concurrency=max(64, w.max_concurrent_requests * 4),
-                         timeout_graceful_shutdown=3, **kwargs)
+        config = _Config(
+            web.app,
+            host=w.host,
+            port=w.port,
+            log_level="warning",
+            lifespan="off",
+            limit_concurrency=max(64, w.max_concurrent_requests * 4),
+            timeout_graceful_shutdown=3,
+            **kwargs,
+        )
         config.node_ssl = server_context(cfg) if w.tls else None
         self.server = uvicorn.Server(config)
         # The daemon owns the signals (uvicorn would install its own in Server.run).

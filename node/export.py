@@ -31,8 +31,9 @@ SEND_TIMEOUT = 30
 FIND_TIMEOUT = 15
 
 
-def _find_instance(ae_title: str, dest: Destination, study_uid: str, sop_uid: str,
-                   tls: TLSArgs | None = None) -> bool | None:
+def _find_instance(
+    ae_title: str, dest: Destination, study_uid: str, sop_uid: str, tls: TLSArgs | None = None
+) -> bool | None:
     """Ask the destination (C-FIND, Study Root, IMAGE level) whether it holds an instance;
     None when it cannot tell (no C-FIND there, or it does not associate)."""
     from pydicom.dataset import Dataset
@@ -40,8 +41,15 @@ def _find_instance(ae_title: str, dest: Destination, study_uid: str, sop_uid: st
 
     find = StudyRootQueryRetrieveInformationModelFind
     try:
-        with association(ae_title, dest.host, dest.port, dest.ae_title,
-                         contexts_for([str(find)]), FIND_TIMEOUT, tls) as assoc:
+        with association(
+            ae_title,
+            dest.host,
+            dest.port,
+            dest.ae_title,
+            contexts_for([str(find)]),
+            FIND_TIMEOUT,
+            tls,
+        ) as assoc:
             q = Dataset()
             q.QueryRetrieveLevel = "IMAGE"
             q.StudyInstanceUID = study_uid
@@ -52,8 +60,11 @@ def _find_instance(ae_title: str, dest: Destination, study_uid: str, sop_uid: st
                 if not status:
                     return None
                 final = int(status.Status)
-                if final in (PENDING, PENDING_WARNING) and ident is not None and \
-                        str(ident.get("SOPInstanceUID", "")) == sop_uid:
+                if (
+                    final in (PENDING, PENDING_WARNING)
+                    and ident is not None
+                    and str(ident.get("SOPInstanceUID", "")) == sop_uid
+                ):
                     found = True
             return found if final == SUCCESS else None
     except AssociationFailed as exc:
@@ -75,10 +86,19 @@ def _not_associated(dest: Destination, exc: Exception) -> str:
 class Exporter(threading.Thread):
     """Sends due deliveries, one association per destination and batch."""
 
-    def __init__(self, cfg: Config, files: FileStore, deliveries: Deliveries,
-                 reports: Reports, stop: threading.Event, *, audit: A.AuditLog | A.NullAudit,
-                 wake: Wake | None = None, poll_seconds: float = 1.0,
-                 metrics: NodeMetrics | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        files: FileStore,
+        deliveries: Deliveries,
+        reports: Reports,
+        stop: threading.Event,
+        *,
+        audit: A.AuditLog | A.NullAudit,
+        wake: Wake | None = None,
+        poll_seconds: float = 1.0,
+        metrics: NodeMetrics | None = None,
+    ) -> None:
         super().__init__(name="export", daemon=True)
         self.audit = audit
         self.metrics = metrics  # node.metrics.NodeMetrics or None
@@ -114,13 +134,15 @@ class Exporter(threading.Thread):
         lease = self.cfg.export.lease_seconds
         # Destinations paused by an administrator keep their queue until resumed.
         claimed = self.deliveries.claim_transfers(
-            lease_seconds=lease, exclude=self.deliveries.paused_destinations())
+            lease_seconds=lease, exclude=self.deliveries.paused_destinations()
+        )
         for row in claimed:
             by_dest[row.destination].append(row)
         from node.worker import Heartbeat
 
-        with Heartbeat(lambda: self.deliveries.renew_transfer_leases(lease) >= 0, lease,
-                       "deliveries"):
+        with Heartbeat(
+            lambda: self.deliveries.renew_transfer_leases(lease) >= 0, lease, "deliveries"
+        ):
             for name, rows in by_dest.items():
                 dest = self.destinations.get(name)
                 if dest is None:
@@ -132,17 +154,28 @@ class Exporter(threading.Thread):
 
     def _failed(self, row: Delivery, error: str) -> None:
         e = self.cfg.export
-        state = self.deliveries.mark_failed(row.id, error, e.max_attempts,
-                                       e.initial_delay_seconds, e.max_delay_seconds)
-        log.log(logging.ERROR if state == "gave_up" else logging.WARNING,
-                "delivery of %s to %s failed (attempt %d): %s%s", row.sop_instance_uid,
-                row.destination, row.attempts + 1, error,
-                "; giving up" if state == "gave_up" else "; will retry")
+        state = self.deliveries.mark_failed(
+            row.id, error, e.max_attempts, e.initial_delay_seconds, e.max_delay_seconds
+        )
+        log.log(
+            logging.ERROR if state == "gave_up" else logging.WARNING,
+            "delivery of %s to %s failed (attempt %d): %s%s",
+            row.sop_instance_uid,
+            row.destination,
+            row.attempts + 1,
+            error,
+            "; giving up" if state == "gave_up" else "; will retry",
+        )
 
     def _already_there(self, dest: Destination, row: Delivery) -> bool:
         """For a delivery whose previous attempt was cut off: is it at the destination?"""
-        found = _find_instance(self.cfg.node.ae_title, dest, row.study_instance_uid,
-                               row.sop_instance_uid, destination_tls(self.cfg, dest))
+        found = _find_instance(
+            self.cfg.node.ae_title,
+            dest,
+            row.study_instance_uid,
+            row.sop_instance_uid,
+            destination_tls(self.cfg, dest),
+        )
         return bool(found)
 
     def _send(self, dest: Destination, rows: list[Delivery]) -> None:
@@ -154,25 +187,45 @@ class Exporter(threading.Thread):
                 self._failed(r, f"cannot read result file: {exc}")
         if not datasets:
             return
-        contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
-                    for _, ds in datasets}
+        contexts = {
+            (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in datasets
+        }
         # The stack holds the association: released (if still up) before the end of the
         # transfer is audited.
         with ExitStack() as stack:
             try:
-                assoc = stack.enter_context(association(
-                    self.cfg.node.ae_title, dest.host, dest.port, dest.ae_title,
-                    contexts_for(sorted(contexts)), SEND_TIMEOUT,
-                    destination_tls(self.cfg, dest), no_delay=True))
+                assoc = stack.enter_context(
+                    association(
+                        self.cfg.node.ae_title,
+                        dest.host,
+                        dest.port,
+                        dest.ae_title,
+                        contexts_for(sorted(contexts)),
+                        SEND_TIMEOUT,
+                        destination_tls(self.cfg, dest),
+                        no_delay=True,
+                    )
+                )
             except (AssociationFailed, OSError, ValueError) as exc:  # OSError, ValueError:
-                for r, _ in datasets:                                # TLS certificate files
+                for r, _ in datasets:  # TLS certificate files
                     self._failed(r, _not_associated(dest, exc))
                 return
-            to = {"name": dest.name, "ae_title": dest.ae_title, "host": dest.host,
-                  "port": dest.port, "tls": dest.tls}
+            to = {
+                "name": dest.name,
+                "ae_title": dest.ae_title,
+                "host": dest.host,
+                "port": dest.port,
+                "tls": dest.tls,
+            }
             studies = sorted({r.study_instance_uid for r, _ in datasets})
-            self.audit.event(A.BEGIN_TRANSFER, A.SUCCESS, service="export", to=to,
-                             studies=studies, instances=len(datasets))
+            self.audit.event(
+                A.BEGIN_TRANSFER,
+                A.SUCCESS,
+                service="export",
+                to=to,
+                studies=studies,
+                instances=len(datasets),
+            )
             sent = failed = 0
             try:
                 for r, ds in datasets:
@@ -181,13 +234,19 @@ class Exporter(threading.Thread):
                         continue
                     if r.interrupted and self._already_there(dest, r):
                         self.deliveries.mark_sent(r.id)
-                        log.info("%s was already at %s (a send interrupted by a restart "
-                                 "had reached it): not sent again", r.sop_instance_uid,
-                                 dest.name)
+                        log.info(
+                            "%s was already at %s (a send interrupted by a restart "
+                            "had reached it): not sent again",
+                            r.sop_instance_uid,
+                            dest.name,
+                        )
                         continue
                     if not self.deliveries.mark_in_flight(r.id, self.cfg.export.lease_seconds):
-                        log.warning("%s to %s: taken over by another exporter; not sent "
-                                    "here", r.sop_instance_uid, dest.name)
+                        log.warning(
+                            "%s to %s: taken over by another exporter; not sent here",
+                            r.sop_instance_uid,
+                            dest.name,
+                        )
                         continue
                     if self.metrics is not None:
                         self.metrics.export_attempts.labels(dest.name).inc()
@@ -203,13 +262,18 @@ class Exporter(threading.Thread):
                         failed += 1
                         if self.metrics is not None:
                             self.metrics.export_failures.labels(dest.name).inc()
-                        self._failed(r, "no response" if code is None
-                                     else f"status 0x{code:04X}")
+                        self._failed(r, "no response" if code is None else f"status 0x{code:04X}")
             finally:
                 stack.close()
-                self.audit.event(A.INSTANCES_TRANSFERRED, A.SUCCESS if not failed else
-                                 A.MINOR_FAILURE, service="export", to=to, studies=studies,
-                                 sent=sent, failed=failed or None)
+                self.audit.event(
+                    A.INSTANCES_TRANSFERRED,
+                    A.SUCCESS if not failed else A.MINOR_FAILURE,
+                    service="export",
+                    to=to,
+                    studies=studies,
+                    sent=sent,
+                    failed=failed or None,
+                )
                 if self.metrics is not None and sent:
                     for study in studies:
                         latency = self.reports.delivered_latency(study)

@@ -44,15 +44,26 @@ def _peer(event: evt.Event) -> dict[str, Any]:
         return {}
 
 
-def _failed(service: str, what: str | None, event: evt.Event, exc: BaseException,
-            audit: Any) -> None:
+def _failed(
+    service: str, what: str | None, event: evt.Event, exc: BaseException, audit: Any
+) -> None:
     log.debug("%s handler failed", service, exc_info=True)
-    log.error("%s from %s failed: %s: %s", service, _peer(event).get("ae_title", "?"),
-              type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+    log.error(
+        "%s from %s failed: %s: %s",
+        service,
+        _peer(event).get("ae_title", "?"),
+        type(exc).__name__,
+        str(exc).splitlines()[0] if str(exc) else "",
+    )
     if what:
         try:
-            audit.event(what, A.SERIOUS_FAILURE, peer=_peer(event), service=service,
-                        reason=f"{type(exc).__name__}: internal error")
+            audit.event(
+                what,
+                A.SERIOUS_FAILURE,
+                peer=_peer(event),
+                service=service,
+                reason=f"{type(exc).__name__}: internal error",
+            )
         except A.AuditUnavailable:
             pass  # the failure is answered all the same
 

@@ -28,8 +28,9 @@ IMPLEMENTATION_CLASS_UID = "2.25.147535493943084717698931743661213921952"
 IMPLEMENTATION_VERSION_NAME = "MAMMO_NODE_" + "".join(c for c in __version__ if c.isdigit())
 
 if len(IMPLEMENTATION_VERSION_NAME) > 16:  # pragma: no cover - a version like 10.20.30
-    raise RuntimeError(f"Implementation Version Name {IMPLEMENTATION_VERSION_NAME!r} is longer "
-                       "than 16 characters")
+    raise RuntimeError(
+        f"Implementation Version Name {IMPLEMENTATION_VERSION_NAME!r} is longer than 16 characters"
+    )
 
 
 def application_entity(ae_title: str) -> Any:

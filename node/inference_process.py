@@ -39,17 +39,17 @@ class ExamJob:
     data_dir: str
     study_uid: str
     version: int
-    paths: dict[str, str]                  # slot -> path relative to data_dir
+    paths: dict[str, str]  # slot -> path relative to data_dir
     sr: tuple[str, ...] = ("mammo-cad", "tid1500")
     attention_maps: bool = True
     parametric_maps: bool = False
     presentation_states: bool = False
     max_marks: int = 3
     previous: dict[str, str] = field(default_factory=dict)  # kind -> path of the SR replaced
-    kinds: dict[str, str] = field(default_factory=dict)     # slot -> image kind
+    kinds: dict[str, str] = field(default_factory=dict)  # slot -> image kind
     implant: bool = False
-    volume_2d: str = "missing"                 # how a "computed" slot is made from its volume
-    notes: tuple[str, ...] = ()                # said in the reading (priors, volume-only views)
+    volume_2d: str = "missing"  # how a "computed" slot is made from its volume
+    notes: tuple[str, ...] = ()  # said in the reading (priors, volume-only views)
 
 
 class _InferenceState:
@@ -74,7 +74,7 @@ class _InferenceState:
 
 
 _STATE: _InferenceState | None = None  # set in the inference process by init_model
-_WARM_SECONDS: float | None = None      # how long its warm-up exam took (init_model)
+_WARM_SECONDS: float | None = None  # how long its warm-up exam took (init_model)
 
 
 def _state() -> _InferenceState:
@@ -110,8 +110,14 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def init_model(parent: int, checkpoint: str, device: str, numba_cache: str,
-                operating_point: float | None = None, warm: dict | None = None) -> None:
+def init_model(
+    parent: int,
+    checkpoint: str,
+    device: str,
+    numba_cache: str,
+    operating_point: float | None = None,
+    warm: dict | None = None,
+) -> None:
     global _STATE
     _die_with_parent(parent)
     # numba caches the compiled scan kernels on disk; beside the package is often read-only
@@ -150,9 +156,15 @@ def _warm_exam(sr: tuple[str, ...], attention_maps: bool, parametric_maps: bool)
         for ds in exam:
             slot = f"{ds.ImageLaterality}-{ds.ViewPosition}"
             paths[slot] = str(write(ds, folder / f"{slot}.dcm").relative_to(folder))
-        job = ExamJob(data_dir=str(folder), study_uid=str(exam[0].StudyInstanceUID),
-                      version=1, paths=paths, sr=sr, attention_maps=attention_maps,
-                      parametric_maps=parametric_maps)
+        job = ExamJob(
+            data_dir=str(folder),
+            study_uid=str(exam[0].StudyInstanceUID),
+            version=1,
+            paths=paths,
+            sr=sr,
+            attention_maps=attention_maps,
+            parametric_maps=parametric_maps,
+        )
         process_exam_srs(job)
         process_exam_scs(job)
     finally:
@@ -164,9 +176,15 @@ def model_info() -> dict[str, Any]:
 
     model = _state().model
     info = model.info
-    return {"sha256": info.sha256, "arch": info.config.arch, "task": info.config.task,
-            "demo": info.is_demo, "device": str(model.device),
-            "scan": backend_name(model.device), "warm_seconds": _WARM_SECONDS}
+    return {
+        "sha256": info.sha256,
+        "arch": info.config.arch,
+        "task": info.config.task,
+        "demo": info.is_demo,
+        "device": str(model.device),
+        "scan": backend_name(model.device),
+        "warm_seconds": _WARM_SECONDS,
+    }
 
 
 def _save(ds: Dataset, path: Path) -> None:
@@ -187,49 +205,69 @@ def _read(model: MammoModel, job: ExamJob) -> tuple:
 
     root = Path(job.data_dir)
     computed = {slot for slot, kind in job.kinds.items() if kind == "computed"}
-    sources = {slot: computed_2d(root / rel, job.volume_2d) if slot in computed
-               else dcmread(root / rel) for slot, rel in job.paths.items()}
+    sources = {
+        slot: computed_2d(root / rel, job.volume_2d) if slot in computed else dcmread(root / rel)
+        for slot, rel in job.paths.items()
+    }
     notes = list(job.notes)
     for slot in sorted(computed & set(sources)):
-        notes.append(f"{slot} computed from the tomosynthesis volume "
-                     f"({sources[slot].DerivationDescription})")
+        notes.append(
+            f"{slot} computed from the tomosynthesis volume ({sources[slot].DerivationDescription})"
+        )
     trained = model.info.metadata.get("image_kinds")
     if trained:
         other = sorted({k for s, k in job.kinds.items() if s in sources and k not in trained})
         if other:
-            notes.append(f"read from {', '.join(KIND_LABELS.get(k, k) for k in other)} "
-                         f"image(s); the model was trained on "
-                         f"{', '.join(KIND_LABELS.get(k, k) for k in trained)}")
+            notes.append(
+                f"read from {', '.join(KIND_LABELS.get(k, k) for k in other)} "
+                f"image(s); the model was trained on "
+                f"{', '.join(KIND_LABELS.get(k, k) for k in trained)}"
+            )
     # Attention maps at <= 1024 px a side: what the Secondary Captures draw and the
     # Parametric Maps store; full-resolution maps of 13-megapixel views cost ~0.15 s each.
     from inference.api import MAP_SIDE
 
-    reading = model.predict_exam(sources, keep_display=True, map_side=MAP_SIDE,
-                                 max_marks=job.max_marks)
+    reading = model.predict_exam(
+        sources, keep_display=True, map_side=MAP_SIDE, max_marks=job.max_marks
+    )
     info = model.info
     summary = ReadingSummary(
-        breasts={b: BreastSummary(present=r.present, birads=r.birads,
-                                  birads_probabilities=dict(r.birads_probabilities or {}),
-                                  diagnosis=r.diagnosis,
-                                  diagnosis_probabilities=dict(r.diagnosis_probabilities or {}),
-                                  score=r.score, density=getattr(r, "density", None),
-                                  density_probabilities=dict(
-                                      getattr(r, "density_probabilities", None) or {}))
-                 for b, r in reading.breasts.items()},
-        fusion_weights=reading.fusion_weights, missing_views=reading.missing_views,
-        model_name=reading.model["name"], model_version=str(info.metadata.get("version", "?")),
-        model_sha256=info.sha256, not_for_clinical_use=info.is_demo,
-        attention_regions={slot: region for slot, m in reading.attention_maps.items()
-                           if (region := hottest_region(m, reading.map_factors.get(slot, 1)))
-                           is not None},
+        breasts={
+            b: BreastSummary(
+                present=r.present,
+                birads=r.birads,
+                birads_probabilities=dict(r.birads_probabilities or {}),
+                diagnosis=r.diagnosis,
+                diagnosis_probabilities=dict(r.diagnosis_probabilities or {}),
+                score=r.score,
+                density=getattr(r, "density", None),
+                density_probabilities=dict(getattr(r, "density_probabilities", None) or {}),
+            )
+            for b, r in reading.breasts.items()
+        },
+        fusion_weights=reading.fusion_weights,
+        missing_views=reading.missing_views,
+        model_name=reading.model["name"],
+        model_version=str(info.metadata.get("version", "?")),
+        model_sha256=info.sha256,
+        not_for_clinical_use=info.is_demo,
+        attention_regions={
+            slot: region
+            for slot, m in reading.attention_maps.items()
+            if (region := hottest_region(m, reading.map_factors.get(slot, 1))) is not None
+        },
         seconds={k: round(v, 4) for k, v in reading.seconds.items()},
-        score=reading.score, operating_point=reading.operating_point,
+        score=reading.score,
+        operating_point=reading.operating_point,
         above_operating_point=reading.above_operating_point,
         density=getattr(reading, "density", None),
-        marks={slot: [Mark(**dataclasses.asdict(m)) for m in ms]
-               for slot, ms in reading.marks.items()},
+        marks={
+            slot: [Mark(**dataclasses.asdict(m)) for m in ms] for slot, ms in reading.marks.items()
+        },
         view_kinds={slot: job.kinds.get(slot, "conventional") for slot in sources},
-        notes=notes, implant=job.implant)
+        notes=notes,
+        implant=job.implant,
+    )
     return sources, reading, summary
 
 
@@ -242,8 +280,12 @@ def hottest_region(amap: ArrayLike, factor: int = 1) -> tuple[float, float, floa
     if m.size == 0 or not np.isfinite(m).all() or float(m.max()) <= 0:
         return None
     ys, xs = np.nonzero(m >= 0.5 * float(m.max()))
-    return (float(xs.min() * factor), float(ys.min() * factor),
-            float((xs.max() + 1) * factor), float((ys.max() + 1) * factor))
+    return (
+        float(xs.min() * factor),
+        float(ys.min() * factor),
+        float((xs.max() + 1) * factor),
+        float((ys.max() + 1) * factor),
+    )
 
 
 def _adder(job: ExamJob, produced: list[ProducedObject]) -> Callable[[Dataset, str], None]:
@@ -253,17 +295,23 @@ def _adder(job: ExamJob, produced: list[ProducedObject]) -> Callable[[Dataset, s
     def add(ds: Dataset, kind: str) -> None:
         rel = out_dir / f"{ds.SOPInstanceUID}.dcm"
         _save(ds, root / rel)
-        produced.append(ProducedObject(
-            kind=kind, sop_class_uid=str(ds.SOPClassUID),
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            series_instance_uid=str(ds.SeriesInstanceUID), path=str(rel),
-            modality=str(ds.get("Modality", "") or "") or None,
-            series_number=int(ds.get("SeriesNumber", 0) or 0),
-            instance_number=int(ds.get("InstanceNumber", 0) or 0),
-            size_bytes=(root / rel).stat().st_size,
-            series_description=str(ds.get("SeriesDescription", "") or "") or None,
-            rows=int(ds.Rows) if "Rows" in ds else None,
-            columns=int(ds.Columns) if "Columns" in ds else None))
+        produced.append(
+            ProducedObject(
+                kind=kind,
+                sop_class_uid=str(ds.SOPClassUID),
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                series_instance_uid=str(ds.SeriesInstanceUID),
+                path=str(rel),
+                modality=str(ds.get("Modality", "") or "") or None,
+                series_number=int(ds.get("SeriesNumber", 0) or 0),
+                instance_number=int(ds.get("InstanceNumber", 0) or 0),
+                size_bytes=(root / rel).stat().st_size,
+                series_description=str(ds.get("SeriesDescription", "") or "") or None,
+                rows=int(ds.Rows) if "Rows" in ds else None,
+                columns=int(ds.Columns) if "Columns" in ds else None,
+            )
+        )
+
     return add
 
 
@@ -307,8 +355,10 @@ def process_exam_srs(job: ExamJob) -> tuple[list[ProducedObject], dict]:
     for kind in job.sr:
         prev = job.previous.get(f"sr-{kind}")
         replaces = dcmread(root / prev) if prev and (root / prev).exists() else None
-        add(builders[kind](sources, summary, job.study_uid, job.version,
-                           replaces=replaces), f"sr-{kind}")
+        add(
+            builders[kind](sources, summary, job.study_uid, job.version, replaces=replaces),
+            f"sr-{kind}",
+        )
     if job.presentation_states:
         add(build_presentation_state(sources, summary, job.study_uid, job.version), "pr")
     summary.seconds["sr"] = round(time.perf_counter() - t0, 4)
@@ -327,13 +377,33 @@ def process_exam_scs(job: ExamJob) -> list[ProducedObject]:
             add = _adder(job, produced)
             for i, (slot, ds) in enumerate(sorted(sources.items())):
                 if job.attention_maps:
-                    add(build_sc(ds, slot, reading.displays[slot],
-                                 reading.attention_maps[slot], summary, job.study_uid,
-                                 job.version, i + 1), "sc")
+                    add(
+                        build_sc(
+                            ds,
+                            slot,
+                            reading.displays[slot],
+                            reading.attention_maps[slot],
+                            summary,
+                            job.study_uid,
+                            job.version,
+                            i + 1,
+                        ),
+                        "sc",
+                    )
             if job.parametric_maps:
                 for i, (slot, ds) in enumerate(sorted(sources.items())):
-                    add(build_parametric_map(ds, slot, reading.attention_maps[slot], summary,
-                                             job.study_uid, job.version, i + 1), "pm")
+                    add(
+                        build_parametric_map(
+                            ds,
+                            slot,
+                            reading.attention_maps[slot],
+                            summary,
+                            job.study_uid,
+                            job.version,
+                            i + 1,
+                        ),
+                        "pm",
+                    )
     finally:
         state.forget()
     return produced

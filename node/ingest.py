@@ -93,8 +93,9 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def read_header(path: Path, max_bytes: int = 0, scratch: Path | None = None,
-                validated: bool = False) -> Dataset:
+def read_header(
+    path: Path, max_bytes: int = 0, scratch: Path | None = None, validated: bool = False
+) -> Dataset:
     """Validate a received file whole (:func:`node.validate.check_dataset`: every element's
     length honoured, pixel data complete, Deflated inflation bounded) and parse its header
     without loading pixel data (large values are deferred, read lazily from the file).
@@ -109,13 +110,22 @@ def read_header(path: Path, max_bytes: int = 0, scratch: Path | None = None,
             from pydicom.filereader import read_dataset, read_file_meta_info
 
             with open(inflated, "rb") as f:
-                ds = read_dataset(f, is_implicit_VR=False, is_little_endian=True,
-                                  defer_size=4096)
+                ds = read_dataset(f, is_implicit_VR=False, is_little_endian=True, defer_size=4096)
             ds.file_meta = read_file_meta_info(path)
         else:
             ds = dcmread(path, defer_size=4096)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError,
-            NotImplementedError, AttributeError, IndexError, RecursionError) as exc:
+    except (
+        InvalidDicomError,
+        EOFError,
+        ValueError,
+        KeyError,
+        TypeError,
+        OSError,
+        NotImplementedError,
+        AttributeError,
+        IndexError,
+        RecursionError,
+    ) as exc:
         if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
             raise
         raise StoreError(CANNOT_UNDERSTAND, f"cannot parse dataset: {exc}") from exc
@@ -131,20 +141,30 @@ def read_header(path: Path, max_bytes: int = 0, scratch: Path | None = None,
     return ds
 
 
-def instance_record(ds: Dataset, store: FileStore, calling_aet: str,
-                    cmd_sop_class: str, cmd_sop_instance: str,
-                    transfer_syntax: str, size: int) -> InstanceRecord:
+def instance_record(
+    ds: Dataset,
+    store: FileStore,
+    calling_aet: str,
+    cmd_sop_class: str,
+    cmd_sop_instance: str,
+    transfer_syntax: str,
+    size: int,
+) -> InstanceRecord:
     """Validate identity attributes and build the instance row's values."""
     sop_class = _str(ds, "SOPClassUID")
     sop_instance = _str(ds, "SOPInstanceUID")
     if sop_class != cmd_sop_class:
-        raise StoreError(DATASET_MISMATCH,
-                         f"SOPClassUID {sop_class!r} differs from the request's "
-                         f"Affected SOP Class {cmd_sop_class!r}")
+        raise StoreError(
+            DATASET_MISMATCH,
+            f"SOPClassUID {sop_class!r} differs from the request's "
+            f"Affected SOP Class {cmd_sop_class!r}",
+        )
     if sop_instance != cmd_sop_instance:
-        raise StoreError(DATASET_MISMATCH,
-                         f"SOPInstanceUID {sop_instance!r} differs from the request's "
-                         f"Affected SOP Instance {cmd_sop_instance!r}")
+        raise StoreError(
+            DATASET_MISMATCH,
+            f"SOPInstanceUID {sop_instance!r} differs from the request's "
+            f"Affected SOP Instance {cmd_sop_instance!r}",
+        )
     study, series = _str(ds, "StudyInstanceUID"), _str(ds, "SeriesInstanceUID")
     for name, value in (("StudyInstanceUID", study), ("SeriesInstanceUID", series)):
         if not value:
@@ -198,8 +218,6 @@ def instance_record(ds: Dataset, store: FileStore, calling_aet: str,
     )
 
 
-
-
 @dataclass
 class Outcome:
     """What became of one dataset: the DICOM status, the reason in words, and the identity
@@ -235,11 +253,16 @@ def _copy(src: Any, dst: Any, length: int, check: StreamCheck | None = None) -> 
             try:
                 check.feed(block)
             except DatasetInvalid as exc:
-                raise StoreError(exc.status, f"{exc} (refused while the part was copied, in "
-                                 f"the block at byte {length - left} of {length})") from exc
+                raise StoreError(
+                    exc.status,
+                    f"{exc} (refused while the part was copied, in "
+                    f"the block at byte {length - left} of {length})",
+                ) from exc
             except Exception:  # a bug here must not refuse data: the file is walked whole
-                log.exception("validation while copying a STOW-RS part failed; the file is "
-                              "validated whole instead")
+                log.exception(
+                    "validation while copying a STOW-RS part failed; the file is "
+                    "validated whole instead"
+                )
                 check = None
         dst.write(block)
         left -= len(block)
@@ -261,16 +284,21 @@ def part_identity(body: Path, offset: int, length: int) -> tuple[str | None, str
         with open(body, "rb") as f:
             f.seek(offset)
             head = f.read(min(length, 144))
-            if len(head) < 144 or head[128:132] != b"DICM" or head[132:138] != \
-                    b"\x02\x00\x00\x00UL":
+            if (
+                len(head) < 144
+                or head[128:132] != b"DICM"
+                or head[132:138] != b"\x02\x00\x00\x00UL"
+            ):
                 return None, None
             (meta_len,) = struct.unpack("<I", head[140:144])
             if meta_len > min(length, 1 << 16):
                 return None, None
             meta = head + f.read(meta_len)
         ds = dcmread(BytesIO(meta), force=True)
-        return (_str(ds.file_meta, "MediaStorageSOPClassUID"),
-                _str(ds.file_meta, "MediaStorageSOPInstanceUID"))
+        return (
+            _str(ds.file_meta, "MediaStorageSOPClassUID"),
+            _str(ds.file_meta, "MediaStorageSOPInstanceUID"),
+        )
     except Exception:  # only a courtesy for the answer: never a reason to fail
         return None, None
 
@@ -279,12 +307,17 @@ def stream_validated(check: StreamCheck | None) -> bool:
     """Every byte went through ``check`` and passed: the whole-file walk is not needed
     (except for a Deflated dataset, whose header is read from the inflated copy that walk
     writes)."""
-    return (check is not None and check.error is None and check.done
-            and check.syntax != DEFLATED)
+    return check is not None and check.error is None and check.done and check.syntax != DEFLATED
 
 
-def part_to_file(body: Path, offset: int, length: int, directory: Path,
-                 max_bytes: int = 0, check: StreamCheck | None = None) -> Path:
+def part_to_file(
+    body: Path,
+    offset: int,
+    length: int,
+    directory: Path,
+    max_bytes: int = 0,
+    check: StreamCheck | None = None,
+) -> Path:
     """A byte range of a spooled multipart body as a DICOM Part 10 file of its own, copied
     in blocks. A Part 10 part goes block by block through ``check`` (a
     :class:`node.validate.StreamCheck`, as a C-STORE's blocks do) before each block is
@@ -296,14 +329,16 @@ def part_to_file(body: Path, offset: int, length: int, directory: Path,
     never loaded whole, and ``check`` is not used (it reads Part 10 files). Raises
     :class:`StoreError`."""
     if max_bytes and length > max_bytes:
-        raise StoreError(OUT_OF_RESOURCES, "dataset larger than [node] max_dataset_mb "
-                         f"({max_bytes >> 20} MB)")
+        raise StoreError(
+            OUT_OF_RESOURCES, f"dataset larger than [node] max_dataset_mb ({max_bytes >> 20} MB)"
+        )
     with open(body, "rb") as f:
         f.seek(offset)
         head = f.read(min(length, 132))
         f.seek(offset)
-        out = tempfile.NamedTemporaryFile(dir=directory, prefix="stow-", suffix=".dcm",
-                                          delete=False)
+        out = tempfile.NamedTemporaryFile(
+            dir=directory, prefix="stow-", suffix=".dcm", delete=False
+        )
         path = Path(out.name)
         try:
             if head[128:132] == b"DICM":
@@ -352,13 +387,17 @@ def _wrap_raw(raw: Path, out: Any) -> None:
         raise StoreError(CANNOT_UNDERSTAND, f"not a DICOM file: {exc}") from exc
     sop_class, sop_instance = _str(ds, "SOPClassUID"), _str(ds, "SOPInstanceUID")
     if not sop_class or not sop_instance:
-        raise StoreError(CANNOT_UNDERSTAND, "no SOP Class / SOP Instance UID: not a DICOM "
-                         "file")
+        raise StoreError(CANNOT_UNDERSTAND, "no SOP Class / SOP Instance UID: not a DICOM file")
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(sop_class)
     meta.MediaStorageSOPInstanceUID = UID(sop_instance)
-    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
-                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    meta.TransferSyntaxUID = (
+        ImplicitVRLittleEndian
+        if implicit
+        else ExplicitVRLittleEndian
+        if little
+        else ExplicitVRBigEndian
+    )
     stamp_file_meta(meta)
     buf = DicomBytesIO()
     buf.is_little_endian, buf.is_implicit_VR = True, False
@@ -371,9 +410,16 @@ def _wrap_raw(raw: Path, out: Any) -> None:
 class Ingest:
     """Validate, place, record and assemble received datasets, whatever the protocol."""
 
-    def __init__(self, cfg: Config, files: FileStore, exams: Exams,
-                 *, audit: A.AuditLog | A.NullAudit,
-                 exam_ready: threading.Event | None = None, metrics: Any = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        files: FileStore,
+        exams: Exams,
+        *,
+        audit: A.AuditLog | A.NullAudit,
+        exam_ready: threading.Event | None = None,
+        metrics: Any = None,
+    ) -> None:
         self.cfg = cfg
         self.files = files
         self.exams = exams
@@ -388,69 +434,113 @@ class Ingest:
         """Free space above the reserve: a quick check, safe on a network thread."""
         return not self.min_free or self.files.free_bytes() >= self.min_free
 
-    def store(self, path: Path, calling: str, sop_class: str | None = None,
-              sop_instance: str | None = None, transfer_syntax: str | None = None,
-              peer: dict | None = None, study: str | None = None,
-              validated: bool = False) -> Outcome:
+    def store(
+        self,
+        path: Path,
+        calling: str,
+        sop_class: str | None = None,
+        sop_instance: str | None = None,
+        transfer_syntax: str | None = None,
+        peer: dict | None = None,
+        study: str | None = None,
+        validated: bool = False,
+    ) -> Outcome:
         """Validate, place and record the file at ``path`` (which is consumed: placed or
         removed). ``sop_class`` / ``sop_instance`` / ``transfer_syntax``: what the request
         announced (None: the file's own meta information); ``study``: the study the request
         is for (STOW-RS ``/studies/{study}``), another is refused; ``validated``: the file's
         bytes were validated while they arrived. A refusal is counted and audited here; a
         success is audited by :meth:`_store`."""
-        out = self._store(path, calling, sop_class, sop_instance, transfer_syntax, peer,
-                          study, validated)
+        out = self._store(
+            path, calling, sop_class, sop_instance, transfer_syntax, peer, study, validated
+        )
         if not out.ok:
             if self.metrics is not None:
                 self.metrics.refused.labels(f"0x{out.status:04X}").inc()
-            self.audit.event(A.INSTANCES_TRANSFERRED, A.MINOR_FAILURE, action="store",
-                             peer=peer or {"ae_title": calling},
-                             instance=out.sop_instance_uid or sop_instance,
-                             status=f"0x{out.status:04X}", reason=out.message[:200])
+            self.audit.event(
+                A.INSTANCES_TRANSFERRED,
+                A.MINOR_FAILURE,
+                action="store",
+                peer=peer or {"ae_title": calling},
+                instance=out.sop_instance_uid or sop_instance,
+                status=f"0x{out.status:04X}",
+                reason=out.message[:200],
+            )
         return out
 
-    def refuse(self, status: int, message: str, calling: str,
-               peer: dict | None = None, sop_class: str | None = None,
-               sop_instance: str | None = None) -> Outcome:
+    def refuse(
+        self,
+        status: int,
+        message: str,
+        calling: str,
+        peer: dict | None = None,
+        sop_class: str | None = None,
+        sop_instance: str | None = None,
+    ) -> Outcome:
         """A dataset refused before it reached :meth:`store` (a STOW part that is not one, or
         one refused while it was copied): counted and audited as a refusal of :meth:`store`
         is."""
         if self.metrics is not None:
             self.metrics.refused.labels(f"0x{status:04X}").inc()
-        self.audit.event(A.INSTANCES_TRANSFERRED, A.MINOR_FAILURE, action="store",
-                         peer=peer or {"ae_title": calling}, instance=sop_instance,
-                         status=f"0x{status:04X}", reason=message[:200])
+        self.audit.event(
+            A.INSTANCES_TRANSFERRED,
+            A.MINOR_FAILURE,
+            action="store",
+            peer=peer or {"ae_title": calling},
+            instance=sop_instance,
+            status=f"0x{status:04X}",
+            reason=message[:200],
+        )
         return Outcome(status, message, sop_class_uid=sop_class, sop_instance_uid=sop_instance)
 
-    def _store(self, path: Path, calling: str, sop_class: str | None,
-               sop_instance: str | None, transfer_syntax: str | None,
-               peer: dict | None, study: str | None, validated: bool = False) -> Outcome:
+    def _store(
+        self,
+        path: Path,
+        calling: str,
+        sop_class: str | None,
+        sop_instance: str | None,
+        transfer_syntax: str | None,
+        peer: dict | None,
+        study: str | None,
+        validated: bool = False,
+    ) -> Outcome:
         t0 = time.perf_counter()
         record: InstanceRecord | None = None
         ds: Dataset | None = None
         try:
             if not self.disk_ok():
-                raise StoreError(OUT_OF_RESOURCES,
-                                 f"disk almost full: less than {self.cfg.storage.min_free_mb:g}"
-                                 " MB free in the store")
+                raise StoreError(
+                    OUT_OF_RESOURCES,
+                    f"disk almost full: less than {self.cfg.storage.min_free_mb:g}"
+                    " MB free in the store",
+                )
             if getattr(self.audit, "fail_closed", False) and getattr(self.audit, "failing", False):
-                raise StoreError(OUT_OF_RESOURCES, "the audit trail cannot be written "
-                                                   "([audit] fail_closed): retry later")
+                raise StoreError(
+                    OUT_OF_RESOURCES,
+                    "the audit trail cannot be written ([audit] fail_closed): retry later",
+                )
             ds = read_header(path, self.max_bytes, self.files.incoming, validated)
             meta = ds.file_meta
             if study is not None and _str(ds, "StudyInstanceUID") != study:
-                raise StoreError(DATASET_MISMATCH, f"StudyInstanceUID "
-                                 f"{_str(ds, 'StudyInstanceUID')} is not the study of the "
-                                 "request")
+                raise StoreError(
+                    DATASET_MISMATCH,
+                    f"StudyInstanceUID "
+                    f"{_str(ds, 'StudyInstanceUID')} is not the study of the "
+                    "request",
+                )
             record = instance_record(
-                ds, self.files, calling,
+                ds,
+                self.files,
+                calling,
                 sop_class or str(meta.get("MediaStorageSOPClassUID", "")),
                 sop_instance or str(meta.get("MediaStorageSOPInstanceUID", "")),
                 transfer_syntax or str(meta.get("TransferSyntaxUID", "")),
-                path.stat().st_size)
+                path.stat().st_size,
+            )
             rel = record.path
             result = self.exams.add_instance(
-                record, self.assign, place=lambda: self.files.place(path, rel))
+                record, self.assign, place=lambda: self.files.place(path, rel)
+            )
         except StoreError as exc:
             self._discard(path)
             return self._outcome(exc.status, str(exc), ds)
@@ -465,62 +555,97 @@ class Ingest:
             if is_disk_full(exc):  # the database's disk
                 return self._outcome(OUT_OF_RESOURCES, "database disk full", ds)
             log.exception("store %s: unexpected error", sop_instance)
-            return self._outcome(PROCESSING_FAILURE, f"internal error: {type(exc).__name__}",
-                                 ds)
+            return self._outcome(PROCESSING_FAILURE, f"internal error: {type(exc).__name__}", ds)
 
         ms = (time.perf_counter() - t0) * 1000
         try:
-            self.audit.event(A.INSTANCES_TRANSFERRED, A.SUCCESS, action="store",
-                             peer=peer or {"ae_title": calling},
-                             study=record.study_instance_uid,
-                             accession=record.accession_number,
-                             instance=record.sop_instance_uid,
-                             duplicate=result.duplicate or None)
+            self.audit.event(
+                A.INSTANCES_TRANSFERRED,
+                A.SUCCESS,
+                action="store",
+                peer=peer or {"ae_title": calling},
+                study=record.study_instance_uid,
+                accession=record.accession_number,
+                instance=record.sop_instance_uid,
+                duplicate=result.duplicate or None,
+            )
         except A.AuditUnavailable:
             # Stored and recorded already (the trail failed after the check below): the store
             # stands and is answered as such; the failure is in the node's log.
-            log.error("store %s: stored, but its audit line could not be written",
-                      record.sop_instance_uid)
+            log.error(
+                "store %s: stored, but its audit line could not be written", record.sop_instance_uid
+            )
         if self.metrics is not None and not result.duplicate:
             self.metrics.stored(calling, record.size_bytes)
         done = self._outcome(SUCCESS, "stored", ds)
         if result.duplicate:
             path.unlink(missing_ok=True)
-            log.info("%s from %s: already stored, kept the first copy",
-                     record.sop_instance_uid, calling)
+            log.info(
+                "%s from %s: already stored, kept the first copy", record.sop_instance_uid, calling
+            )
             done.message = "already stored"
             return done
         if result.exam_state == "ready" and self.exam_ready is not None:
             self.exam_ready.set()
         if result.conflict:
-            why = ("was re-sent with another patient identity" if result.corrected_from
-                   else "and the exam's images belong to different patients")
-            log.warning("exam %s held: instance %s %s; no reading until resolved with "
-                        "'mammo-node resolve %s --patient-id ID'", result.exam_study_uid,
-                        record.sop_instance_uid, why, result.exam_study_uid)
-            self.audit.event(A.SECURITY_ALERT, A.MINOR_FAILURE,
-                             alert=("patient identity changed" if result.corrected_from
-                                    else "patient conflict"),
-                             study=result.exam_study_uid, instance=record.sop_instance_uid,
-                             previous=result.corrected_from, now=result.corrected_to,
-                             peer=peer or {"ae_title": calling})
+            why = (
+                "was re-sent with another patient identity"
+                if result.corrected_from
+                else "and the exam's images belong to different patients"
+            )
+            log.warning(
+                "exam %s held: instance %s %s; no reading until resolved with "
+                "'mammo-node resolve %s --patient-id ID'",
+                result.exam_study_uid,
+                record.sop_instance_uid,
+                why,
+                result.exam_study_uid,
+            )
+            self.audit.event(
+                A.SECURITY_ALERT,
+                A.MINOR_FAILURE,
+                alert=("patient identity changed" if result.corrected_from else "patient conflict"),
+                study=result.exam_study_uid,
+                instance=record.sop_instance_uid,
+                previous=result.corrected_from,
+                now=result.corrected_to,
+                peer=peer or {"ae_title": calling},
+            )
         where = record.slot or record.role
         if result.exam_study_uid:
-            log.info("stored %s (%s) from %s in %.0f ms; exam %s v%d %s%s",
-                     record.sop_instance_uid, where, calling, ms, result.exam_study_uid,
-                     result.exam_version, result.exam_state,
-                     " (reopened)" if result.reopened else "")
+            log.info(
+                "stored %s (%s) from %s in %.0f ms; exam %s v%d %s%s",
+                record.sop_instance_uid,
+                where,
+                calling,
+                ms,
+                result.exam_study_uid,
+                result.exam_version,
+                result.exam_state,
+                " (reopened)" if result.reopened else "",
+            )
         else:
-            log.info("stored %s (%s, not part of an exam) from %s in %.0f ms",
-                     record.sop_instance_uid, record.modality or "?", calling, ms)
+            log.info(
+                "stored %s (%s, not part of an exam) from %s in %.0f ms",
+                record.sop_instance_uid,
+                record.modality or "?",
+                calling,
+                ms,
+            )
         return done
 
     @staticmethod
     def _outcome(status: int, message: str, ds: Dataset | None) -> Outcome:
         if ds is None:
             return Outcome(status, message)
-        return Outcome(status, message, _str(ds, "SOPClassUID"), _str(ds, "SOPInstanceUID"),
-                       _str(ds, "StudyInstanceUID"), _str(ds, "SeriesInstanceUID"))
+        return Outcome(
+            status,
+            message,
+            _str(ds, "SOPClassUID"),
+            _str(ds, "SOPInstanceUID"),
+            _str(ds, "StudyInstanceUID"),
+            _str(ds, "SeriesInstanceUID"),
+        )
 
     def _discard(self, path: Path, record_path: str | None = None) -> None:
         path.unlink(missing_ok=True)

@@ -40,18 +40,23 @@ class _StateCollector(Collector):
             queue = GaugeMetricFamily(
                 "mammo_node_export_queue",
                 "Result objects waiting for delivery, by destination and state",
-                labels=["destination", "state"])
+                labels=["destination", "state"],
+            )
             for q in s.get("queue", []):  # storage.reports.QueueDepth
                 queue.add_metric([q.destination, q.state], q.waiting)
             yield queue
-        yield GaugeMetricFamily("mammo_node_disk_free_bytes", "Free bytes in data_dir",
-                                value=s["free_bytes"])
+        yield GaugeMetricFamily(
+            "mammo_node_disk_free_bytes", "Free bytes in data_dir", value=s["free_bytes"]
+        )
         if "worker" in self.parts:
-            yield GaugeMetricFamily("mammo_node_model_loaded",
-                                    "1 when the inference process has its model",
-                                    value=s["model"])
-        yield GaugeMetricFamily("mammo_node_uptime_seconds", "Seconds since the node started",
-                                value=s["uptime"])
+            yield GaugeMetricFamily(
+                "mammo_node_model_loaded",
+                "1 when the inference process has its model",
+                value=s["model"],
+            )
+        yield GaugeMetricFamily(
+            "mammo_node_uptime_seconds", "Seconds since the node started", value=s["uptime"]
+        )
 
 
 class NodeMetrics:
@@ -68,44 +73,69 @@ class NodeMetrics:
             return self.registry if part in self.parts else unread
 
         r = of("listener")
-        self.instances = Counter("mammo_node_instances_received", "Instances stored",
-                                 ["calling_ae"], registry=r)
-        self.bytes = Counter("mammo_node_bytes_received", "Bytes of instances stored",
-                             ["calling_ae"], registry=r)
-        self.refused = Counter("mammo_node_instances_refused", "Instances refused, by status",
-                               ["status"], registry=r)
+        self.instances = Counter(
+            "mammo_node_instances_received", "Instances stored", ["calling_ae"], registry=r
+        )
+        self.bytes = Counter(
+            "mammo_node_bytes_received", "Bytes of instances stored", ["calling_ae"], registry=r
+        )
+        self.refused = Counter(
+            "mammo_node_instances_refused", "Instances refused, by status", ["status"], registry=r
+        )
         r = of("worker")
         self.inference = Histogram(
-            "mammo_node_inference_seconds", "Seconds of inference work per exam, by stage",
-            ["stage"], registry=r,
-            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900))
-        self.exams_read = Counter("mammo_node_exams_read",
-                                  "Exams this worker finished reading, by outcome", ["outcome"],
-                                  registry=r)
-        self.exam_failures = Counter("mammo_node_exam_failures",
-                                     "Exam readings that failed, by kind", ["kind"], registry=r)
-        self.inference_restarts = Counter("mammo_node_inference_restarts",
-                                          "Inference process restarts (timeouts, crashes)",
-                                          registry=r)
+            "mammo_node_inference_seconds",
+            "Seconds of inference work per exam, by stage",
+            ["stage"],
+            registry=r,
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900),
+        )
+        self.exams_read = Counter(
+            "mammo_node_exams_read",
+            "Exams this worker finished reading, by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        self.exam_failures = Counter(
+            "mammo_node_exam_failures", "Exam readings that failed, by kind", ["kind"], registry=r
+        )
+        self.inference_restarts = Counter(
+            "mammo_node_inference_restarts",
+            "Inference process restarts (timeouts, crashes)",
+            registry=r,
+        )
         r = of("exporter")
         self.latency = Histogram(
             "mammo_node_results_latency_seconds",
-            "Seconds from an exam's last image to all its results delivered", registry=r,
-            buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600, 14400))
-        self.export_attempts = Counter("mammo_node_export_attempts",
-                                       "C-STORE attempts of result objects", ["destination"],
-                                       registry=r)
-        self.export_failures = Counter("mammo_node_export_failures",
-                                       "Failed C-STORE attempts of result objects",
-                                       ["destination"], registry=r)
-        self.export_sent = Counter("mammo_node_export_sent",
-                                   "Result objects delivered (C-STORE success)",
-                                   ["destination"], registry=r)
+            "Seconds from an exam's last image to all its results delivered",
+            registry=r,
+            buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600, 14400),
+        )
+        self.export_attempts = Counter(
+            "mammo_node_export_attempts",
+            "C-STORE attempts of result objects",
+            ["destination"],
+            registry=r,
+        )
+        self.export_failures = Counter(
+            "mammo_node_export_failures",
+            "Failed C-STORE attempts of result objects",
+            ["destination"],
+            registry=r,
+        )
+        self.export_sent = Counter(
+            "mammo_node_export_sent",
+            "Result objects delivered (C-STORE success)",
+            ["destination"],
+            registry=r,
+        )
         self.wakeups = Counter(
             "mammo_node_wakeups",
             "Times a worker or an exporter looked for work, by why: notified (new work was "
-            "announced) or poll (the poll interval passed)", ["role", "cause"],
-            registry=self.registry if self.parts & {"worker", "exporter"} else unread)
+            "announced) or poll (the poll interval passed)",
+            ["role", "cause"],
+            registry=self.registry if self.parts & {"worker", "exporter"} else unread,
+        )
         self._aes: set[str] = set()
         self._lock = threading.Lock()
 

@@ -32,8 +32,9 @@ def monitoring_app(role: str, metrics: NodeMetrics, readiness: Readiness) -> Sta
 
     async def readyz(_request: Request) -> Response:
         ready, checks = await run_in_threadpool(readiness)
-        return JSONResponse({"ready": ready, "role": role, "checks": checks},
-                            status_code=200 if ready else 503)
+        return JSONResponse(
+            {"ready": ready, "role": role, "checks": checks}, status_code=200 if ready else 503
+        )
 
     async def metrics_page(_request: Request) -> Response:
         return Response(await run_in_threadpool(metrics.render), media_type=CONTENT_TYPE)
@@ -41,22 +42,33 @@ def monitoring_app(role: str, metrics: NodeMetrics, readiness: Readiness) -> Sta
     async def not_found(_request: Request, _exc: Exception) -> Response:
         return PlainTextResponse("only /healthz, /readyz and /metrics here", status_code=404)
 
-    return Starlette(routes=[Route("/healthz", healthz, methods=["GET"]),
-                             Route("/readyz", readyz, methods=["GET"]),
-                             Route("/metrics", metrics_page, methods=["GET"])],
-                     exception_handlers={404: not_found})
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics_page, methods=["GET"]),
+        ],
+        exception_handlers={404: not_found},
+    )
 
 
 class MonitoringServer(threading.Thread):
     """uvicorn serving :func:`monitoring_app` in a thread of the role process."""
 
-    def __init__(self, role: str, host: str, port: int, metrics: NodeMetrics,
-                 readiness: Readiness) -> None:
+    def __init__(
+        self, role: str, host: str, port: int, metrics: NodeMetrics, readiness: Readiness
+    ) -> None:
         super().__init__(name="monitoring", daemon=True)
         self.host, self.port = host, port
-        config = uvicorn.Config(monitoring_app(role, metrics, readiness), host=host, port=port,
-                                log_level="warning", lifespan="off", limit_concurrency=32,
-                                timeout_graceful_shutdown=2)
+        config = uvicorn.Config(
+            monitoring_app(role, metrics, readiness),
+            host=host,
+            port=port,
+            log_level="warning",
+            lifespan="off",
+            limit_concurrency=32,
+            timeout_graceful_shutdown=2,
+        )
         self.server = uvicorn.Server(config)
         # The daemon owns the signals (uvicorn would install its own in Server.run).
         self.server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]

@@ -36,8 +36,9 @@ def check_data_dir(cfg: Config) -> None:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as exc:
-        raise StartupError(f"[node] data_dir = '{path}': cannot create or write it: "
-                           f"{_reason(exc)}") from None
+        raise StartupError(
+            f"[node] data_dir = '{path}': cannot create or write it: {_reason(exc)}"
+        ) from None
 
 
 def check_database(cfg: Config) -> None:
@@ -58,8 +59,9 @@ def check_database(cfg: Config) -> None:
             conn.execute(text("SELECT 1"))
     except SQLAlchemyError as exc:
         orig = getattr(exc, "orig", None) or exc
-        raise StartupError(f"[node] database_url = '{shown}': cannot connect: "
-                           f"{_reason(orig)}") from None
+        raise StartupError(
+            f"[node] database_url = '{shown}': cannot connect: {_reason(orig)}"
+        ) from None
     except Exception as exc:  # a driver missing, a malformed option
         raise StartupError(f"[node] database_url = '{shown}': {_reason(exc)}") from None
     finally:
@@ -73,8 +75,9 @@ def check_audit(cfg: Config) -> None:
         with open(path, "a"):
             pass
     except OSError as exc:
-        raise StartupError(f"[audit] path = '{path}': cannot create or append to it: "
-                           f"{_reason(exc)}") from None
+        raise StartupError(
+            f"[audit] path = '{path}': cannot create or append to it: {_reason(exc)}"
+        ) from None
 
 
 def check_tls(cfg: Config) -> None:
@@ -90,13 +93,16 @@ def check_tls(cfg: Config) -> None:
             raise StartupError(
                 f"[tls] certificate = '{t.certificate}' / [tls] private_key = "
                 f"'{t.private_key}': cannot load them as a PEM certificate and its key: "
-                f"{_reason(exc)}") from None
+                f"{_reason(exc)}"
+            ) from None
     if t.ca_certificates:
         try:
             ctx.load_verify_locations(t.ca_certificates)
         except (ssl.SSLError, OSError, ValueError) as exc:
-            raise StartupError(f"[tls] ca_certificates = '{t.ca_certificates}': cannot load "
-                               f"it as PEM CA certificates: {_reason(exc)}") from None
+            raise StartupError(
+                f"[tls] ca_certificates = '{t.ca_certificates}': cannot load "
+                f"it as PEM CA certificates: {_reason(exc)}"
+            ) from None
 
 
 #: The largest safetensors header we accept (the demo's is a few kB).
@@ -137,14 +143,17 @@ def check_port(host: str, port: int, key: str) -> None:
             s.bind((host, port))
         except OSError as exc:
             hint = " (another process listens there)" if exc.errno == errno.EADDRINUSE else ""
-            raise StartupError(f"{key} = {port}: cannot listen on {host}:{port}: "
-                               f"{_reason(exc)}{hint}") from None
+            raise StartupError(
+                f"{key} = {port}: cannot listen on {host}:{port}: {_reason(exc)}{hint}"
+            ) from None
 
 
 def listen_error(cfg: Config, exc: OSError) -> str:
     """The line for a listener that failed to bind after the checks (a race)."""
-    return (f"[node] port = {cfg.node.port}: cannot listen on {cfg.node.host}:"
-            f"{cfg.node.port}: {_reason(exc)}")
+    return (
+        f"[node] port = {cfg.node.port}: cannot listen on {cfg.node.host}:"
+        f"{cfg.node.port}: {_reason(exc)}"
+    )
 
 
 def check(cfg: Config, parts: set[str]) -> None:

@@ -52,13 +52,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("mammo_node.qr")
 
 QR_CONTEXTS = [
-    PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove,
-    PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelGet,
 ]
-PATIENT_ROOT = {str(PatientRootQueryRetrieveInformationModelFind),
-                str(PatientRootQueryRetrieveInformationModelMove),
-                str(PatientRootQueryRetrieveInformationModelGet)}
+PATIENT_ROOT = {
+    str(PatientRootQueryRetrieveInformationModelFind),
+    str(PatientRootQueryRetrieveInformationModelMove),
+    str(PatientRootQueryRetrieveInformationModelGet),
+}
 
 
 def _contexts(rows: list[Instance]) -> list[PresentationContext]:
@@ -83,16 +88,26 @@ def _status(code: int, comment: str) -> Dataset:
 class QueryRetrieveSCP:
     """C-FIND / C-MOVE / C-GET handlers over the node's store."""
 
-    def __init__(self, cfg: Config, files: FileStore, reports: Reports,
-                 *, access: AccessControl, audit: A.AuditLog | A.NullAudit) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        files: FileStore,
+        reports: Reports,
+        *,
+        access: AccessControl,
+        audit: A.AuditLog | A.NullAudit,
+    ) -> None:
         self.cfg, self.files = cfg, files
         self.audit = audit
         self.access = access
         self.queries = QueryService(reports)
 
     def handlers(self) -> list[tuple]:
-        return [(evt.EVT_C_FIND, self.on_find), (evt.EVT_C_MOVE, self.on_move),
-                (evt.EVT_C_GET, self.on_get)]
+        return [
+            (evt.EVT_C_FIND, self.on_find),
+            (evt.EVT_C_MOVE, self.on_move),
+            (evt.EVT_C_GET, self.on_get),
+        ]
 
     def _parse(self, identifier: Dataset, model: str) -> Query:
         query = from_identifier(identifier)
@@ -121,29 +136,46 @@ class QueryRetrieveSCP:
             yield _status(exc.status, str(exc)), None
             return
         more = found.more
-        self.audit.event(A.QUERY, A.SUCCESS, peer=who, service="C-FIND", level=query.level,
-                         keys={k: v for k, v in query.keys.items()
-                               if ATTRIBUTES[k].level != "PATIENT" and v},
-                         matched_studies=len({r.study_instance_uid for r in found.rows}),
-                         capped=more or None)
+        self.audit.event(
+            A.QUERY,
+            A.SUCCESS,
+            peer=who,
+            service="C-FIND",
+            level=query.level,
+            keys={k: v for k, v in query.keys.items() if ATTRIBUTES[k].level != "PATIENT" and v},
+            matched_studies=len({r.study_instance_uid for r in found.rows}),
+            capped=more or None,
+        )
         if more:
-            log.warning("C-FIND from %s matched more than [node] max_query_results (%d): "
-                        "only the first %d are answered", who["ae_title"], cap, cap)
+            log.warning(
+                "C-FIND from %s matched more than [node] max_query_results (%d): "
+                "only the first %d are answered",
+                who["ae_title"],
+                cap,
+                cap,
+            )
         ts = str(event.context.transfer_syntax)
         if ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
             # The fast path (node.compat): answers encoded straight from the rows, several
             # responses per P-DATA-TF PDU. Deflated contexts take pynetdicom's path below.
             n, cancelled = send_find_responses(
-                event.assoc, event.context.context_id, int(event.request.MessageID or 0),
+                event.assoc,
+                event.context.context_id,
+                int(event.request.MessageID or 0),
                 str(event.request.AffectedSOPClassUID),
                 self.queries.encoded_answers(query, found, ts == ExplicitVRLittleEndian),
-                lambda: event.is_cancelled)
+                lambda: event.is_cancelled,
+            )
             if cancelled:
                 log.info("C-FIND cancelled after %d match(es)", n)
                 yield CANCELLED, None
                 return
-            log.info("C-FIND %s level from %s: %d match(es)", query.level,
-                     event.assoc.requestor.ae_title, n)
+            log.info(
+                "C-FIND %s level from %s: %d match(es)",
+                query.level,
+                event.assoc.requestor.ae_title,
+                n,
+            )
             return
         n = 0
         for ds in self.queries.answers(query, found):
@@ -155,8 +187,9 @@ class QueryRetrieveSCP:
                 return
             n += 1
             yield PENDING, ds
-        log.info("C-FIND %s level from %s: %d match(es)", query.level,
-                 event.assoc.requestor.ae_title, n)
+        log.info(
+            "C-FIND %s level from %s: %d match(es)", query.level, event.assoc.requestor.ae_title, n
+        )
 
     def _retrieve_rows(self, event: evt.Event) -> list[Instance]:
         """Rows of a C-MOVE / C-GET. Its unique keys must be single values or UID lists
@@ -166,19 +199,20 @@ class QueryRetrieveSCP:
         query = self._parse(event.identifier, model)
         level = query.level
         top = 0 if model in PATIENT_ROOT else 1
-        for lv in LEVELS[top:LEVELS.index(level) + 1]:
+        for lv in LEVELS[top : LEVELS.index(level) + 1]:
             k = UNIQUE_KEY[lv]
             v = query.keys.get(k, "").strip()
             if "*" in v or "?" in v:
-                raise QueryError(f"wildcards are not allowed in the unique key {k} of a "
-                                 f"retrieve")
+                raise QueryError(f"wildcards are not allowed in the unique key {k} of a retrieve")
             if lv == level and not v:
-                raise QueryError(f"a retrieve at {level} level needs {k} (universal "
-                                 f"matching is refused)")
+                raise QueryError(
+                    f"a retrieve at {level} level needs {k} (universal matching is refused)"
+                )
         return self.queries.instances(query)
 
-    def _datasets(self, rows: list[Instance], event: evt.Event, service: str = "",
-                  to: str = "") -> Iterator[tuple[int, Dataset | None]]:
+    def _datasets(
+        self, rows: list[Instance], event: evt.Event, service: str = "", to: str = ""
+    ) -> Iterator[tuple[int, Dataset | None]]:
         """The datasets of a retrieve; at its end, however it ends, the PS3.15 A.5.3.4
         completion event (:meth:`_audit_done`), with the sub-operations as the retrieve's
         own responses counted them (pynetdicom sends a pending C-GET / C-MOVE response after
@@ -190,6 +224,7 @@ class QueryRetrieveSCP:
             if cs is not None and "NumberOfCompletedSuboperations" in cs:
                 for k in ("Completed", "Failed", "Warning"):
                     counts[k.lower()] = int(cs.get(f"NumberOf{k}Suboperations", 0) or 0)
+
         if service:
             event.assoc.bind(evt.EVT_DIMSE_SENT, sent)
         unreadable, ended, serious = 0, "", False
@@ -226,34 +261,66 @@ class QueryRetrieveSCP:
             if service:
                 event.assoc.unbind(evt.EVT_DIMSE_SENT, sent)
                 failed = counts.get("failed", 0) + unreadable
-                outcome = (A.SERIOUS_FAILURE if serious else
-                           A.MINOR_FAILURE if ended or failed or counts.get("warning") else
-                           A.SUCCESS)
-                self._audit_done(event, service, rows, to, outcome, reason=ended or None,
-                                 completed=counts.get("completed", 0), failed=failed,
-                                 warning=counts.get("warning", 0), unreadable=unreadable)
+                outcome = (
+                    A.SERIOUS_FAILURE
+                    if serious
+                    else A.MINOR_FAILURE
+                    if ended or failed or counts.get("warning")
+                    else A.SUCCESS
+                )
+                self._audit_done(
+                    event,
+                    service,
+                    rows,
+                    to,
+                    outcome,
+                    reason=ended or None,
+                    completed=counts.get("completed", 0),
+                    failed=failed,
+                    warning=counts.get("warning", 0),
+                    unreadable=unreadable,
+                )
 
-    def _audit_done(self, event: evt.Event, service: str, rows: list[Instance], to: str,
-                    outcome: int, **fields: Any) -> None:
+    def _audit_done(
+        self,
+        event: evt.Event,
+        service: str,
+        rows: list[Instance],
+        to: str,
+        outcome: int,
+        **fields: Any,
+    ) -> None:
         """PS3.15 A.5.3.4 DICOM Instances Transferred, the end of a retrieve: 0 every
         sub-operation completed; 4 the retrieve ran to its end with failed or warning
         sub-operations, or was cancelled; 8 it was cut short (the association ended, the
         destination could not be reached, the node failed)."""
         try:
-            self.audit.event(A.INSTANCES_TRANSFERRED, outcome, action="retrieve",
-                             service=service, peer=self.access.who(event), to=to,
-                             studies=sorted({r.study_instance_uid for r in rows}),
-                             instances=len(rows),
-                             **{k: v for k, v in fields.items() if v})
+            self.audit.event(
+                A.INSTANCES_TRANSFERRED,
+                outcome,
+                action="retrieve",
+                service=service,
+                peer=self.access.who(event),
+                to=to,
+                studies=sorted({r.study_instance_uid for r in rows}),
+                instances=len(rows),
+                **{k: v for k, v in fields.items() if v},
+            )
         except A.AuditUnavailable:
             pass  # the transfer is over; the audit module logged the failure
 
-    def _audit_retrieve(self, event: evt.Event, service: str, rows: list[Instance],
-                        to: str) -> None:
-        self.audit.event(A.BEGIN_TRANSFER, A.SUCCESS, service=service,
-                         peer=self.access.who(event), to=to,
-                         studies=sorted({r.study_instance_uid for r in rows}),
-                         instances=len(rows))
+    def _audit_retrieve(
+        self, event: evt.Event, service: str, rows: list[Instance], to: str
+    ) -> None:
+        self.audit.event(
+            A.BEGIN_TRANSFER,
+            A.SUCCESS,
+            service=service,
+            peer=self.access.who(event),
+            to=to,
+            studies=sorted({r.study_instance_uid for r in rows}),
+            instances=len(rows),
+        )
 
     def on_move(self, event: evt.Event) -> Iterator[int | tuple[Any, ...]]:
         if not self.access.allowed(event, "move"):
@@ -281,11 +348,22 @@ class QueryRetrieveSCP:
         except GeneratorExit:
             # pynetdicom asks for the datasets only once the destination has accepted its
             # association: it could not be reached (or refused), nothing was sent.
-            log.warning("C-MOVE to %s: the destination %s:%d could not be reached or "
-                        "refused the association", dest_ae, dest.host, dest.port)
-            self._audit_done(event, "C-MOVE", rows, dest_ae, A.SERIOUS_FAILURE,
-                             reason="the move destination could not be reached or refused "
-                                    "the association", failed=len(rows))
+            log.warning(
+                "C-MOVE to %s: the destination %s:%d could not be reached or "
+                "refused the association",
+                dest_ae,
+                dest.host,
+                dest.port,
+            )
+            self._audit_done(
+                event,
+                "C-MOVE",
+                rows,
+                dest_ae,
+                A.SERIOUS_FAILURE,
+                reason="the move destination could not be reached or refused the association",
+                failed=len(rows),
+            )
             raise
         log.info("C-MOVE of %d instance(s) to %s", len(rows), dest_ae)
         self._audit_retrieve(event, "C-MOVE", rows, dest_ae)

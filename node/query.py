@@ -57,53 +57,65 @@ class Attribute:
         return LEVELS.index(self.level)
 
 
-def _a(keyword: str, level: str, vr: str, column: str | None = None,
-       computed: tuple[str, str] | None = None) -> Attribute:
+def _a(
+    keyword: str,
+    level: str,
+    vr: str,
+    column: str | None = None,
+    computed: tuple[str, str] | None = None,
+) -> Attribute:
     return Attribute(keyword, level, vr, column, computed)
 
 
 #: Every key the node supports, in the order answers list them.
-ATTRIBUTES: dict[str, Attribute] = {a.keyword: a for a in (
-    _a("PatientID", "PATIENT", "LO", "patient_id"),
-    _a("PatientName", "PATIENT", "PN", "patient_name"),
-    _a("PatientBirthDate", "PATIENT", "DA", "patient_birth_date"),
-    _a("PatientSex", "PATIENT", "CS", "patient_sex"),
-    _a("NumberOfPatientRelatedStudies", "PATIENT", "IS", computed=("PATIENT", "studies")),
-    _a("NumberOfPatientRelatedSeries", "PATIENT", "IS", computed=("PATIENT", "series")),
-    _a("NumberOfPatientRelatedInstances", "PATIENT", "IS",
-       computed=("PATIENT", "instances")),
-    _a("StudyInstanceUID", "STUDY", "UI", "study_instance_uid"),
-    _a("StudyDate", "STUDY", "DA", "study_date"),
-    _a("StudyTime", "STUDY", "TM", "study_time"),
-    _a("AccessionNumber", "STUDY", "SH", "accession_number"),
-    _a("StudyDescription", "STUDY", "LO", "study_description"),
-    _a("StudyID", "STUDY", "SH", "study_id"),
-    _a("ReferringPhysicianName", "STUDY", "PN", "referring_physician_name"),
-    _a("ModalitiesInStudy", "STUDY", "CS", computed=("STUDY", "modalities")),
-    _a("NumberOfStudyRelatedSeries", "STUDY", "IS", computed=("STUDY", "series")),
-    _a("NumberOfStudyRelatedInstances", "STUDY", "IS", computed=("STUDY", "instances")),
-    _a("SeriesInstanceUID", "SERIES", "UI", "series_instance_uid"),
-    _a("Modality", "SERIES", "CS", "modality"),
-    _a("SeriesNumber", "SERIES", "IS", "series_number"),
-    _a("SeriesDescription", "SERIES", "LO", "series_description"),
-    _a("NumberOfSeriesRelatedInstances", "SERIES", "IS", computed=("SERIES", "instances")),
-    _a("SOPInstanceUID", "IMAGE", "UI", "sop_instance_uid"),
-    _a("SOPClassUID", "IMAGE", "UI", "sop_class_uid"),
-    _a("InstanceNumber", "IMAGE", "IS", "instance_number"),
-    _a("Rows", "IMAGE", "US", "rows"),
-    _a("Columns", "IMAGE", "US", "columns"),
-    _a("BitsAllocated", "IMAGE", "US", "bits_allocated"),
-    _a("NumberOfFrames", "IMAGE", "IS", "number_of_frames"),
-)}
+ATTRIBUTES: dict[str, Attribute] = {
+    a.keyword: a
+    for a in (
+        _a("PatientID", "PATIENT", "LO", "patient_id"),
+        _a("PatientName", "PATIENT", "PN", "patient_name"),
+        _a("PatientBirthDate", "PATIENT", "DA", "patient_birth_date"),
+        _a("PatientSex", "PATIENT", "CS", "patient_sex"),
+        _a("NumberOfPatientRelatedStudies", "PATIENT", "IS", computed=("PATIENT", "studies")),
+        _a("NumberOfPatientRelatedSeries", "PATIENT", "IS", computed=("PATIENT", "series")),
+        _a("NumberOfPatientRelatedInstances", "PATIENT", "IS", computed=("PATIENT", "instances")),
+        _a("StudyInstanceUID", "STUDY", "UI", "study_instance_uid"),
+        _a("StudyDate", "STUDY", "DA", "study_date"),
+        _a("StudyTime", "STUDY", "TM", "study_time"),
+        _a("AccessionNumber", "STUDY", "SH", "accession_number"),
+        _a("StudyDescription", "STUDY", "LO", "study_description"),
+        _a("StudyID", "STUDY", "SH", "study_id"),
+        _a("ReferringPhysicianName", "STUDY", "PN", "referring_physician_name"),
+        _a("ModalitiesInStudy", "STUDY", "CS", computed=("STUDY", "modalities")),
+        _a("NumberOfStudyRelatedSeries", "STUDY", "IS", computed=("STUDY", "series")),
+        _a("NumberOfStudyRelatedInstances", "STUDY", "IS", computed=("STUDY", "instances")),
+        _a("SeriesInstanceUID", "SERIES", "UI", "series_instance_uid"),
+        _a("Modality", "SERIES", "CS", "modality"),
+        _a("SeriesNumber", "SERIES", "IS", "series_number"),
+        _a("SeriesDescription", "SERIES", "LO", "series_description"),
+        _a("NumberOfSeriesRelatedInstances", "SERIES", "IS", computed=("SERIES", "instances")),
+        _a("SOPInstanceUID", "IMAGE", "UI", "sop_instance_uid"),
+        _a("SOPClassUID", "IMAGE", "UI", "sop_class_uid"),
+        _a("InstanceNumber", "IMAGE", "IS", "instance_number"),
+        _a("Rows", "IMAGE", "US", "rows"),
+        _a("Columns", "IMAGE", "US", "columns"),
+        _a("BitsAllocated", "IMAGE", "US", "bits_allocated"),
+        _a("NumberOfFrames", "IMAGE", "IS", "number_of_frames"),
+    )
+}
 #: Keys a query may match on.
 MATCHING_KEYS = tuple(k for k, a in ATTRIBUTES.items() if a.matchable)
 #: Keys only returned (counts): a value for one is refused.
 RETURN_KEYS = tuple(k for k, a in ATTRIBUTES.items() if not a.matchable)
-UNIQUE_KEY = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID",
-              "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
+UNIQUE_KEY = {
+    "PATIENT": "PatientID",
+    "STUDY": "StudyInstanceUID",
+    "SERIES": "SeriesInstanceUID",
+    "IMAGE": "SOPInstanceUID",
+}
 #: Elements of a C-FIND identifier that are not keys.
-NOT_KEYS = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC",
-                      "QueryRetrieveView"})
+NOT_KEYS = frozenset(
+    {"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC", "QueryRetrieveView"}
+)
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _DATE = re.compile(r"^[0-9]{8}$")
@@ -165,8 +177,10 @@ def key_match(keyword: str, query: str) -> Match | None:
         def norm(v: str) -> str:
             v = v.replace(".", "") if vr == "DA" else v.replace(":", "")
             if v and not check.match(v):
-                raise QueryError(f"{keyword}: {q!r}: {v!r} is not a "
-                                 f"{'date (YYYYMMDD)' if vr == 'DA' else 'time (HHMMSS.FFFFFF)'}")
+                raise QueryError(
+                    f"{keyword}: {q!r}: {v!r} is not a "
+                    f"{'date (YYYYMMDD)' if vr == 'DA' else 'time (HHMMSS.FFFFFF)'}"
+                )
             return v
 
         if "-" in q:
@@ -197,14 +211,13 @@ def key_match(keyword: str, query: str) -> Match | None:
 
 def _no_wildcards(keyword: str, q: str) -> None:
     if "*" in q or "?" in q:
-        raise QueryError(f"{keyword}: wildcards are not allowed for a "
-                         f"{ATTRIBUTES[keyword].vr} key")
+        raise QueryError(f"{keyword}: wildcards are not allowed for a {ATTRIBUTES[keyword].vr} key")
 
 
 def _unsupported(name: str) -> str:
     if name in RETURN_KEYS:
         return f"{name} is a return key only: it cannot take a value"
-    return (f"unsupported query key {name!r}; supported: {', '.join(sorted(MATCHING_KEYS))}")
+    return f"unsupported query key {name!r}; supported: {', '.join(sorted(MATCHING_KEYS))}"
 
 
 @dataclass
@@ -231,8 +244,11 @@ class Query:
 
     def wanted(self) -> list[Attribute]:
         """The table's attributes this query returns with a value (at or above its level)."""
-        return [ATTRIBUTES[kw] for _, _, kw in self.returned
-                if kw in ATTRIBUTES and ATTRIBUTES[kw].depth <= self.depth]
+        return [
+            ATTRIBUTES[kw]
+            for _, _, kw in self.returned
+            if kw in ATTRIBUTES and ATTRIBUTES[kw].depth <= self.depth
+        ]
 
 
 def _value(elem: DataElement) -> str:
@@ -274,8 +290,9 @@ def from_identifier(identifier: Dataset) -> Query:
     return q
 
 
-def from_params(level: str, params: Iterable[tuple[str, str]],
-                includefields: Iterable[str] = ()) -> Query:
+def from_params(
+    level: str, params: Iterable[tuple[str, str]], includefields: Iterable[str] = ()
+) -> Query:
     """QIDO-RS query parameters (keyword or tag = value) as a :class:`Query` that returns
     every held key at or above ``level`` and the counts of ``level`` (the defaults of PS3.18
     Table 10.6.3-3 the node holds), plus the ``includefield`` ones the table knows
@@ -312,12 +329,18 @@ class QueryService:
         """The entities matching ``query`` (at most ``limit``), with what its answers need.
         Raises :class:`QueryUnavailable` when the database fails."""
         wanted = query.wanted()
-        counts = frozenset(a.computed for a in wanted
-                           if a.computed and a.computed[1] != "modalities")
+        counts = frozenset(
+            a.computed for a in wanted if a.computed and a.computed[1] != "modalities"
+        )
         try:
             return self.reports.find_entities(
-                query.level, query.matches(), limit, offset, counts,  # type: ignore[arg-type]
-                modalities=any(a.computed == ("STUDY", "modalities") for a in wanted))
+                query.level,
+                query.matches(),
+                limit,
+                offset,
+                counts,  # type: ignore[arg-type]
+                modalities=any(a.computed == ("STUDY", "modalities") for a in wanted),
+            )
         except SQLAlchemyError as exc:
             raise QueryUnavailable(f"the database failed: {type(exc).__name__}") from exc
 
@@ -343,7 +366,7 @@ class QueryService:
                     ds.add_new(tag, vr, None)  # asked for, not held: zero length
                     continue
                 ds.add_new(tag, dictionary_VR(tag), _held(a, row, found))
-            for lv in LEVELS[1:depth + 1]:
+            for lv in LEVELS[1 : depth + 1]:
                 k = UNIQUE_KEY[lv]
                 if k not in ds:
                     setattr(ds, k, getattr(row, ATTRIBUTES[k].column or ""))
@@ -351,7 +374,6 @@ class QueryService:
                 ds.SpecificCharacterSet = "ISO_IR 192"
             out.append(ds)
         return out
-
 
     @staticmethod
     def encoded_answers(query: Query, found: Found, explicit: bool) -> Iterator[bytes]:
@@ -367,7 +389,7 @@ class QueryService:
                 plan[tag] = (dictionary_VR(tag), a)
             else:
                 plan[tag] = (vr, None)
-        for lv in LEVELS[1:depth + 1]:
+        for lv in LEVELS[1 : depth + 1]:
             unique = tag_for_keyword(UNIQUE_KEY[lv])
             assert unique is not None
             plan.setdefault(unique, ("UI", ATTRIBUTES[UNIQUE_KEY[lv]]))
@@ -396,8 +418,9 @@ class QueryService:
 
 
 #: VRs whose explicit-VR element header has a 4-byte length (PS3.5 7.1.2).
-_LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT",
-                       "UV"})
+_LONG_VRS = frozenset(
+    {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+)
 
 
 def _element(tag: int, vr: str, data: bytes, explicit: bool) -> bytes:

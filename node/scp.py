@@ -39,8 +39,7 @@ from node.status import (
 from node.validate import DEFLATED, DatasetInvalid, StreamCheck
 from storage.files import FileStore
 
-__all__ = ["IncomingFile", "StorageSCP", "StoreError", "instance_record", "make_ae",
-           "read_header"]
+__all__ = ["IncomingFile", "StorageSCP", "StoreError", "instance_record", "make_ae", "read_header"]
 
 log = logging.getLogger("mammo_node.scp")
 
@@ -48,24 +47,23 @@ log = logging.getLogger("mammo_node.scp")
 #: Transfer syntaxes accepted for storage: uncompressed, deflated, and the compressed ones
 #: mammography archives use. Files are stored as received.
 TRANSFER_SYNTAXES = [
-    "1.2.840.10008.1.2.1",      # Explicit VR Little Endian
-    "1.2.840.10008.1.2",        # Implicit VR Little Endian
-    "1.2.840.10008.1.2.1.99",   # Deflated Explicit VR Little Endian
-    "1.2.840.10008.1.2.2",      # Explicit VR Big Endian (retired, still sent by old systems)
-    "1.2.840.10008.1.2.4.70",   # JPEG Lossless, SV1
-    "1.2.840.10008.1.2.4.57",   # JPEG Lossless
-    "1.2.840.10008.1.2.4.80",   # JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.81",   # JPEG-LS Near-Lossless
-    "1.2.840.10008.1.2.4.90",   # JPEG 2000 Lossless
-    "1.2.840.10008.1.2.4.91",   # JPEG 2000
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old systems)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, SV1
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
     "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
     "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
     "1.2.840.10008.1.2.4.203",  # HTJ2K
-    "1.2.840.10008.1.2.5",      # RLE Lossless
-    "1.2.840.10008.1.2.4.50",   # JPEG Baseline
-    "1.2.840.10008.1.2.4.51",   # JPEG Extended
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
 ]
-
 
 
 class RxRefused(OSError):
@@ -91,8 +89,14 @@ class IncomingFile:
 
     CHECK_EVERY = 16 * 1024 * 1024
 
-    def __init__(self, *args: Any, directory: str, limit_bytes: int,
-                 disk_ok: Callable[[], bool] | None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        directory: str,
+        limit_bytes: int,
+        disk_ok: Callable[[], bool] | None,
+        **kwargs: Any,
+    ) -> None:
         """``directory``: data_dir/incoming (the store's file system: placing is a rename);
         ``limit_bytes``: ``[node] max_dataset_mb``; ``disk_ok``: the free-space check. The
         rest is tempfile's, as pynetdicom passes them (see :meth:`factory`)."""
@@ -110,12 +114,12 @@ class IncomingFile:
         self.refused_at: int | None = None
 
     @classmethod
-    def factory(cls, directory: str, limit_bytes: int,
-                disk_ok: Callable[[], bool] | None) -> Callable[..., IncomingFile]:
+    def factory(
+        cls, directory: str, limit_bytes: int, disk_ok: Callable[[], bool] | None
+    ) -> Callable[..., IncomingFile]:
         """What pynetdicom calls (with tempfile's arguments only) to open each received
         dataset's file: this class with the node's settings bound."""
-        return functools.partial(cls, directory=directory, limit_bytes=limit_bytes,
-                                 disk_ok=disk_ok)
+        return functools.partial(cls, directory=directory, limit_bytes=limit_bytes, disk_ok=disk_ok)
 
     def _failed(self, exc: OSError) -> None:
         self.error = exc
@@ -128,14 +132,22 @@ class IncomingFile:
         if self.error is None:
             self.written += len(data)
             if self.limit_bytes and self.written > self.limit_bytes:
-                self._failed(RxRefused(OUT_OF_RESOURCES, "dataset larger than [node] "
-                                       f"max_dataset_mb ({self.limit_bytes >> 20} MB)"))
+                self._failed(
+                    RxRefused(
+                        OUT_OF_RESOURCES,
+                        f"dataset larger than [node] max_dataset_mb ({self.limit_bytes >> 20} MB)",
+                    )
+                )
                 return len(data)
             if self.written >= self._next_check:
                 self._next_check += self.CHECK_EVERY
                 if self.disk_ok is not None and not self.disk_ok():
-                    self._failed(RxRefused(OUT_OF_RESOURCES, "free space fell below the "
-                                           "reserve while the dataset arrived"))
+                    self._failed(
+                        RxRefused(
+                            OUT_OF_RESOURCES,
+                            "free space fell below the reserve while the dataset arrived",
+                        )
+                    )
                     return len(data)
             if self.check is not None:
                 try:
@@ -145,8 +157,9 @@ class IncomingFile:
                     self.refused_at = self.written - len(data)
                     return len(data)
                 except Exception:  # a bug here must not refuse data: the file is walked
-                    log.exception("validation while receiving failed; the file is "
-                                  "validated whole instead")
+                    log.exception(
+                        "validation while receiving failed; the file is validated whole instead"
+                    )
                     self.check = None
             try:
                 return self._f.write(data)
@@ -170,8 +183,9 @@ class IncomingFile:
             except DatasetInvalid as exc:
                 self._failed(RxRefused(exc.status, str(exc)))
             except Exception:
-                log.exception("validation while receiving failed; the file is validated "
-                              "whole instead")
+                log.exception(
+                    "validation while receiving failed; the file is validated whole instead"
+                )
                 self.check = None
 
     @property
@@ -179,8 +193,12 @@ class IncomingFile:
         """Every byte written passed the validation: the whole-file walk is not needed
         (except for a Deflated dataset, whose header is read from the inflated copy that walk
         writes)."""
-        return (self.error is None and self.check is not None and self.check.done
-                and self.check.syntax != DEFLATED)
+        return (
+            self.error is None
+            and self.check is not None
+            and self.check.done
+            and self.check.syntax != DEFLATED
+        )
 
     def close(self) -> None:
         try:
@@ -192,9 +210,16 @@ class IncomingFile:
 class StorageSCP:
     """The C-ECHO / C-STORE service provider bound to one store."""
 
-    def __init__(self, cfg: Config, files: FileStore, *,
-                 ingest: Ingest, audit: A.AuditLog | A.NullAudit, metrics: Any = None,
-                 access: AccessControl | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        files: FileStore,
+        *,
+        ingest: Ingest,
+        audit: A.AuditLog | A.NullAudit,
+        metrics: Any = None,
+        access: AccessControl | None = None,
+    ) -> None:
         """``access``: who may associate (default: from ``[[peers]]``, with this SCP's
         free-space check for storage associations)."""
         self.cfg = cfg
@@ -238,8 +263,12 @@ class StorageSCP:
 
     def on_accepted(self, event: evt.Event) -> None:
         a = event.assoc
-        log.info("association accepted from %s (%s:%s)", a.requestor.ae_title,
-                 a.requestor.address, a.requestor.port)
+        log.info(
+            "association accepted from %s (%s:%s)",
+            a.requestor.ae_title,
+            a.requestor.address,
+            a.requestor.port,
+        )
 
     def on_aborted(self, event: evt.Event) -> None:
         log.warning("association with %s aborted", event.assoc.requestor.ae_title)
@@ -270,19 +299,31 @@ class StorageSCP:
         if rx_error is not None:
             status = getattr(rx_error, "status", OUT_OF_RESOURCES)
             if status == CANNOT_UNDERSTAND:  # malformed: refused as the whole-file check does
-                refusal = self.ingest.refuse(status, str(rx_error),
-                                             event.assoc.requestor.ae_title,
-                                             peer=self.access.who(event))
-                return self._fail(status, f"{refusal.message} (refused while it arrived, "
-                                  f"at byte {getattr(rx, 'refused_at', '?')})", path, req,
-                                  comment=refusal.message)
+                refusal = self.ingest.refuse(
+                    status,
+                    str(rx_error),
+                    event.assoc.requestor.ae_title,
+                    peer=self.access.who(event),
+                )
+                return self._fail(
+                    status,
+                    f"{refusal.message} (refused while it arrived, "
+                    f"at byte {getattr(rx, 'refused_at', '?')})",
+                    path,
+                    req,
+                    comment=refusal.message,
+                )
             return self._fail(status, f"cannot take incoming data: {rx_error}", path, req)
         who = self.access.who(event)
-        out = self.ingest.store(path, event.assoc.requestor.ae_title,
-                                str(getattr(req, "AffectedSOPClassUID", "")),
-                                str(getattr(req, "AffectedSOPInstanceUID", "")),
-                                str(event.context.transfer_syntax), peer=who,
-                                validated=bool(getattr(rx, "validated", False)))
+        out = self.ingest.store(
+            path,
+            event.assoc.requestor.ae_title,
+            str(getattr(req, "AffectedSOPClassUID", "")),
+            str(getattr(req, "AffectedSOPInstanceUID", "")),
+            str(event.context.transfer_syntax),
+            peer=who,
+            validated=bool(getattr(rx, "validated", False)),
+        )
         if out.status == SUCCESS:
             return SUCCESS
         if out.status == PROCESSING_FAILURE:
@@ -290,8 +331,14 @@ class StorageSCP:
         return self._fail(out.status, out.message, None, req)
 
     # -- helpers -------------------------------------------------------------------------
-    def _fail(self, status: int, message: str, path: Path | None, req: Any = None,
-              comment: str | None = None) -> Dataset:
+    def _fail(
+        self,
+        status: int,
+        message: str,
+        path: Path | None,
+        req: Any = None,
+        comment: str | None = None,
+    ) -> Dataset:
         if path is not None:
             path.unlink(missing_ok=True)
         uid = getattr(req, "AffectedSOPInstanceUID", None) if req is not None else None
@@ -314,8 +361,9 @@ def make_ae(cfg: Config) -> AE:
     ae.add_supported_context(Verification)
     # Storage: as SCP (C-STORE in) and, when a C-GET requestor asks for it, as SCU.
     for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(str(cx.abstract_syntax), TRANSFER_SYNTAXES, scu_role=True,
-                                 scp_role=True)
+        ae.add_supported_context(
+            str(cx.abstract_syntax), TRANSFER_SYNTAXES, scu_role=True, scp_role=True
+        )
     from node.qr import QR_CONTEXTS
 
     for sop_class in QR_CONTEXTS:

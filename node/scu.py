@@ -52,21 +52,24 @@ def nodelay(assoc: Association) -> None:
     PDU then data PDUs, and Nagle + the peer's delayed ACK would stall each one ~40 ms."""
     try:
         assoc.dul.socket.socket.setsockopt(  # type: ignore[union-attr]
-            socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
+        )
     except (AttributeError, OSError):
         pass
 
 
-def contexts_for(pairs: Sequence[tuple[str, str | Sequence[str]]] | Sequence[str]
-                 ) -> list[PresentationContext]:
+def contexts_for(
+    pairs: Sequence[tuple[str, str | Sequence[str]]] | Sequence[str],
+) -> list[PresentationContext]:
     """Presentation contexts: abstract syntaxes (default transfer syntaxes) or
     (abstract syntax, transfer syntax or transfer syntaxes in order of preference) pairs."""
     out = []
     for item in pairs:
         if isinstance(item, tuple):
             syntaxes = item[1]
-            out.append(build_context(item[0], [syntaxes] if isinstance(syntaxes, str)
-                                     else list(syntaxes)))
+            out.append(
+                build_context(item[0], [syntaxes] if isinstance(syntaxes, str) else list(syntaxes))
+            )
         else:
             out.append(build_context(item))
     return out
@@ -83,8 +86,9 @@ def destination_tls(cfg: Config, dest: Destination) -> TLSArgs | None:
     return client_context(cfg), dest.host
 
 
-def move_destination(cfg: Config, dest: Destination,
-                     contexts: Sequence[PresentationContext]) -> tuple[str, int, dict[str, Any]]:
+def move_destination(
+    cfg: Config, dest: Destination, contexts: Sequence[PresentationContext]
+) -> tuple[str, int, dict[str, Any]]:
     """What a C-MOVE handler yields for pynetdicom to open the sub-association to the move
     destination ``dest``: its address, and its AE title, ``contexts`` and TLS as
     ``AE.associate`` keywords. pynetdicom associates from the listener's AE (the node's AE
@@ -97,10 +101,16 @@ def move_destination(cfg: Config, dest: Destination,
 
 
 @contextmanager
-def association(calling: str, host: str, port: int, called: str,
-                contexts: Sequence[PresentationContext], timeout: float,
-                tls: TLSArgs | None = None,
-                no_delay: bool = False) -> Iterator[Association]:
+def association(
+    calling: str,
+    host: str,
+    port: int,
+    called: str,
+    contexts: Sequence[PresentationContext],
+    timeout: float,
+    tls: TLSArgs | None = None,
+    no_delay: bool = False,
+) -> Iterator[Association]:
     """An established association from ``calling`` to ``called``@``host``:``port``,
     released (if still up) when the block ends. :class:`AssociationFailed` otherwise."""
     ae = application_entity(calling)
@@ -113,8 +123,9 @@ def association(calling: str, host: str, port: int, called: str,
     except (OSError, ValueError) as exc:  # TLS set-up (certificate files) failed
         raise AssociationFailed(f"cannot open TLS to {where}: {exc}", tls_setup=True) from exc
     if not assoc.is_established:
-        raise AssociationFailed(f"association with {where} failed"
-                                f"{' (TLS)' if tls is not None else ''}")
+        raise AssociationFailed(
+            f"association with {where} failed{' (TLS)' if tls is not None else ''}"
+        )
     if no_delay:
         nodelay(assoc)
     try:
@@ -124,13 +135,15 @@ def association(calling: str, host: str, port: int, called: str,
             assoc.release()
 
 
-def echo(calling: str, host: str, port: int, called: str, timeout: float,
-         tls: TLSArgs | None = None) -> bool:
+def echo(
+    calling: str, host: str, port: int, called: str, timeout: float, tls: TLSArgs | None = None
+) -> bool:
     """C-ECHO: True when the peer answers success. AssociationFailed when it does not
     associate."""
     from pynetdicom.sop_class import Verification
 
-    with association(calling, host, port, called, contexts_for([str(Verification)]), timeout,
-                     tls) as assoc:
+    with association(
+        calling, host, port, called, contexts_for([str(Verification)]), timeout, tls
+    ) as assoc:
         status = assoc.send_c_echo()
         return bool(status) and status.Status == 0

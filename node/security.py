@@ -37,9 +37,9 @@ log = logging.getLogger("mammo_node.security")
 
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
-REJECT_CALLING_AE = (0x01, 0x01, 0x03)   # permanent, service user, calling AE not recognised
-REJECT_CALLED_AE = (0x01, 0x01, 0x07)    # permanent, service user, called AE not recognised
-REJECT_NO_SPACE = (0x02, 0x03, 0x02)     # transient, provider (presentation), local limit
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE not recognised
+REJECT_NO_SPACE = (0x02, 0x03, 0x02)  # transient, provider (presentation), local limit
 
 DEFAULT_SERVICES = ("echo", "store")
 
@@ -60,8 +60,12 @@ class Grant:
 class AccessControl:
     """Association acceptance and per-request rights for the DIMSE listener."""
 
-    def __init__(self, cfg: Config, audit: A.AuditLog | A.NullAudit,
-                 disk_ok: Callable[[], bool] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        audit: A.AuditLog | A.NullAudit,
+        disk_ok: Callable[[], bool] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.audit = audit
         self.peers: list[Peer] = list(cfg.peers)
@@ -69,8 +73,11 @@ class AccessControl:
         self._grants: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def handlers(self) -> list[tuple]:
-        return [(evt.EVT_REQUESTED, self.on_requested), (evt.EVT_RELEASED, self.on_end),
-                (evt.EVT_ABORTED, self.on_end)]
+        return [
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_RELEASED, self.on_end),
+            (evt.EVT_ABORTED, self.on_end),
+        ]
 
     def services_for(self, ae_title: str, address: str) -> frozenset[str] | None:
         """The services granted to a peer, or None when it may not associate at all."""
@@ -89,19 +96,28 @@ class AccessControl:
         ae_title = str(r.ae_title or "").strip()
         if not ae_title and r.primitive is not None:  # during EVT_REQUESTED
             ae_title = str(r.primitive.calling_ae_title or "").strip()
-        return {"ae_title": ae_title, "address": r.address, "port": r.port,
-                "tls": self.cfg.node.tls}
+        return {
+            "ae_title": ae_title,
+            "address": r.address,
+            "port": r.port,
+            "tls": self.cfg.node.tls,
+        }
 
     def _reject(self, assoc: Association, rsd: tuple[int, int, int], why: str) -> None:
         who = self._who(assoc)
-        log.warning("association from %s (%s) rejected: %s", who["ae_title"], who["address"],
-                    why)
+        log.warning("association from %s (%s) rejected: %s", who["ae_title"], who["address"], why)
         try:
-            self.audit.event(A.USER_AUTHENTICATION, A.MINOR_FAILURE, action="association",
-                             peer=who, reason=why)
+            self.audit.event(
+                A.USER_AUTHENTICATION, A.MINOR_FAILURE, action="association", peer=who, reason=why
+            )
             if rsd != REJECT_NO_SPACE:
-                self.audit.event(A.SECURITY_ALERT, A.MINOR_FAILURE,
-                                 alert="unauthorized association", peer=who, reason=why)
+                self.audit.event(
+                    A.SECURITY_ALERT,
+                    A.MINOR_FAILURE,
+                    alert="unauthorized association",
+                    peer=who,
+                    reason=why,
+                )
         except A.AuditUnavailable:
             pass  # a refusal goes ahead unaudited (fail_closed refuses; it does not admit)
         assoc.acse.send_reject(*rsd)
@@ -117,24 +133,37 @@ class AccessControl:
         called = str(primitive.called_ae_title).strip()
         services = self.services_for(calling, address)
         if services is None:
-            self._reject(assoc, REJECT_CALLING_AE,
-                         f"calling AE {calling!r} from {address} is not a configured peer")
+            self._reject(
+                assoc,
+                REJECT_CALLING_AE,
+                f"calling AE {calling!r} from {address} is not a configured peer",
+            )
             return
         if self.peers and called != self.cfg.node.ae_title:
-            self._reject(assoc, REJECT_CALLED_AE,
-                         f"called AE {called!r} is not this node ({self.cfg.node.ae_title})")
+            self._reject(
+                assoc,
+                REJECT_CALLED_AE,
+                f"called AE {called!r} is not this node ({self.cfg.node.ae_title})",
+            )
             return
         proposes_storage = any(
             str(cx.abstract_syntax) in _STORAGE_CLASSES
-            for cx in (primitive.presentation_context_definition_list or []))
+            for cx in (primitive.presentation_context_definition_list or [])
+        )
         if proposes_storage and "store" in services and not self.disk_ok():
-            self._reject(assoc, REJECT_NO_SPACE, "disk below the free-space reserve "
-                                                 "([storage] min_free_mb)")
+            self._reject(
+                assoc, REJECT_NO_SPACE, "disk below the free-space reserve ([storage] min_free_mb)"
+            )
             return
         self._grants[assoc] = Grant(calling, address, services, self.cfg.node.tls)
         try:
-            self.audit.event(A.USER_AUTHENTICATION, A.SUCCESS, action="association",
-                             peer=self._who(assoc), services=sorted(services))
+            self.audit.event(
+                A.USER_AUTHENTICATION,
+                A.SUCCESS,
+                action="association",
+                peer=self._who(assoc),
+                services=sorted(services),
+            )
         except A.AuditUnavailable as exc:  # [audit] fail_closed: no unaudited association
             self._grants.pop(assoc, None)
             log.error("association from %s refused: %s", calling, exc)
@@ -150,11 +179,18 @@ class AccessControl:
         if g is not None and service in g.services:
             return True
         who = self._who(event.assoc)
-        why = (f"{who['ae_title']} ({who['address']}) is not granted {service!r}"
-               + ("" if self.peers else " (no [[peers]] configured: query/retrieve is off)"))
+        why = f"{who['ae_title']} ({who['address']}) is not granted {service!r}" + (
+            "" if self.peers else " (no [[peers]] configured: query/retrieve is off)"
+        )
         log.warning("request refused: %s", why)
-        self.audit.event(A.SECURITY_ALERT, A.MINOR_FAILURE, alert="unauthorized request",
-                         service=service, peer=who, reason=why)
+        self.audit.event(
+            A.SECURITY_ALERT,
+            A.MINOR_FAILURE,
+            alert="unauthorized request",
+            service=service,
+            peer=who,
+            reason=why,
+        )
         return False
 
     def who(self, event: evt.Event) -> dict:
@@ -169,8 +205,13 @@ class TokenAuth:
         self.entries: list[tuple[str, bytes, frozenset[str]]] = []
         w = cfg.dicomweb
         if w.token:
-            self.entries.append(("token", hashlib.sha256(w.token.encode()).digest(),
-                                 frozenset(("stow", "qido", "wado"))))
+            self.entries.append(
+                (
+                    "token",
+                    hashlib.sha256(w.token.encode()).digest(),
+                    frozenset(("stow", "qido", "wado")),
+                )
+            )
         for t in w.tokens:
             self.entries.append((t.name, bytes.fromhex(t.sha256), frozenset(t.services)))
 
@@ -195,10 +236,12 @@ class TokenAuth:
 # -- TLS ----------------------------------------------------------------------------------------
 #: TLS 1.2 cipher suites of BCP 195 (RFC 9325 4.2): ephemeral key exchange with AEAD ciphers
 #: only (what DCMTK's BCP 195 profiles negotiate).
-BCP195_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
-                  "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
-                  "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
-                  "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384")
+BCP195_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384"
+)
 
 
 def server_context(cfg: Config) -> ssl.SSLContext:
@@ -212,8 +255,7 @@ def server_context(cfg: Config) -> ssl.SSLContext:
     ctx.load_cert_chain(t.certificate, t.private_key)
     if t.ca_certificates:
         ctx.load_verify_locations(cafile=t.ca_certificates)
-        ctx.verify_mode = ssl.CERT_REQUIRED if t.require_client_certificate else \
-            ssl.CERT_OPTIONAL
+        ctx.verify_mode = ssl.CERT_REQUIRED if t.require_client_certificate else ssl.CERT_OPTIONAL
     else:
         ctx.verify_mode = ssl.CERT_NONE
     return ctx

@@ -46,16 +46,55 @@ IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_BE = "1.2.840.10008.1.2.2"
 
 #: VRs with a 2-byte reserved field and a 4-byte length in explicit syntaxes (PS3.5 7.1.2).
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
-             b"UT", b"UV"}
-_SHORT_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO",
-              b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
+_LONG_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
+_SHORT_VRS = {
+    b"AE",
+    b"AS",
+    b"AT",
+    b"CS",
+    b"DA",
+    b"DS",
+    b"DT",
+    b"FL",
+    b"FD",
+    b"IS",
+    b"LO",
+    b"LT",
+    b"PN",
+    b"SH",
+    b"SL",
+    b"SS",
+    b"ST",
+    b"TM",
+    b"UI",
+    b"UL",
+    b"US",
+}
 UNDEFINED = 0xFFFFFFFF
 ITEM, ITEM_END, SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # Pixel Data, Float, Double Float
 #: Image attributes the pixel-length check needs: (0028,0002/0008/0010/0011/0100).
-_IMAGE_TAGS = {0x00280002: "spp", 0x00280008: "frames", 0x00280010: "rows",
-               0x00280011: "cols", 0x00280100: "bits"}
+_IMAGE_TAGS = {
+    0x00280002: "spp",
+    0x00280008: "frames",
+    0x00280010: "rows",
+    0x00280011: "cols",
+    0x00280100: "bits",
+}
 
 MAX_DEPTH = 32
 SOP_CLASS_TAG = 0x00080016
@@ -64,27 +103,27 @@ SHARED_GROUPS, PER_FRAME_GROUPS = 0x52009229, 0x52009230
 #: C.7.6.16, Mandatory): the Shared (Type 2) and Per-frame (Type 1, one item per frame)
 #: Functional Groups Sequences must be there.
 FUNCTIONAL_GROUP_IODS = {
-    "1.2.840.10008.5.1.4.1.1.13.1.3",   # Breast Tomosynthesis Image
-    "1.2.840.10008.5.1.4.1.1.13.1.4",   # Breast Projection X-Ray Image - For Presentation
-    "1.2.840.10008.5.1.4.1.1.13.1.5",   # Breast Projection X-Ray Image - For Processing
-    "1.2.840.10008.5.1.4.1.1.13.1.1",   # X-Ray 3D Angiographic Image
-    "1.2.840.10008.5.1.4.1.1.13.1.2",   # X-Ray 3D Craniofacial Image
-    "1.2.840.10008.5.1.4.1.1.2.1",      # Enhanced CT Image
-    "1.2.840.10008.5.1.4.1.1.2.2",      # Legacy Converted Enhanced CT Image
-    "1.2.840.10008.5.1.4.1.1.4.1",      # Enhanced MR Image
-    "1.2.840.10008.5.1.4.1.1.4.3",      # Enhanced MR Color Image
-    "1.2.840.10008.5.1.4.1.1.4.4",      # Legacy Converted Enhanced MR Image
-    "1.2.840.10008.5.1.4.1.1.130",      # Enhanced PET Image
-    "1.2.840.10008.5.1.4.1.1.128.1",    # Legacy Converted Enhanced PET Image
-    "1.2.840.10008.5.1.4.1.1.6.2",      # Enhanced US Volume
-    "1.2.840.10008.5.1.4.1.1.12.1.1",   # Enhanced XA Image
-    "1.2.840.10008.5.1.4.1.1.12.2.1",   # Enhanced XRF Image
-    "1.2.840.10008.5.1.4.1.1.66.4",     # Segmentation
-    "1.2.840.10008.5.1.4.1.1.30",       # Parametric Map
-    "1.2.840.10008.5.1.4.1.1.77.1.6",   # VL Whole Slide Microscopy Image
+    "1.2.840.10008.5.1.4.1.1.13.1.3",  # Breast Tomosynthesis Image
+    "1.2.840.10008.5.1.4.1.1.13.1.4",  # Breast Projection X-Ray Image - For Presentation
+    "1.2.840.10008.5.1.4.1.1.13.1.5",  # Breast Projection X-Ray Image - For Processing
+    "1.2.840.10008.5.1.4.1.1.13.1.1",  # X-Ray 3D Angiographic Image
+    "1.2.840.10008.5.1.4.1.1.13.1.2",  # X-Ray 3D Craniofacial Image
+    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image
+    "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT Image
+    "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR Image
+    "1.2.840.10008.5.1.4.1.1.4.3",  # Enhanced MR Color Image
+    "1.2.840.10008.5.1.4.1.1.4.4",  # Legacy Converted Enhanced MR Image
+    "1.2.840.10008.5.1.4.1.1.130",  # Enhanced PET Image
+    "1.2.840.10008.5.1.4.1.1.128.1",  # Legacy Converted Enhanced PET Image
+    "1.2.840.10008.5.1.4.1.1.6.2",  # Enhanced US Volume
+    "1.2.840.10008.5.1.4.1.1.12.1.1",  # Enhanced XA Image
+    "1.2.840.10008.5.1.4.1.1.12.2.1",  # Enhanced XRF Image
+    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
+    "1.2.840.10008.5.1.4.1.1.30",  # Parametric Map
+    "1.2.840.10008.5.1.4.1.1.77.1.6",  # VL Whole Slide Microscopy Image
     "1.2.840.10008.5.1.4.1.1.77.1.5.4",  # Ophthalmic Tomography Image
-    "1.2.840.10008.5.1.4.1.1.14.1",     # Intravascular OCT Image - For Presentation
-    "1.2.840.10008.5.1.4.1.1.14.2",     # Intravascular OCT Image - For Processing
+    "1.2.840.10008.5.1.4.1.1.14.1",  # Intravascular OCT Image - For Presentation
+    "1.2.840.10008.5.1.4.1.1.14.2",  # Intravascular OCT Image - For Processing
 }
 
 
@@ -151,22 +190,29 @@ class _Walker:
             return vr, struct.unpack(self.e + "L", (yield from self.read(4)))[0]
         if vr in _SHORT_VRS:
             return vr, struct.unpack(self.e + "H", (yield from self.read(2)))[0]
-        raise _bad(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has no valid VR "
-                   f"({vr!r}) at offset {self.pos - 2}")
+        raise _bad(
+            f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has no valid VR "
+            f"({vr!r}) at offset {self.pos - 2}"
+        )
 
-    def skip(self, length: int, limit: int | None,
-             tag: int) -> Generator[tuple[int, int], Any, None]:
+    def skip(
+        self, length: int, limit: int | None, tag: int
+    ) -> Generator[tuple[int, int], Any, None]:
         if limit is not None and self.pos + length > limit:
-            raise _bad(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) needs {length} bytes, "
-                       f"{max(limit - self.pos, 0)} present")
+            raise _bad(
+                f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) needs {length} bytes, "
+                f"{max(limit - self.pos, 0)} present"
+            )
         got = yield (SKIP, length)
         if got != length:
-            raise _bad(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) needs {length} bytes, "
-                       f"{got} present")
+            raise _bad(
+                f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) needs {length} bytes, {got} present"
+            )
         self.pos += length
 
-    def dataset(self, limit: int | None, depth: int,
-                until_item_end: bool = False) -> Generator[tuple[int, int], Any, None]:
+    def dataset(
+        self, limit: int | None, depth: int, until_item_end: bool = False
+    ) -> Generator[tuple[int, int], Any, None]:
         """Walk elements until ``limit`` (or an item delimiter for undefined-length items)."""
         while (yield from self.more(limit)):
             tag = yield from self.tag_at()
@@ -176,19 +222,30 @@ class _Walker:
                 yield from self.read(4)
                 return
             if (tag >> 16) == 0xFFFE:
-                raise _bad(f"unexpected delimiter ({tag >> 16:04X},{tag & 0xFFFF:04X}) at "
-                           f"offset {self.pos - 4}")
+                raise _bad(
+                    f"unexpected delimiter ({tag >> 16:04X},{tag & 0xFFFF:04X}) at "
+                    f"offset {self.pos - 4}"
+                )
             if (tag >> 16) == 0x0000:  # PS3.7: the command group never is in a dataset
-                raise _bad(f"command group element ({tag >> 16:04X},{tag & 0xFFFF:04X}) in "
-                           f"the dataset at offset {self.pos - 4}")
+                raise _bad(
+                    f"command group element ({tag >> 16:04X},{tag & 0xFFFF:04X}) in "
+                    f"the dataset at offset {self.pos - 4}"
+                )
             vr, length = yield from self.header(tag)
-            if depth == 0 and vr != b"SQ" and (
+            if (
+                depth == 0
+                and vr != b"SQ"
+                and (
                     (tag in _IMAGE_TAGS and 2 <= length <= 16)
-                    or (tag == SOP_CLASS_TAG and 0 < length <= 64)):
+                    or (tag == SOP_CLASS_TAG and 0 < length <= 64)
+                )
+            ):
                 if limit is not None and self.pos + length > limit:
-                    raise _bad("an image attribute runs past the end of the dataset"
-                               if tag in _IMAGE_TAGS else
-                               "SOP Class UID runs past the end of the dataset")
+                    raise _bad(
+                        "an image attribute runs past the end of the dataset"
+                        if tag in _IMAGE_TAGS
+                        else "SOP Class UID runs past the end of the dataset"
+                    )
                 raw = yield from self.read(length)
                 if tag == SOP_CLASS_TAG:
                     self.sop_class = raw.decode("ascii", "replace").strip("\x00 ")
@@ -210,8 +267,11 @@ class _Walker:
                     yield from self.encapsulated(limit)
                     continue
                 _check_pixel_length(self)
-            is_sq = vr == b"SQ" or (vr is None and _dict_vr(tag) == "SQ") or (
-                length == UNDEFINED and vr in (b"UN", None) and tag not in PIXEL_TAGS)
+            is_sq = (
+                vr == b"SQ"
+                or (vr is None and _dict_vr(tag) == "SQ")
+                or (length == UNDEFINED and vr in (b"UN", None) and tag not in PIXEL_TAGS)
+            )
             if is_sq:
                 if depth + 1 > self.max_depth:
                     raise _bad(f"sequences nested deeper than {self.max_depth} levels")
@@ -229,22 +289,27 @@ class _Walker:
                     _check_group_items(self, tag, items)
                 continue
             if length == UNDEFINED:
-                raise _bad(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has an undefined "
-                           "length but is not a sequence")
+                raise _bad(
+                    f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has an undefined "
+                    "length but is not a sequence"
+                )
             yield from self.skip(length, limit, tag)
         if until_item_end:
             raise _bad("item of undefined length without its delimiter")
         if limit is not None and self.pos != limit:
             raise _bad("an element runs past the end of its container")
 
-    def sequence(self, length: int, limit: int | None, depth: int,
-                 tag: int) -> Generator[tuple[int, int], Any, int]:
+    def sequence(
+        self, length: int, limit: int | None, depth: int, tag: int
+    ) -> Generator[tuple[int, int], Any, int]:
         """Walk a sequence's items; returns how many it holds."""
         end = limit if length == UNDEFINED else self.pos + length
         items = 0
         if end is not None and limit is not None and end > limit:
-            raise _bad(f"sequence ({tag >> 16:04X},{tag & 0xFFFF:04X}) needs {length} bytes, "
-                       f"{limit - self.pos} present")
+            raise _bad(
+                f"sequence ({tag >> 16:04X},{tag & 0xFFFF:04X}) needs {length} bytes, "
+                f"{limit - self.pos} present"
+            )
         while (yield from self.more(end)):
             t = yield from self.tag_at()
             if t == SEQ_END:
@@ -253,8 +318,10 @@ class _Walker:
                 yield from self.read(4)
                 return items
             if t != ITEM:
-                raise _bad(f"sequence ({tag >> 16:04X},{tag & 0xFFFF:04X}) holds "
-                           f"({t >> 16:04X},{t & 0xFFFF:04X}) where an item should be")
+                raise _bad(
+                    f"sequence ({tag >> 16:04X},{tag & 0xFFFF:04X}) holds "
+                    f"({t >> 16:04X},{t & 0xFFFF:04X}) where an item should be"
+                )
             ilen = struct.unpack(self.e + "L", (yield from self.read(4)))[0]
             if ilen == UNDEFINED:
                 yield from self.dataset(end, depth, until_item_end=True)
@@ -265,8 +332,10 @@ class _Walker:
                 yield from self.dataset(iend, depth)
             items += 1
         if length == UNDEFINED:
-            raise _bad(f"sequence ({tag >> 16:04X},{tag & 0xFFFF:04X}) of undefined length "
-                       "without its delimiter")
+            raise _bad(
+                f"sequence ({tag >> 16:04X},{tag & 0xFFFF:04X}) of undefined length "
+                "without its delimiter"
+            )
         if self.pos != end:
             raise _bad("a sequence item runs past the end of its sequence")
         return items
@@ -398,8 +467,7 @@ class StreamCheck:
         self.syntax = syntax
         if syntax == DEFLATED:
             yield (INFLATE, 0)
-        yield from _Walker(0, syntax == IMPLICIT_LE, syntax != EXPLICIT_BE,
-                           max_depth).walk(None)
+        yield from _Walker(0, syntax == IMPLICIT_LE, syntax != EXPLICIT_BE, max_depth).walk(None)
 
     def feed(self, data: bytes) -> None:
         """The next block of the file; raises :class:`DatasetInvalid` (kept as ``error``,
@@ -409,7 +477,7 @@ class StreamCheck:
         if self.done:
             raise self._fail(_bad("data after the end of the dataset"))
         if self._off > (1 << 16):  # compact: what the walk consumed is dropped
-            del self._buf[:self._off]
+            del self._buf[: self._off]
             self._off = 0
         view = memoryview(data)
         if self._inflate is not None:
@@ -451,9 +519,13 @@ class StreamCheck:
                 raise self._fail(_bad(f"deflated data is corrupt: {exc}")) from None
             self._inflated += len(out)
             if self.max_bytes and self._inflated > self.max_bytes:
-                raise self._fail(DatasetInvalid(
-                    OUT_OF_RESOURCES, "deflated dataset inflates beyond [node] max_dataset_mb "
-                    f"({self.max_bytes >> 20} MB)"))
+                raise self._fail(
+                    DatasetInvalid(
+                        OUT_OF_RESOURCES,
+                        "deflated dataset inflates beyond [node] max_dataset_mb "
+                        f"({self.max_bytes >> 20} MB)",
+                    )
+                )
             self._push(memoryview(out))
             data = d.unconsumed_tail
             if d.eof:
@@ -466,7 +538,7 @@ class StreamCheck:
             if kind == READ or kind == PEEK:
                 if avail < n and not final:
                     return
-                value: object = bytes(self._buf[self._off:self._off + n])
+                value: object = bytes(self._buf[self._off : self._off + n])
                 if kind == READ:
                     self._off += len(value)  # type: ignore[arg-type]
             elif kind == SKIP:
@@ -485,7 +557,7 @@ class StreamCheck:
                 value = avail > 0
             else:  # INFLATE: the rest of the data is a raw deflate stream
                 self._inflate = zlib.decompressobj(-zlib.MAX_WBITS)
-                rest = bytes(self._buf[self._off:])
+                rest = bytes(self._buf[self._off :])
                 self._buf, self._off = bytearray(), 0
                 try:
                     self._req = self._gen.send(None)
@@ -517,8 +589,11 @@ def inflate(src: BinaryIO, dst: IO[bytes], max_bytes: int) -> int:
                 raise _bad(f"deflated data is corrupt: {exc}") from None
             total += len(out)
             if total > max_bytes:
-                raise DatasetInvalid(OUT_OF_RESOURCES, "deflated dataset inflates beyond "
-                                     f"[node] max_dataset_mb ({max_bytes >> 20} MB)")
+                raise DatasetInvalid(
+                    OUT_OF_RESOURCES,
+                    "deflated dataset inflates beyond "
+                    f"[node] max_dataset_mb ({max_bytes >> 20} MB)",
+                )
             dst.write(out)
             block = d.unconsumed_tail
         if d.eof:
@@ -528,8 +603,9 @@ def inflate(src: BinaryIO, dst: IO[bytes], max_bytes: int) -> int:
     return total
 
 
-def check_dataset(path: Path, max_bytes: int, max_depth: int = MAX_DEPTH,
-                  scratch: Path | None = None) -> Path | None:
+def check_dataset(
+    path: Path, max_bytes: int, max_depth: int = MAX_DEPTH, scratch: Path | None = None
+) -> Path | None:
     """Validate the whole Part 10 file at ``path``; raise :class:`DatasetInvalid`.
 
     For a Deflated dataset returns the path of its inflated body (explicit VR little
@@ -543,8 +619,9 @@ def check_dataset(path: Path, max_bytes: int, max_depth: int = MAX_DEPTH,
         syntax, start = _read_meta(f, size)
         if syntax == DEFLATED:
             f.seek(start)
-            tmp = tempfile.NamedTemporaryFile(dir=scratch or path.parent, prefix="inflated-",
-                                              delete=False)
+            tmp = tempfile.NamedTemporaryFile(
+                dir=scratch or path.parent, prefix="inflated-", delete=False
+            )
             try:
                 with tmp:
                     inflate(f, tmp, max_bytes or (1 << 62))
@@ -573,15 +650,15 @@ def raw_dataset_encoding(f: BinaryIO, size: int) -> tuple[bool, bool, bool]:
     return False, not explicit, little
 
 
-def walk_raw_dataset(f: BinaryIO, size: int, implicit: bool, little: bool,
-                     max_depth: int = MAX_DEPTH) -> None:
+def walk_raw_dataset(
+    f: BinaryIO, size: int, implicit: bool, little: bool, max_depth: int = MAX_DEPTH
+) -> None:
     """Validate a dataset without preamble nor file meta (as :func:`check_dataset` does the
     dataset of a Part 10 file), in a stream."""
     _walk(f, 0, size, implicit, little, max_depth)
 
 
-def _walk(f: BinaryIO, start: int, end: int, implicit: bool, little: bool,
-          max_depth: int) -> None:
+def _walk(f: BinaryIO, start: int, end: int, implicit: bool, little: bool, max_depth: int) -> None:
     f.seek(start)
     _drive_file(_Walker(start, implicit, little, max_depth).walk(end), f, end)
 
@@ -604,8 +681,10 @@ def _check_pixel_length(w: _Walker) -> None:
     frames = max(img.get("frames", 1), 1)
     need = (img["rows"] * img["cols"] * spp * frames * bits + 7) // 8
     if length < need:
-        raise _bad(f"pixel data holds {length} bytes, the image needs {need} "
-                   f"({img['rows']} x {img['cols']} x {spp} x {bits} bits x {frames})")
+        raise _bad(
+            f"pixel data holds {length} bytes, the image needs {need} "
+            f"({img['rows']} x {img['cols']} x {spp} x {bits} bits x {frames})"
+        )
 
 
 def _check_group_items(w: _Walker, tag: int, items: int) -> None:
@@ -616,8 +695,10 @@ def _check_group_items(w: _Walker, tag: int, items: int) -> None:
     if tag == PER_FRAME_GROUPS:
         frames = w.image.get("frames", 1)
         if items != frames:
-            raise _bad(f"Per-frame Functional Groups Sequence holds {items} items, "
-                       f"Number of Frames is {frames}: one item per frame")
+            raise _bad(
+                f"Per-frame Functional Groups Sequence holds {items} items, "
+                f"Number of Frames is {frames}: one item per frame"
+            )
 
 
 def _check_functional_groups(w: _Walker) -> None:
@@ -626,27 +707,55 @@ def _check_functional_groups(w: _Walker) -> None:
     each frame (a viewer takes frame N's position, orientation and window from item N)."""
     shared, per_frame = w.groups.get(SHARED_GROUPS), w.groups.get(PER_FRAME_GROUPS)
     if w.sop_class in FUNCTIONAL_GROUP_IODS:
-        missing = [name for name, n in (("Shared Functional Groups Sequence (5200,9229)",
-                                         shared),
-                                        ("Per-frame Functional Groups Sequence (5200,9230)",
-                                         per_frame)) if n is None]
+        missing = [
+            name
+            for name, n in (
+                ("Shared Functional Groups Sequence (5200,9229)", shared),
+                ("Per-frame Functional Groups Sequence (5200,9230)", per_frame),
+            )
+            if n is None
+        ]
         if missing:
-            raise _bad(f"multi-frame object of SOP Class {w.sop_class} without its "
-                       f"{' and '.join(missing)}")
+            raise _bad(
+                f"multi-frame object of SOP Class {w.sop_class} without its {' and '.join(missing)}"
+            )
         if "frames" not in w.image:
-            raise _bad(f"multi-frame object of SOP Class {w.sop_class} without Number of "
-                       "Frames (0028,0008)")
+            raise _bad(
+                f"multi-frame object of SOP Class {w.sop_class} without Number of "
+                "Frames (0028,0008)"
+            )
     for tag, items in ((SHARED_GROUPS, shared), (PER_FRAME_GROUPS, per_frame)):
         if items is not None:
             _check_group_items(w, tag, items)
 
 
 #: Photometric interpretations a decoder knows (PS3.3 C.7.6.3.1.2, retired ones included).
-PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_FULL",
-               "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT",
-               "HSV", "ARGB", "CMYK", "XYB"}
-_PIXEL_MODULE = ("SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns",
-                 "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation")
+PHOTOMETRIC = {
+    "MONOCHROME1",
+    "MONOCHROME2",
+    "PALETTE COLOR",
+    "RGB",
+    "YBR_FULL",
+    "YBR_FULL_422",
+    "YBR_PARTIAL_422",
+    "YBR_PARTIAL_420",
+    "YBR_ICT",
+    "YBR_RCT",
+    "HSV",
+    "ARGB",
+    "CMYK",
+    "XYB",
+}
+_PIXEL_MODULE = (
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+)
 
 
 def check_image_pixel_module(ds: Dataset) -> None:
@@ -666,5 +775,7 @@ def check_image_pixel_module(ds: Dataset) -> None:
     if photometric not in PHOTOMETRIC:
         raise _bad(f"Photometric Interpretation {photometric!r} is not a known value")
     if not 1 <= stored <= allocated or high >= allocated or representation not in (0, 1):
-        raise _bad(f"inconsistent bit depths: allocated {allocated}, stored {stored}, "
-                   f"high bit {high}, pixel representation {representation}")
+        raise _bad(
+            f"inconsistent bit depths: allocated {allocated}, stored {stored}, "
+            f"high bit {high}, pixel representation {representation}"
+        )

@@ -81,12 +81,17 @@ class Viewer:
     async def page(self, request: Request) -> Response:
         rel = request.path_params.get("path", "")
         if rel == "app-config.js" or request.url.path == "/app-config.js":
-            return Response(self.config_js, media_type="application/javascript",
-                            headers={"Cache-Control": "no-store"})
+            return Response(
+                self.config_js,
+                media_type="application/javascript",
+                headers={"Cache-Control": "no-store"},
+            )
         target = self.file(rel)
         if target is not None:
             return FileResponse(target)
         if request.url.path.startswith("/viewer"):
-            return HTMLResponse((self.folder / "index.html").read_text(encoding="utf-8"),
-                                headers={"Cache-Control": "no-store"})
+            return HTMLResponse(
+                (self.folder / "index.html").read_text(encoding="utf-8"),
+                headers={"Cache-Control": "no-store"},
+            )
         return Response("not found", status_code=404, media_type="text/plain")

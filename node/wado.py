@@ -35,15 +35,25 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEnd
 
 #: Image media types of compressed transfer syntaxes (PS3.18 Table 8.7.3-5).
 MEDIA_OF_SYNTAX = {
-    "1.2.840.10008.1.2.4.50": "image/jpeg", "1.2.840.10008.1.2.4.51": "image/jpeg",
-    "1.2.840.10008.1.2.4.57": "image/jpeg", "1.2.840.10008.1.2.4.70": "image/jpeg",
-    "1.2.840.10008.1.2.4.80": "image/jls", "1.2.840.10008.1.2.4.81": "image/jls",
-    "1.2.840.10008.1.2.4.90": "image/jp2", "1.2.840.10008.1.2.4.91": "image/jp2",
-    "1.2.840.10008.1.2.4.201": "image/jphc", "1.2.840.10008.1.2.4.202": "image/jphc",
-    "1.2.840.10008.1.2.4.203": "image/jphc", "1.2.840.10008.1.2.5": "image/x-dicom-rle",
+    "1.2.840.10008.1.2.4.50": "image/jpeg",
+    "1.2.840.10008.1.2.4.51": "image/jpeg",
+    "1.2.840.10008.1.2.4.57": "image/jpeg",
+    "1.2.840.10008.1.2.4.70": "image/jpeg",
+    "1.2.840.10008.1.2.4.80": "image/jls",
+    "1.2.840.10008.1.2.4.81": "image/jls",
+    "1.2.840.10008.1.2.4.90": "image/jp2",
+    "1.2.840.10008.1.2.4.91": "image/jp2",
+    "1.2.840.10008.1.2.4.201": "image/jphc",
+    "1.2.840.10008.1.2.4.202": "image/jphc",
+    "1.2.840.10008.1.2.4.203": "image/jphc",
+    "1.2.840.10008.1.2.5": "image/x-dicom-rle",
 }
-_NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2",
-           "1.2.840.10008.1.2.1.99"}
+_NATIVE = {
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.1",
+    "1.2.840.10008.1.2.2",
+    "1.2.840.10008.1.2.1.99",
+}
 BLOCK = 1 << 20
 
 
@@ -53,9 +63,9 @@ class NotAcceptable(Exception):
 
 @dataclass(frozen=True)
 class AcceptItem:
-    media: str                # e.g. multipart/related, application/octet-stream, image/jls
-    part: str | None          # the "type" parameter of multipart/related
-    syntax: str | None        # the "transfer-syntax" parameter
+    media: str  # e.g. multipart/related, application/octet-stream, image/jls
+    part: str | None  # the "type" parameter of multipart/related
+    syntax: str | None  # the "transfer-syntax" parameter
     q: float
 
 
@@ -76,8 +86,9 @@ def parse_accept(header: str) -> list[AcceptItem]:
         except ValueError:
             q = 1.0
         part = params.get("type")
-        items.append(AcceptItem(media, part.lower() if part else None,
-                                params.get("transfer-syntax"), q))
+        items.append(
+            AcceptItem(media, part.lower() if part else None, params.get("transfer-syntax"), q)
+        )
     if not items:  # nothing but garbage: as if there were no Accept header
         return [AcceptItem("*/*", None, None, 1.0)]
     return sorted(items, key=lambda i: -i.q)
@@ -101,8 +112,8 @@ def _split(text: str, sep: str) -> list[str]:
 @dataclass(frozen=True)
 class FrameChoice:
     multipart: bool
-    passthrough: bool          # send the stored compressed bytes
-    content_type: str          # of each part (or of the single body)
+    passthrough: bool  # send the stored compressed bytes
+    content_type: str  # of each part (or of the single body)
 
 
 def choose_frames(accept: str, stored: str, n_frames: int) -> FrameChoice:
@@ -118,18 +129,23 @@ def choose_frames(accept: str, stored: str, n_frames: int) -> FrameChoice:
         ts = item.syntax
         if media == "application/octet-stream":
             if compressed and ts in ("*", stored):
-                return FrameChoice(multipart, True,
-                                   f"application/octet-stream; transfer-syntax={stored}")
+                return FrameChoice(
+                    multipart, True, f"application/octet-stream; transfer-syntax={stored}"
+                )
             if ts in (None, "*", ExplicitVRLittleEndian):
-                return FrameChoice(multipart, False,
-                                   f"application/octet-stream; transfer-syntax="
-                                   f"{ExplicitVRLittleEndian}")
+                return FrameChoice(
+                    multipart,
+                    False,
+                    f"application/octet-stream; transfer-syntax={ExplicitVRLittleEndian}",
+                )
             continue
         if compressed and MEDIA_OF_SYNTAX.get(stored) == media and ts in (None, "*", stored):
             return FrameChoice(multipart, True, f"{media}; transfer-syntax={stored}")
-    raise NotAcceptable(f"frames of this instance are available as application/octet-stream "
-                        f"(uncompressed) or as stored ({stored}"
-                        f"{', ' + MEDIA_OF_SYNTAX[stored] if stored in MEDIA_OF_SYNTAX else ''})")
+    raise NotAcceptable(
+        f"frames of this instance are available as application/octet-stream "
+        f"(uncompressed) or as stored ({stored}"
+        f"{', ' + MEDIA_OF_SYNTAX[stored] if stored in MEDIA_OF_SYNTAX else ''})"
+    )
 
 
 #: The most frame numbers one WADO-RS frames request may name.
@@ -137,21 +153,19 @@ MAX_FRAME_LIST = 1024
 
 
 def parse_frame_list(text: str, n_frames: int) -> list[int]:
-    """"1,3,2" -> [1, 3, 2]; ValueError for anything else, a frame out of range, a frame
+    """ "1,3,2" -> [1, 3, 2]; ValueError for anything else, a frame out of range, a frame
     named twice (``1,1,1,...`` would answer one frame thousands of times) or a list longer
     than :data:`MAX_FRAME_LIST`."""
     items = text.split(",")
     if len(items) > MAX_FRAME_LIST:
-        raise ValueError(f"at most {MAX_FRAME_LIST} frame numbers per request, got "
-                         f"{len(items)}")
+        raise ValueError(f"at most {MAX_FRAME_LIST} frame numbers per request, got {len(items)}")
     out: list[int] = []
     seen: set[int] = set()
     for part in items:
         try:
             n = int(part.strip())
         except ValueError:
-            raise ValueError(f"frame numbers must be integers, got {part.strip()[:20]!r}") \
-                from None
+            raise ValueError(f"frame numbers must be integers, got {part.strip()[:20]!r}") from None
         if not 1 <= n <= n_frames:
             raise ValueError(f"frame {n} does not exist (the instance has {n_frames})")
         if n in seen:
@@ -188,7 +202,9 @@ def iter_frames(path: Path, numbers: list[int], passthrough: bool) -> Iterator[b
     # A Deflated file is inflated by the header read (nothing follows it in the file): its
     # Pixel Data is found by the decoding path below.
     if stored != DeflatedExplicitVRLittleEndian and head[:4] not in (
-            b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10"):
+        b"\xe0\x7f\x10\x00",
+        b"\x7f\xe0\x00\x10",
+    ):
         raise ValueError("this instance has no pixel data")
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     bits = int(ds.get("BitsAllocated", 0) or 0)
@@ -218,8 +234,11 @@ def iter_frames(path: Path, numbers: list[int], passthrough: bool) -> Iterator[b
         arr = full.pixel_array
         arr = arr[None] if n_frames == 1 else arr
         for n in numbers:
-            yield (_native(arr[n - 1]) if bits != 1
-                   else np.packbits(arr[n - 1], bitorder="little").tobytes())
+            yield (
+                _native(arr[n - 1])
+                if bits != 1
+                else np.packbits(arr[n - 1], bitorder="little").tobytes()
+            )
         return
     if bits == 1 or not bits:
         from pydicom.pixels import iter_pixels
@@ -229,8 +248,7 @@ def iter_frames(path: Path, numbers: list[int], passthrough: bool) -> Iterator[b
         return
     implicit = stored == "1.2.840.10008.1.2"
     start = pixel_pos + (8 if implicit else 12)
-    size = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * bits
-            + 7) // 8
+    size = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * bits + 7) // 8
     with open(path, "rb") as f:
         for n in numbers:
             f.seek(start + (n - 1) * size)
@@ -238,8 +256,7 @@ def iter_frames(path: Path, numbers: list[int], passthrough: bool) -> Iterator[b
             if len(chunk) != size:
                 raise ValueError(f"frame {n} lies past the end of the stored pixel data")
             if stored == "1.2.840.10008.1.2.2" and bits > 8:
-                chunk = np.frombuffer(chunk, f">u{bits // 8}").astype(f"<u{bits // 8}") \
-                    .tobytes()
+                chunk = np.frombuffer(chunk, f">u{bits // 8}").astype(f"<u{bits // 8}").tobytes()
             yield chunk
 
 
@@ -256,13 +273,13 @@ def multipart_bytes(parts: list[bytes], content_type: str) -> tuple[bytes, str]:
         out.write(b"\r\n")
     out.write(f"--{boundary}--\r\n".encode())
     inner = content_type.split(";")[0]
-    params = content_type[len(inner):]
+    params = content_type[len(inner) :]
     return out.getvalue(), f'multipart/related; type="{inner}"{params}; boundary={boundary}'
 
 
 def multipart_content_type(content_type: str, boundary: str) -> str:
     inner = content_type.split(";")[0]
-    params = content_type[len(inner):]
+    params = content_type[len(inner) :]
     return f'multipart/related; type="{inner}"{params}; boundary={boundary}'
 
 
@@ -334,8 +351,9 @@ def pixel_data_range(path: Path) -> tuple[int, int] | None:
     return start, length
 
 
-def stream_range(path: Path, offset: int, length: int, content_type: str,
-                 boundary: str | None) -> Iterator[bytes]:
+def stream_range(
+    path: Path, offset: int, length: int, content_type: str, boundary: str | None
+) -> Iterator[bytes]:
     """A byte range of a file in blocks, as one part of a ``multipart/related`` body when
     ``boundary`` is given."""
     if boundary:
@@ -400,8 +418,9 @@ class DecodedImages:
     def _size(value: np.ndarray | StoredFrame) -> int:
         return int(value.nbytes)
 
-    def get(self, path: Path, frame: int, kind: str,
-            make: Callable[[], np.ndarray | StoredFrame]) -> Any:
+    def get(
+        self, path: Path, frame: int, kind: str, make: Callable[[], np.ndarray | StoredFrame]
+    ) -> Any:
         """The cached value for (file, frame, kind), or ``make()``'s, kept when it fits."""
         st = os.stat(path)
         name = (str(path), frame, kind)
@@ -489,14 +508,24 @@ def _stored_frame(path: Path, frame: int) -> np.ndarray | StoredFrame:
     ds, arr, _ = _header_and_frame(path, frame)
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         return np.asarray(arr, dtype=np.uint8)
-    return StoredFrame(arr, float(ds.get("RescaleSlope", 1) or 1),
-                       float(ds.get("RescaleIntercept", 0) or 0),
-                       str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1")
+    return StoredFrame(
+        arr,
+        float(ds.get("RescaleSlope", 1) or 1),
+        float(ds.get("RescaleIntercept", 0) or 0),
+        str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1",
+    )
 
 
-def render(path: Path, accept: str, viewport: str | None = None, quality: str | None = None,
-           window: str | None = None, frame: int = 1, thumbnail: bool = False,
-           cache: DecodedImages | None = None) -> tuple[bytes, str]:
+def render(
+    path: Path,
+    accept: str,
+    viewport: str | None = None,
+    quality: str | None = None,
+    window: str | None = None,
+    frame: int = 1,
+    thumbnail: bool = False,
+    cache: DecodedImages | None = None,
+) -> tuple[bytes, str]:
     """A rendered image (JPEG, PNG or GIF by Accept) of one frame: ``viewport`` "w,h" (aspect
     kept), ``quality`` 1-100 (JPEG), ``window`` "center,width[,function]" (PS3.18 8.3.5).
     ``cache``: where decoded images are kept between requests (:class:`DecodedImages`)."""
@@ -549,20 +578,23 @@ def _window_params(window: str) -> tuple[float, float]:
     try:
         center, width = float(parts[0]), float(parts[1])
     except (ValueError, IndexError):
-        raise ValueError(f"window must be 'center,width[,function]', got {window[:40]!r}") \
-            from None
+        raise ValueError(f"window must be 'center,width[,function]', got {window[:40]!r}") from None
     if not (math.isfinite(center) and math.isfinite(width)) or width <= 0:
-        raise ValueError(f"window center and width must be finite numbers, the width above "
-                         f"0, got {window[:40]!r}")
+        raise ValueError(
+            f"window center and width must be finite numbers, the width above "
+            f"0, got {window[:40]!r}"
+        )
     return center, width
 
 
 def _window(stored: StoredFrame, center: float, width: float) -> np.ndarray:
     """The window of a request over the Modality LUT's output, as 8 bits (MONOCHROME1
     inverted)."""
+
     def lut(values: np.ndarray) -> np.ndarray:
         out = _linear(values * stored.slope + stored.intercept, center, width)
         return 255 - out if stored.monochrome1 else out
+
     return _lut8(stored.pixels, lut)
 
 

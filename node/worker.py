@@ -45,8 +45,10 @@ log = logging.getLogger("mammo_node.worker")
 #: A model that could not load is tried again this often.
 MODEL_RETRY_SECONDS = 10
 #: The reason of an exam not read for its implant (state ``skipped``).
-IMPLANT_SKIPPED = ("implant present: not read ([inference] implants = skip); mammo-node "
-                   "complete reads it on request")
+IMPLANT_SKIPPED = (
+    "implant present: not read ([inference] implants = skip); mammo-node "
+    "complete reads it on request"
+)
 
 
 def skip_reason(cfg: Config, context: ReadingContext) -> str | None:
@@ -73,12 +75,14 @@ class Heartbeat:
         while not self._stop.wait(self.interval):
             try:
                 if not self.renew():
-                    log.warning("%s: the claim was lost (taken over by another process or "
-                                "changed); its outcome will not be recorded", self.what)
+                    log.warning(
+                        "%s: the claim was lost (taken over by another process or "
+                        "changed); its outcome will not be recorded",
+                        self.what,
+                    )
                     return
             except Exception:
-                log.exception("%s: heartbeat failed (database unreachable?); retrying",
-                              self.what)
+                log.exception("%s: heartbeat failed (database unreachable?); retrying", self.what)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -104,11 +108,18 @@ class Worker(threading.Thread):
     that cannot load leaves every exam ``ready``, says why (log, health) and is tried again.
     """
 
-    def __init__(self, cfg: Config, files: FileStore, exams: Exams,
-                 stop: threading.Event, wake: Wake | None = None,
-                 on_results: Wake | None = None,
-                 health: Health | None = None, metrics: Any = None,
-                 poll_seconds: float = 1.0) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        files: FileStore,
+        exams: Exams,
+        stop: threading.Event,
+        wake: Wake | None = None,
+        on_results: Wake | None = None,
+        health: Health | None = None,
+        metrics: Any = None,
+        poll_seconds: float = 1.0,
+    ) -> None:
         super().__init__(name="worker", daemon=True)
         self.cfg, self.files, self.exams, self.stop = cfg, files, exams, stop
         #: Set when an exam becomes ready (storage.wakeup.Listener: NOTIFY on PostgreSQL);
@@ -121,17 +132,25 @@ class Worker(threading.Thread):
         self.pool: ProcessPoolExecutor | None = None
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"),
-                                   initializer=init_model,
-                                   initargs=(os.getpid(), self.cfg.inference.checkpoint,
-                                             self.cfg.inference.device,
-                                             str(self.cfg.data_dir / "cache" / "numba"),
-                                             self.cfg.inference.operating_point,
-                                             {"sr": tuple(self.cfg.results.sr),
-                                              "attention_maps": self.cfg.results.attention_maps,
-                                              "parametric_maps":
-                                                  self.cfg.results.parametric_maps}
-                                             if self.cfg.inference.warm_up_exam else None))
+        return ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=mp.get_context("spawn"),
+            initializer=init_model,
+            initargs=(
+                os.getpid(),
+                self.cfg.inference.checkpoint,
+                self.cfg.inference.device,
+                str(self.cfg.data_dir / "cache" / "numba"),
+                self.cfg.inference.operating_point,
+                {
+                    "sr": tuple(self.cfg.results.sr),
+                    "attention_maps": self.cfg.results.attention_maps,
+                    "parametric_maps": self.cfg.results.parametric_maps,
+                }
+                if self.cfg.inference.warm_up_exam
+                else None,
+            ),
+        )
 
     def _start_model(self) -> bool:
         """Start the inference process and load the model; False (said why) on failure."""
@@ -140,20 +159,29 @@ class Worker(threading.Thread):
             info = self.pool.submit(model_info).result(timeout=300)
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"[:500]
-            log.error("cannot load the model (%s); exams stay ready until it loads (next try "
-                      "in %d s)", reason, MODEL_RETRY_SECONDS)
+            log.error(
+                "cannot load the model (%s); exams stay ready until it loads (next try in %d s)",
+                reason,
+                MODEL_RETRY_SECONDS,
+            )
             self.health.model_failed(reason)
             kill_pool_processes(self.pool)
             self.pool = None
             return False
         self.health.model_ok(info)
         warm = info.get("warm_seconds")
-        log.info("model loaded in the inference process: %s %s on %s (scan: %s), "
-                 "sha256 %s%s; %s", info["arch"], info["task"],
-                 info["device"], info["scan"], info["sha256"][:16],
-                 " (demo checkpoint: NOT FOR CLINICAL USE)" if info["demo"] else "",
-                 f"warm-up exam read in {warm:.2f} s" if warm is not None
-                 else "no warm-up exam ([inference] warm_up_exam = false)")
+        log.info(
+            "model loaded in the inference process: %s %s on %s (scan: %s), sha256 %s%s; %s",
+            info["arch"],
+            info["task"],
+            info["device"],
+            info["scan"],
+            info["sha256"][:16],
+            " (demo checkpoint: NOT FOR CLINICAL USE)" if info["demo"] else "",
+            f"warm-up exam read in {warm:.2f} s"
+            if warm is not None
+            else "no warm-up exam ([inference] warm_up_exam = false)",
+        )
         return True
 
     def _restart(self, why: str) -> None:
@@ -185,15 +213,17 @@ class Worker(threading.Thread):
             if claim is None:
                 woken = self.wake.wait(self.poll)
                 if self.metrics is not None and not self.stop.is_set():
-                    self.metrics.wakeups.labels("worker", "notified" if woken
-                                                else "poll").inc()
+                    self.metrics.wakeups.labels("worker", "notified" if woken else "poll").inc()
                 continue
             exam_id, version = claim
             lease = inf.lease_seconds
             # Guarded as the exporter's loop is: nothing an exam does may end this thread.
             try:
-                with Heartbeat(functools.partial(self.exams.renew_lease, exam_id, version,
-                                                 lease), lease, f"exam id {exam_id} v{version}"):
+                with Heartbeat(
+                    functools.partial(self.exams.renew_lease, exam_id, version, lease),
+                    lease,
+                    f"exam id {exam_id} v{version}",
+                ):
                     self._process(exam_id, version)
             except Exception as exc:
                 if transient_database_error(exc):
@@ -201,8 +231,9 @@ class Worker(threading.Thread):
                 else:
                     # A bug of ours: logged; the exam's lease runs out and it is taken over
                     # (counting an attempt), the thread goes on with the next one.
-                    log.exception("worker: unexpected error on exam id %s v%d; going on",
-                                  exam_id, version)
+                    log.exception(
+                        "worker: unexpected error on exam id %s v%d; going on", exam_id, version
+                    )
                     self.stop.wait(1.0)
         if self.pool is not None:
             kill_pool_processes(self.pool)
@@ -212,9 +243,13 @@ class Worker(threading.Thread):
         timeout): not the exam's fault, so it is neither failed nor charged an attempt.
         Wait until the database answers, then give the exam back to ``ready``; it is read
         again from the start (result UIDs are name-based: the same objects, not copies)."""
-        log.error("exam id %s v%d: the database failed (%s: %s); the exam is read again "
-                  "once it answers", exam_id, version, type(exc).__name__,
-                  str(exc).splitlines()[0][:200] if str(exc) else "")
+        log.error(
+            "exam id %s v%d: the database failed (%s: %s); the exam is read again once it answers",
+            exam_id,
+            version,
+            type(exc).__name__,
+            str(exc).splitlines()[0][:200] if str(exc) else "",
+        )
         if self.metrics is not None:
             self.metrics.exam_failures.labels("transient").inc()
         went_away = False
@@ -228,24 +263,28 @@ class Worker(threading.Thread):
                         # The database answers at once: the error repeats (a read-only file,
                         # a broken schema), so it counts as an attempt with backoff; a
                         # release without one would loop on the same exam forever.
-                        self.exams.retry_later(exam_id, version, why,
-                                               self.cfg.inference.max_attempts,
-                                               self.cfg.inference.retry_delay_seconds)
+                        self.exams.retry_later(
+                            exam_id,
+                            version,
+                            why,
+                            self.cfg.inference.max_attempts,
+                            self.cfg.inference.retry_delay_seconds,
+                        )
                     return
                 went_away = True
             except Exception as again:
                 went_away = True
                 if not transient_database_error(again):
-                    log.exception("cannot give exam id %s back; its lease will run out",
-                                  exam_id)
+                    log.exception("cannot give exam id %s back; its lease will run out", exam_id)
                     return
             self.stop.wait(1.0)
 
     def _process(self, exam_id: int, version: int) -> None:
         study, version, paths = self.exams.slot_paths(exam_id)
         if not paths:
-            if self.exams.finish(exam_id, version, ok=False,
-                                 reason="no image fills any of the four view slots"):
+            if self.exams.finish(
+                exam_id, version, ok=False, reason="no image fills any of the four view slots"
+            ):
                 self._count("failed")
             log.warning("exam %s v%d failed: no usable view", study, version)
             return
@@ -256,21 +295,34 @@ class Worker(threading.Thread):
                 self._count("skipped")
             log.info("exam %s v%d skipped: %s", study, version, skip.split(";")[0])
             return
-        notes = [f"{slot}: only a tomosynthesis volume, read with this view missing"
-                 for slot in context.volume_only]
+        notes = [
+            f"{slot}: only a tomosynthesis volume, read with this view missing"
+            for slot in context.volume_only
+        ]
         if context.priors:
             notes.append(f"priors available: {', '.join(context.priors)}")
         # The SRs of the version this one replaces (referenced as predecessor documents).
-        previous = {r.kind: r.path for r in self.exams.results_of(study)
-                    if r.kind.startswith("sr-") and r.version < version}
-        job = ExamJob(data_dir=str(self.files.root), study_uid=study, version=version,
-                      paths=paths, sr=tuple(self.cfg.results.sr),
-                      attention_maps=self.cfg.results.attention_maps,
-                      parametric_maps=self.cfg.results.parametric_maps,
-                      presentation_states=self.cfg.results.presentation_states,
-                      max_marks=self.cfg.results.max_marks_per_breast, previous=previous,
-                      kinds=context.kinds, implant=context.implant,
-                      volume_2d=self.cfg.grouping.volume_2d, notes=tuple(notes))
+        previous = {
+            r.kind: r.path
+            for r in self.exams.results_of(study)
+            if r.kind.startswith("sr-") and r.version < version
+        }
+        job = ExamJob(
+            data_dir=str(self.files.root),
+            study_uid=study,
+            version=version,
+            paths=paths,
+            sr=tuple(self.cfg.results.sr),
+            attention_maps=self.cfg.results.attention_maps,
+            parametric_maps=self.cfg.results.parametric_maps,
+            presentation_states=self.cfg.results.presentation_states,
+            max_marks=self.cfg.results.max_marks_per_breast,
+            previous=previous,
+            kinds=context.kinds,
+            implant=context.implant,
+            volume_2d=self.cfg.grouping.volume_2d,
+            notes=tuple(notes),
+        )
         pool = self.pool
         assert pool is not None
         timeout = self.cfg.inference.timeout_seconds
@@ -280,17 +332,20 @@ class Worker(threading.Thread):
             # The SRs first, queued for export at once; then the Secondary Captures.
             srs, reading = pool.submit(process_exam_srs, job).result(timeout=timeout)
             t_sr = time.perf_counter() - t0
-            if not self.exams.complete(exam_id, version, srs, dests, finish=False,
-                                       reading=reading):
-                log.info("exam %s v%d was reopened while processing; its new version follows",
-                         study, version)
+            if not self.exams.complete(exam_id, version, srs, dests, finish=False, reading=reading):
+                log.info(
+                    "exam %s v%d was reopened while processing; its new version follows",
+                    study,
+                    version,
+                )
                 return
             self.on_results.set()
             produced = pool.submit(process_exam_scs, job).result(timeout=timeout)
             if self.metrics is not None:
                 self.metrics.inference.labels("read_and_sr").observe(t_sr)
                 self.metrics.inference.labels("secondary_captures").observe(
-                    time.perf_counter() - t0 - t_sr)
+                    time.perf_counter() - t0 - t_sr
+                )
                 self.metrics.inference.labels("total").observe(time.perf_counter() - t0)
         except Exception as exc:
             if transient_database_error(exc):
@@ -302,16 +357,23 @@ class Worker(threading.Thread):
             self._count("done")
             stages = dict(reading.get("seconds") or {})
             stages["sc"] = time.perf_counter() - t0 - t_sr
-            log.info("exam %s v%d done in %.2f s (%s): %d object(s) queued for %d "
-                     "destination(s)", study, version, time.perf_counter() - t0,
-                     ", ".join(f"{k} {v:.2f}" for k, v in stages.items() if k != "total"),
-                     len(srs) + len(produced), len(dests))
+            log.info(
+                "exam %s v%d done in %.2f s (%s): %d object(s) queued for %d destination(s)",
+                study,
+                version,
+                time.perf_counter() - t0,
+                ", ".join(f"{k} {v:.2f}" for k, v in stages.items() if k != "total"),
+                len(srs) + len(produced),
+                len(dests),
+            )
         else:
-            log.info("exam %s v%d was reopened while processing; its new version follows",
-                     study, version)
+            log.info(
+                "exam %s v%d was reopened while processing; its new version follows", study, version
+            )
 
-    def _failed(self, exc: Exception, exam_id: int, study: str, version: int,
-                timeout: float) -> None:
+    def _failed(
+        self, exc: Exception, exam_id: int, study: str, version: int, timeout: float
+    ) -> None:
         """An exam's reading failed: again later when the cause may pass (the inference
         process died or hung, a file could not be read), else failed with the reason (a model
         or builder error on this exam's data: this exam fails, the others go on)."""
@@ -326,20 +388,33 @@ class Worker(threading.Thread):
                 self._restart(f"exam {study} v{version}: {reason}")
             else:
                 reason = f"{type(exc).__name__}: {exc}"[:300]
-            state = self.exams.retry_later(exam_id, version, reason,
-                                           self.cfg.inference.max_attempts,
-                                           self.cfg.inference.retry_delay_seconds)
-            log.error("exam %s v%d: %s; %s", study, version, reason,
-                      "gave up (failed)" if state == "failed" else "will retry"
-                      if state == "ready" else "reopened meanwhile")
+            state = self.exams.retry_later(
+                exam_id,
+                version,
+                reason,
+                self.cfg.inference.max_attempts,
+                self.cfg.inference.retry_delay_seconds,
+            )
+            log.error(
+                "exam %s v%d: %s; %s",
+                study,
+                version,
+                reason,
+                "gave up (failed)"
+                if state == "failed"
+                else "will retry"
+                if state == "ready"
+                else "reopened meanwhile",
+            )
             if state == "failed":
                 self._count("failed")
             return
         if self.metrics is not None:
             self.metrics.exam_failures.labels("error").inc()
         log.error("exam %s v%d failed", study, version, exc_info=exc)
-        if self.exams.finish(exam_id, version, ok=False,
-                             reason=f"{type(exc).__name__}: {exc}"[:500]):
+        if self.exams.finish(
+            exam_id, version, ok=False, reason=f"{type(exc).__name__}: {exc}"[:500]
+        ):
             self._count("failed")
 
     def _count(self, outcome: str) -> None:

@@ -24,32 +24,36 @@ def copy_database(src: Database, to_url: str, progress: bool = True) -> dict[str
     from storage.schema import SchemaOutdated, head, revision
 
     if revision(src.engine) != head():
-        raise CopyError(f"the source database is at schema {revision(src.engine)}, not "
-                        f"{head()}: run 'mammo-node db upgrade' first")
+        raise CopyError(
+            f"the source database is at schema {revision(src.engine)}, not "
+            f"{head()}: run 'mammo-node db upgrade' first"
+        )
     try:
         dst = Database(to_url)
     except SchemaOutdated as exc:
         raise CopyError(f"the target database: {exc}") from None
     except Exception as exc:
-        raise CopyError(f"cannot open the target database: {type(exc).__name__}: {exc}") \
-            from None
+        raise CopyError(f"cannot open the target database: {type(exc).__name__}: {exc}") from None
     tables = Base.metadata.sorted_tables
     counts: dict[str, int] = {}
     try:
         with dst.engine.connect() as c:
-            full = [t.name for t in tables
-                    if c.execute(select(func.count()).select_from(t)).scalar()]
+            full = [
+                t.name for t in tables if c.execute(select(func.count()).select_from(t)).scalar()
+            ]
         if full:
-            raise CopyError(f"the target database is not empty ({', '.join(full)}): copy "
-                            f"only into a new database")
+            raise CopyError(
+                f"the target database is not empty ({', '.join(full)}): copy "
+                f"only into a new database"
+            )
         with src.engine.connect() as sc, dst.write_engine.begin() as dc:
             for table in tables:
                 total = sc.execute(select(func.count()).select_from(table)).scalar() or 0
                 order = list(table.primary_key.columns)
                 rows = sc.execution_options(stream_results=True).execute(
-                    select(table).order_by(*order))
-                with tqdm(total=total, desc=table.name, unit=" rows",
-                          disable=not progress) as bar:
+                    select(table).order_by(*order)
+                )
+                with tqdm(total=total, desc=table.name, unit=" rows", disable=not progress) as bar:
                     for batch in rows.partitions(BATCH):
                         dc.execute(table.insert(), [dict(r._mapping) for r in batch])
                         bar.update(len(batch))
@@ -58,10 +62,13 @@ def copy_database(src: Database, to_url: str, progress: bool = True) -> dict[str
                 # Rows kept their ids: move each id sequence past them.
                 for table in tables:
                     if "id" in table.c and table.c.id.autoincrement in (True, "auto"):
-                        dc.execute(text(
-                            f"SELECT setval(pg_get_serial_sequence('{table.name}', 'id'), "
-                            f"COALESCE((SELECT MAX(id) FROM {table.name}), 1), "
-                            f"(SELECT MAX(id) FROM {table.name}) IS NOT NULL)"))
+                        dc.execute(
+                            text(
+                                f"SELECT setval(pg_get_serial_sequence('{table.name}', 'id'), "
+                                f"COALESCE((SELECT MAX(id) FROM {table.name}), 1), "
+                                f"(SELECT MAX(id) FROM {table.name}) IS NOT NULL)"
+                            )
+                        )
     finally:
         dst.close()
     return counts

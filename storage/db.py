@@ -19,8 +19,15 @@ def transient_database_error(exc: BaseException) -> bool:
     restarting or failing over, a dropped connection, SQLite locked past its busy timeout,
     the pool exhausted): the same statement can succeed later. Constraint violations,
     programming errors and data errors are not transient."""
-    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError,
-                        sa_exc.DisconnectionError, sa_exc.TimeoutError)):
+    if isinstance(
+        exc,
+        (
+            sa_exc.OperationalError,
+            sa_exc.InterfaceError,
+            sa_exc.DisconnectionError,
+            sa_exc.TimeoutError,
+        ),
+    ):
         return True
     return isinstance(exc, sa_exc.DBAPIError) and bool(exc.connection_invalidated)
 
@@ -61,7 +68,8 @@ class Database:
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.write_sessions = sessionmaker(self.write_engine, expire_on_commit=False)
         self.write_lock: contextlib.AbstractContextManager = (
-            threading.RLock() if self.is_sqlite else contextlib.nullcontext())
+            threading.RLock() if self.is_sqlite else contextlib.nullcontext()
+        )
         from storage import wakeup
 
         wakeup.install(self)  # a commit that leaves work wakes workers / exporters
@@ -121,8 +129,7 @@ class Database:
 
         key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
         with self.engine.connect() as conn:
-            got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key})
-                       .scalar())
+            got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar())
             conn.commit()
             try:
                 yield got

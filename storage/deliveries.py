@@ -31,60 +31,96 @@ class Deliveries:
         #: This process as the holder of the deliveries it claims.
         self.owner = owner or process_owner()
 
-    def due_transfers(self, limit: int = 100,
-                      exclude: set[str] | frozenset[str] = frozenset()) -> list[Delivery]:
+    def due_transfers(
+        self, limit: int = 100, exclude: set[str] | frozenset[str] = frozenset()
+    ) -> list[Delivery]:
         """Deliveries whose time has come, oldest first (a look, not a claim)."""
         with self.db.session() as s:
             return self._due(s, limit, exclude, claim=False)
 
-    def claim_transfers(self, limit: int = 20, lease_seconds: float = 60.0,
-                        exclude: set[str] | frozenset[str] = frozenset()) -> list[Delivery]:
+    def claim_transfers(
+        self,
+        limit: int = 20,
+        lease_seconds: float = 60.0,
+        exclude: set[str] | frozenset[str] = frozenset(),
+    ) -> list[Delivery]:
         """Claim due deliveries for this exporter (``FOR UPDATE SKIP LOCKED``, then a lease):
         several exporters never send the same object; one that dies leaves its claims to
         the others when the lease runs out."""
         with self.db.write() as s:
             rows = self._due(s, limit, exclude, claim=True)
             if rows:
-                s.execute(update(Outbound).where(Outbound.id.in_([r.id for r in rows]))
-                          .values(lease_owner=self.owner, lease_until=utcnow()
-                                  + dt.timedelta(seconds=lease_seconds)))
+                s.execute(
+                    update(Outbound)
+                    .where(Outbound.id.in_([r.id for r in rows]))
+                    .values(
+                        lease_owner=self.owner,
+                        lease_until=utcnow() + dt.timedelta(seconds=lease_seconds),
+                    )
+                )
             return rows
 
     def renew_transfer_leases(self, lease_seconds: float) -> int:
         """The exporter's heartbeat: extend the claims it still holds."""
         with self.db.write() as s:
-            return s.execute(update(Outbound).where(  # type: ignore[attr-defined]
-                Outbound.lease_owner == self.owner,
-                Outbound.state.in_((OutboundState.PENDING.value,
-                                    OutboundState.RETRYING.value)))
-                .values(lease_until=utcnow() + dt.timedelta(seconds=lease_seconds))).rowcount
+            return s.execute(
+                update(Outbound)
+                .where(  # type: ignore[attr-defined]
+                    Outbound.lease_owner == self.owner,
+                    Outbound.state.in_((OutboundState.PENDING.value, OutboundState.RETRYING.value)),
+                )
+                .values(lease_until=utcnow() + dt.timedelta(seconds=lease_seconds))
+            ).rowcount
 
     def release_transfers(self) -> None:
         """Give back this exporter's unsent claims (at shutdown)."""
         with self.db.write() as s:
-            s.execute(update(Outbound).where(Outbound.lease_owner == self.owner)
-                      .values(lease_owner=None, lease_until=None))
+            s.execute(
+                update(Outbound)
+                .where(Outbound.lease_owner == self.owner)
+                .values(lease_owner=None, lease_until=None)
+            )
 
     @staticmethod
     def _due(s: Session, limit: int, exclude: Collection[str], claim: bool) -> list[Delivery]:
         now = utcnow()
-        q = (select(Outbound.id, Outbound.destination, Outbound.attempts, Result.path,
-                    Result.sop_instance_uid, Outbound.in_flight_since, Result.sop_class_uid,
-                    Exam.study_instance_uid)
-             .join(Result, Result.id == Outbound.result_id)
-             .join(Exam, Exam.id == Result.exam_id)
-             .where(Outbound.state.in_((OutboundState.PENDING.value,
-                                        OutboundState.RETRYING.value)),
-                    Outbound.next_attempt_at <= now,
-                    or_(Outbound.lease_until.is_(None), Outbound.lease_until < now),
-                    Outbound.destination.not_in(list(exclude)) if exclude else true())
-             .order_by(Outbound.next_attempt_at, Outbound.id).limit(limit))
+        q = (
+            select(
+                Outbound.id,
+                Outbound.destination,
+                Outbound.attempts,
+                Result.path,
+                Result.sop_instance_uid,
+                Outbound.in_flight_since,
+                Result.sop_class_uid,
+                Exam.study_instance_uid,
+            )
+            .join(Result, Result.id == Outbound.result_id)
+            .join(Exam, Exam.id == Result.exam_id)
+            .where(
+                Outbound.state.in_((OutboundState.PENDING.value, OutboundState.RETRYING.value)),
+                Outbound.next_attempt_at <= now,
+                or_(Outbound.lease_until.is_(None), Outbound.lease_until < now),
+                Outbound.destination.not_in(list(exclude)) if exclude else true(),
+            )
+            .order_by(Outbound.next_attempt_at, Outbound.id)
+            .limit(limit)
+        )
         if claim:
             q = q.with_for_update(skip_locked=True, of=Outbound)
-        return [Delivery(id=r[0], destination=r[1], attempts=r[2], path=r[3],
-                         sop_instance_uid=r[4], interrupted=r[5] is not None,
-                         sop_class_uid=r[6], study_instance_uid=r[7])
-                for r in s.execute(q).all()]
+        return [
+            Delivery(
+                id=r[0],
+                destination=r[1],
+                attempts=r[2],
+                path=r[3],
+                sop_instance_uid=r[4],
+                interrupted=r[5] is not None,
+                sop_class_uid=r[6],
+                study_instance_uid=r[7],
+            )
+            for r in s.execute(q).all()
+        ]
 
     def mark_in_flight(self, outbound_id: int, lease_seconds: float = 60.0) -> bool:
         """A C-STORE of this delivery starts now (and the claim is extended). False when
@@ -95,16 +131,16 @@ class Deliveries:
                 return False
             now = utcnow()
             row.in_flight_since = now
-            row.lease_owner, row.lease_until = self.owner, now + dt.timedelta(
-                seconds=lease_seconds)
+            row.lease_owner, row.lease_until = self.owner, now + dt.timedelta(seconds=lease_seconds)
             return True
 
     def _delivery_event(self, s: Session, row: Outbound, text: str) -> None:
         res = s.get(Result, row.result_id)
         exam = s.get(Exam, res.exam_id) if res is not None else None
         if exam is not None and res is not None:
-            add_event(exam, "delivery", f"{res.kind} {res.sop_instance_uid} to "
-                      f"{row.destination}: {text}")
+            add_event(
+                exam, "delivery", f"{res.kind} {res.sop_instance_uid} to {row.destination}: {text}"
+            )
 
     def mark_sent(self, outbound_id: int) -> None:
         with self.db.write() as s:
@@ -115,8 +151,14 @@ class Deliveries:
             row.in_flight_since = None
             row.attempts += 1
 
-    def mark_failed(self, outbound_id: int, error: str, max_attempts: int,
-                    initial_delay: float, max_delay: float) -> str:
+    def mark_failed(
+        self,
+        outbound_id: int,
+        error: str,
+        max_attempts: int,
+        initial_delay: float,
+        max_delay: float,
+    ) -> str:
         """Schedule a retry with exponential backoff, or give up; returns the new state."""
         with self.db.write() as s:
             row = get_row(s, Outbound, outbound_id)
@@ -139,10 +181,15 @@ class Deliveries:
             if exam is None:
                 return 0
             n = 0
-            for row in s.scalars(select(Outbound).join(Result, Result.id == Outbound.result_id)
-                                 .where(Result.exam_id == exam.id,
-                                        Result.version == exam.version,
-                                        Result.purged_at.is_(None))):
+            for row in s.scalars(
+                select(Outbound)
+                .join(Result, Result.id == Outbound.result_id)
+                .where(
+                    Result.exam_id == exam.id,
+                    Result.version == exam.version,
+                    Result.purged_at.is_(None),
+                )
+            ):
                 set_outbound_state(row, OutboundState.PENDING)
                 row.attempts, row.next_attempt_at = 0, utcnow()
                 row.last_error = None
@@ -159,8 +206,11 @@ class Deliveries:
 
     def paused_destinations(self) -> set[str]:
         with self.db.session() as s:
-            return set(s.scalars(select(DestinationSetting.name)
-                                 .where(DestinationSetting.paused.is_(True))))
+            return set(
+                s.scalars(
+                    select(DestinationSetting.name).where(DestinationSetting.paused.is_(True))
+                )
+            )
 
     def recover(self) -> int:
         """At an exporter's start: deliveries claimed by a dead exporter of this host are
@@ -168,8 +218,11 @@ class Deliveries:
         many."""
         n = 0
         with self.db.write() as s:
-            for row in s.scalars(select(Outbound).where(Outbound.lease_owner.isnot(None))
-                                 .with_for_update(skip_locked=True)):
+            for row in s.scalars(
+                select(Outbound)
+                .where(Outbound.lease_owner.isnot(None))
+                .with_for_update(skip_locked=True)
+            ):
                 if owner_is_dead(row.lease_owner):
                     row.lease_owner = row.lease_until = None
                     n += 1

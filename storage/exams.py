@@ -125,6 +125,7 @@ class SlotAssignment:
 
 AssignFn = Callable[[list[Instance]], SlotAssignment]
 
+
 @dataclass
 class AddResult:
     duplicate: bool
@@ -141,8 +142,9 @@ class AddResult:
     corrected_to: str | None = None
 
 
-def same_patient(a_id: str | None, a_issuer: str | None, b_id: str | None,
-                 b_issuer: str | None) -> bool:
+def same_patient(
+    a_id: str | None, a_issuer: str | None, b_id: str | None, b_issuer: str | None
+) -> bool:
     """Whether two (PatientID, IssuerOfPatientID) pairs name one patient. The IDs must be
     equal (a missing ID equals only a missing ID); issuers must be equal where both exist."""
     if (a_id or "") != (b_id or ""):
@@ -171,10 +173,12 @@ class PatientIdentity:
 
     @classmethod
     def of(cls, row: Any) -> PatientIdentity:
-        return cls((getattr(row, "patient_id", None) or "").strip(),
-                   getattr(row, "issuer_of_patient_id", None) or None,
-                   person_name_key(getattr(row, "patient_name", None)),
-                   (getattr(row, "patient_birth_date", None) or "").strip())
+        return cls(
+            (getattr(row, "patient_id", None) or "").strip(),
+            getattr(row, "issuer_of_patient_id", None) or None,
+            person_name_key(getattr(row, "patient_name", None)),
+            (getattr(row, "patient_birth_date", None) or "").strip(),
+        )
 
     def same_person(self, other: PatientIdentity) -> bool:
         """Both with a PatientID: the IDs (and issuers, where both have one) decide. An empty
@@ -184,27 +188,35 @@ class PatientIdentity:
             return same_patient(self.patient_id, self.issuer, other.patient_id, other.issuer)
         if self.name != other.name:
             return False
-        return not (self.birth_date and other.birth_date
-                    and self.birth_date != other.birth_date)
+        return not (self.birth_date and other.birth_date and self.birth_date != other.birth_date)
 
     def describe(self) -> str:
         """For notes and the audit trail (never for INFO logs): the ID, or that there is
         none."""
         if self.patient_id:
             return f"PatientID '{self.patient_id}'" + (
-                f" (issuer '{self.issuer}')" if self.issuer else "")
+                f" (issuer '{self.issuer}')" if self.issuer else ""
+            )
         return "no PatientID"
 
 
 def exam_identity(exam: Exam, members: list[Instance]) -> PatientIdentity:
     """The exam's patient: its PatientID and issuer, with the name and birth date of its
     first image of that patient (what an image without a PatientID is compared with)."""
-    ref = next((m for m in members if same_patient(exam.patient_id, exam.issuer_of_patient_id,
-                                                   m.patient_id, m.issuer_of_patient_id)),
-               members[0] if members else None)
+    ref = next(
+        (
+            m
+            for m in members
+            if same_patient(
+                exam.patient_id, exam.issuer_of_patient_id, m.patient_id, m.issuer_of_patient_id
+            )
+        ),
+        members[0] if members else None,
+    )
     base = PatientIdentity.of(ref) if ref is not None else PatientIdentity("")
-    return PatientIdentity((exam.patient_id or "").strip(), exam.issuer_of_patient_id,
-                           base.name, base.birth_date)
+    return PatientIdentity(
+        (exam.patient_id or "").strip(), exam.issuer_of_patient_id, base.name, base.birth_date
+    )
 
 
 def fit_row(model: type, row: dict[str, Any]) -> dict[str, Any]:
@@ -229,9 +241,13 @@ def _date(value: str | None) -> dt.date | None:
 class Exams:
     """Instance and exam rows, and every state transition of an exam."""
 
-    def __init__(self, db: Database, owner: str | None = None,
-                 prior_after_days: float | None = None,
-                 prior_gap_days: float | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        owner: str | None = None,
+        prior_after_days: float | None = None,
+        prior_gap_days: float | None = None,
+    ) -> None:
         self.db = db
         #: This process as the holder of the exams and deliveries it claims.
         self.owner = owner or process_owner()
@@ -243,11 +259,14 @@ class Exams:
     # -- ingest -------------------------------------------------------------------------
     def has_instance(self, sop_instance_uid: str) -> bool:
         with self.db.session() as s:
-            return s.scalar(select(Instance.id).where(
-                Instance.sop_instance_uid == sop_instance_uid)) is not None
+            return (
+                s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid))
+                is not None
+            )
 
-    def add_instance(self, record: InstanceRecord, assign: AssignFn,
-                     place: Callable[[], object]) -> AddResult:
+    def add_instance(
+        self, record: InstanceRecord, assign: AssignFn, place: Callable[[], object]
+    ) -> AddResult:
         """Record one received instance and update its exam, atomically.
 
         ``place`` moves the file into the store; it runs after the duplicate check and
@@ -264,22 +283,27 @@ class Exams:
                 # between our check and our insert: look again.
                 if attempt == 2:
                     raise
-                log.info("instance %s: concurrent insert by another process; checking again",
-                         record.sop_instance_uid)
+                log.info(
+                    "instance %s: concurrent insert by another process; checking again",
+                    record.sop_instance_uid,
+                )
         raise AssertionError("unreachable")
 
-    def _add_instance(self, record: InstanceRecord, assign: AssignFn,
-                      place: Callable[[], object]) -> AddResult:
+    def _add_instance(
+        self, record: InstanceRecord, assign: AssignFn, place: Callable[[], object]
+    ) -> AddResult:
         with self.db.write() as s:
-            stored = s.scalar(select(Instance).where(
-                Instance.sop_instance_uid == record.sop_instance_uid).with_for_update())
+            stored = s.scalar(
+                select(Instance)
+                .where(Instance.sop_instance_uid == record.sop_instance_uid)
+                .with_for_update()
+            )
             if stored is not None:
                 new_identity = PatientIdentity.of(record)
                 old_identity = PatientIdentity.of(stored)
                 if stored.exam_id is None or new_identity.same_person(old_identity):
                     return AddResult(duplicate=True)
-                return self._correct_identity(s, stored, record, old_identity, new_identity,
-                                              place)
+                return self._correct_identity(s, stored, record, old_identity, new_identity, place)
             place()
             inst = Instance(**fit_row(Instance, record.as_row()))
             s.add(inst)
@@ -292,27 +316,42 @@ class Exams:
 
     def _update_exam(self, s: Session, inst: Instance, assign: AssignFn, result: AddResult) -> None:
         now = utcnow()
-        exam = s.scalar(select(Exam).where(
-            Exam.study_instance_uid == inst.study_instance_uid).with_for_update())
+        exam = s.scalar(
+            select(Exam).where(Exam.study_instance_uid == inst.study_instance_uid).with_for_update()
+        )
         new_exam = exam is None
         if exam is None:
-            exam = Exam(study_instance_uid=inst.study_instance_uid,
-                        accession_number=inst.accession_number, patient_id=inst.patient_id,
-                        issuer_of_patient_id=inst.issuer_of_patient_id,
-                        study_date=inst.study_date or None,
-                        state=ExamState.RECEIVING.value, version=1, created_at=now,
-                        last_received_at=now,
-                        state_changed_at=now, notes_json="[]")
+            exam = Exam(
+                study_instance_uid=inst.study_instance_uid,
+                accession_number=inst.accession_number,
+                patient_id=inst.patient_id,
+                issuer_of_patient_id=inst.issuer_of_patient_id,
+                study_date=inst.study_date or None,
+                state=ExamState.RECEIVING.value,
+                version=1,
+                created_at=now,
+                last_received_at=now,
+                state_changed_at=now,
+                notes_json="[]",
+            )
             s.add(exam)
             s.flush()
         inst.exam_id = exam.id
         s.flush()
-        add_event(exam, "received", f"{inst.sop_instance_uid} ({inst.slot or inst.role}) "
-                  f"from {inst.calling_aet or '?'}", now)
-        members = list(s.scalars(select(Instance).where(Instance.exam_id == exam.id)
-                                 .order_by(Instance.id)))
-        if exam.issuer_of_patient_id is None and inst.issuer_of_patient_id and \
-                same_patient(exam.patient_id, None, inst.patient_id, None):
+        add_event(
+            exam,
+            "received",
+            f"{inst.sop_instance_uid} ({inst.slot or inst.role}) from {inst.calling_aet or '?'}",
+            now,
+        )
+        members = list(
+            s.scalars(select(Instance).where(Instance.exam_id == exam.id).order_by(Instance.id))
+        )
+        if (
+            exam.issuer_of_patient_id is None
+            and inst.issuer_of_patient_id
+            and same_patient(exam.patient_id, None, inst.patient_id, None)
+        ):
             exam.issuer_of_patient_id = inst.issuer_of_patient_id
         ref = exam_identity(exam, members)
         others = [m for m in members if not ref.same_person(PatientIdentity.of(m))]
@@ -351,45 +390,78 @@ class Exams:
             if exam.state in READ_STATES:
                 exam.version += 1
                 exam.attempts, exam.next_attempt_at = 0, None
-                exam.add_note(f"reopened as version {exam.version}: instance "
-                              f"{inst.sop_instance_uid} arrived after the exam was "
-                              f"{exam.state}")
+                exam.add_note(
+                    f"reopened as version {exam.version}: instance "
+                    f"{inst.sop_instance_uid} arrived after the exam was "
+                    f"{exam.state}"
+                )
                 result.reopened = True
             set_exam_state(exam, ExamState.READY if complete else ExamState.RECEIVING, now)
         elif exam.state in READ_STATES:
-            exam.add_note(f"instance {inst.sop_instance_uid} ({inst.role}) arrived after the "
-                          f"exam was {exam.state}; it changes no slot, the reading stands")
+            exam.add_note(
+                f"instance {inst.sop_instance_uid} ({inst.role}) arrived after the "
+                f"exam was {exam.state}; it changes no slot, the reading stands"
+            )
         exam.reason = "; ".join(assignment.problems) or None
         result.exam_study_uid = exam.study_instance_uid
         result.exam_state = exam.state
         result.exam_version = exam.version
 
-    def _correct_identity(self, s: Session, stored: Instance, record: InstanceRecord,
-                          old: PatientIdentity, new: PatientIdentity,
-                          place: Callable[[], object]) -> AddResult:
+    def _correct_identity(
+        self,
+        s: Session,
+        stored: Instance,
+        record: InstanceRecord,
+        old: PatientIdentity,
+        new: PatientIdentity,
+        place: Callable[[], object],
+    ) -> AddResult:
         """The same SOP Instance re-sent with another patient (a demographics correction, or
         a mix-up): the new file and its identity replace the old ones, and the exam is held
         as a conflict until an operator resolves it; both identities stay in its notes and
         in the result (for the audit trail)."""
         now = utcnow()
         place()  # the corrected file takes the instance's place (a rename: atomic)
-        for key in ("patient_id", "issuer_of_patient_id", "patient_name", "patient_birth_date",
-                    "patient_sex", "size_bytes", "transfer_syntax_uid"):
+        for key in (
+            "patient_id",
+            "issuer_of_patient_id",
+            "patient_name",
+            "patient_birth_date",
+            "patient_sex",
+            "size_bytes",
+            "transfer_syntax_uid",
+        ):
             setattr(stored, key, fit_row(Instance, {key: getattr(record, key)})[key])
         stored.note = ((stored.note + "; ") if stored.note else "") + (
-            f"re-sent with another patient: {old.describe()} -> {new.describe()}")
+            f"re-sent with another patient: {old.describe()} -> {new.describe()}"
+        )
         exam = get_row(s, Exam, int(stored.exam_id or 0))
-        members = list(s.scalars(select(Instance).where(Instance.exam_id == exam.id)
-                                 .order_by(Instance.id)))
-        exam.add_note(f"patient identity changed: instance {stored.sop_instance_uid} was "
-                      f"re-sent with {new.describe()} (it had {old.describe()}); the exam is "
-                      f"held until resolved")
-        add_event(exam, "received", f"{stored.sop_instance_uid} re-sent with another patient "
-               f"identity from {record.calling_aet or '?'}", now)
-        result = AddResult(duplicate=False, instance_id=stored.id,
-                           corrected_from=old.describe(), corrected_to=new.describe())
-        others = [m for m in members if not exam_identity(exam, members).same_person(
-            PatientIdentity.of(m))]
+        members = list(
+            s.scalars(select(Instance).where(Instance.exam_id == exam.id).order_by(Instance.id))
+        )
+        exam.add_note(
+            f"patient identity changed: instance {stored.sop_instance_uid} was "
+            f"re-sent with {new.describe()} (it had {old.describe()}); the exam is "
+            f"held until resolved"
+        )
+        add_event(
+            exam,
+            "received",
+            f"{stored.sop_instance_uid} re-sent with another patient "
+            f"identity from {record.calling_aet or '?'}",
+            now,
+        )
+        result = AddResult(
+            duplicate=False,
+            instance_id=stored.id,
+            corrected_from=old.describe(),
+            corrected_to=new.describe(),
+        )
+        others = [
+            m
+            for m in members
+            if not exam_identity(exam, members).same_person(PatientIdentity.of(m))
+        ]
         self._hold(exam, stored, members, others or [stored], now, result)
         return result
 
@@ -400,14 +472,20 @@ class Exams:
             exam.set_slot(slot, assignment.slots.get(slot))
         exam.kinds_json = json.dumps(assignment.kinds)
         exam.implant = assignment.implant
-        exam.volume_only_json = json.dumps(assignment.volume_only) \
-            if assignment.volume_only else None
+        exam.volume_only_json = (
+            json.dumps(assignment.volume_only) if assignment.volume_only else None
+        )
         for note in assignment.notes:
             if note not in exam.notes:
                 exam.add_note(note)
 
-    def patient_exams(self, s: Session, exam: Exam, members: list[Instance] | None = None,
-                      states: tuple[str, ...] | None = None) -> list[Exam]:
+    def patient_exams(
+        self,
+        s: Session,
+        exam: Exam,
+        members: list[Instance] | None = None,
+        states: tuple[str, ...] | None = None,
+    ) -> list[Exam]:
         """Other exams of the exam's patient (optionally only those in ``states``): the same
         non-empty PatientID with compatible issuers (index ix_exams_patient); where either
         exam has no PatientID, the same name and birth date (both needed: a name alone is not
@@ -417,31 +495,61 @@ class Exams:
         out: dict[int, Exam] = {}
         in_states = [Exam.state.in_(states)] if states is not None else []
         if exam.patient_id:
-            for e in s.scalars(select(Exam).where(Exam.patient_id == exam.patient_id,
-                                                  Exam.id != exam.id, *in_states)):
-                if same_patient(exam.patient_id, exam.issuer_of_patient_id, e.patient_id,
-                                e.issuer_of_patient_id):
+            for e in s.scalars(
+                select(Exam).where(
+                    Exam.patient_id == exam.patient_id, Exam.id != exam.id, *in_states
+                )
+            ):
+                if same_patient(
+                    exam.patient_id, exam.issuer_of_patient_id, e.patient_id, e.issuer_of_patient_id
+                ):
                     out[e.id] = e
         if members is None:
-            members = list(s.scalars(select(Instance).where(Instance.exam_id == exam.id)
-                                     .order_by(Instance.id)))
+            members = list(
+                s.scalars(select(Instance).where(Instance.exam_id == exam.id).order_by(Instance.id))
+            )
         me = exam_identity(exam, members)
         if not (me.name and me.birth_date):
             return list(out.values())
         # Where both have a PatientID the IDs decided above: with one, only images without.
-        anonymous = [or_(Instance.patient_id.is_(None), Instance.patient_id == "")] \
-            if exam.patient_id else []
-        ids = set(s.scalars(select(Instance.exam_id).where(
-            Instance.patient_birth_date == me.birth_date, Instance.exam_id.is_not(None),
-            Instance.exam_id != exam.id, *anonymous).distinct()))
+        anonymous = (
+            [or_(Instance.patient_id.is_(None), Instance.patient_id == "")]
+            if exam.patient_id
+            else []
+        )
+        ids = set(
+            s.scalars(
+                select(Instance.exam_id)
+                .where(
+                    Instance.patient_birth_date == me.birth_date,
+                    Instance.exam_id.is_not(None),
+                    Instance.exam_id != exam.id,
+                    *anonymous,
+                )
+                .distinct()
+            )
+        )
         no_id = or_(Exam.patient_id.is_(None), Exam.patient_id == "")
-        candidates = [e for e in s.scalars(select(Exam).where(
-            Exam.id.in_(ids), *in_states, *([no_id] if exam.patient_id else [])))
-            if e.id not in out] if ids else []
+        candidates = (
+            [
+                e
+                for e in s.scalars(
+                    select(Exam).where(
+                        Exam.id.in_(ids), *in_states, *([no_id] if exam.patient_id else [])
+                    )
+                )
+                if e.id not in out
+            ]
+            if ids
+            else []
+        )
         if candidates:
             by_exam: dict[int, list[Instance]] = {}
-            for m in s.scalars(select(Instance).where(
-                    Instance.exam_id.in_([e.id for e in candidates])).order_by(Instance.id)):
+            for m in s.scalars(
+                select(Instance)
+                .where(Instance.exam_id.in_([e.id for e in candidates]))
+                .order_by(Instance.id)
+            ):
                 by_exam.setdefault(int(m.exam_id or 0), []).append(m)
             for e in candidates:
                 other = exam_identity(e, by_exam.get(e.id, []))
@@ -458,9 +566,11 @@ class Exams:
         age = (utcnow().date() - date).days
         if age <= self.prior_after_days:
             return None
-        return "age", (f"prior: StudyDate {date.isoformat()} is {age} days old ([grouping] "
-                       f"prior_after_days = {self.prior_after_days:g}); stored, not read "
-                       f"(mammo-node complete {exam.study_instance_uid} reads it)")
+        return "age", (
+            f"prior: StudyDate {date.isoformat()} is {age} days old ([grouping] "
+            f"prior_after_days = {self.prior_after_days:g}); stored, not read "
+            f"(mammo-node complete {exam.study_instance_uid} reads it)"
+        )
 
     def _gap_reason(self, exam: Exam, newer: Exam, arrived: bool) -> str:
         """The gap rule's reason, naming the newer study that made ``exam`` a prior (the one
@@ -468,10 +578,12 @@ class Exams:
         date, newer_date = _date(exam.study_date), _date(newer.study_date)
         assert date is not None and newer_date is not None
         held = "arrived" if arrived else "is held by the node"
-        return (f"prior: study {newer.study_instance_uid} of the same patient from "
-                f"{newer_date.isoformat()} {held}, {(newer_date - date).days} days newer "
-                f"([grouping] prior_gap_days = {self.prior_gap_days:g}); stored, not read "
-                f"(mammo-node complete {exam.study_instance_uid} reads it)")
+        return (
+            f"prior: study {newer.study_instance_uid} of the same patient from "
+            f"{newer_date.isoformat()} {held}, {(newer_date - date).days} days newer "
+            f"([grouping] prior_gap_days = {self.prior_gap_days:g}); stored, not read "
+            f"(mammo-node complete {exam.study_instance_uid} reads it)"
+        )
 
     def _gap_rule(self, exam: Exam, patient: list[Exam]) -> tuple[str, str] | None:
         """("gap", why) when the node holds a study of the patient at least [grouping]
@@ -479,8 +591,11 @@ class Exams:
         date = _date(exam.study_date)
         if date is None or self.prior_gap_days is None:
             return None
-        newer = [(d, e) for e in patient if (d := _date(e.study_date)) is not None
-                 and (d - date).days >= self.prior_gap_days]
+        newer = [
+            (d, e)
+            for e in patient
+            if (d := _date(e.study_date)) is not None and (d - date).days >= self.prior_gap_days
+        ]
         if not newer:
             return None
         return "gap", self._gap_reason(exam, max(newer, key=lambda t: t[0])[1], arrived=False)
@@ -500,8 +615,12 @@ class Exams:
             return
         for other in patient:
             d = _date(other.study_date)
-            if (d is None or other.state not in (ExamState.RECEIVING, ExamState.READY)
-                    or (date - d).days < self.prior_gap_days or other.read_on_request):
+            if (
+                d is None
+                or other.state not in (ExamState.RECEIVING, ExamState.READY)
+                or (date - d).days < self.prior_gap_days
+                or other.read_on_request
+            ):
                 continue
             self._make_prior(other, "gap", self._gap_reason(other, exam, arrived=True), now)
 
@@ -511,8 +630,10 @@ class Exams:
             exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid))
             if exam is None:
                 raise ExamNotFound(study_uid)
-            rows = [PriorStudy(e.study_instance_uid, e.study_date) for e in
-                    self.patient_exams(s, exam, states=(ExamState.PRIOR.value,))]
+            rows = [
+                PriorStudy(e.study_instance_uid, e.study_date)
+                for e in self.patient_exams(s, exam, states=(ExamState.PRIOR.value,))
+            ]
         return sorted(rows, key=lambda r: r[1] or "")
 
     def patient_studies(self, study_uid: str) -> list[PatientStudy]:
@@ -522,8 +643,10 @@ class Exams:
             exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid))
             if exam is None:
                 raise ExamNotFound(study_uid)
-            rows = [PatientStudy(e.study_instance_uid, e.study_date, e.state)
-                    for e in self.patient_exams(s, exam)]
+            rows = [
+                PatientStudy(e.study_instance_uid, e.study_date, e.state)
+                for e in self.patient_exams(s, exam)
+            ]
         return sorted(rows, key=lambda r: r.date or "", reverse=True)
 
     def priors_by_study(self, study_uids: list[str]) -> dict[str, list[PriorStudy]]:
@@ -532,53 +655,103 @@ class Exams:
         name-and-birth-date lookup for the others."""
         out: dict[str, list[PriorStudy]] = {}
         with self.db.session() as s:
-            exams = list(s.scalars(select(Exam).where(
-                Exam.study_instance_uid.in_(study_uids),
-                Exam.state != ExamState.PRIOR.value))) if study_uids else []
+            exams = (
+                list(
+                    s.scalars(
+                        select(Exam).where(
+                            Exam.study_instance_uid.in_(study_uids),
+                            Exam.state != ExamState.PRIOR.value,
+                        )
+                    )
+                )
+                if study_uids
+                else []
+            )
             ids = sorted({e.patient_id for e in exams if e.patient_id})
-            priors = list(s.scalars(select(Exam).where(
-                Exam.patient_id.in_(ids), Exam.state == ExamState.PRIOR.value))) if ids else []
+            priors = (
+                list(
+                    s.scalars(
+                        select(Exam).where(
+                            Exam.patient_id.in_(ids), Exam.state == ExamState.PRIOR.value
+                        )
+                    )
+                )
+                if ids
+                else []
+            )
             # Priors without a PatientID are matched by name and birth date, exam by exam,
             # only where the node holds any.
-            anonymous = s.scalar(select(Exam.id).where(
-                Exam.state == ExamState.PRIOR.value,
-                or_(Exam.patient_id.is_(None), Exam.patient_id == "")).limit(1)) is not None
+            anonymous = (
+                s.scalar(
+                    select(Exam.id)
+                    .where(
+                        Exam.state == ExamState.PRIOR.value,
+                        or_(Exam.patient_id.is_(None), Exam.patient_id == ""),
+                    )
+                    .limit(1)
+                )
+                is not None
+            )
             for e in exams:
                 if e.patient_id and not anonymous:
-                    found = [p for p in priors if same_patient(
-                        e.patient_id, e.issuer_of_patient_id, p.patient_id,
-                        p.issuer_of_patient_id)]
+                    found = [
+                        p
+                        for p in priors
+                        if same_patient(
+                            e.patient_id,
+                            e.issuer_of_patient_id,
+                            p.patient_id,
+                            p.issuer_of_patient_id,
+                        )
+                    ]
                 else:
                     found = self.patient_exams(s, e, states=(ExamState.PRIOR.value,))
                 if found:
                     out[e.study_instance_uid] = sorted(
                         (PriorStudy(p.study_instance_uid, p.study_date) for p in found),
-                        key=lambda r: r[1] or "")
+                        key=lambda r: r[1] or "",
+                    )
         return out
 
-    def _hold(self, exam: Exam, inst: Instance, members: list[Instance],
-              others: list[Instance], now: dt.datetime, result: AddResult) -> None:
+    def _hold(
+        self,
+        exam: Exam,
+        inst: Instance,
+        members: list[Instance],
+        others: list[Instance],
+        now: dt.datetime,
+        result: AddResult,
+    ) -> None:
         """Images of two patients in one study: keep them, read nothing, say so. The slots
         stay as they were (no other patient's image ever fills one)."""
         exam.last_received_at = now
         if others:
             if exam.state != ExamState.CONFLICT:
-                exam.add_note(f"patient conflict: instance {inst.sop_instance_uid} and the "
-                              f"exam's images carry different patients; the exam was "
-                              f"{exam.state}, it is held until resolved")
+                exam.add_note(
+                    f"patient conflict: instance {inst.sop_instance_uid} and the "
+                    f"exam's images carry different patients; the exam was "
+                    f"{exam.state}, it is held until resolved"
+                )
             set_exam_state(exam, ExamState.CONFLICT, now)
-            exam.reason = (f"patient conflict: {len(others)} of {len(members)} instance(s) "
-                           f"belong to another patient than the exam's first image; no "
-                           f"reading until resolved (mammo-node resolve "
-                           f"{exam.study_instance_uid} --patient-id ID)")
+            exam.reason = (
+                f"patient conflict: {len(others)} of {len(members)} instance(s) "
+                f"belong to another patient than the exam's first image; no "
+                f"reading until resolved (mammo-node resolve "
+                f"{exam.study_instance_uid} --patient-id ID)"
+            )
         result.conflict = True
         result.exam_study_uid = exam.study_instance_uid
         result.exam_state = exam.state
         result.exam_version = exam.version
 
-    def resolve_patient(self, study_uid: str, patient_id: str, assign: AssignFn,
-                        issuer: str | None = None,
-                        patient_name: str | None = None) -> Resolved:
+    def resolve_patient(
+        self,
+        study_uid: str,
+        patient_id: str,
+        assign: AssignFn,
+        issuer: str | None = None,
+        patient_name: str | None = None,
+    ) -> Resolved:
         """End a patient conflict: the exam keeps the instances of ``patient_id`` (and
         ``issuer`` when given); the others stay stored but leave the exam. The exam is read
         again (a new version when an earlier version was read). Returns the instances
@@ -587,35 +760,54 @@ class Exams:
         now = utcnow()
         with self.db.write() as s:
             exam = exam_for_update(s, study_uid)
-            members = list(s.scalars(select(Instance).where(Instance.exam_id == exam.id)
-                                     .order_by(Instance.id)))
+            members = list(
+                s.scalars(select(Instance).where(Instance.exam_id == exam.id).order_by(Instance.id))
+            )
             name = person_name_key(patient_name) if patient_name is not None else None
-            keep = [m for m in members if same_patient(patient_id, issuer, m.patient_id,
-                                                        m.issuer_of_patient_id)
-                    and (name is None or person_name_key(m.patient_name) == name)]
+            keep = [
+                m
+                for m in members
+                if same_patient(patient_id, issuer, m.patient_id, m.issuer_of_patient_id)
+                and (name is None or person_name_key(m.patient_name) == name)
+            ]
             if not keep:
                 raise ValueError("no instance of that patient in this exam")
-            if not (patient_id or "").strip() and name is None and len(
-                    {PatientIdentity.of(m) for m in keep}) > 1:
-                raise ValueError("the images without a Patient ID belong to different "
-                                 "patients: say which with --patient-name")
+            if (
+                not (patient_id or "").strip()
+                and name is None
+                and len({PatientIdentity.of(m) for m in keep}) > 1
+            ):
+                raise ValueError(
+                    "the images without a Patient ID belong to different "
+                    "patients: say which with --patient-name"
+                )
             detached = [m for m in members if m not in keep]
             for m in detached:
                 m.exam_id = None
                 m.note = ((m.note + "; ") if m.note else "") + (
-                    f"left exam {study_uid}: another patient (conflict resolved)")
+                    f"left exam {study_uid}: another patient (conflict resolved)"
+                )
             exam.patient_id = patient_id
             exam.issuer_of_patient_id = issuer or next(
-                (m.issuer_of_patient_id for m in keep if m.issuer_of_patient_id), None)
+                (m.issuer_of_patient_id for m in keep if m.issuer_of_patient_id), None
+            )
             assignment = assign(keep)
             self._apply(exam, assignment)
-            read_before = s.scalar(select(func.count()).select_from(Result).where(
-                Result.exam_id == exam.id, Result.version == exam.version)) or 0
+            read_before = (
+                s.scalar(
+                    select(func.count())
+                    .select_from(Result)
+                    .where(Result.exam_id == exam.id, Result.version == exam.version)
+                )
+                or 0
+            )
             if read_before:
                 exam.version += 1
             exam.attempts, exam.next_attempt_at = 0, None
-            exam.add_note(f"patient conflict resolved: {len(keep)} instance(s) kept, "
-                          f"{len(detached)} detached; read as version {exam.version}")
+            exam.add_note(
+                f"patient conflict resolved: {len(keep)} instance(s) kept, "
+                f"{len(detached)} detached; read as version {exam.version}"
+            )
             exam.reason = "; ".join(assignment.problems) or None
             exam.last_received_at = now
             set_exam_state(exam, ExamState.RECEIVING if exam.missing else ExamState.READY, now)
@@ -629,44 +821,59 @@ class Exams:
         promoted: list[str] = []
         with self.db.write() as s:
             # SKIP LOCKED: with several listeners, each partial exam is promoted by one.
-            for exam in s.scalars(select(Exam).where(
-                    Exam.state == ExamState.RECEIVING.value, Exam.last_received_at <= cutoff)
-                    .with_for_update(skip_locked=True)):
+            for exam in s.scalars(
+                select(Exam)
+                .where(Exam.state == ExamState.RECEIVING.value, Exam.last_received_at <= cutoff)
+                .with_for_update(skip_locked=True)
+            ):
                 missing = exam.missing
                 if missing:
-                    msg = (f"partial exam: missing {', '.join(missing)} after "
-                           f"{stable_seconds:g} s without new images")
+                    msg = (
+                        f"partial exam: missing {', '.join(missing)} after "
+                        f"{stable_seconds:g} s without new images"
+                    )
                     exam.reason = f"{exam.reason}; {msg}" if exam.reason else msg
                 set_exam_state(exam, ExamState.READY, now)
                 promoted.append(exam.study_instance_uid)
         return promoted
 
     # -- worker side (used by the results pipeline) ---------------------------------------
-    def claim_next_ready(self, lease_seconds: float = 60.0,
-                         max_attempts: int = 3) -> Claim | None:
+    def claim_next_ready(self, lease_seconds: float = 60.0, max_attempts: int = 3) -> Claim | None:
         """Claim the oldest ``ready`` exam, or a ``processing`` one whose worker's lease ran
         out, for ``lease_seconds``: the :class:`Claim`, or None. An exam taken over counts
         an attempt (an exam that keeps killing its workers ends ``failed``)."""
         now = utcnow()
         with self.db.write() as s:
-            exam = s.scalar(select(Exam).where(or_(
-                and_(Exam.state == ExamState.READY.value,
-                     or_(Exam.next_attempt_at.is_(None), Exam.next_attempt_at <= now)),
-                and_(Exam.state == ExamState.PROCESSING.value,
-                     or_(Exam.lease_until.is_(None), Exam.lease_until < now))))
-                .order_by(Exam.state_changed_at, Exam.id).limit(1)
-                .with_for_update(skip_locked=True))
+            exam = s.scalar(
+                select(Exam)
+                .where(
+                    or_(
+                        and_(
+                            Exam.state == ExamState.READY.value,
+                            or_(Exam.next_attempt_at.is_(None), Exam.next_attempt_at <= now),
+                        ),
+                        and_(
+                            Exam.state == ExamState.PROCESSING.value,
+                            or_(Exam.lease_until.is_(None), Exam.lease_until < now),
+                        ),
+                    )
+                )
+                .order_by(Exam.state_changed_at, Exam.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            )
             if exam is None:
                 return None
             if exam.state == ExamState.PROCESSING:
                 exam.attempts = (exam.attempts or 0) + 1
-                msg = (f"taken over from {exam.lease_owner or 'an unknown worker'} by "
-                       f"{self.owner}: its lease ran out (attempt {exam.attempts})")
+                msg = (
+                    f"taken over from {exam.lease_owner or 'an unknown worker'} by "
+                    f"{self.owner}: its lease ran out (attempt {exam.attempts})"
+                )
                 log.warning("exam %s v%d %s", exam.study_instance_uid, exam.version, msg)
                 add_event(exam, "state", msg, now)
                 if exam.attempts >= max_attempts:
-                    reason = (f"the worker reading it stopped {exam.attempts} times (lease "
-                              f"ran out)")
+                    reason = f"the worker reading it stopped {exam.attempts} times (lease ran out)"
                     set_exam_state(exam, ExamState.FAILED, now, reason)
                     exam.reason = reason
                     return None
@@ -678,19 +885,30 @@ class Exams:
     def renew_lease(self, exam_id: int, version: int, lease_seconds: float) -> bool:
         """The worker's heartbeat: extend its claim; False when it no longer holds it."""
         with self.db.write() as s:
-            n = s.execute(update(Exam).where(  # type: ignore[attr-defined]
-                Exam.id == exam_id, Exam.version == version,
-                Exam.state == ExamState.PROCESSING.value, Exam.lease_owner == self.owner)
-                .values(lease_until=utcnow() + dt.timedelta(seconds=lease_seconds))).rowcount
+            n = s.execute(
+                update(Exam)
+                .where(  # type: ignore[attr-defined]
+                    Exam.id == exam_id,
+                    Exam.version == version,
+                    Exam.state == ExamState.PROCESSING.value,
+                    Exam.lease_owner == self.owner,
+                )
+                .values(lease_until=utcnow() + dt.timedelta(seconds=lease_seconds))
+            ).rowcount
         return bool(n)
 
     def _held(self, exam: Exam | None, version: int) -> bool:
         """Whether ``exam`` is this version, processing, and claimed by this process."""
-        return (exam is not None and exam.version == version
-                and exam.state == ExamState.PROCESSING and exam.lease_owner == self.owner)
+        return (
+            exam is not None
+            and exam.version == version
+            and exam.state == ExamState.PROCESSING
+            and exam.lease_owner == self.owner
+        )
 
-    def retry_later(self, exam_id: int, version: int, reason: str, max_attempts: int,
-                    delay: float) -> str | None:
+    def retry_later(
+        self, exam_id: int, version: int, reason: str, max_attempts: int, delay: float
+    ) -> str | None:
         """A reading that failed for a transient reason: ``ready`` again after ``delay``
         (doubling with each attempt), or ``failed`` once ``max_attempts`` are used. Returns
         the new state, or None when the exam was reopened meanwhile."""
@@ -706,8 +924,7 @@ class Exams:
             else:
                 wait = delay * 2 ** (exam.attempts - 1)
                 exam.next_attempt_at = now + dt.timedelta(seconds=wait)
-                exam.add_note(f"attempt {exam.attempts} failed ({reason}); retrying in "
-                              f"{wait:g} s")
+                exam.add_note(f"attempt {exam.attempts} failed ({reason}); retrying in {wait:g} s")
                 set_exam_state(exam, ExamState.READY, now, f"retry: {reason}")
             return exam.state
 
@@ -750,12 +967,11 @@ class Exams:
         with self.db.write() as s:
             exam = exam_for_update(s, study_uid)
             if exam.state not in (ExamState.RECEIVING, ExamState.PRIOR, ExamState.SKIPPED):
-                raise ValueError(f"the exam is {exam.state}, not receiving, prior or "
-                                 f"skipped")
+                raise ValueError(f"the exam is {exam.state}, not receiving, prior or skipped")
             if not any(exam.views.values()):
                 raise ValueError("no image fills any of the four view slots")
             missing = exam.missing
-            gone = ', '.join(missing) or 'no view'
+            gone = ", ".join(missing) or "no view"
             if exam.state == ExamState.RECEIVING:
                 msg = f"completed by request with {gone} missing"
                 exam.reason = f"{exam.reason}; {msg}" if exam.reason else msg
@@ -785,15 +1001,22 @@ class Exams:
             exam = s.get(Exam, exam_id, with_for_update=True)
             if exam is None or not self._held(exam, version):
                 return False
-            set_exam_state(exam, ExamState.DONE if ok else ExamState.FAILED, utcnow(),
-                            None if ok else reason)
+            set_exam_state(
+                exam, ExamState.DONE if ok else ExamState.FAILED, utcnow(), None if ok else reason
+            )
             if not ok:
                 exam.reason = reason or "processing failed"
             return True
 
-    def complete(self, exam_id: int, version: int, results: list[ProducedObject],
-                 destinations: list[str], finish: bool = True,
-                 reading: dict | None = None) -> bool:
+    def complete(
+        self,
+        exam_id: int,
+        version: int,
+        results: list[ProducedObject],
+        destinations: list[str],
+        finish: bool = True,
+        reading: dict | None = None,
+    ) -> bool:
         """Record a reading's result objects, queue them for every destination and (with
         ``finish``) mark the exam ``done``, in one transaction. ``finish=False`` queues a
         first part (the SRs) while the rest is still being built. False (nothing recorded)
@@ -803,61 +1026,91 @@ class Exams:
             exam = s.get(Exam, exam_id, with_for_update=True)
             if exam is None or not self._held(exam, version):
                 return False
-            source = s.scalar(select(Instance).where(Instance.exam_id == exam_id)
-                              .order_by(Instance.id).limit(1))
+            source = s.scalar(
+                select(Instance).where(Instance.exam_id == exam_id).order_by(Instance.id).limit(1)
+            )
             if reading is not None:
                 exam.reading_json = json.dumps(reading)
                 score = reading.get("score")
                 exam.exam_score = float(score) if isinstance(score, (int, float)) else None
             for r in results:
-                row = s.scalar(select(Result).where(
-                    Result.sop_instance_uid == r.sop_instance_uid))
+                row = s.scalar(select(Result).where(Result.sop_instance_uid == r.sop_instance_uid))
                 if row is None:
-                    row = Result(exam_id=exam_id, version=version, kind=r.kind,
-                                 sop_class_uid=r.sop_class_uid,
-                                 sop_instance_uid=r.sop_instance_uid,
-                                 series_instance_uid=r.series_instance_uid, path=r.path)
+                    row = Result(
+                        exam_id=exam_id,
+                        version=version,
+                        kind=r.kind,
+                        sop_class_uid=r.sop_class_uid,
+                        sop_instance_uid=r.sop_instance_uid,
+                        series_instance_uid=r.series_instance_uid,
+                        path=r.path,
+                    )
                     s.add(row)
                     s.flush()
                     self._add_result_instance(s, r, exam, source)
                 for dest in destinations:
-                    if s.scalar(select(Outbound.id).where(
-                            Outbound.result_id == row.id,
-                            Outbound.destination == dest)) is None:
-                        s.add(Outbound(result_id=row.id, destination=dest,
-                                       state=OutboundState.PENDING.value, attempts=0,
-                                       next_attempt_at=utcnow()))
+                    if (
+                        s.scalar(
+                            select(Outbound.id).where(
+                                Outbound.result_id == row.id, Outbound.destination == dest
+                            )
+                        )
+                        is None
+                    ):
+                        s.add(
+                            Outbound(
+                                result_id=row.id,
+                                destination=dest,
+                                state=OutboundState.PENDING.value,
+                                attempts=0,
+                                next_attempt_at=utcnow(),
+                            )
+                        )
             if finish:
                 set_exam_state(exam, ExamState.DONE, utcnow())
             return True
 
     @staticmethod
-    def _add_result_instance(s: Session, r: ProducedObject, exam: Exam,
-                             source: Instance | None) -> None:
+    def _add_result_instance(
+        s: Session, r: ProducedObject, exam: Exam, source: Instance | None
+    ) -> None:
         """A produced object is also an instance the node holds (found by C-FIND, sent by
         C-MOVE / C-GET), with the patient and study attributes of its source images."""
-        if s.scalar(select(Instance.id).where(
-                Instance.sop_instance_uid == r.sop_instance_uid)) is not None:
+        if (
+            s.scalar(select(Instance.id).where(Instance.sop_instance_uid == r.sop_instance_uid))
+            is not None
+        ):
             return
-        s.add(Instance(
-            sop_instance_uid=r.sop_instance_uid, sop_class_uid=r.sop_class_uid,
-            study_instance_uid=exam.study_instance_uid,
-            series_instance_uid=r.series_instance_uid,
-            transfer_syntax_uid="1.2.840.10008.1.2.1", path=r.path,
-            size_bytes=r.size_bytes, calling_aet=None,
-            patient_id=source.patient_id if source else exam.patient_id,
-            patient_name=source.patient_name if source else None,
-            accession_number=exam.accession_number,
-            study_date=source.study_date if source else None,
-            study_time=source.study_time if source else None,
-            modality=r.modality, series_number=r.series_number,
-            instance_number=r.instance_number, role="result", exam_id=None,
-            patient_birth_date=source.patient_birth_date if source else None,
-            patient_sex=source.patient_sex if source else None,
-            study_description=source.study_description if source else None,
-            study_id=source.study_id if source else None,
-            referring_physician_name=source.referring_physician_name if source else None,
-            series_description=r.series_description, rows=r.rows, columns=r.columns))
+        s.add(
+            Instance(
+                sop_instance_uid=r.sop_instance_uid,
+                sop_class_uid=r.sop_class_uid,
+                study_instance_uid=exam.study_instance_uid,
+                series_instance_uid=r.series_instance_uid,
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                path=r.path,
+                size_bytes=r.size_bytes,
+                calling_aet=None,
+                patient_id=source.patient_id if source else exam.patient_id,
+                patient_name=source.patient_name if source else None,
+                accession_number=exam.accession_number,
+                study_date=source.study_date if source else None,
+                study_time=source.study_time if source else None,
+                modality=r.modality,
+                series_number=r.series_number,
+                instance_number=r.instance_number,
+                role="result",
+                exam_id=None,
+                patient_birth_date=source.patient_birth_date if source else None,
+                patient_sex=source.patient_sex if source else None,
+                study_description=source.study_description if source else None,
+                study_id=source.study_id if source else None,
+                referring_physician_name=source.referring_physician_name if source else None,
+                series_description=r.series_description,
+                rows=r.rows,
+                columns=r.columns,
+            )
+        )
 
     def slot_paths(self, exam_id: int) -> SlotPaths:
         """An exam's slot images (ExamNotFound: no such exam)."""
@@ -866,8 +1119,7 @@ class Exams:
             paths: dict[str, str] = {}
             for slot, uid in exam.views.items():
                 if uid:
-                    path = s.scalar(select(Instance.path).where(
-                        Instance.sop_instance_uid == uid))
+                    path = s.scalar(select(Instance.path).where(Instance.sop_instance_uid == uid))
                     if path is not None:
                         paths[slot] = path
             return SlotPaths(exam.study_instance_uid, exam.version, paths)
@@ -884,10 +1136,14 @@ class Exams:
             read_on_request = bool(exam.read_on_request)
         priors = [d for _, d in self.priors_of(study)]
         return ReadingContext(
-            kinds=kinds, implant=implant,
-            priors=[f"{d[:4]}-{d[4:6]}-{d[6:8]}" if d and len(d) == 8 else (d or "?")
-                    for d in priors],
-            volume_only=volume_only, read_on_request=read_on_request)
+            kinds=kinds,
+            implant=implant,
+            priors=[
+                f"{d[:4]}-{d[4:6]}-{d[6:8]}" if d and len(d) == 8 else (d or "?") for d in priors
+            ],
+            volume_only=volume_only,
+            read_on_request=read_on_request,
+        )
 
     def add_event(self, study_uid: str, kind: str, detail: str) -> None:
         """A line in an exam's timeline from outside a transition (an administrator's
@@ -899,9 +1155,14 @@ class Exams:
 
     def results_of(self, study_uid: str) -> list[Result]:
         with self.db.session() as s:
-            return list(s.scalars(select(Result).join(Exam, Exam.id == Result.exam_id)
-                                  .where(Exam.study_instance_uid == study_uid)
-                                  .order_by(Result.version, Result.id)))
+            return list(
+                s.scalars(
+                    select(Result)
+                    .join(Exam, Exam.id == Result.exam_id)
+                    .where(Exam.study_instance_uid == study_uid)
+                    .order_by(Result.version, Result.id)
+                )
+            )
 
     def recover(self) -> int:
         """At a worker's start: exams left ``processing`` by a process of this host that is
@@ -910,12 +1171,14 @@ class Exams:
         (the delivery claims of dead exporters: :meth:`storage.deliveries.Deliveries.recover`)."""
         n = 0
         with self.db.write() as s:
-            for exam in s.scalars(select(Exam).where(Exam.state == ExamState.PROCESSING.value)
-                                  .with_for_update(skip_locked=True)):
+            for exam in s.scalars(
+                select(Exam)
+                .where(Exam.state == ExamState.PROCESSING.value)
+                .with_for_update(skip_locked=True)
+            ):
                 if not owner_is_dead(exam.lease_owner):
                     continue
                 exam.add_note("processing interrupted (node restarted); queued again")
                 set_exam_state(exam, ExamState.READY, utcnow())
                 n += 1
         return n
-

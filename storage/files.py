@@ -54,8 +54,11 @@ class FileStore:
         self.root = Path(root)
         self.fsync = fsync
         self.incoming_root = self.root / "incoming"
-        self.incoming = (self.incoming_root / f"{socket.gethostname()}-{os.getpid()}"
-                         if per_process else self.incoming_root)
+        self.incoming = (
+            self.incoming_root / f"{socket.gethostname()}-{os.getpid()}"
+            if per_process
+            else self.incoming_root
+        )
         self.instances = self.root / "instances"
         self.results = self.root / "results"
         for d in (self.root, self.incoming_root, self.incoming, self.instances, self.results):
@@ -63,12 +66,14 @@ class FileStore:
 
     def instance_relpath(self, study: str, series: str, sop: str) -> str:
         """Relative path of an instance file; raises :class:`InvalidUID`."""
-        return "/".join((
-            "instances",
-            _check(study, "StudyInstanceUID"),
-            _check(series, "SeriesInstanceUID"),
-            _check(sop, "SOPInstanceUID") + ".dcm",
-        ))
+        return "/".join(
+            (
+                "instances",
+                _check(study, "StudyInstanceUID"),
+                _check(series, "SeriesInstanceUID"),
+                _check(sop, "SOPInstanceUID") + ".dcm",
+            )
+        )
 
     def abspath(self, relpath: str) -> Path:
         return self.root / relpath
@@ -106,8 +111,9 @@ class FileStore:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
-    def clean_incoming(self, older_than_seconds: float = 0.0,
-                       others_after_seconds: float = 86400.0) -> int:
+    def clean_incoming(
+        self, older_than_seconds: float = 0.0, others_after_seconds: float = 86400.0
+    ) -> int:
         """Remove partial datasets left by aborted associations or a crash: this process's
         own, those of processes of this host that are gone, files of older releases (straight
         under ``incoming``), and anything older than ``others_after_seconds`` (another host's
@@ -119,8 +125,9 @@ class FileStore:
             try:
                 if p.is_dir():
                     name_host, _, pid = p.name.rpartition("-")
-                    gone = p == self.incoming or (name_host == host and pid.isdigit()
-                                                  and not _alive(int(pid)))
+                    gone = p == self.incoming or (
+                        name_host == host and pid.isdigit() and not _alive(int(pid))
+                    )
                     for f in list(p.iterdir()):
                         age = now - f.stat().st_mtime
                         if (gone and age >= older_than_seconds) or age >= others_after_seconds:

@@ -71,8 +71,7 @@ class Instance(Base):
     # Default QIDO-RS return attributes (PS3.18 Table 6.7.1-2) a viewer's lists show.
     #: Indexed: a study without a PatientID is some patient's prior by name and birth date
     #: (storage.exams.Exams.patient_exams).
-    patient_birth_date: Mapped[str | None] = mapped_column(String(8), nullable=True,
-                                                           index=True)
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8), nullable=True, index=True)
     patient_sex: Mapped[str | None] = mapped_column(String(64), nullable=True)
     study_description: Mapped[str | None] = mapped_column(String(256), nullable=True)
     study_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -99,8 +98,7 @@ class Instance(Base):
     implant: Mapped[bool | None] = mapped_column(nullable=True, default=False)
     slot: Mapped[str | None] = mapped_column(String(8), nullable=True)
     note: Mapped[str | None] = mapped_column(Text, nullable=True)
-    exam_id: Mapped[int | None] = mapped_column(ForeignKey("exams.id"), nullable=True,
-                                                index=True)
+    exam_id: Mapped[int | None] = mapped_column(ForeignKey("exams.id"), nullable=True, index=True)
 
 
 #: PatientName matching is case-insensitive (PN): an index on lower(patient_name) lets the
@@ -110,9 +108,9 @@ class Instance(Base):
 #: databases and by migration 0004 for existing ones.
 PATIENT_NAME_INDEX = {
     "sqlite": "CREATE INDEX IF NOT EXISTS ix_instances_patient_name_lower "
-              "ON instances (lower(patient_name))",
+    "ON instances (lower(patient_name))",
     "postgresql": "CREATE INDEX IF NOT EXISTS ix_instances_patient_name_lower "
-                  "ON instances (lower(patient_name) text_pattern_ops)",
+    "ON instances (lower(patient_name) text_pattern_ops)",
 }
 for _dialect, _sql in PATIENT_NAME_INDEX.items():
     event.listen(Instance.__table__, "after_create", DDL(_sql).execute_if(dialect=_dialect))
@@ -155,8 +153,9 @@ class Exam(Base):
     volume_only_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     notes_json: Mapped[str] = mapped_column(Text, default="[]")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
-    last_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow,
-                                                          index=True)  # the exams list's order
+    last_received_at: Mapped[dt.datetime] = mapped_column(
+        DateTime, default=utcnow, index=True
+    )  # the exams list's order
     state_changed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     #: The worker reading this exam ("host:pid") and until when its claim holds: renewed by
     #: its heartbeat; an exam whose lease ran out is taken over by another worker.
@@ -229,8 +228,9 @@ class Exam(Base):
             "reason": self.reason,
             "notes": self.notes,
             "last_received_at": self.last_received_at.isoformat() + "Z",
-            "images_purged_at": (self.images_purged_at.isoformat() + "Z"
-                                 if self.images_purged_at else None),
+            "images_purged_at": (
+                self.images_purged_at.isoformat() + "Z" if self.images_purged_at else None
+            ),
             "state_changed_at": self.state_changed_at.isoformat() + "Z",
             # the worker reading it ("host:pid"), while it is processing
             "worker": self.lease_owner,
@@ -243,16 +243,26 @@ class Exam(Base):
             r = json.loads(self.reading_json or "{}")
         except ValueError:
             r = {}
-        marks = [{"slot": m.get("slot"), "index": m.get("index"), "score": m.get("score"),
-                  "center": m.get("center"), "outline": m.get("outline"),
-                  "above_operating_point": m.get("above_operating_point")}
-                 for ms in (r.get("marks") or {}).values() for m in ms]
-        return {"score": r.get("score"), "operating_point": r.get("operating_point"),
-                "above_operating_point": r.get("above_operating_point"),
-                "density": r.get("density"),
-                "marks": sorted(marks, key=lambda m: (-(m["score"] or 0), m["slot"] or "")),
-                "marks_above_operating_point": sum(bool(m["above_operating_point"])
-                                                   for m in marks)}
+        marks = [
+            {
+                "slot": m.get("slot"),
+                "index": m.get("index"),
+                "score": m.get("score"),
+                "center": m.get("center"),
+                "outline": m.get("outline"),
+                "above_operating_point": m.get("above_operating_point"),
+            }
+            for ms in (r.get("marks") or {}).values()
+            for m in ms
+        ]
+        return {
+            "score": r.get("score"),
+            "operating_point": r.get("operating_point"),
+            "above_operating_point": r.get("above_operating_point"),
+            "density": r.get("density"),
+            "marks": sorted(marks, key=lambda m: (-(m["score"] or 0), m["slot"] or "")),
+            "marks_above_operating_point": sum(bool(m["above_operating_point"]) for m in marks),
+        }
 
 
 class Result(Base):
@@ -313,9 +323,11 @@ class Outbound(Base):
     """Delivery of one result to one destination (persisted, resumed after restart)."""
 
     __tablename__ = "outbound"
-    __table_args__ = (UniqueConstraint("result_id", "destination"),
-                      # the exporters' claim: due deliveries, oldest first
-                      Index("ix_outbound_state_next_attempt_at", "state", "next_attempt_at"))
+    __table_args__ = (
+        UniqueConstraint("result_id", "destination"),
+        # the exporters' claim: due deliveries, oldest first
+        Index("ix_outbound_state_next_attempt_at", "state", "next_attempt_at"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)

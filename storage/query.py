@@ -24,10 +24,13 @@ Op = Literal["in", "eq", "eq_ci", "like", "like_ci", "range", "prefix", "int", "
 #: What an entity count counts: its instances, or its distinct series / studies.
 Counted = Literal["instances", "series", "studies"]
 
-GROUP_COLUMN = {"PATIENT": "patient_id", "STUDY": "study_instance_uid",
-                "SERIES": "series_instance_uid", "IMAGE": "sop_instance_uid"}
-_COUNTED = {"instances": None, "series": "series_instance_uid",
-            "studies": "study_instance_uid"}
+GROUP_COLUMN = {
+    "PATIENT": "patient_id",
+    "STUDY": "study_instance_uid",
+    "SERIES": "series_instance_uid",
+    "IMAGE": "sop_instance_uid",
+}
+_COUNTED = {"instances": None, "series": "series_instance_uid", "studies": "study_instance_uid"}
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,11 @@ def _condition(m: Match, dialect: str = "") -> ColumnElement[bool]:
             # The same condition, also as a range SQLite can take from the lower() index
             # (its LIKE optimisation ignores expression indexes); code point order is
             # SQLite's BINARY collation, so the range holds every match.
-            cond = and_(cond, func.lower(col) >= prefix,
-                        func.lower(col) < prefix[:-1] + chr(ord(prefix[-1]) + 1))
+            cond = and_(
+                cond,
+                func.lower(col) >= prefix,
+                func.lower(col) < prefix[:-1] + chr(ord(prefix[-1]) + 1),
+            )
         return cond
     if m.op == "prefix":
         return col.like(like_pattern(m.value) + "%", escape="\\")
@@ -127,13 +133,20 @@ def _condition(m: Match, dialect: str = "") -> ColumnElement[bool]:
         other = aliased(Instance)
         wanted = [str(v).upper() for v in m.value]
         return Instance.study_instance_uid.in_(
-            select(other.study_instance_uid).where(func.upper(other.modality).in_(wanted)))
+            select(other.study_instance_uid).where(func.upper(other.modality).in_(wanted))
+        )
     raise ValueError(f"unknown operator {m.op!r}")
 
 
-def find_entities(session: Any, level: str, matches: list[Match], limit: int | None = None,
-                  offset: int = 0, counts: frozenset[tuple[str, Counted]] = frozenset(),
-                  modalities: bool = False) -> Found:
+def find_entities(
+    session: Any,
+    level: str,
+    matches: list[Match],
+    limit: int | None = None,
+    offset: int = 0,
+    counts: frozenset[tuple[str, Counted]] = frozenset(),
+    modalities: bool = False,
+) -> Found:
     """The first ``limit`` entities (after ``offset``) at ``level`` that have an instance
     matching every condition, in order of arrival: one row each, plus the ``counts``
     ((level, what) pairs: e.g. ("STUDY", "series") for NumberOfStudyRelatedSeries) and the
@@ -143,8 +156,7 @@ def find_entities(session: Any, level: str, matches: list[Match], limit: int | N
     dialect = session.get_bind().dialect.name
     conds = [_condition(m, dialect) for m in matches]
     first = func.min(Instance.id)
-    keys_q = (select(group, first).where(group.isnot(None), *conds).group_by(group)
-              .order_by(first))
+    keys_q = select(group, first).where(group.isnot(None), *conds).group_by(group).order_by(first)
     if offset:
         keys_q = keys_q.offset(offset)
     if limit is not None:
@@ -155,8 +167,10 @@ def find_entities(session: Any, level: str, matches: list[Match], limit: int | N
         found = found[:limit]
     if not found:
         return Found([], False)
-    by_id = {r.id: r for r in session.scalars(
-        select(Instance).where(Instance.id.in_([i for _, i in found])))}
+    by_id = {
+        r.id: r
+        for r in session.scalars(select(Instance).where(Instance.id.in_([i for _, i in found])))
+    }
     rows = [by_id[i] for _, i in found]
     out = Found(rows, more)
     by_level: dict[str, list[Counted]] = defaultdict(list)
@@ -165,12 +179,14 @@ def find_entities(session: Any, level: str, matches: list[Match], limit: int | N
     for lv, whats in by_level.items():
         gcol = _column(GROUP_COLUMN[lv])
         values = sorted({getattr(r, GROUP_COLUMN[lv]) for r in rows} - {None})
-        exprs = [func.count(distinct(_column(c))) if (c := _COUNTED[w]) else func.count()
-                 for w in whats]
+        exprs = [
+            func.count(distinct(_column(c))) if (c := _COUNTED[w]) else func.count() for w in whats
+        ]
         tables: list[dict[Any, int]] = [{} for _ in whats]
         for chunk in _chunks(values):
-            for key, *ns in session.execute(select(gcol, *exprs).where(gcol.in_(chunk))
-                                            .group_by(gcol)):
+            for key, *ns in session.execute(
+                select(gcol, *exprs).where(gcol.in_(chunk)).group_by(gcol)
+            ):
                 for t, n in zip(tables, ns, strict=True):
                     t[key] = int(n)
         for w, t in zip(whats, tables, strict=True):
@@ -180,9 +196,14 @@ def find_entities(session: Any, level: str, matches: list[Match], limit: int | N
         mods: dict[str, set[str]] = defaultdict(set)
         for chunk in _chunks(studies):
             for study, modality in session.execute(
-                    select(Instance.study_instance_uid, Instance.modality).distinct()
-                    .where(Instance.study_instance_uid.in_(chunk),
-                           Instance.modality.isnot(None), Instance.modality != "")):
+                select(Instance.study_instance_uid, Instance.modality)
+                .distinct()
+                .where(
+                    Instance.study_instance_uid.in_(chunk),
+                    Instance.modality.isnot(None),
+                    Instance.modality != "",
+                )
+            ):
                 mods[study].add(modality)
         out.modalities = {k: sorted(v) for k, v in mods.items()}
     return out
@@ -192,7 +213,7 @@ def _chunks(values: list, size: int = 500) -> Iterator[list]:
     """IN lists of at most ``size`` values (SQLite's bound-parameter limit is 32,766 since
     3.32, 999 before)."""
     for i in range(0, len(values), size):
-        yield values[i:i + size]
+        yield values[i : i + size]
 
 
 def query_instances(session: Session, level: str, matches: list[Match]) -> list[Instance]:
@@ -201,5 +222,4 @@ def query_instances(session: Session, level: str, matches: list[Match]) -> list[
     group = _column(GROUP_COLUMN[level])
     conds = [_condition(m) for m in matches]
     keys = select(group).where(group.isnot(None), *conds)
-    return list(session.scalars(select(Instance).where(group.in_(keys))
-                                .order_by(Instance.id)))
+    return list(session.scalars(select(Instance).where(group.in_(keys)).order_by(Instance.id)))

@@ -17,9 +17,9 @@ class InstanceRecord:
     study_instance_uid: str
     series_instance_uid: str
     transfer_syntax_uid: str
-    path: str                      # relative to data_dir
+    path: str  # relative to data_dir
     size_bytes: int
-    role: str                      # candidate | extra | other | unclassified
+    role: str  # candidate | extra | other | unclassified
     calling_aet: str | None = None
     patient_id: str | None = None
     issuer_of_patient_id: str | None = None
@@ -58,11 +58,11 @@ class InstanceRecord:
 class ProducedObject:
     """A result object a worker wrote (SR, SC), to be recorded and delivered."""
 
-    kind: str                      # sr-mammo-cad | sr-tid1500 | sc
+    kind: str  # sr-mammo-cad | sr-tid1500 | sc
     sop_class_uid: str
     sop_instance_uid: str
     series_instance_uid: str
-    path: str                      # relative to data_dir
+    path: str  # relative to data_dir
     modality: str | None = None
     series_number: int | None = None
     instance_number: int | None = None

@@ -49,7 +49,8 @@ class DeliveryCounts:
     def all_sent(self) -> bool:
         """Something is queued, and every object reached every destination."""
         return bool(self.by_destination) and all(
-            set(c) == {OutboundState.SENT.value} for c in self.by_destination.values())
+            set(c) == {OutboundState.SENT.value} for c in self.by_destination.values()
+        )
 
     def to_json(self) -> dict[str, dict[str, int]]:
         return {d: dict(c) for d, c in self.by_destination.items()}
@@ -159,9 +160,15 @@ class Reports:
         self.db = db
 
     # -- exams -----------------------------------------------------------------------------
-    def exam_page(self, state: str | None = None, accession: str | None = None,
-                  day: dt.date | None = None, offset: int = 0,
-                  limit: int = 100, by_score: bool = False) -> ExamPage:
+    def exam_page(
+        self,
+        state: str | None = None,
+        accession: str | None = None,
+        day: dt.date | None = None,
+        offset: int = 0,
+        limit: int = 100,
+        by_score: bool = False,
+    ) -> ExamPage:
         """One page of exams, newest first (``by_score``: the highest exam score first, exams
         without a score last, then newest first: the triage order, over every exam, sorted by
         the database), with their deliveries and result latency (the dashboard's list;
@@ -170,9 +177,14 @@ class Reports:
         if state:
             conds.append(Exam.state == state)
         if accession:
-            conds.append(Exam.accession_number.like(
-                "%" + accession.replace("\\", "\\\\").replace("%", "\\%")
-                .replace("_", "\\_") + "%", escape="\\"))
+            conds.append(
+                Exam.accession_number.like(
+                    "%"
+                    + accession.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+                    + "%",
+                    escape="\\",
+                )
+            )
         if day is not None:
             start = dt.datetime.combine(day, dt.time())
             conds.append(Exam.last_received_at >= start)
@@ -182,27 +194,37 @@ class Reports:
             order: list[ColumnElement[Any]] = [Exam.last_received_at.desc(), Exam.id.desc()]
             if by_score:  # NULLS LAST spelt portably (SQLite and PostgreSQL sort NULL apart)
                 order = [Exam.exam_score.is_(None), Exam.exam_score.desc(), *order]
-            exams = list(s.scalars(select(Exam).where(*conds).order_by(*order)
-                                   .offset(offset).limit(limit)))
+            exams = list(
+                s.scalars(select(Exam).where(*conds).order_by(*order).offset(offset).limit(limit))
+            )
             ids = [e.id for e in exams]
             delivery: dict[int, list[tuple[str, str, int]]] = {}
             last_sent: dict[int, dt.datetime] = {}
             if ids:
                 for exam_id, dest, st, n, sent in s.execute(
-                        select(Result.exam_id, Outbound.destination, Outbound.state,
-                               func.count(), func.max(Outbound.sent_at))
-                        .join(Outbound, Outbound.result_id == Result.id)
-                        .join(Exam, Exam.id == Result.exam_id)
-                        .where(Result.exam_id.in_(ids), Result.version == Exam.version)
-                        .group_by(Result.exam_id, Outbound.destination, Outbound.state)):
+                    select(
+                        Result.exam_id,
+                        Outbound.destination,
+                        Outbound.state,
+                        func.count(),
+                        func.max(Outbound.sent_at),
+                    )
+                    .join(Outbound, Outbound.result_id == Result.id)
+                    .join(Exam, Exam.id == Result.exam_id)
+                    .where(Result.exam_id.in_(ids), Result.version == Exam.version)
+                    .group_by(Result.exam_id, Outbound.destination, Outbound.state)
+                ):
                     delivery.setdefault(exam_id, []).append((dest, st, n))
                     if sent is not None:
                         last_sent[exam_id] = max(sent, last_sent.get(exam_id, sent))
         rows = []
         for e in exams:
             counts = DeliveryCounts.of_rows(delivery.get(e.id, []))
-            latency = ((last_sent[e.id] - e.last_received_at).total_seconds()
-                       if counts.all_sent and e.id in last_sent else None)
+            latency = (
+                (last_sent[e.id] - e.last_received_at).total_seconds()
+                if counts.all_sent and e.id in last_sent
+                else None
+            )
             rows.append(ExamRow(**e.as_dict(), delivery=counts, latency_seconds=latency))
         return ExamPage(rows, total)
 
@@ -227,21 +249,27 @@ class Reports:
 
     def events(self, study_uid: str) -> list[ExamEvent]:
         with self.db.session() as s:
-            return list(s.scalars(select(ExamEvent).join(Exam, Exam.id == ExamEvent.exam_id)
-                                  .where(Exam.study_instance_uid == study_uid)
-                                  .order_by(ExamEvent.at, ExamEvent.id)))
+            return list(
+                s.scalars(
+                    select(ExamEvent)
+                    .join(Exam, Exam.id == ExamEvent.exam_id)
+                    .where(Exam.study_instance_uid == study_uid)
+                    .order_by(ExamEvent.at, ExamEvent.id)
+                )
+            )
 
     # -- deliveries ------------------------------------------------------------------------
     def delivery_summary(self) -> dict[str, DeliveryCounts]:
         """study UID -> its deliveries (latest version of each exam)."""
         by_study: dict[str, list[tuple[str, str, int]]] = {}
         with self.db.session() as s:
-            q = (select(Exam.study_instance_uid, Outbound.destination, Outbound.state,
-                        func.count())
-                 .join(Result, Result.exam_id == Exam.id)
-                 .join(Outbound, Outbound.result_id == Result.id)
-                 .where(Result.version == Exam.version)
-                 .group_by(Exam.study_instance_uid, Outbound.destination, Outbound.state))
+            q = (
+                select(Exam.study_instance_uid, Outbound.destination, Outbound.state, func.count())
+                .join(Result, Result.exam_id == Exam.id)
+                .join(Outbound, Outbound.result_id == Result.id)
+                .where(Result.version == Exam.version)
+                .group_by(Exam.study_instance_uid, Outbound.destination, Outbound.state)
+            )
             for study, dest, state, n in s.execute(q):
                 by_study.setdefault(study, []).append((dest, state, n))
         return {study: DeliveryCounts.of_rows(rows) for study, rows in by_study.items()}
@@ -249,19 +277,23 @@ class Reports:
     def delivery_of(self, study_uid: str) -> DeliveryCounts:
         """The deliveries of the study's current version (none for an unknown study)."""
         with self.db.session() as s:
-            rows = s.execute(select(Outbound.destination, Outbound.state, func.count())
-                             .join(Result, Result.id == Outbound.result_id)
-                             .join(Exam, Exam.id == Result.exam_id)
-                             .where(Exam.study_instance_uid == study_uid,
-                                    Result.version == Exam.version)
-                             .group_by(Outbound.destination, Outbound.state)).all()
+            rows = s.execute(
+                select(Outbound.destination, Outbound.state, func.count())
+                .join(Result, Result.id == Outbound.result_id)
+                .join(Exam, Exam.id == Result.exam_id)
+                .where(Exam.study_instance_uid == study_uid, Result.version == Exam.version)
+                .group_by(Outbound.destination, Outbound.state)
+            ).all()
         return DeliveryCounts.of_rows(rows)  # type: ignore[arg-type]
 
     def delivery_totals(self) -> DeliveryCounts:
         """Deliveries over every result."""
         with self.db.session() as s:
-            rows = s.execute(select(Outbound.destination, Outbound.state, func.count())
-                             .group_by(Outbound.destination, Outbound.state)).all()
+            rows = s.execute(
+                select(Outbound.destination, Outbound.state, func.count()).group_by(
+                    Outbound.destination, Outbound.state
+                )
+            ).all()
         return DeliveryCounts.of_rows(rows)  # type: ignore[arg-type]
 
     def last_errors(self) -> dict[str, LastError]:
@@ -269,19 +301,23 @@ class Reports:
         out: dict[str, LastError] = {}
         with self.db.session() as s:
             for dest, at, err in s.execute(
-                    select(Outbound.destination, Outbound.next_attempt_at, Outbound.last_error)
-                    .where(Outbound.last_error.isnot(None))
-                    .order_by(Outbound.next_attempt_at)):
+                select(Outbound.destination, Outbound.next_attempt_at, Outbound.last_error)
+                .where(Outbound.last_error.isnot(None))
+                .order_by(Outbound.next_attempt_at)
+            ):
                 out[dest] = LastError(at, err or "")
         return out
 
     def queue_depths(self) -> list[QueueDepth]:
         """Result objects waiting (pending or retrying), by destination and state."""
         with self.db.session() as s:
-            rows = s.execute(select(Outbound.destination, Outbound.state, func.count())
-                             .where(Outbound.state.in_((OutboundState.PENDING.value,
-                                                        OutboundState.RETRYING.value)))
-                             .group_by(Outbound.destination, Outbound.state)).all()
+            rows = s.execute(
+                select(Outbound.destination, Outbound.state, func.count())
+                .where(
+                    Outbound.state.in_((OutboundState.PENDING.value, OutboundState.RETRYING.value))
+                )
+                .group_by(Outbound.destination, Outbound.state)
+            ).all()
         return [QueueDepth(d, st, n) for d, st, n in rows]
 
     def delivered_latency(self, study_uid: str) -> float | None:
@@ -293,10 +329,11 @@ class Reports:
             exam = s.scalar(select(Exam).where(Exam.study_instance_uid == study_uid))
             if exam is None or exam.state != ExamState.DONE:
                 return None
-            rows = s.execute(select(Outbound.state, Outbound.sent_at)
-                             .join(Result, Result.id == Outbound.result_id)
-                             .where(Result.exam_id == exam.id,
-                                    Result.version == exam.version)).all()
+            rows = s.execute(
+                select(Outbound.state, Outbound.sent_at)
+                .join(Result, Result.id == Outbound.result_id)
+                .where(Result.exam_id == exam.id, Result.version == exam.version)
+            ).all()
             if not rows or any(st != OutboundState.SENT for st, _ in rows):
                 return None
             last = max(t for _, t in rows if t is not None)
@@ -305,18 +342,26 @@ class Reports:
     # -- instances -------------------------------------------------------------------------
     def received_bytes_since(self, since: dt.datetime) -> int:
         with self.db.session() as s:
-            return int(s.scalar(select(func.coalesce(func.sum(Instance.size_bytes), 0))
-                                .where(Instance.received_at >= since,
-                                       Instance.role != "result")) or 0)
+            return int(
+                s.scalar(
+                    select(func.coalesce(func.sum(Instance.size_bytes), 0)).where(
+                        Instance.received_at >= since, Instance.role != "result"
+                    )
+                )
+                or 0
+            )
 
     def instance_count(self) -> int:
         with self.db.session() as s:
             return s.scalar(select(func.count()).select_from(Instance)) or 0
 
-    def find_instances(self, study_uids: list[str] | None = None,
-                       series_uids: list[str] | None = None,
-                       sop_uids: list[str] | None = None,
-                       patient_id: str | None = None) -> list[Instance]:
+    def find_instances(
+        self,
+        study_uids: list[str] | None = None,
+        series_uids: list[str] | None = None,
+        sop_uids: list[str] | None = None,
+        patient_id: str | None = None,
+    ) -> list[Instance]:
         """Instances (received and produced), narrowed by exact UIDs / patient ID when given;
         the caller applies the rest of the DICOM matching."""
         q = select(Instance)
@@ -331,9 +376,15 @@ class Reports:
         with self.db.session() as s:
             return list(s.scalars(q.order_by(Instance.id)))
 
-    def find_entities(self, level: str, matches: list, limit: int | None = None,
-                      offset: int = 0, counts: frozenset = frozenset(),
-                      modalities: bool = False) -> Found:
+    def find_entities(
+        self,
+        level: str,
+        matches: list,
+        limit: int | None = None,
+        offset: int = 0,
+        counts: frozenset = frozenset(),
+        modalities: bool = False,
+    ) -> Found:
         """C-FIND / QIDO matching in the database (see :func:`storage.query.find_entities`)."""
         from storage.query import find_entities
 

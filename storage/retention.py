@@ -54,7 +54,7 @@ class Candidate:
 
     study_uid: str
     exam_id: int | None
-    since: dt.datetime              # done and delivered (or received, for stray instances)
+    since: dt.datetime  # done and delivered (or received, for stray instances)
     images: int
     bytes: int
 
@@ -78,38 +78,61 @@ class Retention:
         age; ``kept`` collects done exams that must keep theirs, with the reason."""
         out: list[Candidate] = []
         with self.db.session() as s:
-            exams = {e.id: e for e in s.scalars(select(Exam).where(
-                Exam.state == "done", Exam.images_purged_at.is_(None)))}
+            exams = {
+                e.id: e
+                for e in s.scalars(
+                    select(Exam).where(Exam.state == "done", Exam.images_purged_at.is_(None))
+                )
+            }
             # Deliveries of each exam's current version, aggregated in one query.
             deliveries: dict[int, list[tuple[str, int, dt.datetime | None]]] = {}
             for exam_id, state, n, last in s.execute(
-                    select(Result.exam_id, Outbound.state, func.count(),
-                           func.max(Outbound.sent_at))
-                    .join(Outbound, Outbound.result_id == Result.id)
-                    .join(Exam, Exam.id == Result.exam_id)
-                    .where(Exam.state == "done", Exam.images_purged_at.is_(None),
-                           Result.version == Exam.version)
-                    .group_by(Result.exam_id, Outbound.state)):
+                select(Result.exam_id, Outbound.state, func.count(), func.max(Outbound.sent_at))
+                .join(Outbound, Outbound.result_id == Result.id)
+                .join(Exam, Exam.id == Result.exam_id)
+                .where(
+                    Exam.state == "done",
+                    Exam.images_purged_at.is_(None),
+                    Result.version == Exam.version,
+                )
+                .group_by(Result.exam_id, Outbound.state)
+            ):
                 deliveries.setdefault(exam_id, []).append((state, n, last))
-            sizes = {exam_id: (n, int(size)) for exam_id, n, size in s.execute(
-                select(Instance.exam_id, func.count(),
-                       func.coalesce(func.sum(Instance.size_bytes), 0))
-                .join(Exam, Exam.id == Instance.exam_id)
-                .where(Exam.state.in_(("done", *_UNREAD)), Exam.images_purged_at.is_(None))
-                .group_by(Instance.exam_id))}
+            sizes = {
+                exam_id: (n, int(size))
+                for exam_id, n, size in s.execute(
+                    select(
+                        Instance.exam_id,
+                        func.count(),
+                        func.coalesce(func.sum(Instance.size_bytes), 0),
+                    )
+                    .join(Exam, Exam.id == Instance.exam_id)
+                    .where(Exam.state.in_(("done", *_UNREAD)), Exam.images_purged_at.is_(None))
+                    .group_by(Instance.exam_id)
+                )
+            }
             # Priors (kept for comparison) and skipped exams: never read; they go
             # keep_images_days after their last image arrived.
-            for prior in s.scalars(select(Exam).where(Exam.state.in_(_UNREAD),
-                                                      Exam.images_purged_at.is_(None))):
+            for prior in s.scalars(
+                select(Exam).where(Exam.state.in_(_UNREAD), Exam.images_purged_at.is_(None))
+            ):
                 n, size = sizes.get(prior.id, (0, 0))
-                out.append(Candidate(prior.study_instance_uid, prior.id,
-                                     prior.last_received_at or prior.state_changed_at, n, size))
+                out.append(
+                    Candidate(
+                        prior.study_instance_uid,
+                        prior.id,
+                        prior.last_received_at or prior.state_changed_at,
+                        n,
+                        size,
+                    )
+                )
             for exam_id, exam in exams.items():
                 rows = deliveries.get(exam_id, [])
                 if any(st == "gave_up" for st, _, _ in rows):
                     if kept is not None:
-                        kept[exam.study_instance_uid] = "a delivery gave up: images kept " \
-                                                        "until it is resent"
+                        kept[exam.study_instance_uid] = (
+                            "a delivery gave up: images kept until it is resent"
+                        )
                     continue
                 if any(st != "sent" for st, _, _ in rows):
                     if kept is not None:
@@ -121,10 +144,15 @@ class Retention:
             # Instances outside every exam (received, not results), grouped by study.
             seen = {c.study_uid for c in out}
             for study, first, n, size in s.execute(
-                    select(Instance.study_instance_uid, func.max(Instance.received_at),
-                           func.count(), func.coalesce(func.sum(Instance.size_bytes), 0))
-                    .where(Instance.exam_id.is_(None), Instance.role != "result")
-                    .group_by(Instance.study_instance_uid)):
+                select(
+                    Instance.study_instance_uid,
+                    func.max(Instance.received_at),
+                    func.count(),
+                    func.coalesce(func.sum(Instance.size_bytes), 0),
+                )
+                .where(Instance.exam_id.is_(None), Instance.role != "result")
+                .group_by(Instance.study_instance_uid)
+            ):
                 if study not in seen:
                     out.append(Candidate(study, None, first, n, int(size)))
         out.sort(key=lambda c: c.since)
@@ -151,9 +179,15 @@ class Retention:
                     exam.images_purged_at = now
                     exam.add_note(f"retention: {len(rows)} received image(s) deleted")
             else:
-                rows = list(s.scalars(select(Instance).where(
-                    Instance.study_instance_uid == cand.study_uid, Instance.exam_id.is_(None),
-                    Instance.role != "result")))
+                rows = list(
+                    s.scalars(
+                        select(Instance).where(
+                            Instance.study_instance_uid == cand.study_uid,
+                            Instance.exam_id.is_(None),
+                            Instance.role != "result",
+                        )
+                    )
+                )
             for r in rows:
                 s.add(PurgeJournal(path=r.path))
                 s.delete(r)
@@ -165,13 +199,22 @@ class Retention:
         """Delete produced objects delivered before ``older_than`` (their rows stay)."""
         n = 0
         with self.db.write() as s:
-            q = (select(Result).where(Result.purged_at.is_(None))
-                 .where(~Result.id.in_(select(Outbound.result_id).where(
-                     (Outbound.state != "sent") | (Outbound.sent_at > older_than))))
-                 .where(Result.created_at <= older_than))
+            q = (
+                select(Result)
+                .where(Result.purged_at.is_(None))
+                .where(
+                    ~Result.id.in_(
+                        select(Outbound.result_id).where(
+                            (Outbound.state != "sent") | (Outbound.sent_at > older_than)
+                        )
+                    )
+                )
+                .where(Result.created_at <= older_than)
+            )
             for res in s.scalars(q):
-                inst = s.scalar(select(Instance).where(
-                    Instance.sop_instance_uid == res.sop_instance_uid))
+                inst = s.scalar(
+                    select(Instance).where(Instance.sop_instance_uid == res.sop_instance_uid)
+                )
                 if inst is not None:
                     s.delete(inst)
                 s.add(PurgeJournal(path=res.path))
@@ -191,8 +234,7 @@ class Retention:
                 _prune_empty_dirs(p.parent, self.files.root)
         if entries:
             with self.db.write() as s:
-                s.execute(delete(PurgeJournal).where(
-                    PurgeJournal.id.in_([i for i, _ in entries])))
+                s.execute(delete(PurgeJournal).where(PurgeJournal.id.in_([i for i, _ in entries])))
         return len(entries)
 
     def disk_use_percent(self) -> float:
@@ -201,10 +243,16 @@ class Retention:
         u = shutil.disk_usage(self.files.root)
         return 100.0 * u.used / (u.used + u.free) if u.used + u.free else 0.0
 
-    def run(self, keep_images_days: float | None, keep_results_days: float | None,
-            purge_above_percent: float | None, study: str | None = None,
-            dry_run: bool = False, now: dt.datetime | None = None,
-            disk_use: Callable[[], float] | None = None) -> PurgeReport:
+    def run(
+        self,
+        keep_images_days: float | None,
+        keep_results_days: float | None,
+        purge_above_percent: float | None,
+        study: str | None = None,
+        dry_run: bool = False,
+        now: dt.datetime | None = None,
+        disk_use: Callable[[], float] | None = None,
+    ) -> PurgeReport:
         """Apply the rules once (see the module docstring); with ``study`` only that one."""
         now = now or utcnow()
         disk_use = disk_use or self.disk_use_percent
@@ -213,8 +261,11 @@ class Retention:
         cands = self.candidates(report.kept)
         if study is not None:
             cands = [c for c in cands if c.study_uid == study]
-        due = [c for c in cands if keep_images_days is not None
-               and c.since <= now - dt.timedelta(days=keep_images_days)]
+        due = [
+            c
+            for c in cands
+            if keep_images_days is not None and c.since <= now - dt.timedelta(days=keep_images_days)
+        ]
         rest = [c for c in cands if c not in due]
         for c in due:
             report.studies.append(c.study_uid)
@@ -226,8 +277,11 @@ class Retention:
             for c in rest:  # oldest first
                 if dry_run or disk_use() <= purge_above_percent:
                     break
-                log.warning("disk use above %g%%: purging study %s early (done and delivered)",
-                            purge_above_percent, c.study_uid)
+                log.warning(
+                    "disk use above %g%%: purging study %s early (done and delivered)",
+                    purge_above_percent,
+                    c.study_uid,
+                )
                 report.studies.append(c.study_uid)
                 report.instances += c.images
                 report.bytes += c.bytes

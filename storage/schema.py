@@ -77,10 +77,14 @@ def ensure_current(engine: Engine) -> None:
         return
     known = {s.revision for s in ScriptDirectory(str(MIGRATIONS)).walk_revisions()}
     if have not in known:
-        raise SchemaOutdated(f"the database's schema (revision {have}) is newer than this "
-                             f"release knows (newest {want}): run the release that wrote it")
-    raise SchemaOutdated(f"the database's schema is older (revision {have}) than this release "
-                         f"needs ({want}); back it up, then run 'mammo-node db upgrade'")
+        raise SchemaOutdated(
+            f"the database's schema (revision {have}) is newer than this "
+            f"release knows (newest {want}): run the release that wrote it"
+        )
+    raise SchemaOutdated(
+        f"the database's schema is older (revision {have}) than this release "
+        f"needs ({want}); back it up, then run 'mammo-node db upgrade'"
+    )
 
 
 def upgrade(engine: Engine) -> tuple[str | None, str]:

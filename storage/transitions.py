@@ -77,8 +77,7 @@ _E, _O = ExamState, OutboundState
 EXAM_TRANSITIONS: dict[ExamState, frozenset[ExamState]] = {
     _E.RECEIVING: frozenset({_E.READY, _E.CONFLICT, _E.PRIOR}),
     _E.READY: frozenset({_E.PROCESSING, _E.RECEIVING, _E.CONFLICT, _E.PRIOR}),
-    _E.PROCESSING: frozenset({_E.DONE, _E.FAILED, _E.SKIPPED, _E.READY, _E.RECEIVING,
-                              _E.CONFLICT}),
+    _E.PROCESSING: frozenset({_E.DONE, _E.FAILED, _E.SKIPPED, _E.READY, _E.RECEIVING, _E.CONFLICT}),
     _E.DONE: frozenset({_E.READY, _E.RECEIVING, _E.CONFLICT}),
     _E.FAILED: frozenset({_E.READY, _E.RECEIVING, _E.CONFLICT}),
     _E.CONFLICT: frozenset({_E.READY, _E.RECEIVING}),
@@ -150,18 +149,23 @@ def add_event(exam: Exam, kind: str, detail: str, at: dt.datetime | None = None)
     s.add(ExamEvent(exam_id=exam.id, at=at or utcnow(), kind=kind, detail=detail[:2000]))
 
 
-def set_exam_state(exam: Exam, state: ExamState, now: dt.datetime,
-                   detail: str | None = None) -> None:
+def set_exam_state(
+    exam: Exam, state: ExamState, now: dt.datetime, detail: str | None = None
+) -> None:
     """Move ``exam`` to ``state`` (checked against :data:`EXAM_TRANSITIONS`): its lease ends
     unless it is being processed, and a change is a line in its timeline."""
     check_transition(exam.state, state, EXAM_TRANSITIONS)
     if state != ExamState.PROCESSING:
         exam.lease_owner = exam.lease_until = None
     if exam.state != state:
-        add_event(exam, "state", f"{exam.state} -> {state.value} (version {exam.version})"
-                  + (f": {detail}" if detail else ""), now)
-        log.info("exam %s v%d: %s -> %s", exam.study_instance_uid, exam.version,
-                 exam.state, state)
+        add_event(
+            exam,
+            "state",
+            f"{exam.state} -> {state.value} (version {exam.version})"
+            + (f": {detail}" if detail else ""),
+            now,
+        )
+        log.info("exam %s v%d: %s -> %s", exam.study_instance_uid, exam.version, exam.state, state)
         exam.state = state.value
         exam.state_changed_at = now
 

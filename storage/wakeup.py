@@ -66,6 +66,7 @@ class Wake(Protocol):
 
 # -- notifying ---------------------------------------------------------------------------------
 
+
 def _changed(obj: Any, *names: str) -> bool:
     attrs = inspect(obj).attrs
     return any(attrs[n].history.has_changes() for n in names)
@@ -78,16 +79,19 @@ def channels_of(session: Session) -> set[str]:
     out: set[str] = set()
     for obj in (*session.new, *session.dirty):
         if isinstance(obj, Exam):
-            if obj.state == "ready" and (obj.next_attempt_at is None
-                                         or obj.next_attempt_at <= now) and (
-                    obj in session.new or _changed(obj, "state", "version",
-                                                   "next_attempt_at")):
+            if (
+                obj.state == "ready"
+                and (obj.next_attempt_at is None or obj.next_attempt_at <= now)
+                and (obj in session.new or _changed(obj, "state", "version", "next_attempt_at"))
+            ):
                 out.add(EXAMS_READY)
         elif isinstance(obj, Outbound):
-            if obj.state in ("pending", "retrying") and obj.lease_owner is None and (
-                    obj.next_attempt_at is None or obj.next_attempt_at <= now) and (
-                    obj in session.new or _changed(obj, "state", "lease_owner",
-                                                   "next_attempt_at")):
+            if (
+                obj.state in ("pending", "retrying")
+                and obj.lease_owner is None
+                and (obj.next_attempt_at is None or obj.next_attempt_at <= now)
+                and (obj in session.new or _changed(obj, "state", "lease_owner", "next_attempt_at"))
+            ):
                 out.add(DELIVERIES_DUE)
     return out
 
@@ -141,6 +145,7 @@ def notify(db: Database, channel: str) -> None:
 
 # -- listening ---------------------------------------------------------------------------------
 
+
 class Listener:
     """Wakes its owner when ``channel`` is notified: by a commit of this process on the same
     database, by ``NOTIFY`` on PostgreSQL (any process, any host), or by :meth:`set`.
@@ -153,9 +158,12 @@ class Listener:
         self.db, self.channel = db, channel
         self.postgres = db.dialect == "postgresql"
         if self.postgres and db.engine.dialect.driver != "psycopg":
-            log.warning("%s: LISTEN/NOTIFY needs the psycopg driver (postgresql+psycopg://), "
-                        "not %s: waking by the poll interval only", channel,
-                        db.engine.dialect.driver)
+            log.warning(
+                "%s: LISTEN/NOTIFY needs the psycopg driver (postgresql+psycopg://), "
+                "not %s: waking by the poll interval only",
+                channel,
+                db.engine.dialect.driver,
+            )
             self.postgres = False
         self._flag = False
         self._r, self._w = os.pipe()
@@ -240,16 +248,24 @@ class Listener:
         engine = self.db.engine
         _args, params = engine.dialect.create_connect_args(engine.url)
         try:
-            conn = psycopg.connect(**params, autocommit=True, connect_timeout=10,
-                                   keepalives=1, keepalives_idle=30, keepalives_interval=10,
-                                   keepalives_count=3,
-                                   application_name=f"mammo-node {self.channel}")
+            conn = psycopg.connect(
+                **params,
+                autocommit=True,
+                connect_timeout=10,
+                keepalives=1,
+                keepalives_idle=30,
+                keepalives_interval=10,
+                keepalives_count=3,
+                application_name=f"mammo-node {self.channel}",
+            )
             conn.execute(f"LISTEN {self.channel}")
         except Exception as exc:
             self._retry_at = time.monotonic() + RECONNECT_SECONDS
-            log.warning("cannot LISTEN on %s (%s); waking by the poll interval until the "
-                        "database answers", self.channel, str(exc).splitlines()[0][:200]
-                        if str(exc) else type(exc).__name__)
+            log.warning(
+                "cannot LISTEN on %s (%s); waking by the poll interval until the database answers",
+                self.channel,
+                str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
+            )
             return
         self._conn = conn
         if not first:
@@ -258,8 +274,7 @@ class Listener:
             self._flag = True  # notifications may have been sent while it was down
 
     def _lost(self, why: str) -> None:
-        log.warning("the connection listening on %s failed (%s); reconnecting", self.channel,
-                    why)
+        log.warning("the connection listening on %s failed (%s); reconnecting", self.channel, why)
         if self._conn is not None:
             try:
                 self._conn.close()

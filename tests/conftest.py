@@ -59,9 +59,15 @@ class _XdistGroupIds:
 def node_factory(tmp_path):
     started: list[NodeProcess] = []
 
-    def make(settings: dict | None = None, sub: str = "n", start: bool = True,
-             data_dir: Path | None = None, worker: bool = False,
-             env: dict | None = None, role: str | None = None) -> NodeProcess:
+    def make(
+        settings: dict | None = None,
+        sub: str = "n",
+        start: bool = True,
+        data_dir: Path | None = None,
+        worker: bool = False,
+        env: dict | None = None,
+        role: str | None = None,
+    ) -> NodeProcess:
         d = tmp_path / f"{sub}{len(started)}"
         d.mkdir()
         n = NodeProcess(d, settings, data_dir=data_dir, worker=worker, env=env, role=role)
@@ -100,8 +106,9 @@ def node(node_factory) -> NodeProcess:
 def storescp_factory(tmp_path):
     made: list[StoreSCP] = []
 
-    def make(port: int | None = None, start: bool = True,
-             extra: list[str] | None = None) -> StoreSCP:
+    def make(
+        port: int | None = None, start: bool = True, extra: list[str] | None = None
+    ) -> StoreSCP:
         s = StoreSCP(tmp_path / f"pacs{len(made)}", port, extra=extra)
         made.append(s)
         return s.start() if start else s

@@ -22,8 +22,12 @@ class Parsed:
 
 
 def dcmp2pgm(pr: Path, image: Path, pgm: Path) -> Parsed:
-    r = subprocess.run(["/usr/bin/dcmp2pgm", "-v", "-p", str(pr), str(image), str(pgm)],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        ["/usr/bin/dcmp2pgm", "-v", "-p", str(pr), str(image), str(pgm)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if r.returncode != 0:
         raise RuntimeError(f"dcmp2pgm failed ({r.returncode}): {r.stdout}{r.stderr}")
     out = Parsed(dump=r.stdout + r.stderr)
@@ -34,14 +38,14 @@ def dcmp2pgm(pr: Path, image: Path, pgm: Path) -> Parsed:
             out.layers.append(m.group(1))
         elif m := re.match(r'\s+text \d+: "(.*)"', line):
             text = m.group(1)
-        elif (m := re.match(r"\s+bounding box: TLHC=([\d.]+)\\([\d.]+) BRHC=([\d.]+)\\([\d.]+)",
-                            line)) and text is not None:
+        elif (
+            m := re.match(r"\s+bounding box: TLHC=([\d.]+)\\([\d.]+) BRHC=([\d.]+)\\([\d.]+)", line)
+        ) and text is not None:
             out.texts.append((text, tuple(float(v) for v in m.groups())))  # type: ignore[arg-type]
             text = None
         elif m := re.match(r"\s+coordinates: (.*)", line):
             pts = [p for p in m.group(1).split(",") if p.strip()]
-            out.polylines.append([(float(p.split("\\")[0]), float(p.split("\\")[1]))
-                                  for p in pts])
+            out.polylines.append([(float(p.split("\\")[0]), float(p.split("\\")[1])) for p in pts])
     return out
 
 

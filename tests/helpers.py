@@ -78,8 +78,15 @@ QR_PEER = {"ae_title": "QRSCU", "services": ["echo", "store", "find", "get", "mo
 class NodeProcess:
     """A ``mammo-node start`` process with its own config and data directory."""
 
-    def __init__(self, tmp: Path, settings: dict | None = None, data_dir: Path | None = None,
-                 worker: bool = False, env: dict | None = None, role: str | None = None):
+    def __init__(
+        self,
+        tmp: Path,
+        settings: dict | None = None,
+        data_dir: Path | None = None,
+        worker: bool = False,
+        env: dict | None = None,
+        role: str | None = None,
+    ):
         self.tmp = tmp
         self.worker = worker
         self.role = role  # --role; None: "all" (with --no-worker unless worker)
@@ -88,8 +95,12 @@ class NodeProcess:
         self.ae_title = "MAMMO_NODE"
         self.data_dir = data_dir or tmp / "data"
         sections: dict[str, dict] = {
-            "node": {"ae_title": self.ae_title, "host": "127.0.0.1", "port": self.port,
-                     "data_dir": str(self.data_dir)},
+            "node": {
+                "ae_title": self.ae_title,
+                "host": "127.0.0.1",
+                "port": self.port,
+                "data_dir": str(self.data_dir),
+            },
             # Synthetic studies carry fixed dates (2026-01-15 by default) so that date-range
             # queries stay the same any day: the prior age rule is off unless a test sets it.
             "grouping": {"stable_seconds": 3600, "prior_after_days": ""},
@@ -129,12 +140,18 @@ class NodeProcess:
             mode = [] if self.worker else ["--no-worker"]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "node", "start", "--config", str(self.config), *mode],
-            cwd=self.tmp, stdout=self._logf, stderr=subprocess.STDOUT, env=self.env)
+            cwd=self.tmp,
+            stdout=self._logf,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+        )
         return self
 
     #: The log line that says a process without a DICOM listener is at work.
-    READY_LOG = {"worker": "model loaded in the inference process",
-                 "exporter": "mammo-node exporter started"}
+    READY_LOG = {
+        "worker": "model loaded in the inference process",
+        "exporter": "mammo-node exporter started",
+    }
 
     def start(self, timeout: float = 30.0) -> NodeProcess:
         self.launch()
@@ -149,8 +166,10 @@ class NodeProcess:
             if (marker in self.log.read_text(errors="replace")) if marker else self.probe():
                 return self
             time.sleep(0.2)
-        raise RuntimeError(f"node did not {'log ' + marker if marker else 'answer C-ECHO'}:"
-                           f"\n{self.log.read_text()}")
+        raise RuntimeError(
+            f"node did not {'log ' + marker if marker else 'answer C-ECHO'}:"
+            f"\n{self.log.read_text()}"
+        )
 
     def probe(self) -> bool:
         """C-ECHO as a peer that may echo (the node's own start-up check)."""
@@ -187,9 +206,14 @@ class NodeProcess:
         return rc
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "node", *args, "--config", str(self.config)],
-                              cwd=self.tmp, capture_output=True, text=True, check=check,
-                              timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "node", *args, "--config", str(self.config)],
+            cwd=self.tmp,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=120,
+        )
 
     def exams(self) -> list[dict]:
         """What ``mammo-node exams --json`` prints, read in this process (the same function
@@ -247,16 +271,22 @@ def echo(port: int, called: str, calling: str = "PROBE") -> bool:
         assoc.release()
 
 
-def send(port: int, items: list, called: str = "MAMMO_NODE", calling: str = "PYNETDICOM",
-         max_pdu: int = 0) -> list[int]:
+def send(
+    port: int,
+    items: list,
+    called: str = "MAMMO_NODE",
+    calling: str = "PYNETDICOM",
+    max_pdu: int = 0,
+) -> list[int]:
     """C-STORE datasets (or file paths) over one pynetdicom association; the statuses."""
     from pydicom import dcmread
 
     contexts: dict[tuple[str, str], None] = {}
     for item in items:
         ds = item if isinstance(item, Dataset) else dcmread(item, stop_before_pixels=True)
-        contexts[(str(ds.file_meta.MediaStorageSOPClassUID),
-                  str(ds.file_meta.TransferSyntaxUID))] = None
+        contexts[
+            (str(ds.file_meta.MediaStorageSOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+        ] = None
     ae = AE(ae_title=calling)
     ae.requested_contexts = [build_context(a, [t]) for a, t in contexts]
     ae.maximum_pdu_size = max_pdu
@@ -289,8 +319,13 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 class StoreSCP:
     """DCMTK storescp as the PACS peer: stores what it receives in a folder."""
 
-    def __init__(self, folder: Path, port: int | None = None, ae_title: str = "PACS",
-                 extra: list[str] | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        port: int | None = None,
+        ae_title: str = "PACS",
+        extra: list[str] | None = None,
+    ):
         self.extra = extra or []
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -301,9 +336,20 @@ class StoreSCP:
 
     def start(self) -> StoreSCP:
         self._logf = open(self.log, "ab")
-        self.proc = subprocess.Popen([dcmtk("storescp"), "-aet", self.ae_title, "-od",
-                                      str(self.folder), "-v", *self.extra, str(self.port)],
-                                     stdout=self._logf, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [
+                dcmtk("storescp"),
+                "-aet",
+                self.ae_title,
+                "-od",
+                str(self.folder),
+                "-v",
+                *self.extra,
+                str(self.port),
+            ],
+            stdout=self._logf,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             with socket.socket() as s:
@@ -323,8 +369,11 @@ class StoreSCP:
 
     def received(self) -> int:
         """How many C-STORE requests it has answered (duplicates count twice)."""
-        return self.log.read_text(errors="replace").count("Received Store Request") \
-            if self.log.exists() else 0
+        return (
+            self.log.read_text(errors="replace").count("Received Store Request")
+            if self.log.exists()
+            else 0
+        )
 
 
 def wait_for(predicate, timeout: float = 60.0, interval: float = 0.25, what: str = ""):
@@ -349,15 +398,37 @@ def reading_summary(demo: bool = True, marks: dict | None = None):
 
     def probs(top: int) -> dict[str, float]:
         return {c: (0.8 if i == top else 0.05) for i, c in enumerate(BIRADS_CLASSES)}
+
     return ReadingSummary(
-        breasts={"L": BreastSummary(True, "BI-RADS 5", probs(4), "malignant",
-                                    {"normal": 0.05, "benign": 0.1, "malignant": 0.85}, 85.0),
-                 "R": BreastSummary(True, "BI-RADS 1", probs(0), "normal",
-                                    {"normal": 0.9, "benign": 0.05, "malignant": 0.05}, 5.0)},
+        breasts={
+            "L": BreastSummary(
+                True,
+                "BI-RADS 5",
+                probs(4),
+                "malignant",
+                {"normal": 0.05, "benign": 0.1, "malignant": 0.85},
+                85.0,
+            ),
+            "R": BreastSummary(
+                True,
+                "BI-RADS 1",
+                probs(0),
+                "normal",
+                {"normal": 0.9, "benign": 0.05, "malignant": 0.05},
+                5.0,
+            ),
+        },
         fusion_weights={"L": {"L-CC": 0.6, "L-MLO": 0.4}, "R": {"R-CC": 0.5, "R-MLO": 0.5}},
-        missing_views=[], model_name="HybridCnnVssm", model_version="1.0",
-        model_sha256="ab" * 32, not_for_clinical_use=demo, score=85.0, operating_point=40.0,
-        above_operating_point=True, marks=marks if marks is not None else {})
+        missing_views=[],
+        model_name="HybridCnnVssm",
+        model_version="1.0",
+        model_sha256="ab" * 32,
+        not_for_clinical_use=demo,
+        score=85.0,
+        operating_point=40.0,
+        above_operating_point=True,
+        marks=marks if marks is not None else {},
+    )
 
 
 def dciodvfy_errors(path: Path) -> list[str]:
@@ -365,8 +436,9 @@ def dciodvfy_errors(path: Path) -> list[str]:
     return [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("Error")]
 
 
-def asgi_request(app, method: str, path: str, body: bytes = b"",
-                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def asgi_request(
+    app, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     """One HTTP request to an ASGI application in this process (no server, no socket; the
     venv has no httpx for starlette's TestClient): (status, headers, body)."""
     import asyncio
@@ -377,11 +449,20 @@ def asgi_request(app, method: str, path: str, body: bytes = b"",
     if body:
         hdrs.setdefault("content-type", "application/x-www-form-urlencoded")
         hdrs["content-length"] = str(len(body))
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-             "method": method, "scheme": "http", "path": url.path,
-             "raw_path": url.path.encode(), "query_string": url.query.encode(),
-             "root_path": "", "headers": [(k.encode(), v.encode()) for k, v in hdrs.items()],
-             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": url.path,
+        "raw_path": url.path.encode(),
+        "query_string": url.query.encode(),
+        "root_path": "",
+        "headers": [(k.encode(), v.encode()) for k, v in hdrs.items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 80),
+    }
     out: dict = {"status": 0, "headers": {}, "body": b""}
     pending = [{"type": "http.request", "body": body, "more_body": False}]
 
@@ -412,15 +493,28 @@ class WebInProcess:
 
         self.port = free_port()
         sections = dict(settings or {})
-        sections["dicomweb"] = {"enabled": True, "host": "127.0.0.1", "port": self.port,
-                                "root": "/dicomweb", **dicomweb}
+        sections["dicomweb"] = {
+            "enabled": True,
+            "host": "127.0.0.1",
+            "port": self.port,
+            "root": "/dicomweb",
+            **dicomweb,
+        }
         self.spec = NodeProcess(tmp, sections)
         self.cfg = load_config(self.spec.config)
         self.node = Node(self.cfg, run_worker=False)
-        self.web = DicomWeb(self.cfg, self.node.files, self.node.scp, exams=self.node.exams,
-                            deliveries=self.node.deliveries, reports=self.node.reports,
-                            audit=self.node.audit, metrics=self.node.metrics,
-                            readiness=self.node.readiness, health=self.node.health)
+        self.web = DicomWeb(
+            self.cfg,
+            self.node.files,
+            self.node.scp,
+            exams=self.node.exams,
+            deliveries=self.node.deliveries,
+            reports=self.node.reports,
+            audit=self.node.audit,
+            metrics=self.node.metrics,
+            readiness=self.node.readiness,
+            health=self.node.health,
+        )
         self.server = DicomWebServer(self.web, self.cfg)
         self.server.start()
         wait_for(lambda: self.server.server.started, 15, interval=0.01, what="uvicorn up")

@@ -20,8 +20,10 @@ from tests.helpers import free_port
 def pg_bin() -> Path:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
     if not found:
-        raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql "
-                           "(the database tests run against a real server)")
+        raise RuntimeError(
+            "PostgreSQL is not installed: apt-get install postgresql "
+            "(the database tests run against a real server)"
+        )
     return Path(found[-1]).parent
 
 
@@ -43,33 +45,59 @@ class PostgresServer:
         cmd = list(args)
         if self.user:
             cmd = ["runuser", "-u", self.user, "--", *cmd]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              cwd=self.dir)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=self.dir)
 
     def start(self) -> PostgresServer:
-        r = self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres",
-                      "-A", "trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync")
+        r = self._run(
+            str(self.bin / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            "--no-sync",
+        )
         if r.returncode:
             raise RuntimeError(f"initdb failed: {r.stderr or r.stdout}")
         return self.start_server()
 
     def start_server(self) -> PostgresServer:
         """Start the server on its data directory (again, after :meth:`stop_server`)."""
-        opts = (f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories="
-                f"{self.dir} -c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                f"-c max_connections=300")
-        r = self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
-                      "-o", opts, "-w", "-t", "60", "start")
+        opts = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories="
+            f"{self.dir} -c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+            f"-c max_connections=300"
+        )
+        r = self._run(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-o",
+            opts,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
         if r.returncode:
-            raise RuntimeError(f"PostgreSQL did not start: {r.stderr or r.stdout}\n"
-                               f"{self.log.read_text() if self.log.exists() else ''}")
+            raise RuntimeError(
+                f"PostgreSQL did not start: {r.stderr or r.stdout}\n"
+                f"{self.log.read_text() if self.log.exists() else ''}"
+            )
         return self
 
     def stop_server(self) -> None:
         """Stop the server as an administrator's restart would (fast shutdown: every
         client connection is closed); the data stay."""
-        r = self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w",
-                      "stop", timeout=60)
+        r = self._run(
+            str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop", timeout=60
+        )
         if r.returncode:
             raise RuntimeError(f"PostgreSQL did not stop: {r.stderr or r.stdout}")
 
@@ -84,8 +112,13 @@ class PostgresServer:
         deadline = time.monotonic() + 30
         while True:
             try:
-                with psycopg.connect(host="127.0.0.1", port=self.port, user="postgres",
-                                     dbname="postgres", autocommit=True) as conn:
+                with psycopg.connect(
+                    host="127.0.0.1",
+                    port=self.port,
+                    user="postgres",
+                    dbname="postgres",
+                    autocommit=True,
+                ) as conn:
                     conn.execute(f'CREATE DATABASE "{name}"')
                 return self.url(name)
             except psycopg.OperationalError:
@@ -94,6 +127,14 @@ class PostgresServer:
                 time.sleep(0.2)
 
     def stop(self) -> None:
-        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w",
-                  "stop", timeout=60)
+        self._run(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-m",
+            "immediate",
+            "-w",
+            "stop",
+            timeout=60,
+        )
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -39,9 +39,21 @@ class PKI:
 
 
 def _request(d: Path, name: str, cn: str) -> None:
-    _run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
-         f"{name}.csr", "-subj", f"/CN={cn}", "-addext",
-         "subjectAltName=IP:127.0.0.1,DNS:localhost", cwd=d)
+    _run(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        "-subj",
+        f"/CN={cn}",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        cwd=d,
+    )
 
 
 def make_pki(d: Path) -> PKI:
@@ -50,16 +62,64 @@ def make_pki(d: Path) -> PKI:
     (d / "index.txt").write_text("")
     (d / "serial").write_text("1000\n")
     (d / "ca.cnf").write_text(_CA_CNF.format(dir=d))
-    _run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
-         "ca.crt", "-days", "30", "-subj", "/CN=mammo-node test CA", cwd=d)
-    for name, dates in (("node", None), ("pacs", None), ("client", None),
-                        ("expired", ("20200101000000Z", "20200201000000Z"))):
+    _run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "30",
+        "-subj",
+        "/CN=mammo-node test CA",
+        cwd=d,
+    )
+    for name, dates in (
+        ("node", None),
+        ("pacs", None),
+        ("client", None),
+        ("expired", ("20200101000000Z", "20200201000000Z")),
+    ):
         _request(d, name, name)
         extra = ["-startdate", dates[0], "-enddate", dates[1]] if dates else ["-days", "30"]
-        _run("ca", "-batch", "-config", "ca.cnf", "-cert", "ca.crt", "-keyfile", "ca.key",
-             "-in", f"{name}.csr", "-out", f"{name}.crt", "-notext", *extra, cwd=d)
+        _run(
+            "ca",
+            "-batch",
+            "-config",
+            "ca.cnf",
+            "-cert",
+            "ca.crt",
+            "-keyfile",
+            "ca.key",
+            "-in",
+            f"{name}.csr",
+            "-out",
+            f"{name}.crt",
+            "-notext",
+            *extra,
+            cwd=d,
+        )
     # A certificate no CA of ours signed.
-    _run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "stranger.key", "-out",
-         "stranger.crt", "-days", "30", "-subj", "/CN=stranger", "-addext",
-         "subjectAltName=IP:127.0.0.1,DNS:localhost", cwd=d)
+    _run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "stranger.key",
+        "-out",
+        "stranger.crt",
+        "-days",
+        "30",
+        "-subj",
+        "/CN=stranger",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        cwd=d,
+    )
     return PKI(d, d / "ca.crt")

@@ -42,8 +42,12 @@ from inference.datasets.vindr import read_vindr
 
 #: ``--format`` name -> reader (``mammo-node train / evaluate / calibrate / prepare``).
 READERS: dict[str, Callable[[str | Path], list[ExamRecord]]] = {
-    "vindr": read_vindr, "csv": read_csv, "cbis-ddsm": read_cbis_ddsm, "rsna": read_rsna,
-    "cmmd": read_cmmd, "inbreast": read_inbreast,
+    "vindr": read_vindr,
+    "csv": read_csv,
+    "cbis-ddsm": read_cbis_ddsm,
+    "rsna": read_rsna,
+    "cmmd": read_cmmd,
+    "inbreast": read_inbreast,
 }
 FORMATS: list[str] = list(READERS)
 
@@ -55,7 +59,23 @@ def read_dataset(data: str | Path, fmt: str = "vindr") -> list[ExamRecord]:
     return READERS[fmt](data)
 
 
-__all__ = ["FORMATS", "READERS", "TEST_SPLITS", "TRAIN_SPLITS", "ExamRecord", "parse_birads",
-           "parse_density", "parse_diagnosis", "parse_laterality", "parse_view",
-           "read_cbis_ddsm", "read_cmmd", "read_csv", "read_dataset", "read_inbreast",
-           "read_rsna", "read_vindr", "select_split"]
+__all__ = [
+    "FORMATS",
+    "READERS",
+    "TEST_SPLITS",
+    "TRAIN_SPLITS",
+    "ExamRecord",
+    "parse_birads",
+    "parse_density",
+    "parse_diagnosis",
+    "parse_laterality",
+    "parse_view",
+    "read_cbis_ddsm",
+    "read_cmmd",
+    "read_csv",
+    "read_dataset",
+    "read_inbreast",
+    "read_rsna",
+    "read_vindr",
+    "select_split",
+]

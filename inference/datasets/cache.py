@@ -30,8 +30,9 @@ def cache_file(cache_dir: Path, path: Path, size: tuple[int, int]) -> Path:
     """The cache entry of one view: keyed by its resolved path, modification time and size,
     the input size and the preprocessing version (a changed file or step is a new entry)."""
     st = path.stat()
-    key = hashlib.sha1(f"{path.resolve()}|{st.st_mtime_ns}|{st.st_size}|{size}|"
-                       f"{PREPROCESS_VERSION}".encode()).hexdigest()
+    key = hashlib.sha1(
+        f"{path.resolve()}|{st.st_mtime_ns}|{st.st_size}|{size}|{PREPROCESS_VERSION}".encode()
+    ).hexdigest()
     return cache_dir / f"{key}.npy"
 
 
@@ -63,9 +64,14 @@ def _prepare_init() -> None:
     torch.set_num_threads(1)  # one core per process: the pool is the parallelism
 
 
-def prepare_cache(data: str | Path, fmt: str, image_size: tuple[int, int],
-                  cache_dir: str | Path | None = None, workers: int = -1,
-                  progress: bool = True) -> dict[str, Any]:
+def prepare_cache(
+    data: str | Path,
+    fmt: str,
+    image_size: tuple[int, int],
+    cache_dir: str | Path | None = None,
+    workers: int = -1,
+    progress: bool = True,
+) -> dict[str, Any]:
     """``mammo-node prepare``: every view of a data set into the cache, in ``workers``
     processes (-1: one per core), with a progress bar. Resumable: a view already cached (same
     key as training computes) is skipped; an unreadable one is counted and warned about."""
@@ -104,9 +110,15 @@ def prepare_cache(data: str | Path, fmt: str, image_size: tuple[int, int],
         log.warning("%s: cannot be read (%s); training treats it as a missing view", path, err)
     if len(failed) > 5:
         log.warning("%d more unreadable view(s)", len(failed) - 5)
-    return {"cache_dir": str(cache), "views": len(paths), "cached": len(paths) - len(todo),
-            "built": len(todo) - len(failed), "failed": len(failed), "workers": n,
-            "seconds": time.perf_counter() - t0}
+    return {
+        "cache_dir": str(cache),
+        "views": len(paths),
+        "cached": len(paths) - len(todo),
+        "built": len(todo) - len(failed),
+        "failed": len(failed),
+        "workers": n,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 class ExamDataset(Dataset):
@@ -116,8 +128,13 @@ class ExamDataset(Dataset):
     path, size and modification time), so later epochs skip decoding.
     """
 
-    def __init__(self, records: list[ExamRecord], image_size: tuple[int, int], task: str,
-                 cache_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        records: list[ExamRecord],
+        image_size: tuple[int, int],
+        task: str,
+        cache_dir: str | Path | None = None,
+    ) -> None:
         self.records = records
         self.size: tuple[int, int] = (int(image_size[0]), int(image_size[1]))
         self.task = task
@@ -155,8 +172,14 @@ class ExamDataset(Dataset):
                     mask[k] = True
         birads, diag, dens = self.labels(i)
         raw = torch.tensor([rec.birads.get(b) or 0 for b in BREASTS])
-        return {"images": images, "mask": mask, "birads": birads, "diagnosis": diag,
-                "birads_raw": raw, "density": dens}
+        return {
+            "images": images,
+            "mask": mask,
+            "birads": birads,
+            "diagnosis": diag,
+            "birads_raw": raw,
+            "density": dens,
+        }
 
     def labels(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(birads class, diagnosis, density) per breast (L, R) of exam ``i``, -1 where
@@ -164,10 +187,12 @@ class ExamDataset(Dataset):
         labelled breasts of a batch before it is loaded."""
         rec = self.records[i]
         birads = torch.tensor([birads_to_class(self.task, rec.birads.get(b)) for b in BREASTS])
-        diag = torch.tensor([rec.diagnosis.get(b) if rec.diagnosis.get(b) is not None else -1
-                             for b in BREASTS])
-        dens = torch.tensor([rec.density.get(b) if rec.density.get(b) is not None else -1
-                             for b in BREASTS])
+        diag = torch.tensor(
+            [rec.diagnosis.get(b) if rec.diagnosis.get(b) is not None else -1 for b in BREASTS]
+        )
+        dens = torch.tensor(
+            [rec.density.get(b) if rec.density.get(b) is not None else -1 for b in BREASTS]
+        )
         return birads, diag, dens
 
     def labelled_counts(self) -> np.ndarray:

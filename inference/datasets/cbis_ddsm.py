@@ -39,18 +39,23 @@ from inference.datasets.tables import get_field, rows_csv
 log = logging.getLogger("mammo_node.data")
 
 
-_CBIS_CSVS = {"mass_case_description_train_set.csv": "training",
-              "mass_case_description_test_set.csv": "test",
-              "calc_case_description_train_set.csv": "training",
-              "calc_case_description_test_set.csv": "test"}
+_CBIS_CSVS = {
+    "mass_case_description_train_set.csv": "training",
+    "mass_case_description_test_set.csv": "test",
+    "calc_case_description_train_set.csv": "training",
+    "calc_case_description_test_set.csv": "test",
+}
 
 
 def _series_of(path: Path) -> str:
     try:
         from pydicom import dcmread
 
-        return str(dcmread(path, stop_before_pixels=True,
-                           specific_tags=["SeriesInstanceUID"]).get("SeriesInstanceUID", ""))
+        return str(
+            dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).get(
+                "SeriesInstanceUID", ""
+            )
+        )
     except Exception:
         return ""
 
@@ -88,11 +93,15 @@ def mask_box(path: Path) -> tuple[float, float, float, float] | None:
 
 def read_cbis_ddsm(root: str | Path) -> list[ExamRecord]:
     root = Path(root)
-    csvs = [(p, split) for name, split in _CBIS_CSVS.items()
-            for p in [*root.glob(name), *root.glob(f"*/{name}")]]
+    csvs = [
+        (p, split)
+        for name, split in _CBIS_CSVS.items()
+        for p in [*root.glob(name), *root.glob(f"*/{name}")]
+    ]
     if not csvs:
-        raise FileNotFoundError(f"{root}: no CBIS-DDSM case description CSV "
-                                f"({', '.join(_CBIS_CSVS)})")
+        raise FileNotFoundError(
+            f"{root}: no CBIS-DDSM case description CSV ({', '.join(_CBIS_CSVS)})"
+        )
     tree = root / "CBIS-DDSM" if (root / "CBIS-DDSM").is_dir() else root
     records: dict[str, ExamRecord] = {}
     skipped = unresolved = no_mask = 0
@@ -118,17 +127,18 @@ def read_cbis_ddsm(root: str | Path) -> list[ExamRecord]:
             return index[want]
         # Headers unreadable: the folder names end with the UIDs' last digits.
         tail = want.rsplit(".", 1)[-1][-5:]
-        folders = {f.parent for fs in index.values() for f in fs
-                   if f.parent.name.endswith(tail)}
-        return sorted(f for fs in index.values() for f in fs if f.parent in folders) \
-            if len(folders) == 1 else []
+        folders = {f.parent for fs in index.values() for f in fs if f.parent.name.endswith(tail)}
+        return (
+            sorted(f for fs in index.values() for f in fs if f.parent in folders)
+            if len(folders) == 1
+            else []
+        )
 
     def resolve(rel: str) -> Path | None:
         files = series_files(rel)
         return files[0] if files else None
 
-    def lesion_box(row: dict[str, str], image: Path
-                   ) -> tuple[float, float, float, float] | None:
+    def lesion_box(row: dict[str, str], image: Path) -> tuple[float, float, float, float] | None:
         want = _shape_of(image)
         seen: set[Path] = set()
         for col in ("roi mask file path", "cropped image file path"):
@@ -148,36 +158,58 @@ def read_cbis_ddsm(root: str | Path) -> list[ExamRecord]:
             view = get_field(row, "image view")
             rel = get_field(row, "image file path")
             if not (pid and lat and view and rel):
-                raise ValueError(f"{csv_path}: a row without patient_id / left or right "
-                                 f"breast / image view / image file path")
+                raise ValueError(
+                    f"{csv_path}: a row without patient_id / left or right "
+                    f"breast / image view / image file path"
+                )
             path = resolve(rel)
             if path is None:
                 unresolved += 1
                 path = tree / rel.strip()  # reported as missing by _check_files
             pathology = get_field(row, "pathology").upper()
-            diagnosis = parse_diagnosis("malignant" if pathology == "MALIGNANT" else
-                                        "benign" if pathology.startswith("BENIGN") else "")
+            diagnosis = parse_diagnosis(
+                "malignant"
+                if pathology == "MALIGNANT"
+                else "benign"
+                if pathology.startswith("BENIGN")
+                else ""
+            )
             a = get_field(row, "assessment")
             birads = parse_birads(a) if a not in ("", "0") else None
             # Density 1-4: "breast_density" in the mass CSVs, "breast density" in the calc
             # ones (get_field folds underscores and spaces).
-            ok = add_image(records, f"{pid}|{split}", lat, view, path, birads, diagnosis,
-                           split, parse_density(get_field(row, "breast density")))
+            ok = add_image(
+                records,
+                f"{pid}|{split}",
+                lat,
+                view,
+                path,
+                birads,
+                diagnosis,
+                split,
+                parse_density(get_field(row, "breast density")),
+            )
             skipped += not ok
             rec = records[f"{pid}|{split}"]
             slot = f"{parse_laterality(lat) or parse_view(view)[0]}-{parse_view(view)[1]}"
-            if ok and pathology == "MALIGNANT" and rec.paths.get(slot) == path \
-                    and path.is_file():
+            if ok and pathology == "MALIGNANT" and rec.paths.get(slot) == path and path.is_file():
                 box = lesion_box(row, path)
                 if box is None:
                     no_mask += 1
                 else:
                     rec.lesions.setdefault(slot, []).append(box)
     if unresolved:
-        log.warning("%s: %d image path(s) of the CSVs not found in the download tree "
-                    "(matched by case folder and series UID)", root, unresolved)
+        log.warning(
+            "%s: %d image path(s) of the CSVs not found in the download tree "
+            "(matched by case folder and series UID)",
+            root,
+            unresolved,
+        )
     if no_mask:
-        log.warning("%s: %d malignant abnormalit(y/ies) without a usable ROI mask (none of "
-                    "their mammogram's size with two values): no box for localisation",
-                    root, no_mask)
+        log.warning(
+            "%s: %d malignant abnormalit(y/ies) without a usable ROI mask (none of "
+            "their mammogram's size with two values): no box for localisation",
+            root,
+            no_mask,
+        )
     return check_files(records, root, skipped)

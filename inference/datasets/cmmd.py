@@ -40,8 +40,9 @@ def read_cmmd(root: str | Path) -> list[ExamRecord]:
                 continue
             info = classify(ds, any_sop_class=True)
             lat = info.laterality or ""
-            skipped += not add_image(records, pid, lat, info.view or "", f, None,
-                                     labels.get((pid, lat)), "training")
+            skipped += not add_image(
+                records, pid, lat, info.view or "", f, None, labels.get((pid, lat)), "training"
+            )
         rec = records.setdefault(pid, ExamRecord(exam_id=pid, split="training"))
         for (p, lat), d in labels.items():
             if p == pid and d is not None:

@@ -30,10 +30,27 @@ def _norm(name: str) -> str:
 
 
 _ALIASES = {  # canonical -> accepted (normalised) header names, in order of preference
-    "path": ("path", "file", "file_path", "filepath", "image_path", "image", "filename",
-             "file_name", "dicom_path"),
-    "exam_id": ("exam_id", "study_id", "studyinstanceuid", "study_instance_uid", "study_uid",
-                "accession", "accession_number", "exam"),
+    "path": (
+        "path",
+        "file",
+        "file_path",
+        "filepath",
+        "image_path",
+        "image",
+        "filename",
+        "file_name",
+        "dicom_path",
+    ),
+    "exam_id": (
+        "exam_id",
+        "study_id",
+        "studyinstanceuid",
+        "study_instance_uid",
+        "study_uid",
+        "accession",
+        "accession_number",
+        "exam",
+    ),
     "laterality": ("laterality", "side", "image_laterality", "imagelaterality", "breast"),
     "view": ("view", "view_position", "viewposition", "projection"),
     "birads": ("birads", "bi_rads", "breast_birads", "assessment"),
@@ -43,8 +60,9 @@ _ALIASES = {  # canonical -> accepted (normalised) header names, in order of pre
 }
 
 
-def _column_map(fieldnames: list[str] | None, csv_path: Path, required: tuple[str, ...]
-                ) -> dict[str, str]:
+def _column_map(
+    fieldnames: list[str] | None, csv_path: Path, required: tuple[str, ...]
+) -> dict[str, str]:
     """canonical name -> the file's own header name."""
     present = {_norm(f): f for f in fieldnames or []}
     out = {}
@@ -55,8 +73,10 @@ def _column_map(fieldnames: list[str] | None, csv_path: Path, required: tuple[st
                 break
     for key in required:
         if key not in out:
-            raise ValueError(f"{csv_path}: column {key!r} missing (accepted names: "
-                             f"{', '.join(_ALIASES[key])}; found: {', '.join(fieldnames or [])})")
+            raise ValueError(
+                f"{csv_path}: column {key!r} missing (accepted names: "
+                f"{', '.join(_ALIASES[key])}; found: {', '.join(fieldnames or [])})"
+            )
     return out
 
 
@@ -71,8 +91,7 @@ def read_csv(csv_path: str | Path) -> list[ExamRecord]:
     skipped = 0
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        cols = _column_map(list(reader.fieldnames or []), csv_path,
-                           ("path", "laterality", "view"))
+        cols = _column_map(list(reader.fieldnames or []), csv_path, ("path", "laterality", "view"))
         get = lambda row, key: (row.get(cols[key]) or "").strip() if key in cols else ""  # noqa: E731
         for i, row in enumerate(reader):
             p = Path(get(row, "path"))
@@ -80,10 +99,16 @@ def read_csv(csv_path: str | Path) -> list[ExamRecord]:
                 raise ValueError(f"{csv_path}: row {i + 2}: empty path")
             # Without an exam column, images of one folder are one exam.
             exam_id = get(row, "exam_id") or str(p.parent)
-            ok = add_image(records, exam_id, get(row, "laterality"), get(row, "view"),
-                           p if p.is_absolute() else csv_path.parent / p,
-                           parse_birads(get(row, "birads")),
-                           parse_diagnosis(get(row, "diagnosis")), get(row, "split"),
-                           parse_density(get(row, "density")))
+            ok = add_image(
+                records,
+                exam_id,
+                get(row, "laterality"),
+                get(row, "view"),
+                p if p.is_absolute() else csv_path.parent / p,
+                parse_birads(get(row, "birads")),
+                parse_diagnosis(get(row, "diagnosis")),
+                get(row, "split"),
+                parse_density(get(row, "density")),
+            )
             skipped += not ok
     return check_files(records, csv_path, skipped)

@@ -48,8 +48,9 @@ def xml_lesion_boxes(path: Path) -> list[tuple[float, float, float, float]]:
             name = str(roi.get("Name", "")).lower()
             if not any(k in name for k in LESION_ROIS):
                 continue
-            pts = [[float(v) for v in _NUMBER.findall(str(p))[:2]]
-                   for p in roi.get("Point_px") or []]
+            pts = [
+                [float(v) for v in _NUMBER.findall(str(p))[:2]] for p in roi.get("Point_px") or []
+            ]
             pts = [p for p in pts if len(p) == 2]
             if len(pts) < 2:
                 continue
@@ -84,13 +85,21 @@ def read_inbreast(root: str | Path) -> list[ExamRecord]:
         diagnosis = 2 if n == 6 else None
         exam = f"{patient}|{get_field(row, 'acquisition date')}"
         v = "MLO" if view.upper() == "ML" else view.upper()
-        ok = add_image(records, exam, lat, v, f, birads, diagnosis, "training",
-                       parse_density(get_field(row, "acr")))  # ACR 1-4
+        ok = add_image(
+            records,
+            exam,
+            lat,
+            v,
+            f,
+            birads,
+            diagnosis,
+            "training",
+            parse_density(get_field(row, "acr")),
+        )  # ACR 1-4
         skipped += not ok
         xml = root / "AllXML" / f"{file_id}.xml"
         slot = f"{lat.upper()}-{v}"
-        if ok and records[exam].paths.get(slot) == f and n is not None and n >= 4 \
-                and xml.is_file():
+        if ok and records[exam].paths.get(slot) == f and n is not None and n >= 4 and xml.is_file():
             try:
                 boxes = xml_lesion_boxes(xml)
             except ValueError as e:  # one bad file: that image has no boxes, the rest read

@@ -26,7 +26,7 @@ TEST_SPLITS = {"test", "testing"}
 @dataclass
 class ExamRecord:
     exam_id: str
-    paths: dict[str, Path] = field(default_factory=dict)         # slot -> file
+    paths: dict[str, Path] = field(default_factory=dict)  # slot -> file
     birads: dict[str, int | None] = field(default_factory=dict)  # "L"/"R" -> 1..5
     diagnosis: dict[str, int | None] = field(default_factory=dict)  # -> class index
     split: str = ""
@@ -37,7 +37,7 @@ class ExamRecord:
 
 
 def parse_birads(value: str | None) -> int | None:
-    """"BI-RADS 4", "4", "birads4", "4a" -> 4; anything else -> None."""
+    """ "BI-RADS 4", "4", "birads4", "4a" -> 4; anything else -> None."""
     if value is None:
         return None
     m = re.search(r"([0-6])", str(value))
@@ -47,15 +47,20 @@ def parse_birads(value: str | None) -> int | None:
     return b if 1 <= b <= 5 else None
 
 
-_DIAGNOSIS_ALIASES = {"negative": "normal", "healthy": "normal", "no finding": "normal",
-                      "benign_without_callback": "benign", "malignancy": "malignant",
-                      "cancer": "malignant"}
+_DIAGNOSIS_ALIASES = {
+    "negative": "normal",
+    "healthy": "normal",
+    "no finding": "normal",
+    "benign_without_callback": "benign",
+    "malignancy": "malignant",
+    "cancer": "malignant",
+}
 # No numeric codes: "1" means benign in one data set and cancer in another (RSNA's 0/1), and
 # a silently wrong label is worse than an unlabelled breast.
 
 
 def parse_diagnosis(value: str | None) -> int | None:
-    """"normal" / "benign" / "malignant" (and a few usual synonyms) -> class index."""
+    """ "normal" / "benign" / "malignant" (and a few usual synonyms) -> class index."""
     v = (value or "").strip().lower()
     v = _DIAGNOSIS_ALIASES.get(v, v)
     return DIAGNOSIS_CLASSES.index(v) if v in DIAGNOSIS_CLASSES else None
@@ -80,7 +85,7 @@ def parse_density(value: str | int | float | None) -> int | None:
 
 
 def parse_laterality(value: str | None) -> str | None:
-    """"L", "left", "R ", "RIGHT" -> "L" / "R"; anything else -> None."""
+    """ "L", "left", "R ", "RIGHT" -> "L" / "R"; anything else -> None."""
     v = (value or "").strip().upper()
     if v in ("L", "LEFT", "LT"):
         return "L"
@@ -90,7 +95,7 @@ def parse_laterality(value: str | None) -> str | None:
 
 
 def parse_view(value: str | None) -> tuple[str | None, str | None]:
-    """"CC" -> (None, "CC"); "RMLO", "L-CC", "l_mlo" -> ("R", "MLO"), ("L", "CC"), ...
+    """ "CC" -> (None, "CC"); "RMLO", "L-CC", "l_mlo" -> ("R", "MLO"), ("L", "CC"), ...
 
     The words the node's classifier reads in ViewPosition (:mod:`inference.views`), plus the
     laterality-last spellings some CSVs use ("CCL", "MLOR"). Only CC and MLO are screening
@@ -110,9 +115,17 @@ def parse_view(value: str | None) -> tuple[str | None, str | None]:
     return lat, view if view in ("CC", "MLO") and not mods else None
 
 
-def add_image(records: dict[str, ExamRecord], exam_id: str, lat: str, view: str, path: Path,
-              birads: int | None, diagnosis: int | None, split: str,
-              density: int | None = None) -> bool:
+def add_image(
+    records: dict[str, ExamRecord],
+    exam_id: str,
+    lat: str,
+    view: str,
+    path: Path,
+    birads: int | None,
+    diagnosis: int | None,
+    split: str,
+    density: int | None = None,
+) -> bool:
     """Add one image row; False when its laterality/view are not one of the four slots."""
     vlat, v = parse_view(view)
     lat_ = parse_laterality(lat) or vlat
@@ -141,8 +154,9 @@ def _existing(path: Path) -> Path | None:
     return None
 
 
-def check_files(records: dict[str, ExamRecord], source: Path, skipped_views: int
-                ) -> list[ExamRecord]:
+def check_files(
+    records: dict[str, ExamRecord], source: Path, skipped_views: int
+) -> list[ExamRecord]:
     """Drop rows whose file is missing (warned once, counted); drop exams left empty."""
     missing: list[Path] = []
     for rec in records.values():
@@ -154,21 +168,31 @@ def check_files(records: dict[str, ExamRecord], source: Path, skipped_views: int
             else:
                 rec.paths[slot] = found
     if missing:
-        log.warning("%s: %d image file(s) listed but not found (first: %s); those views are "
-                    "treated as missing", source, len(missing), missing[0])
+        log.warning(
+            "%s: %d image file(s) listed but not found (first: %s); those views are "
+            "treated as missing",
+            source,
+            len(missing),
+            missing[0],
+        )
     if skipped_views:
-        log.info("%s: %d row(s) are not CC/MLO views of L/R (extra views, unknown values): "
-                 "not used", source, skipped_views)
+        log.info(
+            "%s: %d row(s) are not CC/MLO views of L/R (extra views, unknown values): not used",
+            source,
+            skipped_views,
+        )
     out = [r for r in records.values() if r.paths]
     if len(out) < len(records):
-        log.warning("%s: %d exam(s) without any usable image dropped", source,
-                    len(records) - len(out))
+        log.warning(
+            "%s: %d exam(s) without any usable image dropped", source, len(records) - len(out)
+        )
     return out
 
 
 def select_split(records: list[ExamRecord], split: str | None) -> list[ExamRecord]:
     if not split or split == "all":
         return records
-    names = TRAIN_SPLITS if split in TRAIN_SPLITS else TEST_SPLITS if split in TEST_SPLITS \
-        else {split}
+    names = (
+        TRAIN_SPLITS if split in TRAIN_SPLITS else TEST_SPLITS if split in TEST_SPLITS else {split}
+    )
     return [r for r in records if r.split in names]

@@ -32,8 +32,10 @@ def read_rsna(root: str | Path) -> list[ExamRecord]:
     root = Path(root)
     csv_path = root / "train.csv" if root.is_dir() else root
     if not csv_path.exists():
-        raise FileNotFoundError(f"{csv_path} not found: not the RSNA layout (train.csv + "
-                                f"train_images/<patient_id>/<image_id>.dcm)")
+        raise FileNotFoundError(
+            f"{csv_path} not found: not the RSNA layout (train.csv + "
+            f"train_images/<patient_id>/<image_id>.dcm)"
+        )
     base = csv_path.parent
     records: dict[str, ExamRecord] = {}
     skipped = 0
@@ -49,7 +51,15 @@ def read_rsna(root: str | Path) -> list[ExamRecord]:
         birads = 5 if cancer else parse_birads(b) if b in ("1", "2") else None
         path = base / "train_images" / pid / f"{row['image_id']}.dcm"
         # RSNA's density: A-D (empty where unknown).
-        skipped += not add_image(records, pid, row["laterality"], row["view"], path, birads,
-                                 diagnosis, _fixed_split(pid),
-                                 parse_density(row.get("density")))
+        skipped += not add_image(
+            records,
+            pid,
+            row["laterality"],
+            row["view"],
+            path,
+            birads,
+            diagnosis,
+            _fixed_split(pid),
+            parse_density(row.get("density")),
+        )
     return check_files(records, csv_path, skipped)

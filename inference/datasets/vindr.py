@@ -29,22 +29,33 @@ def read_vindr(root: str | Path) -> list[ExamRecord]:
     root = Path(root)
     csv_path = root / "breast-level_annotations.csv"
     if not csv_path.exists():
-        raise FileNotFoundError(f"{csv_path} not found: not a VinDr-Mammo layout "
-                                f"(use --format csv for a generic CSV)")
+        raise FileNotFoundError(
+            f"{csv_path} not found: not a VinDr-Mammo layout (use --format csv for a generic CSV)"
+        )
     records: dict[str, ExamRecord] = {}
     skipped = 0
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in ("study_id", "image_id", "laterality", "view_position")
-                   if c not in (reader.fieldnames or [])]
+        missing = [
+            c
+            for c in ("study_id", "image_id", "laterality", "view_position")
+            if c not in (reader.fieldnames or [])
+        ]
         if missing:
             raise ValueError(f"{csv_path}: column(s) {', '.join(missing)} missing")
         for row in reader:
             path = root / "images" / row["study_id"].strip() / f"{row['image_id'].strip()}.dicom"
-            ok = add_image(records, row["study_id"].strip(), row["laterality"],
-                           row["view_position"], path, parse_birads(row.get("breast_birads")),
-                           parse_diagnosis(row.get("breast_diagnosis")), row.get("split") or "",
-                           parse_density(row.get("breast_density")))
+            ok = add_image(
+                records,
+                row["study_id"].strip(),
+                row["laterality"],
+                row["view_position"],
+                path,
+                parse_birads(row.get("breast_birads")),
+                parse_diagnosis(row.get("breast_diagnosis")),
+                row.get("split") or "",
+                parse_density(row.get("breast_density")),
+            )
             skipped += not ok
     _read_vindr_findings(root, records)
     return check_files(records, csv_path, skipped)
@@ -61,8 +72,10 @@ def _read_vindr_findings(root: Path, records: dict[str, ExamRecord]) -> None:
         for row in csv.DictReader(f):
             rec = records.get((row.get("study_id") or "").strip())
             b = parse_birads(row.get("finding_birads"))
-            lat, v = parse_laterality(row.get("laterality")), parse_view(
-                row.get("view_position") or "")[1]
+            lat, v = (
+                parse_laterality(row.get("laterality")),
+                parse_view(row.get("view_position") or "")[1],
+            )
             try:
                 box = tuple(float(row[k]) for k in ("xmin", "ymin", "xmax", "ymax"))
             except (KeyError, TypeError, ValueError):

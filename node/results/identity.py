@@ -17,7 +17,7 @@ from node import __version__
 MANUFACTURER = "mammo-node"
 SOFTWARE_VERSION = f"mammo-node {__version__}"
 SC_SERIES_NUMBER = 9901
-SR_SERIES_NUMBER = 9902          # Mammography CAD SR; TID 1500 is SR_SERIES_NUMBER + 1
+SR_SERIES_NUMBER = 9902  # Mammography CAD SR; TID 1500 is SR_SERIES_NUMBER + 1
 PR_SERIES_NUMBER = 9905
 PM_SERIES_NUMBER = 9904
 

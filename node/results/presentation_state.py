@@ -31,20 +31,26 @@ def _voi(sources: dict[str, Dataset]) -> list[hd.pr.SoftcopyVOILUTTransformation
     out = []
     for _, ds in sorted(sources.items()):
         if "WindowCenter" in ds and "WindowWidth" in ds:
-            out.append(hd.pr.SoftcopyVOILUTTransformation(
-                window_center=_first(ds.WindowCenter),
-                window_width=max(1.0, _first(ds.WindowWidth)),
-                referenced_images=hd.ReferencedImageSequence([ds])))
+            out.append(
+                hd.pr.SoftcopyVOILUTTransformation(
+                    window_center=_first(ds.WindowCenter),
+                    window_width=max(1.0, _first(ds.WindowWidth)),
+                    referenced_images=hd.ReferencedImageSequence([ds]),
+                )
+            )
     return out
 
 
 def _inside(points: np.ndarray, ds: Dataset) -> np.ndarray:
-    return np.stack([np.clip(points[:, 0], 0.0, float(ds.Columns)),
-                     np.clip(points[:, 1], 0.0, float(ds.Rows))], axis=1)
+    return np.stack(
+        [np.clip(points[:, 0], 0.0, float(ds.Columns)), np.clip(points[:, 1], 0.0, float(ds.Rows))],
+        axis=1,
+    )
 
 
-def build_presentation_state(sources: dict[str, Dataset], reading: ReadingSummary,
-                             study_uid: str, version: int) -> Dataset:
+def build_presentation_state(
+    sources: dict[str, Dataset], reading: ReadingSummary, study_uid: str, version: int
+) -> Dataset:
     """The exam's GSPS: two graphic layers, "AI MARKS" (each mark's closed outline and its
     region score) and "AI EXAM SCORE" (the exam score, its verdict and the model on each
     image), referencing every image read."""
@@ -52,14 +58,22 @@ def build_presentation_state(sources: dict[str, Dataset], reading: ReadingSummar
     check_reading(reading)
     for slot, ds in sources.items():
         if int(ds.get("SamplesPerPixel", 1)) != 1:
-            raise ValueError(f"sources[{slot!r}].SamplesPerPixel: a grayscale presentation "
-                             f"state needs 1, got {ds.SamplesPerPixel}")
-    marks_layer = hd.pr.GraphicLayer(layer_name="AI MARKS", order=1,
-                                     description="AI marks with region scores 0-100",
-                                     display_color=_YELLOW)
-    text_layer = hd.pr.GraphicLayer(layer_name="AI EXAM SCORE", order=2,
-                                    description="AI exam score and verdict",
-                                    display_color=_WHITE)
+            raise ValueError(
+                f"sources[{slot!r}].SamplesPerPixel: a grayscale presentation "
+                f"state needs 1, got {ds.SamplesPerPixel}"
+            )
+    marks_layer = hd.pr.GraphicLayer(
+        layer_name="AI MARKS",
+        order=1,
+        description="AI marks with region scores 0-100",
+        display_color=_YELLOW,
+    )
+    text_layer = hd.pr.GraphicLayer(
+        layer_name="AI EXAM SCORE",
+        order=2,
+        description="AI exam score and verdict",
+        display_color=_WHITE,
+    )
     annotations = []
     verdict = score_line(reading)
     for slot, ds in sorted(sources.items()):
@@ -69,32 +83,58 @@ def build_presentation_state(sources: dict[str, Dataset], reading: ReadingSummar
             pts = _inside(np.asarray(mark.outline, dtype=float), ds)
             pts = np.vstack([pts, pts[:1]])  # closed
             uid = result_uid(study_uid, version, f"pr-mark-{slot}-{mark.index}")
-            graphics.append(hd.pr.GraphicObject(
-                graphic_type=hd.pr.GraphicTypeValues.POLYLINE, graphic_data=pts,
-                units=hd.pr.AnnotationUnitsValues.PIXEL,
-                tracking_id=f"AI mark {slot} #{mark.index}", tracking_uid=uid))
+            graphics.append(
+                hd.pr.GraphicObject(
+                    graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
+                    graphic_data=pts,
+                    units=hd.pr.AnnotationUnitsValues.PIXEL,
+                    tracking_id=f"AI mark {slot} #{mark.index}",
+                    tracking_uid=uid,
+                )
+            )
             x0, y0 = float(pts[:, 0].min()), float(pts[:, 1].min())
             h = max(12.0, rows / 40)
             top = y0 - 1.2 * h if y0 - 1.2 * h >= 0 else min(rows - h, float(pts[:, 1].max()))
-            texts.append(hd.pr.TextObject(
-                text_value=f"{mark.score:.0f}"
-                + (" (above op)" if mark.above_operating_point else ""),
-                units=hd.pr.AnnotationUnitsValues.PIXEL,
-                bounding_box=(max(0.0, x0), max(0.0, top), min(cols, x0 + h * 6),
-                              min(rows, top + h)),
-                text_justification=hd.pr.TextJustificationValues.LEFT))
+            texts.append(
+                hd.pr.TextObject(
+                    text_value=f"{mark.score:.0f}"
+                    + (" (above op)" if mark.above_operating_point else ""),
+                    units=hd.pr.AnnotationUnitsValues.PIXEL,
+                    bounding_box=(
+                        max(0.0, x0),
+                        max(0.0, top),
+                        min(cols, x0 + h * 6),
+                        min(rows, top + h),
+                    ),
+                    text_justification=hd.pr.TextJustificationValues.LEFT,
+                )
+            )
         if graphics:
-            annotations.append(hd.pr.GraphicAnnotation(
-                referenced_images=[ds], graphic_layer=marks_layer,
-                graphic_objects=graphics, text_objects=texts))
-        line = f"{slot}: {verdict}" + ("  NOT FOR CLINICAL USE"
-                                        if reading.not_for_clinical_use else "")
-        annotations.append(hd.pr.GraphicAnnotation(
-            referenced_images=[ds], graphic_layer=text_layer,
-            text_objects=[hd.pr.TextObject(
-                text_value=line[:1024], units=hd.pr.AnnotationUnitsValues.PIXEL,
-                bounding_box=(cols * 0.02, rows * 0.01, cols * 0.98, rows * 0.05),
-                text_justification=hd.pr.TextJustificationValues.LEFT)]))
+            annotations.append(
+                hd.pr.GraphicAnnotation(
+                    referenced_images=[ds],
+                    graphic_layer=marks_layer,
+                    graphic_objects=graphics,
+                    text_objects=texts,
+                )
+            )
+        line = f"{slot}: {verdict}" + (
+            "  NOT FOR CLINICAL USE" if reading.not_for_clinical_use else ""
+        )
+        annotations.append(
+            hd.pr.GraphicAnnotation(
+                referenced_images=[ds],
+                graphic_layer=text_layer,
+                text_objects=[
+                    hd.pr.TextObject(
+                        text_value=line[:1024],
+                        units=hd.pr.AnnotationUnitsValues.PIXEL,
+                        bounding_box=(cols * 0.02, rows * 0.01, cols * 0.98, rows * 0.05),
+                        text_justification=hd.pr.TextJustificationValues.LEFT,
+                    )
+                ],
+            )
+        )
     images = [ds for _, ds in sorted(sources.items())]
     voi = _voi(sources)
     pr = hd.pr.GrayscaleSoftcopyPresentationState(
@@ -102,12 +142,17 @@ def build_presentation_state(sources: dict[str, Dataset], reading: ReadingSummar
         series_instance_uid=result_uid(study_uid, version, "pr-series"),
         series_number=PR_SERIES_NUMBER,
         sop_instance_uid=result_uid(study_uid, version, "pr"),
-        instance_number=1, manufacturer=MANUFACTURER,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
         manufacturer_model_name=f"{reading.model_name} {reading.model_version}"[:64],
-        software_versions=SOFTWARE_VERSION, device_serial_number=reading.model_sha256[:16],
-        content_label="AI_MARKS", content_description="AI marks and exam score"[:64],
-        graphic_annotations=annotations, graphic_layers=[marks_layer, text_layer],
-        voi_lut_transformations=voi or None)
+        software_versions=SOFTWARE_VERSION,
+        device_serial_number=reading.model_sha256[:16],
+        content_label="AI_MARKS",
+        content_description="AI marks and exam score"[:64],
+        graphic_annotations=annotations,
+        graphic_layers=[marks_layer, text_layer],
+        voi_lut_transformations=voi or None,
+    )
     # highdicom takes the first image's size as every image's displayed area: one item per
     # size, so that views of other sizes are shown whole.
     by_size: dict[tuple[int, int], list[Dataset]] = defaultdict(list)

@@ -13,12 +13,12 @@ class BreastSummary:
     """The model's reading of one breast (plain data, no torch)."""
 
     present: bool = False
-    birads: str | None = None                   # a class name, e.g. "BI-RADS 5"
+    birads: str | None = None  # a class name, e.g. "BI-RADS 5"
     birads_probabilities: dict[str, float] = field(default_factory=dict)
-    diagnosis: str | None = None                # "normal" / "benign" / "malignant"
+    diagnosis: str | None = None  # "normal" / "benign" / "malignant"
     diagnosis_probabilities: dict[str, float] = field(default_factory=dict)
-    score: float | None = None                  # 0-100 (inference.scoring)
-    density: str | None = None                  # BI-RADS density "A".."D"; None: no head
+    score: float | None = None  # 0-100 (inference.scoring)
+    density: str | None = None  # BI-RADS density "A".."D"; None: no head
     density_probabilities: dict[str, float] = field(default_factory=dict)
 
 
@@ -30,20 +30,20 @@ class Mark:
     """One region that drives the malignancy output, on one view, in the source image's pixel
     coordinates (column x, row y; (0, 0) the centre of the top-left pixel's corner)."""
 
-    slot: str                                   # "L-CC" ...
-    index: int                                  # 1, 2, ... by falling score, per breast
-    score: float                                # region score 0-100
-    center: tuple[float, float]                 # (x, y)
-    outline: list[tuple[float, float]]          # closed polygon, (x, y) points, not repeated
-    above_operating_point: bool = False         # region score >= the operating point
-    area_px: float = 0.0                        # source pixels inside the region
+    slot: str  # "L-CC" ...
+    index: int  # 1, 2, ... by falling score, per breast
+    score: float  # region score 0-100
+    center: tuple[float, float]  # (x, y)
+    outline: list[tuple[float, float]]  # closed polygon, (x, y) points, not repeated
+    above_operating_point: bool = False  # region score >= the operating point
+    area_px: float = 0.0  # source pixels inside the region
 
 
 @dataclass
 class ReadingSummary:
     """What the builders need from a model reading (plain data, no torch)."""
 
-    breasts: dict[str, BreastSummary]           # "L" / "R"
+    breasts: dict[str, BreastSummary]  # "L" / "R"
     fusion_weights: dict[str, dict[str, float]]  # breast -> slot -> weight
     missing_views: list[str]
     model_name: str
@@ -53,8 +53,7 @@ class ReadingSummary:
     #: slot -> (x0, y0, x1, y1), pixel columns / rows of the source image: the box around the
     #: view's hottest attention (above half its maximum). The TID 1500 SR anchors a breast's
     #: measurements there when it has no mark, so viewers (OHIF) show where the model looked.
-    attention_regions: dict[str, tuple[float, float, float, float]] = field(
-        default_factory=dict)
+    attention_regions: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
     #: Seconds per stage of the reading (decode, preprocess, inference, maps; sr added
     #: when the SRs are built): the worker's log line and the dashboard.
     seconds: dict[str, float] = field(default_factory=dict)
@@ -98,18 +97,17 @@ def check_reading(reading: ReadingSummary) -> None:
         if lat not in ("L", "R"):
             raise ValueError(f"reading.breasts: unknown breast {lat!r} (expected 'L' or 'R')")
         if b.present and b.birads and b.birads not in b.birads_probabilities:
-            raise ValueError(f"{where}.birads_probabilities: no probability of its class "
-                             f"{b.birads!r}")
+            raise ValueError(
+                f"{where}.birads_probabilities: no probability of its class {b.birads!r}"
+            )
         if b.score is not None and not 0.0 <= float(b.score) <= 100.0:
             raise ValueError(f"{where}.score: {b.score!r} is outside 0-100")
         if b.density is not None and b.density not in DENSITY_CLASSES:
-            raise ValueError(f"{where}.density: {b.density!r} is not one of "
-                             f"{DENSITY_CLASSES}")
+            raise ValueError(f"{where}.density: {b.density!r} is not one of {DENSITY_CLASSES}")
     if reading.score is not None and not 0.0 <= float(reading.score) <= 100.0:
         raise ValueError(f"reading.score: {reading.score!r} is outside 0-100")
     if reading.density is not None and reading.density not in DENSITY_CLASSES:
-        raise ValueError(f"reading.density: {reading.density!r} is not one of "
-                         f"{DENSITY_CLASSES}")
+        raise ValueError(f"reading.density: {reading.density!r} is not one of {DENSITY_CLASSES}")
     for slot, marks in reading.marks.items():
         for i, m in enumerate(marks):
             where = f"reading.marks[{slot!r}][{i}]"
@@ -118,8 +116,9 @@ def check_reading(reading: ReadingSummary) -> None:
             if not 0.0 <= float(m.score) <= 100.0:
                 raise ValueError(f"{where}.score: {m.score!r} is outside 0-100")
             if len(m.outline) < 3:
-                raise ValueError(f"{where}.outline: a polygon needs 3 points or more, got "
-                                 f"{len(m.outline)}")
+                raise ValueError(
+                    f"{where}.outline: a polygon needs 3 points or more, got {len(m.outline)}"
+                )
     if not reading.model_name:
         raise ValueError("reading.model_name: empty")
 

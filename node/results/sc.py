@@ -39,27 +39,31 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def render_overlay(display: np.ndarray, attention: np.ndarray, lines: list[str],
-                   max_rows: int = SC_MAX_ROWS,
-                   outlines: list[tuple[list[tuple[float, float]], str]] | None = None,
-                   ) -> np.ndarray:
+def render_overlay(
+    display: np.ndarray,
+    attention: np.ndarray,
+    lines: list[str],
+    max_rows: int = SC_MAX_ROWS,
+    outlines: list[tuple[list[tuple[float, float]], str]] | None = None,
+) -> np.ndarray:
     """Mammogram (in [0, 1]) with the attention map blended in, a legend and text burned in.
     ``outlines``: (polygon in the display's pixel coordinates, label) per mark, drawn over."""
     rows, cols = display.shape
     scale = min(1.0, max_rows / rows)
     size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
     step = max(1, int(1 / scale))  # decimate first: resizing 8 Mpx images is slow
-    gray = Image.fromarray((np.clip(display[::step, ::step], 0, 1) * 255).astype(np.uint8)
-                           ).resize(size, Image.Resampling.BILINEAR)
+    gray = Image.fromarray((np.clip(display[::step, ::step], 0, 1) * 255).astype(np.uint8)).resize(
+        size, Image.Resampling.BILINEAR
+    )
     if attention.shape == display.shape:
         attention = attention[::step, ::step]  # else a reduced map: resized as it is
-    amap = Image.fromarray((np.clip(attention, 0, 1) * 255).astype(np.uint8)
-                           ).resize(size, Image.Resampling.BILINEAR)
+    amap = Image.fromarray((np.clip(attention, 0, 1) * 255).astype(np.uint8)).resize(
+        size, Image.Resampling.BILINEAR
+    )
     a8 = np.asarray(amap)
-    alpha = ((a8.astype(np.uint16) * 140) >> 8)[..., None]          # 0 .. 0.55 * 255
+    alpha = ((a8.astype(np.uint16) * 140) >> 8)[..., None]  # 0 .. 0.55 * 255
     g = np.asarray(gray).astype(np.uint16)[..., None]
-    rgb = ((g * (255 - alpha) + _HEAT_LUT[a8].astype(np.uint16) * alpha) // 255
-           ).astype(np.uint8)
+    rgb = ((g * (255 - alpha) + _HEAT_LUT[a8].astype(np.uint16) * alpha) // 255).astype(np.uint8)
     img = Image.fromarray(rgb)
     draw = ImageDraw.Draw(img)
     fs = max(12, size[1] // 60)
@@ -91,23 +95,35 @@ def caption_lines(slot: str, reading: ReadingSummary) -> list[str]:
     """The text burned into a view's Secondary Capture."""
     lat = slot[0]
     b = reading.breasts.get(lat, ABSENT)
-    line2 = f"{lat} breast: {b.birads or 'n/a'}" \
-        + (f" (p={b.birads_probabilities[b.birads]:.2f})" if b.birads else "") \
+    line2 = (
+        f"{lat} breast: {b.birads or 'n/a'}"
+        + (f" (p={b.birads_probabilities[b.birads]:.2f})" if b.birads else "")
         + f"   weight of this view: {reading.fusion_weights.get(lat, {}).get(slot, 0.0):.2f}"
+    )
     if b.density:
         line2 += f"   density {b.density}"
-    lines = [f"{slot}  {reading.model_name} {reading.model_version}  -  NOT FOR DIAGNOSIS",
-             line2, score_line(reading),
-             f"read from: {kind_label(reading, slot)}" + ("   implant present"
-                                                          if reading.implant else "")]
+    lines = [
+        f"{slot}  {reading.model_name} {reading.model_version}  -  NOT FOR DIAGNOSIS",
+        line2,
+        score_line(reading),
+        f"read from: {kind_label(reading, slot)}"
+        + ("   implant present" if reading.implant else ""),
+    ]
     if reading.not_for_clinical_use:
         lines.append("Demo model trained on synthetic phantoms: NOT FOR CLINICAL USE")
     return lines
 
 
-def build_sc(source: Dataset, slot: str, display: np.ndarray, attention: np.ndarray,
-             reading: ReadingSummary, study_uid: str, version: int,
-             instance_number: int) -> Dataset:
+def build_sc(
+    source: Dataset,
+    slot: str,
+    display: np.ndarray,
+    attention: np.ndarray,
+    reading: ReadingSummary,
+    study_uid: str,
+    version: int,
+    instance_number: int,
+) -> Dataset:
     """One attention-map Secondary Capture for one view, in the source study."""
     check_reading(reading)
     if slot[:1] not in ("L", "R"):
@@ -122,15 +138,19 @@ def build_sc(source: Dataset, slot: str, display: np.ndarray, attention: np.ndar
     rows, cols = int(source.Rows), int(source.Columns)
     fy, fx = display.shape[0] / rows, display.shape[1] / cols
     for mark in getattr(reading, "marks", {}).get(slot, []):
-        outlines.append(([(x * fx, y * fy) for x, y in mark.outline],
-                         f"{mark.score:.0f}"))
+        outlines.append(([(x * fx, y * fy) for x, y in mark.outline], f"{mark.score:.0f}"))
     rgb = render_overlay(display, attention, lines, outlines=outlines)
     orientation = source.get("PatientOrientation", None)
     # highdicom takes one direction letter per axis: "FR" (foot-right) becomes "F".
-    po: tuple[str, str] = (str(orientation[0])[:1], str(orientation[1])[:1]) \
-        if orientation and len(orientation) == 2 \
-        and all(str(v)[:1] in "APLRHF" and str(v) for v in orientation) \
-        else ("A", "R") if lat == "L" else ("P", "L")
+    po: tuple[str, str] = (
+        (str(orientation[0])[:1], str(orientation[1])[:1])
+        if orientation
+        and len(orientation) == 2
+        and all(str(v)[:1] in "APLRHF" and str(v) for v in orientation)
+        else ("A", "R")
+        if lat == "L"
+        else ("P", "L")
+    )
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
         pixel_array=rgb,
@@ -148,8 +168,10 @@ def build_sc(source: Dataset, slot: str, display: np.ndarray, attention: np.ndar
     )
     sc.BurnedInAnnotation = "YES"
     sc.SeriesDescription = "AI attention maps (not for diagnosis)"
-    sc.ImageComments = (f"Attention map of {reading.model_name} {reading.model_version} "
-                        f"(sha256 {reading.model_sha256[:16]}); not for diagnosis")[:10240]
+    sc.ImageComments = (
+        f"Attention map of {reading.model_name} {reading.model_version} "
+        f"(sha256 {reading.model_sha256[:16]}); not for diagnosis"
+    )[:10240]
     sc.DerivationDescription = "Attention map overlay of the source mammogram"
     src = Dataset()
     src.ReferencedSOPClassUID = source.SOPClassUID

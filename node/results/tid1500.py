@@ -30,48 +30,66 @@ def check_sources(sources: dict[str, Dataset]) -> None:
                 raise ValueError(f"sources[{slot!r}].{kw}: missing")
 
 
-def exam_score_items(reading: ReadingSummary
-                     ) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:
+def exam_score_items(
+    reading: ReadingSummary,
+) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:
     """The exam-level score, operating point and verdict. They join the measurement group of
     the exam's most suspicious breast (whose score the exam's is): a group without an image
     region stops OHIF 3.13 from drawing any of the report."""
-    measurements = [hd.sr.Measurement(name=v.EXAM_SCORE, value=float(reading.score or 0.0),
-                                      unit=v.SCORE_UNIT)]
+    measurements = [
+        hd.sr.Measurement(name=v.EXAM_SCORE, value=float(reading.score or 0.0), unit=v.SCORE_UNIT)
+    ]
     evals = []
     if reading.operating_point is not None:
-        measurements.append(hd.sr.Measurement(
-            name=v.OPERATING_POINT, value=float(reading.operating_point), unit=v.SCORE_UNIT))
-        evals.append(hd.sr.QualitativeEvaluation(
-            name=v.ABOVE_OPERATING_POINT,
-            value=v.YES if reading.above_operating_point else v.NO))
+        measurements.append(
+            hd.sr.Measurement(
+                name=v.OPERATING_POINT, value=float(reading.operating_point), unit=v.SCORE_UNIT
+            )
+        )
+        evals.append(
+            hd.sr.QualitativeEvaluation(
+                name=v.ABOVE_OPERATING_POINT, value=v.YES if reading.above_operating_point else v.NO
+            )
+        )
     if reading.density:
-        evals.append(hd.sr.QualitativeEvaluation(name=v.BREAST_COMPOSITION,
-                                                 value=v.density_code(reading.density)))
+        evals.append(
+            hd.sr.QualitativeEvaluation(
+                name=v.BREAST_COMPOSITION, value=v.density_code(reading.density)
+            )
+        )
     return measurements, evals
 
 
-def _breast_items(b: BreastSummary, lat: str, reading: ReadingSummary
-                  ) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:
-    evals = [hd.sr.QualitativeEvaluation(name=v.OVERALL_ASSESSMENT,
-                                         value=v.birads_code(b.birads or ""))]
+def _breast_items(
+    b: BreastSummary, lat: str, reading: ReadingSummary
+) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:
+    evals = [
+        hd.sr.QualitativeEvaluation(name=v.OVERALL_ASSESSMENT, value=v.birads_code(b.birads or ""))
+    ]
     if b.diagnosis:
-        evals.append(hd.sr.QualitativeEvaluation(name=v.AI_DIAGNOSIS,
-                                                 value=v.diagnosis_code(b.diagnosis)))
+        evals.append(
+            hd.sr.QualitativeEvaluation(name=v.AI_DIAGNOSIS, value=v.diagnosis_code(b.diagnosis))
+        )
     if b.density:
-        evals.append(hd.sr.QualitativeEvaluation(name=v.BREAST_COMPOSITION,
-                                                 value=v.density_code(b.density)))
-    measurements = [hd.sr.Measurement(name=v.probability_of(cls), value=float(p),
-                                      unit=v.NO_UNITS)
-                    for cls, p in b.birads_probabilities.items()]
+        evals.append(
+            hd.sr.QualitativeEvaluation(name=v.BREAST_COMPOSITION, value=v.density_code(b.density))
+        )
+    measurements = [
+        hd.sr.Measurement(name=v.probability_of(cls), value=float(p), unit=v.NO_UNITS)
+        for cls, p in b.birads_probabilities.items()
+    ]
     for cls, p in b.diagnosis_probabilities.items():
-        measurements.append(hd.sr.Measurement(name=v.probability_of(cls), value=float(p),
-                                              unit=v.NO_UNITS))
+        measurements.append(
+            hd.sr.Measurement(name=v.probability_of(cls), value=float(p), unit=v.NO_UNITS)
+        )
     for slot, w in reading.fusion_weights.get(lat, {}).items():
-        measurements.append(hd.sr.Measurement(name=v.fusion_weight_of(slot), value=float(w),
-                                              unit=v.NO_UNITS))
+        measurements.append(
+            hd.sr.Measurement(name=v.fusion_weight_of(slot), value=float(w), unit=v.NO_UNITS)
+        )
     if b.score is not None:
-        measurements.append(hd.sr.Measurement(name=v.BREAST_SCORE, value=float(b.score),
-                                              unit=v.SCORE_UNIT))
+        measurements.append(
+            hd.sr.Measurement(name=v.BREAST_SCORE, value=float(b.score), unit=v.SCORE_UNIT)
+        )
     return measurements, evals
 
 
@@ -83,8 +101,13 @@ def _polyline(points: list[tuple[float, float]]) -> np.ndarray:
     return arr
 
 
-def build_tid1500(sources: dict[str, Dataset], reading: ReadingSummary, study_uid: str,
-                  version: int, replaces: Dataset | None = None) -> Dataset:
+def build_tid1500(
+    sources: dict[str, Dataset],
+    reading: ReadingSummary,
+    study_uid: str,
+    version: int,
+    replaces: Dataset | None = None,
+) -> Dataset:
     """A Comprehensive SR (TID 1500 measurement report) with the per-breast reading and one
     planar ROI group per mark (its outline on its image, its region score)."""
     check_sources(sources)
@@ -93,13 +116,21 @@ def build_tid1500(sources: dict[str, Dataset], reading: ReadingSummary, study_ui
         observer_type=v.DEVICE,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=result_uid("observer", 0, reading.model_sha256),
-            name=reading.model_name, manufacturer_name=MANUFACTURER,
-            model_name=f"{reading.model_name} {reading.model_version}"))
+            name=reading.model_name,
+            manufacturer_name=MANUFACTURER,
+            model_name=f"{reading.model_name} {reading.model_version}",
+        ),
+    )
     context = hd.sr.ObservationContext(observer_device_context=observer)
-    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations
-                 | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
-    scored = [lat for lat in ("L", "R") if reading.breasts.get(lat, ABSENT).present
-              and reading.breasts.get(lat, ABSENT).birads]
+    groups: list[
+        hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    ] = []
+    scored = [
+        lat
+        for lat in ("L", "R")
+        if reading.breasts.get(lat, ABSENT).present and reading.breasts.get(lat, ABSENT).birads
+    ]
     worst = max(scored, key=lambda lat: reading.breasts[lat].score or 0.0, default=None)
     for lat in ("L", "R"):
         b = reading.breasts.get(lat, ABSENT)
@@ -107,11 +138,15 @@ def build_tid1500(sources: dict[str, Dataset], reading: ReadingSummary, study_ui
             continue
         views = [s for s in sources if s.startswith(lat)]
         measurements, evals = _breast_items(b, lat, reading)
-        evals += [hd.sr.QualitativeEvaluation(
-            name=v.image_kind_of(s),
-            value=v.image_kind_code(reading.view_kinds.get(s, "conventional"),
-                                    kind_label(reading, s)))
-            for s in sorted(views)]
+        evals += [
+            hd.sr.QualitativeEvaluation(
+                name=v.image_kind_of(s),
+                value=v.image_kind_code(
+                    reading.view_kinds.get(s, "conventional"), kind_label(reading, s)
+                ),
+            )
+            for s in sorted(views)
+        ]
         if reading.implant:
             evals.append(hd.sr.QualitativeEvaluation(name=v.IMPLANT, value=v.YES))
         if reading.score is not None and lat == worst:
@@ -120,7 +155,8 @@ def build_tid1500(sources: dict[str, Dataset], reading: ReadingSummary, study_ui
             evals += exam_e
         tracking = hd.sr.TrackingIdentifier(
             uid=result_uid(study_uid, version, f"tracking-{lat}"),
-            identifier=f"{'Left' if lat == 'L' else 'Right'} breast")
+            identifier=f"{'Left' if lat == 'L' else 'Right'} breast",
+        )
         sites = [hd.sr.FindingSite(anatomic_location=v.BREAST, laterality=v.LATERALITY[lat])]
         # Anchored on the view the fusion weighed most, at its hottest attention (TID 1410).
         weights = reading.fusion_weights.get(lat, {})
@@ -128,42 +164,70 @@ def build_tid1500(sources: dict[str, Dataset], reading: ReadingSummary, study_ui
         if anchored:
             slot = max(anchored, key=lambda s: weights.get(s, 0.0))
             x0, y0, x1, y1 = reading.attention_regions[slot]
-            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tracking,
-                referenced_region=hd.sr.ImageRegion(
-                    graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-                    graphic_data=_polyline([(x0, y0), (x1, y0), (x1, y1), (x0, y1)]),
-                    source_image=hd.sr.SourceImageForRegion.from_source_image(
-                        sources[slot])),
-                finding_type=v.BREAST, finding_sites=sites,
-                measurements=measurements, qualitative_evaluations=evals))
-        else:
-            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tracking, finding_type=v.BREAST, finding_sites=sites,
-                measurements=measurements, qualitative_evaluations=evals,
-                source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(
-                    sources[s]) for s in views]))
-        for slot in sorted(s for s in views):
-            for mark in reading.marks.get(slot, []):
-                groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=hd.sr.TrackingIdentifier(
-                        uid=result_uid(study_uid, version, f"tracking-{slot}-{mark.index}"),
-                        identifier=f"AI mark {slot} #{mark.index}"),
+            groups.append(
+                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking,
                     referenced_region=hd.sr.ImageRegion(
                         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-                        graphic_data=_polyline(mark.outline),
-                        source_image=hd.sr.SourceImageForRegion.from_source_image(
-                            sources[slot])),
-                    finding_type=v.ABNORMAL, finding_sites=sites,
-                    measurements=[hd.sr.Measurement(name=v.REGION_SCORE,
-                                                    value=float(mark.score),
-                                                    unit=v.SCORE_UNIT)],
-                    qualitative_evaluations=[hd.sr.QualitativeEvaluation(
-                        name=v.ABOVE_OPERATING_POINT,
-                        value=v.YES if mark.above_operating_point else v.NO)]))
+                        graphic_data=_polyline([(x0, y0), (x1, y0), (x1, y1), (x0, y1)]),
+                        source_image=hd.sr.SourceImageForRegion.from_source_image(sources[slot]),
+                    ),
+                    finding_type=v.BREAST,
+                    finding_sites=sites,
+                    measurements=measurements,
+                    qualitative_evaluations=evals,
+                )
+            )
+        else:
+            groups.append(
+                hd.sr.MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking,
+                    finding_type=v.BREAST,
+                    finding_sites=sites,
+                    measurements=measurements,
+                    qualitative_evaluations=evals,
+                    source_images=[
+                        hd.sr.SourceImageForMeasurementGroup.from_source_image(sources[s])
+                        for s in views
+                    ],
+                )
+            )
+        for slot in sorted(s for s in views):
+            for mark in reading.marks.get(slot, []):
+                groups.append(
+                    hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                        tracking_identifier=hd.sr.TrackingIdentifier(
+                            uid=result_uid(study_uid, version, f"tracking-{slot}-{mark.index}"),
+                            identifier=f"AI mark {slot} #{mark.index}",
+                        ),
+                        referenced_region=hd.sr.ImageRegion(
+                            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                            graphic_data=_polyline(mark.outline),
+                            source_image=hd.sr.SourceImageForRegion.from_source_image(
+                                sources[slot]
+                            ),
+                        ),
+                        finding_type=v.ABNORMAL,
+                        finding_sites=sites,
+                        measurements=[
+                            hd.sr.Measurement(
+                                name=v.REGION_SCORE, value=float(mark.score), unit=v.SCORE_UNIT
+                            )
+                        ],
+                        qualitative_evaluations=[
+                            hd.sr.QualitativeEvaluation(
+                                name=v.ABOVE_OPERATING_POINT,
+                                value=v.YES if mark.above_operating_point else v.NO,
+                            )
+                        ],
+                    )
+                )
     report = hd.sr.MeasurementReport(
-        observation_context=context, procedure_reported=v.MAMMOGRAPHY,
-        imaging_measurements=groups, title=v.IMAGING_MEASUREMENT_REPORT)
+        observation_context=context,
+        procedure_reported=v.MAMMOGRAPHY,
+        imaging_measurements=groups,
+        title=v.IMAGING_MEASUREMENT_REPORT,
+    )
     sr = hd.sr.ComprehensiveSR(
         evidence=list(sources.values()),
         content=report[0],

@@ -50,10 +50,10 @@ IMAGE_LATERALITY = _c("111027", "DCM", "Image Laterality")
 IMAGE_VIEW = _c("111031", "DCM", "Image View")
 INDIVIDUAL_IMPRESSION = _c("111034", "DCM", "Individual Impression/Recommendation")
 RENDERING_INTENT = _c("111056", "DCM", "Rendering Intent")
-PRESENTATION_REQUIRED = _c("111150", "DCM", "Presentation Required: Rendering device is "
-                                            "expected to present")
-PRESENTATION_OPTIONAL = _c("111151", "DCM", "Presentation Optional: Rendering device may "
-                                            "present")
+PRESENTATION_REQUIRED = _c(
+    "111150", "DCM", "Presentation Required: Rendering device is expected to present"
+)
+PRESENTATION_OPTIONAL = _c("111151", "DCM", "Presentation Optional: Rendering device may present")
 PROBABILITY_OF_CANCER = _c("111047", "DCM", "Probability of cancer")
 CAD_SUMMARY = _c("111017", "DCM", "CAD Processing and Findings Summary")
 WITH_FINDINGS = _c("111242", "DCM", "All algorithms succeeded; with findings")
@@ -116,8 +116,11 @@ def birads_code(category: str) -> hd.sr.CodedConcept:
     if n in BIRADS_SCT:
         value, meaning = BIRADS_SCT[n]
         return _c(value, "SCT", meaning)
-    return _c(category.replace(" ", "-"), PRIVATE_SCHEME,
-              f"AI {category} (grouped; no single SNOMED code)"[:64])
+    return _c(
+        category.replace(" ", "-"),
+        PRIVATE_SCHEME,
+        f"AI {category} (grouped; no single SNOMED code)"[:64],
+    )
 
 
 def density_code(density: str) -> hd.sr.CodedConcept:
@@ -125,8 +128,7 @@ def density_code(density: str) -> hd.sr.CodedConcept:
     try:
         return DENSITY_CID6000[density]
     except KeyError:
-        raise ValueError(f"density: expected one of {DENSITY_CLASSES}, got {density!r}"
-                         ) from None
+        raise ValueError(f"density: expected one of {DENSITY_CLASSES}, got {density!r}") from None
 
 
 # --------------------------------------------------------------------------- private

@@ -11,7 +11,8 @@ config = context.config
 connection = config.attributes.get("connection")
 if connection is None:  # pragma: no cover - always called with a connection
     raise RuntimeError("storage.migrations runs only through storage.schema")
-context.configure(connection=connection, target_metadata=Base.metadata,
-                  render_as_batch=True, compare_type=True)
+context.configure(
+    connection=connection, target_metadata=Base.metadata, render_as_batch=True, compare_type=True
+)
 with context.begin_transaction():
     context.run_migrations()

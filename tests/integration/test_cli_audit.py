@@ -29,8 +29,11 @@ def test_cli_actions_are_audited(node_factory):
     assert len(r.stdout.splitlines()) == before  # the reader's own line is not in its read
     node.stop()
 
-    ops = [e for e in _events(node) if isinstance(e.get("peer"), dict)
-           and e["peer"].get("via") == "cli"]
+    ops = [
+        e
+        for e in _events(node)
+        if isinstance(e.get("peer"), dict) and e["peer"].get("via") == "cli"
+    ]
     got = [(e["event"], e.get("action"), e["outcome"]) for e in ops]
     assert got == [
         ("Application Activity", "complete", 0),

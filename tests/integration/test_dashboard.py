@@ -25,9 +25,19 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        b = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         yield b
         b.close()
 
@@ -43,32 +53,49 @@ def _shot(page, name: str) -> Path:
 def test_dashboard_pages_in_chromium(node_factory, storescp_factory, browser):
     pacs = storescp_factory()
     port = free_port()
-    node = node_factory({
-        "dicomweb": {"enabled": True, "host": "127.0.0.1", "port": port, "token": TOKEN},
-        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
-                          "port": pacs.port},
-                         {"name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1",
-                          "port": free_port()}],  # nobody listens: its deliveries retry
-        "export": {"max_attempts": 50, "initial_delay_seconds": 0.5, "max_delay_seconds": 2},
-        "grouping": {"stable_seconds": 3600}}, worker=True)
-    exam = make_exam(seed=111, rows=640, cols=512,
-                     lesions={"L": [Lesion("spiculated", 0.5, 0.45, 0.08, 0.4)]})
+    node = node_factory(
+        {
+            "dicomweb": {"enabled": True, "host": "127.0.0.1", "port": port, "token": TOKEN},
+            "destinations": [
+                {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port},
+                {
+                    "name": "archive",
+                    "ae_title": "ARCHIVE",
+                    "host": "127.0.0.1",
+                    "port": free_port(),
+                },
+            ],  # nobody listens: its deliveries retry
+            "export": {"max_attempts": 50, "initial_delay_seconds": 0.5, "max_delay_seconds": 2},
+            "grouping": {"stable_seconds": 3600},
+        },
+        worker=True,
+    )
+    exam = make_exam(
+        seed=111, rows=640, cols=512, lesions={"L": [Lesion("spiculated", 0.5, 0.45, 0.08, 0.4)]}
+    )
     study = exam[0].StudyInstanceUID
     assert send(node.port, exam) == [0] * 4
     # The patient's study of 2024 (the gap rule: a prior, kept, not read).
-    prior = make_exam(seed=113, rows=64, cols=64, patient_id=exam[0].PatientID,
-                      acquisition=dt.datetime(2024, 6, 3, 9, 0))
+    prior = make_exam(
+        seed=113,
+        rows=64,
+        cols=64,
+        patient_id=exam[0].PatientID,
+        acquisition=dt.datetime(2024, 6, 3, 9, 0),
+    )
     assert send(node.port, prior) == [0] * 4
     partial = make_exam(seed=112, rows=64, cols=64)[:3]
     assert send(node.port, partial) == [0] * 3
     node.wait_exam(study, "done", timeout=180)
-    wait_for(lambda: node.exam(study)["delivery"].get("pacs", {}).get("sent") == 6, 60,
-             what="delivered to the PACS")
+    wait_for(
+        lambda: node.exam(study)["delivery"].get("pacs", {}).get("sent") == 6,
+        60,
+        what="delivered to the PACS",
+    )
     base = f"http://127.0.0.1:{port}"
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     errors: list[str] = []
-    page.on("response", lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400
-            else None)
+    page.on("response", lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400 else None)
 
     # Signing in: the list redirects to the form; a wrong token is refused.
     page.goto(f"{base}/ui")
@@ -91,8 +118,7 @@ def test_dashboard_pages_in_chromium(node_factory, storescp_factory, browser):
     # The prior under the patient's current exam, a link to it.
     under = page.locator(f"tr:has(a:has-text('{study}')) + tr.priors")
     assert "priors of this patient: 2024-06-03" in under.inner_text()
-    assert under.locator("a").get_attribute("href") == \
-        f"/ui/exams/{prior[0].StudyInstanceUID}"
+    assert under.locator("a").get_attribute("href") == f"/ui/exams/{prior[0].StudyInstanceUID}"
     _shot(page, "exams")
     page.select_option("select[name=state]", "failed")
     page.click("button:has-text('Filter')")

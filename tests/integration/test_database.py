@@ -30,14 +30,20 @@ from tests.helpers import ROOT, toml_document
 
 FIXTURE = ROOT / "tests" / "fixtures" / "db-release-0.1.0.sql"
 #: What release 0.1.0's fixture database holds (checked before and after the upgrade).
-FIXTURE_DONE = {"1.2.826.0.1.3680043.10.1234.278647244615839211833147801471436962",
-                "1.2.826.0.1.3680043.10.1234.671927849149298742267695852343900405"}
+FIXTURE_DONE = {
+    "1.2.826.0.1.3680043.10.1234.278647244615839211833147801471436962",
+    "1.2.826.0.1.3680043.10.1234.671927849149298742267695852343900405",
+}
 FIXTURE_PARTIAL = "1.2.826.0.1.3680043.10.1234.50638744778501585920546567510138575"
 
 
 def _records(files: FileStore, datasets) -> list:
-    return [instance_record(ds, files, "T", str(ds.SOPClassUID), str(ds.SOPInstanceUID),
-                            "1.2.840.10008.1.2.1", 100) for ds in datasets]
+    return [
+        instance_record(
+            ds, files, "T", str(ds.SOPClassUID), str(ds.SOPInstanceUID), "1.2.840.10008.1.2.1", 100
+        )
+        for ds in datasets
+    ]
 
 
 def _ready_exams(store: Exams, files: FileStore, n: int, seed: int = 0) -> list[str]:
@@ -61,18 +67,31 @@ def _expire_leases(db: Database, owner: str | None = None) -> None:
 
 
 def _produced(study: str, n: int = 2) -> list[ProducedObject]:
-    return [ProducedObject(kind="sc", sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
-                           sop_instance_uid=f"{study[:58]}.9{i}",
-                           series_instance_uid=f"{study[:58]}.99",
-                           path=f"results/{study}/v1/r{i}.dcm", modality="OT", size_bytes=6)
-            for i in range(n)]
+    return [
+        ProducedObject(
+            kind="sc",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
+            sop_instance_uid=f"{study[:58]}.9{i}",
+            series_instance_uid=f"{study[:58]}.99",
+            path=f"results/{study}/v1/r{i}.dcm",
+            modality="OT",
+            size_bytes=6,
+        )
+        for i in range(n)
+    ]
 
 
 # -- migrations ------------------------------------------------------------------------------
 
+
 def _cli(config: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "node", *args, "--config", str(config)],
-                          capture_output=True, text=True, timeout=timeout, cwd=config.parent)
+    return subprocess.run(
+        [sys.executable, "-m", "node", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=config.parent,
+    )
 
 
 def _release_010_node(tmp_path: Path) -> tuple[Path, Path]:
@@ -83,8 +102,11 @@ def _release_010_node(tmp_path: Path) -> tuple[Path, Path]:
     with sqlite3.connect(db_file) as conn:
         conn.executescript(FIXTURE.read_text())
     config = tmp_path / "config.toml"
-    config.write_text(toml_document({"node": {"data_dir": str(data), "port": 0},
-                                     "dicomweb": {"enabled": False}}, {}))
+    config.write_text(
+        toml_document(
+            {"node": {"data_dir": str(data), "port": 0}, "dicomweb": {"enabled": False}}, {}
+        )
+    )
     return config, db_file
 
 
@@ -111,16 +133,21 @@ def test_release_010_database_is_refused_then_upgraded_without_loss(tmp_path, pg
         for uid in FIXTURE_DONE:  # each reading kept: the plain-data summary and 6 objects
             reading = json.loads(exams[uid].reading_json)
             assert set(reading["breasts"]) == {"L", "R"}
-            assert s.scalar(select(func.count()).select_from(Result).where(
-                Result.exam_id == exams[uid].id)) == 6
+            assert (
+                s.scalar(
+                    select(func.count()).select_from(Result).where(Result.exam_id == exams[uid].id)
+                )
+                == 6
+            )
         assert s.scalar(select(func.count()).select_from(Instance)) == 23
         sent = s.execute(select(Outbound.state, func.count()).group_by(Outbound.state)).all()
         assert sent == [("sent", 12)]
         assert all(e.lease_owner is None for e in exams.values())
         assert s.scalar(select(func.count()).select_from(ExamEvent)) > 20
     # The CLI reads it as before, deliveries included.
-    listed = {e["study_instance_uid"]: e for e in json.loads(_cli(config, "exams",
-                                                                  "--json").stdout)}
+    listed = {
+        e["study_instance_uid"]: e for e in json.loads(_cli(config, "exams", "--json").stdout)
+    }
     assert listed[next(iter(FIXTURE_DONE))]["delivery"] == {"pacs": {"sent": 6}}
 
     # ... and moves to PostgreSQL with every row (db copy), ids and sequences kept usable.
@@ -153,15 +180,20 @@ def test_newer_schema_is_refused(tmp_path):
     Database(url).close()
     db = Database(url, check_schema=False)
     with db.write() as s:
-        s.execute(update(__import__("sqlalchemy").table(
-            "alembic_version", __import__("sqlalchemy").column("version_num")))
-            .values(version_num="9999"))
+        s.execute(
+            update(
+                __import__("sqlalchemy").table(
+                    "alembic_version", __import__("sqlalchemy").column("version_num")
+                )
+            ).values(version_num="9999")
+        )
     db.close()
     with pytest.raises(SchemaOutdated, match="newer"):
         Database(url)
 
 
 # -- triage: the exam score as an indexed column ----------------------------------------
+
 
 def test_triage_sorts_every_exam_by_score_in_the_database(tmp_path, db_url):
     """The dashboard's sort=score: the highest score first over every exam matching the
@@ -175,16 +207,20 @@ def test_triage_sorts_every_exam_by_score_in_the_database(tmp_path, db_url):
     assert store.complete(*claim, _produced(study), ["pacs"], reading={"score": 42.5})
     t0 = dt.datetime(2026, 1, 1)
     scores = [None if i % 7 == 0 else float((i * 37) % 990) / 10 for i in range(1500)]
-    scores[0] = 99.9        # the oldest exam is the most suspicious
+    scores[0] = 99.9  # the oldest exam is the most suspicious
     with db.write() as s:
-        s.add_all(Exam(study_instance_uid=f"1.2.826.0.1.3680043.10.1234.77.{i}",
-                       state="done" if i % 2 else "failed", exam_score=sc,
-                       reading_json=json.dumps({"score": sc}),
-                       last_received_at=t0 + dt.timedelta(minutes=i))
-                  for i, sc in enumerate(scores))
+        s.add_all(
+            Exam(
+                study_instance_uid=f"1.2.826.0.1.3680043.10.1234.77.{i}",
+                state="done" if i % 2 else "failed",
+                exam_score=sc,
+                reading_json=json.dumps({"score": sc}),
+                last_received_at=t0 + dt.timedelta(minutes=i),
+            )
+            for i, sc in enumerate(scores)
+        )
     with db.session() as s:  # complete() recorded the reading's score in the column
-        assert s.scalar(select(Exam.exam_score).where(
-            Exam.study_instance_uid == study)) == 42.5
+        assert s.scalar(select(Exam.exam_score).where(Exam.study_instance_uid == study)) == 42.5
     rows, total = Reports(store.db).exam_page(offset=0, limit=100, by_score=True)
     assert total == 1501 and len(rows) == 100
     assert rows[0].study_instance_uid.endswith(".77.0") and rows[0].score == 99.9
@@ -196,12 +232,12 @@ def test_triage_sorts_every_exam_by_score_in_the_database(tmp_path, db_url):
     assert len({r.study_instance_uid for r in every}) == 1501
     known = [r.score for r in every if r.score is not None]
     assert known == sorted(known, reverse=True) and 42.5 in known
-    assert all(r.score is None for r in every[len(known):])     # unscored last
-    nulls = [r for r in every if r.score is None]                # newest first among them
+    assert all(r.score is None for r in every[len(known) :])  # unscored last
+    nulls = [r for r in every if r.score is None]  # newest first among them
     assert [r.last_received_at for r in nulls] == sorted(
-        (r.last_received_at for r in nulls), reverse=True)
-    failed, n = Reports(store.db).exam_page(state="failed", offset=0, limit=10,
-                                            by_score=True)
+        (r.last_received_at for r in nulls), reverse=True
+    )
+    failed, n = Reports(store.db).exam_page(state="failed", offset=0, limit=10, by_score=True)
     assert n == 750 and all(r.state == "failed" for r in failed)
     assert failed[0].score == 99.9
     newest = Reports(store.db).exam_page(offset=0, limit=3).rows
@@ -225,21 +261,27 @@ def test_exam_score_migration_fills_it_from_the_readings(tmp_path):
     with engine.begin() as conn:
         assert "exam_score" not in {c["name"] for c in sa.inspect(conn).get_columns("exams")}
         for i, reading in enumerate(['{"score": 73.5}', '{"breasts": {}}', "not json", None]):
-            conn.execute(sa.text(
-                "INSERT INTO exams (study_instance_uid, state, version, notes_json, "
-                "created_at, last_received_at, state_changed_at, reading_json) VALUES "
-                "(:u, 'done', 1, '[]', '2026-01-01', '2026-01-01', '2026-01-01', :r)"),
-                {"u": f"1.2.3.{i}", "r": reading})
+            conn.execute(
+                sa.text(
+                    "INSERT INTO exams (study_instance_uid, state, version, notes_json, "
+                    "created_at, last_received_at, state_changed_at, reading_json) VALUES "
+                    "(:u, 'done', 1, '[]', '2026-01-01', '2026-01-01', '2026-01-01', :r)"
+                ),
+                {"u": f"1.2.3.{i}", "r": reading},
+            )
     assert upgrade(engine) == ("0004", head())
     with engine.connect() as conn:
-        got = {u: sc for u, sc in conn.execute(
-            sa.text("SELECT study_instance_uid, exam_score FROM exams"))}
+        got = {
+            u: sc
+            for u, sc in conn.execute(sa.text("SELECT study_instance_uid, exam_score FROM exams"))
+        }
         assert "ix_exams_exam_score" in {i["name"] for i in sa.inspect(conn).get_indexes("exams")}
     assert got == {"1.2.3.0": 73.5, "1.2.3.1": None, "1.2.3.2": None, "1.2.3.3": None}
     engine.dispose()
 
 
 # -- claims and leases ---------------------------------------------------------------------
+
 
 def test_worker_lease_takeover_and_the_old_holder_cannot_finish(tmp_path, db_url):
     db = Database(db_url)
@@ -248,10 +290,10 @@ def test_worker_lease_takeover_and_the_old_holder_cannot_finish(tmp_path, db_url
     (study,) = _ready_exams(a, files, 1)
     claim = a.claim_next_ready(lease_seconds=60)
     assert claim is not None
-    assert b.claim_next_ready(lease_seconds=60) is None      # held
+    assert b.claim_next_ready(lease_seconds=60) is None  # held
     assert a.renew_lease(*claim, 60) and not b.renew_lease(*claim, 60)
-    _expire_leases(db)                                       # worker a stopped beating
-    assert b.claim_next_ready(lease_seconds=60) == claim     # taken over
+    _expire_leases(db)  # worker a stopped beating
+    assert b.claim_next_ready(lease_seconds=60) == claim  # taken over
     assert not a.renew_lease(*claim, 60)
     assert a.complete(*claim, _produced(study), ["pacs"]) is False  # a's work is discarded
     assert a.finish(*claim, ok=False, reason="x") is False
@@ -272,7 +314,7 @@ def test_an_exam_that_keeps_killing_workers_fails(tmp_path, db_url):
     _expire_leases(db)
     assert store.claim_next_ready(60, max_attempts=2) is not None  # attempt 1
     _expire_leases(db)
-    assert store.claim_next_ready(60, max_attempts=2) is None      # attempt 2: gives up
+    assert store.claim_next_ready(60, max_attempts=2) is None  # attempt 2: gives up
     with db.session() as s:
         exam = s.scalar(select(Exam))
         assert exam.state == "failed" and "stopped 2 times" in exam.reason
@@ -283,10 +325,14 @@ def test_recover_frees_only_dead_local_holders(tmp_path, db_url):
     db = Database(db_url)
     store = Exams(db)
     _ready_exams(store, FileStore(tmp_path / "d", fsync=False), 3)
-    claims = [Exams(db, owner=o).claim_next_ready(60)
-              for o in (f"{__import__('socket').gethostname()}:999999999",  # gone
-                        "another-host:4242",                                 # unknown
-                        store.owner.rsplit(":", 1)[0] + ":1")]               # init: alive
+    claims = [
+        Exams(db, owner=o).claim_next_ready(60)
+        for o in (
+            f"{__import__('socket').gethostname()}:999999999",  # gone
+            "another-host:4242",  # unknown
+            store.owner.rsplit(":", 1)[0] + ":1",
+        )
+    ]  # init: alive
     assert all(claims)
     assert store.recover() == 1
     counts = Reports(store.db).counts_by_state().counts

@@ -13,8 +13,18 @@ TOKEN = "s3cret-token"
 
 def _node(node_factory, worker=True, token=TOKEN):
     port = free_port()
-    node = node_factory({"dicomweb": {"enabled": True, "host": "127.0.0.1", "port": port,
-                                      "root": "/dicomweb", "token": token}}, worker=worker)
+    node = node_factory(
+        {
+            "dicomweb": {
+                "enabled": True,
+                "host": "127.0.0.1",
+                "port": port,
+                "root": "/dicomweb",
+                "token": token,
+            }
+        },
+        worker=worker,
+    )
     base = f"http://127.0.0.1:{port}/dicomweb"
     wait_for(lambda: _up(base), 30, what="DICOMweb up")
     return node, base
@@ -35,8 +45,9 @@ def _client(base: str, token: str = TOKEN) -> DICOMwebClient:
 def test_stow_study_ends_with_an_sr_found_by_qido(node_factory):
     node, base = _node(node_factory)
     client = _client(base)
-    exam = make_exam(seed=51, rows=512, cols=416,
-                     lesions={"L": [Lesion("spiculated", 0.5, 0.5, 0.07, 0.35)]})
+    exam = make_exam(
+        seed=51, rows=512, cols=416, lesions={"L": [Lesion("spiculated", 0.5, 0.5, 0.07, 0.35)]}
+    )
     study = exam[0].StudyInstanceUID
     resp = client.store_instances(exam)
     assert len(resp.ReferencedSOPSequence) == 4 and "FailedSOPSequence" not in resp
@@ -55,10 +66,12 @@ def test_stow_study_ends_with_an_sr_found_by_qido(node_factory):
     whole = client.retrieve_study(study)
     assert len(whole) == 4 + 6  # the received images and every result
     sc = [ds for ds in whole if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"][0]
-    png = requests.get(f"{base}/studies/{study}/series/{sc.SeriesInstanceUID}/instances/"
-                       f"{sc.SOPInstanceUID}/rendered",
-                       headers={"Authorization": f"Bearer {TOKEN}", "Accept": "image/png"},
-                       timeout=30)
+    png = requests.get(
+        f"{base}/studies/{study}/series/{sc.SeriesInstanceUID}/instances/"
+        f"{sc.SOPInstanceUID}/rendered",
+        headers={"Authorization": f"Bearer {TOKEN}", "Accept": "image/png"},
+        timeout=30,
+    )
     assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
     limited = client.search_for_instances(study, search_filters={"limit": 3})
     assert len(limited) == 3
@@ -77,19 +90,30 @@ def test_bad_requests_get_the_standard_status_and_a_reason(node_factory, tmp_pat
     r = requests.get(f"{base}/studies", headers={"Authorization": "Bearer nope"}, timeout=10)
     assert r.status_code == 401 and "token" in r.json()["error"]
     # Wrong media type.
-    r = requests.post(f"{base}/studies", data=b"x", timeout=10,
-                      headers={**auth, "Content-Type": "application/json"})
+    r = requests.post(
+        f"{base}/studies",
+        data=b"x",
+        timeout=10,
+        headers={**auth, "Content-Type": "application/json"},
+    )
     assert r.status_code == 415 and "multipart/related" in r.json()["error"]
     # Malformed multipart.
     ctype = 'multipart/related; type="application/dicom"; boundary=XYZ'
-    r = requests.post(f"{base}/studies", data=b"no boundary here", timeout=10,
-                      headers={**auth, "Content-Type": ctype})
+    r = requests.post(
+        f"{base}/studies",
+        data=b"no boundary here",
+        timeout=10,
+        headers={**auth, "Content-Type": ctype},
+    )
     assert r.status_code == 400 and "malformed" in r.json()["error"]
     # Only non-DICOM parts: all fail -> 409 with FailedSOPSequence and reasons.
-    body = (b"--XYZ\r\nContent-Type: application/dicom\r\n\r\nnot dicom at all\r\n"
-            b"--XYZ\r\nContent-Type: text/plain\r\n\r\nhello\r\n--XYZ--\r\n")
-    r = requests.post(f"{base}/studies", data=body, timeout=10,
-                      headers={**auth, "Content-Type": ctype})
+    body = (
+        b"--XYZ\r\nContent-Type: application/dicom\r\n\r\nnot dicom at all\r\n"
+        b"--XYZ\r\nContent-Type: text/plain\r\n\r\nhello\r\n--XYZ--\r\n"
+    )
+    r = requests.post(
+        f"{base}/studies", data=body, timeout=10, headers={**auth, "Content-Type": ctype}
+    )
     assert r.status_code == 409
     js = r.json()
     assert len(js["00081198"]["Value"]) == 2
@@ -99,14 +123,19 @@ def test_bad_requests_get_the_standard_status_and_a_reason(node_factory, tmp_pat
     other = make_exam(seed=53, rows=64, cols=64)[0]
     resp = client.store_instances([exam[0], other], study_instance_uid=exam[0].StudyInstanceUID)
     assert [i.ReferencedSOPInstanceUID for i in resp.ReferencedSOPSequence] == [
-        exam[0].SOPInstanceUID]
+        exam[0].SOPInstanceUID
+    ]
     assert resp.FailedSOPSequence[0].ReferencedSOPInstanceUID == other.SOPInstanceUID
     assert resp.FailedSOPSequence[0].FailureReason == 0xA900
     good = write(exam[1], tmp_path / "good.dcm").read_bytes()
-    body = (b"--XYZ\r\nContent-Type: application/dicom\r\n\r\n" + good +
-            b"\r\n--XYZ\r\nContent-Type: text/plain\r\n\r\nhello\r\n--XYZ--\r\n")
-    r = requests.post(f"{base}/studies", data=body, timeout=10,
-                      headers={**auth, "Content-Type": ctype})
+    body = (
+        b"--XYZ\r\nContent-Type: application/dicom\r\n\r\n"
+        + good
+        + b"\r\n--XYZ\r\nContent-Type: text/plain\r\n\r\nhello\r\n--XYZ--\r\n"
+    )
+    r = requests.post(
+        f"{base}/studies", data=body, timeout=10, headers={**auth, "Content-Type": ctype}
+    )
     assert r.status_code == 202
     assert {e["study_instance_uid"] for e in node.exams()} == {exam[0].StudyInstanceUID}
     assert len(node.stored_files()) == 2

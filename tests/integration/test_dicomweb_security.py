@@ -41,6 +41,7 @@ def _web(node_factory, **dicomweb):
             return True
         except requests.RequestException:
             return False
+
     wait_for(up, 30, what="DICOMweb up")
     return node, base
 
@@ -53,21 +54,32 @@ def _part10(ds) -> bytes:
 
 def _stow(base: str, body_parts: list[bytes], token: str | None = None, **kw):
     boundary = "mammo-test-boundary"
-    body = b"".join(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n"
-                    + p + b"\r\n" for p in body_parts) + b"--" + boundary.encode() + b"--\r\n"
-    headers = {"Content-Type": f'multipart/related; type="application/dicom"; '
-                               f"boundary={boundary}"}
+    body = (
+        b"".join(
+            b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n"
+            for p in body_parts
+        )
+        + b"--"
+        + boundary.encode()
+        + b"--\r\n"
+    )
+    headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     return requests.post(f"{base}/studies", data=body, headers=headers, timeout=60, **kw)
 
 
 def test_start_refused_on_a_public_address_without_a_token(tmp_path):
-    node = NodeProcess(tmp_path, {"dicomweb": {"enabled": True, "host": "0.0.0.0",
-                                               "port": free_port()}})
-    r = subprocess.run([sys.executable, "-m", "node", "start", "--config", str(node.config),
-                        "--no-worker"], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=60)
+    node = NodeProcess(
+        tmp_path, {"dicomweb": {"enabled": True, "host": "0.0.0.0", "port": free_port()}}
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "node", "start", "--config", str(node.config), "--no-worker"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
     assert "[dicomweb] token" in r.stderr and "[[dicomweb.tokens]]" in r.stderr
     assert "127.0.0.1" in r.stderr
@@ -84,17 +96,25 @@ def test_shipped_config_serves_dicomweb_on_loopback_only():
 
 
 def test_tokens_have_services_and_failures_are_audited(node_factory):
-    node, base = _web(node_factory, tokens=[
-        {"name": "viewer", "sha256": _sha(VIEWER), "services": ["qido", "wado"]},
-        {"name": "uploader", "sha256": _sha(UPLOADER), "services": ["stow"]}])
+    node, base = _web(
+        node_factory,
+        tokens=[
+            {"name": "viewer", "sha256": _sha(VIEWER), "services": ["qido", "wado"]},
+            {"name": "uploader", "sha256": _sha(UPLOADER), "services": ["stow"]},
+        ],
+    )
     assert VIEWER not in node.config.read_text()  # only hashes in the file
     ds = make_mammogram("L", "CC", rows=64, cols=64, seed=91)
     up = DICOMwebClient(url=base, headers={"Authorization": f"Bearer {UPLOADER}"})
     assert len(up.store_instances([ds]).ReferencedSOPSequence) == 1
     view = DICOMwebClient(url=base, headers={"Authorization": f"Bearer {VIEWER}"})
     assert len(view.search_for_studies()) == 1
-    assert view.retrieve_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID,
-                                  ds.SOPInstanceUID).SOPInstanceUID == ds.SOPInstanceUID
+    assert (
+        view.retrieve_instance(
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+        ).SOPInstanceUID
+        == ds.SOPInstanceUID
+    )
     r = _stow(base, [_part10(make_mammogram("R", "CC", rows=64, cols=64))], token=VIEWER)
     assert r.status_code == 403 and "stow" in r.json()["error"]
     r = requests.get(f"{base}/studies", headers={"Authorization": f"Bearer {UPLOADER}"})
@@ -116,8 +136,9 @@ def test_qido_limit_offset_and_the_result_cap(node_factory):
     node, base = _web(node_factory, max_results=2)
     studies = []
     for i in range(3):
-        ds = make_mammogram("L", "CC", rows=32, cols=32, seed=100 + i,
-                            patient_name=f"Name^{'a' * 30}{i}")
+        ds = make_mammogram(
+            "L", "CC", rows=32, cols=32, seed=100 + i, patient_name=f"Name^{'a' * 30}{i}"
+        )
         studies.append(ds.StudyInstanceUID)
         assert _stow(base, [_part10(ds)]).status_code == 200
     for bad in ("limit=abc", "limit=-1", "offset=x", "offset=-3", "limit=1.5"):
@@ -130,8 +151,9 @@ def test_qido_limit_offset_and_the_result_cap(node_factory):
     assert [s["0020000D"]["Value"][0] for s in r.json()] == studies[2:]
     assert "Warning" not in r.headers
     # A pattern that makes a backtracking matcher explode answers at once, correctly.
-    r = requests.get(f"{base}/studies", params={"PatientName": "*a*a*a*a*a*a*a*a*a*b",
-                                                "limit": "10"})
+    r = requests.get(
+        f"{base}/studies", params={"PatientName": "*a*a*a*a*a*a*a*a*a*b", "limit": "10"}
+    )
     assert r.status_code == 200 and r.json() == []
     r = requests.get(f"{base}/studies", params={"PatientName": "name^*A*A*2"})
     assert [s["0020000D"]["Value"][0] for s in r.json()] == [studies[2]]  # PN: any case
@@ -157,17 +179,23 @@ def test_stow_request_size_and_concurrency_are_bounded(node_factory):
 
     def slow():
         result["r"] = requests.post(
-            f"{base}/studies", data=slow_body(), timeout=60,
-            headers={"Content-Type": 'multipart/related; type="application/dicom"; '
-                                     "boundary=slow"})
+            f"{base}/studies",
+            data=slow_body(),
+            timeout=60,
+            headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=slow'},
+        )
 
     t = threading.Thread(target=slow)
     t.start()
     try:
         # The STOW holds the slot once its spool file exists (nothing else may poll before:
         # a poll could take the only slot and the STOW would be the one refused).
-        wait_for(lambda: list((node.data_dir / "incoming").rglob("stow-*.body")), 30,
-                 interval=0.02, what="the slow STOW under way")
+        wait_for(
+            lambda: list((node.data_dir / "incoming").rglob("stow-*.body")),
+            30,
+            interval=0.02,
+            what="the slow STOW under way",
+        )
         r = requests.get(f"{base}/studies", timeout=10)
         assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text
         assert "too many concurrent requests" in r.json()["error"]
@@ -181,13 +209,15 @@ def test_stow_request_size_and_concurrency_are_bounded(node_factory):
 def test_stow_warning_header_never_carries_server_paths(node_factory):
     node, base = _web(node_factory)
     data = _part10(make_mammogram("L", "CC", rows=128, cols=128, seed=7))
-    r = _stow(base, [data[:len(data) // 2]])
+    r = _stow(base, [data[: len(data) // 2]])
     assert r.status_code == 409
     warning = r.headers["Warning"]
     assert "truncated" in warning or "needs" in warning or "ends" in warning
     assert str(node.data_dir) not in warning and "/tmp" not in warning
-    assert public_message(f"cannot parse {node.data_dir}/incoming/tmpab12.dcm: bad") == \
-        "cannot parse <path>: bad"
+    assert (
+        public_message(f"cannot parse {node.data_dir}/incoming/tmpab12.dcm: bad")
+        == "cannot parse <path>: bad"
+    )
 
 
 @pytest.mark.unit
@@ -202,8 +232,9 @@ def test_wildcard_matching_in_sql_agrees_with_a_reference_and_stays_fast():
     def wildcard_match(pattern: str, value: str, fold: bool = False) -> bool:
         if fold:
             pattern, value = pattern.lower(), value.lower()
-        return bool(db.execute("SELECT ? LIKE ? ESCAPE '\\'",
-                               (value, like_pattern(pattern))).fetchone()[0])
+        return bool(
+            db.execute("SELECT ? LIKE ? ESCAPE '\\'", (value, like_pattern(pattern))).fetchone()[0]
+        )
 
     rng = random.Random(7)
     alphabet = "ab*?%_"
@@ -211,8 +242,10 @@ def test_wildcard_matching_in_sql_agrees_with_a_reference_and_stays_fast():
         pattern = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
         value = "".join(rng.choice("ab%_") for _ in range(rng.randint(0, 10)))
         rx = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-        assert wildcard_match(pattern, value) == bool(re.fullmatch(rx, value, re.S)), \
-            (pattern, value)
+        assert wildcard_match(pattern, value) == bool(re.fullmatch(rx, value, re.S)), (
+            pattern,
+            value,
+        )
     assert wildcard_match("ALPHA*", "alpha^ann", fold=True)
     assert not wildcard_match("*a" * 40 + "b", "a" * 4000)  # quadratic at worst, not 2^n
 

@@ -24,8 +24,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-COMMON = ["--epochs", "2", "--image-size", "64x64", "--arch", "hybrid", "--dropout", "0",
-          "--val-fraction", "0.3", "--workers", "0", "--quiet", "--seed", "0"]
+COMMON = [
+    "--epochs",
+    "2",
+    "--image-size",
+    "64x64",
+    "--arch",
+    "hybrid",
+    "--dropout",
+    "0",
+    "--val-fraction",
+    "0.3",
+    "--workers",
+    "0",
+    "--quiet",
+    "--seed",
+    "0",
+]
 
 
 def _env() -> dict[str, str]:
@@ -37,8 +52,16 @@ def _env() -> dict[str, str]:
 def run(args: list[str], torchrun: int = 0) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "node", *args]
     if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={torchrun}", "-m", "node", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={torchrun}",
+            "-m",
+            "node",
+            *args,
+        ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return r
@@ -52,8 +75,7 @@ def steps(ckpt: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("ddp")
-    run(["synth", "--out", str(d), "--exams", "16", "--seed", "3", "--size", "128x96",
-         "--quiet"])
+    run(["synth", "--out", str(d), "--exams", "16", "--seed", "3", "--size", "128x96", "--quiet"])
     # 13 training exams; --val-fraction 0.3 with seed 0 holds out 5: 8 train.
     from inference.datasets import read_dataset, select_split
     from inference.train import split_validation
@@ -68,8 +90,9 @@ def one_and_two(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     one, two = out / "one.safetensors", out / "two.safetensors"
     run(["train", "--data", str(data), "--out", str(one), "--batch-size", "4", *COMMON])
-    r = run(["train", "--data", str(data), "--out", str(two), "--batch-size", "2", *COMMON],
-            torchrun=2)
+    r = run(
+        ["train", "--data", str(data), "--out", str(two), "--batch-size", "2", *COMMON], torchrun=2
+    )
     return one, two, r
 
 
@@ -85,8 +108,11 @@ def test_two_processes_batch_b_equal_one_process_batch_2b(one_and_two):
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-3, msg=k)
     # The BatchNorm statistics too: synchronised across the ranks, as with one process.
     assert any("running_mean" in k for k in wa)
-    epoch = [json.loads(x) for x in Path(f"{two}.metrics.jsonl").read_text().splitlines()
-             if json.loads(x)["kind"] == "epoch"]
+    epoch = [
+        json.loads(x)
+        for x in Path(f"{two}.metrics.jsonl").read_text().splitlines()
+        if json.loads(x)["kind"] == "epoch"
+    ]
     assert [e["world_size"] for e in epoch] == [2, 2] and epoch[0]["global_batch"] == 4
     # Validation over every rank's share: all 5 held-out exams (10 breasts) counted.
     assert epoch[-1]["validation"]["exam"]["n"] == 5
@@ -97,8 +123,12 @@ def test_only_rank_0_writes_and_logs(one_and_two):
     assert r.stdout.count("checkpoint written") == 1
     assert r.stderr.count("epoch 1/2: loss") == 1  # the INFO line of rank 0 only
     files = sorted(p.name for p in two.parent.iterdir() if p.name.startswith("two"))
-    assert files == ["two.best.safetensors", "two.safetensors",
-                     "two.safetensors.metrics.jsonl", "two.safetensors.resume.pt"]
+    assert files == [
+        "two.best.safetensors",
+        "two.safetensors",
+        "two.safetensors.metrics.jsonl",
+        "two.safetensors.resume.pt",
+    ]
 
 
 def test_distributed_checkpoint_loads_and_evaluates(one_and_two, data):
@@ -108,8 +138,20 @@ def test_distributed_checkpoint_loads_and_evaluates(one_and_two, data):
     model, info = load_checkpoint(str(two), device=torch.device("cpu"))
     assert info.metadata["world_size"] == "2"
     assert not any("SyncBatchNorm" in type(m).__name__ for m in model.modules())
-    r = run(["evaluate", "--data", str(data), "--checkpoint", str(two), "--split", "test",
-             "--json", "--bootstrap", "50"])
+    r = run(
+        [
+            "evaluate",
+            "--data",
+            str(data),
+            "--checkpoint",
+            str(two),
+            "--split",
+            "test",
+            "--json",
+            "--bootstrap",
+            "50",
+        ]
+    )
     res = json.loads(r.stdout)
     assert res["birads-5class"]["n"] > 0 and 0.0 <= res["birads-5class"]["f1"] <= 1.0
 
@@ -119,14 +161,25 @@ def test_resume_under_torchrun_continues_the_same_run(one_and_two, data, tmp_pat
     torchrun run with the same seed and world size; the state loads with weights_only."""
     _, two, _ = one_and_two
     c = tmp_path / "c.safetensors"
-    base = ["train", "--data", str(data), "--out", str(c), "--batch-size", "2", *COMMON,
-            "--nproc", "2"]
+    base = [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(c),
+        "--batch-size",
+        "2",
+        *COMMON,
+        "--nproc",
+        "2",
+    ]
     run([*base, "--stop-after-epoch", "1"])
     state = torch.load(f"{c}.resume.pt", weights_only=True)
     assert state["epoch"] == 1 and len(state["rng"]) == 2
     run([*base, "--resume"])
-    torch.testing.assert_close(torch.tensor(steps(c)), torch.tensor(steps(two)),
-                               rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        torch.tensor(steps(c)), torch.tensor(steps(two)), rtol=1e-6, atol=1e-7
+    )
     wa, wc = load_file(str(two)), load_file(str(c))
     for k in wa:
         torch.testing.assert_close(wc[k], wa[k], rtol=1e-5, atol=1e-6, msg=k)
@@ -140,14 +193,43 @@ def test_paper_table_runs_each_configuration_under_torchrun(data, tmp_path):
     from inference.datasets.cache import cache_file
 
     table, js, cache = tmp_path / "table.md", tmp_path / "table.json", tmp_path / "cache"
-    r = subprocess.run([sys.executable, "benchmarks/paper_table.py", "--data", str(data),
-                        "--nproc", "2", "--epochs", "1", "--image-size", "64x64",
-                        "--batch-size", "2", "--archs", "cnn", "--weights", "shared",
-                        "--tasks", "multi", "--bootstrap", "50", "--out", str(table),
-                        "--json", str(js), "--cache-dir", str(cache),
-                        "--train-args", "--val-fraction 0 --workers 0"],
-                       capture_output=True, text=True, timeout=600, env=_env(),
-                       cwd=Path(__file__).resolve().parents[2])
+    r = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/paper_table.py",
+            "--data",
+            str(data),
+            "--nproc",
+            "2",
+            "--epochs",
+            "1",
+            "--image-size",
+            "64x64",
+            "--batch-size",
+            "2",
+            "--archs",
+            "cnn",
+            "--weights",
+            "shared",
+            "--tasks",
+            "multi",
+            "--bootstrap",
+            "50",
+            "--out",
+            str(table),
+            "--json",
+            str(js),
+            "--cache-dir",
+            str(cache),
+            "--train-args",
+            "--val-fraction 0 --workers 0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     records = read_dataset(data)
     for split in ("training", "test"):
@@ -163,8 +245,7 @@ def test_paper_table_runs_each_configuration_under_torchrun(data, tmp_path):
     assert lo <= hi
 
 
-def test_two_node_torchrun_with_a_c10d_rendezvous_matches_standalone(one_and_two, data,
-                                                                      tmp_path):
+def test_two_node_torchrun_with_a_c10d_rendezvous_matches_standalone(one_and_two, data, tmp_path):
     """The documented multi-node command: two torchrun launchers (node ranks 0 and 1, one
     process each) meeting at a c10d rendezvous on loopback. World size 2 with the same seed:
     the same run as the standalone launcher's 2 processes."""
@@ -174,19 +255,40 @@ def test_two_node_torchrun_with_a_c10d_rendezvous_matches_standalone(one_and_two
     out = tmp_path / "nodes.safetensors"
     port = free_port()
     args = ["train", "--data", str(data), "--out", str(out), "--batch-size", "2", *COMMON]
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
-         "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-         "--rdzv_id=mammo-test", "-m", "node", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-        for rank in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node_rank={rank}",
+                "--nproc_per_node=1",
+                "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{port}",
+                "--rdzv_id=mammo-test",
+                "-m",
+                "node",
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        for rank in (0, 1)
+    ]
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (o, e) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, o[-2000:] + e[-4000:]
-    torch.testing.assert_close(torch.tensor(steps(out)), torch.tensor(steps(two)),
-                               rtol=1e-6, atol=1e-7)
-    epoch = [json.loads(x) for x in Path(f"{out}.metrics.jsonl").read_text().splitlines()
-             if json.loads(x)["kind"] == "epoch"]
+    torch.testing.assert_close(
+        torch.tensor(steps(out)), torch.tensor(steps(two)), rtol=1e-6, atol=1e-7
+    )
+    epoch = [
+        json.loads(x)
+        for x in Path(f"{out}.metrics.jsonl").read_text().splitlines()
+        if json.loads(x)["kind"] == "epoch"
+    ]
     assert [e["world_size"] for e in epoch] == [2, 2]
     # Node 0's launcher holds rank 0: the files are written once, by it.
     assert sum(o.count("checkpoint written") for o, _ in outputs) == 1

@@ -61,13 +61,23 @@ def _match() -> Dataset:
 def server():
     audit = ListAudit()
     ae = AE(ae_title="GUARDED")
-    for cx in (StudyRootQueryRetrieveInformationModelFind,
-               StudyRootQueryRetrieveInformationModelGet,
-               StudyRootQueryRetrieveInformationModelMove, SecondaryCaptureImageStorage):
+    for cx in (
+        StudyRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelGet,
+        StudyRootQueryRetrieveInformationModelMove,
+        SecondaryCaptureImageStorage,
+    ):
         ae.add_supported_context(cx)
     port = free_port()
-    handlers = guard([(evt.EVT_C_FIND, _boom_find), (evt.EVT_C_GET, _boom_get),
-                      (evt.EVT_C_MOVE, _boom_move), (evt.EVT_C_STORE, _boom_store)], audit)
+    handlers = guard(
+        [
+            (evt.EVT_C_FIND, _boom_find),
+            (evt.EVT_C_GET, _boom_get),
+            (evt.EVT_C_MOVE, _boom_move),
+            (evt.EVT_C_STORE, _boom_store),
+        ],
+        audit,
+    )
     srv = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
     yield port, audit
     srv.shutdown()
@@ -75,9 +85,12 @@ def server():
 
 def _assoc(port):
     scu = AE(ae_title="SCU")
-    for cx in (StudyRootQueryRetrieveInformationModelFind,
-               StudyRootQueryRetrieveInformationModelGet,
-               StudyRootQueryRetrieveInformationModelMove, SecondaryCaptureImageStorage):
+    for cx in (
+        StudyRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelGet,
+        StudyRootQueryRetrieveInformationModelMove,
+        SecondaryCaptureImageStorage,
+    ):
         scu.add_requested_context(cx)
     a = scu.associate("127.0.0.1", port, ae_title="GUARDED")
     assert a.is_established
@@ -92,8 +105,10 @@ def test_find_failure_is_answered_logged_once_and_audited(server, caplog):
     port, audit = server
     a = _assoc(port)
     with caplog.at_level(logging.INFO):
-        statuses = [st.Status for st, _ in a.send_c_find(
-            _match(), StudyRootQueryRetrieveInformationModelFind)]
+        statuses = [
+            st.Status
+            for st, _ in a.send_c_find(_match(), StudyRootQueryRetrieveInformationModelFind)
+        ]
     a.release()
     assert statuses == [0xFF00, 0xC000]
     errors = _errors(caplog)
@@ -107,8 +122,11 @@ def test_get_failure_before_its_count(server, caplog):
     port, audit = server
     a = _assoc(port)
     with caplog.at_level(logging.INFO):
-        statuses = [st.Status for st, _ in a.send_c_get(
-            _match(), StudyRootQueryRetrieveInformationModelGet) if st]
+        statuses = [
+            st.Status
+            for st, _ in a.send_c_get(_match(), StudyRootQueryRetrieveInformationModelGet)
+            if st
+        ]
     a.release()
     assert statuses[-1] == 0xC000
     assert [r.name for r in _errors(caplog)] == ["mammo_node"]
@@ -119,8 +137,13 @@ def test_move_failure_after_its_destination(server, caplog):
     port, audit = server
     a = _assoc(port)
     with caplog.at_level(logging.INFO):
-        statuses = [st.Status for st, _ in a.send_c_move(
-            _match(), "ANYWHERE", StudyRootQueryRetrieveInformationModelMove) if st]
+        statuses = [
+            st.Status
+            for st, _ in a.send_c_move(
+                _match(), "ANYWHERE", StudyRootQueryRetrieveInformationModelMove
+            )
+            if st
+        ]
     a.release()
     assert statuses == [0xC000]  # a failure, and no association to the destination
     assert [r.name for r in _errors(caplog)] == ["mammo_node"]

@@ -27,8 +27,12 @@ FRAMES_ACCEPT = 'multipart/related; type="application/octet-stream"'
 
 def _node(node_factory, **sections):
     port = free_port()
-    node = node_factory({"dicomweb": {"enabled": True, "host": "127.0.0.1", "port": port,
-                                      "root": "/dicomweb"}, **sections})
+    node = node_factory(
+        {
+            "dicomweb": {"enabled": True, "host": "127.0.0.1", "port": port, "root": "/dicomweb"},
+            **sections,
+        }
+    )
     base = f"http://127.0.0.1:{port}/dicomweb"
 
     def up() -> bool:
@@ -36,6 +40,7 @@ def _node(node_factory, **sections):
             return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).ok
         except requests.ConnectionError:
             return False
+
     wait_for(up, 30, what="the DICOMweb server")
     return node, base
 
@@ -73,27 +78,45 @@ def _stow(base: str, dcm: Path, tmp: Path) -> requests.Response:
     body = tmp / f"{dcm.stem}.stow"
     ctype = _stow_body(dcm, body)
     with open(body, "rb") as f:  # requests streams a file body
-        return requests.post(f"{base}/studies", data=f, timeout=300,
-                             headers={"Content-Type": ctype,
-                                      "Accept": "application/dicom+json"})
+        return requests.post(
+            f"{base}/studies",
+            data=f,
+            timeout=300,
+            headers={"Content-Type": ctype, "Accept": "application/dicom+json"},
+        )
 
 
 def _instance_url(base: str, path: Path) -> tuple[str, str, str, str]:
     h = dcmread(path, stop_before_pixels=True)
-    return (f"{base}/studies/{h.StudyInstanceUID}/series/{h.SeriesInstanceUID}/instances/"
-            f"{h.SOPInstanceUID}", h.StudyInstanceUID, h.SeriesInstanceUID, h.SOPInstanceUID)
+    return (
+        f"{base}/studies/{h.StudyInstanceUID}/series/{h.SeriesInstanceUID}/instances/"
+        f"{h.SOPInstanceUID}",
+        h.StudyInstanceUID,
+        h.SeriesInstanceUID,
+        h.SOPInstanceUID,
+    )
 
 
 def test_volume_frames_qido_and_retention(node_factory, tmp_path):
-    node, base = _node(node_factory, retention={"keep_images_days": 0.00002,
-                                                "check_seconds": 1})
+    node, base = _node(node_factory, retention={"keep_images_days": 0.00002, "check_seconds": 1})
     rows = cols = 512
-    current = write_tomo_volume(tmp_path / "current.dcm", "L", "CC", frames=60, rows=rows,
-                                cols=cols, patient_id="VOL-1", accession="VOLACC1")
+    current = write_tomo_volume(
+        tmp_path / "current.dcm",
+        "L",
+        "CC",
+        frames=60,
+        rows=rows,
+        cols=cols,
+        patient_id="VOL-1",
+        accession="VOLACC1",
+    )
     # -R: propose the file's own SOP Class (storescu's default list lacks the volumes).
-    r = subprocess.run([dcmtk("storescu"), "-R", "-aec", node.ae_title, "127.0.0.1",
-                        str(node.port), str(current)], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [dcmtk("storescu"), "-R", "-aec", node.ae_title, "127.0.0.1", str(node.port), str(current)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     url, study, series, sop = _instance_url(base, current)
 
@@ -104,8 +127,9 @@ def test_volume_frames_qido_and_retention(node_factory, tmp_path):
     assert found[0]["00080016"]["Value"] == ["1.2.840.10008.5.1.4.1.1.13.1.3"]
 
     # One frame, single part and multipart; the last frame; a list in the asked order.
-    one = requests.get(f"{url}/frames/37", headers={"Accept": "application/octet-stream"},
-                       timeout=30)
+    one = requests.get(
+        f"{url}/frames/37", headers={"Accept": "application/octet-stream"}, timeout=30
+    )
     assert one.status_code == 200, one.text
     assert np.array_equal(_frame(one.content, rows, cols), volume_frame(37, rows, cols))
     last = requests.get(f"{url}/frames/60", headers={"Accept": FRAMES_ACCEPT}, timeout=30)
@@ -115,38 +139,61 @@ def test_volume_frames_qido_and_retention(node_factory, tmp_path):
     many = requests.get(f"{url}/frames/59,1,30", headers={"Accept": FRAMES_ACCEPT}, timeout=30)
     got = [_frame(b, rows, cols) for b in _parts(many)]
     assert [int(g[0, 0]) for g in got] == [59, 1, 30]
-    assert all(np.array_equal(g, volume_frame(n, rows, cols)) for g, n in zip(got, (59, 1, 30),
-                                                                           strict=True))
+    assert all(
+        np.array_equal(g, volume_frame(n, rows, cols))
+        for g, n in zip(got, (59, 1, 30), strict=True)
+    )
     # Frames that do not exist: 400, not a truncated answer.
-    assert requests.get(f"{url}/frames/61", headers={"Accept": FRAMES_ACCEPT},
-                        timeout=30).status_code == 400
-    assert requests.get(f"{url}/frames/0", headers={"Accept": FRAMES_ACCEPT},
-                        timeout=30).status_code == 400
+    assert (
+        requests.get(f"{url}/frames/61", headers={"Accept": FRAMES_ACCEPT}, timeout=30).status_code
+        == 400
+    )
+    assert (
+        requests.get(f"{url}/frames/0", headers={"Accept": FRAMES_ACCEPT}, timeout=30).status_code
+        == 400
+    )
     # Rendered frame 60 (a PNG of that frame, read alone from the file).
     png = requests.get(f"{url}/frames/60/rendered", headers={"Accept": "image/png"}, timeout=30)
     assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
     # Pixel Data as bulk data: streamed from the file, every frame in order.
-    bulk = requests.get(f"{url}/bulkdata/7FE00010",
-                        headers={"Accept": "application/octet-stream"}, timeout=60)
+    bulk = requests.get(
+        f"{url}/bulkdata/7FE00010", headers={"Accept": "application/octet-stream"}, timeout=60
+    )
     assert len(bulk.content) == 60 * rows * cols * 2
-    assert np.array_equal(_frame(bulk.content[-rows * cols * 2:], rows, cols),
-                          volume_frame(60, rows, cols))
+    assert np.array_equal(
+        _frame(bulk.content[-rows * cols * 2 :], rows, cols), volume_frame(60, rows, cols)
+    )
 
     # The same patient's volume of two years before, by STOW-RS: a prior (gap rule), kept
     # for comparison, never read: retention purges it keep_images_days after it arrived.
-    prior = write_tomo_volume(tmp_path / "prior.dcm", "L", "CC", frames=60, rows=rows,
-                              cols=cols, patient_id="VOL-1", accession="VOLACC0",
-                              acquisition=dt.datetime(2024, 1, 15, 9, 0))
+    prior = write_tomo_volume(
+        tmp_path / "prior.dcm",
+        "L",
+        "CC",
+        frames=60,
+        rows=rows,
+        cols=cols,
+        patient_id="VOL-1",
+        accession="VOLACC0",
+        acquisition=dt.datetime(2024, 1, 15, 9, 0),
+    )
     resp = _stow(base, prior, tmp_path)
     assert resp.status_code == 200, resp.text
     prior_url, prior_study, _, prior_sop = _instance_url(base, prior)
     assert node.exam(prior_study)["state"] == "prior"
-    wait_for(lambda: node.exam(prior_study)["images_purged_at"], 30,
-             what="the prior purged by the daemon's retention")
+    wait_for(
+        lambda: node.exam(prior_study)["images_purged_at"],
+        30,
+        what="the prior purged by the daemon's retention",
+    )
     stems = {p.stem for p in node.stored_files()}
     assert prior_sop not in stems and sop in stems  # the current exam is not read yet: kept
-    assert requests.get(f"{prior_url}/frames/1", headers={"Accept": FRAMES_ACCEPT},
-                        timeout=30).status_code == 404
+    assert (
+        requests.get(
+            f"{prior_url}/frames/1", headers={"Accept": FRAMES_ACCEPT}, timeout=30
+        ).status_code
+        == 404
+    )
     assert requests.get(f"{base}/studies/{prior_study}/instances", timeout=30).json() == []
     assert node.exam(study)["state"] in ("receiving", "ready")
 
@@ -162,12 +209,27 @@ def test_volume_with_bad_functional_groups_is_refused(node_factory, tmp_path):
     ds.save_as(path)
     pixels_at = path.read_bytes().rindex(b"\xe0\x7f\x10\x00OW")
     assert send(node.port, [path], max_pdu=16384) == [0xC210]
-    r = subprocess.run([dcmtk("storescu"), "-v", "-R", "-aec", node.ae_title, "127.0.0.1",
-                        str(node.port), str(path)], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        [
+            dcmtk("storescu"),
+            "-v",
+            "-R",
+            "-aec",
+            node.ae_title,
+            "127.0.0.1",
+            str(node.port),
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "Error: CannotUnderstand" in r.stderr, r.stdout + r.stderr  # 0xC210
-    refusals = re.findall(r"Per-frame Functional Groups Sequence holds 11 items.*refused "
-                          r"while it arrived, at byte (\d+)", node.log.read_text())
+    refusals = re.findall(
+        r"Per-frame Functional Groups Sequence holds 11 items.*refused "
+        r"while it arrived, at byte (\d+)",
+        node.log.read_text(),
+    )
     assert len(refusals) == 2, node.log.read_text()[-3000:]
     # Refused in the block that carried the Pixel Data header: the frames (1.5 MB) never
     # reached the disk.
@@ -193,8 +255,9 @@ def test_node_memory_stays_bounded_receiving_a_400_mb_volume(node_factory, tmp_p
     assert node.proc is not None
     pid = node.proc.pid
     rows, cols, frames = 2048, 1024, 100  # 4 MiB a frame, 400 MiB
-    big = write_tomo_volume(tmp_path / "big.dcm", "R", "MLO", frames=frames, rows=rows,
-                            cols=cols, patient_id="VOL-2")
+    big = write_tomo_volume(
+        tmp_path / "big.dcm", "R", "MLO", frames=frames, rows=rows, cols=cols, patient_id="VOL-2"
+    )
     assert big.stat().st_size > 400 * 2**20
     baseline = _rss_kb(pid, "VmRSS")
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the peak (VmHWM) to now
@@ -207,21 +270,32 @@ def test_node_memory_stays_bounded_receiving_a_400_mb_volume(node_factory, tmp_p
     peak_cstore = _rss_kb(pid, "VmHWM") - baseline
     # STOW-RS of the same size (another instance of the study: a new SOP Instance UID).
     ds = dcmread(big, stop_before_pixels=True)
-    other = write_tomo_volume(tmp_path / "big2.dcm", "L", "MLO", frames=frames, rows=rows,
-                              cols=cols, patient_id="VOL-2", study_uid=ds.StudyInstanceUID)
+    other = write_tomo_volume(
+        tmp_path / "big2.dcm",
+        "L",
+        "MLO",
+        frames=frames,
+        rows=rows,
+        cols=cols,
+        patient_id="VOL-2",
+        study_uid=ds.StudyInstanceUID,
+    )
     big.unlink()
     resp = _stow(base, other, tmp_path)
     assert resp.status_code == 200, resp.text
     url2, _, _, sop2 = _instance_url(base, other)
-    many = requests.get(f"{url2}/frames/1,50,{frames}", headers={"Accept": FRAMES_ACCEPT},
-                        timeout=60)
+    many = requests.get(
+        f"{url2}/frames/1,50,{frames}", headers={"Accept": FRAMES_ACCEPT}, timeout=60
+    )
     assert [int(_frame(b, rows, cols)[0, 0]) for b in _parts(many)] == [1, 50, frames]
     peak = _rss_kb(pid, "VmHWM") - baseline
     found = requests.get(f"{base}/studies/{study}/instances", timeout=30).json()
     assert sorted(f["00280008"]["Value"][0] for f in found) == [frames, frames]
     assert {sop, sop2} <= {p.stem for p in node.stored_files()}
-    print(f"node RSS {baseline / 1024:.0f} MB; peak growth C-STORE {peak_cstore / 1024:.0f} MB,"
-          f" with STOW-RS {peak / 1024:.0f} MB (volume {frames * rows * cols * 2 >> 20} MB)")
+    print(
+        f"node RSS {baseline / 1024:.0f} MB; peak growth C-STORE {peak_cstore / 1024:.0f} MB,"
+        f" with STOW-RS {peak / 1024:.0f} MB (volume {frames * rows * cols * 2 >> 20} MB)"
+    )
     assert peak < 100 * 1024, f"peak RSS grew by {peak / 1024:.0f} MB receiving 400 MB"
 
 
@@ -253,8 +327,9 @@ def test_frames_of_a_deflated_volume(tmp_path):
 
     rows, cols, frames = 48, 40, 5
     stack = np.stack([volume_frame(n, rows, cols) for n in range(1, frames + 1)])
-    ds = set_transfer_syntax(make_tomo_volume("L", "CC", pixels=stack.copy()),
-                             "1.2.840.10008.1.2.1.99")
+    ds = set_transfer_syntax(
+        make_tomo_volume("L", "CC", pixels=stack.copy()), "1.2.840.10008.1.2.1.99"
+    )
     path = write(ds, tmp_path / "deflated.dcm")
     got = wado.frames(path, [4, 1], passthrough=False)
     assert np.array_equal(_frame(got[0], rows, cols), stack[3])
@@ -262,7 +337,8 @@ def test_frames_of_a_deflated_volume(tmp_path):
 
 
 def test_stow_part_with_bad_functional_groups_is_refused_while_it_is_copied(
-        web_factory, tmp_path, monkeypatch):
+    web_factory, tmp_path, monkeypatch
+):
     """STOW-RS, in process (the ASGI app, no server round trip): a two-part request whose
     first part is a volume with 11 Per-frame Functional Groups items for 12 frames. Each block
     of a part goes through the C-STORE's StreamCheck before it is written: the bad part is
@@ -284,26 +360,39 @@ def test_stow_part_with_bad_functional_groups_is_refused_while_it_is_copied(
     monkeypatch.setattr(StreamCheck, "feed", counting)
     walks: list[Path] = []
     whole = ingest.check_dataset
-    monkeypatch.setattr(ingest, "check_dataset",
-                        lambda path, *a, **kw: walks.append(path) or whole(path, *a, **kw))
+    monkeypatch.setattr(
+        ingest, "check_dataset", lambda path, *a, **kw: walks.append(path) or whole(path, *a, **kw)
+    )
 
-    bad = write_tomo_volume(tmp_path / "bad.dcm", frames=12, rows=256, cols=256,
-                            patient_id="VOL-B")
+    bad = write_tomo_volume(tmp_path / "bad.dcm", frames=12, rows=256, cols=256, patient_id="VOL-B")
     ds = dcmread(bad)
     ds.PerFrameFunctionalGroupsSequence = ds.PerFrameFunctionalGroupsSequence[:11]
     ds.save_as(bad)
     pixels_at = bad.read_bytes().rindex(b"\xe0\x7f\x10\x00OW")
-    good = write_tomo_volume(tmp_path / "good.dcm", "R", "CC", frames=12, rows=256, cols=256,
-                             patient_id="VOL-B")
+    good = write_tomo_volume(
+        tmp_path / "good.dcm", "R", "CC", frames=12, rows=256, cols=256, patient_id="VOL-B"
+    )
     boundary = uuid.uuid4().hex
-    body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-                    + p.read_bytes() + b"\r\n" for p in (bad, good)) \
+    body = (
+        b"".join(
+            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            + p.read_bytes()
+            + b"\r\n"
+            for p in (bad, good)
+        )
         + f"--{boundary}--\r\n".encode()
+    )
     w = web_factory()
     status, headers, out = asgi_request(
-        w.web.app, "POST", "/dicomweb/studies", body,
-        {"content-type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-         "accept": "application/dicom+json"})
+        w.web.app,
+        "POST",
+        "/dicomweb/studies",
+        body,
+        {
+            "content-type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "accept": "application/dicom+json",
+        },
+    )
     assert status == 202, out[:500]
     import json
 
@@ -314,8 +403,9 @@ def test_stow_part_with_bad_functional_groups_is_refused_while_it_is_copied(
     assert failed[0]["00081155"]["Value"][0] == ds.SOPInstanceUID
     assert failed[0]["00081150"]["Value"][0] == ds.SOPClassUID
     stored = res["00081199"]["Value"]
-    assert stored[0]["00081155"]["Value"][0] == dcmread(good, stop_before_pixels=True) \
-        .SOPInstanceUID
+    assert (
+        stored[0]["00081155"]["Value"][0] == dcmread(good, stop_before_pixels=True).SOPInstanceUID
+    )
     assert "Per-frame Functional Groups Sequence holds 11 items" in headers["warning"]
     assert "refused while the part was copied" in headers["warning"]
     # Two checks: the bad part's stopped in the block with the Pixel Data header (of 1.5 MB
@@ -326,5 +416,6 @@ def test_stow_part_with_bad_functional_groups_is_refused_while_it_is_copied(
     assert walks == []  # validated while copied: not walked again
     files = w.node.files
     assert [p for p in files.incoming_root.rglob("*") if p.is_file()] == []
-    assert [p.stem for p in (files.root / "instances").rglob("*.dcm")] == \
-        [stored[0]["00081155"]["Value"][0]]
+    assert [p.stem for p in (files.root / "instances").rglob("*.dcm")] == [
+        stored[0]["00081155"]["Value"][0]
+    ]

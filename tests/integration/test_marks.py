@@ -41,13 +41,25 @@ def _exam(k: int):
     """A left breast with a malignant-looking lesion at a position drawn from ``k``, a right
     breast without; returns the views, the lesion and each left view's seed."""
     rng = np.random.default_rng(500 + k)
-    les = [Lesion("spiculated", float(rng.uniform(0.3, 0.7)), float(rng.uniform(0.3, 0.7)),
-                  0.06, 0.35)]
-    seeds = {f"{lat}-{v}": 600 + 4 * k + i for i, (lat, v) in
-             enumerate((lat, v) for lat in "LR" for v in ("CC", "MLO"))}
-    views = {slot: make_mammogram(slot[0], slot[2:], rows=ROWS, cols=COLS, seed=seed,
-                                  lesions=les if slot[0] == "L" else [], study_uid=STUDY)
-             for slot, seed in seeds.items()}
+    les = [
+        Lesion("spiculated", float(rng.uniform(0.3, 0.7)), float(rng.uniform(0.3, 0.7)), 0.06, 0.35)
+    ]
+    seeds = {
+        f"{lat}-{v}": 600 + 4 * k + i
+        for i, (lat, v) in enumerate((lat, v) for lat in "LR" for v in ("CC", "MLO"))
+    }
+    views = {
+        slot: make_mammogram(
+            slot[0],
+            slot[2:],
+            rows=ROWS,
+            cols=COLS,
+            seed=seed,
+            lesions=les if slot[0] == "L" else [],
+            study_uid=STUDY,
+        )
+        for slot, seed in seeds.items()
+    }
     return views, les, seeds
 
 
@@ -78,8 +90,7 @@ def test_marks_land_on_the_lesion(model, k):
         m = reading.marks[slot][0]
         cx, cy, x0, y0, x1, y1 = lesion_boxes("L", ROWS, COLS, seeds[slot], les)[0]
         cell = 32 / reading.geometry[slot].scale
-        assert x0 <= m.center[0] <= x1 and y0 <= m.center[1] <= y1, \
-            (slot, m.center, (cx, cy), cell)
+        assert x0 <= m.center[0] <= x1 and y0 <= m.center[1] <= y1, (slot, m.center, (cx, cy), cell)
         assert np.hypot(m.center[0] - cx, m.center[1] - cy) < 1.5 * cell
         xs, ys = zip(*m.outline)
         assert min(xs) <= m.center[0] <= max(xs) and min(ys) <= m.center[1] <= max(ys)
@@ -98,8 +109,10 @@ def test_marks_are_deterministic_and_capped(model):
 def test_marks_of_a_mirrored_breast_are_in_its_own_pixels(model):
     """A right breast faces left: the mark is mirrored back onto the source image."""
     les = [Lesion("spiculated", 0.45, 0.4, 0.06, 0.35)]
-    views = {f"R-{v}": make_mammogram("R", v, rows=ROWS, cols=COLS, seed=700 + i, lesions=les)
-             for i, v in enumerate(("CC", "MLO"))}
+    views = {
+        f"R-{v}": make_mammogram("R", v, rows=ROWS, cols=COLS, seed=700 + i, lesions=les)
+        for i, v in enumerate(("CC", "MLO"))
+    }
     reading = model.predict_exam(views, map_side=1024)
     ms = [m for s in views for m in reading.marks[s]]
     assert ms
@@ -124,7 +137,7 @@ def _model_input(ds):
     from inference.preprocess import preprocess_array
 
     x, g = preprocess_array(to_display(ds), (IN_H, IN_W), mean=0.0, std=1.0)
-    return x[0].numpy(), g           # display units, as MammoModel hands them to find_marks
+    return x[0].numpy(), g  # display units, as MammoModel hands them to find_marks
 
 
 def _evidence_off(g, centre: tuple[float, float], off: tuple[float, float]) -> np.ndarray:
@@ -133,12 +146,13 @@ def _evidence_off(g, centre: tuple[float, float], off: tuple[float, float]) -> n
 
     cx, cy = original_to_input(np.array([centre]), g)[0]
     cell = IN_H / GRID[0]
-    yy, xx = np.mgrid[0:GRID[0], 0:GRID[1]] + 0.5
+    yy, xx = np.mgrid[0 : GRID[0], 0 : GRID[1]] + 0.5
     return np.exp(-((xx - cx / cell - off[0]) ** 2 + (yy - cy / cell - off[1]) ** 2) / 0.7)
 
 
-def _other_generator(rows: int, cols: int, seed: int, centre: tuple[float, float],
-                     radius: float) -> np.ndarray:
+def _other_generator(
+    rows: int, cols: int, seed: int, centre: tuple[float, float], radius: float
+) -> np.ndarray:
     """Not inference.synthetic: a half-disc breast with lognormal texture, bright vessels
     and a rotated elliptical lesion with a soft edge; chest wall at column 0, [0, 1]."""
     from scipy import ndimage
@@ -157,7 +171,7 @@ def _other_generator(rows: int, cols: int, seed: int, centre: tuple[float, float
     t = rng.uniform(0, np.pi)
     u = ((xx - cx) * np.cos(t) + (yy - cy) * np.sin(t)) / (1.3 * radius)
     v = (-(xx - cx) * np.sin(t) + (yy - cy) * np.cos(t)) / (0.8 * radius)
-    img = img + 0.2 * np.exp(-(u ** 2 + v ** 2) ** 1.5) * breast
+    img = img + 0.2 * np.exp(-((u**2 + v**2) ** 1.5)) * breast
     img = img + rng.normal(0, 0.008, img.shape) * breast
     return np.clip(img, 0, 1)
 
@@ -168,8 +182,9 @@ def _refined(view, box, off, images=True):
     x, g = view
     ev = _evidence_off(g, ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), off)
     slot = "L-CC"
-    marks = find_marks({slot: ev}, {slot: g}, {"L": 80.0},
-                       images={slot: x} if images else None)[slot]
+    marks = find_marks({slot: ev}, {slot: g}, {"L": 80.0}, images={slot: x} if images else None)[
+        slot
+    ]
     assert marks, "no mark"
     return marks[0]
 
@@ -178,11 +193,13 @@ def _inside(c, box) -> bool:
     return box[0] <= c[0] <= box[2] and box[1] <= c[1] <= box[3]
 
 
-PHANTOM_CASES = [("mass", "L", "CC", 0.45, 0.4, 0.04, (1.0, 1.0)),
-                 ("spiculated", "R", "MLO", 0.6, 0.6, 0.035, (-1.0, 0.8)),
-                 ("calcifications", "L", "MLO", 0.35, 0.7, 0.05, (0.9, -1.0)),
-                 ("spiculated", "R", "CC", 0.7, 0.3, 0.06, (-0.8, -0.9)),
-                 ("mass", "L", "CC", 0.3, 0.55, 0.035, (1.1, 0.0))]
+PHANTOM_CASES = [
+    ("mass", "L", "CC", 0.45, 0.4, 0.04, (1.0, 1.0)),
+    ("spiculated", "R", "MLO", 0.6, 0.6, 0.035, (-1.0, 0.8)),
+    ("calcifications", "L", "MLO", 0.35, 0.7, 0.05, (0.9, -1.0)),
+    ("spiculated", "R", "CC", 0.7, 0.3, 0.06, (-0.8, -0.9)),
+    ("mass", "L", "CC", 0.3, 0.55, 0.035, (1.1, 0.0)),
+]
 
 
 @pytest.mark.unit
@@ -198,30 +215,35 @@ def test_refined_centre_lies_in_the_phantom_lesion(kind, lat, view, x, y, radius
     cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     assert _inside(fine.center, box), (fine.center, box, coarse.center)
     # closer than the evidence alone put it, and within a third of the box's half-height
-    assert np.hypot(fine.center[0] - cx, fine.center[1] - cy) < \
-        np.hypot(coarse.center[0] - cx, coarse.center[1] - cy)
+    assert np.hypot(fine.center[0] - cx, fine.center[1] - cy) < np.hypot(
+        coarse.center[0] - cx, coarse.center[1] - cy
+    )
     assert abs(fine.center[1] - cy) < (box[3] - box[1]) / 2
-    xs, ys = zip(*fine.outline)              # the outline holds the refined centre
+    xs, ys = zip(*fine.outline)  # the outline holds the refined centre
     assert min(xs) <= fine.center[0] <= max(xs) and min(ys) <= fine.center[1] <= max(ys)
     assert fine == _refined(view, box, off)  # deterministic
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("seed,lat,centre,off", [(1, "L", (180, 260), (1.0, 1.0)),
-                                                 (2, "R", (150, 380), (-1.0, -0.7)),
-                                                 (3, "L", (240, 200), (0.0, 1.1))])
+@pytest.mark.parametrize(
+    "seed,lat,centre,off",
+    [
+        (1, "L", (180, 260), (1.0, 1.0)),
+        (2, "R", (150, 380), (-1.0, -0.7)),
+        (3, "L", (240, 200), (0.0, 1.1)),
+    ],
+)
 def test_refined_centre_on_another_generator(seed, lat, centre, off):
     rows, cols, radius = 640, 512, 24.0
     px = _other_generator(rows, cols, seed, centre, radius)
     ds = make_mammogram(lat, "CC", pixels=px, seed=seed)
-    cx = cols - centre[0] if lat == "R" else centre[0]   # make_mammogram mirrors R
+    cx = cols - centre[0] if lat == "R" else centre[0]  # make_mammogram mirrors R
     # the lesion's centre pixel (cx, cy) spans [cx, cx + 1): its centre point is + 0.5
-    box = (cx + 0.5 - radius, centre[1] + 0.5 - radius, cx + 0.5 + radius,
-           centre[1] + 0.5 + radius)
+    box = (cx + 0.5 - radius, centre[1] + 0.5 - radius, cx + 0.5 + radius, centre[1] + 0.5 + radius)
     view = _model_input(ds)
     coarse = _refined(view, box, off, images=False)
     fine = _refined(view, box, off)
-    assert not _inside(coarse.center, box)   # the offset evidence alone misses it
+    assert not _inside(coarse.center, box)  # the offset evidence alone misses it
     assert _inside(fine.center, box), (fine.center, box, coarse.center)
 
 
@@ -229,14 +251,20 @@ def test_refined_centre_on_another_generator(seed, lat, centre, off):
 def test_no_blob_keeps_the_evidence_centre_and_two_regions_on_one_blob_are_one_mark():
     from inference.marks import find_marks
 
-    ds = make_mammogram("L", "CC", rows=640, cols=512, seed=5,
-                        pixels=np.where(np.mgrid[0:640, 0:512][1] < 380, 0.5, 0.0))
+    ds = make_mammogram(
+        "L",
+        "CC",
+        rows=640,
+        cols=512,
+        seed=5,
+        pixels=np.where(np.mgrid[0:640, 0:512][1] < 380, 0.5, 0.0),
+    )
     x, g = _model_input(ds)
     ev = np.zeros(GRID)
     ev[8, 3] = 1.0
     flat = find_marks({"L-CC": ev}, {"L-CC": g}, {"L": 60.0}, images={"L-CC": x})["L-CC"]
     plain = find_marks({"L-CC": ev}, {"L-CC": g}, {"L": 60.0})["L-CC"]
-    assert [m.center for m in flat] == [m.center for m in plain]   # flat breast: no blob
+    assert [m.center for m in flat] == [m.center for m in plain]  # flat breast: no blob
     les = [Lesion("mass", 0.5, 0.5, 0.04, 0.3)]
     ds = make_mammogram("L", "CC", rows=640, cols=512, seed=6, lesions=les)
     x, g = _model_input(ds)
@@ -258,21 +286,34 @@ def exam_files(tmp_path_factory):
 
 def _marks(les, seeds) -> dict[str, list[Mark]]:
     cx, cy, x0, y0, x1, y1 = lesion_boxes("L", ROWS, COLS, seeds["L-CC"], les)[0]
-    octagon = [(cx + r * np.cos(t), cy + 0.6 * r * np.sin(t))
-               for t, r in zip(np.linspace(0, 2 * np.pi, 8, endpoint=False), [(x1 - x0) / 2] * 8)]
-    return {"L-CC": [Mark("L-CC", 1, 85.0, (cx, cy), [(round(x, 2), round(y, 2))
-                                                       for x, y in octagon], True),
-                     Mark("L-CC", 2, 20.0, (100.0, 200.0),
-                          [(80.0, 180.0), (120.0, 180.0), (120.0, 220.0)], False)],
-            "L-MLO": [], "R-CC": [], "R-MLO": []}
+    octagon = [
+        (cx + r * np.cos(t), cy + 0.6 * r * np.sin(t))
+        for t, r in zip(np.linspace(0, 2 * np.pi, 8, endpoint=False), [(x1 - x0) / 2] * 8)
+    ]
+    return {
+        "L-CC": [
+            Mark("L-CC", 1, 85.0, (cx, cy), [(round(x, 2), round(y, 2)) for x, y in octagon], True),
+            Mark(
+                "L-CC",
+                2,
+                20.0,
+                (100.0, 200.0),
+                [(80.0, 180.0), (120.0, 180.0), (120.0, 220.0)],
+                False,
+            ),
+        ],
+        "L-MLO": [],
+        "R-CC": [],
+        "R-MLO": [],
+    }
 
 
 def test_mammo_cad_sr_has_a_single_image_finding_per_mark(exam_files, tmp_path):
     views, _, les, seeds = exam_files
     sr = build_mammo_cad(views, reading_summary(marks=_marks(les, seeds)), STUDY, 1)
     text = json.dumps(sr.to_json_dict(), default=str)
-    assert text.count('"111059"') == 2                       # Single Image Finding x 2
-    assert text.count("Presentation Optional") == 1           # the mark below the OP
+    assert text.count('"111059"') == 2  # Single Image Finding x 2
+    assert text.count("Presentation Optional") == 1  # the mark below the OP
     assert "Certainty of Finding" in text and '"POINT"' in text and '"POLYLINE"' in text
     assert "Successful Detections" in text and "Not Attempted" not in text
     f = tmp_path / "cad.dcm"
@@ -284,7 +325,7 @@ def test_mammo_cad_sr_has_a_single_image_finding_per_mark(exam_files, tmp_path):
     dump = subprocess.run(["/usr/bin/dsrdump", str(f)], capture_output=True, text=True)
     assert dump.returncode == 0, dump.stderr
     assert dump.stdout.count('<contains CODE:(,,"Single Image Finding")') == 2
-    assert "SCOORD:(,,\"Center\")=(POINT" in dump.stdout
+    assert 'SCOORD:(,,"Center")=(POINT' in dump.stdout
     t = build_tid1500(views, reading_summary(marks=_marks(les, seeds)), STUDY, 1)
     tt = json.dumps(t.to_json_dict(), default=str)
     assert tt.count("AI mark L-CC #") == 2 and "AI region score" in tt
@@ -305,10 +346,10 @@ def test_presentation_state_rendered_by_dcmtk(exam_files, tmp_path):
     png = ARTIFACTS / "gsps-L-CC.png"
     parsed = render_png(f, paths["L-CC"], png)
     assert parsed.layers == ["AI MARKS", "AI EXAM SCORE"]
-    assert len(parsed.polylines) == 2                          # both marks, on L-CC only
+    assert len(parsed.polylines) == 2  # both marks, on L-CC only
     first = np.asarray(parsed.polylines[0])
     assert np.allclose(first[:-1], np.asarray(marks["L-CC"][0].outline), atol=0.01)
-    assert np.allclose(first[0], first[-1])                  # closed
+    assert np.allclose(first[0], first[-1])  # closed
     texts = [t for t, _ in parsed.texts]
     assert "85 (above op)" in texts and "20" in texts
     assert any("Exam score 85/100, above the operating point (40)" in t for t in texts)
@@ -338,7 +379,7 @@ def test_both_srs_carry_density_as_cid_6000(exam_files, tmp_path):
     for build in (build_mammo_cad, build_tid1500):
         sr = build(views, r, STUDY, 1)
         text = json.dumps(sr.to_json_dict(), default=str)
-        assert "129715009" in text                     # Breast composition
+        assert "129715009" in text  # Breast composition
         assert "129717001" in text and text.count("129718006") == 2  # L: B; R and exam: C
         f = tmp_path / "d.dcm"
         sr.save_as(f, enforce_file_format=True)
@@ -348,9 +389,21 @@ def test_both_srs_carry_density_as_cid_6000(exam_files, tmp_path):
         build_tid1500(views, r, STUDY, 1)
 
 
-@pytest.mark.parametrize("raw,want", [("DENSITY A", 0), ("B", 1), ("3", 2), (4, 3),
-                                      ("ACR 2", 1), ("4.0", 3), ("", None), ("0", None),
-                                      ("nan", None), ("heterogeneously dense", 2)])
+@pytest.mark.parametrize(
+    "raw,want",
+    [
+        ("DENSITY A", 0),
+        ("B", 1),
+        ("3", 2),
+        (4, 3),
+        ("ACR 2", 1),
+        ("4.0", 3),
+        ("", None),
+        ("0", None),
+        ("nan", None),
+        ("heterogeneously dense", 2),
+    ],
+)
 def test_density_labels_of_each_data_set(raw, want):
     from inference.datasets import parse_density
 
@@ -383,11 +436,9 @@ def test_density_head_trains_only_where_labels_exist(tmp_path):
     m = create_model("cnn", density=True, image_size=(64, 32), dims=(8, 8, 8, 8))
     out = m(torch.zeros(1, 4, 1, 64, 32), torch.ones(1, 4, dtype=torch.bool))
     assert out["density_logits"].shape == (1, 2, 4)
-    _, parts = m.loss(out, torch.tensor([[0, 0]]), torch.tensor([[0, 0]]),
-                      torch.tensor([[-1, -1]]))
+    _, parts = m.loss(out, torch.tensor([[0, 0]]), torch.tensor([[0, 0]]), torch.tensor([[-1, -1]]))
     assert "density" not in parts
-    _, parts = m.loss(out, torch.tensor([[0, 0]]), torch.tensor([[0, 0]]),
-                      torch.tensor([[2, -1]]))
+    _, parts = m.loss(out, torch.tensor([[0, 0]]), torch.tensor([[0, 0]]), torch.tensor([[2, -1]]))
     assert parts["density"] > 0
     # Checkpoints without the key (every one made before this head) build without it.
     from safetensors.torch import load_file, save_file
@@ -421,8 +472,12 @@ def test_presentation_state_of_a_real_reading(model, exam_files, tmp_path):
 
     views, paths, les, seeds = exam_files
     root = next(iter(paths.values())).parent
-    job = ExamJob(data_dir=str(root), study_uid=STUDY, version=1,
-                  paths={slot: p.name for slot, p in paths.items()})
+    job = ExamJob(
+        data_dir=str(root),
+        study_uid=STUDY,
+        version=1,
+        paths={slot: p.name for slot, p in paths.items()},
+    )
     sources, _, summary = _read(model, job)
     assert any(summary.marks.values())
     pr = build_presentation_state(sources, summary, STUDY, 1)
@@ -441,8 +496,18 @@ def test_froc_points():
     from inference.metrics import froc
 
     # 2 lesions on 4 images: marks by falling score: hit lesion 0, miss, hit 1, miss, miss.
-    r = froc([(90, True, 0), (80, False, -1), (70, True, 1), (60, False, -1),
-              (50, False, -1), (40, True, 0)], lesions=2, images=4)
+    r = froc(
+        [
+            (90, True, 0),
+            (80, False, -1),
+            (70, True, 1),
+            (60, False, -1),
+            (50, False, -1),
+            (40, True, 0),
+        ],
+        lesions=2,
+        images=4,
+    )
     assert r["points"] == {"0.5": 1.0, "1.0": 1.0, "2.0": 1.0}
     r = froc([(90, False, -1), (80, False, -1), (70, True, 0)], lesions=2, images=2)
     assert r["points"]["0.5"] == 0.0 and r["points"]["1.0"] == 0.5
@@ -456,23 +521,31 @@ def test_synth_writes_lesion_boxes_and_evaluate_reports_froc_and_density(tmp_pat
     from inference.synthetic_dataset import write_synthetic_dataset
     from inference.train import evaluate, format_table
 
-    write_synthetic_dataset(tmp_path / "s", exams=6, seed=3, rows=320, cols=256,
-                            test_fraction=1.0, progress=False)
+    write_synthetic_dataset(
+        tmp_path / "s", exams=6, seed=3, rows=320, cols=256, test_fraction=1.0, progress=False
+    )
     recs = read_dataset(tmp_path / "s", "vindr")
-    assert all(set(r.density) == {"L", "R"} for r in recs)       # DENSITY X per breast
+    assert all(set(r.density) == {"L", "R"} for r in recs)  # DENSITY X per breast
     with_lesions = [r for r in recs if r.lesions]
-    assert with_lesions                                          # BI-RADS 4-5 boxes
+    assert with_lesions  # BI-RADS 4-5 boxes
     for r in with_lesions:
         for slot, boxes in r.lesions.items():
             assert r.birads[slot[0]] >= 4
             assert all(0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 320 for x0, y0, x1, y1 in boxes)
-    res = evaluate(str(tmp_path / "s"), None, split="test", device="cpu", progress=False,
-                   bootstrap=10, plots=str(tmp_path / "plots"))
+    res = evaluate(
+        str(tmp_path / "s"),
+        None,
+        split="test",
+        device="cpu",
+        progress=False,
+        bootstrap=10,
+        plots=str(tmp_path / "plots"),
+    )
     loc = res["localisation"]
     assert loc["lesions"] == sum(len(b) for r in with_lesions for b in r.lesions.values())
     assert set(loc["points"]) == {"0.5", "1.0", "2.0"}
     assert (tmp_path / "plots" / "froc.png").exists()
-    dens = res["density"]                 # the demo checkpoint's density head
+    dens = res["density"]  # the demo checkpoint's density head
     assert dens["n"] == 12 and 0 <= dens["accuracy"] <= 1 and len(dens["confusion"]) == 4
     assert "Localisation:" in format_table(res)
 
@@ -491,16 +564,26 @@ def test_a_view_read_from_a_kind_the_checkpoint_was_not_trained_on_is_said(model
         metadata["image_kinds"] = ["conventional"]
         kinds = {slot: "conventional" for slot in paths}
         kinds["L-CC"] = "synthesized"
-        job = ExamJob(data_dir=str(root), study_uid=STUDY, version=1,
-                      paths={slot: p.name for slot, p in paths.items()}, kinds=kinds)
+        job = ExamJob(
+            data_dir=str(root),
+            study_uid=STUDY,
+            version=1,
+            paths={slot: p.name for slot, p in paths.items()},
+            kinds=kinds,
+        )
         _, _, summary = _read(model, job)
         said = [n for n in summary.notes if "the model was trained on" in n]
-        assert len(said) == 1 and "synthesized" in said[0] and "conventional" in said[0], \
+        assert len(said) == 1 and "synthesized" in said[0] and "conventional" in said[0], (
             summary.notes
+        )
         assert summary.view_kinds["L-CC"] == "synthesized"
-        job = ExamJob(data_dir=str(root), study_uid=STUDY, version=1,
-                      paths={slot: p.name for slot, p in paths.items()},
-                      kinds={slot: "conventional" for slot in paths})
+        job = ExamJob(
+            data_dir=str(root),
+            study_uid=STUDY,
+            version=1,
+            paths={slot: p.name for slot, p in paths.items()},
+            kinds={slot: "conventional" for slot in paths},
+        )
         _, _, summary = _read(model, job)
         assert not [n for n in summary.notes if "the model was trained on" in n]
     finally:

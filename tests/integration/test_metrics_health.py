@@ -15,12 +15,15 @@ SIZE = dict(rows=320, cols=256)
 
 def _web(node_factory, storescp_factory=None, settings=None, **dicomweb):
     port = free_port()
-    s = {"dicomweb": {"enabled": True, "host": "127.0.0.1", "port": port, **dicomweb},
-         "export": {"max_attempts": 20, "initial_delay_seconds": 0.5, "max_delay_seconds": 1}}
+    s = {
+        "dicomweb": {"enabled": True, "host": "127.0.0.1", "port": port, **dicomweb},
+        "export": {"max_attempts": 20, "initial_delay_seconds": 0.5, "max_delay_seconds": 1},
+    }
     if storescp_factory is not None:
         pacs = storescp_factory()
-        s["destinations"] = [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
-                              "port": pacs.port}]
+        s["destinations"] = [
+            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}
+        ]
     s.update(settings or {})
     node = node_factory(s, worker=True)
     base = f"http://127.0.0.1:{port}"
@@ -44,10 +47,12 @@ def _samples(text: str) -> dict[tuple[str, tuple], float]:
 
 
 def test_metrics_and_probes_after_an_exam(node_factory, storescp_factory):
-    node, base = _web(node_factory, storescp_factory,
-                      settings={"inference": {"warm_up_exam": True}})
-    wait_for(lambda: _get(f"{base}/readyz").status_code == 200, 120, interval=1,
-             what="ready (model)")
+    node, base = _web(
+        node_factory, storescp_factory, settings={"inference": {"warm_up_exam": True}}
+    )
+    wait_for(
+        lambda: _get(f"{base}/readyz").status_code == 200, 120, interval=1, what="ready (model)"
+    )
     # Ready only once a synthetic exam went through every stage (warm start, issue 21); it
     # leaves nothing behind (the exam counts below are the real exam's only).
     warm = re.search(r"warm-up exam read in ([0-9.]+) s", node.log.read_text())
@@ -56,12 +61,14 @@ def test_metrics_and_probes_after_an_exam(node_factory, storescp_factory):
     assert send(node.port, exam) == [0] * 4
     study = exam[0].StudyInstanceUID
     node.wait_exam(study, "done", timeout=180)
-    wait_for(lambda: node.exam(study)["delivery"].get("pacs", {}).get("sent") == 6, 60,
-             what="delivered")
+    wait_for(
+        lambda: node.exam(study)["delivery"].get("pacs", {}).get("sent") == 6, 60, what="delivered"
+    )
 
     def latency_seen():
         m = _samples(_get(f"{base}/metrics").text)
         return m if m.get(("mammo_node_results_latency_seconds_count", ())) == 1 else None
+
     m = wait_for(latency_seen, 30, what="the latency histogram")
     assert m[("mammo_node_instances_received_total", (("calling_ae", "PYNETDICOM"),))] == 4
     assert m[("mammo_node_bytes_received_total", (("calling_ae", "PYNETDICOM"),))] > 4 * 320 * 256
@@ -77,9 +84,16 @@ def test_metrics_and_probes_after_an_exam(node_factory, storescp_factory):
     assert _get(f"{base}/healthz").json() == {"status": "alive"}
     ready = _get(f"{base}/readyz").json()
     assert ready["ready"] and all(c["ok"] for c in ready["checks"].values())
-    assert set(ready["checks"]) == {"database", "model", "disk", "listener", "thread worker",
-                                    "thread export", "thread retention",
-                                    "thread stable-timer"}
+    assert set(ready["checks"]) == {
+        "database",
+        "model",
+        "disk",
+        "listener",
+        "thread worker",
+        "thread export",
+        "thread retention",
+        "thread stable-timer",
+    }
 
 
 def test_readyz_says_why_when_not_ready(node_factory, tmp_path):
@@ -87,8 +101,10 @@ def test_readyz_says_why_when_not_ready(node_factory, tmp_path):
     header = b'{"__metadata__": {"format": "pt"}}'
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(len(header).to_bytes(8, "little") + header)
-    node, base = _web(node_factory, settings={"inference": {"checkpoint": str(bad)},
-                                              "storage": {"min_free_mb": 10_000_000}})
+    node, base = _web(
+        node_factory,
+        settings={"inference": {"checkpoint": str(bad)}, "storage": {"min_free_mb": 10_000_000}},
+    )
 
     seen = []
 
@@ -96,6 +112,7 @@ def test_readyz_says_why_when_not_ready(node_factory, tmp_path):
         r = _get(f"{base}/readyz")
         seen.append(r)
         return r is not None and bool(r.json()["checks"]["model"].get("error"))
+
     wait_for(failed, 120, what="the model failure in /readyz")
     r = seen[-1]
     assert r.status_code == 503 and not r.json()["ready"]

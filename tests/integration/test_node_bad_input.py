@@ -72,8 +72,20 @@ def test_calling_ae_not_allowed_is_rejected(node_factory, tmp_path):
     assert echo(node.port, node.ae_title, calling="GOODSCU")
     assert not echo(node.port, node.ae_title, calling="BADSCU")
     f = write(make_mammogram("L", "CC", rows=64, cols=64), tmp_path / "a.dcm")
-    r = subprocess.run([dcmtk("storescu"), "-aet", "BADSCU", "-aec", node.ae_title,
-                        "127.0.0.1", str(node.port), str(f)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            dcmtk("storescu"),
+            "-aet",
+            "BADSCU",
+            "-aec",
+            node.ae_title,
+            "127.0.0.1",
+            str(node.port),
+            str(f),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0
     assert "reject" in (r.stdout + r.stderr).lower()
     _assert_nothing_left(node)
@@ -85,8 +97,11 @@ def test_disk_reserve_rejects_storage_associations(node_factory, tmp_path):
     node = node_factory({"storage": {"min_free_mb": 10_000_000}})  # more than any disk
     assert echo(node.port, node.ae_title)
     f = write(make_mammogram("L", "CC", rows=64, cols=64), tmp_path / "a.dcm")
-    r = subprocess.run([dcmtk("storescu"), "-aec", node.ae_title, "127.0.0.1", str(node.port),
-                        str(f)], capture_output=True, text=True)
+    r = subprocess.run(
+        [dcmtk("storescu"), "-aec", node.ae_title, "127.0.0.1", str(node.port), str(f)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0
     assert "Local Limit Exceeded" in r.stdout + r.stderr  # result transient, reason 2
     _assert_nothing_left(node)
@@ -99,15 +114,22 @@ def test_real_full_disk_answers_out_of_resources(node_factory, tmp_path):
         pytest.skip("mounting a tmpfs needs root")
     mnt = tmp_path / "small"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     assert r.returncode == 0, f"root but cannot mount a tmpfs: {r.stderr.strip()}"
     try:
         node = node_factory({"storage": {"min_free_mb": 0}}, data_dir=mnt / "data")
         small = make_exam(seed=2, rows=128, cols=104)
         assert send(node.port, small[:1]) == [0]
-        big = make_mammogram("L", "MLO", rows=2600, cols=2560, study_uid=small[0].StudyInstanceUID,
-                             patient_id=small[0].PatientID)
+        big = make_mammogram(
+            "L",
+            "MLO",
+            rows=2600,
+            cols=2560,
+            study_uid=small[0].StudyInstanceUID,
+            patient_id=small[0].PatientID,
+        )
         st = send(node.port, [big])
         assert 0xA700 <= st[0] <= 0xA7FF, hex(st[0])
         assert [p.stem for p in node.stored_files()] == [small[0].SOPInstanceUID]
@@ -129,13 +151,17 @@ def test_reserve_crossed_while_a_dataset_arrives(node_factory, tmp_path):
         pytest.skip("mounting a tmpfs needs root")
     mnt = tmp_path / "small"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, f"root but cannot mount a tmpfs: {r.stderr.strip()}"
     try:
         node = node_factory({"storage": {"min_free_mb": 40}}, data_dir=mnt / "data")
-        big = make_mammogram("L", "CC", rows=5120, cols=4096, seed=4,
-                             pixels=np.zeros((5120, 4096), np.float32))
+        big = make_mammogram(
+            "L", "CC", rows=5120, cols=4096, seed=4, pixels=np.zeros((5120, 4096), np.float32)
+        )
         small = make_mammogram("L", "MLO", rows=64, cols=64, seed=4)
         assert send(node.port, [big, small]) == [0xA700, 0]
         assert [p.stem for p in node.stored_files()] == [small.SOPInstanceUID]
@@ -149,13 +175,30 @@ def test_reserve_crossed_while_a_dataset_arrives(node_factory, tmp_path):
 def test_peer_killed_mid_association_keeps_acknowledged_only(node, tmp_path):
     small = make_exam(seed=3, rows=128, cols=104)
     files = [write(ds, tmp_path / f"s{i}.dcm") for i, ds in enumerate(small[:2])]
-    big = make_mammogram("R", "CC", rows=3328, cols=2560, study_uid=small[0].StudyInstanceUID,
-                         patient_id=small[0].PatientID)
+    big = make_mammogram(
+        "R",
+        "CC",
+        rows=3328,
+        cols=2560,
+        study_uid=small[0].StudyInstanceUID,
+        patient_id=small[0].PatientID,
+    )
     files.append(write(big, tmp_path / "big.dcm"))
     # A slow sender: small PDUs so the big dataset takes a while to stream.
-    proc = subprocess.Popen([dcmtk("storescu"), "-aec", node.ae_title, "-pdu", "4096",
-                             "127.0.0.1", str(node.port), *map(str, files)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            dcmtk("storescu"),
+            "-aec",
+            node.ae_title,
+            "-pdu",
+            "4096",
+            "127.0.0.1",
+            str(node.port),
+            *map(str, files),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         partial = [p for p in node.incoming_files() if p.stat().st_size > 1_000_000]
@@ -171,7 +214,8 @@ def test_peer_killed_mid_association_keeps_acknowledged_only(node, tmp_path):
     while node.incoming_files() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert sorted(p.stem for p in node.stored_files()) == sorted(
-        ds.SOPInstanceUID for ds in small[:2])
+        ds.SOPInstanceUID for ds in small[:2]
+    )
     _assert_nothing_left(node, 2)
     assert echo(node.port, node.ae_title)
 
@@ -193,7 +237,7 @@ class _Vanishing:
             raise OSError("the peer is gone")
         data = bytes(data)
         if self.sent + len(data) > self.after:
-            data = data[:max(1, self.after - self.sent)]  # the last write, cut short
+            data = data[: max(1, self.after - self.sent)]  # the last write, cut short
         n = self.sock.send(data)
         self.sent += n
         return n
@@ -215,8 +259,9 @@ def test_peer_vanishing_mid_pdu_is_dropped_at_the_network_timeout(node_factory):
     node = node_factory({"node": {"network_timeout_seconds": 2, "max_associations": 1}})
     ds = make_mammogram("L", "CC", rows=1024, cols=512, seed=81)  # 1 MB of pixels
     ae = AE(ae_title="VANISHING")
-    ae.add_requested_context(DigitalMammographyXRayImageStorageForPresentation,
-                             str(ds.file_meta.TransferSyntaxUID))
+    ae.add_requested_context(
+        DigitalMammographyXRayImageStorageForPresentation, str(ds.file_meta.TransferSyntaxUID)
+    )
     assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
     assert assoc.is_established
     vanishing = _Vanishing(assoc.dul.socket.socket, after=300_000)
@@ -224,15 +269,27 @@ def test_peer_vanishing_mid_pdu_is_dropped_at_the_network_timeout(node_factory):
     t = threading.Thread(target=lambda: assoc.send_c_store(ds), daemon=True)
     t.start()
     try:
-        wait_for(lambda: vanishing.sent >= vanishing.after and node.incoming_files(), 20,
-                 interval=0.01, what="the dataset half received")
+        wait_for(
+            lambda: vanishing.sent >= vanishing.after and node.incoming_files(),
+            20,
+            interval=0.01,
+            what="the dataset half received",
+        )
         t0 = time.monotonic()
-        wait_for(lambda: node.incoming_files() == [], 20, interval=0.1,
-                 what="the partial dataset deleted")
+        wait_for(
+            lambda: node.incoming_files() == [],
+            20,
+            interval=0.1,
+            what="the partial dataset deleted",
+        )
         assert time.monotonic() - t0 < 12
         # The only association slot is free again.
-        wait_for(lambda: echo(node.port, node.ae_title), 10, interval=0.2,
-                 what="a new association accepted")
+        wait_for(
+            lambda: echo(node.port, node.ae_title),
+            10,
+            interval=0.2,
+            what="a new association accepted",
+        )
         assert time.monotonic() - t0 < 12
     finally:
         vanishing.gone.set()
@@ -263,9 +320,13 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"\[inference\] checkpoint: file not found"):
         load_config(missing)
     bad = tmp_path / "bad.toml"
-    bad.write_text('[node]\nport = 70000\n')
-    r = subprocess.run([sys.executable, "-m", "node", "start", "--config", str(bad)],
-                       capture_output=True, text=True, timeout=60)
+    bad.write_text("[node]\nport = 70000\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "node", "start", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "[node] port" in r.stderr
 
 

@@ -27,12 +27,19 @@ SLOTS = ["L-CC", "L-MLO", "R-CC", "R-MLO"]
 
 
 def test_echoscu_and_storescu_full_exam(node, tmp_path):
-    assert subprocess.run([dcmtk("echoscu"), "-aec", node.ae_title, "127.0.0.1",
-                           str(node.port)]).returncode == 0
+    assert (
+        subprocess.run(
+            [dcmtk("echoscu"), "-aec", node.ae_title, "127.0.0.1", str(node.port)]
+        ).returncode
+        == 0
+    )
     exam = make_exam(seed=3)
     files = [write(ds, tmp_path / f"img{i}.dcm") for i, ds in enumerate(exam)]
-    r = subprocess.run([dcmtk("storescu"), "-aec", node.ae_title, "127.0.0.1", str(node.port),
-                        *map(str, files)], capture_output=True, text=True)
+    r = subprocess.run(
+        [dcmtk("storescu"), "-aec", node.ae_title, "127.0.0.1", str(node.port), *map(str, files)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     study = exam[0].StudyInstanceUID
     e = node.exam(study)  # complete: ready at once, no stable wait
@@ -59,17 +66,21 @@ def test_echoscu_and_storescu_full_exam(node, tmp_path):
     assert st.returncode == 0 and "running" in st.stdout and "C-ECHO ok" in st.stdout
 
 
-@pytest.mark.parametrize("variant", [
-    dict(dialect="code-only"),
-    dict(dialect="srt"),
-    dict(dialect="legacy"),
-    dict(photometric="MONOCHROME1"),
-    dict(transfer_syntax=JPEGLSLossless),
-    dict(transfer_syntax=JPEG2000Lossless),
-    dict(transfer_syntax=RLELossless),
-    dict(transfer_syntax=DeflatedExplicitVRLittleEndian),
-    dict(transfer_syntax=ImplicitVRLittleEndian),
-], ids=lambda v: "-".join(str(x) for x in v.values()))
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(dialect="code-only"),
+        dict(dialect="srt"),
+        dict(dialect="legacy"),
+        dict(photometric="MONOCHROME1"),
+        dict(transfer_syntax=JPEGLSLossless),
+        dict(transfer_syntax=JPEG2000Lossless),
+        dict(transfer_syntax=RLELossless),
+        dict(transfer_syntax=DeflatedExplicitVRLittleEndian),
+        dict(transfer_syntax=ImplicitVRLittleEndian),
+    ],
+    ids=lambda v: "-".join(str(x) for x in v.values()),
+)
 def test_vendor_variants_fill_slots(node, variant):
     exam = make_exam(seed=5, rows=256, cols=208, **variant)
     assert send(node.port, exam) == [0, 0, 0, 0]
@@ -92,8 +103,19 @@ def test_jpeg_lossless_from_dcmcjpeg_via_storescu(node, tmp_path):
         out = tmp_path / f"jpll{i}.dcm"
         subprocess.run([dcmtk("dcmcjpeg"), "+e1", str(raw), str(out)], check=True)
         files.append(out)
-    r = subprocess.run([dcmtk("storescu"), "-xs", "-aec", node.ae_title, "127.0.0.1",
-                        str(node.port), *map(str, files)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            dcmtk("storescu"),
+            "-xs",
+            "-aec",
+            node.ae_title,
+            "127.0.0.1",
+            str(node.port),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     e = node.exam(exam[0].StudyInstanceUID)
     assert e["missing"] == [] and e["state"] == "ready"
@@ -134,11 +156,11 @@ def test_extra_views_tomo_and_for_processing(node):
     items = [spot, mag, xccl, implant, proc_rcc, tomo, proc_lcc, pres_lcc]
     assert send(node.port, items) == [0] * len(items)
     e = node.exam(study)
-    assert e["views"]["L-CC"] == pres_lcc.SOPInstanceUID   # presentation beats processing
-    assert e["views"]["R-CC"] == proc_rcc.SOPInstanceUID   # processing when nothing else
-    assert e["views"]["L-MLO"] is None                     # implant-displaced is an extra
+    assert e["views"]["L-CC"] == pres_lcc.SOPInstanceUID  # presentation beats processing
+    assert e["views"]["R-CC"] == proc_rcc.SOPInstanceUID  # processing when nothing else
+    assert e["views"]["L-MLO"] is None  # implant-displaced is an extra
     assert e["missing"] == ["L-MLO", "R-MLO"]
-    assert len(node.stored_files()) == len(items)          # extras are stored all the same
+    assert len(node.stored_files()) == len(items)  # extras are stored all the same
 
 
 def test_repeated_view_latest_acquisition_wins_and_duplicates(node):
@@ -146,12 +168,26 @@ def test_repeated_view_latest_acquisition_wins_and_duplicates(node):
     study = exam[0].StudyInstanceUID
     early = dt.datetime(2026, 1, 15, 8, 0, 0)
     late = dt.datetime(2026, 1, 15, 10, 0, 0)
-    retake_late = make_mammogram("R", "CC", study_uid=study, acquisition=late,
-                                 patient_id=exam[0].PatientID, rows=128,
-                                 cols=104, seed=99)
-    retake_early = make_mammogram("R", "CC", study_uid=study, acquisition=early,
-                                  patient_id=exam[0].PatientID, rows=128,
-                                  cols=104, seed=98)
+    retake_late = make_mammogram(
+        "R",
+        "CC",
+        study_uid=study,
+        acquisition=late,
+        patient_id=exam[0].PatientID,
+        rows=128,
+        cols=104,
+        seed=99,
+    )
+    retake_early = make_mammogram(
+        "R",
+        "CC",
+        study_uid=study,
+        acquisition=early,
+        patient_id=exam[0].PatientID,
+        rows=128,
+        cols=104,
+        seed=98,
+    )
     assert send(node.port, [*exam[:2], retake_late, exam[2], retake_early, exam[3]]) == [0] * 6
     e = node.exam(study)
     assert e["views"]["R-CC"] == retake_late.SOPInstanceUID
@@ -176,9 +212,16 @@ def test_instance_after_done_reopens_exam(node):
     exam_id, version = store.claim_next_ready()
     assert store.finish(exam_id, version, ok=True)
     assert node.exam(study)["state"] == "done"
-    retake = make_mammogram("L", "MLO", study_uid=study, rows=128, cols=104, seed=77,
-                            patient_id=exam[0].PatientID,
-                            acquisition=dt.datetime(2026, 1, 15, 11, 0))
+    retake = make_mammogram(
+        "L",
+        "MLO",
+        study_uid=study,
+        rows=128,
+        cols=104,
+        seed=77,
+        patient_id=exam[0].PatientID,
+        acquisition=dt.datetime(2026, 1, 15, 11, 0),
+    )
     assert send(node.port, [retake]) == [0]
     e = node.exam(study)
     assert e["version"] == 2 and e["state"] == "ready"
@@ -260,8 +303,10 @@ def test_no_patient_name_in_info_logs(node):
 
 def test_daemon_does_not_load_torch():
     """The receiving process stays small (ingest benchmark: < 300 MB): no torch in it."""
-    code = ("import sys, node.cli, node.daemon, node.scp; node.cli.build_parser(); "
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys, node.cli, node.daemon, node.scp; node.cli.build_parser(); "
+        "print('torch' in sys.modules)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "False"
 
@@ -274,15 +319,19 @@ def test_listener_role_serves_images_without_torch(node_factory):
     from tests.helpers import free_port
 
     web = free_port()
-    node = node_factory({"dicomweb": {"enabled": True, "host": "127.0.0.1", "port": web}},
-                        role="listener")
+    node = node_factory(
+        {"dicomweb": {"enabled": True, "host": "127.0.0.1", "port": web}}, role="listener"
+    )
     exam = make_exam(seed=33, rows=128, cols=96)
     assert send(node.port, exam) == [0] * 4
     ds = exam[0]
     base = f"http://127.0.0.1:{web}/dicomweb"
-    r = requests.get(f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/"
-                     f"instances/{ds.SOPInstanceUID}/rendered", headers={"Accept": "image/png"},
-                     timeout=60)
+    r = requests.get(
+        f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/"
+        f"instances/{ds.SOPInstanceUID}/rendered",
+        headers={"Accept": "image/png"},
+        timeout=60,
+    )
     assert r.status_code == 200 and r.content[:4] == b"\x89PNG"
     assert requests.get(f"{base}/studies", timeout=60).status_code == 200
     maps = open(f"/proc/{node.proc.pid}/maps").read()

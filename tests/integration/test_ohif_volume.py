@@ -16,29 +16,45 @@ from tests.integration.test_ohif import DIST, _busy, _shot, browser  # noqa: F40
 FRAMES, TARGET = 30, 20
 
 
-def test_ohif_scrolls_a_tomosynthesis_volume_to_a_frame(node_factory, browser,  # noqa: F811
-                                                         tmp_path):
+def test_ohif_scrolls_a_tomosynthesis_volume_to_a_frame(
+    node_factory,
+    browser,  # noqa: F811
+    tmp_path,
+):
     port = free_port()
-    node = node_factory({"dicomweb": {"enabled": True, "host": "127.0.0.1", "port": port,
-                                      "viewer_dir": str(DIST)}})
-    path = write_tomo_volume(tmp_path / "v.dcm", "L", "MLO", frames=FRAMES, rows=512,
-                             cols=416, patient_id="TOMO-OHIF")
+    node = node_factory(
+        {"dicomweb": {"enabled": True, "host": "127.0.0.1", "port": port, "viewer_dir": str(DIST)}}
+    )
+    path = write_tomo_volume(
+        tmp_path / "v.dcm", "L", "MLO", frames=FRAMES, rows=512, cols=416, patient_id="TOMO-OHIF"
+    )
     assert send(node.port, [path]) == [0]
     study = dcmread(path, stop_before_pixels=True).StudyInstanceUID
     base = f"http://127.0.0.1:{port}"
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     failed: list[str] = []
     frames_asked: list[str] = []
-    page.on("response", lambda r: failed.append(f"{r.status} {r.url}")
-            if r.status >= 400 and r.url.startswith(base) else None)
+    page.on(
+        "response",
+        lambda r: (
+            failed.append(f"{r.status} {r.url}")
+            if r.status >= 400 and r.url.startswith(base)
+            else None
+        ),
+    )
     page.on("request", lambda r: frames_asked.append(r.url) if "/frames/" in r.url else None)
     page.goto(f"{base}/viewer/viewer?StudyInstanceUIDs={study}", wait_until="networkidle")
     canvas = page.locator("canvas").first
-    wait_for(lambda: canvas.count() > 0 and _busy(canvas.screenshot()) > 5, 90, interval=1,
-             what="the volume's first frame drawn")
+    wait_for(
+        lambda: canvas.count() > 0 and _busy(canvas.screenshot()) > 5,
+        90,
+        interval=1,
+        what="the volume's first frame drawn",
+    )
     for tip in ("text=Skip all", "text=Confirm and hide"):
         if page.locator(tip).count():
             page.locator(tip).first.click()
+
     def shown() -> int | None:
         """The frame OHIF's overlay says is drawn ("I:1 (k/30)")."""
         m = re.search(rf"\((\d+)/{FRAMES}\)", page.inner_text("body"))
@@ -55,10 +71,17 @@ def test_ohif_scrolls_a_tomosynthesis_volume_to_a_frame(node_factory, browser,  
         if now >= TARGET:
             break
         page.mouse.wheel(0, 100)
-        wait_for(lambda now=now: (shown() or 0) > now, 30, interval=0.1,
-                 what=f"the overlay past frame {now}")
-    wait_for(lambda: any(u.endswith(f"/frames/{TARGET}") for u in frames_asked), 30,
-             what=f"frame {TARGET} fetched by WADO-RS frames")
+        wait_for(
+            lambda now=now: (shown() or 0) > now,
+            30,
+            interval=0.1,
+            what=f"the overlay past frame {now}",
+        )
+    wait_for(
+        lambda: any(u.endswith(f"/frames/{TARGET}") for u in frames_asked),
+        30,
+        what=f"frame {TARGET} fetched by WADO-RS frames",
+    )
     page.wait_for_load_state("networkidle")
     shot = _shot(page, f"tomo-frame-{TARGET}")
     assert shown() == TARGET and shot.exists()

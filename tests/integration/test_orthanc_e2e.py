@@ -23,16 +23,28 @@ class Orthanc:
         self.http = free_port()
         self.dicom = free_port()
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps({
-            "Name": "mammo-node-test", "StorageDirectory": str(folder / "db"),
-            "IndexDirectory": str(folder / "db"), "HttpPort": self.http,
-            "DicomPort": self.dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "Plugins": [], "DicomCheckCalledAet": False,
-            "DicomModalities": {"mammo": ["MAMMO_NODE", "127.0.0.1", node_port]},
-            **(extra or {})}))
+        (folder / "config.json").write_text(
+            json.dumps(
+                {
+                    "Name": "mammo-node-test",
+                    "StorageDirectory": str(folder / "db"),
+                    "IndexDirectory": str(folder / "db"),
+                    "HttpPort": self.http,
+                    "DicomPort": self.dicom,
+                    "DicomAet": "ORTHANC",
+                    "RemoteAccessAllowed": False,
+                    "AuthenticationEnabled": False,
+                    "Plugins": [],
+                    "DicomCheckCalledAet": False,
+                    "DicomModalities": {"mammo": ["MAMMO_NODE", "127.0.0.1", node_port]},
+                    **(extra or {}),
+                }
+            )
+        )
         self.log = open(folder / "orthanc.log", "wb")
-        self.proc = subprocess.Popen([ORTHANC, str(folder / "config.json")],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [ORTHANC, str(folder / "config.json")], stdout=self.log, stderr=subprocess.STDOUT
+        )
         wait_for(self._up, 30, what="Orthanc")
 
     def _up(self) -> bool:
@@ -51,8 +63,9 @@ class Orthanc:
         return json.loads(body) if body[:1] in (b"{", b"[") else body
 
     def post(self, path: str, data: bytes, ctype: str = "application/json"):
-        req = urllib.request.Request(self.url(path), data=data, method="POST",
-                                     headers={"Content-Type": ctype})
+        req = urllib.request.Request(
+            self.url(path), data=data, method="POST", headers={"Content-Type": ctype}
+        )
         with urllib.request.urlopen(req, timeout=120) as r:
             return json.loads(r.read() or b"null")
 
@@ -68,29 +81,38 @@ class Orthanc:
 @pytest.mark.skipif(not Path(ORTHANC).exists(), reason="Orthanc is installed by .ci/run")
 def test_orthanc_routes_a_study_and_receives_the_reading(node_factory, tmp_path):
     # Ports first: Orthanc must know the node. Parametric Maps on: Orthanc takes them too.
-    node = node_factory({"results": {"parametric_maps": True, "presentation_states": True}},
-                        start=False, worker=True)
+    node = node_factory(
+        {"results": {"parametric_maps": True, "presentation_states": True}},
+        start=False,
+        worker=True,
+    )
     orthanc = Orthanc(tmp_path / "orthanc", node.port)
     try:
         cfg = node.config.read_text() + (
-            "[[destinations]]\nname = \"orthanc\"\nae_title = \"ORTHANC\"\n"
-            f"host = \"127.0.0.1\"\nport = {orthanc.dicom}\n"
-            "[export]\ninitial_delay_seconds = 0.5\nmax_delay_seconds = 1.0\n")
+            '[[destinations]]\nname = "orthanc"\nae_title = "ORTHANC"\n'
+            f'host = "127.0.0.1"\nport = {orthanc.dicom}\n'
+            "[export]\ninitial_delay_seconds = 0.5\nmax_delay_seconds = 1.0\n"
+        )
         node.config.write_text(cfg)
         node.start()
-        exam = make_exam(seed=21, rows=640, cols=512,
-                         lesions={"R": [Lesion("spiculated", 0.5, 0.5, 0.07, 0.35)]})
+        exam = make_exam(
+            seed=21, rows=640, cols=512, lesions={"R": [Lesion("spiculated", 0.5, 0.5, 0.07, 0.35)]}
+        )
         study_uid = exam[0].StudyInstanceUID
         for i, ds in enumerate(exam):
-            orthanc.post("/instances", write(ds, tmp_path / f"in{i}.dcm").read_bytes(),
-                         "application/dicom")
+            orthanc.post(
+                "/instances", write(ds, tmp_path / f"in{i}.dcm").read_bytes(), "application/dicom"
+            )
         study_id = orthanc.post("/tools/lookup", study_uid.encode(), "text/plain")[0]["ID"]
         assert len(orthanc.get(f"/studies/{study_id}/instances")) == 4
         job = orthanc.post("/modalities/mammo/store", json.dumps(study_id).encode())
         assert job is not None
         node.wait_exam(study_uid, "done", timeout=180)
-        wait_for(lambda: len(orthanc.get(f"/studies/{study_id}/instances")) == 15, 90,
-                 what="SRs, the presentation state, SCs and Parametric Maps in Orthanc")
+        wait_for(
+            lambda: len(orthanc.get(f"/studies/{study_id}/instances")) == 15,
+            90,
+            what="SRs, the presentation state, SCs and Parametric Maps in Orthanc",
+        )
         series = orthanc.get(f"/studies/{study_id}/series")
         modalities = sorted(s["MainDicomTags"].get("Modality", "") for s in series)
         assert modalities.count("SR") == 2 and "MG" in modalities and "PR" in modalities
@@ -118,33 +140,46 @@ def test_send_cut_off_by_a_crash_is_confirmed_not_repeated(node_factory, tmp_pat
     node = node_factory(start=False, worker=True)
     orthanc = Orthanc(tmp_path / "orthanc", node.port)
     try:
-        node.config.write_text(node.config.read_text() + (
-            "[[destinations]]\nname = \"orthanc\"\nae_title = \"ORTHANC\"\n"
-            f"host = \"127.0.0.1\"\nport = {orthanc.dicom}\n"
-            "[export]\ninitial_delay_seconds = 0.5\nmax_delay_seconds = 1.0\n"))
+        node.config.write_text(
+            node.config.read_text()
+            + (
+                '[[destinations]]\nname = "orthanc"\nae_title = "ORTHANC"\n'
+                f'host = "127.0.0.1"\nport = {orthanc.dicom}\n'
+                "[export]\ninitial_delay_seconds = 0.5\nmax_delay_seconds = 1.0\n"
+            )
+        )
         node.start()
         exam = make_exam(seed=22, rows=256, cols=208)
         study_uid = exam[0].StudyInstanceUID
         from tests.helpers import send
 
         assert send(node.port, exam) == [0] * 4
-        wait_for(lambda: node.exam(study_uid).get("delivery", {}).get("orthanc", {})
-                 .get("sent") == 6, 120, what="delivered")
+        wait_for(
+            lambda: node.exam(study_uid).get("delivery", {}).get("orthanc", {}).get("sent") == 6,
+            120,
+            what="delivered",
+        )
         assert node.stop() == 0
         db = sqlite3.connect(node.data_dir / "mammo-node.db")
         row_id, sop = db.execute(
             "SELECT o.id, r.sop_instance_uid FROM outbound o JOIN results r "
-            "ON r.id = o.result_id ORDER BY o.id LIMIT 1").fetchone()
+            "ON r.id = o.result_id ORDER BY o.id LIMIT 1"
+        ).fetchone()
         now = dt.datetime.utcnow().isoformat(sep=" ")
-        db.execute("UPDATE outbound SET state='retrying', in_flight_since=?, next_attempt_at=? "
-                   "WHERE id=?", (now, now, row_id))
+        db.execute(
+            "UPDATE outbound SET state='retrying', in_flight_since=?, next_attempt_at=? WHERE id=?",
+            (now, now, row_id),
+        )
         db.commit()
         db.close()
         before = node.log.read_text()
         node.start()
-        wait_for(lambda: node.exam(study_uid)["delivery"]["orthanc"].get("sent") == 6, 60,
-                 what="confirmed")
-        after = node.log.read_text()[len(before):]
+        wait_for(
+            lambda: node.exam(study_uid)["delivery"]["orthanc"].get("sent") == 6,
+            60,
+            what="confirmed",
+        )
+        after = node.log.read_text()[len(before) :]
         assert f"{sop} was already at orthanc" in after
         assert f"sent {sop} to orthanc" not in after
     finally:
@@ -167,20 +202,34 @@ def test_orthanc_dicomweb_plugin_retrieves_a_study_from_the_node(node_factory, t
     exam = make_exam(seed=131, rows=320, cols=256)
     study = exam[0].StudyInstanceUID
     assert send(node.port, exam) == [0] * 4
-    orthanc = Orthanc(tmp_path / "orthanc", node.port, extra={
-        "Plugins": [str(DICOMWEB_PLUGIN)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/",
-                     "Servers": {"node": [f"http://127.0.0.1:{web}/dicomweb/"]}}})
+    orthanc = Orthanc(
+        tmp_path / "orthanc",
+        node.port,
+        extra={
+            "Plugins": [str(DICOMWEB_PLUGIN)],
+            "DicomWeb": {
+                "Enable": True,
+                "Root": "/dicom-web/",
+                "Servers": {"node": [f"http://127.0.0.1:{web}/dicomweb/"]},
+            },
+        },
+    )
     try:
-        found = orthanc.post("/dicom-web/servers/node/qido", json.dumps(
-            {"Uri": "/studies", "Arguments": {"StudyInstanceUID": study}}).encode())
+        found = orthanc.post(
+            "/dicom-web/servers/node/qido",
+            json.dumps({"Uri": "/studies", "Arguments": {"StudyInstanceUID": study}}).encode(),
+        )
         assert len(found) == 1 and found[0]["0020000D"]["Value"] == study  # Orthanc simplifies
-        orthanc.post("/dicom-web/servers/node/retrieve",
-                     json.dumps({"Resources": [{"Study": study}]}).encode())
-        ids = wait_for(lambda: orthanc.get("/instances") if len(orthanc.get("/instances")) == 4
-                       else None, 60, what="the study in Orthanc")
-        got = sorted(orthanc.get(f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"]
-                     for i in ids)
+        orthanc.post(
+            "/dicom-web/servers/node/retrieve",
+            json.dumps({"Resources": [{"Study": study}]}).encode(),
+        )
+        ids = wait_for(
+            lambda: orthanc.get("/instances") if len(orthanc.get("/instances")) == 4 else None,
+            60,
+            what="the study in Orthanc",
+        )
+        got = sorted(orthanc.get(f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"] for i in ids)
         assert got == sorted(ds.SOPInstanceUID for ds in exam)
     finally:
         orthanc.stop()

@@ -18,18 +18,31 @@ SIZE = dict(rows=320, cols=256)
 
 def _other_patient(study: str, slot: str = "L-CC", later: bool = True):
     lat, view = slot.split("-")
-    return make_mammogram(lat, view, seed=99, study_uid=study, patient_id="OTHER-PATIENT",
-                          patient_name="Other^Person", accession="ACC-OTHER",
-                          acquisition=dt.datetime(2030, 1, 1) if later else
-                          dt.datetime(2000, 1, 1), **SIZE)
+    return make_mammogram(
+        lat,
+        view,
+        seed=99,
+        study_uid=study,
+        patient_id="OTHER-PATIENT",
+        patient_name="Other^Person",
+        accession="ACC-OTHER",
+        acquisition=dt.datetime(2030, 1, 1) if later else dt.datetime(2000, 1, 1),
+        **SIZE,
+    )
 
 
 def _node(node_factory, storescp_factory, worker=True):
     pacs = storescp_factory()
-    node = node_factory({"destinations": [{"name": "pacs", "ae_title": "PACS",
-                                           "host": "127.0.0.1", "port": pacs.port}],
-                         "export": FAST_EXPORT, "grouping": {"stable_seconds": 2}},
-                        worker=worker)
+    node = node_factory(
+        {
+            "destinations": [
+                {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}
+            ],
+            "export": FAST_EXPORT,
+            "grouping": {"stable_seconds": 2},
+        },
+        worker=worker,
+    )
     return node, pacs
 
 
@@ -52,13 +65,15 @@ def test_conflicting_image_arriving_last_holds_the_exam(node_factory, storescp_f
     log = node.log.read_text()
     assert f"exam {study} held" in log and "OTHER-PATIENT" not in log and "Other^" not in log
     node.stop()
-    alerts = [json.loads(x) for x in (node.data_dir / "audit.jsonl").read_text().splitlines()
-              if "patient conflict" in x]
+    alerts = [
+        json.loads(x)
+        for x in (node.data_dir / "audit.jsonl").read_text().splitlines()
+        if "patient conflict" in x
+    ]
     assert alerts and alerts[0]["event"] == "Security Alert" and alerts[0]["study"] == study
 
 
-def test_conflict_as_a_repeat_view_after_the_reading_then_resolved(node_factory,
-                                                                  storescp_factory):
+def test_conflict_as_a_repeat_view_after_the_reading_then_resolved(node_factory, storescp_factory):
     node, pacs = _node(node_factory, storescp_factory)
     exam = make_exam(seed=72, patient_id="PAT-72", acquisition=dt.datetime(2026, 1, 1), **SIZE)
     study = exam[0].StudyInstanceUID
@@ -81,8 +96,7 @@ def test_conflict_as_a_repeat_view_after_the_reading_then_resolved(node_factory,
     assert {dcmread(f).PatientID for f in pacs.files()} == {"PAT-72"}
 
 
-def test_conflicting_image_arriving_first_never_reaches_the_model(node_factory,
-                                                                  storescp_factory):
+def test_conflicting_image_arriving_first_never_reaches_the_model(node_factory, storescp_factory):
     node, pacs = _node(node_factory, storescp_factory)
     study_exam = make_exam(seed=73, patient_id="PAT-73", **SIZE)
     study = study_exam[0].StudyInstanceUID

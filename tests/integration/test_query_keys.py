@@ -30,16 +30,34 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "conformance.md"
 
 #: The two studies' values (A and B differ in every key the data allows).
 VALUES = {
-    "A": dict(PatientID="PAT-QA", PatientName="Alpha^Ann", PatientBirthDate="19600101",
-              PatientSex="F", StudyDate="20260301", StudyTime="091500",
-              AccessionNumber="ACC-QA", StudyDescription="Screening A", StudyID="SA1",
-              ReferringPhysicianName="Ref^Alice", SeriesNumber=7,
-              SeriesDescription="Views A"),
-    "B": dict(PatientID="PAT-QB", PatientName="Beta^Bea", PatientBirthDate="19700202",
-              PatientSex="O", StudyDate="20260520", StudyTime="143000",
-              AccessionNumber="ACC-QB", StudyDescription="Diagnostic B", StudyID="SB2",
-              ReferringPhysicianName="Ref^Bob", SeriesNumber=8,
-              SeriesDescription="Views B"),
+    "A": dict(
+        PatientID="PAT-QA",
+        PatientName="Alpha^Ann",
+        PatientBirthDate="19600101",
+        PatientSex="F",
+        StudyDate="20260301",
+        StudyTime="091500",
+        AccessionNumber="ACC-QA",
+        StudyDescription="Screening A",
+        StudyID="SA1",
+        ReferringPhysicianName="Ref^Alice",
+        SeriesNumber=7,
+        SeriesDescription="Views A",
+    ),
+    "B": dict(
+        PatientID="PAT-QB",
+        PatientName="Beta^Bea",
+        PatientBirthDate="19700202",
+        PatientSex="O",
+        StudyDate="20260520",
+        StudyTime="143000",
+        AccessionNumber="ACC-QB",
+        StudyDescription="Diagnostic B",
+        StudyID="SB2",
+        ReferringPhysicianName="Ref^Bob",
+        SeriesNumber=8,
+        SeriesDescription="Views B",
+    ),
 }
 
 
@@ -57,8 +75,10 @@ def _exams():
 
 
 EXAMS = _exams()
-UID = {k: {"A": getattr(EXAMS[0][0], k), "B": getattr(EXAMS[1][0], k)}
-       for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")}
+UID = {
+    k: {"A": getattr(EXAMS[0][0], k), "B": getattr(EXAMS[1][0], k)}
+    for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+}
 SC = "1.2.840.10008.5.1.4.1.1.7"
 
 # (key, value, studies matched, value every answer returns for the key or None)
@@ -95,8 +115,7 @@ CASES: list[tuple[str, str, set[str], str | None]] = [
     ("ModalitiesInStudy", "MG", {"A", "B"}, "MG"),
     ("ModalitiesInStudy", "CT\\MG", {"A", "B"}, "MG"),
     ("ModalitiesInStudy", "CT", set(), None),
-    ("SeriesInstanceUID", UID["SeriesInstanceUID"]["B"], {"B"},
-     UID["SeriesInstanceUID"]["B"]),
+    ("SeriesInstanceUID", UID["SeriesInstanceUID"]["B"], {"B"}, UID["SeriesInstanceUID"]["B"]),
     ("SeriesInstanceUID", "\\".join(UID["SeriesInstanceUID"].values()), {"A", "B"}, None),
     ("Modality", "MG", {"A", "B"}, "MG"),
     ("Modality", "M?", {"A", "B"}, "MG"),
@@ -139,24 +158,35 @@ def test_the_conformance_statement_lists_the_table_and_every_key_is_tested():
     assert {k for k, *_ in CASES} == keys
 
 
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql",
-                                                                 marks=pytest.mark.postgres)])
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
 def loaded(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"query-{request.param}")
-    url = (f"sqlite:///{tmp / 'q.db'}" if request.param == "sqlite"
-           else request.getfixturevalue("pg_server").new_database("q"))
+    url = (
+        f"sqlite:///{tmp / 'q.db'}"
+        if request.param == "sqlite"
+        else request.getfixturevalue("pg_server").new_database("q")
+    )
     web = free_port()
-    node = NodeProcess(tmp, {
-        "node": {"database_url": url},
-        "dicomweb": {"enabled": True, "host": "127.0.0.1", "port": web},
-        "peers": [QR_PEER, {"ae_title": "PYNETDICOM", "services": ["echo", "store"]}]})
+    node = NodeProcess(
+        tmp,
+        {
+            "node": {"database_url": url},
+            "dicomweb": {"enabled": True, "host": "127.0.0.1", "port": web},
+            "peers": [QR_PEER, {"ae_title": "PYNETDICOM", "services": ["echo", "store"]}],
+        },
+    )
     node.start()
     try:
         assert send(node.port, EXAMS[0] + EXAMS[1]) == [0] * 8
         node.web = f"http://127.0.0.1:{web}/dicomweb"  # type: ignore[attr-defined]
         node.url = url  # type: ignore[attr-defined]
-        wait_for(lambda: requests.get(f"{node.web}/studies", timeout=5).ok, 30,  # type: ignore[attr-defined]
-                 what="DICOMweb up")
+        wait_for(
+            lambda: requests.get(f"{node.web}/studies", timeout=5).ok,
+            30,  # type: ignore[attr-defined]
+            what="DICOMweb up",
+        )
         yield node
     finally:
         node.stop()
@@ -178,11 +208,15 @@ def _text(elem) -> str:
     return "\\".join(str(v) for v in elem.value) if elem.VM > 1 else str(elem.value)
 
 
-def c_find(node, level: str, keys: dict[str, str], patient_root: bool = False,
-           syntax: str | None = None):
+def c_find(
+    node, level: str, keys: dict[str, str], patient_root: bool = False, syntax: str | None = None
+):
     """(final status, its error comment, the answers) of one C-FIND."""
-    model = (PatientRootQueryRetrieveInformationModelFind if patient_root
-             else StudyRootQueryRetrieveInformationModelFind)
+    model = (
+        PatientRootQueryRetrieveInformationModelFind
+        if patient_root
+        else StudyRootQueryRetrieveInformationModelFind
+    )
     ae = AE(ae_title="QRSCU")
     if syntax:
         ae.add_requested_context(model, [syntax])
@@ -223,12 +257,12 @@ def _level(key: str) -> str:
     return ATTRIBUTES[key].level
 
 
-@pytest.mark.parametrize("key, value, expected, returned", CASES,
-                         ids=[f"{k}={v[:24]}" for k, v, *_ in CASES])
+@pytest.mark.parametrize(
+    "key, value, expected, returned", CASES, ids=[f"{k}={v[:24]}" for k, v, *_ in CASES]
+)
 def test_c_find_key(loaded, key, value, expected, returned):
     level = _level(key)
-    status, comment, answers = c_find(loaded, level, {key: value},
-                                      patient_root=level == "PATIENT")
+    status, comment, answers = c_find(loaded, level, {key: value}, patient_root=level == "PATIENT")
     assert status == 0x0000, comment
     got = [_label(a.PatientID if level == "PATIENT" else a.StudyInstanceUID) for a in answers]
     assert set(got) == expected
@@ -243,12 +277,12 @@ def _json_text(elem: dict) -> str:
     return "\\".join(v["Alphabetic"] if isinstance(v, dict) else str(v) for v in vals)
 
 
-QIDO_PATH = {"PATIENT": "studies", "STUDY": "studies", "SERIES": "series",
-             "IMAGE": "instances"}
+QIDO_PATH = {"PATIENT": "studies", "STUDY": "studies", "SERIES": "series", "IMAGE": "instances"}
 
 
-@pytest.mark.parametrize("key, value, expected, returned", CASES,
-                         ids=[f"{k}={v[:24]}" for k, v, *_ in CASES])
+@pytest.mark.parametrize(
+    "key, value, expected, returned", CASES, ids=[f"{k}={v[:24]}" for k, v, *_ in CASES]
+)
 def test_qido_key(loaded, key, value, expected, returned):
     level = _level(key)
     r = requests.get(f"{loaded.web}/{QIDO_PATH[level]}", params={key: value}, timeout=30)
@@ -264,25 +298,49 @@ def test_qido_key(loaded, key, value, expected, returned):
 
 
 def test_counts_and_relational_keys(loaded):
-    status, _, answers = c_find(loaded, "STUDY", {
-        "StudyDescription": "Screening A", "NumberOfStudyRelatedSeries": "",
-        "NumberOfStudyRelatedInstances": "", "ModalitiesInStudy": "",
-        "NumberOfPatientRelatedStudies": "", "SOPInstanceUID": "", "InstitutionName": ""})
+    status, _, answers = c_find(
+        loaded,
+        "STUDY",
+        {
+            "StudyDescription": "Screening A",
+            "NumberOfStudyRelatedSeries": "",
+            "NumberOfStudyRelatedInstances": "",
+            "ModalitiesInStudy": "",
+            "NumberOfPatientRelatedStudies": "",
+            "SOPInstanceUID": "",
+            "InstitutionName": "",
+        },
+    )
     assert status == 0 and len(answers) == 1
     a = answers[0]
     assert (int(a.NumberOfStudyRelatedSeries), int(a.NumberOfStudyRelatedInstances)) == (1, 4)
     assert a.ModalitiesInStudy == "MG" and int(a.NumberOfPatientRelatedStudies) == 1
     assert a.SOPInstanceUID == "" and a.InstitutionName == ""  # asked, not held here: empty
-    status, _, answers = c_find(loaded, "PATIENT", {
-        "PatientName": "beta*", "NumberOfPatientRelatedStudies": "",
-        "NumberOfPatientRelatedSeries": "", "NumberOfPatientRelatedInstances": ""},
-        patient_root=True)
+    status, _, answers = c_find(
+        loaded,
+        "PATIENT",
+        {
+            "PatientName": "beta*",
+            "NumberOfPatientRelatedStudies": "",
+            "NumberOfPatientRelatedSeries": "",
+            "NumberOfPatientRelatedInstances": "",
+        },
+        patient_root=True,
+    )
     assert status == 0 and [a.PatientID for a in answers] == ["PAT-QB"]
-    assert [int(answers[0][k].value) for k in ("NumberOfPatientRelatedStudies",
-                                               "NumberOfPatientRelatedSeries",
-                                               "NumberOfPatientRelatedInstances")] == [1, 1, 4]
-    status, _, answers = c_find(loaded, "SERIES", {
-        "SeriesInstanceUID": "", "NumberOfSeriesRelatedInstances": "", "Rows": "64"})
+    assert [
+        int(answers[0][k].value)
+        for k in (
+            "NumberOfPatientRelatedStudies",
+            "NumberOfPatientRelatedSeries",
+            "NumberOfPatientRelatedInstances",
+        )
+    ] == [1, 1, 4]
+    status, _, answers = c_find(
+        loaded,
+        "SERIES",
+        {"SeriesInstanceUID": "", "NumberOfSeriesRelatedInstances": "", "Rows": "64"},
+    )
     assert status == 0 and [int(a.NumberOfSeriesRelatedInstances) for a in answers] == [4]
     # A key of a lower level matches relationally: the studies holding such an instance.
     status, _, answers = c_find(loaded, "STUDY", {"SeriesDescription": "Views B"})
@@ -294,18 +352,21 @@ def test_counts_and_relational_keys(loaded):
     assert len(r.json()) == 1 and "Additional results" in r.headers["Warning"]
 
 
-@pytest.mark.parametrize("key, value, named", [
-    ("InstitutionName", "Hospital", "InstitutionName"),   # a key the node does not match on
-    ("PrivateTag", "x", "(0009,1010)"),                   # a private element with a value
-    ("NumberOfStudyRelatedInstances", "4", "NumberOfStudyRelatedInstances"),  # return key
-    ("StudyDate", "2026-13", "StudyDate"),
-    ("StudyDate", "2026*", "StudyDate"),
-    ("StudyTime", "25x", "StudyTime"),
-    ("SeriesNumber", "seven", "SeriesNumber"),
-    ("Rows", "6*", "Rows"),  # QIDO only: a US key of C-FIND is binary
-    ("StudyInstanceUID", "1.2.*", "StudyInstanceUID"),
-    ("StudyInstanceUID", "not-a-uid", "StudyInstanceUID"),
-])
+@pytest.mark.parametrize(
+    "key, value, named",
+    [
+        ("InstitutionName", "Hospital", "InstitutionName"),  # a key the node does not match on
+        ("PrivateTag", "x", "(0009,1010)"),  # a private element with a value
+        ("NumberOfStudyRelatedInstances", "4", "NumberOfStudyRelatedInstances"),  # return key
+        ("StudyDate", "2026-13", "StudyDate"),
+        ("StudyDate", "2026*", "StudyDate"),
+        ("StudyTime", "25x", "StudyTime"),
+        ("SeriesNumber", "seven", "SeriesNumber"),
+        ("Rows", "6*", "Rows"),  # QIDO only: a US key of C-FIND is binary
+        ("StudyInstanceUID", "1.2.*", "StudyInstanceUID"),
+        ("StudyInstanceUID", "not-a-uid", "StudyInstanceUID"),
+    ],
+)
 def test_refused_keys_name_the_key(loaded, key, value, named):
     if key != "Rows":
         status, comment, answers = c_find(loaded, "STUDY", {key: value})
@@ -317,18 +378,31 @@ def test_refused_keys_name_the_key(loaded, key, value, named):
     assert r.status_code == 400 and named in r.json()["error"]
 
 
-@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1",
-                                    "1.2.840.10008.1.2.1.99"])
+@pytest.mark.parametrize(
+    "syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"]
+)
 def test_c_find_in_every_transfer_syntax(loaded, syntax):
     """Implicit and Explicit VR Little Endian take the fast answer path, Deflated
     pynetdicom's: the same answers."""
-    status, _, answers = c_find(loaded, "STUDY", {
-        "PatientName": "alpha*", "StudyDescription": "", "NumberOfStudyRelatedInstances": "",
-        "ModalitiesInStudy": ""}, syntax=syntax)
+    status, _, answers = c_find(
+        loaded,
+        "STUDY",
+        {
+            "PatientName": "alpha*",
+            "StudyDescription": "",
+            "NumberOfStudyRelatedInstances": "",
+            "ModalitiesInStudy": "",
+        },
+        syntax=syntax,
+    )
     assert status == 0 and len(answers) == 1
     a = answers[0]
-    assert (str(a.PatientName), a.StudyDescription, int(a.NumberOfStudyRelatedInstances),
-            a.ModalitiesInStudy) == ("Alpha^Ann", "Screening A", 4, "MG")
+    assert (
+        str(a.PatientName),
+        a.StudyDescription,
+        int(a.NumberOfStudyRelatedInstances),
+        a.ModalitiesInStudy,
+    ) == ("Alpha^Ann", "Screening A", 4, "MG")
 
 
 def test_qido_unknown_tag_is_refused(loaded):
@@ -349,8 +423,7 @@ def test_a_database_failure_is_c320_and_503_then_it_answers_again(loaded):
         try:
             status, comment, _ = c_find(loaded, "STUDY", {"PatientID": "PAT-QA"})
             assert status == 0xC320 and "database" in comment
-            r = requests.get(f"{loaded.web}/studies", params={"PatientID": "PAT-QA"},
-                             timeout=30)
+            r = requests.get(f"{loaded.web}/studies", params={"PatientID": "PAT-QA"}, timeout=30)
             assert r.status_code == 503 and r.headers.get("Retry-After")
         finally:
             with db.engine.begin() as c:

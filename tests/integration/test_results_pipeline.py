@@ -20,10 +20,14 @@ FAST_EXPORT = {"max_attempts": 20, "initial_delay_seconds": 0.5, "max_delay_seco
 
 
 def _node(node_factory, pacs_port: int, **extra):
-    settings = {"destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
-                                  "port": pacs_port}],
-                "export": FAST_EXPORT, "grouping": {"stable_seconds": 2},
-                "peers": [QR_PEER, {"ae_title": "PYNETDICOM", "services": ["echo", "store"]}]}
+    settings = {
+        "destinations": [
+            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}
+        ],
+        "export": FAST_EXPORT,
+        "grouping": {"stable_seconds": 2},
+        "peers": [QR_PEER, {"ae_title": "PYNETDICOM", "services": ["echo", "store"]}],
+    }
     settings.update(extra)
     return node_factory(settings, worker=True)
 
@@ -49,10 +53,10 @@ def test_exam_reading_arrives_in_the_pacs_and_validates(node_factory, storescp_f
     Maps reach DCMTK's storescp (which takes every one of them) and pass dciodvfy; the marks
     are in both SRs and the presentation state, on the lesion."""
     pacs = storescp_factory()
-    node = _node(node_factory, pacs.port, results={"parametric_maps": True,
-                                                   "presentation_states": True})
-    exam = make_exam(seed=11, lesions={"L": [Lesion("spiculated", 0.5, 0.5, 0.07, 0.35)]},
-                     **SIZE)
+    node = _node(
+        node_factory, pacs.port, results={"parametric_maps": True, "presentation_states": True}
+    )
+    exam = make_exam(seed=11, lesions={"L": [Lesion("spiculated", 0.5, 0.5, 0.07, 0.35)]}, **SIZE)
     study = exam[0].StudyInstanceUID
     assert send(node.port, exam) == [0] * 4
     node.wait_exam(study, "done", timeout=180)
@@ -74,25 +78,34 @@ def test_exam_reading_arrives_in_the_pacs_and_validates(node_factory, storescp_f
     assert len(prs) == 1
     # The presentation state references the four images and draws the left breast's marks.
     pr = prs[0]
-    refs = {r.ReferencedSOPInstanceUID for s in pr.ReferencedSeriesSequence
-            for r in s.ReferencedImageSequence}
+    refs = {
+        r.ReferencedSOPInstanceUID
+        for s in pr.ReferencedSeriesSequence
+        for r in s.ReferencedImageSequence
+    }
     assert refs == {ds.SOPInstanceUID for ds in exam}
     layers = {a.GraphicLayer for a in pr.GraphicAnnotationSequence}
     assert layers == {"AI MARKS", "AI EXAM SCORE"}
     marked = [a for a in pr.GraphicAnnotationSequence if a.GraphicLayer == "AI MARKS"]
-    assert marked and all(a.ReferencedImageSequence[0].ReferencedSOPInstanceUID in {
-        ds.SOPInstanceUID for ds in exam if ds.ImageLaterality == "L"} for a in marked)
+    assert marked and all(
+        a.ReferencedImageSequence[0].ReferencedSOPInstanceUID
+        in {ds.SOPInstanceUID for ds in exam if ds.ImageLaterality == "L"}
+        for a in marked
+    )
     sources = {ds.SOPInstanceUID: ds for ds in exam}
     for pm in pms:  # at the image's geometry, values mapped back to attention 0-1
-        ref = pm.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0] \
-            .SourceImageSequence[0].ReferencedSOPInstanceUID
-        assert ref in sources and (pm.Rows, pm.Columns) == (sources[ref].Rows,
-                                                            sources[ref].Columns)
+        ref = (
+            pm.PerFrameFunctionalGroupsSequence[0]
+            .DerivationImageSequence[0]
+            .SourceImageSequence[0]
+            .ReferencedSOPInstanceUID
+        )
+        assert ref in sources and (pm.Rows, pm.Columns) == (sources[ref].Rows, sources[ref].Columns)
         rwv = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
         assert float(rwv.RealWorldValueSlope) * pm.pixel_array.max() <= 1.0 + 1e-6
         assert pm.Laterality == sources[ref].ImageLaterality
     for o in objs:
-        assert o.StudyInstanceUID == study                     # into the source study
+        assert o.StudyInstanceUID == study  # into the source study
         assert o.PatientID == exam[0].PatientID
         assert o.SeriesInstanceUID not in {ds.SeriesInstanceUID for ds in exam}  # new series
     for f in files:
@@ -100,7 +113,8 @@ def test_exam_reading_arrives_in_the_pacs_and_validates(node_factory, storescp_f
     for sc in scs:
         assert sc.BurnedInAnnotation == "YES" and sc.PhotometricInterpretation == "RGB"
         assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID in {
-            ds.SOPInstanceUID for ds in exam}
+            ds.SOPInstanceUID for ds in exam
+        }
     text = json.dumps(srs[0].to_json_dict())
     # The left breast's spiculated lesion is read as suspicious: SNOMED BI-RADS 4 or 5.
     suspicious = {"397144001": "4", "397145000": "5"}
@@ -108,12 +122,24 @@ def test_exam_reading_arrives_in_the_pacs_and_validates(node_factory, storescp_f
     assert found, "left breast not read as BI-RADS 4 or 5"
     category = suspicious[found[0]]
     cad = json.dumps(cads[0].to_json_dict())
-    for needle in ("Mammography CAD Report", "Image Library", found[0],
-                   "Probability of cancer", "Probability of benign", "Algorithm Name",
-                   "HybridCnnVssm", "NOT FOR CLINICAL USE", "Summary of Analyses",
-                   f"AI reading: left BI-RADS {category}", "Fusion weight of L-MLO",
-                   "Missing views", "Single Image Finding", "Certainty of Finding",
-                   "Presentation Required", "Successful Detections"):
+    for needle in (
+        "Mammography CAD Report",
+        "Image Library",
+        found[0],
+        "Probability of cancer",
+        "Probability of benign",
+        "Algorithm Name",
+        "HybridCnnVssm",
+        "NOT FOR CLINICAL USE",
+        "Summary of Analyses",
+        f"AI reading: left BI-RADS {category}",
+        "Fusion weight of L-MLO",
+        "Missing views",
+        "Single Image Finding",
+        "Certainty of Finding",
+        "Presentation Required",
+        "Successful Detections",
+    ):
         assert needle in cad, needle
     assert "AI region score" in text  # TID 1500: a planar ROI group per mark
     table = node.cli("exams").stdout
@@ -122,17 +148,36 @@ def test_exam_reading_arrives_in_the_pacs_and_validates(node_factory, storescp_f
     assert 0 <= listed["score"] <= 100 and listed["score"] >= 50  # the spiculated lesion
     assert listed["marks"] and all(m["slot"].startswith("L") for m in listed["marks"])
     assert max(m["score"] for m in listed["marks"]) == listed["score"]
-    for suffix, title in ((".88.33", "Imaging Measurement Report"),
-                          (".88.50", "Mammography CAD Report")):
+    for suffix, title in (
+        (".88.33", "Imaging Measurement Report"),
+        (".88.50", "Mammography CAD Report"),
+    ):
         sr_file = next(f for f, o in zip(files, objs) if o.SOPClassUID.endswith(suffix))
         dump = subprocess.run([dcmtk("dsrdump"), str(sr_file)], capture_output=True, text=True)
         assert dump.returncode == 0 and title in dump.stdout
     # The node answers C-FIND for what it produced, too.
-    r = subprocess.run([dcmtk("findscu"), "-S", "-aet", "QRSCU", "-aec", node.ae_title,
-                        "127.0.0.1",
-                        str(node.port), "-k", "QueryRetrieveLevel=SERIES",
-                        "-k", f"StudyInstanceUID={study}", "-k", "SeriesInstanceUID",
-                        "-k", "Modality=SR"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            dcmtk("findscu"),
+            "-S",
+            "-aet",
+            "QRSCU",
+            "-aec",
+            node.ae_title,
+            "127.0.0.1",
+            str(node.port),
+            "-k",
+            "QueryRetrieveLevel=SERIES",
+            "-k",
+            f"StudyInstanceUID={study}",
+            "-k",
+            "SeriesInstanceUID",
+            "-k",
+            "Modality=SR",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert srs[0].SeriesInstanceUID in r.stdout + r.stderr
 
 
@@ -161,8 +206,9 @@ def test_one_bad_exam_fails_with_reason_and_the_next_is_done(node_factory, store
     node.wait_exam(good[0].StudyInstanceUID, "done", timeout=180)
 
 
-def test_sigkill_during_inference_then_restart_delivers_exactly_once(node_factory,
-                                                                      storescp_factory):
+def test_sigkill_during_inference_then_restart_delivers_exactly_once(
+    node_factory, storescp_factory
+):
     import signal
 
     pacs = storescp_factory()
@@ -170,15 +216,19 @@ def test_sigkill_during_inference_then_restart_delivers_exactly_once(node_factor
     exam = make_exam(seed=15, rows=2400, cols=1900)  # larger: inference takes a moment
     study = exam[0].StudyInstanceUID
     assert send(node.port, exam) == [0] * 4
-    wait_for(lambda: node.exam(study)["state"] == "processing", 60, interval=0.05,
-             what="processing")
+    wait_for(
+        lambda: node.exam(study)["state"] == "processing", 60, interval=0.05, what="processing"
+    )
     children = psutil.Process(node.proc.pid).children(recursive=True)
     assert children, "inference runs in a child process"
     node.stop(signal.SIGKILL)
     assert node.exam(study)["state"] == "processing"
     # The inference process does not outlive the daemon.
-    wait_for(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE
-                             for c in children), 10, what="orphans gone")
+    wait_for(
+        lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children),
+        10,
+        what="orphans gone",
+    )
     node.start()
     node.wait_exam(study, "done", timeout=180)
     wait_for(lambda: _delivery(node, study).get("sent") == 6, 60, what="sent after restart")
@@ -197,8 +247,7 @@ def test_sigkill_with_deliveries_pending_then_restart(node_factory, storescp_fac
     assert pacs.received() == 6 and len(pacs.files()) == 6
 
 
-def test_reopened_exam_gets_a_new_version_that_references_the_old(node_factory,
-                                                                    storescp_factory):
+def test_reopened_exam_gets_a_new_version_that_references_the_old(node_factory, storescp_factory):
     import datetime as dt
 
     from inference.synthetic import make_mammogram
@@ -210,23 +259,38 @@ def test_reopened_exam_gets_a_new_version_that_references_the_old(node_factory,
     assert send(node.port, exam) == [0] * 4
     node.wait_exam(study, "done", timeout=180)
     wait_for(lambda: pacs.received() == 6, 60, what="v1 delivered")
-    retake = make_mammogram("L", "CC", study_uid=study, seed=99, **SIZE,
-                            patient_id=exam[0].PatientID,
-                            acquisition=dt.datetime(2026, 1, 15, 12, 0))
+    retake = make_mammogram(
+        "L",
+        "CC",
+        study_uid=study,
+        seed=99,
+        **SIZE,
+        patient_id=exam[0].PatientID,
+        acquisition=dt.datetime(2026, 1, 15, 12, 0),
+    )
     assert send(node.port, [retake]) == [0]
-    wait_for(lambda: node.exam(study)["version"] == 2 and node.exam(study)["state"] == "done",
-             180, what="version 2 done")
+    wait_for(
+        lambda: node.exam(study)["version"] == 2 and node.exam(study)["state"] == "done",
+        180,
+        what="version 2 done",
+    )
     wait_for(lambda: pacs.received() == 12, 60, what="v2 delivered")
     wait_for(lambda: len(pacs.files()) == 12, 10, what="storescp wrote every file")
     objs = [dcmread(f) for f in pacs.files()]
     assert len(objs) == 12  # new UIDs for the new version, the old ones stay
     v1 = {o.SOPInstanceUID for o in objs if o.SOPClassUID.endswith(".88.50")}
     assert len(v1) == 2
-    newest = [o for o in objs if o.SOPClassUID.endswith(".88.50")
-              and "PredecessorDocumentsSequence" in o]
+    newest = [
+        o for o in objs if o.SOPClassUID.endswith(".88.50") and "PredecessorDocumentsSequence" in o
+    ]
     assert len(newest) == 1
-    ref = newest[0].PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0] \
-        .ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    ref = (
+        newest[0]
+        .PredecessorDocumentsSequence[0]
+        .ReferencedSeriesSequence[0]
+        .ReferencedSOPSequence[0]
+        .ReferencedSOPInstanceUID
+    )
     assert ref in v1 and ref != newest[0].SOPInstanceUID
 
 

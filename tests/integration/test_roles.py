@@ -37,8 +37,11 @@ HOP_BOUND = 5.0
 
 
 def _samples(text: str) -> dict[tuple[str, tuple], float]:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
 
 
 def _names(text: str) -> set[str]:
@@ -48,20 +51,26 @@ def _names(text: str) -> set[str]:
 def _sr_deliveries(db: Database, study: str) -> list[tuple[dt.datetime, dt.datetime | None]]:
     """(queued, sent) of the exam's SR deliveries."""
     with db.session() as s:
-        return [tuple(r) for r in s.execute(  # type: ignore[misc]
-            select(Outbound.next_attempt_at, Outbound.sent_at)
-            .join(Result, Result.id == Outbound.result_id)
-            .join(Exam, Exam.id == Result.exam_id)
-            .where(Exam.study_instance_uid == study, Result.kind.like("sr-%"))).all()]
+        return [
+            tuple(r)
+            for r in s.execute(  # type: ignore[misc]
+                select(Outbound.next_attempt_at, Outbound.sent_at)
+                .join(Result, Result.id == Outbound.result_id)
+                .join(Exam, Exam.id == Result.exam_id)
+                .where(Exam.study_instance_uid == study, Result.kind.like("sr-%"))
+            ).all()
+        ]
 
 
 def _hops(db: Database, study: str) -> tuple[float, float]:
     """(ready -> claimed, the SRs' queued -> first sent), in seconds."""
     with db.session() as s:
-        details = s.execute(select(ExamEvent.detail, ExamEvent.at)
-                            .join(Exam, Exam.id == ExamEvent.exam_id)
-                            .where(Exam.study_instance_uid == study)
-                            .order_by(ExamEvent.id)).all()
+        details = s.execute(
+            select(ExamEvent.detail, ExamEvent.at)
+            .join(Exam, Exam.id == ExamEvent.exam_id)
+            .where(Exam.study_instance_uid == study)
+            .order_by(ExamEvent.id)
+        ).all()
     ready = [at for d, at in details if d.startswith("receiving -> ready")]
     claimed = [at for d, at in details if d.startswith("ready -> processing")]
     assert len(ready) == 1 and len(claimed) == 1, details
@@ -71,17 +80,22 @@ def _hops(db: Database, study: str) -> tuple[float, float]:
 
 
 def test_split_roles_wake_at_once_and_each_serves_its_own_metrics(
-        pg_server, node_factory, storescp_factory, tmp_path):
+    pg_server, node_factory, storescp_factory, tmp_path
+):
     url = pg_server.new_database("roles")
     pacs = storescp_factory()
     ports = {role: free_port() for role in ("listener", "worker", "exporter")}
     settings = {
         "node": {"database_url": url},
-        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
-                          "port": pacs.port}],
-        "roles": {"poll_seconds": POLL_SECONDS,
-                  **{f"{role}_metrics_port": port for role, port in ports.items()}},
-        "peers": [{"ae_title": "PYNETDICOM", "services": ["echo", "store"]}]}
+        "destinations": [
+            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}
+        ],
+        "roles": {
+            "poll_seconds": POLL_SECONDS,
+            **{f"{role}_metrics_port": port for role, port in ports.items()},
+        },
+        "peers": [{"ae_title": "PYNETDICOM", "services": ["echo", "store"]}],
+    }
     shared = tmp_path / "shared"
     listener = node_factory(settings, sub="listener", data_dir=shared, role="listener")
     node_factory(settings, sub="worker", data_dir=shared, role="worker")  # polled once now
@@ -92,8 +106,11 @@ def test_split_roles_wake_at_once_and_each_serves_its_own_metrics(
 
     db = Database(url)
     try:
-        wait_for(lambda: sum(at is not None for _, at in _sr_deliveries(db, study)) == 2,
-                 300, what="both SRs at the PACS")
+        wait_for(
+            lambda: sum(at is not None for _, at in _sr_deliveries(db, study)) == 2,
+            300,
+            what="both SRs at the PACS",
+        )
         to_claim, to_send = _hops(db, study)
     finally:
         db.close()
@@ -103,17 +120,19 @@ def test_split_roles_wake_at_once_and_each_serves_its_own_metrics(
 
     base = {role: f"http://127.0.0.1:{port}" for role, port in ports.items()}
     for role, url_ in base.items():
-        assert requests.get(f"{url_}/healthz", timeout=10).json() == {"status": "alive",
-                                                                      "role": role}
+        assert requests.get(f"{url_}/healthz", timeout=10).json() == {
+            "status": "alive",
+            "role": role,
+        }
         ready = requests.get(f"{url_}/readyz", timeout=10)
         assert ready.status_code == 200 and ready.json()["ready"] is True, ready.text
         checks = set(ready.json()["checks"])
         assert {"database", "disk"} <= checks
         assert ("model" in checks) == (role == "worker")
-    assert "thread worker" in requests.get(f"{base['worker']}/readyz", timeout=10).json()[
-        "checks"]
-    assert "thread export" in requests.get(f"{base['exporter']}/readyz", timeout=10).json()[
-        "checks"]
+    assert "thread worker" in requests.get(f"{base['worker']}/readyz", timeout=10).json()["checks"]
+    assert (
+        "thread export" in requests.get(f"{base['exporter']}/readyz", timeout=10).json()["checks"]
+    )
 
     worker_text = requests.get(f"{base['worker']}/metrics", timeout=10).text
     exporter_text = requests.get(f"{base['exporter']}/metrics", timeout=10).text
@@ -124,20 +143,35 @@ def test_split_roles_wake_at_once_and_each_serves_its_own_metrics(
     assert w[("mammo_node_inference_seconds_count", (("stage", "total"),))] == 1
     assert w[("mammo_node_model_loaded", ())] == 1
     assert w[("mammo_node_wakeups_total", (("cause", "notified"), ("role", "worker")))] >= 1
-    assert not _names(worker_text) & {"mammo_node_export_attempts", "mammo_node_export_sent",
-                                      "mammo_node_export_queue",
-                                      "mammo_node_instances_received"}
+    assert not _names(worker_text) & {
+        "mammo_node_export_attempts",
+        "mammo_node_export_sent",
+        "mammo_node_export_queue",
+        "mammo_node_instances_received",
+    }
     # The exporter: what it sent, its queue (empty now), woken by the notification.
-    wait_for(lambda: _samples(requests.get(f"{base['exporter']}/metrics", timeout=10).text)
-             .get(("mammo_node_export_sent_total", (("destination", "pacs"),))) == 6, 30,
-             what="6 objects sent in the exporter's metrics")
+    wait_for(
+        lambda: (
+            _samples(requests.get(f"{base['exporter']}/metrics", timeout=10).text).get(
+                ("mammo_node_export_sent_total", (("destination", "pacs"),))
+            )
+            == 6
+        ),
+        30,
+        what="6 objects sent in the exporter's metrics",
+    )
     assert e[("mammo_node_wakeups_total", (("cause", "notified"), ("role", "exporter")))] >= 1
     assert "mammo_node_export_queue" in _names(exporter_text)
-    assert not _names(exporter_text) & {"mammo_node_inference_seconds",
-                                        "mammo_node_exams_read", "mammo_node_model_loaded",
-                                        "mammo_node_instances_received"}
+    assert not _names(exporter_text) & {
+        "mammo_node_inference_seconds",
+        "mammo_node_exams_read",
+        "mammo_node_model_loaded",
+        "mammo_node_instances_received",
+    }
     # The listener: what it received; no worker or exporter instruments.
     assert li[("mammo_node_instances_received_total", (("calling_ae", "PYNETDICOM"),))] == 4
-    assert not _names(listener_text) & {"mammo_node_inference_seconds",
-                                        "mammo_node_export_sent", "mammo_node_wakeups"}
-
+    assert not _names(listener_text) & {
+        "mammo_node_inference_seconds",
+        "mammo_node_export_sent",
+        "mammo_node_wakeups",
+    }

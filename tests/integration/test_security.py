@@ -36,8 +36,11 @@ NOT_AUTHORIZED = 0x0124
 PEERS = [
     {"ae_title": "MODALITY", "services": ["echo", "store"]},
     {"ae_title": "VIEWER", "hosts": ["127.0.0.0/8"], "services": ["echo", "find", "get"]},
-    {"ae_title": "FARAWAY", "hosts": ["10.0.0.0/8", "192.168.1.7"],
-     "services": ["echo", "store", "find", "get", "move"]},
+    {
+        "ae_title": "FARAWAY",
+        "hosts": ["10.0.0.0/8", "192.168.1.7"],
+        "services": ["echo", "store", "find", "get", "move"],
+    },
 ]
 
 
@@ -57,8 +60,10 @@ def _find(port: int, calling: str, **keys) -> list[int]:
         q.StudyInstanceUID = ""
         for k, v in keys.items():
             setattr(q, k, v)
-        return [int(st.Status) for st, _ in assoc.send_c_find(
-            q, StudyRootQueryRetrieveInformationModelFind)]
+        return [
+            int(st.Status)
+            for st, _ in assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind)
+        ]
     finally:
         assoc.release()
 
@@ -80,8 +85,13 @@ def _get(port: int, calling: str, model, **keys) -> tuple[list[int], int]:
     ae.add_requested_context(MG, ExplicitVRLittleEndian)
     role = SCP_SCU_RoleSelectionNegotiation()
     role.sop_class_uid, role.scu_role, role.scp_role = MG, False, True
-    assoc = ae.associate("127.0.0.1", port, ae_title="MAMMO_NODE", ext_neg=[role],
-                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assoc = ae.associate(
+        "127.0.0.1",
+        port,
+        ae_title="MAMMO_NODE",
+        ext_neg=[role],
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
     assert assoc.is_established
     try:
         q = Dataset()
@@ -98,12 +108,31 @@ def test_no_peers_store_and_echo_from_anyone_query_refused(node):
     assert send(node.port, exam, calling="ANYONE") == [0] * 4
     assert echo(node.port, node.ae_title, calling="WHOEVER")
     assert _find(node.port, "ANYONE") == [NOT_AUTHORIZED]
-    statuses, n = _get(node.port, "ANYONE", StudyRootQueryRetrieveInformationModelGet,
-                       QueryRetrieveLevel="STUDY", StudyInstanceUID=exam[0].StudyInstanceUID)
+    statuses, n = _get(
+        node.port,
+        "ANYONE",
+        StudyRootQueryRetrieveInformationModelGet,
+        QueryRetrieveLevel="STUDY",
+        StudyInstanceUID=exam[0].StudyInstanceUID,
+    )
     assert statuses[-1] == NOT_AUTHORIZED and n == 0
-    r = subprocess.run([dcmtk("findscu"), "-S", "-aec", node.ae_title, "127.0.0.1",
-                        str(node.port), "-k", "QueryRetrieveLevel=STUDY", "-k",
-                        "StudyInstanceUID"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [
+            dcmtk("findscu"),
+            "-S",
+            "-aec",
+            node.ae_title,
+            "127.0.0.1",
+            str(node.port),
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            "StudyInstanceUID",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert exam[0].StudyInstanceUID not in r.stdout + r.stderr
     assert "query/retrieve is off" in node.log.read_text()
 
@@ -124,13 +153,30 @@ def test_peers_only_listed_ae_from_listed_hosts_each_for_its_services(node_facto
     assert st == [0xFF00, 0x0000]
     viewer_store = send(node.port, make_exam(seed=63, rows=64, cols=64)[:1], calling="VIEWER")
     assert viewer_store == [NOT_AUTHORIZED]
-    statuses, n = _get(node.port, "VIEWER", StudyRootQueryRetrieveInformationModelGet,
-                       QueryRetrieveLevel="STUDY", StudyInstanceUID=study)
+    statuses, n = _get(
+        node.port,
+        "VIEWER",
+        StudyRootQueryRetrieveInformationModelGet,
+        QueryRetrieveLevel="STUDY",
+        StudyInstanceUID=study,
+    )
     assert statuses[-1] == 0x0000 and n == 4
     # DCMTK's storescu as a peer that is not listed.
     f = write(make_mammogram("L", "CC", rows=64, cols=64), node.tmp / "x.dcm")
-    r = subprocess.run([dcmtk("storescu"), "-aet", "STRANGER", "-aec", node.ae_title,
-                        "127.0.0.1", str(node.port), str(f)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            dcmtk("storescu"),
+            "-aet",
+            "STRANGER",
+            "-aec",
+            node.ae_title,
+            "127.0.0.1",
+            str(node.port),
+            str(f),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0 and "Calling AE Title Not Recognized" in r.stdout + r.stderr
     # A C-MOVE from a peer not granted move.
     assoc = _assoc(node.port, "VIEWER", [build_context(StudyRootQueryRetrieveInformationModelMove)])
@@ -139,8 +185,11 @@ def test_peers_only_listed_ae_from_listed_hosts_each_for_its_services(node_facto
         q = Dataset()
         q.QueryRetrieveLevel = "STUDY"
         q.StudyInstanceUID = study
-        st = [int(s.Status) for s, _ in assoc.send_c_move(
-            q, "VIEWER", StudyRootQueryRetrieveInformationModelMove) if s]
+        st = [
+            int(s.Status)
+            for s, _ in assoc.send_c_move(q, "VIEWER", StudyRootQueryRetrieveInformationModelMove)
+            if s
+        ]
     finally:
         assoc.release()
     assert st[-1] != 0x0000 and not (0xFF00 <= st[-1] <= 0xFF01)
@@ -153,22 +202,40 @@ def test_retrieve_refuses_universal_and_wildcard_unique_keys(node_factory):
     exam = make_exam(seed=64, rows=64, cols=64, patient_id="PID-64")
     assert send(node.port, exam, calling="QR") == [0] * 4
     for model, keys in (
-            (PatientRootQueryRetrieveInformationModelGet,
-             {"QueryRetrieveLevel": "PATIENT", "PatientID": "*"}),
-            (PatientRootQueryRetrieveInformationModelGet,
-             {"QueryRetrieveLevel": "PATIENT", "PatientID": "PID-6?"}),
-            (StudyRootQueryRetrieveInformationModelGet,
-             {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": ""}),
-            (StudyRootQueryRetrieveInformationModelGet,
-             {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": UID_ROOT + "*"}),
-            (StudyRootQueryRetrieveInformationModelGet,
-             {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": exam[0].StudyInstanceUID,
-              "SeriesInstanceUID": "*"}),
+        (
+            PatientRootQueryRetrieveInformationModelGet,
+            {"QueryRetrieveLevel": "PATIENT", "PatientID": "*"},
+        ),
+        (
+            PatientRootQueryRetrieveInformationModelGet,
+            {"QueryRetrieveLevel": "PATIENT", "PatientID": "PID-6?"},
+        ),
+        (
+            StudyRootQueryRetrieveInformationModelGet,
+            {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": ""},
+        ),
+        (
+            StudyRootQueryRetrieveInformationModelGet,
+            {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": UID_ROOT + "*"},
+        ),
+        (
+            StudyRootQueryRetrieveInformationModelGet,
+            {
+                "QueryRetrieveLevel": "SERIES",
+                "StudyInstanceUID": exam[0].StudyInstanceUID,
+                "SeriesInstanceUID": "*",
+            },
+        ),
     ):
         statuses, n = _get(node.port, "QR", model, **keys)
         assert statuses[-1] == 0xA900 and n == 0, (keys, statuses)  # a failure, not success
-    statuses, n = _get(node.port, "QR", PatientRootQueryRetrieveInformationModelGet,
-                       QueryRetrieveLevel="PATIENT", PatientID="PID-64")
+    statuses, n = _get(
+        node.port,
+        "QR",
+        PatientRootQueryRetrieveInformationModelGet,
+        QueryRetrieveLevel="PATIENT",
+        PatientID="PID-64",
+    )
     assert statuses[-1] == 0x0000 and n == 4
     assert "universal matching is refused" in node.log.read_text()
 
@@ -190,16 +257,16 @@ def _send_files(port: int, files: list[Path], ts: str = ExplicitVRLittleEndian) 
 
 def _mutate(data: bytes, start: int, rng: random.Random, kind: int) -> bytes:
     b = bytearray(data)
-    if kind == 0:      # bit flips
+    if kind == 0:  # bit flips
         for _ in range(rng.randint(1, 8)):
             p = rng.randrange(start, len(b))
             b[p] ^= 1 << rng.randrange(8)
-    elif kind == 1:    # truncation
-        b = b[:rng.randrange(start, len(b))]
-    elif kind == 2:    # corrupted bytes in the header area (tags, VRs, lengths)
+    elif kind == 1:  # truncation
+        b = b[: rng.randrange(start, len(b))]
+    elif kind == 2:  # corrupted bytes in the header area (tags, VRs, lengths)
         p = rng.randrange(start, min(len(b), start + 1500))
-        b[p:p + 4] = rng.randbytes(4)
-    else:              # inserted garbage
+        b[p : p + 4] = rng.randbytes(4)
+    else:  # inserted garbage
         p = rng.randrange(start, len(b))
         b[p:p] = rng.randbytes(rng.randint(1, 64))
     return bytes(b)
@@ -280,7 +347,7 @@ def _peak_rss_mb(pid: int) -> float:
 
 def test_deflate_bomb_is_capped_without_inflating_in_memory(node_factory, tmp_path):
     node = node_factory({"node": {"max_dataset_mb": 64}})
-    bomb = _deflated_bomb(tmp_path / "bomb.dcm", 8192, 8192)   # 128 MiB inflated
+    bomb = _deflated_bomb(tmp_path / "bomb.dcm", 8192, 8192)  # 128 MiB inflated
     assert bomb.stat().st_size < 1 << 20
     small = _deflated_bomb(tmp_path / "small.dcm", 1024, 1024)  # 2 MiB: within the cap
     statuses = _send_files(node.port, [bomb, small], ts=DeflatedExplicitVRLittleEndian)
@@ -324,8 +391,13 @@ def test_audit_trail_and_private_files(node_factory):
     assert not echo(node.port, node.ae_title, calling="STRANGER")
     assert _find(node.port, "VIEWER", StudyInstanceUID=study)[-1] == 0
     assert _find(node.port, "MODALITY") == [NOT_AUTHORIZED]
-    statuses, n = _get(node.port, "VIEWER", StudyRootQueryRetrieveInformationModelGet,
-                       QueryRetrieveLevel="STUDY", StudyInstanceUID=study)
+    statuses, n = _get(
+        node.port,
+        "VIEWER",
+        StudyRootQueryRetrieveInformationModelGet,
+        QueryRetrieveLevel="STUDY",
+        StudyInstanceUID=study,
+    )
     assert n == 4
     node.stop()
     audit = node.data_dir / "audit.jsonl"
@@ -336,10 +408,12 @@ def test_audit_trail_and_private_files(node_factory):
     logins = [e for e in events if e["event"] == "User Authentication"]
     assert any(e["outcome"] == 0 and e["peer"]["ae_title"] == "MODALITY" for e in logins)
     assert any(e["outcome"] == 4 and e["peer"]["ae_title"] == "STRANGER" for e in logins)
-    assert all(e["peer"]["address"] == "127.0.0.1" and e["peer"]["tls"] is False
-               for e in logins)
-    stores = [e for e in events if e["event"] == "DICOM Instances Transferred"
-              and e.get("action") == "store"]
+    assert all(e["peer"]["address"] == "127.0.0.1" and e["peer"]["tls"] is False for e in logins)
+    stores = [
+        e
+        for e in events
+        if e["event"] == "DICOM Instances Transferred" and e.get("action") == "store"
+    ]
     assert len(stores) == 4 and {e["study"] for e in stores} == {study}
     queries = [e for e in events if e["event"] == "Query"]
     assert queries and queries[0]["peer"]["ae_title"] == "VIEWER"
@@ -353,8 +427,16 @@ def test_audit_trail_and_private_files(node_factory):
     out = node.cli("audit", "--study", study, "--json").stdout
     got = [json.loads(line) for line in out.splitlines()]
     assert got and all(study in (e.get("studies") or [e.get("study")]) for e in got)
-    assert len([e for e in got if e["event"] == "DICOM Instances Transferred"
-                and e.get("action") == "store"]) == 4
+    assert (
+        len(
+            [
+                e
+                for e in got
+                if e["event"] == "DICOM Instances Transferred" and e.get("action") == "store"
+            ]
+        )
+        == 4
+    )
     table = node.cli("audit", "--since", "2000-01-01T00:00:00Z").stdout
     assert "Security Alert" in table and "STRANGER" in table
     # Readable by the service account only.
@@ -385,8 +467,9 @@ def test_syslog_forwarding_rfc5424_over_tcp(node_factory):
         done.set()
 
     threading.Thread(target=serve, daemon=True).start()
-    node = node_factory({"peers": PEERS, "audit": {
-        "syslog": f"tcp://127.0.0.1:{srv.getsockname()[1]}"}})
+    node = node_factory(
+        {"peers": PEERS, "audit": {"syslog": f"tcp://127.0.0.1:{srv.getsockname()[1]}"}}
+    )
     assert not echo(node.port, node.ae_title, calling="STRANGER")
     assert done.wait(30)
     srv.close()
@@ -397,8 +480,8 @@ def test_syslog_forwarding_rfc5424_over_tcp(node_factory):
     while rest:
         length, _, rest = rest.partition(" ")
         assert length.isdigit() and rest.startswith("<"), rest[:80]
-        frames.append(rest[:int(length)])
-        rest = rest[int(length):]
+        frames.append(rest[: int(length)])
+        rest = rest[int(length) :]
     for frame in frames:
         pri, _, after = frame[1:].partition(">")
         assert int(pri) // 8 == 13 and after.startswith("1 ") and " mammo-node " in frame
@@ -416,8 +499,10 @@ def test_config_errors_name_the_keys():
         ({"dicomweb": {"tokens": [{"name": "a", "sha256": "abc"}]}}, "sha256 must be 64 hex"),
         ({"dicomweb": {"tokens": [{"name": "a", "token": "x"}]}}, "never the token"),
         ({"node": {"tls": True}}, r"\[tls\] certificate"),
-        ({"destinations": [{"name": "p", "ae_title": "P", "host": "h", "port": 1,
-                            "tls": True}]}, "ca_certificates"),
+        (
+            {"destinations": [{"name": "p", "ae_title": "P", "host": "h", "port": 1, "tls": True}]},
+            "ca_certificates",
+        ),
         ({"audit": {"syslog": "http://x"}}, r"\[audit\] syslog"),
     ):
         with pytest.raises(ConfigError, match=needle):

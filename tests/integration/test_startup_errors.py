@@ -17,8 +17,13 @@ def _start(tmp_path, sections: dict) -> subprocess.CompletedProcess:
     node.update(sections.pop("node", {}))
     cfg = tmp_path / "config.toml"
     cfg.write_text(toml_document({"node": node, **sections}, {}))
-    return subprocess.run([sys.executable, "-m", "node", "start", "--config", str(cfg)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "node", "start", "--config", str(cfg)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _refused(r: subprocess.CompletedProcess, *needles: str) -> str:
@@ -32,8 +37,11 @@ def _refused(r: subprocess.CompletedProcess, *needles: str) -> str:
 
 
 def test_data_dir_not_creatable(tmp_path):
-    _refused(_start(tmp_path, {"node": {"data_dir": "/proc/nope"}}),
-             "[node] data_dir = '/proc/nope'", "cannot create or write")
+    _refused(
+        _start(tmp_path, {"node": {"data_dir": "/proc/nope"}}),
+        "[node] data_dir = '/proc/nope'",
+        "cannot create or write",
+    )
 
 
 def test_data_dir_is_a_file(tmp_path):
@@ -45,32 +53,45 @@ def test_data_dir_is_a_file(tmp_path):
 def test_database_unreachable_hides_password(tmp_path):
     port = free_port()  # nothing listens there
     url = f"postgresql+psycopg://u:s3cret@127.0.0.1:{port}/db"
-    line = _refused(_start(tmp_path, {"node": {"database_url": url}}),
-                    "[node] database_url", "cannot connect")
+    line = _refused(
+        _start(tmp_path, {"node": {"database_url": url}}), "[node] database_url", "cannot connect"
+    )
     assert "s3cret" not in line
 
 
 def test_certificate_not_pem(tmp_path):
     (tmp_path / "cert.pem").write_text("not a certificate\n")
     (tmp_path / "key.pem").write_text("not a key\n")
-    r = _start(tmp_path, {"node": {"tls": True},
-                          "tls": {"certificate": "cert.pem", "private_key": "key.pem"}})
+    r = _start(
+        tmp_path,
+        {"node": {"tls": True}, "tls": {"certificate": "cert.pem", "private_key": "key.pem"}},
+    )
     _refused(r, "[tls] certificate", "cannot load")
 
 
 def test_ca_certificates_not_pem(tmp_path, pki):
     (tmp_path / "ca.pem").write_text("junk\n")
-    r = _start(tmp_path, {"node": {"tls": True},
-                          "tls": {"certificate": str(pki.pair("node")[1]),
-                                  "private_key": str(pki.pair("node")[0]),
-                                  "ca_certificates": "ca.pem"}})
+    r = _start(
+        tmp_path,
+        {
+            "node": {"tls": True},
+            "tls": {
+                "certificate": str(pki.pair("node")[1]),
+                "private_key": str(pki.pair("node")[0]),
+                "ca_certificates": "ca.pem",
+            },
+        },
+    )
     _refused(r, "[tls] ca_certificates")
 
 
 def test_checkpoint_not_safetensors(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x00" * 3)
-    _refused(_start(tmp_path, {"inference": {"checkpoint": "model.safetensors"}}),
-             "[inference] checkpoint", "not a safetensors file")
+    _refused(
+        _start(tmp_path, {"inference": {"checkpoint": "model.safetensors"}}),
+        "[inference] checkpoint",
+        "not a safetensors file",
+    )
 
 
 @pytest.mark.parametrize("key", ["node", "dicomweb"])
@@ -79,8 +100,11 @@ def test_port_in_use(tmp_path, key):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        sections: dict = {"node": {"port": port}} if key == "node" else {
-            "dicomweb": {"enabled": True, "host": "127.0.0.1", "port": port}}
+        sections: dict = (
+            {"node": {"port": port}}
+            if key == "node"
+            else {"dicomweb": {"enabled": True, "host": "127.0.0.1", "port": port}}
+        )
         _refused(_start(tmp_path, sections), f"[{key}] port = {port}", "cannot listen")
 
 
@@ -94,9 +118,13 @@ def test_audit_fail_closed_refuses_what_it_cannot_audit(tmp_path, fail_closed):
     from tests.helpers import NodeProcess, echo
 
     web = free_port()
-    node = NodeProcess(tmp_path, {"audit": {"path": "/dev/full", "fail_closed": fail_closed},
-                                  "dicomweb": {"enabled": True, "host": "127.0.0.1",
-                                               "port": web}})
+    node = NodeProcess(
+        tmp_path,
+        {
+            "audit": {"path": "/dev/full", "fail_closed": fail_closed},
+            "dicomweb": {"enabled": True, "host": "127.0.0.1", "port": web},
+        },
+    )
     node.launch()
     try:
         from tests.helpers import wait_for
@@ -106,6 +134,7 @@ def test_audit_fail_closed_refuses_what_it_cannot_audit(tmp_path, fail_closed):
                 return requests.get(f"http://127.0.0.1:{web}/healthz", timeout=5)
             except requests.ConnectionError:
                 return None
+
         wait_for(web_up, 60, what="the node's HTTP port")
         assert echo(node.port, node.ae_title) is (not fail_closed)
         r = requests.get(f"http://127.0.0.1:{web}/dicomweb/studies", timeout=30)

@@ -15,8 +15,12 @@ from tests.helpers import dcmtk, free_port, wait_for
 
 def _tls(pki, require: bool = True) -> dict:
     key, crt = pki.pair("node")
-    return {"certificate": str(crt), "private_key": str(key),
-            "ca_certificates": str(pki.ca), "require_client_certificate": require}
+    return {
+        "certificate": str(crt),
+        "private_key": str(key),
+        "ca_certificates": str(pki.ca),
+        "require_client_certificate": require,
+    }
 
 
 def _storescu(node, pki, f, cert: str | None = "client", tls: bool = True):
@@ -24,16 +28,26 @@ def _storescu(node, pki, f, cert: str | None = "client", tls: bool = True):
     if tls:
         key, crt = pki.pair(cert) if cert else (None, None)
         args += (["+tls", str(key), str(crt)] if cert else ["+tla"]) + ["+cf", str(pki.ca)]
-    return subprocess.run(args + ["127.0.0.1", str(node.port), str(f)], capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        args + ["127.0.0.1", str(node.port), str(f)], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_dimse_tls_listener_with_dcmtk_peers(node_factory, pki, tmp_path):
-    node = node_factory({"node": {"tls": True}, "tls": _tls(pki),
-                         "peers": [{"ae_title": "STORESCU", "services": ["echo", "store"]},
-                                   {"ae_title": "FINDSCU", "services": ["echo", "find"]}]})
-    files = [write(ds, tmp_path / f"{i}.dcm")
-             for i, ds in enumerate(make_exam(seed=81, rows=64, cols=64))]
+    node = node_factory(
+        {
+            "node": {"tls": True},
+            "tls": _tls(pki),
+            "peers": [
+                {"ae_title": "STORESCU", "services": ["echo", "store"]},
+                {"ae_title": "FINDSCU", "services": ["echo", "find"]},
+            ],
+        }
+    )
+    files = [
+        write(ds, tmp_path / f"{i}.dcm")
+        for i, ds in enumerate(make_exam(seed=81, rows=64, cols=64))
+    ]
     r = _storescu(node, pki, files[0])
     assert r.returncode == 0, r.stdout + r.stderr
     assert len(node.stored_files()) == 1
@@ -44,10 +58,28 @@ def test_dimse_tls_listener_with_dcmtk_peers(node_factory, pki, tmp_path):
         assert r.returncode != 0, (kwargs, r.stdout + r.stderr)
     assert len(node.stored_files()) == 1
     key, crt = pki.pair("client")
-    r = subprocess.run([dcmtk("findscu"), "-S", "+tls", str(key), str(crt), "+cf", str(pki.ca),
-                        "-aec", node.ae_title, "127.0.0.1", str(node.port), "-k",
-                        "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [
+            dcmtk("findscu"),
+            "-S",
+            "+tls",
+            str(key),
+            str(crt),
+            "+cf",
+            str(pki.ca),
+            "-aec",
+            node.ae_title,
+            "127.0.0.1",
+            str(node.port),
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            "StudyInstanceUID",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     from pydicom import dcmread
 
     assert r.returncode == 0 and dcmread(files[0]).StudyInstanceUID in r.stdout + r.stderr
@@ -65,15 +97,30 @@ def test_export_over_tls_verifies_the_pacs(node_factory, storescp_factory, pki):
     good = storescp_factory(extra=["+tls", str(pkey), str(pcrt), "+cf", str(pki.ca)])
     skey, scrt = pki.pair("stranger")
     bad = storescp_factory(extra=["+tls", str(skey), str(scrt), "+cf", str(pki.ca)])
-    node = node_factory({
-        "destinations": [
-            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": good.port,
-             "tls": True},
-            {"name": "impostor", "ae_title": "PACS", "host": "127.0.0.1", "port": bad.port,
-             "tls": True}],
-        "tls": _tls(pki, require=False),
-        "export": {"max_attempts": 20, "initial_delay_seconds": 0.5, "max_delay_seconds": 1},
-        "grouping": {"stable_seconds": 2}}, worker=True)
+    node = node_factory(
+        {
+            "destinations": [
+                {
+                    "name": "pacs",
+                    "ae_title": "PACS",
+                    "host": "127.0.0.1",
+                    "port": good.port,
+                    "tls": True,
+                },
+                {
+                    "name": "impostor",
+                    "ae_title": "PACS",
+                    "host": "127.0.0.1",
+                    "port": bad.port,
+                    "tls": True,
+                },
+            ],
+            "tls": _tls(pki, require=False),
+            "export": {"max_attempts": 20, "initial_delay_seconds": 0.5, "max_delay_seconds": 1},
+            "grouping": {"stable_seconds": 2},
+        },
+        worker=True,
+    )
     from tests.helpers import send
 
     exam = make_exam(seed=82, rows=320, cols=256)
@@ -85,6 +132,7 @@ def test_export_over_tls_verifies_the_pacs(node_factory, storescp_factory, pki):
     def impostor_refused():
         d = node.exam(study)["delivery"].get("impostor", {})
         return d.get("retrying", 0) + d.get("gave_up", 0) == 6
+
     wait_for(impostor_refused, 60, what="the impostor's deliveries refused")
     assert bad.files() == []
     assert "(TLS)" in node.log.read_text()
@@ -93,19 +141,35 @@ def test_export_over_tls_verifies_the_pacs(node_factory, storescp_factory, pki):
 def test_dicomweb_over_https_with_client_certificates(node_factory, pki):
     port = free_port()
     token = "https-token"
-    node_factory({"dicomweb": {"enabled": True, "host": "127.0.0.1", "port": port,
-                               "token": token, "tls": True}, "tls": _tls(pki)})
+    node_factory(
+        {
+            "dicomweb": {
+                "enabled": True,
+                "host": "127.0.0.1",
+                "port": port,
+                "token": token,
+                "tls": True,
+            },
+            "tls": _tls(pki),
+        }
+    )
     base = f"https://127.0.0.1:{port}/dicomweb"
     ckey, ccrt = pki.pair("client")
     auth = {"Authorization": f"Bearer {token}"}
 
     def up():
         try:
-            requests.get(f"{base}/studies", headers=auth, verify=str(pki.ca),
-                         cert=(str(ccrt), str(ckey)), timeout=2)
+            requests.get(
+                f"{base}/studies",
+                headers=auth,
+                verify=str(pki.ca),
+                cert=(str(ccrt), str(ckey)),
+                timeout=2,
+            )
             return True
         except requests.RequestException:
             return False
+
     wait_for(up, 30, what="HTTPS up")
     session = requests.Session()
     session.trust_env = False  # REQUESTS_CA_BUNDLE would override session.verify
@@ -124,6 +188,11 @@ def test_dicomweb_over_https_with_client_certificates(node_factory, pki):
         requests.get(f"{base}/studies", headers=auth, verify=str(pki.ca), timeout=5)
     skey, scrt = pki.pair("expired")
     with pytest.raises(requests.RequestException):
-        requests.get(f"{base}/studies", headers=auth, verify=str(pki.ca),
-                     cert=(str(scrt), str(skey)), timeout=5)
+        requests.get(
+            f"{base}/studies",
+            headers=auth,
+            verify=str(pki.ca),
+            cert=(str(scrt), str(skey)),
+            timeout=5,
+        )
     assert session.get(f"{base}/studies", headers=auth, timeout=5).status_code == 200

@@ -15,10 +15,12 @@ from inference.synthetic import make_exam, make_mammogram, make_tomo_volume
 from tests.helpers import dciodvfy_errors, dcmtk, send, wait_for
 
 SIZE = dict(rows=320, cols=256)
-TODAY = dt.datetime.now(dt.UTC).replace(tzinfo=None, hour=9, minute=0, second=0,
-                                               microsecond=0)
-CAD, TID1500, SC = ("1.2.840.10008.5.1.4.1.1.88.50", "1.2.840.10008.5.1.4.1.1.88.33",
-                    "1.2.840.10008.5.1.4.1.1.7")
+TODAY = dt.datetime.now(dt.UTC).replace(tzinfo=None, hour=9, minute=0, second=0, microsecond=0)
+CAD, TID1500, SC = (
+    "1.2.840.10008.5.1.4.1.1.88.50",
+    "1.2.840.10008.5.1.4.1.1.88.33",
+    "1.2.840.10008.5.1.4.1.1.7",
+)
 
 
 def _texts(item, out: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -28,7 +30,8 @@ def _texts(item, out: dict[str, list[str]]) -> dict[str, list[str]]:
             out.setdefault(name, []).append(str(c.TextValue))
         elif c.ValueType == "IMAGE":
             out.setdefault("IMAGE", []).append(
-                str(c.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
+                str(c.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+            )
         elif c.ValueType == "CODE":
             out.setdefault(name, []).append(c.ConceptCodeSequence[0].CodeMeaning)
         _texts(c, out)
@@ -45,66 +48,113 @@ def _synthesized(exam, how: str):
 
 
 def _volumes(exam):
-    return [make_tomo_volume(d.ImageLaterality, d.ViewPosition, frames=6, rows=SIZE["rows"],
-                             cols=SIZE["cols"], seed=i, study_uid=d.StudyInstanceUID,
-                             patient_id=d.PatientID, accession=d.AccessionNumber,
-                             acquisition=TODAY) for i, d in enumerate(exam)]
+    return [
+        make_tomo_volume(
+            d.ImageLaterality,
+            d.ViewPosition,
+            frames=6,
+            rows=SIZE["rows"],
+            cols=SIZE["cols"],
+            seed=i,
+            study_uid=d.StudyInstanceUID,
+            patient_id=d.PatientID,
+            accession=d.AccessionNumber,
+            acquisition=TODAY,
+        )
+        for i, d in enumerate(exam)
+    ]
 
 
 def test_vendor_conventions_read_the_right_images(node_factory, storescp_factory, tmp_path):
     pacs = storescp_factory()
-    node = node_factory({
-        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
-                          "port": pacs.port}],
-        "export": {"max_attempts": 20, "initial_delay_seconds": 0.5, "max_delay_seconds": 1.0},
-        "grouping": {"stable_seconds": 3, "prior_after_days": 30, "volume_2d": "mip"}},
-        worker=True)
+    node = node_factory(
+        {
+            "destinations": [
+                {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}
+            ],
+            "export": {"max_attempts": 20, "initial_delay_seconds": 0.5, "max_delay_seconds": 1.0},
+            "grouping": {"stable_seconds": 3, "prior_after_days": 30, "volume_2d": "mip"},
+        },
+        worker=True,
+    )
     later = TODAY + dt.timedelta(minutes=10)
     # Combo: conventional, then the synthesized image of each view acquired after it.
     combo = make_exam(seed=31, patient_id="PAT-COMBO", acquisition=TODAY, **SIZE)
-    combo_synth = _synthesized(make_exam(seed=32, patient_id="PAT-COMBO", acquisition=later,
-                                         study_uid=combo[0].StudyInstanceUID, **SIZE),
-                               "generated")
+    combo_synth = _synthesized(
+        make_exam(
+            seed=32,
+            patient_id="PAT-COMBO",
+            acquisition=later,
+            study_uid=combo[0].StudyInstanceUID,
+            **SIZE,
+        ),
+        "generated",
+    )
     # A prior of the same patient, sent along with the current study.
-    prior = make_exam(seed=33, patient_id="PAT-COMBO",
-                      acquisition=TODAY - dt.timedelta(days=400), **SIZE)
+    prior = make_exam(
+        seed=33, patient_id="PAT-COMBO", acquisition=TODAY - dt.timedelta(days=400), **SIZE
+    )
     # 3D-only with GENERATED_2D: synthesized images and volumes.
-    gen = _synthesized(make_exam(seed=34, patient_id="PAT-GEN", acquisition=TODAY, **SIZE),
-                       "generated")
+    gen = _synthesized(
+        make_exam(seed=34, patient_id="PAT-GEN", acquisition=TODAY, **SIZE), "generated"
+    )
     gen_vols = _volumes(gen)
     # 3D-only with only the vendor's name (an older system), sent by DCMTK's storescu.
-    named = _synthesized(make_exam(seed=35, patient_id="PAT-NAMED", acquisition=TODAY, **SIZE),
-                         "named")
+    named = _synthesized(
+        make_exam(seed=35, patient_id="PAT-NAMED", acquisition=TODAY, **SIZE), "named"
+    )
     # Three 2D views and a view with only a volume (computed: [grouping] volume_2d = mip).
-    partial = make_exam(seed=36, patient_id="PAT-VOL", acquisition=TODAY,
-                        views=("L-CC", "L-MLO", "R-CC"), **SIZE)
-    (vol_only,) = _volumes([make_mammogram("R", "MLO", rows=8, cols=8,
-                                           study_uid=partial[0].StudyInstanceUID,
-                                           patient_id="PAT-VOL",
-                                           accession=partial[0].AccessionNumber)])
+    partial = make_exam(
+        seed=36, patient_id="PAT-VOL", acquisition=TODAY, views=("L-CC", "L-MLO", "R-CC"), **SIZE
+    )
+    (vol_only,) = _volumes(
+        [
+            make_mammogram(
+                "R",
+                "MLO",
+                rows=8,
+                cols=8,
+                study_uid=partial[0].StudyInstanceUID,
+                patient_id="PAT-VOL",
+                accession=partial[0].AccessionNumber,
+            )
+        ]
+    )
     # Implants: BreastImplantPresent YES on the standard views, implant-displaced views too.
     implant = make_exam(seed=37, patient_id="PAT-IMP", acquisition=TODAY, **SIZE)
     for ds in implant:
         ds.BreastImplantPresent = "YES"
-    implant_id = [make_mammogram(lat, "CC", modifier="implant-displaced", seed=90 + i,
-                                 study_uid=implant[0].StudyInstanceUID, patient_id="PAT-IMP",
-                                 accession=implant[0].AccessionNumber, acquisition=later, **SIZE)
-                  for i, lat in enumerate("LR")]
+    implant_id = [
+        make_mammogram(
+            lat,
+            "CC",
+            modifier="implant-displaced",
+            seed=90 + i,
+            study_uid=implant[0].StudyInstanceUID,
+            patient_id="PAT-IMP",
+            accession=implant[0].AccessionNumber,
+            acquisition=later,
+            **SIZE,
+        )
+        for i, lat in enumerate("LR")
+    ]
 
     assert send(node.port, [*prior, *combo, *combo_synth]) == [0] * 12
-    assert send(node.port, [*gen_vols, *gen, *partial, vol_only, *implant, *implant_id]) \
-        == [0] * 18
+    assert send(node.port, [*gen_vols, *gen, *partial, vol_only, *implant, *implant_id]) == [0] * 18
     files = []
     for ds in named:
         f = tmp_path / f"{ds.SOPInstanceUID}.dcm"
         ds.save_as(f, enforce_file_format=True)
         files.append(str(f))
-    r = subprocess.run([dcmtk("storescu"), "-aec", node.ae_title, "127.0.0.1", str(node.port),
-                        *files], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [dcmtk("storescu"), "-aec", node.ae_title, "127.0.0.1", str(node.port), *files],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
 
-    studies = {"combo": combo, "gen": gen, "named": named, "partial": partial,
-               "implant": implant}
+    studies = {"combo": combo, "gen": gen, "named": named, "partial": partial, "implant": implant}
     for exam in studies.values():
         node.wait_exam(exam[0].StudyInstanceUID, "done", timeout=300)
     assert node.exam(prior[0].StudyInstanceUID)["state"] == "prior"  # stored, not read
@@ -115,12 +165,13 @@ def test_vendor_conventions_read_the_right_images(node_factory, storescp_factory
         o = dcmread(f)
         by_study.setdefault(o.StudyInstanceUID, []).append(o)
     assert prior[0].StudyInstanceUID not in by_study  # nothing goes into the years-old study
-    expect = {"combo": ({d.SOPInstanceUID for d in combo}, "conventional 2D"),
-              "gen": ({d.SOPInstanceUID for d in gen}, "synthesized 2D"),
-              "named": ({d.SOPInstanceUID for d in named}, "synthesized 2D"),
-              "partial": ({*(d.SOPInstanceUID for d in partial), vol_only.SOPInstanceUID},
-                          None),
-              "implant": ({d.SOPInstanceUID for d in implant}, "conventional 2D")}
+    expect = {
+        "combo": ({d.SOPInstanceUID for d in combo}, "conventional 2D"),
+        "gen": ({d.SOPInstanceUID for d in gen}, "synthesized 2D"),
+        "named": ({d.SOPInstanceUID for d in named}, "synthesized 2D"),
+        "partial": ({*(d.SOPInstanceUID for d in partial), vol_only.SOPInstanceUID}, None),
+        "implant": ({d.SOPInstanceUID for d in implant}, "conventional 2D"),
+    }
     for name, (uids, kind) in expect.items():
         objs = by_study[studies[name][0].StudyInstanceUID]
         (cad,) = [o for o in objs if o.SOPClassUID == CAD]
@@ -129,10 +180,12 @@ def test_vendor_conventions_read_the_right_images(node_factory, storescp_factory
         content = _texts(cad, {})
         assert set(content["IMAGE"]) == uids, name
         for sr in (cad, tid):
-            evidence = {i.ReferencedSOPInstanceUID
-                        for s in sr.CurrentRequestedProcedureEvidenceSequence
-                        for se in s.ReferencedSeriesSequence
-                        for i in se.ReferencedSOPSequence}
+            evidence = {
+                i.ReferencedSOPInstanceUID
+                for s in sr.CurrentRequestedProcedureEvidenceSequence
+                for se in s.ReferencedSeriesSequence
+                for i in se.ReferencedSOPSequence
+            }
             assert evidence == uids, name
         assert {str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID) for sc in scs} == uids
         kinds = content["Image kind"]
@@ -157,8 +210,12 @@ def test_vendor_conventions_read_the_right_images(node_factory, storescp_factory
     assert rows[prior[0].StudyInstanceUID]["state"] == "prior"
     assert rows[prior[0].StudyInstanceUID]["prior_rule"] == "age"  # prior_after_days
     # The SR with a computed view and a volume in its evidence is valid DICOM.
-    cad_partial = [f for f in pacs.files() if dcmread(f, stop_before_pixels=True).SOPClassUID
-                   == CAD and dcmread(f).StudyInstanceUID == partial[0].StudyInstanceUID]
+    cad_partial = [
+        f
+        for f in pacs.files()
+        if dcmread(f, stop_before_pixels=True).SOPClassUID == CAD
+        and dcmread(f).StudyInstanceUID == partial[0].StudyInstanceUID
+    ]
     assert dciodvfy_errors(cad_partial[0]) == []
 
     # mammo-node complete reads the prior on request.

@@ -25,32 +25,42 @@ N_EXAMS = 10  # besides the victim; enough for both listeners, split studies and
 
 
 def _settings(url: str, pacs_port: int, lease: float) -> dict:
-    return {"node": {"database_url": url},
-            "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
-                              "port": pacs_port}],
-            "export": {"max_attempts": 20, "initial_delay_seconds": 0.5,
-                       "max_delay_seconds": 1.0, "lease_seconds": lease},
-            "inference": {"lease_seconds": lease, "timeout_seconds": 600},
-            "grouping": {"stable_seconds": 30},
-            "peers": [QR_PEER, {"ae_title": "PYNETDICOM", "services": ["echo", "store"]}]}
+    return {
+        "node": {"database_url": url},
+        "destinations": [
+            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}
+        ],
+        "export": {
+            "max_attempts": 20,
+            "initial_delay_seconds": 0.5,
+            "max_delay_seconds": 1.0,
+            "lease_seconds": lease,
+        },
+        "inference": {"lease_seconds": lease, "timeout_seconds": 600},
+        "grouping": {"stable_seconds": 30},
+        "peers": [QR_PEER, {"ae_title": "PYNETDICOM", "services": ["echo", "store"]}],
+    }
 
 
 def _states(db: Database) -> dict[str, tuple[str, int, str | None]]:
     with db.session() as s:
-        return {e.study_instance_uid: (e.state, e.version, e.lease_owner)
-                for e in s.scalars(select(Exam))}
+        return {
+            e.study_instance_uid: (e.state, e.version, e.lease_owner)
+            for e in s.scalars(select(Exam))
+        }
 
 
 def _takeovers(db: Database) -> list[str]:
     with db.session() as s:
-        return list(s.scalars(select(ExamEvent.detail).where(
-            ExamEvent.detail.like("taken over%"))))
+        return list(s.scalars(select(ExamEvent.detail).where(ExamEvent.detail.like("taken over%"))))
 
 
-@pytest.mark.parametrize("engine", [pytest.param("postgresql", marks=pytest.mark.postgres),
-                                    "sqlite"])
+@pytest.mark.parametrize(
+    "engine", [pytest.param("postgresql", marks=pytest.mark.postgres), "sqlite"]
+)
 def test_two_listeners_two_workers_one_exporter_one_worker_killed(
-        tmp_path, engine, request, node_factory, storescp_factory):
+    tmp_path, engine, request, node_factory, storescp_factory
+):
     """On PostgreSQL (the deployment across hosts) and on SQLite (processes on one host)."""
     shared = tmp_path / "shared"  # the shared data_dir (NFS in a real deployment)
     if engine == "postgresql":
@@ -63,18 +73,27 @@ def test_two_listeners_two_workers_one_exporter_one_worker_killed(
     victim_exam = make_exam(seed=500, **SIZE)
     victim = victim_exam[0].StudyInstanceUID
 
-    listeners = [node_factory(settings, sub="listener", data_dir=shared, role="listener")
-                 for _ in range(2)]
+    listeners = [
+        node_factory(settings, sub="listener", data_dir=shared, role="listener") for _ in range(2)
+    ]
     node_factory(settings, sub="exporter", data_dir=shared, role="exporter")
     # Worker 1 hangs in the middle of the victim's reading (fault injection), so that it is
     # mid-exam when it is killed.
-    w1 = node_factory(settings, sub="worker", data_dir=shared, role="worker",
-                      env={"MAMMO_NODE_FAILPOINT": f"hang:{victim}"})
+    w1 = node_factory(
+        settings,
+        sub="worker",
+        data_dir=shared,
+        role="worker",
+        env={"MAMMO_NODE_FAILPOINT": f"hang:{victim}"},
+    )
     db = Database(url)
     try:
         assert send(listeners[0].port, victim_exam) == [0] * 4
-        wait_for(lambda: _states(db).get(victim, ("",))[0] == "processing", 60,
-                 what="worker 1 reading the victim")
+        wait_for(
+            lambda: _states(db).get(victim, ("",))[0] == "processing",
+            60,
+            what="worker 1 reading the victim",
+        )
         w2 = node_factory(settings, sub="worker", data_dir=shared, role="worker")
 
         # Ten studies at both listeners at once: studies 0-4 to one, 5-9 to the other, every
@@ -88,8 +107,12 @@ def test_two_listeners_two_workers_one_exporter_one_worker_killed(
             else:
                 batches[i * 2 // N_EXAMS] += exam
         statuses: list[list[int]] = [[], []]
-        senders = [threading.Thread(target=lambda k=k: statuses[k].extend(
-            send(listeners[k].port, batches[k]))) for k in (0, 1)]
+        senders = [
+            threading.Thread(
+                target=lambda k=k: statuses[k].extend(send(listeners[k].port, batches[k]))
+            )
+            for k in (0, 1)
+        ]
         for t in senders:
             t.start()
         for t in senders:
@@ -100,33 +123,47 @@ def test_two_listeners_two_workers_one_exporter_one_worker_killed(
         # inference process goes with it). Worker 2 takes the victim over when worker 1's
         # lease runs out; then a fresh worker joins (after the takeover: a worker starting
         # on the same host would free a dead local worker's exam at once, see recover()).
-        wait_for(lambda: sum(s == "done" for s, _, _ in _states(db).values()) >= 3, 180,
-                 what="worker 2 reading")
+        wait_for(
+            lambda: sum(s == "done" for s, _, _ in _states(db).values()) >= 3,
+            180,
+            what="worker 2 reading",
+        )
         assert _states(db)[victim][0] == "processing"  # still held by worker 1
         children = psutil.Process(w1.proc.pid).children(recursive=True)
         w1.stop(sig=signal.SIGKILL)
         psutil.wait_procs(children, timeout=30)
-        assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE
-                       for c in children)
+        assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
         wait_for(lambda: _takeovers(db), 60, what="the victim taken over")
         node_factory(settings, sub="worker", data_dir=shared, role="worker")
 
         every = [e[0].StudyInstanceUID for e in exams] + [victim]
-        wait_for(lambda: all(_states(db).get(u, ("",))[0] == "done" for u in every), 300,
-                 what=f"all {N_EXAMS + 1} exams done: {_states(db)}")
-        wait_for(lambda: pacs.received() >= (N_EXAMS + 1) * OBJECTS_PER_EXAM, 120,
-                 what="every result at the PACS")
+        wait_for(
+            lambda: all(_states(db).get(u, ("",))[0] == "done" for u in every),
+            300,
+            what=f"all {N_EXAMS + 1} exams done: {_states(db)}",
+        )
+        wait_for(
+            lambda: pacs.received() >= (N_EXAMS + 1) * OBJECTS_PER_EXAM,
+            120,
+            what="every result at the PACS",
+        )
         time.sleep(2 * 3.0)  # two lease periods: no late, doubled delivery may follow
     finally:
         states = _states(db)
         with db.session() as s:
-            results = dict(s.execute(select(Exam.study_instance_uid, func.count(Result.id))
-                                     .join(Result, Result.exam_id == Exam.id)
-                                     .group_by(Exam.study_instance_uid)).all())
-            done_events = s.execute(select(Exam.study_instance_uid, func.count())
-                                    .join(ExamEvent, ExamEvent.exam_id == Exam.id)
-                                    .where(ExamEvent.detail.like("% -> done %"))
-                                    .group_by(Exam.study_instance_uid)).all()
+            results = dict(
+                s.execute(
+                    select(Exam.study_instance_uid, func.count(Result.id))
+                    .join(Result, Result.exam_id == Exam.id)
+                    .group_by(Exam.study_instance_uid)
+                ).all()
+            )
+            done_events = s.execute(
+                select(Exam.study_instance_uid, func.count())
+                .join(ExamEvent, ExamEvent.exam_id == Exam.id)
+                .where(ExamEvent.detail.like("% -> done %"))
+                .group_by(Exam.study_instance_uid)
+            ).all()
         takeover = _takeovers(db)
         db.close()
     # One reading per exam: version 1, done once, one set of result objects.
@@ -134,8 +171,10 @@ def test_two_listeners_two_workers_one_exporter_one_worker_killed(
     assert dict(done_events) == {u: 1 for u in every}
     assert results == {u: OBJECTS_PER_EXAM for u in every}
     host = socket.gethostname()
-    assert takeover == [f"taken over from {host}:{w1.proc.pid} by {host}:{w2.proc.pid}: its "
-                        f"lease ran out (attempt 1)"]
+    assert takeover == [
+        f"taken over from {host}:{w1.proc.pid} by {host}:{w2.proc.pid}: its "
+        f"lease ran out (attempt 1)"
+    ]
     # Each object at the PACS exactly once.
     assert pacs.received() == (N_EXAMS + 1) * OBJECTS_PER_EXAM
     assert len(pacs.files()) == (N_EXAMS + 1) * OBJECTS_PER_EXAM

@@ -20,8 +20,9 @@ def cli(*args, process: bool = False) -> subprocess.CompletedProcess:
     file). The exit status and one-line errors of a real process are tested below
     (test_cli_user_errors_are_one_line_and_exit_2)."""
     if process:
-        r = subprocess.run([sys.executable, "-m", "node", *args], capture_output=True,
-                           text=True, timeout=900)
+        r = subprocess.run(
+            [sys.executable, "-m", "node", *args], capture_output=True, text=True, timeout=900
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         return r
     import contextlib
@@ -47,8 +48,7 @@ def cli(*args, process: bool = False) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("synth")
-    cli("synth", "--out", str(d), "--exams", "10", "--seed", "3", "--size", "256x224",
-        "--quiet")
+    cli("synth", "--out", str(d), "--exams", "10", "--seed", "3", "--size", "256x224", "--quiet")
     return d
 
 
@@ -56,8 +56,23 @@ def _train(data, out, *extra, process: bool = False):
     """In this process without DataLoader workers (forking a process whose OpenMP pool is
     running can hang); ``process``: a real ``mammo-node train`` with its default workers."""
     workers = [] if process else ["--workers", "0"]
-    cli("train", "--data", str(data), "--out", str(out), "--image-size", "128x64",
-        "--batch-size", "4", "--seed", "7", "--quiet", *workers, *extra, process=process)
+    cli(
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--image-size",
+        "128x64",
+        "--batch-size",
+        "4",
+        "--seed",
+        "7",
+        "--quiet",
+        *workers,
+        *extra,
+        process=process,
+    )
     return load_file(str(out))
 
 
@@ -92,8 +107,8 @@ def test_csv_reader_other_header_conventions(tiny_data, tmp_path, caplog):
         lat, view = slot.split("-")
         side = {"L": "LEFT", "R": "right"}[lat]
         lines.append(f"{p},1.2.3,{side},{lat}-{view},BI-RADS {rec.birads[lat]},Benign")
-    lines.append(f"{tmp_path / 'gone.dcm'},1.2.3,L,ML,BI-RADS 2,benign")      # an extra view
-    lines.append(f"{tmp_path / 'gone.dcm'},9.9.9,R,CC,BI-RADS 2,benign")      # file missing
+    lines.append(f"{tmp_path / 'gone.dcm'},1.2.3,L,ML,BI-RADS 2,benign")  # an extra view
+    lines.append(f"{tmp_path / 'gone.dcm'},9.9.9,R,CC,BI-RADS 2,benign")  # file missing
     (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     with caplog.at_level("INFO", logger="mammo_node.data"):
         recs = read_csv(tmp_path / "labels.csv")
@@ -107,8 +122,7 @@ def test_csv_reader_other_header_conventions(tiny_data, tmp_path, caplog):
         read_csv(tmp_path / "bad.csv")
 
 
-def test_vindr_reader_takes_dcm_suffix_and_survives_a_corrupt_file(tiny_data, tmp_path,
-                                                                   caplog):
+def test_vindr_reader_takes_dcm_suffix_and_survives_a_corrupt_file(tiny_data, tmp_path, caplog):
     import shutil
 
     root = tmp_path / "vindr"
@@ -142,20 +156,45 @@ def test_train_is_deterministic_and_resumable(tiny_data, tmp_path):
 
 
 def test_train_chooses_an_operating_point_on_held_out_exams(tiny_data, tmp_path):
-    _train(tiny_data, tmp_path / "v.safetensors", "--epochs", "1", "--arch", "cnn",
-           "--val-fraction", "0.5")
-    info = json.loads(cli("model-info", "--checkpoint", str(tmp_path / "v.safetensors"),
-                          "--json").stdout)
+    _train(
+        tiny_data,
+        tmp_path / "v.safetensors",
+        "--epochs",
+        "1",
+        "--arch",
+        "cnn",
+        "--val-fraction",
+        "0.5",
+    )
+    info = json.loads(
+        cli("model-info", "--checkpoint", str(tmp_path / "v.safetensors"), "--json").stdout
+    )
     op = info["metadata"]["operating_point"]
     assert "held-out training exams" in op["chosen_on"] and 0 < op["n"] < 10
     assert 0 <= op["score"] <= 100 and op["specificity"] >= 0.9
 
 
 def test_evaluate_json_and_table(tiny_data, tmp_path):
-    _train(tiny_data, tmp_path / "m.safetensors", "--epochs", "1", "--arch", "cnn",
-           "--task", "birads-5class")
-    r = cli("evaluate", "--data", str(tiny_data), "--checkpoint", str(tmp_path / "m.safetensors"),
-            "--split", "all", "--json")
+    _train(
+        tiny_data,
+        tmp_path / "m.safetensors",
+        "--epochs",
+        "1",
+        "--arch",
+        "cnn",
+        "--task",
+        "birads-5class",
+    )
+    r = cli(
+        "evaluate",
+        "--data",
+        str(tiny_data),
+        "--checkpoint",
+        str(tmp_path / "m.safetensors"),
+        "--split",
+        "all",
+        "--json",
+    )
     res = json.loads(r.stdout)
     assert {"birads-5class", "birads-3class", "diagnosis", "exam"} <= set(res)
     exam = res.pop("exam")
@@ -175,23 +214,45 @@ def test_evaluate_json_and_table(tiny_data, tmp_path):
     assert exam["sensitivity_at_90_specificity"] is not None and exam["calibration"]
     # An operating point chosen on these exams (calibrate), then the confusion matrix at it
     # and the plots.
-    r = cli("calibrate", "--data", str(tiny_data), "--checkpoint",
-            str(tmp_path / "m.safetensors"), "--split", "all", "--specificity", "0.8",
-            "--out", str(tmp_path / "m2.safetensors"), "--quiet")
+    r = cli(
+        "calibrate",
+        "--data",
+        str(tiny_data),
+        "--checkpoint",
+        str(tmp_path / "m.safetensors"),
+        "--split",
+        "all",
+        "--specificity",
+        "0.8",
+        "--out",
+        str(tmp_path / "m2.safetensors"),
+        "--quiet",
+    )
     assert "operating point: exam score" in r.stdout
-    info = json.loads(cli("model-info", "--checkpoint", str(tmp_path / "m2.safetensors"),
-                          "--json").stdout)
+    info = json.loads(
+        cli("model-info", "--checkpoint", str(tmp_path / "m2.safetensors"), "--json").stdout
+    )
     op = info["metadata"]["operating_point"]
     assert op["target_specificity"] == 0.8 and op["specificity"] >= 0.8
-    table = cli("evaluate", "--data", str(tiny_data), "--checkpoint",
-                str(tmp_path / "m2.safetensors"), "--split", "all", "--quiet", "--plots",
-                str(tmp_path / "plots")).stdout
+    table = cli(
+        "evaluate",
+        "--data",
+        str(tiny_data),
+        "--checkpoint",
+        str(tmp_path / "m2.safetensors"),
+        "--split",
+        "all",
+        "--quiet",
+        "--plots",
+        str(tmp_path / "plots"),
+    ).stdout
     assert "AUC" in table and "birads-5class" in table
     assert f"at the operating point {op['score']:g}" in table and "TP " in table
     assert (tmp_path / "plots" / "roc.png").stat().st_size > 1000
     assert (tmp_path / "plots" / "calibration.png").stat().st_size > 1000
-    info = json.loads(cli("model-info", "--checkpoint", str(tmp_path / "m.safetensors"),
-                          "--json").stdout)
+    info = json.loads(
+        cli("model-info", "--checkpoint", str(tmp_path / "m.safetensors"), "--json").stdout
+    )
     assert info["metadata"]["model_config"]["arch"] == "cnn"
     assert len(info["sha256"]) == 64
 
@@ -199,28 +260,62 @@ def test_evaluate_json_and_table(tiny_data, tmp_path):
 def test_demo_checkpoint_separates_birads_1_from_5_on_unseen_data(tmp_path):
     """The bundled demo on exams from a seed it never saw (the full target run is in the
     closing note; this is a smaller, faster sample of the same check)."""
-    cli("synth", "--out", str(tmp_path / "d"), "--exams", "40", "--seed", "424242",
-        "--size", "640x512", "--quiet")
-    res = json.loads(cli("evaluate", "--data", str(tmp_path / "d"), "--split", "all",
-                         "--json").stdout)
+    cli(
+        "synth",
+        "--out",
+        str(tmp_path / "d"),
+        "--exams",
+        "40",
+        "--seed",
+        "424242",
+        "--size",
+        "640x512",
+        "--quiet",
+    )
+    res = json.loads(
+        cli("evaluate", "--data", str(tmp_path / "d"), "--split", "all", "--json").stdout
+    )
     assert res["birads-1v5"]["n"] >= 10
     assert res["birads-1v5"]["auc"] >= 0.9, res
 
 
-@pytest.mark.parametrize("args,message", [
-    (["train", "--data", "{tmp}/nothing", "--out", "{tmp}/m.safetensors"],
-     "breast-level_annotations.csv not found"),
-    (["train", "--data", "{tmp}", "--format", "csv", "--out", "{tmp}/m.safetensors"],
-     "labels.csv not found"),
-    (["evaluate", "--data", "{tmp}", "--checkpoint", "{tmp}/junk.safetensors"],
-     "not a safetensors file"),
-    (["model-info", "--checkpoint", "{tmp}/absent.safetensors"], "absent.safetensors"),
-    (["train", "--data", "{tmp}", "--out", "{tmp}/m.safetensors", "--device", "cpu",
-      "--precision", "fp16"], "--precision fp16 needs a CUDA device"),
-    (["train", "--data", "{tmp}", "--out", "{tmp}/m.safetensors", "--accumulate", "0"],
-     "--accumulate must be >= 1"),
-    (["prepare", "--data", "{tmp}/nothing"], "breast-level_annotations.csv not found"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["train", "--data", "{tmp}/nothing", "--out", "{tmp}/m.safetensors"],
+            "breast-level_annotations.csv not found",
+        ),
+        (
+            ["train", "--data", "{tmp}", "--format", "csv", "--out", "{tmp}/m.safetensors"],
+            "labels.csv not found",
+        ),
+        (
+            ["evaluate", "--data", "{tmp}", "--checkpoint", "{tmp}/junk.safetensors"],
+            "not a safetensors file",
+        ),
+        (["model-info", "--checkpoint", "{tmp}/absent.safetensors"], "absent.safetensors"),
+        (
+            [
+                "train",
+                "--data",
+                "{tmp}",
+                "--out",
+                "{tmp}/m.safetensors",
+                "--device",
+                "cpu",
+                "--precision",
+                "fp16",
+            ],
+            "--precision fp16 needs a CUDA device",
+        ),
+        (
+            ["train", "--data", "{tmp}", "--out", "{tmp}/m.safetensors", "--accumulate", "0"],
+            "--accumulate must be >= 1",
+        ),
+        (["prepare", "--data", "{tmp}/nothing"], "breast-level_annotations.csv not found"),
+    ],
+)
 def test_cli_user_errors_are_one_line_and_exit_2(args, message, tmp_path):
     """In this process (``node.cli.main``, what the console script runs: ~5 s of start-up
     saved per case); the real process's exit status and stderr are the next test's."""
@@ -243,9 +338,21 @@ def test_cli_user_errors_are_one_line_and_exit_2(args, message, tmp_path):
 
 
 def test_a_cli_user_error_in_a_real_process_is_one_line_and_exit_2(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "node", "train", "--data", str(tmp_path / "none"),
-                        "--out", str(tmp_path / "m.safetensors")],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "node",
+            "train",
+            "--data",
+            str(tmp_path / "none"),
+            "--out",
+            str(tmp_path / "m.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert "breast-level_annotations.csv not found" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -267,10 +374,23 @@ def test_prepare_builds_the_cache_training_reads_in_parallel_and_resumes(tiny_da
     bad.write_bytes(b"not a DICOM file")
     cache = tmp_path / "cache"
     views = sum(len(r.paths) for r in recs)
-    r = cli("prepare", "--data", str(root), "--image-size", "128x64", "--cache-dir",
-            str(cache), "--workers", "2", "--quiet", process=True)
-    assert f"{views - 1} view(s) built, 0 already there, 1 unreadable, {views} in all" \
-        in r.stdout and "2 process(es)" in r.stdout
+    r = cli(
+        "prepare",
+        "--data",
+        str(root),
+        "--image-size",
+        "128x64",
+        "--cache-dir",
+        str(cache),
+        "--workers",
+        "2",
+        "--quiet",
+        process=True,
+    )
+    assert (
+        f"{views - 1} view(s) built, 0 already there, 1 unreadable, {views} in all" in r.stdout
+        and "2 process(es)" in r.stdout
+    )
     assert len(list(cache.glob("*.npy"))) == views - 1
     assert not list(cache.glob("*.tmp.npy"))
     good = recs[0].paths["L-CC"]
@@ -279,6 +399,17 @@ def test_prepare_builds_the_cache_training_reads_in_parallel_and_resumes(tiny_da
     np.save(entry, marker)  # what the dataset returns must come from this entry
     ds = ExamDataset([recs[0]], (128, 64), "birads-5class", cache_dir=cache)
     assert torch.equal(ds[0]["images"][0], torch.from_numpy(marker.astype(np.float32)))
-    r = cli("prepare", "--data", str(root), "--image-size", "128x64", "--cache-dir",
-            str(cache), "--workers", "2", "--quiet", process=True)
+    r = cli(
+        "prepare",
+        "--data",
+        str(root),
+        "--image-size",
+        "128x64",
+        "--cache-dir",
+        str(cache),
+        "--workers",
+        "2",
+        "--quiet",
+        process=True,
+    )
     assert f"0 view(s) built, {views - 1} already there, 1 unreadable" in r.stdout

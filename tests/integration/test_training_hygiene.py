@@ -50,9 +50,19 @@ def data(tmp_path_factory) -> Path:
 
 
 def _args(data: Path, out: Path, **kw) -> TrainArgs:
-    base = {"data": str(data), "out": str(out), "arch": "cnn", "epochs": 1, "image_size": SIZE,
-            "batch_size": 4, "workers": 0, "progress": False, "val_fraction": 0.0,
-            "seed": 5, "cache_dir": str(data / ".cache")}
+    base = {
+        "data": str(data),
+        "out": str(out),
+        "arch": "cnn",
+        "epochs": 1,
+        "image_size": SIZE,
+        "batch_size": 4,
+        "workers": 0,
+        "progress": False,
+        "val_fraction": 0.0,
+        "seed": 5,
+        "cache_dir": str(data / ".cache"),
+    }
     base.update(kw)
     return TrainArgs(**base)
 
@@ -89,8 +99,12 @@ def test_accumulate_k_micro_batches_equal_one_batch_of_k_times_b(data, tmp_path)
     a, b = _lines(big, "step"), _lines(small, "step")
     assert len(a) == len(b) == 2  # 8 exams / 4 per step
     assert [e["batch"] for e in b] == [2, 4]  # one line per optimizer step
-    torch.testing.assert_close(torch.tensor([e["loss"] for e in b]),
-                               torch.tensor([e["loss"] for e in a]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor([e["loss"] for e in b]),
+        torch.tensor([e["loss"] for e in a]),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     wa, wb = load_file(str(big)), load_file(str(small))
     # A bias added to every score of a softmax (the attention pooling's, the view fusion's)
     # has a true gradient of 0: its AdamW steps (each up to ~lr) follow the rounding of the
@@ -179,8 +193,11 @@ def test_gradient_clipping_bounds_what_the_optimizer_steps_with(data, checkpoint
 
     def hook(opt, args, kwargs):
         grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        seen.append(float(torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(x) for x in grads]))))
+        seen.append(
+            float(
+                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads]))
+            )
+        )
 
     handle = register_optimizer_step_pre_hook(hook)
     try:
@@ -204,8 +221,7 @@ def test_learning_rate_follows_linear_warmup_then_cosine(checkpoint):
     0.5 (1 + cos(pi s / 4)); it rises, then decays."""
     got = [e["lr"] for e in _lines(checkpoint, "step")]
     lr = REF["lr"]
-    want = [lr * min(1.0, (s + 1) / 2) * 0.5 * (1 + math.cos(math.pi * s / 4))
-            for s in range(4)]
+    want = [lr * min(1.0, (s + 1) / 2) * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)]
     assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
     assert got[0] < got[1] > got[2] > got[3] > 0
 
@@ -221,7 +237,8 @@ def _spy_inputs(monkeypatch) -> list[torch.Tensor]:
     def load(*a, **kw):
         model, info = real(*a, **kw)
         model.register_forward_pre_hook(
-            lambda m, args: seen.append(args[0][args[1]].detach().clone()))
+            lambda m, args: seen.append(args[0][args[1]].detach().clone())
+        )
         return model, info
 
     monkeypatch.setattr(tr, "load_checkpoint", load)
@@ -230,7 +247,8 @@ def _spy_inputs(monkeypatch) -> list[torch.Tensor]:
 
 @pytest.mark.unit
 def test_evaluate_and_calibrate_read_the_cache_dir_train_and_prepare_write(
-        data, checkpoint, tmp_path, monkeypatch):
+    data, checkpoint, tmp_path, monkeypatch
+):
     """``--cache-dir``: in a cache that prepare built (train's keys), what evaluate and
     calibrate feed the model comes from them: a marker written into every entry is what the
     model sees; without ``--cache-dir`` they read DATA/.mammo-cache, not the marker."""
@@ -252,24 +270,54 @@ def test_evaluate_and_calibrate_read_the_cache_dir_train_and_prepare_write(
         assert entry.exists()
         np.save(entry, marker)
     seen = _spy_inputs(monkeypatch)
-    evaluate(str(data), str(checkpoint), split="all", device="cpu", progress=False,
-             bootstrap=10, cache_dir=str(cache))
+    evaluate(
+        str(data),
+        str(checkpoint),
+        split="all",
+        device="cpu",
+        progress=False,
+        bootstrap=10,
+        cache_dir=str(cache),
+    )
     assert seen and all(bool((x == 0.25).all()) for x in seen)
     assert sum(len(x) for x in seen) == len(views)
     seen.clear()
-    calibrate(str(data), str(checkpoint), str(tmp_path / "cal.safetensors"), split="all",
-              device="cpu", progress=False, cache_dir=str(cache))
-    assert sum(len(x) for x in seen) == len(views) and all(bool((x == 0.25).all())
-                                                           for x in seen)
+    calibrate(
+        str(data),
+        str(checkpoint),
+        str(tmp_path / "cal.safetensors"),
+        split="all",
+        device="cpu",
+        progress=False,
+        cache_dir=str(cache),
+    )
+    assert sum(len(x) for x in seen) == len(views) and all(bool((x == 0.25).all()) for x in seen)
     seen.clear()
     # The CLI passes --cache-dir through; and without it the default cache is read.
-    assert main(["evaluate", "--data", str(data), "--checkpoint", str(checkpoint), "--split",
-                 "all", "--device", "cpu", "--bootstrap", "10", "--json", "--cache-dir",
-                 str(cache)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--data",
+                str(data),
+                "--checkpoint",
+                str(checkpoint),
+                "--split",
+                "all",
+                "--device",
+                "cpu",
+                "--bootstrap",
+                "10",
+                "--json",
+                "--cache-dir",
+                str(cache),
+            ]
+        )
+        == 0
+    )
     assert seen and all(bool((x == 0.25).all()) for x in seen)
     seen.clear()
     shutil.rmtree(data / ".mammo-cache", ignore_errors=True)
-    evaluate(str(data), str(checkpoint), split="all", device="cpu", progress=False,
-             bootstrap=10)
+    evaluate(str(data), str(checkpoint), split="all", device="cpu", progress=False, bootstrap=10)
     assert not any(bool((x == 0.25).all()) for x in seen)
     assert len(list((data / ".mammo-cache").glob("*.npy"))) == len(views)

@@ -25,8 +25,9 @@ from tests.integration.test_database import _produced, _ready_exams
 def _raw_listen(url: str, channel: str) -> psycopg.Connection:
     """A LISTEN connection of the test's own (what another process would hold)."""
     u = make_url(url)
-    conn = psycopg.connect(host=u.host, port=u.port, user=u.username, dbname=u.database,
-                           autocommit=True)
+    conn = psycopg.connect(
+        host=u.host, port=u.port, user=u.username, dbname=u.database, autocommit=True
+    )
     conn.execute(f"LISTEN {channel}")
     return conn
 
@@ -108,8 +109,9 @@ def test_notify_crosses_connections_at_commit_only(tmp_path, pg_server):
         _ready_exams(store, files, 1)
         assert _notified(other, 5) == [wakeup.EXAMS_READY]
         # A NOTIFY from another connection wakes the listener (no local wake-up involved).
-        with psycopg.connect(url.replace("postgresql+psycopg", "postgresql"),
-                             autocommit=True) as conn:
+        with psycopg.connect(
+            url.replace("postgresql+psycopg", "postgresql"), autocommit=True
+        ) as conn:
             assert listener.wait(0.05) is False
             conn.execute(f"NOTIFY {wakeup.DELIVERIES_DUE}")
             assert listener.wait(5) is True
@@ -125,11 +127,13 @@ def test_a_listener_whose_connection_is_killed_reconnects(pg_server):
     db = Database(url)
     listener = wakeup.Listener(db, wakeup.EXAMS_READY)
     try:
-        with psycopg.connect(url.replace("postgresql+psycopg", "postgresql"),
-                             autocommit=True) as admin:
+        with psycopg.connect(
+            url.replace("postgresql+psycopg", "postgresql"), autocommit=True
+        ) as admin:
             killed = admin.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query = "
-                f"'LISTEN {wakeup.EXAMS_READY}'").fetchall()
+                f"'LISTEN {wakeup.EXAMS_READY}'"
+            ).fetchall()
             assert killed == [(True,)]
             # The loss is a wake-up (what was notified meanwhile is unknown), and so is
             # the reconnection that follows ...

@@ -20,15 +20,18 @@ def _big_instance(seed: int, rows: int = 2048, cols: int = 2048):
     loopback socket buffers hold), built without synthesising a whole mammogram."""
     ds = make_mammogram("L", "CC", rows=64, cols=64, seed=seed)
     ds.Rows, ds.Columns = rows, cols
-    ds.PixelData = np.random.default_rng(seed).integers(0, 4096, (rows, cols),
-                                                        dtype=np.uint16).tobytes()
+    ds.PixelData = (
+        np.random.default_rng(seed).integers(0, 4096, (rows, cols), dtype=np.uint16).tobytes()
+    )
     ds.SOPInstanceUID = generate_uid()
     return ds
 
 
 def _url(ds) -> str:
-    return (f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/"
-            f"instances/{ds.SOPInstanceUID}")
+    return (
+        f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/"
+        f"instances/{ds.SOPInstanceUID}"
+    )
 
 
 def _slow_get(port: int, path: str, headers: str = "") -> socket.socket:
@@ -85,6 +88,7 @@ def test_concurrency_bound_holds_streamed_bodies_and_frees_on_disconnect(web_fac
     # other: each is handled (its completion event written) and leaves no slot behind.
     def ended() -> int:
         return sum(e["event"] == "DICOM Instances Transferred" for e in w.events())
+
     for _ in range(5):
         before = ended()
         with socket.create_connection(("127.0.0.1", w.port), timeout=10) as s:
@@ -104,8 +108,7 @@ def test_requests_beyond_the_bound_are_refused_not_queued(web_factory, limit):
     auth = {"Authorization": "Bearer t0ken"}
     assert _stow(w.base, [_part10(ds)], token="t0ken").status_code == 200
     wait_for(lambda: w.web.limit.active == 0, 10, interval=0.01, what="the STOW's slot freed")
-    held = [_slow_get(w.port, _url(ds), "Authorization: Bearer t0ken\r\n")
-            for _ in range(limit)]
+    held = [_slow_get(w.port, _url(ds), "Authorization: Bearer t0ken\r\n") for _ in range(limit)]
     try:
         assert w.web.limit.active == limit
         assert requests.get(f"{w.base}/studies", timeout=10).status_code == 401
@@ -128,27 +131,37 @@ def test_every_wado_answer_ends_with_its_completion_event(web_factory):
     ds = _big_instance(63)
     assert _stow(w.base, [_part10(ds)]).status_code == 200
     inst = f"{w.origin}{_url(ds)}"
-    uri = (f"{w.origin}/wado?requestType=WADO&studyUID={ds.StudyInstanceUID}&seriesUID="
-           f"{ds.SeriesInstanceUID}&objectUID={ds.SOPInstanceUID}")
+    uri = (
+        f"{w.origin}/wado?requestType=WADO&studyUID={ds.StudyInstanceUID}&seriesUID="
+        f"{ds.SeriesInstanceUID}&objectUID={ds.SOPInstanceUID}"
+    )
     octets = {"Accept": 'multipart/related; type="application/octet-stream"'}
     for url, headers, service in (
-            (inst, {}, "WADO-RS"), (f"{inst}/metadata", {}, "WADO-RS metadata"),
-            (f"{inst}/frames/1", {"Accept": "application/octet-stream"}, "WADO-RS frames"),
-            (f"{inst}/frames/1", octets, "WADO-RS frames"),
-            (f"{inst}/bulkdata/7FE00010", {}, "WADO-RS bulkdata"),
-            (f"{inst}/rendered", {"Accept": "image/png"}, "WADO-RS rendered"),
-            (f"{inst}/thumbnail", {}, "WADO-RS rendered"),
-            (f"{uri}&contentType=image/jpeg&rows=256", {}, "WADO-URI"),
-            (f"{uri}&contentType=application/dicom", {}, "WADO-URI")):
+        (inst, {}, "WADO-RS"),
+        (f"{inst}/metadata", {}, "WADO-RS metadata"),
+        (f"{inst}/frames/1", {"Accept": "application/octet-stream"}, "WADO-RS frames"),
+        (f"{inst}/frames/1", octets, "WADO-RS frames"),
+        (f"{inst}/bulkdata/7FE00010", {}, "WADO-RS bulkdata"),
+        (f"{inst}/rendered", {"Accept": "image/png"}, "WADO-RS rendered"),
+        (f"{inst}/thumbnail", {}, "WADO-RS rendered"),
+        (f"{uri}&contentType=image/jpeg&rows=256", {}, "WADO-URI"),
+        (f"{uri}&contentType=application/dicom", {}, "WADO-URI"),
+    ):
         before = len(w.events())
         r = requests.get(url, headers=headers, timeout=30)
         assert r.status_code == 200, (url, r.text[:200])
         wait_for(lambda n=before: len(w.events()) >= n + 2, 10, interval=0.02, what=url)
-        begin, end = w.events()[before:before + 2]
-        assert (begin["event"], begin["service"]) == ("Begin Transferring DICOM Instances",
-                                                      service), begin
+        begin, end = w.events()[before : before + 2]
+        assert (begin["event"], begin["service"]) == (
+            "Begin Transferring DICOM Instances",
+            service,
+        ), begin
         assert (end["event"], end["service"], end["outcome"], end["instances"]) == (
-            "DICOM Instances Transferred", service, 0, 1), end
+            "DICOM Instances Transferred",
+            service,
+            0,
+            1,
+        ), end
         assert end["studies"] == [ds.StudyInstanceUID] and "reason" not in end
     assert w.web.decoded.decodes == 1  # rendered, thumbnail, WADO-URI image: one decode
     # Refused requests transfer nothing: no event.

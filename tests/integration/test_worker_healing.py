@@ -22,9 +22,15 @@ SIZE = dict(rows=320, cols=256)
 
 
 def _node(node_factory, env=None, start=True, **inference):
-    settings = {"inference": {"timeout_seconds": 20, "max_attempts": 2,
-                              "retry_delay_seconds": 0.5, **inference},
-                "grouping": {"stable_seconds": 3600}}
+    settings = {
+        "inference": {
+            "timeout_seconds": 20,
+            "max_attempts": 2,
+            "retry_delay_seconds": 0.5,
+            **inference,
+        },
+        "grouping": {"stable_seconds": 3600},
+    }
     return node_factory(settings, worker=True, env=env, start=start)
 
 
@@ -35,8 +41,12 @@ def test_hung_inference_is_killed_and_the_next_exam_goes_on(node_factory):
     # The warm-up exam on: without it the good exam's first reading in each new inference
     # process pays the start-up (numba's kernels, decoders), which on a loaded machine ran
     # past a short timeout too.
-    node = _node(node_factory, env={"MAMMO_NODE_FAILPOINT": f"hang:{study}"},
-                 timeout_seconds=6, warm_up_exam=True)
+    node = _node(
+        node_factory,
+        env={"MAMMO_NODE_FAILPOINT": f"hang:{study}"},
+        timeout_seconds=6,
+        warm_up_exam=True,
+    )
     assert send(node.port, hung) == [0] * 4
     assert send(node.port, good) == [0] * 4
     e = node.wait_exam(study, "failed", timeout=120)
@@ -67,8 +77,11 @@ def test_model_that_cannot_load_leaves_exams_ready(node_factory, tmp_path):
     node = _node(node_factory, checkpoint=str(bad))
     exam = make_exam(seed=94, **SIZE)
     assert send(node.port, exam) == [0] * 4
-    wait_for(lambda: "cannot load the model" in node.log.read_text(), 120,
-             what="the model load failure in the log")
+    wait_for(
+        lambda: "cannot load the model" in node.log.read_text(),
+        120,
+        what="the model load failure in the log",
+    )
     assert node.exam(exam[0].StudyInstanceUID)["state"] == "ready"
 
 
@@ -117,13 +130,18 @@ def test_no_child_outlives_a_daemon_killed_at_any_moment(node_factory):
         time.sleep(rng.uniform(0.0, 4.0))
         os.kill(node.proc.pid, signal.SIGKILL)
         node.proc.wait()
-        wait_for(lambda tag=tag: not _tagged(tag), 15, interval=0.2,
-                 what=f"the children of killed daemon #{i + 1} to go")
+        wait_for(
+            lambda tag=tag: not _tagged(tag),
+            15,
+            interval=0.2,
+            what=f"the children of killed daemon #{i + 1} to go",
+        )
 
 
 @pytest.mark.postgres
-def test_postgresql_restarted_mid_exam_the_exam_ends_done_once(node_factory, storescp_factory,
-                                                               tmp_path):
+def test_postgresql_restarted_mid_exam_the_exam_ends_done_once(
+    node_factory, storescp_factory, tmp_path
+):
     """The PostgreSQL server stops while an exam is being read and the reading finishes
     while it is down: the worker neither dies nor fails the exam; once the server is back
     the exam is read again, ends ``done`` at version 1 and each result reaches the PACS once;
@@ -137,26 +155,37 @@ def test_postgresql_restarted_mid_exam_the_exam_ends_done_once(node_factory, sto
         exam = make_exam(seed=95, **SIZE)
         study = exam[0].StudyInstanceUID
         gate = tmp_path / "gate"
-        node = node_factory({
-            "node": {"database_url": server.new_database("restart")},
-            "dicomweb": {"enabled": True, "host": "127.0.0.1", "port": web},
-            "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
-                              "port": pacs.port}],
-            "export": {"initial_delay_seconds": 0.5, "max_delay_seconds": 1.0},
-            "inference": {"timeout_seconds": 120, "max_attempts": 2}},
-            worker=True, env={"MAMMO_NODE_FAILPOINT": f"gate:{study}:{gate}"})
+        node = node_factory(
+            {
+                "node": {"database_url": server.new_database("restart")},
+                "dicomweb": {"enabled": True, "host": "127.0.0.1", "port": web},
+                "destinations": [
+                    {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}
+                ],
+                "export": {"initial_delay_seconds": 0.5, "max_delay_seconds": 1.0},
+                "inference": {"timeout_seconds": 120, "max_attempts": 2},
+            },
+            worker=True,
+            env={"MAMMO_NODE_FAILPOINT": f"gate:{study}:{gate}"},
+        )
         assert send(node.port, exam) == [0] * 4
         wait_for(lambda: Path(f"{gate}.reached").exists(), 180, what="the exam mid-reading")
         server.stop_server()
         gate.touch()  # the reading goes on, and meets no database
-        wait_for(lambda: "the database failed" in node.log.read_text(), 120,
-                 what="the worker seeing the database gone")
+        wait_for(
+            lambda: "the database failed" in node.log.read_text(),
+            120,
+            what="the worker seeing the database gone",
+        )
         server.start_server()
         e = node.wait_exam(study, "done", timeout=180)
         assert e["version"] == 1 and not any("failed" in n for n in e["notes"])
         assert any("interrupted (database error" in n for n in e["notes"])
-        wait_for(lambda: node.exam(study)["delivery"].get("pacs", {}).get("sent") == 6, 60,
-                 what="6 objects at the PACS")
+        wait_for(
+            lambda: node.exam(study)["delivery"].get("pacs", {}).get("sent") == 6,
+            60,
+            what="6 objects at the PACS",
+        )
         uids = [dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in pacs.files()]
         assert len(uids) == 6 and len(set(uids)) == 6
         r = requests.get(f"http://127.0.0.1:{web}/readyz", timeout=30)

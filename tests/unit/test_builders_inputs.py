@@ -23,7 +23,6 @@ from tests.helpers import reading_summary
 pytestmark = pytest.mark.unit
 
 
-
 @pytest.fixture(scope="module")
 def sources():
     exam = make_exam(seed=7, rows=64, cols=48)
@@ -35,20 +34,36 @@ def test_mammo_cad_sr_from_a_reading(sources):
     sr = build_mammo_cad(sources, reading_summary(), study, 1)
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.50"
     assert sr.StudyInstanceUID == study and sr.SOPInstanceUID == result_uid(
-        study, 1, "sr-mammo-cad")
+        study, 1, "sr-mammo-cad"
+    )
     text = json.dumps(sr.to_json_dict(), default=str)
-    for needle in ("Image Library", "397145000", "Mammography assessment (Category 5)",
-                   "397140005", "NOT FOR CLINICAL USE", "HybridCnnVssm", "Fusion weight of L-CC",
-                   "AI exam malignancy score", "AI breast malignancy score", "Operating point",
-                   "Exam score above the operating point", "373066001",
-                   "Exam score 85/100, above the operating point (40)"):
+    for needle in (
+        "Image Library",
+        "397145000",
+        "Mammography assessment (Category 5)",
+        "397140005",
+        "NOT FOR CLINICAL USE",
+        "HybridCnnVssm",
+        "Fusion weight of L-CC",
+        "AI exam malignancy score",
+        "AI breast malignancy score",
+        "Operating point",
+        "Exam score above the operating point",
+        "373066001",
+        "Exam score 85/100, above the operating point (40)",
+    ):
         assert needle in text, needle
     assert all(ds.SOPInstanceUID in text for ds in sources.values())
     assert sr.SoftwareVersions.startswith("mammo-node ")
     v2 = build_mammo_cad(sources, reading_summary(demo=False), study, 2, replaces=sr)
     assert "NOT FOR CLINICAL USE" not in json.dumps(v2.to_json_dict(), default=str)
-    assert v2.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0] \
-        .ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sr.SOPInstanceUID
+    assert (
+        v2.PredecessorDocumentsSequence[0]
+        .ReferencedSeriesSequence[0]
+        .ReferencedSOPSequence[0]
+        .ReferencedSOPInstanceUID
+        == sr.SOPInstanceUID
+    )
 
 
 def test_tid1500_and_secondary_capture(sources):
@@ -89,12 +104,15 @@ def test_validator_accepts_whole_files_and_refuses_cut_ones(tmp_path):
 def test_validator_encapsulated_and_deflated(tmp_path):
     from pydicom.uid import RLELossless
 
-    f = write(make_mammogram("L", "CC", rows=64, cols=64, transfer_syntax=RLELossless),
-              tmp_path / "rle.dcm")
+    f = write(
+        make_mammogram("L", "CC", rows=64, cols=64, transfer_syntax=RLELossless),
+        tmp_path / "rle.dcm",
+    )
     assert check_dataset(f, 1 << 30) is None
-    d = write(make_mammogram("L", "CC", rows=64, cols=64,
-                             transfer_syntax=DeflatedExplicitVRLittleEndian),
-              tmp_path / "deflated.dcm")
+    d = write(
+        make_mammogram("L", "CC", rows=64, cols=64, transfer_syntax=DeflatedExplicitVRLittleEndian),
+        tmp_path / "deflated.dcm",
+    )
     inflated = check_dataset(d, 1 << 30, scratch=tmp_path)
     assert inflated is not None and inflated.stat().st_size > 64 * 64 * 2
     inflated.unlink()
@@ -120,7 +138,7 @@ def _stream(data: bytes, chunks, max_bytes: int = 1 << 30) -> int:
     for size in cycle(chunks):
         if pos >= len(data):
             break
-        block = data[pos:pos + size]
+        block = data[pos : pos + size]
         check.feed(block)
         pos += len(block)
     check.finish()
@@ -136,17 +154,27 @@ def _corpus(tmp_path):
 
     good = write(make_mammogram("L", "CC", rows=64, cols=64), tmp_path / "a.dcm")
     data = good.read_bytes()
-    files = {"good": data, "cut-200": data[:200], "cut-half": data[:len(data) // 2],
-             "cut-1": data[:-1], "trailing": data + b"\x00\x01\x02",
-             "rle": write(make_mammogram("L", "CC", rows=64, cols=64,
-                                         transfer_syntax=RLELossless),
-                          tmp_path / "rle.dcm").read_bytes(),
-             "implicit": write(make_mammogram("R", "MLO", rows=32, cols=32,
-                                              transfer_syntax=ImplicitVRLittleEndian),
-                               tmp_path / "imp.dcm").read_bytes(),
-             "deflated": write(make_mammogram("L", "CC", rows=64, cols=64,
-                                              transfer_syntax=DeflatedExplicitVRLittleEndian),
-                               tmp_path / "defl.dcm").read_bytes()}
+    files = {
+        "good": data,
+        "cut-200": data[:200],
+        "cut-half": data[: len(data) // 2],
+        "cut-1": data[:-1],
+        "trailing": data + b"\x00\x01\x02",
+        "rle": write(
+            make_mammogram("L", "CC", rows=64, cols=64, transfer_syntax=RLELossless),
+            tmp_path / "rle.dcm",
+        ).read_bytes(),
+        "implicit": write(
+            make_mammogram("R", "MLO", rows=32, cols=32, transfer_syntax=ImplicitVRLittleEndian),
+            tmp_path / "imp.dcm",
+        ).read_bytes(),
+        "deflated": write(
+            make_mammogram(
+                "L", "CC", rows=64, cols=64, transfer_syntax=DeflatedExplicitVRLittleEndian
+            ),
+            tmp_path / "defl.dcm",
+        ).read_bytes(),
+    }
     files["deflated-cut"] = files["deflated"][:-10]
     vol = write_tomo_volume(tmp_path / "v.dcm", frames=12, rows=64, cols=64)
     files["volume"] = vol.read_bytes()
@@ -158,11 +186,14 @@ def _corpus(tmp_path):
     files["volume-no-shared"] = write(ds, tmp_path / "v0.dcm").read_bytes()
     ds = dcmread(vol)
     ds.NumberOfFrames = 13  # pixel data of 12 frames
-    ds.PerFrameFunctionalGroupsSequence = [*ds.PerFrameFunctionalGroupsSequence,
-                                           ds.PerFrameFunctionalGroupsSequence[0]]
+    ds.PerFrameFunctionalGroupsSequence = [
+        *ds.PerFrameFunctionalGroupsSequence,
+        ds.PerFrameFunctionalGroupsSequence[0],
+    ]
     files["volume-short-pixels"] = write(ds, tmp_path / "v13.dcm").read_bytes()
-    rle_vol = set_transfer_syntax(make_tomo_volume("L", "CC", frames=3, rows=16, cols=16),
-                                  RLELossless)
+    rle_vol = set_transfer_syntax(
+        make_tomo_volume("L", "CC", frames=3, rows=16, cols=16), RLELossless
+    )
     files["volume-rle"] = write(rle_vol, tmp_path / "vr.dcm").read_bytes()
     files["garbage"] = b"\x00" * 128 + b"DICM" + bytes(range(256)) * 4
     files["no-dicm"] = b"\x00" * 300
@@ -191,7 +222,12 @@ def test_stream_check_agrees_with_the_whole_file_check(tmp_path):
                 got = exc.status
             assert got == want, (name, chunks)
     assert {n for n in corpus if n.startswith("volume")} == {
-        "volume", "volume-11-items", "volume-no-shared", "volume-short-pixels", "volume-rle"}
+        "volume",
+        "volume-11-items",
+        "volume-no-shared",
+        "volume-short-pixels",
+        "volume-rle",
+    }
 
 
 def test_stream_check_refuses_a_bad_volume_before_its_frames(tmp_path):
@@ -207,13 +243,14 @@ def test_stream_check_refuses_a_bad_volume_before_its_frames(tmp_path):
         check = StreamCheck(1 << 30)
         with pytest.raises(DatasetInvalid) as e:
             for pos in range(0, len(data), 1000):
-                check.feed(data[pos:pos + 1000])
+                check.feed(data[pos : pos + 1000])
         assert pos < at, (name, pos, at)
         assert e.value.status == 0xC210
         with pytest.raises(DatasetInvalid):  # and stays refused
             check.feed(b"\x00" * 10)
-    assert "Per-frame Functional Groups Sequence holds 11 items" in str(_refusal(
-        corpus["volume-11-items"]))
+    assert "Per-frame Functional Groups Sequence holds 11 items" in str(
+        _refusal(corpus["volume-11-items"])
+    )
     assert pixel_at > 1000  # the header is more than one block
 
 
@@ -234,9 +271,17 @@ def test_stream_check_bounds_a_deflate_bomb(tmp_path):
 def test_peers_match_hosts_and_cidr():
     from node.config import parse_config
 
-    cfg = parse_config({"peers": [
-        {"ae_title": "PACS", "hosts": ["10.1.2.0/24", "192.168.0.7"],
-         "services": ["store", "find"]}]})
+    cfg = parse_config(
+        {
+            "peers": [
+                {
+                    "ae_title": "PACS",
+                    "hosts": ["10.1.2.0/24", "192.168.0.7"],
+                    "services": ["store", "find"],
+                }
+            ]
+        }
+    )
     p = cfg.peers[0]
     assert p.matches("PACS", "10.1.2.99") and p.matches("PACS", "192.168.0.7")
     assert p.matches("PACS", "::ffff:10.1.2.3")  # IPv4-mapped IPv6
@@ -248,9 +293,16 @@ def test_tokens_by_hash_with_services():
     from node.security import TokenAuth
 
     digest = hashlib.sha256(b"viewer-token").hexdigest()
-    auth = TokenAuth(parse_config({"dicomweb": {
-        "token": "admin", "tokens": [{"name": "viewer", "sha256": digest,
-                                      "services": ["qido", "wado"]}]}}))
+    auth = TokenAuth(
+        parse_config(
+            {
+                "dicomweb": {
+                    "token": "admin",
+                    "tokens": [{"name": "viewer", "sha256": digest, "services": ["qido", "wado"]}],
+                }
+            }
+        )
+    )
     assert auth.authenticate("Bearer viewer-token") == ("viewer", frozenset({"qido", "wado"}))
     assert auth.authenticate("Bearer admin")[0] == "token"
     for bad in ("", "Bearer", "Bearer nope", "Basic dmlld2VyLXRva2Vu", "viewer-token"):
@@ -279,9 +331,14 @@ def test_tid1500_anchored_at_the_attention_hot_spot(sources, tmp_path):
     import subprocess
 
     study = next(iter(sources.values())).StudyInstanceUID
-    reading = dataclasses.replace(reading_summary(), attention_regions={
-        "L-CC": (10.0, 12.0, 30.0, 40.0), "L-MLO": (5.0, 5.0, 9.0, 9.0),
-        "R-CC": (1.0, 2.0, 3.0, 4.0)})
+    reading = dataclasses.replace(
+        reading_summary(),
+        attention_regions={
+            "L-CC": (10.0, 12.0, 30.0, 40.0),
+            "L-MLO": (5.0, 5.0, 9.0, 9.0),
+            "R-CC": (1.0, 2.0, 3.0, 4.0),
+        },
+    )
     sr = build_tid1500(sources, reading, study, 1)
     text = json.dumps(sr.to_json_dict(), default=str)
     assert "POLYLINE" in text and "Image Region" in text
@@ -307,8 +364,13 @@ def test_birads_categories_use_the_standard_snomed_codes():
     from node.results import birads_code
 
     codes = {c: birads_code(f"BI-RADS {c}") for c in "12345"}
-    assert [codes[c].value for c in "12345"] == ["397140005", "397141009", "397143007",
-                                                 "397144001", "397145000"]
+    assert [codes[c].value for c in "12345"] == [
+        "397140005",
+        "397141009",
+        "397143007",
+        "397144001",
+        "397145000",
+    ]
     assert all(c.scheme_designator == "SCT" and len(c.meaning) <= 64 for c in codes.values())
     grouped = birads_code("BI-RADS 4-5")  # a 3-class task's group: no single standard code
     assert grouped.scheme_designator == "99MAMMONODE" and "grouped" in grouped.meaning
@@ -322,7 +384,8 @@ def test_parametric_map_in_process(sources):
     ds = sources["L-CC"]
     study = ds.StudyInstanceUID
     att = np.linspace(0, 1, int(ds.Rows) * int(ds.Columns), dtype=np.float32).reshape(
-        int(ds.Rows), int(ds.Columns))
+        int(ds.Rows), int(ds.Columns)
+    )
     pm = build_parametric_map(ds, "L-CC", att, reading_summary(), study, 1, 1)
     assert pm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"
     assert pm.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0].WindowCenter == 0.5

@@ -41,8 +41,11 @@ def test_round_trip_and_identity(ckpt):
     assert info.sha256 == sha and info.config == m.cfg
     assert info.metadata["training_data"] == "unit test"
     assert info.metadata["input_size"] == "128x64"
-    assert json.loads(info.metadata["birads_classes"]) == ["BI-RADS 1", "BI-RADS 2-3",
-                                                           "BI-RADS 4-5"]
+    assert json.loads(info.metadata["birads_classes"]) == [
+        "BI-RADS 1",
+        "BI-RADS 2-3",
+        "BI-RADS 4-5",
+    ]
     for k, v in m.state_dict().items():
         assert torch.equal(v, m2.state_dict()[k]), k
 
@@ -59,10 +62,12 @@ def _rewrite(path, tensors=None, **meta_changes):
 def test_mismatches_fail_with_clear_messages(ckpt, tmp_path):
     _, path, _ = ckpt
     bad = tmp_path / "bad.safetensors"
-    for change, message in ((dict(format="something-else"), "not a mammo-node checkpoint"),
-                            (dict(format_version="99"), "format version '99'"),
-                            (dict(task="birads-1v5"), "task"),
-                            (dict(input_size="512x256"), "input_size")):
+    for change, message in (
+        (dict(format="something-else"), "not a mammo-node checkpoint"),
+        (dict(format_version="99"), "format version '99'"),
+        (dict(task="birads-1v5"), "task"),
+        (dict(input_size="512x256"), "input_size"),
+    ):
         bad.write_bytes(path.read_bytes())
         _rewrite(bad, **change)
         with pytest.raises(CheckpointError, match=message):
@@ -132,8 +137,10 @@ def test_the_algorithm_name_comes_from_the_checkpoint_architecture(tmp_path):
     save_checkpoint(create_model("cnn", image_size=(128, 64)), path, training_data="unit test")
     reading = MammoModel(path, device="cpu").predict_exam(make_exam(seed=1, rows=128, cols=96))
     assert reading.model["name"] == "CnnBaseline" and reading.model["arch"] == "cnn"
-    assert MammoModel(device="cpu").predict_exam(
-        make_exam(seed=1, rows=128, cols=96)).model["name"] == "HybridCnnVssm"
+    assert (
+        MammoModel(device="cpu").predict_exam(make_exam(seed=1, rows=128, cols=96)).model["name"]
+        == "HybridCnnVssm"
+    )
 
 
 def test_the_normalisation_travels_in_the_checkpoint(tmp_path):
@@ -147,8 +154,16 @@ def test_the_normalisation_travels_in_the_checkpoint(tmp_path):
     m = create_model("cnn", image_size=(128, 64))
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     save_checkpoint(m, a, training_data="unit test")
-    save_checkpoint(m, b, training_data="unit test", extra={"preprocessing": _json.dumps(
-        {"mean": 0.2, "std": 0.1, "segment": True, "version": "2-segmented"})})
+    save_checkpoint(
+        m,
+        b,
+        training_data="unit test",
+        extra={
+            "preprocessing": _json.dumps(
+                {"mean": 0.2, "std": 0.1, "segment": True, "version": "2-segmented"}
+            )
+        },
+    )
     ma, mb = MammoModel(a, device="cpu"), MammoModel(b, device="cpu")
     assert ma.info.preprocessing["mean"] == 0.5 and ma.info.preprocessing["segment"] is True
     assert mb.info.preprocessing["std"] == 0.1

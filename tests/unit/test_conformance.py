@@ -33,8 +33,10 @@ def test_tables_match_the_negotiated_contexts():
     storage = set(contexts) - qr - {VERIFICATION}
     assert all(contexts[uid].scp_role and contexts[uid].scu_role for uid in storage)
     documented_storage = set(_table("storage-sop-classes"))
-    assert documented_storage == storage, (sorted(storage - documented_storage),
-                                           sorted(documented_storage - storage))
+    assert documented_storage == storage, (
+        sorted(storage - documented_storage),
+        sorted(documented_storage - storage),
+    )
     assert set(_table("verification-and-qr")) == qr | {VERIFICATION}
     storage_ts = {tuple(str(t) for t in contexts[uid].transfer_syntax) for uid in storage}
     assert storage_ts == {tuple(_table("storage-transfer-syntaxes"))}
@@ -44,11 +46,21 @@ def test_tables_match_the_negotiated_contexts():
 
 def test_mammography_and_result_classes_are_documented():
     text = DOC.read_text(encoding="utf-8")
-    for uid in ("1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.1.2.1",
-                "1.2.840.10008.5.1.4.1.1.88.50", "1.2.840.10008.5.1.4.1.1.88.33",
-                "1.2.840.10008.5.1.4.1.1.7"):
+    for uid in (
+        "1.2.840.10008.5.1.4.1.1.1.2",
+        "1.2.840.10008.5.1.4.1.1.1.2.1",
+        "1.2.840.10008.5.1.4.1.1.88.50",
+        "1.2.840.10008.5.1.4.1.1.88.33",
+        "1.2.840.10008.5.1.4.1.1.7",
+    ):
         assert f"`{uid}`" in text, uid
-    for heading in ("Conformance statement overview", "Networking", "Association policies",
-                    "Association acceptance policy", "Security", "Support of character sets",
-                    "Created SOP instances"):
+    for heading in (
+        "Conformance statement overview",
+        "Networking",
+        "Association policies",
+        "Association acceptance policy",
+        "Security",
+        "Support of character sets",
+        "Created SOP instances",
+    ):
         assert heading in text, heading

@@ -27,16 +27,25 @@ from tests.helpers import asgi_request
 
 pytestmark = pytest.mark.unit
 
-TODAY = dt.datetime.now(dt.UTC).replace(tzinfo=None, hour=9, minute=0, second=0,
-                                               microsecond=0)
+TODAY = dt.datetime.now(dt.UTC).replace(tzinfo=None, hour=9, minute=0, second=0, microsecond=0)
 GENERATED = ["DERIVED", "PRIMARY", "TOMOSYNTHESIS", "GENERATED_2D"]
 
 
 def _add(store: Exams, files: FileStore, datasets, assign=assign_slots) -> None:
     for ds in datasets:
-        store.add_instance(instance_record(ds, files, "UNIT", str(ds.SOPClassUID),
-                                           str(ds.SOPInstanceUID), "1.2.840.10008.1.2.1", 100),
-                           assign, place=lambda: None)
+        store.add_instance(
+            instance_record(
+                ds,
+                files,
+                "UNIT",
+                str(ds.SOPClassUID),
+                str(ds.SOPInstanceUID),
+                "1.2.840.10008.1.2.1",
+                100,
+            ),
+            assign,
+            place=lambda: None,
+        )
 
 
 def _rows(html: str) -> list[str]:
@@ -52,28 +61,60 @@ def site(tmp_path: Path):
     store = Exams(db, prior_after_days=30, prior_gap_days=180)
     # The current exam: two conventional views, a synthesized one (3D-only view), one view
     # with only a volume ([grouping] volume_2d = "missing").
-    cur = make_exam(seed=1, rows=8, cols=8, patient_id="PAT-D", acquisition=TODAY,
-                    views=("L-CC", "R-CC"))
+    cur = make_exam(
+        seed=1, rows=8, cols=8, patient_id="PAT-D", acquisition=TODAY, views=("L-CC", "R-CC")
+    )
     study = cur[0].StudyInstanceUID
-    synth = make_mammogram("L", "MLO", rows=8, cols=8, study_uid=study, patient_id="PAT-D",
-                           accession=cur[0].AccessionNumber, acquisition=TODAY)
+    synth = make_mammogram(
+        "L",
+        "MLO",
+        rows=8,
+        cols=8,
+        study_uid=study,
+        patient_id="PAT-D",
+        accession=cur[0].AccessionNumber,
+        acquisition=TODAY,
+    )
     synth.ImageType = GENERATED
-    vol = make_tomo_volume("R", "MLO", frames=3, rows=8, cols=8, study_uid=study,
-                           patient_id="PAT-D", accession=cur[0].AccessionNumber)
+    vol = make_tomo_volume(
+        "R",
+        "MLO",
+        frames=3,
+        rows=8,
+        cols=8,
+        study_uid=study,
+        patient_id="PAT-D",
+        accession=cur[0].AccessionNumber,
+    )
     _add(store, files, [*cur, synth, vol])
     # Two priors of the patient (the age rule), one of another patient.
-    priors = [make_exam(seed=2 + i, rows=8, cols=8, patient_id="PAT-D",
-                        acquisition=TODAY - dt.timedelta(days=days))
-              for i, days in enumerate((400, 765))]
-    stranger = make_exam(seed=9, rows=8, cols=8, patient_id="PAT-OTHER",
-                         acquisition=TODAY - dt.timedelta(days=500))
+    priors = [
+        make_exam(
+            seed=2 + i,
+            rows=8,
+            cols=8,
+            patient_id="PAT-D",
+            acquisition=TODAY - dt.timedelta(days=days),
+        )
+        for i, days in enumerate((400, 765))
+    ]
+    stranger = make_exam(
+        seed=9, rows=8, cols=8, patient_id="PAT-OTHER", acquisition=TODAY - dt.timedelta(days=500)
+    )
     for p in (*priors, stranger):
         _add(store, files, p)
     # An exam whose R-MLO is computed from its volume ([grouping] volume_2d = "mip").
-    comp = make_exam(seed=5, rows=8, cols=8, patient_id="PAT-C", acquisition=TODAY,
-                     views=("L-CC", "L-MLO", "R-CC"))
-    comp_vol = make_tomo_volume("R", "MLO", frames=3, rows=8, cols=8,
-                                study_uid=comp[0].StudyInstanceUID, patient_id="PAT-C")
+    comp = make_exam(
+        seed=5,
+        rows=8,
+        cols=8,
+        patient_id="PAT-C",
+        acquisition=TODAY,
+        views=("L-CC", "L-MLO", "R-CC"),
+    )
+    comp_vol = make_tomo_volume(
+        "R", "MLO", frames=3, rows=8, cols=8, study_uid=comp[0].StudyInstanceUID, patient_id="PAT-C"
+    )
     _add(store, files, [*comp, comp_vol], assign=lambda m: assign_slots(m, volume_2d="mip"))
     # An implant exam the site does not read ([inference] implants = "skip").
     imp = make_exam(seed=6, rows=8, cols=8, patient_id="PAT-I", acquisition=TODAY)
@@ -90,13 +131,28 @@ def site(tmp_path: Path):
             others.append(claimed)
     for claimed in others:
         store.release_claim(*claimed, "test")
-    dash = Dashboard(parse_config({}), files, "/dicomweb", exams=store,
-                     deliveries=Deliveries(db), reports=Reports(db))
+    dash = Dashboard(
+        parse_config({}),
+        files,
+        "/dicomweb",
+        exams=store,
+        deliveries=Deliveries(db),
+        reports=Reports(db),
+    )
     app = Starlette(routes=dash.routes())
-    yield {"app": app, "store": store, "dash": dash, "cur": study, "synth": synth,
-           "vol": vol, "priors": [p[0] for p in priors], "stranger": stranger[0],
-           "comp": comp[0].StudyInstanceUID, "comp_vol": comp_vol,
-           "imp": imp[0].StudyInstanceUID}
+    yield {
+        "app": app,
+        "store": store,
+        "dash": dash,
+        "cur": study,
+        "synth": synth,
+        "vol": vol,
+        "priors": [p[0] for p in priors],
+        "stranger": stranger[0],
+        "comp": comp[0].StudyInstanceUID,
+        "comp_vol": comp_vol,
+        "imp": imp[0].StudyInstanceUID,
+    }
     db.close()
 
 
@@ -112,18 +168,22 @@ def test_exams_list_shows_view_sources_implant_and_priors_under_the_current_exam
     (i,) = [n for n, r in enumerate(rows) if f">{site['cur']}</a>" in r]
     row = rows[i]
     views = re.findall(r'<div class="view (\w+)" title="([LR]-(?:CC|MLO)): ([^"]+)">\2 <span', row)
-    assert views == [("conventional", "L-CC", "conventional 2D"),
-                     ("synthesized", "L-MLO", "synthesized 2D"),
-                     ("conventional", "R-CC", "conventional 2D"),
-                     ("volume_only", "R-MLO", "volume only: read with this view missing")]
+    assert views == [
+        ("conventional", "L-CC", "conventional 2D"),
+        ("synthesized", "L-MLO", "synthesized 2D"),
+        ("conventional", "R-CC", "conventional 2D"),
+        ("volume_only", "R-MLO", "volume only: read with this view missing"),
+    ]
     # The patient's priors on the row under it, oldest first, each a link; not the
     # stranger's study.
     under = rows[i + 1]
     assert under.startswith('<tr class="priors">')
     older, old = sorted(site["priors"], key=lambda d: d.StudyDate)
     links = re.findall(r'<a href="/ui/exams/([\d.]+)">(\d{4}-\d\d-\d\d)</a>', under)
-    assert links == [(d.StudyInstanceUID, f"{d.StudyDate[:4]}-{d.StudyDate[4:6]}-"
-                      f"{d.StudyDate[6:]}") for d in (older, old)]
+    assert links == [
+        (d.StudyInstanceUID, f"{d.StudyDate[:4]}-{d.StudyDate[4:6]}-{d.StudyDate[6:]}")
+        for d in (older, old)
+    ]
     assert site["stranger"].StudyInstanceUID not in under
     # The priors are exams of their own (state prior), without priors under them.
     for p in site["priors"]:
@@ -131,8 +191,10 @@ def test_exams_list_shows_view_sources_implant_and_priors_under_the_current_exam
         assert '<span class="state prior">prior</span>' in prow
     assert sum(r.startswith('<tr class="priors">') for r in rows) == 1
     (comp,) = [r for r in rows if f">{site['comp']}</a>" in r]
-    assert 'title="R-MLO: computed from the tomosynthesis volume">R-MLO <span class="muted ' \
+    assert (
+        'title="R-MLO: computed from the tomosynthesis volume">R-MLO <span class="muted '
         'kind">computed</span>' in comp
+    )
     (imp,) = [r for r in rows if f">{site['imp']}</a>" in r]
     assert "implant present" in imp and '<span class="state skipped">skipped</span>' in imp
     assert "implant present: not read ([inference] implants = skip)" in imp
@@ -143,8 +205,12 @@ def test_exam_page_views_priors_and_a_skipped_implant_read_on_request(site):
     app, store = site["app"], site["store"]
     page = _get(app, f"/ui/exams/{site['cur']}")
     views = re.findall(r'<tr class="view (\w+)"><td>([LR]-(?:CC|MLO))</td>', page)
-    assert views == [("conventional", "L-CC"), ("synthesized", "L-MLO"),
-                     ("conventional", "R-CC"), ("volume_only", "R-MLO")]
+    assert views == [
+        ("conventional", "L-CC"),
+        ("synthesized", "L-MLO"),
+        ("conventional", "R-CC"),
+        ("volume_only", "R-MLO"),
+    ]
     assert site["synth"].SOPInstanceUID in page
     assert "volume only: read with this view missing" in page
     assert site["vol"].SOPInstanceUID not in page.split("<h2>Views</h2>")[1].split("</table>")[0]
@@ -157,15 +223,20 @@ def test_exam_page_views_priors_and_a_skipped_implant_read_on_request(site):
     assert f'href="/ui/exams/{site["cur"]}"' in prior and "Other studies of this patient" in prior
     # The computed view names the volume it was computed from.
     comp = _get(app, f"/ui/exams/{site['comp']}")
-    assert re.search(r'<tr class="view computed"><td>R-MLO</td><td>computed from the '
-                     r'tomosynthesis volume</td><td class="uid">' +
-                     re.escape(site["comp_vol"].SOPInstanceUID), comp)
+    assert re.search(
+        r'<tr class="view computed"><td>R-MLO</td><td>computed from the '
+        r'tomosynthesis volume</td><td class="uid">' + re.escape(site["comp_vol"].SOPInstanceUID),
+        comp,
+    )
     # The implant exam: skipped, says why, and is read on request from the page.
     imp = _get(app, f"/ui/exams/{site['imp']}")
     assert "not read: [inference] implants = skip" in imp and "Complete now" in imp
     status, headers, _ = asgi_request(
-        app, "POST", f"/ui/exams/{site['imp']}/complete",
-        body=urlencode({"csrf": site["dash"].sessions.anonymous_csrf}).encode())
+        app,
+        "POST",
+        f"/ui/exams/{site['imp']}/complete",
+        body=urlencode({"csrf": site["dash"].sessions.anonymous_csrf}).encode(),
+    )
     assert status == 303, headers
     e = Reports(store.db).exam_view(site["imp"])
     assert (e.state, e.read_on_request) == ("ready", True)

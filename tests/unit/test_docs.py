@@ -35,8 +35,7 @@ def anchors(page: Path) -> set[str]:
     """Every heading anchor of a page (GitHub numbers repeated ones -1, -2, ...)."""
     seen: dict[str, int] = {}
     out = set()
-    for m in re.finditer(r"^#{1,6} (.+)$", _FENCE.sub("", page.read_text(encoding="utf-8")),
-                         re.M):
+    for m in re.finditer(r"^#{1,6} (.+)$", _FENCE.sub("", page.read_text(encoding="utf-8")), re.M):
         slug = _slug(m.group(1))
         n = seen.get(slug, 0)
         seen[slug] = n + 1
@@ -65,11 +64,16 @@ def broken_links(page: Path) -> list[str]:
 def test_the_link_checker_finds_a_broken_link(tmp_path):
     (tmp_path / "b.md").write_text("# Other page\n\n## Heading `[node]` two\n")
     page = tmp_path / "a.md"
-    page.write_text("# A\n\n[ok](b.md#heading-node-two) [ok](#a) [web](https://x.org/y)\n"
-                    "[gone](c.md) [no anchor](b.md#nope) [self](#missing)\n"
-                    "```\n[in code](ignored.md)\n```\n")
-    assert broken_links(page) == ["c.md: no such file", "b.md#nope: no heading #nope in b.md",
-                                  "#missing: no heading #missing in a.md"]
+    page.write_text(
+        "# A\n\n[ok](b.md#heading-node-two) [ok](#a) [web](https://x.org/y)\n"
+        "[gone](c.md) [no anchor](b.md#nope) [self](#missing)\n"
+        "```\n[in code](ignored.md)\n```\n"
+    )
+    assert broken_links(page) == [
+        "c.md: no such file",
+        "b.md#nope: no heading #nope in b.md",
+        "#missing: no heading #missing in a.md",
+    ]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
@@ -83,6 +87,7 @@ def test_the_readme_links_every_docs_page():
 
 
 # -- configuration keys --------------------------------------------------------------------------
+
 
 def code_keys() -> set[tuple[str, str]]:
     """(section, key) of every key node/config.py reads: the fields of each section's class
@@ -140,8 +145,13 @@ def documented_keys() -> set[tuple[str, str]]:
 
 def test_the_key_lists_are_read_right():
     keys = code_keys()
-    assert {("node", "port"), ("dicomweb", "session_minutes"), ("peers", "services"),
-            ("dicomweb.tokens", "sha256"), ("destinations", "tls")} <= keys
+    assert {
+        ("node", "port"),
+        ("dicomweb", "session_minutes"),
+        ("peers", "services"),
+        ("dicomweb.tokens", "sha256"),
+        ("destinations", "tls"),
+    } <= keys
     assert ("dicomweb", "tokens") not in keys and ("", "path") not in keys
     assert ("tls", "require_client_certificate") in toml_keys()  # commented out there
 
@@ -156,11 +166,14 @@ def test_every_configuration_key_is_documented():
 # -- the conformance statement's query keys ------------------------------------------------------
 
 #: Per VR: a valid single value, a wildcard, a list of two, a range (None: not a range VR).
-_PROBES = {"UI": ("1.2.3", "1.2.*", "1.2.3\\1.2.4", None),
-           "DA": ("20260101", "2026*", "20260101\\20260102", "20260101-20260201"),
-           "TM": ("0915", "09*", "0915\\1000", "0900-1000"),
-           "IS": ("7", "7*", "7\\8", None), "US": ("7", "7*", "7\\8", None),
-           "CS": ("MG", "M*", "MG\\CT", None)}
+_PROBES = {
+    "UI": ("1.2.3", "1.2.*", "1.2.3\\1.2.4", None),
+    "DA": ("20260101", "2026*", "20260101\\20260102", "20260101-20260201"),
+    "TM": ("0915", "09*", "0915\\1000", "0900-1000"),
+    "IS": ("7", "7*", "7\\8", None),
+    "US": ("7", "7*", "7\\8", None),
+    "CS": ("MG", "M*", "MG\\CT", None),
+}
 
 
 def matching_of(keyword: str) -> str:
@@ -182,11 +195,12 @@ def matching_of(keyword: str) -> str:
             return False
         return m is not None and m.op in ops and (not n or len(m.value) == n)
 
-    kinds = [("single value", takes(single, {"eq", "eq_ci", "prefix", "in", "int",
-                                             "modalities"})),
-             ("wildcard", takes(wild, {"like", "like_ci"})),
-             ("list", takes(pair, {"in", "modalities"}, 2)),
-             ("range", takes(span, {"range"}))]
+    kinds = [
+        ("single value", takes(single, {"eq", "eq_ci", "prefix", "in", "int", "modalities"})),
+        ("wildcard", takes(wild, {"like", "like_ci"})),
+        ("list", takes(pair, {"in", "modalities"}, 2)),
+        ("range", takes(span, {"range"})),
+    ]
     return ", ".join(k for k, ok in kinds if ok)
 
 
@@ -200,8 +214,10 @@ def query_key_rows() -> list[str]:
     for kw, a in ATTRIBUTES.items():
         tag = tag_for_keyword(kw)
         assert tag is not None, kw
-        rows.append(f"| {kw} | `({tag >> 16:04X},{tag & 0xFFFF:04X})` | {a.level} | {a.vr} | "
-                    f"{matching_of(kw)} |")
+        rows.append(
+            f"| {kw} | `({tag >> 16:04X},{tag & 0xFFFF:04X})` | {a.level} | {a.vr} | "
+            f"{matching_of(kw)} |"
+        )
     return rows
 
 
@@ -209,11 +225,13 @@ def test_the_conformance_query_keys_are_the_attribute_table():
     text = (ROOT / "docs" / "conformance.md").read_text(encoding="utf-8")
     m = re.search(r"<!-- table: query-keys -->\n(.*?)<!-- end -->", text, re.S)
     assert m, "the query-keys table is missing from docs/conformance.md"
-    documented = [line for line in m.group(1).splitlines() if not line.startswith(("| Key",
-                                                                                    "|---"))]
+    documented = [
+        line for line in m.group(1).splitlines() if not line.startswith(("| Key", "|---"))
+    ]
     expected = query_key_rows()
-    assert documented == expected, "docs/conformance.md query-keys should read:\n" + \
-        "\n".join(expected)
+    assert documented == expected, "docs/conformance.md query-keys should read:\n" + "\n".join(
+        expected
+    )
 
 
 def test_the_matching_probe_tells_the_kinds_apart():

@@ -30,9 +30,12 @@ from inference.synthetic_dataset import write_synthetic_dataset
 pytestmark = pytest.mark.unit
 
 
-def _reference(img: np.ndarray, size: tuple[int, int], segment: bool = True,
-               crop: tuple[int, int, int, int] | None = None
-               ) -> tuple[torch.Tensor, np.ndarray, tuple[int, int, int, int]]:
+def _reference(
+    img: np.ndarray,
+    size: tuple[int, int],
+    segment: bool = True,
+    crop: tuple[int, int, int, int] | None = None,
+) -> tuple[torch.Tensor, np.ndarray, tuple[int, int, int, int]]:
     """The model input as release 0.3 made it: the whole masked crop at full resolution, one
     antialiased resize (the slow path the fast one is held to). ``crop``: that crop (in the
     mirrored image, as Geometry.crop) instead of the one it would choose."""
@@ -55,7 +58,7 @@ def _reference(img: np.ndarray, size: tuple[int, int], segment: bool = True,
     else:
         thr = max(0.05, float(np.percentile(img[::4, ::4], 5)) + 0.05)
         mask = img > thr
-        flipped = bool(mask[:, cols // 2:].sum() > mask[:, :cols // 2].sum())
+        flipped = bool(mask[:, cols // 2 :].sum() > mask[:, : cols // 2].sum())
         if flipped:
             img, mask = img[:, ::-1], mask[:, ::-1]
         r0, r1, c0, c1 = _bbox(mask)
@@ -67,14 +70,23 @@ def _reference(img: np.ndarray, size: tuple[int, int], segment: bool = True,
     H, W = size
     scale = min(H / crop_px.shape[0], W / crop_px.shape[1])
     nh, nw = max(1, round(crop_px.shape[0] * scale)), max(1, round(crop_px.shape[1] * scale))
-    t = F.interpolate(torch.from_numpy(crop_px)[None, None], size=(nh, nw), mode="bilinear",
-                      align_corners=False, antialias=scale < 1)[0, 0]
+    t = F.interpolate(
+        torch.from_numpy(crop_px)[None, None],
+        size=(nh, nw),
+        mode="bilinear",
+        align_corners=False,
+        antialias=scale < 1,
+    )[0, 0]
     out = torch.zeros(H, W)
     top = (H - nh) // 2
-    out[top:top + nh, :nw] = t
+    out[top : top + nh, :nw] = t
     m = np.zeros((H, W), bool)
-    m[top:top + nh, :nw] = F.interpolate(torch.from_numpy(keep.astype(np.float32))[None, None],
-                                         size=(nh, nw), mode="area")[0, 0].numpy() > 0.5
+    m[top : top + nh, :nw] = (
+        F.interpolate(
+            torch.from_numpy(keep.astype(np.float32))[None, None], size=(nh, nw), mode="area"
+        )[0, 0].numpy()
+        > 0.5
+    )
     return out, m, (r0, r1, c0, c1)
 
 
@@ -83,11 +95,21 @@ def _films() -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     """Two full-size films, (laterality, display, breast, artifacts) in stored orientation:
     a left CC at 16 bits and a right MLO at 12 bits stored as MONOCHROME1."""
     out = []
-    for lat, view, seed, bits, photometric in (("L", "CC", 11, 16, "MONOCHROME2"),
-                                               ("R", "MLO", 12, 12, "MONOCHROME1")):
+    for lat, view, seed, bits, photometric in (
+        ("L", "CC", 11, 16, "MONOCHROME2"),
+        ("R", "MLO", 12, 12, "MONOCHROME1"),
+    ):
         rows, cols = film_size(seed)
-        ds = make_mammogram(lat, view, rows=rows, cols=cols, seed=seed, film=True,
-                            bits_stored=bits, photometric=photometric)
+        ds = make_mammogram(
+            lat,
+            view,
+            rows=rows,
+            cols=cols,
+            seed=seed,
+            film=True,
+            bits_stored=bits,
+            photometric=photometric,
+        )
         assert FILM_ROWS[0] <= ds.Rows <= FILM_ROWS[1]
         assert FILM_COLS[0] <= ds.Columns <= FILM_COLS[1]
         assert "WindowCenter" not in ds and ds.BitsStored == bits and ds.DetectorType == "FILM"
@@ -161,12 +183,11 @@ def test_film_lesion_boxes_hold_the_lesions():
     rows, cols, seed = 1150, 700, 5
     les = [Lesion("mass", 0.5, 0.4, 0.05, 0.3)]
     for lat in ("L", "R"):
-        with_l = make_mammogram(lat, "CC", rows=rows, cols=cols, seed=seed, film=True,
-                                lesions=les)
+        with_l = make_mammogram(lat, "CC", rows=rows, cols=cols, seed=seed, film=True, lesions=les)
         plain = make_mammogram(lat, "CC", rows=rows, cols=cols, seed=seed, film=True)
         d = np.abs(to_display(with_l) - to_display(plain))
         ys, xs = np.nonzero(d > 0.5 * d.max())
-        (cx, cy, x0, y0, x1, y1), = film_lesion_boxes(lat, rows, cols, seed, les)
+        ((cx, cy, x0, y0, x1, y1),) = film_lesion_boxes(lat, rows, cols, seed, les)
         assert x0 <= xs.mean() <= x1 and y0 <= ys.mean() <= y1
         assert abs(xs.mean() + 0.5 - cx) < 10 and abs(ys.mean() + 0.5 - cy) < 10
 
@@ -207,8 +228,8 @@ def test_percentiles_from_the_histogram_equal_numpys(lo, slope):
 
     rng = np.random.default_rng(7)
     sample = (rng.gamma(2.0, 3000.0, size=(300, 277)).clip(0, 60000) + lo).astype(
-        np.int32 if lo < 0 else np.uint16)
-    ours = _IntegerSample(sample, min(lo, 0)).percentiles(
-        [0.5, 99.8] if slope > 0 else [99.5, 0.2])
+        np.int32 if lo < 0 else np.uint16
+    )
+    ours = _IntegerSample(sample, min(lo, 0)).percentiles([0.5, 99.8] if slope > 0 else [99.5, 0.2])
     want = np.percentile(sample.astype(np.float64) * slope, [0.5, 99.8])
     assert np.allclose([v * slope for v in ours], want, rtol=0, atol=1e-6)

@@ -62,10 +62,13 @@ def test_the_identity_is_the_nodes_own():
 def test_every_application_entity_is_the_nodes():
     """No module builds a pynetdicom AE but through application_entity (the listener and its
     C-MOVE / C-GET sub-operations, export, the status check, the dashboard's C-ECHO test)."""
-    bare = [f"{p.relative_to(ROOT)}:{n}" for p in sorted((ROOT / "node").rglob("*.py"))
-            if p.name != "implementation.py"
-            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
-            if re.search(r"(?<!\w)(AE|ApplicationEntity)\(", line)]
+    bare = [
+        f"{p.relative_to(ROOT)}:{n}"
+        for p in sorted((ROOT / "node").rglob("*.py"))
+        if p.name != "implementation.py"
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if re.search(r"(?<!\w)(AE|ApplicationEntity)\(", line)
+    ]
     assert bare == []
     ae = make_ae(Config())
     assert (ae.implementation_class_uid, ae.implementation_version_name) == OURS
@@ -87,8 +90,9 @@ def test_associations_carry_the_identity_both_ways(tmp_path, monkeypatch):
         return 0x0000
 
     port = free_port()
-    server = make_ae(Config()).start_server(("127.0.0.1", port), block=False,
-                                            evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    server = make_ae(Config()).start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
     try:
         scu = application_entity("NODE_SCU")
         scu.add_requested_context(DigitalMammographyXRayImageStorageForPresentation)
@@ -109,8 +113,9 @@ def test_every_result_file_names_the_node(tmp_path):
     identity in its file meta (highdicom put its own there) and stays valid (dciodvfy)."""
     from node.inference_process import ExamJob, _adder
 
-    sources = {f"{ds.ImageLaterality}-{ds.ViewPosition}": ds
-               for ds in make_exam(seed=5, rows=64, cols=48)}
+    sources = {
+        f"{ds.ImageLaterality}-{ds.ViewPosition}": ds for ds in make_exam(seed=5, rows=64, cols=48)
+    }
     src = sources["L-CC"]
     study = str(src.StudyInstanceUID)
     reading = reading_summary()
@@ -126,8 +131,7 @@ def test_every_result_file_names_the_node(tmp_path):
     }
     assert str(built["sc"].file_meta.ImplementationClassUID) != IMPLEMENTATION_CLASS_UID
     produced: list = []
-    add = _adder(ExamJob(data_dir=str(tmp_path), study_uid=study, version=1, paths={}),
-                 produced)
+    add = _adder(ExamJob(data_dir=str(tmp_path), study_uid=study, version=1, paths={}), produced)
     for kind, ds in built.items():
         add(ds, kind)
     # the conformance statement's Annex B lists exactly what the builders make
@@ -135,12 +139,15 @@ def test_every_result_file_names_the_node(tmp_path):
     table = re.search(r"<!-- table: produced-sop-classes -->(.*?)<!-- end -->", doc, re.S)
     assert table, "Annex B's produced-sop-classes table is missing"
     assert {p.sop_class_uid for p in produced} == set(
-        re.findall(r"^\| `([0-9.]+)` \|", table.group(1), re.M))
+        re.findall(r"^\| `([0-9.]+)` \|", table.group(1), re.M)
+    )
     for p in produced:
         f = tmp_path / p.path
         assert _meta(f) == OURS, p.kind
-        assert dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID == \
-            ExplicitVRLittleEndian, p.kind
+        assert (
+            dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID
+            == ExplicitVRLittleEndian
+        ), p.kind
         assert dciodvfy_errors(f) == [], p.kind
 
 

@@ -49,8 +49,8 @@ def test_missing_views_are_masked_out():
     with torch.no_grad():
         out = m(x, mask)
         w = out["fusion_weights"]
-        assert float(w[0, :, 3].abs().max()) == 0.0        # R-MLO missing in exam 0
-        assert float(w[1, :, :2].abs().max()) == 0.0       # left breast missing in exam 1
+        assert float(w[0, :, 3].abs().max()) == 0.0  # R-MLO missing in exam 0
+        assert float(w[1, :, :2].abs().max()) == 0.0  # left breast missing in exam 1
         assert out["breast_present"].tolist() == [[True, True], [False, True]]
         assert float(out["attention"][1, 0].abs().max()) == 0.0
         # Changing a missing view's pixels changes nothing.

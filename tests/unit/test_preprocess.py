@@ -33,14 +33,18 @@ def test_reference_geometry_and_range():
     assert float(t[0, :, :32].mean()) > float(t[0, :, -32:].mean())
 
 
-@pytest.mark.parametrize("variant", [
-    dict(photometric="MONOCHROME1"),
-    dict(transfer_syntax=JPEGLSLossless),
-    dict(transfer_syntax=JPEG2000Lossless),
-    dict(transfer_syntax=RLELossless),
-    dict(dialect="legacy"),
-    dict(dialect="code-only"),
-], ids=lambda v: str(list(v.values())[0]))
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(photometric="MONOCHROME1"),
+        dict(transfer_syntax=JPEGLSLossless),
+        dict(transfer_syntax=JPEG2000Lossless),
+        dict(transfer_syntax=RLELossless),
+        dict(dialect="legacy"),
+        dict(dialect="code-only"),
+    ],
+    ids=lambda v: str(list(v.values())[0]),
+)
 def test_variants_equal_reference(variant):
     ref, _ = preprocess(_img(), SIZE)
     t, _ = preprocess(_img(**variant), SIZE)
@@ -93,19 +97,22 @@ def _dcmtk_encoded(ds, tool: str, args: list[str], tmp_path):
     """``ds`` compressed by a DCMTK encoder (a second, independent implementation)."""
     src, dst = tmp_path / "in.dcm", tmp_path / "out.dcm"
     write(ds, src)
-    subprocess.run([f"/usr/bin/{tool}", *args, str(src), str(dst)], check=True,
-                   capture_output=True)
+    subprocess.run([f"/usr/bin/{tool}", *args, str(src), str(dst)], check=True, capture_output=True)
     return dcmread(dst)
 
 
-@pytest.mark.parametrize("tool,args,syntax", [
-    ("dcmcjpeg", [], "1.2.840.10008.1.2.4.70"),           # JPEG Lossless SV1
-    ("dcmcjpeg", ["+el"], "1.2.840.10008.1.2.4.57"),      # JPEG Lossless, any predictor
-    ("dcmcjpeg", ["+ee"], "1.2.840.10008.1.2.4.51"),      # JPEG Extended 12-bit (lossy)
-    ("dcmcjpls", [], "1.2.840.10008.1.2.4.80"),           # JPEG-LS Lossless
-    ("dcmcjpls", ["+en"], "1.2.840.10008.1.2.4.81"),      # JPEG-LS Near-Lossless
-    ("dcmcrle", [], "1.2.840.10008.1.2.5"),               # RLE Lossless
-], ids=lambda v: v if isinstance(v, str) and not v.startswith("1.") else None)
+@pytest.mark.parametrize(
+    "tool,args,syntax",
+    [
+        ("dcmcjpeg", [], "1.2.840.10008.1.2.4.70"),  # JPEG Lossless SV1
+        ("dcmcjpeg", ["+el"], "1.2.840.10008.1.2.4.57"),  # JPEG Lossless, any predictor
+        ("dcmcjpeg", ["+ee"], "1.2.840.10008.1.2.4.51"),  # JPEG Extended 12-bit (lossy)
+        ("dcmcjpls", [], "1.2.840.10008.1.2.4.80"),  # JPEG-LS Lossless
+        ("dcmcjpls", ["+en"], "1.2.840.10008.1.2.4.81"),  # JPEG-LS Near-Lossless
+        ("dcmcrle", [], "1.2.840.10008.1.2.5"),  # RLE Lossless
+    ],
+    ids=lambda v: v if isinstance(v, str) and not v.startswith("1.") else None,
+)
 def test_dcmtk_compressed_variants_equal_reference(tool, args, syntax, tmp_path):
     ref, _ = preprocess(_img(), SIZE)
     ds = _dcmtk_encoded(_img(), tool, args, tmp_path)
@@ -120,8 +127,9 @@ def _as_voi_lut(ds, entry_bits: int = 16):
     c, w = float(ds.WindowCenter), float(ds.WindowWidth)
     first = int(c - w / 2)
     n = int(w)
-    entries = np.clip(np.round((np.arange(first, first + n) - (c - 0.5)) / (w - 1) * 4095
-                               + 2047.5), 0, 4095).astype(np.uint16)
+    entries = np.clip(
+        np.round((np.arange(first, first + n) - (c - 0.5)) / (w - 1) * 4095 + 2047.5), 0, 4095
+    ).astype(np.uint16)
     item = Dataset()
     item.LUTDescriptor = [n, first, entry_bits]
     item.LUTData = entries.tolist()
@@ -155,11 +163,17 @@ def test_8_bit_and_signed_pixels_equal_reference():
     assert float((ts - ref).abs().mean()) < 0.01
 
 
-@pytest.mark.parametrize("setup, slot", [
-    (dict(ViewPosition="LCC"), "L-CC"), (dict(ViewPosition="R MLO"), "R-MLO"),
-    (dict(Laterality="L", ViewPosition="MLO"), "L-MLO"), (dict(ViewPosition="RCCID"), None),
-    (dict(ImageLaterality="R", ViewPosition="XCCL"), None), (dict(ViewPosition="CC"), None),
-])
+@pytest.mark.parametrize(
+    "setup, slot",
+    [
+        (dict(ViewPosition="LCC"), "L-CC"),
+        (dict(ViewPosition="R MLO"), "R-MLO"),
+        (dict(Laterality="L", ViewPosition="MLO"), "L-MLO"),
+        (dict(ViewPosition="RCCID"), None),
+        (dict(ImageLaterality="R", ViewPosition="XCCL"), None),
+        (dict(ViewPosition="CC"), None),
+    ],
+)
 def test_one_view_classifier_for_node_api_and_readers(setup, slot):
     """The Python API and the data readers classify a header as the node does."""
     from inference.datasets import parse_view
@@ -186,7 +200,11 @@ def test_the_api_reads_an_exam_labelled_only_in_view_position():
         exam.append(ds)
     reading = MammoModel(device="cpu").predict_exam(exam)
     assert reading.missing_views == [] and set(reading.attention_maps) == {
-        "L-CC", "L-MLO", "R-CC", "R-MLO"}
+        "L-CC",
+        "L-MLO",
+        "R-CC",
+        "R-MLO",
+    }
 
 
 def test_reduced_attention_maps_land_where_the_full_size_ones_do():
@@ -196,8 +214,9 @@ def test_reduced_attention_maps_land_where_the_full_size_ones_do():
     from inference.synthetic import Lesion, make_exam
     from node.inference_process import hottest_region
 
-    exam = make_exam(seed=11, rows=1200, cols=950,
-                     lesions={"L": [Lesion("spiculated", 0.5, 0.5, 0.07, 0.35)]})
+    exam = make_exam(
+        seed=11, rows=1200, cols=950, lesions={"L": [Lesion("spiculated", 0.5, 0.5, 0.07, 0.35)]}
+    )
     model = MammoModel(device="cpu")
     full, small = model.predict_exam(exam), model.predict_exam(exam, map_side=512)
     for slot, amap in full.attention_maps.items():
@@ -214,8 +233,9 @@ def test_jpeg2000_decoded_at_a_reduced_resolution_level():
     model needs), with the values of the full decode averaged over the same blocks."""
     from inference.preprocess import decode, decode_reduced
 
-    ds = make_mammogram("L", "CC", rows=1200, cols=960, seed=2,
-                        transfer_syntax="1.2.840.10008.1.2.4.90")
+    ds = make_mammogram(
+        "L", "CC", rows=1200, cols=960, seed=2, transfer_syntax="1.2.840.10008.1.2.4.90"
+    )
     small, f = decode_reduced(ds, 256)
     assert f == 4 and small.shape == (300, 240) and small.dtype == np.uint16
     full = decode(ds).astype(np.float64)
@@ -228,8 +248,9 @@ def test_jpeg2000_decoded_at_a_reduced_resolution_level():
 def test_jpeg_ls_through_charls_gives_the_stored_values():
     from inference.preprocess import decode
 
-    ds = make_mammogram("R", "MLO", rows=256, cols=200, seed=3,
-                        transfer_syntax="1.2.840.10008.1.2.4.80")
+    ds = make_mammogram(
+        "R", "MLO", rows=256, cols=200, seed=3, transfer_syntax="1.2.840.10008.1.2.4.80"
+    )
     plain = make_mammogram("R", "MLO", rows=256, cols=200, seed=3)
     assert np.array_equal(decode(ds), plain.pixel_array)
 
@@ -239,8 +260,9 @@ def test_a_jpeg2000_exam_reads_like_the_uncompressed_one():
     from inference.synthetic import Lesion, make_exam
     from node.inference_process import hottest_region
 
-    kw = dict(seed=11, rows=2400, cols=1900,
-              lesions={"L": [Lesion("spiculated", 0.5, 0.5, 0.07, 0.35)]})
+    kw = dict(
+        seed=11, rows=2400, cols=1900, lesions={"L": [Lesion("spiculated", 0.5, 0.5, 0.07, 0.35)]}
+    )
     plain = make_exam(**kw)
     j2k = make_exam(**kw, transfer_syntax="1.2.840.10008.1.2.4.90")
     for a, b in zip(plain, j2k):

@@ -84,8 +84,10 @@ def test_concurrent_requests_for_one_image_wait_for_one_decode(tmp_path):
     path, _ = _file(tmp_path, "a.dcm", 3)
     cache = wado.DecodedImages(16 << 20)
     out: list[bytes] = []
-    threads = [threading.Thread(target=lambda: out.append(
-        wado.render(path, "image/png", cache=cache)[0])) for _ in range(6)]
+    threads = [
+        threading.Thread(target=lambda: out.append(wado.render(path, "image/png", cache=cache)[0]))
+        for _ in range(6)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -114,7 +116,7 @@ def test_rendered_pixels_match_the_float_reference(tmp_path, photometric):
     signed = ds.pixel_array.astype(np.int16) - 1000
     stored = wado.StoredFrame(signed, 1.0, 0.0, False)
     got = wado._window(stored, 500.0, 2000.0)
-    ref = (np.clip((signed.astype(np.float64) - 499.5) / 1999 + 0.5, 0, 1) * 255)
+    ref = np.clip((signed.astype(np.float64) - 499.5) / 1999 + 0.5, 0, 1) * 255
     assert np.array_equal(got, ref.astype(np.uint8))
 
 

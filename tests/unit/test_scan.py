@@ -24,18 +24,25 @@ SHAPES = [  # (batch, channels, length, state, groups or None)
     (3, 4, 129, 16, 2),
     (2, 12, 255, 8, 4),
     (1, 3, 64, 1, None),
-    (1, 70, 33, 5, None),   # two full 32-channel blocks of the numba kernel and a partial one
-    (2, 96, 40, 4, 2),      # groups of 48 channels: each a full block and a partial one
+    (1, 70, 33, 5, None),  # two full 32-channel blocks of the numba kernel and a partial one
+    (2, 96, 40, 4, 2),  # groups of 48 channels: each a full block and a partial one
 ]
 
 
 def _inputs(b, d, l, n, g, seed=0, decay=8.0):
     gen = torch.Generator().manual_seed(seed)
     shp = (b, g, n, l) if g else (b, n, l)
-    t = lambda *s, scale=1.0: (torch.randn(*s, generator=gen) * scale)  # noqa: E731
-    return dict(u=t(b, d, l), delta=t(b, d, l, scale=0.5), A=-torch.rand(d, n, generator=gen)
-                * decay - 0.05, B=t(*shp), C=t(*shp), D=t(d), z=t(b, d, l),
-                delta_bias=t(d, scale=0.1))
+    t = lambda *s, scale=1.0: torch.randn(*s, generator=gen) * scale  # noqa: E731
+    return dict(
+        u=t(b, d, l),
+        delta=t(b, d, l, scale=0.5),
+        A=-torch.rand(d, n, generator=gen) * decay - 0.05,
+        B=t(*shp),
+        C=t(*shp),
+        D=t(d),
+        z=t(b, d, l),
+        delta_bias=t(d, scale=0.1),
+    )
 
 
 def _run(fn, inp):
@@ -119,8 +126,10 @@ def test_dispatch_on_cpu_is_compiled_or_chunked():
             selective_scan(**inp, backend="mamba")
 
 
-@pytest.mark.skipif(not (mamba_available() and torch.cuda.is_available()),
-                    reason="mamba-ssm and a CUDA GPU are only on the GPU machines")
+@pytest.mark.skipif(
+    not (mamba_available() and torch.cuda.is_available()),
+    reason="mamba-ssm and a CUDA GPU are only on the GPU machines",
+)
 def test_mamba_kernel_matches_pytorch_scan():  # pragma: no cover - GPU only
     inp = {k: v.cuda() for k, v in _inputs(2, 64, 1024, 16, 1).items()}
     y_m = selective_scan(**inp, delta_softplus=True, backend="mamba")
@@ -155,8 +164,14 @@ def test_numba_scan_from_several_threads_at_once():
         print("ok" if not bad else "wrong values")
     """)
     env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                       timeout=300, cwd=str(Path(__file__).resolve().parents[2]))
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=str(Path(__file__).resolve().parents[2]),
+    )
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr[-2000:]
 
 
@@ -178,8 +193,13 @@ def test_without_numba_the_chunked_scan_is_used_and_said():
         assert float((selective_scan(*args) - selective_scan_ref(*args)).abs().max()) < 1e-4
         print(backend_name("cpu"))
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=120, cwd=str(Path(__file__).resolve().parents[2]))
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(Path(__file__).resolve().parents[2]),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "chunked PyTorch (CPU)"
     assert "compiled CPU scan is unavailable" in r.stderr

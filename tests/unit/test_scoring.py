@@ -23,8 +23,12 @@ pytestmark = pytest.mark.unit
 
 
 def test_scores():
-    assert breast_score({"BI-RADS 1": 0.2, "BI-RADS 5": 0.8},
-                        {"normal": 0.1, "benign": 0.2, "malignant": 0.7}) == 70.0
+    assert (
+        breast_score(
+            {"BI-RADS 1": 0.2, "BI-RADS 5": 0.8}, {"normal": 0.1, "benign": 0.2, "malignant": 0.7}
+        )
+        == 70.0
+    )
     assert breast_score({"BI-RADS 1": 0.2, "BI-RADS 4": 0.3, "BI-RADS 5": 0.5}) == 80.0
     assert breast_score({"BI-RADS 1": 0.6, "BI-RADS 2-3": 0.1, "BI-RADS 4-5": 0.3}) == 30.0
     assert exam_score({"L": 12.0, "R": None}) == 12.0 and exam_score({"L": None}) is None
@@ -68,8 +72,9 @@ def test_the_reading_carries_the_score_and_the_operating_point(tmp_path):
     from inference.api import MammoModel
     from inference.synthetic import Lesion, make_exam
 
-    exam = make_exam(seed=11, rows=640, cols=512,
-                     lesions={"L": [Lesion("spiculated", 0.5, 0.5, 0.07, 0.35)]})
+    exam = make_exam(
+        seed=11, rows=640, cols=512, lesions={"L": [Lesion("spiculated", 0.5, 0.5, 0.07, 0.35)]}
+    )
     r = MammoModel(device="cpu", operating_point=50).predict_exam(exam)
     assert r.score == max(b.score for b in r.breasts.values())
     assert r.breasts["L"].score > r.breasts["R"].score

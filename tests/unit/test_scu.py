@@ -43,8 +43,9 @@ def pacs():
     ae = AE(ae_title="PACS")
     ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
     port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False,
-                             evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_FIND, on_find)]
+    )
     try:
         yield Destination("pacs", "PACS", "127.0.0.1", port), callers
     finally:
@@ -62,27 +63,36 @@ def test_a_destination_that_does_not_associate(pacs):
     dest, _ = pacs
     closed = Destination("gone", "PACS", "127.0.0.1", free_port())  # nobody listens there
     assert _find_instance("MAMMO_NODE", closed, STUDY, HELD) is None  # cannot tell
-    with pytest.raises(AssociationFailed, match=rf"^association with PACS@127\.0\.0\.1:"
-                                                rf"{closed.port} failed$") as info:
-        with association("MAMMO_NODE", closed.host, closed.port, closed.ae_title,
-                         contexts_for([MG]), 5):
+    with pytest.raises(
+        AssociationFailed,
+        match=rf"^association with PACS@127\.0\.0\.1:"
+        rf"{closed.port} failed$",
+    ) as info:
+        with association(
+            "MAMMO_NODE", closed.host, closed.port, closed.ae_title, contexts_for([MG]), 5
+        ):
             pass
     assert not info.value.tls_setup
     # The PACS is up but accepts no storage context: no association either.
     with pytest.raises(AssociationFailed, match=r"^association with PACS@"):
-        with association("MAMMO_NODE", dest.host, dest.port, dest.ae_title,
-                         contexts_for([MG]), 5):
+        with association("MAMMO_NODE", dest.host, dest.port, dest.ae_title, contexts_for([MG]), 5):
             pass
 
 
 def test_contexts_keep_the_transfer_syntaxes_in_order():
-    one, several, default = contexts_for([
-        (MG, str(JPEG2000Lossless)),
-        (MG, [str(JPEG2000Lossless), ExplicitVRLittleEndian, ImplicitVRLittleEndian]),
-        MG])
+    one, several, default = contexts_for(
+        [
+            (MG, str(JPEG2000Lossless)),
+            (MG, [str(JPEG2000Lossless), ExplicitVRLittleEndian, ImplicitVRLittleEndian]),
+            MG,
+        ]
+    )
     assert one.transfer_syntax == [JPEG2000Lossless]
-    assert several.transfer_syntax == [JPEG2000Lossless, ExplicitVRLittleEndian,
-                                       ImplicitVRLittleEndian]
+    assert several.transfer_syntax == [
+        JPEG2000Lossless,
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+    ]
     assert {one.abstract_syntax, several.abstract_syntax, default.abstract_syntax} == {MG}
     assert ExplicitVRLittleEndian in default.transfer_syntax  # pynetdicom's defaults
 
@@ -90,14 +100,18 @@ def test_contexts_keep_the_transfer_syntaxes_in_order():
 def test_move_destination_names_the_sub_association():
     cfg = Config()
     contexts = contexts_for([(MG, str(JPEG2000Lossless))])
-    host, port, kwargs = move_destination(cfg, Destination("pacs", "PACS", "10.0.0.7", 104),
-                                          contexts)
-    assert (host, port, kwargs) == ("10.0.0.7", 104, {"contexts": contexts,
-                                                      "ae_title": "PACS"})
     host, port, kwargs = move_destination(
-        cfg, Destination("pacs", "PACS", "pacs.example", 2762, tls=True), contexts)
+        cfg, Destination("pacs", "PACS", "10.0.0.7", 104), contexts
+    )
+    assert (host, port, kwargs) == ("10.0.0.7", 104, {"contexts": contexts, "ae_title": "PACS"})
+    host, port, kwargs = move_destination(
+        cfg, Destination("pacs", "PACS", "pacs.example", 2762, tls=True), contexts
+    )
     ctx, server_name = kwargs.pop("tls_args")
     assert (host, port, server_name) == ("pacs.example", 2762, "pacs.example")
-    assert isinstance(ctx, ssl.SSLContext) and ctx.verify_mode == ssl.CERT_REQUIRED \
+    assert (
+        isinstance(ctx, ssl.SSLContext)
+        and ctx.verify_mode == ssl.CERT_REQUIRED
         and ctx.check_hostname
+    )
     assert kwargs == {"contexts": contexts, "ae_title": "PACS"}

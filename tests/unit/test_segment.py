@@ -30,16 +30,18 @@ def _truth(lat: str, view: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("artifacts", [(a,) for a in ARTIFACTS] + [ARTIFACTS])
 def test_artifacts_are_blanked_and_the_breast_kept(artifacts, lat, view, photometric):
     seed = 7 + len(artifacts) + ARTIFACTS.index(artifacts[0])
-    ds = make_mammogram(lat, view, rows=ROWS, cols=COLS, seed=seed, artifacts=artifacts,
-                        photometric=photometric)
+    ds = make_mammogram(
+        lat, view, rows=ROWS, cols=COLS, seed=seed, artifacts=artifacts, photometric=photometric
+    )
     truth, clean = _truth(lat, view, seed)
     display = to_display(ds)
-    plain = to_display(make_mammogram(lat, view, rows=ROWS, cols=COLS, seed=seed,
-                                      photometric=photometric))
+    plain = to_display(
+        make_mammogram(lat, view, rows=ROWS, cols=COLS, seed=seed, photometric=photometric)
+    )
     changed = np.abs(display - plain) > 0.01  # the same phantom: only the artifacts differ
-    burned = changed & ~truth            # the artifacts' own pixels
+    burned = changed & ~truth  # the artifacts' own pixels
     assert burned.sum() > 50, "the phantom carries the artifact"
-    truth = truth & ~changed             # breast under a collimator band was not imaged
+    truth = truth & ~changed  # breast under a collimator band was not imaged
     mask = segment_breast(display)
     full = mask.full()
     assert mask.chest_wall_left == (lat == "L")
@@ -79,8 +81,13 @@ def test_the_hottest_attention_lies_on_the_breast():
     attention map lies on the breast (the mask bounds the map)."""
     from inference.api import MammoModel
 
-    exam = make_exam(seed=5, rows=ROWS, cols=COLS, artifacts=ARTIFACTS,
-                     lesions={"L": [Lesion("spiculated", 0.5, 0.5, 0.07, 0.35)]})
+    exam = make_exam(
+        seed=5,
+        rows=ROWS,
+        cols=COLS,
+        artifacts=ARTIFACTS,
+        lesions={"L": [Lesion("spiculated", 0.5, 0.5, 0.07, 0.35)]},
+    )
     reading = MammoModel(device="cpu").predict_exam(exam)
     for slot, amap in sorted(reading.attention_maps.items()):
         lat, view = slot.split("-")

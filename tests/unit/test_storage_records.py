@@ -25,12 +25,27 @@ pytestmark = pytest.mark.unit
 
 def _exam() -> Exam:
     at = dt.datetime(2024, 5, 6, 7, 8, 9)
-    exam = Exam(study_instance_uid="1.2.3", accession_number="A1", patient_id="P",
-                state="done", version=2, last_received_at=at, state_changed_at=at,
-                notes_json='["a note"]', kinds_json='{"L-CC": "synthesized"}',
-                reading_json=json.dumps({"score": 71.5, "marks": {"L-CC": [
-                    {"slot": "L-CC", "index": 0, "score": 0.9,
-                     "above_operating_point": True}]}}))
+    exam = Exam(
+        study_instance_uid="1.2.3",
+        accession_number="A1",
+        patient_id="P",
+        state="done",
+        version=2,
+        last_received_at=at,
+        state_changed_at=at,
+        notes_json='["a note"]',
+        kinds_json='{"L-CC": "synthesized"}',
+        reading_json=json.dumps(
+            {
+                "score": 71.5,
+                "marks": {
+                    "L-CC": [
+                        {"slot": "L-CC", "index": 0, "score": 0.9, "above_operating_point": True}
+                    ]
+                },
+            }
+        ),
+    )
     exam.set_slot("L-CC", "1.2.3.4")
     return exam
 

@@ -35,14 +35,17 @@ def _item(code: str, scheme: str = "SCT") -> Dataset:
     return it
 
 
-@pytest.mark.parametrize("setup, expected", [
-    (dict(ImageLaterality="L", ViewPosition="CC"), "L-CC"),
-    (dict(Laterality="R", ViewPosition="MLO"), "R-MLO"),
-    (dict(ViewPosition="RCC"), "R-CC"),
-    (dict(ViewPosition="L MLO"), "L-MLO"),
-    (dict(ImageLaterality="R", ViewCodeSequence=[_item("399162004")]), "R-CC"),
-    (dict(ImageLaterality="L", ViewCodeSequence=[_item("R-10226", "SRT")]), "L-MLO"),
-])
+@pytest.mark.parametrize(
+    "setup, expected",
+    [
+        (dict(ImageLaterality="L", ViewPosition="CC"), "L-CC"),
+        (dict(Laterality="R", ViewPosition="MLO"), "R-MLO"),
+        (dict(ViewPosition="RCC"), "R-CC"),
+        (dict(ViewPosition="L MLO"), "L-MLO"),
+        (dict(ImageLaterality="R", ViewCodeSequence=[_item("399162004")]), "R-CC"),
+        (dict(ImageLaterality="L", ViewCodeSequence=[_item("R-10226", "SRT")]), "L-MLO"),
+    ],
+)
 def test_classify_slots_from_every_header_convention(setup, expected):
     ds = make_mammogram("", "", rows=8, cols=8)
     for k in ("ImageLaterality", "Laterality", "ViewPosition", "ViewCodeSequence"):
@@ -54,9 +57,16 @@ def test_classify_slots_from_every_header_convention(setup, expected):
     assert info.role == "candidate" and info.slot == expected
 
 
-@pytest.mark.parametrize("view, modifier, role", [
-    ("XCCL", None, "extra"), ("ML", None, "extra"), ("CC", "spot", "extra"),
-    ("MLO", "implant-displaced", "extra"), ("", None, "unclassified")])
+@pytest.mark.parametrize(
+    "view, modifier, role",
+    [
+        ("XCCL", None, "extra"),
+        ("ML", None, "extra"),
+        ("CC", "spot", "extra"),
+        ("MLO", "implant-displaced", "extra"),
+        ("", None, "unclassified"),
+    ],
+)
 def test_classify_extras_and_unclassified(view, modifier, role):
     ds = make_mammogram("L", view, rows=8, cols=8, modifier=modifier)
     assert classify(ds).role == role
@@ -69,8 +79,18 @@ def test_classify_other_sop_classes():
 
 
 def _records(store: FileStore, datasets) -> list:
-    return [instance_record(ds, store, "UNIT", str(ds.SOPClassUID), str(ds.SOPInstanceUID),
-                            "1.2.840.10008.1.2.1", 100) for ds in datasets]
+    return [
+        instance_record(
+            ds,
+            store,
+            "UNIT",
+            str(ds.SOPClassUID),
+            str(ds.SOPInstanceUID),
+            "1.2.840.10008.1.2.1",
+            100,
+        )
+        for ds in datasets
+    ]
 
 
 @pytest.fixture
@@ -81,8 +101,9 @@ def exams(tmp_path: Path, db_url: str):
 
 
 def _add(store: Exams, files: FileStore, datasets):
-    return [store.add_instance(r, assign_slots, place=lambda: None)
-            for r in _records(files, datasets)]
+    return [
+        store.add_instance(r, assign_slots, place=lambda: None) for r in _records(files, datasets)
+    ]
 
 
 def test_exam_assembly_repeat_views_and_reopening(exams):
@@ -93,13 +114,26 @@ def test_exam_assembly_repeat_views_and_reopening(exams):
     claimed = store.claim_next_ready()
     assert claimed is not None
     assert store.finish(*claimed, ok=True)
-    retake = make_mammogram("L", "CC", rows=8, cols=8, study_uid=exam[0].StudyInstanceUID,
-                            patient_id=exam[0].PatientID,
-                            acquisition=dt.datetime(2026, 1, 1, 10))
+    retake = make_mammogram(
+        "L",
+        "CC",
+        rows=8,
+        cols=8,
+        study_uid=exam[0].StudyInstanceUID,
+        patient_id=exam[0].PatientID,
+        acquisition=dt.datetime(2026, 1, 1, 10),
+    )
     (r,) = _add(store, files, [retake])
     assert r.reopened and r.exam_version == 2 and r.exam_state == "ready"
-    older = make_mammogram("L", "CC", rows=8, cols=8, study_uid=exam[0].StudyInstanceUID,
-                           patient_id=exam[0].PatientID, acquisition=dt.datetime(2026, 1, 1, 8))
+    older = make_mammogram(
+        "L",
+        "CC",
+        rows=8,
+        cols=8,
+        study_uid=exam[0].StudyInstanceUID,
+        patient_id=exam[0].PatientID,
+        acquisition=dt.datetime(2026, 1, 1, 8),
+    )
     (r,) = _add(store, files, [older])
     assert not r.reopened and r.exam_version == 2  # an older repeat changes no slot
     (dup,) = _add(store, files, [exam[1]])
@@ -110,15 +144,21 @@ def test_patient_conflict_holds_and_resolve_reads_again(exams):
     store, files = exams
     exam = make_exam(seed=2, rows=8, cols=8, patient_id="P-1")
     _add(store, files, exam)
-    other = make_mammogram("R", "CC", rows=8, cols=8, study_uid=exam[0].StudyInstanceUID,
-                           patient_id="P-2", acquisition=dt.datetime(2030, 1, 1))
+    other = make_mammogram(
+        "R",
+        "CC",
+        rows=8,
+        cols=8,
+        study_uid=exam[0].StudyInstanceUID,
+        patient_id="P-2",
+        acquisition=dt.datetime(2030, 1, 1),
+    )
     (r,) = _add(store, files, [other])
     assert r.conflict and r.exam_state == "conflict"
     assert store.claim_next_ready() is None  # held: nothing to read
     with pytest.raises(ValueError):
         store.resolve_patient(exam[0].StudyInstanceUID, "P-3", assign_slots)
-    detached, state, version = store.resolve_patient(exam[0].StudyInstanceUID, "P-1",
-                                                     assign_slots)
+    detached, state, version = store.resolve_patient(exam[0].StudyInstanceUID, "P-1", assign_slots)
     assert (detached, state, version) == (1, "ready", 1)
 
 
@@ -158,18 +198,40 @@ def test_finish_refuses_an_exam_that_was_never_claimed(exams):
     assert Reports(store.db).counts_by_state().counts["ready"] == 1
 
 
-@pytest.mark.parametrize("key, query, n", [
-    ("PatientName", "alpha*", 1), ("PatientName", "ALPHA^ANN", 1), ("PatientName", "*a*a*", 2),
-    ("PatientID", "PAT-?", 2), ("PatientID", "pat-a", 0),  # LO: case-sensitive
-    ("StudyDate", "20260401-", 1), ("StudyDate", "-20260101", 0), ("AccessionNumber", "", 2),
-    ("AccessionNumber", "ACC_A", 0),  # SQL wildcards are data
-])
+@pytest.mark.parametrize(
+    "key, query, n",
+    [
+        ("PatientName", "alpha*", 1),
+        ("PatientName", "ALPHA^ANN", 1),
+        ("PatientName", "*a*a*", 2),
+        ("PatientID", "PAT-?", 2),
+        ("PatientID", "pat-a", 0),  # LO: case-sensitive
+        ("StudyDate", "20260401-", 1),
+        ("StudyDate", "-20260101", 0),
+        ("AccessionNumber", "", 2),
+        ("AccessionNumber", "ACC_A", 0),  # SQL wildcards are data
+    ],
+)
 def test_study_matching_in_sql(exams, key, query, n):
     store, files = exams
-    a = make_exam(seed=5, rows=8, cols=8, patient_id="PAT-A", patient_name="Alpha^Ann",
-                  accession="ACC-A", acquisition=dt.datetime(2026, 3, 1))
-    b = make_exam(seed=6, rows=8, cols=8, patient_id="PAT-B", patient_name="Beta^Bea",
-                  accession="ACC-B", acquisition=dt.datetime(2026, 5, 20))
+    a = make_exam(
+        seed=5,
+        rows=8,
+        cols=8,
+        patient_id="PAT-A",
+        patient_name="Alpha^Ann",
+        accession="ACC-A",
+        acquisition=dt.datetime(2026, 3, 1),
+    )
+    b = make_exam(
+        seed=6,
+        rows=8,
+        cols=8,
+        patient_id="PAT-B",
+        patient_name="Beta^Bea",
+        accession="ACC-B",
+        acquisition=dt.datetime(2026, 5, 20),
+    )
     _add(store, files, a + b)
     queries = QueryService(Reports(store.db))
     found = queries.find(Query("STUDY", {key: query}))
@@ -189,9 +251,14 @@ def test_key_match_by_vr():
     assert key_match("SeriesNumber", "3").op == "int"
     assert key_match("PatientID", "*") is None
     assert key_match("Modality", "MG\\SR").op == "in"
-    for key, bad in (("StudyDate", "2026-13"), ("SeriesNumber", "x"), ("Rows", "1*"),
-                     ("StudyInstanceUID", "1.2.*"), ("NumberOfStudyRelatedSeries", "1"),
-                     ("InstitutionName", "X")):
+    for key, bad in (
+        ("StudyDate", "2026-13"),
+        ("SeriesNumber", "x"),
+        ("Rows", "1*"),
+        ("StudyInstanceUID", "1.2.*"),
+        ("NumberOfStudyRelatedSeries", "1"),
+        ("InstitutionName", "X"),
+    ):
         with pytest.raises(QueryError, match=key):
             key_match(key, bad)
 
@@ -203,12 +270,15 @@ def test_header_values_longer_than_their_vr_are_kept_to_the_column(exams):
     store, files = exams
     exam = make_exam(seed=9, rows=8, cols=8, accession="ACC-2026-000000012345")  # 21 chars
     for ds in exam:
-        ds.StudyDescription = "Screening mammography, bilateral, " * 4           # 136 chars
-        ds.SeriesDescription = "x" * 300                                           # > 256
+        ds.StudyDescription = "Screening mammography, bilateral, " * 4  # 136 chars
+        ds.SeriesDescription = "x" * 300  # > 256
     results = _add(store, files, exam)
     assert [r.exam_state for r in results][-1] == "ready"
-    rows = QueryService(Reports(store.db)).find(
-        Query("STUDY", {"AccessionNumber": "ACC-2026-000000012345"})).rows
+    rows = (
+        QueryService(Reports(store.db))
+        .find(Query("STUDY", {"AccessionNumber": "ACC-2026-000000012345"}))
+        .rows
+    )
     assert rows and rows[0].study_description == exam[0].StudyDescription.strip()
     assert len(rows[0].series_description) == 256
 
@@ -230,8 +300,7 @@ def test_empty_patient_ids_are_compared_by_name_and_birth_date(exams):
     study = exam[0].StudyInstanceUID
     with pytest.raises(ValueError, match="--patient-name"):
         store.resolve_patient(study, "", assign_slots)
-    detached, state, _ = store.resolve_patient(study, "", assign_slots,
-                                               patient_name="Alpha^Ann")
+    detached, state, _ = store.resolve_patient(study, "", assign_slots, patient_name="Alpha^Ann")
     assert (detached, state) == (1, "receiving")
 
 
@@ -299,29 +368,40 @@ def test_encoded_c_find_answers_are_the_datasets_answers_builds(exams, explicit)
     from node.query import from_identifier
 
     store, files = exams
-    a = make_exam(seed=7, rows=8, cols=8, patient_id="PAT-Ü", patient_name="Müller^Zoë",
-                  accession="ACC-U")
+    a = make_exam(
+        seed=7, rows=8, cols=8, patient_id="PAT-Ü", patient_name="Müller^Zoë", accession="ACC-U"
+    )
     _add(store, files, a)
     queries = QueryService(Reports(store.db))
     for level in ("PATIENT", "STUDY", "SERIES", "IMAGE"):
         q = Dataset()
         q.QueryRetrieveLevel = level
-        for kw in ("PatientName", "PatientID", "StudyDate", "ModalitiesInStudy",
-                   "NumberOfStudyRelatedInstances", "SeriesNumber", "Rows", "InstitutionName",
-                   "NumberOfPatientRelatedStudies", "NumberOfFrames"):
+        for kw in (
+            "PatientName",
+            "PatientID",
+            "StudyDate",
+            "ModalitiesInStudy",
+            "NumberOfStudyRelatedInstances",
+            "SeriesNumber",
+            "Rows",
+            "InstitutionName",
+            "NumberOfPatientRelatedStudies",
+            "NumberOfFrames",
+        ):
             setattr(q, kw, None)
         query = from_identifier(q)
         found = queries.find(query)
         want = queries.answers(query, found)
-        got = [decode(BytesIO(b), not explicit, True, False)
-               for b in queries.encoded_answers(query, found, explicit)]
+        got = [
+            decode(BytesIO(b), not explicit, True, False)
+            for b in queries.encoded_answers(query, found, explicit)
+        ]
         assert len(got) == len(want) > 0
         for g, w in zip(got, want, strict=True):
             w.SpecificCharacterSet = "ISO_IR 192"  # the name is not ASCII
             assert [e.tag for e in g] == [e.tag for e in w]
             for e in w:
-                got_v, want_v = (("" if v is None else str(v)) for v in (g[e.tag].value,
-                                                                         e.value))
+                got_v, want_v = (("" if v is None else str(v)) for v in (g[e.tag].value, e.value))
                 assert got_v == want_v, (level, e.keyword)
 
 
@@ -339,16 +419,29 @@ def test_query_caps_load_one_row_per_entity_answered(exams):
     for i in range(240):
         study = f"1.2.826.0.1.3680043.10.9999.{i}"
         for k in range(25):
-            rows.append(dict(
-                sop_instance_uid=f"{study}.{k % 5}.{k}",
-                sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2",
-                study_instance_uid=study, series_instance_uid=f"{study}.{k % 5}",
-                transfer_syntax_uid="1.2.840.10008.1.2.1", path=f"instances/{i}/{k}.dcm",
-                size_bytes=1, received_at=dt.datetime(2026, 1, 1, 9), calling_aet="MODALITY",
-                patient_id=f"PAT{i % 60:03d}", patient_name="Name^Given",
-                accession_number=f"ACC{i:05d}", study_date="20260101", study_time="090000",
-                modality="MG", series_number=k % 5 + 1, instance_number=k + 1,
-                role="candidate", for_processing=False))
+            rows.append(
+                dict(
+                    sop_instance_uid=f"{study}.{k % 5}.{k}",
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2",
+                    study_instance_uid=study,
+                    series_instance_uid=f"{study}.{k % 5}",
+                    transfer_syntax_uid="1.2.840.10008.1.2.1",
+                    path=f"instances/{i}/{k}.dcm",
+                    size_bytes=1,
+                    received_at=dt.datetime(2026, 1, 1, 9),
+                    calling_aet="MODALITY",
+                    patient_id=f"PAT{i % 60:03d}",
+                    patient_name="Name^Given",
+                    accession_number=f"ACC{i:05d}",
+                    study_date="20260101",
+                    study_time="090000",
+                    modality="MG",
+                    series_number=k % 5 + 1,
+                    instance_number=k + 1,
+                    role="candidate",
+                    for_processing=False,
+                )
+            )
     with store.db.session() as s:
         s.execute(insert(Instance), rows)
         s.commit()
@@ -360,14 +453,20 @@ def test_query_caps_load_one_row_per_entity_answered(exams):
     def on_execute(conn, cursor, statement, *args):
         if statement.lstrip().upper().startswith("SELECT"):
             statements.append(statement)
+
     event.listen(Instance, "load", on_load)
     event.listen(store.db.engine, "before_cursor_execute", on_execute)
     try:
         queries = QueryService(Reports(store.db))
-        q = Query("STUDY", {"PatientName": "name*", "StudyDate": "20260101"},
-                  [(0x00201208, "IS", "NumberOfStudyRelatedInstances"),
-                   (0x00201206, "IS", "NumberOfStudyRelatedSeries"),
-                   (0x00080061, "CS", "ModalitiesInStudy")])
+        q = Query(
+            "STUDY",
+            {"PatientName": "name*", "StudyDate": "20260101"},
+            [
+                (0x00201208, "IS", "NumberOfStudyRelatedInstances"),
+                (0x00201206, "IS", "NumberOfStudyRelatedSeries"),
+                (0x00080061, "CS", "ModalitiesInStudy"),
+            ],
+        )
         found = queries.find(q, limit=100)
         assert len(found.rows) == 100 and found.more
         assert len(loaded) == 100, len(loaded)
