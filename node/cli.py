@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from node import __version__
-from node.config import Config, ConfigError, _check_port, load_config
+from node.config import Config, ConfigError, check_port, load_config
 
 if TYPE_CHECKING:
     from storage.db import Database
@@ -54,7 +54,7 @@ def cmd_start(args: argparse.Namespace) -> int:
             )
             return 2
         try:
-            port = _check_port(args.metrics_port, "--metrics-port")
+            port = check_port(args.metrics_port, "--metrics-port")
         except ConfigError as exc:
             print(f"mammo-node: {exc}", file=sys.stderr)
             return 2

@@ -49,7 +49,7 @@ def _check_ae(value: Any, key: str) -> str:
     return value.strip()
 
 
-def _check_port(value: Any, key: str) -> int:
+def check_port(value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
         raise ConfigError(f"{key} must be an integer port 0-65535, got {value!r}")
     return value
@@ -457,7 +457,7 @@ def _choice(*options: str, upper: bool = False) -> Check:
 
 def _optional_port(v: Any, key: str) -> int | None:
     """A port, or "" (empty) for none."""
-    return None if v == "" else _check_port(v, key)
+    return None if v == "" else check_port(v, key)
 
 
 def _device(v: Any, key: str) -> str:
@@ -471,7 +471,7 @@ KEYS: dict[str, dict[str, Check]] = {
     "node": {
         "ae_title": _check_ae,
         "host": _check_str,
-        "port": _check_port,
+        "port": check_port,
         "data_dir": _check_str,
         "database_url": _check_str,
         "max_pdu_size": _integer(),
@@ -518,7 +518,7 @@ KEYS: dict[str, dict[str, Check]] = {
     "dicomweb": {
         "enabled": _check_bool,
         "host": _check_str,
-        "port": _check_port,
+        "port": check_port,
         "root": _check_str,
         "token": _check_str,
         "tls": _check_bool,
@@ -665,7 +665,7 @@ def _destinations(value: Any) -> list[Destination]:
                 name=name,
                 ae_title=_check_ae(d["ae_title"], f"{where} ae_title"),
                 host=_check_str(d["host"], f"{where} host"),
-                port=_check_port(d["port"], f"{where} port"),
+                port=check_port(d["port"], f"{where} port"),
                 tls=_check_bool(d.get("tls", False), f"{where} tls"),
             )
         )
