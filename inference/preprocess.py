@@ -79,8 +79,12 @@ def _masked_block_mean(img: np.ndarray, keep: np.ndarray, k: int) -> tuple[np.nd
     zero, and only the blocks the breast's edge crosses (a thin band) are summed pixel by
     pixel. ``img`` and ``keep``: the same shape, a multiple of ``k`` both ways."""
     means, frac = block_mean(img, k), block_mean(keep, k)
-    out = np.where(frac >= 1.0, means, np.float32(0.0))
-    bi, bj = np.nonzero((frac > 0.0) & (frac < 1.0))
+    # block_mean scales by float32(1 / k^2): a full block may come out a hair under 1 (k = 11,
+    # 22, 44, ...), so whole and empty blocks are told apart with half a pixel's margin.
+    half = 0.5 / (k * k)
+    whole = frac >= 1.0 - half
+    out = np.where(whole, means, np.float32(0.0))
+    bi, bj = np.nonzero((frac > half) & ~whole)
     if bi.size:
         d = np.arange(k)
         rr = bi[:, None, None] * k + d[None, :, None]
@@ -144,11 +148,8 @@ def preprocess_array(
             o1 -= (o1 - o0) % k
     keep = breast.region(r0, r1, o0, o1) if breast is not None else mask[r0:r1, o0:o1]
     region = img[r0:r1, o0:o1]
-    if k > 1:
-        if breast is not None:
-            crop, frac = _masked_block_mean(region, keep, k)
-        else:
-            crop, frac = block_mean(region, k), block_mean(keep, k)
+    if k > 1:  # k > 1 only when segmenting, so breast is set
+        crop, frac = _masked_block_mean(region, keep, k)
     else:
         crop = region if breast is None else np.where(keep, region, np.float32(0.0))
         frac = keep.astype(np.float32)
