@@ -22,6 +22,7 @@ Only the thread that owns a listener calls :meth:`Listener.wait` and :meth:`List
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -247,6 +248,7 @@ class Listener:
 
         engine = self.db.engine
         _args, params = engine.dialect.create_connect_args(engine.url)
+        conn = None
         try:
             conn = psycopg.connect(
                 **params,
@@ -260,6 +262,9 @@ class Listener:
             )
             conn.execute(f"LISTEN {self.channel}")
         except Exception as exc:
+            if conn is not None:  # connected, but LISTEN refused (a hot standby): not leaked
+                with contextlib.suppress(Exception):
+                    conn.close()
             self._retry_at = time.monotonic() + RECONNECT_SECONDS
             log.warning(
                 "cannot LISTEN on %s (%s); waking by the poll interval until the database answers",
