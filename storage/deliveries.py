@@ -73,13 +73,18 @@ class Deliveries:
             ).rowcount
 
     def release_transfers(self) -> None:
-        """Give back this exporter's unsent claims (at shutdown)."""
+        """Give back this exporter's unsent claims (at shutdown), and wake the other
+        exporters for them (a bulk update passes no flush, so the commit hook says nothing)."""
         with self.db.write() as s:
-            s.execute(
+            freed = s.execute(
                 update(Outbound)
-                .where(Outbound.lease_owner == self.owner)
+                .where(Outbound.lease_owner == self.owner)  # type: ignore[attr-defined]
                 .values(lease_owner=None, lease_until=None)
-            )
+            ).rowcount
+        if freed:
+            from storage import wakeup
+
+            wakeup.notify(self.db, wakeup.DELIVERIES_DUE)
 
     @staticmethod
     def _due(s: Session, limit: int, exclude: Collection[str], claim: bool) -> list[Delivery]:
