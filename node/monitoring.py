@@ -70,8 +70,6 @@ class MonitoringServer(threading.Thread):
             timeout_graceful_shutdown=2,
         )
         self.server = uvicorn.Server(config)
-        # The daemon owns the signals (uvicorn would install its own in Server.run).
-        self.server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
         self.failed: BaseException | None = None
         self._settled = threading.Event()
 
