@@ -87,7 +87,7 @@ def _lines(ckpt: Path, kind: str) -> list[dict]:
 @pytest.mark.unit
 def test_accumulate_k_micro_batches_equal_one_batch_of_k_times_b(data, tmp_path):
     """``--accumulate 2`` with batch 2 steps as batch 4 does: the same per-step losses (rel
-    1e-5) and final weights (abs 2e-6; the difference is float summation order), although
+    1e-5) and final weights (abs 1e-5; the difference is float summation order), although
     the diagnosis labels are uneven across the micro-batches (each step's loss is divided by
     the labelled breasts of the whole step, not averaged over micro-batch means). The model is
     ``vssm`` (LayerNorm only) and dropout 0: BatchNorm normalises each micro-batch over its own
@@ -111,7 +111,9 @@ def test_accumulate_k_micro_batches_equal_one_batch_of_k_times_b(data, tmp_path)
     # float sums, so it only stays within the lr's reach.
     shift_invariant = {"encoders.all.attn.bias", "fusion.w.bias"}
     for k in wa:
-        atol = 2 * 1e-3 if k in shift_invariant else 2e-6  # measured: 4e-5 and 3e-7
+        # Measured: 4e-5 and 3e-7 on one machine; up to 3.4e-6 (fusion.w.weight) on another
+        # CPU of the same kind, whose kernels sum in another order.
+        atol = 2 * 1e-3 if k in shift_invariant else 1e-5
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=atol, msg=k)
     assert _lines(small, "epoch")[0]["global_batch"] == 4
 
