@@ -22,7 +22,6 @@ import errno
 import logging
 import re
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -417,14 +416,12 @@ class Ingest:
         exams: Exams,
         *,
         audit: A.AuditLog | A.NullAudit,
-        exam_ready: threading.Event | None = None,
         metrics: Any = None,
     ) -> None:
         self.cfg = cfg
         self.files = files
         self.exams = exams
         self.assign = assign_policy(cfg)  # [grouping] prefer / volume_2d
-        self.exam_ready = exam_ready  # set when an exam becomes ready
         self.audit = audit
         self.metrics = metrics  # node.metrics.NodeMetrics or None
         self.min_free = int(cfg.storage.min_free_mb * 1024 * 1024)
@@ -585,8 +582,6 @@ class Ingest:
             )
             done.message = "already stored"
             return done
-        if result.exam_state == "ready" and self.exam_ready is not None:
-            self.exam_ready.set()
         if result.conflict:
             why = (
                 "was re-sent with another patient identity"

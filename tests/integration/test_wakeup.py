@@ -13,13 +13,15 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
+from inference.synthetic import make_exam
+from node.assembly import assign_slots
 from storage import wakeup
 from storage.db import Database
 from storage.deliveries import Deliveries
 from storage.exams import Exams
 from storage.files import FileStore
 from storage.models import Exam
-from tests.integration.test_database import _produced, _ready_exams
+from tests.integration.test_database import _produced, _ready_exams, _records
 
 
 def _raw_listen(url: str, channel: str) -> psycopg.Connection:
@@ -76,6 +78,26 @@ def test_a_commit_wakes_this_process_and_a_rollback_does_not(tmp_path, db_url):
     finally:
         exams.close()
         deliveries.close()
+        db.close()
+
+
+def test_the_stable_timer_making_a_partial_exam_ready_wakes_the_workers(tmp_path, db_url):
+    """What Node._grouping_loop relies on: promote_stable's commit is the worker's wake-up."""
+    db = Database(db_url)
+    exams = wakeup.Listener(db, wakeup.EXAMS_READY)
+    try:
+        store = Exams(db, owner="l:1")
+        files = FileStore(tmp_path / "d", fsync=False)
+        exam = make_exam(seed=3, rows=8, cols=8)
+        for r in _records(files, exam[:3]):  # three views of four: still receiving
+            store.add_instance(r, assign_slots, place=lambda: None)
+        assert exams.wait(0.1) is False
+        assert store.promote_stable(0) == [exam[0].StudyInstanceUID]
+        assert exams.wait(5) is True
+        exams.clear()
+        assert store.promote_stable(0) == [] and exams.wait(0.1) is False
+    finally:
+        exams.close()
         db.close()
 
 
