@@ -53,6 +53,8 @@ from storage.schema import SchemaOutdated
 log = logging.getLogger("mammo_node")
 
 SHUTDOWN_GRACE_SECONDS = 30.0
+#: How long the stop waits for each background thread to end.
+THREAD_STOP_SECONDS = 15.0
 
 
 class JsonFormatter(logging.Formatter):
@@ -553,9 +555,20 @@ class Node:
                 assoc.abort()
             self.server = None
         for t in self._threads:
-            t.join(timeout=15)
-        for wake in self.wakes:
-            wake.close()
+            t.join(timeout=THREAD_STOP_SECONDS)
+        running = [t.name for t in self._threads if t.is_alive()]
+        if running:
+            # A listener's owner reads its pipe and its connection, and a commit of any
+            # thread sets it: closed under a running thread, its descriptors' numbers may be
+            # another file's by the time they are used. Left open, the exit frees them.
+            log.warning(
+                "thread(s) %s still running %g s after the stop: wake-up listeners left open",
+                ", ".join(running),
+                THREAD_STOP_SECONDS,
+            )
+        else:
+            for wake in self.wakes:
+                wake.close()
         if self.monitoring is not None:
             self.monitoring.stop()
         self.db.close()

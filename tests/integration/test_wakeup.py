@@ -170,3 +170,37 @@ def test_a_listener_whose_connection_is_killed_reconnects(pg_server):
     finally:
         listener.close()
         db.close()
+
+
+def test_a_stop_closes_the_listeners_only_once_their_threads_ended(tmp_path, monkeypatch, caplog):
+    """Node.stop closes the wake-up listeners after the threads have ended; one still running
+    is named in a warning and the listeners stay open (closing them under it is not safe)."""
+    from node import daemon
+    from node.config import load_config
+    from tests.helpers import NodeProcess
+
+    monkeypatch.setattr(daemon, "THREAD_STOP_SECONDS", 0.2)
+    spec = NodeProcess(tmp_path)
+    node = daemon.Node(load_config(spec.config), role="exporter")
+    node.start()
+    (listener,) = node.wakes
+    release = threading.Event()
+    stuck = threading.Thread(target=release.wait, name="stuck", daemon=True)
+    stuck.start()
+    node._threads.append(stuck)
+    try:
+        with caplog.at_level("WARNING", logger="mammo_node"):
+            node.stop()
+        assert "thread(s) stuck still running" in caplog.text
+        assert not listener._closed
+        assert not any(t.is_alive() for t in node._threads if t is not stuck)
+    finally:
+        release.set()
+        stuck.join(5)
+        listener.close()
+
+    node = daemon.Node(load_config(spec.config), role="exporter")
+    node.start()
+    (listener,) = node.wakes
+    node.stop()
+    assert listener._closed
