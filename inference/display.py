@@ -189,7 +189,11 @@ def _take(table: np.ndarray, index: np.ndarray) -> np.ndarray:
     """``np.take(table, index)`` a band of rows at a time: numpy widens the index to 64 bits
     first, which for a whole 13-megapixel view is a 100 MB temporary streamed through memory
     (and, with a 16-bit film's 65,536-entry table, the slowest step of the display); a band
-    of ~64k pixels keeps it in the cache. The same values."""
+    of ~64k pixels keeps it in the cache. The same values.
+
+    ``index`` is in range by construction (:func:`_lookup`: the table has one entry per value
+    from the image's minimum to its maximum), so ``mode="clip"`` changes no value: it is
+    there because numpy buffers ``out`` under the default ``mode="raise"``."""
     if index.ndim != 2:
         return np.take(table, index)
     out = np.empty(index.shape, table.dtype)
@@ -217,21 +221,22 @@ def _lookup(ds: Dataset, arr: np.ndarray) -> tuple[np.ndarray, np.ndarray] | Non
 class _IntegerSample:
     """A decimated sample of integer pixels whose percentiles come from its histogram (one
     counting pass) instead of sorting a float copy: numpy's linear-interpolation percentile,
-    the same values to float32 rounding."""
+    the same values to float32 rounding. The histogram is counted only when percentiles are
+    asked for (an image with a usable window never needs it)."""
 
     def __init__(self, sample: np.ndarray, lo: int) -> None:
-        self.lo = lo
-        counts = np.bincount(sample.ravel() if lo == 0 else sample.ravel().astype(np.int32) - lo)
-        self.cum = np.cumsum(counts)
+        self.sample, self.lo = sample, lo
 
     def percentiles(self, qs: list[float]) -> list[float]:
-        n = int(self.cum[-1])
+        flat = self.sample.ravel()
+        cum = np.cumsum(np.bincount(flat if self.lo == 0 else flat.astype(np.int32) - self.lo))
+        n = int(cum[-1])
         out = []
         for q in qs:
             pos = q / 100.0 * (n - 1)
             k = int(np.floor(pos))
-            a = int(np.searchsorted(self.cum, k, side="right"))
-            b = int(np.searchsorted(self.cum, min(k + 1, n - 1), side="right"))
+            a = int(np.searchsorted(cum, k, side="right"))
+            b = int(np.searchsorted(cum, min(k + 1, n - 1), side="right"))
             out.append(self.lo + a + (pos - k) * (b - a))
         return out
 

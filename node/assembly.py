@@ -12,7 +12,7 @@ import functools
 import re
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
 
@@ -34,6 +34,9 @@ from inference.views import (  # noqa: F401  (re-exported: the node's view vocab
 )
 from storage.exams import SlotAssignment
 from storage.models import SLOTS, Instance
+
+if TYPE_CHECKING:
+    from node.config import Config
 
 
 def acquisition_key(ds: Dataset) -> str:
@@ -74,7 +77,7 @@ def _rank(prefer: tuple[str, ...] | list[str]) -> dict[str, int]:
     return {k: i for i, k in enumerate(order)}
 
 
-def assign_policy(cfg: Any) -> Callable[[list[Instance]], SlotAssignment]:
+def assign_policy(cfg: Config) -> Callable[[list[Instance]], SlotAssignment]:
     """:func:`assign_slots` with a configuration's [grouping] prefer and volume_2d."""
     return functools.partial(
         assign_slots, prefer=tuple(cfg.grouping.prefer), volume_2d=cfg.grouping.volume_2d

@@ -53,6 +53,8 @@ from storage.schema import SchemaOutdated
 log = logging.getLogger("mammo_node")
 
 SHUTDOWN_GRACE_SECONDS = 30.0
+#: How long the stop waits for each background thread to end.
+THREAD_STOP_SECONDS = 15.0
 
 
 class JsonFormatter(logging.Formatter):
@@ -170,18 +172,9 @@ class Node:
         self.health = Health()
         self.metrics = NodeMetrics(self.parts)
         self.metrics.watch_state(self.state_snapshot)
-        # Set by ingest / the stable timer; the worker and the exporter are woken by the
-        # commits themselves (storage.wakeup, self.wakes).
-        self.exam_ready = threading.Event()
-        self.results_queued = threading.Event()
-        self.ingest = Ingest(
-            cfg,
-            self.files,
-            self.exams,
-            exam_ready=self.exam_ready,
-            audit=self.audit,
-            metrics=self.metrics,
-        )
+        # The worker and the exporter are woken by the commits themselves (storage.wakeup,
+        # self.wakes): assembly or the stable timer making an exam ready, results queued.
+        self.ingest = Ingest(cfg, self.files, self.exams, audit=self.audit, metrics=self.metrics)
         self.scp = StorageSCP(
             cfg, self.files, audit=self.audit, metrics=self.metrics, ingest=self.ingest
         )
@@ -535,12 +528,11 @@ class Node:
     def _grouping_loop(self) -> None:
         interval = max(0.2, min(2.0, self.cfg.grouping.stable_seconds / 4))
         while not self.stop_event.wait(interval):
-            try:
+            try:  # the commit making them ready wakes the workers (storage.wakeup)
                 for uid in self.exams.promote_stable(self.cfg.grouping.stable_seconds):
                     log.info(
                         "exam %s ready (stable for %g s)", uid, self.cfg.grouping.stable_seconds
                     )
-                    self.exam_ready.set()
             except Exception:
                 log.exception("grouping timer failed; retrying")
 
@@ -548,8 +540,6 @@ class Node:
         """Close the listener, let associations finish, then release everything."""
         self.stop_event.set()
         self._room_wanted.set()  # the retention thread sees the stop at once
-        self.exam_ready.set()
-        self.results_queued.set()
         for wake in self.wakes:  # the worker and the exporter see the stop at once
             wake.set()
         if self.web is not None:
@@ -565,9 +555,20 @@ class Node:
                 assoc.abort()
             self.server = None
         for t in self._threads:
-            t.join(timeout=15)
-        for wake in self.wakes:
-            wake.close()
+            t.join(timeout=THREAD_STOP_SECONDS)
+        running = [t.name for t in self._threads if t.is_alive()]
+        if running:
+            # A listener's owner reads its pipe and its connection, and a commit of any
+            # thread sets it: closed under a running thread, its descriptors' numbers may be
+            # another file's by the time they are used. Left open, the exit frees them.
+            log.warning(
+                "thread(s) %s still running %g s after the stop: wake-up listeners left open",
+                ", ".join(running),
+                THREAD_STOP_SECONDS,
+            )
+        else:
+            for wake in self.wakes:
+                wake.close()
         if self.monitoring is not None:
             self.monitoring.stop()
         self.db.close()

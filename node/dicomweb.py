@@ -43,6 +43,7 @@ from node.ingest import (
     public_message,
     stream_validated,
 )
+from node.monitoring import Readiness, health_routes
 from node.query import Query, QueryError, QueryService, QueryUnavailable, from_params
 from node.scp import StorageSCP
 from node.security import TokenAuth, server_context
@@ -295,7 +296,7 @@ class DicomWeb:
         reports: Reports,
         audit: A.AuditLog | A.NullAudit,
         metrics: NodeMetrics | None = None,
-        readiness: Callable[[], tuple[bool, dict]] | None = None,
+        readiness: Readiness | None = None,
         health: Health | None = None,
     ) -> None:
         self.cfg, self.files, self.scp = cfg, files, scp
@@ -368,9 +369,7 @@ class DicomWeb:
             routes=[
                 *viewer_routes,
                 *self.dashboard.routes(),
-                Route("/healthz", self.healthz, methods=["GET"]),
-                Route("/readyz", self.readyz, methods=["GET"]),
-                Route("/metrics", self.metrics_page, methods=["GET"]),
+                *health_routes(metrics, readiness),
                 Route(f"{r}/studies", self.stow, methods=["POST"]),
                 Route(f"{r}/studies/{{study}}", self.stow, methods=["POST"]),
                 Route(f"{r}/studies", self.qido, methods=["GET"]),
@@ -605,25 +604,6 @@ class DicomWeb:
                 return _error(403, f"token {name!r} is not granted {service!r}")
         request.state.who = self._who(request, name)
         return None
-
-    # -- health and metrics -------------------------------------------------------------------
-    async def healthz(self, request: Request) -> Response:
-        """The process is alive and its HTTP server answers."""
-        return JSONResponse({"status": "alive"})
-
-    async def readyz(self, request: Request) -> Response:
-        if self.readiness is None:
-            return JSONResponse({"ready": True, "checks": {}})
-        ready, checks = await run_in_threadpool(self.readiness)
-        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
-
-    async def metrics_page(self, request: Request) -> Response:
-        if self.metrics is None:
-            return _error(404, "metrics are not enabled")
-        from node.metrics import CONTENT_TYPE
-
-        body = await run_in_threadpool(self.metrics.render)
-        return Response(body, media_type=CONTENT_TYPE)
 
     # -- STOW-RS ---------------------------------------------------------------------------
     async def stow(self, request: Request) -> Response:

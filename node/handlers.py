@@ -27,7 +27,7 @@ from node.status import PROCESSING_FAILURE, UNABLE_TO_PROCESS
 log = logging.getLogger("mammo_node")
 
 #: Service name, audit event and failure status of each request event.
-SERVICES: dict[Any, tuple[str, str | None, int]] = {
+SERVICES: dict[evt.EventType, tuple[str, str | None, int]] = {
     evt.EVT_C_ECHO: ("C-ECHO", None, UNABLE_TO_PROCESS),
     evt.EVT_C_STORE: ("C-STORE", A.INSTANCES_TRANSFERRED, PROCESSING_FAILURE),
     evt.EVT_C_FIND: ("C-FIND", A.QUERY, UNABLE_TO_PROCESS),
@@ -45,7 +45,11 @@ def _peer(event: evt.Event) -> dict[str, Any]:
 
 
 def _failed(
-    service: str, what: str | None, event: evt.Event, exc: BaseException, audit: Any
+    service: str,
+    what: str | None,
+    event: evt.Event,
+    exc: BaseException,
+    audit: A.AuditLog | A.NullAudit,
 ) -> None:
     log.debug("%s handler failed", service, exc_info=True)
     log.error(
@@ -68,7 +72,9 @@ def _failed(
             pass  # the failure is answered all the same
 
 
-def _guard_generator(fn: Callable, kind: Any, audit: Any) -> Callable:
+def _guard_generator(
+    fn: Callable, kind: evt.EventType, audit: A.AuditLog | A.NullAudit
+) -> Callable:
     service, what, failure = SERVICES[kind]
 
     @functools.wraps(fn)
@@ -98,7 +104,7 @@ def _guard_generator(fn: Callable, kind: Any, audit: Any) -> Callable:
     return wrapped
 
 
-def _guard_call(fn: Callable, kind: Any, audit: Any) -> Callable:
+def _guard_call(fn: Callable, kind: evt.EventType, audit: A.AuditLog | A.NullAudit) -> Callable:
     service, what, failure = SERVICES.get(kind, (getattr(kind, "name", str(kind)), None, 0))
     is_request = kind in SERVICES
 
@@ -117,7 +123,7 @@ def _guard_call(fn: Callable, kind: Any, audit: Any) -> Callable:
     return wrapped
 
 
-def guard(handlers: list[tuple], audit: Any) -> list[tuple]:
+def guard(handlers: list[tuple], audit: A.AuditLog | A.NullAudit) -> list[tuple]:
     """The same handler list, each handler guarded (extra bound arguments kept)."""
     quiet_expected_refusals()
     out = []

@@ -15,12 +15,15 @@ version name says which one.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 
 from node import __version__
+
+if TYPE_CHECKING:
+    from pynetdicom import AE
 
 #: uuid5(node.results.identity._UID_NAMESPACE, "mammo-node|implementation-class") in 2.25 form.
 IMPLEMENTATION_CLASS_UID = "2.25.147535493943084717698931743661213921952"
@@ -33,7 +36,7 @@ if len(IMPLEMENTATION_VERSION_NAME) > 16:  # pragma: no cover - a version like 1
     )
 
 
-def application_entity(ae_title: str) -> Any:
+def application_entity(ae_title: str) -> AE:
     """A pynetdicom ``AE`` that negotiates as mammo-node (every AE the node builds)."""
     from pynetdicom import AE
 

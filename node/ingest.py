@@ -22,11 +22,10 @@ import errno
 import logging
 import re
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -57,6 +56,9 @@ from storage.db import is_disk_full
 from storage.exams import Exams
 from storage.files import FileStore, InvalidUID
 from storage.records import InstanceRecord
+
+if TYPE_CHECKING:
+    from node.metrics import NodeMetrics
 
 log = logging.getLogger("mammo_node.ingest")
 
@@ -239,7 +241,7 @@ class Outcome:
 PART_BLOCK = 4 << 20
 
 
-def _copy(src: Any, dst: Any, length: int, check: StreamCheck | None = None) -> None:
+def _copy(src: IO[bytes], dst: IO[bytes], length: int, check: StreamCheck | None = None) -> None:
     """``length`` bytes from ``src`` to ``dst`` in blocks; each block goes through ``check``
     (when given) before it is written, so that a malformed dataset is refused at the block
     that shows it, the rest never written (:class:`StoreError` with the validation's
@@ -361,7 +363,7 @@ def part_to_file(
             raise
 
 
-def _wrap_raw(raw: Path, out: Any) -> None:
+def _wrap_raw(raw: Path, out: IO[bytes]) -> None:
     """Write preamble, file meta and the dataset of the preamble-less file ``raw`` to
     ``out``; the dataset bytes are copied, never parsed whole."""
     from pydicom.filebase import DicomBytesIO
@@ -417,16 +419,14 @@ class Ingest:
         exams: Exams,
         *,
         audit: A.AuditLog | A.NullAudit,
-        exam_ready: threading.Event | None = None,
-        metrics: Any = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.cfg = cfg
         self.files = files
         self.exams = exams
         self.assign = assign_policy(cfg)  # [grouping] prefer / volume_2d
-        self.exam_ready = exam_ready  # set when an exam becomes ready
         self.audit = audit
-        self.metrics = metrics  # node.metrics.NodeMetrics or None
+        self.metrics = metrics
         self.min_free = int(cfg.storage.min_free_mb * 1024 * 1024)
         self.max_bytes = int(cfg.node.max_dataset_mb * 1024 * 1024)
 
@@ -585,8 +585,6 @@ class Ingest:
             )
             done.message = "already stored"
             return done
-        if result.exam_state == "ready" and self.exam_ready is not None:
-            self.exam_ready.set()
         if result.conflict:
             why = (
                 "was re-sent with another patient identity"

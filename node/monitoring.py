@@ -1,7 +1,7 @@
 """The HTTP server of a role process (``--role listener|worker|exporter``): ``/healthz``,
 ``/readyz`` and ``/metrics`` of that process on ``[roles] <role>_metrics_port``.
 
-The same answers as the DICOMweb server's (node.dicomweb): ``/healthz`` while the process
+The same handlers as the DICOMweb server's (:func:`health_routes`): ``/healthz`` while the process
 lives, ``/readyz`` 200 or 503 with the process's checks (``Node.readiness``), ``/metrics`` the
 process's own instruments (``NodeMetrics(parts)``). Nothing here names a patient or a study:
 no token, bound to ``[roles] metrics_host`` (loopback by default)."""
@@ -26,29 +26,45 @@ log = logging.getLogger("mammo_node.monitoring")
 Readiness = Callable[[], tuple[bool, dict]]
 
 
-def monitoring_app(role: str, metrics: NodeMetrics, readiness: Readiness) -> Starlette:
+def health_routes(
+    metrics: NodeMetrics | None, readiness: Readiness | None, role: str | None = None
+) -> list[Route]:
+    """``/healthz``, ``/readyz`` and ``/metrics``: the one implementation, mounted by the
+    DICOMweb server (node.dicomweb) and by a role process's :func:`monitoring_app`.
+    ``role``: named in the answers (a role process's); no ``readiness``: always ready; no
+    ``metrics``: ``/metrics`` answers 404."""
+    named = {} if role is None else {"role": role}
+
     async def healthz(_request: Request) -> Response:
-        return JSONResponse({"status": "alive", "role": role})
+        """The process is alive and its HTTP server answers."""
+        return JSONResponse({"status": "alive", **named})
 
     async def readyz(_request: Request) -> Response:
+        if readiness is None:
+            return JSONResponse({"ready": True, **named, "checks": {}})
         ready, checks = await run_in_threadpool(readiness)
         return JSONResponse(
-            {"ready": ready, "role": role, "checks": checks}, status_code=200 if ready else 503
+            {"ready": ready, **named, "checks": checks}, status_code=200 if ready else 503
         )
 
     async def metrics_page(_request: Request) -> Response:
+        if metrics is None:
+            return JSONResponse({"error": "metrics are not enabled"}, status_code=404)
         return Response(await run_in_threadpool(metrics.render), media_type=CONTENT_TYPE)
 
+    return [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_page, methods=["GET"]),
+    ]
+
+
+def monitoring_app(role: str, metrics: NodeMetrics, readiness: Readiness) -> Starlette:
     async def not_found(_request: Request, _exc: Exception) -> Response:
         return PlainTextResponse("only /healthz, /readyz and /metrics here", status_code=404)
 
     return Starlette(
-        routes=[
-            Route("/healthz", healthz, methods=["GET"]),
-            Route("/readyz", readyz, methods=["GET"]),
-            Route("/metrics", metrics_page, methods=["GET"]),
-        ],
-        exception_handlers={404: not_found},
+        routes=health_routes(metrics, readiness, role), exception_handlers={404: not_found}
     )
 
 

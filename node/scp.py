@@ -17,7 +17,7 @@ import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
@@ -38,6 +38,9 @@ from node.status import (
 )
 from node.validate import DEFLATED, DatasetInvalid, StreamCheck
 from storage.files import FileStore
+
+if TYPE_CHECKING:
+    from node.metrics import NodeMetrics
 
 __all__ = ["IncomingFile", "StorageSCP", "StoreError", "instance_record", "make_ae", "read_header"]
 
@@ -217,7 +220,7 @@ class StorageSCP:
         *,
         ingest: Ingest,
         audit: A.AuditLog | A.NullAudit,
-        metrics: Any = None,
+        metrics: NodeMetrics | None = None,
         access: AccessControl | None = None,
     ) -> None:
         """``access``: who may associate (default: from ``[[peers]]``, with this SCP's
@@ -229,7 +232,7 @@ class StorageSCP:
         self.min_free = self.ingest.min_free
         #: Set by the daemon: wake the retention thread to purge what may go. Never a purge
         #: on the caller's thread (an association waiting for its A-ASSOCIATE-AC).
-        self.make_room: Any = None
+        self.make_room: Callable[[], None] | None = None
         self.access = access or AccessControl(cfg, self.audit, self.room_for_data)
 
     def disk_ok(self) -> bool:

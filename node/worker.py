@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from node.compat import kill_pool_processes
 from node.config import Config
@@ -38,6 +38,7 @@ from storage.exams import Exams, ReadingContext
 from storage.files import FileStore
 
 if TYPE_CHECKING:
+    from node.metrics import NodeMetrics
     from storage.wakeup import Wake
 
 log = logging.getLogger("mammo_node.worker")
@@ -117,7 +118,7 @@ class Worker(threading.Thread):
         wake: Wake | None = None,
         on_results: Wake | None = None,
         health: Health | None = None,
-        metrics: Any = None,
+        metrics: NodeMetrics | None = None,
         poll_seconds: float = 1.0,
     ) -> None:
         super().__init__(name="worker", daemon=True)
@@ -128,7 +129,7 @@ class Worker(threading.Thread):
         self.on_results: Wake = on_results or threading.Event()  # set when results are queued
         self.poll = poll_seconds
         self.health = health or Health()
-        self.metrics = metrics  # node.metrics.NodeMetrics or None
+        self.metrics = metrics
         self.pool: ProcessPoolExecutor | None = None
 
     def _new_pool(self) -> ProcessPoolExecutor:

@@ -6,12 +6,15 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import create_engine, event, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+if TYPE_CHECKING:
+    import sqlite3
 
 
 def transient_database_error(exc: BaseException) -> bool:
@@ -153,7 +156,7 @@ def is_disk_full(exc: BaseException) -> bool:
     return (getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)) == "53100"
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_conn: sqlite3.Connection, _record: object) -> None:
     # Transactions are begun by _sqlite_begin, not by the sqlite3 module (which would begin
     # one only before a data change, too late for a lock taken by an earlier SELECT).
     dbapi_conn.isolation_level = None

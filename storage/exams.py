@@ -172,7 +172,7 @@ class PatientIdentity:
     birth_date: str = ""
 
     @classmethod
-    def of(cls, row: Any) -> PatientIdentity:
+    def of(cls, row: Instance | InstanceRecord) -> PatientIdentity:
         return cls(
             (getattr(row, "patient_id", None) or "").strip(),
             getattr(row, "issuer_of_patient_id", None) or None,

@@ -36,6 +36,7 @@ from sqlalchemy import event, inspect
 from storage.models import Exam, Outbound, utcnow
 
 if TYPE_CHECKING:
+    import psycopg
     from sqlalchemy.orm import Session, UOWTransaction
 
     from storage.db import Database
@@ -170,7 +171,7 @@ class Listener:
         self._r, self._w = os.pipe()
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
-        self._conn: Any = None  # psycopg.Connection: only the owner's thread touches it
+        self._conn: psycopg.Connection | None = None  # only the owner's thread touches it
         self._retry_at = 0.0
         #: Times the database connection was opened again after a failure.
         self.reconnects = 0

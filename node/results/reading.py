@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from node.results.vocabulary import DENSITY_CLASSES
 
@@ -83,7 +83,7 @@ def kind_label(reading: ReadingSummary, slot: str) -> str:
     return KIND_LABELS.get(kind, kind)
 
 
-def views_read(reading: ReadingSummary, slots: Any) -> str:
+def views_read(reading: ReadingSummary, slots: Iterable[str]) -> str:
     """The per-view statement: "L-CC conventional 2D, L-MLO synthesized 2D, ..."."""
     return ", ".join(f"{slot} {kind_label(reading, slot)}" for slot in sorted(slots))
 

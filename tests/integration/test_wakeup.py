@@ -13,13 +13,15 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
+from inference.synthetic import make_exam
+from node.assembly import assign_slots
 from storage import wakeup
 from storage.db import Database
 from storage.deliveries import Deliveries
 from storage.exams import Exams
 from storage.files import FileStore
 from storage.models import Exam
-from tests.integration.test_database import _produced, _ready_exams
+from tests.integration.test_database import _produced, _ready_exams, _records
 
 
 def _raw_listen(url: str, channel: str) -> psycopg.Connection:
@@ -76,6 +78,26 @@ def test_a_commit_wakes_this_process_and_a_rollback_does_not(tmp_path, db_url):
     finally:
         exams.close()
         deliveries.close()
+        db.close()
+
+
+def test_the_stable_timer_making_a_partial_exam_ready_wakes_the_workers(tmp_path, db_url):
+    """What Node._grouping_loop relies on: promote_stable's commit is the worker's wake-up."""
+    db = Database(db_url)
+    exams = wakeup.Listener(db, wakeup.EXAMS_READY)
+    try:
+        store = Exams(db, owner="l:1")
+        files = FileStore(tmp_path / "d", fsync=False)
+        exam = make_exam(seed=3, rows=8, cols=8)
+        for r in _records(files, exam[:3]):  # three views of four: still receiving
+            store.add_instance(r, assign_slots, place=lambda: None)
+        assert exams.wait(0.1) is False
+        assert store.promote_stable(0) == [exam[0].StudyInstanceUID]
+        assert exams.wait(5) is True
+        exams.clear()
+        assert store.promote_stable(0) == [] and exams.wait(0.1) is False
+    finally:
+        exams.close()
         db.close()
 
 
@@ -148,3 +170,37 @@ def test_a_listener_whose_connection_is_killed_reconnects(pg_server):
     finally:
         listener.close()
         db.close()
+
+
+def test_a_stop_closes_the_listeners_only_once_their_threads_ended(tmp_path, monkeypatch, caplog):
+    """Node.stop closes the wake-up listeners after the threads have ended; one still running
+    is named in a warning and the listeners stay open (closing them under it is not safe)."""
+    from node import daemon
+    from node.config import load_config
+    from tests.helpers import NodeProcess
+
+    monkeypatch.setattr(daemon, "THREAD_STOP_SECONDS", 0.2)
+    spec = NodeProcess(tmp_path)
+    node = daemon.Node(load_config(spec.config), role="exporter")
+    node.start()
+    (listener,) = node.wakes
+    release = threading.Event()
+    stuck = threading.Thread(target=release.wait, name="stuck", daemon=True)
+    stuck.start()
+    node._threads.append(stuck)
+    try:
+        with caplog.at_level("WARNING", logger="mammo_node"):
+            node.stop()
+        assert "thread(s) stuck still running" in caplog.text
+        assert not listener._closed
+        assert not any(t.is_alive() for t in node._threads if t is not stuck)
+    finally:
+        release.set()
+        stuck.join(5)
+        listener.close()
+
+    node = daemon.Node(load_config(spec.config), role="exporter")
+    node.start()
+    (listener,) = node.wakes
+    node.stop()
+    assert listener._closed
