@@ -90,6 +90,20 @@ class ExamReading:
     density: str | None = None
 
 
+@dataclass
+class PreparedExam:
+    """An exam decoded and preprocessed for the model (:meth:`MammoModel.prepare_exam`)."""
+
+    slots: list[str]  # the slots given (present views)
+    images: torch.Tensor  # (1, 4, 1, H, W), zero where a view is missing
+    mask: torch.Tensor  # (1, 4) bool: which views are present
+    geometry: dict[str, Geometry]
+    displays: dict[str, np.ndarray]  # per view, the windowed image in [0, 1]
+    decoded_factor: dict[str, int]  # per view, how much smaller it was decoded (JPEG 2000)
+    map_side: int | None
+    seconds: dict[str, float]  # "decode", "preprocess"
+
+
 class MammoModel:
     """A loaded checkpoint on a device, ready to read exams."""
 
@@ -160,9 +174,27 @@ class MammoModel:
         ``keep_display=True`` also returns each view's windowed image (for drawing maps on
         it without decoding the pixels twice). ``map_side``: attention maps at an integer
         fraction of the image, at most this many pixels a side (``map_factors`` says which);
-        default: the image's own size. ``max_marks``: at most this many marks per breast."""
+        default: the image's own size. ``max_marks``: at most this many marks per breast.
+
+        The same as :meth:`read_prepared` of :meth:`prepare_exam`: a caller that overlaps
+        one exam's decoding with another's work (the node's inference process) calls the
+        two apart."""
         if max_marks < 0:
             raise ValueError(f"max_marks must be 0 or more, got {max_marks}")
+        return self.read_prepared(
+            self.prepare_exam(views, map_side=map_side),
+            keep_display=keep_display,
+            max_marks=max_marks,
+        )
+
+    def prepare_exam(
+        self,
+        views: Mapping[str, Dataset | str | Path] | Sequence[Dataset | str | Path],
+        map_side: int | None = None,
+    ) -> PreparedExam:
+        """Decode and preprocess an exam's views (no model): the first half of
+        :meth:`predict_exam`. Safe to call in another thread while the model reads another
+        exam (it touches neither the model nor torch's autograd state)."""
         t0 = time.perf_counter()
         slots = self._slots(views)
         if not slots:
@@ -200,13 +232,37 @@ class MammoModel:
 
             prepared = list(ex.map(prepare, range(len(present))))
         pixels.clear()  # the decoded arrays are not needed any more
-        decoded_factor = dict(zip(present, decoded_f))
         for slot, (disp, x, g) in zip(present, prepared):
             k = VIEWS.index(slot)
             images[0, k], geoms[slot] = x, g
             mask[0, k] = True
-            if keep_display:
-                displays[slot] = disp
+            displays[slot] = disp
+        t1 = time.perf_counter()
+        return PreparedExam(
+            slots=list(slots),
+            images=images,
+            mask=mask,
+            geometry=geoms,
+            displays=displays,
+            decoded_factor=dict(zip(present, decoded_f)),
+            map_side=map_side,
+            seconds={"decode": t_dec - t0, "preprocess": t1 - t_dec},
+        )
+
+    @torch.no_grad()
+    def read_prepared(
+        self, prepared: PreparedExam, keep_display: bool = False, max_marks: int = 3
+    ) -> ExamReading:
+        """The model's reading of an exam :meth:`prepare_exam` decoded (the second half of
+        :meth:`predict_exam`)."""
+        if max_marks < 0:
+            raise ValueError(f"max_marks must be 0 or more, got {max_marks}")
+        H, W = self.info.input_size
+        pp = self.info.preprocessing
+        slots, images, mask = prepared.slots, prepared.images, prepared.mask
+        geoms, map_side = prepared.geometry, prepared.map_side
+        decoded_factor = prepared.decoded_factor
+        displays = prepared.displays if keep_display else {}
         t1 = time.perf_counter()
         out = self.model(images.to(self.device), mask.to(self.device), evidence=max_marks > 0)
         if self.device.type == "cuda":
@@ -302,11 +358,11 @@ class MammoModel:
                 "intended_use": self.info.metadata.get("intended_use"),
             },
             seconds={
-                "decode": t_dec - t0,
-                "preprocess": t1 - t_dec,
+                "decode": prepared.seconds["decode"],
+                "preprocess": prepared.seconds["preprocess"],
                 "inference": t2 - t1,
                 "maps": time.perf_counter() - t3,
-                "total": time.perf_counter() - t0,
+                "total": sum(prepared.seconds.values()) + time.perf_counter() - t1,
             },
             displays=displays,
             map_factors=factors,

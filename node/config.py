@@ -145,6 +145,9 @@ class InferenceConfig:
     #: Read one synthetic exam end to end in the inference process before the node says it is
     #: ready, so the first real exam does not pay for imports, decoders and builders.
     warm_up_exam: bool = True
+    #: While an exam's images (Secondary Captures, Parametric Maps) are built, decode and
+    #: preprocess the next ready exam in the inference process (held in memory: one exam).
+    read_ahead: bool = True
 
 
 @dataclass
@@ -497,6 +500,7 @@ KEYS: dict[str, dict[str, Check]] = {
         "operating_point": _optional,
         "implants": _choice("read", "skip"),
         "warm_up_exam": _check_bool,
+        "read_ahead": _check_bool,
     },
     "storage": {"fsync": _check_bool, "min_free_mb": _number(), "purge_above_percent": _optional},
     "retention": {

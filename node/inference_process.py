@@ -5,7 +5,9 @@ The process's initializer (:func:`init_model`) loads the model once, compiles th
 kernels and reads a warm-up exam; then each exam is two calls, :func:`process_exam_srs` (read
 the exam with the model, write its SR documents and presentation state) and
 :func:`process_exam_scs` (the attention-map Secondary Captures and Parametric Maps from the
-same reading). An :class:`ExamJob` says what to read and what to write, as plain data; the
+same reading; while it builds them, the next ready exam, when the worker names one, is decoded
+and preprocessed in a thread beside it: :meth:`_InferenceState.read_ahead`). An
+:class:`ExamJob` says what to read and what to write, as plain data; the
 objects written come back as ``storage.records.ProducedObject`` rows. This is the node's side
 of ``inference.api``: the model, torch and the scan are imported here, inside the process, never
 in the daemon; the database is not touched here.
@@ -18,6 +20,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +32,7 @@ if TYPE_CHECKING:
     from numpy.typing import ArrayLike
     from pydicom.dataset import Dataset
 
-    from inference.api import MammoModel
+    from inference.api import MammoModel, PreparedExam
 
 
 @dataclass(frozen=True)
@@ -52,22 +55,72 @@ class ExamJob:
     notes: tuple[str, ...] = ()  # said in the reading (priors, volume-only views)
 
 
+@dataclass
+class _Loaded:
+    """An exam's sources, decoded and preprocessed for the model (no model run yet)."""
+
+    sources: dict[str, Dataset]
+    prepared: PreparedExam
+    notes: list[str]  # what the loading says in the reading (views computed from volumes)
+
+
+def _load_key(job: ExamJob) -> tuple:
+    """What an exam's loading depends on: a read ahead is used only for the same files."""
+    return (
+        job.data_dir,
+        job.study_uid,
+        job.version,
+        tuple(sorted(job.paths.items())),
+        tuple(sorted(job.kinds.items())),
+        job.volume_2d,
+    )
+
+
 class _InferenceState:
-    """Everything the inference process holds between calls: the model, and the reading of
-    the exam in hand, which the SR phase makes and the SC phase reuses (one exam at a
-    time: the worker submits the two phases of one exam back to back)."""
+    """Everything the inference process holds between calls: the model, the reading of the
+    exam in hand, which the SR phase makes and the SC phase reuses (one exam at a time: the
+    worker submits the two phases of one exam back to back), and at most one exam read
+    ahead (decoded and preprocessed in a thread while the exam in hand's images are built)."""
 
     def __init__(self, model: MammoModel) -> None:
         self.model = model
         self._key: tuple[str, int] | None = None
         self._reading: tuple | None = None
+        self._ahead: tuple[tuple, Future[_Loaded]] | None = None
+        self._ahead_pool: ThreadPoolExecutor | None = None
 
     def reading(self, job: ExamJob) -> tuple:
         key = (job.study_uid, job.version)
         if self._key != key or self._reading is None:
-            self._reading = _read(self.model, job)
+            self._reading = None  # the previous exam's arrays go before this one's are made
+            loaded, waited = self._take_ahead(job)
+            self._reading = _read(self.model, job, loaded, waited)
             self._key = key
         return self._reading
+
+    def read_ahead(self, job: ExamJob) -> None:
+        """Start decoding and preprocessing ``job``'s exam in a thread; the next
+        :meth:`reading` of the same files takes it instead of loading them again. Whatever
+        was read ahead before and not taken is dropped."""
+        # A test's crash in the reading ahead, at its start: inside this call (where a real
+        # decoder's crash may land just after it), so the worker's handling is tested.
+        _failpoint(job, ("crash",))
+        if self._ahead_pool is None:
+            self._ahead_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead")
+        self._ahead = (_load_key(job), self._ahead_pool.submit(_load, self.model, job))
+
+    def _take_ahead(self, job: ExamJob) -> tuple[_Loaded | None, float | None]:
+        """The exam read ahead if it is this one (waiting for it to finish) and the seconds
+        waited; (None, None) if it is another exam or its loading failed (it is loaded again
+        on this exam's own path, where a failure is this exam's)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or ahead[0] != _load_key(job):
+            return None, None
+        t0 = time.perf_counter()
+        try:
+            return ahead[1].result(), time.perf_counter() - t0
+        except Exception:
+            return None, None
 
     def forget(self) -> None:
         self._key = self._reading = None
@@ -195,25 +248,41 @@ def _save(ds: Dataset, path: Path) -> None:
     tmp.replace(path)
 
 
-def _read(model: MammoModel, job: ExamJob) -> tuple:
-    """The exam's sources, the model's reading and its plain-data summary."""
+def _load(model: MammoModel, job: ExamJob) -> _Loaded:
+    """Read the exam's files, decode and preprocess them for the model."""
     from pydicom import dcmread
 
-    from inference.views import KIND_LABELS
+    from inference.api import MAP_SIDE
     from inference.volume import computed_2d
-    from node.results import BreastSummary, Mark, ReadingSummary
 
+    _failpoint(job, ("crash", "hang"))
     root = Path(job.data_dir)
     computed = {slot for slot, kind in job.kinds.items() if kind == "computed"}
     sources = {
         slot: computed_2d(root / rel, job.volume_2d) if slot in computed else dcmread(root / rel)
         for slot, rel in job.paths.items()
     }
-    notes = list(job.notes)
-    for slot in sorted(computed & set(sources)):
-        notes.append(
-            f"{slot} computed from the tomosynthesis volume ({sources[slot].DerivationDescription})"
-        )
+    notes = [
+        f"{slot} computed from the tomosynthesis volume ({sources[slot].DerivationDescription})"
+        for slot in sorted(computed & set(sources))
+    ]
+    # Attention maps at <= 1024 px a side: what the Secondary Captures draw and the
+    # Parametric Maps store; full-resolution maps of 13-megapixel views cost ~0.15 s each.
+    return _Loaded(sources, model.prepare_exam(sources, map_side=MAP_SIDE), notes)
+
+
+def _read(
+    model: MammoModel, job: ExamJob, loaded: _Loaded | None = None, waited: float | None = None
+) -> tuple:
+    """The exam's sources, the model's reading and its plain-data summary: of ``loaded``,
+    when the exam was read ahead (``waited``: the seconds waited for it), else loaded here."""
+    from inference.views import KIND_LABELS
+    from node.results import BreastSummary, Mark, ReadingSummary
+
+    if loaded is None:
+        loaded = _load(model, job)
+    sources = loaded.sources
+    notes = list(job.notes) + loaded.notes
     trained = model.info.metadata.get("image_kinds")
     if trained:
         other = sorted({k for s, k in job.kinds.items() if s in sources and k not in trained})
@@ -223,13 +292,9 @@ def _read(model: MammoModel, job: ExamJob) -> tuple:
                 f"image(s); the model was trained on "
                 f"{', '.join(KIND_LABELS.get(k, k) for k in trained)}"
             )
-    # Attention maps at <= 1024 px a side: what the Secondary Captures draw and the
-    # Parametric Maps store; full-resolution maps of 13-megapixel views cost ~0.15 s each.
-    from inference.api import MAP_SIDE
-
-    reading = model.predict_exam(
-        sources, keep_display=True, map_side=MAP_SIDE, max_marks=job.max_marks
-    )
+    reading = model.read_prepared(loaded.prepared, keep_display=True, max_marks=job.max_marks)
+    if waited is not None:  # decoded and preprocessed ahead: this is what it still cost
+        reading.seconds["ahead_wait"] = waited
     info = model.info
     summary = ReadingSummary(
         breasts={
@@ -315,26 +380,27 @@ def _adder(job: ExamJob, produced: list[ProducedObject]) -> Callable[[Dataset, s
     return add
 
 
-def _failpoint(job: ExamJob) -> None:
+def _failpoint(job: ExamJob, only: tuple[str, ...] = ("gate", "hang", "crash")) -> None:
     """Fault injection for the tests of the worker's healing (never set in production):
     ``MAMMO_NODE_FAILPOINT=hang:<study>`` makes the inference of that study hang,
-    ``crash:<study>`` kills the inference process in the middle of it,
-    ``gate:<study>:<file>`` creates ``<file>.reached`` and holds the reading until ``<file>``
-    exists (a test acts on the node mid-exam, then lets it go on)."""
-    spec = os.environ.get("MAMMO_NODE_FAILPOINT", "")
-    what, _, rest = spec.partition(":")
-    study, _, gate = rest.partition(":")
-    if study != job.study_uid:
-        return
-    if what == "gate":
-        Path(gate + ".reached").touch()
-        deadline = time.monotonic() + 300
-        while not Path(gate).exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-    elif what == "hang":
-        time.sleep(3600)
-    elif what == "crash":
-        os._exit(3)
+    ``crash:<study>`` kills the inference process in the middle of it (both also where the
+    exam is read ahead), ``gate:<study>:<file>`` creates ``<file>.reached`` and holds the
+    reading until ``<file>`` exists (a test acts on the node mid-exam, then lets it go on).
+    Several, comma-separated, for several studies. ``only``: the kinds acted on here."""
+    for spec in os.environ.get("MAMMO_NODE_FAILPOINT", "").split(","):
+        what, _, rest = spec.partition(":")
+        study, _, gate = rest.partition(":")
+        if study != job.study_uid or what not in only:
+            continue
+        if what == "gate":
+            Path(gate + ".reached").touch()
+            deadline = time.monotonic() + 300
+            while not Path(gate).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        elif what == "hang":
+            time.sleep(3600)
+        elif what == "crash":
+            os._exit(3)
 
 
 def process_exam_srs(job: ExamJob) -> tuple[list[ProducedObject], dict]:
@@ -365,12 +431,15 @@ def process_exam_srs(job: ExamJob) -> tuple[list[ProducedObject], dict]:
     return produced, dataclasses.asdict(summary)
 
 
-def process_exam_scs(job: ExamJob) -> list[ProducedObject]:
-    """Phase 2: the attention-map Secondary Captures (from the same reading)."""
+def process_exam_scs(job: ExamJob, ahead: ExamJob | None = None) -> list[ProducedObject]:
+    """Phase 2: the attention-map Secondary Captures (from the same reading); ``ahead``, the
+    next exam the worker will read, is decoded and preprocessed meanwhile (issue 21)."""
     from node.results import build_parametric_map, build_sc
 
     produced: list[ProducedObject] = []
     state = _state()
+    if ahead is not None:
+        state.read_ahead(ahead)
     try:
         if job.attention_maps or job.parametric_maps:
             sources, reading, summary = state.reading(job)

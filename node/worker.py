@@ -34,7 +34,7 @@ from node.inference_process import (
     process_exam_srs,
 )
 from storage.db import transient_database_error
-from storage.exams import Exams, ReadingContext
+from storage.exams import Claim, Exams, ReadingContext
 from storage.files import FileStore
 
 if TYPE_CHECKING:
@@ -131,6 +131,8 @@ class Worker(threading.Thread):
         self.health = health or Health()
         self.metrics = metrics
         self.pool: ProcessPoolExecutor | None = None
+        #: Exams not to read ahead again: the inference process died while one was.
+        self._not_ahead: set[Claim] = set()
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
@@ -296,39 +298,19 @@ class Worker(threading.Thread):
                 self._count("skipped")
             log.info("exam %s v%d skipped: %s", study, version, skip.split(";")[0])
             return
-        notes = [
-            f"{slot}: only a tomosynthesis volume, read with this view missing"
-            for slot in context.volume_only
-        ]
-        if context.priors:
-            notes.append(f"priors available: {', '.join(context.priors)}")
         # The SRs of the version this one replaces (referenced as predecessor documents).
         previous = {
             r.kind: r.path
             for r in self.exams.results_of(study)
             if r.kind.startswith("sr-") and r.version < version
         }
-        job = ExamJob(
-            data_dir=str(self.files.root),
-            study_uid=study,
-            version=version,
-            paths=paths,
-            sr=tuple(self.cfg.results.sr),
-            attention_maps=self.cfg.results.attention_maps,
-            parametric_maps=self.cfg.results.parametric_maps,
-            presentation_states=self.cfg.results.presentation_states,
-            max_marks=self.cfg.results.max_marks_per_breast,
-            previous=previous,
-            kinds=context.kinds,
-            implant=context.implant,
-            volume_2d=self.cfg.grouping.volume_2d,
-            notes=tuple(notes),
-        )
+        job = self._job(study, version, paths, context, previous)
         pool = self.pool
         assert pool is not None
         timeout = self.cfg.inference.timeout_seconds
         t0 = time.perf_counter()
         dests = [d.name for d in self.cfg.destinations]
+        ahead: tuple[Claim, ExamJob] | None = None
         try:
             # The SRs first, queued for export at once; then the Secondary Captures.
             srs, reading = pool.submit(process_exam_srs, job).result(timeout=timeout)
@@ -341,7 +323,11 @@ class Worker(threading.Thread):
                 )
                 return
             self.on_results.set()
-            produced = pool.submit(process_exam_scs, job).result(timeout=timeout)
+            # While this exam's images are built, the next one is decoded and preprocessed.
+            ahead = self._ahead_job(exam_id)
+            produced = pool.submit(process_exam_scs, job, ahead and ahead[1]).result(
+                timeout=timeout
+            )
             if self.metrics is not None:
                 self.metrics.inference.labels("read_and_sr").observe(t_sr)
                 self.metrics.inference.labels("secondary_captures").observe(
@@ -351,6 +337,9 @@ class Worker(threading.Thread):
         except Exception as exc:
             if transient_database_error(exc):
                 raise  # the run loop waits for the database (_database_lost)
+            if ahead is not None and isinstance(exc, (BrokenProcessPool, FutureTimeout)):
+                self._ahead_failed(exc, exam_id, study, version, ahead)
+                return
             self._failed(exc, exam_id, study, version, timeout)
             return
         if self.exams.complete(exam_id, version, produced, dests):
@@ -371,6 +360,89 @@ class Worker(threading.Thread):
             log.info(
                 "exam %s v%d was reopened while processing; its new version follows", study, version
             )
+
+    def _job(
+        self,
+        study: str,
+        version: int,
+        paths: dict[str, str],
+        context: ReadingContext,
+        previous: dict[str, str],
+    ) -> ExamJob:
+        """What the inference process needs to read this exam version."""
+        notes = [
+            f"{slot}: only a tomosynthesis volume, read with this view missing"
+            for slot in context.volume_only
+        ]
+        if context.priors:
+            notes.append(f"priors available: {', '.join(context.priors)}")
+        return ExamJob(
+            data_dir=str(self.files.root),
+            study_uid=study,
+            version=version,
+            paths=paths,
+            sr=tuple(self.cfg.results.sr),
+            attention_maps=self.cfg.results.attention_maps,
+            parametric_maps=self.cfg.results.parametric_maps,
+            presentation_states=self.cfg.results.presentation_states,
+            max_marks=self.cfg.results.max_marks_per_breast,
+            previous=previous,
+            kinds=context.kinds,
+            implant=context.implant,
+            volume_2d=self.cfg.grouping.volume_2d,
+            notes=tuple(notes),
+        )
+
+    def _ahead_job(self, exclude: int) -> tuple[Claim, ExamJob] | None:
+        """The exam to read ahead while ``exclude``'s images are built: the next ready one
+        never tried before (``[inference] read_ahead``), or None. Only an optimisation: it
+        claims nothing (another worker may take the exam; the reading ahead is then
+        dropped), and nothing that goes wrong here touches the exam in hand."""
+        if not self.cfg.inference.read_ahead:
+            return None
+        try:
+            peek = self.exams.peek_next_ready(exclude)
+            if peek is None or peek in self._not_ahead:
+                return None
+            study, version, paths = self.exams.slot_paths(peek.exam_id)
+            if not paths or version != peek.version:
+                return None
+            context = self.exams.reading_context(peek.exam_id)
+            if skip_reason(self.cfg, context) is not None:
+                return None
+            return peek, self._job(study, version, paths, context, {})
+        except Exception:
+            log.debug("no exam read ahead", exc_info=True)
+            return None
+
+    def _ahead_failed(
+        self,
+        exc: Exception,
+        exam_id: int,
+        study: str,
+        version: int,
+        ahead: tuple[Claim, ExamJob],
+    ) -> None:
+        """The inference process died or hung while it built this exam's images and read
+        the next one ahead: which of the two caused it is not known, so this exam goes back
+        to ``ready`` without an attempt counted and the other is never read ahead again (if
+        it is the cause, it is charged when read on its own)."""
+        if len(self._not_ahead) > 1000:
+            self._not_ahead.clear()
+        self._not_ahead.add(ahead[0])
+        what = "hung" if isinstance(exc, FutureTimeout) else "died"
+        reason = f"the inference process {what} while exam {ahead[1].study_uid} was read ahead"
+        if self.metrics is not None:
+            self.metrics.exam_failures.labels("transient").inc()
+        self._restart(f"exam {study} v{version}: {reason}")
+        released = self.exams.release_claim(exam_id, version, reason)
+        log.warning(
+            "exam %s v%d: %s; %s",
+            study,
+            version,
+            reason,
+            "queued again (no attempt counted)" if released else "reopened meanwhile",
+        )
 
     def _failed(
         self, exc: Exception, exam_id: int, study: str, version: int, timeout: float

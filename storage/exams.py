@@ -882,6 +882,25 @@ class Exams:
             exam.lease_until = now + dt.timedelta(seconds=lease_seconds)
             return Claim(exam.id, exam.version)
 
+    def peek_next_ready(self, exclude: int) -> Claim | None:
+        """The ``ready`` exam :meth:`claim_next_ready` would most likely claim next, other
+        than ``exclude``, without claiming it (the worker reads it ahead): only an exam
+        never tried before, so that one which crashed a reading is not read ahead again."""
+        now = utcnow()
+        with self.db.session() as s:
+            row = s.execute(
+                select(Exam.id, Exam.version)
+                .where(
+                    Exam.state == ExamState.READY.value,
+                    or_(Exam.next_attempt_at.is_(None), Exam.next_attempt_at <= now),
+                    or_(Exam.attempts.is_(None), Exam.attempts == 0),
+                    Exam.id != exclude,
+                )
+                .order_by(Exam.state_changed_at, Exam.id)
+                .limit(1)
+            ).first()
+        return None if row is None else Claim(row[0], row[1])
+
     def renew_lease(self, exam_id: int, version: int, lease_seconds: float) -> bool:
         """The worker's heartbeat: extend its claim; False when it no longer holds it."""
         with self.db.write() as s:

@@ -69,6 +69,39 @@ def test_crashing_inference_is_retried_then_failed_with_the_reason(node_factory)
     assert "version 2 is ready" in r.stdout
 
 
+def test_the_next_exam_is_read_ahead_and_a_crash_there_charges_neither_exam(node_factory, tmp_path):
+    """While an exam's Secondary Captures are built, the next ready exam is decoded and
+    preprocessed ahead ([inference] read_ahead, issue 21): B, read ahead during A's images,
+    says so in its stages. C crashes the inference process while it is read ahead during
+    D's images: D goes back to ready with no attempt counted and is read again (done); C is
+    not read ahead again, and crashes on its own, charged to itself (failed)."""
+    a, b, d, c = (make_exam(seed=s, **SIZE) for s in (95, 96, 97, 98))
+    uid = {k: e[0].StudyInstanceUID for k, e in zip("abdc", (a, b, d, c))}
+    gate = tmp_path / "gate"
+    node = _node(
+        node_factory,
+        env={"MAMMO_NODE_FAILPOINT": f"gate:{uid['a']}:{gate},crash:{uid['c']}"},
+    )
+    assert send(node.port, a) == [0] * 4
+    wait_for(lambda: Path(f"{gate}.reached").exists(), 120, what="exam A held mid-reading")
+    for exam in (b, d, c):  # ready, in this order, while A is held
+        assert send(node.port, exam) == [0] * 4
+    wait_for(lambda: sum(e["state"] == "ready" for e in node.exams()) == 3, 30, what="three ready")
+    gate.touch()
+    for k in "abd":
+        node.wait_exam(uid[k], "done", timeout=120)
+    failed = node.wait_exam(uid["c"], "failed", timeout=120)
+    assert "the inference process died" in failed["reason"], failed
+    log = node.log.read_text()
+    done_b = [line for line in log.splitlines() if f"exam {uid['b']} v1 done in" in line]
+    assert len(done_b) == 1 and "ahead_wait" in done_b[0], done_b
+    assert f"the inference process died while exam {uid['c']} was read ahead" in log
+    exam_d = node.exam(uid["d"])
+    assert any("read ahead); queued again" in n for n in exam_d["notes"]), exam_d["notes"]
+    assert not any("attempt 1 failed" in n for n in exam_d["notes"]), exam_d["notes"]
+    assert any("attempt 1 failed" in n for n in failed["notes"]), failed["notes"]
+
+
 def test_model_that_cannot_load_leaves_exams_ready(node_factory, tmp_path):
     # A safetensors file (the start-up check passes) that is not a model (its load fails).
     header = b'{"__metadata__": {"format": "pt"}}'
