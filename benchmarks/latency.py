@@ -147,7 +147,7 @@ SC_ROLES = tuple(f"sc-{s}" for s in ("L-CC", "L-MLO", "R-CC", "R-MLO"))
 
 
 class Setup:
-    def __init__(self, work: Path):
+    def __init__(self, work: Path, read_ahead: bool = True):
         self.pacs_dir = work / "pacs"
         self.pacs_dir.mkdir()
         self.pacs_port, self.port = free_port(), free_port()
@@ -163,6 +163,7 @@ class Setup:
             f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\n'
             f'host = "127.0.0.1"\nport = {self.pacs_port}\n'
             f"[export]\ninitial_delay_seconds = 0.2\n"
+            f"[inference]\nread_ahead = {'true' if read_ahead else 'false'}\n"
         )
         self.log = open(work / "node.log", "wb")
         self.node = subprocess.Popen(
@@ -261,6 +262,11 @@ def main() -> int:
         help="send the --exams exams one right after another; latency from the "
         "last one's last C-STORE (implies --latency-only)",
     )
+    ap.add_argument(
+        "--no-read-ahead",
+        action="store_true",
+        help="[inference] read_ahead = false (the reference: exams one strictly after another)",
+    )
     args = ap.parse_args()
     args.latency_only = args.latency_only or args.back_to_back
     if args.real_size:
@@ -288,7 +294,7 @@ def main() -> int:
             flush=True,
         )
         del model
-        s = Setup(work)
+        s = Setup(work, read_ahead=not args.no_read_ahead)
         try:
             if args.back_to_back:
                 back_to_back(s, all_exams[: args.exams], model_s)
