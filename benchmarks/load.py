@@ -124,6 +124,7 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=1024)
     ap.add_argument("--cols", type=int, default=832)
     ap.add_argument("--timeout", type=float, default=600, help="seconds a round may take")
+    ap.add_argument("--no-read-ahead", action="store_true", help="[inference] read_ahead = false")
     args = ap.parse_args()
     rounds = [1, args.senders, args.senders]
     with tempfile.TemporaryDirectory(prefix="mammo-load-") as tmp:
@@ -162,7 +163,7 @@ def main() -> int:
                 "export": {"initial_delay_seconds": 0.2},
                 "peers": [{"ae_title": "MODALITY", "services": ["echo", "store"]}],
                 "grouping": {"stable_seconds": 3600},
-                "inference": {"warm_up_exam": True},
+                "inference": {"warm_up_exam": True, "read_ahead": not args.no_read_ahead},
             },
             worker=True,
         )
