@@ -99,6 +99,8 @@ def bootstrap_auc(
         a = roc_auc(y[i], s[i])
         if a is not None:
             aucs.append(a)
+    if not aucs:  # n = 0 (no interval asked for), or no resample had both classes
+        return auc, None, None
     lo, hi = np.quantile(aucs, [(1 - level) / 2, 1 - (1 - level) / 2])
     return auc, float(lo), float(hi)
 

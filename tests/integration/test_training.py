@@ -279,10 +279,21 @@ def test_demo_checkpoint_separates_birads_1_from_5_on_unseen_data(tmp_path):
         "--quiet",
     )
     res = json.loads(
-        cli("evaluate", "--data", str(tmp_path / "d"), "--split", "all", "--json").stdout
+        cli(
+            "evaluate",
+            "--data",
+            str(tmp_path / "d"),
+            "--split",
+            "all",
+            "--json",
+            "--bootstrap",
+            "0",
+        ).stdout
     )
     assert res["birads-1v5"]["n"] >= 10
     assert res["birads-1v5"]["auc"] >= 0.9, res
+    # --bootstrap 0: no confidence interval (it crashed on an empty resample list once).
+    assert res["exam"]["auc"] is not None and res["exam"]["auc_ci95"] is None, res["exam"]
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,7 @@ def test_statistics_on_a_known_example():
     auc, lo, hi = bootstrap_auc(y, s, n=300)
     assert auc == pytest.approx(1 - (4 + 1) / 50)  # 5 of 50 pairs ranked wrongly
     assert lo <= auc <= hi and hi - lo > 0.01
+    assert bootstrap_auc(y, s, n=0) == (auc, None, None)  # no interval asked for
     op = choose_operating_point(y, s, 0.9)
     assert op["score"] == 8.5 and op["specificity"] == 0.9 and op["sensitivity"] == 0.8
     assert choose_operating_point(np.zeros(4, bool), np.arange(4.0)) is None
