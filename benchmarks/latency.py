@@ -235,9 +235,13 @@ def back_to_back(s: Setup, batch: list[list], model_s: float) -> None:
         f"model's own time for one exam, {model_s:.2f} s); all {4 * len(batch)} Secondary "
         f"Captures {all_sc - all_sr:.2f} s after them"
     )
+    print_worker_lines(s)
+
+
+def print_worker_lines(s: Setup) -> None:
+    """The worker's own lines (stage seconds), study UIDs shortened."""
     for line in (s.pacs_dir.parent / "node.log").read_text().splitlines():
-        if "mammo_node.worker: exam" in line and (" done in " in line or "SRs first" in line):
-            # The worker's own lines (stage seconds, SRs read ahead), study UIDs shortened.
+        if "mammo_node.worker: exam" in line and " done in " in line:
             text = line.split("mammo_node.worker: ", 1)[1]
             print(
                 "  node:", re.sub(r"(exam )(\S{8,})", lambda m: f"{m[1]}...{m[2][-6:]}", text)[:240]
@@ -318,6 +322,7 @@ def main() -> int:
                     f"first exam after start {lat[0]:.2f} s, median of the others {rest:.2f} s: "
                     f"{lat[0] / rest:.2f}x  (target <= 1.2x)"
                 )
+            print_worker_lines(s)
             print(f"model's own time for one exam (preprocess + inference, API): {model_s:.2f} s")
             print(f"node overhead (latency - model): {med - model_s:.2f} s  (target <= 1 s)")
             if args.latency_only:

@@ -189,21 +189,35 @@ def init_model(
         _WARM_SECONDS = time.perf_counter() - t0
 
 
-def _warm_exam(sr: tuple[str, ...], attention_maps: bool, parametric_maps: bool) -> None:
-    """Read one synthetic four-view exam (one view RLE-compressed) end to end, into a
-    folder that is then removed: every import, decoder, the segmentation, the model, the
-    attention maps and each result builder run once before the worker reports the model
+def _warm_exam(
+    sr: tuple[str, ...],
+    attention_maps: bool,
+    parametric_maps: bool,
+    presentation_states: bool = False,
+    max_marks: int = 3,
+) -> None:
+    """Read one synthetic four-view exam (one view RLE-compressed, one lesion) end to end,
+    into a folder that is then removed: every import, decoder, the segmentation, the model,
+    the attention maps, the marks and each result builder the node is configured for (the
+    presentation state included) run once before the worker reports the model
     loaded (so before /readyz is ready), not during the first real exam (issue 21)."""
     import shutil
     import tempfile
 
     from pydicom.uid import RLELossless
 
-    from inference.synthetic import make_exam, write
+    from inference.synthetic import Lesion, make_exam, write
 
     folder = Path(tempfile.mkdtemp(prefix="mammo-warm-"))
     try:
-        exam = make_exam(seed=2024, rows=640, cols=512)
+        # A lesion in the left breast: the demo checkpoint marks it, so the marks' paths
+        # (SR regions, the presentation state's graphics, the outlines) are warmed too.
+        exam = make_exam(
+            seed=2024,
+            rows=640,
+            cols=512,
+            lesions={"L": [Lesion("spiculated", 0.45, 0.4, 0.06, 0.35)]},
+        )
         exam[0].compress(RLELossless)
         paths = {}
         for ds in exam:
@@ -217,6 +231,8 @@ def _warm_exam(sr: tuple[str, ...], attention_maps: bool, parametric_maps: bool)
             sr=sr,
             attention_maps=attention_maps,
             parametric_maps=parametric_maps,
+            presentation_states=presentation_states,
+            max_marks=max_marks,
         )
         process_exam_srs(job)
         process_exam_scs(job)

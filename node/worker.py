@@ -149,6 +149,8 @@ class Worker(threading.Thread):
                     "sr": tuple(self.cfg.results.sr),
                     "attention_maps": self.cfg.results.attention_maps,
                     "parametric_maps": self.cfg.results.parametric_maps,
+                    "presentation_states": self.cfg.results.presentation_states,
+                    "max_marks": self.cfg.results.max_marks_per_breast,
                 }
                 if self.cfg.inference.warm_up_exam
                 else None,
