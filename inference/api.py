@@ -191,10 +191,12 @@ class MammoModel:
         self,
         views: Mapping[str, Dataset | str | Path] | Sequence[Dataset | str | Path],
         map_side: int | None = None,
+        threads: int = 4,
     ) -> PreparedExam:
         """Decode and preprocess an exam's views (no model): the first half of
-        :meth:`predict_exam`. Safe to call in another thread while the model reads another
-        exam (it touches neither the model nor torch's autograd state)."""
+        :meth:`predict_exam`, the views side by side in up to ``threads`` threads. Safe to
+        call in another thread while the model reads another exam (it touches neither the
+        model nor torch's autograd state)."""
         t0 = time.perf_counter()
         slots = self._slots(views)
         if not slots:
@@ -208,7 +210,8 @@ class MammoModel:
         present = [slot for slot in VIEWS if slot in slots]
         # The views of an exam are decoded and prepared side by side (the decoders and numpy
         # release the GIL for the heavy parts).
-        with ThreadPoolExecutor(max_workers=min(4, len(present), os.cpu_count() or 1)) as ex:
+        workers = max(1, min(threads, len(present), os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=workers) as ex:
             datasets = list(ex.map(lambda s: load(slots[s]), present))
             if map_side:  # the node's path: JPEG 2000 decoded at a reduced resolution level
                 reduced_px = list(ex.map(lambda d: decode_reduced(d, map_side), datasets))
