@@ -98,7 +98,7 @@ class PreparedExam:
     images: torch.Tensor  # (1, 4, 1, H, W), zero where a view is missing
     mask: torch.Tensor  # (1, 4) bool: which views are present
     geometry: dict[str, Geometry]
-    displays: dict[str, np.ndarray]  # per view, the windowed image in [0, 1]
+    displays: dict[str, np.ndarray]  # per view, the windowed image in [0, 1] (if kept)
     decoded_factor: dict[str, int]  # per view, how much smaller it was decoded (JPEG 2000)
     map_side: int | None
     seconds: dict[str, float]  # "decode", "preprocess"
@@ -182,7 +182,7 @@ class MammoModel:
         if max_marks < 0:
             raise ValueError(f"max_marks must be 0 or more, got {max_marks}")
         return self.read_prepared(
-            self.prepare_exam(views, map_side=map_side),
+            self.prepare_exam(views, map_side=map_side, keep_display=keep_display),
             keep_display=keep_display,
             max_marks=max_marks,
         )
@@ -192,9 +192,11 @@ class MammoModel:
         views: Mapping[str, Dataset | str | Path] | Sequence[Dataset | str | Path],
         map_side: int | None = None,
         threads: int = 4,
+        keep_display: bool = True,
     ) -> PreparedExam:
         """Decode and preprocess an exam's views (no model): the first half of
-        :meth:`predict_exam`, the views side by side in up to ``threads`` threads. Safe to
+        :meth:`predict_exam`, the views side by side in up to ``threads`` threads
+        (``keep_display=False``: the windowed images are not kept for drawing). Safe to
         call in another thread while the model reads another exam (it touches neither the
         model nor torch's autograd state)."""
         t0 = time.perf_counter()
@@ -239,7 +241,8 @@ class MammoModel:
             k = VIEWS.index(slot)
             images[0, k], geoms[slot] = x, g
             mask[0, k] = True
-            displays[slot] = disp
+            if keep_display:
+                displays[slot] = disp
         t1 = time.perf_counter()
         return PreparedExam(
             slots=list(slots),
